@@ -1,0 +1,1 @@
+//! The engine: a dedicated thread per device running the step loop, behind a ractor actor.

@@ -1,0 +1,1 @@
+//! The paged KV cache: block pool with ref counts and prefix caching, and the cache storage.

@@ -1,0 +1,2 @@
+//! Tokenizers (from `tokenizer.json` or GGUF metadata), chat templates, incremental
+//! detokenizing and stop-string matching.
