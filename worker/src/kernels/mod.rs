@@ -1,1 +1,4 @@
-//! Compute kernels. `cpu`: SIMD kernels chosen at run time (AVX2+FMA, with a portable fallback).
+//! Compute kernels. `cpu`: SIMD kernels chosen at run time (AVX2+FMA+F16C, with a portable scalar
+//! fallback that doubles as the reference the SIMD paths are tested against).
+
+pub mod cpu;

@@ -1,0 +1,601 @@
+//! `y = x · Wᵀ`: activations `x` (`m` rows of `cols`) times a weight matrix `W` (`rows` output
+//! features of `cols` inputs, Hugging Face's `[out, in]` order).
+//!
+//! Quantized weights multiply activations quantized with [`quantize_rows_q8`]; f32 weights
+//! multiply f32 activations. Threads split the output features; each output element is computed
+//! by one thread with one fixed order of operations, whatever the batch size, the tile it falls in
+//! or the thread count, so a sequence's results never depend on what else is in the batch.
+//!
+//! [`quantize_rows_q8`]: super::quant::quantize_rows_q8
+
+use super::isa::Isa;
+use super::pool::{SharedMut, ThreadPool, split_range};
+use super::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8Act, Dequantize, QK, f16_to_f32};
+
+/// The elements of a weight matrix, row-major.
+#[derive(Clone)]
+pub enum WeightData {
+    F32(Vec<f32>),
+    Q4_0(Vec<BlockQ4_0>),
+    Q4_1(Vec<BlockQ4_1>),
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+/// A weight matrix `[rows, cols]`.
+#[derive(Clone)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: WeightData,
+}
+
+/// The activation form a matrix multiplies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputKind {
+    F32,
+    Q8,
+}
+
+/// Activations: `m` rows, either f32 (`m * cols` values) or quantized (`m * cols / 32` blocks).
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    F32(&'a [f32]),
+    Q8(&'a [BlockQ8Act]),
+}
+
+/// What happens to each computed value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `out[i, n] = y`.
+    Store,
+    /// `out[i, n] += y` (a residual connection).
+    Add,
+    /// Rows come in (gate, up) pairs: `out[i, n / 2] = silu(gate) * up`; `out` has `rows / 2` columns.
+    SiluMulPairs,
+}
+
+impl Matrix {
+    pub fn input_kind(&self) -> InputKind {
+        match self.data {
+            WeightData::F32(_) => InputKind::F32,
+            _ => InputKind::Q8,
+        }
+    }
+
+    /// Bytes the weights occupy (what one decode step streams from memory).
+    pub fn size_bytes(&self) -> usize {
+        match &self.data {
+            WeightData::F32(v) => v.len() * 4,
+            WeightData::Q4_0(v) => std::mem::size_of_val(v.as_slice()),
+            WeightData::Q4_1(v) => std::mem::size_of_val(v.as_slice()),
+            WeightData::Q8_0(v) => std::mem::size_of_val(v.as_slice()),
+        }
+    }
+
+    pub fn format_name(&self) -> &'static str {
+        match self.data {
+            WeightData::F32(_) => "f32",
+            WeightData::Q4_0(_) => "q4_0",
+            WeightData::Q4_1(_) => "q4_1",
+            WeightData::Q8_0(_) => "q8_0",
+        }
+    }
+
+    /// Writes row `row` as f32 into `out` (`cols` values): embedding lookups.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let (c, b) = (self.cols, self.cols / QK);
+        match &self.data {
+            WeightData::F32(v) => out[..c].copy_from_slice(&v[row * c..(row + 1) * c]),
+            WeightData::Q4_0(v) => BlockQ4_0::dequantize_into(&v[row * b..(row + 1) * b], out),
+            WeightData::Q4_1(v) => BlockQ4_1::dequantize_into(&v[row * b..(row + 1) * b], out),
+            WeightData::Q8_0(v) => BlockQ8_0::dequantize_into(&v[row * b..(row + 1) * b], out),
+        }
+    }
+
+    /// A matrix made of the given rows of `self`, in that order.
+    pub fn select_rows(&self, order: &[usize]) -> Matrix {
+        fn pick<T: Copy>(v: &[T], per_row: usize, order: &[usize]) -> Vec<T> {
+            order.iter().flat_map(|&r| v[r * per_row..(r + 1) * per_row].iter().copied()).collect()
+        }
+        let b = self.cols / QK;
+        let data = match &self.data {
+            WeightData::F32(v) => WeightData::F32(pick(v, self.cols, order)),
+            WeightData::Q4_0(v) => WeightData::Q4_0(pick(v, b, order)),
+            WeightData::Q4_1(v) => WeightData::Q4_1(pick(v, b, order)),
+            WeightData::Q8_0(v) => WeightData::Q8_0(pick(v, b, order)),
+        };
+        Matrix { rows: order.len(), cols: self.cols, data }
+    }
+
+    /// Stacks matrices of one format and width on top of each other; `None` if they differ.
+    pub fn concat_rows(parts: &[Matrix]) -> Option<Matrix> {
+        let first = parts.first()?;
+        let mut data = first.data.clone();
+        for p in &parts[1..] {
+            if p.cols != first.cols {
+                return None;
+            }
+            match (&mut data, &p.data) {
+                (WeightData::F32(a), WeightData::F32(b)) => a.extend_from_slice(b),
+                (WeightData::Q4_0(a), WeightData::Q4_0(b)) => a.extend_from_slice(b),
+                (WeightData::Q4_1(a), WeightData::Q4_1(b)) => a.extend_from_slice(b),
+                (WeightData::Q8_0(a), WeightData::Q8_0(b)) => a.extend_from_slice(b),
+                _ => return None,
+            }
+        }
+        Some(Matrix { rows: parts.iter().map(|p| p.rows).sum(), cols: first.cols, data })
+    }
+}
+
+/// Computes `x · Wᵀ` for `m` rows of `x` into `out` (`m` rows of `W.rows`, or `W.rows / 2` for
+/// [`Epilogue::SiluMulPairs`]), on every thread of `pool`.
+///
+/// Panics if the activation form does not match the weights or the slices are too short: callers
+/// size them from the model's own shapes.
+pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Matrix, x: Input<'_>, m: usize, out: &mut [f32], epilogue: Epilogue) {
+    let out_cols = if epilogue == Epilogue::SiluMulPairs { w.rows / 2 } else { w.rows };
+    assert!(out.len() >= m * out_cols, "matmul output too small");
+    match x {
+        Input::F32(v) => assert!(v.len() >= m * w.cols && w.input_kind() == InputKind::F32, "matmul input mismatch"),
+        Input::Q8(v) => assert!(v.len() >= m * (w.cols / QK) && w.input_kind() == InputKind::Q8, "matmul input mismatch"),
+    }
+    if m == 0 {
+        return;
+    }
+    let out = SharedMut(out.as_mut_ptr());
+    let job = |t: usize, threads: usize| {
+        let rows = split_range(w.rows, t, threads, 2);
+        let sink = Sink { out, out_cols, epilogue };
+        match (&w.data, x, isa) {
+            #[cfg(target_arch = "x86_64")]
+            (WeightData::Q4_0(b), Input::Q8(x), Isa::Avx2) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe { avx2::quant_tile(b, w.cols / QK, x, r, m0, t) }),
+            #[cfg(target_arch = "x86_64")]
+            (WeightData::Q4_1(b), Input::Q8(x), Isa::Avx2) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe { avx2::quant_tile(b, w.cols / QK, x, r, m0, t) }),
+            #[cfg(target_arch = "x86_64")]
+            (WeightData::Q8_0(b), Input::Q8(x), Isa::Avx2) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe { avx2::quant_tile(b, w.cols / QK, x, r, m0, t) }),
+            #[cfg(target_arch = "x86_64")]
+            (WeightData::F32(v), Input::F32(x), Isa::Avx2) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe { avx2::f32_tile(v, w.cols, x, r, m0, t) }),
+            (WeightData::Q4_0(b), Input::Q8(x), _) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| scalar::quant_tile(b, w.cols / QK, x, r, m0, t)),
+            (WeightData::Q4_1(b), Input::Q8(x), _) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| scalar::quant_tile(b, w.cols / QK, x, r, m0, t)),
+            (WeightData::Q8_0(b), Input::Q8(x), _) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| scalar::quant_tile(b, w.cols / QK, x, r, m0, t)),
+            (WeightData::F32(v), Input::F32(x), _) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| scalar::f32_tile(v, w.cols, x, r, m0, t)),
+            _ => unreachable!("checked above"),
+        }
+    };
+    pool.run(&job);
+}
+
+/// Up to this many activation rows share one pass over a weight row.
+const MR: usize = 4;
+
+/// A tile: `nr` (1 or 2) weight rows starting at `row` against `mr` (1..=4) activation rows
+/// starting at `m0`; results in `t[i][r]`.
+pub(crate) struct Tile {
+    pub nr: usize,
+    pub mr: usize,
+    pub v: [[f32; MR]; 2],
+}
+
+struct Sink {
+    out: SharedMut<f32>,
+    out_cols: usize,
+    epilogue: Epilogue,
+}
+
+impl Sink {
+    /// Writes a finished tile. SAFETY of the writes: threads own disjoint row ranges of `W`, hence
+    /// disjoint output columns.
+    #[inline]
+    fn put(&self, row: usize, m0: usize, t: &Tile) {
+        for r in 0..t.mr {
+            let base = (m0 + r) * self.out_cols;
+            unsafe {
+                match self.epilogue {
+                    Epilogue::Store => (0..t.nr).for_each(|i| *self.out.0.add(base + row + i) = t.v[i][r]),
+                    Epilogue::Add => (0..t.nr).for_each(|i| *self.out.0.add(base + row + i) += t.v[i][r]),
+                    Epilogue::SiluMulPairs => {
+                        let (gate, up) = (t.v[0][r], t.v[1][r]);
+                        *self.out.0.add(base + row / 2) = gate / (1.0 + (-gate).exp()) * up;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn rows_loop(rows: std::ops::Range<usize>, _cols: usize, m: usize, sink: &Sink, tile: impl Fn(usize, usize, &mut Tile)) {
+    let mut t = Tile { nr: 0, mr: 0, v: [[0.0; MR]; 2] };
+    let mut row = rows.start;
+    while row < rows.end {
+        t.nr = (rows.end - row).min(2);
+        let mut m0 = 0;
+        while m0 < m {
+            t.mr = (m - m0).min(MR);
+            tile(row, m0, &mut t);
+            sink.put(row, m0, &t);
+            m0 += t.mr;
+        }
+        row += t.nr;
+    }
+}
+
+/// Integer views of a weight block for the portable kernels.
+pub(crate) trait QuantBlock: Copy + Send + Sync + 'static {
+    /// The 32 quantized values (offsets such as Q4_0's -8 applied), scale and additive offset.
+    fn ints(&self) -> ([i32; 32], f32, f32);
+}
+
+impl QuantBlock for BlockQ4_0 {
+    fn ints(&self) -> ([i32; 32], f32, f32) {
+        let mut q = [0i32; 32];
+        for j in 0..16 {
+            q[j] = (self.qs[j] & 15) as i32 - 8;
+            q[j + 16] = (self.qs[j] >> 4) as i32 - 8;
+        }
+        (q, f16_to_f32(self.d), 0.0)
+    }
+}
+
+impl QuantBlock for BlockQ4_1 {
+    fn ints(&self) -> ([i32; 32], f32, f32) {
+        let mut q = [0i32; 32];
+        for j in 0..16 {
+            q[j] = (self.qs[j] & 15) as i32;
+            q[j + 16] = (self.qs[j] >> 4) as i32;
+        }
+        (q, f16_to_f32(self.d), f16_to_f32(self.m))
+    }
+}
+
+impl QuantBlock for BlockQ8_0 {
+    fn ints(&self) -> ([i32; 32], f32, f32) {
+        (std::array::from_fn(|j| self.qs[j] as i32), f16_to_f32(self.d), 0.0)
+    }
+}
+
+mod scalar {
+    use super::*;
+
+    pub(super) fn quant_tile<B: QuantBlock>(w: &[B], nb: usize, x: &[BlockQ8Act], row: usize, m0: usize, t: &mut Tile) {
+        for i in 0..t.nr {
+            for r in 0..t.mr {
+                let wr = &w[(row + i) * nb..(row + i + 1) * nb];
+                let xr = &x[(m0 + r) * nb..(m0 + r + 1) * nb];
+                let (mut acc, mut mins) = (0f32, 0f32);
+                for (wb, xb) in wr.iter().zip(xr) {
+                    let (q, d, m) = wb.ints();
+                    let isum: i32 = q.iter().zip(&xb.qs).map(|(&a, &b)| a * b as i32).sum();
+                    acc += isum as f32 * (d * xb.d);
+                    mins += m * xb.s;
+                }
+                t.v[i][r] = acc + mins;
+            }
+        }
+    }
+
+    pub(super) fn f32_tile(w: &[f32], cols: usize, x: &[f32], row: usize, m0: usize, t: &mut Tile) {
+        for i in 0..t.nr {
+            for r in 0..t.mr {
+                let wr = &w[(row + i) * cols..(row + i + 1) * cols];
+                let xr = &x[(m0 + r) * cols..(m0 + r + 1) * cols];
+                t.v[i][r] = wr.iter().zip(xr).map(|(a, b)| a * b).sum();
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_op_in_unsafe_fn)] // kernel bodies are one unsafe region: raw pointers and intrinsics
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// A weight block as AVX2 sees it.
+    pub(crate) trait AvxBlock: Copy {
+        /// The 32 values as bytes, in element order: unsigned when `UNSIGNED`, else signed.
+        unsafe fn bytes(&self) -> __m256i;
+        const UNSIGNED: bool;
+        fn scale(&self) -> f32;
+        /// Additive offset per element (Q4_1's `m`), 0 for the others.
+        fn offset(&self) -> f32;
+    }
+
+    #[inline(always)]
+    unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
+        let q = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F))
+    }
+
+    impl AvxBlock for BlockQ4_0 {
+        #[inline(always)]
+        unsafe fn bytes(&self) -> __m256i {
+            _mm256_sub_epi8(nibbles(&self.qs), _mm256_set1_epi8(8))
+        }
+        const UNSIGNED: bool = false;
+        #[inline(always)]
+        fn scale(&self) -> f32 {
+            f16_to_f32(self.d)
+        }
+        #[inline(always)]
+        fn offset(&self) -> f32 {
+            0.0
+        }
+    }
+
+    impl AvxBlock for BlockQ4_1 {
+        #[inline(always)]
+        unsafe fn bytes(&self) -> __m256i {
+            nibbles(&self.qs)
+        }
+        const UNSIGNED: bool = true;
+        #[inline(always)]
+        fn scale(&self) -> f32 {
+            f16_to_f32(self.d)
+        }
+        #[inline(always)]
+        fn offset(&self) -> f32 {
+            f16_to_f32(self.m)
+        }
+    }
+
+    impl AvxBlock for BlockQ8_0 {
+        #[inline(always)]
+        unsafe fn bytes(&self) -> __m256i {
+            _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i)
+        }
+        const UNSIGNED: bool = false;
+        #[inline(always)]
+        fn scale(&self) -> f32 {
+            f16_to_f32(self.d)
+        }
+        #[inline(always)]
+        fn offset(&self) -> f32 {
+            0.0
+        }
+    }
+
+    /// Sum of the eight lanes, in a fixed order.
+    #[inline(always)]
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+        let x = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+        let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+        let x = _mm_add_ss(x, _mm_movehdup_ps(x));
+        _mm_cvtss_f32(x)
+    }
+
+    /// 32 products of weight bytes and activation bytes, summed in groups of four into i32 lanes.
+    #[inline(always)]
+    unsafe fn dot_bytes(unsigned: bool, w: __m256i, x: __m256i) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        let pairs = if unsigned {
+            _mm256_maddubs_epi16(w, x)
+        } else {
+            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
+        };
+        _mm256_madd_epi16(pairs, ones)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn quant_tile<B: AvxBlock>(w: &[B], nb: usize, x: &[BlockQ8Act], row: usize, m0: usize, t: &mut Tile) {
+        match (t.nr, t.mr) {
+            (2, 4) => quant_kernel::<B, 2, 4>(w, nb, x, row, m0, t),
+            (2, 3) => quant_kernel::<B, 2, 3>(w, nb, x, row, m0, t),
+            (2, 2) => quant_kernel::<B, 2, 2>(w, nb, x, row, m0, t),
+            (2, 1) => quant_kernel::<B, 2, 1>(w, nb, x, row, m0, t),
+            (1, 4) => quant_kernel::<B, 1, 4>(w, nb, x, row, m0, t),
+            (1, 3) => quant_kernel::<B, 1, 3>(w, nb, x, row, m0, t),
+            (1, 2) => quant_kernel::<B, 1, 2>(w, nb, x, row, m0, t),
+            _ => quant_kernel::<B, 1, 1>(w, nb, x, row, m0, t),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn quant_kernel<B: AvxBlock, const NR: usize, const MRT: usize>(
+        w: &[B],
+        nb: usize,
+        x: &[BlockQ8Act],
+        row: usize,
+        m0: usize,
+        t: &mut Tile,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); MRT]; NR];
+        let mut mins = [[0f32; MRT]; NR];
+        let wrows: [*const B; NR] = std::array::from_fn(|i| w.as_ptr().add((row + i) * nb));
+        let xrows: [*const BlockQ8Act; MRT] = std::array::from_fn(|r| x.as_ptr().add((m0 + r) * nb));
+        for b in 0..nb {
+            let wb: [&B; NR] = std::array::from_fn(|i| &*wrows[i].add(b));
+            let wbytes: [__m256i; NR] = std::array::from_fn(|i| wb[i].bytes());
+            let wd: [f32; NR] = std::array::from_fn(|i| wb[i].scale());
+            let wm: [f32; NR] = std::array::from_fn(|i| wb[i].offset());
+            for r in 0..MRT {
+                let xb = &*xrows[r].add(b);
+                let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                for i in 0..NR {
+                    let p = _mm256_cvtepi32_ps(dot_bytes(B::UNSIGNED, wbytes[i], xv));
+                    acc[i][r] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[i] * xb.d), acc[i][r]);
+                    if B::UNSIGNED {
+                        mins[i][r] += wm[i] * xb.s;
+                    }
+                }
+            }
+        }
+        for i in 0..NR {
+            for r in 0..MRT {
+                t.v[i][r] = hsum(acc[i][r]) + mins[i][r];
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn f32_tile(w: &[f32], cols: usize, x: &[f32], row: usize, m0: usize, t: &mut Tile) {
+        match (t.nr, t.mr) {
+            (2, 4) => f32_kernel::<2, 4>(w, cols, x, row, m0, t),
+            (2, 3) => f32_kernel::<2, 3>(w, cols, x, row, m0, t),
+            (2, 2) => f32_kernel::<2, 2>(w, cols, x, row, m0, t),
+            (2, 1) => f32_kernel::<2, 1>(w, cols, x, row, m0, t),
+            (1, 4) => f32_kernel::<1, 4>(w, cols, x, row, m0, t),
+            (1, 3) => f32_kernel::<1, 3>(w, cols, x, row, m0, t),
+            (1, 2) => f32_kernel::<1, 2>(w, cols, x, row, m0, t),
+            _ => f32_kernel::<1, 1>(w, cols, x, row, m0, t),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn f32_kernel<const NR: usize, const MRT: usize>(w: &[f32], cols: usize, x: &[f32], row: usize, m0: usize, t: &mut Tile) {
+        let mut acc = [[_mm256_setzero_ps(); MRT]; NR];
+        let wrows: [*const f32; NR] = std::array::from_fn(|i| w.as_ptr().add((row + i) * cols));
+        let xrows: [*const f32; MRT] = std::array::from_fn(|r| x.as_ptr().add((m0 + r) * cols));
+        let full = cols / 8 * 8;
+        let mut c = 0;
+        while c < full {
+            let wv: [__m256; NR] = std::array::from_fn(|i| _mm256_loadu_ps(wrows[i].add(c)));
+            for r in 0..MRT {
+                let xv = _mm256_loadu_ps(xrows[r].add(c));
+                for i in 0..NR {
+                    acc[i][r] = _mm256_fmadd_ps(wv[i], xv, acc[i][r]);
+                }
+            }
+            c += 8;
+        }
+        for i in 0..NR {
+            for r in 0..MRT {
+                let mut s = hsum(acc[i][r]);
+                for k in full..cols {
+                    s += *wrows[i].add(k) * *xrows[r].add(k);
+                }
+                t.v[i][r] = s;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0, quantize_rows_q8};
+    use super::*;
+
+    fn sample(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                s as f32 / u32::MAX as f32 - 0.5
+            })
+            .collect()
+    }
+
+    fn matrices(rows: usize, cols: usize) -> Vec<Matrix> {
+        let w = sample(rows * cols, 1);
+        vec![
+            Matrix { rows, cols, data: WeightData::F32(w.clone()) },
+            Matrix { rows, cols, data: WeightData::Q4_0(quantize_q4_0(&w)) },
+            Matrix { rows, cols, data: WeightData::Q4_1(quantize_q4_1(&w)) },
+            Matrix { rows, cols, data: WeightData::Q8_0(quantize_q8_0(&w)) },
+        ]
+    }
+
+    /// f64 reference over the dequantized weights and (for quantized formats) dequantized inputs.
+    fn reference(w: &Matrix, x: &[f32], m: usize) -> Vec<f64> {
+        let mut wrow = vec![0f32; w.cols];
+        let mut xq = vec![BlockQ8Act::default(); m * w.cols / QK];
+        quantize_rows_q8(Isa::Scalar, x, w.cols, &mut xq);
+        let mut out = vec![0f64; m * w.rows];
+        for n in 0..w.rows {
+            w.dequantize_row(n, &mut wrow);
+            for i in 0..m {
+                out[i * w.rows + n] = (0..w.cols)
+                    .map(|k| {
+                        let xv = match w.input_kind() {
+                            InputKind::F32 => x[i * w.cols + k],
+                            InputKind::Q8 => {
+                                let b = &xq[i * w.cols / QK + k / QK];
+                                b.d * b.qs[k % QK] as f32
+                            }
+                        };
+                        wrow[k] as f64 * xv as f64
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn run(pool: &ThreadPool, isa: Isa, w: &Matrix, x: &[f32], m: usize, ep: Epilogue, out: &mut [f32]) {
+        let mut xq = vec![BlockQ8Act::default(); m * w.cols / QK];
+        let input = match w.input_kind() {
+            InputKind::F32 => Input::F32(x),
+            InputKind::Q8 => {
+                quantize_rows_q8(isa, x, w.cols, &mut xq);
+                Input::Q8(&xq)
+            }
+        };
+        matmul(pool, isa, w, input, m, out, ep);
+    }
+
+    #[test]
+    fn every_format_and_isa_matches_the_f64_reference() {
+        let (rows, cols) = (14, 96);
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for w in matrices(rows, cols) {
+                for m in [1, 3, 4, 9] {
+                    let x = sample(m * cols, 9 + m as u32);
+                    let want = reference(&w, &x, m);
+                    for isa in Isa::available() {
+                        let mut out = vec![0f32; m * rows];
+                        run(&pool, isa, &w, &x, m, Epilogue::Store, &mut out);
+                        for (g, r) in out.iter().zip(&want) {
+                            // Scales are rounded through f16, so allow a relative error of ~1e-3.
+                            assert!((*g as f64 - r).abs() < 2e-3 * (1.0 + r.abs()), "{} {isa:?} m={m}: {g} vs {r}", w.format_name());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_row_is_bitwise_the_same_whatever_the_batch_and_thread_count() {
+        let (rows, cols) = (10, 64);
+        for w in matrices(rows, cols) {
+            for isa in Isa::available() {
+                let x = sample(7 * cols, 5);
+                let mut alone = vec![0f32; rows];
+                run(&ThreadPool::new(1), isa, &w, &x[2 * cols..3 * cols], 1, Epilogue::Store, &mut alone);
+                for (threads, m) in [(2, 7), (3, 5), (1, 4)] {
+                    let mut batch = vec![0f32; m * rows];
+                    run(&ThreadPool::new(threads), isa, &w, &x[..m * cols], m, Epilogue::Store, &mut batch);
+                    assert_eq!(&batch[2 * rows..3 * rows], &alone[..], "{} {isa:?}", w.format_name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn add_and_silu_mul_epilogues_combine_outputs() {
+        let (rows, cols, m) = (8, 64, 3);
+        let pool = ThreadPool::new(2);
+        for w in matrices(rows, cols) {
+            for isa in Isa::available() {
+                let x = sample(m * cols, 2);
+                let mut plain = vec![0f32; m * rows];
+                run(&pool, isa, &w, &x, m, Epilogue::Store, &mut plain);
+                let mut added = vec![1.5f32; m * rows];
+                run(&pool, isa, &w, &x, m, Epilogue::Add, &mut added);
+                assert!(added.iter().zip(&plain).all(|(a, p)| (a - (p + 1.5)).abs() < 1e-6));
+                let mut fused = vec![0f32; m * rows / 2];
+                run(&pool, isa, &w, &x, m, Epilogue::SiluMulPairs, &mut fused);
+                for i in 0..m {
+                    for j in 0..rows / 2 {
+                        let (g, u) = (plain[i * rows + 2 * j], plain[i * rows + 2 * j + 1]);
+                        let want = g / (1.0 + (-g).exp()) * u;
+                        assert!((fused[i * rows / 2 + j] - want).abs() < 1e-6);
+                    }
+                }
+            }
+        }
+    }
+}
