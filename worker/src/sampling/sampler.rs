@@ -1,0 +1,263 @@
+//! `SequenceSampler`: one per sequence, called once per generated token on one row of logits.
+//!
+//! Order of work in `sample`, as vLLM does it:
+//! 1. log-probabilities of the *raw* row (only when `params.logprobs` is set);
+//! 2. repetition penalty (prompt and output tokens), frequency and presence penalties (output
+//!    tokens), `logit_bias`, then the step's suppressed ids set to `-inf`; all sparse, touching
+//!    only the ids concerned;
+//! 3. greedy (`temperature < 1e-5` or `top_k == 1`): argmax, lowest id among ties; otherwise
+//!    temperature, top-k, top-p, min-p and one draw from the seeded RNG.
+//!
+//! Cost per step: greedy without logprobs is one vectorised pass over the row plus the sparse
+//! edits. Top-k sampling scans the row once for the k best (skipping chunks that cannot enter)
+//! and exponentiates only those; otherwise sampling is a max pass, an exp pass and a draw, with
+//! top-p cut from a threshold-gathered candidate set (see `truncate`), never a full sort. Kernels
+//! use AVX2 when the CPU has it, with identical results. Nothing is allocated per step except
+//! `top_logprobs` when requested (the raw row copy and candidate buffer are reused).
+//!
+//! Reproducibility: the RNG is ChaCha12 keyed by `params.seed` (expanded to 256 bits) on stream
+//! `seed_stream`, so equal seed, stream, history and logits always give equal tokens; different
+//! streams of one key are independent. The row is modified in place (it holds weights afterwards).
+//!
+//! Non-finite logits: NaN counts as `-inf`, `+inf` as `f32::MAX`. When nothing can be chosen (all
+//! `-inf` after processing, or an empty row) the token is the lowest id not in `suppress` (0 when
+//! every id is suppressed or the row is empty), so a token is always returned and never panics.
+
+use std::collections::HashMap;
+
+use rand_chacha::ChaCha12Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+
+use super::SamplingParams;
+use super::row::{
+    argmax, cumulative_pick, exp_in_place, exp_nonpos, log_sum_exp, mask_ranked_below, max_value, sanitize, top_k_into,
+};
+use super::truncate::{nucleus_cut, pick, top_p_min_p_set};
+use crate::TokenId;
+
+/// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS`): dividing by them would
+/// overflow and the distribution is an argmax anyway.
+const GREEDY_TEMPERATURE: f32 = 1e-5;
+
+/// The outcome of one sampling step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    /// The chosen token, always `< logits.len()` (or 0 for an empty row).
+    pub token: TokenId,
+    /// The chosen token's log-probability under the raw logits; 0.0 when `params.logprobs` is
+    /// `None` (it is not computed).
+    pub logprob: f32,
+    /// The `params.logprobs` most likely tokens of the raw logits with their log-probabilities,
+    /// most likely first (ties: lower id first); empty when `params.logprobs` is `None`.
+    pub top_logprobs: Vec<(TokenId, f32)>,
+}
+
+/// Which tokens a sequence has seen, kept only when a penalty needs it.
+#[derive(Clone, Debug)]
+struct History {
+    /// Token -> occurrences in the output; prompt-only tokens are present with 0 (only when the
+    /// repetition penalty is on, the one penalty that looks at the prompt).
+    counts: HashMap<TokenId, u32>,
+}
+
+/// Per-sequence sampling state: RNG, penalty history and reusable scratch buffers.
+#[derive(Clone, Debug)]
+pub struct SequenceSampler {
+    /// The 256-bit ChaCha key; forks share it and differ by stream.
+    key: [u8; 32],
+    rng: ChaCha12Rng,
+    vocab_size: usize,
+    /// `None` when every penalty is neutral: nothing is recorded and nothing is applied.
+    history: Option<History>,
+    /// Candidate (id, weight) pairs of top-k/top-p.
+    kept: Vec<(u32, f32)>,
+    /// Copy of the raw row, kept only for sequences that ask for logprobs.
+    raw: Vec<f32>,
+}
+
+impl SequenceSampler {
+    /// A sampler for one sequence. `seed_stream` separates the choices of an `n > 1` request;
+    /// `prompt` feeds the repetition penalty; ids `>= vocab_size` are ignored. `params` must be
+    /// the same ones later passed to `sample`: whether penalties are tracked is decided here.
+    pub fn new(params: &SamplingParams, seed_stream: u64, prompt: &[TokenId], vocab_size: usize) -> Self {
+        let key = match params.seed {
+            Some(seed) => expand_seed(seed),
+            None => rand::random(),
+        };
+        let repetition = params.repetition_penalty != 1.0;
+        let penalised = repetition || params.frequency_penalty != 0.0 || params.presence_penalty != 0.0;
+        let history = penalised.then(|| {
+            let mut counts = HashMap::new();
+            if repetition {
+                for &t in prompt.iter().filter(|&&t| (t as usize) < vocab_size) {
+                    counts.entry(t).or_insert(0);
+                }
+            }
+            History { counts }
+        });
+        SequenceSampler {
+            key,
+            rng: stream_rng(&key, seed_stream),
+            vocab_size,
+            history,
+            kept: Vec::new(),
+            raw: Vec::new(),
+        }
+    }
+
+    /// A sampler with this one's history and key but a fresh RNG on stream `seed_stream`.
+    pub fn fork(&self, seed_stream: u64) -> Self {
+        SequenceSampler {
+            key: self.key,
+            rng: stream_rng(&self.key, seed_stream),
+            vocab_size: self.vocab_size,
+            history: self.history.clone(),
+            kept: Vec::new(),
+            raw: Vec::new(),
+        }
+    }
+
+    /// Records a token accepted into the output, for the penalties of later steps.
+    pub fn record(&mut self, token: TokenId) {
+        if let Some(history) = &mut self.history
+            && (token as usize) < self.vocab_size
+        {
+            *history.counts.entry(token).or_insert(0) += 1;
+        }
+    }
+
+    /// Chooses the next token from `logits` (modified in place), never choosing an id in
+    /// `suppress`. See the module docs for the order of processing.
+    pub fn sample(&mut self, logits: &mut [f32], params: &SamplingParams, suppress: &[TokenId]) -> Sampled {
+        if params.logprobs.is_some() {
+            self.raw.clear();
+            self.raw.extend_from_slice(logits);
+        }
+        self.process(logits, params, suppress);
+        let chosen = if is_greedy(params) { argmax(logits) } else { self.draw(logits, params) };
+        let token = match chosen {
+            Some(i) => i as TokenId,
+            None => fallback_token(logits.len(), suppress),
+        };
+        let (logprob, top_logprobs) = match params.logprobs {
+            Some(k) => raw_logprobs(&self.raw, token, k),
+            None => (0.0, Vec::new()),
+        };
+        Sampled { token, logprob, top_logprobs }
+    }
+
+    /// Step 2 of the module docs: penalties, bias and suppression, touching only the ids
+    /// concerned. Ids outside the row are ignored.
+    fn process(&self, logits: &mut [f32], params: &SamplingParams, suppress: &[TokenId]) {
+        if let Some(history) = &self.history {
+            let rep = params.repetition_penalty;
+            for (&token, &count) in &history.counts {
+                let Some(x) = logits.get_mut(token as usize) else { continue };
+                if rep != 1.0 {
+                    *x = if *x > 0.0 { *x / rep } else { *x * rep };
+                }
+                if count > 0 {
+                    *x -= params.frequency_penalty * count as f32 + params.presence_penalty;
+                }
+            }
+        }
+        for &(token, bias) in &params.logit_bias {
+            if let Some(x) = logits.get_mut(token as usize) {
+                *x += bias;
+            }
+        }
+        for &token in suppress {
+            if let Some(x) = logits.get_mut(token as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+
+    /// Step 3 for random sampling. `None` when every processed logit is `-inf` or NaN.
+    ///
+    /// With top-k, only the k best logits are ever exponentiated (found by a chunk-skipping scan).
+    /// Otherwise one exp pass turns the row into weights in place, top-p and min-p zero what they
+    /// cut in one more pass, and a cumulative walk draws.
+    fn draw(&mut self, logits: &mut [f32], params: &SamplingParams) -> Option<usize> {
+        let u = self.uniform();
+        if let Some(k) = params.top_k.filter(|&k| k > 0 && k < logits.len()) {
+            top_k_into(logits, k, &mut self.kept);
+            let max = self.kept.first().map_or(f32::NEG_INFINITY, |&(_, x)| x);
+            if max == f32::NEG_INFINITY {
+                return None;
+            }
+            let inv_t = 1.0 / params.temperature;
+            for (_, x) in self.kept.iter_mut() {
+                *x = exp_nonpos((*x - max) * inv_t);
+            }
+            top_p_min_p_set(&mut self.kept, params.top_p, params.min_p);
+            return pick(&self.kept, u).map(|id| id as usize);
+        }
+        let max = max_value(logits);
+        if max == f32::NEG_INFINITY {
+            return None;
+        }
+        // Without top-p, min-p is a plain weight floor applied by the exp pass.
+        let floor = if params.top_p < 1.0 { 0.0 } else { params.min_p };
+        let mut total = exp_in_place(logits, max, params.temperature, floor);
+        if params.top_p < 1.0 {
+            let cut = nucleus_cut(logits, total, params.top_p, &mut self.kept);
+            total = mask_ranked_below(logits, cut, params.min_p);
+        }
+        cumulative_pick(logits, u * total)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    fn uniform(&mut self) -> f64 {
+        (self.rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+fn is_greedy(params: &SamplingParams) -> bool {
+    params.is_greedy() || params.temperature < GREEDY_TEMPERATURE
+}
+
+/// The deterministic choice when no token has finite logit: the lowest id of the row that is not
+/// suppressed, or 0.
+fn fallback_token(len: usize, suppress: &[TokenId]) -> TokenId {
+    (0..len).map(|i| i as TokenId).find(|t| !suppress.contains(t)).unwrap_or(0)
+}
+
+/// Log-softmax of the raw row at `token`, and its `k` best entries.
+fn raw_logprobs(raw: &[f32], token: TokenId, k: usize) -> (f32, Vec<(TokenId, f32)>) {
+    let lse = log_sum_exp(raw);
+    let logprob = |x: f32| {
+        if lse == f64::NEG_INFINITY { f32::NEG_INFINITY } else { (f64::from(sanitize(x)) - lse) as f32 }
+    };
+    let chosen = raw.get(token as usize).map_or(f32::NEG_INFINITY, |&x| logprob(x));
+    let mut top = Vec::new();
+    top_k_into(raw, k, &mut top);
+    for (_, x) in top.iter_mut() {
+        *x = logprob(*x);
+    }
+    (chosen, top)
+}
+
+/// Spreads a 64-bit seed over a 256-bit key with SplitMix64, so nearby seeds give unrelated keys.
+fn expand_seed(seed: u64) -> [u8; 32] {
+    let mut state = seed;
+    let mut key = [0u8; 32];
+    for word in key.chunks_exact_mut(8) {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    key
+}
+
+fn stream_rng(key: &[u8; 32], stream: u64) -> ChaCha12Rng {
+    let mut rng = ChaCha12Rng::from_seed(*key);
+    rng.set_stream(stream);
+    rng
+}
+
+#[cfg(test)]
+#[path = "sampler_tests.rs"]
+mod tests;
