@@ -11,7 +11,8 @@
 //! Cost per step: greedy without logprobs is one vectorised pass over the row plus the sparse
 //! edits. Top-k sampling scans the row once for the k best (skipping chunks that cannot enter)
 //! and exponentiates only those; otherwise sampling is a max pass, an exp pass and a draw, with
-//! top-p cut from a threshold-gathered candidate set (see `truncate`), never a full sort. Kernels
+//! top-p located by a threshold gather or a radix histogram (see `truncate`), never a full sort,
+//! and applied by one masking pass. Kernels
 //! use AVX2 when the CPU has it, with identical results. Nothing is allocated per step except
 //! `top_logprobs` when requested (the raw row copy and candidate buffer are reused).
 //!
@@ -127,7 +128,8 @@ impl SequenceSampler {
     }
 
     /// Chooses the next token from `logits` (modified in place), never choosing an id in
-    /// `suppress`. See the module docs for the order of processing.
+    /// `suppress` unless every id of the row is in it. See the module docs for the order of
+    /// processing.
     pub fn sample(&mut self, logits: &mut [f32], params: &SamplingParams, suppress: &[TokenId]) -> Sampled {
         if params.logprobs.is_some() {
             self.raw.clear();
