@@ -284,3 +284,69 @@ fn garbage_bytes_do_not_stall_the_stream() {
     let emitted: String = (0..20).map(|_| detok.push(tok, lead).unwrap()).collect();
     assert!(!emitted.is_empty(), "held text must be released after MAX_HELD_TOKENS");
 }
+
+/// Ids llama.cpp produced for the same GGUF (scripts/reference/tokenization_reference.py).
+#[test]
+fn smollm2_matches_llama_cpp_tokenization() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2_tokenization.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = doc["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 10);
+    let tok = smollm2();
+    let mut mismatches = Vec::new();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<TokenId> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let got = tok.encode(text, false).unwrap();
+        if got != want {
+            mismatches.push(format!("{text:?}\n  llama.cpp {want:?}\n  lumen     {got:?}"));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+/// The `llama-bpe` GGUF path (regex, ignore_merges, control tokens) rebuilt from the Llama-3.1
+/// tokenizer.json's own vocabulary must tokenize exactly like the tokenizer.json does.
+#[test]
+fn llama_bpe_gguf_path_matches_llama3_tokenizer_json() {
+    use gguf_file::Value as V;
+    let reference = llama3();
+    let json_path = models_dir().join("llama3.1-tokenizer/tokenizer.json");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json_path).unwrap()).unwrap();
+    let vocab = reference.inner.get_vocab(true);
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (token, id) in vocab {
+        tokens[id as usize] = token;
+    }
+    let types: Vec<V> = (0..tokens.len() as u32)
+        .map(|id| V::I32(if reference.is_special(id) { 3 } else { 1 }))
+        .collect();
+    let merges: Vec<V> = doc["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| V::String(m.as_str().expect("string merges").to_string()))
+        .collect();
+    let mut content = gguf_file::Content {
+        magic: gguf_file::VersionedMagic::GgufV3,
+        metadata: Default::default(),
+        tensor_infos: Default::default(),
+        tensor_data_offset: 0,
+    };
+    let meta = &mut content.metadata;
+    meta.insert("tokenizer.ggml.model".into(), V::String("gpt2".into()));
+    meta.insert("tokenizer.ggml.pre".into(), V::String("llama-bpe".into()));
+    meta.insert("tokenizer.ggml.tokens".into(), V::Array(tokens.into_iter().map(V::String).collect()));
+    meta.insert("tokenizer.ggml.token_type".into(), V::Array(types));
+    meta.insert("tokenizer.ggml.merges".into(), V::Array(merges));
+    meta.insert("tokenizer.ggml.bos_token_id".into(), V::U32(128000));
+    meta.insert("tokenizer.ggml.eos_token_id".into(), V::U32(128009));
+    let tok = Tokenizer::from_gguf(&content).unwrap();
+    assert!(tok.adds_bos(), "llama-bpe defaults add_bos to true");
+    let mut texts: Vec<String> = VARIED.iter().map(|s| s.to_string()).collect();
+    texts.push("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHI 1234567 it's<|eot_id|>".into());
+    for text in &texts {
+        assert_eq!(tok.encode(text, true).unwrap(), reference.encode(text, true).unwrap(), "{text:?}");
+    }
+}
