@@ -1,1 +1,6 @@
 //! The paged KV cache: block pool with ref counts and prefix caching, and the cache storage.
+
+pub mod block_pool;
+pub mod cpu_storage;
+
+pub use block_pool::{BlockHash, BlockId, BlockPool, PrefixCacheStats};

@@ -1,7 +1,11 @@
 //! The model: hyper-parameters, weight sources (GGUF, Hugging Face safetensors, hub, dummy) and
 //! the Llama forward pass over a packed batch.
 
+pub mod batch;
 pub mod config;
+pub mod cpu_weights;
+pub mod gguf;
+pub mod llama_cpu;
 pub mod dummy;
 pub mod generation_config;
 pub mod hub;
@@ -16,3 +20,20 @@ pub use hub::{HubFileSet, HubModelId, HubSettings};
 pub use location::{LoadFormat, ModelLocation, resolve_model};
 pub use safetensors::SafetensorsSource;
 pub use source::{RawTensor, TensorBytes, TensorDType, TensorSource};
+
+pub use batch::{BatchSeq, ForwardBatch};
+
+/// A model that runs engine steps: a forward pass over a packed batch, on one device, with the
+/// KV cache it owns.
+pub trait Model: Send {
+    fn config(&self) -> &LlamaConfig;
+    /// Blocks in the KV cache.
+    fn num_blocks(&self) -> usize;
+    /// Tokens per KV block.
+    fn block_size(&self) -> usize;
+    /// Device, kernels and weight formats, for logs.
+    fn describe(&self) -> String;
+    /// Runs the batch, writing its K/V into the cache; returns `logits_rows.len()` rows of
+    /// `vocab_size` logits.
+    fn forward(&mut self, batch: &ForwardBatch) -> crate::Result<&[f32]>;
+}

@@ -1,1 +1,306 @@
 //! Continuous batching: which sequences run in each step and how many tokens each computes.
+//!
+//! Every step the scheduler fills a token budget (`max_num_batched_tokens`): first the running
+//! sequences, oldest first (one token each while decoding, the rest of a chunked prompt
+//! otherwise), then waiting sequences in arrival order while the budget, `max_num_seqs` and free
+//! blocks allow; a prompt longer than what is left of the budget is split across steps (chunked
+//! prefill). A new sequence first takes the longest run of its full blocks found in the prefix
+//! cache and computes only the rest. When a running sequence needs a block and none is free, the
+//! newest running sequence is preempted: its blocks are released (cached ones stay findable) and
+//! it goes back to the front of the waiting queue to be recomputed, keeping its generated tokens.
+
+mod sequence;
+
+use std::collections::{HashMap, VecDeque};
+
+pub use sequence::{SeqId, Sequence};
+
+use crate::kv_cache::{BlockHash, BlockPool, PrefixCacheStats};
+use crate::model::ForwardBatch;
+
+/// Limits that shape each step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub enable_prefix_caching: bool,
+}
+
+/// One sequence's share of a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub id: SeqId,
+    /// Tokens computed this step, starting at position `start`.
+    pub start: usize,
+    pub len: usize,
+    /// The step reaches the end of the sequence's tokens, so a new token is sampled from it.
+    pub samples: bool,
+}
+
+/// What one step runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Schedule {
+    pub seqs: Vec<ScheduledSeq>,
+    /// Sequences preempted while building this step (now waiting, to be recomputed).
+    pub preempted: Vec<SeqId>,
+}
+
+impl Schedule {
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.len).sum()
+    }
+}
+
+/// Waiting and running sequences, and the block pool they share.
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    pool: BlockPool,
+    seqs: HashMap<SeqId, Sequence>,
+    waiting: VecDeque<SeqId>,
+    /// Running sequences ordered by priority (oldest first).
+    running: Vec<SeqId>,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Scheduler {
+        Scheduler { pool: BlockPool::new(cfg.num_blocks), cfg, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), num_preemptions: 0 }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Tokens the whole cache can hold.
+    pub fn capacity_tokens(&self) -> usize {
+        self.cfg.num_blocks * self.cfg.block_size
+    }
+
+    /// Queues a new sequence.
+    pub fn add(&mut self, seq: Sequence) {
+        self.waiting.push_back(seq.id);
+        self.seqs.insert(seq.id, seq);
+    }
+
+    pub fn get(&self, id: SeqId) -> Option<&Sequence> {
+        self.seqs.get(&id)
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        self.pool.stats
+    }
+
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.cfg.block_size)
+    }
+
+    /// Decides the next step.
+    pub fn schedule(&mut self) -> Schedule {
+        let mut out = Schedule::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let n = self.seqs[&id].num_uncomputed().min(budget);
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            if !self.reserve_running(id, n, &mut out.preempted) {
+                // `id` itself was the newest and got preempted: nothing after it remains.
+                break;
+            }
+            let s = &self.seqs[&id];
+            out.seqs.push(ScheduledSeq { id, start: s.num_computed, len: n, samples: s.num_computed + n == s.tokens.len() });
+            budget -= n;
+            i += 1;
+        }
+        if out.preempted.is_empty() {
+            self.admit_waiting(&mut budget, &mut out);
+        }
+        out
+    }
+
+    /// Makes room for `n` more tokens of running sequence `id`, preempting the newest running
+    /// sequences as needed. False if `id` itself had to be preempted.
+    fn reserve_running(&mut self, id: SeqId, n: usize, preempted: &mut Vec<SeqId>) -> bool {
+        loop {
+            let s = &self.seqs[&id];
+            let need = self.blocks_for(s.num_computed + n).saturating_sub(s.blocks.len());
+            if let Some(new) = self.pool.allocate(need) {
+                self.seqs.get_mut(&id).expect("running sequence").blocks.extend(new);
+                return true;
+            }
+            let victim = *self.running.last().expect("the sequence itself is running");
+            self.preempt(victim);
+            preempted.push(victim);
+            if victim == id {
+                return false;
+            }
+        }
+    }
+
+    fn preempt(&mut self, id: SeqId) {
+        self.running.retain(|&r| r != id);
+        let s = self.seqs.get_mut(&id).expect("preempted sequence exists");
+        self.pool.release(s.blocks.drain(..).rev());
+        s.block_hashes.clear();
+        s.num_computed = 0;
+        self.waiting.push_front(id);
+        self.num_preemptions += 1;
+    }
+
+    fn admit_waiting(&mut self, budget: &mut usize, out: &mut Schedule) {
+        while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(&id) = self.waiting.front() else { break };
+            let hits = self.take_cached_prefix(id);
+            let s = &self.seqs[&id];
+            let n = s.num_uncomputed().min(*budget);
+            let need = self.blocks_for(s.num_computed + n).saturating_sub(s.blocks.len());
+            let Some(new) = self.pool.allocate(need) else {
+                // Not enough room: give the cache hits back and wait for blocks to free up.
+                let s = self.seqs.get_mut(&id).expect("waiting sequence");
+                self.pool.release(s.blocks.drain(..).rev());
+                s.block_hashes.clear();
+                s.num_computed = 0;
+                break;
+            };
+            self.waiting.pop_front();
+            let s = self.seqs.get_mut(&id).expect("waiting sequence");
+            s.blocks.extend(new);
+            if !s.admitted {
+                s.admitted = true;
+                s.cached_prompt_tokens = hits.min(s.prompt_len);
+            }
+            out.seqs.push(ScheduledSeq { id, start: s.num_computed, len: n, samples: s.num_computed + n == s.tokens.len() });
+            *budget -= n;
+            let priority = s.priority;
+            let at = self.running.partition_point(|r| self.seqs[r].priority <= priority);
+            self.running.insert(at, id);
+        }
+    }
+
+    /// Points a sequence with nothing computed at the longest cached run of its full blocks
+    /// (never all of its tokens: the last one is always computed, to produce logits). Returns
+    /// the number of tokens found.
+    fn take_cached_prefix(&mut self, id: SeqId) -> usize {
+        let bs = self.cfg.block_size;
+        let s = self.seqs.get_mut(&id).expect("waiting sequence");
+        if !self.cfg.enable_prefix_caching || s.num_computed > 0 || !s.blocks.is_empty() {
+            return 0;
+        }
+        let max_blocks = (s.tokens.len() - 1) / bs;
+        let mut parent: Option<BlockHash> = None;
+        for b in 0..max_blocks {
+            let hash = BlockHash::of(parent, &s.tokens[b * bs..(b + 1) * bs]);
+            match self.pool.lookup(hash) {
+                Some(block) => {
+                    s.blocks.push(block);
+                    s.block_hashes.push(hash);
+                    parent = Some(hash);
+                }
+                None => break,
+            }
+        }
+        s.num_computed = s.blocks.len() * bs;
+        if !s.admitted {
+            self.pool.stats.queries += s.tokens.len() as u64;
+            self.pool.stats.hits += s.num_computed as u64;
+        }
+        s.num_computed
+    }
+
+    /// The packed model input for a schedule.
+    pub fn build_batch(&self, schedule: &Schedule) -> ForwardBatch {
+        let mut batch = ForwardBatch::default();
+        for item in &schedule.seqs {
+            let s = &self.seqs[&item.id];
+            batch.push_seq(&s.tokens[item.start..item.start + item.len], item.start, &s.blocks, self.cfg.block_size, item.samples);
+        }
+        batch
+    }
+
+    /// Records that the step ran: advances each sequence and makes newly full blocks findable.
+    pub fn complete(&mut self, schedule: &Schedule) {
+        let bs = self.cfg.block_size;
+        for item in &schedule.seqs {
+            let Some(s) = self.seqs.get_mut(&item.id) else { continue };
+            s.num_computed = item.start + item.len;
+            if !self.cfg.enable_prefix_caching {
+                continue;
+            }
+            while s.block_hashes.len() < s.num_computed / bs {
+                let b = s.block_hashes.len();
+                let hash = BlockHash::of(b.checked_sub(1).map(|p| s.block_hashes[p]), &s.tokens[b * bs..(b + 1) * bs]);
+                self.pool.register(s.blocks[b], hash);
+                s.block_hashes.push(hash);
+            }
+        }
+    }
+
+    /// Appends a sampled token to a sequence.
+    pub fn append_token(&mut self, id: SeqId, token: crate::TokenId) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.tokens.push(token);
+        }
+    }
+
+    /// Starts a sibling of `parent` (for `n > 1`): the same prompt followed by `first_token`,
+    /// sharing the parent's full prompt blocks; the partial last block is recomputed by the child.
+    pub fn fork(&mut self, parent: SeqId, child: SeqId, first_token: crate::TokenId) {
+        let bs = self.cfg.block_size;
+        let p = &self.seqs[&parent];
+        let shared = (p.prompt_len / bs).min(p.blocks.len());
+        let mut seq = Sequence::new(child, p.priority, p.tokens[..p.prompt_len].to_vec());
+        seq.tokens.push(first_token);
+        seq.blocks = p.blocks[..shared].to_vec();
+        seq.block_hashes = p.block_hashes[..shared.min(p.block_hashes.len())].to_vec();
+        seq.num_computed = shared * bs;
+        seq.cached_prompt_tokens = p.cached_prompt_tokens;
+        seq.admitted = true;
+        for &b in &seq.blocks {
+            self.pool.share(b);
+        }
+        let at = self.running.iter().position(|&r| r == parent).map_or(self.running.len(), |i| i + 1);
+        self.running.insert(at, child);
+        self.seqs.insert(child, seq);
+    }
+
+    /// Removes a sequence (finished or aborted) and releases its blocks.
+    pub fn remove(&mut self, id: SeqId) -> Option<Sequence> {
+        let mut s = self.seqs.remove(&id)?;
+        self.running.retain(|&r| r != id);
+        self.waiting.retain(|&w| w != id);
+        self.pool.release(s.blocks.drain(..).rev());
+        Some(s)
+    }
+}
+
+#[cfg(test)]
+mod tests;

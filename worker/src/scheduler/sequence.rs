@@ -1,0 +1,56 @@
+//! A sequence as the scheduler sees it: its tokens, how many of them are in the KV cache, and
+//! the blocks that hold them.
+
+use crate::TokenId;
+use crate::kv_cache::{BlockHash, BlockId};
+
+/// A sequence's id, unique within one engine.
+pub type SeqId = u64;
+
+/// The scheduler's view of one sequence.
+#[derive(Clone, Debug)]
+pub struct Sequence {
+    pub id: SeqId,
+    /// Admission order: lower runs first and is preempted last.
+    pub priority: u64,
+    /// Prompt followed by the tokens generated so far.
+    pub tokens: Vec<TokenId>,
+    pub prompt_len: usize,
+    /// Leading tokens whose K/V are in the cache.
+    pub num_computed: usize,
+    /// Cache blocks holding positions `i * block_size ..`, in order.
+    pub blocks: Vec<BlockId>,
+    /// Hashes of the leading full, computed blocks (registered in the prefix cache).
+    pub block_hashes: Vec<BlockHash>,
+    /// Prompt tokens found in the prefix cache when the sequence was first admitted.
+    pub cached_prompt_tokens: usize,
+    /// True once the sequence has been admitted at least once.
+    pub admitted: bool,
+}
+
+impl Sequence {
+    pub fn new(id: SeqId, priority: u64, prompt: Vec<TokenId>) -> Sequence {
+        let prompt_len = prompt.len();
+        Sequence {
+            id,
+            priority,
+            tokens: prompt,
+            prompt_len,
+            num_computed: 0,
+            blocks: Vec::new(),
+            block_hashes: Vec::new(),
+            cached_prompt_tokens: 0,
+            admitted: false,
+        }
+    }
+
+    /// Tokens not yet in the cache (the whole prompt before prefill, 1 while decoding).
+    pub fn num_uncomputed(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    /// Generated tokens so far.
+    pub fn output_len(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}

@@ -1,0 +1,191 @@
+use super::*;
+
+fn cfg(num_blocks: usize, budget: usize, max_seqs: usize) -> SchedulerConfig {
+    SchedulerConfig { max_num_seqs: max_seqs, max_num_batched_tokens: budget, block_size: 4, num_blocks, enable_prefix_caching: true }
+}
+
+/// Runs a step as the engine would: complete it, then append a token to every sampling sequence.
+fn step(s: &mut Scheduler, next_token: u32) -> Schedule {
+    let sched = s.schedule();
+    s.complete(&sched);
+    for item in &sched.seqs {
+        if item.samples {
+            s.append_token(item.id, next_token);
+        }
+    }
+    sched
+}
+
+#[test]
+fn long_prompts_are_chunked_and_decodes_go_first() {
+    let mut s = Scheduler::new(cfg(64, 8, 8));
+    s.add(Sequence::new(1, 1, vec![1; 5]));
+    let first = step(&mut s, 9);
+    assert_eq!(first.seqs, vec![ScheduledSeq { id: 1, start: 0, len: 5, samples: true }]);
+    s.add(Sequence::new(2, 2, (0..20).collect()));
+    // Sequence 1 decodes one token; sequence 2 gets the remaining 7 of the budget.
+    let second = step(&mut s, 9);
+    assert_eq!(second.seqs[0], ScheduledSeq { id: 1, start: 5, len: 1, samples: true });
+    assert_eq!(second.seqs[1], ScheduledSeq { id: 2, start: 0, len: 7, samples: false });
+    let third = step(&mut s, 9);
+    assert_eq!(third.seqs[1], ScheduledSeq { id: 2, start: 7, len: 7, samples: false });
+    let fourth = step(&mut s, 9);
+    assert_eq!(fourth.seqs[1], ScheduledSeq { id: 2, start: 14, len: 6, samples: true });
+    assert_eq!(s.get(2).unwrap().tokens.len(), 21);
+}
+
+#[test]
+fn at_most_max_num_seqs_run_together() {
+    let mut s = Scheduler::new(cfg(64, 100, 2));
+    for id in 0..4 {
+        s.add(Sequence::new(id, id, vec![1, 2, 3]));
+    }
+    let sched = step(&mut s, 5);
+    assert_eq!(sched.seqs.iter().map(|x| x.id).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!((s.num_running(), s.num_waiting()), (2, 2));
+    s.remove(0);
+    let sched = step(&mut s, 5);
+    assert_eq!(sched.seqs.iter().map(|x| x.id).collect::<Vec<_>>(), vec![1, 2]);
+}
+
+#[test]
+fn a_shared_prompt_prefix_is_computed_once() {
+    let mut s = Scheduler::new(cfg(64, 100, 8));
+    let prompt: Vec<u32> = (0..10).collect();
+    s.add(Sequence::new(1, 1, prompt.clone()));
+    step(&mut s, 99);
+    // Same 10 tokens: 2 full blocks (8 tokens) are cached; the last block is partial.
+    s.add(Sequence::new(2, 2, prompt.clone()));
+    let sched = step(&mut s, 99);
+    let second = sched.seqs.iter().find(|x| x.id == 2).unwrap();
+    assert_eq!((second.start, second.len), (8, 2));
+    assert_eq!(s.get(1).unwrap().blocks[..2], s.get(2).unwrap().blocks[..2]);
+    assert_eq!(s.get(2).unwrap().cached_prompt_tokens, 8);
+    let stats = s.prefix_cache_stats();
+    assert_eq!((stats.queries, stats.hits), (20, 8));
+    // A prompt that is exactly cached still recomputes its last token.
+    s.add(Sequence::new(3, 3, prompt[..8].to_vec()));
+    let sched = step(&mut s, 99);
+    let third = sched.seqs.iter().find(|x| x.id == 3).unwrap();
+    assert_eq!((third.start, third.len), (4, 4));
+}
+
+#[test]
+fn finished_sequences_leave_their_blocks_findable() {
+    let mut s = Scheduler::new(cfg(8, 100, 8));
+    s.add(Sequence::new(1, 1, (0..9).collect()));
+    step(&mut s, 1);
+    s.remove(1);
+    assert_eq!(s.pool().num_free(), 8);
+    s.add(Sequence::new(2, 2, (0..9).collect()));
+    let sched = step(&mut s, 1);
+    assert_eq!(sched.seqs[0].start, 8);
+}
+
+#[test]
+fn preempts_newest_sequence_when_blocks_run_out() {
+    // 4 blocks of 4 tokens; two 8-token prompts fill them exactly.
+    let mut s = Scheduler::new(cfg(4, 100, 8));
+    s.add(Sequence::new(1, 1, vec![1; 8]));
+    s.add(Sequence::new(2, 2, vec![2; 8]));
+    step(&mut s, 3); // both prefill and sample: 9 tokens each, 8 in the cache
+    assert_eq!(s.pool().num_free(), 0);
+    let sched = step(&mut s, 3); // sequence 1 needs a third block: sequence 2 is preempted
+    assert_eq!(sched.preempted, vec![2]);
+    assert_eq!(sched.seqs.iter().map(|x| x.id).collect::<Vec<_>>(), vec![1]);
+    assert_eq!((s.num_running(), s.num_waiting()), (1, 1));
+    let victim = s.get(2).unwrap();
+    assert_eq!((victim.num_computed, victim.tokens.len(), victim.blocks.len()), (0, 9, 0));
+    assert_eq!(s.num_preemptions(), 1);
+    // Sequence 1 took the victim's last block (evicted first); its first block stays cached.
+    // Once sequence 1 finishes, sequence 2 recomputes the rest of its 9 tokens, prompt and output.
+    s.remove(1);
+    let sched = step(&mut s, 3);
+    assert_eq!(sched.seqs, vec![ScheduledSeq { id: 2, start: 4, len: 5, samples: true }]);
+    assert_eq!(s.get(2).unwrap().tokens.len(), 10);
+}
+
+#[test]
+fn a_lone_sequence_that_outgrows_the_cache_preempts_itself_instead_of_looping() {
+    let mut s = Scheduler::new(cfg(2, 100, 8));
+    s.add(Sequence::new(1, 1, vec![1; 8]));
+    step(&mut s, 1);
+    let sched = s.schedule();
+    assert_eq!(sched.preempted, vec![1]);
+    assert!(sched.seqs.is_empty());
+}
+
+#[test]
+fn forked_children_share_full_prompt_blocks_and_recompute_the_tail() {
+    let mut s = Scheduler::new(cfg(16, 100, 8));
+    s.add(Sequence::new(1, 1, (0..10).collect()));
+    let sched = s.schedule();
+    s.complete(&sched);
+    s.append_token(1, 50);
+    s.fork(1, 2, 51);
+    let (p, c) = (s.get(1).unwrap().clone(), s.get(2).unwrap().clone());
+    assert_eq!(c.blocks, p.blocks[..2].to_vec());
+    assert_eq!(s.pool().ref_count(p.blocks[0]), 2);
+    assert_eq!(c.tokens[10], 51);
+    let sched = s.schedule();
+    let child = sched.seqs.iter().find(|x| x.id == 2).unwrap();
+    assert_eq!((child.start, child.len, child.samples), (8, 3, true));
+}
+
+/// A deterministic mix of arrivals, steps, finishes, aborts, forks and preemptions; afterwards
+/// every block must be free (or free and cached), never leaked.
+#[test]
+fn no_block_leaks_after_any_mix_of_finish_abort_fork_and_preemption() {
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut s = Scheduler::new(SchedulerConfig { max_num_seqs: 6, max_num_batched_tokens: 24, block_size: 4, num_blocks: 24, enable_prefix_caching: true });
+    let mut ids = 0u64;
+    let mut preemptions = 0;
+    for _ in 0..3000 {
+        match next(10) {
+            0..=2 => {
+                ids += 1;
+                let len = 1 + next(30) as usize;
+                let base = next(3) as u32 * 100; // shared prefixes across some sequences
+                s.add(Sequence::new(ids, ids, (0..len as u32).map(|t| base + t % 7).collect()));
+            }
+            3 => {
+                let live: Vec<SeqId> = s.seqs.keys().copied().collect();
+                if !live.is_empty() {
+                    s.remove(live[next(live.len() as u64) as usize]);
+                }
+            }
+            4 if s.num_running() > 0 => {
+                let parent = s.running[next(s.running.len() as u64) as usize];
+                if s.get(parent).unwrap().num_computed >= s.get(parent).unwrap().prompt_len {
+                    ids += 1;
+                    s.fork(parent, ids, 7);
+                }
+            }
+            _ => {
+                let sched = step(&mut s, next(50) as u32);
+                preemptions += sched.preempted.len();
+                // Sequences that grew long finish.
+                let long: Vec<SeqId> = s.seqs.values().filter(|q| q.tokens.len() > 40).map(|q| q.id).collect();
+                for id in long {
+                    s.remove(id);
+                }
+            }
+        }
+        s.pool.check_invariants().unwrap();
+        let in_use: usize = s.seqs.values().map(|q| q.blocks.len()).sum();
+        assert!(s.pool.num_blocks() - s.pool.num_free() <= in_use);
+    }
+    assert!(preemptions > 0, "the mix should exercise preemption");
+    let live: Vec<SeqId> = s.seqs.keys().copied().collect();
+    for id in live {
+        s.remove(id);
+    }
+    s.pool.check_invariants().unwrap();
+    assert_eq!(s.pool.num_free(), s.pool.num_blocks());
+}
