@@ -67,6 +67,10 @@ trap cleanup EXIT
 echo "== bench: model=$MODEL input=$INPUT_LEN output=$OUTPUT_LEN threads=$THREADS" \
      "c=1 x$NUM_PROMPTS_C1, c=$CONCURRENCY_HIGH x$NUM_PROMPTS_HIGH" >&2
 
+LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
+if awk -v l="${LOAD_START%% *}" 'BEGIN{exit !(l > 0.5)}'; then
+  echo "!! load average is $LOAD_START before starting: other work is using the CPUs, figures will be noisy" >&2
+fi
 RUN_FILES=()
 LLAMACPP_VERSION=""
 
@@ -78,7 +82,8 @@ if [ "$SKIP_LLAMACPP" != "1" ]; then
     LLAMACPP_VERSION="$(cat .cache/llamacpp/VERSION 2>/dev/null || true)"
     PORT="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')"
     # Each slot gets c/np tokens of KV (non-unified cache): one full request + a small margin.
-    CTX=$(( CONCURRENCY_HIGH * (INPUT_LEN + OUTPUT_LEN + 16) ))
+    # (rounded up to a multiple of 256 per slot, as llama.cpp pads it anyway).
+    CTX=$(( CONCURRENCY_HIGH * ((INPUT_LEN + OUTPUT_LEN + 16 + 255) / 256 * 256) ))
     SERVER_LOG="$TMP/llama-server.log"
     SERVER_ARGS=(-m "$MODEL" --host 127.0.0.1 --port "$PORT"
       -t "$THREADS" -tb "$THREADS" -np "$CONCURRENCY_HIGH" -c "$CTX"
@@ -147,7 +152,7 @@ EOF
   fi
 fi
 
-SETTINGS="$("$PY" -c 'import json,sys; print(json.dumps(dict(zip(["model","input_len","output_len","threads","num_prompts_c1","num_prompts_high","concurrency_high","llamacpp_version","llamacpp_extra_args","host"], sys.argv[1:]))))' \
-  "$MODEL" "$INPUT_LEN" "$OUTPUT_LEN" "$THREADS" "$NUM_PROMPTS_C1" "$NUM_PROMPTS_HIGH" "$CONCURRENCY_HIGH" "$LLAMACPP_VERSION" "${LLAMACPP_EXTRA_ARGS:-}" "$(nproc) cpus, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')")"
+SETTINGS="$("$PY" -c 'import json,sys; print(json.dumps(dict(zip(["model","input_len","output_len","threads","num_prompts_c1","num_prompts_high","concurrency_high","llamacpp_version","llamacpp_extra_args","host","loadavg_start","loadavg_end"], sys.argv[1:]))))' \
+  "$MODEL" "$INPUT_LEN" "$OUTPUT_LEN" "$THREADS" "$NUM_PROMPTS_C1" "$NUM_PROMPTS_HIGH" "$CONCURRENCY_HIGH" "$LLAMACPP_VERSION" "${LLAMACPP_EXTRA_ARGS:-}" "$(nproc) cpus, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)")"
 echo
 "$PY" scripts/reference/bench_table.py --out "$OUT" --settings "$SETTINGS" "${RUN_FILES[@]}"

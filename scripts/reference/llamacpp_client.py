@@ -80,6 +80,7 @@ def one_request(host, port, prompt, output_len, timeout):
     arrivals = []  # one timestamp per generated token
     n_prompt = None
     timings = None
+    final = {}
     while True:
         line = resp.readline()
         if not line:
@@ -94,15 +95,20 @@ def one_request(host, port, prompt, output_len, timeout):
         msg = json.loads(payload)
         if "error" in msg:
             raise RuntimeError(f"server error: {msg['error']}")
-        toks = msg.get("tokens")
-        if toks is None:
-            k = 0 if msg.get("stop") else 1
+        # Count tokens by the running `tokens_predicted`: a chunk can carry 2+ tokens when the
+        # server held back a token whose text was an incomplete UTF-8 sequence (its `tokens`
+        # field then lists only the last one).
+        if msg.get("tokens_predicted") is not None:
+            k = int(msg["tokens_predicted"]) - len(arrivals)
+        elif msg.get("tokens") is not None:
+            k = len(msg["tokens"])
         else:
-            k = len(toks)
-        arrivals.extend([now] * k)
+            k = 0 if msg.get("stop") else 1
+        arrivals.extend([now] * max(k, 0))
         if msg.get("stop"):
             timings = msg.get("timings")
             n_prompt = msg.get("tokens_evaluated")
+            final = {k: msg.get(k) for k in ("stop_type", "tokens_predicted", "truncated")}
             break
     t_end = time.perf_counter()
     conn.close()
@@ -121,6 +127,7 @@ def one_request(host, port, prompt, output_len, timeout):
         "n_out": len(arrivals),
         "n_prompt": n_prompt,
         "server_timings": timings,
+        "final": final,
     }
 
 
@@ -167,7 +174,7 @@ def run(args):
     total_out = sum(r["n_out"] for r in results)
     total_in = sum(len(p) for p in prompts)
     mean_tpot = sum(tpots) / len(tpots) if tpots else None
-    short = [r["n_out"] for r in results if r["n_out"] != args.output_len]
+    short = [(r["n_out"], r["final"]) for r in results if r["n_out"] != args.output_len]
     evaluated = sorted({r["n_prompt"] for r in results if r["n_prompt"] is not None})
     out = {
         "engine": args.engine,
