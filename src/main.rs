@@ -1,5 +1,61 @@
 //! `lumen`: the one command-line binary.
 
-fn main() {
-    println!("lumen {}", env!("CARGO_PKG_VERSION"));
+mod bench;
+
+use clap::{Parser, Subcommand};
+
+/// Lumen serves large language models: a Ray Serve + vLLM shaped serving framework.
+#[derive(Parser)]
+#[command(name = "lumen", version, about)]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(long, global = true, env = "LUMEN_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Push fixed-length requests through the engine in-process and report throughput and latency.
+    Offline(bench::offline::OfflineArgs),
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LUMEN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match cli.command {
+        Command::Bench(BenchCommand::Offline(args)) => {
+            let json = args.json.clone();
+            let report = bench::offline::run(args).await?;
+            print!("{}", report.table());
+            let text = serde_json::to_string_pretty(&report)?;
+            match json {
+                Some(path) => std::fs::write(&path, text)?,
+                None => println!("{text}"),
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,1 +1,21 @@
-//! The engine: a dedicated thread per device running the step loop, behind a ractor actor.
+//! The engine: a dedicated thread per device running the step loop ([`core`], [`runner`]),
+//! behind a ractor actor ([`actor`]) that callers reach through an [`EngineHandle`].
+
+pub mod actor;
+pub mod core;
+pub mod request;
+pub mod runner;
+pub mod stats;
+
+pub use actor::{EngineHandle, RequestStream};
+pub use core::{CoreConfig, EngineCore};
+pub use request::{
+    ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, RequestTimings,
+    StopReason, TokenLogprob, Usage,
+};
+pub use stats::EngineStats;
+pub mod load;
+pub mod options;
+
+pub use load::build_engine;
+pub use options::EngineOptions;

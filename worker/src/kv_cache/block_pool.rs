@@ -94,7 +94,11 @@ impl BlockPool {
 
     /// Fraction of blocks in use, 0..=1.
     pub fn usage(&self) -> f32 {
-        if self.meta.is_empty() { 0.0 } else { 1.0 - self.free as f32 / self.meta.len() as f32 }
+        if self.meta.is_empty() {
+            0.0
+        } else {
+            1.0 - self.free as f32 / self.meta.len() as f32
+        }
     }
 
     pub fn ref_count(&self, id: BlockId) -> u32 {
@@ -103,8 +107,16 @@ impl BlockPool {
 
     fn unlink(&mut self, id: BlockId) {
         let (prev, next) = (self.meta[id as usize].prev, self.meta[id as usize].next);
-        if prev == NIL { self.head = next } else { self.meta[prev as usize].next = next }
-        if next == NIL { self.tail = prev } else { self.meta[next as usize].prev = prev }
+        if prev == NIL {
+            self.head = next
+        } else {
+            self.meta[prev as usize].next = next
+        }
+        if next == NIL {
+            self.tail = prev
+        } else {
+            self.meta[next as usize].prev = prev
+        }
         let m = &mut self.meta[id as usize];
         m.prev = NIL;
         m.next = NIL;
@@ -120,7 +132,11 @@ impl BlockPool {
             m.next = NIL;
             m.in_free_list = true;
         }
-        if tail == NIL { self.head = id } else { self.meta[tail as usize].next = id }
+        if tail == NIL {
+            self.head = id
+        } else {
+            self.meta[tail as usize].next = id
+        }
         self.tail = id;
         self.free += 1;
     }
@@ -226,7 +242,9 @@ impl BlockPool {
         }
         for (h, &id) in &self.cached {
             if self.meta[id as usize].hash != Some(*h) {
-                return Err(format!("cache maps a hash to block {id} which does not carry it"));
+                return Err(format!(
+                    "cache maps a hash to block {id} which does not carry it"
+                ));
             }
         }
         Ok(())
@@ -287,7 +305,10 @@ mod tests {
         let a = BlockHash::of(None, &[1, 2, 3]);
         assert_eq!(a, BlockHash::of(None, &[1, 2, 3]));
         assert_ne!(BlockHash::of(Some(a), &[4]), BlockHash::of(None, &[4]));
-        assert_ne!(BlockHash::of(None, &[1, 2, 3]), BlockHash::of(None, &[3, 2, 1]));
+        assert_ne!(
+            BlockHash::of(None, &[1, 2, 3]),
+            BlockHash::of(None, &[3, 2, 1])
+        );
     }
 
     #[test]

@@ -38,13 +38,22 @@ impl ForwardBatch {
 
     /// Appends one sequence's tokens: `tokens` at positions `start_pos..`, K/V going to the slots
     /// that `block_table` implies, and marks its last row for logits when `wants_logits`.
-    pub fn push_seq(&mut self, tokens: &[TokenId], start_pos: usize, block_table: &[u32], block_size: usize, wants_logits: bool) {
+    pub fn push_seq(
+        &mut self,
+        tokens: &[TokenId],
+        start_pos: usize,
+        block_table: &[u32],
+        block_size: usize,
+        wants_logits: bool,
+    ) {
         let query_start = self.token_ids.len();
         for (i, &t) in tokens.iter().enumerate() {
             let pos = start_pos + i;
             self.token_ids.push(t);
             self.positions.push(pos as u32);
-            self.slot_mapping.push(block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+            self.slot_mapping.push(
+                block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32,
+            );
         }
         if wants_logits && !tokens.is_empty() {
             self.logits_rows.push(query_start + tokens.len() - 1);

@@ -13,7 +13,8 @@ use crate::kernels::cpu::quant::{QK, quantize_q8_0};
 use crate::{Result, WorkerError};
 
 /// How weights are stored for the CPU kernels.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CpuWeightFormat {
     /// Q4_0 / Q4_1 / Q8_0 stay as they are; other GGML types become Q8_0; floats become f32.
     #[default]
@@ -31,7 +32,10 @@ impl std::str::FromStr for CpuWeightFormat {
             "auto" => Ok(CpuWeightFormat::Auto),
             "f32" => Ok(CpuWeightFormat::F32),
             "q8_0" => Ok(CpuWeightFormat::Q8_0),
-            other => Err(WorkerError::invalid("cpu_weight_format", format!("`{other}` is not one of auto, f32, q8_0"))),
+            other => Err(WorkerError::invalid(
+                "cpu_weight_format",
+                format!("`{other}` is not one of auto, f32, q8_0"),
+            )),
         }
     }
 }
@@ -59,11 +63,17 @@ pub struct CpuWeights {
 
 impl CpuWeights {
     /// Loads and converts every tensor, checking names and shapes against `config`.
-    pub fn load(config: &LlamaConfig, src: &dyn TensorSource, format: CpuWeightFormat) -> Result<CpuWeights> {
+    pub fn load(
+        config: &LlamaConfig,
+        src: &dyn TensorSource,
+        format: CpuWeightFormat,
+    ) -> Result<CpuWeights> {
         let (h, inter) = (config.hidden_size, config.intermediate_size);
         let (qd, kvd) = (config.q_dim(), config.kv_dim());
         if h % QK != 0 || inter % QK != 0 {
-            return Err(WorkerError::ModelConfig(format!("hidden_size {h} and intermediate_size {inter} must be multiples of {QK}")));
+            return Err(WorkerError::ModelConfig(format!(
+                "hidden_size {h} and intermediate_size {inter} must be multiples of {QK}"
+            )));
         }
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
             let t = src.tensor(name)?;
@@ -100,9 +110,20 @@ impl CpuWeights {
         } else if config.tie_word_embeddings {
             None
         } else {
-            return Err(WorkerError::tensor("lm_head.weight", format!("missing from {} and the embeddings are not tied", src.describe())));
+            return Err(WorkerError::tensor(
+                "lm_head.weight",
+                format!(
+                    "missing from {} and the embeddings are not tied",
+                    src.describe()
+                ),
+            ));
         };
-        Ok(CpuWeights { embed, layers, final_norm: vector("model.norm.weight", h)?, lm_head })
+        Ok(CpuWeights {
+            embed,
+            layers,
+            final_norm: vector("model.norm.weight", h)?,
+            lm_head,
+        })
     }
 
     /// The output projection (the embeddings when tied).
@@ -113,8 +134,15 @@ impl CpuWeights {
     /// Total bytes of weights, and the bytes one decode step streams (everything but the embeddings,
     /// unless they are also the output projection).
     pub fn sizes(&self) -> (usize, usize) {
-        let layers: usize = self.layers.iter().map(|l| l.qkv.size_bytes() + l.o.size_bytes() + l.gate_up.size_bytes() + l.down.size_bytes()).sum();
-        let total = layers + self.embed.size_bytes() + self.lm_head.as_ref().map_or(0, Matrix::size_bytes);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.size_bytes() + l.o.size_bytes() + l.gate_up.size_bytes() + l.down.size_bytes()
+            })
+            .sum();
+        let total =
+            layers + self.embed.size_bytes() + self.lm_head.as_ref().map_or(0, Matrix::size_bytes);
         (total, layers + self.output().size_bytes())
     }
 
@@ -129,7 +157,12 @@ impl CpuWeights {
 pub fn to_matrix(t: &RawTensor, format: CpuWeightFormat) -> Result<Matrix> {
     let (rows, cols) = match t.shape[..] {
         [r, c] => (r, c),
-        _ => return Err(WorkerError::tensor(&t.name, format!("expected a matrix, found shape {:?}", t.shape))),
+        _ => {
+            return Err(WorkerError::tensor(
+                &t.name,
+                format!("expected a matrix, found shape {:?}", t.shape),
+            ));
+        }
     };
     t.check_len()?;
     let native = |data: WeightData| Matrix { rows, cols, data };
@@ -139,13 +172,17 @@ pub fn to_matrix(t: &RawTensor, format: CpuWeightFormat) -> Result<Matrix> {
     let data = match (format, t.dtype) {
         (CpuWeightFormat::Auto, TensorDType::Ggml(GgmlDType::Q4_0)) => WeightData::Q4_0(blocks(t)),
         (CpuWeightFormat::Auto, TensorDType::Ggml(GgmlDType::Q4_1)) => WeightData::Q4_1(blocks(t)),
-        (CpuWeightFormat::Auto | CpuWeightFormat::Q8_0, TensorDType::Ggml(GgmlDType::Q8_0)) => WeightData::Q8_0(blocks(t)),
-        (CpuWeightFormat::Auto, TensorDType::F32 | TensorDType::F16 | TensorDType::BF16) | (CpuWeightFormat::F32, _) => {
-            WeightData::F32(t.to_f32()?)
+        (CpuWeightFormat::Auto | CpuWeightFormat::Q8_0, TensorDType::Ggml(GgmlDType::Q8_0)) => {
+            WeightData::Q8_0(blocks(t))
         }
+        (CpuWeightFormat::Auto, TensorDType::F32 | TensorDType::F16 | TensorDType::BF16)
+        | (CpuWeightFormat::F32, _) => WeightData::F32(t.to_f32()?),
         (CpuWeightFormat::Auto | CpuWeightFormat::Q8_0, _) => {
             if cols % QK != 0 {
-                return Err(WorkerError::tensor(&t.name, format!("{cols} columns cannot be quantized in blocks of {QK}")));
+                return Err(WorkerError::tensor(
+                    &t.name,
+                    format!("{cols} columns cannot be quantized in blocks of {QK}"),
+                ));
             }
             WeightData::Q8_0(quantize_q8_0(&t.to_f32()?))
         }
@@ -167,9 +204,19 @@ fn stack(parts: Vec<Matrix>) -> Result<Matrix> {
             for (r, row) in dense.chunks_exact_mut(p.cols).enumerate() {
                 p.dequantize_row(r, row);
             }
-            let data = if any_f32 { WeightData::F32(dense) } else { WeightData::Q8_0(quantize_q8_0(&dense)) };
-            Matrix { rows: p.rows, cols: p.cols, data }
+            let data = if any_f32 {
+                WeightData::F32(dense)
+            } else {
+                WeightData::Q8_0(quantize_q8_0(&dense))
+            };
+            Matrix {
+                rows: p.rows,
+                cols: p.cols,
+                data,
+            }
         })
         .collect();
-    Matrix::concat_rows(&unified).ok_or_else(|| WorkerError::ModelConfig("projections of different widths cannot be stacked".into()))
+    Matrix::concat_rows(&unified).ok_or_else(|| {
+        WorkerError::ModelConfig("projections of different widths cannot be stacked".into())
+    })
 }

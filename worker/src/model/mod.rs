@@ -4,11 +4,11 @@
 pub mod batch;
 pub mod config;
 pub mod cpu_weights;
-pub mod gguf;
-pub mod llama_cpu;
 pub mod dummy;
 pub mod generation_config;
+pub mod gguf;
 pub mod hub;
+pub mod llama_cpu;
 pub mod location;
 pub mod safetensors;
 pub mod source;

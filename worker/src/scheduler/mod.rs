@@ -70,7 +70,14 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Scheduler {
-        Scheduler { pool: BlockPool::new(cfg.num_blocks), cfg, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), num_preemptions: 0 }
+        Scheduler {
+            pool: BlockPool::new(cfg.num_blocks),
+            cfg,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            num_preemptions: 0,
+        }
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -137,7 +144,12 @@ impl Scheduler {
                 break;
             }
             let s = &self.seqs[&id];
-            out.seqs.push(ScheduledSeq { id, start: s.num_computed, len: n, samples: s.num_computed + n == s.tokens.len() });
+            out.seqs.push(ScheduledSeq {
+                id,
+                start: s.num_computed,
+                len: n,
+                samples: s.num_computed + n == s.tokens.len(),
+            });
             budget -= n;
             i += 1;
         }
@@ -152,9 +164,15 @@ impl Scheduler {
     fn reserve_running(&mut self, id: SeqId, n: usize, preempted: &mut Vec<SeqId>) -> bool {
         loop {
             let s = &self.seqs[&id];
-            let need = self.blocks_for(s.num_computed + n).saturating_sub(s.blocks.len());
+            let need = self
+                .blocks_for(s.num_computed + n)
+                .saturating_sub(s.blocks.len());
             if let Some(new) = self.pool.allocate(need) {
-                self.seqs.get_mut(&id).expect("running sequence").blocks.extend(new);
+                self.seqs
+                    .get_mut(&id)
+                    .expect("running sequence")
+                    .blocks
+                    .extend(new);
                 return true;
             }
             let victim = *self.running.last().expect("the sequence itself is running");
@@ -178,11 +196,15 @@ impl Scheduler {
 
     fn admit_waiting(&mut self, budget: &mut usize, out: &mut Schedule) {
         while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(&id) = self.waiting.front() else { break };
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
             let hits = self.take_cached_prefix(id);
             let s = &self.seqs[&id];
             let n = s.num_uncomputed().min(*budget);
-            let need = self.blocks_for(s.num_computed + n).saturating_sub(s.blocks.len());
+            let need = self
+                .blocks_for(s.num_computed + n)
+                .saturating_sub(s.blocks.len());
             let Some(new) = self.pool.allocate(need) else {
                 // Not enough room: give the cache hits back and wait for blocks to free up.
                 let s = self.seqs.get_mut(&id).expect("waiting sequence");
@@ -198,10 +220,17 @@ impl Scheduler {
                 s.admitted = true;
                 s.cached_prompt_tokens = hits.min(s.prompt_len);
             }
-            out.seqs.push(ScheduledSeq { id, start: s.num_computed, len: n, samples: s.num_computed + n == s.tokens.len() });
+            out.seqs.push(ScheduledSeq {
+                id,
+                start: s.num_computed,
+                len: n,
+                samples: s.num_computed + n == s.tokens.len(),
+            });
             *budget -= n;
             let priority = s.priority;
-            let at = self.running.partition_point(|r| self.seqs[r].priority <= priority);
+            let at = self
+                .running
+                .partition_point(|r| self.seqs[r].priority <= priority);
             self.running.insert(at, id);
         }
     }
@@ -241,7 +270,13 @@ impl Scheduler {
         let mut batch = ForwardBatch::default();
         for item in &schedule.seqs {
             let s = &self.seqs[&item.id];
-            batch.push_seq(&s.tokens[item.start..item.start + item.len], item.start, &s.blocks, self.cfg.block_size, item.samples);
+            batch.push_seq(
+                &s.tokens[item.start..item.start + item.len],
+                item.start,
+                &s.blocks,
+                self.cfg.block_size,
+                item.samples,
+            );
         }
         batch
     }
@@ -250,14 +285,19 @@ impl Scheduler {
     pub fn complete(&mut self, schedule: &Schedule) {
         let bs = self.cfg.block_size;
         for item in &schedule.seqs {
-            let Some(s) = self.seqs.get_mut(&item.id) else { continue };
+            let Some(s) = self.seqs.get_mut(&item.id) else {
+                continue;
+            };
             s.num_computed = item.start + item.len;
             if !self.cfg.enable_prefix_caching {
                 continue;
             }
             while s.block_hashes.len() < s.num_computed / bs {
                 let b = s.block_hashes.len();
-                let hash = BlockHash::of(b.checked_sub(1).map(|p| s.block_hashes[p]), &s.tokens[b * bs..(b + 1) * bs]);
+                let hash = BlockHash::of(
+                    b.checked_sub(1).map(|p| s.block_hashes[p]),
+                    &s.tokens[b * bs..(b + 1) * bs],
+                );
                 self.pool.register(s.blocks[b], hash);
                 s.block_hashes.push(hash);
             }
@@ -287,7 +327,11 @@ impl Scheduler {
         for &b in &seq.blocks {
             self.pool.share(b);
         }
-        let at = self.running.iter().position(|&r| r == parent).map_or(self.running.len(), |i| i + 1);
+        let at = self
+            .running
+            .iter()
+            .position(|&r| r == parent)
+            .map_or(self.running.len(), |i| i + 1);
         self.running.insert(at, child);
         self.seqs.insert(child, seq);
     }

@@ -50,7 +50,11 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with plain string content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: Json::String(content.into()), extra: Map::new() }
+        ChatMessage {
+            role: role.into(),
+            content: Json::String(content.into()),
+            extra: Map::new(),
+        }
     }
 }
 
@@ -89,25 +93,48 @@ impl ChatTemplate {
         eos_token: Option<String>,
     ) -> Result<Self> {
         let mut env = sandboxed_environment();
-        env.add_template_owned(TEMPLATE_NAME, source).map_err(template_error)?;
-        Ok(ChatTemplate { env, bos_token, eos_token })
+        env.add_template_owned(TEMPLATE_NAME, source)
+            .map_err(template_error)?;
+        Ok(ChatTemplate {
+            env,
+            bos_token,
+            eos_token,
+        })
     }
 
     /// Renders `messages` to the prompt text.
-    pub(crate) fn render(&self, messages: &[ChatMessage], opts: &ChatTemplateOptions) -> Result<String> {
+    pub(crate) fn render(
+        &self,
+        messages: &[ChatMessage],
+        opts: &ChatTemplateOptions,
+    ) -> Result<String> {
         let mut ctx = opts.extra.clone();
         ctx.entry("tools").or_insert(Json::Null);
         ctx.entry("documents").or_insert(Json::Null);
-        let messages = messages.iter().map(normalize_message).collect::<Result<Vec<_>>>()?;
+        let messages = messages
+            .iter()
+            .map(normalize_message)
+            .collect::<Result<Vec<_>>>()?;
         ctx.insert("messages".into(), Json::Array(messages));
-        ctx.insert("add_generation_prompt".into(), Json::Bool(opts.add_generation_prompt));
-        for (key, token) in [("bos_token", &self.bos_token), ("eos_token", &self.eos_token)] {
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Json::Bool(opts.add_generation_prompt),
+        );
+        for (key, token) in [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+        ] {
             if let Some(token) = token {
                 ctx.insert(key.into(), Json::String(token.clone()));
             }
         }
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(template_error)?;
-        template.render(Value::from(Serde(&ctx))).map_err(template_error)
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(template_error)?;
+        template
+            .render(Value::from(Serde(&ctx)))
+            .map_err(template_error)
     }
 }
 
@@ -141,7 +168,10 @@ fn sandboxed_environment() -> Environment<'static> {
 }
 
 fn raise_exception(msg: String) -> std::result::Result<Value, JinjaError> {
-    Err(JinjaError::new(ErrorKind::InvalidOperation, format!("raise_exception: {msg}")))
+    Err(JinjaError::new(
+        ErrorKind::InvalidOperation,
+        format!("raise_exception: {msg}"),
+    ))
 }
 
 fn strftime_now(format: String) -> String {
@@ -159,9 +189,8 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, JinjaErro
     // Accepted for compatibility; output is always UTF-8 (ensure_ascii=False).
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(value).map_err(|e| {
-        JinjaError::new(ErrorKind::BadSerialization, format!("tojson: {e}"))
-    })?;
+    let json = serde_json::to_value(value)
+        .map_err(|e| JinjaError::new(ErrorKind::BadSerialization, format!("tojson: {e}")))?;
     let mut out = String::new();
     super::pyjson::write(&mut out, &json, indent, sort_keys.unwrap_or(false), 0);
     Ok(Value::from_safe_string(out))
@@ -174,7 +203,9 @@ fn normalize_message(msg: &ChatMessage) -> Result<Json> {
     obj.insert("content".into(), flatten_content(&msg.content)?);
     if let Some(Json::Array(calls)) = obj.get_mut("tool_calls") {
         for call in calls.iter_mut() {
-            let Some(Json::Object(function)) = call.get_mut("function") else { continue };
+            let Some(Json::Object(function)) = call.get_mut("function") else {
+                continue;
+            };
             if let Some(Json::String(args)) = function.get("arguments")
                 && let Ok(parsed @ Json::Object(_)) = serde_json::from_str::<Json>(args)
             {
@@ -186,7 +217,9 @@ fn normalize_message(msg: &ChatMessage) -> Result<Json> {
 }
 
 fn flatten_content(content: &Json) -> Result<Json> {
-    let Json::Array(parts) = content else { return Ok(content.clone()) };
+    let Json::Array(parts) = content else {
+        return Ok(content.clone());
+    };
     let mut texts = Vec::with_capacity(parts.len());
     for part in parts {
         match part {
@@ -235,10 +268,14 @@ mod tests {
 
     #[test]
     fn runaway_loop_is_stopped_by_fuel() {
-        let src = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}";
+        let src =
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}";
         let started = std::time::Instant::now();
         let err = render(src, &user("hi"), &Default::default()).unwrap_err();
-        assert!(matches!(err, WorkerError::ChatTemplate(ref m) if m.contains("fuel")), "{err:?}");
+        assert!(
+            matches!(err, WorkerError::ChatTemplate(ref m) if m.contains("fuel")),
+            "{err:?}"
+        );
         assert!(started.elapsed() < std::time::Duration::from_secs(30));
     }
 
@@ -253,9 +290,16 @@ mod tests {
 
     #[test]
     fn templates_cannot_include_other_files() {
-        for src in ["{% include '/etc/passwd' %}", "{% import 'x.j2' as x %}", "{% extends 'base' %}"] {
+        for src in [
+            "{% include '/etc/passwd' %}",
+            "{% import 'x.j2' as x %}",
+            "{% extends 'base' %}",
+        ] {
             assert!(
-                matches!(render(src, &user("hi"), &Default::default()), Err(WorkerError::ChatTemplate(_))),
+                matches!(
+                    render(src, &user("hi"), &Default::default()),
+                    Err(WorkerError::ChatTemplate(_))
+                ),
                 "{src} rendered"
             );
         }
@@ -298,7 +342,10 @@ mod tests {
             serde_json::json!([{"description": "<a & 'b'>", "n": [1, 2.5, null, true], "name": "f"}]),
         );
         let out = render("{{ tools[0]|tojson }}", &user("x"), &opts).unwrap();
-        assert_eq!(out, r#"{"description": "<a & 'b'>", "n": [1, 2.5, null, true], "name": "f"}"#);
+        assert_eq!(
+            out,
+            r#"{"description": "<a & 'b'>", "n": [1, 2.5, null, true], "name": "f"}"#
+        );
         let out = render("{{ {'a': [1]}|tojson(indent=2) }}", &user("x"), &opts).unwrap();
         assert_eq!(out, "{\n  \"a\": [\n    1\n  ]\n}");
     }
@@ -318,9 +365,13 @@ mod tests {
     #[test]
     fn tools_default_to_none_and_extra_variables_are_visible() {
         let mut opts = ChatTemplateOptions::default();
-        opts.extra.insert("date_string".into(), "26 Jul 2024".into());
+        opts.extra
+            .insert("date_string".into(), "26 Jul 2024".into());
         let src = "{{ tools is none }}|{{ date_string }}|{{ bos_token }}{{ eos_token }}";
-        assert_eq!(render(src, &user("x"), &opts).unwrap(), "True|26 Jul 2024|<s></s>");
+        assert_eq!(
+            render(src, &user("x"), &opts).unwrap(),
+            "True|26 Jul 2024|<s></s>"
+        );
     }
 
     #[test]

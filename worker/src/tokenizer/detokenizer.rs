@@ -84,7 +84,10 @@ impl IncrementalDetokenizer {
     fn emit(&mut self, tok: &Tokenizer, full: String) -> Result<String> {
         let prefix = match self.prefix_text.take() {
             Some(p) => p,
-            None => tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?,
+            None => tok.decode(
+                &self.ids[self.prefix_offset..self.read_offset],
+                self.skip_special_tokens,
+            )?,
         };
         let delta = if full.starts_with(&prefix) {
             full[prefix.len()..].to_string()

@@ -10,7 +10,13 @@ use serde_json::Value;
 use std::fmt::Write;
 
 /// Appends the JSON text of `value` to `out`; `depth` is the current nesting level.
-pub(crate) fn write(out: &mut String, value: &Value, indent: Option<usize>, sort_keys: bool, depth: usize) {
+pub(crate) fn write(
+    out: &mut String,
+    value: &Value,
+    indent: Option<usize>,
+    sort_keys: bool,
+    depth: usize,
+) {
     match value {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -26,11 +32,19 @@ pub(crate) fn write(out: &mut String, value: &Value, indent: Option<usize>, sort
             if sort_keys {
                 entries.sort_by(|a, b| a.0.cmp(b.0));
             }
-            write_container(out, '{', '}', entries.into_iter(), indent, depth, |out, (k, v)| {
-                write_str(out, k);
-                out.push_str(": ");
-                write(out, v, indent, sort_keys, depth + 1);
-            });
+            write_container(
+                out,
+                '{',
+                '}',
+                entries.into_iter(),
+                indent,
+                depth,
+                |out, (k, v)| {
+                    write_str(out, k);
+                    out.push_str(": ");
+                    write(out, v, indent, sort_keys, depth + 1);
+                },
+            );
         }
     }
 }
@@ -78,7 +92,13 @@ fn write_number(out: &mut String, n: &serde_json::Number) {
         // Python writes floats with a fractional part or exponent, never as bare integers.
         Some(f) if n.is_f64() => {
             if !f.is_finite() {
-                out.push_str(if f.is_nan() { "NaN" } else if f > 0.0 { "Infinity" } else { "-Infinity" });
+                out.push_str(if f.is_nan() {
+                    "NaN"
+                } else if f > 0.0 {
+                    "Infinity"
+                } else {
+                    "-Infinity"
+                });
             } else if f.fract() == 0.0 && f.abs() < 1e16 {
                 let _ = write!(out, "{f:.1}");
             } else {
@@ -125,7 +145,10 @@ mod tests {
     #[test]
     fn one_line_layout_uses_python_separators() {
         let v = json!({"a": [1, 2.0, "x\"y\n\u{1}é"], "b": {}, "c": []});
-        assert_eq!(dumps(&v, None, false), r#"{"a": [1, 2.0, "x\"y\n\u0001é"], "b": {}, "c": []}"#);
+        assert_eq!(
+            dumps(&v, None, false),
+            r#"{"a": [1, 2.0, "x\"y\n\u0001é"], "b": {}, "c": []}"#
+        );
     }
 
     #[test]

@@ -5,10 +5,28 @@
 //! is copied through unchanged, as glibc does.
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
-const WEEKDAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+const WEEKDAYS: [&str; 7] = [
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+];
 
 /// A calendar date and time of day in UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +67,20 @@ fn civil_from_unix(secs: i64) -> Civil {
         }
     }
     let yday = d as u32 + 1;
-    let month_lengths = [31, if is_leap(year) { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let month_lengths = [
+        31,
+        if is_leap(year) { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
     let mut month = 0;
     while d >= month_lengths[month] {
         d -= month_lengths[month];
@@ -117,7 +148,10 @@ mod tests {
     fn formats_llama31_date_string() {
         // 2024-07-26 13:05:09 UTC, a Friday.
         assert_eq!(format_utc(1_721_999_109, "%d %b %Y"), "26 Jul 2024");
-        assert_eq!(format_utc(1_721_999_109, "%A %B %e, %F %T %I%p %j"), "Friday July 26, 2024-07-26 13:05:09 01PM 208");
+        assert_eq!(
+            format_utc(1_721_999_109, "%A %B %e, %F %T %I%p %j"),
+            "Friday July 26, 2024-07-26 13:05:09 01PM 208"
+        );
     }
 
     #[test]

@@ -95,7 +95,10 @@ impl Matrix {
     /// A matrix made of the given rows of `self`, in that order.
     pub fn select_rows(&self, order: &[usize]) -> Matrix {
         fn pick<T: Copy>(v: &[T], per_row: usize, order: &[usize]) -> Vec<T> {
-            order.iter().flat_map(|&r| v[r * per_row..(r + 1) * per_row].iter().copied()).collect()
+            order
+                .iter()
+                .flat_map(|&r| v[r * per_row..(r + 1) * per_row].iter().copied())
+                .collect()
         }
         let b = self.cols / QK;
         let data = match &self.data {
@@ -104,7 +107,11 @@ impl Matrix {
             WeightData::Q4_1(v) => WeightData::Q4_1(pick(v, b, order)),
             WeightData::Q8_0(v) => WeightData::Q8_0(pick(v, b, order)),
         };
-        Matrix { rows: order.len(), cols: self.cols, data }
+        Matrix {
+            rows: order.len(),
+            cols: self.cols,
+            data,
+        }
     }
 
     /// Stacks matrices of one format and width on top of each other; `None` if they differ.
@@ -123,7 +130,11 @@ impl Matrix {
                 _ => return None,
             }
         }
-        Some(Matrix { rows: parts.iter().map(|p| p.rows).sum(), cols: first.cols, data })
+        Some(Matrix {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            data,
+        })
     }
 }
 
@@ -132,12 +143,30 @@ impl Matrix {
 ///
 /// Panics if the activation form does not match the weights or the slices are too short: callers
 /// size them from the model's own shapes.
-pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Matrix, x: Input<'_>, m: usize, out: &mut [f32], epilogue: Epilogue) {
-    let out_cols = if epilogue == Epilogue::SiluMulPairs { w.rows / 2 } else { w.rows };
+pub fn matmul(
+    pool: &ThreadPool,
+    isa: Isa,
+    w: &Matrix,
+    x: Input<'_>,
+    m: usize,
+    out: &mut [f32],
+    epilogue: Epilogue,
+) {
+    let out_cols = if epilogue == Epilogue::SiluMulPairs {
+        w.rows / 2
+    } else {
+        w.rows
+    };
     assert!(out.len() >= m * out_cols, "matmul output too small");
     match x {
-        Input::F32(v) => assert!(v.len() >= m * w.cols && w.input_kind() == InputKind::F32, "matmul input mismatch"),
-        Input::Q8(v) => assert!(v.len() >= m * (w.cols / QK) && w.input_kind() == InputKind::Q8, "matmul input mismatch"),
+        Input::F32(v) => assert!(
+            v.len() >= m * w.cols && w.input_kind() == InputKind::F32,
+            "matmul input mismatch"
+        ),
+        Input::Q8(v) => assert!(
+            v.len() >= m * (w.cols / QK) && w.input_kind() == InputKind::Q8,
+            "matmul input mismatch"
+        ),
     }
     if m == 0 {
         return;
@@ -145,20 +174,56 @@ pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Matrix, x: Input<'_>, m: usize, o
     let out = SharedMut(out.as_mut_ptr());
     let job = |t: usize, threads: usize| {
         let rows = split_range(w.rows, t, threads, 2);
-        let sink = Sink { out, out_cols, epilogue };
+        let sink = Sink {
+            out,
+            out_cols,
+            epilogue,
+        };
         match (&w.data, x, isa) {
             #[cfg(target_arch = "x86_64")]
-            (WeightData::Q4_0(b), Input::Q8(x), Isa::Avx2) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe { avx2::quant_tile(b, w.cols / QK, x, r, m0, t) }),
+            (WeightData::Q4_0(b), Input::Q8(x), Isa::Avx2) => {
+                rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe {
+                    avx2::quant_tile(b, w.cols / QK, x, r, m0, t)
+                })
+            }
             #[cfg(target_arch = "x86_64")]
-            (WeightData::Q4_1(b), Input::Q8(x), Isa::Avx2) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe { avx2::quant_tile(b, w.cols / QK, x, r, m0, t) }),
+            (WeightData::Q4_1(b), Input::Q8(x), Isa::Avx2) => {
+                rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe {
+                    avx2::quant_tile(b, w.cols / QK, x, r, m0, t)
+                })
+            }
             #[cfg(target_arch = "x86_64")]
-            (WeightData::Q8_0(b), Input::Q8(x), Isa::Avx2) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe { avx2::quant_tile(b, w.cols / QK, x, r, m0, t) }),
+            (WeightData::Q8_0(b), Input::Q8(x), Isa::Avx2) => {
+                rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe {
+                    avx2::quant_tile(b, w.cols / QK, x, r, m0, t)
+                })
+            }
             #[cfg(target_arch = "x86_64")]
-            (WeightData::F32(v), Input::F32(x), Isa::Avx2) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe { avx2::f32_tile(v, w.cols, x, r, m0, t) }),
-            (WeightData::Q4_0(b), Input::Q8(x), _) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| scalar::quant_tile(b, w.cols / QK, x, r, m0, t)),
-            (WeightData::Q4_1(b), Input::Q8(x), _) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| scalar::quant_tile(b, w.cols / QK, x, r, m0, t)),
-            (WeightData::Q8_0(b), Input::Q8(x), _) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| scalar::quant_tile(b, w.cols / QK, x, r, m0, t)),
-            (WeightData::F32(v), Input::F32(x), _) => rows_loop(rows, w.cols, m, &sink, |r, m0, t| scalar::f32_tile(v, w.cols, x, r, m0, t)),
+            (WeightData::F32(v), Input::F32(x), Isa::Avx2) => {
+                rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe {
+                    avx2::f32_tile(v, w.cols, x, r, m0, t)
+                })
+            }
+            (WeightData::Q4_0(b), Input::Q8(x), _) => {
+                rows_loop(rows, w.cols, m, &sink, |r, m0, t| {
+                    scalar::quant_tile(b, w.cols / QK, x, r, m0, t)
+                })
+            }
+            (WeightData::Q4_1(b), Input::Q8(x), _) => {
+                rows_loop(rows, w.cols, m, &sink, |r, m0, t| {
+                    scalar::quant_tile(b, w.cols / QK, x, r, m0, t)
+                })
+            }
+            (WeightData::Q8_0(b), Input::Q8(x), _) => {
+                rows_loop(rows, w.cols, m, &sink, |r, m0, t| {
+                    scalar::quant_tile(b, w.cols / QK, x, r, m0, t)
+                })
+            }
+            (WeightData::F32(v), Input::F32(x), _) => {
+                rows_loop(rows, w.cols, m, &sink, |r, m0, t| {
+                    scalar::f32_tile(v, w.cols, x, r, m0, t)
+                })
+            }
             _ => unreachable!("checked above"),
         }
     };
@@ -191,8 +256,12 @@ impl Sink {
             let base = (m0 + r) * self.out_cols;
             unsafe {
                 match self.epilogue {
-                    Epilogue::Store => (0..t.nr).for_each(|i| *self.out.0.add(base + row + i) = t.v[i][r]),
-                    Epilogue::Add => (0..t.nr).for_each(|i| *self.out.0.add(base + row + i) += t.v[i][r]),
+                    Epilogue::Store => {
+                        (0..t.nr).for_each(|i| *self.out.0.add(base + row + i) = t.v[i][r])
+                    }
+                    Epilogue::Add => {
+                        (0..t.nr).for_each(|i| *self.out.0.add(base + row + i) += t.v[i][r])
+                    }
                     Epilogue::SiluMulPairs => {
                         let (gate, up) = (t.v[0][r], t.v[1][r]);
                         *self.out.0.add(base + row / 2) = gate / (1.0 + (-gate).exp()) * up;
@@ -203,8 +272,18 @@ impl Sink {
     }
 }
 
-fn rows_loop(rows: std::ops::Range<usize>, _cols: usize, m: usize, sink: &Sink, tile: impl Fn(usize, usize, &mut Tile)) {
-    let mut t = Tile { nr: 0, mr: 0, v: [[0.0; MR]; 2] };
+fn rows_loop(
+    rows: std::ops::Range<usize>,
+    _cols: usize,
+    m: usize,
+    sink: &Sink,
+    tile: impl Fn(usize, usize, &mut Tile),
+) {
+    let mut t = Tile {
+        nr: 0,
+        mr: 0,
+        v: [[0.0; MR]; 2],
+    };
     let mut row = rows.start;
     while row < rows.end {
         t.nr = (rows.end - row).min(2);
@@ -249,14 +328,25 @@ impl QuantBlock for BlockQ4_1 {
 
 impl QuantBlock for BlockQ8_0 {
     fn ints(&self) -> ([i32; 32], f32, f32) {
-        (std::array::from_fn(|j| self.qs[j] as i32), f16_to_f32(self.d), 0.0)
+        (
+            std::array::from_fn(|j| self.qs[j] as i32),
+            f16_to_f32(self.d),
+            0.0,
+        )
     }
 }
 
 mod scalar {
     use super::*;
 
-    pub(super) fn quant_tile<B: QuantBlock>(w: &[B], nb: usize, x: &[BlockQ8Act], row: usize, m0: usize, t: &mut Tile) {
+    pub(super) fn quant_tile<B: QuantBlock>(
+        w: &[B],
+        nb: usize,
+        x: &[BlockQ8Act],
+        row: usize,
+        m0: usize,
+        t: &mut Tile,
+    ) {
         for i in 0..t.nr {
             for r in 0..t.mr {
                 let wr = &w[(row + i) * nb..(row + i + 1) * nb];
@@ -304,7 +394,10 @@ pub(crate) mod avx2 {
     #[inline(always)]
     unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
         let q = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
-        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F))
+        _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(q, 4), q),
+            _mm256_set1_epi8(0x0F),
+        )
     }
 
     impl AvxBlock for BlockQ4_0 {
@@ -377,7 +470,14 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn quant_tile<B: AvxBlock>(w: &[B], nb: usize, x: &[BlockQ8Act], row: usize, m0: usize, t: &mut Tile) {
+    pub(crate) unsafe fn quant_tile<B: AvxBlock>(
+        w: &[B],
+        nb: usize,
+        x: &[BlockQ8Act],
+        row: usize,
+        m0: usize,
+        t: &mut Tile,
+    ) {
         match (t.nr, t.mr) {
             (2, 4) => quant_kernel::<B, 2, 4>(w, nb, x, row, m0, t),
             (2, 3) => quant_kernel::<B, 2, 3>(w, nb, x, row, m0, t),
@@ -402,7 +502,8 @@ pub(crate) mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); MRT]; NR];
         let mut mins = [[0f32; MRT]; NR];
         let wrows: [*const B; NR] = std::array::from_fn(|i| w.as_ptr().add((row + i) * nb));
-        let xrows: [*const BlockQ8Act; MRT] = std::array::from_fn(|r| x.as_ptr().add((m0 + r) * nb));
+        let xrows: [*const BlockQ8Act; MRT] =
+            std::array::from_fn(|r| x.as_ptr().add((m0 + r) * nb));
         for b in 0..nb {
             let wb: [&B; NR] = std::array::from_fn(|i| &*wrows[i].add(b));
             let wbytes: [__m256i; NR] = std::array::from_fn(|i| wb[i].bytes());
@@ -428,7 +529,14 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn f32_tile(w: &[f32], cols: usize, x: &[f32], row: usize, m0: usize, t: &mut Tile) {
+    pub(crate) unsafe fn f32_tile(
+        w: &[f32],
+        cols: usize,
+        x: &[f32],
+        row: usize,
+        m0: usize,
+        t: &mut Tile,
+    ) {
         match (t.nr, t.mr) {
             (2, 4) => f32_kernel::<2, 4>(w, cols, x, row, m0, t),
             (2, 3) => f32_kernel::<2, 3>(w, cols, x, row, m0, t),
@@ -442,7 +550,14 @@ pub(crate) mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn f32_kernel<const NR: usize, const MRT: usize>(w: &[f32], cols: usize, x: &[f32], row: usize, m0: usize, t: &mut Tile) {
+    unsafe fn f32_kernel<const NR: usize, const MRT: usize>(
+        w: &[f32],
+        cols: usize,
+        x: &[f32],
+        row: usize,
+        m0: usize,
+        t: &mut Tile,
+    ) {
         let mut acc = [[_mm256_setzero_ps(); MRT]; NR];
         let wrows: [*const f32; NR] = std::array::from_fn(|i| w.as_ptr().add((row + i) * cols));
         let xrows: [*const f32; MRT] = std::array::from_fn(|r| x.as_ptr().add((m0 + r) * cols));
@@ -490,10 +605,26 @@ mod tests {
     fn matrices(rows: usize, cols: usize) -> Vec<Matrix> {
         let w = sample(rows * cols, 1);
         vec![
-            Matrix { rows, cols, data: WeightData::F32(w.clone()) },
-            Matrix { rows, cols, data: WeightData::Q4_0(quantize_q4_0(&w)) },
-            Matrix { rows, cols, data: WeightData::Q4_1(quantize_q4_1(&w)) },
-            Matrix { rows, cols, data: WeightData::Q8_0(quantize_q8_0(&w)) },
+            Matrix {
+                rows,
+                cols,
+                data: WeightData::F32(w.clone()),
+            },
+            Matrix {
+                rows,
+                cols,
+                data: WeightData::Q4_0(quantize_q4_0(&w)),
+            },
+            Matrix {
+                rows,
+                cols,
+                data: WeightData::Q4_1(quantize_q4_1(&w)),
+            },
+            Matrix {
+                rows,
+                cols,
+                data: WeightData::Q8_0(quantize_q8_0(&w)),
+            },
         ]
     }
 
@@ -523,7 +654,15 @@ mod tests {
         out
     }
 
-    fn run(pool: &ThreadPool, isa: Isa, w: &Matrix, x: &[f32], m: usize, ep: Epilogue, out: &mut [f32]) {
+    fn run(
+        pool: &ThreadPool,
+        isa: Isa,
+        w: &Matrix,
+        x: &[f32],
+        m: usize,
+        ep: Epilogue,
+        out: &mut [f32],
+    ) {
         let mut xq = vec![BlockQ8Act::default(); m * w.cols / QK];
         let input = match w.input_kind() {
             InputKind::F32 => Input::F32(x),
@@ -549,7 +688,11 @@ mod tests {
                         run(&pool, isa, &w, &x, m, Epilogue::Store, &mut out);
                         for (g, r) in out.iter().zip(&want) {
                             // Scales are rounded through f16, so allow a relative error of ~1e-3.
-                            assert!((*g as f64 - r).abs() < 2e-3 * (1.0 + r.abs()), "{} {isa:?} m={m}: {g} vs {r}", w.format_name());
+                            assert!(
+                                (*g as f64 - r).abs() < 2e-3 * (1.0 + r.abs()),
+                                "{} {isa:?} m={m}: {g} vs {r}",
+                                w.format_name()
+                            );
                         }
                     }
                 }
@@ -564,11 +707,32 @@ mod tests {
             for isa in Isa::available() {
                 let x = sample(7 * cols, 5);
                 let mut alone = vec![0f32; rows];
-                run(&ThreadPool::new(1), isa, &w, &x[2 * cols..3 * cols], 1, Epilogue::Store, &mut alone);
+                run(
+                    &ThreadPool::new(1),
+                    isa,
+                    &w,
+                    &x[2 * cols..3 * cols],
+                    1,
+                    Epilogue::Store,
+                    &mut alone,
+                );
                 for (threads, m) in [(2, 7), (3, 5), (1, 4)] {
                     let mut batch = vec![0f32; m * rows];
-                    run(&ThreadPool::new(threads), isa, &w, &x[..m * cols], m, Epilogue::Store, &mut batch);
-                    assert_eq!(&batch[2 * rows..3 * rows], &alone[..], "{} {isa:?}", w.format_name());
+                    run(
+                        &ThreadPool::new(threads),
+                        isa,
+                        &w,
+                        &x[..m * cols],
+                        m,
+                        Epilogue::Store,
+                        &mut batch,
+                    );
+                    assert_eq!(
+                        &batch[2 * rows..3 * rows],
+                        &alone[..],
+                        "{} {isa:?}",
+                        w.format_name()
+                    );
                 }
             }
         }
@@ -585,7 +749,12 @@ mod tests {
                 run(&pool, isa, &w, &x, m, Epilogue::Store, &mut plain);
                 let mut added = vec![1.5f32; m * rows];
                 run(&pool, isa, &w, &x, m, Epilogue::Add, &mut added);
-                assert!(added.iter().zip(&plain).all(|(a, p)| (a - (p + 1.5)).abs() < 1e-6));
+                assert!(
+                    added
+                        .iter()
+                        .zip(&plain)
+                        .all(|(a, p)| (a - (p + 1.5)).abs() < 1e-6)
+                );
                 let mut fused = vec![0f32; m * rows / 2];
                 run(&pool, isa, &w, &x, m, Epilogue::SiluMulPairs, &mut fused);
                 for i in 0..m {

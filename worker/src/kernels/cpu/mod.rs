@@ -2,9 +2,9 @@
 //! operations and paged attention. Every kernel has a portable scalar path and an AVX2 path picked
 //! at run time ([`isa::Isa::detect`]).
 
+pub mod attention;
 pub mod isa;
 pub mod matmul;
+pub mod ops;
 pub mod pool;
 pub mod quant;
-pub mod attention;
-pub mod ops;

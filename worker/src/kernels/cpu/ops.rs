@@ -28,7 +28,8 @@ fn sum_of_squares(isa: Isa, x: &[f32]) -> f32 {
                     *l = v.mul_add(v, *l);
                 }
             }
-            let mut s = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+            let mut s = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
+                + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
             for &v in &x[full..] {
                 s += v * v;
             }
@@ -61,14 +62,21 @@ impl RopeTable {
     }
 
     pub fn max_positions(&self) -> usize {
-        if self.half == 0 { 0 } else { self.cos.len() / self.half }
+        if self.half == 0 {
+            0
+        } else {
+            self.cos.len() / self.half
+        }
     }
 
     /// Rotates every head of one token's vector `x` (`heads * 2 * half` values) in place, pairing
     /// element `i` with `i + half` within each head (Hugging Face's `rotate_half` convention).
     pub fn apply(&self, x: &mut [f32], position: usize) {
         let h = self.half;
-        let (cos, sin) = (&self.cos[position * h..(position + 1) * h], &self.sin[position * h..(position + 1) * h]);
+        let (cos, sin) = (
+            &self.cos[position * h..(position + 1) * h],
+            &self.sin[position * h..(position + 1) * h],
+        );
         for head in x.chunks_exact_mut(2 * h) {
             let (a, b) = head.split_at_mut(h);
             for i in 0..h {
@@ -110,7 +118,10 @@ pub(crate) mod avx2 {
     pub(crate) unsafe fn exp(x: __m256) -> __m256 {
         let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
         let x = _mm256_min_ps(x, _mm256_set1_ps(88.7));
-        let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
         // r = x - n ln2, in two parts for precision.
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
@@ -121,7 +132,10 @@ pub(crate) mod avx2 {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0));
-        let pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        let pow2 = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
         _mm256_mul_ps(p, _mm256_castsi256_ps(pow2))
     }
 }
@@ -155,7 +169,10 @@ mod tests {
         let mut x = vec![1.0, 2.0, 3.0, 4.0];
         table.apply(&mut x, 3);
         // Pair (x0, x2) rotates by 3 rad, pair (x1, x3) by 0.3 rad.
-        let want = [1.0 * 3f32.cos() - 3.0 * 3f32.sin(), 2.0 * 0.3f32.cos() - 4.0 * 0.3f32.sin()];
+        let want = [
+            1.0 * 3f32.cos() - 3.0 * 3f32.sin(),
+            2.0 * 0.3f32.cos() - 4.0 * 0.3f32.sin(),
+        ];
         assert!((x[0] - want[0]).abs() < 1e-5 && (x[1] - want[1]).abs() < 1e-5);
         assert!(((x[0] * x[0] + x[2] * x[2]) - 10.0).abs() < 1e-4);
         let mut y = vec![1.0, 2.0, 3.0, 4.0];
@@ -175,7 +192,9 @@ mod tests {
         unsafe {
             #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn run(xs: &[f32; 8], out: &mut [f32; 8]) {
-                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), avx2::exp(_mm256_loadu_ps(xs.as_ptr()))) }
+                unsafe {
+                    _mm256_storeu_ps(out.as_mut_ptr(), avx2::exp(_mm256_loadu_ps(xs.as_ptr())))
+                }
             }
             run(&xs, &mut out);
         }
@@ -184,7 +203,10 @@ mod tests {
             if x < -87.5 {
                 assert!(y < 1e-37);
             } else {
-                assert!(((y as f64) - want).abs() <= want * 1e-6, "exp({x}) = {y}, want {want}");
+                assert!(
+                    ((y as f64) - want).abs() <= want * 1e-6,
+                    "exp({x}) = {y}, want {want}"
+                );
             }
         }
         let neg_inf = unsafe {

@@ -69,7 +69,12 @@ impl ThreadPool {
                     .expect("spawning a CPU kernel thread")
             })
             .collect();
-        ThreadPool { shared, workers, threads, running: Mutex::new(()) }
+        ThreadPool {
+            shared,
+            workers,
+            threads,
+            running: Mutex::new(()),
+        }
     }
 
     /// Threads in the pool, the caller included.
@@ -89,7 +94,12 @@ impl ThreadPool {
         let job: *const (dyn Fn(usize, usize) + Sync + '_) = f;
         // SAFETY: the pointer is erased of its lifetime, but `run` does not return before every
         // worker has finished with it (the `pending` wait below, which also runs after a panic).
-        unsafe { *shared.job.get() = Some(std::mem::transmute::<*const (dyn Fn(usize, usize) + Sync + '_), *const Job>(job)) };
+        unsafe {
+            *shared.job.get() = Some(std::mem::transmute::<
+                *const (dyn Fn(usize, usize) + Sync + '_),
+                *const Job,
+            >(job))
+        };
         shared.pending.store(self.threads - 1, Ordering::SeqCst);
         shared.epoch.fetch_add(1, Ordering::SeqCst);
         if shared.sleeping.load(Ordering::SeqCst) > 0 {
@@ -160,7 +170,9 @@ fn wait_for_epoch(shared: &Shared, seen: &mut u64) -> bool {
         }
         let mut guard = shared.lock.lock().unwrap_or_else(|p| p.into_inner());
         shared.sleeping.fetch_add(1, Ordering::SeqCst);
-        while shared.epoch.load(Ordering::SeqCst) == *seen && !shared.shutdown.load(Ordering::SeqCst) {
+        while shared.epoch.load(Ordering::SeqCst) == *seen
+            && !shared.shutdown.load(Ordering::SeqCst)
+        {
             guard = shared.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
         shared.sleeping.fetch_sub(1, Ordering::SeqCst);
@@ -231,7 +243,9 @@ mod tests {
     #[test]
     fn a_panicking_job_is_reported_and_the_pool_keeps_working() {
         let pool = ThreadPool::new(2);
-        let r = catch_unwind(AssertUnwindSafe(|| pool.run(&|i, _| assert!(i != 1, "boom"))));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(&|i, _| assert!(i != 1, "boom"))
+        }));
         assert!(r.is_err());
         let count = AtomicUsize::new(0);
         pool.run(&|_, _| {

@@ -97,7 +97,12 @@ unsafe fn quantize_q8_avx2(x: &[f32], out: &mut [BlockQ8Act]) {
     let sign_mask = _mm256_set1_ps(-0.0);
     for (block, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
         let p = xs.as_ptr();
-        let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
         let mut m = _mm256_andnot_ps(sign_mask, v[0]);
         for item in &v[1..] {
             m = _mm256_max_ps(m, _mm256_andnot_ps(sign_mask, *item));
@@ -109,10 +114,16 @@ unsafe fn quantize_q8_avx2(x: &[f32], out: &mut [BlockQ8Act]) {
         let d = amax / 127.0;
         let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
         let r: [__m256i; 4] = std::array::from_fn(|i| {
-            _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+            _mm256_cvtps_epi32(_mm256_round_ps(
+                _mm256_mul_ps(v[i], id),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            ))
         });
         let sum_vec = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
-        let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum_vec), _mm256_extracti128_si256(sum_vec, 1));
+        let s4 = _mm_add_epi32(
+            _mm256_castsi256_si128(sum_vec),
+            _mm256_extracti128_si256(sum_vec, 1),
+        );
         let s4 = _mm_hadd_epi32(s4, s4);
         let s4 = _mm_hadd_epi32(s4, s4);
         let sum = _mm_cvtsi128_si32(s4);
@@ -181,7 +192,10 @@ pub fn quantize_q8_0(x: &[f32]) -> Vec<BlockQ8_0> {
             for (q, &v) in qs.iter_mut().zip(xs) {
                 *q = (v * id).round() as i8;
             }
-            BlockQ8_0 { d: f16::from_f32(d).to_bits(), qs }
+            BlockQ8_0 {
+                d: f16::from_f32(d).to_bits(),
+                qs,
+            }
         })
         .collect()
 }
@@ -200,7 +214,11 @@ pub fn quantize_q4_1(x: &[f32]) -> Vec<BlockQ4_1> {
                 let hi = ((xs[j + 16] - min) * id + 0.5).clamp(0.0, 15.0) as u8;
                 qs[j] = lo | (hi << 4);
             }
-            BlockQ4_1 { d: f16::from_f32(d).to_bits(), m: f16::from_f32(min).to_bits(), qs }
+            BlockQ4_1 {
+                d: f16::from_f32(d).to_bits(),
+                m: f16::from_f32(min).to_bits(),
+                qs,
+            }
         })
         .collect()
 }
@@ -209,7 +227,10 @@ pub fn quantize_q4_1(x: &[f32]) -> Vec<BlockQ4_1> {
 pub fn quantize_q4_0(x: &[f32]) -> Vec<BlockQ4_0> {
     x.chunks_exact(QK)
         .map(|xs| {
-            let max = xs.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let max = xs
+                .iter()
+                .copied()
+                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
             let d = max / -8.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let mut qs = [0u8; 16];
@@ -218,7 +239,10 @@ pub fn quantize_q4_0(x: &[f32]) -> Vec<BlockQ4_0> {
                 let hi = (xs[j + 16] * id + 8.5).clamp(0.0, 15.0) as u8;
                 qs[j] = lo | (hi << 4);
             }
-            BlockQ4_0 { d: f16::from_f32(d).to_bits(), qs }
+            BlockQ4_0 {
+                d: f16::from_f32(d).to_bits(),
+                qs,
+            }
         })
         .collect()
 }
@@ -254,7 +278,11 @@ mod tests {
         // And it is a faithful quantization: every value within half a step.
         for (b, xs) in reference.iter().zip(x.chunks_exact(32)) {
             for (&q, &v) in b.qs.iter().zip(xs) {
-                assert!((q as f32 * b.d - v).abs() <= b.d * 0.51 + 1e-3, "{v} vs {}", q as f32 * b.d);
+                assert!(
+                    (q as f32 * b.d - v).abs() <= b.d * 0.51 + 1e-3,
+                    "{v} vs {}",
+                    q as f32 * b.d
+                );
             }
         }
     }
@@ -273,11 +301,23 @@ mod tests {
         let x = sample(32 * 8, 3);
         let mut y = vec![0f32; x.len()];
         BlockQ8_0::dequantize_into(&quantize_q8_0(&x), &mut y);
-        assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 2.0 / 127.0 + 1e-3));
+        assert!(
+            x.iter()
+                .zip(&y)
+                .all(|(a, b)| (a - b).abs() < 2.0 / 127.0 + 1e-3)
+        );
         BlockQ4_1::dequantize_into(&quantize_q4_1(&x), &mut y);
-        assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 4.0 / 15.0 * 0.51 + 1e-2));
+        assert!(
+            x.iter()
+                .zip(&y)
+                .all(|(a, b)| (a - b).abs() < 4.0 / 15.0 * 0.51 + 1e-2)
+        );
         BlockQ4_0::dequantize_into(&quantize_q4_0(&x), &mut y);
         // The clamped end of the Q4_0 range (7d vs -8d) may be off by one full step.
-        assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 2.0 / 8.0 + 1e-2));
+        assert!(
+            x.iter()
+                .zip(&y)
+                .all(|(a, b)| (a - b).abs() < 2.0 / 8.0 + 1e-2)
+        );
     }
 }

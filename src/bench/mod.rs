@@ -1,0 +1,4 @@
+//! `lumen bench`: benchmark programs that print tables and write JSON.
+
+pub mod offline;
+pub mod report;

@@ -1,0 +1,211 @@
+//! Benchmark results in the shape `vllm bench serve` reports them: per-request latencies reduced
+//! to throughput and percentiles, printed as a table and written as JSON.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// What one request measured.
+#[derive(Clone, Debug, Default)]
+pub struct RequestRecord {
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    /// Arrival to first output token.
+    pub ttft: Duration,
+    /// Gaps between consecutive output tokens.
+    pub itl: Vec<Duration>,
+    pub e2e: Duration,
+}
+
+/// Mean and percentiles of a latency, in milliseconds.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut ms: Vec<f64>) -> Percentiles {
+        if ms.is_empty() {
+            return Percentiles::default();
+        }
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            let pos = q * (ms.len() - 1) as f64;
+            let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+            ms[lo] + (ms[hi] - ms[lo]) * (pos - lo as f64)
+        };
+        Percentiles {
+            mean: ms.iter().sum::<f64>() / ms.len() as f64,
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+        }
+    }
+}
+
+/// One benchmark run, the JSON schema shared with `scripts/bench-vs-llamacpp.sh`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub engine: String,
+    pub concurrency: usize,
+    pub num_prompts: usize,
+    pub input_len: usize,
+    pub output_len: usize,
+    pub duration_s: f64,
+    pub request_throughput: f64,
+    pub prompt_tokens_per_s: f64,
+    pub output_tokens_per_s: f64,
+    /// `1000 / mean TPOT`: the decode speed one stream sees.
+    pub decode_tokens_per_s_per_stream: f64,
+    pub ttft_ms: Percentiles,
+    /// Time per output token after the first: `(e2e - ttft) / (output_tokens - 1)`.
+    pub tpot_ms: Percentiles,
+    pub itl_ms: Percentiles,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl Report {
+    /// Reduces the records of a run that took `duration`.
+    pub fn new(
+        engine: String,
+        concurrency: usize,
+        input_len: usize,
+        output_len: usize,
+        duration: Duration,
+        records: &[RequestRecord],
+    ) -> Report {
+        let secs = duration.as_secs_f64().max(1e-9);
+        let prompt: usize = records.iter().map(|r| r.prompt_tokens).sum();
+        let output: usize = records.iter().map(|r| r.output_tokens).sum();
+        let tpot: Vec<f64> = records
+            .iter()
+            .filter(|r| r.output_tokens > 1)
+            .map(|r| ms(r.e2e.saturating_sub(r.ttft)) / (r.output_tokens - 1) as f64)
+            .collect();
+        let tpot = Percentiles::of(tpot);
+        Report {
+            engine,
+            concurrency,
+            num_prompts: records.len(),
+            input_len,
+            output_len,
+            duration_s: secs,
+            request_throughput: records.len() as f64 / secs,
+            prompt_tokens_per_s: prompt as f64 / secs,
+            output_tokens_per_s: output as f64 / secs,
+            decode_tokens_per_s_per_stream: if tpot.mean > 0.0 {
+                1e3 / tpot.mean
+            } else {
+                0.0
+            },
+            ttft_ms: Percentiles::of(records.iter().map(|r| ms(r.ttft)).collect()),
+            tpot_ms: tpot,
+            itl_ms: Percentiles::of(
+                records
+                    .iter()
+                    .flat_map(|r| r.itl.iter().map(|&d| ms(d)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let row = |t: &mut String, k: &str, v: String| t.push_str(&format!("{k:<36}{v:>14}\n"));
+        t.push_str(&format!(
+            "============ {} (concurrency {}) ============\n",
+            self.engine, self.concurrency
+        ));
+        row(&mut t, "Successful requests:", self.num_prompts.to_string());
+        row(
+            &mut t,
+            "Input / output tokens per request:",
+            format!("{} / {}", self.input_len, self.output_len),
+        );
+        row(
+            &mut t,
+            "Benchmark duration (s):",
+            format!("{:.2}", self.duration_s),
+        );
+        row(
+            &mut t,
+            "Request throughput (req/s):",
+            format!("{:.2}", self.request_throughput),
+        );
+        row(
+            &mut t,
+            "Prompt throughput (tok/s):",
+            format!("{:.1}", self.prompt_tokens_per_s),
+        );
+        row(
+            &mut t,
+            "Output token throughput (tok/s):",
+            format!("{:.1}", self.output_tokens_per_s),
+        );
+        row(
+            &mut t,
+            "Decode speed per stream (tok/s):",
+            format!("{:.1}", self.decode_tokens_per_s_per_stream),
+        );
+        for (name, p) in [
+            ("TTFT", &self.ttft_ms),
+            ("TPOT", &self.tpot_ms),
+            ("ITL", &self.itl_ms),
+        ] {
+            row(
+                &mut t,
+                &format!("{name} mean / p50 (ms):"),
+                format!("{:.1} / {:.1}", p.mean, p.p50),
+            );
+            row(
+                &mut t,
+                &format!("{name} p90 / p99 (ms):"),
+                format!("{:.1} / {:.1}", p.p90, p.p99),
+            );
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_between_samples() {
+        let p = Percentiles::of(vec![4.0, 1.0, 3.0, 2.0]);
+        assert_eq!(p.mean, 2.5);
+        assert_eq!(p.p50, 2.5);
+        assert!((p.p90 - 3.7).abs() < 1e-9);
+    }
+
+    #[test]
+    fn report_derives_throughput_and_tpot_from_records() {
+        let r = RequestRecord {
+            prompt_tokens: 10,
+            output_tokens: 11,
+            ttft: Duration::from_millis(100),
+            itl: vec![Duration::from_millis(10); 10],
+            e2e: Duration::from_millis(200),
+        };
+        let rep = Report::new(
+            "x".into(),
+            1,
+            10,
+            11,
+            Duration::from_secs(2),
+            &[r.clone(), r],
+        );
+        assert_eq!(rep.output_tokens_per_s, 11.0);
+        assert_eq!(rep.tpot_ms.mean, 10.0);
+        assert_eq!(rep.decode_tokens_per_s_per_stream, 100.0);
+        assert_eq!(rep.itl_ms.p99, 10.0);
+    }
+}

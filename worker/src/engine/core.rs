@@ -1,0 +1,508 @@
+//! The engine's step logic, single-threaded and synchronous: intake, scheduling, the forward pass,
+//! sampling, detokenizing, stop checks and output events. The engine thread drives it.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::request::{
+    ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, RequestTimings,
+    StopReason, TokenLogprob, Usage,
+};
+use super::stats::{EngineStats, RateMeter};
+use crate::model::Model;
+use crate::sampling::{Sampled, SamplingParams, SequenceSampler, StopParams};
+use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SeqId, Sequence};
+use crate::tokenizer::{IncrementalDetokenizer, StopStringMatcher, Tokenizer};
+use crate::{Result, TokenId};
+
+struct RequestState {
+    tx: UnboundedSender<EngineEvent>,
+    sampling: SamplingParams,
+    stop: StopParams,
+    n: usize,
+    prompt_len: usize,
+    live: Vec<SeqId>,
+    forked: bool,
+    completion_tokens: usize,
+    cached_tokens: usize,
+    arrival: Instant,
+    scheduled_at: Option<Instant>,
+    first_token_at: Option<Instant>,
+}
+
+struct SeqState {
+    request: String,
+    index: usize,
+    sampler: SequenceSampler,
+    detok: IncrementalDetokenizer,
+    stop: StopStringMatcher,
+    generated: usize,
+}
+
+/// Engine state: model, tokenizer, scheduler and the live requests.
+pub struct EngineCore {
+    model: Box<dyn Model>,
+    tokenizer: Tokenizer,
+    scheduler: Scheduler,
+    limits: EngineLimits,
+    requests: HashMap<String, RequestState>,
+    seqs: HashMap<SeqId, SeqState>,
+    next_seq: SeqId,
+    counters: EngineStats,
+    prompt_rate: RateMeter,
+    generation_rate: RateMeter,
+    last_progress: Instant,
+    /// The last step's logits, copied out of the model so sampling can borrow the engine.
+    logits: Vec<f32>,
+}
+
+/// Scheduling knobs of an engine.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub max_model_len: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+}
+
+impl EngineCore {
+    pub fn new(model: Box<dyn Model>, tokenizer: Tokenizer, cfg: &CoreConfig) -> EngineCore {
+        let sched_cfg = SchedulerConfig {
+            max_num_seqs: cfg.max_num_seqs,
+            max_num_batched_tokens: cfg.max_num_batched_tokens,
+            block_size: model.block_size(),
+            num_blocks: model.num_blocks(),
+            enable_prefix_caching: cfg.enable_prefix_caching,
+        };
+        let limits = EngineLimits {
+            vocab_size: model.config().vocab_size,
+            max_model_len: cfg.max_model_len,
+            cache_capacity_tokens: model.num_blocks() * model.block_size(),
+        };
+        let window = Duration::from_secs(5);
+        EngineCore {
+            model,
+            tokenizer,
+            scheduler: Scheduler::new(sched_cfg),
+            limits,
+            requests: HashMap::new(),
+            seqs: HashMap::new(),
+            next_seq: 0,
+            counters: EngineStats::default(),
+            prompt_rate: RateMeter::new(window),
+            generation_rate: RateMeter::new(window),
+            last_progress: Instant::now(),
+            logits: Vec::new(),
+        }
+    }
+
+    pub fn limits(&self) -> &EngineLimits {
+        &self.limits
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn model(&self) -> &dyn Model {
+        self.model.as_ref()
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.scheduler.has_work()
+    }
+
+    /// Queues a request; its events go to `tx`. Invalid requests get one `Failed` event.
+    pub fn add_request(&mut self, req: EngineRequest, tx: UnboundedSender<EngineEvent>) {
+        if let Err(e) = self.limits.validate(&req) {
+            let _ = tx.send(EngineEvent::Failed(e.to_string()));
+            return;
+        }
+        if self.requests.contains_key(&req.id) {
+            let _ = tx.send(EngineEvent::Failed(format!(
+                "a request with id `{}` is already running",
+                req.id
+            )));
+            return;
+        }
+        let seq_id = self.next_seq;
+        self.next_seq += 1;
+        let sampler = SequenceSampler::new(
+            &req.sampling,
+            0,
+            &req.prompt_token_ids,
+            self.limits.vocab_size,
+        );
+        self.seqs.insert(
+            seq_id,
+            SeqState {
+                request: req.id.clone(),
+                index: 0,
+                sampler,
+                detok: IncrementalDetokenizer::with_prompt(
+                    &req.prompt_token_ids,
+                    req.skip_special_tokens,
+                ),
+                stop: StopStringMatcher::new(
+                    req.stop.stop.clone(),
+                    req.stop.include_stop_str_in_output,
+                ),
+                generated: 0,
+            },
+        );
+        self.scheduler
+            .add(Sequence::new(seq_id, seq_id, req.prompt_token_ids.clone()));
+        self.requests.insert(
+            req.id.clone(),
+            RequestState {
+                tx,
+                sampling: req.sampling,
+                stop: req.stop,
+                n: req.n,
+                prompt_len: req.prompt_token_ids.len(),
+                live: vec![seq_id],
+                forked: req.n == 1,
+                completion_tokens: 0,
+                cached_tokens: 0,
+                arrival: req.arrival,
+                scheduled_at: None,
+                first_token_at: None,
+            },
+        );
+    }
+
+    /// Ends a request early: its choices finish with `abort` and its blocks are freed now.
+    pub fn abort(&mut self, request_id: &str) {
+        let Some(req) = self.requests.get(request_id) else {
+            return;
+        };
+        for seq in req.live.clone() {
+            self.finish_seq(seq, FinishReason::Abort, None, String::new(), None);
+        }
+    }
+
+    /// Aborts every request (shutdown).
+    pub fn abort_all(&mut self) {
+        let ids: Vec<String> = self.requests.keys().cloned().collect();
+        for id in ids {
+            self.abort(&id);
+        }
+    }
+
+    /// Fails every request with `message` and clears all state (after an engine error).
+    pub fn fail_all(&mut self, message: &str) {
+        for (_, req) in self.requests.drain() {
+            let _ = req.tx.send(EngineEvent::Failed(message.to_string()));
+        }
+        for id in self.seqs.keys().copied().collect::<Vec<_>>() {
+            self.scheduler.remove(id);
+        }
+        self.seqs.clear();
+    }
+
+    /// Runs one step. Returns false when there was nothing to run.
+    pub fn step(&mut self) -> Result<bool> {
+        self.drop_disconnected();
+        let schedule = self.scheduler.schedule();
+        self.counters.preemptions_total += schedule.preempted.len() as u64;
+        if schedule.is_empty() {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        for item in &schedule.seqs {
+            if let Some(req) = self
+                .seqs
+                .get(&item.id)
+                .and_then(|s| self.requests.get_mut(&s.request))
+                && req.scheduled_at.is_none()
+            {
+                req.scheduled_at = Some(now);
+            }
+        }
+        let batch = self.scheduler.build_batch(&schedule);
+        let logits = self.model.forward(&batch)?;
+        self.logits.clear();
+        self.logits.extend_from_slice(logits);
+        self.scheduler.complete(&schedule);
+        self.count_prompt_tokens(&schedule, now);
+        let vocab = self.limits.vocab_size;
+        let mut logits = std::mem::take(&mut self.logits);
+        let samplers = schedule.seqs.iter().filter(|s| s.samples).map(|s| s.id);
+        for (row, seq) in samplers.enumerate() {
+            self.sample_seq(seq, &mut logits[row * vocab..(row + 1) * vocab]);
+        }
+        self.logits = logits;
+        self.counters.steps_total += 1;
+        self.last_progress = Instant::now();
+        Ok(true)
+    }
+
+    /// Prompt tokens computed this step (prefill and recompute), for throughput and counters.
+    fn count_prompt_tokens(&mut self, schedule: &Schedule, now: Instant) {
+        let mut prompt = 0u64;
+        for item in &schedule.seqs {
+            if let Some(s) = self.scheduler.get(item.id) {
+                let end = item.start + item.len;
+                prompt += end.min(s.prompt_len).saturating_sub(item.start) as u64;
+            }
+        }
+        self.counters.prompt_tokens_total += prompt;
+        self.prompt_rate.add(now, prompt);
+    }
+
+    /// Aborts requests whose receivers are gone (clients that disconnected).
+    fn drop_disconnected(&mut self) {
+        let gone: Vec<String> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.tx.is_closed())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.abort(&id);
+        }
+    }
+
+    /// Samples the next token of `seq` from its logits row (forking siblings first for `n > 1`).
+    fn sample_seq(&mut self, seq: SeqId, row: &mut [f32]) {
+        let Some(req_id) = self.seqs.get(&seq).map(|s| s.request.clone()) else {
+            return;
+        };
+        let Some(req) = self.requests.get_mut(&req_id) else {
+            return;
+        };
+        if !req.forked {
+            req.forked = true;
+            let n = req.n;
+            let mut pristine = row.to_vec();
+            for index in 1..n {
+                let child = self.next_seq;
+                self.next_seq += 1;
+                let parent = &self.seqs[&seq];
+                let mut state = SeqState {
+                    request: req_id.clone(),
+                    index,
+                    sampler: parent.sampler.fork(index as u64),
+                    detok: parent.detok.clone(),
+                    stop: parent.stop.clone(),
+                    generated: 0,
+                };
+                pristine.copy_from_slice(row);
+                let sampled = self.sample_with(&mut state, &req_id, &mut pristine);
+                self.seqs.insert(child, state);
+                self.scheduler.fork(seq, child, sampled.token);
+                if let Some(r) = self.requests.get_mut(&req_id) {
+                    r.live.push(child);
+                }
+                self.accept(child, sampled);
+            }
+        }
+        let Some(mut state) = self.seqs.remove(&seq) else {
+            return;
+        };
+        let sampled = self.sample_with(&mut state, &req_id, row);
+        self.seqs.insert(seq, state);
+        self.scheduler.append_token(seq, sampled.token);
+        self.accept(seq, sampled);
+    }
+
+    fn sample_with(&self, state: &mut SeqState, req_id: &str, row: &mut [f32]) -> Sampled {
+        let req = &self.requests[req_id];
+        let suppress: Vec<TokenId> = if state.generated < req.stop.min_tokens {
+            let eos = if req.stop.ignore_eos {
+                &[][..]
+            } else {
+                self.tokenizer.eos_token_ids()
+            };
+            eos.iter()
+                .chain(&req.stop.stop_token_ids)
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let sampled = state.sampler.sample(row, &req.sampling, &suppress);
+        state.sampler.record(sampled.token);
+        sampled
+    }
+
+    /// Handles a sampled token: text, stop checks, the delta, and finishing.
+    fn accept(&mut self, seq: SeqId, sampled: Sampled) {
+        let token = sampled.token;
+        let now = Instant::now();
+        self.counters.generation_tokens_total += 1;
+        self.generation_rate.add(now, 1);
+        let Some(state) = self.seqs.get_mut(&seq) else {
+            return;
+        };
+        let Some(req) = self.requests.get_mut(&state.request) else {
+            return;
+        };
+        state.generated += 1;
+        req.completion_tokens += 1;
+        req.first_token_at.get_or_insert(now);
+        let logprobs = match req.sampling.logprobs {
+            Some(_) => vec![TokenLogprob {
+                token,
+                piece: self.tokenizer.token_piece(token),
+                logprob: sampled.logprob,
+                top: sampled
+                    .top_logprobs
+                    .iter()
+                    .map(|&(t, lp)| (t, self.tokenizer.token_piece(t), lp))
+                    .collect(),
+            }],
+            None => Vec::new(),
+        };
+        let past_min = state.generated > req.stop.min_tokens;
+        let is_eos = !req.stop.ignore_eos && self.tokenizer.eos_token_ids().contains(&token);
+        let mut finish = None;
+        let mut stop_reason = None;
+        let mut text = String::new();
+        if past_min && (is_eos || req.stop.stop_token_ids.contains(&token)) {
+            finish = Some(FinishReason::Stop);
+            stop_reason = Some(StopReason::Token(token));
+        } else {
+            let piece = state.detok.push(&self.tokenizer, token).unwrap_or_default();
+            if past_min {
+                let outcome = state.stop.push(&piece);
+                text = outcome.emit;
+                if outcome.stopped {
+                    finish = Some(FinishReason::Stop);
+                    stop_reason = outcome
+                        .matched
+                        .and_then(|i| req.stop.stop.get(i).cloned())
+                        .map(StopReason::String);
+                }
+            } else {
+                text = piece;
+            }
+        }
+        let total_len = req.prompt_len + state.generated;
+        if finish.is_none()
+            && (state.generated >= req.stop.max_tokens || total_len >= self.limits.max_model_len)
+        {
+            finish = Some(FinishReason::Length);
+        }
+        match finish {
+            Some(reason) => {
+                self.finish_seq(seq, reason, stop_reason, text, Some((token, logprobs)))
+            }
+            None => {
+                let index = state.index;
+                let _ = req.tx.send(EngineEvent::Delta(ChoiceDelta {
+                    index,
+                    text,
+                    token_ids: vec![token],
+                    logprobs,
+                    finish_reason: None,
+                    stop_reason: None,
+                }));
+            }
+        }
+    }
+
+    /// Ends one choice: flushes held-back text, sends its last delta, frees its blocks, and ends
+    /// the request once no choice is left.
+    fn finish_seq(
+        &mut self,
+        seq: SeqId,
+        reason: FinishReason,
+        stop_reason: Option<StopReason>,
+        mut text: String,
+        last: Option<(TokenId, Vec<TokenLogprob>)>,
+    ) {
+        let Some(mut state) = self.seqs.remove(&seq) else {
+            return;
+        };
+        let cached = self
+            .scheduler
+            .remove(seq)
+            .map_or(0, |s| s.cached_prompt_tokens);
+        let Some(req) = self.requests.get_mut(&state.request) else {
+            return;
+        };
+        req.cached_tokens = req.cached_tokens.max(cached);
+        if reason == FinishReason::Length {
+            // Release what the detokenizer and the stop matcher still hold.
+            let tail = state.detok.finish(&self.tokenizer).unwrap_or_default();
+            text.push_str(&state.stop.push(&tail).emit);
+            text.push_str(&state.stop.finish());
+        }
+        let (token_ids, logprobs) = match last {
+            Some((t, lp)) => (vec![t], lp),
+            None => (Vec::new(), Vec::new()),
+        };
+        let _ = req.tx.send(EngineEvent::Delta(ChoiceDelta {
+            index: state.index,
+            text,
+            token_ids,
+            logprobs,
+            finish_reason: Some(reason),
+            stop_reason,
+        }));
+        match reason {
+            FinishReason::Stop => self.counters.requests_finished_stop += 1,
+            FinishReason::Length => self.counters.requests_finished_length += 1,
+            FinishReason::Abort => self.counters.requests_finished_abort += 1,
+        }
+        req.live.retain(|&s| s != seq);
+        if req.live.is_empty() && (req.forked || reason == FinishReason::Abort) {
+            let req = self
+                .requests
+                .remove(&state.request)
+                .expect("request present");
+            let now = Instant::now();
+            let usage = Usage {
+                prompt_tokens: req.prompt_len,
+                completion_tokens: req.completion_tokens,
+                cached_tokens: req.cached_tokens,
+            };
+            let timings = RequestTimings {
+                queue: req.scheduled_at.unwrap_or(now).duration_since(req.arrival),
+                first_token: req.first_token_at.map(|t| t.duration_since(req.arrival)),
+                total: now.duration_since(req.arrival),
+            };
+            let _ = req.tx.send(EngineEvent::Finished { usage, timings });
+        }
+    }
+
+    /// A snapshot of load and counters.
+    pub fn stats(&self) -> EngineStats {
+        let now = Instant::now();
+        let pool = self.scheduler.pool();
+        let prefix = self.scheduler.prefix_cache_stats();
+        EngineStats {
+            running: self.scheduler.num_running(),
+            waiting: self.scheduler.num_waiting(),
+            kv_blocks_total: pool.num_blocks(),
+            kv_blocks_used: pool.num_blocks() - pool.num_free(),
+            prefix_cache_queries: prefix.queries,
+            prefix_cache_hits: prefix.hits,
+            prompt_tokens_per_s: self.prompt_rate.rate(now),
+            generation_tokens_per_s: self.generation_rate.rate(now),
+            stalled_for: if self.has_work() {
+                now.duration_since(self.last_progress)
+            } else {
+                Duration::ZERO
+            },
+            ..self.counters.clone()
+        }
+    }
+
+    /// Marks the start of a busy period (so a long idle gap is not reported as a stall).
+    pub fn mark_progress(&mut self) {
+        self.last_progress = Instant::now();
+    }
+}
+
+impl std::fmt::Debug for EngineCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineCore")
+            .field("model", &self.model.describe())
+            .field("requests", &self.requests.len())
+            .finish()
+    }
+}

@@ -1,0 +1,118 @@
+//! Building an engine from [`EngineOptions`]: find the model, read its config and tokenizer,
+//! size the KV cache, load the weights.
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::core::{CoreConfig, EngineCore};
+use super::options::EngineOptions;
+use crate::kernels::cpu::attention::CacheLayout;
+use crate::kv_cache::cpu_storage::CpuKvStorage;
+use crate::model::generation_config::GenerationConfig;
+use crate::model::gguf::GgufFile;
+use crate::model::llama_cpu::{CpuLlama, CpuModelOptions};
+use crate::model::location::{LoadFormat, ModelLocation, resolve_model};
+use crate::model::{DummySource, LlamaConfig, SafetensorsSource, TensorDType, TensorSource};
+use crate::tokenizer::Tokenizer;
+use crate::{Result, WorkerError};
+
+/// Loads the model named by `opts` and builds an engine around it (blocking: may read gigabytes
+/// or download; call it off the async runtime).
+pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
+    let started = Instant::now();
+    let location = resolve_model(&opts.model, opts.load_format)?;
+    let (config, tokenizer, source) = open_model(&location, opts)?;
+    let max_model_len = opts.max_model_len.unwrap_or(config.max_position_embeddings);
+    if max_model_len == 0 {
+        return Err(WorkerError::invalid("max_model_len", "must be at least 1"));
+    }
+    if opts.block_size == 0 || opts.max_num_seqs == 0 || opts.max_num_batched_tokens == 0 {
+        return Err(WorkerError::invalid(
+            "block_size",
+            "block_size, max_num_seqs and max_num_batched_tokens must be positive",
+        ));
+    }
+    let layout = CacheLayout {
+        block_size: opts.block_size,
+        kv_heads: config.num_key_value_heads,
+        head_dim: config.head_dim,
+    };
+    let per_block = CpuKvStorage::bytes_per_block(&layout, config.num_hidden_layers);
+    let num_blocks = (opts.kv_cache_memory.as_u64() as usize) / per_block;
+    if num_blocks * opts.block_size < max_model_len {
+        return Err(WorkerError::invalid(
+            "kv_cache_memory",
+            format!(
+                "a KV cache of {} holds {} tokens, fewer than max_model_len {max_model_len}: raise --kv-cache-memory (each token takes {} bytes) or lower --max-model-len",
+                opts.kv_cache_memory,
+                num_blocks * opts.block_size,
+                per_block / opts.block_size
+            ),
+        ));
+    }
+    let model = CpuLlama::load(
+        config,
+        source.as_ref(),
+        &CpuModelOptions {
+            threads: opts.threads(),
+            weight_format: opts.cpu_weight_format,
+            block_size: opts.block_size,
+            num_blocks,
+            max_model_len,
+        },
+    )?;
+    let core_cfg = CoreConfig {
+        max_model_len,
+        max_num_seqs: opts.max_num_seqs,
+        max_num_batched_tokens: opts.max_num_batched_tokens,
+        enable_prefix_caching: opts.enable_prefix_caching,
+    };
+    tracing::info!(model = %opts.model, max_model_len, num_blocks, seconds = started.elapsed().as_secs_f32(), "engine ready");
+    Ok(EngineCore::new(Box::new(model), tokenizer, &core_cfg))
+}
+
+/// Config, tokenizer and weights of a located model.
+pub fn open_model(
+    location: &ModelLocation,
+    opts: &EngineOptions,
+) -> Result<(LlamaConfig, Tokenizer, Box<dyn TensorSource>)> {
+    match location {
+        ModelLocation::Gguf(path) => {
+            let gguf = GgufFile::open(path)?;
+            let config = gguf.llama_config()?;
+            let tokenizer = Tokenizer::from_gguf(&gguf.content)?;
+            Ok((config, tokenizer, Box::new(gguf)))
+        }
+        ModelLocation::HfDir(dir) => {
+            let mut config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
+            if let Some(generation) = GenerationConfig::from_dir(dir)? {
+                config.eos_token_ids = generation.merged_eos_ids(&config.eos_token_ids);
+            }
+            let mut tokenizer = open_tokenizer(dir)?;
+            tokenizer.add_eos_token_ids(config.eos_token_ids.iter().copied());
+            let source: Box<dyn TensorSource> = if opts.load_format == LoadFormat::Dummy {
+                let dtype = match config.torch_dtype.as_deref() {
+                    Some("float32") => TensorDType::F32,
+                    Some("float16") => TensorDType::F16,
+                    _ => TensorDType::BF16,
+                };
+                Box::new(DummySource::new(&config, dtype, opts.dummy_seed)?)
+            } else {
+                Box::new(SafetensorsSource::open(dir)?)
+            };
+            Ok((config, tokenizer, source))
+        }
+    }
+}
+
+fn open_tokenizer(dir: &Path) -> Result<Tokenizer> {
+    let json = dir.join("tokenizer.json");
+    if !json.is_file() {
+        return Err(WorkerError::model_file(
+            &json,
+            "missing: a Hugging Face model directory needs tokenizer.json",
+        ));
+    }
+    let config = dir.join("tokenizer_config.json");
+    Tokenizer::from_files(&json, config.is_file().then_some(config.as_path()))
+}

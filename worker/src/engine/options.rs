@@ -1,0 +1,153 @@
+//! Engine options: one struct that is both the `lumen serve`/`lumen worker` flags (every flag
+//! also an environment variable) and the `model:` section of a serve config, with the same names.
+
+use serde::Deserialize;
+
+use crate::model::cpu_weights::CpuWeightFormat;
+use crate::model::location::LoadFormat;
+
+/// The model that `lumen serve` serves when none is named: SmolLM2-135M-Instruct, fetched by
+/// `scripts/fetch-model.sh`.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// How to load the model and run the engine.
+#[derive(Clone, Debug, clap::Args, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct EngineOptions {
+    /// The model: a `.gguf` file, a Hugging Face model directory, or a hub id
+    /// (`org/name[@revision]`, resolved through the local hub cache, downloaded with `HF_TOKEN`).
+    #[arg(long, env = "LUMEN_MODEL", default_value = DEFAULT_MODEL)]
+    #[serde(alias = "source")]
+    pub model: String,
+
+    /// The name clients use in `model`; defaults to the model argument.
+    #[arg(long, env = "LUMEN_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// How weights are loaded: auto, safetensors, gguf, or dummy (random weights of the model's
+    /// shape, for benchmarks).
+    #[arg(long, env = "LUMEN_LOAD_FORMAT", default_value = "auto")]
+    pub load_format: LoadFormat,
+
+    /// The longest sequence (prompt + output); defaults to the model's context length.
+    #[arg(long, env = "LUMEN_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+
+    /// The most sequences decoded together in one step.
+    #[arg(long, env = "LUMEN_MAX_NUM_SEQS", default_value_t = defaults::MAX_NUM_SEQS)]
+    pub max_num_seqs: usize,
+
+    /// The most tokens computed in one step (decode tokens first, then prompt chunks).
+    #[arg(long, env = "LUMEN_MAX_NUM_BATCHED_TOKENS", default_value_t = defaults::MAX_NUM_BATCHED_TOKENS)]
+    pub max_num_batched_tokens: usize,
+
+    /// Tokens per KV cache block.
+    #[arg(long, env = "LUMEN_BLOCK_SIZE", default_value_t = defaults::BLOCK_SIZE)]
+    pub block_size: usize,
+
+    /// Reuse the KV blocks of identical prompt prefixes across requests.
+    #[arg(long, env = "LUMEN_ENABLE_PREFIX_CACHING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_prefix_caching: bool,
+
+    /// KV cache size on the CPU, e.g. `2GiB` or `512MiB`.
+    #[arg(long, env = "LUMEN_KV_CACHE_MEMORY", default_value = defaults::KV_CACHE_MEMORY)]
+    pub kv_cache_memory: bytesize::ByteSize,
+
+    /// CPU threads for the model (default: every available core).
+    #[arg(long, env = "LUMEN_THREADS")]
+    pub threads: Option<usize>,
+
+    /// CPU weight storage: auto (keep Q4_0/Q4_1/Q8_0, other GGML types to Q8_0, floats to f32),
+    /// f32, or q8_0.
+    #[arg(long, env = "LUMEN_CPU_WEIGHT_FORMAT", default_value = "auto")]
+    pub cpu_weight_format: CpuWeightFormat,
+
+    /// Seed of the random weights of `--load-format dummy`.
+    #[arg(long, env = "LUMEN_DUMMY_SEED", default_value_t = 0)]
+    pub dummy_seed: u64,
+}
+
+/// Defaults shared by the flags and the config file.
+pub mod defaults {
+    pub const MAX_NUM_SEQS: usize = 64;
+    pub const MAX_NUM_BATCHED_TOKENS: usize = 2048;
+    pub const BLOCK_SIZE: usize = 16;
+    pub const KV_CACHE_MEMORY: &str = "2GiB";
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            model: DEFAULT_MODEL.to_string(),
+            served_model_name: None,
+            load_format: LoadFormat::Auto,
+            max_model_len: None,
+            max_num_seqs: defaults::MAX_NUM_SEQS,
+            max_num_batched_tokens: defaults::MAX_NUM_BATCHED_TOKENS,
+            block_size: defaults::BLOCK_SIZE,
+            enable_prefix_caching: true,
+            kv_cache_memory: defaults::KV_CACHE_MEMORY
+                .parse()
+                .expect("valid default size"),
+            threads: None,
+            cpu_weight_format: CpuWeightFormat::Auto,
+            dummy_seed: 0,
+        }
+    }
+}
+
+impl EngineOptions {
+    /// The name clients address the model by.
+    pub fn served_name(&self) -> &str {
+        self.served_model_name.as_deref().unwrap_or(&self.model)
+    }
+
+    /// Model threads: the flag, or every available core.
+    pub fn threads(&self) -> usize {
+        self.threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        engine: EngineOptions,
+    }
+
+    #[test]
+    fn flags_and_config_share_names_and_defaults() {
+        let from_flags = Cli::try_parse_from(["x"]).unwrap().engine;
+        let from_config: EngineOptions = serde_json::from_str("{}").unwrap();
+        assert_eq!(from_flags, from_config);
+        assert_eq!(from_flags, EngineOptions::default());
+        let cli = Cli::try_parse_from([
+            "x",
+            "--max-num-seqs",
+            "8",
+            "--kv-cache-memory",
+            "512MiB",
+            "--enable-prefix-caching",
+            "false",
+            "--load-format",
+            "dummy",
+        ])
+        .unwrap()
+        .engine;
+        let cfg: EngineOptions = serde_json::from_str(r#"{"max_num_seqs": 8, "kv_cache_memory": "512MiB", "enable_prefix_caching": false, "load_format": "dummy"}"#).unwrap();
+        assert_eq!(cli, cfg);
+        assert_eq!(cli.kv_cache_memory.as_u64(), 512 << 20);
+    }
+
+    #[test]
+    fn the_config_accepts_source_for_model() {
+        let cfg: EngineOptions = serde_json::from_str(r#"{"source": "org/name"}"#).unwrap();
+        assert_eq!(cfg.model, "org/name");
+    }
+}

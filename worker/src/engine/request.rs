@@ -1,0 +1,196 @@
+//! What goes into the engine (a request) and what comes out (a stream of events).
+//!
+//! A request's stream carries [`EngineEvent::Delta`]s (each with the choice index, new text,
+//! token ids, optional log-probabilities and, on a choice's last delta, its finish reason), then
+//! exactly one [`EngineEvent::Finished`] with usage and timings, or one [`EngineEvent::Failed`].
+
+use std::time::{Duration, Instant};
+
+use crate::sampling::{SamplingParams, StopParams};
+use crate::{Result, TokenId, WorkerError};
+
+/// The most choices (`n`) one request may ask for.
+pub const MAX_N: usize = 16;
+
+/// A generation request, already tokenized.
+#[derive(Clone, Debug)]
+pub struct EngineRequest {
+    /// Unique among the engine's live requests.
+    pub id: String,
+    pub prompt_token_ids: Vec<TokenId>,
+    pub sampling: SamplingParams,
+    pub stop: StopParams,
+    /// Independent choices sampled for the same prompt (they share its KV blocks).
+    pub n: usize,
+    pub skip_special_tokens: bool,
+    pub arrival: Instant,
+}
+
+impl EngineRequest {
+    /// A request with default sampling, `n = 1`, arriving now.
+    pub fn new(
+        id: impl Into<String>,
+        prompt_token_ids: Vec<TokenId>,
+        sampling: SamplingParams,
+        stop: StopParams,
+    ) -> Self {
+        EngineRequest {
+            id: id.into(),
+            prompt_token_ids,
+            sampling,
+            stop,
+            n: 1,
+            skip_special_tokens: true,
+            arrival: Instant::now(),
+        }
+    }
+}
+
+/// The engine's limits, against which requests are validated before they are queued.
+#[derive(Clone, Debug)]
+pub struct EngineLimits {
+    pub vocab_size: usize,
+    pub max_model_len: usize,
+    /// Tokens the KV cache holds in total; one sequence can never grow beyond it.
+    pub cache_capacity_tokens: usize,
+}
+
+impl EngineLimits {
+    /// Checks a request against the model and the cache; the error names the parameter.
+    pub fn validate(&self, req: &EngineRequest) -> Result<()> {
+        if req.id.is_empty() {
+            return Err(WorkerError::invalid("request_id", "must not be empty"));
+        }
+        if req.prompt_token_ids.is_empty() {
+            return Err(WorkerError::invalid(
+                "prompt",
+                "the prompt must contain at least one token",
+            ));
+        }
+        if let Some(&t) = req
+            .prompt_token_ids
+            .iter()
+            .find(|&&t| t as usize >= self.vocab_size)
+        {
+            return Err(WorkerError::invalid(
+                "prompt",
+                format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    self.vocab_size
+                ),
+            ));
+        }
+        if req.n == 0 || req.n > MAX_N {
+            return Err(WorkerError::invalid(
+                "n",
+                format!("must be between 1 and {MAX_N}, got {}", req.n),
+            ));
+        }
+        req.sampling.validate(self.vocab_size)?;
+        req.stop.validate(self.vocab_size)?;
+        let prompt_tokens = req.prompt_token_ids.len();
+        let total = prompt_tokens.saturating_add(req.stop.max_tokens);
+        if total > self.max_model_len {
+            return Err(WorkerError::ContextTooLong {
+                prompt_tokens,
+                max_tokens: req.stop.max_tokens,
+                max_model_len: self.max_model_len,
+            });
+        }
+        if total > self.cache_capacity_tokens {
+            return Err(WorkerError::invalid(
+                "max_tokens",
+                format!(
+                    "prompt plus max_tokens ({total}) exceeds the KV cache's {} tokens",
+                    self.cache_capacity_tokens
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a choice ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// Aborted (client gone, shutdown, engine failure).
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// What triggered a `Stop` finish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// An end-of-sequence token or one of `stop_token_ids`.
+    Token(TokenId),
+    /// One of the `stop` strings (by value).
+    String(String),
+}
+
+/// A sampled token's log-probability and the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: TokenId,
+    /// The token's text (lossy for partial UTF-8 pieces).
+    pub piece: String,
+    pub logprob: f32,
+    /// `(token, piece, logprob)`, most likely first.
+    pub top: Vec<(TokenId, String, f32)>,
+}
+
+/// New output of one choice.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChoiceDelta {
+    pub index: usize,
+    pub text: String,
+    pub token_ids: Vec<TokenId>,
+    /// One entry per token in `token_ids` when log-probabilities were asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: Option<FinishReason>,
+    pub stop_reason: Option<StopReason>,
+}
+
+/// Token counts of a finished request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Summed over all choices.
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// Where a request's time went.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RequestTimings {
+    /// Arrival to first scheduled.
+    pub queue: Duration,
+    /// Arrival to first token.
+    pub first_token: Option<Duration>,
+    /// Arrival to the end.
+    pub total: Duration,
+}
+
+/// One item of a request's output stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EngineEvent {
+    Delta(ChoiceDelta),
+    Finished {
+        usage: Usage,
+        timings: RequestTimings,
+    },
+    Failed(String),
+}
