@@ -41,15 +41,10 @@ pub async fn run(args: OfflineArgs) -> anyhow::Result<Report> {
     let core = tokio::task::spawn_blocking(move || build_engine(&opts)).await??;
     let (engine, _join) = EngineHandle::start(core, "bench").await?;
     let vocab = engine.limits().vocab_size as u64;
-    let prompts: Vec<Vec<u32>> = (0..args.num_prompts)
-        .map(|i| random_prompt(args.seed, i as u64, args.input_len, vocab))
-        .collect();
+    let prompts: Vec<Vec<u32>> =
+        (0..args.num_prompts).map(|i| random_prompt(args.seed, i as u64, args.input_len, vocab)).collect();
     // Warm up the kernels and threads with one short request.
-    let warm = request(
-        "warmup".into(),
-        prompts.first().cloned().unwrap_or_else(|| vec![1]),
-        4,
-    );
+    let warm = request("warmup".into(), prompts.first().cloned().unwrap_or_else(|| vec![1]), 4);
     drive(&engine, warm).await?;
 
     let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
@@ -72,22 +67,11 @@ pub async fn run(args: OfflineArgs) -> anyhow::Result<Report> {
     let duration = started.elapsed();
     engine.stop();
     let name = format!("lumen {}", engine.description());
-    Ok(Report::new(
-        name,
-        args.concurrency,
-        args.input_len,
-        args.output_len,
-        duration,
-        &records,
-    ))
+    Ok(Report::new(name, args.concurrency, args.input_len, args.output_len, duration, &records))
 }
 
 fn request(id: String, prompt: Vec<u32>, output_len: usize) -> EngineRequest {
-    let stop = StopParams {
-        max_tokens: output_len,
-        ignore_eos: true,
-        ..Default::default()
-    };
+    let stop = StopParams { max_tokens: output_len, ignore_eos: true, ..Default::default() };
     EngineRequest::new(id, prompt, SamplingParams::greedy(), stop)
 }
 
@@ -95,14 +79,8 @@ fn request(id: String, prompt: Vec<u32>, output_len: usize) -> EngineRequest {
 async fn drive(engine: &EngineHandle, req: EngineRequest) -> anyhow::Result<RequestRecord> {
     let arrival = Instant::now();
     let prompt_tokens = req.prompt_token_ids.len();
-    let mut stream = engine
-        .generate(req)
-        .await
-        .context("submitting a benchmark request")?;
-    let mut record = RequestRecord {
-        prompt_tokens,
-        ..Default::default()
-    };
+    let mut stream = engine.generate(req).await.context("submitting a benchmark request")?;
+    let mut record = RequestRecord { prompt_tokens, ..Default::default() };
     let mut last: Option<Instant> = None;
     while let Some(event) = stream.recv().await {
         match event {

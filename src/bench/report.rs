@@ -37,12 +37,7 @@ impl Percentiles {
             let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
             ms[lo] + (ms[hi] - ms[lo]) * (pos - lo as f64)
         };
-        Percentiles {
-            mean: ms.iter().sum::<f64>() / ms.len() as f64,
-            p50: at(0.5),
-            p90: at(0.9),
-            p99: at(0.99),
-        }
+        Percentiles { mean: ms.iter().sum::<f64>() / ms.len() as f64, p50: at(0.5), p90: at(0.9), p99: at(0.99) }
     }
 }
 
@@ -99,19 +94,10 @@ impl Report {
             request_throughput: records.len() as f64 / secs,
             prompt_tokens_per_s: prompt as f64 / secs,
             output_tokens_per_s: output as f64 / secs,
-            decode_tokens_per_s_per_stream: if tpot.mean > 0.0 {
-                1e3 / tpot.mean
-            } else {
-                0.0
-            },
+            decode_tokens_per_s_per_stream: if tpot.mean > 0.0 { 1e3 / tpot.mean } else { 0.0 },
             ttft_ms: Percentiles::of(records.iter().map(|r| ms(r.ttft)).collect()),
             tpot_ms: tpot,
-            itl_ms: Percentiles::of(
-                records
-                    .iter()
-                    .flat_map(|r| r.itl.iter().map(|&d| ms(d)))
-                    .collect(),
-            ),
+            itl_ms: Percentiles::of(records.iter().flat_map(|r| r.itl.iter().map(|&d| ms(d))).collect()),
         }
     }
 
@@ -119,56 +105,17 @@ impl Report {
     pub fn table(&self) -> String {
         let mut t = String::new();
         let row = |t: &mut String, k: &str, v: String| t.push_str(&format!("{k:<36}{v:>14}\n"));
-        t.push_str(&format!(
-            "============ {} (concurrency {}) ============\n",
-            self.engine, self.concurrency
-        ));
+        t.push_str(&format!("============ {} (concurrency {}) ============\n", self.engine, self.concurrency));
         row(&mut t, "Successful requests:", self.num_prompts.to_string());
-        row(
-            &mut t,
-            "Input / output tokens per request:",
-            format!("{} / {}", self.input_len, self.output_len),
-        );
-        row(
-            &mut t,
-            "Benchmark duration (s):",
-            format!("{:.2}", self.duration_s),
-        );
-        row(
-            &mut t,
-            "Request throughput (req/s):",
-            format!("{:.2}", self.request_throughput),
-        );
-        row(
-            &mut t,
-            "Prompt throughput (tok/s):",
-            format!("{:.1}", self.prompt_tokens_per_s),
-        );
-        row(
-            &mut t,
-            "Output token throughput (tok/s):",
-            format!("{:.1}", self.output_tokens_per_s),
-        );
-        row(
-            &mut t,
-            "Decode speed per stream (tok/s):",
-            format!("{:.1}", self.decode_tokens_per_s_per_stream),
-        );
-        for (name, p) in [
-            ("TTFT", &self.ttft_ms),
-            ("TPOT", &self.tpot_ms),
-            ("ITL", &self.itl_ms),
-        ] {
-            row(
-                &mut t,
-                &format!("{name} mean / p50 (ms):"),
-                format!("{:.1} / {:.1}", p.mean, p.p50),
-            );
-            row(
-                &mut t,
-                &format!("{name} p90 / p99 (ms):"),
-                format!("{:.1} / {:.1}", p.p90, p.p99),
-            );
+        row(&mut t, "Input / output tokens per request:", format!("{} / {}", self.input_len, self.output_len));
+        row(&mut t, "Benchmark duration (s):", format!("{:.2}", self.duration_s));
+        row(&mut t, "Request throughput (req/s):", format!("{:.2}", self.request_throughput));
+        row(&mut t, "Prompt throughput (tok/s):", format!("{:.1}", self.prompt_tokens_per_s));
+        row(&mut t, "Output token throughput (tok/s):", format!("{:.1}", self.output_tokens_per_s));
+        row(&mut t, "Decode speed per stream (tok/s):", format!("{:.1}", self.decode_tokens_per_s_per_stream));
+        for (name, p) in [("TTFT", &self.ttft_ms), ("TPOT", &self.tpot_ms), ("ITL", &self.itl_ms)] {
+            row(&mut t, &format!("{name} mean / p50 (ms):"), format!("{:.1} / {:.1}", p.mean, p.p50));
+            row(&mut t, &format!("{name} p90 / p99 (ms):"), format!("{:.1} / {:.1}", p.p90, p.p99));
         }
         t
     }
@@ -195,14 +142,7 @@ mod tests {
             itl: vec![Duration::from_millis(10); 10],
             e2e: Duration::from_millis(200),
         };
-        let rep = Report::new(
-            "x".into(),
-            1,
-            10,
-            11,
-            Duration::from_secs(2),
-            &[r.clone(), r],
-        );
+        let rep = Report::new("x".into(), 1, 10, 11, Duration::from_secs(2), &[r.clone(), r]);
         assert_eq!(rep.output_tokens_per_s, 11.0);
         assert_eq!(rep.tpot_ms.mean, 10.0);
         assert_eq!(rep.decode_tokens_per_s_per_stream, 100.0);

@@ -10,44 +10,22 @@ use lumen_worker::tokenizer::{ChatMessage, ChatTemplateOptions, Tokenizer};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let path = args
-        .get(1)
-        .map(String::as_str)
-        .unwrap_or("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let prompt = args
-        .get(2)
-        .map(String::as_str)
-        .unwrap_or("What is the capital of France?");
+    let path = args.get(1).map(String::as_str).unwrap_or("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let prompt = args.get(2).map(String::as_str).unwrap_or("What is the capital of France?");
     let steps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(64);
-    let threads: usize = std::env::var("THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
+    let threads: usize = std::env::var("THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let gguf = GgufFile::open(std::path::Path::new(path))?;
     let config = gguf.llama_config()?;
     let tok = Tokenizer::from_gguf(&gguf.content)?;
-    let messages = vec![serde_json::from_value::<ChatMessage>(
-        serde_json::json!({"role": "user", "content": prompt}),
-    )?];
-    let opts = ChatTemplateOptions {
-        add_generation_prompt: true,
-        ..Default::default()
-    };
+    let messages = vec![serde_json::from_value::<ChatMessage>(serde_json::json!({"role": "user", "content": prompt}))?];
+    let opts = ChatTemplateOptions { add_generation_prompt: true, ..Default::default() };
     let ids = tok.encode_chat(&messages, &opts)?;
     let bs = 16;
-    let format = std::env::var("FORMAT")
-        .unwrap_or_else(|_| "auto".into())
-        .parse()?;
+    let format = std::env::var("FORMAT").unwrap_or_else(|_| "auto".into()).parse()?;
     let mut model = CpuLlama::load(
         config.clone(),
         &gguf,
-        &CpuModelOptions {
-            threads,
-            weight_format: format,
-            block_size: bs,
-            num_blocks: 64,
-            max_model_len: 1024,
-        },
+        &CpuModelOptions { threads, weight_format: format, block_size: bs, num_blocks: 64, max_model_len: 1024 },
     )?;
     let table: Vec<u32> = (0..64).collect();
     let mut tokens = ids.clone();
@@ -57,10 +35,7 @@ fn main() -> anyhow::Result<()> {
     let first = model.forward(&batch)?.to_vec();
     let mut idx: Vec<usize> = (0..first.len()).collect();
     idx.sort_by(|&a, &b| first[b].total_cmp(&first[a]));
-    eprintln!(
-        "top5 after prompt: {:?}",
-        idx[..5].iter().map(|&i| (i, first[i])).collect::<Vec<_>>()
-    );
+    eprintln!("top5 after prompt: {:?}", idx[..5].iter().map(|&i| (i, first[i])).collect::<Vec<_>>());
     let mut next = argmax(&first);
     let prefill = t0.elapsed();
     let t1 = Instant::now();

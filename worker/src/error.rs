@@ -23,14 +23,8 @@ pub enum WorkerError {
     #[error("invalid parameter `{param}`: {reason}")]
     InvalidParameter { param: &'static str, reason: String },
 
-    #[error(
-        "prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds max_model_len {max_model_len}"
-    )]
-    ContextTooLong {
-        prompt_tokens: usize,
-        max_tokens: usize,
-        max_model_len: usize,
-    },
+    #[error("prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds max_model_len {max_model_len}")]
+    ContextTooLong { prompt_tokens: usize, max_tokens: usize, max_model_len: usize },
 
     #[error("engine: {0}")]
     Engine(String),
@@ -42,35 +36,23 @@ pub enum WorkerError {
     Hub(String),
 
     #[error("io error on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 impl WorkerError {
     /// An invalid request parameter, named as the API names it.
     pub fn invalid(param: &'static str, reason: impl Into<String>) -> Self {
-        WorkerError::InvalidParameter {
-            param,
-            reason: reason.into(),
-        }
+        WorkerError::InvalidParameter { param, reason: reason.into() }
     }
 
     /// A problem with a model file, naming the file.
     pub fn model_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        WorkerError::ModelFile {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        WorkerError::ModelFile { path: path.into(), reason: reason.into() }
     }
 
     /// A problem with one named tensor.
     pub fn tensor(name: impl Into<String>, reason: impl Into<String>) -> Self {
-        WorkerError::Tensor {
-            name: name.into(),
-            reason: reason.into(),
-        }
+        WorkerError::Tensor { name: name.into(), reason: reason.into() }
     }
 }
 

@@ -16,20 +16,12 @@ fn greedy(id: String, prompt: Vec<TokenId>) -> EngineRequest {
         id,
         prompt,
         SamplingParams::greedy(),
-        StopParams {
-            max_tokens: OUTPUT_TOKENS,
-            ignore_eos: true,
-            ..Default::default()
-        },
+        StopParams { max_tokens: OUTPUT_TOKENS, ignore_eos: true, ..Default::default() },
     )
 }
 
 fn all_requests(core: &EngineCore) -> Vec<EngineRequest> {
-    PROMPTS
-        .iter()
-        .enumerate()
-        .map(|(i, p)| greedy(format!("r{i}"), chat(core, p)))
-        .collect()
+    PROMPTS.iter().enumerate().map(|(i, p)| greedy(format!("r{i}"), chat(core, p))).collect()
 }
 
 /// Greedy output of every prompt, each run alone on a fresh engine state.
@@ -47,10 +39,7 @@ fn alone() -> Vec<Vec<TokenId>> {
 
 fn batched(core: &mut EngineCore) -> Vec<Vec<TokenId>> {
     let reqs = all_requests(core);
-    run(core, reqs)
-        .into_iter()
-        .map(|o| o.tokens[&0].clone())
-        .collect()
+    run(core, reqs).into_iter().map(|o| o.tokens[&0].clone()).collect()
 }
 
 #[test]
@@ -59,31 +48,18 @@ fn greedy_output_is_the_same_alone_batched_chunked_cached_and_preempted() {
     assert!(reference.iter().all(|t| t.len() == OUTPUT_TOKENS));
 
     // All sixteen in one batch (prefix caching off, so every prompt is computed in full).
-    let mut core = engine(&lumen_worker::engine::EngineOptions {
-        enable_prefix_caching: false,
-        ..options()
-    });
+    let mut core = engine(&lumen_worker::engine::EngineOptions { enable_prefix_caching: false, ..options() });
     assert_eq!(batched(&mut core), reference, "batch of 16 mixed lengths");
 
     // With prefix caching: the second run finds every prompt's full blocks cached.
     let mut core = engine(&options());
-    assert_eq!(
-        batched(&mut core),
-        reference,
-        "first pass with prefix caching"
-    );
+    assert_eq!(batched(&mut core), reference, "first pass with prefix caching");
     let before = core.stats().prefix_cache_hits;
     assert_eq!(batched(&mut core), reference, "prefix cache hits");
-    assert!(
-        core.stats().prefix_cache_hits > before,
-        "the second pass should hit the prefix cache"
-    );
+    assert!(core.stats().prefix_cache_hits > before, "the second pass should hit the prefix cache");
 
     // Chunked prefill forced to 5-token chunks (decodes also share the 5-token budget).
-    let mut core = engine(&lumen_worker::engine::EngineOptions {
-        max_num_batched_tokens: 5,
-        ..options()
-    });
+    let mut core = engine(&lumen_worker::engine::EngineOptions { max_num_batched_tokens: 5, ..options() });
     assert_eq!(batched(&mut core), reference, "chunked prefill");
 
     // A cache too small for all sixteen at once: sequences are preempted and recomputed.
@@ -96,10 +72,7 @@ fn greedy_output_is_the_same_alone_batched_chunked_cached_and_preempted() {
     let mut core = engine(&small);
     assert_eq!(batched(&mut core), reference, "after preemption");
     let stats = core.stats();
-    assert!(
-        stats.preemptions_total > 0,
-        "the small cache should force preemption: {stats:?}"
-    );
+    assert!(stats.preemptions_total > 0, "the small cache should force preemption: {stats:?}");
     assert_eq!(stats.kv_blocks_used, 0, "every block is free again");
 }
 
@@ -119,10 +92,7 @@ fn every_block_is_free_or_cached_after_finished_aborted_and_preempted_requests()
             format!("r{i}"),
             chat(&core, p),
             SamplingParams::greedy(),
-            StopParams {
-                max_tokens,
-                ..Default::default()
-            },
+            StopParams { max_tokens, ..Default::default() },
         );
         core.add_request(req, tx);
         rxs.push(rx);
@@ -143,11 +113,7 @@ fn every_block_is_free_or_cached_after_finished_aborted_and_preempted_requests()
     }
     let stats = core.stats();
     assert!(stats.preemptions_total > 0, "{stats:?}");
-    assert_eq!(
-        (stats.running, stats.waiting, stats.kv_blocks_used),
-        (0, 0, 0),
-        "{stats:?}"
-    );
+    assert_eq!((stats.running, stats.waiting, stats.kv_blocks_used), (0, 0, 0), "{stats:?}");
     assert_eq!(stats.requests_finished_abort, 4);
     let outcomes: Vec<_> = rxs.into_iter().map(common::collect).collect();
     assert_eq!(outcomes[3].finish[&0], FinishReason::Abort);

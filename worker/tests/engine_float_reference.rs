@@ -33,37 +33,17 @@ struct Step {
 
 #[test]
 fn f32_weights_match_a_float64_reference_implementation() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/smollm2_float_reference.json"
-    ))
-    .unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/smollm2_float_reference.json"))
+        .unwrap();
     let reference: Reference = serde_json::from_str(&text).unwrap();
-    let mut core = engine(&EngineOptions {
-        cpu_weight_format: CpuWeightFormat::F32,
-        ..options()
-    });
+    let mut core = engine(&EngineOptions { cpu_weight_format: CpuWeightFormat::F32, ..options() });
     let mut worst = 0f32;
     for case in &reference.cases {
-        let sampling = SamplingParams {
-            logprobs: Some(5),
-            ..SamplingParams::greedy()
-        };
-        let stop = StopParams {
-            max_tokens: case.output_token_ids.len(),
-            ignore_eos: true,
-            ..Default::default()
-        };
-        let out = run(
-            &mut core,
-            vec![EngineRequest::new(
-                case.name.clone(),
-                case.prompt_token_ids.clone(),
-                sampling,
-                stop,
-            )],
-        )
-        .remove(0);
+        let sampling = SamplingParams { logprobs: Some(5), ..SamplingParams::greedy() };
+        let stop = StopParams { max_tokens: case.output_token_ids.len(), ignore_eos: true, ..Default::default() };
+        let out =
+            run(&mut core, vec![EngineRequest::new(case.name.clone(), case.prompt_token_ids.clone(), sampling, stop)])
+                .remove(0);
         assert_eq!(
             out.tokens[&0], case.output_token_ids,
             "{}: greedy tokens differ from the float64 reference",
@@ -74,18 +54,11 @@ fn f32_weights_match_a_float64_reference_implementation() {
             for ((t, _, lp), (rt, rlp)) in ours.top.iter().zip(&theirs.top) {
                 // Top alternatives agree in value (their order may swap only within the tolerance).
                 if t == rt {
-                    assert!(
-                        (lp - rlp).abs() < 0.02,
-                        "{} step {i}: token {t} logprob {lp} vs {rlp}",
-                        case.name
-                    );
+                    assert!((lp - rlp).abs() < 0.02, "{} step {i}: token {t} logprob {lp} vs {rlp}", case.name);
                 }
             }
         }
     }
     println!("worst chosen-token logprob difference from float64: {worst:.5}");
-    assert!(
-        worst < 0.02,
-        "log-probabilities drift from the float64 reference by {worst}"
-    );
+    assert!(worst < 0.02, "log-probabilities drift from the float64 reference by {worst}");
 }

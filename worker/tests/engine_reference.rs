@@ -50,11 +50,9 @@ const MIN_IDENTICAL: f64 = 0.6;
 
 #[test]
 fn greedy_tokens_match_llama_cpp_on_the_same_gguf() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/smollm2_greedy_reference.json"
-    ))
-    .unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/smollm2_greedy_reference.json"))
+            .unwrap();
     let reference: Reference = serde_json::from_str(&text).unwrap();
     assert!(reference.cases.len() >= 8);
     let mut core = engine(&options());
@@ -62,42 +60,21 @@ fn greedy_tokens_match_llama_cpp_on_the_same_gguf() {
     for case in &reference.cases {
         let ours = core
             .tokenizer()
-            .encode_chat(
-                &case.messages,
-                &ChatTemplateOptions {
-                    add_generation_prompt: true,
-                    ..Default::default()
-                },
-            )
+            .encode_chat(&case.messages, &ChatTemplateOptions { add_generation_prompt: true, ..Default::default() })
             .unwrap();
-        assert_eq!(
-            ours, case.prompt_token_ids,
-            "{}: chat template + tokenizer differ from llama.cpp",
-            case.name
-        );
+        assert_eq!(ours, case.prompt_token_ids, "{}: chat template + tokenizer differ from llama.cpp", case.name);
         let steps = case.output_token_ids.len();
-        let sampling = SamplingParams {
-            logprobs: Some(5),
-            ..SamplingParams::greedy()
-        };
+        let sampling = SamplingParams { logprobs: Some(5), ..SamplingParams::greedy() };
         let req = EngineRequest::new(
             case.name.clone(),
             case.prompt_token_ids.clone(),
             sampling,
-            StopParams {
-                max_tokens: steps,
-                ignore_eos: true,
-                ..Default::default()
-            },
+            StopParams { max_tokens: steps, ignore_eos: true, ..Default::default() },
         );
         let out = run(&mut core, vec![req]).remove(0);
         let (tokens, logprobs) = (&out.tokens[&0], &out.logprobs[&0]);
         assert_eq!(tokens.len(), steps);
-        let agree = tokens
-            .iter()
-            .zip(&case.output_token_ids)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let agree = tokens.iter().zip(&case.output_token_ids).take_while(|(a, b)| a == b).count();
         for (i, step) in case.steps[..agree].iter().enumerate() {
             let gap = (logprobs[i].logprob - step.logprob).abs();
             worst_logprob_gap = worst_logprob_gap.max(gap);
@@ -126,12 +103,6 @@ fn greedy_tokens_match_llama_cpp_on_the_same_gguf() {
         matched += agree;
         total += steps;
     }
-    println!(
-        "{matched}/{total} tokens identical to {}; worst logprob gap {worst_logprob_gap:.4}",
-        reference.generator
-    );
-    assert!(
-        matched as f64 >= total as f64 * MIN_IDENTICAL,
-        "only {matched} of {total} tokens match llama.cpp"
-    );
+    println!("{matched}/{total} tokens identical to {}; worst logprob gap {worst_logprob_gap:.4}", reference.generator);
+    assert!(matched as f64 >= total as f64 * MIN_IDENTICAL, "only {matched} of {total} tokens match llama.cpp");
 }

@@ -7,9 +7,7 @@ use std::path::Path;
 use half::{bf16, f16};
 use lumen_worker::WorkerError;
 use lumen_worker::model::dummy::llama_tensor_shapes;
-use lumen_worker::model::{
-    DummySource, LlamaConfig, SafetensorsSource, TensorBytes, TensorDType, TensorSource,
-};
+use lumen_worker::model::{DummySource, LlamaConfig, SafetensorsSource, TensorBytes, TensorDType, TensorSource};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
@@ -20,58 +18,32 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 fn f16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter()
-        .flat_map(|&x| f16::from_f32(x).to_le_bytes())
-        .collect()
+    v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect()
 }
 fn bf16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter()
-        .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
-        .collect()
+    v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect()
 }
 
 fn write_file(path: &Path, specs: &[Spec]) {
     let views: Vec<(String, TensorView<'_>)> = specs
         .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            (
-                name.clone(),
-                TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
-            )
-        })
+        .map(|(name, dtype, shape, bytes)| (name.clone(), TensorView::new(*dtype, shape.clone(), bytes).unwrap()))
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
 fn write_index(dir: &Path, map: &[(&str, &str)]) {
-    let weight_map: serde_json::Map<String, serde_json::Value> = map
-        .iter()
-        .map(|(t, f)| (t.to_string(), serde_json::Value::String(f.to_string())))
-        .collect();
+    let weight_map: serde_json::Map<String, serde_json::Value> =
+        map.iter().map(|(t, f)| (t.to_string(), serde_json::Value::String(f.to_string()))).collect();
     let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
 }
 
 fn three_dtypes() -> Vec<Spec> {
     vec![
-        (
-            "a.f32".into(),
-            Dtype::F32,
-            vec![2, 3],
-            f32_bytes(&[1.0, -2.0, 3.5, 0.0, 1e-3, -7.25]),
-        ),
-        (
-            "b.f16".into(),
-            Dtype::F16,
-            vec![4],
-            f16_bytes(&[0.5, -1.5, 2.0, 65504.0]),
-        ),
-        (
-            "c.bf16".into(),
-            Dtype::BF16,
-            vec![2, 2],
-            bf16_bytes(&[1.0, -0.25, 3.0, 256.0]),
-        ),
+        ("a.f32".into(), Dtype::F32, vec![2, 3], f32_bytes(&[1.0, -2.0, 3.5, 0.0, 1e-3, -7.25])),
+        ("b.f16".into(), Dtype::F16, vec![4], f16_bytes(&[0.5, -1.5, 2.0, 65504.0])),
+        ("c.bf16".into(), Dtype::BF16, vec![2, 2], bf16_bytes(&[1.0, -0.25, 3.0, 256.0])),
     ]
 }
 
@@ -85,20 +57,13 @@ fn single_file_f32_f16_bf16_read_back_zero_copy() {
     write_file(&tmp.path().join("model.safetensors"), &three_dtypes());
     let src = SafetensorsSource::open(tmp.path()).unwrap();
     assert_eq!(src.file_count(), 1);
-    assert!(
-        src.describe().ends_with("model.safetensors"),
-        "{}",
-        src.describe()
-    );
+    assert!(src.describe().ends_with("model.safetensors"), "{}", src.describe());
     assert_eq!(src.tensor_names(), vec!["a.f32", "b.f16", "c.bf16"]);
 
     let a = src.tensor("a.f32").unwrap();
     assert_eq!((a.dtype, a.shape.clone()), (TensorDType::F32, vec![2, 3]));
     assert_eq!(a.to_f32().unwrap(), vec![1.0, -2.0, 3.5, 0.0, 1e-3, -7.25]);
-    assert!(
-        matches!(a.bytes, TensorBytes::Mapped { .. }),
-        "tensors must be mapped, not copied"
-    );
+    assert!(matches!(a.bytes, TensorBytes::Mapped { .. }), "tensors must be mapped, not copied");
 
     let b = src.tensor("b.f16").unwrap();
     assert_eq!(b.dtype, TensorDType::F16);
@@ -110,10 +75,7 @@ fn single_file_f32_f16_bf16_read_back_zero_copy() {
 
     assert!(src.contains("a.f32") && !src.contains("lm_head.weight"));
     let err = message(src.tensor("lm_head.weight").unwrap_err());
-    assert!(
-        err.contains("lm_head.weight") && err.contains("model.safetensors"),
-        "{err}"
-    );
+    assert!(err.contains("lm_head.weight") && err.contains("model.safetensors"), "{err}");
 }
 
 #[test]
@@ -122,10 +84,7 @@ fn two_shards_with_index_read_back_from_the_right_shard() {
     let mut specs = three_dtypes();
     let third = specs.pop().unwrap();
     write_file(&tmp.path().join("model-00001-of-00002.safetensors"), &specs);
-    write_file(
-        &tmp.path().join("model-00002-of-00002.safetensors"),
-        &[third],
-    );
+    write_file(&tmp.path().join("model-00002-of-00002.safetensors"), &[third]);
     write_index(
         tmp.path(),
         &[
@@ -135,28 +94,15 @@ fn two_shards_with_index_read_back_from_the_right_shard() {
         ],
     );
     // The index wins over a stray single file.
-    write_file(
-        &tmp.path().join("model.safetensors"),
-        &[("stray".into(), Dtype::F32, vec![1], f32_bytes(&[9.0]))],
-    );
+    write_file(&tmp.path().join("model.safetensors"), &[("stray".into(), Dtype::F32, vec![1], f32_bytes(&[9.0]))]);
 
     let src = SafetensorsSource::open(tmp.path()).unwrap();
     assert_eq!(src.file_count(), 2);
     assert!(src.describe().ends_with("(2 shards)"), "{}", src.describe());
     assert!(!src.contains("stray"));
-    assert!(
-        src.file_of("c.bf16")
-            .unwrap()
-            .ends_with("model-00002-of-00002.safetensors")
-    );
-    assert_eq!(
-        src.tensor("c.bf16").unwrap().to_f32().unwrap(),
-        vec![1.0, -0.25, 3.0, 256.0]
-    );
-    assert_eq!(
-        src.tensor("b.f16").unwrap().to_f32().unwrap(),
-        vec![0.5, -1.5, 2.0, 65504.0]
-    );
+    assert!(src.file_of("c.bf16").unwrap().ends_with("model-00002-of-00002.safetensors"));
+    assert_eq!(src.tensor("c.bf16").unwrap().to_f32().unwrap(), vec![1.0, -0.25, 3.0, 256.0]);
+    assert_eq!(src.tensor("b.f16").unwrap().to_f32().unwrap(), vec![0.5, -1.5, 2.0, 65504.0]);
     assert_eq!(src.tensor("a.f32").unwrap().to_f32().unwrap()[2], 3.5);
 }
 
@@ -166,17 +112,9 @@ fn truncated_file_is_an_error_naming_the_file() {
     let path = tmp.path().join("model.safetensors");
     write_file(&path, &three_dtypes());
     let len = std::fs::metadata(&path).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(len - 3)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
     let err = message(SafetensorsSource::open(tmp.path()).err().unwrap());
-    assert!(
-        err.contains("model.safetensors") && err.contains("truncated"),
-        "{err}"
-    );
+    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
 }
 
 #[test]
@@ -185,37 +123,19 @@ fn truncated_shard_is_an_error_naming_that_shard() {
     let specs = three_dtypes();
     write_file(&tmp.path().join("s1.safetensors"), &specs[..1]);
     write_file(&tmp.path().join("s2.safetensors"), &specs[1..]);
-    write_index(
-        tmp.path(),
-        &[
-            ("a.f32", "s1.safetensors"),
-            ("b.f16", "s2.safetensors"),
-            ("c.bf16", "s2.safetensors"),
-        ],
-    );
+    write_index(tmp.path(), &[("a.f32", "s1.safetensors"), ("b.f16", "s2.safetensors"), ("c.bf16", "s2.safetensors")]);
     let s2 = tmp.path().join("s2.safetensors");
     // Cut inside the header: a download that stopped almost at once.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&s2)
-        .unwrap()
-        .set_len(20)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&s2).unwrap().set_len(20).unwrap();
     let err = message(SafetensorsSource::open(tmp.path()).err().unwrap());
-    assert!(
-        err.contains("s2.safetensors") && err.contains("truncated"),
-        "{err}"
-    );
+    assert!(err.contains("s2.safetensors") && err.contains("truncated"), "{err}");
 }
 
 #[test]
 fn missing_shard_is_an_error_naming_the_shard_and_the_index() {
     let tmp = tempfile::tempdir().unwrap();
     let specs = three_dtypes();
-    write_file(
-        &tmp.path().join("model-00001-of-00002.safetensors"),
-        &specs[..2],
-    );
+    write_file(&tmp.path().join("model-00001-of-00002.safetensors"), &specs[..2]);
     write_index(
         tmp.path(),
         &[
@@ -225,10 +145,7 @@ fn missing_shard_is_an_error_naming_the_shard_and_the_index() {
         ],
     );
     let err = message(SafetensorsSource::open(tmp.path()).err().unwrap());
-    assert!(
-        err.contains("model-00002-of-00002.safetensors") && err.contains("missing"),
-        "{err}"
-    );
+    assert!(err.contains("model-00002-of-00002.safetensors") && err.contains("missing"), "{err}");
     assert!(err.contains("model.safetensors.index.json"), "{err}");
 }
 
@@ -239,19 +156,9 @@ fn index_naming_a_tensor_absent_from_its_shard_is_an_error() {
     write_file(&tmp.path().join("s1.safetensors"), &specs[..1]);
     write_file(&tmp.path().join("s2.safetensors"), &specs[1..]);
     // c.bf16 really lives in s2; the index says s1.
-    write_index(
-        tmp.path(),
-        &[
-            ("a.f32", "s1.safetensors"),
-            ("b.f16", "s2.safetensors"),
-            ("c.bf16", "s1.safetensors"),
-        ],
-    );
+    write_index(tmp.path(), &[("a.f32", "s1.safetensors"), ("b.f16", "s2.safetensors"), ("c.bf16", "s1.safetensors")]);
     let err = message(SafetensorsSource::open(tmp.path()).err().unwrap());
-    assert!(
-        err.contains("s1.safetensors") && err.contains("`c.bf16`"),
-        "{err}"
-    );
+    assert!(err.contains("s1.safetensors") && err.contains("`c.bf16`"), "{err}");
 }
 
 #[test]
@@ -266,40 +173,22 @@ fn non_safetensors_files_and_empty_dirs_are_errors_naming_the_path() {
     )
     .unwrap();
     let err = message(SafetensorsSource::open(tmp.path()).err().unwrap());
-    assert!(
-        err.contains("model.safetensors") && err.contains("not a safetensors file"),
-        "{err}"
-    );
+    assert!(err.contains("model.safetensors") && err.contains("not a safetensors file"), "{err}");
 
     std::fs::write(tmp.path().join("model.safetensors"), b"").unwrap();
     let err = message(SafetensorsSource::open(tmp.path()).err().unwrap());
-    assert!(
-        err.contains("model.safetensors") && err.contains("not a safetensors file"),
-        "{err}"
-    );
+    assert!(err.contains("model.safetensors") && err.contains("not a safetensors file"), "{err}");
 
-    std::fs::write(
-        tmp.path().join("model.safetensors.index.json"),
-        b"{\"metadata\": {}}",
-    )
-    .unwrap();
+    std::fs::write(tmp.path().join("model.safetensors.index.json"), b"{\"metadata\": {}}").unwrap();
     let err = message(SafetensorsSource::open(tmp.path()).err().unwrap());
-    assert!(
-        err.contains("model.safetensors.index.json") && err.contains("weight_map"),
-        "{err}"
-    );
+    assert!(err.contains("model.safetensors.index.json") && err.contains("weight_map"), "{err}");
 }
 
 #[test]
 fn unsupported_dtype_is_an_error_naming_tensor_and_dtype() {
     let tmp = tempfile::tempdir().unwrap();
     let mut specs = three_dtypes();
-    specs.push((
-        "positions".into(),
-        Dtype::I64,
-        vec![2],
-        [7i64, 8].iter().flat_map(|x| x.to_le_bytes()).collect(),
-    ));
+    specs.push(("positions".into(), Dtype::I64, vec![2], [7i64, 8].iter().flat_map(|x| x.to_le_bytes()).collect()));
     write_file(&tmp.path().join("model.safetensors"), &specs);
     let src = SafetensorsSource::open(tmp.path()).unwrap();
     assert!(src.contains("positions"));
@@ -326,21 +215,9 @@ fn dummy_weights_written_as_safetensors_load_back_with_the_same_names_shapes_and
     ] {
         let config = tiny_config(tied);
         let dummy = DummySource::new(&config, dtype, 42).unwrap();
-        let tensors: Vec<_> = dummy
-            .tensor_names()
-            .map(|n| dummy.tensor(n).unwrap())
-            .collect();
-        let specs: Vec<Spec> = tensors
-            .iter()
-            .map(|t| {
-                (
-                    t.name.clone(),
-                    st_dtype,
-                    t.shape.clone(),
-                    t.bytes.as_slice().to_vec(),
-                )
-            })
-            .collect();
+        let tensors: Vec<_> = dummy.tensor_names().map(|n| dummy.tensor(n).unwrap()).collect();
+        let specs: Vec<Spec> =
+            tensors.iter().map(|t| (t.name.clone(), st_dtype, t.shape.clone(), t.bytes.as_slice().to_vec())).collect();
         let tmp = tempfile::tempdir().unwrap();
         write_file(&tmp.path().join("model.safetensors"), &specs);
 
@@ -351,11 +228,7 @@ fn dummy_weights_written_as_safetensors_load_back_with_the_same_names_shapes_and
         for (name, shape) in expected {
             let t = src.tensor(&name).unwrap();
             assert_eq!(t.shape, shape, "{name}");
-            assert_eq!(
-                t.bytes.as_slice(),
-                dummy.tensor(&name).unwrap().bytes.as_slice(),
-                "{name}"
-            );
+            assert_eq!(t.bytes.as_slice(), dummy.tensor(&name).unwrap().bytes.as_slice(), "{name}");
         }
     }
 }

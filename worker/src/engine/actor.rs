@@ -46,21 +46,12 @@ impl Actor for EngineActor {
     type State = ActorState;
     type Arguments = ActorArgs;
 
-    async fn pre_start(
-        &self,
-        _me: ActorRef<Self::Msg>,
-        args: ActorArgs,
-    ) -> Result<ActorState, ActorProcessingErr> {
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, args: ActorArgs) -> Result<ActorState, ActorProcessingErr> {
         let (tx, rx) = crossbeam_channel::bounded(COMMAND_QUEUE_CAPACITY);
         let stats = Arc::new(Mutex::new(args.core.stats()));
         let limits = args.core.limits().clone();
         let thread = runner::spawn(args.core, rx, Arc::clone(&stats), &args.name)?;
-        Ok(ActorState {
-            commands: tx,
-            stats,
-            limits,
-            thread: Some(thread),
-        })
+        Ok(ActorState { commands: tx, stats, limits, thread: Some(thread) })
     }
 
     async fn handle(
@@ -80,22 +71,14 @@ impl Actor for EngineActor {
                 let _ = state.commands.try_send(Command::Abort(id));
             }
             EngineMessage::Stats(reply) => {
-                let snapshot = state
-                    .stats
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
+                let snapshot = state.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let _ = reply.send(snapshot);
             }
         }
         Ok(())
     }
 
-    async fn post_stop(
-        &self,
-        _me: ActorRef<Self::Msg>,
-        state: &mut ActorState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _me: ActorRef<Self::Msg>, state: &mut ActorState) -> Result<(), ActorProcessingErr> {
         let _ = state.commands.send(Command::Shutdown);
         if let Some(thread) = state.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -104,21 +87,12 @@ impl Actor for EngineActor {
     }
 }
 
-fn submit(
-    me: &ActorRef<EngineMessage>,
-    state: &ActorState,
-    req: EngineRequest,
-) -> Result<RequestStream> {
+fn submit(me: &ActorRef<EngineMessage>, state: &ActorState, req: EngineRequest) -> Result<RequestStream> {
     state.limits.validate(&req)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let id = req.id.clone();
     match state.commands.try_send(Command::Add(req, tx)) {
-        Ok(()) => Ok(RequestStream {
-            id,
-            rx,
-            engine: Some(me.clone()),
-            done: false,
-        }),
+        Ok(()) => Ok(RequestStream { id, rx, engine: Some(me.clone()), done: false }),
         Err(TrySendError::Full(_)) => Err(WorkerError::Engine("the engine's queue is full".into())),
         Err(TrySendError::Disconnected(_)) => Err(WorkerError::EngineStopped),
     }
@@ -175,38 +149,19 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Starts the engine thread and its actor.
-    pub async fn start(
-        core: EngineCore,
-        name: &str,
-    ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>)> {
+    pub async fn start(core: EngineCore, name: &str) -> Result<(EngineHandle, tokio::task::JoinHandle<()>)> {
         let tokenizer = core.tokenizer().clone();
         let limits = core.limits().clone();
         let description: Arc<str> = core.model().describe().into();
-        let (actor, join) = Actor::spawn(
-            None,
-            EngineActor,
-            ActorArgs {
-                core,
-                name: name.to_string(),
-            },
-        )
-        .await
-        .map_err(|e| WorkerError::Engine(format!("cannot start the engine actor: {e}")))?;
-        Ok((
-            EngineHandle {
-                actor,
-                tokenizer,
-                limits,
-                description,
-            },
-            join,
-        ))
+        let (actor, join) = Actor::spawn(None, EngineActor, ActorArgs { core, name: name.to_string() })
+            .await
+            .map_err(|e| WorkerError::Engine(format!("cannot start the engine actor: {e}")))?;
+        Ok((EngineHandle { actor, tokenizer, limits, description }, join))
     }
 
     /// Queues a request and returns its output stream.
     pub async fn generate(&self, req: EngineRequest) -> Result<RequestStream> {
-        ractor::call!(self.actor, EngineMessage::Generate, req)
-            .map_err(|_| WorkerError::EngineStopped)?
+        ractor::call!(self.actor, EngineMessage::Generate, req).map_err(|_| WorkerError::EngineStopped)?
     }
 
     /// Aborts a request by id (no-op if it already finished).

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::request::{
-    ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, RequestTimings,
-    StopReason, TokenLogprob, Usage,
+    ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, RequestTimings, StopReason, TokenLogprob,
+    Usage,
 };
 use super::stats::{EngineStats, RateMeter};
 use crate::model::Model;
@@ -121,39 +121,24 @@ impl EngineCore {
             return;
         }
         if self.requests.contains_key(&req.id) {
-            let _ = tx.send(EngineEvent::Failed(format!(
-                "a request with id `{}` is already running",
-                req.id
-            )));
+            let _ = tx.send(EngineEvent::Failed(format!("a request with id `{}` is already running", req.id)));
             return;
         }
         let seq_id = self.next_seq;
         self.next_seq += 1;
-        let sampler = SequenceSampler::new(
-            &req.sampling,
-            0,
-            &req.prompt_token_ids,
-            self.limits.vocab_size,
-        );
+        let sampler = SequenceSampler::new(&req.sampling, 0, &req.prompt_token_ids, self.limits.vocab_size);
         self.seqs.insert(
             seq_id,
             SeqState {
                 request: req.id.clone(),
                 index: 0,
                 sampler,
-                detok: IncrementalDetokenizer::with_prompt(
-                    &req.prompt_token_ids,
-                    req.skip_special_tokens,
-                ),
-                stop: StopStringMatcher::new(
-                    req.stop.stop.clone(),
-                    req.stop.include_stop_str_in_output,
-                ),
+                detok: IncrementalDetokenizer::with_prompt(&req.prompt_token_ids, req.skip_special_tokens),
+                stop: StopStringMatcher::new(req.stop.stop.clone(), req.stop.include_stop_str_in_output),
                 generated: 0,
             },
         );
-        self.scheduler
-            .add(Sequence::new(seq_id, seq_id, req.prompt_token_ids.clone()));
+        self.scheduler.add(Sequence::new(seq_id, seq_id, req.prompt_token_ids.clone()));
         self.requests.insert(
             req.id.clone(),
             RequestState {
@@ -212,10 +197,7 @@ impl EngineCore {
         }
         let now = Instant::now();
         for item in &schedule.seqs {
-            if let Some(req) = self
-                .seqs
-                .get(&item.id)
-                .and_then(|s| self.requests.get_mut(&s.request))
+            if let Some(req) = self.seqs.get(&item.id).and_then(|s| self.requests.get_mut(&s.request))
                 && req.scheduled_at.is_none()
             {
                 req.scheduled_at = Some(now);
@@ -254,12 +236,8 @@ impl EngineCore {
 
     /// Aborts requests whose receivers are gone (clients that disconnected).
     fn drop_disconnected(&mut self) {
-        let gone: Vec<String> = self
-            .requests
-            .iter()
-            .filter(|(_, r)| r.tx.is_closed())
-            .map(|(id, _)| id.clone())
-            .collect();
+        let gone: Vec<String> =
+            self.requests.iter().filter(|(_, r)| r.tx.is_closed()).map(|(id, _)| id.clone()).collect();
         for id in gone {
             self.abort(&id);
         }
@@ -311,15 +289,8 @@ impl EngineCore {
     fn sample_with(&self, state: &mut SeqState, req_id: &str, row: &mut [f32]) -> Sampled {
         let req = &self.requests[req_id];
         let suppress: Vec<TokenId> = if state.generated < req.stop.min_tokens {
-            let eos = if req.stop.ignore_eos {
-                &[][..]
-            } else {
-                self.tokenizer.eos_token_ids()
-            };
-            eos.iter()
-                .chain(&req.stop.stop_token_ids)
-                .copied()
-                .collect()
+            let eos = if req.stop.ignore_eos { &[][..] } else { self.tokenizer.eos_token_ids() };
+            eos.iter().chain(&req.stop.stop_token_ids).copied().collect()
         } else {
             Vec::new()
         };
@@ -348,11 +319,7 @@ impl EngineCore {
                 token,
                 piece: self.tokenizer.token_piece(token),
                 logprob: sampled.logprob,
-                top: sampled
-                    .top_logprobs
-                    .iter()
-                    .map(|&(t, lp)| (t, self.tokenizer.token_piece(t), lp))
-                    .collect(),
+                top: sampled.top_logprobs.iter().map(|&(t, lp)| (t, self.tokenizer.token_piece(t), lp)).collect(),
             }],
             None => Vec::new(),
         };
@@ -371,25 +338,18 @@ impl EngineCore {
                 text = outcome.emit;
                 if outcome.stopped {
                     finish = Some(FinishReason::Stop);
-                    stop_reason = outcome
-                        .matched
-                        .and_then(|i| req.stop.stop.get(i).cloned())
-                        .map(StopReason::String);
+                    stop_reason = outcome.matched.and_then(|i| req.stop.stop.get(i).cloned()).map(StopReason::String);
                 }
             } else {
                 text = piece;
             }
         }
         let total_len = req.prompt_len + state.generated;
-        if finish.is_none()
-            && (state.generated >= req.stop.max_tokens || total_len >= self.limits.max_model_len)
-        {
+        if finish.is_none() && (state.generated >= req.stop.max_tokens || total_len >= self.limits.max_model_len) {
             finish = Some(FinishReason::Length);
         }
         match finish {
-            Some(reason) => {
-                self.finish_seq(seq, reason, stop_reason, text, Some((token, logprobs)))
-            }
+            Some(reason) => self.finish_seq(seq, reason, stop_reason, text, Some((token, logprobs))),
             None => {
                 let index = state.index;
                 let _ = req.tx.send(EngineEvent::Delta(ChoiceDelta {
@@ -417,10 +377,7 @@ impl EngineCore {
         let Some(mut state) = self.seqs.remove(&seq) else {
             return;
         };
-        let cached = self
-            .scheduler
-            .remove(seq)
-            .map_or(0, |s| s.cached_prompt_tokens);
+        let cached = self.scheduler.remove(seq).map_or(0, |s| s.cached_prompt_tokens);
         let Some(req) = self.requests.get_mut(&state.request) else {
             return;
         };
@@ -450,10 +407,7 @@ impl EngineCore {
         }
         req.live.retain(|&s| s != seq);
         if req.live.is_empty() && (req.forked || reason == FinishReason::Abort) {
-            let req = self
-                .requests
-                .remove(&state.request)
-                .expect("request present");
+            let req = self.requests.remove(&state.request).expect("request present");
             let now = Instant::now();
             let usage = Usage {
                 prompt_tokens: req.prompt_len,
@@ -483,11 +437,7 @@ impl EngineCore {
             prefix_cache_hits: prefix.hits,
             prompt_tokens_per_s: self.prompt_rate.rate(now),
             generation_tokens_per_s: self.generation_rate.rate(now),
-            stalled_for: if self.has_work() {
-                now.duration_since(self.last_progress)
-            } else {
-                Duration::ZERO
-            },
+            stalled_for: if self.has_work() { now.duration_since(self.last_progress) } else { Duration::ZERO },
             ..self.counters.clone()
         }
     }

@@ -32,11 +32,8 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
             "block_size, max_num_seqs and max_num_batched_tokens must be positive",
         ));
     }
-    let layout = CacheLayout {
-        block_size: opts.block_size,
-        kv_heads: config.num_key_value_heads,
-        head_dim: config.head_dim,
-    };
+    let layout =
+        CacheLayout { block_size: opts.block_size, kv_heads: config.num_key_value_heads, head_dim: config.head_dim };
     let per_block = CpuKvStorage::bytes_per_block(&layout, config.num_hidden_layers);
     let num_blocks = (opts.kv_cache_memory.as_u64() as usize) / per_block;
     if num_blocks * opts.block_size < max_model_len {
@@ -108,10 +105,7 @@ pub fn open_model(
 fn open_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let json = dir.join("tokenizer.json");
     if !json.is_file() {
-        return Err(WorkerError::model_file(
-            &json,
-            "missing: a Hugging Face model directory needs tokenizer.json",
-        ));
+        return Err(WorkerError::model_file(&json, "missing: a Hugging Face model directory needs tokenizer.json"));
     }
     let config = dir.join("tokenizer_config.json");
     Tokenizer::from_files(&json, config.is_file().then_some(config.as_path()))

@@ -86,9 +86,7 @@ impl Default for EngineOptions {
             max_num_batched_tokens: defaults::MAX_NUM_BATCHED_TOKENS,
             block_size: defaults::BLOCK_SIZE,
             enable_prefix_caching: true,
-            kv_cache_memory: defaults::KV_CACHE_MEMORY
-                .parse()
-                .expect("valid default size"),
+            kv_cache_memory: defaults::KV_CACHE_MEMORY.parse().expect("valid default size"),
             threads: None,
             cpu_weight_format: CpuWeightFormat::Auto,
             dummy_seed: 0,
@@ -104,8 +102,7 @@ impl EngineOptions {
 
     /// Model threads: the flag, or every available core.
     pub fn threads(&self) -> usize {
-        self.threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 }
 

@@ -62,29 +62,16 @@ impl EngineLimits {
             return Err(WorkerError::invalid("request_id", "must not be empty"));
         }
         if req.prompt_token_ids.is_empty() {
-            return Err(WorkerError::invalid(
-                "prompt",
-                "the prompt must contain at least one token",
-            ));
+            return Err(WorkerError::invalid("prompt", "the prompt must contain at least one token"));
         }
-        if let Some(&t) = req
-            .prompt_token_ids
-            .iter()
-            .find(|&&t| t as usize >= self.vocab_size)
-        {
+        if let Some(&t) = req.prompt_token_ids.iter().find(|&&t| t as usize >= self.vocab_size) {
             return Err(WorkerError::invalid(
                 "prompt",
-                format!(
-                    "token id {t} is outside the vocabulary of {}",
-                    self.vocab_size
-                ),
+                format!("token id {t} is outside the vocabulary of {}", self.vocab_size),
             ));
         }
         if req.n == 0 || req.n > MAX_N {
-            return Err(WorkerError::invalid(
-                "n",
-                format!("must be between 1 and {MAX_N}, got {}", req.n),
-            ));
+            return Err(WorkerError::invalid("n", format!("must be between 1 and {MAX_N}, got {}", req.n)));
         }
         req.sampling.validate(self.vocab_size)?;
         req.stop.validate(self.vocab_size)?;
@@ -188,9 +175,6 @@ pub struct RequestTimings {
 #[derive(Clone, Debug, PartialEq)]
 pub enum EngineEvent {
     Delta(ChoiceDelta),
-    Finished {
-        usage: Usage,
-        timings: RequestTimings,
-    },
+    Finished { usage: Usage, timings: RequestTimings },
     Failed(String),
 }

@@ -28,58 +28,56 @@ pub fn spawn(
     stats: Arc<Mutex<EngineStats>>,
     name: &str,
 ) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(format!("lumen-engine-{name}"))
-        .spawn(move || {
-            loop {
-                // Block while idle; otherwise take whatever arrived since the last step.
-                if !core.has_work() {
-                    match commands.recv() {
-                        Ok(cmd) => {
-                            if !apply(&mut core, cmd) {
-                                break;
-                            }
-                            core.mark_progress();
+    std::thread::Builder::new().name(format!("lumen-engine-{name}")).spawn(move || {
+        loop {
+            // Block while idle; otherwise take whatever arrived since the last step.
+            if !core.has_work() {
+                match commands.recv() {
+                    Ok(cmd) => {
+                        if !apply(&mut core, cmd) {
+                            break;
                         }
-                        Err(_) => break,
+                        core.mark_progress();
                     }
+                    Err(_) => break,
                 }
-                let mut running = true;
-                loop {
-                    match commands.try_recv() {
-                        Ok(cmd) => {
-                            if !apply(&mut core, cmd) {
-                                running = false;
-                                break;
-                            }
-                        }
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => {
+            }
+            let mut running = true;
+            loop {
+                match commands.try_recv() {
+                    Ok(cmd) => {
+                        if !apply(&mut core, cmd) {
                             running = false;
                             break;
                         }
                     }
-                }
-                if !running {
-                    break;
-                }
-                match catch_unwind(AssertUnwindSafe(|| core.step())) {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "engine step failed; failing its requests");
-                        core.fail_all(&format!("engine error: {e}"));
-                    }
-                    Err(_) => {
-                        tracing::error!("engine step panicked; failing its requests");
-                        core.fail_all("engine error: internal panic");
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        running = false;
+                        break;
                     }
                 }
-                publish(&core, &stats);
             }
-            core.abort_all();
+            if !running {
+                break;
+            }
+            match catch_unwind(AssertUnwindSafe(|| core.step())) {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "engine step failed; failing its requests");
+                    core.fail_all(&format!("engine error: {e}"));
+                }
+                Err(_) => {
+                    tracing::error!("engine step panicked; failing its requests");
+                    core.fail_all("engine error: internal panic");
+                }
+            }
             publish(&core, &stats);
-            tracing::info!("engine thread stopped");
-        })
+        }
+        core.abort_all();
+        publish(&core, &stats);
+        tracing::info!("engine thread stopped");
+    })
 }
 
 /// Applies a command; false means shut down.

@@ -29,11 +29,7 @@ pub struct EngineStats {
 impl EngineStats {
     /// Fraction of KV blocks in use.
     pub fn kv_usage(&self) -> f64 {
-        if self.kv_blocks_total == 0 {
-            0.0
-        } else {
-            self.kv_blocks_used as f64 / self.kv_blocks_total as f64
-        }
+        if self.kv_blocks_total == 0 { 0.0 } else { self.kv_blocks_used as f64 / self.kv_blocks_total as f64 }
     }
 
     /// Prefix cache hit rate over all lookups so far.
@@ -55,10 +51,7 @@ pub struct RateMeter {
 
 impl RateMeter {
     pub fn new(window: Duration) -> RateMeter {
-        RateMeter {
-            window,
-            samples: Default::default(),
-        }
+        RateMeter { window, samples: Default::default() }
     }
 
     /// Records `tokens` done at `now`.
@@ -75,12 +68,8 @@ impl RateMeter {
 
     /// Tokens per second over the window ending at `now`.
     pub fn rate(&self, now: Instant) -> f64 {
-        let recent: u64 = self
-            .samples
-            .iter()
-            .filter(|(t, _)| now.duration_since(*t) <= self.window)
-            .map(|(_, n)| n)
-            .sum();
+        let recent: u64 =
+            self.samples.iter().filter(|(t, _)| now.duration_since(*t) <= self.window).map(|(_, n)| n).sum();
         recent as f64 / self.window.as_secs_f64()
     }
 }

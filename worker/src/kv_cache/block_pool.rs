@@ -94,11 +94,7 @@ impl BlockPool {
 
     /// Fraction of blocks in use, 0..=1.
     pub fn usage(&self) -> f32 {
-        if self.meta.is_empty() {
-            0.0
-        } else {
-            1.0 - self.free as f32 / self.meta.len() as f32
-        }
+        if self.meta.is_empty() { 0.0 } else { 1.0 - self.free as f32 / self.meta.len() as f32 }
     }
 
     pub fn ref_count(&self, id: BlockId) -> u32 {
@@ -242,9 +238,7 @@ impl BlockPool {
         }
         for (h, &id) in &self.cached {
             if self.meta[id as usize].hash != Some(*h) {
-                return Err(format!(
-                    "cache maps a hash to block {id} which does not carry it"
-                ));
+                return Err(format!("cache maps a hash to block {id} which does not carry it"));
             }
         }
         Ok(())
@@ -305,10 +299,7 @@ mod tests {
         let a = BlockHash::of(None, &[1, 2, 3]);
         assert_eq!(a, BlockHash::of(None, &[1, 2, 3]));
         assert_ne!(BlockHash::of(Some(a), &[4]), BlockHash::of(None, &[4]));
-        assert_ne!(
-            BlockHash::of(None, &[1, 2, 3]),
-            BlockHash::of(None, &[3, 2, 1])
-        );
+        assert_ne!(BlockHash::of(None, &[1, 2, 3]), BlockHash::of(None, &[3, 2, 1]));
     }
 
     #[test]

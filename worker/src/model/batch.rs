@@ -51,9 +51,7 @@ impl ForwardBatch {
             let pos = start_pos + i;
             self.token_ids.push(t);
             self.positions.push(pos as u32);
-            self.slot_mapping.push(
-                block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32,
-            );
+            self.slot_mapping.push(block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
         }
         if wants_logits && !tokens.is_empty() {
             self.logits_rows.push(query_start + tokens.len() - 1);

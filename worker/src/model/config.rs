@@ -34,12 +34,7 @@ pub struct LlamaConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     /// Llama-3.1's scheme: low frequencies divided by `factor`, a smooth ramp in between.
-    Llama3 {
-        factor: f32,
-        low_freq_factor: f32,
-        high_freq_factor: f32,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
     /// Positions divided by `factor` (all frequencies divided by it).
     Linear { factor: f32 },
     /// Per-frequency divisors, as GGUF files store them in the `rope_freqs.weight` tensor.
@@ -103,8 +98,8 @@ impl IdOrIds {
 impl LlamaConfig {
     /// Reads a Hugging Face `config.json`; rejects architectures other than Llama's.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| WorkerError::model_file(path, format!("cannot read: {e}")))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| WorkerError::model_file(path, format!("cannot read: {e}")))?;
         Self::from_hf_json(&text).map_err(|e| match e {
             WorkerError::ModelConfig(reason) => WorkerError::model_file(path, reason),
             other => other,
@@ -116,10 +111,7 @@ impl LlamaConfig {
         let raw: HfConfig = serde_json::from_str(text)
             .map_err(|e| WorkerError::ModelConfig(format!("not a valid Llama config.json: {e}")))?;
         let is_llama = raw.model_type.as_deref() == Some("llama")
-            || raw
-                .architectures
-                .iter()
-                .any(|a| a == "LlamaForCausalLM" || a == "MistralForCausalLM");
+            || raw.architectures.iter().any(|a| a == "LlamaForCausalLM" || a == "MistralForCausalLM");
         if !is_llama {
             return Err(WorkerError::ModelConfig(format!(
                 "unsupported architecture {:?} (model_type {:?}); Lumen serves Llama-architecture models",
@@ -138,11 +130,7 @@ impl LlamaConfig {
             num_hidden_layers: raw.num_hidden_layers,
             num_attention_heads: heads,
             num_key_value_heads: raw.num_key_value_heads.unwrap_or(heads),
-            head_dim: raw.head_dim.unwrap_or(if heads == 0 {
-                0
-            } else {
-                raw.hidden_size / heads
-            }),
+            head_dim: raw.head_dim.unwrap_or(if heads == 0 { 0 } else { raw.hidden_size / heads }),
             rms_norm_eps: raw.rms_norm_eps as f32,
             rope_theta: raw.rope_theta as f32,
             rope_scaling,
@@ -159,11 +147,7 @@ impl LlamaConfig {
     /// Rejects shapes the model cannot run with (zero sizes, heads that do not divide evenly).
     pub fn check(&self) -> Result<()> {
         let bad = |reason: String| Err(WorkerError::ModelConfig(reason));
-        if self.vocab_size == 0
-            || self.hidden_size == 0
-            || self.intermediate_size == 0
-            || self.num_hidden_layers == 0
-        {
+        if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 || self.num_hidden_layers == 0 {
             return bad(format!("sizes must be positive: {self:?}"));
         }
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.head_dim == 0 {
@@ -176,10 +160,7 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return bad(format!(
-                "head_dim {} must be even for rotary embeddings",
-                self.head_dim
-            ));
+            return bad(format!("head_dim {} must be even for rotary embeddings", self.head_dim));
         }
         Ok(())
     }
@@ -197,14 +178,11 @@ impl LlamaConfig {
     /// Rotary inverse frequencies, `head_dim / 2` of them, with rope scaling applied.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let half = self.head_dim / 2;
-        let base: Vec<f64> = (0..half)
-            .map(|i| 1.0 / (self.rope_theta as f64).powf(2.0 * i as f64 / self.head_dim as f64))
-            .collect();
+        let base: Vec<f64> =
+            (0..half).map(|i| 1.0 / (self.rope_theta as f64).powf(2.0 * i as f64 / self.head_dim as f64)).collect();
         match &self.rope_scaling {
             None => base.iter().map(|&f| f as f32).collect(),
-            Some(RopeScaling::Linear { factor }) => {
-                base.iter().map(|&f| (f / *factor as f64) as f32).collect()
-            }
+            Some(RopeScaling::Linear { factor }) => base.iter().map(|&f| (f / *factor as f64) as f32).collect(),
             Some(RopeScaling::Factors(factors)) => base
                 .iter()
                 .zip(factors.iter().chain(std::iter::repeat(&1.0)))
@@ -216,11 +194,7 @@ impl LlamaConfig {
                 high_freq_factor,
                 original_max_position_embeddings,
             }) => {
-                let (factor, low, high) = (
-                    *factor as f64,
-                    *low_freq_factor as f64,
-                    *high_freq_factor as f64,
-                );
+                let (factor, low, high) = (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64);
                 let old_len = *original_max_position_embeddings as f64;
                 let low_freq_wavelen = old_len / low;
                 let high_freq_wavelen = old_len / high;
@@ -244,16 +218,10 @@ impl LlamaConfig {
 }
 
 fn parse_hf_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling> {
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("");
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("");
     let num = |key: &str| v.get(key).and_then(|x| x.as_f64());
     let need = |key: &str| {
-        num(key).ok_or_else(|| {
-            WorkerError::ModelConfig(format!("rope_scaling of type {kind} needs `{key}`"))
-        })
+        num(key).ok_or_else(|| WorkerError::ModelConfig(format!("rope_scaling of type {kind} needs `{key}`")))
     };
     match kind {
         "llama3" => Ok(RopeScaling::Llama3 {
@@ -262,9 +230,7 @@ fn parse_hf_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling> {
             high_freq_factor: need("high_freq_factor")? as f32,
             original_max_position_embeddings: need("original_max_position_embeddings")? as usize,
         }),
-        "linear" => Ok(RopeScaling::Linear {
-            factor: need("factor")? as f32,
-        }),
+        "linear" => Ok(RopeScaling::Linear { factor: need("factor")? as f32 }),
         "default" => Ok(RopeScaling::Linear { factor: 1.0 }),
         other => Err(WorkerError::ModelConfig(format!(
             "unsupported rope_scaling type `{other}` (supported: llama3, linear)"
@@ -289,10 +255,7 @@ mod tests {
     #[test]
     fn parses_llama31_config_with_llama3_rope_scaling() {
         let c = LlamaConfig::from_hf_json(LLAMA31_8B).unwrap();
-        assert_eq!(
-            (c.num_hidden_layers, c.num_key_value_heads, c.head_dim),
-            (32, 8, 128)
-        );
+        assert_eq!((c.num_hidden_layers, c.num_key_value_heads, c.head_dim), (32, 8, 128));
         assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
         assert_eq!(c.kv_dim(), 1024);
         let inv = c.rope_inv_freq();

@@ -1,8 +1,8 @@
 //! Llama weights in the forms the CPU kernels multiply, loaded from any [`TensorSource`].
 //!
 //! Per layer the query/key/value projections are stacked into one matrix (`[q; k; v]` rows) and
-//! the gate/up projections are interleaved row by row (`gate_0, up_0, gate_1, ...`) so the MLP's
-//! `silu(gate) * up` is fused into one matrix multiplication.
+//! so are the MLP's gate and up projections (`[gate; up]`), so each takes one matrix
+//! multiplication.
 
 use candle_core::quantized::GgmlDType;
 
@@ -32,10 +32,7 @@ impl std::str::FromStr for CpuWeightFormat {
             "auto" => Ok(CpuWeightFormat::Auto),
             "f32" => Ok(CpuWeightFormat::F32),
             "q8_0" => Ok(CpuWeightFormat::Q8_0),
-            other => Err(WorkerError::invalid(
-                "cpu_weight_format",
-                format!("`{other}` is not one of auto, f32, q8_0"),
-            )),
+            other => Err(WorkerError::invalid("cpu_weight_format", format!("`{other}` is not one of auto, f32, q8_0"))),
         }
     }
 }
@@ -47,7 +44,7 @@ pub struct CpuLayer {
     pub qkv: Matrix,
     pub o: Matrix,
     pub ffn_norm: Vec<f32>,
-    /// `[2 * intermediate, hidden]`: gate and up rows interleaved.
+    /// `[2 * intermediate, hidden]`: gate rows, then up rows.
     pub gate_up: Matrix,
     pub down: Matrix,
 }
@@ -63,11 +60,7 @@ pub struct CpuWeights {
 
 impl CpuWeights {
     /// Loads and converts every tensor, checking names and shapes against `config`.
-    pub fn load(
-        config: &LlamaConfig,
-        src: &dyn TensorSource,
-        format: CpuWeightFormat,
-    ) -> Result<CpuWeights> {
+    pub fn load(config: &LlamaConfig, src: &dyn TensorSource, format: CpuWeightFormat) -> Result<CpuWeights> {
         let (h, inter) = (config.hidden_size, config.intermediate_size);
         let (qd, kvd) = (config.q_dim(), config.kv_dim());
         if h % QK != 0 || inter % QK != 0 {
@@ -94,13 +87,12 @@ impl CpuWeights {
             let gate = matrix(&format!("{p}.mlp.gate_proj.weight"), inter, h)?;
             let up = matrix(&format!("{p}.mlp.up_proj.weight"), inter, h)?;
             let gate_up = stack(vec![gate, up])?;
-            let order: Vec<usize> = (0..inter).flat_map(|j| [j, inter + j]).collect();
             layers.push(CpuLayer {
                 attn_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
                 qkv: stack(vec![q, k, v])?,
                 o: matrix(&format!("{p}.self_attn.o_proj.weight"), h, qd)?,
                 ffn_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate_up: gate_up.select_rows(&order),
+                gate_up,
                 down: matrix(&format!("{p}.mlp.down_proj.weight"), h, inter)?,
             });
         }
@@ -112,18 +104,10 @@ impl CpuWeights {
         } else {
             return Err(WorkerError::tensor(
                 "lm_head.weight",
-                format!(
-                    "missing from {} and the embeddings are not tied",
-                    src.describe()
-                ),
+                format!("missing from {} and the embeddings are not tied", src.describe()),
             ));
         };
-        Ok(CpuWeights {
-            embed,
-            layers,
-            final_norm: vector("model.norm.weight", h)?,
-            lm_head,
-        })
+        Ok(CpuWeights { embed, layers, final_norm: vector("model.norm.weight", h)?, lm_head })
     }
 
     /// The output projection (the embeddings when tied).
@@ -137,12 +121,9 @@ impl CpuWeights {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| {
-                l.qkv.size_bytes() + l.o.size_bytes() + l.gate_up.size_bytes() + l.down.size_bytes()
-            })
+            .map(|l| l.qkv.size_bytes() + l.o.size_bytes() + l.gate_up.size_bytes() + l.down.size_bytes())
             .sum();
-        let total =
-            layers + self.embed.size_bytes() + self.lm_head.as_ref().map_or(0, Matrix::size_bytes);
+        let total = layers + self.embed.size_bytes() + self.lm_head.as_ref().map_or(0, Matrix::size_bytes);
         (total, layers + self.output().size_bytes())
     }
 
@@ -158,10 +139,7 @@ pub fn to_matrix(t: &RawTensor, format: CpuWeightFormat) -> Result<Matrix> {
     let (rows, cols) = match t.shape[..] {
         [r, c] => (r, c),
         _ => {
-            return Err(WorkerError::tensor(
-                &t.name,
-                format!("expected a matrix, found shape {:?}", t.shape),
-            ));
+            return Err(WorkerError::tensor(&t.name, format!("expected a matrix, found shape {:?}", t.shape)));
         }
     };
     t.check_len()?;
@@ -204,19 +182,10 @@ fn stack(parts: Vec<Matrix>) -> Result<Matrix> {
             for (r, row) in dense.chunks_exact_mut(p.cols).enumerate() {
                 p.dequantize_row(r, row);
             }
-            let data = if any_f32 {
-                WeightData::F32(dense)
-            } else {
-                WeightData::Q8_0(quantize_q8_0(&dense))
-            };
-            Matrix {
-                rows: p.rows,
-                cols: p.cols,
-                data,
-            }
+            let data = if any_f32 { WeightData::F32(dense) } else { WeightData::Q8_0(quantize_q8_0(&dense)) };
+            Matrix { rows: p.rows, cols: p.cols, data }
         })
         .collect();
-    Matrix::concat_rows(&unified).ok_or_else(|| {
-        WorkerError::ModelConfig("projections of different widths cannot be stacked".into())
-    })
+    Matrix::concat_rows(&unified)
+        .ok_or_else(|| WorkerError::ModelConfig("projections of different widths cannot be stacked".into()))
 }

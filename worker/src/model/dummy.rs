@@ -31,11 +31,7 @@ pub const DUMMY_WEIGHT_RANGE: f32 = 1e-3;
 
 /// Every tensor a Llama checkpoint holds, with its Hugging Face name and shape, in file order.
 pub fn llama_tensor_shapes(config: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, i, v) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.vocab_size,
-    );
+    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
     let (q, kv) = (config.q_dim(), config.kv_dim());
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for l in 0..config.num_hidden_layers {
@@ -97,18 +93,10 @@ impl DummySource {
             TensorDType::F16 => Encoding::Half(half_table(|x| f16::from_f32(x).to_bits())),
             TensorDType::BF16 => Encoding::Half(half_table(|x| bf16::from_f32(x).to_bits())),
             TensorDType::Ggml(t) => {
-                return Err(WorkerError::invalid(
-                    "dtype",
-                    format!("dummy weights are F32, F16 or BF16, not {t:?}"),
-                ));
+                return Err(WorkerError::invalid("dtype", format!("dummy weights are F32, F16 or BF16, not {t:?}")));
             }
         };
-        Ok(DummySource {
-            dtype,
-            seed,
-            shapes: llama_tensor_shapes(config).into_iter().collect(),
-            encoding,
-        })
+        Ok(DummySource { dtype, seed, shapes: llama_tensor_shapes(config).into_iter().collect(), encoding })
     }
 
     /// The element type of every tensor.
@@ -129,14 +117,11 @@ impl DummySource {
                 TensorDType::BF16 => &bf16::ONE.to_le_bytes(),
                 _ => &1.0f32.to_le_bytes(),
             };
-            out.chunks_exact_mut(one.len())
-                .for_each(|c| c.copy_from_slice(one));
+            out.chunks_exact_mut(one.len()).for_each(|c| c.copy_from_slice(one));
             return;
         }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        fill_random(self.seed, fnv1a(name), out, threads, |chunk| {
-            self.encode(chunk)
-        });
+        fill_random(self.seed, fnv1a(name), out, threads, |chunk| self.encode(chunk));
     }
 
     /// Turns raw random bytes into element values in place: 16 random bits per half-precision
@@ -151,9 +136,7 @@ impl DummySource {
             }
             Encoding::Half(table) => {
                 for c in chunk.chunks_exact_mut(2) {
-                    c.copy_from_slice(
-                        &table[u16::from_le_bytes([c[0], c[1]]) as usize].to_le_bytes(),
-                    );
+                    c.copy_from_slice(&table[u16::from_le_bytes([c[0], c[1]]) as usize].to_le_bytes());
                 }
             }
         }
@@ -167,13 +150,7 @@ const CHUNK_BYTES: usize = 1 << 20;
 /// to each chunk while it is still in cache. Chunks are spread over up to `threads` threads;
 /// each seeks to its own word offset, so the bytes are those of one sequential stream whatever
 /// the thread count.
-fn fill_random(
-    seed: u64,
-    stream: u64,
-    out: &mut [u8],
-    threads: usize,
-    encode: impl Fn(&mut [u8]) + Sync,
-) {
+fn fill_random(seed: u64, stream: u64, out: &mut [u8], threads: usize, encode: impl Fn(&mut [u8]) + Sync) {
     let chunks = out.len().div_ceil(CHUNK_BYTES);
     let per_thread = chunks.div_ceil(threads.clamp(1, chunks.max(1))).max(1) * CHUNK_BYTES;
     let work = |first_chunk: usize, part: &mut [u8]| {
@@ -209,17 +186,13 @@ fn uniform_from_u24(r: u32) -> f32 {
 
 /// 64-bit FNV-1a: a hash whose value is fixed forever (unlike std's `DefaultHasher`).
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 impl TensorSource for DummySource {
     fn tensor(&self, name: &str) -> Result<RawTensor> {
-        let shape = self
-            .shapes
-            .get(name)
-            .ok_or_else(|| WorkerError::tensor(name, format!("not in {}", self.describe())))?;
+        let shape =
+            self.shapes.get(name).ok_or_else(|| WorkerError::tensor(name, format!("not in {}", self.describe())))?;
         let elems: usize = shape.iter().product();
         let mut bytes = vec![0u8; self.dtype.row_bytes(elems)];
         self.fill(name, &mut bytes);
@@ -307,16 +280,8 @@ mod tests {
             let name = "model.layers.1.mlp.down_proj.weight";
             let _ = b.tensor("model.embed_tokens.weight").unwrap();
             let ta = a.tensor(name).unwrap();
-            assert_eq!(
-                ta.bytes.as_slice(),
-                b.tensor(name).unwrap().bytes.as_slice(),
-                "{dtype:?}"
-            );
-            assert_ne!(
-                ta.bytes.as_slice(),
-                c.tensor(name).unwrap().bytes.as_slice(),
-                "{dtype:?}"
-            );
+            assert_eq!(ta.bytes.as_slice(), b.tensor(name).unwrap().bytes.as_slice(), "{dtype:?}");
+            assert_ne!(ta.bytes.as_slice(), c.tensor(name).unwrap().bytes.as_slice(), "{dtype:?}");
             // Different tensors of the same shape get different values.
             let up = a.tensor("model.layers.1.mlp.up_proj.weight").unwrap();
             let gate = a.tensor("model.layers.1.mlp.gate_proj.weight").unwrap();
@@ -328,37 +293,19 @@ mod tests {
     fn weights_are_small_and_centered_and_norms_are_one() {
         for dtype in [TensorDType::F32, TensorDType::F16, TensorDType::BF16] {
             let src = DummySource::new(&tiny(false), dtype, 3).unwrap();
-            let w = src
-                .tensor("model.embed_tokens.weight")
-                .unwrap()
-                .to_f32()
-                .unwrap();
+            let w = src.tensor("model.embed_tokens.weight").unwrap().to_f32().unwrap();
             // bf16 rounding may land a hair outside the f32 bound.
-            assert!(
-                w.iter().all(|x| x.abs() <= DUMMY_WEIGHT_RANGE * 1.01),
-                "{dtype:?}"
-            );
+            assert!(w.iter().all(|x| x.abs() <= DUMMY_WEIGHT_RANGE * 1.01), "{dtype:?}");
             let mean = w.iter().sum::<f32>() / w.len() as f32;
             assert!(mean.abs() < 2e-4, "{dtype:?} mean {mean}");
             let spread = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-            assert!(
-                spread > 5e-4,
-                "{dtype:?} values collapsed: max |x| {spread}"
-            );
+            assert!(spread > 5e-4, "{dtype:?} values collapsed: max |x| {spread}");
             for name in [
                 "model.layers.0.input_layernorm.weight",
                 "model.layers.1.post_attention_layernorm.weight",
                 "model.norm.weight",
             ] {
-                assert!(
-                    src.tensor(name)
-                        .unwrap()
-                        .to_f32()
-                        .unwrap()
-                        .iter()
-                        .all(|&x| x == 1.0),
-                    "{dtype:?} {name}"
-                );
+                assert!(src.tensor(name).unwrap().to_f32().unwrap().iter().all(|&x| x == 1.0), "{dtype:?} {name}");
             }
         }
     }
@@ -379,14 +326,7 @@ mod tests {
 
     #[test]
     fn quantized_dtypes_are_refused() {
-        let err = DummySource::new(
-            &tiny(false),
-            TensorDType::Ggml(candle_core::quantized::GgmlDType::Q4_0),
-            0,
-        );
-        assert!(matches!(
-            err,
-            Err(WorkerError::InvalidParameter { param: "dtype", .. })
-        ));
+        let err = DummySource::new(&tiny(false), TensorDType::Ggml(candle_core::quantized::GgmlDType::Q4_0), 0);
+        assert!(matches!(err, Err(WorkerError::InvalidParameter { param: "dtype", .. })));
     }
 }

@@ -50,9 +50,8 @@ struct RawGenerationConfig {
 impl GenerationConfig {
     /// Parses the text of a `generation_config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: RawGenerationConfig = serde_json::from_str(text).map_err(|e| {
-            WorkerError::ModelConfig(format!("invalid {GENERATION_CONFIG_FILE}: {e}"))
-        })?;
+        let raw: RawGenerationConfig = serde_json::from_str(text)
+            .map_err(|e| WorkerError::ModelConfig(format!("invalid {GENERATION_CONFIG_FILE}: {e}")))?;
         Ok(GenerationConfig {
             bos_token_id: raw.bos_token_id,
             eos_token_ids: raw.eos_token_id.map(IdOrIds::into_vec).unwrap_or_default(),
@@ -69,8 +68,8 @@ impl GenerationConfig {
 
     /// Reads a `generation_config.json` file; errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| WorkerError::model_file(path, format!("cannot read: {e}")))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| WorkerError::model_file(path, format!("cannot read: {e}")))?;
         Self::from_json(&text).map_err(|e| match e {
             WorkerError::ModelConfig(reason) => WorkerError::model_file(path, reason),
             other => other,
@@ -88,8 +87,7 @@ impl GenerationConfig {
 
     /// `config.json`'s eos ids followed by this file's, without duplicates, in first-seen order.
     pub fn merged_eos_ids(&self, from_config: &[TokenId]) -> Vec<TokenId> {
-        let mut ids: Vec<TokenId> =
-            Vec::with_capacity(from_config.len() + self.eos_token_ids.len());
+        let mut ids: Vec<TokenId> = Vec::with_capacity(from_config.len() + self.eos_token_ids.len());
         for &id in from_config.iter().chain(&self.eos_token_ids) {
             if !ids.contains(&id) {
                 ids.push(id);
@@ -110,10 +108,7 @@ mod tests {
         let g = GenerationConfig::from_json(text).unwrap();
         assert_eq!(g.bos_token_id, Some(128000));
         assert_eq!(g.eos_token_ids, vec![128001, 128008, 128009]);
-        assert_eq!(
-            (g.temperature, g.top_p, g.top_k),
-            (Some(0.6), Some(0.9), None)
-        );
+        assert_eq!((g.temperature, g.top_p, g.top_k), (Some(0.6), Some(0.9), None));
         assert_eq!(g.do_sample, Some(true));
     }
 
@@ -135,23 +130,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(GENERATION_CONFIG_FILE);
         std::fs::write(&path, r#"{"temperature": "hot"}"#).unwrap();
-        let err = GenerationConfig::from_dir(dir.path())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("generation_config.json") && err.contains("\"hot\""),
-            "{err}"
-        );
+        let err = GenerationConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("generation_config.json") && err.contains("\"hot\""), "{err}");
         std::fs::remove_file(&path).unwrap();
         assert_eq!(GenerationConfig::from_dir(dir.path()).unwrap(), None);
     }
 
     #[test]
     fn merged_eos_ids_keep_config_order_and_drop_duplicates() {
-        let g = GenerationConfig {
-            eos_token_ids: vec![128009, 128001],
-            ..Default::default()
-        };
+        let g = GenerationConfig { eos_token_ids: vec![128009, 128001], ..Default::default() };
         assert_eq!(g.merged_eos_ids(&[128001]), vec![128001, 128009]);
     }
 }

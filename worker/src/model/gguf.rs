@@ -28,19 +28,13 @@ pub struct GgufFile {
 impl GgufFile {
     /// Opens and validates `path`: the header must parse and every tensor must lie inside the file.
     pub fn open(path: &Path) -> Result<GgufFile> {
-        let mut file = File::open(path)
-            .map_err(|e| WorkerError::model_file(path, format!("cannot open: {e}")))?;
+        let mut file = File::open(path).map_err(|e| WorkerError::model_file(path, format!("cannot open: {e}")))?;
         let content = Content::read(&mut file)
             .map_err(|e| WorkerError::model_file(path, format!("not a readable GGUF file: {e}")))?;
         // SAFETY: the file is opened read-only; a model file changing under a running server is
         // outside what we can guard against (as for every mmap-based loader).
-        let map = unsafe { Mmap::map(&file) }
-            .map_err(|e| WorkerError::model_file(path, format!("cannot map: {e}")))?;
-        let gguf = GgufFile {
-            path: path.to_path_buf(),
-            content,
-            map: Arc::new(map),
-        };
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| WorkerError::model_file(path, format!("cannot map: {e}")))?;
+        let gguf = GgufFile { path: path.to_path_buf(), content, map: Arc::new(map) };
         for (name, info) in &gguf.content.tensor_infos {
             gguf.byte_range(name, info)?;
         }
@@ -86,12 +80,12 @@ impl GgufFile {
     }
 
     fn meta_usize(&self, key: &str) -> Result<usize> {
-        let v = self.meta(key).ok_or_else(|| {
-            WorkerError::model_file(&self.path, format!("metadata `{key}` is missing"))
-        })?;
-        value_as_u64(v).map(|x| x as usize).ok_or_else(|| {
-            WorkerError::model_file(&self.path, format!("metadata `{key}` is not an integer"))
-        })
+        let v = self
+            .meta(key)
+            .ok_or_else(|| WorkerError::model_file(&self.path, format!("metadata `{key}` is missing")))?;
+        value_as_u64(v)
+            .map(|x| x as usize)
+            .ok_or_else(|| WorkerError::model_file(&self.path, format!("metadata `{key}` is not an integer")))
     }
 
     fn meta_f32(&self, key: &str) -> Option<f32> {
@@ -107,18 +101,13 @@ impl GgufFile {
         let arch = match self.meta("general.architecture") {
             Some(Value::String(s)) => s.clone(),
             _ => {
-                return Err(WorkerError::model_file(
-                    &self.path,
-                    "metadata `general.architecture` is missing",
-                ));
+                return Err(WorkerError::model_file(&self.path, "metadata `general.architecture` is missing"));
             }
         };
         if arch != "llama" {
             return Err(WorkerError::model_file(
                 &self.path,
-                format!(
-                    "architecture `{arch}` is not supported (Lumen serves `llama`-architecture models)"
-                ),
+                format!("architecture `{arch}` is not supported (Lumen serves `llama`-architecture models)"),
             ));
         }
         let heads = self.meta_usize("llama.attention.head_count")?;
@@ -147,21 +136,14 @@ impl GgufFile {
             intermediate_size: self.meta_usize("llama.feed_forward_length")?,
             num_hidden_layers: self.meta_usize("llama.block_count")?,
             num_attention_heads: heads,
-            num_key_value_heads: self
-                .meta_usize("llama.attention.head_count_kv")
-                .unwrap_or(heads),
+            num_key_value_heads: self.meta_usize("llama.attention.head_count_kv").unwrap_or(heads),
             head_dim,
-            rms_norm_eps: self
-                .meta_f32("llama.attention.layer_norm_rms_epsilon")
-                .unwrap_or(1e-5),
+            rms_norm_eps: self.meta_f32("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             rope_theta: self.meta_f32("llama.rope.freq_base").unwrap_or(10_000.0),
             rope_scaling,
             max_position_embeddings: self.meta_usize("llama.context_length").unwrap_or(2048),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
-            bos_token_id: self
-                .meta("tokenizer.ggml.bos_token_id")
-                .and_then(value_as_u64)
-                .map(|x| x as u32),
+            bos_token_id: self.meta("tokenizer.ggml.bos_token_id").and_then(value_as_u64).map(|x| x as u32),
             eos_token_ids: self
                 .meta("tokenizer.ggml.eos_token_id")
                 .and_then(value_as_u64)
@@ -169,9 +151,7 @@ impl GgufFile {
                 .unwrap_or_default(),
             torch_dtype: None,
         };
-        config
-            .check()
-            .map_err(|e| WorkerError::model_file(&self.path, e.to_string()))?;
+        config.check().map_err(|e| WorkerError::model_file(&self.path, e.to_string()))?;
         Ok(config)
     }
 
@@ -181,24 +161,21 @@ impl GgufFile {
             return Ok(Some(RopeScaling::Factors(t.to_f32()?)));
         }
         match self.meta("llama.rope.scaling.type") {
-            Some(Value::String(kind)) if kind == "linear" => Ok(self
-                .meta_f32("llama.rope.scaling.factor")
-                .map(|factor| RopeScaling::Linear { factor })),
-            Some(Value::String(kind)) if kind != "none" => Err(WorkerError::model_file(
-                &self.path,
-                format!("rope scaling type `{kind}` is not supported"),
-            )),
+            Some(Value::String(kind)) if kind == "linear" => {
+                Ok(self.meta_f32("llama.rope.scaling.factor").map(|factor| RopeScaling::Linear { factor }))
+            }
+            Some(Value::String(kind)) if kind != "none" => {
+                Err(WorkerError::model_file(&self.path, format!("rope scaling type `{kind}` is not supported")))
+            }
             _ => Ok(None),
         }
     }
 
     fn raw(&self, gguf_name: &str, hf_name: &str) -> Result<RawTensor> {
-        let info = self.content.tensor_infos.get(gguf_name).ok_or_else(|| {
-            WorkerError::tensor(
-                hf_name,
-                format!("`{gguf_name}` is not in {}", self.path.display()),
-            )
-        })?;
+        let info =
+            self.content.tensor_infos.get(gguf_name).ok_or_else(|| {
+                WorkerError::tensor(hf_name, format!("`{gguf_name}` is not in {}", self.path.display()))
+            })?;
         let range = self.byte_range(gguf_name, info)?;
         let dtype = match info.ggml_dtype {
             GgmlDType::F32 => TensorDType::F32,
@@ -210,10 +187,7 @@ impl GgufFile {
             name: hf_name.to_string(),
             dtype,
             shape: info.shape.dims().to_vec(),
-            bytes: TensorBytes::Mapped {
-                map: Arc::clone(&self.map),
-                range,
-            },
+            bytes: TensorBytes::Mapped { map: Arc::clone(&self.map), range },
         })
     }
 
@@ -278,17 +252,11 @@ fn unpermute_rows(t: &RawTensor, heads: usize) -> Result<RawTensor> {
     let (rows, cols) = match t.shape[..] {
         [r, c] => (r, c),
         _ => {
-            return Err(WorkerError::tensor(
-                &t.name,
-                format!("expected a matrix, found shape {:?}", t.shape),
-            ));
+            return Err(WorkerError::tensor(&t.name, format!("expected a matrix, found shape {:?}", t.shape)));
         }
     };
     if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
-        return Err(WorkerError::tensor(
-            &t.name,
-            format!("{rows} rows do not split into {heads} heads of even size"),
-        ));
+        return Err(WorkerError::tensor(&t.name, format!("{rows} rows do not split into {heads} heads of even size")));
     }
     t.check_len()?;
     let hd = rows / heads;
@@ -305,16 +273,12 @@ fn unpermute_rows(t: &RawTensor, heads: usize) -> Result<RawTensor> {
             }
         }
     }
-    Ok(RawTensor {
-        bytes: TensorBytes::Owned(out),
-        ..t.clone()
-    })
+    Ok(RawTensor { bytes: TensorBytes::Owned(out), ..t.clone() })
 }
 
 impl TensorSource for GgufFile {
     fn tensor(&self, name: &str) -> Result<RawTensor> {
-        let gguf =
-            gguf_name(name).ok_or_else(|| WorkerError::tensor(name, "has no GGUF equivalent"))?;
+        let gguf = gguf_name(name).ok_or_else(|| WorkerError::tensor(name, "has no GGUF equivalent"))?;
         let raw = self.raw(&gguf, name)?;
         match self.head_count_for(name) {
             Some(heads) => unpermute_rows(&raw, heads),
@@ -337,18 +301,9 @@ mod tests {
 
     #[test]
     fn maps_hugging_face_names_to_gguf_names() {
-        assert_eq!(
-            gguf_name("model.layers.12.self_attn.k_proj.weight").as_deref(),
-            Some("blk.12.attn_k.weight")
-        );
-        assert_eq!(
-            gguf_name("model.embed_tokens.weight").as_deref(),
-            Some("token_embd.weight")
-        );
-        assert_eq!(
-            gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(),
-            Some("blk.0.ffn_down.weight")
-        );
+        assert_eq!(gguf_name("model.layers.12.self_attn.k_proj.weight").as_deref(), Some("blk.12.attn_k.weight"));
+        assert_eq!(gguf_name("model.embed_tokens.weight").as_deref(), Some("token_embd.weight"));
+        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(), Some("blk.0.ffn_down.weight"));
         assert_eq!(gguf_name("model.layers.0.bogus"), None);
     }
 

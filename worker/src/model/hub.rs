@@ -43,44 +43,25 @@ pub struct HubModelId {
 impl HubModelId {
     /// Parses `org/name` or `org/name@revision`.
     pub fn parse(s: &str) -> Result<Self> {
-        let bad = |why: &str| {
-            WorkerError::Hub(format!(
-                "`{s}` is not a hub model id (org/name[@revision]): {why}"
-            ))
-        };
+        let bad = |why: &str| WorkerError::Hub(format!("`{s}` is not a hub model id (org/name[@revision]): {why}"));
         let (repo, revision) = match s.split_once('@') {
             Some((repo, rev)) => (repo, Some(rev)),
             None => (s, None),
         };
-        let (org, name) = repo
-            .split_once('/')
-            .ok_or_else(|| bad("expected exactly one `/`"))?;
+        let (org, name) = repo.split_once('/').ok_or_else(|| bad("expected exactly one `/`"))?;
         for part in [org, name] {
-            let ok_chars = part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-            if part.is_empty()
-                || !ok_chars
-                || part.starts_with('.')
-                || part.contains("..")
-                || part.contains("--")
-            {
+            let ok_chars = part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if part.is_empty() || !ok_chars || part.starts_with('.') || part.contains("..") || part.contains("--") {
                 return Err(bad("names use letters, digits, `-`, `_` and `.`"));
             }
         }
         if let Some(rev) = revision {
-            let ok = !rev.is_empty()
-                && Path::new(rev)
-                    .components()
-                    .all(|c| matches!(c, Component::Normal(_)));
+            let ok = !rev.is_empty() && Path::new(rev).components().all(|c| matches!(c, Component::Normal(_)));
             if !ok {
                 return Err(bad("the revision must be a branch, tag or commit"));
             }
         }
-        Ok(HubModelId {
-            repo: repo.to_string(),
-            revision: revision.map(str::to_string),
-        })
+        Ok(HubModelId { repo: repo.to_string(), revision: revision.map(str::to_string) })
     }
 
     /// The revision, `main` when none was given.
@@ -124,12 +105,9 @@ impl HubFileSet {
     fn optional(self) -> &'static [&'static str] {
         match self {
             HubFileSet::Full => &["generation_config.json", "special_tokens_map.json"],
-            HubFileSet::ConfigOnly => &[
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "generation_config.json",
-                "special_tokens_map.json",
-            ],
+            HubFileSet::ConfigOnly => {
+                &["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"]
+            }
         }
     }
 }
@@ -172,11 +150,7 @@ impl fmt::Debug for HubSettings {
 }
 
 /// `HF_HUB_CACHE`, else `$HF_HOME/hub`, else `$HOME/.cache/huggingface/hub`.
-pub fn hub_cache_dir(
-    hf_hub_cache: Option<OsString>,
-    hf_home: Option<OsString>,
-    home: Option<OsString>,
-) -> PathBuf {
+pub fn hub_cache_dir(hf_hub_cache: Option<OsString>, hf_home: Option<OsString>, home: Option<OsString>) -> PathBuf {
     if let Some(dir) = hf_hub_cache {
         return PathBuf::from(dir);
     }
@@ -187,10 +161,7 @@ pub fn hub_cache_dir(
 }
 
 fn is_truthy(v: &str) -> bool {
-    matches!(
-        v.trim().to_ascii_lowercase().as_str(),
-        "1" | "true" | "yes" | "on"
-    )
+    matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
 }
 
 /// What the local cache holds for one id.
@@ -205,11 +176,7 @@ pub struct CacheStatus {
 impl CacheStatus {
     /// The snapshot directory when nothing is missing.
     pub fn complete(&self) -> Option<&Path> {
-        if self.missing.is_empty() {
-            self.snapshot.as_deref()
-        } else {
-            None
-        }
+        if self.missing.is_empty() { self.snapshot.as_deref() } else { None }
     }
 }
 
@@ -224,12 +191,7 @@ pub fn check_cache(cache_dir: &Path, id: &HubModelId, files: HubFileSet) -> Resu
         Err(_) => None,
     };
     let snapshot = commit
-        .filter(|c| {
-            !c.is_empty()
-                && Path::new(c)
-                    .components()
-                    .all(|p| matches!(p, Component::Normal(_)))
-        })
+        .filter(|c| !c.is_empty() && Path::new(c).components().all(|p| matches!(p, Component::Normal(_))))
         .map(|c| repo_dir.join("snapshots").join(c))
         .filter(|dir| dir.is_dir());
     let missing = match &snapshot {
@@ -247,19 +209,11 @@ pub fn check_cache(cache_dir: &Path, id: &HubModelId, files: HubFileSet) -> Resu
 
 /// The files of `files` that `dir` lacks; an unreadable index is an error naming it.
 fn missing_files(dir: &Path, files: HubFileSet) -> Result<Vec<String>> {
-    let mut missing: Vec<String> = files
-        .required()
-        .iter()
-        .filter(|f| !dir.join(f).is_file())
-        .map(|f| f.to_string())
-        .collect();
+    let mut missing: Vec<String> =
+        files.required().iter().filter(|f| !dir.join(f).is_file()).map(|f| f.to_string()).collect();
     if files == HubFileSet::Full {
         if dir.join(INDEX_FILE).is_file() {
-            missing.extend(
-                index_shards(&dir.join(INDEX_FILE))?
-                    .into_iter()
-                    .filter(|s| !dir.join(s).is_file()),
-            );
+            missing.extend(index_shards(&dir.join(INDEX_FILE))?.into_iter().filter(|s| !dir.join(s).is_file()));
         } else if !dir.join(SINGLE_FILE).is_file() {
             missing.push(format!("{SINGLE_FILE} (or {INDEX_FILE} and its shards)"));
         }
@@ -273,26 +227,16 @@ fn index_shards(index: &Path) -> Result<Vec<String>> {
     struct Index {
         weight_map: std::collections::BTreeMap<String, String>,
     }
-    let text = std::fs::read_to_string(index)
-        .map_err(|e| WorkerError::model_file(index, format!("cannot read: {e}")))?;
+    let text =
+        std::fs::read_to_string(index).map_err(|e| WorkerError::model_file(index, format!("cannot read: {e}")))?;
     let parsed: Index = serde_json::from_str(&text).map_err(|e| {
-        WorkerError::model_file(
-            index,
-            format!("not a valid safetensors index (needs a `weight_map` object): {e}"),
-        )
+        WorkerError::model_file(index, format!("not a valid safetensors index (needs a `weight_map` object): {e}"))
     })?;
     let mut shards: Vec<String> = parsed.weight_map.into_values().collect();
     shards.sort();
     shards.dedup();
-    if let Some(bad) = shards.iter().find(|s| {
-        !Path::new(s)
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
-    }) {
-        return Err(WorkerError::model_file(
-            index,
-            format!("shard name `{bad}` is not a file inside the repository"),
-        ));
+    if let Some(bad) = shards.iter().find(|s| !Path::new(s).components().all(|c| matches!(c, Component::Normal(_)))) {
+        return Err(WorkerError::model_file(index, format!("shard name `{bad}` is not a file inside the repository")));
     }
     Ok(shards)
 }
@@ -303,11 +247,7 @@ fn is_commit_hash(s: &str) -> bool {
 
 /// Resolves `id` to a complete local snapshot, downloading what the cache lacks unless offline.
 /// Blocking.
-pub fn resolve_hub_model(
-    id: &HubModelId,
-    files: HubFileSet,
-    settings: &HubSettings,
-) -> Result<PathBuf> {
+pub fn resolve_hub_model(id: &HubModelId, files: HubFileSet, settings: &HubSettings) -> Result<PathBuf> {
     let status = check_cache(&settings.cache_dir, id, files)?;
     if let Some(dir) = status.complete() {
         tracing::info!(model = %id, snapshot = %dir.display(), "using cached hub snapshot");
@@ -338,17 +278,12 @@ fn download(id: &HubModelId, files: HubFileSet, settings: &HubSettings) -> Resul
     if let Some(endpoint) = &settings.endpoint {
         builder = builder.endpoint(endpoint.clone());
     }
-    let client = builder
-        .build_sync()
-        .map_err(|e| WorkerError::Hub(format!("{id}: cannot create the hub client: {e}")))?;
+    let client =
+        builder.build_sync().map_err(|e| WorkerError::Hub(format!("{id}: cannot create the hub client: {e}")))?;
     let (org, name) = hf_hub::split_id(&id.repo);
     let repo = client.model(org, name);
     let fetch = |file: &str| -> std::result::Result<PathBuf, HFError> {
-        repo.download_file()
-            .filename(file)
-            .revision(id.revision_or_main())
-            .progress(LogProgress::new(&id.repo))
-            .send()
+        repo.download_file().filename(file).revision(id.revision_or_main()).progress(LogProgress::new(&id.repo)).send()
     };
     let fetch_required = |file: &str| fetch(file).map_err(|e| hub_error(id, file, e));
 
@@ -433,12 +368,7 @@ const LOG_EVERY: Duration = Duration::from_secs(5);
 
 impl LogProgress {
     fn new(repo: &str) -> Self {
-        LogProgress {
-            repo: repo.to_string(),
-            state: Mutex::new(ProgressState {
-                last_log: Instant::now(),
-            }),
-        }
+        LogProgress { repo: repo.to_string(), state: Mutex::new(ProgressState { last_log: Instant::now() }) }
     }
 
     /// Whether enough time has passed since the last periodic line (and, if so, resets the clock).
@@ -459,27 +389,19 @@ impl ProgressHandler for LogProgress {
             return;
         };
         match event {
-            DownloadEvent::Start {
-                total_files,
-                total_bytes,
-            } if *total_bytes > 0 => {
+            DownloadEvent::Start { total_files, total_bytes } if *total_bytes > 0 => {
                 tracing::info!(repo = %self.repo, files = total_files, bytes = total_bytes, "download started ({})", human_bytes(*total_bytes));
             }
             DownloadEvent::Progress { files } => {
                 for f in files {
                     if f.status == FileStatus::Complete && f.total_bytes > 0 {
                         tracing::info!(repo = %self.repo, file = %f.filename, bytes = f.total_bytes, "downloaded {}", human_bytes(f.total_bytes));
-                    } else if f.status == FileStatus::InProgress && f.total_bytes > 0 && self.due()
-                    {
+                    } else if f.status == FileStatus::InProgress && f.total_bytes > 0 && self.due() {
                         log_fraction(&self.repo, &f.filename, f.bytes_completed, f.total_bytes);
                     }
                 }
             }
-            DownloadEvent::AggregateProgress {
-                bytes_completed,
-                total_bytes,
-                ..
-            } if *total_bytes > 0 && self.due() => {
+            DownloadEvent::AggregateProgress { bytes_completed, total_bytes, .. } if *total_bytes > 0 && self.due() => {
                 log_fraction(&self.repo, "(xet batch)", *bytes_completed, *total_bytes);
             }
             _ => {}
@@ -496,11 +418,7 @@ fn human_bytes(n: u64) -> String {
     const GIB: f64 = (1u64 << 30) as f64;
     const MIB: f64 = (1u64 << 20) as f64;
     let n = n as f64;
-    if n >= GIB {
-        format!("{:.2} GiB", n / GIB)
-    } else {
-        format!("{:.1} MiB", n / MIB)
-    }
+    if n >= GIB { format!("{:.2} GiB", n / GIB) } else { format!("{:.1} MiB", n / MIB) }
 }
 
 // Cache-layout resolution is tested in `tests/model_loading_hub.rs` on caches built in temp dirs.
@@ -511,35 +429,18 @@ mod tests {
     #[test]
     fn parses_ids_with_and_without_revision() {
         let id = HubModelId::parse("deepseek-ai/DeepSeek-R1-Distill-Llama-8B").unwrap();
-        assert_eq!(
-            (id.repo.as_str(), id.revision_or_main()),
-            ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "main")
-        );
-        assert_eq!(
-            id.cache_folder(),
-            "models--deepseek-ai--DeepSeek-R1-Distill-Llama-8B"
-        );
+        assert_eq!((id.repo.as_str(), id.revision_or_main()), ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "main"));
+        assert_eq!(id.cache_folder(), "models--deepseek-ai--DeepSeek-R1-Distill-Llama-8B");
         let id = HubModelId::parse("HuggingFaceTB/SmolLM2-135M-Instruct@refs/pr/3").unwrap();
         assert_eq!(id.revision.as_deref(), Some("refs/pr/3"));
-        assert_eq!(
-            id.to_string(),
-            "HuggingFaceTB/SmolLM2-135M-Instruct@refs/pr/3"
-        );
+        assert_eq!(id.to_string(), "HuggingFaceTB/SmolLM2-135M-Instruct@refs/pr/3");
     }
 
     #[test]
     fn rejects_things_that_are_not_hub_ids() {
-        for bad in [
-            "gpt2",
-            "a/b/c",
-            "org/",
-            "/abs/path",
-            "../x",
-            "org/name@",
-            "org/name@../../etc",
-            "org/na me",
-            "./model",
-        ] {
+        for bad in
+            ["gpt2", "a/b/c", "org/", "/abs/path", "../x", "org/name@", "org/name@../../etc", "org/na me", "./model"]
+        {
             assert!(HubModelId::parse(bad).is_err(), "{bad} should be rejected");
         }
     }
@@ -547,18 +448,9 @@ mod tests {
     #[test]
     fn cache_dir_prefers_hf_hub_cache_then_hf_home_then_home() {
         let p = |s: &str| Some(OsString::from(s));
-        assert_eq!(
-            hub_cache_dir(p("/c"), p("/h"), p("/home/u")),
-            PathBuf::from("/c")
-        );
-        assert_eq!(
-            hub_cache_dir(None, p("/h"), p("/home/u")),
-            PathBuf::from("/h/hub")
-        );
-        assert_eq!(
-            hub_cache_dir(None, None, p("/home/u")),
-            PathBuf::from("/home/u/.cache/huggingface/hub")
-        );
+        assert_eq!(hub_cache_dir(p("/c"), p("/h"), p("/home/u")), PathBuf::from("/c"));
+        assert_eq!(hub_cache_dir(None, p("/h"), p("/home/u")), PathBuf::from("/h/hub"));
+        assert_eq!(hub_cache_dir(None, None, p("/home/u")), PathBuf::from("/home/u/.cache/huggingface/hub"));
     }
 
     #[test]

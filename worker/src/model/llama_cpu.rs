@@ -14,9 +14,9 @@ use super::source::TensorSource;
 use crate::kernels::cpu::attention::{CacheLayout, QueryRef, paged_attention, write_kv};
 use crate::kernels::cpu::isa::Isa;
 use crate::kernels::cpu::matmul::{Epilogue, Input, InputKind, Matrix, matmul};
-use crate::kernels::cpu::ops::{RopeTable, rms_norm};
-use crate::kernels::cpu::pool::ThreadPool;
-use crate::kernels::cpu::quant::{BlockQ8Act, QK, quantize_rows_q8};
+use crate::kernels::cpu::ops::{RopeTable, rms_norm, silu_mul};
+use crate::kernels::cpu::pool::{SharedMut, ThreadPool, split_range};
+use crate::kernels::cpu::quant::{PARALLEL_ROWS, QuantizedRows};
 use crate::kv_cache::cpu_storage::CpuKvStorage;
 use crate::{Result, WorkerError};
 
@@ -47,12 +47,13 @@ pub struct CpuLlama {
 struct Buffers {
     x: Vec<f32>,
     xn: Vec<f32>,
-    xq: Vec<BlockQ8Act>,
+    xq: QuantizedRows,
     qkv: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
     attn: Vec<f32>,
+    gate_up: Vec<f32>,
     mlp: Vec<f32>,
     last: Vec<f32>,
     logits: Vec<f32>,
@@ -60,11 +61,7 @@ struct Buffers {
 
 impl CpuLlama {
     /// Loads the weights from `src` and allocates the cache.
-    pub fn load(
-        config: LlamaConfig,
-        src: &dyn TensorSource,
-        opts: &CpuModelOptions,
-    ) -> Result<CpuLlama> {
+    pub fn load(config: LlamaConfig, src: &dyn TensorSource, opts: &CpuModelOptions) -> Result<CpuLlama> {
         let started = Instant::now();
         let weights = CpuWeights::load(&config, src, opts.weight_format)?;
         let layout = CacheLayout {
@@ -88,15 +85,7 @@ impl CpuLlama {
             load_s = started.elapsed().as_secs_f32(),
             "loaded model on the CPU"
         );
-        Ok(CpuLlama {
-            config,
-            weights,
-            rope,
-            cache,
-            pool: ThreadPool::new(opts.threads),
-            isa,
-            buf: Buffers::default(),
-        })
+        Ok(CpuLlama { config, weights, rope, cache, pool: ThreadPool::new(opts.threads), isa, buf: Buffers::default() })
     }
 
     pub fn weights(&self) -> &CpuWeights {
@@ -110,18 +99,10 @@ impl CpuLlama {
         if batch.positions.len() != n || batch.slot_mapping.len() != n {
             return bad("token, position and slot counts differ".into());
         }
-        if let Some(t) = batch
-            .token_ids
-            .iter()
-            .find(|&&t| t as usize >= self.config.vocab_size)
-        {
+        if let Some(t) = batch.token_ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
             return bad(format!("token id {t} outside the vocabulary"));
         }
-        if let Some(p) = batch
-            .positions
-            .iter()
-            .find(|&&p| p as usize >= self.rope.max_positions())
-        {
+        if let Some(p) = batch.positions.iter().find(|&&p| p as usize >= self.rope.max_positions()) {
             return bad(format!("position {p} beyond max_model_len"));
         }
         let slots = self.cache.num_blocks * self.cache.layout.block_size;
@@ -136,10 +117,7 @@ impl CpuLlama {
             {
                 return bad(format!("sequence layout {s:?}"));
             }
-            if s.block_table
-                .iter()
-                .any(|&b| b as usize >= self.cache.num_blocks)
-            {
+            if s.block_table.iter().any(|&b| b as usize >= self.cache.num_blocks) {
                 return bad("block id outside the cache".into());
             }
             rows += s.query_len;
@@ -151,6 +129,35 @@ impl CpuLlama {
     }
 }
 
+/// `f(row, src_row, dst_row)` for every row, spread over the pool's threads when there are enough
+/// rows to pay for it (per-row work gives the same result either way).
+fn map_rows(
+    pool: &ThreadPool,
+    src: &[f32],
+    src_width: usize,
+    dst: &mut [f32],
+    dst_width: usize,
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+) {
+    let rows = dst.len() / dst_width;
+    let run = |range: std::ops::Range<usize>, dst: &mut [f32]| {
+        for (i, row) in range.clone().enumerate() {
+            f(row, &src[row * src_width..(row + 1) * src_width], &mut dst[i * dst_width..(i + 1) * dst_width]);
+        }
+    };
+    if rows < PARALLEL_ROWS || pool.threads() == 1 {
+        return run(0..rows, dst);
+    }
+    let out = SharedMut(dst.as_mut_ptr());
+    pool.run(&|t, n| {
+        let range = split_range(rows, t, n, 1);
+        // SAFETY: each thread writes only the rows of its own range.
+        let mine =
+            unsafe { std::slice::from_raw_parts_mut(out.get().add(range.start * dst_width), range.len() * dst_width) };
+        run(range, mine);
+    });
+}
+
 /// `out = x · Wᵀ` (through the epilogue), quantizing `x` first when `W` is quantized.
 #[allow(clippy::too_many_arguments)]
 fn project(
@@ -159,15 +166,14 @@ fn project(
     w: &Matrix,
     x: &[f32],
     m: usize,
-    xq: &mut Vec<BlockQ8Act>,
+    xq: &mut QuantizedRows,
     out: &mut [f32],
     ep: Epilogue,
 ) {
     match w.input_kind() {
         InputKind::F32 => matmul(pool, isa, w, Input::F32(&x[..m * w.cols]), m, out, ep),
         InputKind::Q8 => {
-            xq.resize(m * w.cols / QK, BlockQ8Act::default());
-            quantize_rows_q8(isa, &x[..m * w.cols], w.cols, xq);
+            xq.quantize_on(pool, isa, &x[..m * w.cols], w.cols);
             matmul(pool, isa, w, Input::Q8(xq), m, out, ep);
         }
     }
@@ -187,23 +193,13 @@ impl Model for CpuLlama {
     }
 
     fn describe(&self) -> String {
-        format!(
-            "cpu ({}, {} threads, weights {})",
-            self.isa.name(),
-            self.pool.threads(),
-            self.weights.format_summary()
-        )
+        format!("cpu ({}, {} threads, weights {})", self.isa.name(), self.pool.threads(), self.weights.format_summary())
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<&[f32]> {
         self.check(batch)?;
         let c = &self.config;
-        let (m, h, inter, vocab) = (
-            batch.num_tokens(),
-            c.hidden_size,
-            c.intermediate_size,
-            c.vocab_size,
-        );
+        let (m, h, inter, vocab) = (batch.num_tokens(), c.hidden_size, c.intermediate_size, c.vocab_size);
         let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
         let (pool, isa, w, b) = (&self.pool, self.isa, &self.weights, &mut self.buf);
         for (v, len) in [
@@ -214,13 +210,13 @@ impl Model for CpuLlama {
             (&mut b.k, m * kvd),
             (&mut b.v, m * kvd),
             (&mut b.attn, m * qd),
+            (&mut b.gate_up, m * 2 * inter),
             (&mut b.mlp, m * inter),
         ] {
             v.resize(len, 0.0);
         }
         for (row, &t) in batch.token_ids.iter().enumerate() {
-            w.embed
-                .dequantize_row(t as usize, &mut b.x[row * h..(row + 1) * h]);
+            w.embed.dequantize_row(t as usize, &mut b.x[row * h..(row + 1) * h]);
         }
         let queries: Vec<QueryRef<'_>> = batch
             .seqs
@@ -233,104 +229,40 @@ impl Model for CpuLlama {
             })
             .collect();
         let scale = 1.0 / (hd as f32).sqrt();
+        let eps = c.rms_norm_eps;
+        let rope = &self.rope;
+        let qkv_width = qd + 2 * kvd;
         for (li, layer) in w.layers.iter().enumerate() {
-            rms_norm(isa, &b.x, &layer.attn_norm, c.rms_norm_eps, &mut b.xn);
-            project(
-                pool,
-                isa,
-                &layer.qkv,
-                &b.xn,
-                m,
-                &mut b.xq,
-                &mut b.qkv,
-                Epilogue::Store,
-            );
-            for row in 0..m {
-                let src = &b.qkv[row * (qd + 2 * kvd)..(row + 1) * (qd + 2 * kvd)];
-                let pos = batch.positions[row] as usize;
-                let q = &mut b.q[row * qd..(row + 1) * qd];
+            map_rows(pool, &b.x, h, &mut b.xn, h, |_, x, out| rms_norm(isa, x, &layer.attn_norm, eps, out));
+            project(pool, isa, &layer.qkv, &b.xn, m, &mut b.xq, &mut b.qkv, Epilogue::Store);
+            // Split the stacked projection, rotating queries and keys by their positions.
+            map_rows(pool, &b.qkv, qkv_width, &mut b.q, qd, |row, src, q| {
                 q.copy_from_slice(&src[..qd]);
-                self.rope.apply(q, pos);
-                let k = &mut b.k[row * kvd..(row + 1) * kvd];
+                rope.apply(q, batch.positions[row] as usize);
+            });
+            map_rows(pool, &b.qkv, qkv_width, &mut b.k, kvd, |row, src, k| {
                 k.copy_from_slice(&src[qd..qd + kvd]);
-                self.rope.apply(k, pos);
-                b.v[row * kvd..(row + 1) * kvd].copy_from_slice(&src[qd + kvd..]);
-            }
+                rope.apply(k, batch.positions[row] as usize);
+            });
+            map_rows(pool, &b.qkv, qkv_width, &mut b.v, kvd, |_, src, v| v.copy_from_slice(&src[qd + kvd..]));
             let layout = self.cache.layout;
-            write_kv(
-                &layout,
-                &b.k,
-                &b.v,
-                &batch.slot_mapping,
-                &mut self.cache.k[li],
-                &mut self.cache.v[li],
-            );
-            paged_attention(
-                pool,
-                isa,
-                &layout,
-                c.num_attention_heads,
-                scale,
-                &b.q,
-                &queries,
-                &self.cache.k[li],
-                &self.cache.v[li],
-                &mut b.attn,
-            );
-            project(
-                pool,
-                isa,
-                &layer.o,
-                &b.attn,
-                m,
-                &mut b.xq,
-                &mut b.x,
-                Epilogue::Add,
-            );
-            rms_norm(isa, &b.x, &layer.ffn_norm, c.rms_norm_eps, &mut b.xn);
-            project(
-                pool,
-                isa,
-                &layer.gate_up,
-                &b.xn,
-                m,
-                &mut b.xq,
-                &mut b.mlp,
-                Epilogue::SiluMulPairs,
-            );
-            project(
-                pool,
-                isa,
-                &layer.down,
-                &b.mlp,
-                m,
-                &mut b.xq,
-                &mut b.x,
-                Epilogue::Add,
-            );
+            write_kv(&layout, &b.k, &b.v, &batch.slot_mapping, &mut self.cache.k[li], &mut self.cache.v[li]);
+            let heads = c.num_attention_heads;
+            let (k_cache, v_cache) = (&self.cache.k[li], &self.cache.v[li]);
+            paged_attention(pool, isa, &layout, heads, scale, &b.q, &queries, k_cache, v_cache, &mut b.attn);
+            project(pool, isa, &layer.o, &b.attn, m, &mut b.xq, &mut b.x, Epilogue::Add);
+            map_rows(pool, &b.x, h, &mut b.xn, h, |_, x, out| rms_norm(isa, x, &layer.ffn_norm, eps, out));
+            project(pool, isa, &layer.gate_up, &b.xn, m, &mut b.xq, &mut b.gate_up, Epilogue::Store);
+            map_rows(pool, &b.gate_up, 2 * inter, &mut b.mlp, inter, |_, gu, out| silu_mul(isa, gu, inter, out));
+            project(pool, isa, &layer.down, &b.mlp, m, &mut b.xq, &mut b.x, Epilogue::Add);
         }
         let r = batch.logits_rows.len();
         b.last.resize(r * h, 0.0);
         for (i, &row) in batch.logits_rows.iter().enumerate() {
-            rms_norm(
-                isa,
-                &b.x[row * h..(row + 1) * h],
-                &w.final_norm,
-                c.rms_norm_eps,
-                &mut b.last[i * h..(i + 1) * h],
-            );
+            rms_norm(isa, &b.x[row * h..(row + 1) * h], &w.final_norm, c.rms_norm_eps, &mut b.last[i * h..(i + 1) * h]);
         }
         b.logits.resize(r * vocab, 0.0);
-        project(
-            pool,
-            isa,
-            w.output(),
-            &b.last,
-            r,
-            &mut b.xq,
-            &mut b.logits,
-            Epilogue::Store,
-        );
+        project(pool, isa, w.output(), &b.last, r, &mut b.xq, &mut b.logits, Epilogue::Store);
         Ok(&b.logits)
     }
 }

@@ -45,12 +45,7 @@ pub enum LoadFormat {
 
 impl LoadFormat {
     /// Every format, in the order `--help` lists them.
-    pub const ALL: [LoadFormat; 4] = [
-        LoadFormat::Auto,
-        LoadFormat::Safetensors,
-        LoadFormat::Gguf,
-        LoadFormat::Dummy,
-    ];
+    pub const ALL: [LoadFormat; 4] = [LoadFormat::Auto, LoadFormat::Safetensors, LoadFormat::Gguf, LoadFormat::Dummy];
 
     /// The lowercase name used in flags and config files.
     pub fn as_str(self) -> &'static str {
@@ -74,19 +69,13 @@ impl FromStr for LoadFormat {
 
     fn from_str(s: &str) -> Result<Self> {
         let wanted = s.trim().to_ascii_lowercase();
-        LoadFormat::ALL
-            .into_iter()
-            .find(|f| f.as_str() == wanted)
-            .ok_or_else(|| {
-                let names: Vec<&str> = LoadFormat::ALL.iter().map(|f| f.as_str()).collect();
-                WorkerError::invalid(
-                    "load_format",
-                    format!(
-                        "unknown load format `{s}` (expected one of: {})",
-                        names.join(", ")
-                    ),
-                )
-            })
+        LoadFormat::ALL.into_iter().find(|f| f.as_str() == wanted).ok_or_else(|| {
+            let names: Vec<&str> = LoadFormat::ALL.iter().map(|f| f.as_str()).collect();
+            WorkerError::invalid(
+                "load_format",
+                format!("unknown load format `{s}` (expected one of: {})", names.join(", ")),
+            )
+        })
     }
 }
 
@@ -96,15 +85,9 @@ pub fn resolve_model(source: &str, load_format: LoadFormat) -> Result<ModelLocat
 }
 
 /// [`resolve_model`] with explicit hub settings.
-pub fn resolve_model_with(
-    source: &str,
-    load_format: LoadFormat,
-    hub: &HubSettings,
-) -> Result<ModelLocation> {
+pub fn resolve_model_with(source: &str, load_format: LoadFormat, hub: &HubSettings) -> Result<ModelLocation> {
     let path = Path::new(source);
-    let is_gguf_name = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let is_gguf_name = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     if is_gguf_name {
         if load_format == LoadFormat::Safetensors {
             return Err(WorkerError::model_file(
@@ -113,15 +96,8 @@ pub fn resolve_model_with(
             ));
         }
         if !path.is_file() {
-            let what = if path.exists() {
-                "is not a regular file"
-            } else {
-                "does not exist"
-            };
-            return Err(WorkerError::model_file(
-                path,
-                format!("GGUF model file {what}"),
-            ));
+            let what = if path.exists() { "is not a regular file" } else { "does not exist" };
+            return Err(WorkerError::model_file(path, format!("GGUF model file {what}")));
         }
         return Ok(ModelLocation::Gguf(path.to_path_buf()));
     }
@@ -140,13 +116,8 @@ pub fn resolve_model_with(
     if looks_local(source) {
         return Err(WorkerError::model_file(path, not_found_hint()));
     }
-    let id =
-        HubModelId::parse(source).map_err(|_| WorkerError::model_file(path, not_found_hint()))?;
-    let files = if load_format == LoadFormat::Dummy {
-        HubFileSet::ConfigOnly
-    } else {
-        HubFileSet::Full
-    };
+    let id = HubModelId::parse(source).map_err(|_| WorkerError::model_file(path, not_found_hint()))?;
+    let files = if load_format == LoadFormat::Dummy { HubFileSet::ConfigOnly } else { HubFileSet::Full };
     resolve_hub_model(&id, files, hub).map(ModelLocation::HfDir)
 }
 
@@ -174,10 +145,7 @@ fn config_file(path: &Path, load_format: LoadFormat) -> Result<ModelLocation> {
     let is_config = path.file_name().is_some_and(|n| n == "config.json");
     match (load_format, is_config) {
         (LoadFormat::Dummy, true) => {
-            let dir = path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
             Ok(ModelLocation::HfDir(dir.to_path_buf()))
         }
         (LoadFormat::Dummy, false) => Err(WorkerError::model_file(
@@ -210,10 +178,7 @@ fn single_gguf_in(dir: &Path) -> Option<PathBuf> {
     let mut found = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        });
+        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")));
     let first = found.next()?;
     found.next().is_none().then_some(first)
 }
@@ -223,34 +188,17 @@ mod tests {
     use super::*;
 
     fn offline_empty_cache(root: &Path) -> HubSettings {
-        HubSettings {
-            cache_dir: root.join("hub"),
-            offline: true,
-            token: None,
-            endpoint: None,
-        }
+        HubSettings { cache_dir: root.join("hub"), offline: true, token: None, endpoint: None }
     }
 
     #[test]
     fn load_format_parses_case_insensitively_and_rejects_unknown_names() {
         assert_eq!("Dummy".parse::<LoadFormat>().unwrap(), LoadFormat::Dummy);
-        assert_eq!(
-            "safetensors".parse::<LoadFormat>().unwrap(),
-            LoadFormat::Safetensors
-        );
+        assert_eq!("safetensors".parse::<LoadFormat>().unwrap(), LoadFormat::Safetensors);
         let err = "pt".parse::<LoadFormat>().unwrap_err().to_string();
-        assert!(
-            err.contains("`pt`") && err.contains("auto, safetensors, gguf, dummy"),
-            "{err}"
-        );
-        assert_eq!(
-            serde_json::to_string(&LoadFormat::Gguf).unwrap(),
-            "\"gguf\""
-        );
-        assert_eq!(
-            serde_json::from_str::<LoadFormat>("\"dummy\"").unwrap(),
-            LoadFormat::Dummy
-        );
+        assert!(err.contains("`pt`") && err.contains("auto, safetensors, gguf, dummy"), "{err}");
+        assert_eq!(serde_json::to_string(&LoadFormat::Gguf).unwrap(), "\"gguf\"");
+        assert_eq!(serde_json::from_str::<LoadFormat>("\"dummy\"").unwrap(), LoadFormat::Dummy);
     }
 
     #[test]
@@ -258,13 +206,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let hub = offline_empty_cache(tmp.path());
         let gguf = tmp.path().join("m.Q4_1.gguf");
-        let missing = resolve_model_with(gguf.to_str().unwrap(), LoadFormat::Auto, &hub)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            missing.contains("m.Q4_1.gguf") && missing.contains("does not exist"),
-            "{missing}"
-        );
+        let missing = resolve_model_with(gguf.to_str().unwrap(), LoadFormat::Auto, &hub).unwrap_err().to_string();
+        assert!(missing.contains("m.Q4_1.gguf") && missing.contains("does not exist"), "{missing}");
         std::fs::write(&gguf, b"GGUF").unwrap();
         assert_eq!(
             resolve_model_with(gguf.to_str().unwrap(), LoadFormat::Gguf, &hub).unwrap(),
@@ -272,9 +215,7 @@ mod tests {
         );
         assert!(resolve_model_with(gguf.to_str().unwrap(), LoadFormat::Safetensors, &hub).is_err());
         // A directory under the gguf format is refused with the reason.
-        let err = resolve_model_with(tmp.path().to_str().unwrap(), LoadFormat::Gguf, &hub)
-            .unwrap_err()
-            .to_string();
+        let err = resolve_model_with(tmp.path().to_str().unwrap(), LoadFormat::Gguf, &hub).unwrap_err().to_string();
         assert!(err.contains(".gguf"), "{err}");
     }
 
@@ -285,13 +226,8 @@ mod tests {
         let dir = tmp.path().join("model");
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("x.gguf"), b"GGUF").unwrap();
-        let err = resolve_model_with(dir.to_str().unwrap(), LoadFormat::Auto, &hub)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("no config.json") && err.contains("x.gguf"),
-            "{err}"
-        );
+        let err = resolve_model_with(dir.to_str().unwrap(), LoadFormat::Auto, &hub).unwrap_err().to_string();
+        assert!(err.contains("no config.json") && err.contains("x.gguf"), "{err}");
         std::fs::write(dir.join("config.json"), "{}").unwrap();
         assert_eq!(
             resolve_model_with(dir.to_str().unwrap(), LoadFormat::Auto, &hub).unwrap(),
@@ -317,20 +253,10 @@ mod tests {
     fn missing_local_paths_are_not_sent_to_the_hub() {
         let tmp = tempfile::tempdir().unwrap();
         let hub = offline_empty_cache(tmp.path());
-        let err = resolve_model_with("./models/llama", LoadFormat::Auto, &hub)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("./models/llama") && err.contains("no such file or directory"),
-            "{err}"
-        );
+        let err = resolve_model_with("./models/llama", LoadFormat::Auto, &hub).unwrap_err().to_string();
+        assert!(err.contains("./models/llama") && err.contains("no such file or directory"), "{err}");
         // A bare id goes to the hub, which (offline, empty cache) says so.
-        let err = resolve_model_with("meta-llama/Llama-3.1-8B", LoadFormat::Auto, &hub)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("meta-llama/Llama-3.1-8B") && err.contains("HF_HUB_OFFLINE"),
-            "{err}"
-        );
+        let err = resolve_model_with("meta-llama/Llama-3.1-8B", LoadFormat::Auto, &hub).unwrap_err().to_string();
+        assert!(err.contains("meta-llama/Llama-3.1-8B") && err.contains("HF_HUB_OFFLINE"), "{err}");
     }
 }

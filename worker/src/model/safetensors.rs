@@ -71,10 +71,7 @@ impl SafetensorsSource {
     /// exists, else `model.safetensors`.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(WorkerError::model_file(
-                dir,
-                "not a directory (expected a Hugging Face model directory)",
-            ));
+            return Err(WorkerError::model_file(dir, "not a directory (expected a Hugging Face model directory)"));
         }
         let index = dir.join(INDEX_FILE);
         if index.is_file() {
@@ -84,10 +81,7 @@ impl SafetensorsSource {
         if single.is_file() {
             return Self::open_file(&single);
         }
-        Err(WorkerError::model_file(
-            dir,
-            format!("no {SINGLE_FILE} or {INDEX_FILE} in this directory"),
-        ))
+        Err(WorkerError::model_file(dir, format!("no {SINGLE_FILE} or {INDEX_FILE} in this directory")))
     }
 
     /// Opens a sharded checkpoint from its index file; shards are resolved next to the index.
@@ -100,10 +94,7 @@ impl SafetensorsSource {
                 format!("not a valid safetensors index (needs a `weight_map` object): {e}"),
             )
         })?;
-        let dir = index_path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let dir = index_path.parent().map(Path::to_path_buf).unwrap_or_default();
 
         // Shard names in first-seen order, each tensor pointing at its shard's position.
         let mut shard_names: Vec<&str> = Vec::new();
@@ -127,10 +118,7 @@ impl SafetensorsSource {
             if !path.is_file() {
                 return Err(WorkerError::model_file(
                     &path,
-                    format!(
-                        "shard listed in {} is missing (incomplete download?)",
-                        index_path.display()
-                    ),
+                    format!("shard listed in {} is missing (incomplete download?)", index_path.display()),
                 ));
             }
         }
@@ -156,24 +144,14 @@ impl SafetensorsSource {
             })?;
             tensors.insert(name.to_string(), entry);
         }
-        Ok(SafetensorsSource {
-            dir,
-            files,
-            tensors,
-            sharded: true,
-        })
+        Ok(SafetensorsSource { dir, files, tensors, sharded: true })
     }
 
     /// Opens a single-file checkpoint.
     pub fn open_file(path: &Path) -> Result<Self> {
         let (file, tensors) = map_file(path, 0)?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Ok(SafetensorsSource {
-            dir,
-            files: vec![file],
-            tensors,
-            sharded: false,
-        })
+        Ok(SafetensorsSource { dir, files: vec![file], tensors, sharded: false })
     }
 
     /// Names of all tensors, sorted.
@@ -197,39 +175,29 @@ impl SafetensorsSource {
 
 impl TensorSource for SafetensorsSource {
     fn tensor(&self, name: &str) -> Result<RawTensor> {
-        let entry = self.tensors.get(name).ok_or_else(|| {
-            WorkerError::tensor(name, format!("not found in {}", self.describe()))
-        })?;
+        let entry = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| WorkerError::tensor(name, format!("not found in {}", self.describe())))?;
         let dtype = match entry.dtype {
             Dtype::F32 => TensorDType::F32,
             Dtype::F16 => TensorDType::F16,
             Dtype::BF16 => TensorDType::BF16,
             other => {
-                let file = self
-                    .files
-                    .get(entry.file)
-                    .map(|f| f.path.display().to_string())
-                    .unwrap_or_default();
+                let file = self.files.get(entry.file).map(|f| f.path.display().to_string()).unwrap_or_default();
                 return Err(WorkerError::tensor(
                     name,
-                    format!(
-                        "dtype {other:?} in {file} is not supported (supported: F32, F16, BF16)"
-                    ),
+                    format!("dtype {other:?} in {file} is not supported (supported: F32, F16, BF16)"),
                 ));
             }
         };
-        let file = self
-            .files
-            .get(entry.file)
-            .ok_or_else(|| WorkerError::tensor(name, "internal: file index out of range"))?;
+        let file =
+            self.files.get(entry.file).ok_or_else(|| WorkerError::tensor(name, "internal: file index out of range"))?;
         Ok(RawTensor {
             name: name.to_string(),
             dtype,
             shape: entry.shape.clone(),
-            bytes: TensorBytes::Mapped {
-                map: Arc::clone(&file.map),
-                range: entry.range.clone(),
-            },
+            bytes: TensorBytes::Mapped { map: Arc::clone(&file.map), range: entry.range.clone() },
         })
     }
 
@@ -241,10 +209,7 @@ impl TensorSource for SafetensorsSource {
         if self.sharded {
             format!("{} ({} shards)", self.dir.display(), self.files.len())
         } else {
-            self.files
-                .first()
-                .map(|f| f.path.display().to_string())
-                .unwrap_or_else(|| self.dir.display().to_string())
+            self.files.first().map(|f| f.path.display().to_string()).unwrap_or_else(|| self.dir.display().to_string())
         }
     }
 }
@@ -257,24 +222,10 @@ fn map_file(path: &Path, file_idx: usize) -> Result<(MappedFile, HashMap<String,
         .into_iter()
         .map(|(name, info)| {
             let range = data_start + info.data_offsets.0..data_start + info.data_offsets.1;
-            (
-                name,
-                Entry {
-                    file: file_idx,
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    range,
-                },
-            )
+            (name, Entry { file: file_idx, dtype: info.dtype, shape: info.shape.clone(), range })
         })
         .collect();
-    Ok((
-        MappedFile {
-            path: path.to_path_buf(),
-            map: Arc::new(map),
-        },
-        entries,
-    ))
+    Ok((MappedFile { path: path.to_path_buf(), map: Arc::new(map) }, entries))
 }
 
 /// Rejects shard names that would leave the model directory (absolute paths, `..`).
@@ -284,9 +235,7 @@ fn check_shard_name(index_path: &Path, tensor: &str, shard: &str) -> Result<()> 
     if escapes {
         return Err(WorkerError::model_file(
             index_path,
-            format!(
-                "tensor `{tensor}` maps to `{shard}`, which is not a file name inside the model directory"
-            ),
+            format!("tensor `{tensor}` maps to `{shard}`, which is not a file name inside the model directory"),
         ));
     }
     Ok(())
@@ -295,27 +244,18 @@ fn check_shard_name(index_path: &Path, tensor: &str, shard: &str) -> Result<()> 
 /// Maps `path` and validates its header; returns the map, where tensor data starts, and the
 /// parsed header.
 fn map_and_parse(path: &Path) -> Result<(Mmap, usize, Metadata)> {
-    let file =
-        File::open(path).map_err(|e| WorkerError::model_file(path, format!("cannot open: {e}")))?;
-    let file_len = file
-        .metadata()
-        .map_err(|e| WorkerError::model_file(path, format!("cannot stat: {e}")))?
-        .len();
-    let file_len = usize::try_from(file_len)
-        .map_err(|_| WorkerError::model_file(path, "file too large to map"))?;
+    let file = File::open(path).map_err(|e| WorkerError::model_file(path, format!("cannot open: {e}")))?;
+    let file_len = file.metadata().map_err(|e| WorkerError::model_file(path, format!("cannot stat: {e}")))?.len();
+    let file_len = usize::try_from(file_len).map_err(|_| WorkerError::model_file(path, "file too large to map"))?;
     if file_len < HEADER_LEN_BYTES {
-        return Err(WorkerError::model_file(
-            path,
-            format!("not a safetensors file: only {file_len} bytes"),
-        ));
+        return Err(WorkerError::model_file(path, format!("not a safetensors file: only {file_len} bytes")));
     }
     // SAFETY: the map is read-only. Like every mmap-based loader we rely on the file not being
     // truncated or rewritten while the worker runs; the header checks below bound every range we
     // hand out by the length the file had when mapped.
-    let map = unsafe { Mmap::map(&file) }
-        .map_err(|e| WorkerError::model_file(path, format!("cannot memory-map: {e}")))?;
-    let (data_start, metadata) =
-        parse_header(&map).map_err(|reason| WorkerError::model_file(path, reason))?;
+    let map =
+        unsafe { Mmap::map(&file) }.map_err(|e| WorkerError::model_file(path, format!("cannot memory-map: {e}")))?;
+    let (data_start, metadata) = parse_header(&map).map_err(|reason| WorkerError::model_file(path, reason))?;
     Ok((map, data_start, metadata))
 }
 
@@ -324,27 +264,18 @@ fn map_and_parse(path: &Path) -> Result<(Mmap, usize, Metadata)> {
 fn parse_header(bytes: &[u8]) -> std::result::Result<(usize, Metadata), String> {
     let not_st = |why: String| format!("not a safetensors file: {why}");
     let mut len_bytes = [0u8; HEADER_LEN_BYTES];
-    len_bytes.copy_from_slice(
-        bytes
-            .get(..HEADER_LEN_BYTES)
-            .ok_or_else(|| not_st("shorter than 8 bytes".into()))?,
-    );
+    len_bytes.copy_from_slice(bytes.get(..HEADER_LEN_BYTES).ok_or_else(|| not_st("shorter than 8 bytes".into()))?);
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_BYTES as u64 {
-        return Err(not_st(format!(
-            "header length field {header_len} is implausible"
-        )));
+        return Err(not_st(format!("header length field {header_len} is implausible")));
     }
     let header_len = header_len as usize;
     let data_start = HEADER_LEN_BYTES + header_len;
     let header = bytes.get(HEADER_LEN_BYTES..data_start).ok_or_else(|| {
-        format!(
-            "truncated: header declares {header_len} bytes but the file holds only {}",
-            bytes.len()
-        )
+        format!("truncated: header declares {header_len} bytes but the file holds only {}", bytes.len())
     })?;
-    let metadata: Metadata = serde_json::from_slice(header)
-        .map_err(|e| not_st(format!("header is not valid safetensors JSON: {e}")))?;
+    let metadata: Metadata =
+        serde_json::from_slice(header).map_err(|e| not_st(format!("header is not valid safetensors JSON: {e}")))?;
     let data_len = metadata.data_len();
     let have = bytes.len() - data_start;
     if data_len > have {
@@ -395,21 +326,10 @@ mod tests {
     fn header_parse_rejects_garbage_and_absurd_lengths() {
         let err = parse_header(b"GGUF\x03\x00\x00\x00rest-of-a-gguf-file").unwrap_err();
         assert!(err.contains("not a safetensors file"), "{err}");
-        let mut json_but_wrong = file_with_header(
-            r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}"#,
-            8,
-        );
-        assert!(
-            parse_header(&json_but_wrong)
-                .unwrap_err()
-                .contains("not a safetensors file")
-        );
+        let mut json_but_wrong = file_with_header(r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}"#, 8);
+        assert!(parse_header(&json_but_wrong).unwrap_err().contains("not a safetensors file"));
         json_but_wrong.truncate(20);
-        assert!(
-            parse_header(&json_but_wrong)
-                .unwrap_err()
-                .contains("truncated")
-        );
+        assert!(parse_header(&json_but_wrong).unwrap_err().contains("truncated"));
     }
 
     #[test]

@@ -62,11 +62,7 @@ pub struct RawTensor {
 
 impl std::fmt::Debug for RawTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "RawTensor({} {:?} {:?})",
-            self.name, self.dtype, self.shape
-        )
+        write!(f, "RawTensor({} {:?} {:?})", self.name, self.dtype, self.shape)
     }
 }
 
@@ -79,10 +75,7 @@ impl RawTensor {
     /// Fails unless the shape is exactly `want`.
     pub fn expect_shape(&self, want: &[usize]) -> Result<()> {
         if self.shape != want {
-            return Err(WorkerError::tensor(
-                &self.name,
-                format!("expected shape {want:?}, found {:?}", self.shape),
-            ));
+            return Err(WorkerError::tensor(&self.name, format!("expected shape {want:?}, found {:?}", self.shape)));
         }
         Ok(())
     }
@@ -90,20 +83,13 @@ impl RawTensor {
     /// Checks that the byte length matches dtype and shape (a truncated file fails here).
     pub fn check_len(&self) -> Result<()> {
         let last = self.shape.last().copied().unwrap_or(1);
-        let rows = if last == 0 {
-            0
-        } else {
-            self.elem_count() / last
-        };
+        let rows = if last == 0 { 0 } else { self.elem_count() / last };
         if let TensorDType::Ggml(t) = self.dtype
             && last % t.block_size() != 0
         {
             return Err(WorkerError::tensor(
                 &self.name,
-                format!(
-                    "row length {last} is not a multiple of the {t:?} block size {}",
-                    t.block_size()
-                ),
+                format!("row length {last} is not a multiple of the {t:?} block size {}", t.block_size()),
             ));
         }
         let want = rows * self.dtype.row_bytes(last);
@@ -111,10 +97,7 @@ impl RawTensor {
         if have != want {
             return Err(WorkerError::tensor(
                 &self.name,
-                format!(
-                    "holds {have} bytes, {:?} {:?} needs {want}",
-                    self.dtype, self.shape
-                ),
+                format!("holds {have} bytes, {:?} {:?} needs {want}", self.dtype, self.shape),
             ));
         }
         Ok(())
@@ -125,18 +108,9 @@ impl RawTensor {
         self.check_len()?;
         let b = self.bytes.as_slice();
         Ok(match self.dtype {
-            TensorDType::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            TensorDType::F16 => b
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            TensorDType::BF16 => b
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            TensorDType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            TensorDType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            TensorDType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             TensorDType::Ggml(t) => dequantize_ggml(&self.name, t, b, self.elem_count())?,
         })
     }
@@ -145,21 +119,11 @@ impl RawTensor {
 /// Dequantizes GGML blocks through candle's reference implementation.
 fn dequantize_ggml(name: &str, dtype: GgmlDType, bytes: &[u8], elems: usize) -> Result<Vec<f32>> {
     let fail = |e: candle_core::Error| {
-        WorkerError::tensor(
-            name,
-            format!("cannot dequantize {elems} elements of {dtype:?}: {e}"),
-        )
+        WorkerError::tensor(name, format!("cannot dequantize {elems} elements of {dtype:?}: {e}"))
     };
-    let qt = candle_core::quantized::ggml_file::qtensor_from_ggml(
-        dtype,
-        bytes,
-        vec![elems],
-        &candle_core::Device::Cpu,
-    )
-    .map_err(fail)?;
-    qt.dequantize(&candle_core::Device::Cpu)
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(fail)
+    let qt = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, bytes, vec![elems], &candle_core::Device::Cpu)
+        .map_err(fail)?;
+    qt.dequantize(&candle_core::Device::Cpu).and_then(|t| t.to_vec1::<f32>()).map_err(fail)
 }
 
 /// A set of named tensors in Hugging Face naming.

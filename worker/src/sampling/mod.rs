@@ -13,7 +13,6 @@ mod sampler;
 mod truncate;
 
 pub use params::{
-    MAX_LOGIT_BIAS_ENTRIES, MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS,
-    SamplingParams, StopParams,
+    MAX_LOGIT_BIAS_ENTRIES, MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams, StopParams,
 };
 pub use sampler::{Sampled, SequenceSampler};

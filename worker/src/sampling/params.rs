@@ -55,10 +55,7 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding: always the most likely token.
     pub fn greedy() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        }
+        SamplingParams { temperature: 0.0, ..Default::default() }
     }
 
     /// True when the next token is the argmax of the (processed) logits.
@@ -69,43 +66,24 @@ impl SamplingParams {
     /// Checks every field's range; `vocab_size` bounds the token ids in `logit_bias`.
     pub fn validate(&self, vocab_size: usize) -> Result<()> {
         let finite = |param: &'static str, v: f32| {
-            if v.is_finite() {
-                Ok(())
-            } else {
-                Err(WorkerError::invalid(param, "must be a finite number"))
-            }
+            if v.is_finite() { Ok(()) } else { Err(WorkerError::invalid(param, "must be a finite number")) }
         };
         finite("temperature", self.temperature)?;
         if self.temperature < 0.0 {
-            return Err(WorkerError::invalid(
-                "temperature",
-                format!("must be >= 0, got {}", self.temperature),
-            ));
+            return Err(WorkerError::invalid("temperature", format!("must be >= 0, got {}", self.temperature)));
         }
         finite("top_p", self.top_p)?;
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(WorkerError::invalid(
-                "top_p",
-                format!("must be in (0, 1], got {}", self.top_p),
-            ));
+            return Err(WorkerError::invalid("top_p", format!("must be in (0, 1], got {}", self.top_p)));
         }
         finite("min_p", self.min_p)?;
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(WorkerError::invalid(
-                "min_p",
-                format!("must be in [0, 1], got {}", self.min_p),
-            ));
+            return Err(WorkerError::invalid("min_p", format!("must be in [0, 1], got {}", self.min_p)));
         }
-        for (param, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
+        for (param, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
             finite(param, v)?;
             if !(-2.0..=2.0).contains(&v) {
-                return Err(WorkerError::invalid(
-                    param,
-                    format!("must be in [-2, 2], got {v}"),
-                ));
+                return Err(WorkerError::invalid(param, format!("must be in [-2, 2], got {v}")));
             }
         }
         finite("repetition_penalty", self.repetition_penalty)?;
@@ -118,10 +96,7 @@ impl SamplingParams {
         if self.logit_bias.len() > MAX_LOGIT_BIAS_ENTRIES {
             return Err(WorkerError::invalid(
                 "logit_bias",
-                format!(
-                    "at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {}",
-                    self.logit_bias.len()
-                ),
+                format!("at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {}", self.logit_bias.len()),
             ));
         }
         for &(token, bias) in &self.logit_bias {
@@ -132,19 +107,13 @@ impl SamplingParams {
                 ));
             }
             if !bias.is_finite() || !(-100.0..=100.0).contains(&bias) {
-                return Err(WorkerError::invalid(
-                    "logit_bias",
-                    format!("bias {bias} is outside [-100, 100]"),
-                ));
+                return Err(WorkerError::invalid("logit_bias", format!("bias {bias} is outside [-100, 100]")));
             }
         }
         if let Some(k) = self.logprobs
             && k > MAX_TOP_LOGPROBS
         {
-            return Err(WorkerError::invalid(
-                "logprobs",
-                format!("at most {MAX_TOP_LOGPROBS}, got {k}"),
-            ));
+            return Err(WorkerError::invalid("logprobs", format!("at most {MAX_TOP_LOGPROBS}, got {k}")));
         }
         Ok(())
     }
@@ -194,27 +163,18 @@ impl StopParams {
         if self.min_tokens > self.max_tokens {
             return Err(WorkerError::invalid(
                 "min_tokens",
-                format!(
-                    "{} is more than max_tokens {}",
-                    self.min_tokens, self.max_tokens
-                ),
+                format!("{} is more than max_tokens {}", self.min_tokens, self.max_tokens),
             ));
         }
         if self.stop.len() > MAX_STOP_STRINGS {
             return Err(WorkerError::invalid(
                 "stop",
-                format!(
-                    "at most {MAX_STOP_STRINGS} strings, got {}",
-                    self.stop.len()
-                ),
+                format!("at most {MAX_STOP_STRINGS} strings, got {}", self.stop.len()),
             ));
         }
         for s in &self.stop {
             if s.is_empty() {
-                return Err(WorkerError::invalid(
-                    "stop",
-                    "stop strings must not be empty",
-                ));
+                return Err(WorkerError::invalid("stop", "stop strings must not be empty"));
             }
             if s.len() > MAX_STOP_STRING_BYTES {
                 return Err(WorkerError::invalid(
@@ -223,11 +183,7 @@ impl StopParams {
                 ));
             }
         }
-        if let Some(&bad) = self
-            .stop_token_ids
-            .iter()
-            .find(|&&t| t as usize >= vocab_size)
-        {
+        if let Some(&bad) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
             return Err(WorkerError::invalid(
                 "stop_token_ids",
                 format!("token id {bad} is outside the vocabulary of {vocab_size}"),
@@ -244,76 +200,16 @@ mod tests {
     #[test]
     fn rejects_out_of_range_values_naming_the_parameter() {
         let cases: Vec<(SamplingParams, &str)> = vec![
-            (
-                SamplingParams {
-                    temperature: -0.1,
-                    ..Default::default()
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    top_p: 0.0,
-                    ..Default::default()
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    top_p: 1.5,
-                    ..Default::default()
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    min_p: 2.0,
-                    ..Default::default()
-                },
-                "min_p",
-            ),
-            (
-                SamplingParams {
-                    presence_penalty: 3.0,
-                    ..Default::default()
-                },
-                "presence_penalty",
-            ),
-            (
-                SamplingParams {
-                    frequency_penalty: f32::NAN,
-                    ..Default::default()
-                },
-                "frequency_penalty",
-            ),
-            (
-                SamplingParams {
-                    repetition_penalty: 0.0,
-                    ..Default::default()
-                },
-                "repetition_penalty",
-            ),
-            (
-                SamplingParams {
-                    logit_bias: vec![(100, 1.0)],
-                    ..Default::default()
-                },
-                "logit_bias",
-            ),
-            (
-                SamplingParams {
-                    logit_bias: vec![(1, 101.0)],
-                    ..Default::default()
-                },
-                "logit_bias",
-            ),
-            (
-                SamplingParams {
-                    logprobs: Some(21),
-                    ..Default::default()
-                },
-                "logprobs",
-            ),
+            (SamplingParams { temperature: -0.1, ..Default::default() }, "temperature"),
+            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
+            (SamplingParams { top_p: 1.5, ..Default::default() }, "top_p"),
+            (SamplingParams { min_p: 2.0, ..Default::default() }, "min_p"),
+            (SamplingParams { presence_penalty: 3.0, ..Default::default() }, "presence_penalty"),
+            (SamplingParams { frequency_penalty: f32::NAN, ..Default::default() }, "frequency_penalty"),
+            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
+            (SamplingParams { logit_bias: vec![(100, 1.0)], ..Default::default() }, "logit_bias"),
+            (SamplingParams { logit_bias: vec![(1, 101.0)], ..Default::default() }, "logit_bias"),
+            (SamplingParams { logprobs: Some(21), ..Default::default() }, "logprobs"),
         ];
         for (params, want) in cases {
             match params.validate(100) {
@@ -330,42 +226,11 @@ mod tests {
     #[test]
     fn stop_params_reject_bad_limits() {
         let bad = [
-            (
-                StopParams {
-                    max_tokens: 0,
-                    ..Default::default()
-                },
-                "max_tokens",
-            ),
-            (
-                StopParams {
-                    min_tokens: 20,
-                    max_tokens: 10,
-                    ..Default::default()
-                },
-                "min_tokens",
-            ),
-            (
-                StopParams {
-                    stop: vec![String::new()],
-                    ..Default::default()
-                },
-                "stop",
-            ),
-            (
-                StopParams {
-                    stop: vec!["x".into(); 17],
-                    ..Default::default()
-                },
-                "stop",
-            ),
-            (
-                StopParams {
-                    stop_token_ids: vec![100],
-                    ..Default::default()
-                },
-                "stop_token_ids",
-            ),
+            (StopParams { max_tokens: 0, ..Default::default() }, "max_tokens"),
+            (StopParams { min_tokens: 20, max_tokens: 10, ..Default::default() }, "min_tokens"),
+            (StopParams { stop: vec![String::new()], ..Default::default() }, "stop"),
+            (StopParams { stop: vec!["x".into(); 17], ..Default::default() }, "stop"),
+            (StopParams { stop_token_ids: vec![100], ..Default::default() }, "stop_token_ids"),
         ];
         for (params, want) in bad {
             match params.validate(100) {

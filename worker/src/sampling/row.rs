@@ -41,11 +41,7 @@ macro_rules! avx2_dispatch {
 #[inline(always)]
 pub(crate) fn sanitize(x: f32) -> f32 {
     // `x >= -inf` is false only for NaN.
-    let x = if x >= f32::NEG_INFINITY {
-        x
-    } else {
-        f32::NEG_INFINITY
-    };
+    let x = if x >= f32::NEG_INFINITY { x } else { f32::NEG_INFINITY };
     if x > f32::MAX { f32::MAX } else { x }
 }
 
@@ -53,9 +49,7 @@ pub(crate) fn sanitize(x: f32) -> f32 {
 /// sanitized values, so results never depend on the sort or selection algorithm.
 #[inline]
 pub(crate) fn rank(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
-    b.1.partial_cmp(&a.1)
-        .unwrap_or(Ordering::Equal)
-        .then(a.0.cmp(&b.0))
+    b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal).then(a.0.cmp(&b.0))
 }
 
 /// `e^x` for `x <= 0` (larger inputs are clamped to 0), with relative error about 2e-7, and
@@ -81,10 +75,7 @@ pub(crate) fn exp_nonpos(x: f32) -> f32 {
     let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // Taylor series of e^r on |r| <= ln2/2: the degree-6 remainder is below 1.2e-7.
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     // n is in [-126, 0]: 2^n is the normal float with biased exponent n + 127.
     let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
     let scale = f32::from_bits(((n_int + 127) as u32) << 23);
@@ -122,19 +113,12 @@ fn chunk_max(chunk: &[f32]) -> f32 {
             *lane = if v > *lane { v } else { *lane };
         }
     }
-    lanes
-        .iter()
-        .chain(octets.remainder())
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    lanes.iter().chain(octets.remainder()).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 #[inline(always)]
 fn max_value_generic(row: &[f32]) -> f32 {
-    sanitize(
-        row.chunks(CHUNK)
-            .map(chunk_max)
-            .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m }),
-    )
+    sanitize(row.chunks(CHUNK).map(chunk_max).fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m }))
 }
 
 avx2_dispatch! {
@@ -281,13 +265,7 @@ avx2_dispatch! {
 }
 
 #[inline(always)]
-fn gather_range_generic(
-    weights: &[f32],
-    lo: f32,
-    hi: f32,
-    limit: usize,
-    out: &mut Vec<(u32, f32)>,
-) -> bool {
+fn gather_range_generic(weights: &[f32], lo: f32, hi: f32, limit: usize, out: &mut Vec<(u32, f32)>) -> bool {
     let inside = |w: f32| w >= lo && w < hi && w > 0.0;
     out.clear();
     for (c, chunk) in weights.chunks(CHUNK).enumerate() {
@@ -301,12 +279,7 @@ fn gather_range_generic(
                 continue;
             }
             let first = (c * CHUNK + g * 8) as u32;
-            out.extend(
-                (first..)
-                    .zip(group)
-                    .filter(|&(_, &w)| inside(w))
-                    .map(|(i, &w)| (i, w)),
-            );
+            out.extend((first..).zip(group).filter(|&(_, &w)| inside(w)).map(|(i, &w)| (i, w)));
         }
         if out.len() > limit {
             return false;
@@ -357,10 +330,7 @@ mod tests {
         while x <= 0.0 {
             let want = f64::from(x).exp();
             let got = f64::from(exp_nonpos(x));
-            assert!(
-                ((got - want) / want).abs() < 4e-7,
-                "exp({x}) = {got}, want {want}"
-            );
+            assert!(((got - want) / want).abs() < 4e-7, "exp({x}) = {got}, want {want}");
             x += 0.0137;
         }
         assert_eq!(exp_nonpos(0.0), 1.0);
@@ -377,17 +347,12 @@ mod tests {
         assert_eq!(argmax(&row), Some(40));
         assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), None);
         assert_eq!(argmax(&[]), None);
-        assert_eq!(
-            argmax(&[f32::NAN, 1.0, f32::INFINITY, f32::INFINITY]),
-            Some(2)
-        );
+        assert_eq!(argmax(&[f32::NAN, 1.0, f32::INFINITY, f32::INFINITY]), Some(2));
     }
 
     #[test]
     fn cumulative_pick_lands_on_the_weight_covering_the_target() {
-        let weights: Vec<f32> = (0..50)
-            .map(|i| if i % 3 == 0 { 1.0 } else { 0.0 })
-            .collect();
+        let weights: Vec<f32> = (0..50).map(|i| if i % 3 == 0 { 1.0 } else { 0.0 }).collect();
         let total: f64 = weights.chunks(CHUNK).map(chunk_sum).sum();
         assert_eq!(total, 17.0);
         assert_eq!(cumulative_pick(&weights, 0.0), Some(0));
@@ -416,14 +381,8 @@ mod tests {
     fn top_k_matches_a_full_sort_on_long_rows() {
         // Long enough to compact the buffer many times and skip chunks; values repeat, so ties
         // must still go to the lower index.
-        let row: Vec<f32> = (0..50_000u32)
-            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 20) % 3000) as f32)
-            .collect();
-        let mut all: Vec<(u32, f32)> = row
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| (i as u32, x))
-            .collect();
+        let row: Vec<f32> = (0..50_000u32).map(|i| ((i.wrapping_mul(2_654_435_761) >> 20) % 3000) as f32).collect();
+        let mut all: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
         all.sort_by(rank);
         for k in [1, 20, 33, 64, 1000] {
             assert_eq!(top_k(&row, k), all[..k].to_vec(), "k = {k}");
@@ -467,10 +426,7 @@ mod tests {
         let total_b = exp_in_place_generic(&mut b, max, 0.7, 1e-3);
         assert_eq!(total_a.to_bits(), total_b.to_bits());
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
-        assert_eq!(
-            log_sum_exp(&row).to_bits(),
-            log_sum_exp_generic(&row).to_bits()
-        );
+        assert_eq!(log_sum_exp(&row).to_bits(), log_sum_exp_generic(&row).to_bits());
         let cut = (5000, a[5000]);
         assert_eq!(
             mask_ranked_below(&mut a, cut, 0.0).to_bits(),

@@ -31,8 +31,7 @@ use rand_chacha::rand_core::{Rng, SeedableRng};
 
 use super::SamplingParams;
 use super::row::{
-    argmax, cumulative_pick, exp_in_place, exp_nonpos, log_sum_exp, mask_ranked_below, max_value,
-    sanitize, top_k_into,
+    argmax, cumulative_pick, exp_in_place, exp_nonpos, log_sum_exp, mask_ranked_below, max_value, sanitize, top_k_into,
 };
 use super::truncate::{nucleus_cut, pick, top_p_min_p_set};
 use crate::TokenId;
@@ -81,19 +80,13 @@ impl SequenceSampler {
     /// A sampler for one sequence. `seed_stream` separates the choices of an `n > 1` request;
     /// `prompt` feeds the repetition penalty; ids `>= vocab_size` are ignored. `params` must be
     /// the same ones later passed to `sample`: whether penalties are tracked is decided here.
-    pub fn new(
-        params: &SamplingParams,
-        seed_stream: u64,
-        prompt: &[TokenId],
-        vocab_size: usize,
-    ) -> Self {
+    pub fn new(params: &SamplingParams, seed_stream: u64, prompt: &[TokenId], vocab_size: usize) -> Self {
         let key = match params.seed {
             Some(seed) => expand_seed(seed),
             None => rand::random(),
         };
         let repetition = params.repetition_penalty != 1.0;
-        let penalised =
-            repetition || params.frequency_penalty != 0.0 || params.presence_penalty != 0.0;
+        let penalised = repetition || params.frequency_penalty != 0.0 || params.presence_penalty != 0.0;
         let history = penalised.then(|| {
             let mut counts = HashMap::new();
             if repetition {
@@ -137,22 +130,13 @@ impl SequenceSampler {
     /// Chooses the next token from `logits` (modified in place), never choosing an id in
     /// `suppress` unless every id of the row is in it. See the module docs for the order of
     /// processing.
-    pub fn sample(
-        &mut self,
-        logits: &mut [f32],
-        params: &SamplingParams,
-        suppress: &[TokenId],
-    ) -> Sampled {
+    pub fn sample(&mut self, logits: &mut [f32], params: &SamplingParams, suppress: &[TokenId]) -> Sampled {
         if params.logprobs.is_some() {
             self.raw.clear();
             self.raw.extend_from_slice(logits);
         }
         self.process(logits, params, suppress);
-        let chosen = if is_greedy(params) {
-            argmax(logits)
-        } else {
-            self.draw(logits, params)
-        };
+        let chosen = if is_greedy(params) { argmax(logits) } else { self.draw(logits, params) };
         let token = match chosen {
             Some(i) => i as TokenId,
             None => fallback_token(logits.len(), suppress),
@@ -161,11 +145,7 @@ impl SequenceSampler {
             Some(k) => raw_logprobs(&self.raw, token, k),
             None => (0.0, Vec::new()),
         };
-        Sampled {
-            token,
-            logprob,
-            top_logprobs,
-        }
+        Sampled { token, logprob, top_logprobs }
     }
 
     /// Step 2 of the module docs: penalties, bias and suppression, touching only the ids
@@ -222,11 +202,7 @@ impl SequenceSampler {
             return None;
         }
         // Without top-p, min-p is a plain weight floor applied by the exp pass.
-        let floor = if params.top_p < 1.0 {
-            0.0
-        } else {
-            params.min_p
-        };
+        let floor = if params.top_p < 1.0 { 0.0 } else { params.min_p };
         let mut total = exp_in_place(logits, max, params.temperature, floor);
         if params.top_p < 1.0 {
             let cut = nucleus_cut(logits, total, params.top_p, &mut self.kept);
@@ -248,25 +224,16 @@ fn is_greedy(params: &SamplingParams) -> bool {
 /// The deterministic choice when no token has finite logit: the lowest id of the row that is not
 /// suppressed, or 0.
 fn fallback_token(len: usize, suppress: &[TokenId]) -> TokenId {
-    (0..len)
-        .map(|i| i as TokenId)
-        .find(|t| !suppress.contains(t))
-        .unwrap_or(0)
+    (0..len).map(|i| i as TokenId).find(|t| !suppress.contains(t)).unwrap_or(0)
 }
 
 /// Log-softmax of the raw row at `token`, and its `k` best entries.
 fn raw_logprobs(raw: &[f32], token: TokenId, k: usize) -> (f32, Vec<(TokenId, f32)>) {
     let lse = log_sum_exp(raw);
     let logprob = |x: f32| {
-        if lse == f64::NEG_INFINITY {
-            f32::NEG_INFINITY
-        } else {
-            (f64::from(sanitize(x)) - lse) as f32
-        }
+        if lse == f64::NEG_INFINITY { f32::NEG_INFINITY } else { (f64::from(sanitize(x)) - lse) as f32 }
     };
-    let chosen = raw
-        .get(token as usize)
-        .map_or(f32::NEG_INFINITY, |&x| logprob(x));
+    let chosen = raw.get(token as usize).map_or(f32::NEG_INFINITY, |&x| logprob(x));
     let mut top = Vec::new();
     top_k_into(raw, k, &mut top);
     for (_, x) in top.iter_mut() {

@@ -3,10 +3,7 @@
 use super::*;
 
 fn seeded(seed: u64) -> SamplingParams {
-    SamplingParams {
-        seed: Some(seed),
-        ..Default::default()
-    }
+    SamplingParams { seed: Some(seed), ..Default::default() }
 }
 
 /// A fixed, varied row of logits in [-4, 4).
@@ -20,15 +17,8 @@ fn varied_logits(vocab: usize, salt: u64) -> Vec<f32> {
 }
 
 /// Draws `n` tokens, each from a fresh copy of `logits`, without recording them.
-fn draws(
-    sampler: &mut SequenceSampler,
-    logits: &[f32],
-    params: &SamplingParams,
-    n: usize,
-) -> Vec<TokenId> {
-    (0..n)
-        .map(|_| sampler.sample(&mut logits.to_vec(), params, &[]).token)
-        .collect()
+fn draws(sampler: &mut SequenceSampler, logits: &[f32], params: &SamplingParams, n: usize) -> Vec<TokenId> {
+    (0..n).map(|_| sampler.sample(&mut logits.to_vec(), params, &[]).token).collect()
 }
 
 /// Empirical frequency of each token over `n` draws.
@@ -42,13 +32,8 @@ fn frequencies(params: &SamplingParams, logits: &[f32], n: usize) -> Vec<f64> {
 }
 
 fn softmax_f64(logits: &[f32], temperature: f64) -> Vec<f64> {
-    let max = logits
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
-    let e: Vec<f64> = logits
-        .iter()
-        .map(|&x| ((f64::from(x) - max) / temperature).exp())
-        .collect();
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+    let e: Vec<f64> = logits.iter().map(|&x| ((f64::from(x) - max) / temperature).exp()).collect();
     let z: f64 = e.iter().sum();
     e.into_iter().map(|v| v / z).collect()
 }
@@ -62,11 +47,7 @@ fn greedy_picks_the_argmax_with_ties_to_the_lowest_id() {
     logits[808] = 9.0;
     assert_eq!(sampler.sample(&mut logits.clone(), &params, &[]).token, 613);
     // top_k = 1 is greedy too, whatever the temperature.
-    let top1 = SamplingParams {
-        top_k: Some(1),
-        temperature: 1.5,
-        ..seeded(3)
-    };
+    let top1 = SamplingParams { top_k: Some(1), temperature: 1.5, ..seeded(3) };
     assert_eq!(sampler.sample(&mut logits, &top1, &[]).token, 613);
 }
 
@@ -74,10 +55,7 @@ fn greedy_picks_the_argmax_with_ties_to_the_lowest_id() {
 fn same_seed_gives_the_same_tokens_and_different_seeds_differ() {
     let logits = varied_logits(500, 2);
     let run = |seed| {
-        let params = SamplingParams {
-            temperature: 1.3,
-            ..seeded(seed)
-        };
+        let params = SamplingParams { temperature: 1.3, ..seeded(seed) };
         let mut sampler = SequenceSampler::new(&params, 0, &[], 500);
         draws(&mut sampler, &logits, &params, 200)
     };
@@ -88,10 +66,7 @@ fn same_seed_gives_the_same_tokens_and_different_seeds_differ() {
 #[test]
 fn seed_streams_differ_from_each_other_but_reproduce() {
     let logits = varied_logits(500, 3);
-    let params = SamplingParams {
-        temperature: 1.3,
-        ..seeded(7)
-    };
+    let params = SamplingParams { temperature: 1.3, ..seeded(7) };
     let parent = SequenceSampler::new(&params, 0, &[], 500);
     let stream = |s| draws(&mut parent.fork(s), &logits, &params, 200);
     assert_eq!(stream(1), stream(1));
@@ -103,10 +78,7 @@ fn seed_streams_differ_from_each_other_but_reproduce() {
 #[test]
 fn unseeded_forks_share_a_key_so_equal_streams_agree() {
     let logits = varied_logits(500, 4);
-    let params = SamplingParams {
-        temperature: 1.3,
-        ..Default::default()
-    };
+    let params = SamplingParams { temperature: 1.3, ..Default::default() };
     let parent = SequenceSampler::new(&params, 0, &[], 500);
     let a = draws(&mut parent.fork(5), &logits, &params, 100);
     assert_eq!(a, draws(&mut parent.fork(5), &logits, &params, 100));
@@ -117,18 +89,12 @@ fn unseeded_forks_share_a_key_so_equal_streams_agree() {
 fn temperature_sampling_follows_the_softmax_distribution() {
     let logits = [1.0f32, 0.5, -0.3, 2.0, 0.0, -1.0, 1.5, 0.2];
     for temperature in [0.7f32, 1.0, 2.0] {
-        let params = SamplingParams {
-            temperature,
-            ..seeded(11)
-        };
+        let params = SamplingParams { temperature, ..seeded(11) };
         let got = frequencies(&params, &logits, 100_000);
         let want = softmax_f64(&logits, f64::from(temperature));
         for (g, w) in got.iter().zip(&want) {
             // Five standard deviations of a frequency over 100k draws is at most 0.008.
-            assert!(
-                (g - w).abs() < 0.008,
-                "T={temperature}: got {got:?}, want {want:?}"
-            );
+            assert!((g - w).abs() < 0.008, "T={temperature}: got {got:?}, want {want:?}");
         }
     }
 }
@@ -138,35 +104,18 @@ fn top_k_two_never_samples_outside_the_top_two() {
     let mut logits = vec![2.9f32; 1000];
     logits[100] = 3.0;
     logits[900] = 3.05;
-    let params = SamplingParams {
-        top_k: Some(2),
-        temperature: 5.0,
-        ..seeded(5)
-    };
+    let params = SamplingParams { top_k: Some(2), temperature: 5.0, ..seeded(5) };
     let freq = frequencies(&params, &logits, 20_000);
-    let outside: f64 = freq
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| i != 100 && i != 900)
-        .map(|(_, f)| f)
-        .sum();
+    let outside: f64 = freq.iter().enumerate().filter(|&(i, _)| i != 100 && i != 900).map(|(_, f)| f).sum();
     assert_eq!(outside, 0.0);
-    assert!(
-        freq[100] > 0.4 && freq[900] > 0.4,
-        "{} {}",
-        freq[100],
-        freq[900]
-    );
+    assert!(freq[100] > 0.4 && freq[900] > 0.4, "{} {}", freq[100], freq[900]);
 }
 
 #[test]
 fn top_p_half_samples_only_the_nucleus_in_proportion() {
     // Probabilities 0.1, 0.4, 0.2, 0.3: the nucleus for p = 0.5 is {1, 3}.
     let logits: Vec<f32> = [0.1f32, 0.4, 0.2, 0.3].iter().map(|p| p.ln()).collect();
-    let params = SamplingParams {
-        top_p: 0.5,
-        ..seeded(9)
-    };
+    let params = SamplingParams { top_p: 0.5, ..seeded(9) };
     let freq = frequencies(&params, &logits, 50_000);
     assert_eq!(freq[0] + freq[2], 0.0, "{freq:?}");
     assert!((freq[1] - 4.0 / 7.0).abs() < 0.01, "{freq:?}");
@@ -176,10 +125,7 @@ fn top_p_half_samples_only_the_nucleus_in_proportion() {
 fn min_p_drops_tokens_below_the_fraction_of_the_best() {
     // Probabilities 0.5, 0.3, 0.04, 0.16; min_p = 0.1 keeps p >= 0.05.
     let logits: Vec<f32> = [0.5f32, 0.3, 0.04, 0.16].iter().map(|p| p.ln()).collect();
-    let params = SamplingParams {
-        min_p: 0.1,
-        ..seeded(13)
-    };
+    let params = SamplingParams { min_p: 0.1, ..seeded(13) };
     let freq = frequencies(&params, &logits, 50_000);
     assert_eq!(freq[2], 0.0, "{freq:?}");
     for (i, want) in [(0, 0.5 / 0.96), (1, 0.3 / 0.96), (3, 0.16 / 0.96)] {
@@ -215,10 +161,7 @@ fn penalties_change_logits_exactly_as_the_formulas_say() {
     assert_eq!(logits, want);
 
     // Without a repetition penalty the prompt is not tracked at all.
-    let params = SamplingParams {
-        frequency_penalty: 1.0,
-        ..SamplingParams::greedy()
-    };
+    let params = SamplingParams { frequency_penalty: 1.0, ..SamplingParams::greedy() };
     let mut sampler = SequenceSampler::new(&params, 0, &[0, 1], 3);
     sampler.record(1);
     let mut logits = [1.0f32, 1.0, 1.0];
@@ -237,25 +180,13 @@ fn penalty_free_samplers_keep_no_history() {
 fn logit_bias_plus_100_forces_a_token_and_minus_100_forbids_it() {
     let logits = varied_logits(2000, 6);
     let best = argmax(&logits).unwrap() as TokenId;
-    let params = SamplingParams {
-        logit_bias: vec![(1234, 100.0), (best, -100.0)],
-        ..seeded(1)
-    };
+    let params = SamplingParams { logit_bias: vec![(1234, 100.0), (best, -100.0)], ..seeded(1) };
     let freq = frequencies(&params, &logits, 2000);
     assert_eq!(freq[1234], 1.0);
-    let forbid = SamplingParams {
-        logit_bias: vec![(best, -100.0)],
-        ..SamplingParams::greedy()
-    };
+    let forbid = SamplingParams { logit_bias: vec![(best, -100.0)], ..SamplingParams::greedy() };
     let mut sampler = SequenceSampler::new(&forbid, 0, &[], 2000);
-    assert_ne!(
-        sampler.sample(&mut logits.clone(), &forbid, &[]).token,
-        best
-    );
-    let forbid = SamplingParams {
-        temperature: 2.0,
-        ..forbid
-    };
+    assert_ne!(sampler.sample(&mut logits.clone(), &forbid, &[]).token, best);
+    let forbid = SamplingParams { temperature: 2.0, ..forbid };
     assert_eq!(frequencies(&forbid, &logits, 5000)[best as usize], 0.0);
 }
 
@@ -267,21 +198,11 @@ fn suppressed_ids_are_never_chosen() {
     let suppress = [7, 8, 1000];
     let greedy = SamplingParams::greedy();
     let mut sampler = SequenceSampler::new(&greedy, 0, &[], 50);
-    assert_eq!(
-        sampler
-            .sample(&mut logits.clone(), &greedy, &suppress)
-            .token,
-        0
-    );
-    let params = SamplingParams {
-        top_p: 0.9,
-        ..seeded(2)
-    };
+    assert_eq!(sampler.sample(&mut logits.clone(), &greedy, &suppress).token, 0);
+    let params = SamplingParams { top_p: 0.9, ..seeded(2) };
     let mut sampler = SequenceSampler::new(&params, 0, &[], 50);
     for _ in 0..2000 {
-        let t = sampler
-            .sample(&mut logits.clone(), &params, &suppress)
-            .token;
+        let t = sampler.sample(&mut logits.clone(), &params, &suppress).token;
         assert!(t != 7 && t != 8);
     }
 }
@@ -301,12 +222,7 @@ fn logprobs_are_the_raw_log_softmax_sorted_descending() {
     let mut sampler = SequenceSampler::new(&params, 0, &[1, 2, 3], 3000);
     let out = sampler.sample(&mut logits.clone(), &params, &[]);
     assert_eq!(out.token, 17);
-    assert!(
-        (f64::from(out.logprob) - want[17].ln()).abs() < 1e-4,
-        "{} vs {}",
-        out.logprob,
-        want[17].ln()
-    );
+    assert!((f64::from(out.logprob) - want[17].ln()).abs() < 1e-4, "{} vs {}", out.logprob, want[17].ln());
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
     assert_eq!(out.top_logprobs.len(), 5);
@@ -323,15 +239,8 @@ fn logprobs_are_the_raw_log_softmax_sorted_descending() {
 
 #[test]
 fn nan_and_infinite_logits_never_panic_or_leave_the_row() {
-    let greedy = SamplingParams {
-        logprobs: Some(3),
-        ..SamplingParams::greedy()
-    };
-    let sampled = SamplingParams {
-        logprobs: Some(3),
-        top_p: 0.8,
-        ..seeded(1)
-    };
+    let greedy = SamplingParams { logprobs: Some(3), ..SamplingParams::greedy() };
+    let sampled = SamplingParams { logprobs: Some(3), top_p: 0.8, ..seeded(1) };
     let plain = seeded(1);
     let nan = f32::NAN;
     let rows: [(&[f32], &[TokenId], TokenId); 6] = [
@@ -348,18 +257,11 @@ fn nan_and_infinite_logits_never_panic_or_leave_the_row() {
             let out = sampler.sample(&mut row.to_vec(), params, suppress);
             assert_eq!(out.token, want, "{row:?} {params:?}");
             assert!(!out.logprob.is_nan(), "{row:?}");
-            assert!(
-                out.top_logprobs
-                    .iter()
-                    .all(|&(t, lp)| (t as usize) < row.len() && !lp.is_nan())
-            );
+            assert!(out.top_logprobs.iter().all(|&(t, lp)| (t as usize) < row.len() && !lp.is_nan()));
         }
     }
     // A NaN next to finite values is never drawn.
-    let params = SamplingParams {
-        temperature: 3.0,
-        ..seeded(2)
-    };
+    let params = SamplingParams { temperature: 3.0, ..seeded(2) };
     let freq = frequencies(&params, &[0.0, nan, 0.0, nan], 5000);
     assert_eq!(freq[1] + freq[3], 0.0);
 }
@@ -380,14 +282,8 @@ fn large_vocabulary_top_p_and_top_k_stay_inside_the_reference_sets() {
         nucleus[i] = true;
         above += probs[i];
     }
-    let top_p = SamplingParams {
-        top_p: 0.9,
-        ..seeded(21)
-    };
-    let top_k = SamplingParams {
-        top_k: Some(50),
-        ..seeded(21)
-    };
+    let top_p = SamplingParams { top_p: 0.9, ..seeded(21) };
+    let top_k = SamplingParams { top_k: Some(50), ..seeded(21) };
     let mut a = SequenceSampler::new(&top_p, 0, &[], vocab);
     let mut b = SequenceSampler::new(&top_k, 0, &[], vocab);
     for _ in 0..200 {

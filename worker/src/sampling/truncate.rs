@@ -41,24 +41,13 @@ const REFINE_ABOVE: usize = 1024;
 /// The last token (id, weight) of the top-p nucleus of a full row of weights summing to `total`:
 /// the nucleus is every token ranked at or above it (see `row::mask_ranked_below`). `top_p >= 1`
 /// keeps everything (`(u32::MAX, 0.0)`). `scratch` is reused.
-pub(crate) fn nucleus_cut(
-    weights: &[f32],
-    total: f64,
-    top_p: f32,
-    scratch: &mut Vec<(u32, f32)>,
-) -> (u32, f32) {
+pub(crate) fn nucleus_cut(weights: &[f32], total: f64, top_p: f32, scratch: &mut Vec<(u32, f32)>) -> (u32, f32) {
     const KEEP_ALL: (u32, f32) = (u32::MAX, 0.0);
     if top_p >= 1.0 {
         return KEEP_ALL;
     }
     let goal = f64::from(top_p) * total;
-    let sparse = gather_range(
-        weights,
-        FIRST_THRESHOLD,
-        f32::INFINITY,
-        GATHER_LIMIT,
-        scratch,
-    );
+    let sparse = gather_range(weights, FIRST_THRESHOLD, f32::INFINITY, GATHER_LIMIT, scratch);
     let mut above = 0.0f64;
     let mut digits = &DIGITS[..];
     if !sparse || scratch.iter().map(|&(_, w)| f64::from(w)).sum::<f64>() < goal {
@@ -81,21 +70,13 @@ pub(crate) fn nucleus_cut(
         scratch.retain(|&(_, w)| digit(w, shift) == b);
     }
     let n = cut_sorted_prefix(scratch, above, goal);
-    n.checked_sub(1)
-        .and_then(|last| scratch.get(last))
-        .copied()
-        .unwrap_or(KEEP_ALL)
+    n.checked_sub(1).and_then(|last| scratch.get(last)).copied().unwrap_or(KEEP_ALL)
 }
 
 /// Over weights that share every digit above `shift` and rank below mass `above`: the highest
 /// digit value at which the mass so far reaches `goal` (the bucket holding the cut), and the mass
 /// ranked above that bucket.
-fn boundary(
-    weights: impl Iterator<Item = f32>,
-    shift: u32,
-    mut above: f64,
-    goal: f64,
-) -> (usize, f64) {
+fn boundary(weights: impl Iterator<Item = f32>, shift: u32, mut above: f64, goal: f64) -> (usize, f64) {
     // Four interleaved histograms, so runs of equal buckets do not serialise on one counter.
     let mut hist = [[0.0f64; BUCKETS]; 4];
     for (i, w) in weights.enumerate() {
@@ -171,11 +152,7 @@ pub(crate) fn pick(kept: &[(u32, f32)], u: f64) -> Option<u32> {
         }
     }
     // Only reached when rounding put the target at the total, or every weight is 0.
-    kept.iter()
-        .rev()
-        .find(|&&(_, w)| w > 0.0)
-        .or(kept.last())
-        .map(|&(id, _)| id)
+    kept.iter().rev().find(|&&(_, w)| w > 0.0).or(kept.last()).map(|&(id, _)| id)
 }
 
 #[cfg(test)]
@@ -195,18 +172,12 @@ mod tests {
         let mut w = weights.to_vec();
         let cut = nucleus_cut(&w, total, top_p, &mut Vec::new());
         mask_ranked_below(&mut w, cut, min_p);
-        (0..w.len() as u32)
-            .filter(|&i| w[i as usize] > 0.0)
-            .collect()
+        (0..w.len() as u32).filter(|&i| w[i as usize] > 0.0).collect()
     }
 
     /// The nucleus by the definition: sort everything, keep while the mass above is short of p.
     fn reference_nucleus(weights: &[f32], top_p: f32) -> Vec<u32> {
-        let mut all: Vec<(u32, f32)> = weights
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| (i as u32, w))
-            .collect();
+        let mut all: Vec<(u32, f32)> = weights.iter().enumerate().map(|(i, &w)| (i as u32, w)).collect();
         all.sort_by(rank);
         let goal = f64::from(top_p) * weights.iter().map(|&w| f64::from(w)).sum::<f64>();
         let mut above = 0.0;
@@ -237,21 +208,10 @@ mod tests {
     #[test]
     fn top_p_matches_the_sorting_definition_on_large_rows() {
         // Peaked, long-tailed and flat rows, exercising every threshold and the selection loop.
-        let peaked: Vec<f32> = (0..20_000u32)
-            .map(|i| (-((i * 7919 % 20_000) as f32) / 300.0).exp())
-            .collect();
-        let tail: Vec<f32> = (0..20_000u32)
-            .map(|i| {
-                if i == 3 {
-                    1.0
-                } else {
-                    5e-5 * (1.0 + (i % 7) as f32 / 10.0)
-                }
-            })
-            .collect();
-        let flat: Vec<f32> = (0..5_000u32)
-            .map(|i| 0.5 + ((i * 31) % 97) as f32 / 194.0)
-            .collect();
+        let peaked: Vec<f32> = (0..20_000u32).map(|i| (-((i * 7919 % 20_000) as f32) / 300.0).exp()).collect();
+        let tail: Vec<f32> =
+            (0..20_000u32).map(|i| if i == 3 { 1.0 } else { 5e-5 * (1.0 + (i % 7) as f32 / 10.0) }).collect();
+        let flat: Vec<f32> = (0..5_000u32).map(|i| 0.5 + ((i * 31) % 97) as f32 / 194.0).collect();
         for (name, w) in [("peaked", &peaked), ("tail", &tail), ("flat", &flat)] {
             for p in [0.05, 0.5, 0.9, 0.999] {
                 assert_eq!(row(w, p, 0.0), reference_nucleus(w, p), "{name} p = {p}");

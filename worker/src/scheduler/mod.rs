@@ -164,15 +164,9 @@ impl Scheduler {
     fn reserve_running(&mut self, id: SeqId, n: usize, preempted: &mut Vec<SeqId>) -> bool {
         loop {
             let s = &self.seqs[&id];
-            let need = self
-                .blocks_for(s.num_computed + n)
-                .saturating_sub(s.blocks.len());
+            let need = self.blocks_for(s.num_computed + n).saturating_sub(s.blocks.len());
             if let Some(new) = self.pool.allocate(need) {
-                self.seqs
-                    .get_mut(&id)
-                    .expect("running sequence")
-                    .blocks
-                    .extend(new);
+                self.seqs.get_mut(&id).expect("running sequence").blocks.extend(new);
                 return true;
             }
             let victim = *self.running.last().expect("the sequence itself is running");
@@ -202,9 +196,7 @@ impl Scheduler {
             let hits = self.take_cached_prefix(id);
             let s = &self.seqs[&id];
             let n = s.num_uncomputed().min(*budget);
-            let need = self
-                .blocks_for(s.num_computed + n)
-                .saturating_sub(s.blocks.len());
+            let need = self.blocks_for(s.num_computed + n).saturating_sub(s.blocks.len());
             let Some(new) = self.pool.allocate(need) else {
                 // Not enough room: give the cache hits back and wait for blocks to free up.
                 let s = self.seqs.get_mut(&id).expect("waiting sequence");
@@ -228,9 +220,7 @@ impl Scheduler {
             });
             *budget -= n;
             let priority = s.priority;
-            let at = self
-                .running
-                .partition_point(|r| self.seqs[r].priority <= priority);
+            let at = self.running.partition_point(|r| self.seqs[r].priority <= priority);
             self.running.insert(at, id);
         }
     }
@@ -294,10 +284,7 @@ impl Scheduler {
             }
             while s.block_hashes.len() < s.num_computed / bs {
                 let b = s.block_hashes.len();
-                let hash = BlockHash::of(
-                    b.checked_sub(1).map(|p| s.block_hashes[p]),
-                    &s.tokens[b * bs..(b + 1) * bs],
-                );
+                let hash = BlockHash::of(b.checked_sub(1).map(|p| s.block_hashes[p]), &s.tokens[b * bs..(b + 1) * bs]);
                 self.pool.register(s.blocks[b], hash);
                 s.block_hashes.push(hash);
             }
@@ -327,11 +314,7 @@ impl Scheduler {
         for &b in &seq.blocks {
             self.pool.share(b);
         }
-        let at = self
-            .running
-            .iter()
-            .position(|&r| r == parent)
-            .map_or(self.running.len(), |i| i + 1);
+        let at = self.running.iter().position(|&r| r == parent).map_or(self.running.len(), |i| i + 1);
         self.running.insert(at, child);
         self.seqs.insert(child, seq);
     }

@@ -27,56 +27,16 @@ fn long_prompts_are_chunked_and_decodes_go_first() {
     let mut s = Scheduler::new(cfg(64, 8, 8));
     s.add(Sequence::new(1, 1, vec![1; 5]));
     let first = step(&mut s, 9);
-    assert_eq!(
-        first.seqs,
-        vec![ScheduledSeq {
-            id: 1,
-            start: 0,
-            len: 5,
-            samples: true
-        }]
-    );
+    assert_eq!(first.seqs, vec![ScheduledSeq { id: 1, start: 0, len: 5, samples: true }]);
     s.add(Sequence::new(2, 2, (0..20).collect()));
     // Sequence 1 decodes one token; sequence 2 gets the remaining 7 of the budget.
     let second = step(&mut s, 9);
-    assert_eq!(
-        second.seqs[0],
-        ScheduledSeq {
-            id: 1,
-            start: 5,
-            len: 1,
-            samples: true
-        }
-    );
-    assert_eq!(
-        second.seqs[1],
-        ScheduledSeq {
-            id: 2,
-            start: 0,
-            len: 7,
-            samples: false
-        }
-    );
+    assert_eq!(second.seqs[0], ScheduledSeq { id: 1, start: 5, len: 1, samples: true });
+    assert_eq!(second.seqs[1], ScheduledSeq { id: 2, start: 0, len: 7, samples: false });
     let third = step(&mut s, 9);
-    assert_eq!(
-        third.seqs[1],
-        ScheduledSeq {
-            id: 2,
-            start: 7,
-            len: 7,
-            samples: false
-        }
-    );
+    assert_eq!(third.seqs[1], ScheduledSeq { id: 2, start: 7, len: 7, samples: false });
     let fourth = step(&mut s, 9);
-    assert_eq!(
-        fourth.seqs[1],
-        ScheduledSeq {
-            id: 2,
-            start: 14,
-            len: 6,
-            samples: true
-        }
-    );
+    assert_eq!(fourth.seqs[1], ScheduledSeq { id: 2, start: 14, len: 6, samples: true });
     assert_eq!(s.get(2).unwrap().tokens.len(), 21);
 }
 
@@ -87,17 +47,11 @@ fn at_most_max_num_seqs_run_together() {
         s.add(Sequence::new(id, id, vec![1, 2, 3]));
     }
     let sched = step(&mut s, 5);
-    assert_eq!(
-        sched.seqs.iter().map(|x| x.id).collect::<Vec<_>>(),
-        vec![0, 1]
-    );
+    assert_eq!(sched.seqs.iter().map(|x| x.id).collect::<Vec<_>>(), vec![0, 1]);
     assert_eq!((s.num_running(), s.num_waiting()), (2, 2));
     s.remove(0);
     let sched = step(&mut s, 5);
-    assert_eq!(
-        sched.seqs.iter().map(|x| x.id).collect::<Vec<_>>(),
-        vec![1, 2]
-    );
+    assert_eq!(sched.seqs.iter().map(|x| x.id).collect::<Vec<_>>(), vec![1, 2]);
 }
 
 #[test]
@@ -147,28 +101,13 @@ fn preempts_newest_sequence_when_blocks_run_out() {
     assert_eq!(sched.seqs.iter().map(|x| x.id).collect::<Vec<_>>(), vec![1]);
     assert_eq!((s.num_running(), s.num_waiting()), (1, 1));
     let victim = s.get(2).unwrap();
-    assert_eq!(
-        (
-            victim.num_computed,
-            victim.tokens.len(),
-            victim.blocks.len()
-        ),
-        (0, 9, 0)
-    );
+    assert_eq!((victim.num_computed, victim.tokens.len(), victim.blocks.len()), (0, 9, 0));
     assert_eq!(s.num_preemptions(), 1);
     // Sequence 1 took the victim's last block (evicted first); its first block stays cached.
     // Once sequence 1 finishes, sequence 2 recomputes the rest of its 9 tokens, prompt and output.
     s.remove(1);
     let sched = step(&mut s, 3);
-    assert_eq!(
-        sched.seqs,
-        vec![ScheduledSeq {
-            id: 2,
-            start: 4,
-            len: 5,
-            samples: true
-        }]
-    );
+    assert_eq!(sched.seqs, vec![ScheduledSeq { id: 2, start: 4, len: 5, samples: true }]);
     assert_eq!(s.get(2).unwrap().tokens.len(), 10);
 }
 
@@ -225,11 +164,7 @@ fn no_block_leaks_after_any_mix_of_finish_abort_fork_and_preemption() {
                 ids += 1;
                 let len = 1 + next(30) as usize;
                 let base = next(3) as u32 * 100; // shared prefixes across some sequences
-                s.add(Sequence::new(
-                    ids,
-                    ids,
-                    (0..len as u32).map(|t| base + t % 7).collect(),
-                ));
+                s.add(Sequence::new(ids, ids, (0..len as u32).map(|t| base + t % 7).collect()));
             }
             3 => {
                 let live: Vec<SeqId> = s.seqs.keys().copied().collect();
@@ -248,12 +183,7 @@ fn no_block_leaks_after_any_mix_of_finish_abort_fork_and_preemption() {
                 let sched = step(&mut s, next(50) as u32);
                 preemptions += sched.preempted.len();
                 // Sequences that grew long finish.
-                let long: Vec<SeqId> = s
-                    .seqs
-                    .values()
-                    .filter(|q| q.tokens.len() > 40)
-                    .map(|q| q.id)
-                    .collect();
+                let long: Vec<SeqId> = s.seqs.values().filter(|q| q.tokens.len() > 40).map(|q| q.id).collect();
                 for id in long {
                     s.remove(id);
                 }

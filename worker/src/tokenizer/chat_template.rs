@@ -50,11 +50,7 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with plain string content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: Json::String(content.into()),
-            extra: Map::new(),
-        }
+        ChatMessage { role: role.into(), content: Json::String(content.into()), extra: Map::new() }
     }
 }
 
@@ -87,54 +83,27 @@ impl std::fmt::Debug for ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles `source`; a syntax error is reported with its line.
-    pub(crate) fn new(
-        source: String,
-        bos_token: Option<String>,
-        eos_token: Option<String>,
-    ) -> Result<Self> {
+    pub(crate) fn new(source: String, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self> {
         let mut env = sandboxed_environment();
-        env.add_template_owned(TEMPLATE_NAME, source)
-            .map_err(template_error)?;
-        Ok(ChatTemplate {
-            env,
-            bos_token,
-            eos_token,
-        })
+        env.add_template_owned(TEMPLATE_NAME, source).map_err(template_error)?;
+        Ok(ChatTemplate { env, bos_token, eos_token })
     }
 
     /// Renders `messages` to the prompt text.
-    pub(crate) fn render(
-        &self,
-        messages: &[ChatMessage],
-        opts: &ChatTemplateOptions,
-    ) -> Result<String> {
+    pub(crate) fn render(&self, messages: &[ChatMessage], opts: &ChatTemplateOptions) -> Result<String> {
         let mut ctx = opts.extra.clone();
         ctx.entry("tools").or_insert(Json::Null);
         ctx.entry("documents").or_insert(Json::Null);
-        let messages = messages
-            .iter()
-            .map(normalize_message)
-            .collect::<Result<Vec<_>>>()?;
+        let messages = messages.iter().map(normalize_message).collect::<Result<Vec<_>>>()?;
         ctx.insert("messages".into(), Json::Array(messages));
-        ctx.insert(
-            "add_generation_prompt".into(),
-            Json::Bool(opts.add_generation_prompt),
-        );
-        for (key, token) in [
-            ("bos_token", &self.bos_token),
-            ("eos_token", &self.eos_token),
-        ] {
+        ctx.insert("add_generation_prompt".into(), Json::Bool(opts.add_generation_prompt));
+        for (key, token) in [("bos_token", &self.bos_token), ("eos_token", &self.eos_token)] {
             if let Some(token) = token {
                 ctx.insert(key.into(), Json::String(token.clone()));
             }
         }
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(template_error)?;
-        template
-            .render(Value::from(Serde(&ctx)))
-            .map_err(template_error)
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(template_error)?;
+        template.render(Value::from(Serde(&ctx))).map_err(template_error)
     }
 }
 
@@ -168,17 +137,12 @@ fn sandboxed_environment() -> Environment<'static> {
 }
 
 fn raise_exception(msg: String) -> std::result::Result<Value, JinjaError> {
-    Err(JinjaError::new(
-        ErrorKind::InvalidOperation,
-        format!("raise_exception: {msg}"),
-    ))
+    Err(JinjaError::new(ErrorKind::InvalidOperation, format!("raise_exception: {msg}")))
 }
 
 fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     super::strftime::format_utc(secs, &format)
 }
 
@@ -234,9 +198,7 @@ fn flatten_content(content: &Json) -> Result<Json> {
                 }
             },
             other => {
-                return Err(WorkerError::ChatTemplate(format!(
-                    "content part must be an object, got {other}"
-                )));
+                return Err(WorkerError::ChatTemplate(format!("content part must be an object, got {other}")));
             }
         }
     }
@@ -248,8 +210,7 @@ mod tests {
     use super::*;
 
     fn render(src: &str, messages: &[ChatMessage], opts: &ChatTemplateOptions) -> Result<String> {
-        ChatTemplate::new(src.to_string(), Some("<s>".into()), Some("</s>".into()))?
-            .render(messages, opts)
+        ChatTemplate::new(src.to_string(), Some("<s>".into()), Some("</s>".into()))?.render(messages, opts)
     }
 
     fn user(text: &str) -> Vec<ChatMessage> {
@@ -268,38 +229,24 @@ mod tests {
 
     #[test]
     fn runaway_loop_is_stopped_by_fuel() {
-        let src =
-            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}";
+        let src = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}";
         let started = std::time::Instant::now();
         let err = render(src, &user("hi"), &Default::default()).unwrap_err();
-        assert!(
-            matches!(err, WorkerError::ChatTemplate(ref m) if m.contains("fuel")),
-            "{err:?}"
-        );
+        assert!(matches!(err, WorkerError::ChatTemplate(ref m) if m.contains("fuel")), "{err:?}");
         assert!(started.elapsed() < std::time::Duration::from_secs(30));
     }
 
     #[test]
     fn unbounded_recursion_is_stopped() {
         let src = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}";
-        assert!(matches!(
-            render(src, &user("hi"), &Default::default()),
-            Err(WorkerError::ChatTemplate(_))
-        ));
+        assert!(matches!(render(src, &user("hi"), &Default::default()), Err(WorkerError::ChatTemplate(_))));
     }
 
     #[test]
     fn templates_cannot_include_other_files() {
-        for src in [
-            "{% include '/etc/passwd' %}",
-            "{% import 'x.j2' as x %}",
-            "{% extends 'base' %}",
-        ] {
+        for src in ["{% include '/etc/passwd' %}", "{% import 'x.j2' as x %}", "{% extends 'base' %}"] {
             assert!(
-                matches!(
-                    render(src, &user("hi"), &Default::default()),
-                    Err(WorkerError::ChatTemplate(_))
-                ),
+                matches!(render(src, &user("hi"), &Default::default()), Err(WorkerError::ChatTemplate(_))),
                 "{src} rendered"
             );
         }
@@ -342,10 +289,7 @@ mod tests {
             serde_json::json!([{"description": "<a & 'b'>", "n": [1, 2.5, null, true], "name": "f"}]),
         );
         let out = render("{{ tools[0]|tojson }}", &user("x"), &opts).unwrap();
-        assert_eq!(
-            out,
-            r#"{"description": "<a & 'b'>", "n": [1, 2.5, null, true], "name": "f"}"#
-        );
+        assert_eq!(out, r#"{"description": "<a & 'b'>", "n": [1, 2.5, null, true], "name": "f"}"#);
         let out = render("{{ {'a': [1]}|tojson(indent=2) }}", &user("x"), &opts).unwrap();
         assert_eq!(out, "{\n  \"a\": [\n    1\n  ]\n}");
     }
@@ -365,13 +309,9 @@ mod tests {
     #[test]
     fn tools_default_to_none_and_extra_variables_are_visible() {
         let mut opts = ChatTemplateOptions::default();
-        opts.extra
-            .insert("date_string".into(), "26 Jul 2024".into());
+        opts.extra.insert("date_string".into(), "26 Jul 2024".into());
         let src = "{{ tools is none }}|{{ date_string }}|{{ bos_token }}{{ eos_token }}";
-        assert_eq!(
-            render(src, &user("x"), &opts).unwrap(),
-            "True|26 Jul 2024|<s></s>"
-        );
+        assert_eq!(render(src, &user("x"), &opts).unwrap(), "True|26 Jul 2024|<s></s>");
     }
 
     #[test]

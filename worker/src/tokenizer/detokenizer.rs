@@ -53,11 +53,7 @@ impl IncrementalDetokenizer {
     /// tokenizer that strips a leading space at the start of text does not strip it here.
     pub fn with_prompt(prompt: &[TokenId], skip_special_tokens: bool) -> Self {
         let tail = &prompt[prompt.len().saturating_sub(PROMPT_CONTEXT_TOKENS)..];
-        IncrementalDetokenizer {
-            ids: tail.to_vec(),
-            read_offset: tail.len(),
-            ..Self::new(skip_special_tokens)
-        }
+        IncrementalDetokenizer { ids: tail.to_vec(), read_offset: tail.len(), ..Self::new(skip_special_tokens) }
     }
 
     /// Adds one generated token; returns the text it completes (possibly empty).
@@ -84,10 +80,7 @@ impl IncrementalDetokenizer {
     fn emit(&mut self, tok: &Tokenizer, full: String) -> Result<String> {
         let prefix = match self.prefix_text.take() {
             Some(p) => p,
-            None => tok.decode(
-                &self.ids[self.prefix_offset..self.read_offset],
-                self.skip_special_tokens,
-            )?,
+            None => tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?,
         };
         let delta = if full.starts_with(&prefix) {
             full[prefix.len()..].to_string()

@@ -56,40 +56,26 @@ pub(crate) fn pre_tokenizer_regexes(pre: &str) -> Option<Vec<&'static str>> {
             vec![r"\p{N}", GPT2]
         }
         "qwen2" | "deepseek-r1-qwen" | "stablelm2" => vec![QWEN2],
-        "deepseek-llm" => vec![
-            "[\r\n]",
-            DEEPSEEK_LETTERS,
-            "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
-            "\\s+$",
-            "[一-龥ࠀ-一가-퟿]+",
-            "\\p{N}+",
-        ],
+        "deepseek-llm" => {
+            vec!["[\r\n]", DEEPSEEK_LETTERS, "\\s?[!-/:-~！-／：-～‘-‟　-。]+", "\\s+$", "[一-龥ࠀ-一가-퟿]+", "\\p{N}+"]
+        }
         _ => return None,
     })
 }
 
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
     let regexes = pre_tokenizer_regexes(pre).unwrap_or_else(|| {
-        tracing::warn!(
-            pre,
-            "unknown GGUF pre-tokenizer; falling back to GPT-2's regex"
-        );
+        tracing::warn!(pre, "unknown GGUF pre-tokenizer; falling back to GPT-2's regex");
         vec![GPT2]
     });
     let mut steps = Vec::with_capacity(regexes.len() + 1);
     for regex in regexes {
-        let split = Split::new(
-            SplitPattern::Regex(regex.to_string()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| WorkerError::Tokenizer(format!("pre-tokenizer `{pre}` regex: {e}")))?;
+        let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| WorkerError::Tokenizer(format!("pre-tokenizer `{pre}` regex: {e}")))?;
         steps.push(PreTokenizerWrapper::Split(split));
     }
     // The regexes already split the text; ByteLevel only maps bytes to its printable alphabet.
-    steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
-        false, false, false,
-    )));
+    steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
     Ok(PreTokenizerWrapper::Sequence(Sequence::new(steps)))
 }
 
@@ -106,10 +92,7 @@ fn meta_str(content: &Content, key: &str) -> Result<Option<String>> {
 }
 
 fn bad_type(key: &str, want: &str, got: &Value) -> WorkerError {
-    WorkerError::Tokenizer(format!(
-        "GGUF key `{key}` should be {want}, found {:?}",
-        got.value_type()
-    ))
+    WorkerError::Tokenizer(format!("GGUF key `{key}` should be {want}, found {:?}", got.value_type()))
 }
 
 /// Any integer-typed GGUF value as i64.
@@ -135,12 +118,7 @@ fn meta_token_id(content: &Content, key: &str, vocab_len: usize) -> Result<Optio
     match TokenId::try_from(id) {
         Ok(id) if (id as usize) < vocab_len => Ok(Some(id)),
         _ => {
-            tracing::warn!(
-                key,
-                id,
-                vocab_len,
-                "GGUF special token id out of range; ignored"
-            );
+            tracing::warn!(key, id, vocab_len, "GGUF special token id out of range; ignored");
             Ok(None)
         }
     }
@@ -187,38 +165,26 @@ pub(crate) fn build(content: &Content) -> Result<GgufTokenizer> {
     let pre = meta_str(content, "tokenizer.ggml.pre")?.unwrap_or_else(|| "default".to_string());
     let tokens = string_array(content, "tokenizer.ggml.tokens")?
         .ok_or_else(|| WorkerError::Tokenizer("GGUF has no `tokenizer.ggml.tokens`".into()))?;
-    let merges = string_array(content, "tokenizer.ggml.merges")?.ok_or_else(|| {
-        WorkerError::Tokenizer("GGUF BPE tokenizer has no `tokenizer.ggml.merges`".into())
-    })?;
+    let merges = string_array(content, "tokenizer.ggml.merges")?
+        .ok_or_else(|| WorkerError::Tokenizer("GGUF BPE tokenizer has no `tokenizer.ggml.merges`".into()))?;
     let token_types: Vec<i64> = match meta_array(content, "tokenizer.ggml.token_type")? {
         Some(types) => types
             .iter()
-            .map(|v| {
-                as_int(v)
-                    .ok_or_else(|| bad_type("tokenizer.ggml.token_type", "an integer array", v))
-            })
+            .map(|v| as_int(v).ok_or_else(|| bad_type("tokenizer.ggml.token_type", "an integer array", v)))
             .collect::<Result<_>>()?,
         None => Vec::new(),
     };
 
     let mut vocab = Vocab::default();
     for (id, token) in tokens.iter().enumerate() {
-        let id = TokenId::try_from(id)
-            .map_err(|_| WorkerError::Tokenizer("vocabulary too large".into()))?;
+        let id = TokenId::try_from(id).map_err(|_| WorkerError::Tokenizer("vocabulary too large".into()))?;
         if vocab.insert((*token).to_string(), id).is_some() {
-            tracing::warn!(
-                token,
-                id,
-                "duplicate token in GGUF vocabulary; the later id wins"
-            );
+            tracing::warn!(token, id, "duplicate token in GGUF vocabulary; the later id wins");
         }
     }
     let merges = merges
         .iter()
-        .map(|m| {
-            split_merge(m)
-                .ok_or_else(|| WorkerError::Tokenizer(format!("malformed GGUF merge {m:?}")))
-        })
+        .map(|m| split_merge(m).ok_or_else(|| WorkerError::Tokenizer(format!("malformed GGUF merge {m:?}"))))
         .collect::<Result<Vec<_>>>()?;
     let is_llama3 = pre_tokenizer_regexes(&pre).is_some_and(|r| r == [LLAMA3]);
     let bpe = BPE::builder()
@@ -234,9 +200,7 @@ pub(crate) fn build(content: &Content) -> Result<GgufTokenizer> {
     for (token, ty) in tokens.iter().zip(token_types.iter()) {
         match *ty {
             TOKEN_TYPE_CONTROL => special.push(AddedToken::from(*token, true)),
-            TOKEN_TYPE_USER_DEFINED => {
-                user_defined.push(AddedToken::from(*token, false).normalized(false))
-            }
+            TOKEN_TYPE_USER_DEFINED => user_defined.push(AddedToken::from(*token, false).normalized(false)),
             _ => {}
         }
     }
@@ -248,11 +212,7 @@ pub(crate) fn build(content: &Content) -> Result<GgufTokenizer> {
     let n = tokens.len();
     let bos_token_id = meta_token_id(content, "tokenizer.ggml.bos_token_id", n)?;
     let mut eos_token_ids = Vec::new();
-    for key in [
-        "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.eot_token_id",
-        "tokenizer.ggml.eom_token_id",
-    ] {
+    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
         if let Some(id) = meta_token_id(content, key, n)?
             && !eos_token_ids.contains(&id)
         {
@@ -264,10 +224,7 @@ pub(crate) fn build(content: &Content) -> Result<GgufTokenizer> {
         Some(other) => return Err(bad_type("tokenizer.ggml.add_bos_token", "a bool", other)),
         None => is_llama3,
     };
-    let text_of = |id: Option<TokenId>| {
-        id.and_then(|id| tokens.get(id as usize))
-            .map(|t| t.to_string())
-    };
+    let text_of = |id: Option<TokenId>| id.and_then(|id| tokens.get(id as usize)).map(|t| t.to_string());
     Ok(GgufTokenizer {
         bos_token: text_of(bos_token_id),
         eos_token: text_of(meta_token_id(content, "tokenizer.ggml.eos_token_id", n)?),
@@ -294,15 +251,7 @@ mod tests {
 
     #[test]
     fn every_known_pre_tokenizer_compiles() {
-        for pre in [
-            "default",
-            "llama-bpe",
-            "smollm",
-            "qwen2",
-            "deepseek-r1-qwen",
-            "deepseek-llm",
-            "nonsense",
-        ] {
+        for pre in ["default", "llama-bpe", "smollm", "qwen2", "deepseek-r1-qwen", "deepseek-llm", "nonsense"] {
             pre_tokenizer(pre).unwrap_or_else(|e| panic!("{pre}: {e}"));
         }
     }

@@ -36,34 +36,23 @@ struct Raw {
 impl TokenizerConfig {
     /// Reads and interprets `path`; errors name the file.
     pub(crate) fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| WorkerError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let mut config =
-            Self::parse(&text).map_err(|reason| WorkerError::model_file(path, reason))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| WorkerError::Io { path: path.to_path_buf(), source: e })?;
+        let mut config = Self::parse(&text).map_err(|reason| WorkerError::model_file(path, reason))?;
         if let Some(jinja) = path.parent().map(|dir| dir.join("chat_template.jinja"))
             && jinja.is_file()
         {
-            let template = std::fs::read_to_string(&jinja).map_err(|e| WorkerError::Io {
-                path: jinja.clone(),
-                source: e,
-            })?;
+            let template =
+                std::fs::read_to_string(&jinja).map_err(|e| WorkerError::Io { path: jinja.clone(), source: e })?;
             config.chat_template = Some(template);
         }
         Ok(config)
     }
 
     pub(crate) fn parse(text: &str) -> std::result::Result<Self, String> {
-        let raw: Raw =
-            serde_json::from_str(text).map_err(|e| format!("invalid tokenizer config: {e}"))?;
+        let raw: Raw = serde_json::from_str(text).map_err(|e| format!("invalid tokenizer config: {e}"))?;
         Ok(TokenizerConfig {
-            chat_template: raw
-                .chat_template
-                .as_ref()
-                .map(template_of)
-                .transpose()?
-                .flatten(),
+            chat_template: raw.chat_template.as_ref().map(template_of).transpose()?.flatten(),
             bos_token: raw.bos_token.as_ref().and_then(token_text),
             eos_token: raw.eos_token.as_ref().and_then(token_text),
             add_bos_token: raw.add_bos_token,
@@ -94,9 +83,7 @@ fn template_of(v: &Json) -> std::result::Result<Option<String>, String> {
             };
             Ok(named(Some("default")).or_else(|| named(None)))
         }
-        other => Err(format!(
-            "chat_template must be a string or a list, found {other}"
-        )),
+        other => Err(format!("chat_template must be a string or a list, found {other}")),
     }
 }
 
@@ -106,8 +93,10 @@ mod tests {
 
     #[test]
     fn reads_string_template_and_plain_tokens() {
-        let c = TokenizerConfig::parse(r#"{"chat_template": "T", "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}"#)
-            .unwrap();
+        let c = TokenizerConfig::parse(
+            r#"{"chat_template": "T", "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}"#,
+        )
+        .unwrap();
         assert_eq!(c.chat_template.as_deref(), Some("T"));
         assert_eq!(c.bos_token.as_deref(), Some("<s>"));
         assert_eq!(c.eos_token.as_deref(), Some("</s>"));

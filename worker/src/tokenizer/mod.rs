@@ -68,10 +68,7 @@ impl std::fmt::Debug for Tokenizer {
             .field("bos_token_id", &self.bos_token_id)
             .field("eos_token_ids", &self.eos_token_ids)
             .field("add_bos", &self.add_bos)
-            .field(
-                "chat_template",
-                &matches!(self.template, TemplateState::Ready(_)),
-            )
+            .field("chat_template", &matches!(self.template, TemplateState::Ready(_)))
             .finish()
     }
 }
@@ -98,12 +95,9 @@ impl Tokenizer {
         if !tokenizer_json.is_file() {
             return Err(WorkerError::model_file(tokenizer_json, "no such file"));
         }
-        let mut inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
-            WorkerError::model_file(tokenizer_json, format!("cannot load tokenizer: {e}"))
-        })?;
-        inner
-            .with_truncation(None)
-            .map_err(|e| WorkerError::model_file(tokenizer_json, e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| WorkerError::model_file(tokenizer_json, format!("cannot load tokenizer: {e}")))?;
+        inner.with_truncation(None).map_err(|e| WorkerError::model_file(tokenizer_json, e.to_string()))?;
         inner.with_padding(None);
         let config = match tokenizer_config_json {
             Some(path) => TokenizerConfig::load(path)?,
@@ -113,23 +107,16 @@ impl Tokenizer {
             let token = token.as_deref()?;
             let id = inner.token_to_id(token);
             if id.is_none() {
-                tracing::warn!(
-                    token,
-                    what,
-                    "tokenizer config names a token missing from the vocabulary"
-                );
+                tracing::warn!(token, what, "tokenizer config names a token missing from the vocabulary");
             }
             id
         };
         let mut bos_token_id = id_of(&config.bos_token, "bos_token");
-        let eos_token_ids: Vec<TokenId> =
-            id_of(&config.eos_token, "eos_token").into_iter().collect();
+        let eos_token_ids: Vec<TokenId> = id_of(&config.eos_token, "eos_token").into_iter().collect();
         let post_processor_bos = post_processor_bos(&inner)?;
         bos_token_id = bos_token_id.or(post_processor_bos);
         let add_bos = config.add_bos_token.unwrap_or(post_processor_bos.is_some());
-        let bos_token = config
-            .bos_token
-            .or_else(|| bos_token_id.and_then(|id| inner.id_to_token(id)));
+        let bos_token = config.bos_token.or_else(|| bos_token_id.and_then(|id| inner.id_to_token(id)));
         Ok(Self::assemble(Parts {
             inner,
             bos_token_id,
@@ -248,9 +235,7 @@ impl Tokenizer {
     /// Decodes `ids` to text; ids outside the vocabulary are dropped, invalid UTF-8 is rendered
     /// as U+FFFD.
     pub fn decode(&self, ids: &[TokenId], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(tokenizer_err)
+        self.inner.decode(ids, skip_special_tokens).map_err(tokenizer_err)
     }
 
     /// The text of one token for display (logprobs); a token holding part of a UTF-8 character
@@ -265,29 +250,20 @@ impl Tokenizer {
     }
 
     /// Renders the conversation with the model's chat template.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        opts: &ChatTemplateOptions,
-    ) -> Result<String> {
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], opts: &ChatTemplateOptions) -> Result<String> {
         match &self.template {
             TemplateState::Ready(t) => t.render(messages, opts),
-            TemplateState::Invalid(e) => Err(WorkerError::ChatTemplate(format!(
-                "the model's chat template does not compile: {e}"
-            ))),
+            TemplateState::Invalid(e) => {
+                Err(WorkerError::ChatTemplate(format!("the model's chat template does not compile: {e}")))
+            }
             TemplateState::Missing => Err(WorkerError::ChatTemplate(
-                "the model has no chat template; use the completions API or pass a chat template"
-                    .into(),
+                "the model has no chat template; use the completions API or pass a chat template".into(),
             )),
         }
     }
 
     /// Renders the conversation and tokenizes it with BOS exactly once.
-    pub fn encode_chat(
-        &self,
-        messages: &[ChatMessage],
-        opts: &ChatTemplateOptions,
-    ) -> Result<Vec<TokenId>> {
+    pub fn encode_chat(&self, messages: &[ChatMessage], opts: &ChatTemplateOptions) -> Result<Vec<TokenId>> {
         let text = self.apply_chat_template(messages, opts)?;
         self.encode(&text, true)
     }

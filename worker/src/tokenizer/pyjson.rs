@@ -10,13 +10,7 @@ use serde_json::Value;
 use std::fmt::Write;
 
 /// Appends the JSON text of `value` to `out`; `depth` is the current nesting level.
-pub(crate) fn write(
-    out: &mut String,
-    value: &Value,
-    indent: Option<usize>,
-    sort_keys: bool,
-    depth: usize,
-) {
+pub(crate) fn write(out: &mut String, value: &Value, indent: Option<usize>, sort_keys: bool, depth: usize) {
     match value {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -32,19 +26,11 @@ pub(crate) fn write(
             if sort_keys {
                 entries.sort_by(|a, b| a.0.cmp(b.0));
             }
-            write_container(
-                out,
-                '{',
-                '}',
-                entries.into_iter(),
-                indent,
-                depth,
-                |out, (k, v)| {
-                    write_str(out, k);
-                    out.push_str(": ");
-                    write(out, v, indent, sort_keys, depth + 1);
-                },
-            );
+            write_container(out, '{', '}', entries.into_iter(), indent, depth, |out, (k, v)| {
+                write_str(out, k);
+                out.push_str(": ");
+                write(out, v, indent, sort_keys, depth + 1);
+            });
         }
     }
 }
@@ -145,10 +131,7 @@ mod tests {
     #[test]
     fn one_line_layout_uses_python_separators() {
         let v = json!({"a": [1, 2.0, "x\"y\n\u{1}é"], "b": {}, "c": []});
-        assert_eq!(
-            dumps(&v, None, false),
-            r#"{"a": [1, 2.0, "x\"y\n\u0001é"], "b": {}, "c": []}"#
-        );
+        assert_eq!(dumps(&v, None, false), r#"{"a": [1, 2.0, "x\"y\n\u0001é"], "b": {}, "c": []}"#);
     }
 
     #[test]

@@ -32,12 +32,7 @@ pub struct StopStringMatcher {
 
 impl StopStringMatcher {
     pub fn new(stops: Vec<String>, include_stop_str_in_output: bool) -> Self {
-        StopStringMatcher {
-            stops,
-            include_stop_str_in_output,
-            held: String::new(),
-            stopped: false,
-        }
+        StopStringMatcher { stops, include_stop_str_in_output, held: String::new(), stopped: false }
     }
 
     /// Whether there is anything to match (callers may skip the matcher otherwise).
@@ -53,43 +48,23 @@ impl StopStringMatcher {
     /// Feeds the next chunk of generated text.
     pub fn push(&mut self, text: &str) -> StopOutcome {
         if self.stopped {
-            return StopOutcome {
-                emit: String::new(),
-                stopped: true,
-                matched: None,
-            };
+            return StopOutcome { emit: String::new(), stopped: true, matched: None };
         }
         self.held.push_str(text);
         if let Some((start, idx)) = self.earliest_match() {
-            let end = if self.include_stop_str_in_output {
-                start + self.stops[idx].len()
-            } else {
-                start
-            };
+            let end = if self.include_stop_str_in_output { start + self.stops[idx].len() } else { start };
             self.held.truncate(end);
             self.stopped = true;
-            return StopOutcome {
-                emit: std::mem::take(&mut self.held),
-                stopped: true,
-                matched: Some(idx),
-            };
+            return StopOutcome { emit: std::mem::take(&mut self.held), stopped: true, matched: Some(idx) };
         }
         let keep = self.partial_match_len();
         let emit = self.held.drain(..self.held.len() - keep).collect();
-        StopOutcome {
-            emit,
-            stopped: false,
-            matched: None,
-        }
+        StopOutcome { emit, stopped: false, matched: None }
     }
 
     /// Releases the held text at the end of generation (nothing after a stop).
     pub fn finish(&mut self) -> String {
-        if self.stopped {
-            String::new()
-        } else {
-            std::mem::take(&mut self.held)
-        }
+        if self.stopped { String::new() } else { std::mem::take(&mut self.held) }
     }
 
     /// (byte offset, stop index) of the earliest complete match; ties go to the longer stop.
@@ -109,10 +84,7 @@ impl StopStringMatcher {
             .iter()
             .map(|stop| {
                 let max = (stop.len().saturating_sub(1)).min(self.held.len());
-                (1..=max)
-                    .rev()
-                    .find(|&k| stop.is_char_boundary(k) && self.held.ends_with(&stop[..k]))
-                    .unwrap_or(0)
+                (1..=max).rev().find(|&k| stop.is_char_boundary(k) && self.held.ends_with(&stop[..k])).unwrap_or(0)
             })
             .max()
             .unwrap_or(0)
@@ -138,11 +110,7 @@ mod tests {
 
     #[test]
     fn stop_split_over_several_chunks_is_found_and_cut() {
-        let (emitted, stopped, tail) = run(
-            &["###END"],
-            false,
-            &["Hello #", "#", "#E", "N", "D and more"],
-        );
+        let (emitted, stopped, tail) = run(&["###END"], false, &["Hello #", "#", "#E", "N", "D and more"]);
         assert!(stopped);
         assert_eq!(emitted.concat(), "Hello ");
         assert_eq!(tail, "");
@@ -178,22 +146,8 @@ mod tests {
     fn earliest_stop_wins_and_reports_its_index() {
         let mut m = StopStringMatcher::new(vec!["world".into(), "o w".into()], false);
         let out = m.push("hello world");
-        assert_eq!(
-            out,
-            StopOutcome {
-                emit: "hell".into(),
-                stopped: true,
-                matched: Some(1)
-            }
-        );
-        assert_eq!(
-            m.push("more"),
-            StopOutcome {
-                emit: String::new(),
-                stopped: true,
-                matched: None
-            }
-        );
+        assert_eq!(out, StopOutcome { emit: "hell".into(), stopped: true, matched: Some(1) });
+        assert_eq!(m.push("more"), StopOutcome { emit: String::new(), stopped: true, matched: None });
         assert_eq!(m.finish(), "");
     }
 

@@ -28,11 +28,8 @@ fn llama3() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
     TOK.get_or_init(|| {
         let dir = models_dir().join("llama3.1-tokenizer");
-        Tokenizer::from_files(
-            &dir.join("tokenizer.json"),
-            Some(&dir.join("tokenizer_config.json")),
-        )
-        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-model.sh)"))
+        Tokenizer::from_files(&dir.join("tokenizer.json"), Some(&dir.join("tokenizer_config.json")))
+            .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-model.sh)"))
     })
 }
 
@@ -94,41 +91,28 @@ fn smollm2_control_tokens_are_single_special_ids() {
     assert!(tok.is_special(1) && tok.is_special(2));
     assert!(!tok.is_special(ids[1]));
     assert_eq!(tok.decode(&ids, true).unwrap(), "user\nHi");
-    assert_eq!(
-        tok.decode(&ids, false).unwrap(),
-        "<|im_start|>user\nHi<|im_end|>"
-    );
+    assert_eq!(tok.decode(&ids, false).unwrap(), "<|im_start|>user\nHi<|im_end|>");
 }
 
 #[test]
 fn smollm2_never_adds_bos() {
     let tok = smollm2();
-    assert_eq!(
-        tok.encode("Hi", true).unwrap(),
-        tok.encode("Hi", false).unwrap()
-    );
+    assert_eq!(tok.encode("Hi", true).unwrap(), tok.encode("Hi", false).unwrap());
 }
 
 #[test]
 fn smollm2_template_renders_chatml_with_default_system_prompt() {
     let tok = smollm2();
     let messages = [ChatMessage::new("user", "Hi")];
-    let opts = ChatTemplateOptions {
-        add_generation_prompt: true,
-        ..Default::default()
-    };
+    let opts = ChatTemplateOptions { add_generation_prompt: true, ..Default::default() };
     assert_eq!(
         tok.apply_chat_template(&messages, &opts).unwrap(),
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
          <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
-    let messages = [
-        ChatMessage::new("system", "Be brief."),
-        ChatMessage::new("user", "Hi"),
-    ];
+    let messages = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")];
     assert_eq!(
-        tok.apply_chat_template(&messages, &ChatTemplateOptions::default())
-            .unwrap(),
+        tok.apply_chat_template(&messages, &ChatTemplateOptions::default()).unwrap(),
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     );
 }
@@ -136,19 +120,9 @@ fn smollm2_template_renders_chatml_with_default_system_prompt() {
 #[test]
 fn llama3_encodes_known_ids() {
     let tok = llama3();
-    assert_eq!(
-        tok.encode("Hello, world!", false).unwrap(),
-        [9906, 11, 1917, 0]
-    );
-    assert_eq!(
-        tok.encode("Hello, world!", true).unwrap(),
-        [128000, 9906, 11, 1917, 0]
-    );
-    assert_eq!(
-        tok.encode(" 12345", false).unwrap().len(),
-        3,
-        "digits group in threes"
-    );
+    assert_eq!(tok.encode("Hello, world!", false).unwrap(), [9906, 11, 1917, 0]);
+    assert_eq!(tok.encode("Hello, world!", true).unwrap(), [128000, 9906, 11, 1917, 0]);
+    assert_eq!(tok.encode(" 12345", false).unwrap().len(), 3, "digits group in threes");
     assert_eq!(tok.bos_token_id(), Some(128000));
     assert_eq!(tok.eos_token_ids(), &[128009]);
     assert_eq!(tok.vocab_size(), 128256);
@@ -176,14 +150,8 @@ fn llama3_round_trips_and_skips_special_tokens() {
 #[test]
 fn llama3_template_renders_system_and_user_with_generation_prompt() {
     let tok = llama3();
-    let messages = [
-        ChatMessage::new("system", "You are helpful."),
-        ChatMessage::new("user", "  Hi there  "),
-    ];
-    let opts = ChatTemplateOptions {
-        add_generation_prompt: true,
-        ..Default::default()
-    };
+    let messages = [ChatMessage::new("system", "You are helpful."), ChatMessage::new("user", "  Hi there  ")];
+    let opts = ChatTemplateOptions { add_generation_prompt: true, ..Default::default() };
     let text = tok.apply_chat_template(&messages, &opts).unwrap();
     assert_eq!(
         text,
@@ -194,11 +162,7 @@ fn llama3_template_renders_system_and_user_with_generation_prompt() {
     let ids = tok.encode_chat(&messages, &opts).unwrap();
     assert_eq!(ids[0], 128000);
     assert_eq!(ids.iter().filter(|&&id| id == 128000).count(), 1);
-    assert_eq!(
-        &ids[1..4],
-        &[128006, 9125, 128007],
-        "<|start_header_id|>system<|end_header_id|>"
-    );
+    assert_eq!(&ids[1..4], &[128006, 9125, 128007], "<|start_header_id|>system<|end_header_id|>");
 }
 
 #[test]
@@ -206,11 +170,7 @@ fn add_eos_token_ids_extends_without_duplicates() {
     let mut tok = llama3().clone();
     tok.add_eos_token_ids([128001, 128008, 128009]);
     assert_eq!(tok.eos_token_ids(), &[128009, 128001, 128008]);
-    assert_eq!(
-        llama3().eos_token_ids(),
-        &[128009],
-        "clones do not share EOS lists"
-    );
+    assert_eq!(llama3().eos_token_ids(), &[128009], "clones do not share EOS lists");
 }
 
 #[test]
@@ -218,11 +178,7 @@ fn missing_tokenizer_file_error_names_it() {
     let err = Tokenizer::from_files(&models_dir().join("nope/tokenizer.json"), None).unwrap_err();
     assert!(err.to_string().contains("nope/tokenizer.json"), "{err}");
     let dir = models_dir().join("llama3.1-tokenizer");
-    let err = Tokenizer::from_files(
-        &dir.join("tokenizer.json"),
-        Some(&dir.join("missing_config.json")),
-    )
-    .unwrap_err();
+    let err = Tokenizer::from_files(&dir.join("tokenizer.json"), Some(&dir.join("missing_config.json"))).unwrap_err();
     assert!(err.to_string().contains("missing_config.json"), "{err}");
 }
 
@@ -231,24 +187,12 @@ fn model_without_template_gets_a_clear_error() {
     let dir = models_dir().join("llama3.1-tokenizer");
     let tok = Tokenizer::from_files(&dir.join("tokenizer.json"), None).unwrap();
     assert!(!tok.has_chat_template());
-    assert_eq!(
-        tok.bos_token_id(),
-        Some(128000),
-        "BOS found from the post-processor"
-    );
+    assert_eq!(tok.bos_token_id(), Some(128000), "BOS found from the post-processor");
     assert!(tok.adds_bos());
-    let err = tok
-        .apply_chat_template(&[ChatMessage::new("user", "x")], &Default::default())
-        .unwrap_err();
+    let err = tok.apply_chat_template(&[ChatMessage::new("user", "x")], &Default::default()).unwrap_err();
     assert!(matches!(err, WorkerError::ChatTemplate(ref m) if m.contains("no chat template")));
-    let tok = tok
-        .with_chat_template("{{ messages[0].content }}".into())
-        .unwrap();
-    assert_eq!(
-        tok.encode_chat(&[ChatMessage::new("user", "Hi")], &Default::default())
-            .unwrap(),
-        [128000, 13347]
-    );
+    let tok = tok.with_chat_template("{{ messages[0].content }}".into()).unwrap();
+    assert_eq!(tok.encode_chat(&[ChatMessage::new("user", "Hi")], &Default::default()).unwrap(), [128000, 13347]);
 }
 
 #[test]
@@ -259,15 +203,9 @@ fn sentencepiece_gguf_is_reported_unsupported() {
         tensor_infos: Default::default(),
         tensor_data_offset: 0,
     };
-    content.metadata.insert(
-        "tokenizer.ggml.model".into(),
-        gguf_file::Value::String("llama".into()),
-    );
+    content.metadata.insert("tokenizer.ggml.model".into(), gguf_file::Value::String("llama".into()));
     let err = Tokenizer::from_gguf(&content).unwrap_err();
-    assert!(
-        matches!(err, WorkerError::Tokenizer(ref m) if m.contains("`llama` is not supported")),
-        "{err}"
-    );
+    assert!(matches!(err, WorkerError::Tokenizer(ref m) if m.contains("`llama` is not supported")), "{err}");
 }
 
 fn stream(tok: &Tokenizer, ids: &[TokenId], skip_special: bool) -> Vec<String> {
@@ -286,10 +224,7 @@ fn detokenizer_output_equals_one_shot_decode_without_split_characters() {
         assert_eq!(deltas.concat(), tok.decode(&ids, false).unwrap());
         assert_eq!(deltas.concat(), text);
         for d in &deltas {
-            assert!(
-                !d.ends_with('\u{FFFD}'),
-                "delta {d:?} ends in a replacement character"
-            );
+            assert!(!d.ends_with('\u{FFFD}'), "delta {d:?} ends in a replacement character");
         }
     }
 }
@@ -298,33 +233,19 @@ fn detokenizer_output_equals_one_shot_decode_without_split_characters() {
 fn emoji_spanning_several_tokens_is_emitted_whole() {
     let tok = smollm2();
     let ids = tok.encode("🦀", false).unwrap();
-    assert!(
-        ids.len() > 1,
-        "the crab should need several byte tokens, got {ids:?}"
-    );
-    assert!(
-        tok.token_piece(ids[0]).contains('\u{FFFD}'),
-        "a partial token renders lossily"
-    );
+    assert!(ids.len() > 1, "the crab should need several byte tokens, got {ids:?}");
+    assert!(tok.token_piece(ids[0]).contains('\u{FFFD}'), "a partial token renders lossily");
     let deltas = stream(tok, &ids, false);
-    assert!(
-        deltas[..ids.len() - 1].iter().all(String::is_empty),
-        "{deltas:?}"
-    );
+    assert!(deltas[..ids.len() - 1].iter().all(String::is_empty), "{deltas:?}");
     assert_eq!(deltas[ids.len() - 1], "🦀");
 }
 
 #[test]
 fn detokenizer_skips_special_tokens_when_asked() {
     let tok = smollm2();
-    let ids = tok
-        .encode("Hi there<|im_end|>\n<|im_start|>x", false)
-        .unwrap();
+    let ids = tok.encode("Hi there<|im_end|>\n<|im_start|>x", false).unwrap();
     assert_eq!(stream(tok, &ids, true).concat(), "Hi there\nx");
-    assert_eq!(
-        stream(tok, &ids, false).concat(),
-        "Hi there<|im_end|>\n<|im_start|>x"
-    );
+    assert_eq!(stream(tok, &ids, false).concat(), "Hi there<|im_end|>\n<|im_start|>x");
 }
 
 #[test]
@@ -346,11 +267,7 @@ fn detokenizer_window_stays_bounded_on_long_streams() {
     let mut out = String::new();
     for &id in &ids {
         out.push_str(&detok.push(tok, id).unwrap());
-        assert!(
-            detok.window_len() <= 64 + 8,
-            "window grew to {}",
-            detok.window_len()
-        );
+        assert!(detok.window_len() <= 64 + 8, "window grew to {}", detok.window_len());
     }
     out.push_str(&detok.finish(tok).unwrap());
     assert_eq!(out, text);
@@ -363,17 +280,13 @@ fn garbage_bytes_do_not_stall_the_stream() {
     let lead = tok.encode("🦀", false).unwrap()[0];
     let mut detok = IncrementalDetokenizer::new(false);
     let emitted: String = (0..20).map(|_| detok.push(tok, lead).unwrap()).collect();
-    assert!(
-        !emitted.is_empty(),
-        "held text must be released after MAX_HELD_TOKENS"
-    );
+    assert!(!emitted.is_empty(), "held text must be released after MAX_HELD_TOKENS");
 }
 
 /// Ids llama.cpp produced for the same GGUF (scripts/reference/tokenization_reference.py).
 #[test]
 fn smollm2_matches_llama_cpp_tokenization() {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2_tokenization.json");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2_tokenization.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
     let cases = doc["cases"].as_array().expect("cases");
@@ -385,9 +298,7 @@ fn smollm2_matches_llama_cpp_tokenization() {
         let want: Vec<TokenId> = serde_json::from_value(case["ids"].clone()).unwrap();
         let got = tok.encode(text, false).unwrap();
         if got != want {
-            mismatches.push(format!(
-                "{text:?}\n  llama.cpp {want:?}\n  lumen     {got:?}"
-            ));
+            mismatches.push(format!("{text:?}\n  llama.cpp {want:?}\n  lumen     {got:?}"));
         }
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
@@ -400,16 +311,14 @@ fn llama_bpe_gguf_path_matches_llama3_tokenizer_json() {
     use gguf_file::Value as V;
     let reference = llama3();
     let json_path = models_dir().join("llama3.1-tokenizer/tokenizer.json");
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json_path).unwrap()).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json_path).unwrap()).unwrap();
     let vocab = reference.inner.get_vocab(true);
     let mut tokens = vec![String::new(); vocab.len()];
     for (token, id) in vocab {
         tokens[id as usize] = token;
     }
-    let types: Vec<V> = (0..tokens.len() as u32)
-        .map(|id| V::I32(if reference.is_special(id) { 3 } else { 1 }))
-        .collect();
+    let types: Vec<V> =
+        (0..tokens.len() as u32).map(|id| V::I32(if reference.is_special(id) { 3 } else { 1 })).collect();
     let merges: Vec<V> = doc["model"]["merges"]
         .as_array()
         .unwrap()
@@ -425,10 +334,7 @@ fn llama_bpe_gguf_path_matches_llama3_tokenizer_json() {
     let meta = &mut content.metadata;
     meta.insert("tokenizer.ggml.model".into(), V::String("gpt2".into()));
     meta.insert("tokenizer.ggml.pre".into(), V::String("llama-bpe".into()));
-    meta.insert(
-        "tokenizer.ggml.tokens".into(),
-        V::Array(tokens.into_iter().map(V::String).collect()),
-    );
+    meta.insert("tokenizer.ggml.tokens".into(), V::Array(tokens.into_iter().map(V::String).collect()));
     meta.insert("tokenizer.ggml.token_type".into(), V::Array(types));
     meta.insert("tokenizer.ggml.merges".into(), V::Array(merges));
     meta.insert("tokenizer.ggml.bos_token_id".into(), V::U32(128000));
@@ -436,15 +342,8 @@ fn llama_bpe_gguf_path_matches_llama3_tokenizer_json() {
     let tok = Tokenizer::from_gguf(&content).unwrap();
     assert!(tok.adds_bos(), "llama-bpe defaults add_bos to true");
     let mut texts: Vec<String> = VARIED.iter().map(|s| s.to_string()).collect();
-    texts.push(
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHI 1234567 it's<|eot_id|>"
-            .into(),
-    );
+    texts.push("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHI 1234567 it's<|eot_id|>".into());
     for text in &texts {
-        assert_eq!(
-            tok.encode(text, true).unwrap(),
-            reference.encode(text, true).unwrap(),
-            "{text:?}"
-        );
+        assert_eq!(tok.encode(text, true).unwrap(), reference.encode(text, true).unwrap(), "{text:?}");
     }
 }

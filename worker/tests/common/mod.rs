@@ -8,20 +8,14 @@ use std::path::PathBuf;
 
 use lumen_worker::TokenId;
 use lumen_worker::engine::{
-    EngineCore, EngineEvent, EngineOptions, EngineRequest, EngineStats, FinishReason, TokenLogprob,
-    Usage, build_engine,
+    EngineCore, EngineEvent, EngineOptions, EngineRequest, EngineStats, FinishReason, TokenLogprob, Usage, build_engine,
 };
 use lumen_worker::tokenizer::{ChatMessage, ChatTemplateOptions};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 pub fn model_path() -> PathBuf {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-model.sh first",
-        p.display()
-    );
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.is_file(), "{} is missing: run scripts/fetch-model.sh first", p.display());
     p
 }
 
@@ -43,13 +37,7 @@ pub fn engine(opts: &EngineOptions) -> EngineCore {
 pub fn chat(core: &EngineCore, text: &str) -> Vec<TokenId> {
     let messages = vec![ChatMessage::new("user", text)];
     core.tokenizer()
-        .encode_chat(
-            &messages,
-            &ChatTemplateOptions {
-                add_generation_prompt: true,
-                ..Default::default()
-            },
-        )
+        .encode_chat(&messages, &ChatTemplateOptions { add_generation_prompt: true, ..Default::default() })
         .unwrap()
 }
 

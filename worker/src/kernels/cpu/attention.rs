@@ -36,21 +36,11 @@ impl CacheLayout {
 }
 
 /// Writes each token's K and V rows (`kv_heads * head_dim` values each) into its cache slot.
-pub fn write_kv(
-    layout: &CacheLayout,
-    k: &[f32],
-    v: &[f32],
-    slots: &[u32],
-    k_cache: &mut [f16],
-    v_cache: &mut [f16],
-) {
+pub fn write_kv(layout: &CacheLayout, k: &[f32], v: &[f32], slots: &[u32], k_cache: &mut [f16], v_cache: &mut [f16]) {
     use half::slice::HalfFloatSliceExt;
     let (hd, width) = (layout.head_dim, layout.kv_heads * layout.head_dim);
     for (t, &slot) in slots.iter().enumerate() {
-        let (block, offset) = (
-            slot as usize / layout.block_size,
-            slot as usize % layout.block_size,
-        );
+        let (block, offset) = (slot as usize / layout.block_size, slot as usize % layout.block_size);
         for g in 0..layout.kv_heads {
             let dst = layout.row_offset(block, g, offset);
             let src = t * width + g * hd;
@@ -86,14 +76,8 @@ pub fn paged_attention(
     out: &mut [f32],
 ) {
     let width = heads * layout.head_dim;
-    assert!(
-        q.len() >= queries.len() * width && out.len() >= queries.len() * width,
-        "attention buffers too small"
-    );
-    assert!(
-        heads % layout.kv_heads == 0,
-        "heads must be a multiple of kv_heads"
-    );
+    assert!(q.len() >= queries.len() * width && out.len() >= queries.len() * width, "attention buffers too small");
+    assert!(heads % layout.kv_heads == 0, "heads must be a multiple of kv_heads");
     let items = queries.len() * layout.kv_heads;
     let out = SharedMut(out.as_mut_ptr());
     pool.run(&|t, threads| {
@@ -101,8 +85,7 @@ pub fn paged_attention(
         for item in split_range(items, t, threads, 1) {
             let (token, g) = (item / layout.kv_heads, item % layout.kv_heads);
             let ratio = heads / layout.kv_heads;
-            let q_rows =
-                &q[token * width + g * ratio * layout.head_dim..][..ratio * layout.head_dim];
+            let q_rows = &q[token * width + g * ratio * layout.head_dim..][..ratio * layout.head_dim];
             // SAFETY: item (token, g) owns these output columns alone.
             let o = unsafe {
                 std::slice::from_raw_parts_mut(
@@ -110,20 +93,10 @@ pub fn paged_attention(
                     ratio * layout.head_dim,
                 )
             };
-            let args = Group {
-                layout,
-                kv_head: g,
-                ratio,
-                scale,
-                query: queries[token],
-                k_cache,
-                v_cache,
-            };
+            let args = Group { layout, kv_head: g, ratio, scale, query: queries[token], k_cache, v_cache };
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 if layout.head_dim % 8 == 0 => unsafe {
-                    avx2::attend(&args, q_rows, o, &mut scratch)
-                },
+                Isa::Avx2 if layout.head_dim % 8 == 0 => unsafe { avx2::attend(&args, q_rows, o, &mut scratch) },
                 _ => attend_scalar(&args, q_rows, o, &mut scratch),
             }
         }
@@ -177,8 +150,7 @@ fn attend_scalar(a: &Group<'_>, q: &[f32], out: &mut [f32], s: &mut Scratch) {
             let k = &a.k_cache[a.layout.row_offset(block as usize, a.kv_head, j)..][..hd];
             for r in 0..a.ratio {
                 let qr = &q[r * hd..(r + 1) * hd];
-                s.scores[r * stride + j] =
-                    qr.iter().zip(k).map(|(x, y)| x * y.to_f32()).sum::<f32>() * a.scale;
+                s.scores[r * stride + j] = qr.iter().zip(k).map(|(x, y)| x * y.to_f32()).sum::<f32>() * a.scale;
             }
         }
         for r in 0..a.ratio {
@@ -192,9 +164,7 @@ fn attend_scalar(a: &Group<'_>, q: &[f32], out: &mut [f32], s: &mut Scratch) {
                 block_sum += *v;
             }
             s.sum[r] = s.sum[r] * correction + block_sum;
-            s.acc[r * hd..(r + 1) * hd]
-                .iter_mut()
-                .for_each(|x| *x *= correction);
+            s.acc[r * hd..(r + 1) * hd].iter_mut().for_each(|x| *x *= correction);
             s.max[r] = new_max;
         }
         for j in 0..n {
@@ -209,10 +179,7 @@ fn attend_scalar(a: &Group<'_>, q: &[f32], out: &mut [f32], s: &mut Scratch) {
     }
     for r in 0..a.ratio {
         let inv = if s.sum[r] > 0.0 { 1.0 / s.sum[r] } else { 0.0 };
-        for (o, x) in out[r * hd..(r + 1) * hd]
-            .iter_mut()
-            .zip(&s.acc[r * hd..(r + 1) * hd])
-        {
+        for (o, x) in out[r * hd..(r + 1) * hd].iter_mut().zip(&s.acc[r * hd..(r + 1) * hd]) {
             *o = x * inv;
         }
     }
@@ -244,19 +211,12 @@ mod avx2 {
             let n = bs.min(a.query.context_len - bi * bs);
             // Scores: q · k for each position of the block and each query head of the group.
             for j in 0..n {
-                let k = a
-                    .k_cache
-                    .as_ptr()
-                    .add(a.layout.row_offset(block as usize, a.kv_head, j));
+                let k = a.k_cache.as_ptr().add(a.layout.row_offset(block as usize, a.kv_head, j));
                 for r in 0..a.ratio {
                     let qr = q.as_ptr().add(r * hd);
                     let mut acc = _mm256_setzero_ps();
                     for c in 0..chunks {
-                        acc = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(qr.add(c * 8)),
-                            load_f16x8(k.add(c * 8)),
-                            acc,
-                        );
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr.add(c * 8)), load_f16x8(k.add(c * 8)), acc);
                     }
                     *s.scores.get_unchecked_mut(r * stride + j) = hsum(acc);
                 }
@@ -291,27 +251,17 @@ mod avx2 {
                 let vc = _mm256_set1_ps(correction);
                 let acc = s.acc.as_mut_ptr().add(r * hd);
                 for c in 0..chunks {
-                    _mm256_storeu_ps(
-                        acc.add(c * 8),
-                        _mm256_mul_ps(_mm256_loadu_ps(acc.add(c * 8)), vc),
-                    );
+                    _mm256_storeu_ps(acc.add(c * 8), _mm256_mul_ps(_mm256_loadu_ps(acc.add(c * 8)), vc));
                 }
             }
             // Weighted sum of the block's values.
             for j in 0..n {
-                let v = a
-                    .v_cache
-                    .as_ptr()
-                    .add(a.layout.row_offset(block as usize, a.kv_head, j));
+                let v = a.v_cache.as_ptr().add(a.layout.row_offset(block as usize, a.kv_head, j));
                 for r in 0..a.ratio {
                     let p = _mm256_set1_ps(*s.scores.get_unchecked(r * stride + j));
                     let acc = s.acc.as_mut_ptr().add(r * hd);
                     for c in 0..chunks {
-                        let x = _mm256_fmadd_ps(
-                            p,
-                            load_f16x8(v.add(c * 8)),
-                            _mm256_loadu_ps(acc.add(c * 8)),
-                        );
+                        let x = _mm256_fmadd_ps(p, load_f16x8(v.add(c * 8)), _mm256_loadu_ps(acc.add(c * 8)));
                         _mm256_storeu_ps(acc.add(c * 8), x);
                     }
                 }
@@ -362,21 +312,13 @@ mod tests {
         for h in 0..heads {
             let g = h / ratio;
             let scores: Vec<f64> = (0..ctx)
-                .map(|p| {
-                    (0..hd)
-                        .map(|i| q[h * hd + i] as f64 * r16(keys[p][g * hd + i]))
-                        .sum::<f64>()
-                        * scale as f64
-                })
+                .map(|p| (0..hd).map(|i| q[h * hd + i] as f64 * r16(keys[p][g * hd + i])).sum::<f64>() * scale as f64)
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let z: f64 = w.iter().sum();
             for i in 0..hd {
-                out[h * hd + i] = (0..ctx)
-                    .map(|p| w[p] * r16(values[p][g * hd + i]))
-                    .sum::<f64>()
-                    / z;
+                out[h * hd + i] = (0..ctx).map(|p| w[p] * r16(values[p][g * hd + i])).sum::<f64>() / z;
             }
         }
         out
@@ -385,11 +327,7 @@ mod tests {
     #[test]
     fn paged_attention_matches_dense_reference_across_blocks_and_isas() {
         let (heads, kv_heads, hd, bs) = (6, 2, 16, 4);
-        let layout = CacheLayout {
-            block_size: bs,
-            kv_heads,
-            head_dim: hd,
-        };
+        let layout = CacheLayout { block_size: bs, kv_heads, head_dim: hd };
         let mut rng = Rng(0x9E3779B97F4A7C15);
         let num_blocks = 12;
         let mut k_cache = vec![f16::ZERO; num_blocks * layout.block_elems()];
@@ -401,33 +339,15 @@ mod tests {
         for (table, &len) in tables.iter().zip(&lens) {
             let keys: Vec<Vec<f32>> = (0..len).map(|_| rng.vec(kv_heads * hd)).collect();
             let values: Vec<Vec<f32>> = (0..len).map(|_| rng.vec(kv_heads * hd)).collect();
-            let slots: Vec<u32> = (0..len)
-                .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
-                .collect();
-            write_kv(
-                &layout,
-                &keys.concat(),
-                &values.concat(),
-                &slots,
-                &mut k_cache,
-                &mut v_cache,
-            );
+            let slots: Vec<u32> = (0..len).map(|p| table[p / bs] * bs as u32 + (p % bs) as u32).collect();
+            write_kv(&layout, &keys.concat(), &values.concat(), &slots, &mut k_cache, &mut v_cache);
             histories.push((keys, values));
         }
         // Queries: the last token of each sequence, and a middle (causal prefill) token of the first.
         let queries = [
-            QueryRef {
-                block_table: &tables[0],
-                context_len: 19,
-            },
-            QueryRef {
-                block_table: &tables[1],
-                context_len: 10,
-            },
-            QueryRef {
-                block_table: &tables[0],
-                context_len: 6,
-            },
+            QueryRef { block_table: &tables[0], context_len: 19 },
+            QueryRef { block_table: &tables[1], context_len: 10 },
+            QueryRef { block_table: &tables[0], context_len: 6 },
         ];
         let q = rng.vec(queries.len() * heads * hd);
         let scale = 1.0 / (hd as f32).sqrt();
@@ -435,11 +355,8 @@ mod tests {
             let pool = ThreadPool::new(threads);
             for isa in Isa::available() {
                 let mut out = vec![0f32; q.len()];
-                paged_attention(
-                    &pool, isa, &layout, heads, scale, &q, &queries, &k_cache, &v_cache, &mut out,
-                );
-                for (t, (seq, ctx)) in [(0usize, 19usize), (1, 10), (0, 6)].into_iter().enumerate()
-                {
+                paged_attention(&pool, isa, &layout, heads, scale, &q, &queries, &k_cache, &v_cache, &mut out);
+                for (t, (seq, ctx)) in [(0usize, 19usize), (1, 10), (0, 6)].into_iter().enumerate() {
                     let (keys, values) = &histories[seq];
                     let want = reference(
                         &q[t * heads * hd..(t + 1) * heads * hd],
@@ -452,10 +369,7 @@ mod tests {
                         scale,
                     );
                     for (g, w) in out[t * heads * hd..(t + 1) * heads * hd].iter().zip(&want) {
-                        assert!(
-                            (*g as f64 - w).abs() < 1e-5,
-                            "{isa:?} token {t}: {g} vs {w}"
-                        );
+                        assert!((*g as f64 - w).abs() < 1e-5, "{isa:?} token {t}: {g} vs {w}");
                     }
                 }
             }
@@ -465,11 +379,7 @@ mod tests {
     #[test]
     fn a_query_sees_only_its_context() {
         // Changing K/V beyond the context length must not change the result.
-        let layout = CacheLayout {
-            block_size: 4,
-            kv_heads: 1,
-            head_dim: 8,
-        };
+        let layout = CacheLayout { block_size: 4, kv_heads: 1, head_dim: 8 };
         let mut rng = Rng(42);
         let mut k = vec![f16::ZERO; 3 * layout.block_elems()];
         let mut v = k.clone();
@@ -489,10 +399,7 @@ mod tests {
                     1,
                     0.5,
                     &q,
-                    &[QueryRef {
-                        block_table: &table,
-                        context_len: 6,
-                    }],
+                    &[QueryRef { block_table: &table, context_len: 6 }],
                     k,
                     v,
                     &mut out,

@@ -23,11 +23,7 @@ impl Isa {
             if std::env::var("LUMEN_CPU_ISA").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
                 return Isa::Scalar;
             }
-            if Isa::avx2_available() {
-                Isa::Avx2
-            } else {
-                Isa::Scalar
-            }
+            if Isa::avx2_available() { Isa::Avx2 } else { Isa::Scalar }
         })
     }
 
@@ -35,9 +31,7 @@ impl Isa {
     pub fn avx2_available() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {

@@ -1,16 +1,15 @@
 //! `y = x · Wᵀ`: activations `x` (`m` rows of `cols`) times a weight matrix `W` (`rows` output
 //! features of `cols` inputs, Hugging Face's `[out, in]` order).
 //!
-//! Quantized weights multiply activations quantized with [`quantize_rows_q8`]; f32 weights
+//! Quantized weights multiply activations quantized into [`QuantizedRows`]; f32 weights
 //! multiply f32 activations. Threads split the output features; each output element is computed
 //! by one thread with one fixed order of operations, whatever the batch size, the tile it falls in
 //! or the thread count, so a sequence's results never depend on what else is in the batch.
 //!
-//! [`quantize_rows_q8`]: super::quant::quantize_rows_q8
 
 use super::isa::Isa;
 use super::pool::{SharedMut, ThreadPool, split_range};
-use super::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8Act, Dequantize, QK, f16_to_f32};
+use super::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, Dequantize, QK, QuantizedRows, f16_to_f32};
 
 /// The elements of a weight matrix, row-major.
 #[derive(Clone)]
@@ -36,11 +35,11 @@ pub enum InputKind {
     Q8,
 }
 
-/// Activations: `m` rows, either f32 (`m * cols` values) or quantized (`m * cols / 32` blocks).
+/// Activations: `m` rows, either f32 (`m * cols` values) or quantized.
 #[derive(Clone, Copy)]
 pub enum Input<'a> {
     F32(&'a [f32]),
-    Q8(&'a [BlockQ8Act]),
+    Q8(&'a QuantizedRows),
 }
 
 /// What happens to each computed value.
@@ -50,8 +49,6 @@ pub enum Epilogue {
     Store,
     /// `out[i, n] += y` (a residual connection).
     Add,
-    /// Rows come in (gate, up) pairs: `out[i, n / 2] = silu(gate) * up`; `out` has `rows / 2` columns.
-    SiluMulPairs,
 }
 
 impl Matrix {
@@ -95,10 +92,7 @@ impl Matrix {
     /// A matrix made of the given rows of `self`, in that order.
     pub fn select_rows(&self, order: &[usize]) -> Matrix {
         fn pick<T: Copy>(v: &[T], per_row: usize, order: &[usize]) -> Vec<T> {
-            order
-                .iter()
-                .flat_map(|&r| v[r * per_row..(r + 1) * per_row].iter().copied())
-                .collect()
+            order.iter().flat_map(|&r| v[r * per_row..(r + 1) * per_row].iter().copied()).collect()
         }
         let b = self.cols / QK;
         let data = match &self.data {
@@ -107,11 +101,7 @@ impl Matrix {
             WeightData::Q4_1(v) => WeightData::Q4_1(pick(v, b, order)),
             WeightData::Q8_0(v) => WeightData::Q8_0(pick(v, b, order)),
         };
-        Matrix {
-            rows: order.len(),
-            cols: self.cols,
-            data,
-        }
+        Matrix { rows: order.len(), cols: self.cols, data }
     }
 
     /// Stacks matrices of one format and width on top of each other; `None` if they differ.
@@ -130,41 +120,22 @@ impl Matrix {
                 _ => return None,
             }
         }
-        Some(Matrix {
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols: first.cols,
-            data,
-        })
+        Some(Matrix { rows: parts.iter().map(|p| p.rows).sum(), cols: first.cols, data })
     }
 }
 
-/// Computes `x · Wᵀ` for `m` rows of `x` into `out` (`m` rows of `W.rows`, or `W.rows / 2` for
-/// [`Epilogue::SiluMulPairs`]), on every thread of `pool`.
+/// Computes `x · Wᵀ` for `m` rows of `x` into `out` (`m` rows of `W.rows`), on every thread of
+/// `pool`.
 ///
 /// Panics if the activation form does not match the weights or the slices are too short: callers
 /// size them from the model's own shapes.
-pub fn matmul(
-    pool: &ThreadPool,
-    isa: Isa,
-    w: &Matrix,
-    x: Input<'_>,
-    m: usize,
-    out: &mut [f32],
-    epilogue: Epilogue,
-) {
-    let out_cols = if epilogue == Epilogue::SiluMulPairs {
-        w.rows / 2
-    } else {
-        w.rows
-    };
+pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Matrix, x: Input<'_>, m: usize, out: &mut [f32], epilogue: Epilogue) {
+    let out_cols = w.rows;
     assert!(out.len() >= m * out_cols, "matmul output too small");
     match x {
-        Input::F32(v) => assert!(
-            v.len() >= m * w.cols && w.input_kind() == InputKind::F32,
-            "matmul input mismatch"
-        ),
+        Input::F32(v) => assert!(v.len() >= m * w.cols && w.input_kind() == InputKind::F32, "matmul input mismatch"),
         Input::Q8(v) => assert!(
-            v.len() >= m * (w.cols / QK) && w.input_kind() == InputKind::Q8,
+            v.rows() >= m && v.blocks_per_row() == w.cols / QK && w.input_kind() == InputKind::Q8,
             "matmul input mismatch"
         ),
     }
@@ -174,55 +145,28 @@ pub fn matmul(
     let out = SharedMut(out.as_mut_ptr());
     let job = |t: usize, threads: usize| {
         let rows = split_range(w.rows, t, threads, 2);
-        let sink = Sink {
-            out,
-            out_cols,
-            epilogue,
-        };
+        let sink = Sink { out, out_cols, epilogue };
+        let nb = w.cols / QK;
         match (&w.data, x, isa) {
             #[cfg(target_arch = "x86_64")]
-            (WeightData::Q4_0(b), Input::Q8(x), Isa::Avx2) => {
-                rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe {
-                    avx2::quant_tile(b, w.cols / QK, x, r, m0, t)
-                })
-            }
+            (WeightData::Q4_0(b), Input::Q8(x), Isa::Avx2) => unsafe { avx2::quant_rows(b, nb, x, rows, m, &sink) },
             #[cfg(target_arch = "x86_64")]
-            (WeightData::Q4_1(b), Input::Q8(x), Isa::Avx2) => {
-                rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe {
-                    avx2::quant_tile(b, w.cols / QK, x, r, m0, t)
-                })
-            }
+            (WeightData::Q4_1(b), Input::Q8(x), Isa::Avx2) => unsafe { avx2::quant_rows(b, nb, x, rows, m, &sink) },
             #[cfg(target_arch = "x86_64")]
-            (WeightData::Q8_0(b), Input::Q8(x), Isa::Avx2) => {
-                rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe {
-                    avx2::quant_tile(b, w.cols / QK, x, r, m0, t)
-                })
-            }
+            (WeightData::Q8_0(b), Input::Q8(x), Isa::Avx2) => unsafe { avx2::quant_rows(b, nb, x, rows, m, &sink) },
             #[cfg(target_arch = "x86_64")]
-            (WeightData::F32(v), Input::F32(x), Isa::Avx2) => {
-                rows_loop(rows, w.cols, m, &sink, |r, m0, t| unsafe {
-                    avx2::f32_tile(v, w.cols, x, r, m0, t)
-                })
-            }
+            (WeightData::F32(v), Input::F32(x), Isa::Avx2) => unsafe { avx2::f32_rows(v, w.cols, x, rows, m, &sink) },
             (WeightData::Q4_0(b), Input::Q8(x), _) => {
-                rows_loop(rows, w.cols, m, &sink, |r, m0, t| {
-                    scalar::quant_tile(b, w.cols / QK, x, r, m0, t)
-                })
+                rows_loop(rows, m, &sink, |r, m0, t| scalar::quant_tile(b, nb, x, r, m0, t))
             }
             (WeightData::Q4_1(b), Input::Q8(x), _) => {
-                rows_loop(rows, w.cols, m, &sink, |r, m0, t| {
-                    scalar::quant_tile(b, w.cols / QK, x, r, m0, t)
-                })
+                rows_loop(rows, m, &sink, |r, m0, t| scalar::quant_tile(b, nb, x, r, m0, t))
             }
             (WeightData::Q8_0(b), Input::Q8(x), _) => {
-                rows_loop(rows, w.cols, m, &sink, |r, m0, t| {
-                    scalar::quant_tile(b, w.cols / QK, x, r, m0, t)
-                })
+                rows_loop(rows, m, &sink, |r, m0, t| scalar::quant_tile(b, nb, x, r, m0, t))
             }
             (WeightData::F32(v), Input::F32(x), _) => {
-                rows_loop(rows, w.cols, m, &sink, |r, m0, t| {
-                    scalar::f32_tile(v, w.cols, x, r, m0, t)
-                })
+                rows_loop(rows, m, &sink, |r, m0, t| scalar::f32_tile(v, w.cols, x, r, m0, t))
             }
             _ => unreachable!("checked above"),
         }
@@ -241,7 +185,7 @@ pub(crate) struct Tile {
     pub v: [[f32; MR]; 2],
 }
 
-struct Sink {
+pub(crate) struct Sink {
     out: SharedMut<f32>,
     out_cols: usize,
     epilogue: Epilogue,
@@ -256,45 +200,42 @@ impl Sink {
             let base = (m0 + r) * self.out_cols;
             unsafe {
                 match self.epilogue {
-                    Epilogue::Store => {
-                        (0..t.nr).for_each(|i| *self.out.0.add(base + row + i) = t.v[i][r])
-                    }
-                    Epilogue::Add => {
-                        (0..t.nr).for_each(|i| *self.out.0.add(base + row + i) += t.v[i][r])
-                    }
-                    Epilogue::SiluMulPairs => {
-                        let (gate, up) = (t.v[0][r], t.v[1][r]);
-                        *self.out.0.add(base + row / 2) = gate / (1.0 + (-gate).exp()) * up;
-                    }
+                    Epilogue::Store => (0..t.nr).for_each(|i| *self.out.0.add(base + row + i) = t.v[i][r]),
+                    Epilogue::Add => (0..t.nr).for_each(|i| *self.out.0.add(base + row + i) += t.v[i][r]),
                 }
             }
         }
     }
 }
 
-fn rows_loop(
-    rows: std::ops::Range<usize>,
-    _cols: usize,
-    m: usize,
-    sink: &Sink,
-    tile: impl Fn(usize, usize, &mut Tile),
-) {
-    let mut t = Tile {
-        nr: 0,
-        mr: 0,
-        v: [[0.0; MR]; 2],
-    };
-    let mut row = rows.start;
-    while row < rows.end {
-        t.nr = (rows.end - row).min(2);
-        let mut m0 = 0;
-        while m0 < m {
-            t.mr = (m - m0).min(MR);
-            tile(row, m0, &mut t);
-            sink.put(row, m0, &t);
-            m0 += t.mr;
+/// Activation rows processed against all of a thread's weight rows before moving on: enough to
+/// reuse each weight row, few enough that their quantized tiles stay in the L2 cache.
+const M_BLOCK: usize = 64;
+
+/// Walks a thread's weight rows (one or two at a time) against the activation rows (up to `MR`
+/// at a time), in blocks of `M_BLOCK` activation rows. Always inlined, so that inside the AVX2
+/// entry points the whole loop nest is compiled with AVX2.
+#[inline(always)]
+fn rows_loop(rows: std::ops::Range<usize>, m: usize, sink: &Sink, tile: impl Fn(usize, usize, &mut Tile)) {
+    let mut t = Tile { nr: 0, mr: 0, v: [[0.0; MR]; 2] };
+    // Two weight rows per pass give decode (one or two activation rows) independent chains to
+    // overlap; with more activation rows one weight row per pass keeps the tile in registers.
+    // Each output element sees the same operations either way, so these choices are free.
+    let pair = if m <= 2 { 2 } else { 1 };
+    for m_start in (0..m).step_by(M_BLOCK) {
+        let m_end = (m_start + M_BLOCK).min(m);
+        let mut row = rows.start;
+        while row < rows.end {
+            t.nr = (rows.end - row).min(pair);
+            let mut m0 = m_start;
+            while m0 < m_end {
+                t.mr = (m_end - m0).min(MR);
+                tile(row, m0, &mut t);
+                sink.put(row, m0, &t);
+                m0 += t.mr;
+            }
+            row += t.nr;
         }
-        row += t.nr;
     }
 }
 
@@ -328,11 +269,7 @@ impl QuantBlock for BlockQ4_1 {
 
 impl QuantBlock for BlockQ8_0 {
     fn ints(&self) -> ([i32; 32], f32, f32) {
-        (
-            std::array::from_fn(|j| self.qs[j] as i32),
-            f16_to_f32(self.d),
-            0.0,
-        )
+        (std::array::from_fn(|j| self.qs[j] as i32), f16_to_f32(self.d), 0.0)
     }
 }
 
@@ -342,21 +279,20 @@ mod scalar {
     pub(super) fn quant_tile<B: QuantBlock>(
         w: &[B],
         nb: usize,
-        x: &[BlockQ8Act],
+        x: &QuantizedRows,
         row: usize,
         m0: usize,
         t: &mut Tile,
     ) {
         for i in 0..t.nr {
             for r in 0..t.mr {
-                let wr = &w[(row + i) * nb..(row + i + 1) * nb];
-                let xr = &x[(m0 + r) * nb..(m0 + r + 1) * nb];
                 let (mut acc, mut mins) = (0f32, 0f32);
-                for (wb, xb) in wr.iter().zip(xr) {
+                for (b, wb) in w[(row + i) * nb..(row + i + 1) * nb].iter().enumerate() {
+                    let (xq, xd, xs) = x.block(m0 + r, b);
                     let (q, d, m) = wb.ints();
-                    let isum: i32 = q.iter().zip(&xb.qs).map(|(&a, &b)| a * b as i32).sum();
-                    acc += isum as f32 * (d * xb.d);
-                    mins += m * xb.s;
+                    let isum: i32 = q.iter().zip(xq).map(|(&a, &b)| a * b as i32).sum();
+                    acc += isum as f32 * (d * xd);
+                    mins = m.mul_add(xs, mins);
                 }
                 t.v[i][r] = acc + mins;
             }
@@ -379,25 +315,31 @@ mod scalar {
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::super::quant::ActTile;
     use super::*;
+
+    /// How far ahead of the current weight block to prefetch.
+    const PREFETCH_BYTES: usize = 1024;
 
     /// A weight block as AVX2 sees it.
     pub(crate) trait AvxBlock: Copy {
         /// The 32 values as bytes, in element order: unsigned when `UNSIGNED`, else signed.
         unsafe fn bytes(&self) -> __m256i;
         const UNSIGNED: bool;
-        fn scale(&self) -> f32;
-        /// Additive offset per element (Q4_1's `m`), 0 for the others.
-        fn offset(&self) -> f32;
+        /// `[scale, offset, 0, 0]` (offset: Q4_1's `m`; 0 for the other formats).
+        unsafe fn scales(&self) -> __m128;
+    }
+
+    /// f16 bits (one or two halves packed in a u32) to f32 lanes with the F16C instruction.
+    #[inline(always)]
+    unsafe fn halves(bits: u32) -> __m128 {
+        _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
     }
 
     #[inline(always)]
     unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
         let q = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
-        _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16(q, 4), q),
-            _mm256_set1_epi8(0x0F),
-        )
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F))
     }
 
     impl AvxBlock for BlockQ4_0 {
@@ -407,12 +349,8 @@ pub(crate) mod avx2 {
         }
         const UNSIGNED: bool = false;
         #[inline(always)]
-        fn scale(&self) -> f32 {
-            f16_to_f32(self.d)
-        }
-        #[inline(always)]
-        fn offset(&self) -> f32 {
-            0.0
+        unsafe fn scales(&self) -> __m128 {
+            halves(self.d as u32)
         }
     }
 
@@ -423,12 +361,8 @@ pub(crate) mod avx2 {
         }
         const UNSIGNED: bool = true;
         #[inline(always)]
-        fn scale(&self) -> f32 {
-            f16_to_f32(self.d)
-        }
-        #[inline(always)]
-        fn offset(&self) -> f32 {
-            f16_to_f32(self.m)
+        unsafe fn scales(&self) -> __m128 {
+            halves(self.d as u32 | (self.m as u32) << 16)
         }
     }
 
@@ -439,12 +373,8 @@ pub(crate) mod avx2 {
         }
         const UNSIGNED: bool = false;
         #[inline(always)]
-        fn scale(&self) -> f32 {
-            f16_to_f32(self.d)
-        }
-        #[inline(always)]
-        fn offset(&self) -> f32 {
-            0.0
+        unsafe fn scales(&self) -> __m128 {
+            halves(self.d as u32)
         }
     }
 
@@ -469,74 +399,97 @@ pub(crate) mod avx2 {
         _mm256_madd_epi16(pairs, ones)
     }
 
+    /// One thread's rows of a quantized matmul.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn quant_tile<B: AvxBlock>(
+    pub(crate) unsafe fn quant_rows<B: AvxBlock>(
         w: &[B],
         nb: usize,
-        x: &[BlockQ8Act],
-        row: usize,
-        m0: usize,
-        t: &mut Tile,
+        x: &QuantizedRows,
+        rows: std::ops::Range<usize>,
+        m: usize,
+        sink: &Sink,
     ) {
-        match (t.nr, t.mr) {
-            (2, 4) => quant_kernel::<B, 2, 4>(w, nb, x, row, m0, t),
-            (2, 3) => quant_kernel::<B, 2, 3>(w, nb, x, row, m0, t),
-            (2, 2) => quant_kernel::<B, 2, 2>(w, nb, x, row, m0, t),
-            (2, 1) => quant_kernel::<B, 2, 1>(w, nb, x, row, m0, t),
-            (1, 4) => quant_kernel::<B, 1, 4>(w, nb, x, row, m0, t),
-            (1, 3) => quant_kernel::<B, 1, 3>(w, nb, x, row, m0, t),
-            (1, 2) => quant_kernel::<B, 1, 2>(w, nb, x, row, m0, t),
-            _ => quant_kernel::<B, 1, 1>(w, nb, x, row, m0, t),
-        }
+        let tiles = x.tiles();
+        rows_loop(rows, m, sink, |row, m0, t| match (t.nr, t.mr) {
+            (2, 4) => quant_kernel::<B, 2, 4>(w, nb, tiles, row, m0, t),
+            (2, 3) => quant_kernel::<B, 2, 3>(w, nb, tiles, row, m0, t),
+            (2, 2) => quant_kernel::<B, 2, 2>(w, nb, tiles, row, m0, t),
+            (2, 1) => quant_kernel::<B, 2, 1>(w, nb, tiles, row, m0, t),
+            (1, 4) => quant_kernel::<B, 1, 4>(w, nb, tiles, row, m0, t),
+            (1, 3) => quant_kernel::<B, 1, 3>(w, nb, tiles, row, m0, t),
+            (1, 2) => quant_kernel::<B, 1, 2>(w, nb, tiles, row, m0, t),
+            _ => quant_kernel::<B, 1, 1>(w, nb, tiles, row, m0, t),
+        })
     }
 
+    /// `NR` weight rows against the first `MRT` rows of the activation group starting at row
+    /// `m0` (a multiple of 4). Per block: the integer dot product of each row pair, scaled by
+    /// `d_w * d_x` into a float accumulator; for offset formats, `m_w * s_x` accumulated for the
+    /// four rows at once in one vector. Every output element sees the same operations in the
+    /// same order whatever the tile shape, which keeps results independent of the batch.
     #[inline(always)]
     unsafe fn quant_kernel<B: AvxBlock, const NR: usize, const MRT: usize>(
         w: &[B],
         nb: usize,
-        x: &[BlockQ8Act],
+        tiles: &[ActTile],
         row: usize,
         m0: usize,
         t: &mut Tile,
     ) {
         let mut acc = [[_mm256_setzero_ps(); MRT]; NR];
-        let mut mins = [[0f32; MRT]; NR];
+        let mut mins = [_mm_setzero_ps(); NR];
         let wrows: [*const B; NR] = std::array::from_fn(|i| w.as_ptr().add((row + i) * nb));
-        let xrows: [*const BlockQ8Act; MRT] =
-            std::array::from_fn(|r| x.as_ptr().add((m0 + r) * nb));
+        let group = tiles.as_ptr().add(m0 / 4 * nb);
+        let mut scale = [0f32; 4];
         for b in 0..nb {
-            let wb: [&B; NR] = std::array::from_fn(|i| &*wrows[i].add(b));
-            let wbytes: [__m256i; NR] = std::array::from_fn(|i| wb[i].bytes());
-            let wd: [f32; NR] = std::array::from_fn(|i| wb[i].scale());
-            let wm: [f32; NR] = std::array::from_fn(|i| wb[i].offset());
-            for r in 0..MRT {
-                let xb = &*xrows[r].add(b);
-                let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                for i in 0..NR {
-                    let p = _mm256_cvtepi32_ps(dot_bytes(B::UNSIGNED, wbytes[i], xv));
-                    acc[i][r] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[i] * xb.d), acc[i][r]);
-                    if B::UNSIGNED {
-                        mins[i][r] += wm[i] * xb.s;
-                    }
+            // Weights stream from memory once per call: fetch well ahead of use.
+            for &wr in &wrows {
+                _mm_prefetch::<_MM_HINT_T0>((wr.add(b) as *const i8).add(PREFETCH_BYTES));
+            }
+            let tile = &*group.add(b);
+            let xd = _mm_load_ps(tile.d.as_ptr());
+            for i in 0..NR {
+                let wb = &*wrows[i].add(b);
+                let wbytes = wb.bytes();
+                let ws = wb.scales();
+                _mm_storeu_ps(scale.as_mut_ptr(), _mm_mul_ps(_mm_broadcastss_ps(ws), xd));
+                if B::UNSIGNED {
+                    mins[i] =
+                        _mm_fmadd_ps(_mm_shuffle_ps::<0b01_01_01_01>(ws, ws), _mm_load_ps(tile.s.as_ptr()), mins[i]);
+                }
+                for r in 0..MRT {
+                    let xv = _mm256_load_si256(tile.qs[r].as_ptr() as *const __m256i);
+                    let p = _mm256_cvtepi32_ps(dot_bytes(B::UNSIGNED, wbytes, xv));
+                    acc[i][r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&scale[r]), acc[i][r]);
                 }
             }
         }
         for i in 0..NR {
+            let mut offsets = [0f32; 4];
+            if B::UNSIGNED {
+                _mm_storeu_ps(offsets.as_mut_ptr(), mins[i]);
+            }
             for r in 0..MRT {
-                t.v[i][r] = hsum(acc[i][r]) + mins[i][r];
+                t.v[i][r] = hsum(acc[i][r]) + offsets[r];
             }
         }
     }
 
+    /// One thread's rows of an f32 matmul.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn f32_tile(
+    pub(crate) unsafe fn f32_rows(
         w: &[f32],
         cols: usize,
         x: &[f32],
-        row: usize,
-        m0: usize,
-        t: &mut Tile,
+        rows: std::ops::Range<usize>,
+        m: usize,
+        sink: &Sink,
     ) {
+        rows_loop(rows, m, sink, |row, m0, t| f32_tile(w, cols, x, row, m0, t))
+    }
+
+    #[inline(always)]
+    unsafe fn f32_tile(w: &[f32], cols: usize, x: &[f32], row: usize, m0: usize, t: &mut Tile) {
         match (t.nr, t.mr) {
             (2, 4) => f32_kernel::<2, 4>(w, cols, x, row, m0, t),
             (2, 3) => f32_kernel::<2, 3>(w, cols, x, row, m0, t),
@@ -587,7 +540,7 @@ pub(crate) mod avx2 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0, quantize_rows_q8};
+    use super::super::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
     use super::*;
 
     fn sample(n: usize, seed: u32) -> Vec<f32> {
@@ -605,34 +558,17 @@ mod tests {
     fn matrices(rows: usize, cols: usize) -> Vec<Matrix> {
         let w = sample(rows * cols, 1);
         vec![
-            Matrix {
-                rows,
-                cols,
-                data: WeightData::F32(w.clone()),
-            },
-            Matrix {
-                rows,
-                cols,
-                data: WeightData::Q4_0(quantize_q4_0(&w)),
-            },
-            Matrix {
-                rows,
-                cols,
-                data: WeightData::Q4_1(quantize_q4_1(&w)),
-            },
-            Matrix {
-                rows,
-                cols,
-                data: WeightData::Q8_0(quantize_q8_0(&w)),
-            },
+            Matrix { rows, cols, data: WeightData::F32(w.clone()) },
+            Matrix { rows, cols, data: WeightData::Q4_0(quantize_q4_0(&w)) },
+            Matrix { rows, cols, data: WeightData::Q4_1(quantize_q4_1(&w)) },
+            Matrix { rows, cols, data: WeightData::Q8_0(quantize_q8_0(&w)) },
         ]
     }
 
     /// f64 reference over the dequantized weights and (for quantized formats) dequantized inputs.
     fn reference(w: &Matrix, x: &[f32], m: usize) -> Vec<f64> {
         let mut wrow = vec![0f32; w.cols];
-        let mut xq = vec![BlockQ8Act::default(); m * w.cols / QK];
-        quantize_rows_q8(Isa::Scalar, x, w.cols, &mut xq);
+        let xq = QuantizedRows::from_rows(Isa::Scalar, &x[..m * w.cols], w.cols);
         let mut out = vec![0f64; m * w.rows];
         for n in 0..w.rows {
             w.dequantize_row(n, &mut wrow);
@@ -642,8 +578,8 @@ mod tests {
                         let xv = match w.input_kind() {
                             InputKind::F32 => x[i * w.cols + k],
                             InputKind::Q8 => {
-                                let b = &xq[i * w.cols / QK + k / QK];
-                                b.d * b.qs[k % QK] as f32
+                                let (qs, d, _) = xq.block(i, k / QK);
+                                d * qs[k % QK] as f32
                             }
                         };
                         wrow[k] as f64 * xv as f64
@@ -654,22 +590,11 @@ mod tests {
         out
     }
 
-    fn run(
-        pool: &ThreadPool,
-        isa: Isa,
-        w: &Matrix,
-        x: &[f32],
-        m: usize,
-        ep: Epilogue,
-        out: &mut [f32],
-    ) {
-        let mut xq = vec![BlockQ8Act::default(); m * w.cols / QK];
+    fn run(pool: &ThreadPool, isa: Isa, w: &Matrix, x: &[f32], m: usize, ep: Epilogue, out: &mut [f32]) {
+        let xq = QuantizedRows::from_rows(isa, &x[..m * w.cols], w.cols);
         let input = match w.input_kind() {
             InputKind::F32 => Input::F32(x),
-            InputKind::Q8 => {
-                quantize_rows_q8(isa, x, w.cols, &mut xq);
-                Input::Q8(&xq)
-            }
+            InputKind::Q8 => Input::Q8(&xq),
         };
         matmul(pool, isa, w, input, m, out, ep);
     }
@@ -707,39 +632,18 @@ mod tests {
             for isa in Isa::available() {
                 let x = sample(7 * cols, 5);
                 let mut alone = vec![0f32; rows];
-                run(
-                    &ThreadPool::new(1),
-                    isa,
-                    &w,
-                    &x[2 * cols..3 * cols],
-                    1,
-                    Epilogue::Store,
-                    &mut alone,
-                );
+                run(&ThreadPool::new(1), isa, &w, &x[2 * cols..3 * cols], 1, Epilogue::Store, &mut alone);
                 for (threads, m) in [(2, 7), (3, 5), (1, 4)] {
                     let mut batch = vec![0f32; m * rows];
-                    run(
-                        &ThreadPool::new(threads),
-                        isa,
-                        &w,
-                        &x[..m * cols],
-                        m,
-                        Epilogue::Store,
-                        &mut batch,
-                    );
-                    assert_eq!(
-                        &batch[2 * rows..3 * rows],
-                        &alone[..],
-                        "{} {isa:?}",
-                        w.format_name()
-                    );
+                    run(&ThreadPool::new(threads), isa, &w, &x[..m * cols], m, Epilogue::Store, &mut batch);
+                    assert_eq!(&batch[2 * rows..3 * rows], &alone[..], "{} {isa:?}", w.format_name());
                 }
             }
         }
     }
 
     #[test]
-    fn add_and_silu_mul_epilogues_combine_outputs() {
+    fn the_add_epilogue_accumulates_into_the_output() {
         let (rows, cols, m) = (8, 64, 3);
         let pool = ThreadPool::new(2);
         for w in matrices(rows, cols) {
@@ -749,21 +653,7 @@ mod tests {
                 run(&pool, isa, &w, &x, m, Epilogue::Store, &mut plain);
                 let mut added = vec![1.5f32; m * rows];
                 run(&pool, isa, &w, &x, m, Epilogue::Add, &mut added);
-                assert!(
-                    added
-                        .iter()
-                        .zip(&plain)
-                        .all(|(a, p)| (a - (p + 1.5)).abs() < 1e-6)
-                );
-                let mut fused = vec![0f32; m * rows / 2];
-                run(&pool, isa, &w, &x, m, Epilogue::SiluMulPairs, &mut fused);
-                for i in 0..m {
-                    for j in 0..rows / 2 {
-                        let (g, u) = (plain[i * rows + 2 * j], plain[i * rows + 2 * j + 1]);
-                        let want = g / (1.0 + (-g).exp()) * u;
-                        assert!((fused[i * rows / 2 + j] - want).abs() < 1e-6);
-                    }
-                }
+                assert!(added.iter().zip(&plain).all(|(a, p)| (a - (p + 1.5)).abs() < 1e-6));
             }
         }
     }

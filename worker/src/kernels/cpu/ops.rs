@@ -28,12 +28,29 @@ fn sum_of_squares(isa: Isa, x: &[f32]) -> f32 {
                     *l = v.mul_add(v, *l);
                 }
             }
-            let mut s = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
-                + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+            let mut s =
+                ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
             for &v in &x[full..] {
                 s += v * v;
             }
             s
+        }
+    }
+}
+
+/// `out = silu(gate) * up`, row by row, where each row of `gu` is `[gate (width) | up (width)]`
+/// and `silu(g) = g / (1 + e^-g)`.
+pub fn silu_mul(isa: Isa, gu: &[f32], width: usize, out: &mut [f32]) {
+    for (row, o) in gu.chunks_exact(2 * width).zip(out.chunks_exact_mut(width)) {
+        let (gate, up) = row.split_at(width);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if width % 8 == 0 => unsafe { avx2::silu_mul(gate, up, o) },
+            _ => {
+                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            }
         }
     }
 }
@@ -62,21 +79,14 @@ impl RopeTable {
     }
 
     pub fn max_positions(&self) -> usize {
-        if self.half == 0 {
-            0
-        } else {
-            self.cos.len() / self.half
-        }
+        if self.half == 0 { 0 } else { self.cos.len() / self.half }
     }
 
     /// Rotates every head of one token's vector `x` (`heads * 2 * half` values) in place, pairing
     /// element `i` with `i + half` within each head (Hugging Face's `rotate_half` convention).
     pub fn apply(&self, x: &mut [f32], position: usize) {
         let h = self.half;
-        let (cos, sin) = (
-            &self.cos[position * h..(position + 1) * h],
-            &self.sin[position * h..(position + 1) * h],
-        );
+        let (cos, sin) = (&self.cos[position * h..(position + 1) * h], &self.sin[position * h..(position + 1) * h]);
         for head in x.chunks_exact_mut(2 * h) {
             let (a, b) = head.split_at_mut(h);
             for i in 0..h {
@@ -112,6 +122,18 @@ pub(crate) mod avx2 {
         s
     }
 
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        let one = _mm256_set1_ps(1.0);
+        let zero = _mm256_setzero_ps();
+        for i in (0..out.len()).step_by(8) {
+            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let u = _mm256_loadu_ps(up.as_ptr().add(i));
+            let silu = _mm256_div_ps(g, _mm256_add_ps(one, exp(_mm256_sub_ps(zero, g))));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(silu, u));
+        }
+    }
+
     /// `e^x` for eight lanes: range reduction by ln 2 and a degree-6 polynomial (relative error
     /// ~2e-7); inputs below -87 give 0, so `-inf` is safe.
     #[inline(always)]
@@ -132,10 +154,7 @@ pub(crate) mod avx2 {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0));
-        let pow2 = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
+        let pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
         _mm256_mul_ps(p, _mm256_castsi256_ps(pow2))
     }
 }
@@ -169,15 +188,29 @@ mod tests {
         let mut x = vec![1.0, 2.0, 3.0, 4.0];
         table.apply(&mut x, 3);
         // Pair (x0, x2) rotates by 3 rad, pair (x1, x3) by 0.3 rad.
-        let want = [
-            1.0 * 3f32.cos() - 3.0 * 3f32.sin(),
-            2.0 * 0.3f32.cos() - 4.0 * 0.3f32.sin(),
-        ];
+        let want = [1.0 * 3f32.cos() - 3.0 * 3f32.sin(), 2.0 * 0.3f32.cos() - 4.0 * 0.3f32.sin()];
         assert!((x[0] - want[0]).abs() < 1e-5 && (x[1] - want[1]).abs() < 1e-5);
         assert!(((x[0] * x[0] + x[2] * x[2]) - 10.0).abs() < 1e-4);
         let mut y = vec![1.0, 2.0, 3.0, 4.0];
         table.apply(&mut y, 0);
         assert_eq!(y, vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn silu_mul_matches_the_definition_on_every_isa() {
+        let width = 16;
+        let gu: Vec<f32> = (0..2 * 2 * width).map(|i| (i as f32 * 0.71).sin() * 12.0).collect();
+        for isa in Isa::available() {
+            let mut out = vec![0f32; 2 * width];
+            silu_mul(isa, &gu, width, &mut out);
+            for r in 0..2 {
+                for j in 0..width {
+                    let (g, u) = (gu[r * 2 * width + j] as f64, gu[r * 2 * width + width + j] as f64);
+                    let want = g / (1.0 + (-g).exp()) * u;
+                    assert!((out[r * width + j] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "{isa:?}");
+                }
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -192,9 +225,7 @@ mod tests {
         unsafe {
             #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn run(xs: &[f32; 8], out: &mut [f32; 8]) {
-                unsafe {
-                    _mm256_storeu_ps(out.as_mut_ptr(), avx2::exp(_mm256_loadu_ps(xs.as_ptr())))
-                }
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), avx2::exp(_mm256_loadu_ps(xs.as_ptr()))) }
             }
             run(&xs, &mut out);
         }
@@ -203,10 +234,7 @@ mod tests {
             if x < -87.5 {
                 assert!(y < 1e-37);
             } else {
-                assert!(
-                    ((y as f64) - want).abs() <= want * 1e-6,
-                    "exp({x}) = {y}, want {want}"
-                );
+                assert!(((y as f64) - want).abs() <= want * 1e-6, "exp({x}) = {y}, want {want}");
             }
         }
         let neg_inf = unsafe {

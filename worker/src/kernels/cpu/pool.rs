@@ -13,7 +13,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long an idle worker spins before it sleeps.
+/// How long a waiting thread spins flat out before it starts yielding its core (back-to-back
+/// parallel regions of one forward pass are closer together than this).
+const SPIN: Duration = Duration::from_micros(50);
+/// How long an idle worker keeps yielding before it sleeps on the condition variable.
 const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(1500);
 
 type Job = dyn Fn(usize, usize) + Sync;
@@ -69,12 +72,7 @@ impl ThreadPool {
                     .expect("spawning a CPU kernel thread")
             })
             .collect();
-        ThreadPool {
-            shared,
-            workers,
-            threads,
-            running: Mutex::new(()),
-        }
+        ThreadPool { shared, workers, threads, running: Mutex::new(()) }
     }
 
     /// Threads in the pool, the caller included.
@@ -95,10 +93,7 @@ impl ThreadPool {
         // SAFETY: the pointer is erased of its lifetime, but `run` does not return before every
         // worker has finished with it (the `pending` wait below, which also runs after a panic).
         unsafe {
-            *shared.job.get() = Some(std::mem::transmute::<
-                *const (dyn Fn(usize, usize) + Sync + '_),
-                *const Job,
-            >(job))
+            *shared.job.get() = Some(std::mem::transmute::<*const (dyn Fn(usize, usize) + Sync + '_), *const Job>(job))
         };
         shared.pending.store(self.threads - 1, Ordering::SeqCst);
         shared.epoch.fetch_add(1, Ordering::SeqCst);
@@ -107,8 +102,17 @@ impl ThreadPool {
             shared.wake.notify_all();
         }
         let mine = catch_unwind(AssertUnwindSafe(|| f(0, self.threads)));
+        // Spin briefly, then yield: on an oversubscribed machine a worker may share this core,
+        // and spinning would starve the very thread we wait for.
+        let waiting = Instant::now();
+        let mut spins = 0u32;
         while shared.pending.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins % 64 == 0 && waiting.elapsed() > SPIN {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         unsafe { *shared.job.get() = None };
         if let Err(payload) = mine {
@@ -164,15 +168,21 @@ fn wait_for_epoch(shared: &Shared, seen: &mut u64) -> bool {
             return false;
         }
         spins = spins.wrapping_add(1);
-        if spins % 256 != 0 || started.elapsed() < SPIN_BEFORE_SLEEP {
+        if spins % 64 != 0 {
             std::hint::spin_loop();
+            continue;
+        }
+        let idle = started.elapsed();
+        if idle < SPIN {
+            continue;
+        }
+        if idle < SPIN_BEFORE_SLEEP {
+            std::thread::yield_now();
             continue;
         }
         let mut guard = shared.lock.lock().unwrap_or_else(|p| p.into_inner());
         shared.sleeping.fetch_add(1, Ordering::SeqCst);
-        while shared.epoch.load(Ordering::SeqCst) == *seen
-            && !shared.shutdown.load(Ordering::SeqCst)
-        {
+        while shared.epoch.load(Ordering::SeqCst) == *seen && !shared.shutdown.load(Ordering::SeqCst) {
             guard = shared.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
         shared.sleeping.fetch_sub(1, Ordering::SeqCst);
@@ -243,9 +253,7 @@ mod tests {
     #[test]
     fn a_panicking_job_is_reported_and_the_pool_keeps_working() {
         let pool = ThreadPool::new(2);
-        let r = catch_unwind(AssertUnwindSafe(|| {
-            pool.run(&|i, _| assert!(i != 1, "boom"))
-        }));
+        let r = catch_unwind(AssertUnwindSafe(|| pool.run(&|i, _| assert!(i != 1, "boom"))));
         assert!(r.is_err());
         let count = AtomicUsize::new(0);
         pool.run(&|_, _| {
