@@ -13,7 +13,7 @@
 use half::f16;
 
 use super::isa::Isa;
-use super::pool::{SharedMut, ThreadPool, split_range};
+use super::pool::{SharedMut, ThreadPool};
 
 /// Shape of one layer's paged K (or V) cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,7 +82,8 @@ pub fn paged_attention(
     let out = SharedMut(out.as_mut_ptr());
     pool.run(&|t, threads| {
         let mut scratch = Scratch::new(heads / layout.kv_heads, layout);
-        for item in split_range(items, t, threads, 1) {
+        // Round-robin: later prompt tokens see longer contexts, so contiguous ranges would be uneven.
+        for item in (t..items).step_by(threads) {
             let (token, g) = (item / layout.kv_heads, item % layout.kv_heads);
             let ratio = heads / layout.kv_heads;
             let q_rows = &q[token * width + g * ratio * layout.head_dim..][..ratio * layout.head_dim];
