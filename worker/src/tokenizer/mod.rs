@@ -238,6 +238,12 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special_tokens).map_err(tokenizer_err)
     }
 
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json` (the model part only: chat
+    /// template and special-token settings live in `tokenizer_config.json`).
+    pub fn save_json(&self, path: &Path) -> Result<()> {
+        self.inner.save(path, false).map_err(|e| WorkerError::model_file(path, format!("cannot write: {e}")))
+    }
+
     /// The text of one token for display (logprobs); a token holding part of a UTF-8 character
     /// shows U+FFFD, an unknown id shows nothing.
     pub fn token_piece(&self, id: TokenId) -> String {
