@@ -1,4 +1,7 @@
 //! Lumen's head: the deployment registry, the controller, the router, the OpenAI-compatible API
 //! on port 8000 and the control API plus dashboard on port 8265.
 //!
-//! It talks to workers only through the gRPC protocol in `lumen-proto`.
+//! Layering: `api` (HTTP, OpenAI shapes; knows nothing of gRPC) -> [`backend::Backend`] ->
+//! `cluster` (workers, replicas, routing; speaks `lumen-proto` gRPC).
+
+pub mod backend;

@@ -1,4 +1,12 @@
-//! The head <-> worker gRPC protocol.
+//! The head <-> worker gRPC protocol (`proto/lumen.proto`), compiled with tonic/prost.
 //!
-//! The `.proto` definitions and their tonic/prost bindings land with the head/API work
-//! (registration, heartbeats, replica start/stop, streaming `Generate`, `Abort`).
+//! Workers call [`v1::head_client::HeadClient`] to register and stream heartbeats; the head
+//! calls [`v1::worker_client::WorkerClient`] to place replicas and run requests.
+
+/// Bumped whenever a message or service changes incompatibly; checked at registration.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The generated messages, clients and servers of package `lumen.v1`.
+pub mod v1 {
+    tonic::include_proto!("lumen.v1");
+}

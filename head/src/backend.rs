@@ -1,0 +1,62 @@
+//! The one seam between the HTTP layer and the cluster: the OpenAI API asks a [`Backend`] for
+//! models and for a stream of generation events; the cluster implements it by routing to a
+//! replica over gRPC, and tests can put a fake behind it.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use lumen_proto::v1 as pb;
+
+/// A model the head can route to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelCard {
+    /// The name clients send in `model`.
+    pub id: String,
+    pub max_model_len: u32,
+    /// Unix seconds when it became available.
+    pub created: u64,
+    pub owned_by: String,
+}
+
+/// Why the backend could not serve a request; the HTTP layer maps each to a status code.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    /// 404: no deployment serves this model name.
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    /// 503: the model exists but no replica is live.
+    #[error("no live replica serves `{0}` right now")]
+    NoReplica(String),
+    /// 429: every replica's queue is full.
+    #[error("the server is overloaded: {0}")]
+    Overloaded(String),
+    /// 400: the replica rejected the request; `param` names the offending parameter if known.
+    #[error("{message}")]
+    InvalidRequest { message: String, param: Option<String> },
+    /// 503: the replica failed or went away.
+    #[error("the replica is unavailable: {0}")]
+    Unavailable(String),
+    /// 500: anything else.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Generation events of one request; dropping the stream aborts the request on its replica.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, BackendError>> + Send>>;
+
+/// What the OpenAI API needs from the cluster.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Every model currently deployed (served or not).
+    fn models(&self) -> Vec<ModelCard>;
+
+    /// Whether at least one replica can take requests (`/health`).
+    fn ready(&self) -> bool;
+
+    /// Routes `request` (its `replica_id` left empty) to a replica of `model` and streams its events.
+    async fn generate(&self, model: &str, request: pb::GenerateRequest) -> Result<EventStream, BackendError>;
+
+    async fn tokenize(&self, model: &str, request: pb::TokenizeRequest) -> Result<pb::TokenizeReply, BackendError>;
+
+    async fn detokenize(&self, model: &str, request: pb::DetokenizeRequest) -> Result<pb::DetokenizeReply, BackendError>;
+}
