@@ -5,3 +5,4 @@
 //! `cluster` (workers, replicas, routing; speaks `lumen-proto` gRPC).
 
 pub mod backend;
+pub mod config;
