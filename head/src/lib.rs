@@ -5,4 +5,5 @@
 //! `cluster` (workers, replicas, routing; speaks `lumen-proto` gRPC).
 
 pub mod backend;
+pub mod cluster;
 pub mod config;

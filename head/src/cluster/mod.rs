@@ -1,0 +1,177 @@
+//! The cluster: desired deployments, worker membership, the controller that places replicas, and
+//! the router that sends requests to them. [`Cluster`] implements [`crate::backend::Backend`].
+//!
+//! ```text
+//! set_deployments ──▶ State (one mutex) ◀── Head service (Register, Heartbeat streams)
+//!                       │      ▲
+//!        run_controller ┘      └ router: pick a replica (power of two choices) ──▶ Worker gRPC
+//!   (StartReplica / StopReplica)
+//! ```
+//!
+//! Invariants:
+//! - All cluster state lives in one [`registry::State`] behind one `std::sync::Mutex`; the lock is
+//!   never held across an `.await`, so every gRPC call is made after the lock is released.
+//! - A replica is routable only while it is `Running`, its deployment exists, and its worker is
+//!   alive (registered and heard from within [`MISSED_HEARTBEATS`] heartbeat intervals).
+//! - Replica ids are `{deployment}-{8 hex digits}`, minted by the controller; a worker that
+//!   re-registers reports the replicas it hosts and the head adopts them by that id.
+//! - The head counts its own in-flight requests per replica with a guard that lives inside the
+//!   returned event stream, so a dropped stream both cancels the gRPC call and releases the count.
+
+mod controller;
+mod head_service;
+mod registry;
+mod replica_client;
+mod router;
+mod snapshot;
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+pub use head_service::serve_head;
+pub use registry::Deployment;
+pub use snapshot::{
+    ClusterSnapshot, DeploymentSnapshot, DeploymentStatus, ReplicaSnapshot, ReplicaState, WorkerSnapshot,
+};
+
+use registry::State;
+use replica_client::ClientPool;
+
+/// A worker silent for this many heartbeat intervals is marked dead.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// The head's cluster settings: membership, the controller's pace, replica start/stop timeouts.
+#[derive(Clone, Debug, PartialEq, clap::Args, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// How often workers send heartbeats, in milliseconds; a worker silent for 3 intervals is
+    /// marked dead and its replicas leave the routing set.
+    #[arg(long, env = "LUMEN_HEARTBEAT_INTERVAL_MS", default_value_t = 2000)]
+    pub heartbeat_interval_ms: u64,
+    /// Shared secret a worker must present to register; without one any worker may join.
+    #[arg(long, env = "LUMEN_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// How often the controller compares desired and live replicas, in milliseconds (it also
+    /// runs whenever a deployment or a worker changes).
+    #[arg(long, env = "LUMEN_RECONCILE_INTERVAL_MS", default_value_t = 1000)]
+    pub reconcile_interval_ms: u64,
+    /// How long a replica may take to load its model before the start counts as failed, in
+    /// seconds.
+    #[arg(long, env = "LUMEN_REPLICA_START_TIMEOUT_S", default_value_t = 1800)]
+    pub replica_start_timeout_s: u64,
+    /// How long a stopping replica may finish its requests before they are aborted, in
+    /// milliseconds.
+    #[arg(long, env = "LUMEN_REPLICA_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub replica_drain_timeout_ms: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 2000,
+            join_token: None,
+            reconcile_interval_ms: 1000,
+            replica_start_timeout_s: 1800,
+            replica_drain_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl ClusterSettings {
+    fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms.max(1))
+    }
+
+    /// Silence longer than this marks a worker dead.
+    fn heartbeat_deadline(&self) -> Duration {
+        self.heartbeat_interval() * MISSED_HEARTBEATS
+    }
+}
+
+/// Errors of the cluster layer itself (request-path errors are [`crate::backend::BackendError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("two deployments are named `{name}`")]
+    DuplicateDeployment { name: String },
+    #[error("deployments `{first}` and `{second}` both serve the model name `{model_name}`")]
+    DuplicateModelName { model_name: String, first: String, second: String },
+    #[error("deployment `{name}` is invalid: {reason}")]
+    InvalidDeployment { name: String, reason: String },
+    #[error("the head's gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// The head's view of the cluster; cheap to clone (all clones share one state).
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: ClusterSettings,
+    state: Mutex<State>,
+    /// Wakes the controller when deployments or membership change.
+    changed: Notify,
+    clients: ClientPool,
+}
+
+impl Cluster {
+    pub fn new(settings: ClusterSettings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                state: Mutex::new(State::default()),
+                changed: Notify::new(),
+                clients: ClientPool::default(),
+            }),
+        }
+    }
+
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.inner.settings
+    }
+
+    /// Replaces the desired deployments (declarative: deployments absent from `deployments` are
+    /// removed and their replicas stopped by the controller). Names and served model names must
+    /// be unique; on error nothing changes.
+    pub fn set_deployments(&self, deployments: Vec<Deployment>) -> Result<(), ClusterError> {
+        registry::validate_deployments(&deployments)?;
+        self.state().set_deployments(deployments);
+        self.wake_controller();
+        Ok(())
+    }
+
+    /// The desired deployments, in the order they were set.
+    pub fn deployments(&self) -> Vec<Deployment> {
+        self.state().deployments().map(|d| d.spec.clone()).collect()
+    }
+
+    /// A consistent, read-only picture of workers, deployments and replicas.
+    pub fn snapshot(&self) -> ClusterSnapshot {
+        let settings = &self.inner.settings;
+        snapshot::build(&self.state(), settings.heartbeat_deadline())
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State half-updated in a way that matters
+        // more than losing the whole head would, so keep serving.
+        self.inner.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wake_controller(&self) {
+        self.inner.changed.notify_one();
+    }
+}
+
+/// A short random hex string (replica ids, power-of-two-choices draws), from std's randomly keyed
+/// SipHash: no RNG dependency, different on every call.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.finish()
+}

@@ -1,0 +1,439 @@
+//! The cluster's state: desired deployments, registered workers, and the replicas they host.
+//!
+//! Pure bookkeeping, no I/O: the head service, the controller and the router mutate it under the
+//! cluster's one lock and do their gRPC calls after releasing it.
+//!
+//! Invariants:
+//! - Deployment names and served model names are unique (checked by [`validate_deployments`]).
+//! - Every replica entry names a worker present in `workers` (dead workers stay listed).
+//! - A replica's `deployment` may name a deployment that no longer exists (an orphan); the
+//!   controller stops orphans, but only after deployments were set at least once, so a restarted
+//!   head does not stop replicas that workers report before the serve config is loaded.
+//! - A CUDA worker hosts at most one replica per device; a CPU worker hosts any number.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lumen_proto::v1 as pb;
+
+use super::ClusterError;
+
+/// One desired deployment: a model and how many replicas serve it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deployment {
+    /// Unique; replica ids start with it.
+    pub name: String,
+    /// The served model name clients send in `model`.
+    pub model_name: String,
+    /// The serve config's `model:` section as JSON, sent verbatim in `StartReplica`.
+    pub engine_options_json: String,
+    pub num_replicas: u32,
+    /// Requests the head keeps in flight on one replica at most (0 = no limit).
+    pub max_ongoing_requests: u32,
+}
+
+/// Checks what [`super::Cluster::set_deployments`] promises: unique names and model names.
+pub(super) fn validate_deployments(deployments: &[Deployment]) -> Result<(), ClusterError> {
+    let mut names = BTreeMap::new();
+    let mut models: BTreeMap<&str, &str> = BTreeMap::new();
+    for d in deployments {
+        let invalid = |reason: &str| ClusterError::InvalidDeployment { name: d.name.clone(), reason: reason.into() };
+        if d.name.is_empty() {
+            return Err(invalid("the name is empty"));
+        }
+        if d.model_name.is_empty() {
+            return Err(invalid("the served model name is empty"));
+        }
+        if names.insert(d.name.as_str(), ()).is_some() {
+            return Err(ClusterError::DuplicateDeployment { name: d.name.clone() });
+        }
+        if let Some(first) = models.insert(&d.model_name, &d.name) {
+            return Err(ClusterError::DuplicateModelName {
+                model_name: d.model_name.clone(),
+                first: first.to_owned(),
+                second: d.name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A deployment with what the controller learnt about it.
+#[derive(Debug)]
+pub(super) struct DeploymentEntry {
+    pub spec: Deployment,
+    pub created_unix_s: u64,
+    /// Why the deployment is not fully running, for status APIs; cleared by a successful start.
+    pub message: Option<String>,
+    /// Consecutive failed starts, for the retry backoff.
+    pub failures: u32,
+    pub retry_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub(super) struct WorkerEntry {
+    pub id: String,
+    pub address: String,
+    pub resources: pb::Resources,
+    pub lumen_version: String,
+    pub registered_unix_ms: u64,
+    pub last_seen: Instant,
+    /// False once the worker missed its heartbeats; set again when it registers or heartbeats.
+    pub alive: bool,
+}
+
+impl WorkerEntry {
+    pub fn is_live(&self, now: Instant, deadline: Duration) -> bool {
+        self.alive && now.saturating_duration_since(self.last_seen) <= deadline
+    }
+
+    /// How many replicas fit: one per device on CUDA, unbounded on the CPU.
+    pub fn capacity(&self) -> Option<usize> {
+        if self.resources.device_kind.eq_ignore_ascii_case("cuda") {
+            Some(self.resources.device_count.max(1) as usize)
+        } else {
+            None
+        }
+    }
+}
+
+/// Where a replica is in its life, as the head sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// `StartReplica` is in flight.
+    Starting,
+    Running,
+    /// `StopReplica` is in flight; no longer routable.
+    Stopping,
+    /// The worker reported it failed; the controller removes it.
+    Failed,
+}
+
+#[derive(Debug)]
+pub(super) struct ReplicaEntry {
+    pub id: String,
+    pub deployment: String,
+    pub worker_id: String,
+    pub phase: Phase,
+    pub info: Option<pb::ReplicaInfo>,
+    pub stats: Option<pb::ReplicaStats>,
+    pub message: Option<String>,
+    /// Requests the head has in flight on this replica (see `router::InFlight`).
+    pub in_flight: Arc<AtomicU32>,
+}
+
+impl ReplicaEntry {
+    pub fn new(id: String, deployment: String, worker_id: String, phase: Phase) -> Self {
+        Self {
+            id,
+            deployment,
+            worker_id,
+            phase,
+            info: None,
+            stats: None,
+            message: None,
+            in_flight: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    /// Head-side in-flight requests plus the replica's last reported running and waiting.
+    pub fn load(&self) -> u64 {
+        let reported = self.stats.as_ref().map_or(0, |s| u64::from(s.running) + u64::from(s.waiting));
+        u64::from(self.in_flight.load(Ordering::Relaxed)) + reported
+    }
+}
+
+/// A heartbeat named a worker that is not registered (e.g. the head restarted).
+#[derive(Debug)]
+pub(super) struct UnknownWorker;
+
+#[derive(Debug, Default)]
+pub(super) struct State {
+    deployments: Vec<DeploymentEntry>,
+    pub workers: BTreeMap<String, WorkerEntry>,
+    pub replicas: BTreeMap<String, ReplicaEntry>,
+    /// Whether `set_deployments` was called yet (see the module invariants).
+    pub deployments_set: bool,
+}
+
+impl State {
+    pub fn set_deployments(&mut self, specs: Vec<Deployment>) {
+        let mut old: BTreeMap<String, DeploymentEntry> =
+            self.deployments.drain(..).map(|d| (d.spec.name.clone(), d)).collect();
+        self.deployments = specs
+            .into_iter()
+            .map(|spec| match old.remove(&spec.name) {
+                Some(mut entry) => {
+                    if entry.spec != spec {
+                        entry.failures = 0;
+                        entry.retry_at = None;
+                    }
+                    entry.spec = spec;
+                    entry
+                }
+                None => DeploymentEntry {
+                    spec,
+                    created_unix_s: unix_ms() / 1000,
+                    message: None,
+                    failures: 0,
+                    retry_at: None,
+                },
+            })
+            .collect();
+        self.deployments_set = true;
+    }
+
+    pub fn deployments(&self) -> impl Iterator<Item = &DeploymentEntry> {
+        self.deployments.iter()
+    }
+
+    pub fn deployment(&self, name: &str) -> Option<&DeploymentEntry> {
+        self.deployments.iter().find(|d| d.spec.name == name)
+    }
+
+    pub fn deployment_mut(&mut self, name: &str) -> Option<&mut DeploymentEntry> {
+        self.deployments.iter_mut().find(|d| d.spec.name == name)
+    }
+
+    pub fn deployment_for_model(&self, model_name: &str) -> Option<&DeploymentEntry> {
+        self.deployments.iter().find(|d| d.spec.model_name == model_name)
+    }
+
+    /// Records a (re-)registration. The worker's report is the truth about what it hosts: reported
+    /// replicas are adopted (a restarted head keeps serving them without a new `StartReplica`),
+    /// and replicas the head believed it hosted are forgotten unless their start is still in
+    /// flight. Returns whether the worker was already known.
+    pub fn register_worker(&mut self, req: &pb::RegisterRequest, now: Instant) -> bool {
+        let known = self.workers.contains_key(&req.worker_id);
+        self.workers.insert(
+            req.worker_id.clone(),
+            WorkerEntry {
+                id: req.worker_id.clone(),
+                address: req.address.clone(),
+                resources: req.resources.clone().unwrap_or_default(),
+                lumen_version: req.lumen_version.clone(),
+                registered_unix_ms: unix_ms(),
+                last_seen: now,
+                alive: true,
+            },
+        );
+        let reported: BTreeMap<&str, &pb::ReplicaInfo> =
+            req.replicas.iter().map(|r| (r.replica_id.as_str(), r)).collect();
+        self.replicas.retain(|id, r| {
+            r.worker_id != req.worker_id || r.phase == Phase::Starting || reported.contains_key(id.as_str())
+        });
+        for info in req.replicas.iter().filter(|r| !r.replica_id.is_empty()) {
+            self.adopt_replica(&req.worker_id, info);
+        }
+        known
+    }
+
+    fn adopt_replica(&mut self, worker_id: &str, info: &pb::ReplicaInfo) {
+        let phase = match pb::ReplicaState::try_from(info.state) {
+            Ok(pb::ReplicaState::Starting) => Phase::Starting,
+            Ok(pb::ReplicaState::Stopping) => Phase::Stopping,
+            Ok(pb::ReplicaState::Failed) => Phase::Failed,
+            _ => Phase::Running,
+        };
+        let deployment = self.owning_deployment(info);
+        let entry = self
+            .replicas
+            .entry(info.replica_id.clone())
+            .or_insert_with(|| ReplicaEntry::new(info.replica_id.clone(), deployment, worker_id.to_owned(), phase));
+        entry.worker_id = worker_id.to_owned();
+        entry.phase = phase;
+        entry.message = (!info.message.is_empty()).then(|| info.message.clone());
+        entry.info = Some(info.clone());
+    }
+
+    /// The deployment a reported replica belongs to: by its id's `{deployment}-` prefix, else by
+    /// its served model name, else the id's prefix (an orphan the controller will stop).
+    fn owning_deployment(&self, info: &pb::ReplicaInfo) -> String {
+        let prefix = info.replica_id.rsplit_once('-').map_or(info.replica_id.as_str(), |(p, _)| p);
+        if self.deployment(prefix).is_some() {
+            return prefix.to_owned();
+        }
+        match self.deployment_for_model(&info.model_name) {
+            Some(d) => d.spec.name.clone(),
+            None => prefix.to_owned(),
+        }
+    }
+
+    /// Applies one heartbeat: the worker is alive and its replicas' stats are current. Returns
+    /// whether a replica newly reported failure (the controller should act).
+    pub fn record_heartbeat(&mut self, hb: &pb::WorkerHeartbeat, now: Instant) -> Result<bool, UnknownWorker> {
+        let worker = self.workers.get_mut(&hb.worker_id).ok_or(UnknownWorker)?;
+        worker.last_seen = now;
+        worker.alive = true;
+        let mut failed = false;
+        for stats in &hb.replicas {
+            let Some(replica) = self.replicas.get_mut(&stats.replica_id) else { continue };
+            if replica.worker_id != hb.worker_id {
+                continue;
+            }
+            if stats.state == pb::ReplicaState::Failed as i32 && replica.phase != Phase::Failed {
+                replica.phase = Phase::Failed;
+                replica.message = Some(format!("worker `{}` reported the replica failed", hb.worker_id));
+                failed = true;
+            }
+            replica.stats = Some(stats.clone());
+        }
+        Ok(failed)
+    }
+
+    /// Marks workers silent for longer than `deadline` dead; returns their ids.
+    pub fn mark_silent_workers_dead(&mut self, now: Instant, deadline: Duration) -> Vec<String> {
+        let mut dead = Vec::new();
+        for worker in self.workers.values_mut() {
+            if worker.alive && !worker.is_live(now, deadline) {
+                worker.alive = false;
+                dead.push(worker.id.clone());
+            }
+        }
+        dead
+    }
+
+    pub fn worker_is_live(&self, worker_id: &str, now: Instant, deadline: Duration) -> bool {
+        self.workers.get(worker_id).is_some_and(|w| w.is_live(now, deadline))
+    }
+
+    /// Replicas of `deployment` that are starting or running on a live worker.
+    pub fn live_replicas<'a>(
+        &'a self,
+        deployment: &'a str,
+        now: Instant,
+        deadline: Duration,
+    ) -> impl Iterator<Item = &'a ReplicaEntry> + 'a {
+        self.replicas.values().filter(move |r| {
+            r.deployment == deployment
+                && matches!(r.phase, Phase::Starting | Phase::Running)
+                && self.worker_is_live(&r.worker_id, now, deadline)
+        })
+    }
+
+    /// Replicas of `deployment` that can take a request now.
+    pub fn routable_replicas<'a>(
+        &'a self,
+        deployment: &'a str,
+        now: Instant,
+        deadline: Duration,
+    ) -> impl Iterator<Item = &'a ReplicaEntry> + 'a {
+        self.live_replicas(deployment, now, deadline).filter(|r| r.phase == Phase::Running)
+    }
+
+    /// The live worker with room for one more replica of `deployment`: fewest replicas of that
+    /// deployment first (spread), then fewest replicas overall.
+    pub fn choose_worker(&self, deployment: &str, now: Instant, deadline: Duration) -> Option<String> {
+        self.workers
+            .values()
+            .filter(|w| w.is_live(now, deadline))
+            .filter_map(|w| {
+                let hosted: Vec<&ReplicaEntry> =
+                    self.replicas.values().filter(|r| r.worker_id == w.id && r.phase != Phase::Failed).collect();
+                let fits = w.capacity().is_none_or(|cap| hosted.len() < cap);
+                let same = hosted.iter().filter(|r| r.deployment == deployment).count();
+                fits.then_some(((same, hosted.len()), &w.id))
+            })
+            .min()
+            .map(|(_, id)| id.clone())
+    }
+}
+
+pub(super) fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(3);
+
+    fn deployment(name: &str, model: &str) -> Deployment {
+        Deployment {
+            name: name.into(),
+            model_name: model.into(),
+            engine_options_json: "{}".into(),
+            num_replicas: 1,
+            max_ongoing_requests: 0,
+        }
+    }
+
+    fn register(state: &mut State, id: &str, kind: &str, devices: u32, replicas: Vec<pb::ReplicaInfo>) {
+        let req = pb::RegisterRequest {
+            worker_id: id.into(),
+            address: format!("http://{id}"),
+            resources: Some(pb::Resources { device_kind: kind.into(), device_count: devices, ..Default::default() }),
+            replicas,
+            ..Default::default()
+        };
+        state.register_worker(&req, Instant::now());
+    }
+
+    fn running(id: &str, model: &str) -> pb::ReplicaInfo {
+        pb::ReplicaInfo {
+            replica_id: id.into(),
+            model_name: model.into(),
+            state: pb::ReplicaState::Running as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rejects_duplicate_names_and_model_names() {
+        let dup_name = [deployment("a", "m1"), deployment("a", "m2")];
+        assert!(matches!(validate_deployments(&dup_name), Err(ClusterError::DuplicateDeployment { .. })));
+        let dup_model = [deployment("a", "m"), deployment("b", "m")];
+        assert!(matches!(validate_deployments(&dup_model), Err(ClusterError::DuplicateModelName { .. })));
+        assert!(validate_deployments(&[deployment("a", "m1"), deployment("b", "m2")]).is_ok());
+    }
+
+    #[test]
+    fn cuda_worker_hosts_one_replica_per_device_and_cpu_worker_many() {
+        let mut state = State::default();
+        register(&mut state, "gpu", "cuda", 1, vec![running("llm-1", "m")]);
+        assert_eq!(state.choose_worker("llm", Instant::now(), DEADLINE), None);
+        register(&mut state, "cpu", "cpu", 0, vec![running("llm-2", "m"), running("llm-3", "m")]);
+        assert_eq!(state.choose_worker("llm", Instant::now(), DEADLINE).as_deref(), Some("cpu"));
+    }
+
+    #[test]
+    fn placement_spreads_a_deployment_across_workers() {
+        let mut state = State::default();
+        state.set_deployments(vec![deployment("llm", "m"), deployment("other", "o")]);
+        register(&mut state, "a", "cpu", 0, vec![running("llm-1", "m")]);
+        register(&mut state, "b", "cpu", 0, vec![running("other-1", "o"), running("other-2", "o")]);
+        assert_eq!(state.choose_worker("llm", Instant::now(), DEADLINE).as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn re_registration_adopts_reported_replicas_and_forgets_vanished_ones() {
+        let mut state = State::default();
+        state.set_deployments(vec![deployment("llm", "m")]);
+        register(&mut state, "w", "cpu", 0, vec![running("llm-aaaa", "m"), running("llm-bbbb", "m")]);
+        register(&mut state, "w", "cpu", 0, vec![running("llm-bbbb", "m"), running("x9-cccc", "m")]);
+        let ids: Vec<(&str, &str)> = state.replicas.values().map(|r| (r.id.as_str(), r.deployment.as_str())).collect();
+        // "x9-cccc" has no deployment `x9` but serves `m`, so it belongs to `llm`.
+        assert_eq!(ids, [("llm-bbbb", "llm"), ("x9-cccc", "llm")]);
+    }
+
+    #[test]
+    fn silent_worker_is_marked_dead_and_revived_by_a_heartbeat() {
+        let mut state = State::default();
+        register(&mut state, "w", "cpu", 0, vec![]);
+        let later = Instant::now() + DEADLINE + Duration::from_millis(1);
+        assert_eq!(state.mark_silent_workers_dead(later, DEADLINE), ["w"]);
+        assert!(!state.worker_is_live("w", later, DEADLINE));
+        let hb = pb::WorkerHeartbeat { worker_id: "w".into(), ..Default::default() };
+        assert!(state.record_heartbeat(&hb, later).is_ok());
+        assert!(state.worker_is_live("w", later, DEADLINE));
+    }
+
+    #[test]
+    fn heartbeat_from_unknown_worker_is_refused() {
+        let hb = pb::WorkerHeartbeat { worker_id: "nobody".into(), ..Default::default() };
+        assert!(State::default().record_heartbeat(&hb, Instant::now()).is_err());
+    }
+}

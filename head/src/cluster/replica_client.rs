@@ -1,0 +1,104 @@
+//! gRPC clients to workers, one cached channel per worker, and the mapping of gRPC status codes
+//! to [`BackendError`] (the only place that mapping lives).
+//!
+//! Channels connect lazily on first use and reconnect by themselves; a worker that re-registers
+//! at a new address gets a new channel. Connection failures surface as `UNAVAILABLE` statuses.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use lumen_proto::v1 as pb;
+use pb::worker_client::WorkerClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::backend::BackendError;
+
+/// Response metadata key in which a worker names the request parameter it rejected.
+pub const PARAM_METADATA_KEY: &str = "lumen-param";
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+
+/// Cached channels by worker id.
+#[derive(Default)]
+pub(super) struct ClientPool {
+    channels: Mutex<HashMap<String, (String, Channel)>>,
+}
+
+impl ClientPool {
+    /// A client for `worker_id` at `address`, reusing the cached channel when the address is the
+    /// same. Fails only when the address is not a valid URI.
+    pub fn client(&self, worker_id: &str, address: &str) -> Result<WorkerClient<Channel>, tonic::transport::Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((cached_address, channel)) = channels.get(worker_id)
+            && cached_address == address
+        {
+            return Ok(WorkerClient::new(channel.clone()));
+        }
+        let channel = endpoint(address)?.connect_lazy();
+        channels.insert(worker_id.to_owned(), (address.to_owned(), channel.clone()));
+        Ok(WorkerClient::new(channel))
+    }
+}
+
+/// The endpoint for a worker's advertised address (`host:port` or a full `http://` URI).
+pub(super) fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
+    let uri = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_while_idle(true))
+}
+
+/// What a worker's gRPC status means to the API layer.
+pub fn status_to_error(status: &tonic::Status) -> BackendError {
+    let message = status.message().to_owned();
+    match status.code() {
+        tonic::Code::InvalidArgument => BackendError::InvalidRequest {
+            message,
+            param: status
+                .metadata()
+                .get(PARAM_METADATA_KEY)
+                .and_then(|v| v.to_str().ok())
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned),
+        },
+        tonic::Code::ResourceExhausted => BackendError::Overloaded(message),
+        tonic::Code::NotFound | tonic::Code::Unavailable => BackendError::Unavailable(message),
+        _ => BackendError::Internal(format!("{:?}: {message}", status.code())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_carries_the_param_from_metadata() {
+        let mut status = tonic::Status::invalid_argument("top_p must be in (0, 1]");
+        status.metadata_mut().insert(PARAM_METADATA_KEY, tonic::metadata::MetadataValue::from_static("top_p"));
+        assert_eq!(
+            status_to_error(&status),
+            BackendError::InvalidRequest { message: "top_p must be in (0, 1]".into(), param: Some("top_p".into()) }
+        );
+    }
+
+    #[test]
+    fn codes_map_to_their_backend_errors() {
+        assert!(matches!(status_to_error(&tonic::Status::resource_exhausted("full")), BackendError::Overloaded(_)));
+        assert!(matches!(status_to_error(&tonic::Status::not_found("gone")), BackendError::Unavailable(_)));
+        assert!(matches!(status_to_error(&tonic::Status::unavailable("down")), BackendError::Unavailable(_)));
+        assert!(matches!(status_to_error(&tonic::Status::internal("bug")), BackendError::Internal(_)));
+    }
+
+    #[test]
+    fn bare_host_port_addresses_get_an_http_scheme() {
+        assert_eq!(
+            endpoint("127.0.0.1:7000").map(|e| e.uri().to_string()).ok().as_deref(),
+            Some("http://127.0.0.1:7000/")
+        );
+        assert!(endpoint("http://[::1").is_err());
+    }
+}

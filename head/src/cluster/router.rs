@@ -1,0 +1,305 @@
+//! The router: [`Backend`] for [`Cluster`]. Picks a replica of the requested model by power of
+//! two choices on load and forwards the request to its worker over gRPC.
+//!
+//! Contract:
+//! - Load of a replica = requests the head has in flight on it + the running and waiting
+//!   requests it last reported. Of two distinct random routable replicas, the less loaded wins.
+//! - A replica with `max_ongoing_requests` head-side requests in flight takes no more; when every
+//!   replica is full the request is refused as `Overloaded`.
+//! - A call that fails before its first event is retried once on another replica (not when the
+//!   replica rejected the request as invalid: another would too). After the first event, failures
+//!   become an `Err` item and end the stream, as does a stream that ends without `finished`.
+//! - Dropping the returned stream drops the gRPC call, which cancels it on the worker.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::stream;
+use lumen_proto::v1 as pb;
+use pb::worker_client::WorkerClient;
+use tonic::transport::Channel;
+
+use super::registry::ReplicaEntry;
+use super::replica_client::status_to_error;
+use super::{Cluster, random_u64};
+use crate::backend::{Backend, BackendError, EventStream, ModelCard};
+
+/// Timeout of the unary calls (`Tokenize`, `Detokenize`).
+const UNARY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A chosen replica and how to reach it.
+struct Pick {
+    replica_id: String,
+    worker_id: String,
+    address: String,
+    in_flight: Arc<AtomicU32>,
+}
+
+/// Counts one head-side request on a replica for as long as it lives.
+struct InFlight(Arc<AtomicU32>);
+
+impl InFlight {
+    fn new(counter: Arc<AtomicU32>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Index of the less loaded of two distinct entries of `loads` drawn from `random`.
+fn power_of_two_choices(loads: &[u64], random: u64) -> usize {
+    let n = loads.len();
+    if n < 2 {
+        return 0;
+    }
+    let first = (random % n as u64) as usize;
+    let mut second = ((random >> 32) % (n as u64 - 1)) as usize;
+    if second >= first {
+        second += 1;
+    }
+    if loads[second] < loads[first] { second } else { first }
+}
+
+fn retryable(error: &BackendError) -> bool {
+    !matches!(error, BackendError::InvalidRequest { .. })
+}
+
+impl Cluster {
+    /// Chooses a routable replica of `model`, skipping the replicas in `exclude`.
+    fn pick(&self, model: &str, exclude: &[String]) -> Result<Pick, BackendError> {
+        let state = self.state();
+        let deployment = state.deployment_for_model(model).ok_or_else(|| BackendError::ModelNotFound(model.into()))?;
+        let cap = deployment.spec.max_ongoing_requests;
+        let deadline = self.settings().heartbeat_deadline();
+        let routable: Vec<&ReplicaEntry> = state
+            .routable_replicas(&deployment.spec.name, Instant::now(), deadline)
+            .filter(|r| !exclude.contains(&r.id))
+            .collect();
+        if routable.is_empty() {
+            return Err(BackendError::NoReplica(model.into()));
+        }
+        let open: Vec<&ReplicaEntry> =
+            routable.into_iter().filter(|r| cap == 0 || r.in_flight.load(Ordering::Relaxed) < cap).collect();
+        let loads: Vec<u64> = open.iter().map(|r| r.load()).collect();
+        let chosen = open.get(power_of_two_choices(&loads, random_u64())).ok_or_else(|| {
+            BackendError::Overloaded(format!("every replica of `{model}` has {cap} requests in flight"))
+        })?;
+        let address = state.workers.get(&chosen.worker_id).map(|w| w.address.clone()).unwrap_or_default();
+        Ok(Pick {
+            replica_id: chosen.id.clone(),
+            worker_id: chosen.worker_id.clone(),
+            address,
+            in_flight: chosen.in_flight.clone(),
+        })
+    }
+
+    fn client(&self, pick: &Pick) -> Result<WorkerClient<Channel>, BackendError> {
+        self.inner
+            .clients
+            .client(&pick.worker_id, &pick.address)
+            .map_err(|e| BackendError::Unavailable(format!("worker `{}` has an unusable address: {e}", pick.worker_id)))
+    }
+
+    /// Starts `request` on `pick` and waits for its first event.
+    async fn open_stream(&self, pick: Pick, mut request: pb::GenerateRequest) -> Result<EventStream, BackendError> {
+        let guard = InFlight::new(pick.in_flight.clone());
+        request.replica_id = pick.replica_id.clone();
+        let mut client = self.client(&pick)?;
+        let mut events = client.generate(request).await.map_err(|s| status_to_error(&s))?.into_inner();
+        let first = match events.message().await {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                return Err(BackendError::Unavailable(format!(
+                    "replica `{}` ended the request before any event",
+                    pick.replica_id
+                )));
+            }
+            Err(status) => return Err(status_to_error(&status)),
+        };
+        Ok(forward_events(first, events, guard, pick.replica_id))
+    }
+
+    /// Runs a unary call on a replica of `model`, retrying once on another replica.
+    async fn unary<T, F, Fut>(&self, model: &str, call: F) -> Result<T, BackendError>
+    where
+        F: Fn(WorkerClient<Channel>, String) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut tried = Vec::new();
+        let mut last_error = None;
+        for _ in 0..2 {
+            let pick = match self.pick(model, &tried) {
+                Ok(pick) => pick,
+                Err(e) => return Err(last_error.unwrap_or(e)),
+            };
+            tried.push(pick.replica_id.clone());
+            let result = match tokio::time::timeout(UNARY_TIMEOUT, call(self.client(&pick)?, pick.replica_id)).await {
+                Ok(result) => result.map(tonic::Response::into_inner).map_err(|s| status_to_error(&s)),
+                Err(_) => Err(BackendError::Unavailable(format!("no answer within {UNARY_TIMEOUT:?}"))),
+            };
+            match result {
+                Err(e) if retryable(&e) => last_error = Some(e),
+                other => return other,
+            }
+        }
+        Err(last_error.unwrap_or_else(|| BackendError::NoReplica(model.into())))
+    }
+}
+
+/// Where a forwarded stream stands.
+struct Forward {
+    first: Option<pb::GenerateEvent>,
+    events: tonic::Streaming<pb::GenerateEvent>,
+    replica_id: String,
+    done: bool,
+    _in_flight: InFlight,
+}
+
+/// The stream handed to the API layer: `first`, then the rest of `events`, ending after
+/// `finished` or with one `Err` item.
+fn forward_events(
+    first: pb::GenerateEvent,
+    events: tonic::Streaming<pb::GenerateEvent>,
+    in_flight: InFlight,
+    replica_id: String,
+) -> EventStream {
+    let state = Forward { first: Some(first), events, replica_id, done: false, _in_flight: in_flight };
+    Box::pin(stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let item = match s.first.take() {
+            Some(event) => Ok(event),
+            None => match s.events.message().await {
+                Ok(Some(event)) => Ok(event),
+                Ok(None) => Err(BackendError::Unavailable(format!(
+                    "replica `{}` ended the stream before the request finished",
+                    s.replica_id
+                ))),
+                Err(status) => Err(status_to_error(&status)),
+            },
+        };
+        s.done = match &item {
+            Ok(event) => matches!(event.event, Some(pb::generate_event::Event::Finished(_))),
+            Err(_) => true,
+        };
+        Some((item, s))
+    }))
+}
+
+#[async_trait::async_trait]
+impl Backend for Cluster {
+    fn models(&self) -> Vec<ModelCard> {
+        let state = self.state();
+        let now = Instant::now();
+        let deadline = self.settings().heartbeat_deadline();
+        state
+            .deployments()
+            .map(|d| ModelCard {
+                id: d.spec.model_name.clone(),
+                max_model_len: state
+                    .routable_replicas(&d.spec.name, now, deadline)
+                    .filter_map(|r| r.info.as_ref().map(|i| i.max_model_len))
+                    .max()
+                    .unwrap_or(0),
+                created: d.created_unix_s,
+                owned_by: "lumen".into(),
+            })
+            .collect()
+    }
+
+    fn ready(&self) -> bool {
+        let state = self.state();
+        let now = Instant::now();
+        let deadline = self.settings().heartbeat_deadline();
+        state.deployments().any(|d| state.routable_replicas(&d.spec.name, now, deadline).next().is_some())
+    }
+
+    async fn generate(&self, model: &str, request: pb::GenerateRequest) -> Result<EventStream, BackendError> {
+        let mut tried = Vec::new();
+        let mut last_error = None;
+        for _ in 0..2 {
+            let pick = match self.pick(model, &tried) {
+                Ok(pick) => pick,
+                Err(e) => return Err(last_error.unwrap_or(e)),
+            };
+            let replica_id = pick.replica_id.clone();
+            tried.push(replica_id.clone());
+            match self.open_stream(pick, request.clone()).await {
+                Err(e) if retryable(&e) => {
+                    tracing::warn!(request_id = %request.request_id, replica = %replica_id, error = %e,
+                        "generate failed before its first event");
+                    last_error = Some(e);
+                }
+                other => return other,
+            }
+        }
+        Err(last_error.unwrap_or_else(|| BackendError::NoReplica(model.into())))
+    }
+
+    async fn tokenize(&self, model: &str, request: pb::TokenizeRequest) -> Result<pb::TokenizeReply, BackendError> {
+        self.unary(model, |mut client, replica_id| {
+            let request = pb::TokenizeRequest { replica_id, ..request.clone() };
+            async move { client.tokenize(request).await }
+        })
+        .await
+    }
+
+    async fn detokenize(
+        &self,
+        model: &str,
+        request: pb::DetokenizeRequest,
+    ) -> Result<pb::DetokenizeReply, BackendError> {
+        self.unary(model, |mut client, replica_id| {
+            let request = pb::DetokenizeRequest { replica_id, ..request.clone() };
+            async move { client.detokenize(request).await }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn power_of_two_choices_takes_the_less_loaded_of_the_two_drawn() {
+        for random in [0u64, 1, 7, 1 << 32, (3 << 32) + 1, u64::MAX] {
+            assert_eq!(power_of_two_choices(&[5, 1], random), 1);
+            assert_eq!(power_of_two_choices(&[0, 9], random), 0);
+        }
+    }
+
+    #[test]
+    fn power_of_two_choices_draws_two_distinct_replicas() {
+        // Loads are all equal except the one drawn second, so a draw of the same index twice
+        // would return `first` even though `second` is less loaded.
+        for random in 0..64u64 {
+            let random = random | (random << 32);
+            let first = (random % 3) as usize;
+            let mut loads = vec![5u64; 3];
+            for (i, load) in loads.iter_mut().enumerate() {
+                if i != first {
+                    *load = 1;
+                }
+            }
+            assert_ne!(power_of_two_choices(&loads, random), first);
+        }
+    }
+
+    #[test]
+    fn in_flight_guard_counts_while_alive() {
+        let counter = Arc::new(AtomicU32::new(0));
+        let guard = InFlight::new(counter.clone());
+        assert_eq!(counter.load(Ordering::Relaxed), 1);
+        drop(guard);
+        assert_eq!(counter.load(Ordering::Relaxed), 0);
+    }
+}
