@@ -29,6 +29,9 @@ pub enum WorkerError {
     #[error("engine: {0}")]
     Engine(String),
 
+    #[error("the engine's queue is full ({capacity} commands waiting)")]
+    QueueFull { capacity: usize },
+
     #[error("the engine has stopped")]
     EngineStopped,
 

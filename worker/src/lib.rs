@@ -12,6 +12,7 @@ pub mod kv_cache;
 pub mod model;
 pub mod sampling;
 pub mod scheduler;
+pub mod service;
 pub mod tokenizer;
 
 /// A token id in the model's vocabulary.

@@ -93,7 +93,7 @@ fn submit(me: &ActorRef<EngineMessage>, state: &ActorState, req: EngineRequest) 
     let id = req.id.clone();
     match state.commands.try_send(Command::Add(req, tx)) {
         Ok(()) => Ok(RequestStream { id, rx, engine: Some(me.clone()), done: false }),
-        Err(TrySendError::Full(_)) => Err(WorkerError::Engine("the engine's queue is full".into())),
+        Err(TrySendError::Full(_)) => Err(WorkerError::QueueFull { capacity: COMMAND_QUEUE_CAPACITY }),
         Err(TrySendError::Disconnected(_)) => Err(WorkerError::EngineStopped),
     }
 }

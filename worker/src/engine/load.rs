@@ -21,7 +21,10 @@ use crate::{Result, WorkerError};
 pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
     let started = Instant::now();
     let location = resolve_model(&opts.model, opts.load_format)?;
-    let (config, tokenizer, source) = open_model(&location, opts)?;
+    let (config, mut tokenizer, source) = open_model(&location, opts)?;
+    if let Some(template) = &opts.chat_template {
+        tokenizer = tokenizer.with_chat_template(read_chat_template(template)?)?;
+    }
     let max_model_len = opts.max_model_len.unwrap_or(config.max_position_embeddings);
     if max_model_len == 0 {
         return Err(WorkerError::invalid("max_model_len", "must be at least 1"));
@@ -66,6 +69,18 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
     };
     tracing::info!(model = %opts.model, max_model_len, num_blocks, seconds = started.elapsed().as_secs_f32(), "engine ready");
     Ok(EngineCore::new(Box::new(model), tokenizer, &core_cfg))
+}
+
+/// `--chat-template`: a file's contents when it names a file (or looks like a path), else the
+/// template itself.
+fn read_chat_template(arg: &str) -> Result<String> {
+    let path = Path::new(arg);
+    let looks_like_path = !arg.contains("{{") && !arg.contains("{%");
+    if path.is_file() || looks_like_path {
+        return std::fs::read_to_string(path)
+            .map_err(|e| WorkerError::model_file(path, format!("cannot read the chat template: {e}")));
+    }
+    Ok(arg.to_string())
 }
 
 /// Config, tokenizer and weights of a located model.

@@ -1,7 +1,7 @@
 //! Engine options: one struct that is both the `lumen serve`/`lumen worker` flags (every flag
 //! also an environment variable) and the `model:` section of a serve config, with the same names.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::cpu_weights::CpuWeightFormat;
 use crate::model::location::LoadFormat;
@@ -11,7 +11,7 @@ use crate::model::location::LoadFormat;
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// How to load the model and run the engine.
-#[derive(Clone, Debug, clap::Args, Deserialize, PartialEq)]
+#[derive(Clone, Debug, clap::Args, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct EngineOptions {
     /// The model: a `.gguf` file, a Hugging Face model directory, or a hub id
@@ -65,6 +65,10 @@ pub struct EngineOptions {
     /// Seed of the random weights of `--load-format dummy`.
     #[arg(long, env = "LUMEN_DUMMY_SEED", default_value_t = 0)]
     pub dummy_seed: u64,
+
+    /// A chat template replacing the model's: a file path, or the Jinja template itself.
+    #[arg(long, env = "LUMEN_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
 }
 
 /// Defaults shared by the flags and the config file.
@@ -90,6 +94,7 @@ impl Default for EngineOptions {
             threads: None,
             cpu_weight_format: CpuWeightFormat::Auto,
             dummy_seed: 0,
+            chat_template: None,
         }
     }
 }
@@ -140,6 +145,13 @@ mod tests {
         let cfg: EngineOptions = serde_json::from_str(r#"{"max_num_seqs": 8, "kv_cache_memory": "512MiB", "enable_prefix_caching": false, "load_format": "dummy"}"#).unwrap();
         assert_eq!(cli, cfg);
         assert_eq!(cli.kv_cache_memory.as_u64(), 512 << 20);
+    }
+
+    #[test]
+    fn options_survive_a_json_round_trip() {
+        let opts = EngineOptions { max_num_seqs: 3, kv_cache_memory: "3MiB".parse().unwrap(), ..Default::default() };
+        let back: EngineOptions = serde_json::from_str(&serde_json::to_string(&opts).unwrap()).unwrap();
+        assert_eq!(back, opts);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::kernels::cpu::quant::{QK, quantize_q8_0};
 use crate::{Result, WorkerError};
 
 /// How weights are stored for the CPU kernels.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CpuWeightFormat {
     /// Q4_0 / Q4_1 / Q8_0 stay as they are; other GGML types become Q8_0; floats become f32.

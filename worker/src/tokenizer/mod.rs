@@ -218,6 +218,12 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The vocabulary entry of `id` as stored (e.g. `Ġhello` in byte-level BPE), as
+    /// `convert_ids_to_tokens` gives it; `None` for an unknown id.
+    pub fn id_to_token(&self, id: TokenId) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// Tokenizes `text`; see the module docs for what `add_special_tokens` does.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenId>> {
         let encoding = self.inner.encode_fast(text, false).map_err(tokenizer_err)?;

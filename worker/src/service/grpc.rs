@@ -1,0 +1,222 @@
+//! The tonic `Worker` service over a [`WorkerNode`], and [`serve_worker`] to run it.
+//!
+//! Contracts of `Generate`: the response stream yields `Started` (prompt token count, plus the
+//! prompt's ids and text with `return_prompt`), one `Delta` per engine delta, then `Finished`
+//! with usage and timings; an engine failure ends it with an INTERNAL status carrying the
+//! engine's message. The stream owns the engine's `RequestStream` directly (no forwarding task),
+//! so when tonic drops it — the caller cancelled or went away — the request is aborted at once.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use lumen_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+use super::ServiceError;
+use super::convert::{self, EncodedPrompt, PromptRef, wire_u32};
+use super::node::{InFlight, WorkerNode};
+use crate::engine::{EngineEvent, EngineRequest, RequestStream};
+use crate::tokenizer::Tokenizer;
+
+/// HTTP/2 keepalive pings, so a vanished head is noticed on idle connections.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+
+/// The `Worker` gRPC service.
+#[derive(Clone)]
+pub struct WorkerService {
+    node: WorkerNode,
+}
+
+impl WorkerService {
+    pub fn new(node: WorkerNode) -> WorkerService {
+        WorkerService { node }
+    }
+
+    /// The service wrapped for a tonic server.
+    pub fn into_server(self) -> pb::worker_server::WorkerServer<WorkerService> {
+        pb::worker_server::WorkerServer::new(self)
+    }
+}
+
+/// Serves the `Worker` service on an already-bound listener until `shutdown` resolves, then
+/// finishes in-flight calls and returns.
+pub async fn serve_worker(
+    listener: TcpListener,
+    node: WorkerNode,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServiceError> {
+    let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(%address, worker_id = node.worker_id(), "worker gRPC service listening");
+    // Without TCP_NODELAY each streamed token could wait for a delayed ACK.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .add_service(WorkerService::new(node).into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Tokenizes off the async runtime: long prompts and chat templates take real CPU time.
+async fn encode_blocking(
+    tokenizer: &Tokenizer,
+    prompt: impl FnOnce(&Tokenizer) -> Result<EncodedPrompt, ServiceError> + Send + 'static,
+) -> Result<EncodedPrompt, ServiceError> {
+    let tokenizer = tokenizer.clone();
+    tokio::task::spawn_blocking(move || prompt(&tokenizer))
+        .await
+        .map_err(|e| ServiceError::Internal(format!("tokenizing panicked: {e}")))?
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
+
+/// Where a response stream is: the `Started` event still to send, engine events, or done.
+enum Phase {
+    Start(pb::GenerateEvent, RequestStream),
+    Streaming(RequestStream),
+    Done,
+}
+
+/// The response stream of one request; dropping it drops (and so aborts) the engine request.
+/// `in_flight` is held until the stream ends or is dropped.
+fn event_stream(started: pb::GenerateEvent, request: RequestStream, in_flight: InFlight) -> EventStream {
+    Box::pin(futures::stream::unfold((Phase::Start(started, request), in_flight), |(phase, in_flight)| async move {
+        let next = match phase {
+            Phase::Start(started, request) => Some((Ok(started), Phase::Streaming(request))),
+            Phase::Streaming(mut request) => match request.recv().await? {
+                EngineEvent::Delta(d) => Some((Ok(convert::delta_event(d)), Phase::Streaming(request))),
+                EngineEvent::Finished { usage, timings } => {
+                    Some((Ok(convert::finished_event(usage, timings)), Phase::Done))
+                }
+                EngineEvent::Failed(message) => {
+                    tracing::warn!(request_id = request.id(), %message, "request failed in the engine");
+                    Some((Err(Status::internal(message)), Phase::Done))
+                }
+            },
+            Phase::Done => None,
+        };
+        next.map(|(item, phase)| (item, (phase, in_flight)))
+    }))
+}
+
+impl WorkerService {
+    async fn start_generate(&self, req: pb::GenerateRequest) -> Result<EventStream, ServiceError> {
+        let replica = self.node.replica(&req.replica_id)?;
+        let in_flight = replica.track_request();
+        let handle = replica.handle().clone();
+        let Some(prompt) = req.prompt else {
+            return Err(ServiceError::invalid("prompt", "a prompt (chat, text or token ids) is required"));
+        };
+        let param = PromptRef::from(&prompt).param();
+        let want_text = req.return_prompt;
+        let encoded =
+            encode_blocking(handle.tokenizer(), move |tok| convert::encode_prompt(tok, (&prompt).into(), want_text))
+                .await?;
+        let limits = handle.limits();
+        let prompt_tokens = encoded.token_ids.len();
+        convert::check_prompt_fits(prompt_tokens, limits, param)?;
+        let mut engine_req = EngineRequest::new(
+            req.request_id.clone(),
+            encoded.token_ids.clone(),
+            convert::sampling_params(req.sampling.as_ref()),
+            convert::stop_params(req.stop.as_ref(), prompt_tokens, limits),
+        );
+        engine_req.n = if req.n == 0 { 1 } else { req.n as usize };
+        engine_req.skip_special_tokens = req.skip_special_tokens;
+        let stream = handle.generate(engine_req).await?;
+        tracing::debug!(request_id = %req.request_id, replica_id = %req.replica_id, prompt_tokens, "request queued");
+        let started = convert::started_event(prompt_tokens, want_text.then_some(encoded));
+        Ok(event_stream(started, stream, in_flight))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    async fn start_replica(
+        &self,
+        request: Request<pb::StartReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaInfo>, Status> {
+        let req = request.into_inner();
+        let info = self.node.start_replica_json(&req.replica_id, &req.engine_options_json).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn stop_replica(
+        &self,
+        request: Request<pb::StopReplicaRequest>,
+    ) -> Result<Response<pb::StopReplicaReply>, Status> {
+        let req = request.into_inner();
+        let drain = Duration::from_millis(u64::from(req.drain_timeout_ms));
+        // The stop completes even if the caller gives up waiting.
+        let node = self.node.clone();
+        tokio::spawn(async move { node.stop_replica(&req.replica_id, drain).await })
+            .await
+            .map_err(|e| Status::internal(format!("stopping the replica panicked: {e}")))??;
+        Ok(Response::new(pb::StopReplicaReply {}))
+    }
+
+    type GenerateStream = EventStream;
+
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<EventStream>, Status> {
+        Ok(Response::new(self.start_generate(request.into_inner()).await?))
+    }
+
+    async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortReply>, Status> {
+        let req = request.into_inner();
+        self.node.replica(&req.replica_id)?.handle().abort(&req.request_id);
+        Ok(Response::new(pb::AbortReply {}))
+    }
+
+    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeReply>, Status> {
+        let req = request.into_inner();
+        let replica = self.node.replica(&req.replica_id)?;
+        let tokenizer = replica.handle().tokenizer();
+        let Some(input) = req.input else {
+            return Err(ServiceError::invalid("prompt", "text or chat messages are required").into());
+        };
+        let encoded =
+            encode_blocking(tokenizer, move |tok| convert::encode_prompt(tok, (&input).into(), false)).await?;
+        let token_strs = if req.return_token_strs {
+            encoded.token_ids.iter().map(|&id| tokenizer.id_to_token(id).unwrap_or_default()).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::TokenizeReply {
+            count: wire_u32(encoded.token_ids.len()),
+            token_ids: encoded.token_ids,
+            max_model_len: wire_u32(replica.handle().limits().max_model_len),
+            token_strs,
+        }))
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeReply>, Status> {
+        let req = request.into_inner();
+        let replica = self.node.replica(&req.replica_id)?;
+        let tokenizer = replica.handle().tokenizer();
+        let vocab = tokenizer.vocab_size();
+        if let Some(bad) = req.token_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ServiceError::invalid(
+                "tokens",
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            )
+            .into());
+        }
+        let text = tokenizer.decode(&req.token_ids, false).map_err(ServiceError::from)?;
+        Ok(Response::new(pb::DetokenizeReply { text }))
+    }
+
+    async fn stats(&self, _request: Request<pb::StatsRequest>) -> Result<Response<pb::WorkerStats>, Status> {
+        Ok(Response::new(pb::WorkerStats {
+            worker_id: self.node.worker_id().to_string(),
+            replicas: self.node.stats().await,
+        }))
+    }
+}
