@@ -58,5 +58,9 @@ pub trait Backend: Send + Sync + 'static {
 
     async fn tokenize(&self, model: &str, request: pb::TokenizeRequest) -> Result<pb::TokenizeReply, BackendError>;
 
-    async fn detokenize(&self, model: &str, request: pb::DetokenizeRequest) -> Result<pb::DetokenizeReply, BackendError>;
+    async fn detokenize(
+        &self,
+        model: &str,
+        request: pb::DetokenizeRequest,
+    ) -> Result<pb::DetokenizeReply, BackendError>;
 }

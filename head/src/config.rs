@@ -149,9 +149,14 @@ impl ServeConfig {
                 if d.name.is_empty() || !names.insert(&d.name) {
                     return Err(ConfigError(format!("{at}: deployment names must be unique and non-empty")));
                 }
-                let source = d.model_source().ok_or_else(|| ConfigError(format!("{at}.model: `source` (or `model`) is required")))?;
+                let source = d
+                    .model_source()
+                    .ok_or_else(|| ConfigError(format!("{at}.model: `source` (or `model`) is required")))?;
                 if !served.insert(d.served_model_name().unwrap_or(source).to_string()) {
-                    return Err(ConfigError(format!("{at}: served model name `{}` is used twice", d.served_model_name().unwrap_or(source))));
+                    return Err(ConfigError(format!(
+                        "{at}: served model name `{}` is used twice",
+                        d.served_model_name().unwrap_or(source)
+                    )));
                 }
                 if let Some(NumReplicas::Auto(s)) = &d.num_replicas
                     && s != "auto"
@@ -270,7 +275,8 @@ applications:
         assert!(ServeConfig::from_yaml(no_source).unwrap_err().0.contains("applications.a.deployments.d.model"));
         let bounds = "applications: [{name: a, deployments: [{name: d, model: {source: m}, autoscaling_config: {min_replicas: 3, max_replicas: 2}}]}]";
         assert!(ServeConfig::from_yaml(bounds).unwrap_err().0.contains("min_replicas"));
-        let same_name = "applications: [{name: a, deployments: [{name: d, model: {source: m}}, {name: e, model: {source: m}}]}]";
+        let same_name =
+            "applications: [{name: a, deployments: [{name: d, model: {source: m}}, {name: e, model: {source: m}}]}]";
         assert!(ServeConfig::from_yaml(same_name).unwrap_err().0.contains("used twice"));
         assert!(ServeConfig::from_yaml("applications: 5").is_err());
     }

@@ -4,6 +4,8 @@
 //! Layering: `api` (HTTP, OpenAI shapes; knows nothing of gRPC) -> [`backend::Backend`] ->
 //! `cluster` (workers, replicas, routing; speaks `lumen-proto` gRPC).
 
+pub mod api;
 pub mod backend;
 pub mod cluster;
 pub mod config;
+pub mod control;

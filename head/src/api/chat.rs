@@ -1,0 +1,301 @@
+//! `POST /v1/chat/completions`, as vLLM serves it.
+//!
+//! Messages go to the replica as JSON (it applies the model's chat template); content-part arrays
+//! are flattened to their text parts joined by newlines, and any other part type is refused.
+//! With a reasoning parser configured for the model, the output is split into
+//! `reasoning_content` and `content` ([`super::reasoning`]).
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use lumen_proto::v1 as pb;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tracing::Instrument;
+
+use super::body::{JsonObject, typed};
+use super::dispatch::{self, Collected, Meta, Step, Usage, finish_reason, finish_reason_str, stop_reason_json};
+use super::errors::ApiError;
+use super::metrics::labelled;
+use super::params::{CommonParams, RouteDefaults, int_in, logprob_count};
+use super::reasoning::{ReasoningParserKind, ReasoningSplitter, Split};
+use super::stream::{self, ChunkWriter};
+use super::{ApiState, logprobs, request_id, sse, unix_now};
+
+/// The fields only chat accepts.
+#[derive(Debug, Default, Deserialize)]
+struct ChatFields {
+    messages: Option<Vec<Map<String, Value>>>,
+    max_completion_tokens: Option<i64>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
+    add_generation_prompt: Option<bool>,
+    chat_template_kwargs: Option<Map<String, Value>>,
+}
+
+/// The handler.
+pub async fn handle(State(state): State<ApiState>, JsonObject(body): JsonObject) -> Response {
+    let requested = body.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
+    labelled(&requested, run(state, body).await)
+}
+
+async fn run(state: ApiState, body: Map<String, Value>) -> Result<Response, ApiError> {
+    let mut common: CommonParams = typed(&body)?;
+    let fields: ChatFields = typed(&body)?;
+    let card = state.resolve_model(common.model.as_deref())?;
+    let messages = fields.messages.as_ref().ok_or_else(|| ApiError::param("messages", "messages is required"))?;
+    let prompt =
+        chat_prompt(messages, fields.add_generation_prompt.unwrap_or(true), fields.chat_template_kwargs.as_ref())?;
+    if let Some(v) = fields.max_completion_tokens {
+        common.max_tokens = Some(int_in("max_completion_tokens", v, 1, u32::MAX as i64)?);
+    }
+    let top = match fields.top_logprobs {
+        Some(k) => logprob_count("top_logprobs", k)?,
+        None => 0,
+    };
+    let want_logprobs = fields.logprobs.unwrap_or(false);
+    if top > 0 && !want_logprobs {
+        return Err(ApiError::param("top_logprobs", "top_logprobs requires logprobs to be true"));
+    }
+    let generation = common.validate(RouteDefaults { max_tokens: 0, logprobs: want_logprobs.then_some(top) })?;
+
+    let id = request_id("chatcmpl");
+    let span = tracing::info_span!("chat_completion", request_id = %id, model = %card.id);
+    let request = pb::GenerateRequest {
+        replica_id: String::new(),
+        request_id: id.clone(),
+        prompt: Some(pb::generate_request::Prompt::Chat(prompt)),
+        sampling: Some(generation.sampling),
+        stop: Some(generation.stop),
+        n: generation.n,
+        skip_special_tokens: generation.skip_special_tokens,
+        return_prompt: false,
+    };
+    let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
+    let launch =
+        stream::launch(&state, card.id.clone(), vec![request], generation.n, ticket).instrument(span.clone()).await?;
+    let meta = |object| Meta { id: id.clone(), object, created: unix_now(), model: card.id.clone() };
+    let parser = state.model_options(&card.id).reasoning_parser;
+    if generation.stream {
+        let writer = ChatChunks::new(meta("chat.completion.chunk"), generation.n as usize, parser);
+        return Ok(stream::respond(launch, writer, generation.include_usage, state.config.keep_alive, span));
+    }
+    let collected = async { dispatch::collect(launch.running().await?).await }.instrument(span).await?;
+    Ok(Json(completion_body(&meta("chat.completion"), collected, parser, want_logprobs)).into_response())
+}
+
+/// The replica's chat prompt: messages with text-only content, as JSON.
+pub fn chat_prompt(
+    messages: &[Map<String, Value>],
+    add_generation_prompt: bool,
+    template_kwargs: Option<&Map<String, Value>>,
+) -> Result<pb::ChatPrompt, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::param("messages", "messages must hold at least one message"));
+    }
+    let normalized =
+        messages.iter().enumerate().map(|(i, m)| normalize_message(i, m)).collect::<Result<Vec<_>, _>>()?;
+    Ok(pb::ChatPrompt {
+        messages_json: Value::Array(normalized).to_string(),
+        add_generation_prompt,
+        template_kwargs_json: template_kwargs.map(|k| Value::Object(k.clone()).to_string()).unwrap_or_default(),
+    })
+}
+
+fn normalize_message(i: usize, message: &Map<String, Value>) -> Result<Value, ApiError> {
+    match message.get("role") {
+        Some(Value::String(_)) => {}
+        Some(_) => return Err(ApiError::param(format!("messages[{i}].role"), "role must be a string")),
+        None => return Err(ApiError::param(format!("messages[{i}].role"), "every message needs a role")),
+    }
+    let mut out = message.clone();
+    let content = match message.get("content") {
+        None | Some(Value::Null) => Value::Null,
+        Some(Value::String(s)) => Value::String(s.clone()),
+        Some(Value::Array(parts)) => Value::String(text_of_parts(i, parts)?),
+        Some(_) => {
+            return Err(ApiError::param(
+                format!("messages[{i}].content"),
+                "content must be a string or a list of content parts",
+            ));
+        }
+    };
+    out.insert("content".into(), content);
+    Ok(Value::Object(out))
+}
+
+fn text_of_parts(i: usize, parts: &[Value]) -> Result<String, ApiError> {
+    let mut texts = Vec::with_capacity(parts.len());
+    for (j, part) in parts.iter().enumerate() {
+        let param = format!("messages[{i}].content[{j}]");
+        let kind = part.get("type").and_then(Value::as_str);
+        match (kind, part.get("text")) {
+            (Some("text"), Some(Value::String(text))) => texts.push(text.as_str()),
+            (Some("text"), _) => return Err(ApiError::param(param, "a text part needs a string `text`")),
+            (Some(other), _) => {
+                return Err(ApiError::param(
+                    param,
+                    format!("content parts of type `{other}` are not supported; only `text` parts are"),
+                ));
+            }
+            (None, _) => return Err(ApiError::param(param, "every content part needs a `type`")),
+        }
+    }
+    Ok(texts.join("\n"))
+}
+
+fn completion_body(meta: &Meta, collected: Collected, parser: Option<ReasoningParserKind>, logprobs: bool) -> Value {
+    let choices: Vec<Value> = collected
+        .choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, choice)| {
+            let message = match parser {
+                Some(kind) => {
+                    let split = ReasoningSplitter::split_all(kind, &choice.text);
+                    let non_empty = |s: String| if s.is_empty() { Value::Null } else { Value::String(s) };
+                    json!({"role": "assistant", "reasoning_content": non_empty(split.reasoning),
+                           "content": non_empty(split.content), "tool_calls": []})
+                }
+                None => json!({"role": "assistant", "content": choice.text, "tool_calls": []}),
+            };
+            json!({
+                "index": index,
+                "message": message,
+                "logprobs": if logprobs { logprobs::chat(&choice.logprobs) } else { Value::Null },
+                "finish_reason": choice.finish_reason.map(finish_reason_str),
+                "stop_reason": stop_reason_json(&choice.stop_reason),
+            })
+        })
+        .collect();
+    meta.object(Value::Array(choices), Some(collected.usage))
+}
+
+/// Writes `chat.completion.chunk`s.
+struct ChatChunks {
+    meta: Meta,
+    choices: usize,
+    splitters: Vec<Option<ReasoningSplitter>>,
+}
+
+impl ChatChunks {
+    fn new(meta: Meta, choices: usize, parser: Option<ReasoningParserKind>) -> Self {
+        ChatChunks { meta, choices, splitters: (0..choices).map(|_| parser.map(ReasoningSplitter::new)).collect() }
+    }
+
+    fn chunk(&self, choices: Value, usage: Option<Usage>) -> Bytes {
+        sse::data(&self.meta.object(choices, usage))
+    }
+
+    /// The delta's text as `content` / `reasoning_content`, flushing the parser at the end.
+    fn split(&mut self, index: usize, text: &str, last: bool) -> Split {
+        match self.splitters.get_mut(index).and_then(Option::as_mut) {
+            None => Split { reasoning: String::new(), content: text.to_string() },
+            Some(parser) => {
+                let mut split = parser.push(text);
+                if last {
+                    let tail = parser.finish();
+                    split.reasoning.push_str(&tail.reasoning);
+                    split.content.push_str(&tail.content);
+                }
+                split
+            }
+        }
+    }
+}
+
+impl ChunkWriter for ChatChunks {
+    fn started(&mut self) -> Vec<Bytes> {
+        (0..self.choices)
+            .map(|index| {
+                self.chunk(
+                    json!([{"index": index, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": null, "finish_reason": null}]),
+                    None,
+                )
+            })
+            .collect()
+    }
+
+    fn step(&mut self, step: Step) -> Vec<Bytes> {
+        let Step::Delta { index, delta } = step else { return Vec::new() };
+        let finish = finish_reason(&delta);
+        let split = self.split(index, &delta.text, finish.is_some());
+        let mut out = Map::new();
+        if !split.reasoning.is_empty() {
+            out.insert("reasoning_content".into(), Value::String(split.reasoning));
+        }
+        if !split.content.is_empty() {
+            out.insert("content".into(), Value::String(split.content));
+        }
+        if out.is_empty() && delta.logprobs.is_empty() && finish.is_none() {
+            return Vec::new();
+        }
+        let mut choice = json!({
+            "index": index,
+            "delta": out,
+            "logprobs": if delta.logprobs.is_empty() { Value::Null } else { logprobs::chat(&delta.logprobs) },
+            "finish_reason": finish.map(finish_reason_str),
+        });
+        if finish.is_some() {
+            choice["stop_reason"] = stop_reason_json(&delta.stop_reason);
+        }
+        vec![self.chunk(json!([choice]), None)]
+    }
+
+    fn usage(&mut self, usage: Usage) -> Bytes {
+        self.chunk(json!([]), Some(usage))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(json: &str) -> Vec<Map<String, Value>> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn text_parts_are_joined_into_string_content() {
+        let m = messages(r#"[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]"#);
+        let prompt = chat_prompt(&m, true, None).unwrap();
+        let sent: Value = serde_json::from_str(&prompt.messages_json).unwrap();
+        assert_eq!(sent, json!([{"role": "user", "content": "a\nb"}]));
+        assert!(prompt.add_generation_prompt);
+        assert_eq!(prompt.template_kwargs_json, "");
+    }
+
+    #[test]
+    fn image_parts_are_refused_naming_the_part() {
+        let m = messages(r#"[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]"#);
+        match chat_prompt(&m, true, None) {
+            Err(ApiError::InvalidParam { param, message }) => {
+                assert_eq!(param, "messages[0].content[0]");
+                assert!(message.contains("image_url"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn messages_need_a_role_and_must_not_be_empty() {
+        assert!(
+            matches!(chat_prompt(&[], true, None), Err(ApiError::InvalidParam { param, .. }) if param == "messages")
+        );
+        let m = messages(r#"[{"content":"hi"}]"#);
+        assert!(
+            matches!(chat_prompt(&m, true, None), Err(ApiError::InvalidParam { param, .. }) if param == "messages[0].role")
+        );
+    }
+
+    #[test]
+    fn template_kwargs_travel_as_json() {
+        let m = messages(r#"[{"role":"user","content":"hi"}]"#);
+        let kwargs: Map<String, Value> = serde_json::from_str(r#"{"enable_thinking": false}"#).unwrap();
+        let prompt = chat_prompt(&m, false, Some(&kwargs)).unwrap();
+        assert_eq!(prompt.template_kwargs_json, r#"{"enable_thinking":false}"#);
+        assert!(!prompt.add_generation_prompt);
+    }
+}

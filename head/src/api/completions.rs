@@ -1,0 +1,263 @@
+//! `POST /v1/completions`, as vLLM serves it.
+//!
+//! `prompt` is a string, a list of strings, a list of token ids or a list of token-id lists. Each
+//! prompt is its own backend request with `n` choices; choice `i` of prompt `p` has index
+//! `p * n + i` in the response, as OpenAI numbers them. `echo` prepends the prompt's text.
+//! Log-probabilities use the legacy shape ([`super::logprobs::completion`]).
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use lumen_proto::v1 as pb;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tracing::Instrument;
+
+use super::body::{JsonObject, typed};
+use super::dispatch::{self, Collected, Meta, Step, Usage, finish_reason, finish_reason_str, stop_reason_json};
+use super::errors::ApiError;
+use super::metrics::labelled;
+use super::params::{CommonParams, RouteDefaults, logprob_count, token_ids};
+use super::stream::{self, ChunkWriter};
+use super::{ApiState, logprobs, request_id, sse, unix_now};
+
+/// vLLM's default `max_tokens` for completions (chat's default is the context length).
+pub const DEFAULT_MAX_TOKENS: u32 = 16;
+/// The most choices (prompts times `n`) one request may produce.
+pub const MAX_CHOICES: usize = 1024;
+
+#[derive(Debug, Default, Deserialize)]
+struct CompletionFields {
+    prompt: Option<Value>,
+    logprobs: Option<i64>,
+    echo: Option<bool>,
+    add_special_tokens: Option<bool>,
+    suffix: Option<String>,
+}
+
+/// The handler.
+pub async fn handle(State(state): State<ApiState>, JsonObject(body): JsonObject) -> Response {
+    let requested = body.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
+    labelled(&requested, run(state, body).await)
+}
+
+async fn run(state: ApiState, body: Map<String, Value>) -> Result<Response, ApiError> {
+    let common: CommonParams = typed(&body)?;
+    let fields: CompletionFields = typed(&body)?;
+    let card = state.resolve_model(common.model.as_deref())?;
+    let prompt = fields.prompt.as_ref().ok_or_else(|| ApiError::param("prompt", "prompt is required"))?;
+    let prompts = parse_prompts(prompt, fields.add_special_tokens.unwrap_or(true))?;
+    if fields.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::param("suffix", "suffix is not supported"));
+    }
+    let logprobs = fields.logprobs.map(|k| logprob_count("logprobs", k)).transpose()?;
+    let echo = fields.echo.unwrap_or(false);
+    if echo && logprobs.is_some() {
+        return Err(ApiError::param("echo", "echo together with logprobs (prompt log-probabilities) is not supported"));
+    }
+    let generation = common.validate(RouteDefaults { max_tokens: DEFAULT_MAX_TOKENS, logprobs })?;
+    let n = generation.n;
+    if prompts.len().saturating_mul(n as usize) > MAX_CHOICES {
+        return Err(ApiError::param("n", format!("prompts times n must not exceed {MAX_CHOICES}")));
+    }
+
+    let id = request_id("cmpl");
+    let span = tracing::info_span!("completion", request_id = %id, model = %card.id, prompts = prompts.len());
+    let requests: Vec<pb::GenerateRequest> = prompts
+        .into_iter()
+        .enumerate()
+        .map(|(p, prompt)| pb::GenerateRequest {
+            replica_id: String::new(),
+            request_id: if p == 0 { id.clone() } else { format!("{id}-{p}") },
+            prompt: Some(prompt),
+            sampling: Some(generation.sampling.clone()),
+            stop: Some(generation.stop.clone()),
+            n,
+            skip_special_tokens: generation.skip_special_tokens,
+            return_prompt: echo,
+        })
+        .collect();
+    let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
+    let launch = stream::launch(&state, card.id.clone(), requests, n, ticket).instrument(span.clone()).await?;
+    let meta = Meta { id, object: "text_completion", created: unix_now(), model: card.id.clone() };
+    let choices_per_prompt = n as usize;
+    if generation.stream {
+        let writer = CompletionChunks { meta, n: choices_per_prompt, echo, logprobs, offsets: Vec::new() };
+        return Ok(stream::respond(launch, writer, generation.include_usage, state.config.keep_alive, span));
+    }
+    let collected = async { dispatch::collect(launch.running().await?).await }.instrument(span).await?;
+    Ok(Json(completion_body(&meta, collected, choices_per_prompt, echo, logprobs)).into_response())
+}
+
+/// The prompts of a request, in the protocol's terms.
+fn parse_prompts(prompt: &Value, add_special_tokens: bool) -> Result<Vec<pb::generate_request::Prompt>, ApiError> {
+    let text =
+        |text: &str| pb::generate_request::Prompt::Text(pb::TextPrompt { text: text.to_string(), add_special_tokens });
+    let tokens = |ids: &[Value], param: &str| -> Result<pb::generate_request::Prompt, ApiError> {
+        let ids: Vec<i64> = ids
+            .iter()
+            .map(|v| v.as_i64().ok_or_else(|| ApiError::param(param, format!("token ids must be integers, found {v}"))))
+            .collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            return Err(ApiError::param(param, "a token prompt must not be empty"));
+        }
+        Ok(pb::generate_request::Prompt::Tokens(pb::TokenPrompt { token_ids: token_ids(param, &ids)? }))
+    };
+    let shape_error = || {
+        ApiError::param(
+            "prompt",
+            "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists",
+        )
+    };
+    match prompt {
+        Value::String(s) => Ok(vec![text(s)]),
+        Value::Array(items) if items.is_empty() => Err(ApiError::param("prompt", "prompt must not be empty")),
+        Value::Array(items) => match &items[0] {
+            Value::String(_) => items.iter().map(|v| v.as_str().map(text).ok_or_else(shape_error)).collect(),
+            Value::Number(_) => Ok(vec![tokens(items, "prompt")?]),
+            Value::Array(_) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Array(ids) => tokens(ids, "prompt"),
+                    _ => Err(shape_error()),
+                })
+                .collect(),
+            _ => Err(shape_error()),
+        },
+        _ => Err(shape_error()),
+    }
+}
+
+fn completion_body(meta: &Meta, collected: Collected, n: usize, echo: bool, k: Option<u32>) -> Value {
+    let choices: Vec<Value> = collected
+        .choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, choice)| {
+            let prompt_text = match collected.prompts.get(index / n.max(1)) {
+                Some(started) if echo => started.prompt_text.as_str(),
+                _ => "",
+            };
+            let logprobs = match k {
+                Some(k) => logprobs::completion(&choice.logprobs, k, prompt_text.chars().count()).0,
+                None => Value::Null,
+            };
+            json!({
+                "index": index,
+                "text": format!("{prompt_text}{}", choice.text),
+                "logprobs": logprobs,
+                "finish_reason": choice.finish_reason.map(finish_reason_str),
+                "stop_reason": stop_reason_json(&choice.stop_reason),
+            })
+        })
+        .collect();
+    meta.object(Value::Array(choices), Some(collected.usage))
+}
+
+/// Writes streamed `text_completion` chunks.
+struct CompletionChunks {
+    meta: Meta,
+    n: usize,
+    echo: bool,
+    logprobs: Option<u32>,
+    /// Per choice, the character offset where its next text starts (legacy `text_offset`).
+    offsets: Vec<usize>,
+}
+
+impl CompletionChunks {
+    fn chunk(&self, choices: Value, usage: Option<Usage>) -> Bytes {
+        sse::data(&self.meta.object(choices, usage))
+    }
+
+    fn offset(&mut self, index: usize) -> &mut usize {
+        if self.offsets.len() <= index {
+            self.offsets.resize(index + 1, 0);
+        }
+        &mut self.offsets[index]
+    }
+
+    /// With `echo`, each choice of the prompt starts with the prompt's text.
+    fn echo_prompt(&mut self, prompt: usize, started: &pb::Started) -> Vec<Bytes> {
+        if !self.echo || started.prompt_text.is_empty() {
+            return Vec::new();
+        }
+        let chars = started.prompt_text.chars().count();
+        (prompt * self.n..(prompt + 1) * self.n)
+            .map(|index| {
+                *self.offset(index) = chars;
+                self.chunk(
+                    json!([{"index": index, "text": started.prompt_text, "logprobs": null, "finish_reason": null}]),
+                    None,
+                )
+            })
+            .collect()
+    }
+}
+
+impl ChunkWriter for CompletionChunks {
+    fn started(&mut self) -> Vec<Bytes> {
+        Vec::new()
+    }
+
+    fn step(&mut self, step: Step) -> Vec<Bytes> {
+        let (index, delta) = match step {
+            Step::Started { prompt, started } => return self.echo_prompt(prompt, &started),
+            Step::Delta { index, delta } => (index, delta),
+        };
+        let finish = finish_reason(&delta);
+        if delta.text.is_empty() && delta.logprobs.is_empty() && finish.is_none() {
+            return Vec::new();
+        }
+        let logprobs = match self.logprobs {
+            Some(k) => {
+                let start = *self.offset(index);
+                let (shape, end) = logprobs::completion(&delta.logprobs, k, start);
+                *self.offset(index) = end;
+                shape
+            }
+            None => Value::Null,
+        };
+        let mut choice = json!({
+            "index": index,
+            "text": delta.text,
+            "logprobs": logprobs,
+            "finish_reason": finish.map(finish_reason_str),
+        });
+        if finish.is_some() {
+            choice["stop_reason"] = stop_reason_json(&delta.stop_reason);
+        }
+        vec![self.chunk(json!([choice]), None)]
+    }
+
+    fn usage(&mut self, usage: Usage) -> Bytes {
+        self.chunk(json!([]), Some(usage))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::generate_request::Prompt;
+
+    fn parse(json: &str) -> Result<Vec<Prompt>, ApiError> {
+        parse_prompts(&serde_json::from_str(json).unwrap(), true)
+    }
+
+    #[test]
+    fn every_prompt_shape_is_accepted() {
+        assert!(matches!(&parse(r#""hi""#).unwrap()[..], [Prompt::Text(t)] if t.text == "hi" && t.add_special_tokens));
+        assert_eq!(parse(r#"["a", "b"]"#).unwrap().len(), 2);
+        assert!(matches!(&parse("[1, 2, 3]").unwrap()[..], [Prompt::Tokens(t)] if t.token_ids == [1, 2, 3]));
+        assert!(
+            matches!(&parse("[[1], [2, 3]]").unwrap()[..], [Prompt::Tokens(_), Prompt::Tokens(b)] if b.token_ids == [2, 3])
+        );
+    }
+
+    #[test]
+    fn malformed_prompts_name_the_prompt() {
+        for bad in ["[]", "5", "null", r#"["a", 1]"#, "[1, -2]", "[1, 2.5]", "[[1], []]", r#"[[1], "a"]"#, "[true]"] {
+            assert!(matches!(parse(bad), Err(ApiError::InvalidParam { param, .. }) if param == "prompt"), "{bad}");
+        }
+    }
+}

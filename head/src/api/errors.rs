@@ -1,0 +1,166 @@
+//! Every way an API request can fail, and the one place where a failure becomes an HTTP status
+//! plus OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! Mid-stream failures cannot change the status any more; [`ApiError::body`] gives the same body
+//! for the SSE error event.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::backend::BackendError;
+
+/// Seconds a client is told to wait after a 429.
+pub const RETRY_AFTER_S: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the body is not JSON, or not a JSON object.
+    #[error("{message}")]
+    InvalidJson { message: String },
+    /// 400: a parameter has the wrong type, is out of range or is inconsistent with another.
+    #[error("{message}")]
+    InvalidParam { param: String, message: String },
+    /// 401: an API key is configured and the request did not present it.
+    #[error("invalid or missing API key (send `Authorization: Bearer <key>`)")]
+    Unauthorized,
+    /// 404: no deployment serves this model name.
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    /// 404: no route matches the path.
+    #[error("no route for {method} {path}")]
+    RouteNotFound { method: String, path: String },
+    /// 413: the body exceeds the configured limit.
+    #[error("the request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    /// 429: the model's admission queue is full, or the backend is overloaded.
+    #[error("{0}")]
+    Overloaded(String),
+    /// 503: the model exists but cannot serve right now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500: anything else.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 naming `param`.
+    pub fn param(param: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::InvalidParam { param: param.into(), message: message.into() }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidJson { .. } | ApiError::InvalidParam { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::InvalidJson { .. } | ApiError::InvalidParam { .. } | ApiError::BodyTooLarge { .. } => {
+                "invalid_request_error"
+            }
+            ApiError::Unauthorized => "authentication_error",
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => "not_found_error",
+            ApiError::Overloaded(_) => "rate_limit_error",
+            ApiError::Unavailable(_) => "service_unavailable_error",
+            ApiError::Internal(_) => "server_error",
+        }
+    }
+
+    fn param_name(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidParam { param, .. } => Some(param),
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Unauthorized => Some("invalid_api_key"),
+            ApiError::ModelNotFound(_) => Some("model_not_found"),
+            ApiError::Overloaded(_) => Some("queue_full"),
+            _ => None,
+        }
+    }
+
+    /// OpenAI's error object, as sent in the HTTP body and in an SSE error event.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.to_string(),
+            "type": self.kind(),
+            "param": self.param_name(),
+            "code": self.code(),
+        }})
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::ModelNotFound(model) => ApiError::ModelNotFound(model),
+            BackendError::InvalidRequest { message, param: Some(param) } => ApiError::InvalidParam { param, message },
+            BackendError::InvalidRequest { message, param: None } => ApiError::InvalidJson { message },
+            BackendError::Overloaded(_) => ApiError::Overloaded(e.to_string()),
+            BackendError::NoReplica(_) | BackendError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            BackendError::Internal(message) => ApiError::Internal(message),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_errors_map_to_openai_statuses() {
+        let cases = [
+            (BackendError::ModelNotFound("m".into()), 404),
+            (BackendError::NoReplica("m".into()), 503),
+            (BackendError::Unavailable("gone".into()), 503),
+            (BackendError::Overloaded("full".into()), 429),
+            (BackendError::InvalidRequest { message: "too long".into(), param: Some("max_tokens".into()) }, 400),
+            (BackendError::InvalidRequest { message: "bad".into(), param: None }, 400),
+            (BackendError::Internal("boom".into()), 500),
+        ];
+        for (backend, status) in cases {
+            assert_eq!(ApiError::from(backend.clone()).status().as_u16(), status, "{backend:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_request_from_backend_keeps_its_param() {
+        let e = ApiError::from(BackendError::InvalidRequest { message: "m".into(), param: Some("n".into()) });
+        assert_eq!(e.body()["error"]["param"], "n");
+        assert_eq!(e.body()["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn queue_full_answers_429_with_retry_after() {
+        let response = ApiError::Overloaded("queue full".into()).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    }
+}

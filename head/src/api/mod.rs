@@ -1,0 +1,160 @@
+//! The OpenAI-compatible HTTP API (port 8000), shaped exactly like vLLM's OpenAI server.
+//!
+//! Everything it knows of models goes through [`Backend`]; it knows nothing of gRPC, replicas or
+//! tensors. A request flows: auth (`/v1/*`) -> body limit -> JSON view ([`body`]) -> validation
+//! ([`params`]) -> admission (per model, [`admission`]) -> [`dispatch`] (backend streams) ->
+//! OpenAI JSON or SSE ([`sse`]); errors become HTTP only in [`errors::ApiError`]'s
+//! `IntoResponse`. Metrics are recorded by one middleware ([`metrics`]).
+
+pub mod admission;
+pub mod auth;
+pub mod body;
+pub mod chat;
+pub mod completions;
+pub mod dispatch;
+pub mod errors;
+pub mod logprobs;
+pub mod metrics;
+pub mod misc;
+pub mod params;
+pub mod reasoning;
+pub mod sse;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+
+use self::admission::{Admission, AdmissionLimits};
+use self::errors::ApiError;
+use self::metrics::ApiMetrics;
+use self::reasoning::ReasoningParserKind;
+use crate::backend::{Backend, ModelCard};
+
+/// Per-model API behaviour.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelApiOptions {
+    /// Splits the model's output into `reasoning_content` and `content`.
+    pub reasoning_parser: Option<ReasoningParserKind>,
+    /// Overrides [`ApiConfig::admission`] for this model.
+    pub admission: Option<AdmissionLimits>,
+}
+
+/// The API's configuration.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Accepted `Authorization: Bearer` keys for `/v1/*`; empty = no authentication.
+    pub api_keys: Vec<String>,
+    /// Larger request bodies are refused with 413.
+    pub max_body_bytes: usize,
+    /// Admission limits of models without their own.
+    pub admission: AdmissionLimits,
+    /// Per served model name; more can be set at run time with [`ApiState::set_model_options`].
+    pub models: HashMap<String, ModelApiOptions>,
+    /// Reported by `GET /version`.
+    pub version: String,
+    /// A `: keep-alive` SSE comment is sent when a stream was idle this long.
+    pub keep_alive: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            api_keys: Vec::new(),
+            max_body_bytes: 32 * 1024 * 1024,
+            admission: AdmissionLimits::default(),
+            models: HashMap::new(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            keep_alive: Duration::from_secs(15),
+        }
+    }
+}
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    pub backend: Arc<dyn Backend>,
+    pub config: Arc<ApiConfig>,
+    pub registry: prometheus::Registry,
+    models: Arc<RwLock<HashMap<String, ModelApiOptions>>>,
+    admission: Arc<Admission>,
+    metrics: ApiMetrics,
+}
+
+impl ApiState {
+    /// Registers the API's metrics into `registry` (which `GET /metrics` then serves whole).
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        config: ApiConfig,
+        registry: prometheus::Registry,
+    ) -> Result<Self, prometheus::Error> {
+        let metrics = ApiMetrics::register(&registry)?;
+        Ok(ApiState {
+            backend,
+            models: Arc::new(RwLock::new(config.models.clone())),
+            config: Arc::new(config),
+            registry,
+            admission: Arc::new(Admission::default()),
+            metrics,
+        })
+    }
+
+    /// Sets (or replaces) a model's options, e.g. when a deployment is (re)configured.
+    pub fn set_model_options(&self, model: &str, options: ModelApiOptions) {
+        self.models.write().unwrap_or_else(|p| p.into_inner()).insert(model.to_string(), options);
+    }
+
+    /// The options of `model` (defaults if none were set).
+    pub fn model_options(&self, model: &str) -> ModelApiOptions {
+        self.models.read().unwrap_or_else(|p| p.into_inner()).get(model).cloned().unwrap_or_default()
+    }
+
+    fn admission_limits(&self, model: &str) -> AdmissionLimits {
+        self.model_options(model).admission.unwrap_or(self.config.admission)
+    }
+
+    /// The card of the model a request names; without a name, the first model (as vLLM does).
+    pub fn resolve_model(&self, requested: Option<&str>) -> Result<ModelCard, ApiError> {
+        let models = self.backend.models();
+        match requested {
+            Some(name) => {
+                models.into_iter().find(|m| m.id == name).ok_or_else(|| ApiError::ModelNotFound(name.to_string()))
+            }
+            None => models.into_iter().next().ok_or_else(|| ApiError::Unavailable("no model is deployed".into())),
+        }
+    }
+}
+
+/// The API's routes (serve them on port 8000).
+pub fn router(state: ApiState) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/models", get(misc::models))
+        .route("/v1/chat/completions", post(chat::handle))
+        .route("/v1/completions", post(completions::handle))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
+        .route("/health", get(misc::health))
+        .route("/-/healthz", get(misc::healthz))
+        .route("/version", get(misc::version))
+        .route("/metrics", get(misc::metrics))
+        .route("/tokenize", post(misc::tokenize))
+        .route("/detokenize", post(misc::detokenize))
+        .fallback(misc::not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        .with_state(state)
+}
+
+/// A fresh request id: `prefix` and 32 hex digits (vLLM's `chatcmpl-...`, `cmpl-...`).
+pub(crate) fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+/// Unix seconds now.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
