@@ -2,3 +2,6 @@
 
 pub mod offline;
 pub mod report;
+pub mod serve;
+mod sse;
+mod workload;

@@ -59,6 +59,15 @@ pub struct Report {
     /// Time per output token after the first: `(e2e - ttft) / (output_tokens - 1)`.
     pub tpot_ms: Percentiles,
     pub itl_ms: Percentiles,
+    pub total_prompt_tokens: usize,
+    pub total_output_tokens: usize,
+    /// Requests that did not complete (HTTP error, broken stream); not part of any figure above.
+    pub failed: usize,
+    /// Why requests failed (status and body), the first few of `failed`.
+    pub failures: Vec<String>,
+    /// Offered load in requests/s (Poisson arrivals); `None` sends every request at once, as
+    /// many in flight as `concurrency` allows.
+    pub request_rate: Option<f64>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -98,6 +107,11 @@ impl Report {
             ttft_ms: Percentiles::of(records.iter().map(|r| ms(r.ttft)).collect()),
             tpot_ms: tpot,
             itl_ms: Percentiles::of(records.iter().flat_map(|r| r.itl.iter().map(|&d| ms(d))).collect()),
+            total_prompt_tokens: prompt,
+            total_output_tokens: output,
+            failed: 0,
+            failures: Vec::new(),
+            request_rate: None,
         }
     }
 
@@ -107,8 +121,16 @@ impl Report {
         let row = |t: &mut String, k: &str, v: String| t.push_str(&format!("{k:<36}{v:>14}\n"));
         t.push_str(&format!("============ {} (concurrency {}) ============\n", self.engine, self.concurrency));
         row(&mut t, "Successful requests:", self.num_prompts.to_string());
+        row(&mut t, "Failed requests:", self.failed.to_string());
+        let rate = self.request_rate.map_or_else(|| "inf".to_string(), |r| format!("{r:.2}"));
+        row(&mut t, "Offered request rate (req/s):", rate);
         row(&mut t, "Input / output tokens per request:", format!("{} / {}", self.input_len, self.output_len));
         row(&mut t, "Benchmark duration (s):", format!("{:.2}", self.duration_s));
+        row(
+            &mut t,
+            "Total prompt / output tokens:",
+            format!("{} / {}", self.total_prompt_tokens, self.total_output_tokens),
+        );
         row(&mut t, "Request throughput (req/s):", format!("{:.2}", self.request_throughput));
         row(&mut t, "Prompt throughput (tok/s):", format!("{:.1}", self.prompt_tokens_per_s));
         row(&mut t, "Output token throughput (tok/s):", format!("{:.1}", self.output_tokens_per_s));
