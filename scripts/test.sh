@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-model.sh
+./scripts/python-env.sh
 cargo test --release --workspace --all-targets "$@"

@@ -1,6 +1,7 @@
 //! `lumen`: the one command-line binary.
 
 mod bench;
+mod cli;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve a model: the head (OpenAI API on --port, dashboard on --dashboard-port) and one
+    /// in-process worker. With no flags, SmolLM2-135M-Instruct from models/ on the CPU.
+    Serve(Box<cli::ServeArgs>),
+    /// Run the head alone: registry, router, OpenAI API, control API; workers join it.
+    Head(Box<cli::HeadArgs>),
+    /// Run a worker that joins a head and hosts the replicas it places.
+    Worker(Box<cli::WorkerArgs>),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -26,6 +34,8 @@ enum Command {
 enum BenchCommand {
     /// Push fixed-length requests through the engine in-process and report throughput and latency.
     Offline(bench::offline::OfflineArgs),
+    /// Load an OpenAI-compatible server over HTTP (streamed requests, like `vllm bench serve`).
+    Serve(bench::serve::ServeArgs),
 }
 
 fn init_logging(format: &str) {
@@ -44,6 +54,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     match cli.command {
+        Command::Serve(args) => cli::serve::run(*args).await?,
+        Command::Head(args) => cli::head::run(*args).await?,
+        Command::Worker(args) => cli::worker::run(*args).await?,
         Command::Bench(BenchCommand::Offline(args)) => {
             let json = args.json.clone();
             let report = bench::offline::run(args).await?;
@@ -54,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
                 None => println!("{text}"),
             }
         }
+        Command::Bench(BenchCommand::Serve(args)) => bench::serve::main(args).await?,
     }
     Ok(())
 }

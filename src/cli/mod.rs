@@ -1,0 +1,109 @@
+//! The process roles: `lumen serve` (head + one in-process worker), `lumen head`, `lumen worker`.
+//! Every flag is also a `LUMEN_*` environment variable; `--help` lists them all.
+
+pub mod head;
+pub mod serve;
+pub mod shutdown;
+pub mod worker;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use lumen_head::cluster::ClusterSettings;
+use lumen_worker::engine::EngineOptions;
+
+/// The head's listeners, limits and cluster settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct HeadArgs {
+    /// Address the HTTP and gRPC servers bind to.
+    #[arg(long, env = "LUMEN_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    /// Port of the OpenAI-compatible API (0: any free port).
+    #[arg(long, env = "LUMEN_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Port of the dashboard and control API.
+    #[arg(long, env = "LUMEN_DASHBOARD_PORT", default_value_t = 8265)]
+    pub dashboard_port: u16,
+    /// Port where workers register (gRPC).
+    #[arg(long, env = "LUMEN_GRPC_PORT", default_value_t = 50051)]
+    pub grpc_port: u16,
+    /// API keys clients must send as `Authorization: Bearer KEY` on /v1/* (comma-separated);
+    /// none: no authentication.
+    #[arg(long = "api-key", env = "LUMEN_API_KEY", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// A serve config (Ray Serve's serveConfigV2 YAML): the applications to deploy at start.
+    #[arg(long, env = "LUMEN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Requests per model processed at once before queuing (a deployment's
+    /// `max_ongoing_requests` overrides it).
+    #[arg(long, env = "LUMEN_MAX_ONGOING_REQUESTS", default_value_t = 256)]
+    pub max_ongoing_requests: usize,
+    /// Requests per model waiting for a slot before the API answers 429.
+    #[arg(long, env = "LUMEN_MAX_QUEUED_REQUESTS", default_value_t = 1024)]
+    pub max_queued_requests: usize,
+    /// Largest accepted request body (413 beyond), e.g. `32MiB`.
+    #[arg(long, env = "LUMEN_MAX_BODY_SIZE", default_value = "32MiB")]
+    pub max_body_size: bytesize::ByteSize,
+    /// On SIGTERM or Ctrl-C, how long in-flight requests may take to finish, in seconds.
+    #[arg(long, env = "LUMEN_DRAIN_TIMEOUT_S", default_value_t = 30)]
+    pub drain_timeout_s: u64,
+    #[command(flatten)]
+    pub cluster: ClusterSettings,
+}
+
+/// A worker process: which head to join and where the head reaches it.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// The head's gRPC address, e.g. `http://lumen-head:50051`.
+    #[arg(long = "head", env = "HEAD_ADDRESS")]
+    pub head: String,
+    /// Address the worker's gRPC server binds to.
+    #[arg(long, env = "LUMEN_WORKER_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    /// Port of the worker's gRPC server (0: any free port).
+    #[arg(long, env = "LUMEN_WORKER_PORT", default_value_t = 50052)]
+    pub port: u16,
+    /// The URL the head dials to reach this worker; defaults to `http://<hostname>:<port>`.
+    #[arg(long, env = "LUMEN_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+    /// This worker's id in the cluster (default: hostname and process id).
+    #[arg(long, env = "LUMEN_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Shared secret presented to the head when registering.
+    #[arg(long, env = "LUMEN_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// On SIGTERM or Ctrl-C, how long replicas may finish their requests, in seconds.
+    #[arg(long, env = "LUMEN_DRAIN_TIMEOUT_S", default_value_t = 30)]
+    pub drain_timeout_s: u64,
+}
+
+/// `lumen serve`: the head plus one in-process worker serving `--model`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub head: HeadArgs,
+    #[command(flatten)]
+    pub engine: EngineOptions,
+    /// Split `<think>...</think>` into `reasoning_content` for the `--model` deployment
+    /// (`deepseek_r1`).
+    #[arg(long, env = "LUMEN_REASONING_PARSER")]
+    pub reasoning_parser: Option<String>,
+}
+
+/// The machine-readable line printed on stdout once every listener is bound, so scripts and
+/// tests using port 0 learn the ports.
+pub fn print_ready(role: &str, addresses: &[(&str, SocketAddr)]) {
+    let fields: serde_json::Map<String, serde_json::Value> =
+        addresses.iter().map(|(k, a)| (k.to_string(), serde_json::Value::String(a.to_string()))).collect();
+    println!("{}", serde_json::json!({"event": "ready", "role": role, "listen": fields}));
+}
+
+/// The local host name (for worker ids and advertised addresses).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}

@@ -1,0 +1,183 @@
+//! What OpenAI clients rely on, checked against real `lumen serve` processes and the real model:
+//! the official Python client, stop strings, seeds, usage counts that match the tokens produced,
+//! the reasoning split, and the 413/429 limits.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use support::{Lumen, engine_flags, head_flags, model_path, read_sse};
+
+fn serve(extra: &[&str]) -> Lumen {
+    let mut args =
+        vec!["serve".to_string(), "--model".into(), model_path(), "--served-model-name".into(), "smol".into()];
+    args.extend(head_flags());
+    args.extend(engine_flags());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Lumen::start(&args)
+}
+
+async fn post(http: &reqwest::Client, url: String, body: Value) -> Value {
+    let resp = http.post(url).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{body}");
+    resp.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_client_works() {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/pyenv/bin/python");
+    assert!(python.is_file(), "{} is missing: run scripts/python-env.sh (scripts/test.sh does)", python.display());
+    let lumen = serve(&["--api-key", "sekret"]);
+    lumen.wait_healthy(&reqwest::Client::new()).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/openai_client.py");
+    let base_url = format!("{}/v1", lumen.url("api"));
+    let out = Command::new(&python).arg(script).args([&base_url, "sekret", "smol"]).output().expect("running python");
+    assert!(
+        out.status.success(),
+        "the openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_seeds_and_usage_follow_the_tokens_produced() {
+    let lumen = serve(&[]);
+    let http = reqwest::Client::new();
+    lumen.wait_healthy(&http).await;
+    let url = format!("{}/v1/completions", lumen.url("api"));
+    let prompt = "Once upon a time, in a small village,";
+
+    // Greedy: usage counts the tokens whose pieces make up the text.
+    let r = post(&http, url.clone(), json!({"model": "smol", "prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 0, "ignore_eos": true})).await;
+    let text = r["choices"][0]["text"].as_str().unwrap().to_string();
+    let pieces: Vec<&str> =
+        r["choices"][0]["logprobs"]["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(r["usage"]["completion_tokens"], 24);
+    assert_eq!(pieces.len(), 24);
+    assert_eq!(pieces.concat(), text);
+
+    // A stop string taken from the middle of that text: the output ends right before it.
+    let stop = pieces[6..].iter().find(|p| p.trim().chars().any(char::is_alphanumeric)).expect("a word piece").trim();
+    let cut = text.find(stop).unwrap();
+    let r = post(
+        &http,
+        url.clone(),
+        json!({"model": "smol", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": [stop]}),
+    )
+    .await;
+    assert_eq!(r["choices"][0]["text"], text[..cut], "stop {stop:?} in {text:?}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    assert!(r["usage"]["completion_tokens"].as_u64().unwrap() < 24);
+
+    // Streamed, the same stop string gives the same text.
+    let resp = http
+        .post(url.clone())
+        .json(&json!({"model": "smol", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": [stop], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let (events, done) = read_sse(resp).await;
+    assert!(done);
+    let streamed: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    assert_eq!(streamed, text[..cut]);
+
+    // Sampling with a seed is reproducible; other seeds give other text.
+    let sampled = |seed: u64| {
+        let body = json!({"model": "smol", "prompt": prompt, "max_tokens": 16, "temperature": 1.0, "seed": seed, "ignore_eos": true});
+        let (http, url) = (http.clone(), url.clone());
+        async move { post(&http, url, body).await["choices"][0]["text"].as_str().unwrap().to_string() }
+    };
+    let first = sampled(42).await;
+    assert_eq!(sampled(42).await, first);
+    let others = [sampled(43).await, sampled(44).await];
+    assert!(others.iter().any(|o| *o != first), "three seeds, one text: {first:?}");
+}
+
+/// A template that opens a think block in the prompt, as DeepSeek-R1's does.
+/// (The prompt's last newline is inside an expression: Jinja drops a template's final newline.)
+const THINK_TEMPLATE: &str = r#"{% for m in messages %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endfor %}{{ '<|im_start|>assistant\n<think>\n' }}"#;
+
+/// What the deepseek_r1 parser must make of a raw completion: (reasoning, content).
+fn expected_split(raw: &str) -> (String, Option<String>) {
+    match raw.split_once("</think>") {
+        Some((reasoning, content)) => (reasoning.to_string(), Some(content.to_string())),
+        None => (raw.to_string(), None),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_is_split_and_limits_answer_413_and_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("think.jinja");
+    std::fs::write(&template, THINK_TEMPLATE).unwrap();
+    let template = template.display().to_string();
+    let lumen = serve(&[
+        "--chat-template",
+        &template,
+        "--reasoning-parser",
+        "deepseek_r1",
+        "--max-ongoing-requests",
+        "1",
+        "--max-queued-requests",
+        "0",
+        "--max-body-size",
+        "2KiB",
+    ]);
+    let http = reqwest::Client::new();
+    lumen.wait_healthy(&http).await;
+    let api = lumen.url("api");
+
+    // The raw output after the rendered prompt, then the same through chat with the parser.
+    let rendered = "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n<think>\n";
+    let raw = post(
+        &http,
+        format!("{api}/v1/completions"),
+        json!({"model": "smol", "prompt": rendered, "max_tokens": 20, "temperature": 0}),
+    )
+    .await;
+    let (reasoning, content) = expected_split(raw["choices"][0]["text"].as_str().unwrap());
+    assert!(!reasoning.is_empty());
+    let chat_body = json!({"model": "smol", "messages": [{"role": "user", "content": "What is two plus two?"}], "max_tokens": 20, "temperature": 0});
+    let chat = post(&http, format!("{api}/v1/chat/completions"), chat_body.clone()).await;
+    let message = &chat["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], reasoning);
+    assert_eq!(message["content"].as_str().map(str::to_string), content);
+
+    let mut stream_body = chat_body.clone();
+    stream_body["stream"] = json!(true);
+    let resp = http.post(format!("{api}/v1/chat/completions")).json(&stream_body).send().await.unwrap();
+    let (events, done) = read_sse(resp).await;
+    assert!(done);
+    let streamed: String =
+        events.iter().filter_map(|e| e["choices"][0]["delta"]["reasoning_content"].as_str()).collect();
+    assert_eq!(streamed, reasoning);
+
+    // 413: a body over --max-body-size.
+    let big = json!({"model": "smol", "prompt": "x".repeat(4096)});
+    let resp = http.post(format!("{api}/v1/completions")).json(&big).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let err: Value = resp.json().await.unwrap();
+    assert!(err["error"]["message"].as_str().unwrap().contains("2"), "{err}");
+
+    // 429: one request in flight is the limit and none may queue.
+    let long = json!({"model": "smol", "prompt": "Once", "max_tokens": 900, "ignore_eos": true, "stream": true});
+    let resp = http.post(format!("{api}/v1/completions")).json(&long).send().await.unwrap();
+    let mut occupant = resp.bytes_stream();
+    occupant.next().await.expect("first chunk").expect("chunk");
+    let resp = http
+        .post(format!("{api}/v1/completions"))
+        .json(&json!({"model": "smol", "prompt": "hi", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let err: Value = resp.json().await.unwrap();
+    assert!(err["error"]["message"].is_string() && err["error"]["type"].is_string(), "{err}");
+    drop(occupant);
+}
