@@ -9,3 +9,5 @@ pub mod backend;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod plan;
+pub mod state_store;

@@ -170,7 +170,14 @@ impl Target {
             bail!("--timeout must be a positive number of seconds, got {}", args.timeout);
         }
         // Benchmarks talk to a server directly; a proxy from the environment would be measured too.
-        let client = reqwest::Client::builder().no_proxy().build().context("building the HTTP client")?;
+        // A fresh connection per request (as `vllm bench serve` makes): a server that closes idle
+        // keep-alive connections (llama.cpp's does) would otherwise fail requests sent on one it
+        // has just closed.
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .context("building the HTTP client")?;
         let path = if args.endpoint.starts_with('/') { args.endpoint.clone() } else { format!("/{}", args.endpoint) };
         Ok(Target {
             client,

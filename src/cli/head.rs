@@ -7,20 +7,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lumen_head::api::admission::AdmissionLimits;
-use lumen_head::api::{ApiConfig, ApiState, ModelApiOptions, router};
-use lumen_head::cluster::{Cluster, Deployment, serve_head};
+use lumen_head::api::{ApiConfig, ApiState, router};
+use lumen_head::cluster::{Cluster, serve_head};
 use lumen_head::config::ServeConfig;
+pub use lumen_head::plan::DeploymentPlan;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::HeadArgs;
-
-/// A deployment plus what the API layer needs to know about it.
-pub struct DeploymentPlan {
-    pub deployment: Deployment,
-    pub api: ModelApiOptions,
-}
 
 /// A running head.
 pub struct RunningHead {
@@ -48,35 +43,7 @@ impl RunningHead {
 pub fn plans_from_config(path: &std::path::Path) -> anyhow::Result<Vec<DeploymentPlan>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading the serve config {}", path.display()))?;
     let config = ServeConfig::from_yaml(&text).with_context(|| format!("in {}", path.display()))?;
-    let mut plans = Vec::new();
-    for app in &config.applications {
-        for d in &app.deployments {
-            let source = d.model_source().unwrap_or_default().to_string();
-            let model_name = d.served_model_name().map(str::to_string).unwrap_or(source);
-            plans.push(DeploymentPlan {
-                deployment: Deployment {
-                    name: format!("{}-{}", app.name, d.name),
-                    model_name,
-                    engine_options_json: d.engine_options_json(),
-                    num_replicas: d.initial_replicas(),
-                    max_ongoing_requests: d.max_ongoing_requests.unwrap_or(0),
-                },
-                api: ModelApiOptions {
-                    reasoning_parser: d
-                        .reasoning_parser()
-                        .map(|p| p.parse().map_err(anyhow::Error::msg))
-                        .transpose()?,
-                    admission: d.max_ongoing_requests.map(|n| AdmissionLimits {
-                        max_in_flight: n as usize,
-                        max_queued: d
-                            .max_queued_requests
-                            .map_or(usize::MAX, |q| if q < 0 { usize::MAX } else { q as usize }),
-                    }),
-                },
-            });
-        }
-    }
-    Ok(plans)
+    Ok(lumen_head::plan::plans_from_config(&config).with_context(|| format!("in {}", path.display()))?)
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

@@ -18,8 +18,7 @@ fn plan_from_flags(args: &ServeArgs) -> anyhow::Result<DeploymentPlan> {
             name: "default".into(),
             model_name: args.engine.served_name().to_string(),
             engine_options_json: serde_json::to_string(&args.engine)?,
-            num_replicas: 1,
-            max_ongoing_requests: 0,
+            ..Deployment::default()
         },
         api: ModelApiOptions {
             reasoning_parser: args

@@ -18,20 +18,56 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lumen_proto::v1 as pb;
 
+use crate::config::AutoscalingConfig;
+
 use super::ClusterError;
 
-/// One desired deployment: a model and how many replicas serve it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One desired deployment: a model, how many replicas serve it, and how they are run.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Deployment {
-    /// Unique; replica ids start with it.
+    /// Unique; replica ids start with it (`{application}-{deployment}` for a serve config).
     pub name: String,
+    /// The Ray Serve application it belongs to ("" for `lumen serve --model`).
+    pub application: String,
+    /// Its name inside the application (the config's `deployments[].name`).
+    pub deployment_name: String,
     /// The served model name clients send in `model`.
     pub model_name: String,
     /// The serve config's `model:` section as JSON, sent verbatim in `StartReplica`.
     pub engine_options_json: String,
+    /// Replicas wanted (the autoscaler's starting point when `autoscaling` is set).
     pub num_replicas: u32,
+    /// Scale between bounds on live load instead of a fixed count.
+    pub autoscaling: Option<AutoscalingConfig>,
     /// Requests the head keeps in flight on one replica at most (0 = no limit).
     pub max_ongoing_requests: u32,
+    /// GPUs a replica needs (0 = runs on the CPU).
+    pub gpus_per_replica: f64,
+    /// How long a stopping replica may finish its requests.
+    pub graceful_shutdown_timeout: Duration,
+    /// How often each replica's engine is probed, and how long a probe may take.
+    pub health_check_period: Duration,
+    pub health_check_timeout: Duration,
+}
+
+impl Default for Deployment {
+    /// Ray Serve's defaults for everything but the names and the model.
+    fn default() -> Self {
+        Deployment {
+            name: String::new(),
+            application: String::new(),
+            deployment_name: String::new(),
+            model_name: String::new(),
+            engine_options_json: String::new(),
+            num_replicas: 1,
+            autoscaling: None,
+            max_ongoing_requests: 0,
+            gpus_per_replica: 0.0,
+            graceful_shutdown_timeout: Duration::from_secs(20),
+            health_check_period: Duration::from_secs(10),
+            health_check_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Checks what [`super::Cluster::set_deployments`] promises: unique names and model names.
@@ -356,8 +392,7 @@ mod tests {
             name: name.into(),
             model_name: model.into(),
             engine_options_json: "{}".into(),
-            num_replicas: 1,
-            max_ongoing_requests: 0,
+            ..Deployment::default()
         }
     }
 

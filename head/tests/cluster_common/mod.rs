@@ -57,7 +57,7 @@ pub fn deployment(name: &str, model: &str, num_replicas: u32) -> Deployment {
         engine_options_json:
             serde_json::json!({ "source": "fake.gguf", "served_model_name": model, "max_model_len": 2048 }).to_string(),
         num_replicas,
-        max_ongoing_requests: 0,
+        ..Deployment::default()
     }
 }
 

@@ -1,0 +1,108 @@
+//! From a serve config to what the head runs: one [`DeploymentPlan`] per deployment, the
+//! cluster's [`Deployment`] plus the API's per-model options.
+
+use std::time::Duration;
+
+use crate::api::ModelApiOptions;
+use crate::api::admission::AdmissionLimits;
+use crate::cluster::Deployment;
+use crate::config::{ConfigError, DeploymentConfig, ServeConfig};
+
+/// A deployment plus what the API layer needs to know about it.
+#[derive(Clone, Debug)]
+pub struct DeploymentPlan {
+    pub deployment: Deployment,
+    pub api: ModelApiOptions,
+}
+
+/// Every deployment of every application in `config` (already validated).
+pub fn plans_from_config(config: &ServeConfig) -> Result<Vec<DeploymentPlan>, ConfigError> {
+    let mut plans = Vec::new();
+    for app in &config.applications {
+        for d in &app.deployments {
+            plans.push(
+                plan(&app.name, d)
+                    .map_err(|e| ConfigError(format!("applications.{}.deployments.{}: {}", app.name, d.name, e.0)))?,
+            );
+        }
+    }
+    Ok(plans)
+}
+
+fn seconds(value: Option<f64>, default: Duration) -> Duration {
+    value.filter(|s| s.is_finite() && *s >= 0.0).map_or(default, Duration::from_secs_f64)
+}
+
+fn plan(application: &str, d: &DeploymentConfig) -> Result<DeploymentPlan, ConfigError> {
+    let source = d.model_source().unwrap_or_default().to_string();
+    let model_name = d.served_model_name().map(str::to_string).unwrap_or(source);
+    let defaults = Deployment::default();
+    let deployment = Deployment {
+        name: format!("{application}-{}", d.name),
+        application: application.to_string(),
+        deployment_name: d.name.clone(),
+        model_name,
+        engine_options_json: d.engine_options_json(),
+        num_replicas: d.initial_replicas(),
+        autoscaling: d.autoscaling_config.clone(),
+        max_ongoing_requests: d.max_ongoing_requests.unwrap_or(0),
+        gpus_per_replica: d.gpus_per_replica(),
+        graceful_shutdown_timeout: seconds(d.graceful_shutdown_timeout_s, defaults.graceful_shutdown_timeout),
+        health_check_period: seconds(d.health_check_period_s, defaults.health_check_period),
+        health_check_timeout: seconds(d.health_check_timeout_s, defaults.health_check_timeout),
+    };
+    let reasoning_parser = d.reasoning_parser().map(|p| p.parse().map_err(ConfigError)).transpose()?;
+    let admission = d.max_ongoing_requests.map(|n| AdmissionLimits {
+        max_in_flight: n as usize,
+        max_queued: d.max_queued_requests.map_or(usize::MAX, |q| if q < 0 { usize::MAX } else { q as usize }),
+    });
+    Ok(DeploymentPlan { deployment, api: ModelApiOptions { reasoning_parser, admission } })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ray_style_config_becomes_deployments_with_its_settings() {
+        let config = ServeConfig::from_yaml(
+            r#"
+applications:
+  - name: chat
+    deployments:
+      - name: llm
+        autoscaling_config: {min_replicas: 2, max_replicas: 4, target_ongoing_requests: 3}
+        max_ongoing_requests: 8
+        max_queued_requests: -1
+        graceful_shutdown_timeout_s: 5
+        health_check_period_s: 2.5
+        ray_actor_options: {num_gpus: 1}
+        model: {source: m.gguf, served_model_name: smol, reasoning_parser: deepseek_r1}
+"#,
+        )
+        .unwrap();
+        let plans = plans_from_config(&config).unwrap();
+        let d = &plans[0].deployment;
+        assert_eq!((d.name.as_str(), d.application.as_str(), d.deployment_name.as_str()), ("chat-llm", "chat", "llm"));
+        assert_eq!(d.model_name, "smol");
+        assert_eq!(d.num_replicas, 2);
+        assert_eq!(d.autoscaling.as_ref().unwrap().max_replicas, 4);
+        assert_eq!(d.gpus_per_replica, 1.0);
+        assert_eq!(d.graceful_shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(d.health_check_period, Duration::from_millis(2500));
+        assert_eq!(d.health_check_timeout, Duration::from_secs(30));
+        let admission = plans[0].api.admission.unwrap();
+        assert_eq!((admission.max_in_flight, admission.max_queued), (8, usize::MAX));
+        assert!(plans[0].api.reasoning_parser.is_some());
+    }
+
+    #[test]
+    fn an_unknown_reasoning_parser_names_the_deployment() {
+        let config = ServeConfig::from_yaml(
+            "applications:\n  - name: a\n    deployments:\n      - name: d\n        model: {source: m.gguf, reasoning_parser: nope}\n",
+        )
+        .unwrap();
+        let err = plans_from_config(&config).unwrap_err();
+        assert!(err.0.contains("applications.a.deployments.d") && err.0.contains("nope"), "{err}");
+    }
+}
