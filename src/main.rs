@@ -25,6 +25,10 @@ enum Command {
     Head(Box<cli::HeadArgs>),
     /// Run a worker that joins a head and hosts the replicas it places.
     Worker(Box<cli::WorkerArgs>),
+    /// Apply a serve config to a running head (like Ray's `serve deploy`).
+    Deploy(cli::DeployArgs),
+    /// Show the applications of a running head (like Ray's `serve status`).
+    Status(cli::StatusArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -57,6 +61,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => cli::serve::run(*args).await?,
         Command::Head(args) => cli::head::run(*args).await?,
         Command::Worker(args) => cli::worker::run(*args).await?,
+        Command::Deploy(args) => cli::deploy::run(args).await?,
+        Command::Status(args) => cli::status::run(args).await?,
         Command::Bench(BenchCommand::Offline(args)) => {
             let json = args.json.clone();
             let report = bench::offline::run(args).await?;

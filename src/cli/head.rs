@@ -9,8 +9,9 @@ use anyhow::Context;
 use lumen_head::api::admission::AdmissionLimits;
 use lumen_head::api::{ApiConfig, ApiState, router};
 use lumen_head::cluster::{Cluster, serve_head};
-use lumen_head::config::ServeConfig;
+use lumen_head::control::{Applications, ControlState, ServeDocument, StartingPoint};
 pub use lumen_head::plan::DeploymentPlan;
+use lumen_head::state_store::StateStore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -39,38 +40,53 @@ impl RunningHead {
     }
 }
 
-/// The deployments of a serve config file.
-pub fn plans_from_config(path: &std::path::Path) -> anyhow::Result<Vec<DeploymentPlan>> {
+/// Reads and validates a serve config file (YAML).
+pub fn read_serve_config(path: &std::path::Path) -> anyhow::Result<ServeDocument> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading the serve config {}", path.display()))?;
-    let config = ServeConfig::from_yaml(&text).with_context(|| format!("in {}", path.display()))?;
-    Ok(lumen_head::plan::plans_from_config(&config).with_context(|| format!("in {}", path.display()))?)
+    ServeDocument::from_yaml(&text).with_context(|| format!("in {}", path.display()))
+}
+
+/// Sets the deployments the head starts with: `--config` (applied and persisted), else the
+/// state directory's last applied config, else `fallback`.
+fn initialize(args: &HeadArgs, applications: &Applications, fallback: Vec<DeploymentPlan>) -> anyhow::Result<()> {
+    let document = args.config.as_deref().map(read_serve_config).transpose()?;
+    let started =
+        applications.initialize(document, fallback).with_context(|| match (&args.config, &args.state_dir) {
+            (Some(path), _) => format!("applying the serve config {}", path.display()),
+            (None, Some(dir)) => format!("restoring the serve config saved in {}", dir.display()),
+            (None, None) => "deploying the model".to_string(),
+        })?;
+    match (started, &args.state_dir) {
+        (StartingPoint::Restored, Some(dir)) => tracing::info!(state_dir = %dir.display(), "serve config restored"),
+        (StartingPoint::ConfigFile, Some(dir)) => tracing::info!(state_dir = %dir.display(), "serve config persisted"),
+        _ => {}
+    }
+    Ok(())
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("binding the {what} port {addr}"))
 }
 
-/// Binds every listener, starts every server, and returns once they are accepting.
+/// Binds every listener, starts every server, and returns once they are accepting. `fallback`
+/// is deployed when neither `--config` nor the state directory say what to deploy.
 pub async fn start(
     args: &HeadArgs,
-    plans: Vec<DeploymentPlan>,
+    fallback: Vec<DeploymentPlan>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningHead> {
     let cluster = Cluster::new(args.cluster.clone());
-    let mut config = ApiConfig {
+    let config = ApiConfig {
         api_keys: args.api_keys.iter().filter(|k| !k.is_empty()).cloned().collect(),
         max_body_bytes: args.max_body_size.as_u64() as usize,
         admission: AdmissionLimits { max_in_flight: args.max_ongoing_requests, max_queued: args.max_queued_requests },
         ..ApiConfig::default()
     };
-    let mut deployments = Vec::new();
-    for plan in plans {
-        config.models.insert(plan.deployment.model_name.clone(), plan.api);
-        deployments.push(plan.deployment);
-    }
-    cluster.set_deployments(deployments)?;
     let registry = prometheus::Registry::new();
     let state = ApiState::new(Arc::new(cluster.clone()), config, registry.clone())?;
+    let store = args.state_dir.as_deref().map(StateStore::open).transpose()?;
+    let applications = Applications::new(cluster.clone(), state.clone(), store);
+    initialize(args, &applications, fallback)?;
 
     let api_listener = bind(SocketAddr::new(args.host, args.port), "API").await?;
     let dashboard_listener = bind(SocketAddr::new(args.host, args.dashboard_port), "dashboard").await?;
@@ -96,7 +112,7 @@ pub async fn start(
         }
     }));
     let stop = shutdown.clone();
-    let control = lumen_head::control::router(lumen_head::control::ControlState { cluster: cluster.clone(), registry });
+    let control = lumen_head::control::router(ControlState { applications, registry });
     http.push(tokio::spawn(async move {
         let served = axum::serve(dashboard_listener, control).with_graceful_shutdown(stop.cancelled_owned()).await;
         if let Err(e) = served {
@@ -109,13 +125,9 @@ pub async fn start(
 
 /// `lumen head`: serves until a signal, then drains.
 pub async fn run(args: HeadArgs) -> anyhow::Result<()> {
-    let plans = match &args.config {
-        Some(path) => plans_from_config(path)?,
-        None => Vec::new(),
-    };
     let shutdown = CancellationToken::new();
     super::shutdown::cancel_on_signal(shutdown.clone());
-    let head = start(&args, plans, shutdown.clone()).await?;
+    let head = start(&args, Vec::new(), shutdown.clone()).await?;
     super::print_ready("head", &[("api", head.api), ("dashboard", head.dashboard), ("grpc", head.grpc)]);
     shutdown.cancelled().await;
     head.drain(Duration::from_secs(args.drain_timeout_s)).await;

@@ -1,9 +1,12 @@
-//! The process roles: `lumen serve` (head + one in-process worker), `lumen head`, `lumen worker`.
+//! The process roles: `lumen serve` (head + one in-process worker), `lumen head`, `lumen worker`;
+//! and the clients of a head's control API: `lumen deploy`, `lumen status`.
 //! Every flag is also a `LUMEN_*` environment variable; `--help` lists them all.
 
+pub mod deploy;
 pub mod head;
 pub mod serve;
 pub mod shutdown;
+pub mod status;
 pub mod worker;
 
 use std::net::{IpAddr, SocketAddr};
@@ -31,9 +34,15 @@ pub struct HeadArgs {
     /// none: no authentication.
     #[arg(long = "api-key", env = "LUMEN_API_KEY", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
-    /// A serve config (Ray Serve's serveConfigV2 YAML): the applications to deploy at start.
+    /// A serve config (Ray Serve's serveConfigV2 YAML): the applications to deploy at start
+    /// (persisted in --state-dir, replacing what was there).
     #[arg(long, env = "LUMEN_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Directory where the head keeps the last applied serve config (`serve-config.json`),
+    /// written on every deploy; started without --config, the head restores it. Without one
+    /// nothing is persisted.
+    #[arg(long, env = "LUMEN_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Requests per model processed at once before queuing (a deployment's
     /// `max_ongoing_requests` overrides it).
     #[arg(long, env = "LUMEN_MAX_ONGOING_REQUESTS", default_value_t = 256)]
@@ -88,6 +97,46 @@ pub struct ServeArgs {
     /// (`deepseek_r1`).
     #[arg(long, env = "LUMEN_REASONING_PARSER")]
     pub reasoning_parser: Option<String>,
+}
+
+/// Where a running head's control API is (`lumen deploy`, `lumen status`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct ControlAddress {
+    /// The head's control API, e.g. `http://lumen-head:8265` (default `http://127.0.0.1:8265`;
+    /// Ray's RAY_DASHBOARD_ADDRESS is read too).
+    #[arg(long, env = "LUMEN_ADDRESS")]
+    pub address: Option<String>,
+}
+
+impl ControlAddress {
+    /// The base URL: the flag, else `RAY_DASHBOARD_ADDRESS`, else the local head; `http://` is
+    /// added when no scheme is given.
+    pub fn base_url(&self) -> String {
+        let given = self.address.clone().or_else(|| std::env::var("RAY_DASHBOARD_ADDRESS").ok());
+        let address = given.as_deref().map(str::trim).filter(|a| !a.is_empty()).unwrap_or("http://127.0.0.1:8265");
+        let address = address.trim_end_matches('/');
+        if address.contains("://") { address.to_string() } else { format!("http://{address}") }
+    }
+}
+
+/// `lumen deploy`: apply a serve config to a running head.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The serve config (Ray Serve's serveConfigV2 YAML). Declarative: applications of the head
+    /// that it does not list are removed.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub address: ControlAddress,
+}
+
+/// `lumen status`: what a running head serves.
+#[derive(Clone, Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub address: ControlAddress,
+    /// Print the status document as JSON (Ray's shape) instead of a summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The machine-readable line printed on stdout once every listener is bound, so scripts and

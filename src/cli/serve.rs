@@ -32,10 +32,8 @@ fn plan_from_flags(args: &ServeArgs) -> anyhow::Result<DeploymentPlan> {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let plans = match &args.head.config {
-        Some(path) => head::plans_from_config(path)?,
-        None => vec![plan_from_flags(&args)?],
-    };
+    // Deployed unless `--config` or the state directory say otherwise.
+    let plans = vec![plan_from_flags(&args)?];
     let shutdown = CancellationToken::new();
     super::shutdown::cancel_on_signal(shutdown.clone());
     // The worker stops only after the head has drained its HTTP requests (which it serves).

@@ -53,7 +53,8 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Admission limits of models without their own.
     pub admission: AdmissionLimits,
-    /// Per served model name; more can be set at run time with [`ApiState::set_model_options`].
+    /// Per served model name at start; replaced at run time by [`ApiState::set_models`] when the
+    /// deployments change.
     pub models: HashMap<String, ModelApiOptions>,
     /// Reported by `GET /version`.
     pub version: String,
@@ -106,6 +107,13 @@ impl ApiState {
     /// Sets (or replaces) a model's options, e.g. when a deployment is (re)configured.
     pub fn set_model_options(&self, model: &str, options: ModelApiOptions) {
         self.models.write().unwrap_or_else(|p| p.into_inner()).insert(model.to_string(), options);
+    }
+
+    /// Replaces every model's options (declarative, like the deployments they describe: a model
+    /// absent from `models` falls back to the defaults). Requests already admitted keep the
+    /// options they started with.
+    pub fn set_models(&self, models: HashMap<String, ModelApiOptions>) {
+        *self.models.write().unwrap_or_else(|p| p.into_inner()) = models;
     }
 
     /// The options of `model` (defaults if none were set).

@@ -1,6 +1,14 @@
-//! The control server on port 8265. Today: the probes KubeRay uses and the metrics; the Ray-shaped
-//! REST API (`/api/serve/applications/`) and the dashboard come with the cluster and
-//! observability work.
+//! The control server on port 8265: Ray Serve's REST API for applications
+//! (`/api/serve/applications/`, [`serve_api`]), Lumen's cluster view (`/api/cluster`,
+//! [`cluster_api`]), the probes KubeRay uses, the metrics, and the dashboard's page.
+//!
+//! The serve config in force is owned by [`Applications`] (apply, persist, status); the handlers
+//! only translate HTTP to it.
+
+pub mod applications;
+pub mod cluster_api;
+pub mod serve_api;
+pub mod status;
 
 use axum::Router;
 use axum::extract::State;
@@ -8,19 +16,25 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 
-use crate::cluster::Cluster;
+pub use applications::{Applications, ApplyError, ServeDocument, StartingPoint};
+pub use status::ServeStatus;
 
 /// What the control handlers share.
 #[derive(Clone)]
 pub struct ControlState {
-    pub cluster: Cluster,
+    pub applications: Applications,
     /// The same registry the API's `/metrics` serves.
     pub registry: prometheus::Registry,
 }
 
 pub fn router(state: ControlState) -> Router {
+    let applications =
+        get(serve_api::get_applications).put(serve_api::put_applications).delete(serve_api::delete_applications);
     Router::new()
         .route("/", get(index))
+        .route("/api/serve/applications/", applications.clone())
+        .route("/api/serve/applications", applications)
+        .route("/api/cluster", get(cluster_api::cluster))
         .route("/api/gcs_healthz", get(|| async { "success" }))
         .route("/metrics", get(metrics))
         .with_state(state)

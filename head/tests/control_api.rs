@@ -1,0 +1,294 @@
+//! The control API (Ray Serve's `/api/serve/applications/` and `/api/cluster`) on a real
+//! head-side stack: the cluster (gRPC + controller) with fake workers, the control router and the
+//! OpenAI router over HTTP, and a state directory.
+
+mod cluster_common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cluster_common::*;
+use lumen_head::api::{ApiConfig, ApiState};
+use lumen_head::control::{Applications, ControlState};
+use lumen_head::state_store::StateStore;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+/// A head-side stack: cluster, control API and OpenAI API on ephemeral ports.
+struct Stack {
+    head: TestHead,
+    control: String,
+    api: String,
+    http: reqwest::Client,
+    _stop_http: Vec<oneshot::Sender<()>>,
+}
+
+/// Starts a stack that restores what `state_dir` holds, as a head started without `--config`.
+async fn start_stack(state_dir: &Path) -> Stack {
+    let head = start_head(settings(), vec![]).await;
+    let registry = prometheus::Registry::new();
+    let api = ApiState::new(Arc::new(head.cluster.clone()), ApiConfig::default(), registry.clone()).expect("api");
+    let store = StateStore::open(state_dir).expect("state dir");
+    let applications = Applications::new(head.cluster.clone(), api.clone(), Some(store));
+    applications.initialize(None, Vec::new()).expect("restore");
+    let (control, stop_control) = serve(lumen_head::control::router(ControlState { applications, registry })).await;
+    let (api, stop_api) = serve(lumen_head::api::router(api)).await;
+    Stack { head, control, api, http: reqwest::Client::new(), _stop_http: vec![stop_control, stop_api] }
+}
+
+async fn serve(router: axum::Router) -> (String, oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    (url, stop)
+}
+
+impl Stack {
+    fn applications_url(&self) -> String {
+        format!("{}/api/serve/applications/", self.control)
+    }
+
+    async fn put(&self, config: &Value) -> (StatusCode, String) {
+        let r = self.http.put(self.applications_url()).json(config).send().await.expect("PUT");
+        (r.status(), r.text().await.expect("body"))
+    }
+
+    async fn status(&self) -> Value {
+        let r = self.http.get(self.applications_url()).send().await.expect("GET");
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.expect("status JSON")
+    }
+
+    /// Polls the status document until `condition` holds (10 s at most).
+    async fn status_until(&self, what: &str, condition: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.status().await;
+            if condition(&status) {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}: {status:#}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn chat(&self, model: &str) -> (StatusCode, Value) {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        let r = self.http.post(format!("{}/v1/chat/completions", self.api)).json(&body).send().await.expect("chat");
+        (r.status(), r.json().await.expect("chat JSON"))
+    }
+}
+
+/// An application `name` with one deployment `llm` serving `model`; `model_fields` and
+/// `deployment_fields` are added to its `model:` section and to the deployment.
+fn app(name: &str, model: &str, replicas: u32, model_fields: Value, deployment_fields: Value) -> Value {
+    let mut model_section =
+        json!({"source": format!("{model}.gguf"), "served_model_name": model, "max_model_len": 2048});
+    merge(&mut model_section, model_fields);
+    let mut deployment = json!({"name": "llm", "num_replicas": replicas, "model": model_section});
+    merge(&mut deployment, deployment_fields);
+    json!({"name": name, "route_prefix": format!("/{name}"), "deployments": [deployment]})
+}
+
+fn merge(into: &mut Value, fields: Value) {
+    if let (Some(into), Value::Object(fields)) = (into.as_object_mut(), fields) {
+        into.extend(fields);
+    }
+}
+
+fn config(apps: &[Value]) -> Value {
+    json!({ "applications": apps })
+}
+
+fn all_running(status: &Value, apps: &[(&str, u64)]) -> bool {
+    status["applications"].as_object().is_some_and(|a| a.len() == apps.len())
+        && apps.iter().all(|(name, replicas)| {
+            let app = &status["applications"][name];
+            app["status"] == "RUNNING" && app["deployments"]["llm"]["replica_states"]["RUNNING"] == *replicas
+        })
+}
+
+async fn workers(stack: &Stack, count: usize) -> Vec<FakeWorker> {
+    let mut workers = Vec::new();
+    for i in 0..count {
+        let mut worker = FakeWorker::start(&format!("w{i}")).await;
+        worker.join(&stack.head).await;
+        workers.push(worker);
+    }
+    workers
+}
+
+#[tokio::test]
+async fn applications_are_deployed_served_and_removed_declaratively() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path()).await;
+    let workers = workers(&stack, 2).await;
+
+    let chat = app("chat", "chat-model", 2, json!({"reasoning_parser": "deepseek_r1"}), json!({}));
+    let code = app("code", "code-model", 1, json!({}), json!({"max_ongoing_requests": 1, "max_queued_requests": 0}));
+    let (status, body) = stack.put(&config(&[chat.clone(), code])).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+
+    let doc = stack.status_until("both applications run", |s| all_running(s, &[("chat", 2), ("code", 1)])).await;
+    let chat_status = &doc["applications"]["chat"];
+    assert_eq!(chat_status["deployed_app_config"], chat);
+    assert_eq!(chat_status["route_prefix"], "/chat");
+    assert_eq!(chat_status["deployments"]["llm"]["target_num_replicas"], 2);
+    assert!(chat_status["last_deployed_time_s"].as_f64().unwrap() > 1.6e9);
+    let replica = &chat_status["deployments"]["llm"]["replicas"][0];
+    assert!(replica["replica_id"].as_str().unwrap().starts_with("chat-llm-"), "{replica}");
+    assert_eq!(replica["node_ip"], "127.0.0.1");
+    assert_eq!((doc["proxy_location"].as_str(), doc["target_capacity"].is_null()), (Some("EveryNode"), true));
+
+    // Each model routes to its own replicas, with the API options its deployment was given.
+    let (status, body) = stack.chat("chat-model").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["message"]["reasoning_content"], "t0t1t2");
+    let (status, body) = stack.chat("code-model").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "t0t1t2");
+    let routed: Vec<String> =
+        workers.iter().flat_map(|w| w.state.generates.lock().unwrap().clone()).map(|g| g.replica_id).collect();
+    assert!(routed.iter().any(|r| r.starts_with("chat-llm-")) && routed.iter().any(|r| r.starts_with("code-llm-")));
+
+    // `code` admits one request and queues none: a second one while the first holds is a 429.
+    for worker in &workers {
+        worker.script_generate(GenerateScript::Hold);
+    }
+    let held = stack
+        .http
+        .post(format!("{}/v1/chat/completions", stack.api))
+        .json(&json!({"model": "code-model", "messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .expect("held stream");
+    assert_eq!(held.status(), StatusCode::OK);
+    assert_eq!(stack.chat("code-model").await.0, StatusCode::TOO_MANY_REQUESTS);
+    drop(held);
+    for worker in &workers {
+        worker.script_generate(GenerateScript::Finish { deltas: 3 });
+    }
+
+    // The cluster view: both workers, alive, with the replicas placed on them.
+    let cluster: Value =
+        stack.http.get(format!("{}/api/cluster", stack.control)).send().await.unwrap().json().await.unwrap();
+    let listed = cluster["workers"].as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().all(|w| w["alive"] == true && w["resources"]["device_kind"] == "cpu"));
+    let placed: usize = listed.iter().map(|w| w["replicas"].as_array().unwrap().len()).sum();
+    assert_eq!(placed, 3);
+
+    // A config without `code` removes it: gone from the status, its model unknown, and only
+    // `chat` is persisted.
+    assert_eq!(stack.put(&config(std::slice::from_ref(&chat))).await.0, StatusCode::OK);
+    stack.status_until("`code` is gone", |s| all_running(s, &[("chat", 2)])).await;
+    let (status, body) = stack.chat("code-model").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(stack.chat("chat-model").await.0, StatusCode::OK);
+    let stored = StateStore::open(dir.path()).unwrap().load_serve_config().unwrap().expect("persisted");
+    assert_eq!(stored.config, config(&[chat]));
+}
+
+#[tokio::test]
+async fn an_invalid_config_is_refused_naming_the_field_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path()).await;
+    let _workers = workers(&stack, 1).await;
+    let good = config(&[app("chat", "chat-model", 1, json!({}), json!({}))]);
+    assert_eq!(stack.put(&good).await.0, StatusCode::OK);
+    stack.status_until("chat runs", |s| all_running(s, &[("chat", 1)])).await;
+
+    let cases = [
+        (config(&[app("a", "m", 1, json!({}), json!({"num_replicas": "many"}))]), "num_replicas"),
+        (config(&[app("a", "m", 1, json!({}), json!({"max_ongoing_requests": -3}))]), "max_ongoing_requests"),
+        (json!({"applications": [{"name": "a", "deployments": [{"name": "d", "model": {}}]}]}), "model"),
+        (config(&[app("a", "m", 1, json!({"reasoning_parser": "nope"}), json!({}))]), "reasoning parser"),
+        (config(&[app("a", "m", 1, json!({}), json!({})), app("a", "n", 1, json!({}), json!({}))]), "unique"),
+        (json!({"applications": 7}), "applications"),
+        // Valid on its own, refused by the cluster (both deployments are named `a-b-c`): the
+        // persisted file must be rolled back too.
+        (
+            json!({"applications": [
+                {"name": "a-b", "deployments": [{"name": "c", "model": {"source": "x.gguf"}}]},
+                {"name": "a", "deployments": [{"name": "b-c", "model": {"source": "y.gguf"}}]},
+            ]}),
+            "a-b-c",
+        ),
+    ];
+    for (bad, field) in cases {
+        let (status, body) = stack.put(&bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        let error: Value = serde_json::from_str(&body).expect("a JSON error body");
+        let message = error["error"].as_str().expect("an error message");
+        assert!(message.contains(field), "`{message}` should name `{field}`");
+    }
+    let not_json = stack.http.put(stack.applications_url()).body("{nope").send().await.unwrap();
+    assert_eq!(not_json.status(), StatusCode::BAD_REQUEST);
+
+    // Nothing changed: the running config and the persisted one are the good config.
+    let doc = stack.status().await;
+    assert!(all_running(&doc, &[("chat", 1)]), "{doc:#}");
+    let stored = StateStore::open(dir.path()).unwrap().load_serve_config().unwrap().expect("persisted");
+    assert_eq!(stored.config, good);
+}
+
+#[tokio::test]
+async fn a_yaml_body_is_accepted_and_delete_removes_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path()).await;
+    let _workers = workers(&stack, 1).await;
+    let yaml = "applications:\n  - name: chat\n    deployments:\n      - name: llm\n        model: {source: m.gguf, served_model_name: chat-model}\n";
+    let r = stack
+        .http
+        .put(stack.applications_url())
+        .header("content-type", "application/yaml")
+        .body(yaml)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    stack.status_until("chat runs", |s| all_running(s, &[("chat", 1)])).await;
+
+    let r = stack.http.delete(stack.applications_url()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    stack.status_until("nothing is left", |s| s["applications"].as_object().is_some_and(|a| a.is_empty())).await;
+    assert_eq!(stack.chat("chat-model").await.0, StatusCode::NOT_FOUND);
+    let stored = StateStore::open(dir.path()).unwrap().load_serve_config().unwrap().expect("persisted");
+    assert_eq!(stored.config, json!({"applications": []}));
+}
+
+#[tokio::test]
+async fn a_new_head_restores_the_persisted_config_and_serves_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = start_stack(dir.path()).await;
+    let mut worker = FakeWorker::start("w0").await;
+    worker.join(&first.head).await;
+    let chat = app("chat", "chat-model", 1, json!({"reasoning_parser": "deepseek_r1"}), json!({}));
+    assert_eq!(first.put(&config(std::slice::from_ref(&chat))).await.0, StatusCode::OK);
+    let before = first.status_until("chat runs", |s| all_running(s, &[("chat", 1)])).await;
+    drop(first);
+
+    // A new stack on the same state directory knows the application before any worker joins.
+    let second = start_stack(dir.path()).await;
+    let restored = second.status().await;
+    assert_eq!(restored["applications"]["chat"]["deployed_app_config"], chat);
+    assert_eq!(
+        restored["applications"]["chat"]["last_deployed_time_s"],
+        before["applications"]["chat"]["last_deployed_time_s"]
+    );
+    // The worker re-registers with the replica it still hosts; the model serves without a new PUT.
+    worker.join(&second.head).await;
+    second.status_until("chat runs again", |s| all_running(s, &[("chat", 1)])).await;
+    let (status, body) = second.chat("chat-model").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["message"]["reasoning_content"], "t0t1t2");
+}

@@ -1,0 +1,63 @@
+//! `lumen deploy FILE`: validates a serve config locally (the head's own parser) and applies it to
+//! a running head with `PUT /api/serve/applications/`, like Ray's `serve deploy`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use lumen_head::control::ServeDocument;
+
+use super::DeployArgs;
+
+/// How long the head may take to answer; applying is quick (replicas start afterwards).
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
+    let document = super::head::read_serve_config(&args.file)?;
+    let base = args.address.base_url();
+    let url = format!("{base}/api/serve/applications/");
+    let client = reqwest::Client::builder().timeout(TIMEOUT).build()?;
+    let response = client
+        .put(&url)
+        .json(document.raw())
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the head's control API at {base}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        anyhow::bail!("the head refused {} ({status}): {}", args.file.display(), error_message(&body));
+    }
+    print!("{}", summary(&document, &base));
+    Ok(())
+}
+
+/// The `error` of a control API error body, else the body as it came.
+pub fn error_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| body.trim().to_owned())
+}
+
+/// What was deployed, one line per deployment.
+fn summary(document: &ServeDocument, base: &str) -> String {
+    let apps = &document.config().applications;
+    let mut out = format!("Deployed {} application(s) to {base}", apps.len());
+    if apps.is_empty() {
+        out.push_str(" (every application is removed)");
+    }
+    out.push('\n');
+    for app in apps {
+        out.push_str(&format!("  {} (route_prefix {})\n", app.name, app.route_prefix));
+        for plan in document.plans().iter().filter(|p| p.deployment.application == app.name) {
+            let d = &plan.deployment;
+            let replicas = match &d.autoscaling {
+                Some(a) => format!("{}..{} replicas (autoscaling)", a.min_replicas, a.max_replicas),
+                None => format!("{} replica(s)", d.num_replicas),
+            };
+            out.push_str(&format!("    {}: model `{}`, {replicas}\n", d.deployment_name, d.model_name));
+        }
+    }
+    out.push_str("Run `lumen status` to follow the rollout.\n");
+    out
+}

@@ -1,0 +1,105 @@
+//! The control API end to end with real processes: `lumen head --state-dir` and one
+//! `lumen worker` serving the real SmolLM2 model, `lumen deploy` and `lumen status` as an operator
+//! runs them, and a head killed and restarted on the same state directory and gRPC port that
+//! serves the model again without another deploy.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{Lumen, head_flags, model_path};
+
+/// Runs a `lumen` client subcommand to completion.
+fn lumen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lumen")).args(args).output().expect("running lumen")
+}
+
+fn head_args(state_dir: &Path, grpc_port: u16) -> Vec<String> {
+    let mut args = vec!["head".to_string(), "--state-dir".into(), state_dir.display().to_string()];
+    let mut flags = head_flags();
+    let at = flags.iter().position(|f| f == "--grpc-port").expect("head flags set the gRPC port");
+    flags[at + 1] = grpc_port.to_string();
+    args.extend(flags);
+    args
+}
+
+/// `lumen status --json` until the application is RUNNING (model loading included).
+fn wait_running(control: &str, app: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = lumen(&["status", "--json", "--address", control]);
+        assert!(out.status.success(), "lumen status failed: {}", String::from_utf8_lossy(&out.stderr));
+        let doc: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        if doc["applications"][app]["status"] == "RUNNING" {
+            return doc;
+        }
+        assert!(Instant::now() < deadline, "`{app}` never ran: {doc:#}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+async fn completion(http: &reqwest::Client, api: &str) -> Value {
+    let body = json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 3});
+    let r = http.post(format!("{api}/v1/completions")).json(&body).send().await.expect("completion");
+    assert_eq!(r.status(), 200);
+    r.json().await.expect("completion JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_status_and_a_restarted_head_restore_the_applications() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let config = dir.path().join("serve.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "applications:\n  - name: chat\n    deployments:\n      - name: llm\n        num_replicas: 1\n        model:\n          source: {}\n          served_model_name: smol\n          threads: 2\n          max_model_len: 1024\n          kv_cache_memory: 64MiB\n",
+            model_path()
+        ),
+    )
+    .unwrap();
+    let head = Lumen::start(&head_args(&state_dir, 0));
+    let grpc_port = head.addr("grpc").port();
+    let worker_args: Vec<String> = ["worker", "--head", &head.url("grpc"), "--host", "127.0.0.1", "--port", "0"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let _worker = Lumen::start(&worker_args);
+    let control = head.url("dashboard");
+    let http = reqwest::Client::new();
+
+    // A config the head's parser refuses is refused locally, naming the field.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "applications:\n  - name: a\n    deployments:\n      - name: d\n        num_replicas: many\n        model: {source: m.gguf}\n").unwrap();
+    let out = lumen(&["deploy", &bad.display().to_string(), "--address", &control]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("num_replicas"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = lumen(&["deploy", &config.display().to_string(), "--address", &control]);
+    assert!(out.status.success(), "lumen deploy failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("chat"), "{}", String::from_utf8_lossy(&out.stdout));
+    let before = wait_running(&control, "chat");
+    assert_eq!(before["applications"]["chat"]["deployments"]["llm"]["replica_states"]["RUNNING"], 1);
+    assert_eq!(completion(&http, &head.url("api")).await["usage"]["completion_tokens"], 3);
+    let summary = lumen(&["status", "--address", &control]);
+    let summary = String::from_utf8_lossy(&summary.stdout);
+    assert!(
+        summary.contains("chat:") && summary.contains("status: RUNNING") && summary.contains("RUNNING: 1"),
+        "{summary}"
+    );
+
+    // The head dies; a new one on the same state directory and gRPC port restores the config,
+    // the worker re-registers with the replica it still hosts, and the model serves again.
+    drop(head);
+    let head = Lumen::start(&head_args(&state_dir, grpc_port));
+    let control = head.url("dashboard");
+    let after = wait_running(&control, "chat");
+    assert_eq!(
+        after["applications"]["chat"]["last_deployed_time_s"],
+        before["applications"]["chat"]["last_deployed_time_s"]
+    );
+    assert_eq!(completion(&http, &head.url("api")).await["usage"]["completion_tokens"], 3);
+}
