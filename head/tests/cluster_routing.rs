@@ -1,15 +1,18 @@
 //! The router (`impl Backend for Cluster`) against fake workers: streaming, cancellation on
-//! drop, power of two choices, retry before the first event, and gRPC status -> BackendError.
+//! drop, power of two choices, prefix affinity, waiting for a replica that is starting, retry
+//! before the first event, and gRPC status -> BackendError.
 
 mod cluster_common;
 
 use cluster_common::*;
 use futures::StreamExt;
 use lumen_head::backend::{Backend, BackendError};
-use lumen_head::cluster::Deployment;
+use lumen_head::cluster::{ClusterSettings, Deployment, ReplicaState};
 use lumen_proto::v1 as pb;
 use pb::generate_event::Event;
+use std::future::Future;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 use tonic::Code;
 
 /// A head with `llm` (model `m`) at `replicas` replicas, one per fake worker.
@@ -189,13 +192,15 @@ async fn unreachable_worker_is_unavailable() {
 }
 
 #[tokio::test]
-async fn unknown_model_is_not_found_and_unplaced_model_has_no_replica() {
+async fn unknown_model_is_not_found_and_a_model_without_workers_says_why() {
     let head = start_head(settings(), vec![deployment("llm", "m", 1)]).await;
     assert_eq!(
         head.cluster.generate("nope", chat_request("r")).await.err(),
         Some(BackendError::ModelNotFound("nope".into()))
     );
-    assert_eq!(head.cluster.generate("m", chat_request("r")).await.err(), Some(BackendError::NoReplica("m".into())));
+    // Nothing is starting and the controller said why: answered at once, with its reason.
+    let error = within_10s(head.cluster.generate("m", chat_request("r"))).await.err();
+    assert!(matches!(&error, Some(BackendError::Unavailable(m)) if m.contains("no live worker")), "{error:?}");
     let tokenize = head.cluster.tokenize("nope", pb::TokenizeRequest::default()).await;
     assert_eq!(tokenize.err(), Some(BackendError::ModelNotFound("nope".into())));
 }
@@ -228,4 +233,192 @@ async fn tokenize_and_detokenize_go_to_a_replica_of_the_model() {
     let text =
         head.cluster.detokenize("m", pb::DetokenizeRequest { token_ids: vec![104, 105], ..Default::default() }).await;
     assert_eq!(text.expect("detokenized").text, "hi");
+}
+
+/// Awaits `future`, failing the test if it takes more than 10 s (a hang, not slowness).
+async fn within_10s<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), future).await.expect("answered within 10 s")
+}
+
+/// A chat whose 2 KB system prompt `system` is shared and whose question is `question`.
+fn chat_with_system(id: &str, system: &str, question: &str) -> pb::GenerateRequest {
+    let messages = serde_json::json!([
+        {"role": "system", "content": system.repeat(2048 / system.len() + 1)},
+        {"role": "user", "content": question},
+    ]);
+    pb::GenerateRequest {
+        request_id: id.into(),
+        prompt: Some(pb::generate_request::Prompt::Chat(pb::ChatPrompt {
+            messages_json: messages.to_string(),
+            add_generation_prompt: true,
+            template_kwargs_json: String::new(),
+        })),
+        n: 1,
+        ..Default::default()
+    }
+}
+
+/// Runs `request` to its end and returns the replica that served it.
+async fn served_by(head: &TestHead, workers: &[FakeWorker], request: pb::GenerateRequest) -> String {
+    let id = request.request_id.clone();
+    let events = collect(head.cluster.generate("m", request).await.expect("routable")).await;
+    assert!(events.iter().all(Result::is_ok), "{events:?}");
+    let replicas: Vec<String> = workers
+        .iter()
+        .flat_map(|w| w.state.generates.lock().unwrap().clone())
+        .filter(|g| g.request_id == id)
+        .map(|g| g.replica_id)
+        .collect();
+    assert_eq!(replicas.len(), 1, "`{id}` was sent once");
+    replicas[0].clone()
+}
+
+#[tokio::test]
+async fn requests_sharing_a_long_prefix_land_on_one_replica_while_others_spread() {
+    let (head, workers) = cluster_with(3).await;
+    let mut shared = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let request = chat_with_system(&format!("s{i}"), "You answer questions about Rust. ", &format!("question {i}"));
+        shared.insert(served_by(&head, &workers, request).await);
+    }
+    assert_eq!(shared.len(), 1, "one replica serves the shared system prompt: {shared:?}");
+
+    // Long prompts without a common head: power of two choices over equal loads spreads them.
+    let mut spread = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..30 {
+        let request = chat_with_system(&format!("d{i}"), &format!("Persona number {i}. "), "hello");
+        *spread.entry(served_by(&head, &workers, request).await).or_default() += 1;
+    }
+    assert_eq!(spread.len(), 3, "every replica takes some: {spread:?}");
+}
+
+#[tokio::test]
+async fn an_overloaded_affine_replica_is_bypassed_and_the_new_choice_is_remembered() {
+    let (head, workers) = cluster_with(3).await;
+    let request = |i: usize| chat_with_system(&format!("r{i}"), "Shared instructions. ", &format!("q{i}"));
+    let affine = served_by(&head, &workers, request(0)).await;
+    let busy = workers.iter().find(|w| w.hosted_ids().contains(&affine)).expect("host");
+    busy.report_load(&affine, 40, 0);
+    eventually("the affine replica's load arrives", || {
+        head.cluster.snapshot().replicas.iter().any(|r| r.stats.as_ref().is_some_and(|s| s.running == 40))
+    })
+    .await;
+
+    let mut next = std::collections::BTreeSet::new();
+    for i in 1..6 {
+        next.insert(served_by(&head, &workers, request(i)).await);
+    }
+    assert!(!next.contains(&affine), "the overloaded replica was bypassed");
+    assert_eq!(next.len(), 1, "the replica chosen instead keeps the prefix: {next:?}");
+}
+
+#[tokio::test]
+async fn affine_replica_at_max_ongoing_requests_is_bypassed() {
+    let llm = Deployment { max_ongoing_requests: 1, ..deployment("llm", "m", 2) };
+    let (head, workers) = cluster_of(llm, 2).await;
+    let request = |i: usize| chat_with_system(&format!("r{i}"), "Shared instructions. ", &format!("q{i}"));
+    let affine = served_by(&head, &workers, request(0)).await;
+    for worker in &workers {
+        worker.script_generate(GenerateScript::Hold);
+    }
+    let held = head.cluster.generate("m", request(1)).await.expect("routable");
+    let second = head.cluster.generate("m", request(2)).await.expect("the other replica takes it");
+    let replica_of_request = |id: &str| {
+        workers
+            .iter()
+            .flat_map(|w| w.state.generates.lock().unwrap().clone())
+            .find(|g| g.request_id == id)
+            .map(|g| g.replica_id)
+    };
+    assert_eq!(replica_of_request("r1"), Some(affine.clone()));
+    assert!(replica_of_request("r2").is_some_and(|r| r != affine));
+    drop((held, second));
+}
+
+#[tokio::test]
+async fn a_request_waits_for_a_replica_that_is_starting() {
+    let head = start_head(settings(), vec![deployment("llm", "m", 1)]).await;
+    let mut worker = FakeWorker::start("w1").await;
+    let gate = Gate::closed();
+    worker.script_start(StartScript::RunWhenOpened(gate.clone()));
+    worker.join(&head).await;
+    eventually("the replica is starting", || {
+        head.cluster.snapshot().replicas.iter().any(|r| r.state == ReplicaState::Starting)
+    })
+    .await;
+
+    let cluster = head.cluster.clone();
+    let waiting = tokio::spawn(async move {
+        collect(cluster.generate("m", chat_request("early")).await?).await.into_iter().collect::<Result<Vec<_>, _>>()
+    });
+    let tokenize = {
+        let cluster = head.cluster.clone();
+        let request = pb::TokenizeRequest {
+            input: Some(pb::tokenize_request::Input::Text(pb::TextPrompt {
+                text: "hi".into(),
+                add_special_tokens: false,
+            })),
+            ..Default::default()
+        };
+        tokio::spawn(async move { cluster.tokenize("m", request).await })
+    };
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished() && !tokenize.is_finished(), "nothing can answer before the replica runs");
+    gate.open();
+    let events = within_10s(waiting).await.expect("task").expect("served once the replica runs");
+    assert!(matches!(events.last().and_then(|e| e.event.as_ref()), Some(Event::Finished(_))));
+    assert_eq!(within_10s(tokenize).await.expect("task").expect("tokenized").token_ids, [104, 105]);
+    assert_eq!(worker.generates_for(&worker.hosted_ids()[0]), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_stops_waiting() {
+    let head = start_head(settings(), vec![deployment("llm", "m", 1)]).await;
+    let mut worker = FakeWorker::start("w1").await;
+    let gate = Gate::closed();
+    worker.script_start(StartScript::RunWhenOpened(gate.clone()));
+    worker.join(&head).await;
+    eventually("the replica is starting", || !worker.state.starts.lock().unwrap().is_empty()).await;
+
+    let cluster = head.cluster.clone();
+    let gone = tokio::spawn(async move { cluster.generate("m", chat_request("gone")).await.map(drop) });
+    tokio::task::yield_now().await;
+    gone.abort();
+    assert!(gone.await.is_err_and(|e| e.is_cancelled()), "it was still waiting when dropped");
+    gate.open();
+    until_routable(&head, "llm", 1).await;
+    collect(head.cluster.generate("m", chat_request("later")).await.expect("routable")).await;
+    let sent: Vec<String> = worker.state.generates.lock().unwrap().iter().map(|g| g.request_id.clone()).collect();
+    assert_eq!(sent, ["later"], "the dropped request never reached the worker");
+    assert_eq!(head.cluster.snapshot().replicas[0].in_flight, 0);
+}
+
+#[tokio::test]
+async fn waiting_gives_up_after_the_replica_wait_timeout() {
+    let settings = ClusterSettings { replica_wait_timeout_s: 1, ..settings() };
+    let head = start_head(settings, vec![deployment("llm", "m", 1)]).await;
+    let mut worker = FakeWorker::start("w1").await;
+    worker.script_start(StartScript::RunWhenOpened(Gate::closed()));
+    worker.join(&head).await;
+    eventually("the replica is starting", || !worker.state.starts.lock().unwrap().is_empty()).await;
+    let error = within_10s(head.cluster.generate("m", chat_request("r"))).await.err();
+    assert_eq!(error, Some(BackendError::NoReplica("m".into())));
+}
+
+#[tokio::test]
+async fn a_deployment_whose_starts_fail_answers_at_once_with_its_message() {
+    let head = start_head(settings(), vec![deployment("llm", "m", 1)]).await;
+    let mut worker = FakeWorker::start("w1").await;
+    worker.script_start(StartScript::ReportFailure("out of memory loading weights".into()));
+    worker.join(&head).await;
+    eventually("the failure is recorded", || {
+        head.cluster.snapshot().deployments[0].message.as_deref().is_some_and(|m| m.contains("out of memory"))
+    })
+    .await;
+    // The default wait is 60 s: answering within 10 s means it did not wait for a replica.
+    let error = within_10s(head.cluster.generate("m", chat_request("r"))).await.err();
+    assert!(
+        matches!(&error, Some(BackendError::Unavailable(m)) if m.contains("out of memory loading weights")),
+        "{error:?}"
+    );
 }

@@ -336,3 +336,30 @@ async fn stop_replica_drains_running_requests_then_removes_the_replica() {
     assert!(stats.replicas.is_empty());
     assert!(w.node.replicas().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_health_reports_a_working_engine_healthy_while_idle_and_while_generating() {
+    let mut w = start_worker_with_replica().await;
+    let probe = |stall_timeout_ms| pb::CheckHealthRequest { replica_id: REPLICA.into(), stall_timeout_ms };
+    let idle = w.client.check_health(probe(5_000)).await.unwrap().into_inner();
+    assert!(idle.healthy, "{}", idle.message);
+    assert_eq!((idle.running, idle.waiting, idle.stalled_for_ms), (0, 0, 0));
+
+    let mut stream =
+        w.client.generate(request("probed", chat_prompt("Tell me a long story."), 200)).await.unwrap().into_inner();
+    assert!(matches!(next_event(&mut stream).await, pb::generate_event::Event::Started(_)));
+    assert!(matches!(next_event(&mut stream).await, pb::generate_event::Event::Delta(_)));
+    let first = w.client.check_health(probe(5_000)).await.unwrap().into_inner();
+    assert!(first.healthy, "{}", first.message);
+    assert_eq!(first.running, 1, "the request is in the engine");
+    for _ in 0..4 {
+        next_event(&mut stream).await;
+    }
+    let later = w.client.check_health(probe(5_000)).await.unwrap().into_inner();
+    assert!(later.healthy, "{}", later.message);
+    assert!(later.steps_total > first.steps_total, "the engine stepped: {first:?} then {later:?}");
+    drop(stream);
+
+    let unknown = w.client.check_health(pb::CheckHealthRequest { replica_id: "nope".into(), stall_timeout_ms: 0 });
+    assert_eq!(unknown.await.unwrap_err().code(), Code::NotFound);
+}

@@ -1,26 +1,44 @@
 //! The controller: a reconcile loop that makes the live replicas match the desired deployments.
 //!
 //! Each pass (every `reconcile_interval_ms`, at least once per heartbeat interval, and whenever
-//! deployments or membership change):
+//! deployments, membership or a replica's health change):
 //! 1. marks workers that missed their heartbeats dead (their replicas stop being routable and
 //!    stop counting as live);
-//! 2. per deployment with fewer live (starting or running) replicas than desired, places new
-//!    replicas on live workers with room and calls `StartReplica` with a fresh id; a deployment
-//!    that cannot be placed or whose start failed gets a `message` saying why, and failed starts
-//!    back off exponentially;
-//! 3. per deployment with more, stops the least busy running ones;
-//! 4. stops replicas whose deployment was removed, and clears failed ones.
+//! 2. runs each autoscaled deployment's [`Autoscaler`](super::autoscaler) on its ongoing
+//!    requests, which may move the deployment's target;
+//! 3. per deployment, plans with [`rollout::plan`]: starts missing replicas on live workers with
+//!    room ([`placement`]), drains surplus ones, and rolls replicas of an older version one at a
+//!    time; a deployment that cannot be placed or whose start failed gets a `message` saying
+//!    why, and failed starts back off exponentially;
+//! 4. stops replicas whose deployment was removed, and failed ones (worker-reported or failed
+//!    health checks), which step 3 of the next pass replaces;
+//! 5. sends the health checks that are due ([`health`]).
+//!
+//! A replica's life, as the head sees it:
+//!
+//! ```text
+//!   placed ──▶ Starting ──StartReplica ok──▶ Running ──scale-down / rollout──▶ Stopping ──▶ (gone)
+//!                 │ start failed                │   (not routable; StopReplica drains for
+//!                 ▼                             │    graceful_shutdown_timeout)
+//!              (gone, backoff)                  ├─health check failed / worker reports failure─▶ Failed
+//!                                               │                      (not routable) ──▶ Stopping (no drain)
+//!                                               └─worker dead─▶ not live (not routable; forgotten
+//!                                                               when the worker re-registers without it)
+//! ```
 //!
 //! Planning happens under the state lock and records its intent (a `Starting` or `Stopping`
-//! replica) before the lock is released, so a pass never places the same replica twice; the
-//! gRPC calls run in their own tasks and report back into the state.
+//! replica) before the lock is released, so a pass never places or stops the same replica twice;
+//! the gRPC calls run in their own tasks and report back into the state.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use lumen_proto::v1 as pb;
 
+use super::health::{self, Probe};
+use super::placement;
 use super::registry::{Phase, ReplicaEntry, State};
+use super::rollout::{self, ReplicaView, RolloutProgress, Situation};
 use super::{Cluster, random_u64};
 
 /// The longest wait between retries of a failing deployment.
@@ -34,11 +52,14 @@ enum Action {
         engine_options_json: String,
     },
     /// `restore`: the phase to go back to if the call fails, so the next pass decides again.
+    /// `drain`: how long the worker lets the replica's requests finish.
     Stop {
         replica_id: String,
         worker_id: String,
         restore: Phase,
+        drain: Duration,
     },
+    Probe(Probe),
 }
 
 impl Cluster {
@@ -68,9 +89,15 @@ impl Cluster {
             for worker_id in state.mark_silent_workers_dead(now, deadline) {
                 tracing::warn!(worker = %worker_id, "worker missed its heartbeats; marked dead");
             }
+            autoscale(&mut state, now, deadline);
             let mut actions = Vec::new();
-            scale(&mut state, now, deadline, &mut actions);
-            remove_orphans_and_failures(&mut state, now, deadline, &mut actions);
+            let names: Vec<String> = state.deployments().map(|d| d.spec.name.clone()).collect();
+            for name in names {
+                reconcile_deployment(&mut state, &name, now, deadline, &mut actions);
+            }
+            let orphan_drain = Duration::from_millis(self.settings().replica_drain_timeout_ms);
+            remove_orphans_and_failures(&mut state, now, deadline, orphan_drain, &mut actions);
+            actions.extend(health::due_probes(&mut state, now, deadline).into_iter().map(Action::Probe));
             actions
         };
         for action in actions {
@@ -81,8 +108,11 @@ impl Cluster {
                         async move { cluster.start_replica(replica_id, worker_id, engine_options_json).await },
                     );
                 }
-                Action::Stop { replica_id, worker_id, restore } => {
-                    tokio::spawn(async move { cluster.stop_replica(replica_id, worker_id, restore).await });
+                Action::Stop { replica_id, worker_id, restore, drain } => {
+                    tokio::spawn(async move { cluster.stop_replica(replica_id, worker_id, restore, drain).await });
+                }
+                Action::Probe(probe) => {
+                    tokio::spawn(async move { cluster.run_probe(probe).await });
                 }
             }
         }
@@ -115,14 +145,13 @@ impl Cluster {
         }
     }
 
-    async fn stop_replica(&self, replica_id: String, worker_id: String, restore: Phase) {
-        tracing::info!(replica = %replica_id, worker = %worker_id, "stopping replica");
-        let drain = self.settings().replica_drain_timeout_ms;
+    async fn stop_replica(&self, replica_id: String, worker_id: String, restore: Phase, drain: Duration) {
+        tracing::info!(replica = %replica_id, worker = %worker_id, drain_ms = drain.as_millis() as u64, "stopping replica");
         let request = pb::StopReplicaRequest {
             replica_id: replica_id.clone(),
-            drain_timeout_ms: u32::try_from(drain).unwrap_or(u32::MAX),
+            drain_timeout_ms: u32::try_from(drain.as_millis()).unwrap_or(u32::MAX),
         };
-        let grace = Duration::from_millis(drain) + Duration::from_secs(30);
+        let grace = drain.saturating_add(Duration::from_secs(30));
         let result = match self.worker_client(&worker_id) {
             Err(message) => Err(message),
             Ok(mut client) => match tokio::time::timeout(grace, client.stop_replica(request)).await {
@@ -149,7 +178,7 @@ impl Cluster {
         }
     }
 
-    fn worker_client(
+    pub(super) fn worker_client(
         &self,
         worker_id: &str,
     ) -> Result<pb::worker_client::WorkerClient<tonic::transport::Channel>, String> {
@@ -159,70 +188,117 @@ impl Cluster {
     }
 }
 
-/// Steps 2 and 3: start missing replicas, stop surplus ones.
-fn scale(state: &mut State, now: Instant, deadline: Duration, actions: &mut Vec<Action>) {
-    let specs: Vec<_> = state.deployments().map(|d| (d.spec.clone(), d.retry_at)).collect();
-    for (spec, retry_at) in specs {
-        let live = state.live_replicas(&spec.name, now, deadline).count();
-        let running = state.routable_replicas(&spec.name, now, deadline).count();
-        let desired = spec.num_replicas as usize;
-        if running == desired
-            && live == desired
-            && let Some(d) = state.deployment_mut(&spec.name)
-        {
-            d.message = None;
-            d.failures = 0;
+/// Step 2: feeds each autoscaler its deployment's load and applies its decision.
+fn autoscale(state: &mut State, now: Instant, deadline: Duration) {
+    let loads: Vec<u64> = state.deployments().map(|d| state.ongoing_requests(&d.spec.name, now, deadline)).collect();
+    for (entry, load) in state.deployments_mut().zip(loads) {
+        let current = entry.target_replicas;
+        let Some(autoscaler) = entry.autoscaler.as_mut() else { continue };
+        autoscaler.observe(now, load as f64);
+        let target = autoscaler.decide(now, current);
+        entry.set_target(target);
+    }
+}
+
+/// Step 3 for one deployment: plan, place the starts, drain the stops, explain the state.
+fn reconcile_deployment(state: &mut State, name: &str, now: Instant, deadline: Duration, actions: &mut Vec<Action>) {
+    let Some(entry) = state.deployment(name) else { return };
+    let spec = entry.spec.clone();
+    let version = entry.version;
+    let target = entry.target_replicas as usize;
+    let backing_off = entry.retry_at.is_some_and(|at| now < at);
+    let views: Vec<ReplicaView> = state
+        .live_replicas(name, now, deadline)
+        .map(|r| ReplicaView {
+            id: r.id.clone(),
+            current: entry.is_current(r),
+            running: r.is_running(),
+            load: r.load(),
+        })
+        .collect();
+    let situation = Situation {
+        target,
+        may_start: !backing_off,
+        room_for_one: placement::choose_worker(state, &spec, now, deadline).is_some(),
+        stopping: state.replicas.values().filter(|r| r.deployment == name && r.phase == Phase::Stopping).count(),
+    };
+    let plan = rollout::plan(&views, situation);
+
+    let reason = if plan.rollout.is_some() { "rolling update" } else { "scale-down" };
+    for replica_id in &plan.stop {
+        drain_replica(state, replica_id, spec.graceful_shutdown_timeout, reason, actions);
+    }
+    let mut unplaced = None;
+    for _ in 0..plan.start {
+        let Some(worker_id) = placement::choose_worker(state, &spec, now, deadline) else {
+            let placed = state.live_replicas(name, now, deadline).count();
+            unplaced = Some(placement::no_room_message(state, &spec, now, deadline, placed, target));
+            break;
+        };
+        let replica_id = format!("{}-{:08x}", spec.name, random_u64() as u32);
+        let mut replica = ReplicaEntry::new(replica_id.clone(), spec.name.clone(), worker_id.clone(), Phase::Starting);
+        replica.spec_version = Some(version);
+        state.replicas.insert(replica_id.clone(), replica);
+        actions.push(Action::Start { replica_id, worker_id, engine_options_json: spec.engine_options_json.clone() });
+    }
+
+    let running = state.routable_replicas(name, now, deadline).count();
+    let live = state.live_replicas(name, now, deadline).count();
+    let draining = state.replicas.values().any(|r| r.deployment == name && r.phase == Phase::Stopping);
+    let Some(entry) = state.deployment_mut(name) else { return };
+    if let Some(message) = unplaced {
+        entry.message = Some(message);
+    } else if let Some(progress) = plan.rollout {
+        if !backing_off {
+            entry.message = Some(rollout_message(progress, target));
         }
-        if live < desired && retry_at.is_none_or(|at| now >= at) {
-            for _ in live..desired {
-                let Some(worker_id) = state.choose_worker(&spec.name, now, deadline) else {
-                    let message = no_room_message(state, now, deadline, live, desired);
-                    if let Some(d) = state.deployment_mut(&spec.name) {
-                        d.message = Some(message);
-                    }
-                    break;
-                };
-                let replica_id = format!("{}-{:08x}", spec.name, random_u64() as u32);
-                state.replicas.insert(
-                    replica_id.clone(),
-                    ReplicaEntry::new(replica_id.clone(), spec.name.clone(), worker_id.clone(), Phase::Starting),
-                );
-                actions.push(Action::Start {
-                    replica_id,
-                    worker_id,
-                    engine_options_json: spec.engine_options_json.clone(),
-                });
-            }
-        } else if live > desired {
-            let mut surplus: Vec<(u64, String, String)> = state
-                .routable_replicas(&spec.name, now, deadline)
-                .map(|r| (r.load(), r.id.clone(), r.worker_id.clone()))
-                .collect();
-            surplus.sort();
-            for (_, replica_id, worker_id) in surplus.into_iter().take(live - desired) {
-                if let Some(replica) = state.replicas.get_mut(&replica_id) {
-                    replica.phase = Phase::Stopping;
-                }
-                actions.push(Action::Stop { replica_id, worker_id, restore: Phase::Running });
-            }
+    } else if running == target && live == target {
+        entry.message = None;
+        entry.failures = 0;
+        if !draining {
+            entry.scaling = None;
         }
     }
 }
 
-fn no_room_message(state: &State, now: Instant, deadline: Duration, live: usize, desired: usize) -> String {
-    let workers = state.workers.values().filter(|w| w.is_live(now, deadline)).count();
-    if workers == 0 {
-        return format!("{live} of {desired} replicas placed: no live worker is registered");
+/// Takes a running replica out of routing and asks its worker to drain and stop it.
+fn drain_replica(state: &mut State, replica_id: &str, drain: Duration, reason: &str, actions: &mut Vec<Action>) {
+    let Some(replica) = state.replicas.get_mut(replica_id) else { return };
+    if replica.phase != Phase::Running {
+        return;
     }
-    format!(
-        "{live} of {desired} replicas placed: none of the {workers} live workers has a free device \
-         (a CUDA worker hosts one replica per device)"
-    )
+    tracing::info!(replica = %replica_id, worker = %replica.worker_id, reason,
+        in_flight = replica.in_flight.load(std::sync::atomic::Ordering::Relaxed), "draining replica");
+    replica.phase = Phase::Stopping;
+    actions.push(Action::Stop {
+        replica_id: replica_id.to_owned(),
+        worker_id: replica.worker_id.clone(),
+        restore: Phase::Running,
+        drain,
+    });
 }
 
-/// Step 4: stop replicas of removed deployments, clear failed replicas. Replicas on dead workers
-/// are only forgotten (nobody to call); the worker reports them again if it comes back.
-fn remove_orphans_and_failures(state: &mut State, now: Instant, deadline: Duration, actions: &mut Vec<Action>) {
+fn rollout_message(progress: RolloutProgress, target: usize) -> String {
+    let mut message = format!(
+        "updating to a new version: {} of {target} replicas updated, {} still on an old version",
+        progress.updated, progress.outdated
+    );
+    if progress.in_place {
+        message.push_str("; no worker has room for an extra replica, so an old one is stopped first");
+    }
+    message
+}
+
+/// Step 4: stop replicas of removed deployments (draining them for `orphan_drain`), stop failed
+/// replicas (no drain: their requests are stuck or gone). Replicas on dead workers are only
+/// forgotten (nobody to call); the worker reports them again if it comes back.
+fn remove_orphans_and_failures(
+    state: &mut State,
+    now: Instant,
+    deadline: Duration,
+    orphan_drain: Duration,
+    actions: &mut Vec<Action>,
+) {
     let doomed: Vec<(String, String, bool)> = state
         .replicas
         .values()
@@ -244,8 +320,9 @@ fn remove_orphans_and_failures(state: &mut State, now: Instant, deadline: Durati
         let Some(replica) = state.replicas.get_mut(&replica_id) else { continue };
         if worker_live && replica.phase != Phase::Starting {
             let restore = replica.phase;
+            let drain = if restore == Phase::Failed { Duration::ZERO } else { orphan_drain };
             replica.phase = Phase::Stopping;
-            actions.push(Action::Stop { replica_id, worker_id, restore });
+            actions.push(Action::Stop { replica_id, worker_id, restore, drain });
         } else if !worker_live {
             state.replicas.remove(&replica_id);
         }

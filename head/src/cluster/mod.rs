@@ -5,8 +5,17 @@
 //! set_deployments ──▶ State (one mutex) ◀── Head service (Register, Heartbeat streams)
 //!                       │      ▲
 //!        run_controller ┘      └ router: pick a replica (power of two choices) ──▶ Worker gRPC
-//!   (StartReplica / StopReplica)
+//!   (StartReplica / StopReplica / CheckHealth)
 //! ```
+//!
+//! The controller (`controller`) reconciles on every pass: the autoscaler (`autoscaler`) moves
+//! a deployment's target, the replica plan (`rollout`) scales or rolls a changed deployment one
+//! replica at a time, placement (`placement`) finds a worker with room, and health checks
+//! (`health`) turn a stuck replica into a failed one that is replaced. Replica phases:
+//! `Starting -> Running -> Stopping -> gone`, with `Running -> Failed -> Stopping` for a failed
+//! health check or a failure the worker reports; only `Running` replicas are routable, so a
+//! drained (scale-down, rollout) or failed replica takes no new request from the moment it is
+//! chosen.
 //!
 //! Invariants:
 //! - All cluster state lives in one [`registry::State`] behind one `std::sync::Mutex`; the lock is
@@ -18,10 +27,15 @@
 //! - The head counts its own in-flight requests per replica with a guard that lives inside the
 //!   returned event stream, so a dropped stream both cancels the gRPC call and releases the count.
 
+mod affinity;
+mod autoscaler;
 mod controller;
 mod head_service;
+mod health;
+mod placement;
 mod registry;
 mod replica_client;
+mod rollout;
 mod router;
 mod snapshot;
 
@@ -65,6 +79,10 @@ pub struct ClusterSettings {
     /// milliseconds.
     #[arg(long, env = "LUMEN_REPLICA_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
     pub replica_drain_timeout_ms: u64,
+    /// How long a request for a deployed model with no running replica waits for one that is
+    /// starting (or about to be placed), in seconds; 0 answers 503 at once.
+    #[arg(long, env = "LUMEN_REPLICA_WAIT_TIMEOUT_S", default_value_t = 60)]
+    pub replica_wait_timeout_s: u64,
 }
 
 impl Default for ClusterSettings {
@@ -75,6 +93,7 @@ impl Default for ClusterSettings {
             reconcile_interval_ms: 1000,
             replica_start_timeout_s: 1800,
             replica_drain_timeout_ms: 30_000,
+            replica_wait_timeout_s: 60,
         }
     }
 }
@@ -115,6 +134,9 @@ struct Inner {
     /// Wakes the controller when deployments or membership change.
     changed: Notify,
     clients: ClientPool,
+    /// The router's prefix -> replica hints (see [`affinity`]); locked after `state`, never
+    /// held across an `.await`.
+    affinity: Mutex<affinity::PrefixAffinity>,
 }
 
 impl Cluster {
@@ -125,6 +147,7 @@ impl Cluster {
                 state: Mutex::new(State::default()),
                 changed: Notify::new(),
                 clients: ClientPool::default(),
+                affinity: Mutex::default(),
             }),
         }
     }

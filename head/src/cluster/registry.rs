@@ -9,9 +9,14 @@
 //! - A replica's `deployment` may name a deployment that no longer exists (an orphan); the
 //!   controller stops orphans, but only after deployments were set at least once, so a restarted
 //!   head does not stop replicas that workers report before the serve config is loaded.
-//! - A CUDA worker hosts at most one replica per device; a CPU worker hosts any number.
+//! - Placement (see `placement`): a replica needing GPUs takes whole devices of a CUDA worker; a
+//!   CPU worker hosts any number of CPU replicas.
+//! - A deployment's `version` hashes what its replicas run (served model name and engine
+//!   options); a replica remembers the version it was started with, so a changed deployment is
+//!   rolled replica by replica while a change of replica count only scales.
 
 use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,6 +26,7 @@ use lumen_proto::v1 as pb;
 use crate::config::AutoscalingConfig;
 
 use super::ClusterError;
+use super::autoscaler::{Autoscaler, ScaleDirection};
 
 /// One desired deployment: a model, how many replicas serve it, and how they are run.
 #[derive(Clone, Debug, PartialEq)]
@@ -96,16 +102,99 @@ pub(super) fn validate_deployments(deployments: &[Deployment]) -> Result<(), Clu
     Ok(())
 }
 
+/// What a deployment's replicas run: a hash of the served model name and the engine options.
+/// Stable within one head process (it is never persisted or sent).
+pub(super) fn spec_version(spec: &Deployment) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    spec.model_name.hash(&mut hasher);
+    spec.engine_options_json.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// A deployment with what the controller learnt about it.
 #[derive(Debug)]
 pub(super) struct DeploymentEntry {
     pub spec: Deployment,
+    /// [`spec_version`] of `spec`.
+    pub version: u64,
     pub created_unix_s: u64,
     /// Why the deployment is not fully running, for status APIs; cleared by a successful start.
     pub message: Option<String>,
     /// Consecutive failed starts, for the retry backoff.
     pub failures: u32,
     pub retry_at: Option<Instant>,
+    /// Replicas wanted now: `num_replicas`, or the autoscaler's latest decision.
+    pub target_replicas: u32,
+    /// Present when the deployment has an `autoscaling_config`.
+    pub autoscaler: Option<Autoscaler>,
+    /// Set when the target moved (autoscaler or a new `num_replicas`) until it is reached.
+    pub scaling: Option<ScaleDirection>,
+}
+
+impl DeploymentEntry {
+    fn new(spec: Deployment) -> Self {
+        let autoscaler = spec.autoscaling.clone().map(|config| Autoscaler::new(&spec.name, config));
+        let target_replicas = autoscaler.as_ref().map_or(spec.num_replicas, |a| a.clamp(spec.num_replicas));
+        DeploymentEntry {
+            version: spec_version(&spec),
+            created_unix_s: unix_ms() / 1000,
+            message: None,
+            failures: 0,
+            retry_at: None,
+            target_replicas,
+            autoscaler,
+            scaling: None,
+            spec,
+        }
+    }
+
+    /// Applies a new spec to an existing deployment: failures are forgiven when it changed, an
+    /// autoscaled deployment keeps its current target (clamped to the new bounds), a fixed one
+    /// takes the new `num_replicas`.
+    fn update(&mut self, spec: Deployment) {
+        if self.spec == spec {
+            return;
+        }
+        self.failures = 0;
+        self.retry_at = None;
+        let target = match (&spec.autoscaling, &mut self.autoscaler) {
+            (None, _) => {
+                self.autoscaler = None;
+                spec.num_replicas
+            }
+            (Some(config), Some(autoscaler)) => {
+                autoscaler.reconfigure(config.clone());
+                autoscaler.clamp(self.target_replicas)
+            }
+            (Some(config), None) => {
+                let autoscaler = Autoscaler::new(&spec.name, config.clone());
+                let target = autoscaler.clamp(self.target_replicas);
+                self.autoscaler = Some(autoscaler);
+                target
+            }
+        };
+        self.set_target(target);
+        self.version = spec_version(&spec);
+        self.spec = spec;
+    }
+
+    /// Moves the target, remembering the direction for the status until it is reached.
+    pub fn set_target(&mut self, target: u32) {
+        if target != self.target_replicas {
+            self.scaling = Some(if target > self.target_replicas { ScaleDirection::Up } else { ScaleDirection::Down });
+            self.target_replicas = target;
+        }
+    }
+
+    /// Whether `replica` runs this deployment's current version. A replica adopted from a worker
+    /// (version unknown, e.g. after a head restart) counts as current when it serves the
+    /// deployment's model name, so a restarted head does not roll every replica.
+    pub fn is_current(&self, replica: &ReplicaEntry) -> bool {
+        match replica.spec_version {
+            Some(version) => version == self.version,
+            None => replica.info.as_ref().is_none_or(|info| info.model_name == self.spec.model_name),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -125,13 +214,9 @@ impl WorkerEntry {
         self.alive && now.saturating_duration_since(self.last_seen) <= deadline
     }
 
-    /// How many replicas fit: one per device on CUDA, unbounded on the CPU.
-    pub fn capacity(&self) -> Option<usize> {
-        if self.resources.device_kind.eq_ignore_ascii_case("cuda") {
-            Some(self.resources.device_count.max(1) as usize)
-        } else {
-            None
-        }
+    /// Whether it runs replicas on GPUs (one device each) rather than the CPU.
+    pub fn is_cuda(&self) -> bool {
+        self.resources.device_kind.eq_ignore_ascii_case("cuda")
     }
 }
 
@@ -158,6 +243,12 @@ pub(super) struct ReplicaEntry {
     pub message: Option<String>,
     /// Requests the head has in flight on this replica (see `router::InFlight`).
     pub in_flight: Arc<AtomicU32>,
+    /// The deployment version it was started with (`None`: adopted from a worker's report).
+    pub spec_version: Option<u64>,
+    /// When the next health check is due (set once it runs).
+    pub next_health_check: Option<Instant>,
+    /// A `CheckHealth` call is in flight.
+    pub health_check_in_flight: bool,
 }
 
 impl ReplicaEntry {
@@ -171,7 +262,15 @@ impl ReplicaEntry {
             stats: None,
             message: None,
             in_flight: Arc::new(AtomicU32::new(0)),
+            spec_version: None,
+            next_health_check: None,
+            health_check_in_flight: false,
         }
+    }
+
+    /// Routable: running, not draining, not failed (the worker's liveness is checked apart).
+    pub fn is_running(&self) -> bool {
+        self.phase == Phase::Running
     }
 
     /// Head-side in-flight requests plus the replica's last reported running and waiting.
@@ -202,20 +301,10 @@ impl State {
             .into_iter()
             .map(|spec| match old.remove(&spec.name) {
                 Some(mut entry) => {
-                    if entry.spec != spec {
-                        entry.failures = 0;
-                        entry.retry_at = None;
-                    }
-                    entry.spec = spec;
+                    entry.update(spec);
                     entry
                 }
-                None => DeploymentEntry {
-                    spec,
-                    created_unix_s: unix_ms() / 1000,
-                    message: None,
-                    failures: 0,
-                    retry_at: None,
-                },
+                None => DeploymentEntry::new(spec),
             })
             .collect();
         self.deployments_set = true;
@@ -227,6 +316,10 @@ impl State {
 
     pub fn deployment(&self, name: &str) -> Option<&DeploymentEntry> {
         self.deployments.iter().find(|d| d.spec.name == name)
+    }
+
+    pub fn deployments_mut(&mut self) -> impl Iterator<Item = &mut DeploymentEntry> {
+        self.deployments.iter_mut()
     }
 
     pub fn deployment_mut(&mut self, name: &str) -> Option<&mut DeploymentEntry> {
@@ -349,6 +442,21 @@ impl State {
         })
     }
 
+    /// The autoscaler's load signal for `deployment`: the head's in-flight requests plus the
+    /// waiting requests workers last reported, over its replicas on live workers (draining ones
+    /// included: their requests are still being served).
+    pub fn ongoing_requests(&self, deployment: &str, now: Instant, deadline: Duration) -> u64 {
+        self.replicas
+            .values()
+            .filter(|r| r.deployment == deployment && r.phase != Phase::Failed)
+            .filter(|r| self.worker_is_live(&r.worker_id, now, deadline))
+            .map(|r| {
+                let waiting = r.stats.as_ref().map_or(0, |s| u64::from(s.waiting));
+                u64::from(r.in_flight.load(Ordering::Relaxed)) + waiting
+            })
+            .sum()
+    }
+
     /// Replicas of `deployment` that can take a request now.
     pub fn routable_replicas<'a>(
         &'a self,
@@ -357,23 +465,6 @@ impl State {
         deadline: Duration,
     ) -> impl Iterator<Item = &'a ReplicaEntry> + 'a {
         self.live_replicas(deployment, now, deadline).filter(|r| r.phase == Phase::Running)
-    }
-
-    /// The live worker with room for one more replica of `deployment`: fewest replicas of that
-    /// deployment first (spread), then fewest replicas overall.
-    pub fn choose_worker(&self, deployment: &str, now: Instant, deadline: Duration) -> Option<String> {
-        self.workers
-            .values()
-            .filter(|w| w.is_live(now, deadline))
-            .filter_map(|w| {
-                let hosted: Vec<&ReplicaEntry> =
-                    self.replicas.values().filter(|r| r.worker_id == w.id && r.phase != Phase::Failed).collect();
-                let fits = w.capacity().is_none_or(|cap| hosted.len() < cap);
-                let same = hosted.iter().filter(|r| r.deployment == deployment).count();
-                fits.then_some(((same, hosted.len()), &w.id))
-            })
-            .min()
-            .map(|(_, id)| id.clone())
     }
 }
 
@@ -426,24 +517,6 @@ mod tests {
     }
 
     #[test]
-    fn cuda_worker_hosts_one_replica_per_device_and_cpu_worker_many() {
-        let mut state = State::default();
-        register(&mut state, "gpu", "cuda", 1, vec![running("llm-1", "m")]);
-        assert_eq!(state.choose_worker("llm", Instant::now(), DEADLINE), None);
-        register(&mut state, "cpu", "cpu", 0, vec![running("llm-2", "m"), running("llm-3", "m")]);
-        assert_eq!(state.choose_worker("llm", Instant::now(), DEADLINE).as_deref(), Some("cpu"));
-    }
-
-    #[test]
-    fn placement_spreads_a_deployment_across_workers() {
-        let mut state = State::default();
-        state.set_deployments(vec![deployment("llm", "m"), deployment("other", "o")]);
-        register(&mut state, "a", "cpu", 0, vec![running("llm-1", "m")]);
-        register(&mut state, "b", "cpu", 0, vec![running("other-1", "o"), running("other-2", "o")]);
-        assert_eq!(state.choose_worker("llm", Instant::now(), DEADLINE).as_deref(), Some("b"));
-    }
-
-    #[test]
     fn re_registration_adopts_reported_replicas_and_forgets_vanished_ones() {
         let mut state = State::default();
         state.set_deployments(vec![deployment("llm", "m")]);
@@ -470,5 +543,52 @@ mod tests {
     fn heartbeat_from_unknown_worker_is_refused() {
         let hb = pb::WorkerHeartbeat { worker_id: "nobody".into(), ..Default::default() };
         assert!(State::default().record_heartbeat(&hb, Instant::now()).is_err());
+    }
+
+    #[test]
+    fn new_options_make_a_new_version_and_a_new_count_only_moves_the_target() {
+        let mut state = State::default();
+        state.set_deployments(vec![deployment("llm", "m")]);
+        let first = state.deployment("llm").map(|d| d.version);
+        state.set_deployments(vec![Deployment { num_replicas: 3, ..deployment("llm", "m") }]);
+        let d = state.deployment("llm").expect("kept");
+        assert_eq!((Some(d.version), d.target_replicas, d.scaling), (first, 3, Some(ScaleDirection::Up)));
+        state.set_deployments(vec![Deployment { engine_options_json: r#"{"a":1}"#.into(), ..deployment("llm", "m") }]);
+        let d = state.deployment("llm").expect("kept");
+        assert_ne!(Some(d.version), first);
+        assert_eq!((d.target_replicas, d.scaling), (1, Some(ScaleDirection::Down)));
+    }
+
+    #[test]
+    fn an_autoscaled_deployment_keeps_its_target_within_the_new_bounds() {
+        let autoscaled = |min, max| Deployment {
+            autoscaling: Some(AutoscalingConfig {
+                min_replicas: min,
+                initial_replicas: None,
+                max_replicas: max,
+                target_ongoing_requests: 2.0,
+                upscale_delay_s: 30.0,
+                downscale_delay_s: 600.0,
+            }),
+            num_replicas: min,
+            ..deployment("llm", "m")
+        };
+        let mut state = State::default();
+        state.set_deployments(vec![autoscaled(1, 8)]);
+        state.deployment_mut("llm").expect("set").set_target(6);
+        state.set_deployments(vec![autoscaled(2, 8)]);
+        assert_eq!(state.deployment("llm").map(|d| d.target_replicas), Some(6), "a redeploy keeps the target");
+        state.set_deployments(vec![autoscaled(1, 4)]);
+        assert_eq!(state.deployment("llm").map(|d| d.target_replicas), Some(4), "clamped to max_replicas");
+    }
+
+    #[test]
+    fn an_adopted_replica_is_current_when_it_serves_the_deployments_model() {
+        let mut state = State::default();
+        state.set_deployments(vec![deployment("llm", "m")]);
+        register(&mut state, "w", "cpu", 0, vec![running("llm-aaaa", "m"), running("llm-bbbb", "old-name")]);
+        let d = state.deployment("llm").expect("set");
+        let current: Vec<bool> = state.replicas.values().map(|r| d.is_current(r)).collect();
+        assert_eq!(current, [true, false]);
     }
 }

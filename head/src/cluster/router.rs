@@ -1,19 +1,26 @@
-//! The router: [`Backend`] for [`Cluster`]. Picks a replica of the requested model by power of
-//! two choices on load and forwards the request to its worker over gRPC.
+//! The router: [`Backend`] for [`Cluster`]. Picks a replica of the requested model (prefix
+//! affinity, else power of two choices on load) and forwards the request to its worker over gRPC.
 //!
 //! Contract:
 //! - Load of a replica = requests the head has in flight on it + the running and waiting
-//!   requests it last reported. Of two distinct random routable replicas, the less loaded wins.
+//!   requests it last reported. Of two distinct random routable replicas, the less loaded wins,
+//!   unless a replica that served the prompt's prefix can take it ([`super::affinity`]).
 //! - A replica with `max_ongoing_requests` head-side requests in flight takes no more; when every
 //!   replica is full the request is refused as `Overloaded`.
+//! - A model with no running replica: unknown models are `ModelNotFound` at once. Otherwise the
+//!   request waits (up to `replica_wait_timeout_s`, polling the state) while a replica of the
+//!   deployment is starting or the deployment has not said why it has none (the controller is
+//!   about to place one). A deployment with a `message` and nothing starting (UNHEALTHY: failed
+//!   starts, no worker, no room) answers `Unavailable` with that message at once. Dropping the
+//!   request (a client gone) stops the wait.
 //! - A call that fails before its first event is retried once on another replica (not when the
 //!   replica rejected the request as invalid: another would too). After the first event, failures
 //!   become an `Err` item and end the stream, as does a stream that ends without `finished`.
 //! - Dropping the returned stream drops the gRPC call, which cancels it on the worker.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::stream;
@@ -21,13 +28,24 @@ use lumen_proto::v1 as pb;
 use pb::worker_client::WorkerClient;
 use tonic::transport::Channel;
 
-use super::registry::ReplicaEntry;
+use super::affinity::{self, PrefixAffinity, PrefixKeys};
+use super::registry::{DeploymentEntry, Phase, ReplicaEntry, State};
 use super::replica_client::status_to_error;
 use super::{Cluster, random_u64};
 use crate::backend::{Backend, BackendError, EventStream, ModelCard};
 
 /// Timeout of the unary calls (`Tokenize`, `Detokenize`).
 const UNARY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a request waiting for a replica looks at the state again.
+const WAIT_POLL: Duration = Duration::from_millis(50);
+
+/// Why no replica was picked.
+enum Unroutable {
+    /// The answer to give now.
+    Refused(BackendError),
+    /// Nothing runs yet, but a replica is starting or about to be placed.
+    Pending,
+}
 
 /// A chosen replica and how to reach it.
 struct Pick {
@@ -71,26 +89,58 @@ fn retryable(error: &BackendError) -> bool {
     !matches!(error, BackendError::InvalidRequest { .. })
 }
 
+/// Why `deployment` has no routable replica: worth waiting while a replica is starting or the
+/// controller has not given a reason (it is placing one); refused with the reason otherwise.
+fn why_none_runs(
+    state: &State,
+    deployment: &DeploymentEntry,
+    model: &str,
+    now: Instant,
+    deadline: Duration,
+) -> Unroutable {
+    let starting = state.live_replicas(&deployment.spec.name, now, deadline).any(|r| r.phase == Phase::Starting);
+    match &deployment.message {
+        Some(message) if !starting => {
+            Unroutable::Refused(BackendError::Unavailable(format!("`{model}` has no running replica: {message}")))
+        }
+        _ => Unroutable::Pending,
+    }
+}
+
 impl Cluster {
-    /// Chooses a routable replica of `model`, skipping the replicas in `exclude`.
-    fn pick(&self, model: &str, exclude: &[String]) -> Result<Pick, BackendError> {
+    /// Chooses a routable replica of `model` that is not in `exclude`, preferring the one that
+    /// served the longest of `keys` (see [`affinity`]), and remembers the choice under `keys`.
+    fn pick(&self, model: &str, exclude: &[String], keys: &PrefixKeys) -> Result<Pick, Unroutable> {
         let state = self.state();
-        let deployment = state.deployment_for_model(model).ok_or_else(|| BackendError::ModelNotFound(model.into()))?;
+        let deployment = state
+            .deployment_for_model(model)
+            .ok_or_else(|| Unroutable::Refused(BackendError::ModelNotFound(model.into())))?;
+        let name = deployment.spec.name.as_str();
         let cap = deployment.spec.max_ongoing_requests;
-        let deadline = self.settings().heartbeat_deadline();
-        let routable: Vec<&ReplicaEntry> = state
-            .routable_replicas(&deployment.spec.name, Instant::now(), deadline)
-            .filter(|r| !exclude.contains(&r.id))
-            .collect();
+        let (now, deadline) = (Instant::now(), self.settings().heartbeat_deadline());
+        let routable: Vec<&ReplicaEntry> =
+            state.routable_replicas(name, now, deadline).filter(|r| !exclude.contains(&r.id)).collect();
         if routable.is_empty() {
-            return Err(BackendError::NoReplica(model.into()));
+            if !exclude.is_empty() {
+                return Err(Unroutable::Refused(BackendError::NoReplica(model.into())));
+            }
+            return Err(why_none_runs(&state, deployment, model, now, deadline));
         }
         let open: Vec<&ReplicaEntry> =
             routable.into_iter().filter(|r| cap == 0 || r.in_flight.load(Ordering::Relaxed) < cap).collect();
+        if open.is_empty() {
+            let message = format!("every replica of `{model}` has {cap} requests in flight");
+            return Err(Unroutable::Refused(BackendError::Overloaded(message)));
+        }
         let loads: Vec<u64> = open.iter().map(|r| r.load()).collect();
-        let chosen = open.get(power_of_two_choices(&loads, random_u64())).ok_or_else(|| {
-            BackendError::Overloaded(format!("every replica of `{model}` has {cap} requests in flight"))
-        })?;
+        let mut hints = self.affinity();
+        let affine = hints.lookup(name, keys, |id| open.iter().position(|r| r.id == id));
+        let index = affinity::prefer(affine, &loads).unwrap_or_else(|| power_of_two_choices(&loads, random_u64()));
+        let chosen = open[index];
+        hints.remember(name, keys, &chosen.id);
+        if hints.deployment_count() > state.deployments().count() {
+            hints.retain_deployments(|d| state.deployment(d).is_some());
+        }
         let address = state.workers.get(&chosen.worker_id).map(|w| w.address.clone()).unwrap_or_default();
         Ok(Pick {
             replica_id: chosen.id.clone(),
@@ -98,6 +148,42 @@ impl Cluster {
             address,
             in_flight: chosen.in_flight.clone(),
         })
+    }
+
+    /// [`Self::pick`], waiting while the deployment is bringing a replica up (only on a first
+    /// try: with `exclude` set, `pick` never answers `Pending`).
+    async fn pick_or_wait(&self, model: &str, exclude: &[String], keys: &PrefixKeys) -> Result<Pick, BackendError> {
+        let timeout = Duration::from_secs(self.settings().replica_wait_timeout_s);
+        let give_up = tokio::time::Instant::now() + timeout;
+        let mut waiting = false;
+        loop {
+            match self.pick(model, exclude, keys) {
+                Ok(pick) => {
+                    if waiting {
+                        tracing::debug!(model, replica = %pick.replica_id, "a replica became routable");
+                    }
+                    return Ok(pick);
+                }
+                Err(Unroutable::Refused(error)) => return Err(error),
+                Err(Unroutable::Pending) if tokio::time::Instant::now() >= give_up => {
+                    if waiting {
+                        tracing::warn!(model, ?timeout, "no replica became routable in time");
+                    }
+                    return Err(BackendError::NoReplica(model.into()));
+                }
+                Err(Unroutable::Pending) => {
+                    if !waiting {
+                        tracing::debug!(model, "no replica runs yet; waiting for one");
+                        waiting = true;
+                    }
+                    tokio::time::sleep_until(give_up.min(tokio::time::Instant::now() + WAIT_POLL)).await;
+                }
+            }
+        }
+    }
+
+    fn affinity(&self) -> MutexGuard<'_, PrefixAffinity> {
+        self.inner.affinity.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn client(&self, pick: &Pick) -> Result<WorkerClient<Channel>, BackendError> {
@@ -135,7 +221,7 @@ impl Cluster {
         let mut tried = Vec::new();
         let mut last_error = None;
         for _ in 0..2 {
-            let pick = match self.pick(model, &tried) {
+            let pick = match self.pick_or_wait(model, &tried, &PrefixKeys::new()).await {
                 Ok(pick) => pick,
                 Err(e) => return Err(last_error.unwrap_or(e)),
             };
@@ -223,10 +309,11 @@ impl Backend for Cluster {
     }
 
     async fn generate(&self, model: &str, request: pb::GenerateRequest) -> Result<EventStream, BackendError> {
+        let keys = affinity::prefix_keys(&request);
         let mut tried = Vec::new();
         let mut last_error = None;
         for _ in 0..2 {
-            let pick = match self.pick(model, &tried) {
+            let pick = match self.pick_or_wait(model, &tried, &keys).await {
                 Ok(pick) => pick,
                 Err(e) => return Err(last_error.unwrap_or(e)),
             };

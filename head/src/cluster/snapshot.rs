@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use lumen_proto::v1 as pb;
 
-use super::registry::{Deployment, Phase, State};
+use super::autoscaler::ScaleDirection;
+use super::registry::{Deployment, DeploymentEntry, Phase, State};
 
 #[derive(Clone, Debug, Default)]
 pub struct ClusterSnapshot {
@@ -41,17 +42,25 @@ pub struct DeploymentSnapshot {
     pub created_unix_s: u64,
     /// Replicas that can take requests now.
     pub running_replicas: u32,
+    /// Replicas wanted now: `num_replicas`, or the autoscaler's latest decision.
+    pub target_replicas: u32,
 }
 
 /// A deployment's health, as Ray Serve names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeploymentStatus {
-    /// Replicas are being started or stopped towards the target.
+    /// Replicas are being started towards a new deployment's target, or replicas of an older
+    /// version are being replaced (a rolling update; see `message`).
     Updating,
     /// As many replicas run as desired.
     Healthy,
     /// Fewer replicas run than desired and nothing is starting to fix it (see `message`).
     Unhealthy,
+    /// The target went up (autoscaler or `num_replicas`) and replicas are being added, or wait
+    /// for capacity (see `message`).
+    Upscaling,
+    /// The target went down and replicas are being drained.
+    Downscaling,
 }
 
 impl DeploymentStatus {
@@ -60,7 +69,52 @@ impl DeploymentStatus {
             Self::Updating => "UPDATING",
             Self::Healthy => "HEALTHY",
             Self::Unhealthy => "UNHEALTHY",
+            Self::Upscaling => "UPSCALING",
+            Self::Downscaling => "DOWNSCALING",
         }
+    }
+}
+
+/// Replica counts of one deployment, as the status is decided from them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    target: usize,
+    /// Routable now.
+    running: usize,
+    /// Starting or running on live workers.
+    live: usize,
+    /// Live replicas on an older version.
+    outdated: usize,
+}
+
+/// The status of a deployment with `counts`, the direction of its last target change (kept by
+/// the controller until the target runs and no replica is draining) and whether the controller
+/// recorded a problem.
+fn status(counts: Counts, scaling: Option<ScaleDirection>, has_message: bool) -> DeploymentStatus {
+    let Counts { target, running, live, outdated } = counts;
+    if outdated > 0 {
+        DeploymentStatus::Updating
+    } else if let Some(direction) = scaling {
+        match direction {
+            ScaleDirection::Up => DeploymentStatus::Upscaling,
+            ScaleDirection::Down => DeploymentStatus::Downscaling,
+        }
+    } else if running == target && live == target {
+        DeploymentStatus::Healthy
+    } else if running < target && live == running && has_message {
+        DeploymentStatus::Unhealthy
+    } else {
+        DeploymentStatus::Updating
+    }
+}
+
+fn counts(state: &State, d: &DeploymentEntry, now: Instant, deadline: Duration) -> Counts {
+    let name = &d.spec.name;
+    Counts {
+        target: d.target_replicas as usize,
+        running: state.routable_replicas(name, now, deadline).count(),
+        live: state.live_replicas(name, now, deadline).count(),
+        outdated: state.live_replicas(name, now, deadline).filter(|r| !d.is_current(r)).count(),
     }
 }
 
@@ -122,22 +176,14 @@ pub(super) fn build(state: &State, deadline: Duration) -> ClusterSnapshot {
     let deployments = state
         .deployments()
         .map(|d| {
-            let running = state.routable_replicas(&d.spec.name, now, deadline).count();
-            let live = state.live_replicas(&d.spec.name, now, deadline).count();
-            let desired = d.spec.num_replicas as usize;
-            let status = if running == desired && live == desired {
-                DeploymentStatus::Healthy
-            } else if running < desired && live == running && d.message.is_some() {
-                DeploymentStatus::Unhealthy
-            } else {
-                DeploymentStatus::Updating
-            };
+            let counts = counts(state, d, now, deadline);
             DeploymentSnapshot {
                 spec: d.spec.clone(),
-                status,
+                status: status(counts, d.scaling, d.message.is_some()),
                 message: d.message.clone(),
                 created_unix_s: d.created_unix_s,
-                running_replicas: u32::try_from(running).unwrap_or(u32::MAX),
+                running_replicas: u32::try_from(counts.running).unwrap_or(u32::MAX),
+                target_replicas: d.target_replicas,
             }
         })
         .collect();
@@ -162,4 +208,25 @@ pub(super) fn build(state: &State, deadline: Duration) -> ClusterSnapshot {
         })
         .collect();
     ClusterSnapshot { workers, deployments, replicas }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(target: usize, running: usize, live: usize, outdated: usize) -> Counts {
+        Counts { target, running, live, outdated }
+    }
+
+    #[test]
+    fn statuses_follow_ray_serve() {
+        use DeploymentStatus::*;
+        assert_eq!(status(counts(2, 2, 2, 0), None, false), Healthy);
+        assert_eq!(status(counts(2, 2, 2, 1), None, true), Updating, "a rolling update is in progress");
+        assert_eq!(status(counts(3, 2, 3, 0), Some(ScaleDirection::Up), false), Upscaling);
+        assert_eq!(status(counts(3, 2, 2, 0), Some(ScaleDirection::Up), true), Upscaling, "waiting for capacity");
+        assert_eq!(status(counts(1, 1, 1, 0), Some(ScaleDirection::Down), false), Downscaling, "draining");
+        assert_eq!(status(counts(2, 1, 1, 0), None, true), Unhealthy, "a lost replica cannot be placed");
+        assert_eq!(status(counts(2, 1, 2, 0), None, false), Updating, "a replacement is starting");
+    }
 }

@@ -72,6 +72,19 @@ pub enum GenerateScript {
     Refuse { code: Code, message: String, param: Option<String> },
     /// `started` and one delta, then fail with this status.
     FailMidStream(Code),
+    /// `started`, then `deltas` deltas `every` apart, then `finished` (a slow stream); if the
+    /// replica is stopped before the end (drain timeout passed), an UNAVAILABLE error instead.
+    Slow { deltas: u32, every: Duration },
+}
+
+/// What a fake worker answers to `CheckHealth`.
+#[derive(Clone, Debug)]
+pub enum HealthScript {
+    Healthy,
+    /// `healthy: false` with this message (a stuck engine).
+    Stuck(String),
+    /// Never answers.
+    Hang,
 }
 
 /// What a fake worker does when asked to start a replica.
@@ -79,6 +92,26 @@ pub enum GenerateScript {
 pub enum StartScript {
     Run,
     ReportFailure(String),
+    /// Run, but only once the gate is open (a replica slow to load its model).
+    RunWhenOpened(Gate),
+}
+
+/// A gate a fake worker waits at until the test opens it; stays open.
+#[derive(Clone, Debug)]
+pub struct Gate(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Gate {
+    pub fn closed() -> Self {
+        Self(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub async fn passed(&self) {
+        let _ = self.0.subscribe().wait_for(|open| *open).await;
+    }
 }
 
 /// Everything a fake worker was asked, and its script.
@@ -94,6 +127,46 @@ pub struct FakeState {
     pub reported_load: Mutex<HashMap<String, (u32, u32)>>,
     pub generate_script: Mutex<GenerateScript>,
     pub start_script: Mutex<StartScript>,
+    pub health_script: Mutex<HealthScript>,
+    /// Replica ids of the `CheckHealth` calls received.
+    pub health_checks: Mutex<Vec<String>>,
+    /// When set, `StopReplica` waits at this gate before draining.
+    pub stop_gate: Mutex<Option<Gate>>,
+    /// Generate streams not yet ended, per replica (what a stop drains).
+    pub active_streams: Mutex<HashMap<String, usize>>,
+    /// Replicas being stopped: they refuse new requests with UNAVAILABLE, as a real worker does.
+    pub draining: Mutex<Vec<String>>,
+    /// Replicas whose drain timeout passed: their slow streams end with an error.
+    pub killed: tokio::sync::watch::Sender<Vec<String>>,
+    /// Per stopped replica: its generate streams still open when `StopReplica` arrived.
+    pub active_at_stop: Mutex<HashMap<String, usize>>,
+}
+
+impl FakeState {
+    pub fn active_streams(&self, replica_id: &str) -> usize {
+        self.active_streams.lock().unwrap().get(replica_id).copied().unwrap_or(0)
+    }
+}
+
+/// Counts one generate stream of a replica in [`FakeState::active_streams`] while it lives.
+struct ActiveStream {
+    state: Arc<FakeState>,
+    replica_id: String,
+}
+
+impl ActiveStream {
+    fn new(state: Arc<FakeState>, replica_id: String) -> Self {
+        *state.active_streams.lock().unwrap().entry(replica_id.clone()).or_default() += 1;
+        Self { state, replica_id }
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        if let Some(n) = self.state.active_streams.lock().unwrap().get_mut(&self.replica_id) {
+            *n -= 1;
+        }
+    }
 }
 
 pub struct FakeWorker {
@@ -117,6 +190,13 @@ impl FakeWorker {
             reported_load: Mutex::default(),
             generate_script: Mutex::new(GenerateScript::Finish { deltas: 3 }),
             start_script: Mutex::new(StartScript::Run),
+            health_script: Mutex::new(HealthScript::Healthy),
+            health_checks: Mutex::default(),
+            stop_gate: Mutex::default(),
+            active_streams: Mutex::default(),
+            draining: Mutex::default(),
+            killed: tokio::sync::watch::channel(Vec::new()).0,
+            active_at_stop: Mutex::default(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind worker");
         let addr = listener.local_addr().expect("worker address");
@@ -137,6 +217,15 @@ impl FakeWorker {
 
     pub fn script_start(&self, script: StartScript) {
         *self.state.start_script.lock().unwrap() = script;
+    }
+
+    pub fn script_health(&self, script: HealthScript) {
+        *self.state.health_script.lock().unwrap() = script;
+    }
+
+    /// Makes every later `StopReplica` wait at `gate` (None: stop at once).
+    pub fn gate_stops(&self, gate: Option<Gate>) {
+        *self.state.stop_gate.lock().unwrap() = gate;
     }
 
     pub fn report_load(&self, replica_id: &str, running: u32, waiting: u32) {
@@ -256,7 +345,13 @@ struct FakeService {
 impl FakeService {
     fn check_hosted(&self, replica_id: &str) -> Result<(), Status> {
         let hosted = self.state.hosted.lock().unwrap().iter().any(|r| r.replica_id == replica_id);
-        if hosted { Ok(()) } else { Err(Status::not_found(format!("no replica `{replica_id}`"))) }
+        if !hosted {
+            return Err(Status::not_found(format!("no replica `{replica_id}`")));
+        }
+        if self.state.draining.lock().unwrap().iter().any(|id| id == replica_id) {
+            return Err(Status::unavailable(format!("replica `{replica_id}` is stopping")));
+        }
+        Ok(())
     }
 }
 
@@ -274,8 +369,11 @@ impl pb::worker_server::Worker for FakeService {
             .map_err(|e| Status::invalid_argument(format!("engine options: {e}")))?;
         let model = options["served_model_name"].as_str().unwrap_or("unnamed").to_owned();
         let script = self.state.start_script.lock().unwrap().clone();
+        if let StartScript::RunWhenOpened(gate) = &script {
+            gate.passed().await;
+        }
         let info = match script {
-            StartScript::Run => {
+            StartScript::Run | StartScript::RunWhenOpened(_) => {
                 let mut info = running_info(&req.replica_id, &model);
                 info.max_model_len = options["max_model_len"].as_u64().unwrap_or(0) as u32;
                 self.state.hosted.lock().unwrap().push(info.clone());
@@ -296,9 +394,24 @@ impl pb::worker_server::Worker for FakeService {
         &self,
         request: Request<pb::StopReplicaRequest>,
     ) -> Result<Response<pb::StopReplicaReply>, Status> {
+        // Like a real worker: refuse new requests, let the streams finish for the drain timeout,
+        // then end what is left and forget the replica.
         let req = request.into_inner();
+        let active = self.state.active_streams(&req.replica_id);
+        self.state.active_at_stop.lock().unwrap().insert(req.replica_id.clone(), active);
+        self.state.stops.lock().unwrap().push(req.clone());
+        self.state.draining.lock().unwrap().push(req.replica_id.clone());
+        let gate = self.state.stop_gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.passed().await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(req.drain_timeout_ms));
+        while self.state.active_streams(&req.replica_id) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.state.killed.send_modify(|killed| killed.push(req.replica_id.clone()));
         self.state.hosted.lock().unwrap().retain(|r| r.replica_id != req.replica_id);
-        self.state.stops.lock().unwrap().push(req);
+        self.state.draining.lock().unwrap().retain(|id| *id != req.replica_id);
         Ok(Response::new(pb::StopReplicaReply {}))
     }
 
@@ -318,8 +431,17 @@ impl pb::worker_server::Worker for FakeService {
         }
         let (tx, rx) = mpsc::channel(8);
         let state = self.state.clone();
+        let active = ActiveStream::new(state.clone(), req.replica_id.clone());
         tokio::spawn(async move {
-            let finished = play(&tx, script).await;
+            let _active = active;
+            let mut killed = state.killed.subscribe();
+            let finished = tokio::select! {
+                finished = play(&tx, script) => finished,
+                () = async { drop(killed.wait_for(|k| k.contains(&req.replica_id)).await) } => {
+                    let _ = tx.send(Err(Status::unavailable("the replica was stopped"))).await;
+                    true
+                }
+            };
             if !finished {
                 tx.closed().await;
             }
@@ -364,6 +486,22 @@ impl pb::worker_server::Worker for FakeService {
     async fn stats(&self, _request: Request<pb::StatsRequest>) -> Result<Response<pb::WorkerStats>, Status> {
         Ok(Response::new(pb::WorkerStats::default()))
     }
+
+    async fn check_health(
+        &self,
+        request: Request<pb::CheckHealthRequest>,
+    ) -> Result<Response<pb::CheckHealthReply>, Status> {
+        let req = request.into_inner();
+        self.state.health_checks.lock().unwrap().push(req.replica_id.clone());
+        self.check_hosted(&req.replica_id)?;
+        let script = self.state.health_script.lock().unwrap().clone();
+        let reply = match script {
+            HealthScript::Healthy => pb::CheckHealthReply { healthy: true, ..Default::default() },
+            HealthScript::Stuck(message) => pb::CheckHealthReply { healthy: false, message, ..Default::default() },
+            HealthScript::Hang => std::future::pending().await,
+        };
+        Ok(Response::new(reply))
+    }
 }
 
 /// Sends the scripted events; returns whether the stream reached its natural end.
@@ -396,6 +534,16 @@ async fn play(tx: &mpsc::Sender<Result<pb::GenerateEvent, Status>>, script: Gene
             tx.send(Err(Status::new(code, "engine failed"))).await.is_ok()
         }
         GenerateScript::Refuse { .. } => true,
+        GenerateScript::Slow { deltas, every } => {
+            for i in 0..deltas {
+                tokio::time::sleep(every).await;
+                if tx.send(Ok(delta(i))).await.is_err() {
+                    return false;
+                }
+            }
+            let finished = pb::GenerateEvent { event: Some(Event::Finished(pb::Finished::default())) };
+            tx.send(Ok(finished)).await.is_ok()
+        }
     }
 }
 

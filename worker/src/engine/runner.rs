@@ -1,10 +1,13 @@
 //! The engine thread: one OS thread per device that owns the [`EngineCore`] (model, cache,
 //! scheduler) and loops `intake -> step -> publish stats`. It never runs on the async runtime;
 //! commands arrive over a bounded channel and outputs leave over each request's own channel.
+//! The published [`EngineStats`] carry their time (`taken_at`): a snapshot that stops being
+//! replaced while the engine has work is how a stuck engine is seen from outside.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, TryRecvError};
 use tokio::sync::mpsc::UnboundedSender;
@@ -31,7 +34,8 @@ pub fn spawn(
     std::thread::Builder::new().name(format!("lumen-engine-{name}")).spawn(move || {
         loop {
             // Block while idle; otherwise take whatever arrived since the last step.
-            if !core.has_work() {
+            let was_idle = !core.has_work();
+            if was_idle {
                 match commands.recv() {
                     Ok(cmd) => {
                         if !apply(&mut core, cmd) {
@@ -60,6 +64,11 @@ pub fn spawn(
             }
             if !running {
                 break;
+            }
+            if was_idle {
+                // The last snapshot said idle; publish the new work before stepping, so an engine
+                // that hangs in its first step shows a growing stall instead of looking idle.
+                publish(&core, &stats);
             }
             match catch_unwind(AssertUnwindSafe(|| core.step())) {
                 Ok(Ok(_)) => {}
@@ -91,6 +100,6 @@ fn apply(core: &mut EngineCore, cmd: Command) -> bool {
 }
 
 fn publish(core: &EngineCore, stats: &Mutex<EngineStats>) {
-    let snapshot = core.stats();
+    let snapshot = EngineStats { taken_at: Some(Instant::now()), ..core.stats() };
     *stats.lock().unwrap_or_else(|p| p.into_inner()) = snapshot;
 }

@@ -14,7 +14,7 @@
 //!   not know (the head's `reasoning_parser`, options of newer versions) are ignored and logged
 //!   at debug level.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lumen_proto::v1 as pb;
 use serde::Deserialize;
@@ -304,7 +304,7 @@ pub fn replica_stats(replica_id: &str, model_name: &str, s: &EngineStats, state:
         requests_finished_abort: s.requests_finished_abort,
         prompt_tokens_per_s: s.prompt_tokens_per_s,
         generation_tokens_per_s: s.generation_tokens_per_s,
-        stalled_for_ms: u64::try_from(s.stalled_for.as_millis()).unwrap_or(u64::MAX),
+        stalled_for_ms: u64::try_from(s.stalled_at(Instant::now()).as_millis()).unwrap_or(u64::MAX),
         state: state as i32,
     }
 }

@@ -5,6 +5,9 @@
 //! with usage and timings; an engine failure ends it with an INTERNAL status carrying the
 //! engine's message. The stream owns the engine's `RequestStream` directly (no forwarding task),
 //! so when tonic drops it — the caller cancelled or went away — the request is aborted at once.
+//!
+//! `CheckHealth` answers whether a replica's engine responds and makes progress (see
+//! [`super::health`]); an unhealthy engine is a normal reply with `healthy: false`, not an error.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,6 +22,7 @@ use tonic::{Request, Response, Status};
 
 use super::ServiceError;
 use super::convert::{self, EncodedPrompt, PromptRef, wire_u32};
+use super::health;
 use super::node::{InFlight, WorkerNode};
 use crate::engine::{EngineEvent, EngineRequest, RequestStream};
 use crate::tokenizer::Tokenizer;
@@ -211,6 +215,19 @@ impl pb::worker_server::Worker for WorkerService {
         }
         let text = tokenizer.decode(&req.token_ids, false).map_err(ServiceError::from)?;
         Ok(Response::new(pb::DetokenizeReply { text }))
+    }
+
+    async fn check_health(
+        &self,
+        request: Request<pb::CheckHealthRequest>,
+    ) -> Result<Response<pb::CheckHealthReply>, Status> {
+        let req = request.into_inner();
+        let replica = self.node.replica(&req.replica_id)?;
+        let reply = health::check_replica(&replica, health::stall_timeout(&req)).await;
+        if !reply.healthy {
+            tracing::warn!(replica_id = %req.replica_id, message = %reply.message, "health check failed");
+        }
+        Ok(Response::new(reply))
     }
 
     async fn stats(&self, _request: Request<pb::StatsRequest>) -> Result<Response<pb::WorkerStats>, Status> {

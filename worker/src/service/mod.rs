@@ -17,6 +17,7 @@
 
 pub mod convert;
 pub mod grpc;
+pub mod health;
 pub mod node;
 pub mod registration;
 pub mod resources;

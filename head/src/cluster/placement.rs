@@ -1,0 +1,195 @@
+//! Where a new replica goes: which live workers have room for one replica of a deployment, and
+//! what to say when none has.
+//!
+//! Contract:
+//! - A replica needing GPUs (`gpus_per_replica > 0`) takes `ceil(gpus_per_replica)` whole
+//!   devices of a CUDA worker; it never goes to a CPU worker.
+//! - A CPU replica (0 GPUs) goes to a CPU worker, which hosts any number of them; failing that,
+//!   it takes a free device of a CUDA worker (whose engines run on its GPUs).
+//! - On a CUDA worker every replica it hosts holds its devices until it is gone, whatever its
+//!   phase (a stopping or failed engine still holds the GPU memory).
+//! - Among the workers that fit: CPU workers first for CPU replicas, then the fewest replicas of
+//!   the same deployment (spread), then the fewest replicas overall.
+
+use std::time::{Duration, Instant};
+
+use super::registry::{Deployment, State, WorkerEntry};
+
+/// Devices one replica of `spec` holds on a CUDA worker.
+fn devices_needed(spec: Option<&Deployment>) -> u32 {
+    match spec {
+        Some(d) if d.gpus_per_replica.is_finite() && d.gpus_per_replica > 0.0 => {
+            (d.gpus_per_replica.ceil() as u32).max(1)
+        }
+        _ => 1,
+    }
+}
+
+fn needs_gpus(spec: &Deployment) -> bool {
+    spec.gpus_per_replica.is_finite() && spec.gpus_per_replica > 0.0
+}
+
+/// Devices of `worker` held by the replicas it hosts.
+fn devices_used(state: &State, worker: &WorkerEntry) -> u32 {
+    state
+        .replicas
+        .values()
+        .filter(|r| r.worker_id == worker.id)
+        .map(|r| devices_needed(state.deployment(&r.deployment).map(|d| &d.spec)))
+        .sum()
+}
+
+fn free_devices(state: &State, worker: &WorkerEntry) -> u32 {
+    worker.resources.device_count.max(1).saturating_sub(devices_used(state, worker))
+}
+
+/// Whether `worker` can take one more replica of `spec`.
+fn fits(state: &State, worker: &WorkerEntry, spec: &Deployment) -> bool {
+    if worker.is_cuda() { free_devices(state, worker) >= devices_needed(Some(spec)) } else { !needs_gpus(spec) }
+}
+
+/// The live worker to place one more replica of `spec` on, if any has room.
+pub(super) fn choose_worker(state: &State, spec: &Deployment, now: Instant, deadline: Duration) -> Option<String> {
+    state
+        .workers
+        .values()
+        .filter(|w| w.is_live(now, deadline) && fits(state, w, spec))
+        .map(|w| {
+            let hosted = state.replicas.values().filter(|r| r.worker_id == w.id);
+            let same = hosted.clone().filter(|r| r.deployment == spec.name).count();
+            ((w.is_cuda(), same, hosted.count()), &w.id)
+        })
+        .min()
+        .map(|(_, id)| id.clone())
+}
+
+/// Why no more replicas of `spec` could be placed (`placed` of `target` are).
+pub(super) fn no_room_message(
+    state: &State,
+    spec: &Deployment,
+    now: Instant,
+    deadline: Duration,
+    placed: usize,
+    target: usize,
+) -> String {
+    let live: Vec<&WorkerEntry> = state.workers.values().filter(|w| w.is_live(now, deadline)).collect();
+    let prefix = format!("waiting for capacity: {placed} of {target} replicas placed");
+    if live.is_empty() {
+        return format!("{prefix}; no live worker is registered");
+    }
+    let cuda: Vec<&&WorkerEntry> = live.iter().filter(|w| w.is_cuda()).collect();
+    if needs_gpus(spec) {
+        let needed = devices_needed(Some(spec));
+        if cuda.is_empty() {
+            return format!(
+                "{prefix}; each replica needs {needed} GPU device(s) and none of the {} live workers has GPUs",
+                live.len()
+            );
+        }
+        let free: u32 = cuda.iter().map(|w| free_devices(state, w)).sum();
+        return format!(
+            "{prefix}; each replica needs {needed} free GPU device(s) on one worker and the {} live CUDA \
+             workers have {free} free (a device hosts one replica)",
+            cuda.len()
+        );
+    }
+    format!(
+        "{prefix}; no live CPU worker, and none of the {} live CUDA workers has a free device \
+         (a device hosts one replica)",
+        cuda.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use lumen_proto::v1 as pb;
+
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(3);
+
+    fn deployment(name: &str, model: &str, gpus: f64) -> Deployment {
+        Deployment {
+            name: name.into(),
+            model_name: model.into(),
+            engine_options_json: "{}".into(),
+            gpus_per_replica: gpus,
+            ..Deployment::default()
+        }
+    }
+
+    fn register(state: &mut State, id: &str, kind: &str, devices: u32, replicas: &[(&str, &str)]) {
+        let req = pb::RegisterRequest {
+            worker_id: id.into(),
+            address: format!("http://{id}"),
+            resources: Some(pb::Resources { device_kind: kind.into(), device_count: devices, ..Default::default() }),
+            replicas: replicas
+                .iter()
+                .map(|(rid, model)| pb::ReplicaInfo {
+                    replica_id: (*rid).into(),
+                    model_name: (*model).into(),
+                    state: pb::ReplicaState::Running as i32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        state.register_worker(&req, Instant::now());
+    }
+
+    fn choose(state: &State, spec: &Deployment) -> Option<String> {
+        choose_worker(state, spec, Instant::now(), DEADLINE)
+    }
+
+    #[test]
+    fn a_gpu_replica_takes_a_free_device_of_a_cuda_worker_only() {
+        let llm = deployment("llm", "m", 1.0);
+        let mut state = State::default();
+        state.set_deployments(vec![llm.clone()]);
+        register(&mut state, "cpu", "cpu", 1, &[]);
+        assert_eq!(choose(&state, &llm), None, "a CPU worker has no GPU");
+        let message = no_room_message(&state, &llm, Instant::now(), DEADLINE, 0, 1);
+        assert!(message.starts_with("waiting for capacity: 0 of 1") && message.contains("GPU"), "{message}");
+        register(&mut state, "gpu", "cuda", 2, &[("llm-1", "m")]);
+        assert_eq!(choose(&state, &llm).as_deref(), Some("gpu"), "one of two devices is free");
+        register(&mut state, "gpu", "cuda", 2, &[("llm-1", "m"), ("llm-2", "m")]);
+        assert_eq!(choose(&state, &llm), None);
+        let message = no_room_message(&state, &llm, Instant::now(), DEADLINE, 2, 3);
+        assert!(message.contains("have 0 free"), "{message}");
+    }
+
+    #[test]
+    fn a_two_gpu_replica_needs_two_free_devices_on_one_worker() {
+        let big = deployment("big", "b", 2.0);
+        let mut state = State::default();
+        state.set_deployments(vec![big.clone()]);
+        register(&mut state, "one", "cuda", 1, &[]);
+        assert_eq!(choose(&state, &big), None);
+        register(&mut state, "two", "cuda", 2, &[]);
+        assert_eq!(choose(&state, &big).as_deref(), Some("two"));
+    }
+
+    #[test]
+    fn cpu_replicas_share_a_cpu_worker_and_fall_back_to_a_free_gpu_device() {
+        let small = deployment("llm", "m", 0.0);
+        let mut state = State::default();
+        state.set_deployments(vec![small.clone()]);
+        register(&mut state, "gpu", "cuda", 1, &[]);
+        assert_eq!(choose(&state, &small).as_deref(), Some("gpu"), "no CPU worker: a free device serves");
+        register(&mut state, "cpu", "cpu", 1, &[("llm-2", "m"), ("llm-3", "m")]);
+        assert_eq!(choose(&state, &small).as_deref(), Some("cpu"), "CPU workers first, however busy");
+        register(&mut state, "gpu", "cuda", 1, &[("llm-1", "m")]);
+        state.workers.remove("cpu");
+        assert_eq!(choose(&state, &small), None, "the device is taken");
+    }
+
+    #[test]
+    fn placement_spreads_a_deployment_across_workers() {
+        let llm = deployment("llm", "m", 0.0);
+        let mut state = State::default();
+        state.set_deployments(vec![llm.clone(), deployment("other", "o", 0.0)]);
+        register(&mut state, "a", "cpu", 1, &[("llm-1", "m")]);
+        register(&mut state, "b", "cpu", 1, &[("other-1", "o"), ("other-2", "o")]);
+        assert_eq!(choose(&state, &llm).as_deref(), Some("b"));
+    }
+}
