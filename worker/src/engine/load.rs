@@ -5,14 +5,14 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::core::{CoreConfig, EngineCore};
-use super::options::EngineOptions;
+use super::options::{ComputeDevice, EngineOptions};
 use crate::kernels::cpu::attention::CacheLayout;
 use crate::kv_cache::cpu_storage::CpuKvStorage;
 use crate::model::generation_config::GenerationConfig;
 use crate::model::gguf::GgufFile;
 use crate::model::llama_cpu::{CpuLlama, CpuModelOptions};
 use crate::model::location::{LoadFormat, ModelLocation, resolve_model};
-use crate::model::{DummySource, LlamaConfig, SafetensorsSource, TensorDType, TensorSource};
+use crate::model::{DummySource, LlamaConfig, Model, SafetensorsSource, TensorDType, TensorSource};
 use crate::tokenizer::Tokenizer;
 use crate::{Result, WorkerError};
 
@@ -20,6 +20,7 @@ use crate::{Result, WorkerError};
 /// or download; call it off the async runtime).
 pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
     let started = Instant::now();
+    let device = opts.compute_device()?;
     let location = resolve_model(&opts.model, opts.load_format)?;
     let (config, mut tokenizer, source) = open_model(&location, opts)?;
     if let Some(template) = &opts.chat_template {
@@ -35,6 +36,28 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
             "block_size, max_num_seqs and max_num_batched_tokens must be positive",
         ));
     }
+    let model: Box<dyn Model> = match device {
+        ComputeDevice::Cpu => Box::new(load_cpu(config, source.as_ref(), opts, max_model_len)?),
+        ComputeDevice::Cuda(ordinal) => load_cuda(config, source.as_ref(), opts, max_model_len, ordinal)?,
+    };
+    let core_cfg = CoreConfig {
+        max_model_len,
+        max_num_seqs: opts.max_num_seqs,
+        max_num_batched_tokens: opts.max_num_batched_tokens,
+        enable_prefix_caching: opts.enable_prefix_caching,
+    };
+    let num_blocks = model.num_blocks();
+    tracing::info!(model = %opts.model, max_model_len, num_blocks, seconds = started.elapsed().as_secs_f32(), "engine ready");
+    Ok(EngineCore::new(model, tokenizer, &core_cfg))
+}
+
+/// The CPU model, its KV cache sized by `--kv-cache-memory`.
+fn load_cpu(
+    config: LlamaConfig,
+    source: &dyn TensorSource,
+    opts: &EngineOptions,
+    max_model_len: usize,
+) -> Result<CpuLlama> {
     let layout =
         CacheLayout { block_size: opts.block_size, kv_heads: config.num_key_value_heads, head_dim: config.head_dim };
     let per_block = CpuKvStorage::bytes_per_block(&layout, config.num_hidden_layers);
@@ -50,9 +73,9 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
             ),
         ));
     }
-    let model = CpuLlama::load(
+    CpuLlama::load(
         config,
-        source.as_ref(),
+        source,
         &CpuModelOptions {
             threads: opts.threads(),
             weight_format: opts.cpu_weight_format,
@@ -60,15 +83,58 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
             num_blocks,
             max_model_len,
         },
-    )?;
-    let core_cfg = CoreConfig {
-        max_model_len,
-        max_num_seqs: opts.max_num_seqs,
-        max_num_batched_tokens: opts.max_num_batched_tokens,
-        enable_prefix_caching: opts.enable_prefix_caching,
+    )
+}
+
+/// The GPU model, its KV cache sized by `--gpu-memory-utilization` (dummy weights are drawn on
+/// the device rather than generated on the host).
+#[cfg(feature = "cuda")]
+fn load_cuda(
+    config: LlamaConfig,
+    source: &dyn TensorSource,
+    opts: &EngineOptions,
+    max_model_len: usize,
+    ordinal: usize,
+) -> Result<Box<dyn Model>> {
+    use super::options::GpuDType;
+    use crate::model::llama_cuda::weights::WeightOrigin;
+    use crate::model::llama_cuda::{CudaLlama, CudaModelOptions};
+    let origin = match opts.load_format {
+        LoadFormat::Dummy => WeightOrigin::Random { seed: opts.dummy_seed },
+        _ => WeightOrigin::Source(source),
     };
-    tracing::info!(model = %opts.model, max_model_len, num_blocks, seconds = started.elapsed().as_secs_f32(), "engine ready");
-    Ok(EngineCore::new(Box::new(model), tokenizer, &core_cfg))
+    let dtype = match opts.dtype {
+        GpuDType::Auto | GpuDType::Bfloat16 => candle_core::DType::BF16,
+        GpuDType::Float32 => candle_core::DType::F32,
+    };
+    let model = CudaLlama::load(
+        config,
+        &origin,
+        &CudaModelOptions {
+            ordinal,
+            dtype,
+            block_size: opts.block_size,
+            max_model_len,
+            max_num_seqs: opts.max_num_seqs,
+            max_num_batched_tokens: opts.max_num_batched_tokens,
+            gpu_memory_utilization: opts.gpu_memory_utilization,
+        },
+    )?;
+    Ok(Box::new(model))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn load_cuda(
+    _config: LlamaConfig,
+    _source: &dyn TensorSource,
+    _opts: &EngineOptions,
+    _max_model_len: usize,
+    ordinal: usize,
+) -> Result<Box<dyn Model>> {
+    Err(WorkerError::invalid(
+        "device",
+        format!("cuda:{ordinal} needs a lumen built with `--features cuda`; this build runs on the CPU only"),
+    ))
 }
 
 /// `--chat-template`: a file's contents when it names a file (or looks like a path), else the
@@ -124,4 +190,20 @@ fn open_tokenizer(dir: &Path) -> Result<Tokenizer> {
     }
     let config = dir.join("tokenizer_config.json");
     Tokenizer::from_files(&json, config.is_file().then_some(config.as_path()))
+}
+
+#[cfg(all(test, not(feature = "cuda")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cuda_device_without_the_cuda_build_names_the_feature() {
+        let opts = EngineOptions {
+            model: concat!(env!("CARGO_MANIFEST_DIR"), "/../models/SmolLM2-135M-Instruct.Q4_1.gguf").into(),
+            device: "cuda:0".into(),
+            ..EngineOptions::default()
+        };
+        let err = build_engine(&opts).err().expect("no GPU path in this build").to_string();
+        assert!(err.contains("`device`") && err.contains("--features cuda"), "{err}");
+    }
 }

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::WorkerError;
 use crate::model::cpu_weights::CpuWeightFormat;
 use crate::model::location::LoadFormat;
 
@@ -69,6 +70,64 @@ pub struct EngineOptions {
     /// A chat template replacing the model's: a file path, or the Jinja template itself.
     #[arg(long, env = "LUMEN_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,
+
+    /// Where the model runs: `cpu`, or `cuda` / `cuda:N` for the N-th GPU (a build with
+    /// `--features cuda`).
+    #[arg(long, env = "LUMEN_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// The share of the GPU's memory Lumen takes: weights, the activation peak, and the KV cache
+    /// in the rest.
+    #[arg(long, env = "LUMEN_GPU_MEMORY_UTILIZATION", default_value_t = defaults::GPU_MEMORY_UTILIZATION)]
+    pub gpu_memory_utilization: f64,
+
+    /// Element type of weights, activations and KV cache on the GPU: auto (bfloat16), bfloat16,
+    /// or float32 (for exact comparisons with the CPU path).
+    #[arg(long, env = "LUMEN_DTYPE", default_value = "auto")]
+    pub dtype: GpuDType,
+}
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComputeDevice {
+    Cpu,
+    /// The GPU of this ordinal.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for ComputeDevice {
+    type Err = WorkerError;
+    fn from_str(s: &str) -> Result<Self, WorkerError> {
+        let bad = || WorkerError::invalid("device", format!("`{s}` is not one of cpu, cuda, cuda:N"));
+        match s {
+            "cpu" => Ok(ComputeDevice::Cpu),
+            "cuda" => Ok(ComputeDevice::Cuda(0)),
+            _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(ComputeDevice::Cuda).ok_or_else(bad),
+        }
+    }
+}
+
+/// Element type of the GPU path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuDType {
+    /// bfloat16.
+    #[default]
+    Auto,
+    Bfloat16,
+    Float32,
+}
+
+impl std::str::FromStr for GpuDType {
+    type Err = WorkerError;
+    fn from_str(s: &str) -> Result<Self, WorkerError> {
+        match s {
+            "auto" => Ok(GpuDType::Auto),
+            "bfloat16" | "bf16" => Ok(GpuDType::Bfloat16),
+            "float32" | "f32" => Ok(GpuDType::Float32),
+            other => Err(WorkerError::invalid("dtype", format!("`{other}` is not one of auto, bfloat16, float32"))),
+        }
+    }
 }
 
 /// Defaults shared by the flags and the config file.
@@ -77,6 +136,7 @@ pub mod defaults {
     pub const MAX_NUM_BATCHED_TOKENS: usize = 2048;
     pub const BLOCK_SIZE: usize = 16;
     pub const KV_CACHE_MEMORY: &str = "2GiB";
+    pub const GPU_MEMORY_UTILIZATION: f64 = 0.9;
 }
 
 impl Default for EngineOptions {
@@ -95,6 +155,9 @@ impl Default for EngineOptions {
             cpu_weight_format: CpuWeightFormat::Auto,
             dummy_seed: 0,
             chat_template: None,
+            device: "cpu".to_string(),
+            gpu_memory_utilization: defaults::GPU_MEMORY_UTILIZATION,
+            dtype: GpuDType::Auto,
         }
     }
 }
@@ -103,6 +166,11 @@ impl EngineOptions {
     /// The name clients address the model by.
     pub fn served_name(&self) -> &str {
         self.served_model_name.as_deref().unwrap_or(&self.model)
+    }
+
+    /// The parsed `device` option.
+    pub fn compute_device(&self) -> Result<ComputeDevice, WorkerError> {
+        self.device.parse()
     }
 
     /// Model threads: the flag, or every available core.
@@ -152,6 +220,24 @@ mod tests {
         let opts = EngineOptions { max_num_seqs: 3, kv_cache_memory: "3MiB".parse().unwrap(), ..Default::default() };
         let back: EngineOptions = serde_json::from_str(&serde_json::to_string(&opts).unwrap()).unwrap();
         assert_eq!(back, opts);
+    }
+
+    #[test]
+    fn devices_and_gpu_dtypes_parse_or_name_the_option() {
+        let cli = Cli::try_parse_from(["x", "--device", "cuda:1", "--dtype", "float32"]).unwrap().engine;
+        assert_eq!(cli.compute_device().unwrap(), ComputeDevice::Cuda(1));
+        assert_eq!(cli.dtype, GpuDType::Float32);
+        assert_eq!(EngineOptions::default().compute_device().unwrap(), ComputeDevice::Cpu);
+        assert_eq!("cuda".parse::<ComputeDevice>().unwrap(), ComputeDevice::Cuda(0));
+        for bad in ["gpu", "cuda:", "cuda:x", "CUDA"] {
+            let err = bad.parse::<ComputeDevice>().unwrap_err().to_string();
+            assert!(err.contains("`device`"), "{err}");
+        }
+        let cfg: EngineOptions =
+            serde_json::from_str(r#"{"device": "cuda:0", "gpu_memory_utilization": 0.5, "dtype": "bfloat16"}"#)
+                .unwrap();
+        assert_eq!((cfg.gpu_memory_utilization, cfg.dtype), (0.5, GpuDType::Bfloat16));
+        assert!(Cli::try_parse_from(["x", "--dtype", "f8"]).is_err());
     }
 
     #[test]

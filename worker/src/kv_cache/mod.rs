@@ -2,5 +2,7 @@
 
 pub mod block_pool;
 pub mod cpu_storage;
+#[cfg(feature = "cuda")]
+pub mod cuda_storage;
 
 pub use block_pool::{BlockHash, BlockId, BlockPool, PrefixCacheStats};

@@ -5,7 +5,7 @@
 //! slot its K/V goes to (`block * block_size + offset`). Logits are produced only for the rows in
 //! `logits_rows` (the last token of each sequence that samples this step), in that order.
 
-use crate::TokenId;
+use crate::{Result, TokenId, WorkerError};
 
 /// One sequence's part of a step.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -34,6 +34,46 @@ pub struct ForwardBatch {
 impl ForwardBatch {
     pub fn num_tokens(&self) -> usize {
         self.token_ids.len()
+    }
+
+    /// Rejects a batch that would index outside the vocabulary, the rotary tables (positions
+    /// below `max_positions`) or a cache of `num_blocks` blocks of `block_size` tokens.
+    pub fn validate(
+        &self,
+        vocab_size: usize,
+        max_positions: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<()> {
+        let bad = |what: String| Err(WorkerError::Engine(format!("invalid batch: {what}")));
+        let n = self.num_tokens();
+        if self.positions.len() != n || self.slot_mapping.len() != n {
+            return bad("token, position and slot counts differ".into());
+        }
+        if let Some(t) = self.token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+            return bad(format!("token id {t} outside the vocabulary"));
+        }
+        if let Some(p) = self.positions.iter().find(|&&p| p as usize >= max_positions) {
+            return bad(format!("position {p} beyond max_model_len"));
+        }
+        if self.slot_mapping.iter().any(|&s| s as usize >= num_blocks * block_size) {
+            return bad("slot outside the cache".into());
+        }
+        let mut rows = 0;
+        for s in &self.seqs {
+            if s.query_start != rows || s.context_len < s.query_len || s.block_table.len() * block_size < s.context_len
+            {
+                return bad(format!("sequence layout {s:?}"));
+            }
+            if s.block_table.iter().any(|&b| b as usize >= num_blocks) {
+                return bad("block id outside the cache".into());
+            }
+            rows += s.query_len;
+        }
+        if rows != n || self.logits_rows.iter().any(|&r| r >= n) {
+            return bad("rows do not match the sequences".into());
+        }
+        Ok(())
     }
 
     /// Appends one sequence's tokens: `tokens` at positions `start_pos..`, K/V going to the slots

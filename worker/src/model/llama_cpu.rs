@@ -11,6 +11,7 @@ use super::batch::ForwardBatch;
 use super::config::LlamaConfig;
 use super::cpu_weights::{CpuWeightFormat, CpuWeights};
 use super::source::TensorSource;
+use crate::Result;
 use crate::kernels::cpu::attention::{CacheLayout, QueryRef, paged_attention, write_kv};
 use crate::kernels::cpu::isa::Isa;
 use crate::kernels::cpu::matmul::{Epilogue, Input, InputKind, Matrix, matmul};
@@ -18,7 +19,6 @@ use crate::kernels::cpu::ops::{RopeTable, rms_norm, silu_mul};
 use crate::kernels::cpu::pool::{SharedMut, ThreadPool, split_range};
 use crate::kernels::cpu::quant::{PARALLEL_ROWS, QuantizedRows};
 use crate::kv_cache::cpu_storage::CpuKvStorage;
-use crate::{Result, WorkerError};
 
 /// Options for building a CPU model.
 #[derive(Clone, Debug)]
@@ -94,38 +94,8 @@ impl CpuLlama {
 
     /// Rejects a batch that would index outside the vocabulary, the rotary tables or the cache.
     fn check(&self, batch: &ForwardBatch) -> Result<()> {
-        let bad = |what: String| Err(WorkerError::Engine(format!("invalid batch: {what}")));
-        let n = batch.num_tokens();
-        if batch.positions.len() != n || batch.slot_mapping.len() != n {
-            return bad("token, position and slot counts differ".into());
-        }
-        if let Some(t) = batch.token_ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return bad(format!("token id {t} outside the vocabulary"));
-        }
-        if let Some(p) = batch.positions.iter().find(|&&p| p as usize >= self.rope.max_positions()) {
-            return bad(format!("position {p} beyond max_model_len"));
-        }
-        let slots = self.cache.num_blocks * self.cache.layout.block_size;
-        if batch.slot_mapping.iter().any(|&s| s as usize >= slots) {
-            return bad("slot outside the cache".into());
-        }
-        let mut rows = 0;
-        for s in &batch.seqs {
-            if s.query_start != rows
-                || s.context_len < s.query_len
-                || s.block_table.len() * self.cache.layout.block_size < s.context_len
-            {
-                return bad(format!("sequence layout {s:?}"));
-            }
-            if s.block_table.iter().any(|&b| b as usize >= self.cache.num_blocks) {
-                return bad("block id outside the cache".into());
-            }
-            rows += s.query_len;
-        }
-        if rows != n || batch.logits_rows.iter().any(|&r| r >= n) {
-            return bad("rows do not match the sequences".into());
-        }
-        Ok(())
+        let (blocks, block_size) = (self.cache.num_blocks, self.cache.layout.block_size);
+        batch.validate(self.config.vocab_size, self.rope.max_positions(), blocks, block_size)
     }
 }
 

@@ -9,6 +9,8 @@ pub mod generation_config;
 pub mod gguf;
 pub mod hub;
 pub mod llama_cpu;
+#[cfg(feature = "cuda")]
+pub mod llama_cuda;
 pub mod location;
 pub mod safetensors;
 pub mod source;

@@ -82,6 +82,21 @@ impl RopeTable {
         if self.half == 0 { 0 } else { self.cos.len() / self.half }
     }
 
+    /// Rotation pairs per head (half the head size).
+    pub fn half(&self) -> usize {
+        self.half
+    }
+
+    /// `cos(position * inv_freq[i])`, `[max_positions, half]` row-major (the GPU path uploads it).
+    pub fn cos(&self) -> &[f32] {
+        &self.cos
+    }
+
+    /// `sin(position * inv_freq[i])`, like [`RopeTable::cos`].
+    pub fn sin(&self) -> &[f32] {
+        &self.sin
+    }
+
     /// Rotates every head of one token's vector `x` (`heads * 2 * half` values) in place, pairing
     /// element `i` with `i + half` within each head (Hugging Face's `rotate_half` convention).
     pub fn apply(&self, x: &mut [f32], position: usize) {

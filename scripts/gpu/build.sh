@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds Lumen with the `cuda` feature on a machine without a GPU and packs what the GPU machine
+# runs into gpu-pack/ (list it in .git/info/exclude; pass it in the device tool's `carry`):
+#   gpu-pack/lumen.xz                       the stripped `lumen` binary
+#   gpu-pack/worker-tests.xz                the worker's unit tests (the GPU tests among them)
+#   gpu-pack/llama3.1-tokenizer.tar.xz      for the Llama-3.1-8B-shaped benchmark
+#   gpu-pack/smollm2.part1, gpu-smol/smollm2.part2
+#                                           SmolLM2-135M's GGUF for the greedy check, split in two
+#                                           because one call carries at most 64 MiB
+#
+#   bash scripts/gpu/build.sh
+#
+# Needs the CUDA 13.0 toolchain of ../shared/gpu/cuda-toolchain.sh (CUDA_TOOLCHAIN to point
+# elsewhere). Builds into target-cuda/ (CARGO_TARGET_DIR) so CPU builds are not disturbed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+toolchain=${CUDA_TOOLCHAIN:-../shared/gpu/cuda-toolchain.sh}
+bash "$toolchain" setup >/dev/null
+eval "$(bash "$toolchain" env)"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
+
+nice -n 15 cargo build --release --features cuda --bin lumen
+tests=$(nice -n 15 cargo test --release --features cuda -p lumen-worker --lib --no-run --message-format=json |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
+        print(m["executable"])')
+
+mkdir -p gpu-pack gpu-smol
+strip -o gpu-pack/lumen "$CARGO_TARGET_DIR/release/lumen"
+strip -o gpu-pack/worker-tests "$tests"
+xz -T2 -6 -f gpu-pack/lumen gpu-pack/worker-tests
+tar -C models -cJf gpu-pack/llama3.1-tokenizer.tar.xz llama3.1-tokenizer
+# The binaries travel with the first part: 36 MB + ~26 MB of binaries, and the other ~58 MB
+# alone, each call under 64 MiB with the checkout.
+gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
+first=${GGUF_FIRST_BYTES:-36000000}
+head -c "$first" "$gguf" > gpu-pack/smollm2.part1
+tail -c +"$((first + 1))" "$gguf" > gpu-smol/smollm2.part2
+du -ch gpu-pack/* gpu-smol/*

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (through the device tool, from the repository root) what
+# scripts/gpu/build.sh packed: the GPU kernel tests, the greedy check against the CPU path on
+# SmolLM2, the device-to-device copy bandwidth and the single-stream decode of a
+# Llama-3.1-8B-shaped model with dummy weights; prints a table last.
+#
+#   bash scripts/gpu/run-on-device.sh [tests] [bench] [parity]     (default: all three)
+#
+# carry: gpu-pack (binaries, tokenizer, first half of the GGUF). The GGUF's second half comes in
+# a second call carrying gpu-smol (the machine keeps /tmp/lumen-gpu between warm calls):
+#   call 1: bash scripts/gpu/run-on-device.sh tests bench      carry [gpu-pack]
+#   call 2: bash scripts/gpu/run-on-device.sh parity           carry [gpu-smol]
+# Logs and JSON go to /tmp/lumen-gpu/out, packed into $OUT/lumen-gpu-logs.tgz when $OUT is set
+# (the device tool's output folder).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+steps=${*:-tests bench parity}
+work=/tmp/lumen-gpu
+out=$work/out
+mkdir -p "$work" "$out"
+declare -a table=()
+row() { table+=("$(printf '%-44s %s' "$1" "$2")"); }
+
+# Unpack what this call carried; keep it in $work for later calls.
+[ -f gpu-pack/lumen.xz ] && xz -dc gpu-pack/lumen.xz > "$work/lumen" && chmod +x "$work/lumen"
+[ -f gpu-pack/worker-tests.xz ] && xz -dc gpu-pack/worker-tests.xz > "$work/worker-tests" && chmod +x "$work/worker-tests"
+[ -f gpu-pack/llama3.1-tokenizer.tar.xz ] && tar -C "$work" -xJf gpu-pack/llama3.1-tokenizer.tar.xz
+[ -f gpu-pack/smollm2.part1 ] && cp gpu-pack/smollm2.part1 "$work/"
+if [ -f gpu-smol/smollm2.part2 ] && [ -f "$work/smollm2.part1" ]; then
+    cat "$work/smollm2.part1" gpu-smol/smollm2.part2 > "$work/smollm2.gguf"
+fi
+for f in lumen worker-tests; do
+    [ -x "$work/$f" ] || { echo "missing $work/$f: carry gpu-pack (scripts/gpu/build.sh)"; exit 2; }
+done
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+row "GPU" "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
+
+# Device-to-device copy bandwidth (bytes read + written), the decode roofline's numerator.
+bandwidth=$(python3 - <<'PY' 2>"$out/bandwidth.err"
+import torch
+n = 4 << 30
+a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+b = torch.empty_like(a)
+for _ in range(3):
+    b.copy_(a)
+torch.cuda.synchronize()
+times = []
+for _ in range(20):
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record(); b.copy_(a); e.record(); e.synchronize()
+    times.append(s.elapsed_time(e))
+times.sort()
+print(f"{2 * n / (times[len(times) // 2] / 1e3) / 1e9:.0f}")
+PY
+)
+row "device-to-device copy (GB/s, median of 20)" "${bandwidth:-failed}"
+
+if [[ " $steps " == *" tests "* ]]; then
+    "$work/worker-tests" --test-threads=1 kernels::cuda model::llama_cuda::memory 2>&1 | tee "$out/kernel-tests.log"
+    row "GPU kernel tests (vs CPU references)" "$(grep -E '^test result' "$out/kernel-tests.log" | tail -1)"
+fi
+
+if [[ " $steps " == *" parity "* ]]; then
+    if [ -f "$work/smollm2.gguf" ]; then
+        LUMEN_GPU_TEST_MODEL="$work/smollm2.gguf" "$work/worker-tests" --test-threads=1 --nocapture \
+            model::llama_cuda::tests 2>&1 | tee "$out/parity.log"
+        row "greedy parity GPU vs CPU (SmolLM2, 8x16)" "$(grep -E '^test result' "$out/parity.log" | tail -1)"
+        while read -r line; do row "  agreeing tokens per prompt" "$line"; done < <(grep -E '^  (f32|bf16)' "$out/parity.log")
+    else
+        row "greedy parity GPU vs CPU" "skipped: SmolLM2 GGUF not assembled (carry gpu-smol after gpu-pack)"
+    fi
+fi
+
+if [[ " $steps " == *" bench "* ]]; then
+    model=$work/llama-3.1-8b-dummy
+    mkdir -p "$model"
+    cp "$work"/llama3.1-tokenizer/tokenizer*.json "$model/"
+    cat > "$model/config.json" <<'JSON'
+{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+ "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+ "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+ "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": false,
+ "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+ "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "torch_dtype": "bfloat16"}
+JSON
+    bench() {  # name, then lumen bench offline arguments
+        local name=$1; shift
+        local started=$(date +%s.%N)
+        "$work/lumen" bench offline --model "$model" --load-format dummy --device cuda --max-model-len 4096 \
+            --json "$out/$name.json" "$@" >"$out/$name.txt" 2>"$out/$name.ansi.log"
+        local rc=$?
+        sed 's/\x1b\[[0-9;]*m//g' "$out/$name.ansi.log" > "$out/$name.log" && rm "$out/$name.ansi.log"
+        echo "== $name (exit $rc, $(python3 -c "import time; print(f'{time.time() - $started:.1f}')") s)"; cat "$out/$name.txt"
+        grep -E 'GPU memory plan|loaded model on the GPU|decode step timing|rror' "$out/$name.log" | cut -c1-400
+        return $rc
+    }
+    # The first run also JIT-compiles candle's PTX (cached in ~/.nv/ComputeCache afterwards).
+    bench decode-c1-cold --input-len 128 --output-len 64 --num-prompts 1 --concurrency 1
+    bench decode-c1 --input-len 128 --output-len 512 --num-prompts 3 --concurrency 1
+    LUMEN_CUDA_OP_TIMING=1 bench decode-c1-ops --input-len 128 --output-len 300 --num-prompts 1 --concurrency 1
+    bench decode-c32 --input-len 512 --output-len 256 --num-prompts 64 --concurrency 32
+    python3 - "$out" "${bandwidth:-0}" > "$out/bench-summary.txt" <<'PY'
+import json, sys, os
+out, bw = sys.argv[1], float(sys.argv[2]) * 1e9
+# Llama-3.1-8B in BF16: all weights, and what one decode step reads (all but the embeddings).
+total = 2 * (2 * 128256 * 4096 + 32 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336) + 33 * 4096)
+streamed = total - 2 * 128256 * 4096
+for name in ["decode-c1-cold", "decode-c1", "decode-c1-ops", "decode-c32"]:
+    p = os.path.join(out, name + ".json")
+    if not os.path.exists(p):
+        print(f"{name:44s} failed"); continue
+    r = json.load(open(p))
+    line = f"out {r['output_tokens_per_s']:.0f} tok/s, per stream {r['decode_tokens_per_s_per_stream']:.1f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.0f} ms"
+    if r["concurrency"] == 1 and bw:
+        s = r["decode_tokens_per_s_per_stream"]
+        line += f", roofline {bw / total:.0f} (all weights) / {bw / streamed:.0f} (streamed): {100 * s * total / bw:.0f}% / {100 * s * streamed / bw:.0f}%"
+    print(f"{name:44s} {line}")
+PY
+    while read -r line; do table+=("$line"); done < "$out/bench-summary.txt"
+    startup=$(grep -h 'loaded model on the GPU' "$out/decode-c1.log" | grep -oE 'total_s=[0-9.]+' | head -1)
+    row "start-up (warm JIT cache), 8B dummy" "${startup:-?}"
+    timing=$(grep -h 'decode step timing' "$out/decode-c1.log" | tail -1 | grep -oE '(wall|host|gpu)_ms=[0-9.]+' | tr '\n' ' ')
+    row "decode step, c=1 (mean)" "${timing:-?}"
+    ops=$(grep -h 'decode step timing' "$out/decode-c1-ops.log" | tail -1 | grep -oE 'ops_ms=.*$')
+    row "decode step GPU ms by op (events), c=1" "${ops:-?}"
+fi
+
+[ -n "${OUT:-}" ] && tar -C "$work" -czf "$OUT/lumen-gpu-logs.tgz" out
+echo
+echo "==================== summary ===================="
+printf '%s\n' "${table[@]}"

@@ -1,0 +1,215 @@
+// Paged attention over the KV cache, for prefill chunks and decode tokens alike: causal,
+// variable lengths, grouped-query, online softmax, optionally split over the context.
+//
+// Inputs (all int32, built by the host for each step):
+//   seqs   [num_seqs][4]  query_start (first packed row), query_len, context_len (tokens in the
+//                         cache after this step), table_start (offset of its block table in `tables`)
+//   tiles  [num_tiles][4] seq, first (offset in the sequence's query tokens), count, unused
+//   tables                the block tables of all sequences, concatenated
+// A token at position p sees positions 0..=p of its sequence, whose K/V the cache already holds
+// (reshape_and_cache ran first), so prompt chunks that start after cached prefix blocks work the
+// same as whole prompts. Cache layout as in cache.cu: [num_blocks, kv_heads, block_size, head_dim].
+//
+// One CTA (4 warps) takes one tile of tokens of one sequence, for `heads_per_cta` query heads
+// sharing one KV head: at most ROWS (token, head) rows, so the K/V of a chunk of 32 positions is
+// read from memory once for all of them. Per chunk, lane l scores position l of the chunk for the
+// warp's row, then the lanes split head_dim to accumulate the values. With gridDim.z > 1 each
+// split handles `chunks_per_split` chunks and writes unnormalised partials (acc, max, sum) that
+// `paged_attention_combine` merges.
+#include "common.cuh"
+
+namespace {
+constexpr int ROWS = 16;
+constexpr int WARPS = 4;
+constexpr int THREADS = WARPS * 32;
+constexpr int ROWS_PER_WARP = ROWS / WARPS;
+constexpr int CHUNK = 32;
+}  // namespace
+
+template <typename T, int D>
+__device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_acc, float* __restrict__ part_ml,
+                                const T* __restrict__ q, int q_stride, int out_stride, const T* __restrict__ k_cache,
+                                const T* __restrict__ v_cache, const int* __restrict__ tiles,
+                                const int* __restrict__ seqs, const int* __restrict__ tables, int kv_heads, int ratio,
+                                int heads_per_cta, int block_size, int chunks_per_split, float scale) {
+    constexpr int DL = D / 32;  // values of a row per lane
+    constexpr int PER_VEC = 16 / sizeof(T);  // elements per 16-byte load
+    constexpr int VECS_PER_ROW = D / PER_VEC;
+    constexpr int VECS_PER_THREAD = CHUNK * VECS_PER_ROW / THREADS;
+    static_assert(CHUNK * VECS_PER_ROW % THREADS == 0, "whole loads per thread");
+    __shared__ float q_s[ROWS][D];
+    __shared__ float k_s[CHUNK][D + 1];  // +1: lanes read different rows of one column
+    __shared__ float v_s[CHUNK][D];
+
+    const int groups = ratio / heads_per_cta;
+    const int kv_head = blockIdx.y / groups;
+    const int head0 = kv_head * ratio + (blockIdx.y % groups) * heads_per_cta;
+    const int split = blockIdx.z, splits = gridDim.z;
+    const int* tile = tiles + blockIdx.x * 4;
+    const int* seq = seqs + tile[0] * 4;
+    const int first = tile[1], count = tile[2];
+    const int query_start = seq[0], query_len = seq[1], context_len = seq[2];
+    const int* table = tables + seq[3];
+    const int pos0 = context_len - query_len + first;  // position of the tile's first token
+    const int rows = count * heads_per_cta;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    for (int i = threadIdx.x; i < rows * D; i += THREADS) {
+        const int r = i / D, d = i % D;
+        const int token = query_start + first + r / heads_per_cta, head = head0 + r % heads_per_cta;
+        q_s[r][d] = to_float(q[(size_t)token * q_stride + head * D + d]);
+    }
+
+    const int span = pos0 + count;  // positions seen by the tile's last token
+    const int num_chunks = (span + CHUNK - 1) / CHUNK;
+    const int chunk_begin = split * chunks_per_split;
+    const int chunk_end = min(num_chunks, chunk_begin + chunks_per_split);
+
+    float m[ROWS_PER_WARP], l[ROWS_PER_WARP], acc[ROWS_PER_WARP][DL];
+#pragma unroll
+    for (int i = 0; i < ROWS_PER_WARP; ++i) {
+        m[i] = -INFINITY;
+        l[i] = 0.f;
+#pragma unroll
+        for (int j = 0; j < DL; ++j) acc[i][j] = 0.f;
+    }
+
+    for (int c = chunk_begin; c < chunk_end; ++c) {
+        const int base = c * CHUNK;
+        __syncthreads();  // the previous chunk (or the queries) fully used / written
+        // 16-byte loads, all issued before any is converted: VECS_PER_THREAD of K and of V each.
+        uint4 kraw[VECS_PER_THREAD], vraw[VECS_PER_THREAD];
+#pragma unroll
+        for (int j = 0; j < VECS_PER_THREAD; ++j) {
+            const int i = threadIdx.x + j * THREADS, p = i / VECS_PER_ROW, pos = base + p;
+            kraw[j] = vraw[j] = make_uint4(0, 0, 0, 0);
+            if (pos < span) {
+                const size_t block = table[pos / block_size];
+                const size_t row = (block * kv_heads + kv_head) * block_size + pos % block_size;
+                const uint4* ksrc = reinterpret_cast<const uint4*>(k_cache + row * D);
+                const uint4* vsrc = reinterpret_cast<const uint4*>(v_cache + row * D);
+                kraw[j] = ksrc[i % VECS_PER_ROW];
+                vraw[j] = vsrc[i % VECS_PER_ROW];
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < VECS_PER_THREAD; ++j) {
+            const int i = threadIdx.x + j * THREADS, p = i / VECS_PER_ROW, d0 = (i % VECS_PER_ROW) * PER_VEC;
+            const T* kv = reinterpret_cast<const T*>(&kraw[j]);
+            const T* vv = reinterpret_cast<const T*>(&vraw[j]);
+#pragma unroll
+            for (int e = 0; e < PER_VEC; ++e) {
+                k_s[p][d0 + e] = to_float(kv[e]);
+                v_s[p][d0 + e] = to_float(vv[e]);
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < ROWS_PER_WARP; ++i) {
+            const int r = warp + i * WARPS;
+            const int row_pos = pos0 + r / heads_per_cta;
+            if (r >= rows || base > row_pos) continue;  // uniform across the warp
+            const int key_pos = base + lane;
+            const bool visible = key_pos <= row_pos;
+            float s = -INFINITY;
+            if (visible) {
+                float dot = 0.f;
+#pragma unroll 16
+                for (int d = 0; d < D; ++d) dot += q_s[r][d] * k_s[lane][d];
+                s = dot * scale;
+            }
+            const float m_new = fmaxf(m[i], warp_max(s));  // finite: position `base` is visible
+            const float p = visible ? expf(s - m_new) : 0.f;
+            const float correction = expf(m[i] - m_new);
+            l[i] = l[i] * correction + warp_sum(p);
+            m[i] = m_new;
+#pragma unroll
+            for (int j = 0; j < DL; ++j) acc[i][j] *= correction;
+            const int last = min(CHUNK, row_pos - base + 1);
+            for (int k = 0; k < last; ++k) {
+                const float pk = __shfl_sync(0xffffffffu, p, k);
+#pragma unroll
+                for (int j = 0; j < DL; ++j) acc[i][j] += pk * v_s[k][lane + 32 * j];
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < ROWS_PER_WARP; ++i) {
+        const int r = warp + i * WARPS;
+        if (r >= rows) continue;
+        const int token = query_start + first + r / heads_per_cta, head = head0 + r % heads_per_cta;
+        if (splits == 1) {
+            const float inv = 1.f / l[i];
+            T* o = out + (size_t)token * out_stride + head * D;
+#pragma unroll
+            for (int j = 0; j < DL; ++j) o[lane + 32 * j] = from_float<T>(acc[i][j] * inv);
+        } else {
+            const size_t slot = ((size_t)(blockIdx.x * gridDim.y + blockIdx.y) * splits + split) * ROWS + r;
+#pragma unroll
+            for (int j = 0; j < DL; ++j) part_acc[slot * D + lane + 32 * j] = acc[i][j];
+            if (lane == 0) {
+                part_ml[slot * 2] = m[i];
+                part_ml[slot * 2 + 1] = l[i];
+            }
+        }
+    }
+}
+
+// Merges the partials of the splits of each (tile, head group): same grid as the attention
+// launch without the z dimension.
+template <typename T, int D>
+__device__ void paged_attention_combine(T* __restrict__ out, const float* __restrict__ part_acc,
+                                        const float* __restrict__ part_ml, int out_stride,
+                                        const int* __restrict__ tiles, const int* __restrict__ seqs, int ratio,
+                                        int heads_per_cta, int splits) {
+    constexpr int DL = D / 32;
+    const int groups = ratio / heads_per_cta;
+    const int head0 = (blockIdx.y / groups) * ratio + (blockIdx.y % groups) * heads_per_cta;
+    const int* tile = tiles + blockIdx.x * 4;
+    const int query_start = seqs[tile[0] * 4];
+    const int first = tile[1], rows = tile[2] * heads_per_cta;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t base = (size_t)(blockIdx.x * gridDim.y + blockIdx.y) * splits * ROWS;
+    for (int r = warp; r < rows; r += WARPS) {
+        float m = -INFINITY;
+        for (int s = 0; s < splits; ++s) m = fmaxf(m, part_ml[(base + s * ROWS + r) * 2]);
+        float sum = 0.f, o[DL];
+#pragma unroll
+        for (int j = 0; j < DL; ++j) o[j] = 0.f;
+        for (int s = 0; s < splits; ++s) {
+            const size_t slot = base + s * ROWS + r;
+            const float ms = part_ml[slot * 2];
+            if (ms == -INFINITY) continue;  // a split with nothing visible
+            const float w = expf(ms - m);
+            sum += w * part_ml[slot * 2 + 1];
+#pragma unroll
+            for (int j = 0; j < DL; ++j) o[j] += w * part_acc[slot * D + lane + 32 * j];
+        }
+        const int token = query_start + first + r / heads_per_cta, head = head0 + r % heads_per_cta;
+        T* dst = out + (size_t)token * out_stride + head * D;
+#pragma unroll
+        for (int j = 0; j < DL; ++j) dst[lane + 32 * j] = from_float<T>(o[j] / sum);
+    }
+}
+
+#define LUMEN_ATTENTION(T, SUFFIX, D)                                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                       \
+        paged_attention_##SUFFIX##_d##D(T* out, float* part_acc, float* part_ml, const T* q, int q_stride,      \
+                                        int out_stride, const T* k_cache, const T* v_cache, const int* tiles,   \
+                                        const int* seqs, const int* tables, int kv_heads, int ratio,            \
+                                        int heads_per_cta, int block_size, int chunks_per_split, float scale) { \
+        paged_attention<T, D>(out, part_acc, part_ml, q, q_stride, out_stride, k_cache, v_cache, tiles, seqs,   \
+                              tables, kv_heads, ratio, heads_per_cta, block_size, chunks_per_split, scale);     \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS) paged_attention_combine_##SUFFIX##_d##D(              \
+        T* out, const float* part_acc, const float* part_ml, int out_stride, const int* tiles, const int* seqs, \
+        int ratio, int heads_per_cta, int splits) {                                                             \
+        paged_attention_combine<T, D>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio, heads_per_cta,    \
+                                      splits);                                                                  \
+    }
+
+LUMEN_ATTENTION(float, f32, 64)
+LUMEN_ATTENTION(float, f32, 128)
+LUMEN_ATTENTION(__nv_bfloat16, bf16, 64)
+LUMEN_ATTENTION(__nv_bfloat16, bf16, 128)

@@ -1,0 +1,215 @@
+//! CUDA kernels (built only with the `cuda` feature): our own `.cu` files, compiled by the
+//! worker's build script into fatbins (sm_90a machine code + compute_80 PTX), loaded once per
+//! model and launched on candle's stream, so they order with candle's cuBLAS matmuls without any
+//! synchronisation.
+//!
+//! Kernels work on contiguous candle tensors of one element type (f32 or bf16; the arithmetic
+//! is f32) and on device addresses of the step's metadata (one packed u32 upload per step, see
+//! [`pack::HostPack`]). Every kernel has a CPU reference in `kernels::cpu` and a test comparing
+//! the two on random inputs (`tests.rs`, run on a GPU machine).
+//!
+//! - `ops.cu`: RMSNorm with the residual add fused in, rotary embeddings, SwiGLU, row gather.
+//! - `cache.cu`: `reshape_and_cache`, the K/V of new tokens into their paged slots.
+//! - `attention.cu`: paged attention for prefill chunks and decode tokens (causal, varlen,
+//!   grouped-query, split over long contexts).
+//! - `gemv.cu`: linear layers for steps of at most 8 tokens (decode), at memory bandwidth.
+
+/// Launches a kernel on a stream: `launch!(stream, &func, cfg; arg, arg, ...)`, each argument a
+/// `u64` device address, an `i32` size or an `f32`, in the kernel's parameter order. Expands to
+/// an unsafe launch: the call site guarantees that the arguments match the kernel's parameters
+/// and that every address is valid for the accesses the kernel makes with those sizes.
+macro_rules! launch {
+    ($stream:expr, $func:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        use cudarc::driver::PushKernelArg as _;
+        let mut builder = $stream.launch_builder($func);
+        $(
+            let value = $arg;
+            builder.arg(&value);
+        )*
+        // SAFETY: upheld by the call site (see the macro's documentation).
+        unsafe { builder.launch($cfg) }.map(|_| ()).map_err(|e| $crate::kernels::cuda::gpu_error("kernel launch", e))
+    }};
+}
+
+pub mod attention;
+pub mod gemv;
+pub mod ops;
+pub mod pack;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Device, Shape, Storage, Tensor};
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::nvrtc::Ptx;
+
+use crate::{Result, WorkerError};
+
+const OPS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops.fatbin"));
+const CACHE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cache.fatbin"));
+const ATTENTION_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin"));
+const GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
+
+/// Head sizes the attention kernel is instantiated for.
+pub const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// A GPU failure (driver, cuBLAS, candle) as a worker error.
+pub fn gpu_error(what: &str, e: impl std::fmt::Display) -> WorkerError {
+    WorkerError::Engine(format!("cuda: {what}: {e}"))
+}
+
+/// The kernels of one element type and head size, loaded on one device.
+pub struct CudaKernels {
+    device: Device,
+    stream: Arc<CudaStream>,
+    dtype: DType,
+    head_dim: usize,
+    num_sms: usize,
+    add_rms_norm: CudaFunction,
+    rotary: CudaFunction,
+    silu_mul: CudaFunction,
+    gather_rows: CudaFunction,
+    reshape_and_cache: CudaFunction,
+    attention: CudaFunction,
+    attention_combine: CudaFunction,
+    /// `gemv[m - 1]` multiplies m token rows.
+    gemv: Vec<CudaFunction>,
+}
+
+impl CudaKernels {
+    /// Loads the modules on `device` (a CUDA device) for `dtype` (F32 or BF16) and `head_dim`.
+    pub fn load(device: &Device, dtype: DType, head_dim: usize) -> Result<CudaKernels> {
+        let suffix = match dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            other => return Err(WorkerError::invalid("dtype", format!("{other:?} is not supported on the GPU"))),
+        };
+        if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+            return Err(WorkerError::ModelConfig(format!(
+                "head_dim {head_dim} is not supported by the CUDA attention kernel (supported: {SUPPORTED_HEAD_DIMS:?})"
+            )));
+        }
+        let cdev = device.as_cuda_device().map_err(|e| gpu_error("not a CUDA device", e))?;
+        let stream = cdev.cuda_stream();
+        let ctx = stream.context().clone();
+        let load = |bytes: &[u8]| -> Result<Arc<CudaModule>> {
+            ctx.load_module(Ptx::from_binary(bytes.to_vec())).map_err(|e| gpu_error("loading a kernel module", e))
+        };
+        let (ops, cache, attention) = (load(OPS_FATBIN)?, load(CACHE_FATBIN)?, load(ATTENTION_FATBIN)?);
+        let gemv_module = load(GEMV_FATBIN)?;
+        let func = |module: &Arc<CudaModule>, name: String| -> Result<CudaFunction> {
+            module.load_function(&name).map_err(|e| gpu_error(&format!("kernel {name}"), e))
+        };
+        let num_sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| gpu_error("reading the multiprocessor count", e))? as usize;
+        Ok(CudaKernels {
+            device: device.clone(),
+            dtype,
+            head_dim,
+            num_sms,
+            add_rms_norm: func(&ops, format!("add_rms_norm_{suffix}"))?,
+            rotary: func(&ops, format!("rotary_{suffix}"))?,
+            silu_mul: func(&ops, format!("silu_mul_{suffix}"))?,
+            gather_rows: func(&ops, format!("gather_rows_{suffix}"))?,
+            reshape_and_cache: func(&cache, format!("reshape_and_cache_{suffix}"))?,
+            attention: func(&attention, format!("paged_attention_{suffix}_d{head_dim}"))?,
+            attention_combine: func(&attention, format!("paged_attention_combine_{suffix}_d{head_dim}"))?,
+            gemv: (1..=gemv::GEMV_MAX_ROWS)
+                .map(|m| func(&gemv_module, format!("gemv_{suffix}_m{m}")))
+                .collect::<Result<Vec<_>>>()?,
+            stream,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Streaming multiprocessors of the device (sizes the attention split).
+    pub fn num_sms(&self) -> usize {
+        self.num_sms
+    }
+
+    /// A new uninitialised tensor of the kernels' element type on their device.
+    pub fn alloc(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        alloc_tensor(&self.device, shape.into(), self.dtype)
+    }
+
+    /// Fails unless `t` is a contiguous tensor of the kernels' element type.
+    fn expect(&self, what: &str, t: &Tensor) -> Result<()> {
+        if t.dtype() != self.dtype || !t.is_contiguous() {
+            return Err(WorkerError::Engine(format!(
+                "cuda kernel input `{what}`: expected a contiguous {:?} tensor, found {:?} {:?} (contiguous: {})",
+                self.dtype,
+                t.dtype(),
+                t.dims(),
+                t.is_contiguous()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A new uninitialised tensor of `shape` and `dtype` on a CUDA device (kernels overwrite it).
+pub fn alloc_tensor(device: &Device, shape: Shape, dtype: DType) -> Result<Tensor> {
+    let cdev = device.as_cuda_device().map_err(|e| gpu_error("not a CUDA device", e))?;
+    // At least one element: an empty tensor still needs an address to hand to a kernel.
+    let n = shape.elem_count().max(1);
+    let fail = |e| gpu_error(&format!("allocating {n} elements"), e);
+    // SAFETY: the memory is uninitialised; every caller writes all of it before reading.
+    let storage = unsafe {
+        match dtype {
+            DType::F32 => CudaStorage::wrap_cuda_slice(cdev.alloc::<f32>(n).map_err(fail)?, cdev.clone()),
+            DType::BF16 => CudaStorage::wrap_cuda_slice(cdev.alloc::<half::bf16>(n).map_err(fail)?, cdev.clone()),
+            DType::U32 => CudaStorage::wrap_cuda_slice(cdev.alloc::<u32>(n).map_err(fail)?, cdev.clone()),
+            other => return Err(WorkerError::Engine(format!("cuda: cannot allocate {other:?} tensors"))),
+        }
+    };
+    Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
+}
+
+/// The device address of the first element of a contiguous CUDA tensor.
+///
+/// The address stays valid while the tensor (or a clone sharing its storage) lives; memory
+/// freed afterwards is released in stream order, after every kernel launched before the free.
+pub fn device_ptr(t: &Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cuda) = &*storage else {
+        return Err(WorkerError::Engine("cuda kernel input is not on a CUDA device".into()));
+    };
+    if !layout.is_contiguous() {
+        return Err(WorkerError::Engine(format!("cuda kernel input {:?} is not contiguous", layout.dims())));
+    }
+    let stream = cuda.device().cuda_stream();
+    let fail = |e| gpu_error("reading a tensor's device address", e);
+    let (base, elem) = match cuda.dtype() {
+        DType::F32 => (cuda.as_cuda_slice::<f32>().map_err(fail)?.device_ptr(&stream).0, 4),
+        DType::BF16 => (cuda.as_cuda_slice::<half::bf16>().map_err(fail)?.device_ptr(&stream).0, 2),
+        DType::U32 => (cuda.as_cuda_slice::<u32>().map_err(fail)?.device_ptr(&stream).0, 4),
+        other => return Err(WorkerError::Engine(format!("cuda: {other:?} tensors are not kernel inputs"))),
+    };
+    Ok(base + (layout.start_offset() * elem) as u64)
+}
+
+/// A launch of `grid` blocks of `threads` threads with static shared memory only.
+pub(crate) fn grid(grid: (u32, u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A size as the `int` kernel parameter it becomes, failing if it does not fit.
+pub(crate) fn int(what: &str, n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| WorkerError::Engine(format!("cuda: {what} = {n} does not fit a kernel's int")))
+}

@@ -1,0 +1,169 @@
+//! Launch wrappers of `ops.cu` and `cache.cu`: RMSNorm (+ residual), rotary, SwiGLU, row gather,
+//! reshape_and_cache.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{CudaKernels, device_ptr, gpu_error, grid, int};
+use crate::kernels::cpu::ops::RopeTable;
+use crate::{Result, WorkerError};
+
+/// Threads per block of the row-wise kernels.
+const ROW_THREADS: u32 = 256;
+
+/// The rotary tables on the device: `cos` and `sin` `[max_positions, half]` f32, the very
+/// values of the CPU path's [`RopeTable`].
+pub struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+    half: usize,
+    max_positions: usize,
+}
+
+impl RopeTables {
+    pub fn new(table: &RopeTable, device: &Device) -> Result<RopeTables> {
+        let (half, max_positions) = (table.half(), table.max_positions());
+        let upload = |v: &[f32]| {
+            Tensor::from_slice(v, (max_positions, half), device).map_err(|e| gpu_error("uploading rotary tables", e))
+        };
+        Ok(RopeTables { cos: upload(table.cos())?, sin: upload(table.sin())?, half, max_positions })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+}
+
+fn dims2(what: &str, t: &Tensor) -> Result<(usize, usize)> {
+    t.dims2().map_err(|e| WorkerError::Engine(format!("cuda kernel input `{what}`: {e}")))
+}
+
+fn mismatch(what: &str, detail: String) -> WorkerError {
+    WorkerError::Engine(format!("cuda kernel `{what}`: {detail}"))
+}
+
+impl CudaKernels {
+    /// Adds `delta` into `x` in place when given (`x` is the residual stream, owned by the
+    /// caller), then returns `x / sqrt(mean(x²) + eps) * weight` row by row. `x`, `delta`:
+    /// `[rows, n]`; `weight`: `[n]`.
+    pub fn add_rms_norm(&self, x: &Tensor, delta: Option<&Tensor>, weight: &Tensor, eps: f32) -> Result<Tensor> {
+        self.expect("x", x)?;
+        self.expect("weight", weight)?;
+        let (rows, n) = dims2("x", x)?;
+        if weight.dims() != [n] {
+            return Err(mismatch("add_rms_norm", format!("weight {:?} for rows of {n}", weight.dims())));
+        }
+        let delta = match delta {
+            Some(d) => {
+                self.expect("delta", d)?;
+                if d.dims() != x.dims() {
+                    return Err(mismatch("add_rms_norm", format!("delta {:?} vs x {:?}", d.dims(), x.dims())));
+                }
+                device_ptr(d)?
+            }
+            None => 0u64,
+        };
+        let out = self.alloc((rows, n))?;
+        if rows > 0 {
+            // SAFETY: x, delta and out hold rows * n elements, weight n, all of the kernels' type.
+            launch!(self.stream, &self.add_rms_norm, grid((rows as u32, 1, 1), ROW_THREADS);
+                device_ptr(x)?, delta, device_ptr(weight)?, device_ptr(&out)?, int("n", n)?, eps)?;
+        }
+        Ok(out)
+    }
+
+    /// Rotates, in place, the first `heads` heads (of `2 * half` values each) of every row of
+    /// `qkv` (`[tokens, width]`) by the angles of the token's position. `positions` is the device
+    /// address of `tokens` u32 positions, each below the tables' `max_positions` (the caller
+    /// checks).
+    pub fn rotary(&self, qkv: &Tensor, heads: usize, positions: u64, tables: &RopeTables) -> Result<()> {
+        self.expect("qkv", qkv)?;
+        let (tokens, width) = dims2("qkv", qkv)?;
+        if heads * 2 * tables.half > width {
+            return Err(mismatch("rotary", format!("{heads} heads of {} exceed rows of {width}", 2 * tables.half)));
+        }
+        if tokens > 0 {
+            // SAFETY: the rotated heads lie within each row; positions index inside the tables.
+            launch!(self.stream, &self.rotary, grid((tokens as u32, 1, 1), ROW_THREADS);
+                device_ptr(qkv)?, int("width", width)?, positions, device_ptr(&tables.cos)?,
+                device_ptr(&tables.sin)?, int("heads", heads)?, int("half", tables.half)?)?;
+        }
+        Ok(())
+    }
+
+    /// `silu(gate) * up` for each row `[gate | up]` of `gu` (`[rows, 2 * width]`).
+    pub fn silu_mul(&self, gu: &Tensor) -> Result<Tensor> {
+        self.expect("gate_up", gu)?;
+        let (rows, width2) = dims2("gate_up", gu)?;
+        if width2 % 2 != 0 {
+            return Err(mismatch("silu_mul", format!("rows of {width2} do not split into gate and up")));
+        }
+        let width = width2 / 2;
+        let out = self.alloc((rows, width))?;
+        let total = rows * width;
+        if total > 0 {
+            let blocks = total.div_ceil(ROW_THREADS as usize).min(self.num_sms * 16) as u32;
+            // SAFETY: gu holds rows * 2 * width elements, out rows * width.
+            launch!(self.stream, &self.silu_mul, grid((blocks, 1, 1), ROW_THREADS);
+                device_ptr(gu)?, device_ptr(&out)?, int("width", width)?, total)?;
+        }
+        Ok(out)
+    }
+
+    /// Rows `ids[0..n]` of `src` (`[rows, width]`): `ids` is the device address of `n` u32 row
+    /// indices, each below `rows` (the caller checks).
+    pub fn gather_rows(&self, src: &Tensor, ids: u64, n: usize) -> Result<Tensor> {
+        self.expect("src", src)?;
+        let (_, width) = dims2("src", src)?;
+        let out = self.alloc((n, width))?;
+        if n > 0 {
+            // SAFETY: every id indexes a row of src; out holds n rows.
+            launch!(self.stream, &self.gather_rows, grid((n as u32, 1, 1), ROW_THREADS);
+                device_ptr(src)?, ids, device_ptr(&out)?, int("width", width)?)?;
+        }
+        Ok(out)
+    }
+
+    /// Writes the keys (`qkv[t, k_offset..]`) and values (`qkv[t, v_offset..]`, `kv_heads *
+    /// head_dim` each) of every token row of `qkv` into its cache slot. `slots` is the device
+    /// address of one u32 slot per row, each inside the caches (the caller checks). Caches:
+    /// `[num_blocks, kv_heads, block_size, head_dim]`, flattened.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reshape_and_cache(
+        &self,
+        qkv: &Tensor,
+        k_offset: usize,
+        v_offset: usize,
+        kv_heads: usize,
+        slots: u64,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        block_size: usize,
+    ) -> Result<()> {
+        self.expect("qkv", qkv)?;
+        self.expect("k_cache", k_cache)?;
+        self.expect("v_cache", v_cache)?;
+        let (tokens, width) = dims2("qkv", qkv)?;
+        let kv_width = kv_heads * self.head_dim;
+        if k_offset + kv_width > width || v_offset + kv_width > width {
+            return Err(mismatch("reshape_and_cache", format!("K/V at {k_offset}/{v_offset} exceed rows of {width}")));
+        }
+        if k_cache.elem_count() != v_cache.elem_count() || k_cache.elem_count() % (kv_width * block_size) != 0 {
+            return Err(mismatch("reshape_and_cache", "caches are not whole blocks of equal size".into()));
+        }
+        if tokens > 0 {
+            // SAFETY: K/V lie within each row; every slot indexes inside the caches.
+            launch!(self.stream, &self.reshape_and_cache, grid((tokens as u32, 1, 1), ROW_THREADS);
+                device_ptr(qkv)?, int("width", width)?, int("k_offset", k_offset)?, int("v_offset", v_offset)?,
+                slots, device_ptr(k_cache)?, device_ptr(v_cache)?, int("kv_heads", kv_heads)?,
+                int("head_dim", self.head_dim)?, int("block_size", block_size)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Converts a host f32 slice to a device tensor of `dtype` (for tests and small tables).
+pub fn upload_f32(values: &[f32], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Tensor::from_slice(values, shape, device)
+        .and_then(|t| t.to_dtype(dtype))
+        .map_err(|e| gpu_error("uploading a tensor", e))
+}

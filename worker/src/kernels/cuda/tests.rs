@@ -1,0 +1,333 @@
+//! Every CUDA kernel against its CPU reference on random inputs, in f32 and bf16 (needs a GPU:
+//! run with `--features cuda` on a GPU machine, see `scripts/gpu/run-on-device.sh`).
+//!
+//! Inputs are rounded to the kernel's element type before the reference sees them, so the only
+//! differences are arithmetic order and the rounding of outputs. Errors are measured as
+//! ‖gpu − cpu‖ / ‖cpu‖.
+
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+
+use super::attention::AttentionPlan;
+use super::ops::{RopeTables, upload_f32};
+use super::pack::HostPack;
+use super::{CudaKernels, device_ptr};
+use crate::kernels::cpu::attention::{CacheLayout, QueryRef, paged_attention, write_kv};
+use crate::kernels::cpu::isa::Isa;
+use crate::kernels::cpu::matmul::{Epilogue, Input, Matrix, WeightData, matmul};
+use crate::kernels::cpu::ops::{RopeTable, rms_norm, silu_mul};
+use crate::kernels::cpu::pool::ThreadPool;
+use crate::model::batch::BatchSeq;
+
+const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
+
+fn device() -> Device {
+    Device::new_cuda_with_stream(0).expect("a CUDA device (these tests run on a GPU machine)")
+}
+
+/// Relative L2 error allowed for a dtype's outputs.
+fn tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F32 { 2e-5 } else { 1e-2 }
+}
+
+/// Uniform values in [-scale, scale) from a SplitMix64 stream.
+fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// `values` as the kernel's element type would hold them.
+fn rounded(values: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::BF16 => values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+        _ => values.to_vec(),
+    }
+}
+
+fn download(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    assert!(got.iter().all(|v| v.is_finite()), "non-finite output");
+    let diff: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    let norm: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
+    (diff / norm.max(1e-30)).sqrt()
+}
+
+fn assert_close(what: &str, dtype: DType, got: &[f32], want: &[f32]) {
+    let err = relative_error(got, want);
+    assert!(err < tolerance(dtype), "{what} ({dtype:?}): relative error {err:.2e}");
+}
+
+#[test]
+fn add_rms_norm_matches_the_cpu_with_and_without_the_residual() {
+    let dev = device();
+    for (seed, dtype) in DTYPES.into_iter().enumerate() {
+        let k = CudaKernels::load(&dev, dtype, 64).unwrap();
+        let (rows, n, eps) = (5, 576, 1e-5);
+        let x = rounded(&random(seed as u64 * 3 + 1, rows * n, 2.0), dtype);
+        let delta = rounded(&random(seed as u64 * 3 + 2, rows * n, 2.0), dtype);
+        let w = rounded(&random(seed as u64 * 3 + 3, n, 1.0), dtype);
+        let w_dev = upload_f32(&w, &[n], dtype, &dev).unwrap();
+
+        let x_dev = upload_f32(&x, &[rows, n], dtype, &dev).unwrap();
+        let out = k.add_rms_norm(&x_dev, None, &w_dev, eps).unwrap();
+        let mut want = vec![0f32; rows * n];
+        rms_norm(Isa::detect(), &x, &w, eps, &mut want);
+        assert_close("rms_norm", dtype, &download(&out), &want);
+        assert_eq!(download(&x_dev), x, "x must be left alone without a residual");
+
+        let delta_dev = upload_f32(&delta, &[rows, n], dtype, &dev).unwrap();
+        let out = k.add_rms_norm(&x_dev, Some(&delta_dev), &w_dev, eps).unwrap();
+        let sum = rounded(&x.iter().zip(&delta).map(|(a, b)| a + b).collect::<Vec<_>>(), dtype);
+        rms_norm(Isa::detect(), &sum, &w, eps, &mut want);
+        assert_close("add_rms_norm", dtype, &download(&out), &want);
+        assert_eq!(download(&x_dev), sum, "the residual stream must hold x + delta");
+    }
+}
+
+#[test]
+fn rotary_matches_the_cpu_table_on_queries_and_keys_and_leaves_values() {
+    let dev = device();
+    for (seed, dtype) in DTYPES.into_iter().enumerate() {
+        let k = CudaKernels::load(&dev, dtype, 64).unwrap();
+        let (tokens, heads, kv_heads, hd) = (7, 9, 3, 64);
+        let width = (heads + 2 * kv_heads) * hd;
+        let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32)).collect();
+        let table = RopeTable::new(&inv_freq, 512);
+        let tables = RopeTables::new(&table, &dev).unwrap();
+        let qkv = rounded(&random(seed as u64 + 10, tokens * width, 1.0), dtype);
+        let positions: Vec<u32> = (0..tokens as u32).map(|t| (t * 73 + 5) % 512).collect();
+        let mut pack = HostPack::default();
+        let section = pack.push(positions.iter().copied());
+        let meta = pack.upload(&dev).unwrap();
+        let qkv_dev = upload_f32(&qkv, &[tokens, width], dtype, &dev).unwrap();
+        k.rotary(&qkv_dev, heads + kv_heads, meta.ptr(section), &tables).unwrap();
+        let mut want = qkv.clone();
+        for (t, row) in want.chunks_exact_mut(width).enumerate() {
+            table.apply(&mut row[..(heads + kv_heads) * hd], positions[t] as usize);
+        }
+        let got = download(&qkv_dev);
+        assert_close("rotary", dtype, &got, &want);
+        for t in 0..tokens {
+            let v = (t * width + (heads + kv_heads) * hd)..(t + 1) * width;
+            assert_eq!(got[v.clone()], qkv[v], "values must not rotate");
+        }
+    }
+}
+
+#[test]
+fn silu_mul_and_gather_rows_match_the_cpu() {
+    let dev = device();
+    for (seed, dtype) in DTYPES.into_iter().enumerate() {
+        let k = CudaKernels::load(&dev, dtype, 64).unwrap();
+        let (rows, width) = (3, 1536);
+        let gu = rounded(&random(seed as u64 + 20, rows * 2 * width, 8.0), dtype);
+        let gu_dev = upload_f32(&gu, &[rows, 2 * width], dtype, &dev).unwrap();
+        let out = k.silu_mul(&gu_dev).unwrap();
+        let mut want = vec![0f32; rows * width];
+        silu_mul(Isa::detect(), &gu, width, &mut want);
+        assert_close("silu_mul", dtype, &download(&out), &want);
+
+        let (vocab, h) = (50, 96);
+        let table = rounded(&random(seed as u64 + 21, vocab * h, 1.0), dtype);
+        let table_dev = upload_f32(&table, &[vocab, h], dtype, &dev).unwrap();
+        let ids = [7u32, 0, 49, 7, 13];
+        let mut pack = HostPack::default();
+        let section = pack.push(ids);
+        let meta = pack.upload(&dev).unwrap();
+        let got = download(&k.gather_rows(&table_dev, meta.ptr(section), ids.len()).unwrap());
+        let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * h..(i as usize + 1) * h].to_vec()).collect();
+        assert_eq!(got, want);
+    }
+}
+
+#[test]
+fn reshape_and_cache_writes_every_slot_like_the_cpu() {
+    let dev = device();
+    for (seed, dtype) in DTYPES.into_iter().enumerate() {
+        let hd = 64;
+        let k = CudaKernels::load(&dev, dtype, hd).unwrap();
+        let layout = CacheLayout { block_size: 16, kv_heads: 2, head_dim: hd };
+        let (num_blocks, tokens, q_width) = (8, 20, 4 * hd);
+        let kv = layout.kv_heads * hd;
+        let width = q_width + 2 * kv;
+        let qkv = rounded(&random(seed as u64 + 30, tokens * width, 1.0), dtype);
+        // Scattered, distinct slots across blocks.
+        let slots: Vec<u32> = (0..tokens as u32).map(|t| (t * 37 + 11) % (num_blocks * 16) as u32).collect();
+        let elems = num_blocks * layout.block_elems();
+        let k_cache = Tensor::zeros(elems, dtype, &dev).unwrap();
+        let v_cache = Tensor::zeros(elems, dtype, &dev).unwrap();
+        let mut pack = HostPack::default();
+        let section = pack.push(slots.iter().copied());
+        let meta = pack.upload(&dev).unwrap();
+        let qkv_dev = upload_f32(&qkv, &[tokens, width], dtype, &dev).unwrap();
+        k.reshape_and_cache(&qkv_dev, q_width, q_width + kv, 2, meta.ptr(section), &k_cache, &v_cache, 16).unwrap();
+
+        let keys: Vec<f32> = qkv.chunks_exact(width).flat_map(|r| r[q_width..q_width + kv].to_vec()).collect();
+        let values: Vec<f32> = qkv.chunks_exact(width).flat_map(|r| r[q_width + kv..].to_vec()).collect();
+        let (mut k_want, mut v_want) = (vec![f16::ZERO; elems], vec![f16::ZERO; elems]);
+        write_kv(&layout, &keys, &values, &slots, &mut k_want, &mut v_want);
+        // The CPU cache is f16: compare the GPU's values at that precision, slot for slot.
+        let as_f16 = |t: &Tensor| download(t).into_iter().map(f16::from_f32).collect::<Vec<_>>();
+        assert!(as_f16(&k_cache) == k_want, "keys differ ({dtype:?})");
+        assert!(as_f16(&v_cache) == v_want, "values differ ({dtype:?})");
+    }
+}
+
+#[test]
+fn linear_layers_match_the_cpu_matmul_through_gemv_and_cublas() {
+    let dev = device();
+    let pool = ThreadPool::new(2);
+    for (seed, dtype) in DTYPES.into_iter().enumerate() {
+        let k = CudaKernels::load(&dev, dtype, 64).unwrap();
+        // 1..=8 rows take the GEMV kernel, 9 and 33 cuBLAS; 1000 outputs is not a multiple of
+        // the kernel's 8 rows per block, and k = 1032 leaves a tail after the unrolled loop.
+        for (i, &(m, n, kk)) in
+            [(1, 1000, 1032), (3, 64, 4096), (8, 257, 512), (9, 96, 256), (33, 40, 128)].iter().enumerate()
+        {
+            let s = 1000 + 10 * seed as u64 + i as u64;
+            let w = rounded(&random(s, n * kk, 0.05), dtype);
+            let x = rounded(&random(s + 1, m * kk, 1.0), dtype);
+            let w_dev = upload_f32(&w, &[n, kk], dtype, &dev).unwrap();
+            let x_dev = upload_f32(&x, &[m, kk], dtype, &dev).unwrap();
+            let got = download(&k.linear(&x_dev, &w_dev).unwrap());
+            let matrix = Matrix { rows: n, cols: kk, data: WeightData::F32(w) };
+            let mut want = vec![0f32; m * n];
+            matmul(&pool, Isa::detect(), &matrix, Input::F32(&x), m, &mut want, Epilogue::Store);
+            assert_close(&format!("linear {m}x{kk} . {n}x{kk}"), dtype, &got, &want);
+        }
+    }
+}
+
+/// One attention case: the sequences of a step as (context_len, query_len).
+struct AttentionCase {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    seqs: Vec<(usize, usize)>,
+}
+
+/// Runs the GPU kernel and the CPU reference on random queries and caches; returns the
+/// relative error and the plan's split count.
+fn attention_error(case: &AttentionCase, dtype: DType, seed: u64) -> (f64, usize) {
+    let dev = device();
+    let k = CudaKernels::load(&dev, dtype, case.head_dim).unwrap();
+    let layout = CacheLayout { block_size: case.block_size, kv_heads: case.kv_heads, head_dim: case.head_dim };
+    let blocks_needed: usize = case.seqs.iter().map(|&(ctx, _)| ctx.div_ceil(case.block_size)).sum();
+    let num_blocks = blocks_needed + 3;
+    // Block tables: a shuffled assignment of the pool's blocks.
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    let order = random(seed + 1, num_blocks, 1.0);
+    ids.sort_by(|&a, &b| order[a as usize].total_cmp(&order[b as usize]));
+    let mut seqs = Vec::new();
+    let (mut next, mut row) = (0, 0);
+    for &(ctx, qlen) in &case.seqs {
+        let n = ctx.div_ceil(case.block_size);
+        seqs.push(BatchSeq {
+            query_start: row,
+            query_len: qlen,
+            context_len: ctx,
+            block_table: ids[next..next + n].to_vec(),
+        });
+        next += n;
+        row += qlen;
+    }
+    let tokens = row;
+    // Caches hold values exact in f16 (the CPU cache) and in the kernel's type.
+    let elems = num_blocks * layout.block_elems();
+    let k_vals: Vec<f32> =
+        rounded(&random(seed + 2, elems, 1.0), dtype).into_iter().map(|v| f16::from_f32(v).to_f32()).collect();
+    let v_vals: Vec<f32> =
+        rounded(&random(seed + 3, elems, 1.0), dtype).into_iter().map(|v| f16::from_f32(v).to_f32()).collect();
+    let q_width = case.heads * case.head_dim;
+    let stride = q_width + 2 * case.kv_heads * case.head_dim;
+    let q = rounded(&random(seed + 4, tokens * stride, 2.0), dtype);
+
+    let mut pack = HostPack::default();
+    let plan = AttentionPlan::new(&mut pack, &seqs, case.heads, case.kv_heads, k.num_sms()).unwrap();
+    let meta = pack.upload(&dev).unwrap();
+    let k_cache = upload_f32(&k_vals, &[elems], dtype, &dev).unwrap();
+    let v_cache = upload_f32(&v_vals, &[elems], dtype, &dev).unwrap();
+    let q_dev = upload_f32(&q, &[tokens, stride], dtype, &dev).unwrap();
+    let scale = 1.0 / (case.head_dim as f32).sqrt();
+    let out = k.paged_attention(&plan, &meta, &q_dev, &k_cache, &v_cache, case.block_size, scale).unwrap();
+    assert_eq!(out.dims(), [tokens, q_width]);
+    assert!(device_ptr(&out).is_ok());
+
+    let k_f16: Vec<f16> = k_vals.iter().map(|&v| f16::from_f32(v)).collect();
+    let v_f16: Vec<f16> = v_vals.iter().map(|&v| f16::from_f32(v)).collect();
+    let q_rows: Vec<f32> = q.chunks_exact(stride).flat_map(|r| r[..q_width].to_vec()).collect();
+    let queries: Vec<QueryRef<'_>> = seqs
+        .iter()
+        .flat_map(|s| {
+            (0..s.query_len).map(move |i| QueryRef {
+                block_table: &s.block_table,
+                context_len: s.context_len - s.query_len + i + 1,
+            })
+        })
+        .collect();
+    let mut want = vec![0f32; tokens * q_width];
+    let pool = ThreadPool::new(2);
+    paged_attention(&pool, Isa::detect(), &layout, case.heads, scale, &q_rows, &queries, &k_f16, &v_f16, &mut want);
+    (relative_error(&download(&out), &want), plan.splits())
+}
+
+#[test]
+fn paged_decode_attention_matches_the_cpu_and_splits_long_contexts() {
+    let case = AttentionCase {
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        block_size: 16,
+        seqs: vec![(1, 1), (17, 1), (300, 1), (1500, 1)],
+    };
+    for (i, dtype) in DTYPES.into_iter().enumerate() {
+        let (err, splits) = attention_error(&case, dtype, 100 + i as u64);
+        assert!(splits > 1, "four decode sequences should split the context (got {splits})");
+        assert!(err < tolerance(dtype), "decode attention ({dtype:?}): relative error {err:.2e}");
+    }
+}
+
+#[test]
+fn paged_prefill_attention_is_causal_over_cached_prefixes_and_mixed_batches() {
+    let cases = [
+        // SmolLM2's shape: 9 heads over 3 KV heads of 64; a fresh prompt, a chunk after a cached
+        // prefix, and two decodes.
+        AttentionCase {
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            block_size: 16,
+            seqs: vec![(40, 40), (100, 37), (1, 1), (70, 1)],
+        },
+        // Llama-3.1-8B's shape with a long chunked prompt and blocks of 32.
+        AttentionCase {
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            block_size: 32,
+            seqs: vec![(700, 300), (5, 5), (33, 1)],
+        },
+        // Eight query heads per KV head, block size 8.
+        AttentionCase { heads: 16, kv_heads: 2, head_dim: 128, block_size: 8, seqs: vec![(90, 90), (129, 2)] },
+    ];
+    for (c, case) in cases.iter().enumerate() {
+        for (i, dtype) in DTYPES.into_iter().enumerate() {
+            let (err, _) = attention_error(case, dtype, 200 + 10 * c as u64 + i as u64);
+            assert!(err < tolerance(dtype), "case {c} ({dtype:?}): relative error {err:.2e}");
+        }
+    }
+}

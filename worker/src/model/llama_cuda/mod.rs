@@ -1,0 +1,336 @@
+//! The Llama forward pass on an NVIDIA GPU (the `cuda` feature), behind the same [`Model`]
+//! trait as the CPU path: the same packed batch, block tables and slot mapping, the same cache
+//! layout, the same rotary tables.
+//!
+//! Per layer: fused RMSNorm (+ the previous residual add) -> one cuBLAS matmul for QKV ->
+//! rotary in place -> reshape_and_cache -> paged attention -> O matmul -> fused residual add +
+//! RMSNorm -> one matmul for gate and up -> SwiGLU -> down matmul. Matmuls are candle's (cuBLAS,
+//! f32 accumulation); everything else is our kernels (`kernels::cuda`). The step's small arrays
+//! go to the device in one copy; the logits rows come back in one copy, which is the step's only
+//! synchronisation.
+//!
+//! Start-up (`CudaLlama::load`): device and kernel modules, weights straight into device memory,
+//! the rotary tables, a profiling forward at the largest batch the scheduler can form (the
+//! activation peak), the memory plan, the KV cache, a warm-up step; each phase's time is logged.
+
+pub mod memory;
+#[cfg(test)]
+mod tests;
+pub mod timing;
+pub mod weights;
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use cudarc::driver::sys::CUevent_flags;
+
+use self::memory::{MemoryPlan, MemoryPool, device_memory};
+use self::timing::{DecodeTiming, OpTimer};
+use self::weights::{CudaWeights, WeightOrigin};
+use super::Model;
+use super::batch::ForwardBatch;
+use super::config::LlamaConfig;
+use crate::kernels::cpu::attention::CacheLayout;
+use crate::kernels::cpu::ops::RopeTable;
+use crate::kernels::cuda::attention::AttentionPlan;
+use crate::kernels::cuda::ops::RopeTables;
+use crate::kernels::cuda::pack::HostPack;
+use crate::kernels::cuda::{CudaKernels, gpu_error};
+use crate::kv_cache::cuda_storage::CudaKvStorage;
+use crate::{Result, WorkerError};
+
+/// Options for building a GPU model.
+#[derive(Clone, Debug)]
+pub struct CudaModelOptions {
+    /// Which GPU (`cuda:N`).
+    pub ordinal: usize,
+    /// Element type of weights, activations and the KV cache (BF16, or F32).
+    pub dtype: DType,
+    pub block_size: usize,
+    /// Longest sequence (sizes the rotary tables; the KV cache must hold one).
+    pub max_model_len: usize,
+    /// The scheduler's limits: the profiling forward runs the largest batch they allow.
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Fraction of the device's memory to use.
+    pub gpu_memory_utilization: f64,
+}
+
+/// A Llama model with its KV cache, on one GPU.
+pub struct CudaLlama {
+    config: LlamaConfig,
+    kernels: CudaKernels,
+    weights: CudaWeights,
+    rope: RopeTables,
+    cache: CudaKvStorage,
+    plan: MemoryPlan,
+    pack: HostPack,
+    logits: Vec<f32>,
+    timing: DecodeTiming,
+    ops: OpTimer,
+}
+
+impl CudaLlama {
+    /// Loads the weights onto the GPU, sizes and allocates the KV cache, and warms up.
+    pub fn load(config: LlamaConfig, origin: &WeightOrigin<'_>, opts: &CudaModelOptions) -> Result<CudaLlama> {
+        let started = Instant::now();
+        let phase = Instant::now();
+        let device = Device::new_cuda_with_stream(opts.ordinal)
+            .map_err(|e| gpu_error(&format!("opening cuda:{}", opts.ordinal), e))?;
+        let cdev = device.as_cuda_device().map_err(|e| gpu_error("not a CUDA device", e))?;
+        // SAFETY: the model uses one stream for everything (kernels, cuBLAS, copies), so
+        // cross-stream event tracking would only add an event record per tensor use.
+        unsafe { cdev.disable_event_tracking() };
+        if let WeightOrigin::Random { seed } = origin {
+            device.set_seed(*seed).map_err(|e| gpu_error("seeding the device RNG", e))?;
+        }
+        let kernels = CudaKernels::load(&device, opts.dtype, config.head_dim)?;
+        let stream = kernels.stream().clone();
+        let pool = MemoryPool::of(&stream)?;
+        let init_s = phase.elapsed().as_secs_f32();
+
+        let phase = Instant::now();
+        let weights = CudaWeights::load(&config, origin, opts.dtype, &device)?;
+        let rope = RopeTables::new(&RopeTable::new(&config.rope_inv_freq(), opts.max_model_len), &device)?;
+        synchronize(&device)?;
+        let weights_s = phase.elapsed().as_secs_f32();
+
+        let layout = CacheLayout {
+            block_size: opts.block_size,
+            kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+        };
+        let per_block = CudaKvStorage::bytes_per_block(&layout, config.num_hidden_layers, opts.dtype);
+        let mut model = CudaLlama {
+            cache: CudaKvStorage::empty(layout, opts.dtype),
+            config,
+            kernels,
+            weights,
+            rope,
+            plan: MemoryPlan::default(),
+            pack: HostPack::default(),
+            logits: Vec::new(),
+            timing: DecodeTiming::default(),
+            ops: OpTimer::from_env(),
+        };
+
+        // Profiling forward: the largest batch, over a scratch cache just big enough for it.
+        let phase = Instant::now();
+        let profile = profiling_batch(opts);
+        let scratch_blocks = profile.seqs.iter().map(|s| s.block_table.len()).sum();
+        model.cache = CudaKvStorage::new(layout, model.config.num_hidden_layers, scratch_blocks, opts.dtype, &device)?;
+        synchronize(&device)?;
+        let before = pool.used()?;
+        pool.reset_peak()?;
+        model.forward(&profile)?;
+        synchronize(&device)?;
+        let activation_peak = pool.peak()?.saturating_sub(before) as usize;
+        model.cache = CudaKvStorage::empty(layout, opts.dtype);
+        synchronize(&device)?;
+        pool.trim()?;
+        let profile_s = phase.elapsed().as_secs_f32();
+
+        let phase = Instant::now();
+        let (free, total) = device_memory(&stream)?;
+        let plan = MemoryPlan::new(
+            total,
+            total - free,
+            opts.gpu_memory_utilization,
+            model.weights.size_bytes(),
+            activation_peak,
+        )?;
+        let num_blocks = plan.kv_cache / per_block;
+        tracing::info!(plan = %plan.describe(), num_blocks, tokens = num_blocks * opts.block_size, "GPU memory plan");
+        if num_blocks * opts.block_size < opts.max_model_len {
+            return Err(WorkerError::invalid(
+                "gpu_memory_utilization",
+                format!(
+                    "the KV cache gets {:.2} GiB ({}), {} tokens, fewer than max_model_len {}: raise --gpu-memory-utilization or lower --max-model-len (each token takes {} bytes)",
+                    plan.kv_cache as f64 / (1u64 << 30) as f64,
+                    plan.describe(),
+                    num_blocks * opts.block_size,
+                    opts.max_model_len,
+                    per_block / opts.block_size
+                ),
+            ));
+        }
+        model.cache = CudaKvStorage::new(layout, model.config.num_hidden_layers, num_blocks, opts.dtype, &device)?;
+        model.plan = plan;
+        pool.keep_freed_memory()?;
+        synchronize(&device)?;
+        let kv_s = phase.elapsed().as_secs_f32();
+
+        // Warm-up: a decode step and a short prefill, so the first request meets loaded modules.
+        let phase = Instant::now();
+        let mut warm = ForwardBatch::default();
+        warm.push_seq(&[1, 2, 3], 0, &[0], opts.block_size, true);
+        model.forward(&warm)?;
+        let mut warm = ForwardBatch::default();
+        warm.push_seq(&[4], 3, &[0], opts.block_size, true);
+        model.forward(&warm)?;
+        model.timing = DecodeTiming::default();
+        let warmup_s = phase.elapsed().as_secs_f32();
+
+        tracing::info!(
+            device = %model.describe(),
+            weight_mib = model.weights.size_bytes() >> 20,
+            kv_cache_mib = model.cache.size_bytes() >> 20,
+            kv_blocks = num_blocks,
+            init_s,
+            weights_s,
+            profile_s,
+            kv_s,
+            warmup_s,
+            total_s = started.elapsed().as_secs_f32(),
+            "loaded model on the GPU"
+        );
+        Ok(model)
+    }
+
+    /// How device memory was shared out at start-up.
+    pub fn memory_plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
+    /// Bytes of weights one decode step reads.
+    pub fn streamed_weight_bytes(&self) -> usize {
+        self.weights.streamed_bytes()
+    }
+
+    /// Runs the layers and returns the logits rows on the device (`[rows, vocab]`, f32), or
+    /// `None` when no row wants logits (prompt chunks that do not end their prompt).
+    fn run(&mut self, batch: &ForwardBatch) -> Result<Option<Tensor>> {
+        let c = &self.config;
+        let k = &self.kernels;
+        let (m, heads, kv_heads) = (batch.num_tokens(), c.num_attention_heads, c.num_key_value_heads);
+        let (qd, kvd, eps) = (c.q_dim(), c.kv_dim(), c.rms_norm_eps);
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let block_size = self.cache.layout.block_size;
+
+        self.pack.clear();
+        let ids = self.pack.push(batch.token_ids.iter().copied());
+        let positions = self.pack.push(batch.positions.iter().copied());
+        let slots = self.pack.push(batch.slot_mapping.iter().copied());
+        let rows = self.pack.push(batch.logits_rows.iter().map(|&r| r as u32));
+        let attention = AttentionPlan::new(&mut self.pack, &batch.seqs, heads, kv_heads, k.num_sms())?;
+        let meta = self.pack.upload(k.device())?;
+
+        let (w, stream, ops) = (&self.weights, k.stream(), &mut self.ops);
+        ops.mark(stream, "start")?;
+        let x = k.gather_rows(&w.embed, meta.ptr(ids), m)?;
+        ops.mark(stream, "embed")?;
+        let mut pending: Option<Tensor> = None;
+        for (li, layer) in w.layers.iter().enumerate() {
+            let xn = k.add_rms_norm(&x, pending.as_ref(), &layer.attn_norm, eps)?;
+            ops.mark(stream, "norm")?;
+            let qkv = k.linear(&xn, &layer.qkv)?;
+            ops.mark(stream, "qkv")?;
+            k.rotary(&qkv, heads + kv_heads, meta.ptr(positions), &self.rope)?;
+            ops.mark(stream, "rotary")?;
+            let (k_cache, v_cache) = (&self.cache.k[li], &self.cache.v[li]);
+            k.reshape_and_cache(&qkv, qd, qd + kvd, kv_heads, meta.ptr(slots), k_cache, v_cache, block_size)?;
+            ops.mark(stream, "cache")?;
+            let attn = k.paged_attention(&attention, &meta, &qkv, k_cache, v_cache, block_size, scale)?;
+            ops.mark(stream, "attention")?;
+            let o = k.linear(&attn, &layer.o)?;
+            ops.mark(stream, "o")?;
+            let xn = k.add_rms_norm(&x, Some(&o), &layer.ffn_norm, eps)?;
+            ops.mark(stream, "norm")?;
+            let gate_up = k.linear(&xn, &layer.gate_up)?;
+            ops.mark(stream, "gate_up")?;
+            let act = k.silu_mul(&gate_up)?;
+            ops.mark(stream, "silu")?;
+            pending = Some(k.linear(&act, &layer.down)?);
+            ops.mark(stream, "down")?;
+        }
+        if batch.logits_rows.is_empty() {
+            return Ok(None);
+        }
+        let last = k.gather_rows(&x, meta.ptr(rows), batch.logits_rows.len())?;
+        // The last residual add only matters for the rows that produce logits.
+        let last_delta = match &pending {
+            Some(d) => Some(k.gather_rows(d, meta.ptr(rows), batch.logits_rows.len())?),
+            None => None,
+        };
+        let normed = k.add_rms_norm(&last, last_delta.as_ref(), &w.final_norm, eps)?;
+        let logits = k.linear(&normed, w.output())?;
+        let logits = logits.to_dtype(DType::F32).map_err(|e| gpu_error("logits to f32", e))?;
+        ops.mark(stream, "logits")?;
+        Ok(Some(logits))
+    }
+}
+
+/// Waits for everything queued on the device.
+fn synchronize(device: &Device) -> Result<()> {
+    device.synchronize().map_err(|e| gpu_error("synchronizing", e))
+}
+
+/// The largest step the scheduler can form: `max_num_batched_tokens` tokens over up to
+/// `max_num_seqs` fresh sequences, each wanting logits, each within `max_model_len`.
+fn profiling_batch(opts: &CudaModelOptions) -> ForwardBatch {
+    let tokens = opts.max_num_batched_tokens.max(1);
+    let seqs = opts.max_num_seqs.clamp(1, tokens).max(tokens.div_ceil(opts.max_model_len.max(1)));
+    let mut batch = ForwardBatch::default();
+    let mut next_block = 0u32;
+    let mut left = tokens;
+    for i in 0..seqs {
+        let len = (left / (seqs - i)).clamp(1, opts.max_model_len.max(1));
+        left = left.saturating_sub(len);
+        let blocks = len.div_ceil(opts.block_size) as u32;
+        let table: Vec<u32> = (next_block..next_block + blocks).collect();
+        next_block += blocks;
+        let ids: Vec<u32> = (0..len as u32).map(|t| t % 7 + 1).collect();
+        batch.push_seq(&ids, 0, &table, opts.block_size, true);
+    }
+    batch
+}
+
+impl Model for CudaLlama {
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.cache.num_blocks
+    }
+
+    fn block_size(&self) -> usize {
+        self.cache.layout.block_size
+    }
+
+    fn describe(&self) -> String {
+        let ordinal = match self.kernels.device().location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+            _ => 0,
+        };
+        format!("cuda:{ordinal} ({:?} weights and KV cache, {} SMs)", self.kernels.dtype(), self.kernels.num_sms())
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<&[f32]> {
+        let (blocks, block_size) = (self.cache.num_blocks, self.cache.layout.block_size);
+        batch.validate(self.config.vocab_size, self.rope.max_positions(), blocks, block_size)?;
+        self.logits.clear();
+        if batch.num_tokens() == 0 {
+            return Ok(&self.logits);
+        }
+        let decode_only = batch.seqs.iter().all(|s| s.query_len == 1);
+        let started = Instant::now();
+        let stream = self.kernels.stream().clone();
+        let event = || stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| gpu_error("event", e));
+        let gpu_start = event()?;
+        let logits = self.run(batch)?;
+        let gpu_end = event()?;
+        let host_ms = started.elapsed().as_secs_f64() * 1e3;
+        if let Some(logits) = logits {
+            self.logits =
+                logits.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| gpu_error("reading logits", e))?;
+        }
+        if decode_only {
+            let gpu_ms = gpu_start.elapsed_ms(&gpu_end).map_err(|e| gpu_error("event timing", e))? as f64;
+            self.timing.record(started.elapsed().as_secs_f64() * 1e3, host_ms, gpu_ms, &mut self.ops)?;
+        } else {
+            self.ops.discard();
+        }
+        Ok(&self.logits)
+    }
+}
