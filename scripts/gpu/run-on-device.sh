@@ -4,7 +4,7 @@
 # SmolLM2, the device-to-device copy bandwidth and the single-stream decode of a
 # Llama-3.1-8B-shaped model with dummy weights; prints a table last.
 #
-#   bash scripts/gpu/run-on-device.sh [tests] [bench] [parity]     (default: all three)
+#   bash scripts/gpu/run-on-device.sh [tests] [bench] [parity] [profile]  (default: the first three)
 #
 # carry: gpu-pack (binaries, tokenizer, first half of the GGUF). The GGUF's second half comes in
 # a second call carrying gpu-smol (the machine keeps /tmp/lumen-gpu between warm calls):
@@ -16,6 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 steps=${*:-tests bench parity}
 work=/tmp/lumen-gpu
+model=$work/llama-3.1-8b-dummy
 out=$work/out
 mkdir -p "$work" "$out"
 declare -a table=()
@@ -72,8 +73,7 @@ if [[ " $steps " == *" parity "* ]]; then
     fi
 fi
 
-if [[ " $steps " == *" bench "* ]]; then
-    model=$work/llama-3.1-8b-dummy
+if [[ " $steps " == *" bench "* || " $steps " == *" profile "* ]]; then
     mkdir -p "$model"
     cp "$work"/llama3.1-tokenizer/tokenizer*.json "$model/"
     cat > "$model/config.json" <<'JSON'
@@ -85,6 +85,28 @@ if [[ " $steps " == *" bench "* ]]; then
                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
  "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "torch_dtype": "bfloat16"}
 JSON
+fi
+
+if [[ " $steps " == *" profile "* ]]; then
+    # Nsight Compute on steady-state decode steps (single stream, 8B shape): each kernel's time.
+    ncu --clock-control none --csv --metrics gpu__time_duration.sum --launch-skip 4000 --launch-count 400 \
+        "$work/lumen" bench offline --model "$model" --load-format dummy --device cuda --max-model-len 4096 \
+        --input-len 128 --output-len 200 --num-prompts 1 > "$out/ncu.csv" 2> "$out/ncu.log"
+    python3 - "$out/ncu.csv" > "$out/ncu-summary.txt" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+head = rows[0]; name_i = head.index("Kernel Name"); val_i = head.index("Metric Value")
+times = collections.defaultdict(list)
+for r in rows[1:]:
+    times[r[name_i].split("(")[0][:60]].append(float(r[val_i].replace(",", "")) / 1000)
+for k, v in sorted(times.items(), key=lambda kv: -sum(kv[1])):
+    print(f"  {k:60s} n={len(v):4d} mean {sum(v)/len(v):8.2f} us  total {sum(v):9.1f} us")
+PY
+    cat "$out/ncu-summary.txt"
+    while read -r line; do table+=("$line"); done < "$out/ncu-summary.txt"
+fi
+
+if [[ " $steps " == *" bench "* ]]; then
     bench() {  # name, then lumen bench offline arguments
         local name=$1; shift
         local started=$(date +%s.%N)

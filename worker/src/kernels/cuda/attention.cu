@@ -37,6 +37,7 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_ac
     constexpr int VECS_PER_ROW = D / PER_VEC;
     constexpr int VECS_PER_THREAD = CHUNK * VECS_PER_ROW / THREADS;
     static_assert(CHUNK * VECS_PER_ROW % THREADS == 0, "whole loads per thread");
+    constexpr int Q_VECS_PER_THREAD = (ROWS * VECS_PER_ROW + THREADS - 1) / THREADS;
     __shared__ float q_s[ROWS][D];
     __shared__ float k_s[CHUNK][D + 1];  // +1: lanes read different rows of one column
     __shared__ float v_s[CHUNK][D];
@@ -54,10 +55,16 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_ac
     const int rows = count * heads_per_cta;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-    for (int i = threadIdx.x; i < rows * D; i += THREADS) {
-        const int r = i / D, d = i % D;
-        const int token = query_start + first + r / heads_per_cta, head = head0 + r % heads_per_cta;
-        q_s[r][d] = to_float(q[(size_t)token * q_stride + head * D + d]);
+    // Queries: 16-byte loads issued now, stored to shared memory once the first chunk's K/V
+    // loads are in flight too (one memory round trip for both).
+    uint4 qraw[Q_VECS_PER_THREAD];
+#pragma unroll
+    for (int j = 0; j < Q_VECS_PER_THREAD; ++j) {
+        const int i = threadIdx.x + j * THREADS, r = i / VECS_PER_ROW;
+        if (r < rows) {
+            const int token = query_start + first + r / heads_per_cta, head = head0 + r % heads_per_cta;
+            qraw[j] = reinterpret_cast<const uint4*>(q + (size_t)token * q_stride + head * D)[i % VECS_PER_ROW];
+        }
     }
 
     const int span = pos0 + count;  // positions seen by the tile's last token
@@ -76,7 +83,7 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_ac
 
     for (int c = chunk_begin; c < chunk_end; ++c) {
         const int base = c * CHUNK;
-        __syncthreads();  // the previous chunk (or the queries) fully used / written
+        __syncthreads();  // the previous chunk fully used
         // 16-byte loads, all issued before any is converted: VECS_PER_THREAD of K and of V each.
         uint4 kraw[VECS_PER_THREAD], vraw[VECS_PER_THREAD];
 #pragma unroll
@@ -90,6 +97,16 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_ac
                 const uint4* vsrc = reinterpret_cast<const uint4*>(v_cache + row * D);
                 kraw[j] = ksrc[i % VECS_PER_ROW];
                 vraw[j] = vsrc[i % VECS_PER_ROW];
+            }
+        }
+        if (c == chunk_begin) {
+#pragma unroll
+            for (int j = 0; j < Q_VECS_PER_THREAD; ++j) {
+                const int i = threadIdx.x + j * THREADS, r = i / VECS_PER_ROW, d0 = (i % VECS_PER_ROW) * PER_VEC;
+                if (r >= rows) continue;
+                const T* qv = reinterpret_cast<const T*>(&qraw[j]);
+#pragma unroll
+                for (int e = 0; e < PER_VEC; ++e) q_s[r][d0 + e] = to_float(qv[e]);
             }
         }
 #pragma unroll

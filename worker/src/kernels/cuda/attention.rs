@@ -119,6 +119,9 @@ impl CudaKernels {
                 plan.heads
             )));
         }
+        if (width * self.dtype.size_in_bytes()) % 16 != 0 || device_ptr(q)? % 16 != 0 {
+            return Err(WorkerError::Engine("cuda attention: q rows must be 16-byte aligned".into()));
+        }
         let out = self.alloc((tokens, out_width))?;
         if plan.num_tiles == 0 {
             return Ok(out);

@@ -8,8 +8,8 @@
 //! [`pack::HostPack`]). Every kernel has a CPU reference in `kernels::cpu` and a test comparing
 //! the two on random inputs (`tests.rs`, run on a GPU machine).
 //!
-//! - `ops.cu`: RMSNorm with the residual add fused in, rotary embeddings, SwiGLU, row gather.
-//! - `cache.cu`: `reshape_and_cache`, the K/V of new tokens into their paged slots.
+//! - `ops.cu`: RMSNorm with the residual add fused in; rotary embeddings fused with
+//!   `reshape_and_cache` (the K/V of new tokens into their paged slots); SwiGLU; row gather.
 //! - `attention.cu`: paged attention for prefill chunks and decode tokens (causal, varlen,
 //!   grouped-query, split over long contexts).
 //! - `gemv.cu`: linear layers for steps of at most 8 tokens (decode), at memory bandwidth.
@@ -50,7 +50,6 @@ use cudarc::nvrtc::Ptx;
 use crate::{Result, WorkerError};
 
 const OPS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops.fatbin"));
-const CACHE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cache.fatbin"));
 const ATTENTION_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin"));
 const GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
 
@@ -70,10 +69,9 @@ pub struct CudaKernels {
     head_dim: usize,
     num_sms: usize,
     add_rms_norm: CudaFunction,
-    rotary: CudaFunction,
+    rotary_and_cache: CudaFunction,
     silu_mul: CudaFunction,
     gather_rows: CudaFunction,
-    reshape_and_cache: CudaFunction,
     attention: CudaFunction,
     attention_combine: CudaFunction,
     /// `gemv[m - 1]` multiplies m token rows.
@@ -99,7 +97,7 @@ impl CudaKernels {
         let load = |bytes: &[u8]| -> Result<Arc<CudaModule>> {
             ctx.load_module(Ptx::from_binary(bytes.to_vec())).map_err(|e| gpu_error("loading a kernel module", e))
         };
-        let (ops, cache, attention) = (load(OPS_FATBIN)?, load(CACHE_FATBIN)?, load(ATTENTION_FATBIN)?);
+        let (ops, attention) = (load(OPS_FATBIN)?, load(ATTENTION_FATBIN)?);
         let gemv_module = load(GEMV_FATBIN)?;
         let func = |module: &Arc<CudaModule>, name: String| -> Result<CudaFunction> {
             module.load_function(&name).map_err(|e| gpu_error(&format!("kernel {name}"), e))
@@ -113,10 +111,9 @@ impl CudaKernels {
             head_dim,
             num_sms,
             add_rms_norm: func(&ops, format!("add_rms_norm_{suffix}"))?,
-            rotary: func(&ops, format!("rotary_{suffix}"))?,
+            rotary_and_cache: func(&ops, format!("rotary_and_cache_{suffix}"))?,
             silu_mul: func(&ops, format!("silu_mul_{suffix}"))?,
             gather_rows: func(&ops, format!("gather_rows_{suffix}"))?,
-            reshape_and_cache: func(&cache, format!("reshape_and_cache_{suffix}"))?,
             attention: func(&attention, format!("paged_attention_{suffix}_d{head_dim}"))?,
             attention_combine: func(&attention, format!("paged_attention_combine_{suffix}_d{head_dim}"))?,
             gemv: (1..=gemv::GEMV_MAX_ROWS)

@@ -1,51 +1,116 @@
 // Row-wise and element-wise operations of the Llama block: RMSNorm (with the residual add fused
-// in), rotary embeddings, SwiGLU, and a row gather (embedding lookup, picking logits rows).
+// in), rotary embeddings fused with reshape_and_cache, SwiGLU, and a row gather (embedding
+// lookup, picking logits rows).
 #include "common.cuh"
 
-// One block per row of `n` values. When `delta` is given, first `x[row] += delta[row]` (stored
-// back in T: `x` is the residual stream); then `out[row] = x / sqrt(mean(x^2) + eps) * weight`.
+// 16 bytes of T as floats, and back.
+template <typename T>
+struct Pack16 {
+    static constexpr int N = 16 / sizeof(T);
+    __device__ __forceinline__ static void unpack(const uint4& raw, float* out) {
+        const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = to_float(v[i]);
+    }
+    __device__ __forceinline__ static uint4 pack(const float* in) {
+        alignas(16) T v[N];
+#pragma unroll
+        for (int i = 0; i < N; ++i) v[i] = from_float<T>(in[i]);
+        return *reinterpret_cast<const uint4*>(v);
+    }
+};
+
+// Most 16-byte vectors of a row each thread of add_rms_norm keeps in registers.
+constexpr int NORM_VECS = 4;
+
+// One block per row of `n` values (n a multiple of 16 bytes, at most NORM_VECS vectors per
+// thread). When `delta` is given, first `x[row] += delta[row]` (stored back in T: `x` is the
+// residual stream); then `out[row] = x / sqrt(mean(x^2) + eps) * weight`. Every load is issued
+// before the first use, so a row costs about one memory round trip plus the reduction.
 template <typename T>
 __device__ void add_rms_norm(T* __restrict__ x, const T* __restrict__ delta, const T* __restrict__ weight,
                              T* __restrict__ out, int n, float eps) {
-    const size_t row = blockIdx.x;
-    T* xr = x + row * n;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = to_float(xr[i]);
-        if (delta != nullptr) {
-            const T sum = from_float<T>(v + to_float(delta[row * n + i]));
-            xr[i] = sum;
-            v = to_float(sum);
+    using P = Pack16<T>;
+    const int vecs = n / P::N;
+    uint4* xr = reinterpret_cast<uint4*>(x + (size_t)blockIdx.x * n);
+    const uint4* dr = delta != nullptr ? reinterpret_cast<const uint4*>(delta + (size_t)blockIdx.x * n) : nullptr;
+    const uint4* wr = reinterpret_cast<const uint4*>(weight);
+    uint4* orow = reinterpret_cast<uint4*>(out + (size_t)blockIdx.x * n);
+    uint4 xraw[NORM_VECS], draw[NORM_VECS], wraw[NORM_VECS];
+#pragma unroll
+    for (int j = 0; j < NORM_VECS; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < vecs) {
+            xraw[j] = xr[i];
+            wraw[j] = wr[i];
+            if (dr != nullptr) draw[j] = dr[i];
         }
-        ss += v * v;
+    }
+    float v[NORM_VECS][P::N];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_VECS; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i >= vecs) continue;
+        P::unpack(xraw[j], v[j]);
+        if (dr != nullptr) {
+            float d[P::N];
+            P::unpack(draw[j], d);
+#pragma unroll
+            for (int e = 0; e < P::N; ++e) v[j][e] = to_float(from_float<T>(v[j][e] + d[e]));
+            xr[i] = P::pack(v[j]);
+        }
+#pragma unroll
+        for (int e = 0; e < P::N; ++e) ss += v[j][e] * v[j][e];
     }
     ss = block_sum(ss);
     const float scale = 1.f / sqrtf(ss / n + eps);
-    T* orow = out + row * n;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        orow[i] = from_float<T>(to_float(xr[i]) * scale * to_float(weight[i]));
+#pragma unroll
+    for (int j = 0; j < NORM_VECS; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i >= vecs) continue;
+        float w[P::N];
+        P::unpack(wraw[j], w);
+#pragma unroll
+        for (int e = 0; e < P::N; ++e) w[e] = v[j][e] * scale * w[e];
+        orow[i] = P::pack(w);
     }
 }
 
-// Rotates, in place, the first `heads` heads of every token row of `qkv` (row stride `stride`;
-// the query heads then the key heads), pairing element i with i + half within each head
-// (Hugging Face's rotate_half), by the angles of the token's position in the cos/sin tables
-// (`[positions, half]` floats). One block per token.
+// Rotary embeddings and reshape_and_cache in one pass. Block (t, h) takes head h of token t's
+// row of the fused QKV projection (`stride` values per row: query heads, key heads, value
+// heads), one rotation pair per thread (element i with i + half, Hugging Face's rotate_half), by
+// the angles of the token's position in the cos/sin tables (`[positions, half]` floats):
+// - a query head is rotated in place (attention reads it from there);
+// - a key head is rotated into the token's cache slot, and the matching value head copied there.
+// Cache layout (as in attention.cu): [num_blocks, kv_heads, block_size, head_dim]; the token in
+// slot s lives in block s / block_size at offset s % block_size.
 template <typename T>
-__device__ void rotary(T* __restrict__ qkv, int stride, const uint32_t* __restrict__ positions,
-                       const float* __restrict__ cos_table, const float* __restrict__ sin_table, int heads, int half) {
+__device__ void rotary_and_cache(T* __restrict__ qkv, int stride, const uint32_t* __restrict__ positions,
+                                 const uint32_t* __restrict__ slots, const float* __restrict__ cos_table,
+                                 const float* __restrict__ sin_table, T* __restrict__ k_cache,
+                                 T* __restrict__ v_cache, int q_heads, int kv_heads, int half, int block_size) {
     const size_t token = blockIdx.x;
+    const int head = blockIdx.y, j = threadIdx.x;
+    if (j >= half) return;
     const size_t pos = positions[token];
     T* row = qkv + token * stride;
-    const float* c = cos_table + pos * half;
-    const float* s = sin_table + pos * half;
-    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
-        const int head = i / half, j = i % half;
-        T* h = row + head * 2 * half;
-        const float x0 = to_float(h[j]), x1 = to_float(h[j + half]);
-        h[j] = from_float<T>(x0 * c[j] - x1 * s[j]);
-        h[j + half] = from_float<T>(x1 * c[j] + x0 * s[j]);
+    T* h = row + head * 2 * half;
+    const float x0 = to_float(h[j]), x1 = to_float(h[j + half]);
+    const float c = cos_table[pos * half + j], s = sin_table[pos * half + j];
+    const T r0 = from_float<T>(x0 * c - x1 * s), r1 = from_float<T>(x1 * c + x0 * s);
+    if (head < q_heads) {
+        h[j] = r0;
+        h[j + half] = r1;
+        return;
     }
+    const size_t g = head - q_heads, slot = slots[token];
+    const size_t dst = (((slot / block_size) * kv_heads + g) * block_size + slot % block_size) * 2 * half;
+    const T* v = row + (q_heads + kv_heads + g) * 2 * half;
+    k_cache[dst + j] = r0;
+    k_cache[dst + j + half] = r1;
+    v_cache[dst + j] = v[j];
+    v_cache[dst + j + half] = v[j + half];
 }
 
 // `out[r, j] = silu(gu[r, j]) * gu[r, width + j]` with `silu(g) = g / (1 + e^-g)`: each row of
@@ -74,10 +139,11 @@ __device__ void gather_rows(const T* __restrict__ src, const uint32_t* __restric
                                                       float eps) {                                               \
         add_rms_norm<T>(x, delta, weight, out, n, eps);                                                          \
     }                                                                                                             \
-    extern "C" __global__ void rotary_##SUFFIX(T* qkv, int stride, const uint32_t* positions,                    \
-                                               const float* cos_table, const float* sin_table, int heads,        \
-                                               int half) {                                                       \
-        rotary<T>(qkv, stride, positions, cos_table, sin_table, heads, half);                                    \
+    extern "C" __global__ void rotary_and_cache_##SUFFIX(                                                        \
+        T* qkv, int stride, const uint32_t* positions, const uint32_t* slots, const float* cos_table,            \
+        const float* sin_table, T* k_cache, T* v_cache, int q_heads, int kv_heads, int half, int block_size) {   \
+        rotary_and_cache<T>(qkv, stride, positions, slots, cos_table, sin_table, k_cache, v_cache, q_heads,      \
+                            kv_heads, half, block_size);                                                         \
     }                                                                                                             \
     extern "C" __global__ void silu_mul_##SUFFIX(const T* gu, T* out, int width, size_t total) {                \
         silu_mul<T>(gu, out, width, total);                                                                      \

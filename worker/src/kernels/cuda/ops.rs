@@ -1,7 +1,7 @@
-//! Launch wrappers of `ops.cu` and `cache.cu`: RMSNorm (+ residual), rotary, SwiGLU, row gather,
-//! reshape_and_cache.
+//! Launch wrappers of `ops.cu`: RMSNorm (+ residual), rotary + reshape_and_cache, SwiGLU, row
+//! gather.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::{CudaKernels, device_ptr, gpu_error, grid, int};
 use crate::kernels::cpu::ops::RopeTable;
@@ -9,6 +9,8 @@ use crate::{Result, WorkerError};
 
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
+/// 16-byte vectors of a row each add_rms_norm thread holds; must match `NORM_VECS` in ops.cu.
+const NORM_VECS: usize = 4;
 
 /// The rotary tables on the device: `cos` and `sin` `[max_positions, half]` f32, the very
 /// values of the CPU path's [`RopeTable`].
@@ -62,30 +64,71 @@ impl CudaKernels {
             }
             None => 0u64,
         };
+        let per_vector = 16 / self.dtype.size_in_bytes();
+        let vectors = n / per_vector;
+        if n % per_vector != 0 || vectors > NORM_VECS * 1024 {
+            return Err(mismatch(
+                "add_rms_norm",
+                format!("rows of {n} are not 16-byte vectors, at most {}", NORM_VECS * 1024),
+            ));
+        }
+        let threads = vectors.clamp(1, 1024).next_multiple_of(32) as u32;
         let out = self.alloc((rows, n))?;
         if rows > 0 {
-            // SAFETY: x, delta and out hold rows * n elements, weight n, all of the kernels' type.
-            launch!(self.stream, &self.add_rms_norm, grid((rows as u32, 1, 1), ROW_THREADS);
+            // SAFETY: x, delta and out hold rows * n elements, weight n, all of the kernels' type,
+            // in whole 16-byte vectors (fresh allocations are aligned); each thread holds at most
+            // NORM_VECS of them.
+            launch!(self.stream, &self.add_rms_norm, grid((rows as u32, 1, 1), threads);
                 device_ptr(x)?, delta, device_ptr(weight)?, device_ptr(&out)?, int("n", n)?, eps)?;
         }
         Ok(out)
     }
 
-    /// Rotates, in place, the first `heads` heads (of `2 * half` values each) of every row of
-    /// `qkv` (`[tokens, width]`) by the angles of the token's position. `positions` is the device
-    /// address of `tokens` u32 positions, each below the tables' `max_positions` (the caller
-    /// checks).
-    pub fn rotary(&self, qkv: &Tensor, heads: usize, positions: u64, tables: &RopeTables) -> Result<()> {
+    /// Rotary embeddings and reshape_and_cache in one launch, over every token row of the fused
+    /// QKV projection `qkv` (`[tokens, (q_heads + 2 * kv_heads) * head_dim]`): query heads are
+    /// rotated in place, key heads rotated into the token's cache slot and value heads copied
+    /// there. `positions` and `slots` are device addresses of one u32 per row, each below the
+    /// tables' `max_positions` and inside the caches (the caller checks). Caches: `[num_blocks,
+    /// kv_heads, block_size, head_dim]`, flattened.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rotary_and_cache(
+        &self,
+        qkv: &Tensor,
+        q_heads: usize,
+        kv_heads: usize,
+        positions: u64,
+        slots: u64,
+        tables: &RopeTables,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        block_size: usize,
+    ) -> Result<()> {
         self.expect("qkv", qkv)?;
+        self.expect("k_cache", k_cache)?;
+        self.expect("v_cache", v_cache)?;
         let (tokens, width) = dims2("qkv", qkv)?;
-        if heads * 2 * tables.half > width {
-            return Err(mismatch("rotary", format!("{heads} heads of {} exceed rows of {width}", 2 * tables.half)));
+        if 2 * tables.half != self.head_dim || (q_heads + 2 * kv_heads) * self.head_dim != width {
+            return Err(mismatch(
+                "rotary_and_cache",
+                format!(
+                    "rows of {width} for {q_heads}+2x{kv_heads} heads of {} (tables for {})",
+                    self.head_dim,
+                    2 * tables.half
+                ),
+            ));
+        }
+        let kv_width = kv_heads * self.head_dim;
+        if k_cache.elem_count() != v_cache.elem_count() || k_cache.elem_count() % (kv_width * block_size) != 0 {
+            return Err(mismatch("rotary_and_cache", "caches are not whole blocks of equal size".into()));
         }
         if tokens > 0 {
-            // SAFETY: the rotated heads lie within each row; positions index inside the tables.
-            launch!(self.stream, &self.rotary, grid((tokens as u32, 1, 1), ROW_THREADS);
-                device_ptr(qkv)?, int("width", width)?, positions, device_ptr(&tables.cos)?,
-                device_ptr(&tables.sin)?, int("heads", heads)?, int("half", tables.half)?)?;
+            // SAFETY: heads lie within each row; positions index inside the tables and slots
+            // inside the caches (checked by the caller).
+            launch!(self.stream, &self.rotary_and_cache,
+                grid((tokens as u32, (q_heads + kv_heads) as u32, 1), (tables.half as u32).next_multiple_of(32));
+                device_ptr(qkv)?, int("width", width)?, positions, slots, device_ptr(&tables.cos)?,
+                device_ptr(&tables.sin)?, device_ptr(k_cache)?, device_ptr(v_cache)?, int("q_heads", q_heads)?,
+                int("kv_heads", kv_heads)?, int("half", tables.half)?, int("block_size", block_size)?)?;
         }
         Ok(())
     }
@@ -122,48 +165,4 @@ impl CudaKernels {
         }
         Ok(out)
     }
-
-    /// Writes the keys (`qkv[t, k_offset..]`) and values (`qkv[t, v_offset..]`, `kv_heads *
-    /// head_dim` each) of every token row of `qkv` into its cache slot. `slots` is the device
-    /// address of one u32 slot per row, each inside the caches (the caller checks). Caches:
-    /// `[num_blocks, kv_heads, block_size, head_dim]`, flattened.
-    #[allow(clippy::too_many_arguments)]
-    pub fn reshape_and_cache(
-        &self,
-        qkv: &Tensor,
-        k_offset: usize,
-        v_offset: usize,
-        kv_heads: usize,
-        slots: u64,
-        k_cache: &Tensor,
-        v_cache: &Tensor,
-        block_size: usize,
-    ) -> Result<()> {
-        self.expect("qkv", qkv)?;
-        self.expect("k_cache", k_cache)?;
-        self.expect("v_cache", v_cache)?;
-        let (tokens, width) = dims2("qkv", qkv)?;
-        let kv_width = kv_heads * self.head_dim;
-        if k_offset + kv_width > width || v_offset + kv_width > width {
-            return Err(mismatch("reshape_and_cache", format!("K/V at {k_offset}/{v_offset} exceed rows of {width}")));
-        }
-        if k_cache.elem_count() != v_cache.elem_count() || k_cache.elem_count() % (kv_width * block_size) != 0 {
-            return Err(mismatch("reshape_and_cache", "caches are not whole blocks of equal size".into()));
-        }
-        if tokens > 0 {
-            // SAFETY: K/V lie within each row; every slot indexes inside the caches.
-            launch!(self.stream, &self.reshape_and_cache, grid((tokens as u32, 1, 1), ROW_THREADS);
-                device_ptr(qkv)?, int("width", width)?, int("k_offset", k_offset)?, int("v_offset", v_offset)?,
-                slots, device_ptr(k_cache)?, device_ptr(v_cache)?, int("kv_heads", kv_heads)?,
-                int("head_dim", self.head_dim)?, int("block_size", block_size)?)?;
-        }
-        Ok(())
-    }
-}
-
-/// Converts a host f32 slice to a device tensor of `dtype` (for tests and small tables).
-pub fn upload_f32(values: &[f32], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-    Tensor::from_slice(values, shape, device)
-        .and_then(|t| t.to_dtype(dtype))
-        .map_err(|e| gpu_error("uploading a tensor", e))
 }

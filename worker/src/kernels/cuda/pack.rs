@@ -32,10 +32,6 @@ impl HostPack {
         Section { start, len: self.data.len() - start }
     }
 
-    pub fn as_slice(&self) -> &[u32] {
-        &self.data
-    }
-
     /// Copies the buffer to `device` (one host-to-device copy).
     pub fn upload(&self, device: &Device) -> Result<DevicePack> {
         // An empty tensor has no address to hand out: keep at least one element.

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
 use super::attention::AttentionPlan;
-use super::ops::{RopeTables, upload_f32};
+use super::ops::RopeTables;
 use super::pack::HostPack;
 use super::{CudaKernels, device_ptr};
 use crate::kernels::cpu::attention::{CacheLayout, QueryRef, paged_attention, write_kv};
@@ -51,6 +51,13 @@ fn rounded(values: &[f32], dtype: DType) -> Vec<f32> {
         DType::BF16 => values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
         _ => values.to_vec(),
     }
+}
+
+/// A device tensor of `dtype` holding `values`.
+fn upload_f32(values: &[f32], shape: &[usize], dtype: DType, device: &Device) -> crate::Result<Tensor> {
+    Tensor::from_slice(values, shape, device)
+        .and_then(|t| t.to_dtype(dtype))
+        .map_err(|e| super::gpu_error("uploading a tensor", e))
 }
 
 fn download(t: &Tensor) -> Vec<f32> {
@@ -98,32 +105,64 @@ fn add_rms_norm_matches_the_cpu_with_and_without_the_residual() {
 }
 
 #[test]
-fn rotary_matches_the_cpu_table_on_queries_and_keys_and_leaves_values() {
+fn rotary_and_cache_rotates_queries_in_place_and_writes_every_slot_like_the_cpu() {
     let dev = device();
     for (seed, dtype) in DTYPES.into_iter().enumerate() {
-        let k = CudaKernels::load(&dev, dtype, 64).unwrap();
-        let (tokens, heads, kv_heads, hd) = (7, 9, 3, 64);
-        let width = (heads + 2 * kv_heads) * hd;
+        let hd = 64;
+        let k = CudaKernels::load(&dev, dtype, hd).unwrap();
+        let (tokens, heads, kv_heads, num_blocks) = (20, 9, 3, 8);
+        let layout = CacheLayout { block_size: 16, kv_heads, head_dim: hd };
+        let (q_width, kv) = (heads * hd, kv_heads * hd);
+        let width = q_width + 2 * kv;
         let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32)).collect();
         let table = RopeTable::new(&inv_freq, 512);
         let tables = RopeTables::new(&table, &dev).unwrap();
-        let qkv = rounded(&random(seed as u64 + 10, tokens * width, 1.0), dtype);
+        let qkv = rounded(&random(seed as u64 + 30, tokens * width, 1.0), dtype);
         let positions: Vec<u32> = (0..tokens as u32).map(|t| (t * 73 + 5) % 512).collect();
+        // Scattered, distinct slots across blocks.
+        let slots: Vec<u32> = (0..tokens as u32).map(|t| (t * 37 + 11) % (num_blocks * 16) as u32).collect();
+        let elems = num_blocks * layout.block_elems();
+        let k_cache = Tensor::zeros(elems, dtype, &dev).unwrap();
+        let v_cache = Tensor::zeros(elems, dtype, &dev).unwrap();
         let mut pack = HostPack::default();
-        let section = pack.push(positions.iter().copied());
+        let (pos, slot) = (pack.push(positions.iter().copied()), pack.push(slots.iter().copied()));
         let meta = pack.upload(&dev).unwrap();
         let qkv_dev = upload_f32(&qkv, &[tokens, width], dtype, &dev).unwrap();
-        k.rotary(&qkv_dev, heads + kv_heads, meta.ptr(section), &tables).unwrap();
-        let mut want = qkv.clone();
-        for (t, row) in want.chunks_exact_mut(width).enumerate() {
-            table.apply(&mut row[..(heads + kv_heads) * hd], positions[t] as usize);
+        k.rotary_and_cache(&qkv_dev, heads, kv_heads, meta.ptr(pos), meta.ptr(slot), &tables, &k_cache, &v_cache, 16)
+            .unwrap();
+
+        // The CPU path: rotate queries and keys, then write K/V into an f16 cache.
+        let mut rotated = qkv.clone();
+        for (t, row) in rotated.chunks_exact_mut(width).enumerate() {
+            table.apply(&mut row[..q_width + kv], positions[t] as usize);
         }
+        let keys: Vec<f32> = rotated.chunks_exact(width).flat_map(|r| r[q_width..q_width + kv].to_vec()).collect();
+        let values: Vec<f32> = rotated.chunks_exact(width).flat_map(|r| r[q_width + kv..].to_vec()).collect();
+        let (mut k_want, mut v_want) = (vec![f16::ZERO; elems], vec![f16::ZERO; elems]);
+        write_kv(&layout, &keys, &values, &slots, &mut k_want, &mut v_want);
+        let to_f32 = |v: &[f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+
         let got = download(&qkv_dev);
-        assert_close("rotary", dtype, &got, &want);
-        for t in 0..tokens {
-            let v = (t * width + (heads + kv_heads) * hd)..(t + 1) * width;
-            assert_eq!(got[v.clone()], qkv[v], "values must not rotate");
-        }
+        let q_of = |rows: &[f32]| rows.chunks_exact(width).flat_map(|r| r[..q_width].to_vec()).collect::<Vec<_>>();
+        assert_close("rotated queries", dtype, &q_of(&got), &q_of(&rotated));
+        // Keys are rotated on both sides (f16 rounding on the CPU): close, and zero where no
+        // token went. Values are copied: identical at f16 precision.
+        let k_got = download(&k_cache);
+        let err = relative_error(&k_got, &to_f32(&k_want));
+        assert!(err < tolerance(dtype).max(1e-3), "cached keys ({dtype:?}): relative error {err:.2e} (f16 reference)");
+        let written: std::collections::HashSet<usize> = slots
+            .iter()
+            .flat_map(|&s| {
+                let (b, o) = (s as usize / 16, s as usize % 16);
+                (0..kv_heads).flat_map(move |g| {
+                    let start = ((b * kv_heads + g) * 16 + o) * hd;
+                    start..start + hd
+                })
+            })
+            .collect();
+        assert!(k_got.iter().enumerate().all(|(i, &v)| written.contains(&i) || v == 0.0), "a key outside the slots");
+        let v_got: Vec<f16> = download(&v_cache).into_iter().map(f16::from_f32).collect();
+        assert!(v_got == v_want, "cached values differ ({dtype:?})");
     }
 }
 
@@ -150,39 +189,6 @@ fn silu_mul_and_gather_rows_match_the_cpu() {
         let got = download(&k.gather_rows(&table_dev, meta.ptr(section), ids.len()).unwrap());
         let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * h..(i as usize + 1) * h].to_vec()).collect();
         assert_eq!(got, want);
-    }
-}
-
-#[test]
-fn reshape_and_cache_writes_every_slot_like_the_cpu() {
-    let dev = device();
-    for (seed, dtype) in DTYPES.into_iter().enumerate() {
-        let hd = 64;
-        let k = CudaKernels::load(&dev, dtype, hd).unwrap();
-        let layout = CacheLayout { block_size: 16, kv_heads: 2, head_dim: hd };
-        let (num_blocks, tokens, q_width) = (8, 20, 4 * hd);
-        let kv = layout.kv_heads * hd;
-        let width = q_width + 2 * kv;
-        let qkv = rounded(&random(seed as u64 + 30, tokens * width, 1.0), dtype);
-        // Scattered, distinct slots across blocks.
-        let slots: Vec<u32> = (0..tokens as u32).map(|t| (t * 37 + 11) % (num_blocks * 16) as u32).collect();
-        let elems = num_blocks * layout.block_elems();
-        let k_cache = Tensor::zeros(elems, dtype, &dev).unwrap();
-        let v_cache = Tensor::zeros(elems, dtype, &dev).unwrap();
-        let mut pack = HostPack::default();
-        let section = pack.push(slots.iter().copied());
-        let meta = pack.upload(&dev).unwrap();
-        let qkv_dev = upload_f32(&qkv, &[tokens, width], dtype, &dev).unwrap();
-        k.reshape_and_cache(&qkv_dev, q_width, q_width + kv, 2, meta.ptr(section), &k_cache, &v_cache, 16).unwrap();
-
-        let keys: Vec<f32> = qkv.chunks_exact(width).flat_map(|r| r[q_width..q_width + kv].to_vec()).collect();
-        let values: Vec<f32> = qkv.chunks_exact(width).flat_map(|r| r[q_width + kv..].to_vec()).collect();
-        let (mut k_want, mut v_want) = (vec![f16::ZERO; elems], vec![f16::ZERO; elems]);
-        write_kv(&layout, &keys, &values, &slots, &mut k_want, &mut v_want);
-        // The CPU cache is f16: compare the GPU's values at that precision, slot for slot.
-        let as_f16 = |t: &Tensor| download(t).into_iter().map(f16::from_f32).collect::<Vec<_>>();
-        assert!(as_f16(&k_cache) == k_want, "keys differ ({dtype:?})");
-        assert!(as_f16(&v_cache) == v_want, "values differ ({dtype:?})");
     }
 }
 

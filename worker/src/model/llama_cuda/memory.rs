@@ -76,7 +76,7 @@ pub fn device_memory(stream: &CudaStream) -> Result<(usize, usize)> {
 }
 
 /// How the device's memory is shared out.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryPlan {
     pub total: usize,
     /// `total × gpu_memory_utilization`.

@@ -2,10 +2,11 @@
 //! trait as the CPU path: the same packed batch, block tables and slot mapping, the same cache
 //! layout, the same rotary tables.
 //!
-//! Per layer: fused RMSNorm (+ the previous residual add) -> one cuBLAS matmul for QKV ->
-//! rotary in place -> reshape_and_cache -> paged attention -> O matmul -> fused residual add +
-//! RMSNorm -> one matmul for gate and up -> SwiGLU -> down matmul. Matmuls are candle's (cuBLAS,
-//! f32 accumulation); everything else is our kernels (`kernels::cuda`). The step's small arrays
+//! Per layer: fused RMSNorm (+ the previous residual add) -> one matmul for QKV -> rotary fused
+//! with reshape_and_cache -> paged attention -> O matmul -> fused residual add + RMSNorm -> one
+//! matmul for gate and up -> SwiGLU -> down matmul. Matmuls of up to 8 token rows (decode) are
+//! our GEMV, larger ones candle's cuBLAS (f32 accumulation either way); everything else is our
+//! kernels (`kernels::cuda`). The step's small arrays
 //! go to the device in one copy; the logits rows come back in one copy, which is the step's only
 //! synchronisation.
 //!
@@ -63,7 +64,6 @@ pub struct CudaLlama {
     weights: CudaWeights,
     rope: RopeTables,
     cache: CudaKvStorage,
-    plan: MemoryPlan,
     pack: HostPack,
     logits: Vec<f32>,
     timing: DecodeTiming,
@@ -100,45 +100,78 @@ impl CudaLlama {
             kv_heads: config.num_key_value_heads,
             head_dim: config.head_dim,
         };
-        let per_block = CudaKvStorage::bytes_per_block(&layout, config.num_hidden_layers, opts.dtype);
         let mut model = CudaLlama {
             cache: CudaKvStorage::empty(layout, opts.dtype),
             config,
             kernels,
             weights,
             rope,
-            plan: MemoryPlan::default(),
             pack: HostPack::default(),
             logits: Vec::new(),
             timing: DecodeTiming::default(),
             ops: OpTimer::from_env(),
         };
 
-        // Profiling forward: the largest batch, over a scratch cache just big enough for it.
         let phase = Instant::now();
-        let profile = profiling_batch(opts);
-        let scratch_blocks = profile.seqs.iter().map(|s| s.block_table.len()).sum();
-        model.cache = CudaKvStorage::new(layout, model.config.num_hidden_layers, scratch_blocks, opts.dtype, &device)?;
-        synchronize(&device)?;
-        let before = pool.used()?;
-        pool.reset_peak()?;
-        model.forward(&profile)?;
-        synchronize(&device)?;
-        let activation_peak = pool.peak()?.saturating_sub(before) as usize;
-        model.cache = CudaKvStorage::empty(layout, opts.dtype);
-        synchronize(&device)?;
-        pool.trim()?;
+        let activation_peak = model.measure_activation_peak(opts, &pool)?;
         let profile_s = phase.elapsed().as_secs_f32();
 
         let phase = Instant::now();
-        let (free, total) = device_memory(&stream)?;
-        let plan = MemoryPlan::new(
-            total,
-            total - free,
-            opts.gpu_memory_utilization,
-            model.weights.size_bytes(),
-            activation_peak,
-        )?;
+        let num_blocks = model.plan_kv_cache(opts, activation_peak)?;
+        model.cache = CudaKvStorage::new(layout, model.config.num_hidden_layers, num_blocks, opts.dtype, &device)?;
+        pool.keep_freed_memory()?;
+        synchronize(&device)?;
+        let kv_s = phase.elapsed().as_secs_f32();
+
+        let phase = Instant::now();
+        model.warm_up()?;
+        let warmup_s = phase.elapsed().as_secs_f32();
+
+        tracing::info!(
+            device = %model.describe(),
+            weight_mib = model.weights.size_bytes() >> 20,
+            per_token_mib = model.weights.streamed_bytes() >> 20,
+            kv_cache_mib = model.cache.size_bytes() >> 20,
+            kv_blocks = num_blocks,
+            init_s,
+            weights_s,
+            profile_s,
+            kv_s,
+            warmup_s,
+            total_s = started.elapsed().as_secs_f32(),
+            "loaded model on the GPU"
+        );
+        Ok(model)
+    }
+
+    /// Runs the largest batch the scheduler can form, over a scratch cache just big enough for
+    /// it, and returns the activation memory it took at its peak.
+    fn measure_activation_peak(&mut self, opts: &CudaModelOptions, pool: &MemoryPool) -> Result<usize> {
+        let (device, layout, layers) =
+            (self.kernels.device().clone(), self.cache.layout, self.config.num_hidden_layers);
+        let profile = profiling_batch(opts);
+        let scratch_blocks = profile.seqs.iter().map(|s| s.block_table.len()).sum();
+        self.cache = CudaKvStorage::new(layout, layers, scratch_blocks, opts.dtype, &device)?;
+        synchronize(&device)?;
+        let before = pool.used()?;
+        pool.reset_peak()?;
+        self.forward(&profile)?;
+        synchronize(&device)?;
+        let peak = pool.peak()?.saturating_sub(before) as usize;
+        self.cache = CudaKvStorage::empty(layout, opts.dtype);
+        synchronize(&device)?;
+        pool.trim()?;
+        Ok(peak)
+    }
+
+    /// KV cache blocks from what `gpu_memory_utilization` leaves after the weights, everything
+    /// else in use and the activation peak; fails, naming the knobs, when one `max_model_len`
+    /// sequence cannot fit.
+    fn plan_kv_cache(&self, opts: &CudaModelOptions, activation_peak: usize) -> Result<usize> {
+        let (free, total) = device_memory(self.kernels.stream())?;
+        let weights = self.weights.size_bytes();
+        let plan = MemoryPlan::new(total, total - free, opts.gpu_memory_utilization, weights, activation_peak)?;
+        let per_block = CudaKvStorage::bytes_per_block(&self.cache.layout, self.config.num_hidden_layers, opts.dtype);
         let num_blocks = plan.kv_cache / per_block;
         tracing::info!(plan = %plan.describe(), num_blocks, tokens = num_blocks * opts.block_size, "GPU memory plan");
         if num_blocks * opts.block_size < opts.max_model_len {
@@ -154,47 +187,21 @@ impl CudaLlama {
                 ),
             ));
         }
-        model.cache = CudaKvStorage::new(layout, model.config.num_hidden_layers, num_blocks, opts.dtype, &device)?;
-        model.plan = plan;
-        pool.keep_freed_memory()?;
-        synchronize(&device)?;
-        let kv_s = phase.elapsed().as_secs_f32();
-
-        // Warm-up: a decode step and a short prefill, so the first request meets loaded modules.
-        let phase = Instant::now();
-        let mut warm = ForwardBatch::default();
-        warm.push_seq(&[1, 2, 3], 0, &[0], opts.block_size, true);
-        model.forward(&warm)?;
-        let mut warm = ForwardBatch::default();
-        warm.push_seq(&[4], 3, &[0], opts.block_size, true);
-        model.forward(&warm)?;
-        model.timing = DecodeTiming::default();
-        let warmup_s = phase.elapsed().as_secs_f32();
-
-        tracing::info!(
-            device = %model.describe(),
-            weight_mib = model.weights.size_bytes() >> 20,
-            kv_cache_mib = model.cache.size_bytes() >> 20,
-            kv_blocks = num_blocks,
-            init_s,
-            weights_s,
-            profile_s,
-            kv_s,
-            warmup_s,
-            total_s = started.elapsed().as_secs_f32(),
-            "loaded model on the GPU"
-        );
-        Ok(model)
+        Ok(num_blocks)
     }
 
-    /// How device memory was shared out at start-up.
-    pub fn memory_plan(&self) -> &MemoryPlan {
-        &self.plan
-    }
-
-    /// Bytes of weights one decode step reads.
-    pub fn streamed_weight_bytes(&self) -> usize {
-        self.weights.streamed_bytes()
+    /// A short prefill and a decode step, so the first request meets loaded modules and tuned
+    /// cuBLAS handles; their timings are not kept.
+    fn warm_up(&mut self) -> Result<()> {
+        let block_size = self.cache.layout.block_size;
+        let mut prefill = ForwardBatch::default();
+        prefill.push_seq(&[1, 2, 3], 0, &[0], block_size, true);
+        self.forward(&prefill)?;
+        let mut decode = ForwardBatch::default();
+        decode.push_seq(&[4], 3, &[0], block_size, true);
+        self.forward(&decode)?;
+        self.timing = DecodeTiming::default();
+        Ok(())
     }
 
     /// Runs the layers and returns the logits rows on the device (`[rows, vocab]`, f32), or
@@ -203,7 +210,7 @@ impl CudaLlama {
         let c = &self.config;
         let k = &self.kernels;
         let (m, heads, kv_heads) = (batch.num_tokens(), c.num_attention_heads, c.num_key_value_heads);
-        let (qd, kvd, eps) = (c.q_dim(), c.kv_dim(), c.rms_norm_eps);
+        let eps = c.rms_norm_eps;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let block_size = self.cache.layout.block_size;
 
@@ -225,11 +232,10 @@ impl CudaLlama {
             ops.mark(stream, "norm")?;
             let qkv = k.linear(&xn, &layer.qkv)?;
             ops.mark(stream, "qkv")?;
-            k.rotary(&qkv, heads + kv_heads, meta.ptr(positions), &self.rope)?;
-            ops.mark(stream, "rotary")?;
             let (k_cache, v_cache) = (&self.cache.k[li], &self.cache.v[li]);
-            k.reshape_and_cache(&qkv, qd, qd + kvd, kv_heads, meta.ptr(slots), k_cache, v_cache, block_size)?;
-            ops.mark(stream, "cache")?;
+            let (pos, slot) = (meta.ptr(positions), meta.ptr(slots));
+            k.rotary_and_cache(&qkv, heads, kv_heads, pos, slot, &self.rope, k_cache, v_cache, block_size)?;
+            ops.mark(stream, "rotary_cache")?;
             let attn = k.paged_attention(&attention, &meta, &qkv, k_cache, v_cache, block_size, scale)?;
             ops.mark(stream, "attention")?;
             let o = k.linear(&attn, &layer.o)?;
