@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod control;

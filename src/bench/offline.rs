@@ -10,27 +10,18 @@ use lumen_worker::sampling::{SamplingParams, StopParams};
 use tokio::sync::Semaphore;
 
 use super::report::{Report, RequestRecord};
+use super::workload::{LoadArgs, token_prompts};
 
 /// Options of `lumen bench offline`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct OfflineArgs {
     #[command(flatten)]
     pub engine: EngineOptions,
-    /// Prompt tokens per request (random token ids, different for every request).
-    #[arg(long, default_value_t = 128)]
-    pub input_len: usize,
-    /// Output tokens per request (generated with ignore_eos).
-    #[arg(long, default_value_t = 128)]
-    pub output_len: usize,
-    /// Requests in the run.
-    #[arg(long, default_value_t = 16)]
-    pub num_prompts: usize,
+    #[command(flatten)]
+    pub load: LoadArgs,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 1)]
     pub concurrency: usize,
-    /// Seed of the random prompts.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -40,9 +31,10 @@ pub async fn run(args: OfflineArgs) -> anyhow::Result<Report> {
     let opts = args.engine.clone();
     let core = tokio::task::spawn_blocking(move || build_engine(&opts)).await??;
     let (engine, _join) = EngineHandle::start(core, "bench").await?;
-    let vocab = engine.limits().vocab_size as u64;
-    let prompts: Vec<Vec<u32>> =
-        (0..args.num_prompts).map(|i| random_prompt(args.seed, i as u64, args.input_len, vocab)).collect();
+    let load = &args.load;
+    // Token ids from 100 up: the low ids are where special tokens live.
+    let vocab = u32::try_from(engine.limits().vocab_size).unwrap_or(u32::MAX).max(101);
+    let prompts = token_prompts(load.num_prompts, load.input_len, 100..vocab, load.seed);
     // Warm up the kernels and threads with one short request.
     let warm = request("warmup".into(), prompts.first().cloned().unwrap_or_else(|| vec![1]), 4);
     drive(&engine, warm).await?;
@@ -53,7 +45,7 @@ pub async fn run(args: OfflineArgs) -> anyhow::Result<Report> {
     for (i, prompt) in prompts.into_iter().enumerate() {
         let permit = Arc::clone(&limit).acquire_owned().await?;
         let engine = engine.clone();
-        let req = request(format!("bench-{i}"), prompt, args.output_len);
+        let req = request(format!("bench-{i}"), prompt, load.output_len);
         tasks.push(tokio::spawn(async move {
             let record = drive(&engine, req).await;
             drop(permit);
@@ -67,7 +59,7 @@ pub async fn run(args: OfflineArgs) -> anyhow::Result<Report> {
     let duration = started.elapsed();
     engine.stop();
     let name = format!("lumen {}", engine.description());
-    Ok(Report::new(name, args.concurrency, args.input_len, args.output_len, duration, &records))
+    Ok(Report::new(name, args.concurrency, load.input_len, load.output_len, duration, &records))
 }
 
 fn request(id: String, prompt: Vec<u32>, output_len: usize) -> EngineRequest {
@@ -104,17 +96,4 @@ async fn drive(engine: &EngineHandle, req: EngineRequest) -> anyhow::Result<Requ
         record.ttft = record.e2e;
     }
     Ok(record)
-}
-
-/// Deterministic random token ids in `[100, vocab)`, avoiding the low ids where special tokens live.
-fn random_prompt(seed: u64, index: u64, len: usize, vocab: u64) -> Vec<u32> {
-    let mut s = seed ^ (index.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (100 + s % vocab.saturating_sub(100).max(1)) as u32
-        })
-        .collect()
 }

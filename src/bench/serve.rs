@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 
 use super::report::{Report, RequestRecord};
 use super::sse::{SseDecoder, StreamTally, clip};
-use super::workload::{Arrivals, token_prompts, word_prompts};
+use super::workload::{Arrivals, LoadArgs, token_prompts, word_prompts};
 
 /// How many failure descriptions the report keeps.
 const FAILURES_KEPT: usize = 20;
@@ -50,24 +50,14 @@ pub struct ServeArgs {
     /// API key, sent as `Authorization: Bearer KEY`.
     #[arg(long, env = "LUMEN_BENCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Prompt tokens per request (random token ids, different for every request).
-    #[arg(long, default_value_t = 128)]
-    pub input_len: usize,
-    /// Output tokens per request (`max_tokens`, generated with `ignore_eos`).
-    #[arg(long, default_value_t = 128)]
-    pub output_len: usize,
-    /// Requests in the run.
-    #[arg(long, default_value_t = 16)]
-    pub num_prompts: usize,
+    #[command(flatten)]
+    pub load: LoadArgs,
     /// Most requests in flight at once (default: no limit but --request-rate).
     #[arg(long)]
     pub concurrency: Option<usize>,
     /// Requests per second, arriving as a Poisson process; `inf` sends them all at once.
     #[arg(long, default_value = "inf")]
     pub request_rate: f64,
-    /// Seed of the random prompts and arrival times.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Token ids of the random prompts are drawn from LOW..HIGH (HIGH excluded). The default
     /// avoids the low ids where special tokens live and fits Llama-family and SmolLM2 vocabularies.
     #[arg(long, default_value = "100..32000", value_parser = parse_token_range)]
@@ -273,17 +263,17 @@ enum Prompt {
 /// `n` prompts for `api`: token ids for completions, words for chat.
 fn prompts(api: Api, args: &ServeArgs, n: usize, seed: u64) -> Vec<Prompt> {
     match api {
-        Api::Completions => token_prompts(n, args.input_len, args.prompt_token_range.clone(), seed)
+        Api::Completions => token_prompts(n, args.load.input_len, args.prompt_token_range.clone(), seed)
             .into_iter()
             .map(Prompt::Tokens)
             .collect(),
-        Api::Chat => word_prompts(n, args.input_len, seed).into_iter().map(Prompt::Text).collect(),
+        Api::Chat => word_prompts(n, args.load.input_len, seed).into_iter().map(Prompt::Text).collect(),
     }
 }
 
 /// Runs the benchmark and returns its report (failed requests included in it).
 pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
-    if args.num_prompts == 0 || args.output_len == 0 {
+    if args.load.num_prompts == 0 || args.load.output_len == 0 {
         bail!("--num-prompts and --output-len must be at least 1");
     }
     if args.concurrency == Some(0) {
@@ -298,26 +288,27 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
         None => target.first_model(&args.base_url).await?,
     };
     // One draw for the run and the warm-up, so no warm-up prompt shares a prefix with a timed one.
-    let mut all = prompts(target.api, &args, args.num_prompts + args.warmup, args.seed);
-    let warmups = all.split_off(args.num_prompts);
+    let mut all = prompts(target.api, &args, args.load.num_prompts + args.warmup, args.load.seed);
+    let warmups = all.split_off(args.load.num_prompts);
     let extra = args.extra_body.as_ref();
     for (i, prompt) in warmups.into_iter().enumerate() {
-        let body = request_body(target.api, &model, prompt, args.output_len.min(16), extra);
-        if let Err(e) = target.send(&body, args.input_len).await {
+        let body = request_body(target.api, &model, prompt, args.load.output_len.min(16), extra);
+        if let Err(e) = target.send(&body, args.load.input_len).await {
             bail!("warm-up request {i} to {} failed: {e}", target.url);
         }
     }
     let bodies: Vec<Value> =
-        all.into_iter().map(|p| request_body(target.api, &model, p, args.output_len, extra)).collect();
+        all.into_iter().map(|p| request_body(target.api, &model, p, args.load.output_len, extra)).collect();
 
-    let limit = args.concurrency.unwrap_or(args.num_prompts);
-    let (outcomes, duration) = dispatch(&target, bodies, args.input_len, limit, args.request_rate, args.seed).await?;
+    let limit = args.concurrency.unwrap_or(args.load.num_prompts);
+    let (outcomes, duration) =
+        dispatch(&target, bodies, args.load.input_len, limit, args.request_rate, args.load.seed).await?;
     let (records, failures): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
     let records: Vec<RequestRecord> = records.into_iter().flatten().collect();
     let failures: Vec<String> = failures.into_iter().filter_map(Result::err).map(|e| e.to_string()).collect();
 
     let label = args.engine_label.clone().unwrap_or_else(|| model.clone());
-    let mut report = Report::new(label, limit, args.input_len, args.output_len, duration, &records);
+    let mut report = Report::new(label, limit, args.load.input_len, args.load.output_len, duration, &records);
     report.failed = failures.len();
     report.failures = failures.into_iter().take(FAILURES_KEPT).collect();
     report.request_rate = args.request_rate.is_finite().then_some(args.request_rate);
@@ -362,7 +353,7 @@ async fn dispatch(
 /// stderr), writes the JSON; fails when no request succeeded.
 pub async fn main(args: ServeArgs) -> anyhow::Result<()> {
     let json_path = args.json.clone();
-    let output_len = args.output_len;
+    let output_len = args.load.output_len;
     let report = run(args).await?;
     print!("{}", report.table());
     for failure in &report.failures {

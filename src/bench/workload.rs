@@ -11,6 +11,24 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
+/// The load both `lumen bench offline` and `lumen bench serve` generate: how many requests, and
+/// how long their prompts and outputs are.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LoadArgs {
+    /// Prompt tokens per request (random token ids, different for every request).
+    #[arg(long, default_value_t = 128)]
+    pub input_len: usize,
+    /// Output tokens per request (`max_tokens`, generated with `ignore_eos`).
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    /// Requests in the run.
+    #[arg(long, default_value_t = 16)]
+    pub num_prompts: usize,
+    /// Seed of the random prompts (and, for `serve`, of the arrival times).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
 /// `n` prompts of exactly `len` token ids drawn uniformly from `range` (HIGH exclusive).
 ///
 /// No two prompts start with the same token while the range holds at least `n` ids, so a prefix

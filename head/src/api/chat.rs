@@ -21,7 +21,7 @@ use super::metrics::labelled;
 use super::params::{CommonParams, RouteDefaults, int_in, logprob_count};
 use super::reasoning::{ReasoningParserKind, ReasoningSplitter, Split};
 use super::stream::{self, ChunkWriter};
-use super::{ApiState, logprobs, request_id, sse, unix_now};
+use super::{ApiState, logprobs, request_id, sse};
 
 /// The fields only chat accepts.
 #[derive(Debug, Default, Deserialize)]
@@ -75,7 +75,7 @@ async fn run(state: ApiState, body: Map<String, Value>) -> Result<Response, ApiE
     let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
     let launch =
         stream::launch(&state, card.id.clone(), vec![request], generation.n, ticket).instrument(span.clone()).await?;
-    let meta = |object| Meta { id: id.clone(), object, created: unix_now(), model: card.id.clone() };
+    let meta = |object| Meta { id: id.clone(), object, created: crate::clock::unix_s(), model: card.id.clone() };
     let parser = state.model_options(&card.id).reasoning_parser;
     if generation.stream {
         let writer = ChatChunks::new(meta("chat.completion.chunk"), generation.n as usize, parser);

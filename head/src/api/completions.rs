@@ -20,7 +20,7 @@ use super::errors::ApiError;
 use super::metrics::labelled;
 use super::params::{CommonParams, RouteDefaults, logprob_count, token_ids};
 use super::stream::{self, ChunkWriter};
-use super::{ApiState, logprobs, request_id, sse, unix_now};
+use super::{ApiState, logprobs, request_id, sse};
 
 /// vLLM's default `max_tokens` for completions (chat's default is the context length).
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
@@ -80,7 +80,7 @@ async fn run(state: ApiState, body: Map<String, Value>) -> Result<Response, ApiE
         .collect();
     let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
     let launch = stream::launch(&state, card.id.clone(), requests, n, ticket).instrument(span.clone()).await?;
-    let meta = Meta { id, object: "text_completion", created: unix_now(), model: card.id.clone() };
+    let meta = Meta { id, object: "text_completion", created: crate::clock::unix_s(), model: card.id.clone() };
     let choices_per_prompt = n as usize;
     if generation.stream {
         let writer = CompletionChunks { meta, n: choices_per_prompt, echo, logprobs, offsets: Vec::new() };

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::registry::unix_ms;
 use super::{Cluster, ClusterError, replica_client};
+use crate::clock::unix_ms;
 
 /// Serves the `Head` service on `listener` until `shutdown` completes.
 pub async fn serve_head(

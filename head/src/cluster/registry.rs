@@ -19,10 +19,11 @@ use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use lumen_proto::v1 as pb;
 
+use crate::clock::{unix_ms, unix_s};
 use crate::config::AutoscalingConfig;
 
 use super::ClusterError;
@@ -137,7 +138,7 @@ impl DeploymentEntry {
         let target_replicas = autoscaler.as_ref().map_or(spec.num_replicas, |a| a.clamp(spec.num_replicas));
         DeploymentEntry {
             version: spec_version(&spec),
-            created_unix_s: unix_ms() / 1000,
+            created_unix_s: unix_s(),
             message: None,
             failures: 0,
             retry_at: None,
@@ -466,10 +467,6 @@ impl State {
     ) -> impl Iterator<Item = &'a ReplicaEntry> + 'a {
         self.live_replicas(deployment, now, deadline).filter(|r| r.phase == Phase::Running)
     }
-}
-
-pub(super) fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

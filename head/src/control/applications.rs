@@ -183,7 +183,7 @@ impl Applications {
     /// Applies `document` (declarative: applications absent from it are removed) and persists it.
     pub fn apply(&self, document: ServeDocument) -> Result<(), ApplyError> {
         let mut applied = self.lock();
-        let now = unix_now_s();
+        let now = crate::clock::since_epoch().as_secs_f64();
         // An application given exactly as before keeps its deploy time, as Ray's does.
         let applications_deployed_time_s = document
             .config
@@ -295,11 +295,6 @@ impl Applications {
 /// Removed deployments are listed until the last of their replicas is gone.
 fn forget_stopped(removed: &mut Vec<Deployment>, snapshot: &ClusterSnapshot) {
     removed.retain(|d| snapshot.replicas.iter().any(|r| r.deployment == d.name));
-}
-
-/// Unix time in seconds, with a fraction (Ray's `last_deployed_time_s`).
-pub(crate) fn unix_now_s() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]
