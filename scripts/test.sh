@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-model.sh
 ./scripts/python-env.sh
+./scripts/browser-env.sh
 cargo test --release --workspace --all-targets "$@"

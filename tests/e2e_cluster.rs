@@ -7,13 +7,12 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lumen_proto::v1 as pb;
 use serde_json::{Value, json};
-use support::{Lumen, head_flags, model_path};
+use support::{Lumen, head_flags, model_path, until, worker_flags};
 
 /// The head's heartbeat interval: a silent worker is declared dead after three of them, time
 /// enough for the fourth worker (started right after the kill) to register first.
@@ -40,21 +39,7 @@ fn start_head(config: &Path) -> Lumen {
 }
 
 fn start_worker(head_grpc: &str, id: &str) -> Lumen {
-    let args = ["worker", "--head", head_grpc, "--host", "127.0.0.1", "--port", "0", "--worker-id", id];
-    Lumen::start(&args.map(String::from))
-}
-
-/// Polls `check` every 100 ms until it holds, failing after `timeout` with `what`.
-async fn until<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    Lumen::start(&worker_flags(head_grpc, id))
 }
 
 /// The head's view (`GET /api/cluster`): live worker id -> its RUNNING replicas.

@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Lumen, head_flags, model_path};
+use support::{Lumen, head_flags, model_path, worker_flags};
 
 /// Runs a `lumen` client subcommand to completion.
 fn lumen(args: &[&str]) -> Output {
@@ -63,11 +63,7 @@ async fn deploy_status_and_a_restarted_head_restore_the_applications() {
     .unwrap();
     let head = Lumen::start(&head_args(&state_dir, 0));
     let grpc_port = head.addr("grpc").port();
-    let worker_args: Vec<String> = ["worker", "--head", &head.url("grpc"), "--host", "127.0.0.1", "--port", "0"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let _worker = Lumen::start(&worker_args);
+    let _worker = Lumen::start(&worker_flags(&head.url("grpc"), "w1"));
     let control = head.url("dashboard");
     let http = reqwest::Client::new();
 

@@ -9,15 +9,10 @@ use std::process::Command;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use support::{Lumen, engine_flags, head_flags, model_path, read_sse};
+use support::{Lumen, read_sse, serve_flags};
 
 fn serve(extra: &[&str]) -> Lumen {
-    let mut args =
-        vec!["serve".to_string(), "--model".into(), model_path(), "--served-model-name".into(), "smol".into()];
-    args.extend(head_flags());
-    args.extend(engine_flags());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Lumen::start(&args)
+    Lumen::start(&serve_flags(extra))
 }
 
 async fn post(http: &reqwest::Client, url: String, body: Value) -> Value {

@@ -8,16 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lumen_proto::v1 as pb;
 use serde_json::{Value, json};
-use support::{Lumen, engine_flags, head_flags, model_path, read_sse};
-
-fn serve_args(extra: &[&str]) -> Vec<String> {
-    let mut args =
-        vec!["serve".to_string(), "--model".into(), model_path(), "--served-model-name".into(), "smol".into()];
-    args.extend(head_flags());
-    args.extend(engine_flags());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
+use support::{Lumen, model_path, read_sse, serve_flags, worker_flags};
 
 async fn worker_running(lumen: &Lumen) -> u32 {
     let mut client = pb::worker_client::WorkerClient::connect(lumen.url("worker")).await.expect("worker gRPC");
@@ -27,7 +18,7 @@ async fn worker_running(lumen: &Lumen) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_clients_get_completions_streams_and_errors_in_openais_shape() {
-    let lumen = Lumen::start(&serve_args(&["--api-key", "sekret"]));
+    let lumen = Lumen::start(&serve_flags(&["--api-key", "sekret"]));
     let http = reqwest::Client::new();
     lumen.wait_healthy(&http).await;
     let api = lumen.url("api");
@@ -119,7 +110,7 @@ async fn openai_clients_get_completions_streams_and_errors_in_openais_shape() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_aborts_its_request_on_the_worker() {
-    let lumen = Lumen::start(&serve_args(&[]));
+    let lumen = Lumen::start(&serve_flags(&[]));
     let http = reqwest::Client::new();
     lumen.wait_healthy(&http).await;
     let body =
@@ -142,7 +133,7 @@ async fn a_client_that_disconnects_aborts_its_request_on_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
-    let mut lumen = Lumen::start(&serve_args(&[]));
+    let mut lumen = Lumen::start(&serve_flags(&[]));
     let http = reqwest::Client::new();
     lumen.wait_healthy(&http).await;
     let body =
@@ -186,11 +177,8 @@ async fn a_head_and_a_separate_worker_process_serve_a_config_file() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
-    let worker_args: Vec<String> =
-        ["worker", "--head", &head.url("grpc"), "--host", "127.0.0.1", "--port", "0", "--join-token", "t0k"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let mut worker_args = worker_flags(&head.url("grpc"), "w1");
+    worker_args.extend(["--join-token".to_string(), "t0k".into()]);
     let worker = Lumen::start(&worker_args);
     head.wait_healthy(&http).await;
     let r: Value = http
@@ -214,4 +202,16 @@ async fn a_head_and_a_separate_worker_process_serve_a_config_file() {
         assert!(Instant::now() < deadline, "the head kept routing to a dead worker");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ready_line_comes_once_the_model_serves() {
+    let lumen = Lumen::start(&serve_flags(&[]));
+    let http = reqwest::Client::new();
+    // No readiness polling: a client that starts on the ready line is served at once.
+    let health = http.get(format!("{}/health", lumen.url("api"))).send().await.unwrap();
+    assert_eq!(health.status(), 200, "/health right after the ready line");
+    let body = json!({"model": "smol", "prompt": "Hello", "max_tokens": 2, "ignore_eos": true});
+    let r = http.post(format!("{}/v1/completions", lumen.url("api"))).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
 }

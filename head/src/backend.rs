@@ -64,3 +64,30 @@ pub trait Backend: Send + Sync + 'static {
         request: pb::DetokenizeRequest,
     ) -> Result<pb::DetokenizeReply, BackendError>;
 }
+
+/// Where a backend sent a request (for the request log; see [`note_route`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routed {
+    pub deployment: String,
+    pub replica_id: String,
+}
+
+/// Where [`note_route`] writes, shared by the caller of [`with_route_slot`].
+pub type RouteSlot = std::sync::Arc<std::sync::Mutex<Option<Routed>>>;
+
+tokio::task_local! {
+    static ROUTE_SLOT: RouteSlot;
+}
+
+/// Runs `future` so that the [`note_route`] calls a backend makes inside it write to `slot`.
+pub async fn with_route_slot<F: std::future::Future>(slot: RouteSlot, future: F) -> F::Output {
+    ROUTE_SLOT.scope(slot, future).await
+}
+
+/// Called by a backend once a request is on a replica; does nothing outside [`with_route_slot`].
+pub fn note_route(deployment: &str, replica_id: &str) {
+    let _ = ROUTE_SLOT.try_with(|slot| {
+        let routed = Routed { deployment: deployment.to_string(), replica_id: replica_id.to_string() };
+        *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(routed);
+    });
+}

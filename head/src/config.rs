@@ -60,6 +60,9 @@ pub struct DeploymentConfig {
     pub health_check_timeout_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ray_actor_options: Option<ActorOptions>,
+    /// Ray's cap on replicas of this deployment on one node (worker); none = no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_replicas_per_node: Option<u32>,
     /// Lumen's spelling of `ray_actor_options`' resources: `{gpus: 1}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
@@ -208,6 +211,17 @@ impl DeploymentConfig {
             .as_ref()
             .and_then(|o| o.num_gpus)
             .or_else(|| self.resources.as_ref().and_then(|r| r.gpus))
+            .unwrap_or(0.0)
+    }
+
+    /// CPU cores each replica reserves on a CPU worker (`ray_actor_options.num_cpus` or
+    /// `resources.cpus`); 0 = no reservation (any number share the worker).
+    pub fn cpus_per_replica(&self) -> f64 {
+        self.ray_actor_options
+            .as_ref()
+            .and_then(|o| o.num_cpus)
+            .or_else(|| self.resources.as_ref().and_then(|r| r.cpus))
+            .filter(|c| c.is_finite() && *c > 0.0)
             .unwrap_or(0.0)
     }
 

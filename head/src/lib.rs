@@ -10,5 +10,6 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod observe;
 pub mod plan;
 pub mod state_store;

@@ -47,6 +47,8 @@ fn plan(application: &str, d: &DeploymentConfig) -> Result<DeploymentPlan, Confi
         autoscaling: d.autoscaling_config.clone(),
         max_ongoing_requests: d.max_ongoing_requests.unwrap_or(0),
         gpus_per_replica: d.gpus_per_replica(),
+        cpus_per_replica: d.cpus_per_replica(),
+        max_replicas_per_node: d.max_replicas_per_node.filter(|&n| n > 0),
         graceful_shutdown_timeout: seconds(d.graceful_shutdown_timeout_s, defaults.graceful_shutdown_timeout),
         health_check_period: seconds(d.health_check_period_s, defaults.health_check_period),
         health_check_timeout: seconds(d.health_check_timeout_s, defaults.health_check_timeout),
@@ -76,7 +78,8 @@ applications:
         max_queued_requests: -1
         graceful_shutdown_timeout_s: 5
         health_check_period_s: 2.5
-        ray_actor_options: {num_gpus: 1}
+        ray_actor_options: {num_gpus: 1, num_cpus: 4}
+        max_replicas_per_node: 1
         model: {source: m.gguf, served_model_name: smol, reasoning_parser: deepseek_r1}
 "#,
         )
@@ -87,7 +90,7 @@ applications:
         assert_eq!(d.model_name, "smol");
         assert_eq!(d.num_replicas, 2);
         assert_eq!(d.autoscaling.as_ref().unwrap().max_replicas, 4);
-        assert_eq!(d.gpus_per_replica, 1.0);
+        assert_eq!((d.gpus_per_replica, d.cpus_per_replica, d.max_replicas_per_node), (1.0, 4.0, Some(1)));
         assert_eq!(d.graceful_shutdown_timeout, Duration::from_secs(5));
         assert_eq!(d.health_check_period, Duration::from_millis(2500));
         assert_eq!(d.health_check_timeout, Duration::from_secs(30));

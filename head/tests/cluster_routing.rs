@@ -160,7 +160,9 @@ async fn worker_statuses_map_to_backend_errors() {
         (Code::NotFound, None, "unavailable"),
         (Code::Unavailable, None, "unavailable"),
         (Code::Internal, None, "internal"),
-        (Code::Unknown, None, "internal"),
+        // What tonic reports for a broken connection: the replica is unavailable, not buggy.
+        (Code::Unknown, None, "unavailable"),
+        (Code::Cancelled, None, "unavailable"),
     ];
     for (code, param, expected) in cases {
         let message = format!("scripted {code:?}");

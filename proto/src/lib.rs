@@ -1,7 +1,8 @@
 //! The head <-> worker gRPC protocol (`proto/lumen.proto`), compiled with tonic/prost.
 //!
 //! Workers call [`v1::head_client::HeadClient`] to register and stream heartbeats; the head
-//! calls [`v1::worker_client::WorkerClient`] to place replicas and run requests.
+//! calls [`v1::worker_client::WorkerClient`] to place replicas and run requests. [`metrics`]
+//! turns the replica stats both sides exchange into vLLM's Prometheus series.
 
 /// Bumped whenever a message or service changes incompatibly; checked at registration.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -10,3 +11,5 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub mod v1 {
     tonic::include_proto!("lumen.v1");
 }
+
+pub mod metrics;

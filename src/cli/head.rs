@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use lumen_head::api::admission::AdmissionLimits;
 use lumen_head::api::{ApiConfig, ApiState, router};
-use lumen_head::cluster::{Cluster, serve_head};
+use lumen_head::cluster::{Cluster, ClusterMetrics, serve_head};
 use lumen_head::control::{Applications, ControlState, ServeDocument, StartingPoint};
+use lumen_head::observe::{History, history, run_sampler};
 pub use lumen_head::plan::DeploymentPlan;
 use lumen_head::state_store::StateStore;
 use tokio::net::TcpListener;
@@ -80,9 +81,11 @@ pub async fn start(
         api_keys: args.api_keys.iter().filter(|k| !k.is_empty()).cloned().collect(),
         max_body_bytes: args.max_body_size.as_u64() as usize,
         admission: AdmissionLimits { max_in_flight: args.max_ongoing_requests, max_queued: args.max_queued_requests },
+        log_requests: args.log_requests,
         ..ApiConfig::default()
     };
     let registry = prometheus::Registry::new();
+    registry.register(Box::new(ClusterMetrics::new(cluster.clone())?))?;
     let state = ApiState::new(Arc::new(cluster.clone()), config, registry.clone())?;
     let store = args.state_dir.as_deref().map(StateStore::open).transpose()?;
     let applications = Applications::new(cluster.clone(), state.clone(), store);
@@ -104,6 +107,15 @@ pub async fn start(
     }));
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(cluster.clone().run_controller(stop.cancelled_owned())));
+    let history = Arc::new(History::new(history::DEFAULT_INTERVAL, history::DEFAULT_WINDOW));
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(run_sampler(
+        cluster.clone(),
+        state.request_log(),
+        history.clone(),
+        stop.cancelled_owned(),
+    )));
+    let control = lumen_head::control::router_with_api(ControlState { applications, registry }, state.clone(), history);
     let stop = shutdown.clone();
     http.push(tokio::spawn(async move {
         let served = axum::serve(api_listener, router(state)).with_graceful_shutdown(stop.cancelled_owned()).await;
@@ -112,7 +124,6 @@ pub async fn start(
         }
     }));
     let stop = shutdown.clone();
-    let control = lumen_head::control::router(ControlState { applications, registry });
     http.push(tokio::spawn(async move {
         let served = axum::serve(dashboard_listener, control).with_graceful_shutdown(stop.cancelled_owned()).await;
         if let Err(e) = served {

@@ -56,6 +56,10 @@ pub struct HeadArgs {
     /// On SIGTERM or Ctrl-C, how long in-flight requests may take to finish, in seconds.
     #[arg(long, env = "LUMEN_DRAIN_TIMEOUT_S", default_value_t = 30)]
     pub drain_timeout_s: u64,
+    /// Log each request's prompt (one info line per request) and keep the prompt text in the
+    /// dashboard's request log; off: prompt text is never stored nor logged.
+    #[arg(long, env = "LUMEN_LOG_REQUESTS")]
+    pub log_requests: bool,
     #[command(flatten)]
     pub cluster: ClusterSettings,
 }
@@ -84,6 +88,31 @@ pub struct WorkerArgs {
     /// On SIGTERM or Ctrl-C, how long replicas may finish their requests, in seconds.
     #[arg(long, env = "LUMEN_DRAIN_TIMEOUT_S", default_value_t = 30)]
     pub drain_timeout_s: u64,
+    /// Port of the worker's own Prometheus `/metrics` (vLLM's series of its replicas, for
+    /// pod-level scraping), on `--host` (0: any free port; see `--no-metrics`).
+    #[arg(long, env = "LUMEN_WORKER_METRICS_PORT", default_value_t = 8080)]
+    pub metrics_port: u16,
+    /// Serve no `/metrics` of its own (the head's `/metrics` still has every replica).
+    #[arg(long, env = "LUMEN_WORKER_NO_METRICS")]
+    pub no_metrics: bool,
+    #[command(flatten)]
+    pub stats_log: StatsLogArgs,
+}
+
+/// The periodic engine line of the replicas a process hosts (`lumen worker`, `lumen serve`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct StatsLogArgs {
+    /// How often each busy replica logs its engine line (throughput, running and waiting
+    /// requests, preemptions, KV cache usage, prefix cache hit rate), in seconds; idle replicas
+    /// stay quiet; 0 turns the line off.
+    #[arg(long, env = "LUMEN_LOG_STATS_INTERVAL_S", default_value_t = 10)]
+    pub log_stats_interval_s: u64,
+}
+
+impl StatsLogArgs {
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.log_stats_interval_s)
+    }
 }
 
 /// `lumen serve`: the head plus one in-process worker serving `--model`.
@@ -97,6 +126,8 @@ pub struct ServeArgs {
     /// (`deepseek_r1`).
     #[arg(long, env = "LUMEN_REASONING_PARSER")]
     pub reasoning_parser: Option<String>,
+    #[command(flatten)]
+    pub stats_log: StatsLogArgs,
 }
 
 /// Where a running head's control API is (`lumen deploy`, `lumen status`).

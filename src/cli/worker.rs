@@ -1,10 +1,14 @@
-//! Starting a worker: its gRPC service, and the registration loop that joins it to a head.
+//! Starting a worker: its gRPC service, and the registration loop that joins it to a head;
+//! `lumen worker` adds its own `/metrics` port and the periodic engine log line.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use lumen_worker::service::{RegistrationConfig, WorkerNode, detect_resources, serve_worker, spawn_registration};
+use lumen_worker::service::{
+    RegistrationConfig, WorkerNode, detect_resources, serve_metrics, serve_worker, spawn_registration,
+    spawn_stats_logger,
+};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -53,10 +57,24 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     super::shutdown::cancel_on_signal(shutdown.clone());
     let id = args.worker_id.clone().unwrap_or_else(|| format!("{}-{}", super::hostname(), std::process::id()));
     let bind = SocketAddr::new(args.host, args.port);
-    let worker =
+    let mut worker =
         start(bind, args.advertise_address.clone(), id, args.head.clone(), args.join_token.clone(), shutdown.clone())
             .await?;
-    super::print_ready("worker", &[("grpc", worker.address)]);
+    let mut listening = vec![("grpc", worker.address)];
+    if !args.no_metrics {
+        let bind = SocketAddr::new(args.host, args.metrics_port);
+        let listener =
+            TcpListener::bind(bind).await.with_context(|| format!("binding the worker's metrics port {bind}"))?;
+        listening.push(("metrics", listener.local_addr()?));
+        let (node, stop) = (worker.node.clone(), shutdown.clone());
+        worker.tasks.push(tokio::spawn(async move {
+            if let Err(e) = serve_metrics(listener, node, stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "the worker's metrics server failed");
+            }
+        }));
+    }
+    worker.tasks.extend(spawn_stats_logger(worker.node.clone(), args.stats_log.interval(), shutdown.clone()));
+    super::print_ready("worker", &listening);
     shutdown.cancelled().await;
     let drain = Duration::from_secs(args.drain_timeout_s);
     worker.node.stop_all(drain).await;

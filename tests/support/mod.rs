@@ -46,6 +46,38 @@ pub fn head_flags() -> Vec<String> {
     .collect()
 }
 
+/// `lumen serve` of the test model as `smol`, on ephemeral ports, with light engine flags and
+/// `extra`.
+pub fn serve_flags(extra: &[&str]) -> Vec<String> {
+    let mut args =
+        vec!["serve".to_string(), "--model".into(), model_path(), "--served-model-name".into(), "smol".into()];
+    args.extend(head_flags());
+    args.extend(engine_flags());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// `lumen worker` joining `head_grpc` as `id`, its gRPC and metrics ports ephemeral (several
+/// workers share the host).
+pub fn worker_flags(head_grpc: &str, id: &str) -> Vec<String> {
+    ["worker", "--head", head_grpc, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--worker-id", id]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Polls `check` every 100 ms until it holds, failing after `timeout` with `what`.
+pub async fn until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 impl Lumen {
     /// Starts `lumen ARGS` and waits for its ready line.
     pub fn start(args: &[String]) -> Lumen {

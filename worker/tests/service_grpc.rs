@@ -106,6 +106,7 @@ async fn start_replica_then_chat_generate_streams_started_deltas_and_finished() 
     assert_eq!(info.vocab_size, 49152);
     assert_eq!(info.state, pb::ReplicaState::Running as i32);
     assert!(!info.description.is_empty());
+    assert_eq!(info.engine_options_json, start.engine_options_json, "echoed for a restarted head's version check");
     let again = w.client.start_replica(start).await.unwrap().into_inner();
     assert_eq!(again, info, "starting an existing replica id is idempotent");
 

@@ -22,6 +22,7 @@ use super::params::{CommonParams, RouteDefaults, int_in, logprob_count};
 use super::reasoning::{ReasoningParserKind, ReasoningSplitter, Split};
 use super::stream::{self, ChunkWriter};
 use super::{ApiState, logprobs, request_id, sse};
+use crate::observe::Trace;
 
 /// The fields only chat accepts.
 #[derive(Debug, Default, Deserialize)]
@@ -35,12 +36,13 @@ struct ChatFields {
 }
 
 /// The handler.
-pub async fn handle(State(state): State<ApiState>, JsonObject(body): JsonObject) -> Response {
+pub async fn handle(State(state): State<ApiState>, trace: Trace, JsonObject(body): JsonObject) -> Response {
     let requested = body.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
-    labelled(&requested, run(state, body).await)
+    trace.requested_model(&requested);
+    labelled(&requested, run(state, body, trace).await)
 }
 
-async fn run(state: ApiState, body: Map<String, Value>) -> Result<Response, ApiError> {
+async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
     let mut common: CommonParams = typed(&body)?;
     let fields: ChatFields = typed(&body)?;
     let card = state.resolve_model(common.model.as_deref())?;
@@ -73,8 +75,9 @@ async fn run(state: ApiState, body: Map<String, Value>) -> Result<Response, ApiE
         return_prompt: false,
     };
     let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
-    let launch =
-        stream::launch(&state, card.id.clone(), vec![request], generation.n, ticket).instrument(span.clone()).await?;
+    let launch = stream::launch(&state, card.id.clone(), vec![request], generation.n, ticket, trace)
+        .instrument(span.clone())
+        .await?;
     let meta = |object| Meta { id: id.clone(), object, created: crate::clock::unix_s(), model: card.id.clone() };
     let parser = state.model_options(&card.id).reasoning_parser;
     if generation.stream {

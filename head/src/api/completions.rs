@@ -21,6 +21,7 @@ use super::metrics::labelled;
 use super::params::{CommonParams, RouteDefaults, logprob_count, token_ids};
 use super::stream::{self, ChunkWriter};
 use super::{ApiState, logprobs, request_id, sse};
+use crate::observe::Trace;
 
 /// vLLM's default `max_tokens` for completions (chat's default is the context length).
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
@@ -37,12 +38,13 @@ struct CompletionFields {
 }
 
 /// The handler.
-pub async fn handle(State(state): State<ApiState>, JsonObject(body): JsonObject) -> Response {
+pub async fn handle(State(state): State<ApiState>, trace: Trace, JsonObject(body): JsonObject) -> Response {
     let requested = body.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
-    labelled(&requested, run(state, body).await)
+    trace.requested_model(&requested);
+    labelled(&requested, run(state, body, trace).await)
 }
 
-async fn run(state: ApiState, body: Map<String, Value>) -> Result<Response, ApiError> {
+async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
     let common: CommonParams = typed(&body)?;
     let fields: CompletionFields = typed(&body)?;
     let card = state.resolve_model(common.model.as_deref())?;
@@ -79,7 +81,7 @@ async fn run(state: ApiState, body: Map<String, Value>) -> Result<Response, ApiE
         })
         .collect();
     let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
-    let launch = stream::launch(&state, card.id.clone(), requests, n, ticket).instrument(span.clone()).await?;
+    let launch = stream::launch(&state, card.id.clone(), requests, n, ticket, trace).instrument(span.clone()).await?;
     let meta = Meta { id, object: "text_completion", created: crate::clock::unix_s(), model: card.id.clone() };
     let choices_per_prompt = n as usize;
     if generation.stream {

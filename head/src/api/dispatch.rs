@@ -4,7 +4,8 @@
 //! that stops early is reported as an error, never passed off as a complete answer.
 //!
 //! A [`Running`] owns the admission permit and the backend streams; dropping it (client gone)
-//! drops them, which aborts the requests on their replicas.
+//! drops them, which aborts the requests on their replicas. It notes every event, the end and any
+//! failure into the request's [`Trace`] (the request log's view of it).
 
 use std::pin::Pin;
 
@@ -13,7 +14,8 @@ use lumen_proto::v1 as pb;
 
 use super::admission::Permit;
 use super::errors::ApiError;
-use crate::backend::{Backend, BackendError};
+use crate::backend::{self, Backend, BackendError};
+use crate::observe::Trace;
 
 type Tagged = Pin<Box<dyn Stream<Item = (usize, Result<pb::GenerateEvent, BackendError>)> + Send>>;
 
@@ -76,6 +78,7 @@ pub struct Running {
     n: usize,
     finished: Vec<bool>,
     usage: Usage,
+    trace: Trace,
     _permit: Permit,
 }
 
@@ -86,15 +89,18 @@ pub async fn start(
     requests: Vec<pb::GenerateRequest>,
     n: u32,
     permit: Permit,
+    trace: Trace,
 ) -> Result<Running, ApiError> {
     let prompts = requests.len();
-    let streams = futures::future::try_join_all(requests.into_iter().map(|r| backend.generate(model, r))).await?;
+    let calls = futures::future::try_join_all(requests.into_iter().map(|r| backend.generate(model, r)));
+    let streams = backend::with_route_slot(trace.route_slot(), calls).await?;
     let tagged = streams.into_iter().enumerate().map(|(p, s)| s.map(move |e| (p, e)).boxed());
     Ok(Running {
         events: futures::stream::select_all(tagged).boxed(),
         n: n as usize,
         finished: vec![false; prompts],
         usage: Usage::default(),
+        trace,
         _permit: permit,
     })
 }
@@ -102,6 +108,16 @@ pub async fn start(
 impl Running {
     /// The next step; `None` once every prompt finished (then [`Running::usage`] is final).
     pub async fn next(&mut self) -> Option<Result<Step, ApiError>> {
+        let next = self.advance().await;
+        match &next {
+            None => self.trace.completed(self.usage.prompt_tokens, self.usage.completion_tokens),
+            Some(Err(e)) => self.trace.failed(e),
+            Some(Ok(_)) => {}
+        }
+        next
+    }
+
+    async fn advance(&mut self) -> Option<Result<Step, ApiError>> {
         loop {
             let Some((prompt, item)) = self.events.next().await else {
                 if self.finished.iter().all(|&f| f) {
@@ -116,6 +132,7 @@ impl Running {
                 Ok(pb::GenerateEvent { event: None }) => continue,
                 Err(e) => return Some(Err(e.into())),
             };
+            self.trace.observe(&event);
             match event {
                 pb::generate_event::Event::Started(started) => return Some(Ok(Step::Started { prompt, started })),
                 pb::generate_event::Event::Delta(delta) => {

@@ -4,7 +4,11 @@
 //! tensors. A request flows: auth (`/v1/*`) -> body limit -> JSON view ([`body`]) -> validation
 //! ([`params`]) -> admission (per model, [`admission`]) -> [`dispatch`] (backend streams) ->
 //! OpenAI JSON or SSE ([`sse`]); errors become HTTP only in [`errors::ApiError`]'s
-//! `IntoResponse`. Metrics are recorded by one middleware ([`metrics`]).
+//! `IntoResponse`. Metrics are recorded by one middleware ([`metrics`]); every chat and completion
+//! request is recorded in the request log by another ([`crate::observe::trace`]).
+//!
+//! The `/v1` routes ([`v1_router`]) are also mounted on the control server (port 8265), with the
+//! same state, so the dashboard's playground works through one port.
 
 pub mod admission;
 pub mod auth;
@@ -34,6 +38,8 @@ use self::errors::ApiError;
 use self::metrics::ApiMetrics;
 use self::reasoning::ReasoningParserKind;
 use crate::backend::{Backend, ModelCard};
+use crate::observe::RequestLog;
+use crate::observe::request_log::DEFAULT_CAPACITY;
 
 /// Per-model API behaviour.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -60,6 +66,10 @@ pub struct ApiConfig {
     pub version: String,
     /// A `: keep-alive` SSE comment is sent when a stream was idle this long.
     pub keep_alive: Duration,
+    /// Keep prompt text in the request log and log each prompt (`--log-requests`).
+    pub log_requests: bool,
+    /// How many recent requests the request log keeps.
+    pub request_log_capacity: usize,
 }
 
 impl Default for ApiConfig {
@@ -71,6 +81,8 @@ impl Default for ApiConfig {
             models: HashMap::new(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             keep_alive: Duration::from_secs(15),
+            log_requests: false,
+            request_log_capacity: DEFAULT_CAPACITY,
         }
     }
 }
@@ -84,6 +96,7 @@ pub struct ApiState {
     models: Arc<RwLock<HashMap<String, ModelApiOptions>>>,
     admission: Arc<Admission>,
     metrics: ApiMetrics,
+    requests: Arc<RequestLog>,
 }
 
 impl ApiState {
@@ -94,6 +107,7 @@ impl ApiState {
         registry: prometheus::Registry,
     ) -> Result<Self, prometheus::Error> {
         let metrics = ApiMetrics::register(&registry)?;
+        let requests = Arc::new(RequestLog::new(config.request_log_capacity, config.log_requests));
         Ok(ApiState {
             backend,
             models: Arc::new(RwLock::new(config.models.clone())),
@@ -101,7 +115,13 @@ impl ApiState {
             registry,
             admission: Arc::new(Admission::default()),
             metrics,
+            requests,
         })
+    }
+
+    /// The log of recent chat and completion requests.
+    pub fn request_log(&self) -> Arc<RequestLog> {
+        self.requests.clone()
     }
 
     /// Sets (or replaces) a model's options, e.g. when a deployment is (re)configured.
@@ -137,28 +157,45 @@ impl ApiState {
     }
 }
 
-/// The API's routes (serve them on port 8000).
-pub fn router(state: ApiState) -> Router {
-    let limit = state.config.max_body_bytes;
+/// The `/v1` routes with their authentication and request recording, not yet layered.
+fn v1_routes(state: &ApiState) -> Router<ApiState> {
     Router::new()
         .route("/v1/models", get(misc::models))
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
+        // Outside the key check, so refused requests are recorded too.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::observe::trace::record))
+}
+
+/// Body limit and metrics around `routes`, then the state.
+fn finish(routes: Router<ApiState>, state: ApiState) -> Router {
+    routes
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        .with_state(state)
+}
+
+/// Only the OpenAI `/v1` routes (`/v1/models`, `/v1/chat/completions`, `/v1/completions`), with
+/// the same authentication, limits and state as [`router`]; the control server mounts them.
+pub fn v1_router(state: ApiState) -> Router {
+    finish(v1_routes(&state), state)
+}
+
+/// The API's routes (serve them on port 8000).
+pub fn router(state: ApiState) -> Router {
+    let routes = v1_routes(&state)
         .route("/health", get(misc::health))
         .route("/-/healthz", get(misc::healthz))
         .route("/version", get(misc::version))
         .route("/metrics", get(misc::metrics))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
-        .fallback(misc::not_found)
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
-        .with_state(state)
+        .fallback(misc::not_found);
+    finish(routes, state)
 }
 
 /// A fresh request id: `prefix` and 32 hex digits (vLLM's `chatcmpl-...`, `cmpl-...`).
 pub(crate) fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
 }
-

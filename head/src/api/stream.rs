@@ -20,6 +20,7 @@ use super::admission::Ticket;
 use super::dispatch::{self, Running, Step, Usage};
 use super::errors::ApiError;
 use super::{ApiState, sse};
+use crate::observe::Trace;
 
 /// A generation that runs now, or will once admitted.
 pub enum Launch {
@@ -28,22 +29,31 @@ pub enum Launch {
 }
 
 /// Sends `requests` now if `ticket` is ready; otherwise prepares to send them once admitted.
+/// `trace` learns the request's id, model and prompt now, and what happens to it later.
 pub async fn launch(
     state: &ApiState,
     model: String,
     requests: Vec<pb::GenerateRequest>,
     n: u32,
     ticket: Ticket,
+    trace: Trace,
 ) -> Result<Launch, ApiError> {
+    trace.launched(&model, &requests);
     match ticket {
         Ticket::Ready(permit) => {
-            Ok(Launch::Running(dispatch::start(state.backend.as_ref(), &model, requests, n, permit).await?))
+            Ok(Launch::Running(dispatch::start(state.backend.as_ref(), &model, requests, n, permit, trace).await?))
         }
         Ticket::Queued(queued) => {
             let backend = state.backend.clone();
             Ok(Launch::Queued(Box::pin(async move {
-                let permit = queued.admitted().await?;
-                dispatch::start(backend.as_ref(), &model, requests, n, permit).await
+                let started = match queued.admitted().await {
+                    Ok(permit) => dispatch::start(backend.as_ref(), &model, requests, n, permit, trace.clone()).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = &started {
+                    trace.failed(e);
+                }
+                started
             })))
         }
     }

@@ -12,6 +12,8 @@
 //!   after desired stayed below it for `downscale_delay_s`; when desired comes back to the
 //!   target (or crosses to the other side) the waiting starts over. It then moves to the latest
 //!   desired count. A target outside the bounds (the config changed) is clamped at once.
+//! - From zero replicas the move up is immediate: requests waiting at the head for a replica
+//!   count as load (see `registry::State::ongoing_requests`), and nothing else would serve them.
 //! - Every decision is logged at `info` with its reason: current target, desired count, average
 //!   load; so is the start of a wait.
 //!
@@ -123,6 +125,8 @@ impl Autoscaler {
             std::cmp::Ordering::Less => ScaleDirection::Down,
         };
         let delay = match direction {
+            // From zero nothing serves the waiting requests: scale up at once, as Ray does.
+            ScaleDirection::Up if current == 0 => Duration::ZERO,
             ScaleDirection::Up => seconds(self.config.upscale_delay_s),
             ScaleDirection::Down => seconds(self.config.downscale_delay_s),
         };
@@ -228,6 +232,27 @@ mod tests {
         assert_eq!(a.decide(t0, 3), 2);
         a.observe(t0 + secs(1.0), 50.0);
         assert_eq!(a.decide(t0 + secs(1.0), 2), 3);
+    }
+
+    #[test]
+    fn scales_up_from_zero_at_once_but_down_to_zero_only_after_the_delay() {
+        let t0 = Instant::now();
+        let mut a = Autoscaler::new("d", config(0, 4, 2.0, 30.0, 60.0));
+        a.observe(t0, 0.0);
+        assert_eq!(a.decide(t0, 0), 0, "no load, no replica");
+        a.observe(t0 + secs(1.0), 3.0);
+        assert_eq!(a.decide(t0 + secs(1.0), 0), 1, "a waiting request brings one up without the 30 s delay");
+        a.observe(t0 + secs(2.0), 9.0);
+        assert_eq!(a.decide(t0 + secs(2.0), 1), 1, "above zero the upscale delay applies again");
+        // The load stops; the burst leaves the 10 s look-back at 13 s, then the 60 s wait runs.
+        let first_zero = (3..100)
+            .find(|&s| {
+                let t = t0 + secs(f64::from(s));
+                a.observe(t, 0.0);
+                a.decide(t, 1) == 0
+            })
+            .unwrap();
+        assert_eq!(first_zero, 73);
     }
 
     #[test]

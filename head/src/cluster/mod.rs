@@ -32,6 +32,7 @@ mod autoscaler;
 mod controller;
 mod head_service;
 mod health;
+mod metrics;
 mod placement;
 mod registry;
 mod replica_client;
@@ -45,6 +46,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 pub use head_service::serve_head;
+pub use metrics::ClusterMetrics;
 pub use registry::Deployment;
 pub use snapshot::{
     ClusterSnapshot, DeploymentSnapshot, DeploymentStatus, ReplicaSnapshot, ReplicaState, WorkerSnapshot,

@@ -4,8 +4,11 @@
 //! Contract:
 //! - A replica needing GPUs (`gpus_per_replica > 0`) takes `ceil(gpus_per_replica)` whole
 //!   devices of a CUDA worker; it never goes to a CPU worker.
-//! - A CPU replica (0 GPUs) goes to a CPU worker, which hosts any number of them; failing that,
-//!   it takes a free device of a CUDA worker (whose engines run on its GPUs).
+//! - A CPU replica (0 GPUs) goes to a CPU worker, which hosts any number of them unless they
+//!   reserve cores (`num_cpus`): then their reservations fit in the worker's cores; failing
+//!   that, it takes a free device of a CUDA worker (whose engines run on its GPUs).
+//! - `max_replicas_per_node` caps the replicas of one deployment on one worker, whatever the
+//!   device.
 //! - On a CUDA worker every replica it hosts holds its devices until it is gone, whatever its
 //!   phase (a stopping or failed engine still holds the GPU memory).
 //! - Among the workers that fit: CPU workers first for CPU replicas, then the fewest replicas of
@@ -43,9 +46,39 @@ fn free_devices(state: &State, worker: &WorkerEntry) -> u32 {
     worker.resources.device_count.max(1).saturating_sub(devices_used(state, worker))
 }
 
+/// CPU cores of `worker` reserved by the replicas it hosts.
+fn cpus_reserved(state: &State, worker: &WorkerEntry) -> f64 {
+    state
+        .replicas
+        .values()
+        .filter(|r| r.worker_id == worker.id)
+        .filter_map(|r| state.deployment(&r.deployment))
+        .map(|d| d.spec.cpus_per_replica)
+        .sum()
+}
+
+fn cpus_free(state: &State, worker: &WorkerEntry) -> f64 {
+    (f64::from(worker.resources.cpu_cores) - cpus_reserved(state, worker)).max(0.0)
+}
+
+/// Whether `worker` already hosts as many replicas of `spec` as `max_replicas_per_node` allows.
+fn at_node_cap(state: &State, worker: &WorkerEntry, spec: &Deployment) -> bool {
+    spec.max_replicas_per_node.is_some_and(|cap| {
+        let hosted = state.replicas.values().filter(|r| r.worker_id == worker.id && r.deployment == spec.name);
+        hosted.count() >= cap as usize
+    })
+}
+
 /// Whether `worker` can take one more replica of `spec`.
 fn fits(state: &State, worker: &WorkerEntry, spec: &Deployment) -> bool {
-    if worker.is_cuda() { free_devices(state, worker) >= devices_needed(Some(spec)) } else { !needs_gpus(spec) }
+    if at_node_cap(state, worker, spec) {
+        return false;
+    }
+    if worker.is_cuda() {
+        free_devices(state, worker) >= devices_needed(Some(spec))
+    } else {
+        !needs_gpus(spec) && (spec.cpus_per_replica <= 0.0 || cpus_free(state, worker) >= spec.cpus_per_replica)
+    }
 }
 
 /// The live worker to place one more replica of `spec` on, if any has room.
@@ -77,6 +110,14 @@ pub(super) fn no_room_message(
     if live.is_empty() {
         return format!("{prefix}; no live worker is registered");
     }
+    if let Some(cap) = spec.max_replicas_per_node
+        && live.iter().all(|w| at_node_cap(state, w, spec))
+    {
+        return format!(
+            "{prefix}; max_replicas_per_node is {cap} and each of the {} live workers has that many",
+            live.len()
+        );
+    }
     let cuda: Vec<&&WorkerEntry> = live.iter().filter(|w| w.is_cuda()).collect();
     if needs_gpus(spec) {
         let needed = devices_needed(Some(spec));
@@ -91,6 +132,15 @@ pub(super) fn no_room_message(
             "{prefix}; each replica needs {needed} free GPU device(s) on one worker and the {} live CUDA \
              workers have {free} free (a device hosts one replica)",
             cuda.len()
+        );
+    }
+    let cpu_workers = live.len() - cuda.len();
+    if cpu_workers > 0 && spec.cpus_per_replica > 0.0 {
+        let most_free = live.iter().filter(|w| !w.is_cuda()).map(|w| cpus_free(state, w)).fold(0.0, f64::max);
+        return format!(
+            "{prefix}; each replica reserves {} CPU cores and the most any of the {cpu_workers} live CPU \
+             workers has free is {most_free}",
+            spec.cpus_per_replica
         );
     }
     format!(
@@ -181,6 +231,34 @@ mod tests {
         register(&mut state, "gpu", "cuda", 1, &[("llm-1", "m")]);
         state.workers.remove("cpu");
         assert_eq!(choose(&state, &small), None, "the device is taken");
+    }
+
+    #[test]
+    fn cpu_replicas_that_reserve_cores_fit_in_the_workers_cores() {
+        let llm = Deployment { cpus_per_replica: 3.0, ..deployment("llm", "m", 0.0) };
+        let mut state = State::default();
+        state.set_deployments(vec![llm.clone()]);
+        register(&mut state, "a", "cpu", 1, &[("llm-1", "m"), ("llm-2", "m")]);
+        state.workers.get_mut("a").unwrap().resources.cpu_cores = 8;
+        assert_eq!(choose(&state, &llm), None, "6 of 8 cores are reserved; a third replica needs 3");
+        let message = no_room_message(&state, &llm, Instant::now(), DEADLINE, 2, 3);
+        assert!(message.contains("reserves 3 CPU cores") && message.contains("free is 2"), "{message}");
+        state.workers.get_mut("a").unwrap().resources.cpu_cores = 9;
+        assert_eq!(choose(&state, &llm).as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn max_replicas_per_node_caps_a_deployment_on_each_worker() {
+        let llm = Deployment { max_replicas_per_node: Some(1), ..deployment("llm", "m", 0.0) };
+        let mut state = State::default();
+        state.set_deployments(vec![llm.clone(), deployment("other", "o", 0.0)]);
+        register(&mut state, "a", "cpu", 1, &[("llm-1", "m")]);
+        register(&mut state, "b", "cpu", 1, &[("other-1", "o")]);
+        assert_eq!(choose(&state, &llm).as_deref(), Some("b"), "other deployments do not count");
+        register(&mut state, "b", "cpu", 1, &[("other-1", "o"), ("llm-2", "m")]);
+        assert_eq!(choose(&state, &llm), None);
+        let message = no_room_message(&state, &llm, Instant::now(), DEADLINE, 2, 3);
+        assert!(message.contains("max_replicas_per_node is 1"), "{message}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use lumen_proto::v1 as pb;
 
-use crate::clock::{unix_ms, unix_s};
+use crate::clock::{since_epoch, unix_ms, unix_s};
 use crate::config::AutoscalingConfig;
 
 use super::ClusterError;
@@ -50,6 +50,10 @@ pub struct Deployment {
     pub max_ongoing_requests: u32,
     /// GPUs a replica needs (0 = runs on the CPU).
     pub gpus_per_replica: f64,
+    /// CPU cores a CPU replica reserves on its worker (0 = none: any number share a worker).
+    pub cpus_per_replica: f64,
+    /// At most this many of its replicas on one worker (Ray's `max_replicas_per_node`).
+    pub max_replicas_per_node: Option<u32>,
     /// How long a stopping replica may finish its requests.
     pub graceful_shutdown_timeout: Duration,
     /// How often each replica's engine is probed, and how long a probe may take.
@@ -70,6 +74,8 @@ impl Default for Deployment {
             autoscaling: None,
             max_ongoing_requests: 0,
             gpus_per_replica: 0.0,
+            cpus_per_replica: 0.0,
+            max_replicas_per_node: None,
             graceful_shutdown_timeout: Duration::from_secs(20),
             health_check_period: Duration::from_secs(10),
             health_check_timeout: Duration::from_secs(30),
@@ -106,10 +112,20 @@ pub(super) fn validate_deployments(deployments: &[Deployment]) -> Result<(), Clu
 /// What a deployment's replicas run: a hash of the served model name and the engine options.
 /// Stable within one head process (it is never persisted or sent).
 pub(super) fn spec_version(spec: &Deployment) -> u64 {
+    version_of(&spec.model_name, &spec.engine_options_json)
+}
+
+fn version_of(model_name: &str, engine_options_json: &str) -> u64 {
     let mut hasher = DefaultHasher::new();
-    spec.model_name.hash(&mut hasher);
-    spec.engine_options_json.hash(&mut hasher);
+    model_name.hash(&mut hasher);
+    engine_options_json.hash(&mut hasher);
     hasher.finish()
+}
+
+/// The version of a replica a worker reported: from the options its start carried, which the
+/// worker echoes (`None` from a worker that does not).
+fn reported_version(info: &pb::ReplicaInfo) -> Option<u64> {
+    (!info.engine_options_json.is_empty()).then(|| version_of(&info.model_name, &info.engine_options_json))
 }
 
 /// A deployment with what the controller learnt about it.
@@ -130,6 +146,9 @@ pub(super) struct DeploymentEntry {
     pub autoscaler: Option<Autoscaler>,
     /// Set when the target moved (autoscaler or a new `num_replicas`) until it is reached.
     pub scaling: Option<ScaleDirection>,
+    /// Requests waiting at the head because no replica of it is routable yet (part of the
+    /// autoscaler's load, so a deployment scaled to zero comes back up).
+    pub queued: Arc<AtomicU32>,
 }
 
 impl DeploymentEntry {
@@ -145,6 +164,7 @@ impl DeploymentEntry {
             target_replicas,
             autoscaler,
             scaling: None,
+            queued: Arc::new(AtomicU32::new(0)),
             spec,
         }
     }
@@ -188,8 +208,8 @@ impl DeploymentEntry {
     }
 
     /// Whether `replica` runs this deployment's current version. A replica adopted from a worker
-    /// (version unknown, e.g. after a head restart) counts as current when it serves the
-    /// deployment's model name, so a restarted head does not roll every replica.
+    /// (e.g. after a head restart) has the version of the options the worker echoes; one whose
+    /// version is unknown counts as current when it serves the deployment's model name.
     pub fn is_current(&self, replica: &ReplicaEntry) -> bool {
         match replica.spec_version {
             Some(version) => version == self.version,
@@ -250,6 +270,8 @@ pub(super) struct ReplicaEntry {
     pub next_health_check: Option<Instant>,
     /// A `CheckHealth` call is in flight.
     pub health_check_in_flight: bool,
+    /// When the head created the entry (placed it, or adopted it from a worker's report).
+    pub created_unix_s: f64,
 }
 
 impl ReplicaEntry {
@@ -266,6 +288,7 @@ impl ReplicaEntry {
             spec_version: None,
             next_health_check: None,
             health_check_in_flight: false,
+            created_unix_s: since_epoch().as_secs_f64(),
         }
     }
 
@@ -375,6 +398,9 @@ impl State {
         entry.worker_id = worker_id.to_owned();
         entry.phase = phase;
         entry.message = (!info.message.is_empty()).then(|| info.message.clone());
+        if entry.spec_version.is_none() {
+            entry.spec_version = reported_version(info);
+        }
         entry.info = Some(info.clone());
     }
 
@@ -443,19 +469,23 @@ impl State {
         })
     }
 
-    /// The autoscaler's load signal for `deployment`: the head's in-flight requests plus the
-    /// waiting requests workers last reported, over its replicas on live workers (draining ones
-    /// included: their requests are still being served).
+    /// The autoscaler's load signal for `deployment`: the requests waiting at the head for a
+    /// replica, plus the head's in-flight requests and the waiting requests workers last
+    /// reported over its replicas on live workers (draining ones included: their requests are
+    /// still being served).
     pub fn ongoing_requests(&self, deployment: &str, now: Instant, deadline: Duration) -> u64 {
-        self.replicas
-            .values()
-            .filter(|r| r.deployment == deployment && r.phase != Phase::Failed)
-            .filter(|r| self.worker_is_live(&r.worker_id, now, deadline))
-            .map(|r| {
-                let waiting = r.stats.as_ref().map_or(0, |s| u64::from(s.waiting));
-                u64::from(r.in_flight.load(Ordering::Relaxed)) + waiting
-            })
-            .sum()
+        let queued = self.deployment(deployment).map_or(0, |d| u64::from(d.queued.load(Ordering::Relaxed)));
+        queued
+            + self
+                .replicas
+                .values()
+                .filter(|r| r.deployment == deployment && r.phase != Phase::Failed)
+                .filter(|r| self.worker_is_live(&r.worker_id, now, deadline))
+                .map(|r| {
+                    let waiting = r.stats.as_ref().map_or(0, |s| u64::from(s.waiting));
+                    u64::from(r.in_flight.load(Ordering::Relaxed)) + waiting
+                })
+                .sum::<u64>()
     }
 
     /// Replicas of `deployment` that can take a request now.
@@ -522,6 +552,27 @@ mod tests {
         let ids: Vec<(&str, &str)> = state.replicas.values().map(|r| (r.id.as_str(), r.deployment.as_str())).collect();
         // "x9-cccc" has no deployment `x9` but serves `m`, so it belongs to `llm`.
         assert_eq!(ids, [("llm-bbbb", "llm"), ("x9-cccc", "llm")]);
+    }
+
+    #[test]
+    fn adopted_replicas_are_current_only_when_the_options_they_report_match() {
+        let mut state = State::default();
+        let spec =
+            Deployment { engine_options_json: r#"{"model":"m.gguf","threads":2}"#.into(), ..deployment("llm", "m") };
+        state.set_deployments(vec![spec.clone()]);
+        let echo =
+            |id: &str, options: &str| pb::ReplicaInfo { engine_options_json: options.into(), ..running(id, "m") };
+        let reported = vec![
+            echo("llm-same", &spec.engine_options_json),
+            echo("llm-old", r#"{"model":"m.gguf"}"#),
+            running("llm-legacy", "m"),
+        ];
+        register(&mut state, "w", "cpu", 0, reported);
+        let d = state.deployment("llm").unwrap();
+        let current = |id: &str| d.is_current(&state.replicas[id]);
+        assert!(current("llm-same"), "a head restart does not roll replicas that run the config");
+        assert!(!current("llm-old"), "a replica started with other options is rolled");
+        assert!(current("llm-legacy"), "without an echo, the served model name decides");
     }
 
     #[test]

@@ -67,6 +67,11 @@ pub fn status_to_error(status: &tonic::Status) -> BackendError {
         },
         tonic::Code::ResourceExhausted => BackendError::Overloaded(message),
         tonic::Code::NotFound | tonic::Code::Unavailable => BackendError::Unavailable(message),
+        // The worker never answers these itself: they are what tonic reports when the connection
+        // breaks (a worker killed mid-stream shows as `Unknown: h2 protocol error ...`).
+        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Aborted => {
+            BackendError::Unavailable(format!("the connection to the replica's worker broke: {message}"))
+        }
         _ => BackendError::Internal(format!("{:?}: {message}", status.code())),
     }
 }
@@ -91,6 +96,11 @@ mod tests {
         assert!(matches!(status_to_error(&tonic::Status::not_found("gone")), BackendError::Unavailable(_)));
         assert!(matches!(status_to_error(&tonic::Status::unavailable("down")), BackendError::Unavailable(_)));
         assert!(matches!(status_to_error(&tonic::Status::internal("bug")), BackendError::Internal(_)));
+        let broken =
+            status_to_error(&tonic::Status::unknown("h2 protocol error: error reading a body from connection"));
+        assert!(
+            matches!(&broken, BackendError::Unavailable(m) if m.contains("connection to the replica's worker broke"))
+        );
     }
 
     #[test]

@@ -49,6 +49,7 @@ enum Unroutable {
 
 /// A chosen replica and how to reach it.
 struct Pick {
+    deployment: String,
     replica_id: String,
     worker_id: String,
     address: String,
@@ -107,6 +108,22 @@ fn why_none_runs(
     }
 }
 
+/// A request waiting at the head for a replica of its deployment; counted until dropped.
+struct QueuedRequest(Arc<AtomicU32>);
+
+impl QueuedRequest {
+    fn new(counter: &Arc<AtomicU32>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        QueuedRequest(counter.clone())
+    }
+}
+
+impl Drop for QueuedRequest {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Cluster {
     /// Chooses a routable replica of `model` that is not in `exclude`, preferring the one that
     /// served the longest of `keys` (see [`affinity`]), and remembers the choice under `keys`.
@@ -143,6 +160,7 @@ impl Cluster {
         }
         let address = state.workers.get(&chosen.worker_id).map(|w| w.address.clone()).unwrap_or_default();
         Ok(Pick {
+            deployment: name.to_string(),
             replica_id: chosen.id.clone(),
             worker_id: chosen.worker_id.clone(),
             address,
@@ -156,6 +174,8 @@ impl Cluster {
         let timeout = Duration::from_secs(self.settings().replica_wait_timeout_s);
         let give_up = tokio::time::Instant::now() + timeout;
         let mut waiting = false;
+        // Counted as the deployment's load while it waits (see `State::ongoing_requests`).
+        let mut _queued = None;
         loop {
             match self.pick(model, exclude, keys) {
                 Ok(pick) => {
@@ -175,6 +195,7 @@ impl Cluster {
                     if !waiting {
                         tracing::debug!(model, "no replica runs yet; waiting for one");
                         waiting = true;
+                        _queued = self.state().deployment_for_model(model).map(|d| QueuedRequest::new(&d.queued));
                     }
                     tokio::time::sleep_until(give_up.min(tokio::time::Instant::now() + WAIT_POLL)).await;
                 }
@@ -209,6 +230,7 @@ impl Cluster {
             }
             Err(status) => return Err(status_to_error(&status)),
         };
+        crate::backend::note_route(&pick.deployment, &pick.replica_id);
         Ok(forward_events(first, events, guard, pick.replica_id))
     }
 

@@ -131,6 +131,8 @@ pub struct ReplicaSnapshot {
     pub info: Option<pb::ReplicaInfo>,
     /// The latest heartbeat's numbers.
     pub stats: Option<pb::ReplicaStats>,
+    /// When the head placed it (or adopted it from a worker's report), Unix seconds.
+    pub start_time_s: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +207,7 @@ pub(super) fn build(state: &State, deadline: Duration) -> ClusterSnapshot {
             in_flight: r.in_flight.load(Ordering::Relaxed),
             info: r.info.clone(),
             stats: r.stats.clone(),
+            start_time_s: r.created_unix_s,
         })
         .collect();
     ClusterSnapshot { workers, deployments, replicas }

@@ -1,23 +1,30 @@
 //! The control server on port 8265: Ray Serve's REST API for applications
 //! (`/api/serve/applications/`, [`serve_api`]), Lumen's cluster view (`/api/cluster`,
-//! [`cluster_api`]), the probes KubeRay uses, the metrics, and the dashboard's page.
+//! [`cluster_api`]), the probes KubeRay uses, the metrics, and the dashboard's page; with
+//! [`router_with_api`] also the dashboard's data ([`observe_api`]) and the OpenAI `/v1` routes.
 //!
 //! The serve config in force is owned by [`Applications`] (apply, persist, status); the handlers
 //! only translate HTTP to it.
 
 pub mod applications;
 pub mod cluster_api;
+pub mod dashboard;
+pub mod observe_api;
 pub mod serve_api;
 pub mod status;
+
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse};
+use axum::response::IntoResponse;
 use axum::routing::get;
 
 pub use applications::{Applications, ApplyError, ServeDocument, StartingPoint};
 pub use status::ServeStatus;
+
+use crate::observe::History;
 
 /// What the control handlers share.
 #[derive(Clone)]
@@ -27,23 +34,24 @@ pub struct ControlState {
     pub registry: prometheus::Registry,
 }
 
+/// [`router`] plus the dashboard's data (`/api/requests`, `/api/timeseries`: [`observe_api`]) and
+/// the OpenAI `/v1` routes of `api` (same authentication, limits and state as on port 8000).
+pub fn router_with_api(state: ControlState, api: crate::api::ApiState, history: Arc<History>) -> Router {
+    let observe = observe_api::ObserveState { requests: api.request_log(), history };
+    router(state).merge(observe_api::router(observe)).merge(crate::api::v1_router(api))
+}
+
 pub fn router(state: ControlState) -> Router {
     let applications =
         get(serve_api::get_applications).put(serve_api::put_applications).delete(serve_api::delete_applications);
     Router::new()
-        .route("/", get(index))
         .route("/api/serve/applications/", applications.clone())
         .route("/api/serve/applications", applications)
         .route("/api/cluster", get(cluster_api::cluster))
         .route("/api/gcs_healthz", get(|| async { "success" }))
         .route("/metrics", get(metrics))
+        .merge(dashboard::router(dashboard::Source::from_env()))
         .with_state(state)
-}
-
-async fn index() -> Html<&'static str> {
-    Html(
-        "<!doctype html><title>Lumen</title><h1>Lumen</h1><p>The dashboard is not built yet; the OpenAI API is on port 8000.</p>",
-    )
 }
 
 async fn metrics(State(state): State<ControlState>) -> impl IntoResponse {

@@ -211,7 +211,7 @@ fn deployment_doc(snapshot: &ClusterSnapshot, name: &str, replicas: &[&ReplicaSn
                     state: r.state.as_ray_str().into(),
                     node_id: r.worker_id.clone(),
                     node_ip: address.map(host_of).unwrap_or_default(),
-                    start_time_s: None,
+                    start_time_s: Some(r.start_time_s),
                     message: r.message.clone(),
                 }
             })
@@ -276,6 +276,7 @@ mod tests {
             in_flight: 0,
             info: None,
             stats: None,
+            start_time_s: 1_764_000_000.5,
         }
     }
 
@@ -321,6 +322,7 @@ mod tests {
         assert_eq!((llm.status.as_str(), llm.target_num_replicas), ("HEALTHY", 2));
         assert_eq!(llm.replica_states, BTreeMap::from([("RUNNING".to_owned(), 2)]));
         assert_eq!((llm.replicas[0].node_id.as_str(), llm.replicas[0].node_ip.as_str()), ("w1", "10.1.2.3"));
+        assert_eq!(llm.replicas[0].start_time_s, Some(1_764_000_000.5), "Ray reports when a replica started");
     }
 
     #[test]

@@ -1,5 +1,10 @@
 //! The engine's step logic, single-threaded and synchronous: intake, scheduling, the forward pass,
 //! sampling, detokenizing, stop checks and output events. The engine thread drives it.
+//!
+//! Metrics are recorded where the events happen: time to first token and the request's prompt
+//! tokens when its first token is sampled, every inter-token gap of a sequence when its next
+//! token is sampled, and end-to-end latency, queue time and the request's token counts when its
+//! last choice finishes (any finish reason).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -10,7 +15,7 @@ use super::request::{
     ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, RequestTimings, StopReason, TokenLogprob,
     Usage,
 };
-use super::stats::{EngineStats, RateMeter};
+use super::stats::{EngineHistograms, EngineStats, RateMeter};
 use crate::model::Model;
 use crate::sampling::{Sampled, SamplingParams, SequenceSampler, StopParams};
 use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SeqId, Sequence};
@@ -39,6 +44,8 @@ struct SeqState {
     detok: IncrementalDetokenizer,
     stop: StopStringMatcher,
     generated: usize,
+    /// When this sequence's previous token was sampled (for inter-token latency).
+    last_token_at: Option<Instant>,
 }
 
 /// Engine state: model, tokenizer, scheduler and the live requests.
@@ -90,7 +97,7 @@ impl EngineCore {
             requests: HashMap::new(),
             seqs: HashMap::new(),
             next_seq: 0,
-            counters: EngineStats::default(),
+            counters: EngineStats { histograms: EngineHistograms::new(cfg.max_model_len), ..EngineStats::default() },
             prompt_rate: RateMeter::new(window),
             generation_rate: RateMeter::new(window),
             last_progress: Instant::now(),
@@ -136,6 +143,7 @@ impl EngineCore {
                 detok: IncrementalDetokenizer::with_prompt(&req.prompt_token_ids, req.skip_special_tokens),
                 stop: StopStringMatcher::new(req.stop.stop.clone(), req.stop.include_stop_str_in_output),
                 generated: 0,
+                last_token_at: None,
             },
         );
         self.scheduler.add(Sequence::new(seq_id, seq_id, req.prompt_token_ids.clone()));
@@ -221,7 +229,7 @@ impl EngineCore {
         Ok(true)
     }
 
-    /// Prompt tokens computed this step (prefill and recompute), for throughput and counters.
+    /// Prompt tokens computed this step (prefill and recompute), for the prompt throughput.
     fn count_prompt_tokens(&mut self, schedule: &Schedule, now: Instant) {
         let mut prompt = 0u64;
         for item in &schedule.seqs {
@@ -230,7 +238,6 @@ impl EngineCore {
                 prompt += end.min(s.prompt_len).saturating_sub(item.start) as u64;
             }
         }
-        self.counters.prompt_tokens_total += prompt;
         self.prompt_rate.add(now, prompt);
     }
 
@@ -266,6 +273,7 @@ impl EngineCore {
                     detok: parent.detok.clone(),
                     stop: parent.stop.clone(),
                     generated: 0,
+                    last_token_at: None,
                 };
                 pristine.copy_from_slice(row);
                 let sampled = self.sample_with(&mut state, &req_id, &mut pristine);
@@ -313,7 +321,15 @@ impl EngineCore {
         };
         state.generated += 1;
         req.completion_tokens += 1;
-        req.first_token_at.get_or_insert(now);
+        let histograms = &mut self.counters.histograms;
+        if let Some(previous) = state.last_token_at.replace(now) {
+            histograms.inter_token_latency.observe_duration(now.saturating_duration_since(previous));
+        }
+        if req.first_token_at.is_none() {
+            req.first_token_at = Some(now);
+            histograms.time_to_first_token.observe_duration(now.saturating_duration_since(req.arrival));
+            self.counters.prompt_tokens_total += req.prompt_len as u64;
+        }
         let logprobs = match req.sampling.logprobs {
             Some(_) => vec![TokenLogprob {
                 token,
@@ -419,6 +435,11 @@ impl EngineCore {
                 first_token: req.first_token_at.map(|t| t.duration_since(req.arrival)),
                 total: now.duration_since(req.arrival),
             };
+            let histograms = &mut self.counters.histograms;
+            histograms.e2e_latency.observe_duration(timings.total);
+            histograms.queue_time.observe_duration(timings.queue);
+            histograms.prompt_tokens.observe(req.prompt_len as f64);
+            histograms.generation_tokens.observe(req.completion_tokens as f64);
             let _ = req.tx.send(EngineEvent::Finished { usage, timings });
         }
     }

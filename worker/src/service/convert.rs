@@ -16,6 +16,7 @@
 
 use std::time::{Duration, Instant};
 
+use lumen_proto::metrics::names;
 use lumen_proto::v1 as pb;
 use serde::Deserialize;
 use serde::de::{self, Visitor};
@@ -23,6 +24,7 @@ use serde_json::{Map, Value as Json};
 
 use super::ServiceError;
 use crate::TokenId;
+use crate::engine::stats::{EngineHistograms, Histogram};
 use crate::engine::{
     ChoiceDelta, EngineLimits, EngineOptions, EngineStats, FinishReason, RequestTimings, StopReason, TokenLogprob,
     Usage,
@@ -306,6 +308,30 @@ pub fn replica_stats(replica_id: &str, model_name: &str, s: &EngineStats, state:
         generation_tokens_per_s: s.generation_tokens_per_s,
         stalled_for_ms: u64::try_from(s.stalled_at(Instant::now()).as_millis()).unwrap_or(u64::MAX),
         state: state as i32,
+        histograms: histograms(&s.histograms),
+    }
+}
+
+/// The engine's histograms under their vLLM series names.
+fn histograms(h: &EngineHistograms) -> Vec<pb::HistogramSnapshot> {
+    let named = [
+        (names::TIME_TO_FIRST_TOKEN, &h.time_to_first_token),
+        (names::TIME_PER_OUTPUT_TOKEN, &h.inter_token_latency),
+        (names::E2E_REQUEST_LATENCY, &h.e2e_latency),
+        (names::REQUEST_QUEUE_TIME, &h.queue_time),
+        (names::REQUEST_PROMPT_TOKENS, &h.prompt_tokens),
+        (names::REQUEST_GENERATION_TOKENS, &h.generation_tokens),
+    ];
+    named.into_iter().map(|(name, h)| histogram(name, h)).collect()
+}
+
+fn histogram(name: &str, h: &Histogram) -> pb::HistogramSnapshot {
+    pb::HistogramSnapshot {
+        name: name.to_string(),
+        bounds: h.bounds().to_vec(),
+        cumulative_counts: h.cumulative_counts(),
+        sum: h.sum(),
+        count: h.count(),
     }
 }
 
@@ -402,5 +428,22 @@ mod tests {
         assert_eq!(delta.index, 1);
         assert_eq!(delta.finish_reason, pb::FinishReason::Stop as i32);
         assert_eq!(delta.stop_reason, Some(pb::delta::StopReason::StopString("</s>".into())));
+    }
+
+    #[test]
+    fn replica_stats_carry_every_engine_histogram_under_its_vllm_name() {
+        let mut stats = EngineStats { histograms: EngineHistograms::new(100), ..EngineStats::default() };
+        stats.histograms.time_to_first_token.observe(0.03);
+        stats.histograms.generation_tokens.observe(7.0);
+        let wire = replica_stats("r1", "smol", &stats, pb::ReplicaState::Running);
+        let names: Vec<&str> = wire.histograms.iter().map(|h| h.name.as_str()).collect();
+        let exported: Vec<&str> = lumen_proto::metrics::HISTOGRAMS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, exported, "every engine histogram is one the metrics module exports");
+        let ttft = &wire.histograms[0];
+        assert_eq!((ttft.count, ttft.bounds.len(), ttft.cumulative_counts.len()), (1, 22, 22));
+        assert_eq!(ttft.cumulative_counts[4], 1, "0.03 s lands in the 0.04 s bucket");
+        let generated = &wire.histograms[5];
+        assert_eq!(generated.bounds, vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]);
+        assert_eq!(generated.cumulative_counts, vec![0, 0, 0, 1, 1, 1, 1]);
     }
 }

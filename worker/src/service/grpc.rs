@@ -5,6 +5,9 @@
 //! with usage and timings; an engine failure ends it with an INTERNAL status carrying the
 //! engine's message. The stream owns the engine's `RequestStream` directly (no forwarding task),
 //! so when tonic drops it — the caller cancelled or went away — the request is aborted at once.
+//! Everything logged about one request — while it is set up and while its stream is polled —
+//! runs inside a `request` span with fields `request_id` and `replica`, so every such line
+//! carries them (in `--log-format json`, under `span`).
 //!
 //! `CheckHealth` answers whether a replica's engine responds and makes progress (see
 //! [`super::health`]); an unhealthy engine is a normal reply with `healthy: false`, not an error.
@@ -13,12 +16,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use lumen_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+use tracing::{Instrument, Span};
 
 use super::ServiceError;
 use super::convert::{self, EncodedPrompt, PromptRef, wire_u32};
@@ -87,29 +91,35 @@ enum Phase {
 }
 
 /// The response stream of one request; dropping it drops (and so aborts) the engine request.
-/// `in_flight` is held until the stream ends or is dropped.
-fn event_stream(started: pb::GenerateEvent, request: RequestStream, in_flight: InFlight) -> EventStream {
-    Box::pin(futures::stream::unfold((Phase::Start(started, request), in_flight), |(phase, in_flight)| async move {
-        let next = match phase {
-            Phase::Start(started, request) => Some((Ok(started), Phase::Streaming(request))),
-            Phase::Streaming(mut request) => match request.recv().await? {
-                EngineEvent::Delta(d) => Some((Ok(convert::delta_event(d)), Phase::Streaming(request))),
-                EngineEvent::Finished { usage, timings } => {
-                    Some((Ok(convert::finished_event(usage, timings)), Phase::Done))
-                }
-                EngineEvent::Failed(message) => {
-                    tracing::warn!(request_id = request.id(), %message, "request failed in the engine");
-                    Some((Err(Status::internal(message)), Phase::Done))
-                }
-            },
-            Phase::Done => None,
-        };
-        next.map(|(item, phase)| (item, (phase, in_flight)))
+/// `in_flight` is held until the stream ends or is dropped; each item is produced in `span`.
+fn event_stream(started: pb::GenerateEvent, request: RequestStream, in_flight: InFlight, span: Span) -> EventStream {
+    let state = (Phase::Start(started, request), in_flight, span);
+    Box::pin(futures::stream::unfold(state, |(phase, in_flight, span)| {
+        let polled = span.clone();
+        next_event(phase).instrument(polled).map(move |next| next.map(|(item, phase)| (item, (phase, in_flight, span))))
     }))
 }
 
+/// The next item of a response stream and the phase after it; `None` once done.
+async fn next_event(phase: Phase) -> Option<(Result<pb::GenerateEvent, Status>, Phase)> {
+    match phase {
+        Phase::Start(started, request) => Some((Ok(started), Phase::Streaming(request))),
+        Phase::Streaming(mut request) => match request.recv().await? {
+            EngineEvent::Delta(d) => Some((Ok(convert::delta_event(d)), Phase::Streaming(request))),
+            EngineEvent::Finished { usage, timings } => {
+                Some((Ok(convert::finished_event(usage, timings)), Phase::Done))
+            }
+            EngineEvent::Failed(message) => {
+                tracing::warn!(%message, "request failed in the engine");
+                Some((Err(Status::internal(message)), Phase::Done))
+            }
+        },
+        Phase::Done => None,
+    }
+}
+
 impl WorkerService {
-    async fn start_generate(&self, req: pb::GenerateRequest) -> Result<EventStream, ServiceError> {
+    async fn start_generate(&self, req: pb::GenerateRequest, span: Span) -> Result<EventStream, ServiceError> {
         let replica = self.node.replica(&req.replica_id)?;
         let in_flight = replica.track_request();
         let handle = replica.handle().clone();
@@ -133,9 +143,9 @@ impl WorkerService {
         engine_req.n = if req.n == 0 { 1 } else { req.n as usize };
         engine_req.skip_special_tokens = req.skip_special_tokens;
         let stream = handle.generate(engine_req).await?;
-        tracing::debug!(request_id = %req.request_id, replica_id = %req.replica_id, prompt_tokens, "request queued");
+        tracing::debug!(prompt_tokens, "request queued");
         let started = convert::started_event(prompt_tokens, want_text.then_some(encoded));
-        Ok(event_stream(started, stream, in_flight))
+        Ok(event_stream(started, stream, in_flight, span))
     }
 }
 
@@ -167,7 +177,13 @@ impl pb::worker_server::Worker for WorkerService {
     type GenerateStream = EventStream;
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<EventStream>, Status> {
-        Ok(Response::new(self.start_generate(request.into_inner()).await?))
+        let req = request.into_inner();
+        let span = tracing::info_span!("request", request_id = %req.request_id, replica = %req.replica_id);
+        let stream = self.start_generate(req, span.clone()).instrument(span.clone()).await;
+        if let Err(e) = &stream {
+            span.in_scope(|| tracing::debug!(error = %e, "request refused"));
+        }
+        Ok(Response::new(stream?))
     }
 
     async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortReply>, Status> {

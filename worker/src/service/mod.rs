@@ -1,6 +1,8 @@
 //! The worker's side of the head <-> worker protocol (`lumen_proto::v1`): the replicas this
 //! process hosts ([`WorkerNode`]), the tonic `Worker` service over them ([`serve_worker`]), and
-//! the task that registers with the head and streams heartbeats ([`registration`]).
+//! the task that registers with the head and streams heartbeats ([`registration`]), the
+//! worker's own Prometheus `/metrics` ([`metrics_http`]) and the periodic engine log line
+//! ([`stats_log`]).
 //!
 //! Contracts:
 //! - Errors reach the head as gRPC statuses, mapped from [`ServiceError`] in exactly one place
@@ -18,9 +20,11 @@
 pub mod convert;
 pub mod grpc;
 pub mod health;
+pub mod metrics_http;
 pub mod node;
 pub mod registration;
 pub mod resources;
+pub mod stats_log;
 
 use std::sync::Arc;
 
@@ -30,9 +34,11 @@ use tonic::metadata::MetadataValue;
 use crate::WorkerError;
 
 pub use grpc::{WorkerService, serve_worker};
+pub use metrics_http::serve_metrics;
 pub use node::{Replica, WorkerNode};
 pub use registration::{RegistrationConfig, RegistrationError, run_registration, spawn_registration};
 pub use resources::detect_resources;
+pub use stats_log::spawn_stats_logger;
 
 /// The gRPC metadata key that names the offending request parameter of an `INVALID_ARGUMENT`.
 pub const PARAM_METADATA_KEY: &str = "lumen-param";

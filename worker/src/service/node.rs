@@ -141,6 +141,16 @@ impl WorkerNode {
         replica_id: &str,
         options: EngineOptions,
     ) -> Result<pb::ReplicaInfo, ServiceError> {
+        self.start(replica_id, options, String::new()).await
+    }
+
+    /// [`Self::start_replica`]; `options_json` (what the head sent) is echoed in the info.
+    async fn start(
+        &self,
+        replica_id: &str,
+        options: EngineOptions,
+        options_json: String,
+    ) -> Result<pb::ReplicaInfo, ServiceError> {
         if replica_id.is_empty() {
             return Err(ServiceError::invalid("replica_id", "must not be empty"));
         }
@@ -157,7 +167,7 @@ impl WorkerNode {
                 None => {
                     let (tx, rx) = watch::channel(None);
                     slots.insert(replica_id.to_string(), Slot::Starting(rx.clone()));
-                    tokio::spawn(self.clone().load(replica_id.to_string(), options, tx));
+                    tokio::spawn(self.clone().load(replica_id.to_string(), options, options_json, tx));
                     rx
                 }
             }
@@ -181,14 +191,20 @@ impl WorkerNode {
         options_json: &str,
     ) -> Result<pb::ReplicaInfo, ServiceError> {
         let options = super::convert::engine_options(options_json)?;
-        self.start_replica(replica_id, options).await
+        self.start(replica_id, options, options_json.to_string()).await
     }
 
     /// The load task: builds the engine off the runtime, starts it, publishes the outcome.
-    async fn load(self, replica_id: String, options: EngineOptions, tx: watch::Sender<StartOutcome>) {
+    async fn load(
+        self,
+        replica_id: String,
+        options: EngineOptions,
+        options_json: String,
+        tx: watch::Sender<StartOutcome>,
+    ) {
         let started = Instant::now();
         tracing::info!(replica_id, model = %options.model, "loading replica");
-        let outcome = self.build(&replica_id, options).await.map(Arc::new).map_err(Arc::new);
+        let outcome = self.build(&replica_id, options, options_json).await.map(Arc::new).map_err(Arc::new);
         {
             let mut slots = self.slots();
             match &outcome {
@@ -205,7 +221,12 @@ impl WorkerNode {
         let _ = tx.send(Some(outcome));
     }
 
-    async fn build(&self, replica_id: &str, options: EngineOptions) -> Result<Replica, WorkerError> {
+    async fn build(
+        &self,
+        replica_id: &str,
+        options: EngineOptions,
+        engine_options_json: String,
+    ) -> Result<Replica, WorkerError> {
         let opts = options.clone();
         let core = tokio::task::spawn_blocking(move || build_engine(&opts))
             .await
@@ -220,6 +241,7 @@ impl WorkerNode {
             description: handle.description().to_string(),
             state: pb::ReplicaState::Running as i32,
             message: String::new(),
+            engine_options_json,
         };
         Ok(Replica {
             handle,
