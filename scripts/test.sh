@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 ./scripts/fetch-model.sh
 ./scripts/python-env.sh
 ./scripts/browser-env.sh
+./scripts/k8s-tools.sh
 cargo test --release --workspace --all-targets "$@"
