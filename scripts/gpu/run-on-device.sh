@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (through the device tool, from the repository root) what
 # scripts/gpu/build.sh packed: the GPU kernel tests, the greedy check against the CPU path on
-# SmolLM2, the device-to-device copy bandwidth and the single-stream decode of a
-# Llama-3.1-8B-shaped model with dummy weights; prints a table last.
+# SmolLM2, the device-to-device copy bandwidth, decode of a Llama-3.1-8B-shaped model with dummy
+# weights at 1, 8 and 32 streams (`bench`), and the full server at concurrency 1-256 with its
+# start-up time (`serve`); prints a table last.
 #
-#   bash scripts/gpu/run-on-device.sh [tests] [bench] [parity] [profile]  (default: the first three)
+#   bash scripts/gpu/run-on-device.sh [tests] [bench] [parity] [profile] [profile-attention] [serve]
+#                                                                        (default: the first three)
 #
 # carry: gpu-pack (binaries, tokenizer, first half of the GGUF). The GGUF's second half comes in
 # a second call carrying gpu-smol (the machine keeps /tmp/lumen-gpu between warm calls):
-#   call 1: bash scripts/gpu/run-on-device.sh tests bench      carry [gpu-pack]
+#   call 1: bash scripts/gpu/run-on-device.sh tests bench serve   carry [gpu-pack]
 #   call 2: bash scripts/gpu/run-on-device.sh parity           carry [gpu-smol]
 # Logs and JSON go to /tmp/lumen-gpu/out, packed into $OUT/lumen-gpu-logs.tgz when $OUT is set
 # (the device tool's output folder).
@@ -58,7 +60,7 @@ PY
 row "device-to-device copy (GB/s, median of 20)" "${bandwidth:-failed}"
 
 if [[ " $steps " == *" tests "* ]]; then
-    "$work/worker-tests" --test-threads=1 kernels::cuda model::llama_cuda::memory 2>&1 | tee "$out/kernel-tests.log"
+    "$work/worker-tests" --test-threads=1 kernels::cuda model::llama_cuda::memory sampling:: 2>&1 | tee "$out/kernel-tests.log"
     row "GPU kernel tests (vs CPU references)" "$(grep -E '^test result' "$out/kernel-tests.log" | tail -1)"
 fi
 
@@ -73,7 +75,7 @@ if [[ " $steps " == *" parity "* ]]; then
     fi
 fi
 
-if [[ " $steps " == *" bench "* || " $steps " == *" profile "* ]]; then
+if [[ " $steps " == *" bench "* || " $steps " == *" profile"* || " $steps " == *" serve "* ]]; then
     mkdir -p "$model"
     cp "$work"/llama3.1-tokenizer/tokenizer*.json "$model/"
     cat > "$model/config.json" <<'JSON'
@@ -106,6 +108,26 @@ PY
     while read -r line; do table+=("$line"); done < "$out/ncu-summary.txt"
 fi
 
+if [[ " $steps " == *" profile-attention "* ]]; then
+    # Nsight Compute on the decode attention kernel of 32 streams (512-token prompts): time, DRAM
+    # and SM throughput and achieved occupancy of a few steady launches.
+    ncu --clock-control none --csv --kernel-name regex:paged_attention_bf16 --launch-skip 960 --launch-count 4 \
+        --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size,lts__t_sector_hit_rate.pct \
+        "$work/lumen" bench offline --model "$model" --load-format dummy --device cuda --max-model-len 4096 \
+        --input-len 512 --output-len 64 --num-prompts 32 --concurrency 32 > "$out/ncu-attention.csv" 2> "$out/ncu-attention.log"
+    python3 - "$out/ncu-attention.csv" > "$out/ncu-attention.txt" <<'PY'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+head = rows[0]; n, m, v = head.index("ID"), head.index("Metric Name"), head.index("Metric Value")
+per = {}
+for r in rows[1:]:
+    per.setdefault(r[n], []).append(f"{r[m].split('.')[0].replace('__', ':')}={r[v]}")
+for k, vals in per.items():
+    print(f"  attention launch {k}: " + " ".join(vals))
+PY
+    while read -r line; do table+=("$line"); done < "$out/ncu-attention.txt"
+fi
+
 if [[ " $steps " == *" bench "* ]]; then
     bench() {  # name, then lumen bench offline arguments
         local name=$1; shift
@@ -122,14 +144,17 @@ if [[ " $steps " == *" bench "* ]]; then
     bench decode-c1-cold --input-len 128 --output-len 64 --num-prompts 1 --concurrency 1
     bench decode-c1 --input-len 128 --output-len 512 --num-prompts 3 --concurrency 1
     LUMEN_CUDA_OP_TIMING=1 bench decode-c1-ops --input-len 128 --output-len 300 --num-prompts 1 --concurrency 1
+    LUMEN_CUDA_SPLIT_MERGE=launch bench decode-c1-merge-launch --input-len 128 --output-len 512 --num-prompts 3 --concurrency 1
+    bench decode-c8 --input-len 512 --output-len 256 --num-prompts 16 --concurrency 8
     bench decode-c32 --input-len 512 --output-len 256 --num-prompts 64 --concurrency 32
+    LUMEN_CUDA_OP_TIMING=1 bench decode-c32-ops --input-len 512 --output-len 256 --num-prompts 32 --concurrency 32
     python3 - "$out" "${bandwidth:-0}" > "$out/bench-summary.txt" <<'PY'
 import json, sys, os
 out, bw = sys.argv[1], float(sys.argv[2]) * 1e9
 # Llama-3.1-8B in BF16: all weights, and what one decode step reads (all but the embeddings).
 total = 2 * (2 * 128256 * 4096 + 32 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336) + 33 * 4096)
 streamed = total - 2 * 128256 * 4096
-for name in ["decode-c1-cold", "decode-c1", "decode-c1-ops", "decode-c32"]:
+for name in ["decode-c1-cold", "decode-c1", "decode-c1-ops", "decode-c1-merge-launch", "decode-c8", "decode-c32"]:
     p = os.path.join(out, name + ".json")
     if not os.path.exists(p):
         print(f"{name:44s} failed"); continue
@@ -147,6 +172,70 @@ PY
     row "decode step, c=1 (mean)" "${timing:-?}"
     ops=$(grep -h 'decode step timing' "$out/decode-c1-ops.log" | tail -1 | grep -oE 'ops_ms=.*$')
     row "decode step GPU ms by op (events), c=1" "${ops:-?}"
+    for name in decode-c8 decode-c32; do
+        timing=$(grep -h 'decode step timing' "$out/$name.log" | tail -1 | grep -oE '(wall|host|gpu)_ms=[0-9.]+' | tr '\n' ' ')
+        row "decode step, ${name#decode-} (mean)" "${timing:-?}"
+    done
+    ops=$(grep -h 'decode step timing' "$out/decode-c32-ops.log" | tail -1 | grep -oE 'ops_ms=.*$')
+    row "decode step GPU ms by op (events), c=32" "${ops:-?}"
+fi
+
+if [[ " $steps " == *" serve "* ]]; then
+    # The full server: `lumen serve` (head + in-process worker) on the 8B shape, driven over HTTP
+    # by `lumen bench serve` (512 in / 256 out, ignore_eos, greedy) at each concurrency; first the
+    # time from process start to the first served token.
+    port=8100
+    SERVE_FLAGS=${SERVE_FLAGS:---max-num-seqs 256 --max-num-batched-tokens 8192}
+    python3 - "$work/lumen" "$model" "$port" "$out/serve.log" $SERVE_FLAGS > "$out/serve-start.txt" <<'PY' &
+import json, subprocess, sys, time, urllib.request
+lumen, model, port, log = sys.argv[1:5]
+started = time.time()
+proc = subprocess.Popen([lumen, "serve", "--model", model, "--served-model-name", "llama-8b", "--load-format", "dummy",
+                         "--device", "cuda", "--max-model-len", "4096", "--port", port, "--dashboard-port", "0",
+                         "--grpc-port", "0", *sys.argv[5:]], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+for line in proc.stdout:
+    if '"event":"ready"' in line.replace(" ", ""):
+        break
+ready = time.time()
+body = json.dumps({"model": "llama-8b", "prompt": "Hello", "max_tokens": 1, "temperature": 0}).encode()
+req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+try:
+    urllib.request.urlopen(req, timeout=600).read()
+except Exception as e:
+    print(f"failed: {e} (exit {proc.poll()}; see serve.log)", flush=True)
+    print(proc.pid, flush=True)
+    proc.kill()
+    sys.exit(1)
+first = time.time()
+print(f"ready {ready - started:.2f} s, first token {first - started:.2f} s", flush=True)
+print(proc.pid, flush=True)
+proc.stdout.read()  # keep the pipe drained until the server is stopped
+PY
+    starter=$!
+    for _ in $(seq 240); do [ "$(wc -l < "$out/serve-start.txt")" -ge 2 ] && break; sleep 0.5; done
+    row "serve: process start -> ready / first token" "$(head -1 "$out/serve-start.txt")"
+    server=$(sed -n 2p "$out/serve-start.txt")
+    grep -q '^failed' "$out/serve-start.txt" && tail -20 "$out/serve.log"
+    for c in ${SERVE_CONCURRENCY:-1 8 32 128 256}; do
+        n=$((c < 8 ? 8 : (c < 128 ? 4 * c : 2 * c)))
+        timeout 150 "$work/lumen" bench serve --base-url "http://127.0.0.1:$port" --model llama-8b \
+            --input-len 512 --output-len 256 --num-prompts "$n" --concurrency "$c" --json "$out/serve-c$c.json" \
+            > "$out/serve-c$c.txt" 2>&1
+        echo "== serve c=$c (exit $?)"; tail -25 "$out/serve-c$c.txt"
+        line=$(python3 - "$out/serve-c$c.json" <<'PY' 2>/dev/null
+import json, sys
+r = json.load(open(sys.argv[1]))
+t, i = r["ttft_ms"], r["itl_ms"]
+print(f"{r['output_tokens_per_s']:7.0f} tok/s  TTFT p50/p99 {t['p50']:6.0f}/{t['p99']:6.0f} ms  "
+      f"ITL p50/p99 {i['p50']:5.1f}/{i['p99']:6.1f} ms  TPOT {r['tpot_ms']['mean']:5.1f} ms  failed {r['failed']}")
+PY
+)
+        row "serve c=$c ($n x 512/256)" "${line:-failed}"
+    done
+    timing=$(grep -h 'decode step timing' "$out/serve.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -1 | grep -oE '(wall|host|gpu)_ms=[0-9.]+' | tr '\n' ' ')
+    row "serve: last logged decode step" "${timing:-?}"
+    [ -n "$server" ] && kill "$server" 2>/dev/null
+    wait "$starter" 2>/dev/null
 fi
 
 [ -n "${OUT:-}" ] && tar -C "$work" -czf "$OUT/lumen-gpu-logs.tgz" out

@@ -17,10 +17,14 @@ use super::request::{
 };
 use super::stats::{EngineHistograms, EngineStats, RateMeter};
 use crate::model::Model;
+use crate::sampling::reduce::{Reduced, ReducedRows, RowPlan, RowResult};
 use crate::sampling::{Sampled, SamplingParams, SequenceSampler, StopParams};
 use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SeqId, Sequence};
 use crate::tokenizer::{IncrementalDetokenizer, StopStringMatcher, Tokenizer};
 use crate::{Result, TokenId};
+
+#[path = "core_reduce.rs"]
+mod reduce;
 
 struct RequestState {
     tx: UnboundedSender<EngineEvent>,
@@ -61,8 +65,9 @@ pub struct EngineCore {
     prompt_rate: RateMeter,
     generation_rate: RateMeter,
     last_progress: Instant,
-    /// The last step's logits, copied out of the model so sampling can borrow the engine.
-    logits: Vec<f32>,
+    /// The step's row plans (`core_reduce.rs`) and the rows the model returned.
+    plans: Vec<RowPlan>,
+    reduced: ReducedRows,
 }
 
 /// Scheduling knobs of an engine.
@@ -101,7 +106,8 @@ impl EngineCore {
             prompt_rate: RateMeter::new(window),
             generation_rate: RateMeter::new(window),
             last_progress: Instant::now(),
-            logits: Vec::new(),
+            plans: Vec::new(),
+            reduced: ReducedRows::default(),
         }
     }
 
@@ -212,18 +218,20 @@ impl EngineCore {
             }
         }
         let batch = self.scheduler.build_batch(&schedule);
-        let logits = self.model.forward(&batch)?;
-        self.logits.clear();
-        self.logits.extend_from_slice(logits);
+        self.plan_rows(&schedule);
+        self.model.forward_reduced(&batch, &self.plans, &mut self.reduced)?;
         self.scheduler.complete(&schedule);
         self.count_prompt_tokens(&schedule, now);
-        let vocab = self.limits.vocab_size;
-        let mut logits = std::mem::take(&mut self.logits);
+        let mut reduced = std::mem::take(&mut self.reduced);
         let samplers = schedule.seqs.iter().filter(|s| s.samples).map(|s| s.id);
-        for (row, seq) in samplers.enumerate() {
-            self.sample_seq(seq, &mut logits[row * vocab..(row + 1) * vocab]);
+        for (seq, row) in samplers.zip(reduced.rows.iter()) {
+            match row {
+                RowResult::Full(range) => self.sample_seq(seq, &mut reduced.logits[range.clone()]),
+                RowResult::Token(token) => self.sample_reduced(seq, Reduced::Token(*token)),
+                RowResult::TopK(range) => self.sample_reduced(seq, Reduced::TopK(&reduced.candidates[range.clone()])),
+            }
         }
-        self.logits = logits;
+        self.reduced = reduced;
         self.counters.steps_total += 1;
         self.last_progress = Instant::now();
         Ok(true)
@@ -296,12 +304,7 @@ impl EngineCore {
 
     fn sample_with(&self, state: &mut SeqState, req_id: &str, row: &mut [f32]) -> Sampled {
         let req = &self.requests[req_id];
-        let suppress: Vec<TokenId> = if state.generated < req.stop.min_tokens {
-            let eos = if req.stop.ignore_eos { &[][..] } else { self.tokenizer.eos_token_ids() };
-            eos.iter().chain(&req.stop.stop_token_ids).copied().collect()
-        } else {
-            Vec::new()
-        };
+        let suppress = self.suppressed(state, req_id);
         let sampled = state.sampler.sample(row, &req.sampling, &suppress);
         state.sampler.record(sampled.token);
         sampled

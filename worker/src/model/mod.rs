@@ -38,4 +38,25 @@ pub trait Model: Send {
     /// Runs the batch, writing its K/V into the cache; returns `logits_rows.len()` rows of
     /// `vocab_size` logits.
     fn forward(&mut self, batch: &ForwardBatch) -> crate::Result<&[f32]>;
+
+    /// True when [`Model::forward_reduced`] reduces rows where the logits are (worth planning).
+    fn reduces_on_device(&self) -> bool {
+        false
+    }
+
+    /// Runs the batch and returns logits row `i` reduced as `plans[i]` says (see
+    /// `sampling::reduce`); rows without a plan, and every row of a model that does not reduce,
+    /// come back in full.
+    fn forward_reduced(
+        &mut self,
+        batch: &ForwardBatch,
+        plans: &[crate::sampling::reduce::RowPlan],
+        out: &mut crate::sampling::reduce::ReducedRows,
+    ) -> crate::Result<()> {
+        let _ = plans;
+        let vocab = self.config().vocab_size;
+        let logits = self.forward(batch)?;
+        out.set_full(logits, vocab);
+        Ok(())
+    }
 }

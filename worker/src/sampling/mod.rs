@@ -5,9 +5,11 @@
 //! [`SamplingParams`]), calls [`SequenceSampler::sample`] once per step on that sequence's row of
 //! logits and [`SequenceSampler::record`] with every accepted token. `n > 1` choices come from
 //! [`SequenceSampler::fork`] with the choice index as the seed stream. All of it runs on the CPU
-//! over `f32` logits; the row is consumed (modified in place).
+//! over `f32` logits; the row is consumed (modified in place), unless the model reduced the row
+//! on its device first ([`reduce`]: the same result from a token or a few candidates).
 
 mod params;
+pub mod reduce;
 mod row;
 mod sampler;
 mod truncate;

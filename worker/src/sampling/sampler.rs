@@ -30,6 +30,7 @@ use rand_chacha::ChaCha12Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
 use super::SamplingParams;
+use super::reduce::{DEVICE_TOP_K_MAX, Reduced, Reduction, RowPlan, TokenEdit};
 use super::row::{
     argmax, cumulative_pick, exp_in_place, exp_nonpos, log_sum_exp, mask_ranked_below, max_value, sanitize, top_k_into,
 };
@@ -186,16 +187,7 @@ impl SequenceSampler {
         let u = self.uniform();
         if let Some(k) = params.top_k.filter(|&k| k > 0 && k < logits.len()) {
             top_k_into(logits, k, &mut self.kept);
-            let max = self.kept.first().map_or(f32::NEG_INFINITY, |&(_, x)| x);
-            if max == f32::NEG_INFINITY {
-                return None;
-            }
-            let inv_t = 1.0 / params.temperature;
-            for (_, x) in self.kept.iter_mut() {
-                *x = exp_nonpos((*x - max) * inv_t);
-            }
-            top_p_min_p_set(&mut self.kept, params.top_p, params.min_p);
-            return pick(&self.kept, u).map(|id| id as usize);
+            return self.draw_kept(u, params);
         }
         let max = max_value(logits);
         if max == f32::NEG_INFINITY {
@@ -209,6 +201,77 @@ impl SequenceSampler {
             total = mask_ranked_below(logits, cut, params.min_p);
         }
         cumulative_pick(logits, u * total)
+    }
+
+    /// The top-k draw from the ranked candidates in `self.kept`: weights relative to the best,
+    /// top-p and min-p within them, then `u`'s pick.
+    fn draw_kept(&mut self, u: f64, params: &SamplingParams) -> Option<usize> {
+        let max = self.kept.first().map_or(f32::NEG_INFINITY, |&(_, x)| x);
+        if max == f32::NEG_INFINITY {
+            return None;
+        }
+        let inv_t = 1.0 / params.temperature;
+        for (_, x) in self.kept.iter_mut() {
+            *x = exp_nonpos((*x - max) * inv_t);
+        }
+        top_p_min_p_set(&mut self.kept, params.top_p, params.min_p);
+        pick(&self.kept, u).map(|id| id as usize)
+    }
+
+    /// How a device can reduce this sequence's next row exactly (see `reduce`): the argmax for
+    /// greedy rows, the `top_k` best for top-k sampling up to [`DEVICE_TOP_K_MAX`], after this
+    /// step's penalties, bias and `suppress` as per-token edits; `Full` for anything else
+    /// (logprobs, sampling over the whole vocabulary, repeated `logit_bias` ids).
+    pub fn plan_row(&self, params: &SamplingParams, suppress: &[TokenId]) -> RowPlan {
+        let reduction = match params.top_k {
+            _ if params.logprobs.is_some() => return RowPlan::full(),
+            _ if is_greedy(params) => Reduction::Argmax,
+            Some(k) if k > 0 && k <= DEVICE_TOP_K_MAX && k < self.vocab_size => Reduction::TopK(k),
+            _ => return RowPlan::full(),
+        };
+        let mut edits: HashMap<TokenId, TokenEdit> = HashMap::new();
+        let in_vocab = |t: TokenId| (t as usize) < self.vocab_size;
+        if let Some(history) = &self.history {
+            let rep = params.repetition_penalty;
+            for (&token, &count) in history.counts.iter().filter(|(t, _)| in_vocab(**t)) {
+                let edit = edits.entry(token).or_insert_with(|| TokenEdit::new(token));
+                edit.repetition = (rep != 1.0).then_some(rep);
+                edit.subtract =
+                    (count > 0).then_some(params.frequency_penalty * count as f32 + params.presence_penalty);
+            }
+        }
+        for &(token, bias) in params.logit_bias.iter().filter(|(t, _)| in_vocab(*t)) {
+            let edit = edits.entry(token).or_insert_with(|| TokenEdit::new(token));
+            if edit.bias.is_some() {
+                // Two additions in a row round differently from one: leave it to the host.
+                return RowPlan::full();
+            }
+            edit.bias = Some(bias);
+        }
+        for &token in suppress.iter().filter(|&&t| in_vocab(t)) {
+            edits.entry(token).or_insert_with(|| TokenEdit::new(token)).suppress = true;
+        }
+        RowPlan { reduction, edits: edits.into_values().collect() }
+    }
+
+    /// Chooses the next token from a row the device reduced as `plan_row` planned, exactly as
+    /// `sample` would from the full row (the same RNG draw). `suppress` must be the one given to
+    /// `plan_row`. Never reports logprobs (rows that want them are planned `Full`).
+    pub fn sample_reduced(&mut self, reduced: Reduced<'_>, params: &SamplingParams, suppress: &[TokenId]) -> Sampled {
+        let chosen = match reduced {
+            Reduced::Token(token) => token.map(|t| t as usize),
+            Reduced::TopK(candidates) => {
+                let u = self.uniform();
+                self.kept.clear();
+                self.kept.extend_from_slice(candidates);
+                self.draw_kept(u, params)
+            }
+        };
+        let token = match chosen {
+            Some(i) => i as TokenId,
+            None => fallback_token(self.vocab_size, suppress),
+        };
+        Sampled { token, logprob: 0.0, top_logprobs: Vec::new() }
     }
 
     /// Uniform in [0, 1) with 53 random bits.

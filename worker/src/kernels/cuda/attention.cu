@@ -26,12 +26,75 @@ constexpr int ROWS_PER_WARP = ROWS / WARPS;
 constexpr int CHUNK = 32;
 }  // namespace
 
+// Merges the partials of the splits of the (tile, head group) of blockIdx.x, blockIdx.y: run by
+// the last split's CTA of the attention launch, or by a launch of its grid without the z
+// dimension. Partials are read past L1 (__ldcg): other multiprocessors wrote them.
+template <typename T, int D>
+__device__ void combine_tile(T* __restrict__ out, const float* __restrict__ part_acc,
+                                        const float* __restrict__ part_ml, int out_stride,
+                                        const int* __restrict__ tiles, const int* __restrict__ seqs, int ratio,
+                                        int heads_per_cta, int splits) {
+    constexpr int DL = D / 32;
+    const int groups = ratio / heads_per_cta;
+    const int head0 = (blockIdx.y / groups) * ratio + (blockIdx.y % groups) * heads_per_cta;
+    const int* tile = tiles + blockIdx.x * 4;
+    const int query_start = seqs[tile[0] * 4];
+    const int first = tile[1], rows = tile[2] * heads_per_cta;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t base = (size_t)(blockIdx.x * gridDim.y + blockIdx.y) * splits * ROWS;
+    for (int r = warp; r < rows; r += WARPS) {
+        float m = -INFINITY;
+        for (int s = 0; s < splits; ++s) m = fmaxf(m, __ldcg(part_ml + (base + s * ROWS + r) * 2));
+        float sum = 0.f, o[DL];
+#pragma unroll
+        for (int j = 0; j < DL; ++j) o[j] = 0.f;
+        for (int s = 0; s < splits; ++s) {
+            const size_t slot = base + s * ROWS + r;
+            const float ms = __ldcg(part_ml + slot * 2);
+            if (ms == -INFINITY) continue;  // a split with nothing visible
+            const float w = expf(ms - m);
+            sum += w * __ldcg(part_ml + slot * 2 + 1);
+#pragma unroll
+            for (int j = 0; j < DL; ++j) o[j] += w * __ldcg(part_acc + slot * D + lane + 32 * j);
+        }
+        const int token = query_start + first + r / heads_per_cta, head = head0 + r % heads_per_cta;
+        T* dst = out + (size_t)token * out_stride + head * D;
+#pragma unroll
+        for (int j = 0; j < DL; ++j) dst[lane + 32 * j] = from_float<T>(o[j] / sum);
+    }
+}
+
+// After a split CTA wrote its partials (every thread calls this): the last split of this
+// (tile, head group) to finish merges them, so no second launch is needed. Nothing to do
+// without a split or without counters (the host then launches paged_attention_combine).
+template <typename T, int D>
+__device__ void merge_if_last(T* __restrict__ out, const float* __restrict__ part_acc,
+                              const float* __restrict__ part_ml, int out_stride, const int* __restrict__ tiles,
+                              const int* __restrict__ seqs, int ratio, int heads_per_cta,
+                              unsigned int* __restrict__ counters) {
+    const int splits = gridDim.z;
+    if (splits == 1 || counters == nullptr) return;
+    __shared__ bool last;
+    __threadfence();  // this CTA's partials are visible device-wide before its ticket is
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int* counter = counters + blockIdx.x * gridDim.y + blockIdx.y;
+        last = atomicAdd(counter, 1u) == (unsigned int)(splits - 1);
+        if (last) *counter = 0;  // ready for the next launch
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    combine_tile<T, D>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio, heads_per_cta, splits);
+}
+
 template <typename T, int D>
 __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_acc, float* __restrict__ part_ml,
                                 const T* __restrict__ q, int q_stride, int out_stride, const T* __restrict__ k_cache,
                                 const T* __restrict__ v_cache, const int* __restrict__ tiles,
                                 const int* __restrict__ seqs, const int* __restrict__ tables, int kv_heads, int ratio,
-                                int heads_per_cta, int block_size, int chunks_per_split, float scale) {
+                                int heads_per_cta, int block_size, int chunks_per_split, float scale,
+                                unsigned int* __restrict__ counters) {
     constexpr int DL = D / 32;  // values of a row per lane
     constexpr int PER_VEC = 16 / sizeof(T);  // elements per 16-byte load
     constexpr int VECS_PER_ROW = D / PER_VEC;
@@ -171,59 +234,24 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_ac
             }
         }
     }
+    merge_if_last<T, D>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio, heads_per_cta, counters);
 }
 
-// Merges the partials of the splits of each (tile, head group): same grid as the attention
-// launch without the z dimension.
-template <typename T, int D>
-__device__ void paged_attention_combine(T* __restrict__ out, const float* __restrict__ part_acc,
-                                        const float* __restrict__ part_ml, int out_stride,
-                                        const int* __restrict__ tiles, const int* __restrict__ seqs, int ratio,
-                                        int heads_per_cta, int splits) {
-    constexpr int DL = D / 32;
-    const int groups = ratio / heads_per_cta;
-    const int head0 = (blockIdx.y / groups) * ratio + (blockIdx.y % groups) * heads_per_cta;
-    const int* tile = tiles + blockIdx.x * 4;
-    const int query_start = seqs[tile[0] * 4];
-    const int first = tile[1], rows = tile[2] * heads_per_cta;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const size_t base = (size_t)(blockIdx.x * gridDim.y + blockIdx.y) * splits * ROWS;
-    for (int r = warp; r < rows; r += WARPS) {
-        float m = -INFINITY;
-        for (int s = 0; s < splits; ++s) m = fmaxf(m, part_ml[(base + s * ROWS + r) * 2]);
-        float sum = 0.f, o[DL];
-#pragma unroll
-        for (int j = 0; j < DL; ++j) o[j] = 0.f;
-        for (int s = 0; s < splits; ++s) {
-            const size_t slot = base + s * ROWS + r;
-            const float ms = part_ml[slot * 2];
-            if (ms == -INFINITY) continue;  // a split with nothing visible
-            const float w = expf(ms - m);
-            sum += w * part_ml[slot * 2 + 1];
-#pragma unroll
-            for (int j = 0; j < DL; ++j) o[j] += w * part_acc[slot * D + lane + 32 * j];
-        }
-        const int token = query_start + first + r / heads_per_cta, head = head0 + r % heads_per_cta;
-        T* dst = out + (size_t)token * out_stride + head * D;
-#pragma unroll
-        for (int j = 0; j < DL; ++j) dst[lane + 32 * j] = from_float<T>(o[j] / sum);
-    }
-}
-
-#define LUMEN_ATTENTION(T, SUFFIX, D)                                                                           \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                       \
-        paged_attention_##SUFFIX##_d##D(T* out, float* part_acc, float* part_ml, const T* q, int q_stride,      \
-                                        int out_stride, const T* k_cache, const T* v_cache, const int* tiles,   \
-                                        const int* seqs, const int* tables, int kv_heads, int ratio,            \
-                                        int heads_per_cta, int block_size, int chunks_per_split, float scale) { \
-        paged_attention<T, D>(out, part_acc, part_ml, q, q_stride, out_stride, k_cache, v_cache, tiles, seqs,   \
-                              tables, kv_heads, ratio, heads_per_cta, block_size, chunks_per_split, scale);     \
-    }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(THREADS) paged_attention_combine_##SUFFIX##_d##D(              \
+#define LUMEN_ATTENTION(T, SUFFIX, D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
+        paged_attention_##SUFFIX##_d##D(T* out, float* part_acc, float* part_ml, const T* q, int q_stride,     \
+                                        int out_stride, const T* k_cache, const T* v_cache, const int* tiles,  \
+                                        const int* seqs, const int* tables, int kv_heads, int ratio,           \
+                                        int heads_per_cta, int block_size, int chunks_per_split, float scale,  \
+                                        unsigned int* counters) {                                              \
+        paged_attention<T, D>(out, part_acc, part_ml, q, q_stride, out_stride, k_cache, v_cache, tiles, seqs,  \
+                              tables, kv_heads, ratio, heads_per_cta, block_size, chunks_per_split, scale,     \
+                              counters);                                                                       \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(THREADS) paged_attention_combine_##SUFFIX##_d##D(             \
         T* out, const float* part_acc, const float* part_ml, int out_stride, const int* tiles, const int* seqs, \
-        int ratio, int heads_per_cta, int splits) {                                                             \
-        paged_attention_combine<T, D>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio, heads_per_cta,    \
-                                      splits);                                                                  \
+        int ratio, int heads_per_cta, int splits) {                                                            \
+        combine_tile<T, D>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio, heads_per_cta, splits);      \
     }
 
 LUMEN_ATTENTION(float, f32, 64)

@@ -3,9 +3,10 @@
 //!
 //! A tile is up to [`ROWS`] (token, query head) rows of one sequence sharing one KV head, so the
 //! K/V of each chunk of positions is read once for all of them. When the tiles alone would leave
-//! most multiprocessors idle (decode of few sequences), the context is split across CTAs and a
-//! second kernel merges the partial softmax sums. Unlike the CPU kernels, results may therefore
-//! differ in the last bits with the batch's composition.
+//! most multiprocessors idle (decode of few sequences), the context is split across CTAs and the
+//! last CTA of each split group merges the partial softmax sums (a second kernel does when
+//! `LUMEN_CUDA_SPLIT_MERGE=launch`, the earlier scheme). Unlike the CPU kernels, results may
+//! therefore differ in the last bits with the batch's composition.
 
 use candle_core::{DType, Tensor};
 
@@ -20,7 +21,7 @@ pub const ROWS: usize = 16;
 pub const CHUNK: usize = 32;
 const THREADS: u32 = 128;
 /// CTAs per multiprocessor the split aims for (shared memory allows five).
-const CTAS_PER_SM: usize = 4;
+pub const CTAS_PER_SM: usize = 4;
 
 /// The attention work of one step, with its descriptors in the step's [`HostPack`].
 #[derive(Clone, Debug)]
@@ -41,11 +42,11 @@ impl AttentionPlan {
     /// Plans attention for `seqs` (the step's sequences, as the engine packed them) with
     /// `heads` query heads over `kv_heads` KV heads, on a device of `num_sms` multiprocessors.
     pub fn new(pack: &mut HostPack, seqs: &[BatchSeq], heads: usize, kv_heads: usize, num_sms: usize) -> Result<Self> {
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(WorkerError::ModelConfig(format!("{heads} heads do not group over {kv_heads} KV heads")));
         }
         let ratio = heads / kv_heads;
-        let heads_per_cta = (1..=ratio.min(ROWS)).rev().find(|d| ratio % d == 0).unwrap_or(1);
+        let heads_per_cta = (1..=ratio.min(ROWS)).rev().find(|d| ratio.is_multiple_of(*d)).unwrap_or(1);
         let tokens_per_tile = ROWS / heads_per_cta;
         let mut descriptors = Vec::new();
         let mut tables = Vec::new();
@@ -119,7 +120,7 @@ impl CudaKernels {
                 plan.heads
             )));
         }
-        if (width * self.dtype.size_in_bytes()) % 16 != 0 || device_ptr(q)? % 16 != 0 {
+        if !(width * self.dtype.size_in_bytes()).is_multiple_of(16) || !device_ptr(q)?.is_multiple_of(16) {
             return Err(WorkerError::Engine("cuda attention: q rows must be 16-byte aligned".into()));
         }
         let out = self.alloc((tokens, out_width))?;
@@ -140,6 +141,10 @@ impl CudaKernels {
         let acc_ptr = part_acc.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
         let ml_ptr = part_ml.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
         let ratio = plan.heads / plan.kv_heads;
+        // The last split merges in the attention launch itself when there is a zeroed counter
+        // for every (tile, head group); otherwise a second launch merges.
+        let merge_in_place = plan.splits > 1 && self.merge_splits && grid_xy.0 * grid_xy.1 <= self.split_counter_len;
+        let counters = if merge_in_place { device_ptr(&self.split_counters)? } else { 0 };
         // SAFETY: the descriptors in `meta` were built by `plan` for these sequences (the caller
         // checked block tables and contexts against the cache); q/out rows are as checked above;
         // partial buffers hold every (tile, group, split, row) slot.
@@ -148,8 +153,8 @@ impl CudaKernels {
             int("out_stride", out_width)?, device_ptr(k_cache)?, device_ptr(v_cache)?,
             meta.ptr(plan.tiles), meta.ptr(plan.seqs), meta.ptr(plan.tables), int("kv_heads", plan.kv_heads)?,
             int("ratio", ratio)?, int("heads_per_cta", plan.heads_per_cta)?, int("block_size", block_size)?,
-            int("chunks_per_split", plan.chunks_per_split)?, scale)?;
-        if plan.splits > 1 {
+            int("chunks_per_split", plan.chunks_per_split)?, scale, counters)?;
+        if plan.splits > 1 && !merge_in_place {
             // SAFETY: as above; the partials were all written by the launch before.
             launch!(self.stream, &self.attention_combine, grid((grid_xy.0, grid_xy.1, 1), THREADS);
                 device_ptr(&out)?, acc_ptr, ml_ptr, int("out_stride", out_width)?, meta.ptr(plan.tiles),

@@ -1,9 +1,10 @@
 // Skinny matrix products for decode: y[m, n] = x[m, k] · W[n, k]ᵀ for m <= MAX_M tokens.
 //
 // Decode is memory-bound: a step must stream every weight once, so what matters is reading W at
-// full bandwidth. One warp computes one output feature for all m tokens: its lanes walk the
-// weight row with 16-byte loads (UNROLL of them in flight per lane), multiply each load with the
-// m activation rows (small, read through the cache), and reduce across the warp at the end.
+// full bandwidth. One warp computes R output features (1, 2 or 4, growing with m; see Shape) for
+// all m tokens: its lanes walk the R weight rows with 16-byte loads (several in flight per lane),
+// multiply them with the m activation rows (small, read through the cache), and reduce across
+// the warp at the end.
 // W is row-major [n, k] (a linear layer's Hugging Face layout), k a multiple of 8 (bf16) or 4
 // (f32) and rows 16-byte aligned; accumulation is f32.
 #include "common.cuh"
@@ -24,49 +25,72 @@ struct Vec16 {
     }
 };
 
+// Output features per warp for m tokens: each activation load then serves R weight rows, which
+// keeps the activation traffic (L1/L2) under the weight stream once m grows (at m = 8 and one row
+// per warp it was 8 activation loads per weight load, and the step took twice as long as at m = 1).
+template <int M>
+struct Shape {
+    static constexpr int R = M >= 4 ? 4 : (M >= 2 ? 2 : 1);
+    static constexpr int U = R == 1 ? UNROLL : 2;  // 16-byte weight loads in flight per row
+};
+
 template <typename T, int M>
 __device__ void gemv(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y, int n, int k) {
     constexpr int N = Vec16<T>::N;
+    constexpr int R = Shape<M>::R, U = Shape<M>::U;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int row = blockIdx.x * WARPS + warp;
-    if (row >= n) return;
-    const uint4* wrow = reinterpret_cast<const uint4*>(w + (size_t)row * k);
+    const int row0 = (blockIdx.x * WARPS + warp) * R;
+    if (row0 >= n) return;
+    const uint4* wrow[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wrow[r] = reinterpret_cast<const uint4*>(w + (size_t)min(row0 + r, n - 1) * k);
     const int vecs = k / N;  // 16-byte vectors per row
-    float acc[M];
+    float acc[R][M];
 #pragma unroll
-    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
     int v = lane;
-    for (; v + 32 * (UNROLL - 1) < vecs; v += 32 * UNROLL) {
-        Vec16<T> wv[UNROLL];
+    for (; v + 32 * (U - 1) < vecs; v += 32 * U) {
+        Vec16<T> wv[R][U];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) wv[u].raw = __ldg(wrow + v + 32 * u);
+        for (int u = 0; u < U; ++u)
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+            for (int r = 0; r < R; ++r) wv[r][u].raw = __ldg(wrow[r] + v + 32 * u);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
 #pragma unroll
             for (int m = 0; m < M; ++m) {
                 Vec16<T> xv;
                 xv.raw = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * k) + v + 32 * u);
 #pragma unroll
-                for (int i = 0; i < N; ++i) acc[m] += wv[u].get(i) * xv.get(i);
+                for (int r = 0; r < R; ++r)
+#pragma unroll
+                    for (int i = 0; i < N; ++i) acc[r][m] += wv[r][u].get(i) * xv.get(i);
             }
         }
     }
     for (; v < vecs; v += 32) {
-        Vec16<T> wv;
-        wv.raw = __ldg(wrow + v);
+        Vec16<T> wv[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) wv[r].raw = __ldg(wrow[r] + v);
 #pragma unroll
         for (int m = 0; m < M; ++m) {
             Vec16<T> xv;
             xv.raw = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * k) + v);
 #pragma unroll
-            for (int i = 0; i < N; ++i) acc[m] += wv.get(i) * xv.get(i);
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int i = 0; i < N; ++i) acc[r][m] += wv[r].get(i) * xv.get(i);
         }
     }
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-        const float s = warp_sum(acc[m]);
-        if (lane == 0) y[(size_t)m * n + row] = from_float<T>(s);
-    }
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const float s = warp_sum(acc[r][m]);
+            if (lane == 0 && row0 + r < n) y[(size_t)m * n + row0 + r] = from_float<T>(s);
+        }
 }
 
 #define LUMEN_GEMV_M(T, SUFFIX, M)                                                                             \

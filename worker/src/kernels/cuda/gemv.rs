@@ -8,8 +8,19 @@ use crate::{Result, WorkerError};
 
 /// Most token rows the GEMV kernel takes (`gemv_*_m1` .. `gemv_*_m8`).
 pub const GEMV_MAX_ROWS: usize = 8;
-/// Output features per block (warps of the kernel); must match `WARPS` in gemv.cu.
-const ROWS_PER_BLOCK: usize = 8;
+/// Warps per block; must match `WARPS` in gemv.cu.
+const WARPS: usize = 8;
+
+/// Output features per block for `m` token rows: WARPS times the features per warp of
+/// `Shape<M>::R` in gemv.cu.
+fn rows_per_block(m: usize) -> usize {
+    let per_warp = match m {
+        0 | 1 => 1,
+        2 | 3 => 2,
+        _ => 4,
+    };
+    WARPS * per_warp
+}
 
 impl CudaKernels {
     /// `x · Wᵀ` with `x` `[m, k]` and `W` `[n, k]` (a linear layer's Hugging Face layout):
@@ -35,7 +46,7 @@ impl CudaKernels {
         let y = self.alloc((m, n))?;
         // SAFETY: W holds n rows of k, x m rows of k, y m rows of n, all 16-byte aligned with k a
         // whole number of 16-byte vectors (checked above).
-        launch!(self.stream, &self.gemv[m - 1], grid((n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1), 256);
+        launch!(self.stream, &self.gemv[m - 1], grid((n.div_ceil(rows_per_block(m)) as u32, 1, 1), (WARPS * 32) as u32);
             device_ptr(w)?, device_ptr(x)?, device_ptr(&y)?, int("n", n)?, int("k", k)?)?;
         Ok(y)
     }

@@ -13,6 +13,8 @@
 //! - `attention.cu`: paged attention for prefill chunks and decode tokens (causal, varlen,
 //!   grouped-query, split over long contexts).
 //! - `gemv.cu`: linear layers for steps of at most 8 tokens (decode), at memory bandwidth.
+//! - `sample.cu`: the sampler's edits and row reductions (argmax, top-k) over f32 logits, exact
+//!   to the CPU sampler (`sampling::reduce`).
 
 /// Launches a kernel on a stream: `launch!(stream, &func, cfg; arg, arg, ...)`, each argument a
 /// `u64` device address, an `i32` size or an `f32`, in the kernel's parameter order. Expands to
@@ -35,6 +37,9 @@ pub mod attention;
 pub mod gemv;
 pub mod ops;
 pub mod pack;
+pub mod sample;
+#[cfg(test)]
+mod sample_tests;
 #[cfg(test)]
 mod tests;
 
@@ -52,6 +57,7 @@ use crate::{Result, WorkerError};
 const OPS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops.fatbin"));
 const ATTENTION_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin"));
 const GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
+const SAMPLE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sample.fatbin"));
 
 /// Head sizes the attention kernel is instantiated for.
 pub const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
@@ -76,6 +82,15 @@ pub struct CudaKernels {
     attention_combine: CudaFunction,
     /// `gemv[m - 1]` multiplies m token rows.
     gemv: Vec<CudaFunction>,
+    reduce_rows: CudaFunction,
+    /// One zeroed u32 per (tile, head group) of a split attention launch: its last CTA merges
+    /// (see attention.cu) and zeroes it again. Splits happen only below `CTAS_PER_SM` CTAs per
+    /// multiprocessor, so that many counters always suffice.
+    split_counters: Tensor,
+    split_counter_len: u32,
+    /// Merge split attention in the launch itself (default) or in a second launch
+    /// (`LUMEN_CUDA_SPLIT_MERGE=launch`).
+    pub merge_splits: bool,
 }
 
 impl CudaKernels {
@@ -98,7 +113,7 @@ impl CudaKernels {
             ctx.load_module(Ptx::from_binary(bytes.to_vec())).map_err(|e| gpu_error("loading a kernel module", e))
         };
         let (ops, attention) = (load(OPS_FATBIN)?, load(ATTENTION_FATBIN)?);
-        let gemv_module = load(GEMV_FATBIN)?;
+        let (gemv_module, sample) = (load(GEMV_FATBIN)?, load(SAMPLE_FATBIN)?);
         let func = |module: &Arc<CudaModule>, name: String| -> Result<CudaFunction> {
             module.load_function(&name).map_err(|e| gpu_error(&format!("kernel {name}"), e))
         };
@@ -119,6 +134,11 @@ impl CudaKernels {
             gemv: (1..=gemv::GEMV_MAX_ROWS)
                 .map(|m| func(&gemv_module, format!("gemv_{suffix}_m{m}")))
                 .collect::<Result<Vec<_>>>()?,
+            reduce_rows: func(&sample, "reduce_rows".into())?,
+            split_counters: Tensor::zeros(attention::CTAS_PER_SM * num_sms, DType::U32, device)
+                .map_err(|e| gpu_error("allocating split counters", e))?,
+            split_counter_len: (attention::CTAS_PER_SM * num_sms) as u32,
+            merge_splits: std::env::var("LUMEN_CUDA_SPLIT_MERGE").map_or(true, |v| v != "launch"),
             stream,
         })
     }

@@ -118,7 +118,7 @@ impl CudaKernels {
             ));
         }
         let kv_width = kv_heads * self.head_dim;
-        if k_cache.elem_count() != v_cache.elem_count() || k_cache.elem_count() % (kv_width * block_size) != 0 {
+        if k_cache.elem_count() != v_cache.elem_count() || !k_cache.elem_count().is_multiple_of(kv_width * block_size) {
             return Err(mismatch("rotary_and_cache", "caches are not whole blocks of equal size".into()));
         }
         if tokens > 0 {

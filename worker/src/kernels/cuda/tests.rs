@@ -229,8 +229,14 @@ struct AttentionCase {
 /// Runs the GPU kernel and the CPU reference on random queries and caches; returns the
 /// relative error and the plan's split count.
 fn attention_error(case: &AttentionCase, dtype: DType, seed: u64) -> (f64, usize) {
+    attention_error_merging(case, dtype, seed, true)
+}
+
+/// As `attention_error`, with split contexts merged by their last CTA or by a second launch.
+fn attention_error_merging(case: &AttentionCase, dtype: DType, seed: u64, merge_in_place: bool) -> (f64, usize) {
     let dev = device();
-    let k = CudaKernels::load(&dev, dtype, case.head_dim).unwrap();
+    let mut k = CudaKernels::load(&dev, dtype, case.head_dim).unwrap();
+    k.merge_splits = merge_in_place;
     let layout = CacheLayout { block_size: case.block_size, kv_heads: case.kv_heads, head_dim: case.head_dim };
     let blocks_needed: usize = case.seqs.iter().map(|&(ctx, _)| ctx.div_ceil(case.block_size)).sum();
     let num_blocks = blocks_needed + 3;
@@ -271,6 +277,9 @@ fn attention_error(case: &AttentionCase, dtype: DType, seed: u64) -> (f64, usize
     let scale = 1.0 / (case.head_dim as f32).sqrt();
     let out = k.paged_attention(&plan, &meta, &q_dev, &k_cache, &v_cache, case.block_size, scale).unwrap();
     assert_eq!(out.dims(), [tokens, q_width]);
+    // A second launch with the same kernels (and split counters) must give the same result.
+    let again = k.paged_attention(&plan, &meta, &q_dev, &k_cache, &v_cache, case.block_size, scale).unwrap();
+    assert_eq!(download(&again), download(&out), "a repeated launch differs (split counters not reset?)");
     assert!(device_ptr(&out).is_ok());
 
     let k_f16: Vec<f16> = k_vals.iter().map(|&v| f16::from_f32(v)).collect();
@@ -301,9 +310,26 @@ fn paged_decode_attention_matches_the_cpu_and_splits_long_contexts() {
         seqs: vec![(1, 1), (17, 1), (300, 1), (1500, 1)],
     };
     for (i, dtype) in DTYPES.into_iter().enumerate() {
-        let (err, splits) = attention_error(&case, dtype, 100 + i as u64);
-        assert!(splits > 1, "four decode sequences should split the context (got {splits})");
-        assert!(err < tolerance(dtype), "decode attention ({dtype:?}): relative error {err:.2e}");
+        for merge_in_place in [true, false] {
+            let (err, splits) = attention_error_merging(&case, dtype, 100 + i as u64, merge_in_place);
+            assert!(splits > 1, "four decode sequences should split the context (got {splits})");
+            assert!(
+                err < tolerance(dtype),
+                "decode attention ({dtype:?}, merged in place: {merge_in_place}): relative error {err:.2e}"
+            );
+        }
+    }
+    // Many decode sequences (a split of at most 2), SmolLM2's 3 heads per KV head of 64, blocks of 8.
+    let many = AttentionCase {
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        block_size: 8,
+        seqs: (0..150).map(|i| (1 + (i * 37) % 300, 1)).collect(),
+    };
+    for (i, dtype) in DTYPES.into_iter().enumerate() {
+        let (err, splits) = attention_error(&many, dtype, 150 + i as u64);
+        assert!(err < tolerance(dtype), "150 decode sequences ({dtype:?}, {splits} splits): relative error {err:.2e}");
     }
 }
 

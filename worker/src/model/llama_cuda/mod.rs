@@ -6,9 +6,12 @@
 //! with reshape_and_cache -> paged attention -> O matmul -> fused residual add + RMSNorm -> one
 //! matmul for gate and up -> SwiGLU -> down matmul. Matmuls of up to 8 token rows (decode) are
 //! our GEMV, larger ones candle's cuBLAS (f32 accumulation either way); everything else is our
-//! kernels (`kernels::cuda`). The step's small arrays
-//! go to the device in one copy; the logits rows come back in one copy, which is the step's only
-//! synchronisation.
+//! kernels (`kernels::cuda`). The step's small arrays (and the sampler's row plans) go to the
+//! device in one copy. Sampling rows are reduced on the device (`forward_reduced`, see
+//! `sampling::reduce`: the argmax for greedy rows, the k best for top-k rows, after the
+//! sampler's penalties, bias and suppression), so a step copies back one small buffer, plus the
+//! full f32 rows of only those sequences the host must sample itself (logprobs, sampling over
+//! the whole vocabulary); those copies are the step's only synchronisation.
 //!
 //! Start-up (`CudaLlama::load`): device and kernel modules, weights straight into device memory,
 //! the rotary tables, a profiling forward at the largest batch the scheduler can form (the
@@ -36,8 +39,10 @@ use crate::kernels::cpu::ops::RopeTable;
 use crate::kernels::cuda::attention::AttentionPlan;
 use crate::kernels::cuda::ops::RopeTables;
 use crate::kernels::cuda::pack::HostPack;
+use crate::kernels::cuda::sample::{self as reduce_kernel, pack_plans};
 use crate::kernels::cuda::{CudaKernels, gpu_error};
 use crate::kv_cache::cuda_storage::CudaKvStorage;
+use crate::sampling::reduce::{ReducedRows, Reduction, RowPlan, RowResult};
 use crate::{Result, WorkerError};
 
 /// Options for building a GPU model.
@@ -65,7 +70,8 @@ pub struct CudaLlama {
     rope: RopeTables,
     cache: CudaKvStorage,
     pack: HostPack,
-    logits: Vec<f32>,
+    /// `forward`'s rows (every row in full).
+    full: ReducedRows,
     timing: DecodeTiming,
     ops: OpTimer,
 }
@@ -107,7 +113,7 @@ impl CudaLlama {
             weights,
             rope,
             pack: HostPack::default(),
-            logits: Vec::new(),
+            full: ReducedRows::default(),
             timing: DecodeTiming::default(),
             ops: OpTimer::from_env(),
         };
@@ -190,8 +196,8 @@ impl CudaLlama {
         Ok(num_blocks)
     }
 
-    /// A short prefill and a decode step, so the first request meets loaded modules and tuned
-    /// cuBLAS handles; their timings are not kept.
+    /// A short prefill and a decode step (reduced on the device), so the first request meets
+    /// loaded modules and tuned cuBLAS handles; their timings are not kept.
     fn warm_up(&mut self) -> Result<()> {
         let block_size = self.cache.layout.block_size;
         let mut prefill = ForwardBatch::default();
@@ -199,14 +205,17 @@ impl CudaLlama {
         self.forward(&prefill)?;
         let mut decode = ForwardBatch::default();
         decode.push_seq(&[4], 3, &[0], block_size, true);
-        self.forward(&decode)?;
+        let greedy = [RowPlan { reduction: Reduction::Argmax, edits: Vec::new() }];
+        self.forward_reduced(&decode, &greedy, &mut ReducedRows::default())?;
         self.timing = DecodeTiming::default();
         Ok(())
     }
 
     /// Runs the layers and returns the logits rows on the device (`[rows, vocab]`, f32), or
-    /// `None` when no row wants logits (prompt chunks that do not end their prompt).
-    fn run(&mut self, batch: &ForwardBatch) -> Result<Option<Tensor>> {
+    /// `None` when no row wants logits (prompt chunks that do not end their prompt). With
+    /// `plans` (one per logits row), the rows are also edited and reduced on the device and the
+    /// reduction's output (`kernels::cuda::sample`) comes second.
+    fn run(&mut self, batch: &ForwardBatch, plans: &[RowPlan]) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let c = &self.config;
         let k = &self.kernels;
         let (m, heads, kv_heads) = (batch.num_tokens(), c.num_attention_heads, c.num_key_value_heads);
@@ -220,6 +229,7 @@ impl CudaLlama {
         let slots = self.pack.push(batch.slot_mapping.iter().copied());
         let rows = self.pack.push(batch.logits_rows.iter().map(|&r| r as u32));
         let attention = AttentionPlan::new(&mut self.pack, &batch.seqs, heads, kv_heads, k.num_sms())?;
+        let packed_plans = (!plans.is_empty()).then(|| pack_plans(&mut self.pack, plans));
         let meta = self.pack.upload(k.device())?;
 
         let (w, stream, ops) = (&self.weights, k.stream(), &mut self.ops);
@@ -262,7 +272,12 @@ impl CudaLlama {
         let logits = k.linear(&normed, w.output())?;
         let logits = logits.to_dtype(DType::F32).map_err(|e| gpu_error("logits to f32", e))?;
         ops.mark(stream, "logits")?;
-        Ok(Some(logits))
+        let reduced = match packed_plans {
+            Some(p) => Some(k.reduce_rows(&logits, meta.ptr(p.desc()), meta.ptr(p.edits()))?),
+            None => None,
+        };
+        ops.mark(stream, "sample")?;
+        Ok(Some((logits, reduced)))
     }
 }
 
@@ -313,23 +328,36 @@ impl Model for CudaLlama {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<&[f32]> {
+        let mut full = std::mem::take(&mut self.full);
+        let result = self.forward_reduced(batch, &[], &mut full);
+        self.full = full;
+        result.map(|()| self.full.logits.as_slice())
+    }
+
+    fn reduces_on_device(&self) -> bool {
+        true
+    }
+
+    fn forward_reduced(&mut self, batch: &ForwardBatch, plans: &[RowPlan], out: &mut ReducedRows) -> Result<()> {
         let (blocks, block_size) = (self.cache.num_blocks, self.cache.layout.block_size);
         batch.validate(self.config.vocab_size, self.rope.max_positions(), blocks, block_size)?;
-        self.logits.clear();
+        out.clear();
         if batch.num_tokens() == 0 {
-            return Ok(&self.logits);
+            return Ok(());
         }
+        let rows = batch.logits_rows.len();
+        let reduce = plans.len() == rows && plans.iter().any(|p| p.reduction != Reduction::Full);
+        let plans = if reduce { plans } else { &[] };
         let decode_only = batch.seqs.iter().all(|s| s.query_len == 1);
         let started = Instant::now();
         let stream = self.kernels.stream().clone();
         let event = || stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| gpu_error("event", e));
         let gpu_start = event()?;
-        let logits = self.run(batch)?;
+        let result = self.run(batch, plans)?;
         let gpu_end = event()?;
         let host_ms = started.elapsed().as_secs_f64() * 1e3;
-        if let Some(logits) = logits {
-            self.logits =
-                logits.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| gpu_error("reading logits", e))?;
+        if let Some((logits, reduced)) = result {
+            self.read_rows(&logits, reduced.as_ref(), plans, out)?;
         }
         if decode_only {
             let gpu_ms = gpu_start.elapsed_ms(&gpu_end).map_err(|e| gpu_error("event timing", e))? as f64;
@@ -337,6 +365,38 @@ impl Model for CudaLlama {
         } else {
             self.ops.discard();
         }
-        Ok(&self.logits)
+        Ok(())
+    }
+}
+
+impl CudaLlama {
+    /// Copies the step's rows to the host: the reduction's output when there is one, and the
+    /// rows planned `Full` (all rows without plans), gathered on the device into one copy.
+    fn read_rows(
+        &self,
+        logits: &Tensor,
+        reduced: Option<&Tensor>,
+        plans: &[RowPlan],
+        out: &mut ReducedRows,
+    ) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        let read =
+            |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| gpu_error("reading logits", e));
+        let Some(reduced) = reduced else {
+            out.logits = read(logits)?;
+            out.rows.extend((0..out.logits.len() / vocab).map(|r| RowResult::Full(r * vocab..(r + 1) * vocab)));
+            return Ok(());
+        };
+        let words = reduced.to_vec1::<u32>().map_err(|e| gpu_error("reading reduced rows", e))?;
+        reduce_kernel::unpack(&words, plans, vocab, out)?;
+        let full: Vec<u32> =
+            plans.iter().enumerate().filter(|(_, p)| p.reduction == Reduction::Full).map(|(i, _)| i as u32).collect();
+        if !full.is_empty() {
+            let ids = Tensor::from_slice(&full, full.len(), self.kernels.device())
+                .map_err(|e| gpu_error("uploading row ids", e))?;
+            let selected = logits.index_select(&ids, 0).map_err(|e| gpu_error("gathering rows", e))?;
+            out.logits = read(&selected)?;
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,111 @@
+//! Launch wrapper of `sample.cu`: the sampler's row reductions (`sampling::reduce`) on the
+//! device, over the step's f32 logits `[rows, vocab]`. The plans travel in the step's packed
+//! upload ([`pack_plans`]); the results come back in one small copy ([`unpack`]).
+
+use candle_core::{DType, Tensor};
+
+use super::pack::{HostPack, Section};
+use super::{CudaKernels, alloc_tensor, device_ptr, grid, int};
+use crate::sampling::reduce::{DEVICE_TOP_K_MAX, ReducedRows, Reduction, RowPlan, RowResult};
+use crate::{Result, WorkerError};
+
+/// u32 words per row of the kernel's output: the token, then `TOPK_MAX` ids and values.
+pub const OUT_STRIDE: usize = 1 + 2 * DEVICE_TOP_K_MAX;
+/// Threads per block; must match `THREADS` in sample.cu.
+const THREADS: u32 = 1024;
+/// What the kernel writes when every value of a row is `-inf`.
+const NO_TOKEN: u32 = u32::MAX;
+
+/// Where the plans lie in the step's pack.
+#[derive(Clone, Copy, Debug)]
+pub struct PackedPlans {
+    desc: Section,
+    edits: Section,
+}
+
+/// Packs one descriptor per row (mode, k, first edit, edit count) and the edits (token, flags,
+/// repetition, subtract, bias as f32 bits) into `pack`.
+pub fn pack_plans(pack: &mut HostPack, plans: &[RowPlan]) -> PackedPlans {
+    let mut first = 0u32;
+    let desc = pack.push(plans.iter().flat_map(|p| {
+        let (mode, k) = match p.reduction {
+            Reduction::Full => (0, 0),
+            Reduction::Argmax => (1, 0),
+            Reduction::TopK(k) => (2, k.min(DEVICE_TOP_K_MAX) as u32),
+        };
+        let count = if mode == 0 { 0 } else { p.edits.len() as u32 };
+        let row = [mode, k, first, count];
+        first += count;
+        row
+    }));
+    let edits =
+        pack.push(plans.iter().filter(|p| p.reduction != Reduction::Full).flat_map(|p| p.edits.iter()).flat_map(|e| {
+            let flags = u32::from(e.repetition.is_some())
+                | u32::from(e.subtract.is_some()) << 1
+                | u32::from(e.bias.is_some()) << 2
+                | u32::from(e.suppress) << 3;
+            let bits = |v: Option<f32>| v.unwrap_or(0.0).to_bits();
+            [e.token, flags, bits(e.repetition), bits(e.subtract), bits(e.bias)]
+        }));
+    PackedPlans { desc, edits }
+}
+
+impl CudaKernels {
+    /// Applies each row's edits to `logits` (`[rows, vocab]` f32, modified in place) and reduces
+    /// the rows whose plan says so; `desc` and `edits` are the device addresses of
+    /// [`pack_plans`]'s sections. Returns `rows * OUT_STRIDE` u32 (read them with [`unpack`]).
+    pub fn reduce_rows(&self, logits: &Tensor, desc: u64, edits: u64) -> Result<Tensor> {
+        let (rows, vocab) =
+            logits.dims2().map_err(|e| WorkerError::Engine(format!("cuda reduce_rows: logits: {e}")))?;
+        if logits.dtype() != DType::F32 || !logits.is_contiguous() {
+            return Err(WorkerError::Engine("cuda reduce_rows: logits must be contiguous f32".into()));
+        }
+        let out = alloc_tensor(&self.device, (rows * OUT_STRIDE).into(), DType::U32)?;
+        if rows > 0 {
+            // SAFETY: logits hold rows * vocab f32; desc holds 4 u32 per row whose edit ranges
+            // lie inside `edits` (pack_plans builds both); out holds rows * OUT_STRIDE u32.
+            launch!(self.stream, &self.reduce_rows, grid((rows as u32, 1, 1), THREADS);
+                device_ptr(logits)?, int("vocab", vocab)?, desc, edits, device_ptr(&out)?)?;
+        }
+        Ok(out)
+    }
+}
+
+impl PackedPlans {
+    pub fn desc(&self) -> Section {
+        self.desc
+    }
+
+    pub fn edits(&self) -> Section {
+        self.edits
+    }
+}
+
+/// Turns the kernel's output into `out.rows`, in row order: reduced rows from `words`, and
+/// the `Full` rows as consecutive `vocab`-long ranges of `out.logits` (filled by the caller, in
+/// the same order).
+pub fn unpack(words: &[u32], plans: &[RowPlan], vocab: usize, out: &mut ReducedRows) -> Result<()> {
+    if words.len() < plans.len() * OUT_STRIDE {
+        return Err(WorkerError::Engine(format!("cuda reduce_rows: {} words for {} rows", words.len(), plans.len())));
+    }
+    let mut full = 0;
+    for (plan, w) in plans.iter().zip(words.chunks_exact(OUT_STRIDE)) {
+        let row = match plan.reduction {
+            Reduction::Full => {
+                full += 1;
+                RowResult::Full((full - 1) * vocab..full * vocab)
+            }
+            Reduction::Argmax => RowResult::Token((w[0] != NO_TOKEN).then_some(w[0])),
+            Reduction::TopK(k) => {
+                let k = k.min(DEVICE_TOP_K_MAX).min(vocab);
+                let start = out.candidates.len();
+                let ids = &w[1..1 + k];
+                let values = &w[1 + DEVICE_TOP_K_MAX..1 + DEVICE_TOP_K_MAX + k];
+                out.candidates.extend(ids.iter().zip(values).map(|(&id, &v)| (id, f32::from_bits(v))));
+                RowResult::TopK(start..out.candidates.len())
+            }
+        };
+        out.rows.push(row);
+    }
+    Ok(())
+}

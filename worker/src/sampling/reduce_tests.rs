@@ -1,0 +1,132 @@
+//! A reduced row must give the very token the full row gives (`sample` vs `sample_reduced` on
+//! the reference reduction), whatever the penalties, bias, suppression, ties and seeds.
+
+use super::*;
+use crate::TokenId;
+use crate::sampling::{SamplingParams, SequenceSampler};
+
+const VOCAB: usize = 3000;
+
+/// A SplitMix64 stream.
+struct Stream(u64);
+
+impl Stream {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// Logits with many exact ties (a coarse grid), a few NaN and infinities.
+    fn row(&mut self) -> Vec<f32> {
+        (0..VOCAB)
+            .map(|_| match self.below(200) {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => f32::NEG_INFINITY,
+                3 => -0.0,
+                _ => (self.below(64) as f32 - 40.0) * 0.25,
+            })
+            .collect()
+    }
+}
+
+fn params(s: &mut Stream, case: usize) -> SamplingParams {
+    let mut p = SamplingParams { seed: Some(s.next()), ..SamplingParams::default() };
+    match case % 4 {
+        0 => p.temperature = 0.0,
+        1 => p.top_k = Some(1 + s.below(DEVICE_TOP_K_MAX)),
+        2 => {
+            p.top_k = Some(1 + s.below(DEVICE_TOP_K_MAX));
+            p.top_p = 0.7;
+            p.min_p = 0.05;
+            p.temperature = 0.6;
+        }
+        _ => {
+            p.top_k = Some(DEVICE_TOP_K_MAX);
+            p.temperature = 1.4;
+        }
+    }
+    if !case.is_multiple_of(3) {
+        p.repetition_penalty = 1.3;
+        p.frequency_penalty = 0.5;
+        p.presence_penalty = -0.25;
+    }
+    p.logit_bias = (0..s.below(5)).map(|i| ((i * 577 + s.below(500)) as TokenId, 3.5)).collect();
+    p
+}
+
+#[test]
+fn a_reduced_row_samples_the_same_token_as_the_full_row() {
+    let mut s = Stream(7);
+    let mut devicewise = 0;
+    for case in 0..400 {
+        let p = params(&mut s, case);
+        let prompt: Vec<TokenId> = (0..20).map(|_| s.below(VOCAB) as TokenId).collect();
+        let mut full = SequenceSampler::new(&p, 0, &prompt, VOCAB);
+        let mut reduced = full.clone();
+        for _ in 0..s.below(6) {
+            let t = s.below(VOCAB) as TokenId;
+            full.record(t);
+            reduced.record(t);
+        }
+        let suppress: Vec<TokenId> = (0..s.below(3)).map(|_| s.below(VOCAB) as TokenId).collect();
+        for _ in 0..3 {
+            let row = s.row();
+            let plan = reduced.plan_row(&p, &suppress);
+            assert_ne!(plan.reduction, Reduction::Full, "case {case}: {p:?}");
+            devicewise += 1;
+            let mut out = ReducedRows::default();
+            reduce_row(&mut row.clone(), &plan, &mut out);
+            let view = match &out.rows[0] {
+                RowResult::Token(t) => Reduced::Token(*t),
+                RowResult::TopK(r) => Reduced::TopK(&out.candidates[r.clone()]),
+                RowResult::Full(_) => unreachable!("planned a reduction"),
+            };
+            let got = reduced.sample_reduced(view, &p, &suppress).token;
+            let want = full.sample(&mut row.clone(), &p, &suppress).token;
+            assert_eq!(got, want, "case {case}: {p:?}");
+            full.record(want);
+            reduced.record(got);
+        }
+    }
+    assert_eq!(devicewise, 1200);
+}
+
+#[test]
+fn rows_the_device_cannot_reduce_exactly_are_planned_full() {
+    let sampler = |p: &SamplingParams| SequenceSampler::new(p, 0, &[], VOCAB);
+    let logprobs = SamplingParams { temperature: 0.0, logprobs: Some(2), ..Default::default() };
+    let whole_vocab = SamplingParams { temperature: 0.8, top_p: 0.9, ..Default::default() };
+    let big_k = SamplingParams { top_k: Some(DEVICE_TOP_K_MAX + 1), ..Default::default() };
+    let twice = SamplingParams { temperature: 0.0, logit_bias: vec![(5, 1.0), (5, 2.0)], ..Default::default() };
+    for p in [logprobs, whole_vocab, big_k, twice] {
+        assert_eq!(sampler(&p).plan_row(&p, &[]), RowPlan::full(), "{p:?}");
+    }
+    // Greedy with a bias and a suppressed id: argmax after one edit per token.
+    let p = SamplingParams { temperature: 0.0, logit_bias: vec![(9, 2.0)], ..Default::default() };
+    let plan = sampler(&p).plan_row(&p, &[9, 4000]);
+    assert_eq!(plan.reduction, Reduction::Argmax);
+    assert_eq!(plan.edits, vec![TokenEdit { bias: Some(2.0), suppress: true, ..TokenEdit::new(9) }]);
+}
+
+#[test]
+fn every_value_at_minus_infinity_falls_back_like_the_full_row() {
+    let p = SamplingParams { top_k: Some(3), seed: Some(1), ..Default::default() };
+    let mut a = SequenceSampler::new(&p, 0, &[], 10);
+    let mut b = a.clone();
+    let row = vec![f32::NEG_INFINITY; 10];
+    let plan = a.plan_row(&p, &[0, 1]);
+    let mut out = ReducedRows::default();
+    reduce_row(&mut row.clone(), &plan, &mut out);
+    let RowResult::TopK(r) = out.rows[0].clone() else { panic!("top-k planned") };
+    let got = a.sample_reduced(Reduced::TopK(&out.candidates[r]), &p, &[0, 1]).token;
+    assert_eq!(got, b.sample(&mut row.clone(), &p, &[0, 1]).token);
+    assert_eq!(got, 2);
+}
