@@ -12,4 +12,5 @@ pub mod config;
 pub mod control;
 pub mod observe;
 pub mod plan;
+pub mod secret;
 pub mod state_store;

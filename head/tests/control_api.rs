@@ -27,13 +27,23 @@ struct Stack {
 
 /// Starts a stack that restores what `state_dir` holds, as a head started without `--config`.
 async fn start_stack(state_dir: &Path) -> Stack {
+    start_guarded_stack(state_dir, None).await
+}
+
+/// [`start_stack`] with the control API guarded by `admin_token` (`--admin-token`).
+async fn start_guarded_stack(state_dir: &Path, admin_token: Option<&str>) -> Stack {
     let head = start_head(settings(), vec![]).await;
     let registry = prometheus::Registry::new();
     let api = ApiState::new(Arc::new(head.cluster.clone()), ApiConfig::default(), registry.clone()).expect("api");
     let store = StateStore::open(state_dir).expect("state dir");
     let applications = Applications::new(head.cluster.clone(), api.clone(), Some(store));
     applications.initialize(None, Vec::new()).expect("restore");
-    let (control, stop_control) = serve(lumen_head::control::router(ControlState { applications, registry })).await;
+    let (control, stop_control) = serve(lumen_head::control::router(ControlState {
+        applications,
+        registry,
+        admin_token: admin_token.map(str::to_string),
+    }))
+    .await;
     let (api, stop_api) = serve(lumen_head::api::router(api)).await;
     Stack { head, control, api, http: reqwest::Client::new(), _stop_http: vec![stop_control, stop_api] }
 }
@@ -291,4 +301,72 @@ async fn a_new_head_restores_the_persisted_config_and_serves_it_again() {
     let (status, body) = second.chat("chat-model").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["choices"][0]["message"]["reasoning_content"], "t0t1t2");
+}
+
+#[tokio::test]
+async fn with_an_admin_token_only_mutations_need_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_guarded_stack(dir.path(), Some("admin-t0ken")).await;
+    let _workers = workers(&stack, 1).await;
+    let apps = config(&[app("chat", "chat-model", 1, json!({}), json!({}))]);
+    let url = stack.applications_url();
+    for request in [
+        stack.http.put(&url).json(&apps),
+        stack.http.put(&url).bearer_auth("admin-t0ke").json(&apps),
+        stack.http.put(&url).bearer_auth("admin-t0ken2").json(&apps),
+        stack.http.delete(&url),
+        stack.http.delete(&url).header("authorization", "admin-t0ken"),
+    ] {
+        let response = request.send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+        let body: Value = response.json().await.expect("JSON error body");
+        assert!(body["error"].as_str().is_some_and(|m| m.contains("admin token")), "{body}");
+    }
+    assert!(stack.status().await["applications"].as_object().is_none_or(|a| a.is_empty()), "nothing was applied");
+    for path in ["/api/serve/applications/", "/api/cluster", "/metrics", "/api/gcs_healthz"] {
+        let response = stack.http.get(format!("{}{path}", stack.control)).send().await.expect("GET");
+        assert_eq!(response.status(), StatusCode::OK, "GET {path} stays open");
+    }
+    let response = stack.http.put(&url).bearer_auth("admin-t0ken").json(&apps).send().await.expect("PUT");
+    assert_eq!(response.status(), StatusCode::OK);
+    stack.status_until("chat runs", |s| all_running(s, &[("chat", 1)])).await;
+    let response = stack.http.delete(&url).bearer_auth("admin-t0ken").send().await.expect("DELETE");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn hostile_serve_configs_are_400_and_the_head_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path()).await;
+    let started = std::time::Instant::now();
+    let deep_json = format!("{}{}", "[".repeat(50_000), "]".repeat(50_000));
+    let deep_yaml = format!("applications: {}1{}", "[".repeat(50_000), "]".repeat(50_000));
+    let alias_bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n\
+                      c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n\
+                      e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n\
+                      g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]\nh: [*g, *g, *g, *g, *g, *g, *g, *g, *g]\n";
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("application/json", deep_json.into_bytes()),
+        ("application/yaml", deep_yaml.into_bytes()),
+        ("application/yaml", alias_bomb.as_bytes().to_vec()),
+        ("application/json", vec![0xff, 0xfe, b'{']),
+        ("application/json", b"{\"applications\": \"many\"}".to_vec()),
+    ];
+    for (content_type, body) in cases {
+        let r = stack
+            .http
+            .put(stack.applications_url())
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{content_type}");
+        let body: Value = r.json().await.expect("JSON error body");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    assert!(stack.status().await["applications"].as_object().is_none_or(|a| a.is_empty()), "nothing was applied");
+    // Deep YAML nesting used to cost the parser seconds of CPU (quadratic in the depth).
+    assert!(started.elapsed() < Duration::from_secs(2), "hostile configs took {:?}", started.elapsed());
 }

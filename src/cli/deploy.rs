@@ -16,16 +16,20 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let base = args.address.base_url();
     let url = format!("{base}/api/serve/applications/");
     let client = reqwest::Client::builder().timeout(TIMEOUT).build()?;
-    let response = client
-        .put(&url)
-        .json(document.raw())
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the head's control API at {base}"))?;
+    let mut request = client.put(&url).json(document.raw());
+    if let Some(token) = &args.admin_token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.with_context(|| format!("cannot reach the head's control API at {base}"))?;
     let status = response.status();
     if !status.is_success() {
         let body = response.text().await.unwrap_or_default();
-        anyhow::bail!("the head refused {} ({status}): {}", args.file.display(), error_message(&body));
+        let hint = if status == reqwest::StatusCode::UNAUTHORIZED {
+            " (pass the head's admin token with --admin-token or LUMEN_ADMIN_TOKEN)"
+        } else {
+            ""
+        };
+        anyhow::bail!("the head refused {} ({status}): {}{hint}", args.file.display(), error_message(&body));
     }
     print!("{}", summary(&document, &base));
     Ok(())

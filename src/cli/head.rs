@@ -115,7 +115,11 @@ pub async fn start(
         history.clone(),
         stop.cancelled_owned(),
     )));
-    let control = lumen_head::control::router_with_api(ControlState { applications, registry }, state.clone(), history);
+    let control = lumen_head::control::router_with_api(
+        ControlState { applications, registry, admin_token: args.admin_token.clone() },
+        state.clone(),
+        history,
+    );
     let stop = shutdown.clone();
     http.push(tokio::spawn(async move {
         let served = axum::serve(api_listener, router(state)).with_graceful_shutdown(stop.cancelled_owned()).await;

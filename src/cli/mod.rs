@@ -34,6 +34,11 @@ pub struct HeadArgs {
     /// none: no authentication.
     #[arg(long = "api-key", env = "LUMEN_API_KEY", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
+    /// Token required as `Authorization: Bearer TOKEN` by the control API's mutating routes
+    /// (PUT/DELETE /api/serve/applications/, i.e. `lumen deploy`); reads (dashboard, status,
+    /// metrics, probes) stay open. None: the control API is unguarded.
+    #[arg(long, env = "LUMEN_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// A serve config (Ray Serve's serveConfigV2 YAML): the applications to deploy at start
     /// (persisted in --state-dir, replacing what was there).
     #[arg(long, env = "LUMEN_CONFIG")]
@@ -158,6 +163,9 @@ pub struct DeployArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub address: ControlAddress,
+    /// The head's admin token (its `--admin-token`), sent as `Authorization: Bearer TOKEN`.
+    #[arg(long, env = "LUMEN_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 /// `lumen status`: what a running head serves.

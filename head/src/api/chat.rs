@@ -61,6 +61,8 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         return Err(ApiError::param("top_logprobs", "top_logprobs requires logprobs to be true"));
     }
     let generation = common.validate(RouteDefaults { max_tokens: 0, logprobs: want_logprobs.then_some(top) })?;
+    let max_tokens_param = if fields.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+    generation.check_context(max_tokens_param, card.max_model_len, None)?;
 
     let id = request_id("chatcmpl");
     let span = tracing::info_span!("chat_completion", request_id = %id, model = %card.id);
@@ -106,9 +108,18 @@ pub fn chat_prompt(
     })
 }
 
+/// The roles OpenAI's chat API defines; templates know no others.
+pub const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
+
 fn normalize_message(i: usize, message: &Map<String, Value>) -> Result<Value, ApiError> {
     match message.get("role") {
-        Some(Value::String(_)) => {}
+        Some(Value::String(role)) if ROLES.contains(&role.as_str()) => {}
+        Some(Value::String(role)) => {
+            return Err(ApiError::param(
+                format!("messages[{i}].role"),
+                format!("unknown role {role:?}; expected one of {}", ROLES.join(", ")),
+            ));
+        }
         Some(_) => return Err(ApiError::param(format!("messages[{i}].role"), "role must be a string")),
         None => return Err(ApiError::param(format!("messages[{i}].role"), "every message needs a role")),
     }

@@ -59,6 +59,13 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         return Err(ApiError::param("echo", "echo together with logprobs (prompt log-probabilities) is not supported"));
     }
     let generation = common.validate(RouteDefaults { max_tokens: DEFAULT_MAX_TOKENS, logprobs })?;
+    for prompt in &prompts {
+        let known = match prompt {
+            pb::generate_request::Prompt::Tokens(t) => Some(t.token_ids.len()),
+            _ => None,
+        };
+        generation.check_context("max_tokens", card.max_model_len, known)?;
+    }
     let n = generation.n;
     if prompts.len().saturating_mul(n as usize) > MAX_CHOICES {
         return Err(ApiError::param("n", format!("prompts times n must not exceed {MAX_CHOICES}")));

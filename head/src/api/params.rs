@@ -18,6 +18,11 @@ use super::errors::ApiError;
 pub const MAX_LOGPROBS: i64 = 20;
 /// A sanity bound on `n`; replicas enforce their own, possibly lower, limit.
 pub const MAX_N: i64 = 128;
+/// The most stop strings, and the most stop token ids, one request may carry (each is checked
+/// against every generated token, so the list is bounded like any other per-token cost).
+pub const MAX_STOP: usize = 64;
+/// The most `logit_bias` entries one request may carry.
+pub const MAX_LOGIT_BIAS: usize = 1024;
 
 /// The fields every generation request accepts, as sent.
 #[derive(Debug, Default, Deserialize)]
@@ -102,7 +107,7 @@ impl CommonParams {
             max_tokens,
             min_tokens,
             stop: stop_strings(self.stop.as_ref())?,
-            stop_token_ids: token_ids("stop_token_ids", self.stop_token_ids.as_deref().unwrap_or_default())?,
+            stop_token_ids: stop_token_ids(self.stop_token_ids.as_deref().unwrap_or_default())?,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
         };
@@ -137,6 +142,46 @@ pub fn token_ids(param: &str, ids: &[i64]) -> Result<Vec<u32>, ApiError> {
     ids.iter()
         .map(|&t| u32::try_from(t).map_err(|_| ApiError::param(param, format!("{t} is not a valid token id"))))
         .collect()
+}
+
+fn stop_token_ids(ids: &[i64]) -> Result<Vec<u32>, ApiError> {
+    if ids.len() > MAX_STOP {
+        return Err(ApiError::param(
+            "stop_token_ids",
+            format!("stop_token_ids holds {} ids, at most {MAX_STOP} are allowed", ids.len()),
+        ));
+    }
+    token_ids("stop_token_ids", ids)
+}
+
+impl Generation {
+    /// Checks what the head knows of the context before the prompt is tokenized: `max_tokens`
+    /// (named `param`, as sent) must leave room for at least one prompt token, and a prompt of
+    /// known length (token ids) plus the tokens to generate must fit `max_model_len`. The replica
+    /// checks text prompts once tokenized. `max_model_len` 0 means unknown: nothing is checked.
+    pub fn check_context(&self, param: &str, max_model_len: u32, prompt_tokens: Option<usize>) -> Result<(), ApiError> {
+        let (limit, max_tokens) = (max_model_len as usize, self.stop.max_tokens as usize);
+        if limit == 0 {
+            return Ok(());
+        }
+        if max_tokens >= limit {
+            return Err(ApiError::param(
+                param,
+                format!("{param} ({max_tokens}) leaves no room for the prompt: the context is {limit} tokens"),
+            ));
+        }
+        match prompt_tokens {
+            Some(prompt) if prompt + max_tokens.max(1) > limit => Err(ApiError::param(
+                "prompt",
+                format!(
+                    "this model's maximum context length is {limit} tokens, but {prompt} prompt tokens and \
+                     {} to generate were requested",
+                    max_tokens.max(1)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Number of top log-probabilities per token (`top_logprobs` for chat, `logprobs` for completions).
@@ -190,6 +235,12 @@ fn seed(v: &Number) -> Result<u64, ApiError> {
 
 fn logit_bias(map: Option<&HashMap<String, f64>>) -> Result<Vec<pb::LogitBias>, ApiError> {
     let Some(map) = map else { return Ok(Vec::new()) };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::param(
+            "logit_bias",
+            format!("logit_bias holds {} entries, at most {MAX_LOGIT_BIAS} are allowed", map.len()),
+        ));
+    }
     let mut out: Vec<pb::LogitBias> = map
         .iter()
         .map(|(key, &bias)| {
@@ -224,6 +275,12 @@ fn stop_strings(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
             return Err(ApiError::param("stop", format!("stop must be a string or a list of strings, got {other}")));
         }
     };
+    if strings.len() > MAX_STOP {
+        return Err(ApiError::param(
+            "stop",
+            format!("stop holds {} strings, at most {MAX_STOP} are allowed", strings.len()),
+        ));
+    }
     if strings.iter().any(String::is_empty) {
         return Err(ApiError::param("stop", "stop strings must not be empty"));
     }
@@ -331,6 +388,32 @@ mod tests {
         assert_eq!(rejected_param(r#"{"stream": 1}"#), "stream");
         assert_eq!(rejected_param(r#"{"logit_bias": {"5": "x"}}"#), "logit_bias.5");
         assert_eq!(rejected_param(r#"{"stream_options": {"include_usage": "yes"}}"#), "stream_options.include_usage");
+    }
+
+    #[test]
+    fn oversized_lists_are_refused_by_name() {
+        let stops: Vec<String> = (0..=MAX_STOP).map(|i| format!("s{i}")).collect();
+        assert_eq!(rejected_param(&serde_json::json!({ "stop": stops }).to_string()), "stop");
+        let ids: Vec<usize> = (0..=MAX_STOP).collect();
+        assert_eq!(rejected_param(&serde_json::json!({ "stop_token_ids": ids }).to_string()), "stop_token_ids");
+        let bias: serde_json::Map<String, Value> = (0..=MAX_LOGIT_BIAS).map(|i| (i.to_string(), 1.into())).collect();
+        assert_eq!(rejected_param(&serde_json::json!({ "logit_bias": bias }).to_string()), "logit_bias");
+        let at_limit: Vec<String> = (0..MAX_STOP).map(|i| format!("s{i}")).collect();
+        assert_eq!(validate(&serde_json::json!({ "stop": at_limit }).to_string()).unwrap().stop.stop.len(), MAX_STOP);
+    }
+
+    #[test]
+    fn context_checks_name_the_parameter_sent() {
+        let g = validate(r#"{"max_tokens": 2048}"#).unwrap();
+        assert!(
+            matches!(g.check_context("max_completion_tokens", 2048, None), Err(ApiError::InvalidParam { param, .. }) if param == "max_completion_tokens")
+        );
+        let g = validate(r#"{"max_tokens": 48}"#).unwrap();
+        assert!(g.check_context("max_tokens", 2048, Some(2000)).is_ok());
+        assert!(
+            matches!(g.check_context("max_tokens", 2048, Some(2001)), Err(ApiError::InvalidParam { param, .. }) if param == "prompt")
+        );
+        assert!(g.check_context("max_tokens", 0, Some(1 << 20)).is_ok(), "unknown context: the replica checks");
     }
 
     #[test]

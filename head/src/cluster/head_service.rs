@@ -45,7 +45,7 @@ impl HeadService {
             )));
         }
         if let Some(token) = &self.cluster.settings().join_token
-            && !constant_time_eq(token.as_bytes(), req.join_token.as_bytes())
+            && !crate::secret::constant_time_eq(token.as_bytes(), req.join_token.as_bytes())
         {
             return Err(Status::unauthenticated(format!(
                 "worker `{}` presented a missing or wrong join token",
@@ -116,22 +116,5 @@ impl pb::head_server::Head for HeadService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
-    }
-}
-
-/// Compares secrets without leaking the position of the first difference through timing.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn constant_time_eq_compares_contents_and_lengths() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
     }
 }

@@ -5,6 +5,11 @@
 //!
 //! The serve config in force is owned by [`Applications`] (apply, persist, status); the handlers
 //! only translate HTTP to it.
+//!
+//! Access: with an admin token configured, the mutating routes (`PUT`/`DELETE`
+//! `/api/serve/applications/`) require `Authorization: Bearer <token>` (401 otherwise); every
+//! read (dashboard, status, cluster view, request log, time series, metrics, probes) stays open,
+//! so the dashboard works read-only without the token. The `/v1` routes keep their API keys.
 
 pub mod applications;
 pub mod cluster_api;
@@ -32,6 +37,8 @@ pub struct ControlState {
     pub applications: Applications,
     /// The same registry the API's `/metrics` serves.
     pub registry: prometheus::Registry,
+    /// When set, `PUT`/`DELETE` of applications require it as a bearer token.
+    pub admin_token: Option<String>,
 }
 
 /// [`router`] plus the dashboard's data (`/api/requests`, `/api/timeseries`: [`observe_api`]) and

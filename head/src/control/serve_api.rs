@@ -1,15 +1,20 @@
 //! Ray Serve's REST API for applications: `PUT` a serve config (JSON, or YAML when the content
 //! type says so), `GET` the status document, `DELETE` everything. Success answers 200 with an
 //! empty body, as Ray's does; errors answer `{"error": "..."}` naming the bad field.
+//!
+//! `PUT` and `DELETE` change what the cluster serves: with an admin token configured they answer
+//! 401 (`{"error": ...}`, `WWW-Authenticate: Bearer`) unless the request carries
+//! `Authorization: Bearer <token>`, compared in constant time ([`crate::secret`]). `GET` is open.
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::applications::{ApplyError, ServeDocument};
 use super::{ControlState, ServeStatus};
+use crate::secret;
 
 /// An error of the control API, in its one HTTP shape.
 #[derive(Debug)]
@@ -30,7 +35,23 @@ impl From<ApplyError> for ControlError {
 
 impl IntoResponse for ControlError {
     fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+        let mut response = (self.status, Json(serde_json::json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Refuses a mutating request that does not carry the configured admin token.
+fn authorize(state: &ControlState, headers: &HeaderMap) -> Result<(), ControlError> {
+    let Some(token) = &state.admin_token else { return Ok(()) };
+    match secret::bearer(headers) {
+        Some(presented) if secret::constant_time_eq(token.as_bytes(), presented.as_bytes()) => Ok(()),
+        _ => Err(ControlError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "this route changes the cluster: send the admin token as `Authorization: Bearer <token>`".into(),
+        }),
     }
 }
 
@@ -45,12 +66,18 @@ pub async fn put_applications(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<StatusCode, ControlError> {
+    authorize(&state, &headers)?;
     let text = std::str::from_utf8(&body).map_err(|_| ControlError {
         status: StatusCode::BAD_REQUEST,
         message: "serve config: the body is not UTF-8 text".into(),
     })?;
-    let document = if is_yaml(&headers) { ServeDocument::from_yaml(text) } else { ServeDocument::from_json(text) }
-        .map_err(ApplyError::from)?;
+    let document = if is_yaml(&headers) {
+        check_flow_depth(text)?;
+        ServeDocument::from_yaml(text)
+    } else {
+        ServeDocument::from_json(text)
+    }
+    .map_err(ApplyError::from)?;
     let names: Vec<String> = document.config().applications.iter().map(|a| a.name.clone()).collect();
     let applications = state.applications.clone();
     run_blocking(move || applications.apply(document)).await?;
@@ -59,7 +86,11 @@ pub async fn put_applications(
 }
 
 /// `DELETE /api/serve/applications/`: removes every application.
-pub async fn delete_applications(State(state): State<ControlState>) -> Result<StatusCode, ControlError> {
+pub async fn delete_applications(
+    State(state): State<ControlState>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ControlError> {
+    authorize(&state, &headers)?;
     let applications = state.applications.clone();
     run_blocking(move || applications.delete_all()).await?;
     tracing::info!("every application deleted");
@@ -74,6 +105,30 @@ async fn run_blocking(apply: impl FnOnce() -> Result<(), ApplyError> + Send + 's
             Err(ControlError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("apply failed: {e}") })
         }
     }
+}
+
+/// The deepest `[`/`{` nesting a YAML body may have. The YAML parser takes time quadratic in the
+/// nesting depth before its own recursion limit (128) fires: 50 000 levels cost seconds of CPU.
+/// Serve configs nest a few levels; brackets inside quoted strings count too, harmlessly.
+pub const MAX_YAML_FLOW_DEPTH: usize = 64;
+
+/// Refuses a YAML body nested deeper than [`MAX_YAML_FLOW_DEPTH`] before the parser sees it.
+fn check_flow_depth(text: &str) -> Result<(), ControlError> {
+    let mut depth = 0usize;
+    for byte in text.bytes() {
+        match byte {
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => continue,
+        }
+        if depth > MAX_YAML_FLOW_DEPTH {
+            return Err(ControlError {
+                status: StatusCode::BAD_REQUEST,
+                message: format!("serve config: nested deeper than {MAX_YAML_FLOW_DEPTH} levels"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Whether the body is YAML (`application/yaml`, `application/x-yaml`, `text/yaml`, ...).
