@@ -203,7 +203,7 @@ mod tests {
             device: "cuda:0".into(),
             ..EngineOptions::default()
         };
-        let err = build_engine(&opts).err().expect("no GPU path in this build").to_string();
+        let err = build_engine(&opts).expect_err("no GPU path in this build").to_string();
         assert!(err.contains("`device`") && err.contains("--features cuda"), "{err}");
     }
 }

@@ -61,7 +61,7 @@ impl GgufFile {
         let elems: usize = dims.iter().product();
         let size = elems / block * info.ggml_dtype.type_size();
         let start = self.content.tensor_data_offset as usize + info.offset as usize;
-        let end = start.checked_add(size).unwrap_or(usize::MAX);
+        let end = start.saturating_add(size);
         if end > self.map.len() {
             return Err(WorkerError::model_file(
                 &self.path,
@@ -255,7 +255,7 @@ fn unpermute_rows(t: &RawTensor, heads: usize) -> Result<RawTensor> {
             return Err(WorkerError::tensor(&t.name, format!("expected a matrix, found shape {:?}", t.shape)));
         }
     };
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || rows % heads != 0 || !(rows / heads).is_multiple_of(2) {
         return Err(WorkerError::tensor(&t.name, format!("{rows} rows do not split into {heads} heads of even size")));
     }
     t.check_len()?;
@@ -312,7 +312,7 @@ mod tests {
         // Two heads of head_dim 4, one f32 column holding the Hugging Face row index.
         let hf: Vec<f32> = (0..8).map(|x| x as f32).collect();
         // llama.cpp: reshape(heads, 2, hd/2) then swap the last two axes.
-        let mut gguf = vec![0f32; 8];
+        let mut gguf = [0f32; 8];
         for h in 0..2 {
             for i in 0..2 {
                 for j in 0..2 {

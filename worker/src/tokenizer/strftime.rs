@@ -91,7 +91,7 @@ pub(crate) fn format_utc(secs: i64, format: &str) -> String {
             out.push('%');
             break;
         };
-        let hour12 = if t.hour % 12 == 0 { 12 } else { t.hour % 12 };
+        let hour12 = if t.hour.is_multiple_of(12) { 12 } else { t.hour % 12 };
         let piece = match spec {
             'Y' => t.year.to_string(),
             'y' => format!("{:02}", t.year.rem_euclid(100)),

@@ -77,7 +77,7 @@ pub fn paged_attention(
 ) {
     let width = heads * layout.head_dim;
     assert!(q.len() >= queries.len() * width && out.len() >= queries.len() * width, "attention buffers too small");
-    assert!(heads % layout.kv_heads == 0, "heads must be a multiple of kv_heads");
+    assert!(heads.is_multiple_of(layout.kv_heads), "heads must be a multiple of kv_heads");
     let items = queries.len() * layout.kv_heads;
     let out = SharedMut(out.as_mut_ptr());
     pool.run(&|t, threads| {
@@ -97,7 +97,9 @@ pub fn paged_attention(
             let args = Group { layout, kv_head: g, ratio, scale, query: queries[token], k_cache, v_cache };
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 if layout.head_dim % 8 == 0 => unsafe { avx2::attend(&args, q_rows, o, &mut scratch) },
+                Isa::Avx2 if layout.head_dim.is_multiple_of(8) => unsafe {
+                    avx2::attend(&args, q_rows, o, &mut scratch)
+                },
                 _ => attend_scalar(&args, q_rows, o, &mut scratch),
             }
         }

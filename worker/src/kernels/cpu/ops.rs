@@ -45,7 +45,7 @@ pub fn silu_mul(isa: Isa, gu: &[f32], width: usize, out: &mut [f32]) {
         let (gate, up) = row.split_at(width);
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if width % 8 == 0 => unsafe { avx2::silu_mul(gate, up, o) },
+            Isa::Avx2 if width.is_multiple_of(8) => unsafe { avx2::silu_mul(gate, up, o) },
             _ => {
                 for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
                     *o = g / (1.0 + (-g).exp()) * u;

@@ -108,7 +108,7 @@ impl ThreadPool {
         let mut spins = 0u32;
         while shared.pending.load(Ordering::Acquire) != 0 {
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 && waiting.elapsed() > SPIN {
+            if spins.is_multiple_of(64) && waiting.elapsed() > SPIN {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -168,7 +168,7 @@ fn wait_for_epoch(shared: &Shared, seen: &mut u64) -> bool {
             return false;
         }
         spins = spins.wrapping_add(1);
-        if spins % 64 != 0 {
+        if !spins.is_multiple_of(64) {
             std::hint::spin_loop();
             continue;
         }
