@@ -13,6 +13,7 @@ pub mod model;
 pub mod sampling;
 pub mod scheduler;
 pub mod service;
+mod splitmix;
 pub mod tokenizer;
 
 /// A token id in the model's vocabulary.

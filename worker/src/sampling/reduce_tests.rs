@@ -4,41 +4,25 @@
 use super::*;
 use crate::TokenId;
 use crate::sampling::{SamplingParams, SequenceSampler};
+use crate::splitmix::SplitMix64;
 
 const VOCAB: usize = 3000;
 
-/// A SplitMix64 stream.
-struct Stream(u64);
-
-impl Stream {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// Logits with many exact ties (a coarse grid), a few NaN and infinities.
-    fn row(&mut self) -> Vec<f32> {
-        (0..VOCAB)
-            .map(|_| match self.below(200) {
-                0 => f32::NAN,
-                1 => f32::INFINITY,
-                2 => f32::NEG_INFINITY,
-                3 => -0.0,
-                _ => (self.below(64) as f32 - 40.0) * 0.25,
-            })
-            .collect()
-    }
+/// Logits with many exact ties (a coarse grid), a few NaN and infinities.
+fn row(s: &mut SplitMix64) -> Vec<f32> {
+    (0..VOCAB)
+        .map(|_| match s.below(200) {
+            0 => f32::NAN,
+            1 => f32::INFINITY,
+            2 => f32::NEG_INFINITY,
+            3 => -0.0,
+            _ => (s.below(64) as f32 - 40.0) * 0.25,
+        })
+        .collect()
 }
 
-fn params(s: &mut Stream, case: usize) -> SamplingParams {
-    let mut p = SamplingParams { seed: Some(s.next()), ..SamplingParams::default() };
+fn params(s: &mut SplitMix64, case: usize) -> SamplingParams {
+    let mut p = SamplingParams { seed: Some(s.next_u64()), ..SamplingParams::default() };
     match case % 4 {
         0 => p.temperature = 0.0,
         1 => p.top_k = Some(1 + s.below(DEVICE_TOP_K_MAX)),
@@ -64,7 +48,7 @@ fn params(s: &mut Stream, case: usize) -> SamplingParams {
 
 #[test]
 fn a_reduced_row_samples_the_same_token_as_the_full_row() {
-    let mut s = Stream(7);
+    let mut s = SplitMix64(7);
     let mut devicewise = 0;
     for case in 0..400 {
         let p = params(&mut s, case);
@@ -78,7 +62,7 @@ fn a_reduced_row_samples_the_same_token_as_the_full_row() {
         }
         let suppress: Vec<TokenId> = (0..s.below(3)).map(|_| s.below(VOCAB) as TokenId).collect();
         for _ in 0..3 {
-            let row = s.row();
+            let row = row(&mut s);
             let plan = reduced.plan_row(&p, &suppress);
             assert_ne!(plan.reduction, Reduction::Full, "case {case}: {p:?}");
             devicewise += 1;

@@ -36,6 +36,7 @@ use super::row::{
 };
 use super::truncate::{nucleus_cut, pick, top_p_min_p_set};
 use crate::TokenId;
+use crate::splitmix::SplitMix64;
 
 /// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS`): dividing by them would
 /// overflow and the distribution is an argmax anyway.
@@ -307,14 +308,10 @@ fn raw_logprobs(raw: &[f32], token: TokenId, k: usize) -> (f32, Vec<(TokenId, f3
 
 /// Spreads a 64-bit seed over a 256-bit key with SplitMix64, so nearby seeds give unrelated keys.
 fn expand_seed(seed: u64) -> [u8; 32] {
-    let mut state = seed;
+    let mut mix = SplitMix64(seed);
     let mut key = [0u8; 32];
     for word in key.chunks_exact_mut(8) {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        word.copy_from_slice(&mix.next_u64().to_le_bytes());
     }
     key
 }

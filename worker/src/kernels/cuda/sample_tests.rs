@@ -8,81 +8,61 @@ use super::CudaKernels;
 use super::pack::HostPack;
 use super::sample::{OUT_STRIDE, pack_plans, unpack};
 use crate::sampling::reduce::{DEVICE_TOP_K_MAX, ReducedRows, Reduction, RowPlan, RowResult, TokenEdit, reduce_row};
+use crate::splitmix::SplitMix64;
 
-/// A SplitMix64 stream.
-struct Stream(u64);
+/// One row: `coarse` rows sit on a grid of 128 values (ties everywhere, like bf16 logits),
+/// the others are spread out; a few NaN, infinities and signed zeros in both.
+fn row(s: &mut SplitMix64, vocab: usize, coarse: bool) -> Vec<f32> {
+    (0..vocab)
+        .map(|_| match s.below(4000) {
+            0 => f32::NAN,
+            1 => f32::INFINITY,
+            2 => f32::NEG_INFINITY,
+            3 => -0.0,
+            4 => 0.0,
+            _ if coarse => (s.below(128) as f32 - 100.0) * 0.125,
+            _ => s.unit() * 30.0 - 20.0,
+        })
+        .collect()
+}
 
-impl Stream {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    /// One row: `coarse` rows sit on a grid of 128 values (ties everywhere, like bf16 logits),
-    /// the others are spread out; a few NaN, infinities and signed zeros in both.
-    fn row(&mut self, vocab: usize, coarse: bool) -> Vec<f32> {
-        (0..vocab)
-            .map(|_| match self.below(4000) {
-                0 => f32::NAN,
-                1 => f32::INFINITY,
-                2 => f32::NEG_INFINITY,
-                3 => -0.0,
-                4 => 0.0,
-                _ if coarse => (self.below(128) as f32 - 100.0) * 0.125,
-                _ => self.unit() * 30.0 - 20.0,
-            })
-            .collect()
-    }
-
-    fn plan(&mut self, vocab: usize) -> RowPlan {
-        let reduction = match self.below(5) {
-            0 => Reduction::Full,
-            1 | 2 => Reduction::Argmax,
-            _ => Reduction::TopK([1, 2, 17, DEVICE_TOP_K_MAX][self.below(4)]),
-        };
-        let mut tokens: Vec<u32> = (0..self.below(300)).map(|_| self.below(vocab) as u32).collect();
-        tokens.sort_unstable();
-        tokens.dedup();
-        let edits = tokens
-            .into_iter()
-            .map(|token| TokenEdit {
-                token,
-                repetition: (self.below(2) == 0).then(|| 1.0 + self.unit()),
-                subtract: (self.below(2) == 0).then(|| self.unit() * 3.0 - 1.0),
-                bias: (self.below(3) == 0).then(|| self.unit() * 200.0 - 100.0),
-                suppress: self.below(5) == 0,
-            })
-            .collect();
-        RowPlan { reduction, edits }
-    }
+fn plan(s: &mut SplitMix64, vocab: usize) -> RowPlan {
+    let reduction = match s.below(5) {
+        0 => Reduction::Full,
+        1 | 2 => Reduction::Argmax,
+        _ => Reduction::TopK([1, 2, 17, DEVICE_TOP_K_MAX][s.below(4)]),
+    };
+    let mut tokens: Vec<u32> = (0..s.below(300)).map(|_| s.below(vocab) as u32).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    let edits = tokens
+        .into_iter()
+        .map(|token| TokenEdit {
+            token,
+            repetition: (s.below(2) == 0).then(|| 1.0 + s.unit()),
+            subtract: (s.below(2) == 0).then(|| s.unit() * 3.0 - 1.0),
+            bias: (s.below(3) == 0).then(|| s.unit() * 200.0 - 100.0),
+            suppress: s.below(5) == 0,
+        })
+        .collect();
+    RowPlan { reduction, edits }
 }
 
 #[test]
 fn reduce_rows_gives_exactly_the_cpu_references_tokens_and_candidates() {
     let dev = Device::new_cuda_with_stream(0).expect("a CUDA device (these tests run on a GPU machine)");
     let k = CudaKernels::load(&dev, DType::F32, 64).unwrap();
-    let mut s = Stream(11);
+    let mut s = SplitMix64(11);
     for (vocab, rows) in [(1000, 24), (49_152, 12), (128_256, 40)] {
         let mut logits: Vec<f32> = Vec::new();
         let mut plans = Vec::new();
         for r in 0..rows {
-            let mut row = s.row(vocab, r % 2 == 0);
+            let mut row = row(&mut s, vocab, r % 2 == 0);
             if r == 3 {
                 row.fill(f32::NEG_INFINITY); // nothing to choose: argmax None, top-k of -inf
             }
             logits.extend(row);
-            plans.push(s.plan(vocab));
+            plans.push(plan(&mut s, vocab));
         }
         plans[3].reduction = Reduction::TopK(5);
         plans[5].reduction = Reduction::Argmax;

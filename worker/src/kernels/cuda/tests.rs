@@ -18,6 +18,7 @@ use crate::kernels::cpu::matmul::{Epilogue, Input, Matrix, WeightData, matmul};
 use crate::kernels::cpu::ops::{RopeTable, rms_norm, silu_mul};
 use crate::kernels::cpu::pool::ThreadPool;
 use crate::model::batch::BatchSeq;
+use crate::splitmix::SplitMix64;
 
 const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
 
@@ -32,17 +33,8 @@ fn tolerance(dtype: DType) -> f64 {
 
 /// Uniform values in [-scale, scale) from a SplitMix64 stream.
 fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    let mut mix = SplitMix64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03);
+    (0..n).map(|_| (mix.unit() * 2.0 - 1.0) * scale).collect()
 }
 
 /// `values` as the kernel's element type would hold them.
