@@ -5,6 +5,7 @@
 //! slot its K/V goes to (`block * block_size + offset`). Logits are produced only for the rows in
 //! `logits_rows` (the last token of each sequence that samples this step), in that order.
 
+use crate::kernels::cpu::attention::QueryRef;
 use crate::{Result, TokenId, WorkerError};
 
 /// One sequence's part of a step.
@@ -18,6 +19,19 @@ pub struct BatchSeq {
     pub context_len: usize,
     /// Physical cache blocks, in position order, covering `context_len` tokens.
     pub block_table: Vec<u32>,
+}
+
+/// One attention query per computed token of `seqs`, in row order: token `i` of a sequence's
+/// chunk sees the first `context_len - query_len + i + 1` cached positions (causal).
+pub fn attention_queries(seqs: &[BatchSeq]) -> Vec<QueryRef<'_>> {
+    seqs.iter()
+        .flat_map(|s| {
+            (0..s.query_len).map(move |i| QueryRef {
+                block_table: &s.block_table,
+                context_len: s.context_len - s.query_len + i + 1,
+            })
+        })
+        .collect()
 }
 
 /// Everything a forward pass needs.

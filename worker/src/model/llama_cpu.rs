@@ -7,12 +7,12 @@
 use std::time::Instant;
 
 use super::Model;
-use super::batch::ForwardBatch;
+use super::batch::{ForwardBatch, attention_queries};
 use super::config::LlamaConfig;
 use super::cpu_weights::{CpuWeightFormat, CpuWeights};
 use super::source::TensorSource;
 use crate::Result;
-use crate::kernels::cpu::attention::{CacheLayout, QueryRef, paged_attention, write_kv};
+use crate::kernels::cpu::attention::{CacheLayout, paged_attention, write_kv};
 use crate::kernels::cpu::isa::Isa;
 use crate::kernels::cpu::matmul::{Epilogue, Input, InputKind, Matrix, matmul};
 use crate::kernels::cpu::ops::{RopeTable, rms_norm, silu_mul};
@@ -188,16 +188,7 @@ impl Model for CpuLlama {
         for (row, &t) in batch.token_ids.iter().enumerate() {
             w.embed.dequantize_row(t as usize, &mut b.x[row * h..(row + 1) * h]);
         }
-        let queries: Vec<QueryRef<'_>> = batch
-            .seqs
-            .iter()
-            .flat_map(|s| {
-                (0..s.query_len).map(move |i| QueryRef {
-                    block_table: &s.block_table,
-                    context_len: s.context_len - s.query_len + i + 1,
-                })
-            })
-            .collect();
+        let queries = attention_queries(&batch.seqs);
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = c.rms_norm_eps;
         let rope = &self.rope;

@@ -12,12 +12,12 @@ use super::attention::AttentionPlan;
 use super::ops::RopeTables;
 use super::pack::HostPack;
 use super::{CudaKernels, device_ptr};
-use crate::kernels::cpu::attention::{CacheLayout, QueryRef, paged_attention, write_kv};
+use crate::kernels::cpu::attention::{CacheLayout, paged_attention, write_kv};
 use crate::kernels::cpu::isa::Isa;
 use crate::kernels::cpu::matmul::{Epilogue, Input, Matrix, WeightData, matmul};
 use crate::kernels::cpu::ops::{RopeTable, rms_norm, silu_mul};
 use crate::kernels::cpu::pool::ThreadPool;
-use crate::model::batch::BatchSeq;
+use crate::model::batch::{BatchSeq, attention_queries};
 use crate::splitmix::SplitMix64;
 
 const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
@@ -277,15 +277,7 @@ fn attention_error_merging(case: &AttentionCase, dtype: DType, seed: u64, merge_
     let k_f16: Vec<f16> = k_vals.iter().map(|&v| f16::from_f32(v)).collect();
     let v_f16: Vec<f16> = v_vals.iter().map(|&v| f16::from_f32(v)).collect();
     let q_rows: Vec<f32> = q.chunks_exact(stride).flat_map(|r| r[..q_width].to_vec()).collect();
-    let queries: Vec<QueryRef<'_>> = seqs
-        .iter()
-        .flat_map(|s| {
-            (0..s.query_len).map(move |i| QueryRef {
-                block_table: &s.block_table,
-                context_len: s.context_len - s.query_len + i + 1,
-            })
-        })
-        .collect();
+    let queries = attention_queries(&seqs);
     let mut want = vec![0f32; tokens * q_width];
     let pool = ThreadPool::new(2);
     paged_attention(&pool, Isa::detect(), &layout, case.heads, scale, &q_rows, &queries, &k_f16, &v_f16, &mut want);
