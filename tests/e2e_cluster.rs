@@ -161,6 +161,18 @@ async fn three_workers_share_the_load_and_survive_losing_one() {
         assert!(worker_stats(worker).await.0 > 0, "worker {id} served none of the requests");
     }
 
+    // The router weighs the load workers last reported: let the heartbeats catch up with the
+    // finished spread, so no worker looks busy and the batch reaches all three.
+    until("the head sees every worker idle", Duration::from_secs(30), || async move {
+        let Ok(response) = http.get(format!("{}/api/cluster", head.url("dashboard"))).send().await else {
+            return false;
+        };
+        let view: Value = response.json().await.unwrap_or_default();
+        let workers = view["workers"].as_array().cloned().unwrap_or_default();
+        workers.iter().all(|w| w["running"] == 0 && w["waiting"] == 0)
+    })
+    .await;
+
     // A batch in flight; SIGKILL w2 while it streams some of it.
     let before: Vec<_> = (0..9)
         .map(|i| tokio::spawn(stream_chat(http.clone(), api.clone(), format!("Before the kill {i}"), 48)))
