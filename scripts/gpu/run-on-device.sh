@@ -11,6 +11,8 @@
 # carry: gpu-pack (binaries, tokenizer, first half of the GGUF). The GGUF's second half comes in
 # a second call carrying gpu-smol (the machine keeps /tmp/lumen-gpu between warm calls):
 #   call 1: bash scripts/gpu/run-on-device.sh tests bench serve   carry [gpu-pack]
+# `bench` also runs 1 stream with LUMEN_CUDA_PDL=0 (plain launches) and 8 with LUMEN_CUDA_PDL=all
+# (dependent launches, which the default keeps to single-row steps) for comparison.
 #   call 2: bash scripts/gpu/run-on-device.sh parity           carry [gpu-smol]
 # Logs and JSON go to /tmp/lumen-gpu/out, packed into $OUT/lumen-gpu-logs.tgz when $OUT is set
 # (the device tool's output folder).
@@ -144,8 +146,9 @@ if [[ " $steps " == *" bench "* ]]; then
     bench decode-c1-cold --input-len 128 --output-len 64 --num-prompts 1 --concurrency 1
     bench decode-c1 --input-len 128 --output-len 512 --num-prompts 3 --concurrency 1
     LUMEN_CUDA_OP_TIMING=1 bench decode-c1-ops --input-len 128 --output-len 300 --num-prompts 1 --concurrency 1
-    LUMEN_CUDA_SPLIT_MERGE=launch bench decode-c1-merge-launch --input-len 128 --output-len 512 --num-prompts 3 --concurrency 1
+    LUMEN_CUDA_PDL=0 bench decode-c1-no-pdl --input-len 128 --output-len 512 --num-prompts 3 --concurrency 1
     bench decode-c8 --input-len 512 --output-len 256 --num-prompts 16 --concurrency 8
+    LUMEN_CUDA_PDL=all bench decode-c8-pdl --input-len 512 --output-len 256 --num-prompts 16 --concurrency 8
     bench decode-c32 --input-len 512 --output-len 256 --num-prompts 64 --concurrency 32
     LUMEN_CUDA_OP_TIMING=1 bench decode-c32-ops --input-len 512 --output-len 256 --num-prompts 32 --concurrency 32
     python3 - "$out" "${bandwidth:-0}" > "$out/bench-summary.txt" <<'PY'
@@ -154,7 +157,7 @@ out, bw = sys.argv[1], float(sys.argv[2]) * 1e9
 # Llama-3.1-8B in BF16: all weights, and what one decode step reads (all but the embeddings).
 total = 2 * (2 * 128256 * 4096 + 32 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336) + 33 * 4096)
 streamed = total - 2 * 128256 * 4096
-for name in ["decode-c1-cold", "decode-c1", "decode-c1-ops", "decode-c1-merge-launch", "decode-c8", "decode-c32"]:
+for name in ["decode-c1-cold", "decode-c1", "decode-c1-ops", "decode-c1-no-pdl", "decode-c8", "decode-c8-pdl", "decode-c32"]:
     p = os.path.join(out, name + ".json")
     if not os.path.exists(p):
         print(f"{name:44s} failed"); continue
@@ -172,7 +175,7 @@ PY
     row "decode step, c=1 (mean)" "${timing:-?}"
     ops=$(grep -h 'decode step timing' "$out/decode-c1-ops.log" | tail -1 | grep -oE 'ops_ms=.*$')
     row "decode step GPU ms by op (events), c=1" "${ops:-?}"
-    for name in decode-c8 decode-c32; do
+    for name in decode-c8 decode-c8-pdl decode-c32; do
         timing=$(grep -h 'decode step timing' "$out/$name.log" | tail -1 | grep -oE '(wall|host|gpu)_ms=[0-9.]+' | tr '\n' ' ')
         row "decode step, ${name#decode-} (mean)" "${timing:-?}"
     done

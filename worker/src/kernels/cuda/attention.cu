@@ -11,25 +11,33 @@
 // same as whole prompts. Cache layout as in cache.cu: [num_blocks, kv_heads, block_size, head_dim].
 //
 // One CTA (4 warps) takes one tile of tokens of one sequence, for `heads_per_cta` query heads
-// sharing one KV head: at most ROWS (token, head) rows, so the K/V of a chunk of 32 positions is
-// read from memory once for all of them. Per chunk, lane l scores position l of the chunk for the
-// warp's row, then the lanes split head_dim to accumulate the values. With gridDim.z > 1 each
+// sharing one KV head: at most ROWS (token, head) rows (16; 4 in the decode kernel, whose tiles
+// have one token: fewer registers and less shared memory per CTA, so more CTAs per
+// multiprocessor), so the K/V of a chunk of 32 positions is read from memory once for all of them. Per chunk, lane l scores position l of the chunk for the
+// warp's row, then the lanes split head_dim to accumulate the values; the next chunk's K/V loads
+// are in flight meanwhile (register double buffering). With gridDim.z > 1 each
 // split handles `chunks_per_split` chunks and writes unnormalised partials (acc, max, sum) that
 // `paged_attention_combine` merges.
 #include "common.cuh"
 
 namespace {
-constexpr int ROWS = 16;
+constexpr int TILE_ROWS = 16;   // rows per CTA of the general kernel
+constexpr int DECODE_ROWS = 4;  // rows per CTA of the decode kernel (one query token per tile)
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
-constexpr int ROWS_PER_WARP = ROWS / WARPS;
 constexpr int CHUNK = 32;
 }  // namespace
+
+// Two values of a shared-memory row as floats (4-byte aligned for bf16).
+__device__ __forceinline__ float2 pair(const float* p) { return make_float2(p[0], p[1]); }
+__device__ __forceinline__ float2 pair(const __nv_bfloat16* p) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
 
 // Merges the partials of the splits of the (tile, head group) of blockIdx.x, blockIdx.y: run by
 // the last split's CTA of the attention launch, or by a launch of its grid without the z
 // dimension. Partials are read past L1 (__ldcg): other multiprocessors wrote them.
-template <typename T, int D>
+template <typename T, int D, int ROWS>
 __device__ void combine_tile(T* __restrict__ out, const float* __restrict__ part_acc,
                                         const float* __restrict__ part_ml, int out_stride,
                                         const int* __restrict__ tiles, const int* __restrict__ seqs, int ratio,
@@ -67,7 +75,7 @@ __device__ void combine_tile(T* __restrict__ out, const float* __restrict__ part
 // After a split CTA wrote its partials (every thread calls this): the last split of this
 // (tile, head group) to finish merges them, so no second launch is needed. Nothing to do
 // without a split or without counters (the host then launches paged_attention_combine).
-template <typename T, int D>
+template <typename T, int D, int ROWS>
 __device__ void merge_if_last(T* __restrict__ out, const float* __restrict__ part_acc,
                               const float* __restrict__ part_ml, int out_stride, const int* __restrict__ tiles,
                               const int* __restrict__ seqs, int ratio, int heads_per_cta,
@@ -85,10 +93,10 @@ __device__ void merge_if_last(T* __restrict__ out, const float* __restrict__ par
     __syncthreads();
     if (!last) return;
     __threadfence();
-    combine_tile<T, D>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio, heads_per_cta, splits);
+    combine_tile<T, D, ROWS>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio, heads_per_cta, splits);
 }
 
-template <typename T, int D>
+template <typename T, int D, int ROWS>
 __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_acc, float* __restrict__ part_ml,
                                 const T* __restrict__ q, int q_stride, int out_stride, const T* __restrict__ k_cache,
                                 const T* __restrict__ v_cache, const int* __restrict__ tiles,
@@ -96,14 +104,19 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_ac
                                 int heads_per_cta, int block_size, int chunks_per_split, float scale,
                                 unsigned int* __restrict__ counters) {
     constexpr int DL = D / 32;  // values of a row per lane
+    constexpr int ROWS_PER_WARP = ROWS / WARPS;
     constexpr int PER_VEC = 16 / sizeof(T);  // elements per 16-byte load
     constexpr int VECS_PER_ROW = D / PER_VEC;
     constexpr int VECS_PER_THREAD = CHUNK * VECS_PER_ROW / THREADS;
     static_assert(CHUNK * VECS_PER_ROW % THREADS == 0, "whole loads per thread");
     constexpr int Q_VECS_PER_THREAD = (ROWS * VECS_PER_ROW + THREADS - 1) / THREADS;
+    // K and V are staged as stored (bf16 takes half the shared memory of floats, so more CTAs
+    // fit); a K row is padded to an odd number of 4-byte words, so lanes reading different rows
+    // at one column hit different banks.
+    constexpr int KPAD = 4 / sizeof(T);
     __shared__ float q_s[ROWS][D];
-    __shared__ float k_s[CHUNK][D + 1];  // +1: lanes read different rows of one column
-    __shared__ float v_s[CHUNK][D];
+    __shared__ __align__(16) T k_s[CHUNK][D + KPAD];
+    __shared__ __align__(16) T v_s[CHUNK][D];
 
     const int groups = ratio / heads_per_cta;
     const int kv_head = blockIdx.y / groups;
@@ -144,24 +157,28 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_ac
         for (int j = 0; j < DL; ++j) acc[i][j] = 0.f;
     }
 
-    for (int c = chunk_begin; c < chunk_end; ++c) {
-        const int base = c * CHUNK;
-        __syncthreads();  // the previous chunk fully used
-        // 16-byte loads, all issued before any is converted: VECS_PER_THREAD of K and of V each.
-        uint4 kraw[VECS_PER_THREAD], vraw[VECS_PER_THREAD];
+    // 16-byte loads of a chunk's K and V, VECS_PER_THREAD of each per thread, all issued before
+    // any is used. The next chunk's loads are issued right after this chunk is in shared memory,
+    // so they are in flight while this chunk is computed.
+    uint4 kraw[VECS_PER_THREAD], vraw[VECS_PER_THREAD];
+    auto load_chunk = [&](int c) {
 #pragma unroll
         for (int j = 0; j < VECS_PER_THREAD; ++j) {
-            const int i = threadIdx.x + j * THREADS, p = i / VECS_PER_ROW, pos = base + p;
+            const int i = threadIdx.x + j * THREADS, pos = c * CHUNK + i / VECS_PER_ROW;
             kraw[j] = vraw[j] = make_uint4(0, 0, 0, 0);
             if (pos < span) {
                 const size_t block = table[pos / block_size];
                 const size_t row = (block * kv_heads + kv_head) * block_size + pos % block_size;
-                const uint4* ksrc = reinterpret_cast<const uint4*>(k_cache + row * D);
-                const uint4* vsrc = reinterpret_cast<const uint4*>(v_cache + row * D);
-                kraw[j] = ksrc[i % VECS_PER_ROW];
-                vraw[j] = vsrc[i % VECS_PER_ROW];
+                kraw[j] = reinterpret_cast<const uint4*>(k_cache + row * D)[i % VECS_PER_ROW];
+                vraw[j] = reinterpret_cast<const uint4*>(v_cache + row * D)[i % VECS_PER_ROW];
             }
         }
+    };
+    if (chunk_begin < chunk_end) load_chunk(chunk_begin);
+
+    for (int c = chunk_begin; c < chunk_end; ++c) {
+        const int base = c * CHUNK;
+        __syncthreads();  // the previous chunk fully used
         if (c == chunk_begin) {
 #pragma unroll
             for (int j = 0; j < Q_VECS_PER_THREAD; ++j) {
@@ -175,14 +192,14 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_ac
 #pragma unroll
         for (int j = 0; j < VECS_PER_THREAD; ++j) {
             const int i = threadIdx.x + j * THREADS, p = i / VECS_PER_ROW, d0 = (i % VECS_PER_ROW) * PER_VEC;
-            const T* kv = reinterpret_cast<const T*>(&kraw[j]);
-            const T* vv = reinterpret_cast<const T*>(&vraw[j]);
-#pragma unroll
-            for (int e = 0; e < PER_VEC; ++e) {
-                k_s[p][d0 + e] = to_float(kv[e]);
-                v_s[p][d0 + e] = to_float(vv[e]);
-            }
+            uint32_t* kdst = reinterpret_cast<uint32_t*>(&k_s[p][d0]);
+            kdst[0] = kraw[j].x;
+            kdst[1] = kraw[j].y;
+            kdst[2] = kraw[j].z;
+            kdst[3] = kraw[j].w;
+            *reinterpret_cast<uint4*>(&v_s[p][d0]) = vraw[j];
         }
+        if (c + 1 < chunk_end) load_chunk(c + 1);
         __syncthreads();
 #pragma unroll
         for (int i = 0; i < ROWS_PER_WARP; ++i) {
@@ -195,7 +212,10 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_ac
             if (visible) {
                 float dot = 0.f;
 #pragma unroll 16
-                for (int d = 0; d < D; ++d) dot += q_s[r][d] * k_s[lane][d];
+                for (int d = 0; d < D; d += 2) {
+                    const float2 kk = pair(&k_s[lane][d]);
+                    dot += q_s[r][d] * kk.x + q_s[r][d + 1] * kk.y;
+                }
                 s = dot * scale;
             }
             const float m_new = fmaxf(m[i], warp_max(s));  // finite: position `base` is visible
@@ -209,7 +229,7 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_ac
             for (int k = 0; k < last; ++k) {
                 const float pk = __shfl_sync(0xffffffffu, p, k);
 #pragma unroll
-                for (int j = 0; j < DL; ++j) acc[i][j] += pk * v_s[k][lane + 32 * j];
+                for (int j = 0; j < DL; ++j) acc[i][j] += pk * to_float(v_s[k][lane + 32 * j]);
             }
         }
     }
@@ -234,25 +254,30 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ part_ac
             }
         }
     }
-    merge_if_last<T, D>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio, heads_per_cta, counters);
+    merge_if_last<T, D, ROWS>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio, heads_per_cta, counters);
 }
 
-#define LUMEN_ATTENTION(T, SUFFIX, D)                                                                          \
+#define LUMEN_ATTENTION_ROWS(T, NAME, D, ROWS)                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
-        paged_attention_##SUFFIX##_d##D(T* out, float* part_acc, float* part_ml, const T* q, int q_stride,     \
-                                        int out_stride, const T* k_cache, const T* v_cache, const int* tiles,  \
-                                        const int* seqs, const int* tables, int kv_heads, int ratio,           \
-                                        int heads_per_cta, int block_size, int chunks_per_split, float scale,  \
-                                        unsigned int* counters) {                                              \
-        paged_attention<T, D>(out, part_acc, part_ml, q, q_stride, out_stride, k_cache, v_cache, tiles, seqs,  \
-                              tables, kv_heads, ratio, heads_per_cta, block_size, chunks_per_split, scale,     \
-                              counters);                                                                       \
+        NAME(T* out, float* part_acc, float* part_ml, const T* q, int q_stride, int out_stride, const T* k_cache, \
+             const T* v_cache, const int* tiles, const int* seqs, const int* tables, int kv_heads, int ratio,   \
+             int heads_per_cta, int block_size, int chunks_per_split, float scale, unsigned int* counters) {   \
+        await_previous_kernel();                                                                               \
+        paged_attention<T, D, ROWS>(out, part_acc, part_ml, q, q_stride, out_stride, k_cache, v_cache, tiles,  \
+                                    seqs, tables, kv_heads, ratio, heads_per_cta, block_size, chunks_per_split, \
+                                    scale, counters);                                                          \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(THREADS) paged_attention_combine_##SUFFIX##_d##D(             \
-        T* out, const float* part_acc, const float* part_ml, int out_stride, const int* tiles, const int* seqs, \
-        int ratio, int heads_per_cta, int splits) {                                                            \
-        combine_tile<T, D>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio, heads_per_cta, splits);      \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
+        NAME##_combine(T* out, const float* part_acc, const float* part_ml, int out_stride, const int* tiles,  \
+                       const int* seqs, int ratio, int heads_per_cta, int splits) {                            \
+        await_previous_kernel();                                                                               \
+        combine_tile<T, D, ROWS>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio, heads_per_cta,        \
+                                 splits);                                                                      \
     }
+// paged_attention_<type>_d<D>[_combine]: tiles of up to 16 rows; paged_attention_decode_...: 4.
+#define LUMEN_ATTENTION(T, SUFFIX, D)                                                                          \
+    LUMEN_ATTENTION_ROWS(T, paged_attention_##SUFFIX##_d##D, D, TILE_ROWS)                                     \
+    LUMEN_ATTENTION_ROWS(T, paged_attention_decode_##SUFFIX##_d##D, D, DECODE_ROWS)
 
 LUMEN_ATTENTION(float, f32, 64)
 LUMEN_ATTENTION(float, f32, 128)

@@ -11,12 +11,17 @@
 use candle_core::{DType, Tensor};
 
 use super::pack::{DevicePack, HostPack, Section};
-use super::{CudaKernels, alloc_tensor, device_ptr, grid, int};
+use super::{CudaKernels, device_ptr, grid, int};
 use crate::model::batch::BatchSeq;
 use crate::{Result, WorkerError};
 
-/// (token, head) rows per CTA; must match `ROWS` in attention.cu.
+/// (token, head) rows per CTA of the general kernel; must match `TILE_ROWS` in attention.cu.
 pub const ROWS: usize = 16;
+/// Rows per CTA of the decode kernel (`paged_attention_decode_*`, for steps whose every
+/// sequence has one query token): a quarter of the registers and shared memory per CTA for
+/// the rows a decode tile has anyway, so more CTAs fit a multiprocessor; must match
+/// `DECODE_ROWS` in attention.cu.
+pub const DECODE_ROWS: usize = 4;
 /// Positions per chunk; must match `CHUNK` in attention.cu.
 pub const CHUNK: usize = 32;
 const THREADS: u32 = 128;
@@ -34,6 +39,8 @@ pub struct AttentionPlan {
     heads: usize,
     kv_heads: usize,
     heads_per_cta: usize,
+    /// Rows per CTA: [`ROWS`], or [`DECODE_ROWS`] for the decode kernel.
+    rows: usize,
     splits: usize,
     chunks_per_split: usize,
 }
@@ -46,8 +53,10 @@ impl AttentionPlan {
             return Err(WorkerError::ModelConfig(format!("{heads} heads do not group over {kv_heads} KV heads")));
         }
         let ratio = heads / kv_heads;
-        let heads_per_cta = (1..=ratio.min(ROWS)).rev().find(|d| ratio.is_multiple_of(*d)).unwrap_or(1);
-        let tokens_per_tile = ROWS / heads_per_cta;
+        let decode = !seqs.is_empty() && seqs.iter().all(|s| s.query_len == 1);
+        let rows = if decode { DECODE_ROWS } else { ROWS };
+        let heads_per_cta = (1..=ratio.min(rows)).rev().find(|d| ratio.is_multiple_of(*d)).unwrap_or(1);
+        let tokens_per_tile = rows / heads_per_cta;
         let mut descriptors = Vec::new();
         let mut tables = Vec::new();
         let mut tiles = Vec::new();
@@ -77,6 +86,7 @@ impl AttentionPlan {
             heads,
             kv_heads,
             heads_per_cta,
+            rows,
             splits,
             chunks_per_split,
         })
@@ -85,6 +95,11 @@ impl AttentionPlan {
     /// CTAs along the context (1: no split).
     pub fn splits(&self) -> usize {
         self.splits
+    }
+
+    /// Whether the decode kernel runs this plan.
+    pub fn is_decode(&self) -> bool {
+        self.rows == DECODE_ROWS
     }
 
     fn groups(&self) -> usize {
@@ -129,11 +144,10 @@ impl CudaKernels {
         }
         let groups = plan.groups();
         let grid_xy = (plan.num_tiles as u32, (plan.kv_heads * groups) as u32);
-        let partial_rows = plan.num_tiles * plan.kv_heads * groups * plan.splits * ROWS;
+        let partial_rows = plan.num_tiles * plan.kv_heads * groups * plan.splits * plan.rows;
         let (part_acc, part_ml) = if plan.splits > 1 {
-            let device = self.device();
-            let acc = alloc_tensor(device, (partial_rows * self.head_dim,).into(), DType::F32)?;
-            let ml = alloc_tensor(device, (partial_rows * 2,).into(), DType::F32)?;
+            let acc = self.alloc_of((partial_rows * self.head_dim,).into(), DType::F32)?;
+            let ml = self.alloc_of((partial_rows * 2,).into(), DType::F32)?;
             (Some(acc), Some(ml))
         } else {
             (None, None)
@@ -148,7 +162,12 @@ impl CudaKernels {
         // SAFETY: the descriptors in `meta` were built by `plan` for these sequences (the caller
         // checked block tables and contexts against the cache); q/out rows are as checked above;
         // partial buffers hold every (tile, group, split, row) slot.
-        launch!(self.stream, &self.attention, grid((grid_xy.0, grid_xy.1, plan.splits as u32), THREADS);
+        let (attention, combine) = if plan.is_decode() {
+            (&self.attention_decode, &self.attention_decode_combine)
+        } else {
+            (&self.attention, &self.attention_combine)
+        };
+        launch!(self, attention, grid((grid_xy.0, grid_xy.1, plan.splits as u32), THREADS);
             device_ptr(&out)?, acc_ptr, ml_ptr, device_ptr(q)?, int("q_stride", width)?,
             int("out_stride", out_width)?, device_ptr(k_cache)?, device_ptr(v_cache)?,
             meta.ptr(plan.tiles), meta.ptr(plan.seqs), meta.ptr(plan.tables), int("kv_heads", plan.kv_heads)?,
@@ -156,7 +175,7 @@ impl CudaKernels {
             int("chunks_per_split", plan.chunks_per_split)?, scale, counters)?;
         if plan.splits > 1 && !merge_in_place {
             // SAFETY: as above; the partials were all written by the launch before.
-            launch!(self.stream, &self.attention_combine, grid((grid_xy.0, grid_xy.1, 1), THREADS);
+            launch!(self, combine, grid((grid_xy.0, grid_xy.1, 1), THREADS);
                 device_ptr(&out)?, acc_ptr, ml_ptr, int("out_stride", out_width)?, meta.ptr(plan.tiles),
                 meta.ptr(plan.seqs), int("ratio", ratio)?, int("heads_per_cta", plan.heads_per_cta)?,
                 int("splits", plan.splits)?)?;

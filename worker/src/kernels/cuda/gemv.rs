@@ -10,16 +10,42 @@ use crate::{Result, WorkerError};
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Warps per block; must match `WARPS` in gemv.cu.
 const WARPS: usize = 8;
+/// From this many output features on, one token row takes `gemv_*_m1_wide` (two features per
+/// warp; see gemv.cu).
+pub const GEMV_WIDE_N: usize = 16384;
+/// Up to this many output features, one token row takes `gemv_*_m1_split` (two features per
+/// pair of warps, each over half of k).
+pub const GEMV_SPLIT_MAX_N: usize = 4096;
 
-/// Output features per block for `m` token rows: WARPS times the features per warp of
-/// `Shape<M>::R` in gemv.cu.
-fn rows_per_block(m: usize) -> usize {
-    let per_warp = match m {
-        0 | 1 => 1,
-        2 | 3 => 2,
-        _ => 4,
-    };
-    WARPS * per_warp
+/// The kernel shape for `m` token rows and `n` outputs.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Variant {
+    /// `gemv_*_m{m}`: `Shape<M>::R` features per warp.
+    Rows(usize),
+    Wide,
+    Split,
+}
+
+impl Variant {
+    fn of(m: usize, n: usize) -> Variant {
+        match m {
+            1 if n >= GEMV_WIDE_N => Variant::Wide,
+            1 if n <= GEMV_SPLIT_MAX_N => Variant::Split,
+            m => Variant::Rows(m),
+        }
+    }
+
+    /// Output features per block of WARPS warps.
+    fn features_per_block(self) -> usize {
+        let per_warp = match self {
+            Variant::Wide => 2,
+            Variant::Split => 1, // two features per two warps
+            Variant::Rows(1) => 1,
+            Variant::Rows(2 | 3) => 2,
+            Variant::Rows(_) => 4,
+        };
+        WARPS * per_warp
+    }
 }
 
 impl CudaKernels {
@@ -46,7 +72,14 @@ impl CudaKernels {
         let y = self.alloc((m, n))?;
         // SAFETY: W holds n rows of k, x m rows of k, y m rows of n, all 16-byte aligned with k a
         // whole number of 16-byte vectors (checked above).
-        launch!(self.stream, &self.gemv[m - 1], grid((n.div_ceil(rows_per_block(m)) as u32, 1, 1), (WARPS * 32) as u32);
+        let variant = Variant::of(m, n);
+        let func = match variant {
+            Variant::Wide => &self.gemv_wide,
+            Variant::Split => &self.gemv_split,
+            Variant::Rows(m) => &self.gemv[m - 1],
+        };
+        let blocks = n.div_ceil(variant.features_per_block()) as u32;
+        launch!(self, func, grid((blocks, 1, 1), (WARPS * 32) as u32);
             device_ptr(w)?, device_ptr(x)?, device_ptr(&y)?, int("n", n)?, int("k", k)?)?;
         Ok(y)
     }

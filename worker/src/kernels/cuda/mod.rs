@@ -16,22 +16,8 @@
 //! - `sample.cu`: the sampler's edits and row reductions (argmax, top-k) over f32 logits, exact
 //!   to the CPU sampler (`sampling::reduce`).
 
-/// Launches a kernel on a stream: `launch!(stream, &func, cfg; arg, arg, ...)`, each argument a
-/// `u64` device address, an `i32` size or an `f32`, in the kernel's parameter order. Expands to
-/// an unsafe launch: the call site guarantees that the arguments match the kernel's parameters
-/// and that every address is valid for the accesses the kernel makes with those sizes.
-macro_rules! launch {
-    ($stream:expr, $func:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
-        use cudarc::driver::PushKernelArg as _;
-        let mut builder = $stream.launch_builder($func);
-        $(
-            let value = $arg;
-            builder.arg(&value);
-        )*
-        // SAFETY: upheld by the call site (see the macro's documentation).
-        unsafe { builder.launch($cfg) }.map(|_| ()).map_err(|e| $crate::kernels::cuda::gpu_error("kernel launch", e))
-    }};
-}
+#[macro_use]
+pub mod launch;
 
 pub mod attention;
 pub mod gemv;
@@ -40,6 +26,7 @@ pub mod pack;
 pub mod sample;
 #[cfg(test)]
 mod sample_tests;
+pub mod scratch;
 #[cfg(test)]
 mod tests;
 
@@ -80,8 +67,14 @@ pub struct CudaKernels {
     gather_rows: CudaFunction,
     attention: CudaFunction,
     attention_combine: CudaFunction,
+    attention_decode: CudaFunction,
+    attention_decode_combine: CudaFunction,
     /// `gemv[m - 1]` multiplies m token rows.
     gemv: Vec<CudaFunction>,
+    /// One token row, two output features per warp (long outputs).
+    gemv_wide: CudaFunction,
+    /// One token row, two output features per pair of warps (short outputs).
+    gemv_split: CudaFunction,
     reduce_rows: CudaFunction,
     /// One zeroed u32 per (tile, head group) of a split attention launch: its last CTA merges
     /// (see attention.cu) and zeroes it again. Splits happen only below `CTAS_PER_SM` CTAs per
@@ -91,6 +84,13 @@ pub struct CudaKernels {
     /// Merge split attention in the launch itself (default) or in a second launch
     /// (`LUMEN_CUDA_SPLIT_MERGE=launch`).
     pub merge_splits: bool,
+    /// Which steps launch our kernels as programmatic dependents of the kernel before them
+    /// (see `launch`), and whether the current step does (every launch, until a model calls
+    /// [`CudaKernels::begin_step`]).
+    dependent_mode: launch::DependentLaunch,
+    dependent_launch: std::cell::Cell<bool>,
+    /// Where outputs come from inside a model's layers, once the model set it (see `scratch`).
+    scratch: Option<scratch::LayerScratch>,
 }
 
 impl CudaKernels {
@@ -117,6 +117,7 @@ impl CudaKernels {
         let func = |module: &Arc<CudaModule>, name: String| -> Result<CudaFunction> {
             module.load_function(&name).map_err(|e| gpu_error(&format!("kernel {name}"), e))
         };
+        let dependent_mode = launch::DependentLaunch::for_device(&stream)?;
         let num_sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| gpu_error("reading the multiprocessor count", e))? as usize;
@@ -130,15 +131,22 @@ impl CudaKernels {
             silu_mul: func(&ops, format!("silu_mul_{suffix}"))?,
             gather_rows: func(&ops, format!("gather_rows_{suffix}"))?,
             attention: func(&attention, format!("paged_attention_{suffix}_d{head_dim}"))?,
-            attention_combine: func(&attention, format!("paged_attention_combine_{suffix}_d{head_dim}"))?,
+            attention_combine: func(&attention, format!("paged_attention_{suffix}_d{head_dim}_combine"))?,
+            attention_decode: func(&attention, format!("paged_attention_decode_{suffix}_d{head_dim}"))?,
+            attention_decode_combine: func(&attention, format!("paged_attention_decode_{suffix}_d{head_dim}_combine"))?,
             gemv: (1..=gemv::GEMV_MAX_ROWS)
                 .map(|m| func(&gemv_module, format!("gemv_{suffix}_m{m}")))
                 .collect::<Result<Vec<_>>>()?,
+            gemv_wide: func(&gemv_module, format!("gemv_{suffix}_m1_wide"))?,
+            gemv_split: func(&gemv_module, format!("gemv_{suffix}_m1_split"))?,
             reduce_rows: func(&sample, "reduce_rows".into())?,
             split_counters: Tensor::zeros(attention::CTAS_PER_SM * num_sms, DType::U32, device)
                 .map_err(|e| gpu_error("allocating split counters", e))?,
             split_counter_len: (attention::CTAS_PER_SM * num_sms) as u32,
             merge_splits: std::env::var("LUMEN_CUDA_SPLIT_MERGE").map_or(true, |v| v != "launch"),
+            dependent_mode,
+            dependent_launch: std::cell::Cell::new(dependent_mode != launch::DependentLaunch::Off),
+            scratch: None,
             stream,
         })
     }
@@ -160,9 +168,35 @@ impl CudaKernels {
         self.num_sms
     }
 
-    /// A new uninitialised tensor of the kernels' element type on their device.
+    /// A new uninitialised tensor of the kernels' element type on their device: from the layer
+    /// scratch when it is active and has room, else allocated.
     pub fn alloc(&self, shape: impl Into<Shape>) -> Result<Tensor> {
-        alloc_tensor(&self.device, shape.into(), self.dtype)
+        self.alloc_of(shape.into(), self.dtype)
+    }
+
+    /// Like [`CudaKernels::alloc`] for another element type.
+    pub fn alloc_of(&self, shape: Shape, dtype: DType) -> Result<Tensor> {
+        if let Some(scratch) = &self.scratch
+            && let Some(t) = scratch.take(&shape, dtype)?
+        {
+            return Ok(t);
+        }
+        alloc_tensor(&self.device, shape, dtype)
+    }
+
+    /// A step of `rows` token rows starts: whether its kernels launch as dependents.
+    pub fn begin_step(&self, rows: usize) {
+        self.dependent_launch.set(self.dependent_mode.applies_to(rows));
+    }
+
+    /// Gives the kernels per-layer scratch memory (see `scratch`).
+    pub fn set_scratch(&mut self, scratch: scratch::LayerScratch) {
+        self.scratch = Some(scratch);
+    }
+
+    /// The layer scratch, if set.
+    pub fn scratch(&self) -> Option<&scratch::LayerScratch> {
+        self.scratch.as_ref()
     }
 
     /// Fails unless `t` is a contiguous tensor of the kernels' element type.

@@ -137,18 +137,22 @@ __device__ void gather_rows(const T* __restrict__ src, const uint32_t* __restric
 #define LUMEN_OPS(T, SUFFIX)                                                                                      \
     extern "C" __global__ void add_rms_norm_##SUFFIX(T* x, const T* delta, const T* weight, T* out, int n,       \
                                                       float eps) {                                               \
+        await_previous_kernel();                                                                                  \
         add_rms_norm<T>(x, delta, weight, out, n, eps);                                                          \
     }                                                                                                             \
     extern "C" __global__ void rotary_and_cache_##SUFFIX(                                                        \
         T* qkv, int stride, const uint32_t* positions, const uint32_t* slots, const float* cos_table,            \
         const float* sin_table, T* k_cache, T* v_cache, int q_heads, int kv_heads, int half, int block_size) {   \
+        await_previous_kernel();                                                                                  \
         rotary_and_cache<T>(qkv, stride, positions, slots, cos_table, sin_table, k_cache, v_cache, q_heads,      \
                             kv_heads, half, block_size);                                                         \
     }                                                                                                             \
     extern "C" __global__ void silu_mul_##SUFFIX(const T* gu, T* out, int width, size_t total) {                \
+        await_previous_kernel();                                                                                  \
         silu_mul<T>(gu, out, width, total);                                                                      \
     }                                                                                                             \
     extern "C" __global__ void gather_rows_##SUFFIX(const T* src, const uint32_t* ids, T* out, int width) {     \
+        await_previous_kernel();                                                                                  \
         gather_rows<T>(src, ids, out, width);                                                                    \
     }
 

@@ -78,7 +78,7 @@ impl CudaKernels {
             // SAFETY: x, delta and out hold rows * n elements, weight n, all of the kernels' type,
             // in whole 16-byte vectors (fresh allocations are aligned); each thread holds at most
             // NORM_VECS of them.
-            launch!(self.stream, &self.add_rms_norm, grid((rows as u32, 1, 1), threads);
+            launch!(self, &self.add_rms_norm, grid((rows as u32, 1, 1), threads);
                 device_ptr(x)?, delta, device_ptr(weight)?, device_ptr(&out)?, int("n", n)?, eps)?;
         }
         Ok(out)
@@ -124,7 +124,7 @@ impl CudaKernels {
         if tokens > 0 {
             // SAFETY: heads lie within each row; positions index inside the tables and slots
             // inside the caches (checked by the caller).
-            launch!(self.stream, &self.rotary_and_cache,
+            launch!(self, &self.rotary_and_cache,
                 grid((tokens as u32, (q_heads + kv_heads) as u32, 1), (tables.half as u32).next_multiple_of(32));
                 device_ptr(qkv)?, int("width", width)?, positions, slots, device_ptr(&tables.cos)?,
                 device_ptr(&tables.sin)?, device_ptr(k_cache)?, device_ptr(v_cache)?, int("q_heads", q_heads)?,
@@ -146,7 +146,7 @@ impl CudaKernels {
         if total > 0 {
             let blocks = total.div_ceil(ROW_THREADS as usize).min(self.num_sms * 16) as u32;
             // SAFETY: gu holds rows * 2 * width elements, out rows * width.
-            launch!(self.stream, &self.silu_mul, grid((blocks, 1, 1), ROW_THREADS);
+            launch!(self, &self.silu_mul, grid((blocks, 1, 1), ROW_THREADS);
                 device_ptr(gu)?, device_ptr(&out)?, int("width", width)?, total)?;
         }
         Ok(out)
@@ -160,7 +160,7 @@ impl CudaKernels {
         let out = self.alloc((n, width))?;
         if n > 0 {
             // SAFETY: every id indexes a row of src; out holds n rows.
-            launch!(self.stream, &self.gather_rows, grid((n as u32, 1, 1), ROW_THREADS);
+            launch!(self, &self.gather_rows, grid((n as u32, 1, 1), ROW_THREADS);
                 device_ptr(src)?, ids, device_ptr(&out)?, int("width", width)?)?;
         }
         Ok(out)

@@ -171,6 +171,7 @@ __device__ void row_top_k(const float* row, int vocab, int k, uint32_t* out) {
 
 extern "C" __global__ void __launch_bounds__(THREADS) reduce_rows(
     float* logits, int vocab, const uint32_t* desc, const uint32_t* edits, uint32_t* out) {
+    await_previous_kernel();
     const int r = blockIdx.x;
     const uint32_t mode = desc[4 * r], k = desc[4 * r + 1];
     if (mode == 0) return;

@@ -64,7 +64,7 @@ impl CudaKernels {
         if rows > 0 {
             // SAFETY: logits hold rows * vocab f32; desc holds 4 u32 per row whose edit ranges
             // lie inside `edits` (pack_plans builds both); out holds rows * OUT_STRIDE u32.
-            launch!(self.stream, &self.reduce_rows, grid((rows as u32, 1, 1), THREADS);
+            launch!(self, &self.reduce_rows, grid((rows as u32, 1, 1), THREADS);
                 device_ptr(logits)?, int("vocab", vocab)?, desc, edits, device_ptr(&out)?)?;
         }
         Ok(out)

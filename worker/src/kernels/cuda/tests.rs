@@ -11,7 +11,8 @@ use half::{bf16, f16};
 use super::attention::AttentionPlan;
 use super::ops::RopeTables;
 use super::pack::HostPack;
-use super::{CudaKernels, device_ptr};
+use super::scratch::LayerScratch;
+use super::{CudaKernels, device_ptr, gemv};
 use crate::kernels::cpu::attention::{CacheLayout, paged_attention, write_kv};
 use crate::kernels::cpu::isa::Isa;
 use crate::kernels::cpu::matmul::{Epilogue, Input, Matrix, WeightData, matmul};
@@ -191,9 +192,14 @@ fn linear_layers_match_the_cpu_matmul_through_gemv_and_cublas() {
     for (seed, dtype) in DTYPES.into_iter().enumerate() {
         let k = CudaKernels::load(&dev, dtype, 64).unwrap();
         // 1..=8 rows take the GEMV kernel, 9 and 33 cuBLAS; 1000 outputs is not a multiple of
-        // the kernel's 8 rows per block, and k = 1032 leaves a tail after the unrolled loop.
+        // the kernel's 8 rows per block, and k = 1032 leaves a tail after the unrolled loop;
+        // one row takes the split kernel up to 4096 outputs (1000: pairs of warps over halves of
+        // k), the plain one above (6001), the wide one from 16384 (16391: an odd tail).
+        let wide = gemv::GEMV_WIDE_N + 7;
         for (i, &(m, n, kk)) in
-            [(1, 1000, 1032), (3, 64, 4096), (8, 257, 512), (9, 96, 256), (33, 40, 128)].iter().enumerate()
+            [(1, 1000, 1032), (1, 6001, 256), (1, wide, 264), (3, 64, 4096), (8, 257, 512), (9, 96, 256), (33, 40, 128)]
+                .iter()
+                .enumerate()
         {
             let s = 1000 + 10 * seed as u64 + i as u64;
             let w = rounded(&random(s, n * kk, 0.05), dtype);
@@ -207,6 +213,29 @@ fn linear_layers_match_the_cpu_matmul_through_gemv_and_cublas() {
             assert_close(&format!("linear {m}x{kk} . {n}x{kk}"), dtype, &got, &want);
         }
     }
+}
+
+#[test]
+fn layer_scratch_hands_out_aligned_views_and_reuses_a_half_two_layers_later() {
+    let dev = device();
+    let scratch = LayerScratch::new(&dev, DType::BF16, 100, 10).unwrap();
+    let take = |n: usize, dtype| scratch.take(&(n,).into(), dtype).unwrap();
+    let ptr = |t: &Tensor| device_ptr(t).unwrap();
+    assert!(take(3, DType::BF16).is_none(), "inactive outside the layers");
+    scratch.begin_layer(0);
+    let a = take(6, DType::BF16).unwrap();
+    let b = take(5, DType::BF16).unwrap();
+    assert_eq!(ptr(&b) - ptr(&a), 16, "6 bf16 values round up to one 16-byte step");
+    assert!(take(100, DType::BF16).is_none(), "past the half: the caller allocates");
+    assert!(take(4, DType::F32).is_some() && take(7, DType::F32).is_none(), "the f32 region holds 10");
+    assert!(take(4, DType::U32).is_none(), "other element types allocate");
+    scratch.begin_layer(1);
+    let c = take(6, DType::BF16).unwrap();
+    assert!(ptr(&c) >= ptr(&a) + 200 || ptr(&c) + 200 <= ptr(&a), "layer 1 uses the other half");
+    scratch.begin_layer(2);
+    assert_eq!(ptr(&take(6, DType::BF16).unwrap()), ptr(&a), "layer 2 reuses layer 0's half from its start");
+    scratch.end_layers();
+    assert!(take(3, DType::BF16).is_none());
 }
 
 /// One attention case: the sequences of a step as (context_len, query_len).
@@ -262,6 +291,7 @@ fn attention_error_merging(case: &AttentionCase, dtype: DType, seed: u64, merge_
 
     let mut pack = HostPack::default();
     let plan = AttentionPlan::new(&mut pack, &seqs, case.heads, case.kv_heads, k.num_sms()).unwrap();
+    assert_eq!(plan.is_decode(), seqs.iter().all(|s| s.query_len == 1), "decode-only steps take the decode kernel");
     let meta = pack.upload(&dev).unwrap();
     let k_cache = upload_f32(&k_vals, &[elems], dtype, &dev).unwrap();
     let v_cache = upload_f32(&v_vals, &[elems], dtype, &dev).unwrap();
@@ -302,6 +332,13 @@ fn paged_decode_attention_matches_the_cpu_and_splits_long_contexts() {
                 "decode attention ({dtype:?}, merged in place: {merge_in_place}): relative error {err:.2e}"
             );
         }
+    }
+    // Eight query heads per KV head: the decode kernel's 4 rows take half a group per CTA.
+    let wide_groups =
+        AttentionCase { heads: 16, kv_heads: 2, head_dim: 128, block_size: 8, seqs: vec![(90, 1), (129, 1), (5, 1)] };
+    for (i, dtype) in DTYPES.into_iter().enumerate() {
+        let (err, _) = attention_error(&wide_groups, dtype, 120 + i as u64);
+        assert!(err < tolerance(dtype), "decode, 8 heads per KV head ({dtype:?}): relative error {err:.2e}");
     }
     // Many decode sequences (a split of at most 2), SmolLM2's 3 heads per KV head of 64, blocks of 8.
     let many = AttentionCase {

@@ -40,6 +40,7 @@ use crate::kernels::cuda::attention::AttentionPlan;
 use crate::kernels::cuda::ops::RopeTables;
 use crate::kernels::cuda::pack::HostPack;
 use crate::kernels::cuda::sample::{self as reduce_kernel, pack_plans};
+use crate::kernels::cuda::scratch::LayerScratch;
 use crate::kernels::cuda::{CudaKernels, gpu_error};
 use crate::kv_cache::cuda_storage::CudaKvStorage;
 use crate::sampling::reduce::{ReducedRows, Reduction, RowPlan, RowResult};
@@ -90,7 +91,8 @@ impl CudaLlama {
         if let WeightOrigin::Random { seed } = origin {
             device.set_seed(*seed).map_err(|e| gpu_error("seeding the device RNG", e))?;
         }
-        let kernels = CudaKernels::load(&device, opts.dtype, config.head_dim)?;
+        let mut kernels = CudaKernels::load(&device, opts.dtype, config.head_dim)?;
+        kernels.set_scratch(layer_scratch(&config, opts, &device)?);
         let stream = kernels.stream().clone();
         let pool = MemoryPool::of(&stream)?;
         let init_s = phase.elapsed().as_secs_f32();
@@ -233,11 +235,20 @@ impl CudaLlama {
         let meta = self.pack.upload(k.device())?;
 
         let (w, stream, ops) = (&self.weights, k.stream(), &mut self.ops);
+        k.begin_step(m);
+        let scratch = k.scratch();
+        // Ordinary allocation until the layers start (also after a step that failed mid-layer).
+        if let Some(s) = scratch {
+            s.end_layers();
+        }
         ops.mark(stream, "start")?;
         let x = k.gather_rows(&w.embed, meta.ptr(ids), m)?;
         ops.mark(stream, "embed")?;
         let mut pending: Option<Tensor> = None;
         for (li, layer) in w.layers.iter().enumerate() {
+            if let Some(s) = scratch {
+                s.begin_layer(li);
+            }
             let xn = k.add_rms_norm(&x, pending.as_ref(), &layer.attn_norm, eps)?;
             ops.mark(stream, "norm")?;
             let qkv = k.linear(&xn, &layer.qkv)?;
@@ -259,6 +270,9 @@ impl CudaLlama {
             pending = Some(k.linear(&act, &layer.down)?);
             ops.mark(stream, "down")?;
         }
+        if let Some(s) = scratch {
+            s.end_layers();
+        }
         if batch.logits_rows.is_empty() {
             return Ok(None);
         }
@@ -279,6 +293,24 @@ impl CudaLlama {
         ops.mark(stream, "sample")?;
         Ok(Some((logits, reduced)))
     }
+}
+
+/// Most token rows whose layer outputs come from the scratch (larger steps allocate).
+const SCRATCH_ROWS: usize = 256;
+/// f32 values per scratch half, for attention's split partials.
+const SCRATCH_F32: usize = 2 << 20;
+
+/// Scratch for the outputs of one layer of up to `SCRATCH_ROWS` token rows (at most
+/// `max_num_seqs`): the two norms, qkv, attention, o, gate/up, SwiGLU and down, each 16-byte
+/// aligned.
+fn layer_scratch(c: &LlamaConfig, opts: &CudaModelOptions, device: &Device) -> Result<LayerScratch> {
+    let (h, d) = (c.hidden_size, c.head_dim);
+    let per_row = 4 * h
+        + c.num_attention_heads * d
+        + (c.num_attention_heads + 2 * c.num_key_value_heads) * d
+        + 3 * c.intermediate_size;
+    let rows = opts.max_num_seqs.clamp(1, SCRATCH_ROWS);
+    LayerScratch::new(device, opts.dtype, rows * per_row + 8 * 16, SCRATCH_F32)
 }
 
 /// Waits for everything queued on the device.

@@ -25,6 +25,9 @@ const PROMPTS: [&str; 8] = [
     "Hi!",
 ];
 const NEW_TOKENS: usize = 16;
+/// A first token whose two most likely candidates are this many nats apart is a clear choice
+/// that bf16 rounding must not flip ("What is the capital of France?" starts at a 0.08 gap).
+const CLEAR_MARGIN: f32 = 0.5;
 
 fn model_path() -> String {
     let path = std::env::var("LUMEN_GPU_TEST_MODEL")
@@ -45,6 +48,18 @@ fn options() -> EngineOptions {
 
 /// Greedy continuations of the prompts, all submitted at once.
 fn greedy(opts: &EngineOptions) -> Vec<Vec<TokenId>> {
+    decode(opts, false).into_iter().map(|(tokens, _)| tokens).collect()
+}
+
+/// Greedy continuations with, per prompt, the log-probability gap between the first token's
+/// two most likely candidates (how clear the first choice is).
+fn greedy_with_margins(opts: &EngineOptions) -> Vec<(Vec<TokenId>, f32)> {
+    decode(opts, true).into_iter().map(|(tokens, gap)| (tokens, gap.expect("the first token's top-2"))).collect()
+}
+
+/// Greedy continuations, with the first token's top-2 gap when `logprobs` (which takes another
+/// path on the GPU: rows with log-probabilities are copied whole).
+fn decode(opts: &EngineOptions, logprobs: bool) -> Vec<(Vec<TokenId>, Option<f32>)> {
     let mut core = build_engine(opts).expect("building the engine");
     let template = ChatTemplateOptions { add_generation_prompt: true, ..Default::default() };
     let mut receivers = Vec::new();
@@ -52,7 +67,8 @@ fn greedy(opts: &EngineOptions) -> Vec<Vec<TokenId>> {
         let ids = core.tokenizer().encode_chat(&[ChatMessage::new("user", *text)], &template).unwrap();
         let stop = StopParams { max_tokens: NEW_TOKENS, ignore_eos: true, ..Default::default() };
         let (tx, rx) = unbounded_channel();
-        core.add_request(EngineRequest::new(format!("p{i}"), ids, SamplingParams::greedy(), stop), tx);
+        let params = SamplingParams { logprobs: logprobs.then_some(2), ..SamplingParams::greedy() };
+        core.add_request(EngineRequest::new(format!("p{i}"), ids, params, stop), tx);
         receivers.push(rx);
     }
     while core.has_work() {
@@ -62,14 +78,23 @@ fn greedy(opts: &EngineOptions) -> Vec<Vec<TokenId>> {
         .into_iter()
         .map(|mut rx| {
             let mut tokens: HashMap<usize, Vec<TokenId>> = HashMap::new();
+            let mut margin = None;
             while let Ok(event) = rx.try_recv() {
                 match event {
-                    EngineEvent::Delta(d) => tokens.entry(d.index).or_default().extend(&d.token_ids),
+                    EngineEvent::Delta(d) => {
+                        if margin.is_none()
+                            && let Some(first) = d.logprobs.first()
+                            && let [(_, _, a), (_, _, b), ..] = first.top[..]
+                        {
+                            margin = Some(a - b);
+                        }
+                        tokens.entry(d.index).or_default().extend(&d.token_ids)
+                    }
                     EngineEvent::Failed(e) => panic!("request failed: {e}"),
                     EngineEvent::Finished { .. } => {}
                 }
             }
-            tokens.remove(&0).unwrap_or_default()
+            (tokens.remove(&0).unwrap_or_default(), margin)
         })
         .collect()
 }
@@ -81,7 +106,7 @@ fn agreement(got: &[Vec<TokenId>], want: &[Vec<TokenId>]) -> Vec<usize> {
 
 #[test]
 fn the_gpu_path_decodes_the_cpu_paths_greedy_tokens() {
-    let cpu = greedy(&options());
+    let (cpu, margins): (Vec<_>, Vec<_>) = greedy_with_margins(&options()).into_iter().unzip();
     assert!(cpu.iter().all(|t| t.len() == NEW_TOKENS));
     let gpu_f32 = greedy(&EngineOptions { device: "cuda".into(), dtype: GpuDType::Float32, ..options() });
     // Chunked prefill: prompts split over several steps, mixed with decodes.
@@ -98,8 +123,14 @@ fn the_gpu_path_decodes_the_cpu_paths_greedy_tokens() {
     println!("  f32 GPU:           {f32_agree:?}");
     println!("  f32 GPU, chunked:  {chunked_agree:?}");
     println!("  bf16 GPU:          {bf16_agree:?}");
+    println!("  first-token top-2 log-probability gap on the CPU: {margins:.3?}");
     assert_eq!(gpu_f32, cpu, "f32 on the GPU must decode the CPU path's greedy tokens");
     assert_eq!(chunked, cpu, "chunked prefill on the GPU must decode the same tokens");
-    // bf16 rounds weights and activations: it must still follow the f32 path's first tokens.
-    assert!(bf16_agree.iter().all(|&n| n >= 1), "bf16 diverges at the first token: {bf16_agree:?}");
+    // bf16 rounds weights and activations (logits move by ~0.1): it must follow the f32 path's
+    // first token wherever that choice is clear, and most prompts all the way.
+    for (i, (&agree, &margin)) in bf16_agree.iter().zip(&margins).enumerate() {
+        assert!(agree >= 1 || margin < CLEAR_MARGIN, "bf16 diverges at prompt {i}'s first token (gap {margin:.3})");
+    }
+    let whole = bf16_agree.iter().filter(|&&n| n == NEW_TOKENS).count();
+    assert!(whole * 2 >= PROMPTS.len(), "bf16 follows only {whole} of {} prompts for all tokens", PROMPTS.len());
 }
