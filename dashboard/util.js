@@ -44,7 +44,7 @@ export function tone(status) {
   const s = String(status).toUpperCase();
   if (['RUNNING', 'HEALTHY', 'ALIVE', 'UP', 'STOP', 'OK', '200'].includes(s)) return 'good';
   if (['UNHEALTHY', 'FAILED', 'DEAD', 'DEPLOY_FAILED', 'DOWN', 'ERROR'].includes(s)) return 'bad';
-  if (['STARTING', 'UPDATING', 'DEPLOYING', 'UPSCALING', 'DOWNSCALING', 'STOPPING', 'DELETING', 'LENGTH', 'ABORT'].includes(s))
+  if (['STARTING', 'UPDATING', 'DEPLOYING', 'UPSCALING', 'DOWNSCALING', 'STOPPING', 'DRAINING', 'DELETING', 'LENGTH', 'ABORT'].includes(s))
     return 'warn';
   return 'idle';
 }

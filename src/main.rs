@@ -40,6 +40,9 @@ enum BenchCommand {
     Offline(bench::offline::OfflineArgs),
     /// Load an OpenAI-compatible server over HTTP (streamed requests, like `vllm bench serve`).
     Serve(bench::serve::ServeArgs),
+    /// Run a loopback cluster (head + workers) under load while killing and replacing workers
+    /// and the head; count every request's end and each process's memory.
+    Soak(Box<bench::soak::SoakArgs>),
 }
 
 fn init_logging(format: &str) {
@@ -74,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Bench(BenchCommand::Serve(args)) => bench::serve::main(args).await?,
+        Command::Bench(BenchCommand::Soak(args)) => bench::soak::main(*args).await?,
     }
     Ok(())
 }

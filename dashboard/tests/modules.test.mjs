@@ -76,6 +76,7 @@ test('formatting handles missing values and units', () => {
   assert.equal(tone('HEALTHY'), 'good');
   assert.equal(tone('UNHEALTHY'), 'bad');
   assert.equal(tone('UPDATING'), 'warn');
+  assert.equal(tone('DRAINING'), 'warn');
 });
 
 test('error bodies yield their message', () => {

@@ -73,7 +73,7 @@ function workerCard(w) {
   return h(
     'article',
     { class: 'card', dataset: { testid: 'worker-card', workerId: w.id, alive: String(Boolean(w.alive)) } },
-    h('header', { class: 'card-head' }, h('h3', { title: w.id }, w.id), pill(w.alive ? 'ALIVE' : 'DEAD', 'worker-status')),
+    h('header', { class: 'card-head' }, h('h3', { title: w.id }, w.id), pill(w.state || (w.alive ? 'ALIVE' : 'DEAD'), 'worker-status')),
     h(
       'div',
       { class: 'fields' },

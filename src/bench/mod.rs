@@ -3,5 +3,6 @@
 pub mod offline;
 pub mod report;
 pub mod serve;
+pub mod soak;
 mod sse;
 mod workload;

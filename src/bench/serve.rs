@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// API key, sent as `Authorization: Bearer KEY`.
     #[arg(long, env = "LUMEN_BENCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// PEM CA certificates an `https://` --base-url must be signed by, instead of the system's
+    /// roots.
+    #[arg(long, env = "LUMEN_SSL_CA_CERTS")]
+    pub ssl_ca_certs: Option<PathBuf>,
     #[command(flatten)]
     pub load: LoadArgs,
     /// Most requests in flight at once (default: no limit but --request-rate).
@@ -135,7 +139,7 @@ impl From<reqwest::Error> for RequestFailure {
 }
 
 /// An error and its sources on one line (reqwest hides the cause, e.g. "connection refused").
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -163,11 +167,8 @@ impl Target {
         // A fresh connection per request (as `vllm bench serve` makes): a server that closes idle
         // keep-alive connections (llama.cpp's does) would otherwise fail requests sent on one it
         // has just closed.
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .pool_max_idle_per_host(0)
-            .build()
-            .context("building the HTTP client")?;
+        let trust = lumen_proto::tls::ClientTls::from_flag(args.ssl_ca_certs.as_deref())?;
+        let client = trust.http_client(reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0))?;
         let path = if args.endpoint.starts_with('/') { args.endpoint.clone() } else { format!("/{}", args.endpoint) };
         Ok(Target {
             client,
@@ -279,7 +280,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
     if args.concurrency == Some(0) {
         bail!("--concurrency must be at least 1");
     }
-    if !(args.request_rate > 0.0) {
+    if args.request_rate.is_nan() || args.request_rate <= 0.0 {
         bail!("--request-rate must be positive (or inf), got {}", args.request_rate);
     }
     let target = Arc::new(Target::new(&args)?);

@@ -15,7 +15,7 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let document = super::head::read_serve_config(&args.file)?;
     let base = args.address.base_url();
     let url = format!("{base}/api/serve/applications/");
-    let client = reqwest::Client::builder().timeout(TIMEOUT).build()?;
+    let client = args.address.client(TIMEOUT)?;
     let mut request = client.put(&url).json(document.raw());
     if let Some(token) = &args.admin_token {
         request = request.bearer_auth(token);

@@ -1,18 +1,21 @@
 //! Starting the head: the cluster (gRPC for workers + controller), the OpenAI API and the
-//! control server, all stopping together on one cancellation token.
+//! control server, all stopping together on one cancellation token. With `--ssl-certfile` and
+//! `--ssl-keyfile` all three ports speak TLS; `--ssl-ca-certs` is whom `https://` workers must
+//! prove to be.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use lumen_head::api::admission::AdmissionLimits;
 use lumen_head::api::{ApiConfig, ApiState, router};
-use lumen_head::cluster::{Cluster, ClusterMetrics, serve_head};
+use lumen_head::cluster::{Cluster, ClusterMetrics, serve_head_tls};
 use lumen_head::control::{Applications, ControlState, ServeDocument, StartingPoint};
 use lumen_head::observe::{History, history, run_sampler};
 pub use lumen_head::plan::DeploymentPlan;
 use lumen_head::state_store::StateStore;
+use lumen_proto::tls::{ServerTls, serve_http};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +27,11 @@ pub struct RunningHead {
     pub api: SocketAddr,
     pub dashboard: SocketAddr,
     pub grpc: SocketAddr,
+    /// Where an in-process worker registers: `http://` on loopback (`grpc` itself unless it
+    /// speaks TLS, then a plain loopback-only listener of its own).
+    pub local_grpc_url: String,
+    /// The deployed applications and the cluster they run on.
+    pub applications: Applications,
     /// The HTTP servers: on shutdown they stop accepting and finish their requests.
     pub http: Vec<JoinHandle<()>>,
     /// The gRPC server and the controller: stopped once the HTTP servers are done (workers'
@@ -69,19 +77,54 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("binding the {what} port {addr}"))
 }
 
+/// Serves the `Head` gRPC service on `listener` until `stop`.
+fn spawn_head_service(
+    listener: TcpListener,
+    cluster: Cluster,
+    tls: Option<ServerTls>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = serve_head_tls(listener, cluster, tls.as_ref(), stop.cancelled_owned()).await {
+            tracing::error!(error = %e, "the head's gRPC server failed");
+        }
+    })
+}
+
+/// Serves `app` on `listener` (HTTPS with `tls`) until `stop`, then finishes its requests.
+fn spawn_http(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: Option<ServerTls>,
+    stop: CancellationToken,
+    what: &'static str,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = serve_http(listener, app, tls.as_ref(), stop.cancelled_owned()).await {
+            tracing::error!(error = %e, "the {what} server failed");
+        }
+    })
+}
+
 /// Binds every listener, starts every server, and returns once they are accepting. `fallback`
-/// is deployed when neither `--config` nor the state directory say what to deploy.
+/// is deployed when neither `--config` nor the state directory say what to deploy. With
+/// `local_worker` (`lumen serve`) and TLS on, the head also serves gRPC in plain text on a
+/// loopback-only port for its in-process worker ([`RunningHead::local_grpc_url`]).
 pub async fn start(
     args: &HeadArgs,
     fallback: Vec<DeploymentPlan>,
+    local_worker: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningHead> {
+    let tls = args.tls.server()?;
     let cluster = Cluster::new(args.cluster.clone());
+    cluster.trust_workers(args.tls.trust.client()?);
     let config = ApiConfig {
         api_keys: args.api_keys.iter().filter(|k| !k.is_empty()).cloned().collect(),
         max_body_bytes: args.max_body_size.as_u64() as usize,
         admission: AdmissionLimits { max_in_flight: args.max_ongoing_requests, max_queued: args.max_queued_requests },
         log_requests: args.log_requests,
+        stream_send_timeout: Duration::from_secs(args.stream_send_timeout_s),
         ..ApiConfig::default()
     };
     let registry = prometheus::Registry::new();
@@ -98,13 +141,15 @@ pub async fn start(
         (api_listener.local_addr()?, dashboard_listener.local_addr()?, grpc_listener.local_addr()?);
 
     let (mut http, mut tasks) = (Vec::new(), Vec::new());
-    let stop = shutdown.clone();
-    let head_cluster = cluster.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = serve_head(grpc_listener, head_cluster, stop.cancelled_owned()).await {
-            tracing::error!(error = %e, "the head's gRPC server failed");
-        }
-    }));
+    tasks.push(spawn_head_service(grpc_listener, cluster.clone(), tls.clone(), shutdown.clone()));
+    let local_grpc_url = if local_worker && tls.is_some() {
+        let listener = bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0), "loopback gRPC").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tasks.push(spawn_head_service(listener, cluster.clone(), None, shutdown.clone()));
+        url
+    } else {
+        format!("http://127.0.0.1:{}", grpc.port())
+    };
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(cluster.clone().run_controller(stop.cancelled_owned())));
     let history = Arc::new(History::new(history::DEFAULT_INTERVAL, history::DEFAULT_WINDOW));
@@ -116,33 +161,21 @@ pub async fn start(
         stop.cancelled_owned(),
     )));
     let control = lumen_head::control::router_with_api(
-        ControlState { applications, registry, admin_token: args.admin_token.clone() },
+        ControlState { applications: applications.clone(), registry, admin_token: args.admin_token.clone() },
         state.clone(),
         history,
     );
-    let stop = shutdown.clone();
-    http.push(tokio::spawn(async move {
-        let served = axum::serve(api_listener, router(state)).with_graceful_shutdown(stop.cancelled_owned()).await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "the API server failed");
-        }
-    }));
-    let stop = shutdown.clone();
-    http.push(tokio::spawn(async move {
-        let served = axum::serve(dashboard_listener, control).with_graceful_shutdown(stop.cancelled_owned()).await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "the dashboard server failed");
-        }
-    }));
-    tracing::info!(%api, %dashboard, %grpc, "head listening");
-    Ok(RunningHead { api, dashboard, grpc, http, cluster: tasks })
+    http.push(spawn_http(api_listener, router(state), tls.clone(), shutdown.clone(), "API"));
+    http.push(spawn_http(dashboard_listener, control, tls.clone(), shutdown.clone(), "dashboard"));
+    tracing::info!(%api, %dashboard, %grpc, tls = tls.is_some(), "head listening");
+    Ok(RunningHead { api, dashboard, grpc, local_grpc_url, applications, http, cluster: tasks })
 }
 
 /// `lumen head`: serves until a signal, then drains.
 pub async fn run(args: HeadArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     super::shutdown::cancel_on_signal(shutdown.clone());
-    let head = start(&args, Vec::new(), shutdown.clone()).await?;
+    let head = start(&args, Vec::new(), false, shutdown.clone()).await?;
     super::print_ready("head", &[("api", head.api), ("dashboard", head.dashboard), ("grpc", head.grpc)]);
     shutdown.cancelled().await;
     head.drain(Duration::from_secs(args.drain_timeout_s)).await;

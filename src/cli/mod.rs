@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use lumen_head::cluster::ClusterSettings;
+use lumen_proto::tls::{ClientTls, ServerTls};
 use lumen_worker::engine::EngineOptions;
 
 /// The head's listeners, limits and cluster settings.
@@ -61,18 +62,25 @@ pub struct HeadArgs {
     /// On SIGTERM or Ctrl-C, how long in-flight requests may take to finish, in seconds.
     #[arg(long, env = "LUMEN_DRAIN_TIMEOUT_S", default_value_t = 30)]
     pub drain_timeout_s: u64,
+    /// A streaming response whose client takes no output for this many seconds (it stopped
+    /// reading) is aborted: its request is freed on the worker and the connection closed.
+    #[arg(long, env = "LUMEN_STREAM_SEND_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_send_timeout_s: u64,
     /// Log each request's prompt (one info line per request) and keep the prompt text in the
     /// dashboard's request log; off: prompt text is never stored nor logged.
     #[arg(long, env = "LUMEN_LOG_REQUESTS")]
     pub log_requests: bool,
     #[command(flatten)]
     pub cluster: ClusterSettings,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// A worker process: which head to join and where the head reaches it.
 #[derive(Clone, Debug, clap::Args)]
 pub struct WorkerArgs {
-    /// The head's gRPC address, e.g. `http://lumen-head:50051`.
+    /// The head's gRPC address, e.g. `http://lumen-head:50051` (`https://` when the head has
+    /// --ssl-certfile).
     #[arg(long = "head", env = "HEAD_ADDRESS")]
     pub head: String,
     /// Address the worker's gRPC server binds to.
@@ -81,7 +89,8 @@ pub struct WorkerArgs {
     /// Port of the worker's gRPC server (0: any free port).
     #[arg(long, env = "LUMEN_WORKER_PORT", default_value_t = 50052)]
     pub port: u16,
-    /// The URL the head dials to reach this worker; defaults to `http://<hostname>:<port>`.
+    /// The URL the head dials to reach this worker; defaults to `http://<hostname>:<port>`
+    /// (`https://` with --ssl-certfile: the certificate must name that host).
     #[arg(long, env = "LUMEN_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
     /// This worker's id in the cluster (default: hostname and process id).
@@ -102,6 +111,52 @@ pub struct WorkerArgs {
     pub no_metrics: bool,
     #[command(flatten)]
     pub stats_log: StatsLogArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS of a process's own ports and of the `https://` peers it dials (`lumen head`, `lumen
+/// worker`, `lumen serve`), with vLLM's flag names.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain (leaf first); with --ssl-keyfile every port of this process speaks
+    /// TLS: HTTPS on the HTTP ports, `https://` gRPC
+    #[arg(long, env = "LUMEN_SSL_CERTFILE")]
+    pub ssl_certfile: Option<PathBuf>,
+    /// PEM private key of --ssl-certfile
+    #[arg(long, env = "LUMEN_SSL_KEYFILE")]
+    pub ssl_keyfile: Option<PathBuf>,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+}
+
+impl TlsArgs {
+    /// The server side: `Some` with both files, `None` with neither, an error naming the file
+    /// (or the missing flag) otherwise.
+    pub fn server(&self) -> anyhow::Result<Option<ServerTls>> {
+        Ok(ServerTls::from_flags(self.ssl_certfile.as_deref(), self.ssl_keyfile.as_deref())?)
+    }
+}
+
+/// Whom a client trusts when it dials `https://`.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct TrustArgs {
+    /// PEM CA certificates that `https://` peers (head, workers, the head's ports) must be signed
+    /// by, instead of the system's roots
+    #[arg(long, env = "LUMEN_SSL_CA_CERTS")]
+    pub ssl_ca_certs: Option<PathBuf>,
+}
+
+impl TrustArgs {
+    /// The roots for gRPC clients, the file checked now.
+    pub fn client(&self) -> anyhow::Result<ClientTls> {
+        Ok(ClientTls::from_flag(self.ssl_ca_certs.as_deref())?)
+    }
+
+    /// An HTTP client from `builder` that trusts these roots (only the file's, when given).
+    pub fn http_client(&self, builder: reqwest::ClientBuilder) -> anyhow::Result<reqwest::Client> {
+        Ok(self.client()?.http_client(builder)?)
+    }
 }
 
 /// The periodic engine line of the replicas a process hosts (`lumen worker`, `lumen serve`).
@@ -138,10 +193,12 @@ pub struct ServeArgs {
 /// Where a running head's control API is (`lumen deploy`, `lumen status`).
 #[derive(Clone, Debug, clap::Args)]
 pub struct ControlAddress {
-    /// The head's control API, e.g. `http://lumen-head:8265` (default `http://127.0.0.1:8265`;
-    /// Ray's RAY_DASHBOARD_ADDRESS is read too).
+    /// The head's control API, e.g. `http://lumen-head:8265` or `https://...` (default
+    /// `http://127.0.0.1:8265`; Ray's RAY_DASHBOARD_ADDRESS is read too).
     #[arg(long, env = "LUMEN_ADDRESS")]
     pub address: Option<String>,
+    #[command(flatten)]
+    pub trust: TrustArgs,
 }
 
 impl ControlAddress {
@@ -152,6 +209,11 @@ impl ControlAddress {
         let address = given.as_deref().map(str::trim).filter(|a| !a.is_empty()).unwrap_or("http://127.0.0.1:8265");
         let address = address.trim_end_matches('/');
         if address.contains("://") { address.to_string() } else { format!("http://{address}") }
+    }
+
+    /// An HTTP client for the control API (`https://` verified against `--ssl-ca-certs`).
+    pub fn client(&self, timeout: std::time::Duration) -> anyhow::Result<reqwest::Client> {
+        self.trust.http_client(reqwest::Client::builder().timeout(timeout))
     }
 }
 

@@ -1,15 +1,20 @@
 //! `lumen serve`: a head and one worker in one process, talking the same gRPC over loopback, the
-//! quick start and the single-machine deployment.
+//! quick start and the single-machine deployment. The public ports follow the TLS flags; the
+//! in-process worker and the head's loopback gRPC port it registers at stay plain text (they
+//! never leave 127.0.0.1).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use lumen_head::api::ModelApiOptions;
 use lumen_head::cluster::Deployment;
+use lumen_head::control::Applications;
+use lumen_proto::tls::ClientTls;
 use tokio_util::sync::CancellationToken;
 
 use super::ServeArgs;
 use super::head::{self, DeploymentPlan};
+use super::worker::WorkerSetup;
 
 /// The deployment `--model` and its flags describe.
 fn plan_from_flags(args: &ServeArgs) -> anyhow::Result<DeploymentPlan> {
@@ -39,14 +44,12 @@ const UNHEALTHY_GRACE: Duration = Duration::from_secs(3);
 
 /// Waits until the head serves what it deploys: the in-process worker has joined and every
 /// application runs (or stays unhealthy, e.g. its model failed to load). The ready line then
-/// means requests are served, not refused in the moment before the worker registers.
-async fn wait_until_deployed(dashboard: SocketAddr, shutdown: &CancellationToken) {
-    let host = if dashboard.ip().is_unspecified() { Ipv4Addr::LOCALHOST.into() } else { dashboard.ip() };
-    let base = format!("http://{}", SocketAddr::new(host, dashboard.port()));
-    let http = reqwest::Client::new();
+/// means requests are served, not refused in the moment before the worker registers. Reads the
+/// head's state in process, so it works the same whether the ports speak TLS or not.
+async fn wait_until_deployed(applications: &Applications, shutdown: &CancellationToken) {
     let mut joined_at = None;
     loop {
-        match deployment_progress(&http, &base).await {
+        match deployment_progress(applications) {
             Progress::Serving => return,
             Progress::Unhealthy if joined_at.is_some_and(|t: Instant| t.elapsed() >= UNHEALTHY_GRACE) => {
                 tracing::warn!("an application is unhealthy; see `lumen status`");
@@ -68,7 +71,7 @@ async fn wait_until_deployed(dashboard: SocketAddr, shutdown: &CancellationToken
 }
 
 enum Progress {
-    /// No worker has registered yet (or the head does not answer yet).
+    /// No worker has registered yet.
     Joining,
     Deploying,
     Unhealthy,
@@ -76,20 +79,12 @@ enum Progress {
     Serving,
 }
 
-async fn deployment_progress(http: &reqwest::Client, base: &str) -> Progress {
-    let get = |path: &str| {
-        let request = http.get(format!("{base}{path}")).send();
-        async move { request.await.ok()?.json::<serde_json::Value>().await.ok() }
-    };
-    let Some(cluster) = get("/api/cluster").await else { return Progress::Joining };
-    if !cluster["workers"].as_array().is_some_and(|w| w.iter().any(|w| w["alive"] == true)) {
+fn deployment_progress(applications: &Applications) -> Progress {
+    if !applications.cluster().snapshot().workers.iter().any(|w| w.alive) {
         return Progress::Joining;
     }
-    let Some(status) = get("/api/serve/applications/").await else { return Progress::Joining };
-    let statuses: Vec<&str> = status["applications"]
-        .as_object()
-        .map(|apps| apps.values().filter_map(|app| app["status"].as_str()).collect())
-        .unwrap_or_default();
+    let status = applications.status();
+    let statuses: Vec<&str> = status.applications.values().map(|app| app.status.as_str()).collect();
     if statuses.iter().all(|s| *s == "RUNNING") {
         Progress::Serving
     } else if statuses.contains(&"UNHEALTHY") {
@@ -106,19 +101,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     super::shutdown::cancel_on_signal(shutdown.clone());
     // The worker stops only after the head has drained its HTTP requests (which it serves).
     let worker_shutdown = CancellationToken::new();
-    let head = head::start(&args.head, plans, shutdown.clone()).await?;
-    let head_url = format!("http://127.0.0.1:{}", head.grpc.port());
-    let loopback = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0);
-    let id = format!("{}-{}", super::hostname(), std::process::id());
-    let join_token = args.head.cluster.join_token.clone();
-    let mut worker = super::worker::start(loopback, None, id, head_url, join_token, worker_shutdown.clone()).await?;
+    let head = head::start(&args.head, plans, true, shutdown.clone()).await?;
+    // The in-process worker speaks plain gRPC on loopback only, whatever the public ports do.
+    let setup = WorkerSetup {
+        bind: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0),
+        advertise: None,
+        worker_id: format!("{}-{}", super::hostname(), std::process::id()),
+        head_url: head.local_grpc_url.clone(),
+        join_token: args.head.cluster.join_token.clone(),
+        tls: None,
+        trust: ClientTls::system(),
+    };
+    let mut worker = super::worker::start(setup, worker_shutdown.clone()).await?;
     let stats_log = lumen_worker::service::spawn_stats_logger(
         worker.node.clone(),
         args.stats_log.interval(),
         worker_shutdown.clone(),
     );
     worker.tasks.extend(stats_log);
-    wait_until_deployed(head.dashboard, &shutdown).await;
+    wait_until_deployed(&head.applications, &shutdown).await;
     super::print_ready(
         "serve",
         &[("api", head.api), ("dashboard", head.dashboard), ("grpc", head.grpc), ("worker", worker.address)],

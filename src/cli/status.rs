@@ -14,7 +14,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let base = args.address.base_url();
-    let client = reqwest::Client::builder().timeout(TIMEOUT).build()?;
+    let client = args.address.client(TIMEOUT)?;
     let response = client
         .get(format!("{base}/api/serve/applications/"))
         .send()

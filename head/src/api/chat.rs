@@ -84,7 +84,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let parser = state.model_options(&card.id).reasoning_parser;
     if generation.stream {
         let writer = ChatChunks::new(meta("chat.completion.chunk"), generation.n as usize, parser);
-        return Ok(stream::respond(launch, writer, generation.include_usage, state.config.keep_alive, span));
+        return Ok(stream::respond(launch, writer, generation.include_usage, &state, span));
     }
     let collected = async { dispatch::collect(launch.running().await?).await }.instrument(span).await?;
     Ok(Json(completion_body(&meta("chat.completion"), collected, parser, want_logprobs)).into_response())

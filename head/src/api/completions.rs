@@ -93,7 +93,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let choices_per_prompt = n as usize;
     if generation.stream {
         let writer = CompletionChunks { meta, n: choices_per_prompt, echo, logprobs, offsets: Vec::new() };
-        return Ok(stream::respond(launch, writer, generation.include_usage, state.config.keep_alive, span));
+        return Ok(stream::respond(launch, writer, generation.include_usage, &state, span));
     }
     let collected = async { dispatch::collect(launch.running().await?).await }.instrument(span).await?;
     Ok(Json(completion_body(&meta, collected, choices_per_prompt, echo, logprobs)).into_response())

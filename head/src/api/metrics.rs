@@ -11,7 +11,7 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::Response;
 use futures::StreamExt;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 use super::ApiState;
 
@@ -24,6 +24,8 @@ pub struct ModelLabel(pub String);
 pub struct ApiMetrics {
     requests: IntCounterVec,
     latency_ms: HistogramVec,
+    /// Streams aborted because their client took no output for `stream_send_timeout`.
+    pub stream_send_timeouts: IntCounter,
 }
 
 impl ApiMetrics {
@@ -42,9 +44,14 @@ impl ApiMetrics {
                 .buckets(buckets),
             &["route", "model"],
         )?;
+        let stream_send_timeouts = IntCounter::new(
+            "lumen_serve_stream_send_timeouts_total",
+            "Streams aborted because the client took no output within --stream-send-timeout-s.",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency_ms.clone()))?;
-        Ok(ApiMetrics { requests, latency_ms })
+        registry.register(Box::new(stream_send_timeouts.clone()))?;
+        Ok(ApiMetrics { requests, latency_ms, stream_send_timeouts })
     }
 }
 

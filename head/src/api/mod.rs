@@ -66,6 +66,8 @@ pub struct ApiConfig {
     pub version: String,
     /// A `: keep-alive` SSE comment is sent when a stream was idle this long.
     pub keep_alive: Duration,
+    /// A stream whose client takes no output for this long is aborted (`--stream-send-timeout-s`).
+    pub stream_send_timeout: Duration,
     /// Keep prompt text in the request log and log each prompt (`--log-requests`).
     pub log_requests: bool,
     /// How many recent requests the request log keeps.
@@ -81,6 +83,7 @@ impl Default for ApiConfig {
             models: HashMap::new(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             keep_alive: Duration::from_secs(15),
+            stream_send_timeout: Duration::from_secs(30),
             log_requests: false,
             request_log_capacity: DEFAULT_CAPACITY,
         }

@@ -33,13 +33,14 @@ pub fn error(err: &ApiError) -> Bytes {
     Bytes::from(format!("data: {}\n\n", err.body()))
 }
 
-/// A streaming response: `text/event-stream`, not cached, not buffered by proxies.
-pub fn response<S>(frames: S) -> Response
+/// A streaming response: `text/event-stream`, not cached, not buffered by proxies. An `Err`
+/// from `frames` aborts the body (hyper closes the connection instead of ending the stream).
+pub fn response<S, E>(frames: S) -> Response
 where
-    S: Stream<Item = Bytes> + Send + 'static,
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
 {
-    use futures::StreamExt;
-    let body = Body::from_stream(frames.map(Ok::<_, std::convert::Infallible>));
+    let body = Body::from_stream(frames);
     let mut response = body.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

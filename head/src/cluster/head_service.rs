@@ -4,30 +4,45 @@
 //! `FAILED_PRECONDITION` (naming both versions) and a wrong join token with `UNAUTHENTICATED`,
 //! then records the worker and adopts the replicas it reports, and answers with the heartbeat
 //! interval. A heartbeat naming an unregistered worker is answered `NOT_FOUND` (the worker must
-//! register again, e.g. after a head restart). Each heartbeat is acknowledged.
+//! register again, e.g. after a head restart). Each heartbeat is acknowledged, after it was
+//! applied (so a worker that said `draining` knows, from the ack, that no new request will be
+//! routed to it). When the stream of a draining worker ends, the worker is marked dead at once
+//! and its replicas forgotten (it drained them before leaving). With a
+//! [`ServerTls`] the service speaks TLS only.
 
 use std::future::Future;
 use std::time::Instant;
 
 use lumen_proto::PROTOCOL_VERSION;
+use lumen_proto::tls::ServerTls;
 use lumen_proto::v1 as pb;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Cluster, ClusterError, replica_client};
 use crate::clock::unix_ms;
 
-/// Serves the `Head` service on `listener` until `shutdown` completes.
+/// Serves the `Head` service on `listener` in plain text until `shutdown` completes.
 pub async fn serve_head(
     listener: tokio::net::TcpListener,
     cluster: Cluster,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ClusterError> {
-    tonic::transport::Server::builder()
-        .add_service(pb::head_server::HeadServer::new(HeadService { cluster }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+    serve_head_tls(listener, cluster, None, shutdown).await
+}
+
+/// Serves the `Head` service on `listener` until `shutdown` completes; over TLS with `tls`
+/// (workers then dial `https://`).
+pub async fn serve_head_tls(
+    listener: tokio::net::TcpListener,
+    cluster: Cluster,
+    tls: Option<&ServerTls>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ClusterError> {
+    let router =
+        tonic::transport::Server::builder().add_service(pb::head_server::HeadServer::new(HeadService { cluster }));
+    lumen_proto::tls::serve_grpc(router, listener, tls, shutdown).await?;
     Ok(())
 }
 
@@ -94,12 +109,15 @@ impl pb::head_server::Head for HeadService {
         let cluster = self.cluster.clone();
         tokio::spawn(async move {
             // Ends when the worker closes its side, the connection breaks, or the head stops
-            // listening for acks; liveness then runs out on its own deadline.
+            // listening for acks; liveness then runs out on its own deadline, unless the worker
+            // was draining: then it has left.
+            let mut worker_id = None;
             while let Ok(Some(hb)) = inbound.message().await {
+                worker_id.get_or_insert_with(|| hb.worker_id.clone());
                 let applied = cluster.state().record_heartbeat(&hb, Instant::now());
                 let reply = match applied {
-                    Ok(failed) => {
-                        if failed {
+                    Ok(act) => {
+                        if act {
                             cluster.wake_controller();
                         }
                         Ok(pb::HeartbeatAck { unix_ms: unix_ms() })
@@ -113,6 +131,12 @@ impl pb::head_server::Head for HeadService {
                 if tx.send(reply).await.is_err() || refused {
                     break;
                 }
+            }
+            if let Some(worker_id) = worker_id
+                && cluster.state().finish_drain(&worker_id)
+            {
+                tracing::info!(worker = %worker_id, "draining worker left");
+                cluster.wake_controller();
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -35,7 +35,7 @@ pub(super) fn due_probes(state: &mut State, now: Instant, deadline: Duration) ->
         .replicas
         .values()
         .filter(|r| r.phase == Phase::Running && !r.health_check_in_flight)
-        .filter(|r| state.worker_is_live(&r.worker_id, now, deadline))
+        .filter(|r| state.worker_takes_work(&r.worker_id, now, deadline))
         .map(|r| r.id.clone())
         .collect();
     for id in live {
@@ -69,12 +69,15 @@ impl Cluster {
     pub(super) async fn run_probe(&self, probe: Probe) {
         let outcome = self.check_health(&probe).await;
         let mut state = self.state();
+        // A draining worker stops its replicas on purpose: not a failure to replace.
+        let draining = state.worker_is_draining(&probe.worker_id);
         let Some(replica) = state.replicas.get_mut(&probe.replica_id) else { return };
         replica.health_check_in_flight = false;
         replica.next_health_check = Some(later(Instant::now(), probe.period));
         if let Err(reason) = outcome
             && replica.phase == Phase::Running
             && replica.worker_id == probe.worker_id
+            && !draining
         {
             tracing::warn!(replica = %probe.replica_id, worker = %probe.worker_id, %reason,
                 "health check failed; replacing the replica");

@@ -134,6 +134,7 @@ mod tests {
             resources: pb::Resources::default(),
             lumen_version: String::new(),
             alive,
+            draining: false,
             registered_unix_ms: 0,
             since_last_heartbeat: Duration::ZERO,
             replica_ids: Vec::new(),

@@ -21,7 +21,10 @@
 //! - All cluster state lives in one [`registry::State`] behind one `std::sync::Mutex`; the lock is
 //!   never held across an `.await`, so every gRPC call is made after the lock is released.
 //! - A replica is routable only while it is `Running`, its deployment exists, and its worker is
-//!   alive (registered and heard from within [`MISSED_HEARTBEATS`] heartbeat intervals).
+//!   alive (registered and heard from within [`MISSED_HEARTBEATS`] heartbeat intervals) and not
+//!   draining. Worker states: alive, draining (it got SIGTERM and said so in a heartbeat: it
+//!   finishes its requests, takes no new ones or replicas, and its replicas are replaced
+//!   elsewhere at once), dead (silent past the deadline, or its stream ended after draining).
 //! - Replica ids are `{deployment}-{8 hex digits}`, minted by the controller; a worker that
 //!   re-registers reports the replicas it hosts and the head adopts them by that id.
 //! - The head counts its own in-flight requests per replica with a guard that lives inside the
@@ -45,7 +48,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-pub use head_service::serve_head;
+pub use head_service::{serve_head, serve_head_tls};
 pub use metrics::ClusterMetrics;
 pub use registry::Deployment;
 pub use snapshot::{
@@ -57,6 +60,10 @@ use replica_client::ClientPool;
 
 /// A worker silent for this many heartbeat intervals is marked dead.
 pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// The shortest time a restored head waits for its workers to register again: a worker that
+/// lost its head retries after 1 s, then 2 s more, so two of its attempts fall within it.
+pub const REJOIN_GRACE_MIN: Duration = Duration::from_secs(5);
 
 /// The head's cluster settings: membership, the controller's pace, replica start/stop timeouts.
 #[derive(Clone, Debug, PartialEq, clap::Args, serde::Deserialize)]
@@ -158,6 +165,12 @@ impl Cluster {
         &self.inner.settings
     }
 
+    /// Sets whom `https://` workers must prove to be (before any is dialed; the system's roots
+    /// otherwise). `false` when set already.
+    pub fn trust_workers(&self, tls: lumen_proto::tls::ClientTls) -> bool {
+        self.inner.clients.set_tls(tls)
+    }
+
     /// Replaces the desired deployments (declarative: deployments absent from `deployments` are
     /// removed and their replicas stopped by the controller). Names and served model names must
     /// be unique; on error nothing changes.
@@ -183,6 +196,14 @@ impl Cluster {
         // A panic while holding the lock cannot leave State half-updated in a way that matters
         // more than losing the whole head would, so keep serving.
         self.inner.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A head that restored its applications calls this at start: for the first heartbeat
+    /// deadline (at least [`REJOIN_GRACE_MIN`]) a request with no routable replica waits for the
+    /// workers to register again (bounded by `replica_wait_timeout_s`) instead of a 503.
+    pub fn expect_workers_back(&self) {
+        let grace = self.settings().heartbeat_deadline().max(REJOIN_GRACE_MIN);
+        self.state().rejoin_until = std::time::Instant::now().checked_add(grace);
     }
 
     fn wake_controller(&self) {

@@ -1,4 +1,4 @@
-//! Where a new replica goes: which live workers have room for one replica of a deployment, and
+//! Where a new replica goes: which live workers (not draining) have room for one replica of a deployment, and
 //! what to say when none has.
 //!
 //! Contract:
@@ -86,7 +86,7 @@ pub(super) fn choose_worker(state: &State, spec: &Deployment, now: Instant, dead
     state
         .workers
         .values()
-        .filter(|w| w.is_live(now, deadline) && fits(state, w, spec))
+        .filter(|w| w.takes_work(now, deadline) && fits(state, w, spec))
         .map(|w| {
             let hosted = state.replicas.values().filter(|r| r.worker_id == w.id);
             let same = hosted.clone().filter(|r| r.deployment == spec.name).count();
@@ -105,7 +105,7 @@ pub(super) fn no_room_message(
     placed: usize,
     target: usize,
 ) -> String {
-    let live: Vec<&WorkerEntry> = state.workers.values().filter(|w| w.is_live(now, deadline)).collect();
+    let live: Vec<&WorkerEntry> = state.workers.values().filter(|w| w.takes_work(now, deadline)).collect();
     let prefix = format!("waiting for capacity: {placed} of {target} replicas placed");
     if live.is_empty() {
         return format!("{prefix}; no live worker is registered");

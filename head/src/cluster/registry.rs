@@ -6,6 +6,10 @@
 //! Invariants:
 //! - Deployment names and served model names are unique (checked by [`validate_deployments`]).
 //! - Every replica entry names a worker present in `workers` (dead workers stay listed).
+//! - A draining worker (it said so in a heartbeat or its registration: it got SIGTERM) is still
+//!   alive but takes no new work: its replicas are neither routable nor counted as live (so the
+//!   controller places replacements elsewhere at once), and no replica is placed on it. Its
+//!   replicas still count towards the deployment's load while they finish their requests.
 //! - A replica's `deployment` may name a deployment that no longer exists (an orphan); the
 //!   controller stops orphans, but only after deployments were set at least once, so a restarted
 //!   head does not stop replicas that workers report before the serve config is loaded.
@@ -228,11 +232,18 @@ pub(super) struct WorkerEntry {
     pub last_seen: Instant,
     /// False once the worker missed its heartbeats; set again when it registers or heartbeats.
     pub alive: bool,
+    /// The worker is shutting down: it finishes its requests but takes no new ones.
+    pub draining: bool,
 }
 
 impl WorkerEntry {
     pub fn is_live(&self, now: Instant, deadline: Duration) -> bool {
         self.alive && now.saturating_duration_since(self.last_seen) <= deadline
+    }
+
+    /// Live and not draining: may take new requests and new replicas.
+    pub fn takes_work(&self, now: Instant, deadline: Duration) -> bool {
+        self.is_live(now, deadline) && !self.draining
     }
 
     /// Whether it runs replicas on GPUs (one device each) rather than the CPU.
@@ -315,6 +326,9 @@ pub(super) struct State {
     pub replicas: BTreeMap<String, ReplicaEntry>,
     /// Whether `set_deployments` was called yet (see the module invariants).
     pub deployments_set: bool,
+    /// Until then, a head restored from its state directory expects its workers to register
+    /// again: a request with no routable replica waits instead of being refused.
+    pub rejoin_until: Option<Instant>,
 }
 
 impl State {
@@ -370,6 +384,7 @@ impl State {
                 registered_unix_ms: unix_ms(),
                 last_seen: now,
                 alive: true,
+                draining: req.draining,
             },
         );
         let reported: BTreeMap<&str, &pb::ReplicaInfo> =
@@ -417,13 +432,15 @@ impl State {
         }
     }
 
-    /// Applies one heartbeat: the worker is alive and its replicas' stats are current. Returns
-    /// whether a replica newly reported failure (the controller should act).
+    /// Applies one heartbeat: the worker is alive, draining if it says so, and its replicas'
+    /// stats are current. Returns whether the controller should act now: a replica newly
+    /// reported failure, or the worker started draining (its replicas need replacements).
     pub fn record_heartbeat(&mut self, hb: &pb::WorkerHeartbeat, now: Instant) -> Result<bool, UnknownWorker> {
         let worker = self.workers.get_mut(&hb.worker_id).ok_or(UnknownWorker)?;
         worker.last_seen = now;
         worker.alive = true;
-        let mut failed = false;
+        let mut act = hb.draining && !worker.draining;
+        worker.draining = hb.draining;
         for stats in &hb.replicas {
             let Some(replica) = self.replicas.get_mut(&stats.replica_id) else { continue };
             if replica.worker_id != hb.worker_id {
@@ -432,11 +449,11 @@ impl State {
             if stats.state == pb::ReplicaState::Failed as i32 && replica.phase != Phase::Failed {
                 replica.phase = Phase::Failed;
                 replica.message = Some(format!("worker `{}` reported the replica failed", hb.worker_id));
-                failed = true;
+                act = true;
             }
             replica.stats = Some(stats.clone());
         }
-        Ok(failed)
+        Ok(act)
     }
 
     /// Marks workers silent for longer than `deadline` dead; returns their ids.
@@ -455,7 +472,33 @@ impl State {
         self.workers.get(worker_id).is_some_and(|w| w.is_live(now, deadline))
     }
 
-    /// Replicas of `deployment` that are starting or running on a live worker.
+    /// Whether the worker is live and not draining.
+    pub fn worker_takes_work(&self, worker_id: &str, now: Instant, deadline: Duration) -> bool {
+        self.workers.get(worker_id).is_some_and(|w| w.takes_work(now, deadline))
+    }
+
+    pub fn worker_is_draining(&self, worker_id: &str) -> bool {
+        self.workers.get(worker_id).is_some_and(|w| w.draining && w.alive)
+    }
+
+    /// A draining worker's heartbeat stream ended: it has finished its requests and exits (or
+    /// lost the head, and then registers again). Marks it dead and forgets its replicas, which
+    /// it stopped before leaving. Returns whether it was draining (a non-draining worker is left
+    /// to its heartbeat deadline).
+    pub fn finish_drain(&mut self, worker_id: &str) -> bool {
+        let Some(worker) = self.workers.get_mut(worker_id).filter(|w| w.draining) else { return false };
+        worker.alive = false;
+        self.replicas.retain(|_, r| r.worker_id != worker_id);
+        true
+    }
+
+    /// Whether a replica of `deployment` sits on a draining worker (its replacement is coming).
+    pub fn has_draining_replica(&self, deployment: &str) -> bool {
+        self.replicas.values().any(|r| r.deployment == deployment && self.worker_is_draining(&r.worker_id))
+    }
+
+    /// Replicas of `deployment` that are starting or running on a live worker that is not
+    /// draining.
     pub fn live_replicas<'a>(
         &'a self,
         deployment: &'a str,
@@ -465,7 +508,7 @@ impl State {
         self.replicas.values().filter(move |r| {
             r.deployment == deployment
                 && matches!(r.phase, Phase::Starting | Phase::Running)
-                && self.worker_is_live(&r.worker_id, now, deadline)
+                && self.worker_takes_work(&r.worker_id, now, deadline)
         })
     }
 

@@ -136,3 +136,40 @@ fn an_adopted_replica_is_current_when_it_serves_the_deployments_model() {
     let current: Vec<bool> = state.replicas.values().map(|r| d.is_current(r)).collect();
     assert_eq!(current, [true, false]);
 }
+
+#[test]
+fn a_draining_worker_keeps_its_replicas_out_of_routing_and_placement_until_it_leaves() {
+    let mut state = State::default();
+    state.set_deployments(vec![deployment("llm", "m")]);
+    register(&mut state, "old", "cpu", 1, vec![running("llm-00000001", "m")]);
+    register(&mut state, "new", "cpu", 1, vec![]);
+    let now = Instant::now();
+    assert_eq!(state.routable_replicas("llm", now, DEADLINE).count(), 1);
+
+    let beat = |draining| pb::WorkerHeartbeat { worker_id: "old".into(), draining, ..Default::default() };
+    assert_eq!(state.record_heartbeat(&beat(true), now).ok(), Some(true), "the controller must act at once");
+    assert_eq!(state.record_heartbeat(&beat(true), now).ok(), Some(false), "only the change is news");
+    assert!(state.worker_is_live("old", now, DEADLINE), "a draining worker is alive: it finishes its requests");
+    assert!(!state.worker_takes_work("old", now, DEADLINE));
+    assert_eq!(state.routable_replicas("llm", now, DEADLINE).count(), 0);
+    assert_eq!(state.live_replicas("llm", now, DEADLINE).count(), 0, "so the controller places a replacement");
+    assert!(state.has_draining_replica("llm"));
+    let spec = deployment("llm", "m");
+    assert_eq!(super::super::placement::choose_worker(&state, &spec, now, DEADLINE).as_deref(), Some("new"));
+
+    assert!(!state.finish_drain("new"), "a worker that was not draining is left to its deadline");
+    assert!(state.finish_drain("old"));
+    assert!(!state.worker_is_live("old", now, DEADLINE), "marked dead as soon as its stream ends");
+    assert!(state.replicas.is_empty(), "it stopped its replicas before leaving");
+    assert!(!state.has_draining_replica("llm"));
+}
+
+#[test]
+fn a_worker_that_registers_while_draining_takes_no_work() {
+    let mut state = State::default();
+    let req =
+        pb::RegisterRequest { worker_id: "w".into(), address: "http://w".into(), draining: true, ..Default::default() };
+    state.register_worker(&req, Instant::now());
+    assert!(state.worker_is_draining("w"));
+    assert!(!state.worker_takes_work("w", Instant::now(), DEADLINE));
+}

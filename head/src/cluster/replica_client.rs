@@ -3,11 +3,14 @@
 //!
 //! Channels connect lazily on first use and reconnect by themselves; a worker that re-registers
 //! at a new address gets a new channel. Connection failures surface as `UNAVAILABLE` statuses.
+//! A worker that advertises an `https://` address is dialed over TLS and must present a
+//! certificate for that host signed by the pool's roots (`--ssl-ca-certs`, else the system's).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use lumen_proto::tls::ClientTls;
 use lumen_proto::v1 as pb;
 use pb::worker_client::WorkerClient;
 use tonic::transport::{Channel, Endpoint};
@@ -19,16 +22,32 @@ pub const PARAM_METADATA_KEY: &str = "lumen-param";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// HTTP/2 windows of a worker connection. Output a client has not read yet stays in its
+/// request's stream window (2 MiB, hyper's default), which also holds connection window until
+/// read: with hyper's 5 MiB connection window three stalled clients could stop every stream of
+/// that worker. The connection window is therefore the protocol's largest, so only a stream's own
+/// window ever pushes back.
+const STREAM_WINDOW: u32 = 2 << 20;
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// Cached channels by worker id.
 #[derive(Default)]
 pub(super) struct ClientPool {
     channels: Mutex<HashMap<String, (String, Channel)>>,
+    /// Whom `https://` workers must prove to be; the system's roots until set.
+    tls: OnceLock<ClientTls>,
 }
 
 impl ClientPool {
+    /// Sets the roots `https://` workers are verified against, once, before the first dial;
+    /// `false` when they were set already (the first stay).
+    pub fn set_tls(&self, tls: ClientTls) -> bool {
+        self.tls.set(tls).is_ok()
+    }
+
     /// A client for `worker_id` at `address`, reusing the cached channel when the address is the
-    /// same. Fails only when the address is not a valid URI.
+    /// same. Fails only when the address is not a valid URI, or it is `https://` and the TLS
+    /// roots cannot be loaded.
     pub fn client(&self, worker_id: &str, address: &str) -> Result<WorkerClient<Channel>, tonic::transport::Error> {
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((cached_address, channel)) = channels.get(worker_id)
@@ -36,7 +55,8 @@ impl ClientPool {
         {
             return Ok(WorkerClient::new(channel.clone()));
         }
-        let channel = endpoint(address)?.connect_lazy();
+        let tls = self.tls.get_or_init(ClientTls::system);
+        let channel = tls.apply(endpoint(address)?)?.connect_lazy();
         channels.insert(worker_id.to_owned(), (address.to_owned(), channel.clone()));
         Ok(WorkerClient::new(channel))
     }
@@ -49,7 +69,9 @@ pub(super) fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Erro
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW))
 }
 
 /// What a worker's gRPC status means to the API layer.

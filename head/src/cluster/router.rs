@@ -11,10 +11,15 @@
 //!   request waits (up to `replica_wait_timeout_s`, polling the state) while a replica of the
 //!   deployment is starting or the deployment has not said why it has none (the controller is
 //!   about to place one). A deployment with a `message` and nothing starting (UNHEALTHY: failed
-//!   starts, no worker, no room) answers `Unavailable` with that message at once. Dropping the
-//!   request (a client gone) stops the wait.
+//!   starts, no worker, no room) answers `Unavailable` with that message at once, except while a
+//!   restored head waits for its workers to register again ([`Cluster::expect_workers_back`]):
+//!   then it waits too. Dropping the request (a client gone) stops the wait.
+//! - A replica on a draining worker is not routable; its replacement is placed at once, and a
+//!   request finding no other replica waits for it like for any starting replica.
 //! - A call that fails before its first event is retried once on another replica (not when the
-//!   replica rejected the request as invalid: another would too). After the first event, failures
+//!   replica rejected the request as invalid: another would too); when there is none, the retry
+//!   waits only while a replica is starting, one is draining (its replacement is coming) or
+//!   workers are expected back, and fails at once otherwise. After the first event, failures
 //!   become an `Err` item and end the stream, as does a stream that ends without `finished`.
 //! - Dropping the returned stream drops the gRPC call, which cancels it on the worker.
 
@@ -99,13 +104,26 @@ fn why_none_runs(
     now: Instant,
     deadline: Duration,
 ) -> Unroutable {
-    let starting = state.live_replicas(&deployment.spec.name, now, deadline).any(|r| r.phase == Phase::Starting);
+    let name = deployment.spec.name.as_str();
+    let starting = state.live_replicas(name, now, deadline).any(|r| r.phase == Phase::Starting);
+    let rejoining = state.rejoin_until.is_some_and(|until| now < until);
     match &deployment.message {
-        Some(message) if !starting => {
+        Some(message) if !starting && !rejoining => {
             Unroutable::Refused(BackendError::Unavailable(format!("`{model}` has no running replica: {message}")))
         }
         _ => Unroutable::Pending,
     }
+}
+
+/// Whether a retry that found no other replica should wait: a replica of `deployment` is
+/// starting, one sits on a draining worker (the controller is placing its replacement), or a
+/// restored head expects its workers back. Otherwise the replica that failed was the only one
+/// and nothing is on its way.
+fn replacement_coming(state: &State, deployment: &DeploymentEntry, now: Instant, deadline: Duration) -> bool {
+    let name = deployment.spec.name.as_str();
+    state.live_replicas(name, now, deadline).any(|r| r.phase == Phase::Starting)
+        || (deployment.message.is_none() && state.has_draining_replica(name))
+        || state.rejoin_until.is_some_and(|until| now < until)
 }
 
 /// A request waiting at the head for a replica of its deployment; counted until dropped.
@@ -138,7 +156,7 @@ impl Cluster {
         let routable: Vec<&ReplicaEntry> =
             state.routable_replicas(name, now, deadline).filter(|r| !exclude.contains(&r.id)).collect();
         if routable.is_empty() {
-            if !exclude.is_empty() {
+            if !exclude.is_empty() && !replacement_coming(&state, deployment, now, deadline) {
                 return Err(Unroutable::Refused(BackendError::NoReplica(model.into())));
             }
             return Err(why_none_runs(&state, deployment, model, now, deadline));
@@ -168,8 +186,8 @@ impl Cluster {
         })
     }
 
-    /// [`Self::pick`], waiting while the deployment is bringing a replica up (only on a first
-    /// try: with `exclude` set, `pick` never answers `Pending`).
+    /// [`Self::pick`], waiting while the deployment is bringing a replica up (on a retry, with
+    /// `exclude` set, only while a replacement is coming: see [`replacement_coming`]).
     async fn pick_or_wait(&self, model: &str, exclude: &[String], keys: &PrefixKeys) -> Result<Pick, BackendError> {
         let timeout = Duration::from_secs(self.settings().replica_wait_timeout_s);
         let give_up = tokio::time::Instant::now() + timeout;
@@ -401,6 +419,72 @@ mod tests {
             }
             assert_ne!(power_of_two_choices(&loads, random), first);
         }
+    }
+
+    const DEADLINE: Duration = Duration::from_secs(3);
+
+    /// A state with deployment `llm` (model `m`) whose one running replica is on worker `w`.
+    fn one_replica_on(draining: bool) -> State {
+        let mut state = State::default();
+        let spec = super::super::Deployment {
+            name: "llm".into(),
+            model_name: "m".into(),
+            ..super::super::Deployment::default()
+        };
+        state.set_deployments(vec![spec]);
+        let replica = pb::ReplicaInfo {
+            replica_id: "llm-00000001".into(),
+            model_name: "m".into(),
+            state: pb::ReplicaState::Running as i32,
+            ..Default::default()
+        };
+        let req = pb::RegisterRequest {
+            worker_id: "w".into(),
+            address: "http://w".into(),
+            replicas: vec![replica],
+            draining,
+            ..Default::default()
+        };
+        state.register_worker(&req, Instant::now());
+        state
+    }
+
+    fn set_message(state: &mut State, message: &str) {
+        if let Some(d) = state.deployment_mut("llm") {
+            d.message = Some(message.into());
+        }
+    }
+
+    #[test]
+    fn a_retry_waits_only_while_a_replacement_is_coming() {
+        let now = Instant::now();
+        let state = one_replica_on(false);
+        let d = state.deployment("llm").expect("deployed");
+        assert!(!replacement_coming(&state, d, now, DEADLINE), "the failed replica was the only one");
+        let state = one_replica_on(true);
+        let d = state.deployment("llm").expect("deployed");
+        assert!(replacement_coming(&state, d, now, DEADLINE), "its worker drains: a replacement is being placed");
+        assert!(matches!(why_none_runs(&state, d, "m", now, DEADLINE), Unroutable::Pending));
+    }
+
+    #[test]
+    fn a_restored_head_waits_for_its_workers_instead_of_refusing() {
+        let now = Instant::now();
+        let mut state = State::default();
+        state.set_deployments(vec![super::super::Deployment {
+            name: "llm".into(),
+            model_name: "m".into(),
+            ..super::super::Deployment::default()
+        }]);
+        set_message(&mut state, "waiting for capacity: 0 of 1 replicas placed; no live worker is registered");
+        let d = state.deployment("llm").expect("deployed");
+        assert!(matches!(why_none_runs(&state, d, "m", now, DEADLINE), Unroutable::Refused(_)));
+        state.rejoin_until = Some(now + Duration::from_secs(5));
+        let d = state.deployment("llm").expect("deployed");
+        assert!(matches!(why_none_runs(&state, d, "m", now, DEADLINE), Unroutable::Pending));
+        assert!(replacement_coming(&state, d, now, DEADLINE));
+        let after = now + Duration::from_secs(6);
+        assert!(matches!(why_none_runs(&state, d, "m", after, DEADLINE), Unroutable::Refused(_)), "the grace ends");
     }
 
     #[test]

@@ -220,6 +220,8 @@ impl Applications {
         let document = ServeDocument::from_value(stored.config)?;
         let mut applied = self.lock();
         self.install(&mut applied, &document.plans)?;
+        // The workers that served them are likely still up and about to register again.
+        self.inner.cluster.expect_workers_back();
         let applications_deployed_time_s = document
             .config
             .applications

@@ -19,6 +19,8 @@ pub struct WorkerView {
     pub id: String,
     pub address: String,
     pub alive: bool,
+    /// `ALIVE`, `DRAINING` (shutting down: finishing its requests, taking no new ones) or `DEAD`.
+    pub state: &'static str,
     pub lumen_version: String,
     pub registered_unix_ms: u64,
     pub last_heartbeat_ms_ago: u64,
@@ -75,6 +77,11 @@ fn worker(snapshot: &ClusterSnapshot, w: &WorkerSnapshot) -> WorkerView {
         id: w.id.clone(),
         address: w.address.clone(),
         alive: w.alive,
+        state: match (w.alive, w.draining) {
+            (false, _) => "DEAD",
+            (true, true) => "DRAINING",
+            (true, false) => "ALIVE",
+        },
         lumen_version: w.lumen_version.clone(),
         registered_unix_ms: w.registered_unix_ms,
         last_heartbeat_ms_ago: u64::try_from(w.since_last_heartbeat.as_millis()).unwrap_or(u64::MAX),

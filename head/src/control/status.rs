@@ -287,6 +287,7 @@ mod tests {
             resources: pb::Resources::default(),
             lumen_version: "test".into(),
             alive: true,
+            draining: false,
             registered_unix_ms: 0,
             since_last_heartbeat: Duration::ZERO,
             replica_ids: replicas.iter().map(|r| r.replica_id.clone()).collect(),

@@ -253,6 +253,7 @@ impl FakeWorker {
             replicas: self.state.hosted.lock().unwrap().clone(),
             join_token: String::new(),
             lumen_version: "test".into(),
+            draining: false,
         }
     }
 
@@ -319,7 +320,7 @@ async fn heartbeat(
                     }
                 })
                 .collect();
-            Some((pb::WorkerHeartbeat { worker_id: id, unix_ms: 0, replicas }, ticker))
+            Some((pb::WorkerHeartbeat { worker_id: id, unix_ms: 0, replicas, draining: false }, ticker))
         }
     });
     if let Ok(acks) = client.heartbeat(beats).await {

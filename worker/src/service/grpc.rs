@@ -1,10 +1,16 @@
-//! The tonic `Worker` service over a [`WorkerNode`], and [`serve_worker`] to run it.
+//! The tonic `Worker` service over a [`WorkerNode`], and [`serve_worker`] to run it
+//! ([`serve_worker_tls`] over TLS).
 //!
 //! Contracts of `Generate`: the response stream yields `Started` (prompt token count, plus the
 //! prompt's ids and text with `return_prompt`), one `Delta` per engine delta, then `Finished`
 //! with usage and timings; an engine failure ends it with an INTERNAL status carrying the
 //! engine's message. The stream owns the engine's `RequestStream` directly (no forwarding task),
-//! so when tonic drops it — the caller cancelled or went away — the request is aborted at once.
+//! so when tonic drops it — the caller cancelled or went away — the request is aborted at once,
+//! and an info line in the request's span says so. Output waits for the caller in the engine's
+//! per-request channel, which never blocks the engine (one slow reader cannot stall the batch)
+//! and holds only that request's own output (at most `max_tokens` x `n` deltas, `max_tokens`
+//! capped by the context); tonic pulls from it only as HTTP/2 flow control allows, and the head
+//! cancels a stream its client has stopped reading (`--stream-send-timeout-s`).
 //! Everything logged about one request — while it is set up and while its stream is polled —
 //! runs inside a `request` span with fields `request_id` and `replica`, so every such line
 //! carries them (in `--log-format json`, under `span`).
@@ -17,10 +23,10 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{FutureExt, Stream};
+use lumen_proto::tls::ServerTls;
 use lumen_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span};
 
@@ -51,22 +57,30 @@ impl WorkerService {
     }
 }
 
-/// Serves the `Worker` service on an already-bound listener until `shutdown` resolves, then
-/// finishes in-flight calls and returns.
+/// Serves the `Worker` service in plain text on an already-bound listener until `shutdown`
+/// resolves, then finishes in-flight calls and returns.
 pub async fn serve_worker(
     listener: TcpListener,
     node: WorkerNode,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServiceError> {
+    serve_worker_tls(listener, node, None, shutdown).await
+}
+
+/// [`serve_worker`], over TLS with `tls` (the head then dials `https://`). Connections get
+/// TCP_NODELAY either way: without it each streamed token could wait for a delayed ACK.
+pub async fn serve_worker_tls(
+    listener: TcpListener,
+    node: WorkerNode,
+    tls: Option<&ServerTls>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServiceError> {
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(%address, worker_id = node.worker_id(), "worker gRPC service listening");
-    // Without TCP_NODELAY each streamed token could wait for a delayed ACK.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
+    tracing::info!(%address, worker_id = node.worker_id(), tls = tls.is_some(), "worker gRPC service listening");
+    let router = Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .add_service(WorkerService::new(node).into_server())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .add_service(WorkerService::new(node).into_server());
+    lumen_proto::tls::serve_grpc(router, listener, tls, shutdown).await?;
     Ok(())
 }
 
@@ -90,13 +104,34 @@ enum Phase {
     Done,
 }
 
+/// Holds a request's place in its replica's in-flight count while its response stream lives;
+/// when the stream is dropped before the request ended (the head cancelled it: its client went
+/// away or stopped reading), logs that in the request's span, so the abort carries its id.
+struct Tracked {
+    _in_flight: InFlight,
+    span: Span,
+    ended: bool,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.span.in_scope(|| tracing::info!("the caller cancelled the request before it finished; aborted"));
+        }
+    }
+}
+
 /// The response stream of one request; dropping it drops (and so aborts) the engine request.
 /// `in_flight` is held until the stream ends or is dropped; each item is produced in `span`.
 fn event_stream(started: pb::GenerateEvent, request: RequestStream, in_flight: InFlight, span: Span) -> EventStream {
-    let state = (Phase::Start(started, request), in_flight, span);
-    Box::pin(futures::stream::unfold(state, |(phase, in_flight, span)| {
-        let polled = span.clone();
-        next_event(phase).instrument(polled).map(move |next| next.map(|(item, phase)| (item, (phase, in_flight, span))))
+    let state = (Phase::Start(started, request), Tracked { _in_flight: in_flight, span, ended: false });
+    Box::pin(futures::stream::unfold(state, |(phase, mut tracked)| {
+        let polled = tracked.span.clone();
+        next_event(phase).instrument(polled).map(move |next| {
+            let (item, phase) = next?;
+            tracked.ended |= matches!(phase, Phase::Done);
+            Some((item, (phase, tracked)))
+        })
     }))
 }
 

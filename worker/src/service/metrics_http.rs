@@ -11,6 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use lumen_proto::metrics::{EncodeError, Families, TEXT_CONTENT_TYPE, WORKER_LABELS, encode_text};
+use lumen_proto::tls::ServerTls;
 use lumen_proto::v1 as pb;
 use tokio::net::TcpListener;
 
@@ -21,15 +22,26 @@ pub fn metrics_router(node: WorkerNode) -> Router {
     Router::new().route("/metrics", get(metrics)).route("/", get(index)).with_state(node)
 }
 
-/// Serves [`metrics_router`] on an already-bound listener until `shutdown` resolves.
+/// Serves [`metrics_router`] in plain HTTP on an already-bound listener until `shutdown`
+/// resolves.
 pub async fn serve_metrics(
     listener: TcpListener,
     node: WorkerNode,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_metrics_tls(listener, node, None, shutdown).await
+}
+
+/// [`serve_metrics`], over HTTPS with `tls`.
+pub async fn serve_metrics_tls(
+    listener: TcpListener,
+    node: WorkerNode,
+    tls: Option<&ServerTls>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(%address, "worker metrics listening");
-    axum::serve(listener, metrics_router(node)).with_graceful_shutdown(shutdown).await
+    tracing::info!(%address, https = tls.is_some(), "worker metrics listening");
+    lumen_proto::tls::serve_http(listener, metrics_router(node), tls, shutdown).await
 }
 
 /// The text exposition of `replicas` (those with a model name).

@@ -11,6 +11,10 @@
 //!   timeout passes, then stops the engine (aborting what is left) and forgets the replica.
 //!   Stopping an unknown id succeeds (stop is idempotent).
 //! - The node is cheap to clone (an `Arc`); its lock is never held across an `.await`.
+//! - Draining (a SIGTERM): [`WorkerNode::begin_drain`] sets a flag the registration task sends
+//!   the head at once (`WorkerHeartbeat.draining`); once the head acknowledged that heartbeat
+//!   ([`WorkerNode::drain_acknowledged`]) the head routes nothing new here, and the caller stops
+//!   the replicas (each finishes its in-flight requests). The flag is never cleared.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use lumen_proto::v1 as pb;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::ServiceError;
@@ -107,6 +111,12 @@ struct NodeInner {
     worker_id: String,
     resources: pb::Resources,
     slots: Mutex<HashMap<String, Slot>>,
+    /// Set by [`WorkerNode::begin_drain`]; sent with every heartbeat and registration.
+    draining: AtomicBool,
+    /// Wakes the registration task to send a draining heartbeat now.
+    drain_started: Notify,
+    /// True once the head acknowledged a heartbeat that said draining.
+    drain_acked: watch::Sender<bool>,
 }
 
 /// The replicas this worker hosts, its id and its resources.
@@ -119,7 +129,14 @@ impl WorkerNode {
     /// An empty node; see `detect_resources` for `resources`.
     pub fn new(worker_id: impl Into<String>, resources: pb::Resources) -> WorkerNode {
         WorkerNode {
-            inner: Arc::new(NodeInner { worker_id: worker_id.into(), resources, slots: Mutex::new(HashMap::new()) }),
+            inner: Arc::new(NodeInner {
+                worker_id: worker_id.into(),
+                resources,
+                slots: Mutex::new(HashMap::new()),
+                draining: AtomicBool::new(false),
+                drain_started: Notify::new(),
+                drain_acked: watch::Sender::new(false),
+            }),
         }
     }
 
@@ -129,6 +146,37 @@ impl WorkerNode {
 
     pub fn resources(&self) -> &pb::Resources {
         &self.inner.resources
+    }
+
+    /// Starts draining: the next heartbeat (sent at once) tells the head (see the module docs).
+    pub fn begin_drain(&self) {
+        if !self.inner.draining.swap(true, Ordering::AcqRel) {
+            tracing::info!(worker_id = self.worker_id(), "draining: telling the head to route nothing new here");
+        }
+        self.inner.drain_started.notify_one();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// Completes when [`Self::begin_drain`] was called (at once if it was already).
+    pub async fn drain_started(&self) {
+        let notified = self.inner.drain_started.notified();
+        if !self.is_draining() {
+            notified.await;
+        }
+    }
+
+    /// Records that the head acknowledged a heartbeat saying this worker drains.
+    pub fn note_drain_acknowledged(&self) {
+        self.inner.drain_acked.send_replace(true);
+    }
+
+    /// Completes once the head acknowledged the drain (never, if no head does: bound it).
+    pub async fn drain_acknowledged(&self) {
+        let mut rx = self.inner.drain_acked.subscribe();
+        let _ = rx.wait_for(|acked| *acked).await;
     }
 
     fn slots(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
@@ -362,5 +410,29 @@ async fn drain(replica: &Replica, timeout: Duration) {
             return;
         }
         tokio::time::sleep(DRAIN_POLL.min(deadline - now)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_drain_wakes_the_heartbeat_and_its_acknowledgement_is_remembered() {
+        let node = WorkerNode::new("w", pb::Resources::default());
+        assert!(!node.is_draining());
+        let waiting = tokio::spawn({
+            let node = node.clone();
+            async move { node.drain_started().await }
+        });
+        tokio::task::yield_now().await;
+        node.begin_drain();
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("woken").expect("joined");
+        assert!(node.is_draining());
+        // Already draining: completes at once, however often it is asked.
+        tokio::time::timeout(Duration::from_secs(1), node.drain_started()).await.expect("at once");
+        assert!(tokio::time::timeout(Duration::from_millis(50), node.drain_acknowledged()).await.is_err());
+        node.note_drain_acknowledged();
+        tokio::time::timeout(Duration::from_secs(1), node.drain_acknowledged()).await.expect("acknowledged");
     }
 }

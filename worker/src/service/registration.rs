@@ -8,12 +8,20 @@
 //! session; the task logs it and starts a new one after a backoff that doubles from
 //! `initial_backoff` to `max_backoff` and resets once a session got registered. Every new
 //! session re-registers with the replicas the worker still hosts, so a restarted head learns
-//! them. The task ends only when its cancellation token is cancelled.
+//! them. The task ends only when its cancellation token is cancelled. An `https://` head is
+//! dialed over TLS and must present a certificate signed by the config's roots; one that does
+//! not is reported as such (`UntrustedHead`, naming `--ssl-ca-certs`).
+//!
+//! Draining: once [`WorkerNode::begin_drain`] is called, a heartbeat saying `draining` goes out
+//! at once (and every later heartbeat and registration says so too); when the head has
+//! acknowledged it (acks come in order, one per heartbeat; a registration that said draining
+//! counts as acknowledged), the task calls [`WorkerNode::note_drain_acknowledged`].
 
 use std::convert::Infallible;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lumen_proto::PROTOCOL_VERSION;
+use lumen_proto::tls::ClientTls;
 use lumen_proto::v1 as pb;
 use lumen_proto::v1::head_client::HeadClient;
 use tokio::sync::mpsc;
@@ -44,6 +52,8 @@ pub struct RegistrationConfig {
     pub advertise_address: String,
     /// Sent as `join_token`; empty when the head requires none.
     pub join_token: String,
+    /// Whom an `https://` head must prove to be (`--ssl-ca-certs`, else the system's roots).
+    pub tls: ClientTls,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -55,6 +65,7 @@ impl RegistrationConfig {
             head_url: head_url.into(),
             advertise_address: advertise_address.into(),
             join_token: String::new(),
+            tls: ClientTls::system(),
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(10),
         }
@@ -68,6 +79,13 @@ pub enum RegistrationError {
     BadUrl { url: String, reason: String },
     #[error("cannot reach the head at {url}: {reason}")]
     Connect { url: String, reason: String },
+    #[error(
+        "the head at {url} presented a certificate this worker does not trust ({reason}); pass the CA that \
+         signed it with --ssl-ca-certs"
+    )]
+    UntrustedHead { url: String, reason: String },
+    #[error("cannot set up TLS to the head at {url}: {reason} (--ssl-ca-certs names the CA to trust)")]
+    Tls { url: String, reason: String },
     #[error("the head refused the registration: {0}")]
     Refused(tonic::Status),
     #[error("the head did not answer the registration within {0:?}")]
@@ -116,7 +134,17 @@ async fn connect(config: &RegistrationConfig) -> Result<Channel, RegistrationErr
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
-    endpoint.connect().await.map_err(|e| RegistrationError::Connect { url, reason: error_chain(&e) })
+    let endpoint =
+        config.tls.apply(endpoint).map_err(|e| RegistrationError::Tls { url: url.clone(), reason: error_chain(&e) })?;
+    endpoint.connect().await.map_err(|e| {
+        let reason = error_chain(&e);
+        // rustls's verdict on the head's certificate ("invalid peer certificate: UnknownIssuer").
+        if reason.contains("invalid peer certificate") {
+            RegistrationError::UntrustedHead { url, reason }
+        } else {
+            RegistrationError::Connect { url, reason }
+        }
+    })
 }
 
 /// One register + heartbeat session; it ends only by failing (at shutdown the caller drops it).
@@ -135,7 +163,9 @@ async fn session(
         replicas: node.replicas(),
         join_token: config.join_token.clone(),
         lumen_version: env!("CARGO_PKG_VERSION").to_string(),
+        draining: node.is_draining(),
     };
+    let registered_draining = request.draining;
     let replicas = request.replicas.len();
     let reply = tokio::time::timeout(REGISTER_TIMEOUT, client.register(request))
         .await
@@ -146,6 +176,9 @@ async fn session(
         return Err(RegistrationError::ProtocolMismatch { head: reply.protocol_version, worker: PROTOCOL_VERSION });
     }
     *registered = true;
+    if registered_draining {
+        node.note_drain_acknowledged();
+    }
     let interval = match reply.heartbeat_interval_ms {
         0 => DEFAULT_HEARTBEAT,
         ms => Duration::from_millis(u64::from(ms)).max(MIN_HEARTBEAT),
@@ -155,17 +188,18 @@ async fn session(
     // The first heartbeat is queued before the call, so a head that waits for it before
     // answering cannot deadlock the stream.
     let (tx, rx) = mpsc::channel(4);
-    let send_failed = |_| RegistrationError::HeadClosed;
-    tx.send(heartbeat(node).await).await.map_err(send_failed)?;
+    let mut beats = Beats::default();
+    beats.send(node, &tx).await?;
     let mut acks = client.heartbeat(ReceiverStream::new(rx)).await.map_err(RegistrationError::Heartbeat)?.into_inner();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
         tokio::select! {
-            _ = ticker.tick() => tx.send(heartbeat(node).await).await.map_err(send_failed)?,
+            _ = ticker.tick() => beats.send(node, &tx).await?,
+            () = node.drain_started(), if beats.drain_seq.is_none() => beats.send(node, &tx).await?,
             ack = acks.message() => match ack {
-                Ok(Some(_)) => {}
+                Ok(Some(_)) => beats.acked(node),
                 Ok(None) => return Err(RegistrationError::HeadClosed),
                 Err(status) => return Err(RegistrationError::Heartbeat(status)),
             },
@@ -173,9 +207,44 @@ async fn session(
     }
 }
 
+/// The heartbeats of one session: how many went out and were acknowledged, and which one first
+/// said draining.
+#[derive(Default)]
+struct Beats {
+    sent: u64,
+    acked: u64,
+    drain_seq: Option<u64>,
+}
+
+impl Beats {
+    async fn send(
+        &mut self,
+        node: &WorkerNode,
+        tx: &mpsc::Sender<pb::WorkerHeartbeat>,
+    ) -> Result<(), RegistrationError> {
+        let beat = heartbeat(node).await;
+        let draining = beat.draining;
+        tx.send(beat).await.map_err(|_| RegistrationError::HeadClosed)?;
+        self.sent += 1;
+        if draining && self.drain_seq.is_none() {
+            self.drain_seq = Some(self.sent);
+        }
+        Ok(())
+    }
+
+    fn acked(&mut self, node: &WorkerNode) {
+        self.acked += 1;
+        if self.drain_seq.is_some_and(|seq| self.acked >= seq) {
+            node.note_drain_acknowledged();
+        }
+    }
+}
+
 async fn heartbeat(node: &WorkerNode) -> pb::WorkerHeartbeat {
     let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
-    pb::WorkerHeartbeat { worker_id: node.worker_id().to_string(), unix_ms, replicas: node.stats().await }
+    // Read before the stats, so a drain that starts meanwhile is sent by the next beat at least.
+    let draining = node.is_draining();
+    pb::WorkerHeartbeat { worker_id: node.worker_id().to_string(), unix_ms, replicas: node.stats().await, draining }
 }
 
 /// An error with its sources, for logs (tonic's transport errors hide the cause otherwise).
