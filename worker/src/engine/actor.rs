@@ -22,7 +22,8 @@ pub const COMMAND_QUEUE_CAPACITY: usize = 4096;
 
 /// Messages the engine actor handles.
 pub enum EngineMessage {
-    Generate(EngineRequest, RpcReplyPort<Result<RequestStream>>),
+    /// Boxed: a request is large next to the other messages.
+    Generate(Box<EngineRequest>, RpcReplyPort<Result<RequestStream>>),
     Abort(String),
     Stats(RpcReplyPort<EngineStats>),
 }
@@ -87,7 +88,7 @@ impl Actor for EngineActor {
     }
 }
 
-fn submit(me: &ActorRef<EngineMessage>, state: &ActorState, req: EngineRequest) -> Result<RequestStream> {
+fn submit(me: &ActorRef<EngineMessage>, state: &ActorState, req: Box<EngineRequest>) -> Result<RequestStream> {
     state.limits.validate(&req)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let id = req.id.clone();
@@ -161,7 +162,7 @@ impl EngineHandle {
 
     /// Queues a request and returns its output stream.
     pub async fn generate(&self, req: EngineRequest) -> Result<RequestStream> {
-        ractor::call!(self.actor, EngineMessage::Generate, req).map_err(|_| WorkerError::EngineStopped)?
+        ractor::call!(self.actor, EngineMessage::Generate, Box::new(req)).map_err(|_| WorkerError::EngineStopped)?
     }
 
     /// Aborts a request by id (no-op if it already finished).

@@ -18,7 +18,8 @@ use super::stats::EngineStats;
 
 /// What the engine thread is told to do.
 pub enum Command {
-    Add(EngineRequest, UnboundedSender<EngineEvent>),
+    /// Boxed: a request is large next to the other commands.
+    Add(Box<EngineRequest>, UnboundedSender<EngineEvent>),
     Abort(String),
     /// Abort everything and exit.
     Shutdown,
@@ -92,7 +93,7 @@ pub fn spawn(
 /// Applies a command; false means shut down.
 fn apply(core: &mut EngineCore, cmd: Command) -> bool {
     match cmd {
-        Command::Add(req, tx) => core.add_request(req, tx),
+        Command::Add(req, tx) => core.add_request(*req, tx),
         Command::Abort(id) => core.abort(&id),
         Command::Shutdown => return false,
     }

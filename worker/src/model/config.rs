@@ -130,7 +130,7 @@ impl LlamaConfig {
             num_hidden_layers: raw.num_hidden_layers,
             num_attention_heads: heads,
             num_key_value_heads: raw.num_key_value_heads.unwrap_or(heads),
-            head_dim: raw.head_dim.unwrap_or(if heads == 0 { 0 } else { raw.hidden_size / heads }),
+            head_dim: raw.head_dim.unwrap_or(raw.hidden_size.checked_div(heads).unwrap_or(0)),
             rms_norm_eps: raw.rms_norm_eps as f32,
             rope_theta: raw.rope_theta as f32,
             rope_scaling,

@@ -83,7 +83,7 @@ impl RawTensor {
     /// Checks that the byte length matches dtype and shape (a truncated file fails here).
     pub fn check_len(&self) -> Result<()> {
         let last = self.shape.last().copied().unwrap_or(1);
-        let rows = if last == 0 { 0 } else { self.elem_count() / last };
+        let rows = self.elem_count().checked_div(last).unwrap_or(0);
         if let TensorDType::Ggml(t) = self.dtype
             && last % t.block_size() != 0
         {

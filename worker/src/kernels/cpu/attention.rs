@@ -304,11 +304,11 @@ mod tests {
         keys: &[Vec<f32>],
         values: &[Vec<f32>],
         heads: usize,
-        kv_heads: usize,
-        hd: usize,
+        layout: &CacheLayout,
         ctx: usize,
         scale: f32,
     ) -> Vec<f64> {
+        let (kv_heads, hd) = (layout.kv_heads, layout.head_dim);
         let ratio = heads / kv_heads;
         let r16 = |x: f32| f16::from_f32(x).to_f64();
         let mut out = vec![0f64; heads * hd];
@@ -361,16 +361,8 @@ mod tests {
                 paged_attention(&pool, isa, &layout, heads, scale, &q, &queries, &k_cache, &v_cache, &mut out);
                 for (t, (seq, ctx)) in [(0usize, 19usize), (1, 10), (0, 6)].into_iter().enumerate() {
                     let (keys, values) = &histories[seq];
-                    let want = reference(
-                        &q[t * heads * hd..(t + 1) * heads * hd],
-                        keys,
-                        values,
-                        heads,
-                        kv_heads,
-                        hd,
-                        ctx,
-                        scale,
-                    );
+                    let want =
+                        reference(&q[t * heads * hd..(t + 1) * heads * hd], keys, values, heads, &layout, ctx, scale);
                     for (g, w) in out[t * heads * hd..(t + 1) * heads * hd].iter().zip(&want) {
                         assert!((*g as f64 - w).abs() < 1e-5, "{isa:?} token {t}: {g} vs {w}");
                     }

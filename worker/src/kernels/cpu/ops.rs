@@ -79,7 +79,7 @@ impl RopeTable {
     }
 
     pub fn max_positions(&self) -> usize {
-        if self.half == 0 { 0 } else { self.cos.len() / self.half }
+        self.cos.len().checked_div(self.half).unwrap_or(0)
     }
 
     /// Rotation pairs per head (half the head size).
