@@ -275,6 +275,8 @@ pub(super) struct ReplicaEntry {
     pub message: Option<String>,
     /// Requests the head has in flight on this replica (see `router::InFlight`).
     pub in_flight: Arc<AtomicU32>,
+    /// `in_flight` when `stats` arrived: how much of the reported load was the head's own.
+    pub in_flight_at_report: u32,
     /// The deployment version it was started with (`None`: adopted from a worker's report).
     pub spec_version: Option<u64>,
     /// When the next health check is due (set once it runs).
@@ -296,6 +298,7 @@ impl ReplicaEntry {
             stats: None,
             message: None,
             in_flight: Arc::new(AtomicU32::new(0)),
+            in_flight_at_report: 0,
             spec_version: None,
             next_health_check: None,
             health_check_in_flight: false,
@@ -308,10 +311,14 @@ impl ReplicaEntry {
         self.phase == Phase::Running
     }
 
-    /// Head-side in-flight requests plus the replica's last reported running and waiting.
+    /// The head's requests in flight on the replica now, plus the running and waiting requests
+    /// it last reported beyond the head's own at that moment (load from elsewhere). The head's
+    /// count is exact and current, so a report up to a heartbeat old no longer makes a replica
+    /// whose requests just finished look busy, nor counts the head's requests twice.
     pub fn load(&self) -> u64 {
         let reported = self.stats.as_ref().map_or(0, |s| u64::from(s.running) + u64::from(s.waiting));
-        u64::from(self.in_flight.load(Ordering::Relaxed)) + reported
+        let others = reported.saturating_sub(u64::from(self.in_flight_at_report));
+        u64::from(self.in_flight.load(Ordering::Relaxed)) + others
     }
 }
 
@@ -452,6 +459,7 @@ impl State {
                 act = true;
             }
             replica.stats = Some(stats.clone());
+            replica.in_flight_at_report = replica.in_flight.load(Ordering::Relaxed);
         }
         Ok(act)
     }

@@ -173,3 +173,25 @@ fn a_worker_that_registers_while_draining_takes_no_work() {
     assert!(state.worker_is_draining("w"));
     assert!(!state.worker_takes_work("w", Instant::now(), DEADLINE));
 }
+
+#[test]
+fn load_counts_the_heads_requests_now_and_reported_load_only_beyond_them() {
+    let mut state = State::default();
+    register(&mut state, "w", "cpu", 0, vec![]);
+    state.replicas.insert("r".into(), ReplicaEntry::new("r".into(), "d".into(), "w".into(), Phase::Running));
+    let beat = |running, waiting| pb::WorkerHeartbeat {
+        worker_id: "w".into(),
+        replicas: vec![pb::ReplicaStats { replica_id: "r".into(), running, waiting, ..Default::default() }],
+        ..Default::default()
+    };
+    let in_flight = state.replicas["r"].in_flight.clone();
+    in_flight.store(3, Ordering::Relaxed);
+    state.record_heartbeat(&beat(3, 0), Instant::now()).unwrap();
+    assert_eq!(state.replicas["r"].load(), 3, "the report holds the head's own three, counted once");
+    in_flight.store(0, Ordering::Relaxed);
+    assert_eq!(state.replicas["r"].load(), 0, "they finished: the report of them no longer counts");
+    state.record_heartbeat(&beat(2, 3), Instant::now()).unwrap();
+    assert_eq!(state.replicas["r"].load(), 5, "requests from elsewhere count");
+    in_flight.store(1, Ordering::Relaxed);
+    assert_eq!(state.replicas["r"].load(), 6);
+}

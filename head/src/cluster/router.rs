@@ -2,8 +2,9 @@
 //! affinity, else power of two choices on load) and forwards the request to its worker over gRPC.
 //!
 //! Contract:
-//! - Load of a replica = requests the head has in flight on it + the running and waiting
-//!   requests it last reported. Of two distinct random routable replicas, the less loaded wins,
+//! - Load of a replica = requests the head has in flight on it now + the running and waiting
+//!   requests it last reported beyond the head's own at that moment (`ReplicaEntry::load`). Of
+//!   two distinct random routable replicas, the less loaded wins,
 //!   unless a replica that served the prompt's prefix can take it ([`super::affinity`]).
 //! - A replica with `max_ongoing_requests` head-side requests in flight takes no more; when every
 //!   replica is full the request is refused as `Overloaded`.
