@@ -9,7 +9,8 @@
 //! - `lumen_serve_deployment_replicas{deployment,state}`: replicas per deployment in each of
 //!   Ray's states (`STARTING`, `RUNNING`, `STOPPING`, plus Lumen's `FAILED`, `UNHEALTHY`), zeros
 //!   included, for every desired deployment and any removed one whose replicas still stop.
-//! - `lumen_cluster_workers{state}`: registered workers, `alive` and `dead`.
+//! - `lumen_cluster_workers{state}`: registered workers, `alive`, `draining` (alive, finishing
+//!   its requests after SIGTERM, taking no new ones) and `dead`, as in `/api/cluster`.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +23,7 @@ use super::{Cluster, ClusterSnapshot, ReplicaState};
 const DEPLOYMENT_REPLICAS: &str = "lumen_serve_deployment_replicas";
 const DEPLOYMENT_REPLICAS_HELP: &str = "Replicas of a deployment, by state.";
 const CLUSTER_WORKERS: &str = "lumen_cluster_workers";
-const CLUSTER_WORKERS_HELP: &str = "Workers registered with the head, by state (alive or dead).";
+const CLUSTER_WORKERS_HELP: &str = "Workers registered with the head, by state (alive, draining or dead).";
 
 const REPLICA_STATES: [ReplicaState; 5] = [
     ReplicaState::Starting,
@@ -109,9 +110,10 @@ fn families(snapshot: &ClusterSnapshot) -> Vec<MetricFamily> {
         }
     }
 
-    let alive = snapshot.workers.iter().filter(|w| w.alive).count();
-    let dead = snapshot.workers.len() - alive;
-    for (state, count) in [("alive", alive), ("dead", dead)] {
+    let draining = snapshot.workers.iter().filter(|w| w.alive && w.draining).count();
+    let alive = snapshot.workers.iter().filter(|w| w.alive).count() - draining;
+    let dead = snapshot.workers.len() - alive - draining;
+    for (state, count) in [("alive", alive), ("draining", draining), ("dead", dead)] {
         families.gauge(CLUSTER_WORKERS, CLUSTER_WORKERS_HELP, &[("state", state)], count as f64);
     }
     families.into_vec()
@@ -163,7 +165,11 @@ mod tests {
     #[test]
     fn replicas_are_labelled_and_dead_workers_replicas_left_out() {
         let snapshot = ClusterSnapshot {
-            workers: vec![worker("w1", true), worker("w2", false)],
+            workers: vec![
+                worker("w1", true),
+                worker("w2", false),
+                WorkerSnapshot { draining: true, ..worker("w3", true) },
+            ],
             deployments: Vec::new(),
             replicas: vec![
                 replica("llm-a", "w1", ReplicaState::Running, 7),
@@ -176,6 +182,7 @@ mod tests {
         assert!(!text.contains(r#"replica="llm-b""#), "a dead worker's replica is not exported:\n{text}");
         for line in [
             r#"lumen_cluster_workers{state="alive"} 1"#,
+            r#"lumen_cluster_workers{state="draining"} 1"#,
             r#"lumen_cluster_workers{state="dead"} 1"#,
             r#"lumen_serve_deployment_replicas{deployment="llm",state="RUNNING"} 1"#,
             r#"lumen_serve_deployment_replicas{deployment="llm",state="UNHEALTHY"} 1"#,
