@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lumen_proto::v1 as pb;
 use serde_json::{Value, json};
-use support::{Lumen, head_flags, model_path, until};
+use support::{Lumen, head_args, head_flags, model_path, until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -209,9 +209,7 @@ async fn worker_alive(http: &reqwest::Client, head: &Lumen, id: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_cut_between_head_and_worker_heals_without_an_operator() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut args = vec!["head".to_string(), "--config".into(), serve_config(dir.path())];
-    args.extend(head_flags());
-    let head = Lumen::start(&args);
+    let head = Lumen::start(&head_args(serve_config(dir.path())));
     // Both directions go through proxies: the worker's registration and heartbeats to the head,
     // and the head's calls to the worker (its advertised address).
     let to_head = Proxy::start(head.addr("grpc")).await;
@@ -267,9 +265,7 @@ async fn a_network_cut_between_head_and_worker_heals_without_an_operator() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_a_head_stops_admissions_and_finishes_the_stream_in_flight() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut args = vec!["head".to_string(), "--config".into(), serve_config(dir.path())];
-    args.extend(head_flags());
-    let mut head = Lumen::start(&args);
+    let mut head = Lumen::start(&head_args(serve_config(dir.path())));
     let _worker = Lumen::start(&support::worker_flags(&head.url("grpc"), "w1"));
     let http = reqwest::Client::new();
     head.wait_healthy(&http).await;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Lumen, head_flags, model_path, worker_flags};
+use support::{Lumen, head_args, model_path, worker_flags};
 
 /// The engine line's interval on the worker, in seconds.
 const LOG_STATS_INTERVAL_S: u64 = 1;
@@ -305,9 +305,7 @@ async fn metrics_and_engine_logs_match_what_was_served() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("serve.yaml");
     std::fs::write(&config, serve_config()).expect("config");
-    let mut args = vec!["head".to_string(), "--config".into(), config.display().to_string()];
-    args.extend(head_flags());
-    let head = Lumen::start(&args);
+    let head = Lumen::start(&head_args(&config));
     let worker = Worker::start(&head.url("grpc"));
     let http = reqwest::Client::new();
     head.wait_healthy(&http).await;

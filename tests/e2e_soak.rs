@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use support::{Lumen, head_flags, model_path, until, worker_flags};
+use support::{Lumen, head_args, model_path, until, worker_flags};
 
 #[test]
 fn soak_loses_no_request_across_a_worker_kill_a_rolling_replacement_and_a_head_restart() {
@@ -114,9 +114,7 @@ async fn short_completion(http: &reqwest::Client, api: &str, i: usize) -> Value 
 async fn a_worker_given_sigterm_finishes_its_stream_exits_zero_and_leaves_routing() {
     let dir = tempfile::tempdir().unwrap();
     let config = serve_config(dir.path(), 2);
-    let mut args = vec!["head".to_string(), "--config".into(), config.display().to_string()];
-    args.extend(head_flags());
-    let head = Lumen::start(&args);
+    let head = Lumen::start(&head_args(&config));
     let mut pool: Vec<(&str, Lumen)> =
         ["w1", "w2"].map(|id| (id, Lumen::start(&worker_flags(&head.url("grpc"), id)))).into();
     let http = reqwest::Client::new();
@@ -226,9 +224,7 @@ async fn steady_load(http: reqwest::Client, api: String, client: usize, stop: Ar
 async fn a_rolling_replacement_of_the_only_replica_under_load_fails_no_request() {
     let dir = tempfile::tempdir().unwrap();
     let config = serve_config(dir.path(), 1);
-    let mut args = vec!["head".to_string(), "--config".into(), config.display().to_string()];
-    args.extend(head_flags());
-    let head = Lumen::start(&args);
+    let head = Lumen::start(&head_args(&config));
     let mut old = Lumen::start(&worker_flags(&head.url("grpc"), "old"));
     let http = reqwest::Client::new();
     let (http, head_ref) = (&http, &head);

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::{Value, json};
-use support::{Lumen, head_flags, model_path, read_sse, serve_flags, until, worker_flags};
+use support::{Lumen, head_args, head_flags, model_path, read_sse, serve_flags, until, worker_flags};
 
 /// A CA, and a certificate it signed for `localhost` and `127.0.0.1` (head and workers share it).
 struct Pki {
@@ -123,8 +123,7 @@ fn spawn_logged(args: &[String], log: &Path) -> std::process::Child {
 async fn head_and_workers_speak_tls_and_an_untrusting_worker_cannot_join() {
     let pki = Pki::new();
     let config = serve_config(pki.dir.path());
-    let mut args = vec!["head".to_string(), "--config".into(), config.display().to_string()];
-    args.extend(head_flags());
+    let mut args = head_args(&config);
     args.extend(pki.flags());
     let mut head = Lumen::start(&args);
     let head_grpc = https(&head, "grpc");

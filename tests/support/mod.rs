@@ -27,6 +27,13 @@ pub fn engine_flags() -> Vec<String> {
     ["--threads", "2", "--max-model-len", "1024", "--kv-cache-memory", "64MiB"].iter().map(|s| s.to_string()).collect()
 }
 
+/// `head --config CONFIG` with [`head_flags`]: the arguments of a `lumen head` serving a config file.
+pub fn head_args(config: impl AsRef<std::path::Path>) -> Vec<String> {
+    let mut args = vec!["head".to_string(), "--config".into(), config.as_ref().display().to_string()];
+    args.extend(head_flags());
+    args
+}
+
 /// Ephemeral-port flags for a head.
 pub fn head_flags() -> Vec<String> {
     [

@@ -71,12 +71,6 @@ impl Param for i32 {
     }
 }
 
-impl Param for u32 {
-    fn into_slot(self) -> u64 {
-        u64::from(self)
-    }
-}
-
 impl Param for f32 {
     fn into_slot(self) -> u64 {
         u64::from(self.to_bits())

@@ -88,12 +88,4 @@ impl LayerScratch {
             _ => Ok(None),
         }
     }
-
-    /// Bytes held.
-    pub fn size_bytes(&self) -> usize {
-        self.halves
-            .iter()
-            .map(|(a, b)| a.buffer.elem_count() * a.buffer.dtype().size_in_bytes() + b.buffer.elem_count() * 4)
-            .sum()
-    }
 }
