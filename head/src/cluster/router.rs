@@ -105,11 +105,9 @@ fn why_none_runs(
     now: Instant,
     deadline: Duration,
 ) -> Unroutable {
-    let name = deployment.spec.name.as_str();
-    let starting = state.live_replicas(name, now, deadline).any(|r| r.phase == Phase::Starting);
-    let rejoining = state.rejoin_until.is_some_and(|until| now < until);
+    let waiting = replica_starting(state, deployment, now, deadline) || workers_expected_back(state, now);
     match &deployment.message {
-        Some(message) if !starting && !rejoining => {
+        Some(message) if !waiting => {
             Unroutable::Refused(BackendError::Unavailable(format!("`{model}` has no running replica: {message}")))
         }
         _ => Unroutable::Pending,
@@ -121,10 +119,19 @@ fn why_none_runs(
 /// restored head expects its workers back. Otherwise the replica that failed was the only one
 /// and nothing is on its way.
 fn replacement_coming(state: &State, deployment: &DeploymentEntry, now: Instant, deadline: Duration) -> bool {
-    let name = deployment.spec.name.as_str();
-    state.live_replicas(name, now, deadline).any(|r| r.phase == Phase::Starting)
-        || (deployment.message.is_none() && state.has_draining_replica(name))
-        || state.rejoin_until.is_some_and(|until| now < until)
+    replica_starting(state, deployment, now, deadline)
+        || (deployment.message.is_none() && state.has_draining_replica(&deployment.spec.name))
+        || workers_expected_back(state, now)
+}
+
+/// A replica of `deployment` on a live worker is starting.
+fn replica_starting(state: &State, deployment: &DeploymentEntry, now: Instant, deadline: Duration) -> bool {
+    state.live_replicas(&deployment.spec.name, now, deadline).any(|r| r.phase == Phase::Starting)
+}
+
+/// A restored head is still waiting for its workers to register again.
+fn workers_expected_back(state: &State, now: Instant) -> bool {
+    state.rejoin_until.is_some_and(|until| now < until)
 }
 
 /// A request waiting at the head for a replica of its deployment; counted until dropped.
