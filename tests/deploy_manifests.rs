@@ -512,8 +512,8 @@ async fn the_cpu_demo_serve_config_serves_a_chat_and_exports_the_scaling_metrics
     let process = Lumen::start(&serve_args);
     let http = reqwest::Client::new();
     process.wait_healthy(&http).await;
-    let body =
-        serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8});
+    let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8,
+                           "temperature": 0});
     let response =
         http.post(format!("{}/v1/chat/completions", process.url("api"))).json(&body).send().await.expect("chat");
     assert_eq!(response.status(), 200);

@@ -42,7 +42,7 @@ fn wait_running(control: &str, app: &str) -> Value {
 }
 
 async fn completion(http: &reqwest::Client, api: &str) -> Value {
-    let body = json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 3});
+    let body = json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 3, "ignore_eos": true});
     let r = http.post(format!("{api}/v1/completions")).json(&body).send().await.expect("completion");
     assert_eq!(r.status(), 200);
     r.json().await.expect("completion JSON")

@@ -30,7 +30,8 @@ async fn openai_clients_get_completions_streams_and_errors_in_openais_shape() {
     assert_eq!(models["data"][0]["max_model_len"], 1024);
 
     // A chat completion.
-    let body = json!({"model": "smol", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8});
+    let body = json!({"model": "smol", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8,
+                      "ignore_eos": true});
     let r: Value =
         auth(http.post(format!("{api}/v1/chat/completions")).json(&body)).send().await.unwrap().json().await.unwrap();
     assert_eq!(r["object"], "chat.completion");
@@ -40,7 +41,7 @@ async fn openai_clients_get_completions_streams_and_errors_in_openais_shape() {
 
     // Streaming chat with usage: role first, [DONE] last, usage matches the content chunks.
     let body = json!({"model": "smol", "messages": [{"role": "user", "content": "Count to five"}], "max_tokens": 12,
-                      "stream": true, "stream_options": {"include_usage": true}});
+                      "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
     let resp = auth(http.post(format!("{api}/v1/chat/completions")).json(&body)).send().await.unwrap();
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let (events, done) = read_sse(resp).await;
@@ -183,7 +184,7 @@ async fn a_head_and_a_separate_worker_process_serve_a_config_file() {
     head.wait_healthy(&http).await;
     let r: Value = http
         .post(format!("{}/v1/completions", head.url("api")))
-        .json(&json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 3}))
+        .json(&json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 3, "ignore_eos": true}))
         .send()
         .await
         .unwrap()

@@ -104,7 +104,8 @@ async fn workers(http: &reqwest::Client, head: &Lumen) -> Vec<(String, bool, u64
 }
 
 async fn short_completion(http: &reqwest::Client, api: &str, i: usize) -> Value {
-    let body = json!({"model": "smol", "prompt": format!("Request {i} during the drain:"), "max_tokens": 4});
+    let body = json!({"model": "smol", "prompt": format!("Request {i} during the drain:"), "max_tokens": 4,
+                      "ignore_eos": true});
     let response = http.post(format!("{api}/v1/completions")).json(&body).send().await.expect("completion");
     assert_eq!(response.status(), 200, "request {i} during the drain failed");
     response.json().await.expect("completion JSON")
@@ -203,7 +204,8 @@ async fn steady_load(http: reqwest::Client, api: String, client: usize, stop: Ar
     let mut i = 0;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let body = json!({"model": "smol", "prompt": format!("Client {client}, request {i}:"), "max_tokens": 4});
+        let body = json!({"model": "smol", "prompt": format!("Client {client}, request {i}:"), "max_tokens": 4,
+                          "ignore_eos": true});
         match http.post(format!("{api}/v1/completions")).json(&body).send().await {
             Ok(response) if response.status() == 200 => match response.json::<Value>().await {
                 Ok(answer) if answer["usage"]["completion_tokens"] == 4 => completed += 1,
