@@ -5,14 +5,16 @@
 # weights at 1, 8 and 32 streams (`bench`), and the full server at concurrency 1-256 with its
 # start-up time (`serve`); prints a table last.
 #
-#   bash scripts/gpu/run-on-device.sh [tests] [bench] [parity] [profile] [profile-attention] [serve]
+#   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention] [serve]
 #                                                                        (default: the first three)
 #
 # carry: gpu-pack (binaries, tokenizer, first half of the GGUF). The GGUF's second half comes in
 # a second call carrying gpu-smol (the machine keeps /tmp/lumen-gpu between warm calls):
 #   call 1: bash scripts/gpu/run-on-device.sh tests bench serve   carry [gpu-pack]
-# `bench` also runs 1 stream with LUMEN_CUDA_PDL=0 (plain launches) and 8 with LUMEN_CUDA_PDL=all
-# (dependent launches, which the default keeps to single-row steps) for comparison.
+# `bench` also runs 1 stream with LUMEN_CUDA_PDL=0 (plain launches), 8 with LUMEN_CUDA_PDL=all
+# (dependent launches, which the default keeps to single-row steps) and 8 with
+# LUMEN_CUDA_GEMV_MAX_ROWS=8 (the GEMV, not cuBLAS, for steps of 3-8 rows) for comparison.
+# `linear` times the linear layers alone against cuBLAS.
 #   call 2: bash scripts/gpu/run-on-device.sh parity           carry [gpu-smol]
 # Logs and JSON go to /tmp/lumen-gpu/out, packed into $OUT/lumen-gpu-logs.tgz when $OUT is set
 # (the device tool's output folder).
@@ -29,6 +31,8 @@ row() { table+=("$(printf '%-44s %s' "$1" "$2")"); }
 # Unpack what this call carried; keep it in $work for later calls.
 [ -f gpu-pack/lumen.xz ] && xz -dc gpu-pack/lumen.xz > "$work/lumen" && chmod +x "$work/lumen"
 [ -f gpu-pack/worker-tests.xz ] && xz -dc gpu-pack/worker-tests.xz > "$work/worker-tests" && chmod +x "$work/worker-tests"
+[ -f gpu-pack/linear-bench.xz ] && xz -dc gpu-pack/linear-bench.xz > "$work/linear-bench" &&
+    chmod +x "$work/linear-bench"
 [ -f gpu-pack/llama3.1-tokenizer.tar.xz ] && tar -C "$work" -xJf gpu-pack/llama3.1-tokenizer.tar.xz
 [ -f gpu-pack/smollm2.part1 ] && cp gpu-pack/smollm2.part1 "$work/"
 if [ -f gpu-smol/smollm2.part2 ] && [ -f "$work/smollm2.part1" ]; then
@@ -64,6 +68,12 @@ row "device-to-device copy (GB/s, median of 20)" "${bandwidth:-failed}"
 if [[ " $steps " == *" tests "* ]]; then
     "$work/worker-tests" --test-threads=1 kernels::cuda model::llama_cuda::memory sampling:: 2>&1 | tee "$out/kernel-tests.log"
     row "GPU kernel tests (vs CPU references)" "$(grep -E '^test result' "$out/kernel-tests.log" | tail -1)"
+fi
+
+if [[ " $steps " == *" linear "* ]]; then
+    # Linear layers alone: our GEMV against cuBLAS and the read rate, 1-64 rows.
+    "$work/linear-bench" --json "$out/linear.json" 2>&1 | tee "$out/linear.txt"
+    row "linear layers: GEMV faster than cuBLAS at" "$(awk '$NF == "gemv" {print $1 " m=" $(NF-6)}' "$out/linear.txt" | tr '\n' ' ')"
 fi
 
 if [[ " $steps " == *" parity "* ]]; then
@@ -149,6 +159,8 @@ if [[ " $steps " == *" bench "* ]]; then
     LUMEN_CUDA_PDL=0 bench decode-c1-no-pdl --input-len 128 --output-len 512 --num-prompts 3 --concurrency 1
     bench decode-c8 --input-len 512 --output-len 256 --num-prompts 16 --concurrency 8
     LUMEN_CUDA_PDL=all bench decode-c8-pdl --input-len 512 --output-len 256 --num-prompts 16 --concurrency 8
+    LUMEN_CUDA_GEMV_MAX_ROWS=8 bench decode-c8-gemv8 --input-len 512 --output-len 256 --num-prompts 16 --concurrency 8
+    bench decode-c16 --input-len 512 --output-len 256 --num-prompts 32 --concurrency 16
     bench decode-c32 --input-len 512 --output-len 256 --num-prompts 64 --concurrency 32
     LUMEN_CUDA_OP_TIMING=1 bench decode-c32-ops --input-len 512 --output-len 256 --num-prompts 32 --concurrency 32
     python3 - "$out" "${bandwidth:-0}" > "$out/bench-summary.txt" <<'PY'
@@ -157,7 +169,8 @@ out, bw = sys.argv[1], float(sys.argv[2]) * 1e9
 # Llama-3.1-8B in BF16: all weights, and what one decode step reads (all but the embeddings).
 total = 2 * (2 * 128256 * 4096 + 32 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336) + 33 * 4096)
 streamed = total - 2 * 128256 * 4096
-for name in ["decode-c1-cold", "decode-c1", "decode-c1-ops", "decode-c1-no-pdl", "decode-c8", "decode-c8-pdl", "decode-c32"]:
+for name in ["decode-c1-cold", "decode-c1", "decode-c1-ops", "decode-c1-no-pdl", "decode-c8", "decode-c8-pdl",
+             "decode-c8-gemv8", "decode-c16", "decode-c32"]:
     p = os.path.join(out, name + ".json")
     if not os.path.exists(p):
         print(f"{name:44s} failed"); continue
@@ -175,7 +188,7 @@ PY
     row "decode step, c=1 (mean)" "${timing:-?}"
     ops=$(grep -h 'decode step timing' "$out/decode-c1-ops.log" | tail -1 | grep -oE 'ops_ms=.*$')
     row "decode step GPU ms by op (events), c=1" "${ops:-?}"
-    for name in decode-c8 decode-c8-pdl decode-c32; do
+    for name in decode-c8 decode-c8-pdl decode-c8-gemv8 decode-c16 decode-c32; do
         timing=$(grep -h 'decode step timing' "$out/$name.log" | tail -1 | grep -oE '(wall|host|gpu)_ms=[0-9.]+' | tr '\n' ' ')
         row "decode step, ${name#decode-} (mean)" "${timing:-?}"
     done

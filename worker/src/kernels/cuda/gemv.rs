@@ -1,5 +1,13 @@
-//! `x · Wᵀ` for the model's linear layers: our GEMV (`gemv.cu`) when a step has few tokens (decode:
-//! reading the weights at full bandwidth is all that matters), cuBLAS through candle otherwise.
+//! `x · Wᵀ` for the model's linear layers: our GEMV (`gemv.cu`) for steps of one or two tokens
+//! (decode: reading the weights at full bandwidth is all that matters), cuBLAS through candle
+//! otherwise.
+//!
+//! Where the line lies was measured on the H200 for the 8B shape's projections
+//! (`scripts/gpu/linear_bench.cu`, docs/benchmarks.md): at one and two rows the GEMV reads the
+//! weights faster than cuBLAS (o: 11.2 against 13.3 µs), from three rows cuBLAS does, by far at
+//! eight (a layer's four products 122 against 196 µs): its kernels keep their time flat from 1 to
+//! 32 rows (65-94% of the read rate) while the GEMV's arithmetic grows with the rows.
+//! `LUMEN_CUDA_GEMV_MAX_ROWS` (1-8) moves the line for other GPUs.
 
 use candle_core::Tensor;
 
@@ -8,6 +16,8 @@ use crate::{Result, WorkerError};
 
 /// Most token rows the GEMV kernel takes (`gemv_*_m1` .. `gemv_*_m8`).
 pub const GEMV_MAX_ROWS: usize = 8;
+/// Most token rows a linear layer gives the GEMV by default; cuBLAS takes larger steps.
+pub const GEMV_DEFAULT_ROWS: usize = 2;
 /// Warps per block; must match `WARPS` in gemv.cu.
 const WARPS: usize = 8;
 /// From this many output features on, one token row takes `gemv_*_m1_wide` (two features per
@@ -48,30 +58,63 @@ impl Variant {
     }
 }
 
+/// Most token rows a linear layer gives the GEMV: `LUMEN_CUDA_GEMV_MAX_ROWS` (1 to 8), else
+/// [`GEMV_DEFAULT_ROWS`].
+pub fn gemv_rows_from_env() -> Result<usize> {
+    match std::env::var("LUMEN_CUDA_GEMV_MAX_ROWS") {
+        Err(_) => Ok(GEMV_DEFAULT_ROWS),
+        Ok(v) => v.parse().ok().filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).ok_or_else(|| {
+            WorkerError::invalid(
+                "LUMEN_CUDA_GEMV_MAX_ROWS",
+                format!("{v:?} is not a number of rows from 1 to {GEMV_MAX_ROWS}"),
+            )
+        }),
+    }
+}
+
 impl CudaKernels {
     /// `x · Wᵀ` with `x` `[m, k]` and `W` `[n, k]` (a linear layer's Hugging Face layout):
     /// `[m, n]`, accumulated in f32.
     pub fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let m = x.dims2().map_err(|e| WorkerError::Engine(format!("cuda linear: {e}")))?.0;
+        if m <= self.gemv_rows && self.gemv_takes(x, w)? {
+            return self.gemv(x, w);
+        }
+        w.t().and_then(|wt| x.matmul(&wt)).map_err(|e| gpu_error("matmul", e))
+    }
+
+    /// Whether the GEMV kernel can multiply `x` by `Wᵀ`: 1 to 8 rows of the kernels' element
+    /// type, contiguous and 16-byte aligned, k a whole number of 16-byte vectors.
+    fn gemv_takes(&self, x: &Tensor, w: &Tensor) -> Result<bool> {
         let dims = |t: &Tensor| t.dims2().map_err(|e| WorkerError::Engine(format!("cuda linear: {e}")));
-        let ((m, k), (n, w_k)) = (dims(x)?, dims(w)?);
+        let ((m, k), (_, w_k)) = (dims(x)?, dims(w)?);
         if k != w_k {
             return Err(WorkerError::Engine(format!("cuda linear: x {:?} against W {:?}", x.dims(), w.dims())));
         }
-        let per_vector = 16 / self.dtype.size_in_bytes();
-        let fits = (1..=GEMV_MAX_ROWS).contains(&m)
-            && k % per_vector == 0
+        Ok((1..=GEMV_MAX_ROWS).contains(&m)
+            && k % (16 / self.dtype.size_in_bytes()) == 0
             && x.dtype() == self.dtype
             && w.dtype() == self.dtype
             && x.is_contiguous()
             && w.is_contiguous()
             && device_ptr(x)? % 16 == 0
-            && device_ptr(w)? % 16 == 0;
-        if !fits {
-            return w.t().and_then(|wt| x.matmul(&wt)).map_err(|e| gpu_error("matmul", e));
+            && device_ptr(w)? % 16 == 0)
+    }
+
+    /// `x · Wᵀ` by the GEMV kernel, whatever the row limit (the caller checked `gemv_takes`).
+    pub(crate) fn gemv(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if !self.gemv_takes(x, w)? {
+            return Err(WorkerError::Engine(format!(
+                "cuda gemv: cannot take x {:?} against W {:?}",
+                x.dims(),
+                w.dims()
+            )));
         }
+        let (m, k) = x.dims2().map_err(|e| gpu_error("gemv", e))?;
+        let n = w.dims2().map_err(|e| gpu_error("gemv", e))?.0;
         let y = self.alloc((m, n))?;
         // SAFETY: W holds n rows of k, x m rows of k, y m rows of n, all 16-byte aligned with k a
-        // whole number of 16-byte vectors (checked above).
+        // whole number of 16-byte vectors (checked by gemv_takes).
         let variant = Variant::of(m, n);
         let func = match variant {
             Variant::Wide => &self.gemv_wide,

@@ -12,7 +12,7 @@
 //!
 //! Only steps of one token row use it by default: at 8 decode streams it made the step slower
 //! (8.3 vs 7.7 ms on the H200, whichever order the kernels wait and trigger in), while one stream
-//! went from 206 to 221 tokens/s; from 9 rows the projections are cuBLAS kernels, which never let
+//! went from 206 to 221 tokens/s; from 3 rows the projections are cuBLAS kernels, which never let
 //! a dependent start early. `LUMEN_CUDA_PDL=0` turns it off, `LUMEN_CUDA_PDL=all` uses it for
 //! every step.
 

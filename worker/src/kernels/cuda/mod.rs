@@ -12,7 +12,7 @@
 //!   `reshape_and_cache` (the K/V of new tokens into their paged slots); SwiGLU; row gather.
 //! - `attention.cu`: paged attention for prefill chunks and decode tokens (causal, varlen,
 //!   grouped-query, split over long contexts).
-//! - `gemv.cu`: linear layers for steps of at most 8 tokens (decode), at memory bandwidth.
+//! - `gemv.cu`: linear layers for steps of one or two tokens (decode), at memory bandwidth.
 //! - `sample.cu`: the sampler's edits and row reductions (argmax, top-k) over f32 logits, exact
 //!   to the CPU sampler (`sampling::reduce`).
 
@@ -75,6 +75,8 @@ pub struct CudaKernels {
     gemv_wide: CudaFunction,
     /// One token row, two output features per pair of warps (short outputs).
     gemv_split: CudaFunction,
+    /// Most token rows a linear layer gives the GEMV (see `gemv`).
+    gemv_rows: usize,
     reduce_rows: CudaFunction,
     /// One zeroed u32 per (tile, head group) of a split attention launch: its last CTA merges
     /// (see attention.cu) and zeroes it again. Splits happen only below `CTAS_PER_SM` CTAs per
@@ -139,6 +141,7 @@ impl CudaKernels {
                 .collect::<Result<Vec<_>>>()?,
             gemv_wide: func(&gemv_module, format!("gemv_{suffix}_m1_wide"))?,
             gemv_split: func(&gemv_module, format!("gemv_{suffix}_m1_split"))?,
+            gemv_rows: gemv::gemv_rows_from_env()?,
             reduce_rows: func(&sample, "reduce_rows".into())?,
             split_counters: Tensor::zeros(attention::CTAS_PER_SM * num_sms, DType::U32, device)
                 .map_err(|e| gpu_error("allocating split counters", e))?,

@@ -185,32 +185,57 @@ fn silu_mul_and_gather_rows_match_the_cpu() {
     }
 }
 
+/// `x · Wᵀ` for `m` rows of `kk` against `n` outputs on the GPU (through `product`) and on the
+/// CPU, in `dtype`.
+fn check_linear(
+    dev: &Device,
+    pool: &ThreadPool,
+    dtype: DType,
+    seed: u64,
+    (m, n, kk): (usize, usize, usize),
+    product: impl Fn(&Tensor, &Tensor) -> crate::Result<Tensor>,
+) {
+    let w = rounded(&random(seed, n * kk, 0.05), dtype);
+    let x = rounded(&random(seed + 1, m * kk, 1.0), dtype);
+    let w_dev = upload_f32(&w, &[n, kk], dtype, dev).unwrap();
+    let x_dev = upload_f32(&x, &[m, kk], dtype, dev).unwrap();
+    let got = download(&product(&x_dev, &w_dev).unwrap());
+    let matrix = Matrix { rows: n, cols: kk, data: WeightData::F32(w) };
+    let mut want = vec![0f32; m * n];
+    matmul(pool, Isa::detect(), &matrix, Input::F32(&x), m, &mut want, Epilogue::Store);
+    assert_close(&format!("linear {m}x{kk} . {n}x{kk}"), dtype, &got, &want);
+}
+
+#[test]
+fn the_gemv_matches_the_cpu_for_every_row_count_and_shape() {
+    let dev = device();
+    let pool = ThreadPool::new(2);
+    for (seed, dtype) in DTYPES.into_iter().enumerate() {
+        let k = CudaKernels::load(&dev, dtype, 64).unwrap();
+        // 1000 outputs is not a multiple of the kernel's features per block, and k = 1032 leaves
+        // a tail after the unrolled loop; one row takes the split variant up to 4096 outputs
+        // (1000: pairs of warps over halves of k), the plain one above (6001), the wide one from
+        // 16384 (16391: an odd tail); 2-8 rows take one instance each.
+        let wide = gemv::GEMV_WIDE_N + 7;
+        let mut cases = vec![(1, 1000, 1032), (1, 6001, 256), (1, wide, 264)];
+        cases.extend((2..=gemv::GEMV_MAX_ROWS).map(|m| (m, 257 + 40 * m, if m % 2 == 0 { 1032 } else { 512 })));
+        for (i, &case) in cases.iter().enumerate() {
+            check_linear(&dev, &pool, dtype, 1000 + 20 * seed as u64 + i as u64, case, |x, w| k.gemv(x, w));
+        }
+    }
+}
+
 #[test]
 fn linear_layers_match_the_cpu_matmul_through_gemv_and_cublas() {
     let dev = device();
     let pool = ThreadPool::new(2);
     for (seed, dtype) in DTYPES.into_iter().enumerate() {
         let k = CudaKernels::load(&dev, dtype, 64).unwrap();
-        // 1..=8 rows take the GEMV kernel, 9 and 33 cuBLAS; 1000 outputs is not a multiple of
-        // the kernel's 8 rows per block, and k = 1032 leaves a tail after the unrolled loop;
-        // one row takes the split kernel up to 4096 outputs (1000: pairs of warps over halves of
-        // k), the plain one above (6001), the wide one from 16384 (16391: an odd tail).
-        let wide = gemv::GEMV_WIDE_N + 7;
-        for (i, &(m, n, kk)) in
-            [(1, 1000, 1032), (1, 6001, 256), (1, wide, 264), (3, 64, 4096), (8, 257, 512), (9, 96, 256), (33, 40, 128)]
-                .iter()
-                .enumerate()
-        {
-            let s = 1000 + 10 * seed as u64 + i as u64;
-            let w = rounded(&random(s, n * kk, 0.05), dtype);
-            let x = rounded(&random(s + 1, m * kk, 1.0), dtype);
-            let w_dev = upload_f32(&w, &[n, kk], dtype, &dev).unwrap();
-            let x_dev = upload_f32(&x, &[m, kk], dtype, &dev).unwrap();
-            let got = download(&k.linear(&x_dev, &w_dev).unwrap());
-            let matrix = Matrix { rows: n, cols: kk, data: WeightData::F32(w) };
-            let mut want = vec![0f32; m * n];
-            matmul(&pool, Isa::detect(), &matrix, Input::F32(&x), m, &mut want, Epilogue::Store);
-            assert_close(&format!("linear {m}x{kk} . {n}x{kk}"), dtype, &got, &want);
+        // Up to GEMV_DEFAULT_ROWS rows the GEMV, beyond cuBLAS (3, 9, 33 rows); k = 1028 in
+        // bf16 is no whole number of 16-byte vectors, so cuBLAS takes even one row.
+        let cases = [(1, 1000, 1032), (2, 300, 4096), (3, 64, 4096), (9, 96, 256), (33, 40, 128), (1, 70, 1028)];
+        for (i, &case) in cases.iter().enumerate() {
+            check_linear(&dev, &pool, dtype, 3000 + 20 * seed as u64 + i as u64, case, |x, w| k.linear(x, w));
         }
     }
 }

@@ -1,0 +1,229 @@
+// Linear layers of a few tokens on the GPU: the engine's GEMV against cuBLAS and the memory's
+// read rate, for Llama-3.1-8B's projections (bf16) at 1 to 64 token rows.
+//
+// A decode step of m tokens reads every weight once whatever m is, so the physical limit of each
+// product is its weight bytes over the read rate of a plain streaming kernel (measured in the
+// same run). For each shape and m this prints the time of
+//   cuBLAS   cublasGemmEx, bf16 in and out, f32 compute (what candle's matmul calls)
+//   gemv     the engine's CUDA-core GEMV (worker/src/kernels/cuda/gemv.cu, m <= 8), in the
+//            variant the engine picks (gemv.rs)
+// and which is faster: the engine gives a linear layer to the GEMV up to the row count where
+// cuBLAS starts to win (gemv.rs, GEMV_DEFAULT_ROWS). Weights rotate over copies larger than
+// the L2 cache, so every launch reads from memory.
+//
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o linear-bench \
+//        scripts/gpu/linear_bench.cu -lcublas
+//   ./linear-bench [--json FILE]
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../../worker/src/kernels/cuda/gemv.cu"
+
+#define CHECK(call)                                                                               \
+    do {                                                                                          \
+        cudaError_t e_ = (call);                                                                  \
+        if (e_ != cudaSuccess) {                                                                  \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+            exit(1);                                                                              \
+        }                                                                                         \
+    } while (0)
+
+using bf16 = __nv_bfloat16;
+
+__global__ void read_all(const uint4* __restrict__ src, size_t n, unsigned int* sink) {
+    unsigned int acc = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const uint4 v = __ldcs(src + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x12345678u) *sink = acc;
+}
+
+__global__ void fill_random(bf16* p, size_t n, unsigned seed, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        unsigned h = (unsigned)i * 2654435761u ^ seed;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        p[i] = __float2bfloat16_rn(scale * ((h & 0xffff) / 32768.f - 1.f));
+    }
+}
+
+template <int M>
+__global__ void __launch_bounds__(WARPS * 32) gemv_m(const bf16* w, const bf16* x, bf16* y, int n, int k) {
+    gemv<bf16, M>(w, x, y, n, k);
+}
+__global__ void __launch_bounds__(WARPS * 32) gemv_wide(const bf16* w, const bf16* x, bf16* y, int n, int k) {
+    gemv<bf16, 1, 2>(w, x, y, n, k);
+}
+__global__ void __launch_bounds__(WARPS * 32) gemv_split(const bf16* w, const bf16* x, bf16* y, int n, int k) {
+    gemv<bf16, 1, 2, UNROLL, 2>(w, x, y, n, k);
+}
+
+// The engine's GEMV for m rows and n outputs (the choice gemv.rs makes).
+static void launch_gemv(int m, const bf16* w, const bf16* x, bf16* y, int n, int k, cudaStream_t s) {
+    const dim3 block(WARPS * 32);
+    auto blocks = [&](int per_warp) { return dim3((n + WARPS * per_warp - 1) / (WARPS * per_warp)); };
+    switch (m) {
+        case 1:
+            if (n >= 16384) gemv_wide<<<blocks(2), block, 0, s>>>(w, x, y, n, k);
+            else if (n <= 4096) gemv_split<<<blocks(1), block, 0, s>>>(w, x, y, n, k);
+            else gemv_m<1><<<blocks(1), block, 0, s>>>(w, x, y, n, k);
+            break;
+        case 2: gemv_m<2><<<blocks(2), block, 0, s>>>(w, x, y, n, k); break;
+        case 3: gemv_m<3><<<blocks(2), block, 0, s>>>(w, x, y, n, k); break;
+        case 4: gemv_m<4><<<blocks(4), block, 0, s>>>(w, x, y, n, k); break;
+        case 5: gemv_m<5><<<blocks(4), block, 0, s>>>(w, x, y, n, k); break;
+        case 6: gemv_m<6><<<blocks(4), block, 0, s>>>(w, x, y, n, k); break;
+        case 7: gemv_m<7><<<blocks(4), block, 0, s>>>(w, x, y, n, k); break;
+        case 8: gemv_m<8><<<blocks(4), block, 0, s>>>(w, x, y, n, k); break;
+        default: fprintf(stderr, "no gemv for m=%d\n", m); exit(1);
+    }
+}
+
+template <typename F>
+static float time_us(cudaStream_t s, int launches, F body) {
+    cudaEvent_t a, z;
+    CHECK(cudaEventCreate(&a));
+    CHECK(cudaEventCreate(&z));
+    body();
+    CHECK(cudaStreamSynchronize(s));
+    std::vector<float> t;
+    for (int i = 0; i < 15; ++i) {
+        CHECK(cudaEventRecord(a, s));
+        body();
+        CHECK(cudaEventRecord(z, s));
+        CHECK(cudaEventSynchronize(z));
+        float ms;
+        CHECK(cudaEventElapsedTime(&ms, a, z));
+        t.push_back(ms * 1e3f / launches);
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+static std::vector<float> download(const bf16* p, size_t n) {
+    std::vector<bf16> h(n);
+    CHECK(cudaMemcpy(h.data(), p, n * sizeof(bf16), cudaMemcpyDeviceToHost));
+    std::vector<float> f(n);
+    for (size_t i = 0; i < n; ++i) f[i] = __bfloat162float(h[i]);
+    return f;
+}
+
+// Largest |a - b| over the largest |b|.
+static double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+    double diff = 0, scale = 1e-30;
+    for (size_t i = 0; i < a.size(); ++i) {
+        diff = std::max(diff, (double)std::fabs(a[i] - b[i]));
+        scale = std::max(scale, (double)std::fabs(b[i]));
+    }
+    return diff / scale;
+}
+
+int main(int argc, char** argv) {
+    const char* json = nullptr;
+    for (int i = 1; i + 1 < argc; ++i)
+        if (!strcmp(argv[i], "--json")) json = argv[i + 1];
+    cudaStream_t s;
+    CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cublasHandle_t blas;
+    if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS || cublasSetStream(blas, s) != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "cuBLAS unavailable\n");
+        return 1;
+    }
+    int sms;
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+
+    const size_t read_bytes = size_t(4) << 30;
+    uint4* src;
+    unsigned int* sink;
+    CHECK(cudaMalloc(&src, read_bytes));
+    CHECK(cudaMemset(src, 1, read_bytes));
+    CHECK(cudaMalloc(&sink, 4));
+    const double read_bw =
+        read_bytes / (time_us(s, 1, [&] { read_all<<<sms * 8, 512, 0, s>>>(src, read_bytes / 16, sink); }) * 1e-6);
+    CHECK(cudaFree(src));
+
+    struct Shape {
+        const char* name;
+        int n, k;
+    } shapes[] = {{"qkv 6144x4096", 6144, 4096},
+                  {"o 4096x4096", 4096, 4096},
+                  {"gate_up 28672x4096", 28672, 4096},
+                  {"down 4096x14336", 4096, 14336},
+                  {"logits 128256x4096", 128256, 4096}};
+    const int ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64};
+    constexpr int MAX_M = 64;
+
+    printf("read rate (4 GiB streaming read): %.0f GB/s\n\n", read_bw / 1e9);
+    printf("%-20s %4s %10s %10s %8s %8s %9s %-7s\n", "shape", "m", "cuBLAS us", "gemv us", "cuBLAS%", "gemv%",
+           "gemv err", "faster");
+    FILE* out = json ? fopen(json, "w") : nullptr;
+    if (out) fprintf(out, "{\"read_gbps\": %.1f, \"rows\": [", read_bw / 1e9);
+    bool first_row = true;
+    for (const Shape& sh : shapes) {
+        const size_t elems = (size_t)sh.n * sh.k, bytes = elems * sizeof(bf16);
+        // Enough copies that the L2 cache holds none of them from one launch to the next.
+        const int copies = std::max<size_t>(2, (size_t(512) << 20) / bytes + 1);
+        bf16 *pool, *x, *y, *ref;
+        CHECK(cudaMalloc(&pool, bytes * copies));
+        CHECK(cudaMalloc(&x, (size_t)MAX_M * sh.k * sizeof(bf16)));
+        CHECK(cudaMalloc(&y, (size_t)MAX_M * sh.n * sizeof(bf16)));
+        CHECK(cudaMalloc(&ref, (size_t)MAX_M * sh.n * sizeof(bf16)));
+        fill_random<<<sms * 4, 512, 0, s>>>(pool, elems * copies, 7, 0.05f);
+        fill_random<<<sms * 4, 512, 0, s>>>(x, (size_t)MAX_M * sh.k, 11, 1.f);
+        CHECK(cudaStreamSynchronize(s));
+        auto weights = [&](int i) { return pool + (size_t)(i % copies) * elems; };
+        for (int m : ms) {
+            const float alpha = 1.f, beta = 0.f;
+            auto cublas = [&](const bf16* w, bf16* out_y) {
+                cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, sh.n, m, sh.k, &alpha, w, CUDA_R_16BF, sh.k, x,
+                             CUDA_R_16BF, sh.k, &beta, out_y, CUDA_R_16BF, sh.n, CUBLAS_COMPUTE_32F,
+                             CUBLAS_GEMM_DEFAULT);
+            };
+            const int launches = copies * 4;
+            const float blas_us = time_us(s, launches, [&] {
+                for (int i = 0; i < launches; ++i) cublas(weights(i), y);
+            });
+            float gemv_us = NAN;
+            double err = NAN;
+            if (m <= 8) {
+                gemv_us = time_us(s, launches, [&] {
+                    for (int i = 0; i < launches; ++i) launch_gemv(m, weights(i), x, y, sh.n, sh.k, s);
+                });
+                cublas(weights(0), ref);
+                launch_gemv(m, weights(0), x, y, sh.n, sh.k, s);
+                CHECK(cudaStreamSynchronize(s));
+                err = relative_error(download(y, (size_t)m * sh.n), download(ref, (size_t)m * sh.n));
+            }
+            CHECK(cudaGetLastError());
+            auto share = [&](float us) { return 100.0 * bytes / (us * 1e-6) / read_bw; };
+            const char* faster = std::isnan(gemv_us) ? "" : gemv_us < blas_us ? "gemv" : "cuBLAS";
+            printf("%-20s %4d %10.2f %10.2f %7.1f%% %7.1f%% %9.2e %-7s\n", sh.name, m, blas_us, gemv_us, share(blas_us),
+                   share(gemv_us), err, faster);
+            if (out) {
+                fprintf(out, "%s{\"shape\": \"%s\", \"m\": %d, \"cublas_us\": %.3f", first_row ? "" : ", ", sh.name,
+                        m, blas_us);
+                if (!std::isnan(gemv_us)) fprintf(out, ", \"gemv_us\": %.3f, \"gemv_err\": %.3e", gemv_us, err);
+                fprintf(out, "}");
+                first_row = false;
+            }
+        }
+        CHECK(cudaFree(pool));
+        CHECK(cudaFree(x));
+        CHECK(cudaFree(y));
+        CHECK(cudaFree(ref));
+    }
+    if (out) {
+        fprintf(out, "]}\n");
+        fclose(out);
+    }
+    return 0;
+}
