@@ -520,10 +520,11 @@ impl State {
         })
     }
 
-    /// The autoscaler's load signal for `deployment`: the requests waiting at the head for a
-    /// replica, plus the head's in-flight requests and the waiting requests workers last
-    /// reported over its replicas on live workers (draining ones included: their requests are
-    /// still being served).
+    /// The autoscaler's load signal for `deployment` (Ray Serve's ongoing requests): the
+    /// requests waiting at the head for a replica, plus each replica's load as the router counts
+    /// it ([`ReplicaEntry::load`]: the head's requests in flight there, running or queued in its
+    /// engine, and reported ones beyond them) over live workers, draining ones included (their
+    /// requests are still being served).
     pub fn ongoing_requests(&self, deployment: &str, now: Instant, deadline: Duration) -> u64 {
         let queued = self.deployment(deployment).map_or(0, |d| u64::from(d.queued.load(Ordering::Relaxed)));
         queued
@@ -532,10 +533,7 @@ impl State {
                 .values()
                 .filter(|r| r.deployment == deployment && r.phase != Phase::Failed)
                 .filter(|r| self.worker_is_live(&r.worker_id, now, deadline))
-                .map(|r| {
-                    let waiting = r.stats.as_ref().map_or(0, |s| u64::from(s.waiting));
-                    u64::from(r.in_flight.load(Ordering::Relaxed)) + waiting
-                })
+                .map(ReplicaEntry::load)
                 .sum::<u64>()
     }
 

@@ -195,3 +195,28 @@ fn load_counts_the_heads_requests_now_and_reported_load_only_beyond_them() {
     in_flight.store(1, Ordering::Relaxed);
     assert_eq!(state.replicas["r"].load(), 6);
 }
+
+#[test]
+fn ongoing_requests_count_each_request_once_whether_running_queued_on_the_worker_or_at_the_head() {
+    let mut state = State::default();
+    state.set_deployments(vec![deployment("d", "m")]);
+    register(&mut state, "w", "cpu", 0, vec![]);
+    state.replicas.insert("r".into(), ReplicaEntry::new("r".into(), "d".into(), "w".into(), Phase::Running));
+    let (now, deadline) = (Instant::now(), Duration::from_secs(5));
+    // The head dispatched 5: the worker runs 2 and queues 3 in its engine; 4 more wait at the
+    // head for a replica.
+    state.replicas["r"].in_flight.store(5, Ordering::Relaxed);
+    let beat = pb::WorkerHeartbeat {
+        worker_id: "w".into(),
+        replicas: vec![pb::ReplicaStats { replica_id: "r".into(), running: 2, waiting: 3, ..Default::default() }],
+        ..Default::default()
+    };
+    state.record_heartbeat(&beat, now).unwrap();
+    state.deployment("d").expect("set").queued.store(4, Ordering::Relaxed);
+    assert_eq!(
+        state.ongoing_requests("d", now, deadline),
+        9,
+        "5 dispatched (the worker's 3 queued among them) + 4 waiting"
+    );
+    assert_eq!(state.ongoing_requests("other", now, deadline), 0);
+}
