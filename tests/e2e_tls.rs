@@ -4,7 +4,12 @@
 //! SmolLM2; a worker without the CA is refused with a log line that says why; plain HTTP and
 //! clients that do not trust the CA get nothing; SIGTERM still drains a stream in flight.
 //! `lumen serve` with the flags serves HTTPS while its in-process worker joins over loopback.
-//! Half a TLS configuration is refused at start-up, naming the flag or the file.
+//! Mutual TLS: with `--ssl-cert-reqs 2` on the head and the worker, a client and the worker
+//! present certificates from the CA and SmolLM2 is served (the head presents its own certificate
+//! to the worker); a client without one is refused at the handshake, and a worker with a
+//! certificate from another CA cannot join: the head logs the refused handshake, the worker why.
+//! Half a TLS configuration (or client certificates without a CA) is refused at start-up, naming
+//! the flag or the file.
 
 mod support;
 
@@ -16,24 +21,36 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::{Value, json};
 use support::{Lumen, head_args, head_flags, model_path, read_sse, serve_flags, until, worker_flags};
 
-/// A CA, and a certificate it signed for `localhost` and `127.0.0.1` (head and workers share it).
+/// A CA, and a certificate it signed for `localhost` and `127.0.0.1` (head, workers and clients
+/// share it: it has no extended key usage, so it is both a server and a client identity); and
+/// `rogue.pem`/`rogue-key.pem`, the same names signed by another CA.
 struct Pki {
     dir: tempfile::TempDir,
+}
+
+/// A certificate for the loopback names and its key, signed by a new CA named `ca_name`, as PEM:
+/// (CA, certificate, key).
+fn issue(ca_name: &str) -> (String, String, String) {
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("key");
+    let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("params");
+    let cert = params.signed_by(&key, &issuer).expect("certificate");
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
 }
 
 impl Pki {
     fn new() -> Pki {
         let dir = tempfile::tempdir().expect("temp dir");
-        let ca_key = KeyPair::generate().expect("CA key");
-        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(DnType::CommonName, "lumen e2e CA");
-        let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
-        let issuer = Issuer::new(ca, ca_key);
-        let key = KeyPair::generate().expect("key");
-        let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("params");
-        let cert = params.signed_by(&key, &issuer).expect("certificate");
-        for (name, pem) in [("ca.pem", ca_cert.pem()), ("cert.pem", cert.pem()), ("key.pem", key.serialize_pem())] {
+        let (ca, cert, key) = issue("lumen e2e CA");
+        let (_, rogue, rogue_key) = issue("another CA");
+        for (name, pem) in
+            [("ca.pem", ca), ("cert.pem", cert), ("key.pem", key), ("rogue.pem", rogue), ("rogue-key.pem", rogue_key)]
+        {
             std::fs::write(dir.path().join(name), pem).expect("writing PEM");
         }
         Pki { dir }
@@ -58,9 +75,22 @@ impl Pki {
 
     /// An HTTPS client trusting only the CA.
     fn client(&self) -> reqwest::Client {
+        self.client_builder().build().expect("client")
+    }
+
+    /// An HTTPS client trusting only the CA and presenting the CA's certificate as its identity.
+    fn client_with_identity(&self) -> reqwest::Client {
+        let pem =
+            [std::fs::read(self.path("cert.pem")).expect("cert"), std::fs::read(self.path("key.pem")).expect("key")]
+                .concat();
+        let identity = reqwest::Identity::from_pem(&pem).expect("identity PEM");
+        self.client_builder().identity(identity).build().expect("client")
+    }
+
+    fn client_builder(&self) -> reqwest::ClientBuilder {
         let pem = std::fs::read(self.path("ca.pem")).expect("CA");
         let certs = reqwest::Certificate::from_pem_bundle(&pem).expect("CA PEM");
-        reqwest::Client::builder().tls_certs_only(certs).build().expect("client")
+        reqwest::Client::builder().tls_certs_only(certs)
     }
 }
 
@@ -208,6 +238,103 @@ async fn exit_code(lumen: &mut Lumen, timeout: Duration) -> Option<i32> {
     }
 }
 
+const REQUIRE_CLIENT_CERTS: [&str; 2] = ["--ssl-cert-reqs", "2"];
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn with_client_certificates_required_only_holders_of_a_ca_certificate_get_in() {
+    let pki = Pki::new();
+    let config = serve_config(pki.dir.path());
+    let mut args = head_args(&config);
+    args.extend(pki.flags().into_iter().chain(REQUIRE_CLIENT_CERTS.map(String::from)));
+    let head_log = pki.dir.path().join("head.log");
+    let head = Lumen::start_with_stderr(&args, std::fs::File::create(&head_log).expect("head log"));
+    let head_grpc = https(&head, "grpc");
+    // The worker requires a client certificate too: the head must present its own to place and
+    // call the replica.
+    let mut worker_args = worker_flags(&head_grpc, "w-mtls");
+    worker_args.extend(pki.flags().into_iter().chain(REQUIRE_CLIENT_CERTS.map(String::from)));
+    let worker = Lumen::start(&worker_args);
+
+    let http = pki.client_with_identity();
+    let (api, dashboard) = (https(&head, "api"), https(&head, "dashboard"));
+    wait_healthy(&http, &api).await;
+    let reply: Value = http
+        .post(format!("{api}/v1/chat/completions"))
+        .json(&chat(4, false))
+        .send()
+        .await
+        .expect("POST")
+        .json()
+        .await
+        .expect("JSON");
+    assert!(reply["choices"][0]["message"]["content"].as_str().is_some_and(|c| !c.is_empty()), "{reply}");
+    let worker_metrics = format!("{}/metrics", https(&worker, "metrics"));
+    assert_eq!(http.get(&worker_metrics).send().await.expect("worker metrics").status(), 200);
+
+    // Without a client certificate: no handshake, on the head's ports and the worker's.
+    let anonymous = pki.client();
+    assert!(anonymous.get(format!("{api}/health")).send().await.is_err(), "answered without a client certificate");
+    assert!(anonymous.get(&worker_metrics).send().await.is_err(), "the worker answered without one");
+    until("the head logs the handshake without a client certificate", Duration::from_secs(5), || async {
+        read_log(&head_log).contains("client certificate required: the client presented none")
+    })
+    .await;
+
+    // `lumen status` presents a certificate with the flags, and is refused without them.
+    let status = |identity: &[String]| {
+        Command::new(env!("CARGO_BIN_EXE_lumen"))
+            .args(["status", "--address", &dashboard])
+            .args(pki.trust())
+            .args(identity)
+            .output()
+            .expect("lumen status")
+    };
+    let identity = ["--ssl-certfile".to_string(), pki.path("cert.pem"), "--ssl-keyfile".into(), pki.path("key.pem")];
+    let with_identity = status(&identity);
+    assert!(with_identity.status.success(), "{}", String::from_utf8_lossy(&with_identity.stderr));
+    assert!(String::from_utf8_lossy(&with_identity.stdout).contains("RUNNING"));
+    assert!(!status(&[]).status.success(), "lumen status got in without a client certificate");
+
+    // A worker whose certificate comes from another CA (it trusts the head's CA).
+    let rogue_log = pki.dir.path().join("rogue-worker.log");
+    let mut rogue_args = worker_flags(&head_grpc, "w-rogue");
+    rogue_args.extend(
+        ["--ssl-certfile", &pki.path("rogue.pem"), "--ssl-keyfile", &pki.path("rogue-key.pem")].map(String::from),
+    );
+    rogue_args.extend(pki.trust());
+    // Held as a `Lumen` (no ready line awaited), so that it is killed even when an assertion fails.
+    let _rogue = Lumen { child: spawn_logged(&rogue_args, &rogue_log), listen: Default::default() };
+    // Polled by hand, so that a failure shows both logs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (worker_says, head_says) = loop {
+        let (worker_says, head_says) = (read_log(&rogue_log), read_log(&head_log));
+        let logged = worker_says.contains("refused the TLS handshake")
+            && worker_says.contains("--ssl-certfile")
+            && head_says.contains("client certificate refused: UnknownIssuer");
+        if logged || std::time::Instant::now() > deadline {
+            break (worker_says, head_says);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        worker_says.contains("refused the TLS handshake") && head_says.contains("client certificate refused"),
+        "the refused handshake is not logged:\n--- rogue worker ---\n{worker_says}\n--- head ---\n{head_says}"
+    );
+    let refusal = read_log(&head_log);
+    let line = refusal.lines().find(|l| l.contains("UnknownIssuer")).expect("the refusal line");
+    // `peer=127.0.0.1:PORT` (the text log colours the field name).
+    assert!(line.contains("TLS handshake refused") && line.contains("peer") && line.contains("127.0.0.1:"), "{line}");
+    let cluster: Value =
+        http.get(format!("{dashboard}/api/cluster")).send().await.expect("GET").json().await.expect("JSON");
+    let workers = cluster["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 1, "the rogue worker joined: {cluster}");
+    assert_eq!(workers[0]["id"], "w-mtls", "{cluster}");
+}
+
 #[tokio::test]
 async fn serve_with_tls_answers_https_with_its_loopback_worker() {
     let pki = Pki::new();
@@ -257,6 +384,11 @@ fn half_a_tls_configuration_is_a_start_up_error_naming_what_is_wrong() {
     // A key where the certificate should be, and a CA file that is missing.
     let error = start_up_error(&head(&["--ssl-certfile", &key, "--ssl-keyfile", &key]));
     assert!(error.contains("key.pem"), "{error}");
+    // Client certificates without a CA to verify them against.
+    let mut reqs = vec!["--ssl-certfile", &cert, "--ssl-keyfile", &key];
+    reqs.extend(REQUIRE_CLIENT_CERTS);
+    let error = start_up_error(&head(&reqs));
+    assert!(error.contains("--ssl-cert-reqs 2 needs --ssl-ca-certs"), "{error}");
     let mut worker = worker_flags("https://127.0.0.1:1", "w");
     worker.extend(["--ssl-ca-certs".to_string(), pki.path("missing.pem")]);
     let error = start_up_error(&worker);

@@ -54,6 +54,13 @@ pub struct ServeArgs {
     /// roots.
     #[arg(long, env = "LUMEN_SSL_CA_CERTS")]
     pub ssl_ca_certs: Option<PathBuf>,
+    /// PEM client certificate chain presented to an `https://` --base-url that asks for one (a
+    /// head with --ssl-cert-reqs 1 or 2); with --ssl-keyfile.
+    #[arg(long, env = "LUMEN_SSL_CERTFILE")]
+    pub ssl_certfile: Option<PathBuf>,
+    /// PEM private key of --ssl-certfile.
+    #[arg(long, env = "LUMEN_SSL_KEYFILE")]
+    pub ssl_keyfile: Option<PathBuf>,
     #[command(flatten)]
     pub load: LoadArgs,
     /// Most requests in flight at once (default: no limit but --request-rate).
@@ -167,7 +174,11 @@ impl Target {
         // A fresh connection per request (as `vllm bench serve` makes): a server that closes idle
         // keep-alive connections (llama.cpp's does) would otherwise fail requests sent on one it
         // has just closed.
-        let trust = lumen_proto::tls::ClientTls::from_flag(args.ssl_ca_certs.as_deref())?;
+        let trust = lumen_proto::tls::ClientTls::from_flags(
+            args.ssl_ca_certs.as_deref(),
+            args.ssl_certfile.as_deref(),
+            args.ssl_keyfile.as_deref(),
+        )?;
         let client = trust.http_client(reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0))?;
         let path = if args.endpoint.starts_with('/') { args.endpoint.clone() } else { format!("/{}", args.endpoint) };
         Ok(Target {

@@ -118,7 +118,7 @@ pub async fn start(
 ) -> anyhow::Result<RunningHead> {
     let tls = args.tls.server()?;
     let cluster = Cluster::new(args.cluster.clone());
-    cluster.trust_workers(args.tls.trust.client()?);
+    cluster.trust_workers(args.tls.client()?);
     let config = ApiConfig {
         api_keys: args.api_keys.iter().filter(|k| !k.is_empty()).cloned().collect(),
         max_body_bytes: args.max_body_size.as_u64() as usize,

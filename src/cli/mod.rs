@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use lumen_head::cluster::ClusterSettings;
-use lumen_proto::tls::{ClientTls, ServerTls};
+use lumen_proto::tls::{CertReqs, ClientTls, ServerTls};
 use lumen_worker::engine::EngineOptions;
 
 /// The head's listeners, limits and cluster settings.
@@ -120,42 +120,45 @@ pub struct WorkerArgs {
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct TlsArgs {
     /// PEM certificate chain (leaf first); with --ssl-keyfile every port of this process speaks
-    /// TLS: HTTPS on the HTTP ports, `https://` gRPC
+    /// TLS: HTTPS on the HTTP ports, `https://` gRPC; it is also the client certificate this
+    /// process presents to the `https://` peers it dials
     #[arg(long, env = "LUMEN_SSL_CERTFILE")]
     pub ssl_certfile: Option<PathBuf>,
     /// PEM private key of --ssl-certfile
     #[arg(long, env = "LUMEN_SSL_KEYFILE")]
     pub ssl_keyfile: Option<PathBuf>,
-    #[command(flatten)]
-    pub trust: TrustArgs,
-}
-
-impl TlsArgs {
-    /// The server side: `Some` with both files, `None` with neither, an error naming the file
-    /// (or the missing flag) otherwise.
-    pub fn server(&self) -> anyhow::Result<Option<ServerTls>> {
-        Ok(ServerTls::from_flags(self.ssl_certfile.as_deref(), self.ssl_keyfile.as_deref())?)
-    }
-}
-
-/// Whom a client trusts when it dials `https://`.
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct TrustArgs {
-    /// PEM CA certificates that `https://` peers (head, workers, the head's ports) must be signed
-    /// by, instead of the system's roots
+    /// Client certificates on every TLS port, as vLLM (Python's ssl.CERT_*): 0 none asked for,
+    /// 1 optional (one presented must be signed by --ssl-ca-certs), 2 required (no connection
+    /// without a certificate signed by --ssl-ca-certs). 1 and 2 need TLS and --ssl-ca-certs
+    #[arg(long, env = "LUMEN_SSL_CERT_REQS", default_value = "0")]
+    pub ssl_cert_reqs: CertReqs,
+    /// PEM CA certificates that `https://` peers (the head, workers) must be signed by, instead
+    /// of the system's roots; with --ssl-cert-reqs 1 or 2 also the CA of the client certificates
+    /// this process's ports accept
     #[arg(long, env = "LUMEN_SSL_CA_CERTS")]
     pub ssl_ca_certs: Option<PathBuf>,
 }
 
-impl TrustArgs {
-    /// The roots for gRPC clients, the file checked now.
-    pub fn client(&self) -> anyhow::Result<ClientTls> {
-        Ok(ClientTls::from_flag(self.ssl_ca_certs.as_deref())?)
+impl TlsArgs {
+    /// The server side: `Some` with both files, `None` with neither, an error naming the file
+    /// (or the missing flag) otherwise; client certificates as --ssl-cert-reqs says.
+    pub fn server(&self) -> anyhow::Result<Option<ServerTls>> {
+        Ok(ServerTls::from_flags(
+            self.ssl_certfile.as_deref(),
+            self.ssl_keyfile.as_deref(),
+            self.ssl_cert_reqs,
+            self.ssl_ca_certs.as_deref(),
+        )?)
     }
 
-    /// An HTTP client from `builder` that trusts these roots (only the file's, when given).
-    pub fn http_client(&self, builder: reqwest::ClientBuilder) -> anyhow::Result<reqwest::Client> {
-        Ok(self.client()?.http_client(builder)?)
+    /// The client side, for the `https://` peers the process dials: --ssl-ca-certs (else the
+    /// system's roots), presenting --ssl-certfile/--ssl-keyfile as its client certificate.
+    pub fn client(&self) -> anyhow::Result<ClientTls> {
+        Ok(ClientTls::from_flags(
+            self.ssl_ca_certs.as_deref(),
+            self.ssl_certfile.as_deref(),
+            self.ssl_keyfile.as_deref(),
+        )?)
     }
 }
 
@@ -198,7 +201,35 @@ pub struct ControlAddress {
     #[arg(long, env = "LUMEN_ADDRESS")]
     pub address: Option<String>,
     #[command(flatten)]
-    pub trust: TrustArgs,
+    pub tls: ClientTlsArgs,
+}
+
+/// A client's TLS (`lumen deploy`, `lumen status`): whom it trusts, and the certificate it
+/// presents to a head that asks for one.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ClientTlsArgs {
+    /// PEM client certificate chain presented to an `https://` --address that asks for one (a
+    /// head with --ssl-cert-reqs 1 or 2); with --ssl-keyfile
+    #[arg(long, env = "LUMEN_SSL_CERTFILE")]
+    pub ssl_certfile: Option<PathBuf>,
+    /// PEM private key of --ssl-certfile
+    #[arg(long, env = "LUMEN_SSL_KEYFILE")]
+    pub ssl_keyfile: Option<PathBuf>,
+    /// PEM CA certificates an `https://` --address must be signed by, instead of the system's
+    /// roots
+    #[arg(long, env = "LUMEN_SSL_CA_CERTS")]
+    pub ssl_ca_certs: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    /// The roots and identity, the files checked now.
+    pub fn client(&self) -> anyhow::Result<ClientTls> {
+        Ok(ClientTls::from_flags(
+            self.ssl_ca_certs.as_deref(),
+            self.ssl_certfile.as_deref(),
+            self.ssl_keyfile.as_deref(),
+        )?)
+    }
 }
 
 impl ControlAddress {
@@ -211,9 +242,10 @@ impl ControlAddress {
         if address.contains("://") { address.to_string() } else { format!("http://{address}") }
     }
 
-    /// An HTTP client for the control API (`https://` verified against `--ssl-ca-certs`).
+    /// An HTTP client for the control API (`https://` verified against `--ssl-ca-certs`,
+    /// presenting `--ssl-certfile` when given).
     pub fn client(&self, timeout: std::time::Duration) -> anyhow::Result<reqwest::Client> {
-        self.trust.http_client(reqwest::Client::builder().timeout(timeout))
+        Ok(self.tls.client()?.http_client(reqwest::Client::builder().timeout(timeout))?)
     }
 }
 

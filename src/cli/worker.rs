@@ -88,7 +88,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         head_url: args.head.clone(),
         join_token: args.join_token.clone(),
         tls: tls.clone(),
-        trust: args.tls.trust.client()?,
+        trust: args.tls.client()?,
     };
     let mut worker = start(setup, shutdown.clone()).await?;
     let mut listening = vec![("grpc", worker.address)];

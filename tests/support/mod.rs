@@ -88,11 +88,16 @@ where
 impl Lumen {
     /// Starts `lumen ARGS` and waits for its ready line.
     pub fn start(args: &[String]) -> Lumen {
+        Lumen::start_with_stderr(args, Stdio::inherit())
+    }
+
+    /// [`Lumen::start`], its log (stderr) going to `stderr`, e.g. a file a test reads.
+    pub fn start_with_stderr(args: &[String], stderr: impl Into<Stdio>) -> Lumen {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lumen"))
             .args(args)
             .env("LUMEN_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("starting lumen");
         let stdout = child.stdout.take().expect("stdout");

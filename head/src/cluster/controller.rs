@@ -126,7 +126,7 @@ impl Cluster {
             Err(message) => Err(message),
             Ok(mut client) => match tokio::time::timeout(timeout, client.start_replica(request)).await {
                 Err(_) => Err(format!("it did not start within {timeout:?}")),
-                Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+                Ok(Err(status)) => Err(self.inner.clients.describe_failure(&worker_id, &status).await),
                 Ok(Ok(reply)) => {
                     let info = reply.into_inner();
                     if info.state == pb::ReplicaState::Failed as i32 { Err(info.message) } else { Ok(info) }

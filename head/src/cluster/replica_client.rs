@@ -4,13 +4,16 @@
 //! Channels connect lazily on first use and reconnect by themselves; a worker that re-registers
 //! at a new address gets a new channel. Connection failures surface as `UNAVAILABLE` statuses.
 //! A worker that advertises an `https://` address is dialed over TLS and must present a
-//! certificate for that host signed by the pool's roots (`--ssl-ca-certs`, else the system's).
+//! certificate for that host signed by the pool's roots (`--ssl-ca-certs`, else the system's);
+//! the head presents its own certificate (`--ssl-certfile`) to a worker that asks for one. A
+//! call that fails at the transport of an `https://` worker is explained by a probe handshake
+//! when the TLS handshake was refused ([`ClientPool::describe_failure`]).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use lumen_proto::tls::ClientTls;
+use lumen_proto::tls::{CertificateFailure, ClientTls, certificate_failure};
 use lumen_proto::v1 as pb;
 use pb::worker_client::WorkerClient;
 use tonic::transport::{Channel, Endpoint};
@@ -59,6 +62,37 @@ impl ClientPool {
         let channel = tls.apply(endpoint(address)?)?.connect_lazy();
         channels.insert(worker_id.to_owned(), (address.to_owned(), channel.clone()));
         Ok(WorkerClient::new(channel))
+    }
+
+    /// `status`, the failure of a call to `worker_id`, in words: its code and message, and,
+    /// when the call failed at the transport (the status has a source) and the TLS handshake
+    /// with the worker was refused, why and which flag to look at. With TLS 1.3 a refused client
+    /// certificate otherwise shows only as a closed connection, so a probe handshake asks.
+    pub async fn describe_failure(&self, worker_id: &str, status: &tonic::Status) -> String {
+        let text = format!("{:?}: {}", status.code(), status.message());
+        if std::error::Error::source(status).is_none() {
+            return text;
+        }
+        let address =
+            self.channels.lock().unwrap_or_else(PoisonError::into_inner).get(worker_id).map(|(a, _)| a.clone());
+        let failure = match (certificate_failure(status), address) {
+            (Some(failure), _) => failure,
+            (None, Some(address)) => match self.tls.get_or_init(ClientTls::system).probe(&address).await {
+                Some(failure) => failure,
+                None => return text,
+            },
+            (None, None) => return text,
+        };
+        let hint = match failure {
+            CertificateFailure::Refused(_) => {
+                "the head's --ssl-ca-certs must include the CA of the worker's certificate"
+            }
+            _ => {
+                "the worker asks for a client certificate: the head presents its --ssl-certfile, which must be signed \
+                 by a CA of the worker's --ssl-ca-certs"
+            }
+        };
+        format!("{text}; TLS: {} ({hint})", failure.as_seen_by_client())
     }
 }
 

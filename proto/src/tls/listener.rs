@@ -2,7 +2,10 @@
 //!
 //! One task accepts TCP connections and hands each to its own handshake task, so a client that
 //! connects and sends nothing (or speaks plain HTTP) delays no one else; a handshake gets
-//! [`HANDSHAKE_TIMEOUT`], failures are logged at debug level and dropped. Finished streams wait
+//! [`HANDSHAKE_TIMEOUT`]. A handshake that fails over a certificate (a client certificate missing
+//! where one is required, or refused, or the client refusing ours) is logged as a warning with
+//! the peer address and the reason; other failures (plain text on a TLS port, a probe that only
+//! connects, a timeout) at debug level; the connection is dropped. Finished streams wait
 //! in a bounded queue for the server. The listener closes when the `TlsIncoming` is dropped
 //! (axum and tonic drop it when their graceful shutdown begins), exactly like a plain
 //! `TcpListener`. [`serve_http`] and [`serve_grpc`] serve on a listener with or without TLS, so
@@ -115,10 +118,19 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, ready: mpsc::
                     // Fails only once the server stopped taking connections: the stream drops.
                     let _ = ready.send((stream, peer)).await;
                 }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                Ok(Err(e)) => log_failed_handshake(peer, &e),
+                Err(_) => tracing::debug!(%peer, timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+fn log_failed_handshake(peer: SocketAddr, error: &io::Error) {
+    match super::certificate_failure(error) {
+        Some(failure) => {
+            tracing::warn!(%peer, reason = %failure.as_seen_by_server(), "TLS handshake refused");
+        }
+        None => tracing::debug!(%peer, error = %error, "TLS handshake failed"),
     }
 }
 

@@ -10,7 +10,10 @@
 //! session re-registers with the replicas the worker still hosts, so a restarted head learns
 //! them. The task ends only when its cancellation token is cancelled. An `https://` head is
 //! dialed over TLS and must present a certificate signed by the config's roots; one that does
-//! not is reported as such (`UntrustedHead`, naming `--ssl-ca-certs`).
+//! not is reported as such (`UntrustedHead`, naming `--ssl-ca-certs`). The config's client
+//! certificate, if any, is presented to a head that asks for one; a head that refuses it (or
+//! requires one and got none) is reported as such too (`ClientCertificateRefused`, naming the
+//! head's `--ssl-cert-reqs` and this worker's `--ssl-certfile`).
 //!
 //! Draining: once [`WorkerNode::begin_drain`] is called, a heartbeat saying `draining` goes out
 //! at once (and every later heartbeat and registration says so too); when the head has
@@ -21,7 +24,7 @@ use std::convert::Infallible;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lumen_proto::PROTOCOL_VERSION;
-use lumen_proto::tls::ClientTls;
+use lumen_proto::tls::{CertificateFailure, ClientTls, certificate_failure};
 use lumen_proto::v1 as pb;
 use lumen_proto::v1::head_client::HeadClient;
 use tokio::sync::mpsc;
@@ -52,7 +55,8 @@ pub struct RegistrationConfig {
     pub advertise_address: String,
     /// Sent as `join_token`; empty when the head requires none.
     pub join_token: String,
-    /// Whom an `https://` head must prove to be (`--ssl-ca-certs`, else the system's roots).
+    /// Whom an `https://` head must prove to be (`--ssl-ca-certs`, else the system's roots), and
+    /// the client certificate presented to it.
     pub tls: ClientTls,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -84,6 +88,11 @@ pub enum RegistrationError {
          signed it with --ssl-ca-certs"
     )]
     UntrustedHead { url: String, reason: String },
+    #[error(
+        "the head at {url} refused the TLS handshake: {reason}; a head with --ssl-cert-reqs 1 or 2 needs this \
+         worker's --ssl-certfile/--ssl-keyfile to be a certificate signed by a CA of its --ssl-ca-certs"
+    )]
+    ClientCertificateRefused { url: String, reason: String },
     #[error("cannot set up TLS to the head at {url}: {reason} (--ssl-ca-certs names the CA to trust)")]
     Tls { url: String, reason: String },
     #[error("the head refused the registration: {0}")]
@@ -137,14 +146,38 @@ async fn connect(config: &RegistrationConfig) -> Result<Channel, RegistrationErr
     let endpoint =
         config.tls.apply(endpoint).map_err(|e| RegistrationError::Tls { url: url.clone(), reason: error_chain(&e) })?;
     endpoint.connect().await.map_err(|e| {
-        let reason = error_chain(&e);
-        // rustls's verdict on the head's certificate ("invalid peer certificate: UnknownIssuer").
-        if reason.contains("invalid peer certificate") {
-            RegistrationError::UntrustedHead { url, reason }
-        } else {
-            RegistrationError::Connect { url, reason }
-        }
+        tls_refusal(&url, &e).unwrap_or_else(|| RegistrationError::Connect { reason: error_chain(&e), url })
     })
+}
+
+/// The certificate problem that ended a TLS handshake with the head, if that is what `error`
+/// is.
+fn tls_refusal(url: &str, error: &(dyn std::error::Error + 'static)) -> Option<RegistrationError> {
+    certificate_failure(error).map(|failure| refusal(url, failure))
+}
+
+fn refusal(url: &str, failure: CertificateFailure) -> RegistrationError {
+    let url = url.to_owned();
+    match failure {
+        CertificateFailure::Refused(reason) => RegistrationError::UntrustedHead { url, reason },
+        refused => RegistrationError::ClientCertificateRefused { url, reason: refused.as_seen_by_client() },
+    }
+}
+
+/// Why `Register` failed. With TLS 1.3 the head judges the client certificate after the
+/// worker's half of the handshake is done, so a refusal surfaces on this first call, often
+/// only as a closed connection: a call that failed at the transport (a status with a source;
+/// the head's own answers have none) is followed by a probe handshake that learns the reason.
+async fn register_failure(config: &RegistrationConfig, status: tonic::Status) -> RegistrationError {
+    if let Some(refused) = tls_refusal(&config.head_url, &status) {
+        return refused;
+    }
+    if std::error::Error::source(&status).is_some()
+        && let Some(failure) = config.tls.probe(&config.head_url).await
+    {
+        return refusal(&config.head_url, failure);
+    }
+    RegistrationError::Refused(status)
 }
 
 /// One register + heartbeat session; it ends only by failing (at shutdown the caller drops it).
@@ -167,11 +200,11 @@ async fn session(
     };
     let registered_draining = request.draining;
     let replicas = request.replicas.len();
-    let reply = tokio::time::timeout(REGISTER_TIMEOUT, client.register(request))
-        .await
-        .map_err(|_| RegistrationError::RegisterTimeout(REGISTER_TIMEOUT))?
-        .map_err(RegistrationError::Refused)?
-        .into_inner();
+    let reply = match tokio::time::timeout(REGISTER_TIMEOUT, client.register(request)).await {
+        Err(_) => return Err(RegistrationError::RegisterTimeout(REGISTER_TIMEOUT)),
+        Ok(Err(status)) => return Err(register_failure(config, status).await),
+        Ok(Ok(reply)) => reply.into_inner(),
+    };
     if reply.protocol_version != PROTOCOL_VERSION {
         return Err(RegistrationError::ProtocolMismatch { head: reply.protocol_version, worker: PROTOCOL_VERSION });
     }
