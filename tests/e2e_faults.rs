@@ -3,6 +3,8 @@
 //!   on the worker past `--stream-send-timeout-s`;
 //! - a network cut between head and worker (a loopback TCP proxy on both paths, cut then
 //!   restored) makes the head mark the worker dead and answer 503, and heals by itself;
+//! - a silent partition (the proxies stop moving bytes but close nothing, as when packets are
+//!   dropped) ends the stream in flight with an error event within seconds, and heals by itself;
 //! - SIGTERM on a separate `lumen head` stops admissions, finishes the stream in flight, exits 0.
 
 mod support;
@@ -134,50 +136,159 @@ async fn a_client_that_stops_reading_is_aborted_and_stalls_no_one_else() {
     assert!(!text.contains("data: [DONE]"), "an aborted stream must not look complete");
 }
 
-/// A loopback TCP proxy to `target` that a test can cut (every connection dropped, new ones
-/// closed at once) and restore.
+/// What a [`Proxy`] does with its traffic.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Link {
+    /// Bytes flow both ways.
+    Up,
+    /// Every connection is dropped; new ones are closed at once (both sides see a reset).
+    Cut,
+    /// A partition that drops packets: connections stay open, but no byte moves either way
+    /// (nor does a new connection get through) until the link is up again; what was sent then
+    /// arrives, as TCP retransmission delivers it after a partition heals.
+    Silent,
+}
+
+/// A loopback TCP proxy to `target` whose link a test can cut, silence and restore.
 struct Proxy {
     addr: SocketAddr,
-    cut: watch::Sender<bool>,
+    link: watch::Sender<Link>,
     task: JoinHandle<()>,
+}
+
+/// Copies `from` to `to` while the link is up; stops reading while it is silent, and ends when
+/// it is cut or either side closes.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut link: watch::Receiver<Link>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if link.wait_for(|l| *l != Link::Silent).await.map_or(true, |l| *l == Link::Cut) {
+            return;
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = link.changed() => continue,
+        };
+        if link.wait_for(|l| *l != Link::Silent).await.map_or(true, |l| *l == Link::Cut) {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
     async fn start(target: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let (cut, watching) = watch::channel(false);
+        let (link, watching) = watch::channel(Link::Up);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { continue };
-                if *watching.borrow() {
-                    continue;
-                }
-                let mut cut = watching.clone();
+                let Ok((inbound, _)) = listener.accept().await else { continue };
+                let mut link = watching.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.wait_for(|cut| *cut) => {}
+                    // A silent link holds the connection without dialing on.
+                    if link.wait_for(|l| *l != Link::Silent).await.map_or(true, |l| *l == Link::Cut) {
+                        return;
                     }
+                    let Ok(outbound) = TcpStream::connect(target).await else { return };
+                    let ((in_read, in_write), (out_read, out_write)) = (inbound.into_split(), outbound.into_split());
+                    tokio::join!(pump(in_read, out_write, link.clone()), pump(out_read, in_write, link));
                 });
             }
         });
-        Proxy { addr, cut, task }
+        Proxy { addr, link, task }
     }
 
     fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    fn set_cut(&self, cut: bool) {
-        self.cut.send_replace(cut);
+    fn set(&self, link: Link) {
+        self.link.send_replace(link);
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A head and a worker `w1` whose every connection goes through a proxy: the worker's
+/// registration and heartbeats to the head, and the head's calls to the worker (its advertised
+/// address).
+struct ProxiedCluster {
+    head: Lumen,
+    to_head: Proxy,
+    to_worker: Proxy,
+    _worker: Lumen,
+    _dir: tempfile::TempDir,
+}
+
+impl ProxiedCluster {
+    async fn start() -> ProxiedCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let head = Lumen::start(&head_args(serve_config(dir.path())));
+        let to_head = Proxy::start(head.addr("grpc")).await;
+        let worker_port = free_port();
+        let to_worker = Proxy::start(SocketAddr::from(([127, 0, 0, 1], worker_port))).await;
+        let worker_args = [
+            "worker",
+            "--head",
+            &to_head.url(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &worker_port.to_string(),
+            "--advertise-address",
+            &to_worker.url(),
+            "--metrics-port",
+            "0",
+            "--worker-id",
+            "w1",
+        ]
+        .map(String::from);
+        let worker = Lumen::start(&worker_args);
+        head.wait_healthy(&reqwest::Client::new()).await;
+        ProxiedCluster { head, to_head, to_worker, _worker: worker, _dir: dir }
+    }
+
+    fn set_links(&self, link: Link) {
+        self.to_head.set(link);
+        self.to_worker.set(link);
+    }
+
+    /// Waits until the head sees the worker dead; a request is then refused with 503.
+    async fn expect_worker_dead(&self, http: &reqwest::Client) {
+        until("the head marks the cut-off worker dead", Duration::from_secs(15), || async {
+            !worker_alive(http, &self.head, "w1").await
+        })
+        .await;
+        let api = self.head.url("api");
+        let (status, _) = short_completion(http, &api).await.expect("during the partition");
+        assert_eq!(status, 503, "no live replica while the worker is cut off");
+        assert_eq!(http.get(format!("{api}/health")).send().await.expect("health").status(), 503);
+    }
+
+    /// Restores the links and waits until the worker is back and requests succeed.
+    async fn heal(&self, http: &reqwest::Client) {
+        self.set_links(Link::Up);
+        until("the worker is back by itself", Duration::from_secs(60), || async {
+            worker_alive(http, &self.head, "w1").await
+        })
+        .await;
+        until("requests succeed again", Duration::from_secs(60), || async {
+            matches!(short_completion(http, &self.head.url("api")).await, Ok((200, 8)))
+        })
+        .await;
     }
 }
 
@@ -208,58 +319,50 @@ async fn worker_alive(http: &reqwest::Client, head: &Lumen, id: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_cut_between_head_and_worker_heals_without_an_operator() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let head = Lumen::start(&head_args(serve_config(dir.path())));
-    // Both directions go through proxies: the worker's registration and heartbeats to the head,
-    // and the head's calls to the worker (its advertised address).
-    let to_head = Proxy::start(head.addr("grpc")).await;
-    let worker_port = free_port();
-    let to_worker = Proxy::start(SocketAddr::from(([127, 0, 0, 1], worker_port))).await;
-    let worker_args = [
-        "worker",
-        "--head",
-        &to_head.url(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &worker_port.to_string(),
-        "--advertise-address",
-        &to_worker.url(),
-        "--metrics-port",
-        "0",
-        "--worker-id",
-        "w1",
-    ]
-    .map(String::from);
-    let _worker = Lumen::start(&worker_args);
+    let cluster = ProxiedCluster::start().await;
     let http = reqwest::Client::new();
-    head.wait_healthy(&http).await;
-    let api = head.url("api");
-    assert_eq!(short_completion(&http, &api).await.expect("before the cut"), (200, 8));
+    assert_eq!(short_completion(&http, &cluster.head.url("api")).await.expect("before the cut"), (200, 8));
 
-    to_head.set_cut(true);
-    to_worker.set_cut(true);
+    cluster.set_links(Link::Cut);
     let cut_at = Instant::now();
-    until("the head marks the cut-off worker dead", Duration::from_secs(15), || async {
-        !worker_alive(&http, &head, "w1").await
-    })
-    .await;
-    let (status, _) = short_completion(&http, &api).await.expect("during the cut");
-    assert_eq!(status, 503, "no live replica while the worker is cut off");
-    assert_eq!(http.get(format!("{api}/health")).send().await.expect("health").status(), 503);
+    cluster.expect_worker_dead(&http).await;
     // Stay cut well past the heartbeat timeout (3 x 300 ms) before healing.
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(cut_at.elapsed())).await;
+    cluster.heal(&http).await;
+}
 
-    to_head.set_cut(false);
-    to_worker.set_cut(false);
-    until("the worker re-registers by itself", Duration::from_secs(60), || async {
-        worker_alive(&http, &head, "w1").await
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_partition_ends_the_stream_in_flight_with_an_error_and_heals_without_an_operator() {
+    let cluster = ProxiedCluster::start().await;
+    let http = reqwest::Client::new();
+    let body =
+        json!({"model": "smol", "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": true, "stream": true});
+    let response =
+        http.post(format!("{}/v1/completions", cluster.head.url("api"))).json(&body).send().await.expect("stream");
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.expect("first chunk").expect("chunk");
+    assert!(String::from_utf8_lossy(&first).contains("data: "));
+
+    // Packets stop: no connection closes, so only the missed heartbeats tell the head.
+    cluster.set_links(Link::Silent);
+    // The stream in flight ends with an error event once the worker is marked dead and the
+    // stream stayed silent for the grace (5 s), not when HTTP/2 keepalive would notice (~40 s).
+    let rest = tokio::time::timeout(Duration::from_secs(25), async {
+        let mut rest = String::new();
+        while let Some(chunk) = stream.next().await {
+            rest.push_str(&String::from_utf8_lossy(&chunk.expect("the body ends cleanly")));
+        }
+        rest
     })
-    .await;
-    until("requests succeed again", Duration::from_secs(60), || async {
-        matches!(short_completion(&http, &api).await, Ok((200, 8)))
-    })
-    .await;
+    .await
+    .expect("the stream in flight ends while the partition lasts");
+    assert!(rest.contains("\"error\"") && rest.contains("missed its heartbeats"), "an error event names why: {rest}");
+    assert!(!rest.contains("\"finish_reason\":\"length\""), "the request did not complete: {rest}");
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "the body still ends properly: {rest}");
+    cluster.expect_worker_dead(&http).await;
+
+    // Healed, the worker's delayed heartbeats arrive and it serves again, with no operator.
+    cluster.heal(&http).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,7 @@
 mod affinity;
 mod autoscaler;
 mod controller;
+mod forward;
 mod head_service;
 mod health;
 mod metrics;

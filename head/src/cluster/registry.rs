@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use lumen_proto::v1 as pb;
+use tokio::sync::watch;
 
 use crate::clock::{since_epoch, unix_ms, unix_s};
 use crate::config::AutoscalingConfig;
@@ -232,6 +233,10 @@ pub(super) struct WorkerEntry {
     pub last_seen: Instant,
     /// False once the worker missed its heartbeats; set again when it registers or heartbeats.
     pub alive: bool,
+    /// True while it is marked dead for missed heartbeats (`!alive` but for a drain that
+    /// finished): streams from it end once they fall silent too (see `forward`). Kept across
+    /// registrations, so streams opened before one still hear that it is back.
+    pub silent: watch::Sender<bool>,
     /// The worker is shutting down: it finishes its requests but takes no new ones.
     pub draining: bool,
 }
@@ -273,7 +278,7 @@ pub(super) struct ReplicaEntry {
     pub info: Option<pb::ReplicaInfo>,
     pub stats: Option<pb::ReplicaStats>,
     pub message: Option<String>,
-    /// Requests the head has in flight on this replica (see `router::InFlight`).
+    /// Requests the head has in flight on this replica (see `forward::InFlight`).
     pub in_flight: Arc<AtomicU32>,
     /// `in_flight` when `stats` arrived: how much of the reported load was the head's own.
     pub in_flight_at_report: u32,
@@ -381,6 +386,8 @@ impl State {
     /// flight. Returns whether the worker was already known.
     pub fn register_worker(&mut self, req: &pb::RegisterRequest, now: Instant) -> bool {
         let known = self.workers.contains_key(&req.worker_id);
+        let silent = self.workers.get(&req.worker_id).map_or_else(|| watch::channel(false).0, |w| w.silent.clone());
+        silent.send_replace(false);
         self.workers.insert(
             req.worker_id.clone(),
             WorkerEntry {
@@ -391,6 +398,7 @@ impl State {
                 registered_unix_ms: unix_ms(),
                 last_seen: now,
                 alive: true,
+                silent,
                 draining: req.draining,
             },
         );
@@ -446,6 +454,7 @@ impl State {
         let worker = self.workers.get_mut(&hb.worker_id).ok_or(UnknownWorker)?;
         worker.last_seen = now;
         worker.alive = true;
+        worker.silent.send_if_modified(|silent| std::mem::replace(silent, false));
         let mut act = hb.draining && !worker.draining;
         worker.draining = hb.draining;
         for stats in &hb.replicas {
@@ -470,6 +479,7 @@ impl State {
         for worker in self.workers.values_mut() {
             if worker.alive && !worker.is_live(now, deadline) {
                 worker.alive = false;
+                worker.silent.send_replace(true);
                 dead.push(worker.id.clone());
             }
         }

@@ -76,12 +76,20 @@ fn adopted_replicas_are_current_only_when_the_options_they_report_match() {
 fn silent_worker_is_marked_dead_and_revived_by_a_heartbeat() {
     let mut state = State::default();
     register(&mut state, "w", "cpu", 0, vec![]);
+    // What a stream opened now watches (see `forward`).
+    let silence = state.workers["w"].silent.subscribe();
+    assert!(!*silence.borrow());
     let later = Instant::now() + DEADLINE + Duration::from_millis(1);
     assert_eq!(state.mark_silent_workers_dead(later, DEADLINE), ["w"]);
     assert!(!state.worker_is_live("w", later, DEADLINE));
+    assert!(*silence.borrow(), "its streams hear that it went silent");
     let hb = pb::WorkerHeartbeat { worker_id: "w".into(), ..Default::default() };
     assert!(state.record_heartbeat(&hb, later).is_ok());
     assert!(state.worker_is_live("w", later, DEADLINE));
+    assert!(!*silence.borrow(), "and that it is back");
+    state.mark_silent_workers_dead(later + DEADLINE * 2, DEADLINE);
+    register(&mut state, "w", "cpu", 0, vec![]);
+    assert!(!*silence.borrow(), "a registration after it went silent reaches the streams opened before");
 }
 
 #[test]

@@ -21,7 +21,9 @@
 //!   replica rejected the request as invalid: another would too); when there is none, the retry
 //!   waits only while a replica is starting, one is draining (its replacement is coming) or
 //!   workers are expected back, and fails at once otherwise. After the first event, failures
-//!   become an `Err` item and end the stream, as does a stream that ends without `finished`.
+//!   become an `Err` item and end the stream, as does a stream that ends without `finished` or
+//!   one from a worker marked dead that stays silent ([`super::forward`]); the wait for the first
+//!   event ends the same way.
 //! - Dropping the returned stream drops the gRPC call, which cancels it on the worker.
 
 use std::future::Future;
@@ -29,12 +31,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures::stream;
 use lumen_proto::v1 as pb;
 use pb::worker_client::WorkerClient;
+use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use super::affinity::{self, PrefixAffinity, PrefixKeys};
+use super::forward::{self, InFlight, SILENT_STREAM_GRACE, WorkerSilence, forward_events};
 use super::registry::{DeploymentEntry, Phase, ReplicaEntry, State};
 use super::replica_client::status_to_error;
 use super::{Cluster, random_u64};
@@ -60,22 +63,7 @@ struct Pick {
     worker_id: String,
     address: String,
     in_flight: Arc<AtomicU32>,
-}
-
-/// Counts one head-side request on a replica for as long as it lives.
-struct InFlight(Arc<AtomicU32>);
-
-impl InFlight {
-    fn new(counter: Arc<AtomicU32>) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+    silence: WorkerSilence,
 }
 
 /// Index of the less loaded of two distinct entries of `loads` drawn from `random`.
@@ -184,13 +172,17 @@ impl Cluster {
         if hints.deployment_count() > state.deployments().count() {
             hints.retain_deployments(|d| state.deployment(d).is_some());
         }
-        let address = state.workers.get(&chosen.worker_id).map(|w| w.address.clone()).unwrap_or_default();
+        let worker = state.workers.get(&chosen.worker_id);
+        let address = worker.map(|w| w.address.clone()).unwrap_or_default();
+        // A worker without an entry cannot be marked silent: its receiver just never fires.
+        let receiver = worker.map_or_else(|| watch::channel(false).1, |w| w.silent.subscribe());
         Ok(Pick {
             deployment: name.to_string(),
             replica_id: chosen.id.clone(),
             worker_id: chosen.worker_id.clone(),
             address,
             in_flight: chosen.in_flight.clone(),
+            silence: WorkerSilence { receiver, grace: deadline.max(SILENT_STREAM_GRACE) },
         })
     }
 
@@ -241,23 +233,19 @@ impl Cluster {
     }
 
     /// Starts `request` on `pick` and waits for its first event.
-    async fn open_stream(&self, pick: Pick, mut request: pb::GenerateRequest) -> Result<EventStream, BackendError> {
+    async fn open_stream(&self, mut pick: Pick, mut request: pb::GenerateRequest) -> Result<EventStream, BackendError> {
         let guard = InFlight::new(pick.in_flight.clone());
         request.replica_id = pick.replica_id.clone();
         let mut client = self.client(&pick)?;
         let mut events = client.generate(request).await.map_err(|s| status_to_error(&s))?.into_inner();
-        let first = match events.message().await {
-            Ok(Some(event)) => event,
-            Ok(None) => {
-                return Err(BackendError::Unavailable(format!(
-                    "replica `{}` ended the request before any event",
-                    pick.replica_id
-                )));
-            }
-            Err(status) => return Err(status_to_error(&status)),
+        let Some(first) = forward::next_event(&mut events, &mut pick.silence, &pick.worker_id).await? else {
+            return Err(BackendError::Unavailable(format!(
+                "replica `{}` ended the request before any event",
+                pick.replica_id
+            )));
         };
         crate::backend::note_route(&pick.deployment, &pick.replica_id);
-        Ok(forward_events(first, events, guard, pick.replica_id))
+        Ok(forward_events(first, events, pick.silence, guard, pick.worker_id, pick.replica_id))
     }
 
     /// Runs a unary call on a replica of `model`, retrying once on another replica.
@@ -285,47 +273,6 @@ impl Cluster {
         }
         Err(last_error.unwrap_or_else(|| BackendError::NoReplica(model.into())))
     }
-}
-
-/// Where a forwarded stream stands.
-struct Forward {
-    first: Option<pb::GenerateEvent>,
-    events: tonic::Streaming<pb::GenerateEvent>,
-    replica_id: String,
-    done: bool,
-    _in_flight: InFlight,
-}
-
-/// The stream handed to the API layer: `first`, then the rest of `events`, ending after
-/// `finished` or with one `Err` item.
-fn forward_events(
-    first: pb::GenerateEvent,
-    events: tonic::Streaming<pb::GenerateEvent>,
-    in_flight: InFlight,
-    replica_id: String,
-) -> EventStream {
-    let state = Forward { first: Some(first), events, replica_id, done: false, _in_flight: in_flight };
-    Box::pin(stream::unfold(state, |mut s| async move {
-        if s.done {
-            return None;
-        }
-        let item = match s.first.take() {
-            Some(event) => Ok(event),
-            None => match s.events.message().await {
-                Ok(Some(event)) => Ok(event),
-                Ok(None) => Err(BackendError::Unavailable(format!(
-                    "replica `{}` ended the stream before the request finished",
-                    s.replica_id
-                ))),
-                Err(status) => Err(status_to_error(&status)),
-            },
-        };
-        s.done = match &item {
-            Ok(event) => matches!(event.event, Some(pb::generate_event::Event::Finished(_))),
-            Err(_) => true,
-        };
-        Some((item, s))
-    }))
 }
 
 #[async_trait::async_trait]
@@ -493,14 +440,5 @@ mod tests {
         assert!(replacement_coming(&state, d, now, DEADLINE));
         let after = now + Duration::from_secs(6);
         assert!(matches!(why_none_runs(&state, d, "m", after, DEADLINE), Unroutable::Refused(_)), "the grace ends");
-    }
-
-    #[test]
-    fn in_flight_guard_counts_while_alive() {
-        let counter = Arc::new(AtomicU32::new(0));
-        let guard = InFlight::new(counter.clone());
-        assert_eq!(counter.load(Ordering::Relaxed), 1);
-        drop(guard);
-        assert_eq!(counter.load(Ordering::Relaxed), 0);
     }
 }
