@@ -154,14 +154,18 @@ mod tests {
         }
     }
 
-    /// A forwarded stream over a channel the test feeds, the worker's silence flag, and the
-    /// in-flight counter.
-    fn forwarded() -> (
-        EventStream,
-        mpsc::UnboundedSender<Result<pb::GenerateEvent, tonic::Status>>,
-        watch::Sender<bool>,
-        Arc<AtomicU32>,
-    ) {
+    /// What a test drives a forwarded stream with.
+    struct Forwarded {
+        stream: EventStream,
+        /// The worker's side of the stream.
+        tx: mpsc::UnboundedSender<Result<pb::GenerateEvent, tonic::Status>>,
+        /// The worker's silence flag, as the registry sets it.
+        silent: watch::Sender<bool>,
+        /// The replica's in-flight counter.
+        counter: Arc<AtomicU32>,
+    }
+
+    fn forwarded() -> Forwarded {
         let (tx, rx) = mpsc::unbounded_channel();
         let (silent, receiver) = watch::channel(false);
         let counter = Arc::new(AtomicU32::new(0));
@@ -175,12 +179,12 @@ mod tests {
             "w".into(),
             "r".into(),
         );
-        (stream, tx, silent, counter)
+        Forwarded { stream, tx, silent, counter }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_stream_from_a_worker_marked_dead_ends_once_it_stays_silent_for_the_grace() {
-        let (mut stream, _tx, silent, counter) = forwarded();
+        let Forwarded { mut stream, tx: _tx, silent, counter } = forwarded();
         assert!(stream.next().await.expect("the first event").is_ok());
         silent.send_replace(true);
         let started = tokio::time::Instant::now();
@@ -197,7 +201,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn events_that_keep_coming_keep_the_stream_of_a_worker_marked_dead_by_mistake() {
-        let (mut stream, tx, silent, _counter) = forwarded();
+        let Forwarded { mut stream, tx, silent, .. } = forwarded();
         stream.next().await.expect("first").expect("ok");
         silent.send_replace(true);
         for id in 1..6 {
@@ -209,7 +213,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_worker_heard_from_again_within_the_grace_keeps_its_streams() {
-        let (mut stream, tx, silent, _counter) = forwarded();
+        let Forwarded { mut stream, tx, silent, .. } = forwarded();
         stream.next().await.expect("first").expect("ok");
         silent.send_replace(true);
         let revive = tokio::spawn(async move {
@@ -226,7 +230,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stream_that_ends_without_finished_is_an_error() {
-        let (mut stream, tx, _silent, _counter) = forwarded();
+        let Forwarded { mut stream, tx, silent: _silent, .. } = forwarded();
         stream.next().await.expect("first").expect("ok");
         drop(tx);
         let item = stream.next().await.expect("an error item");
