@@ -10,11 +10,12 @@
 //! 8B shape's kernels from 5.23 to 4.59 ms (`scripts/gpu/decode_chain_bench.cu`).
 //! Kernels of others (cuBLAS, candle) are launched without the attribute and keep plain order.
 //!
-//! Only steps of one token row use it by default: at 8 decode streams it made the step slower
-//! (8.3 vs 7.7 ms on the H200, whichever order the kernels wait and trigger in), while one stream
-//! went from 206 to 221 tokens/s; from 3 rows the projections are cuBLAS kernels, which never let
-//! a dependent start early. `LUMEN_CUDA_PDL=0` turns it off, `LUMEN_CUDA_PDL=all` uses it for
-//! every step.
+//! Only steps of one or two token rows use it by default, the steps whose projections are our
+//! GEMV too: on the H200 one stream went from 206 to 221 tokens/s and two streams from 387 to 409
+//! (all launches dependent, the third session). From 3 rows the projections are cuBLAS kernels,
+//! which never let a dependent start early; when the GEMV still took 8 rows, dependent launches
+//! made those steps slower (8.3 vs 7.7 ms, whichever order the kernels wait and trigger in).
+//! `LUMEN_CUDA_PDL=0` turns it off, `LUMEN_CUDA_PDL=all` uses it for every step.
 
 use std::ffi::c_void;
 
@@ -86,12 +87,16 @@ impl Params {
     }
 }
 
+/// Most token rows of a step whose kernels launch as dependents by default (measured faster at
+/// one and two rows; see the module documentation).
+pub const DEPENDENT_LAUNCH_ROWS: usize = 2;
+
 /// Which steps launch our kernels as programmatic dependents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DependentLaunch {
     Off,
-    /// Steps of one token row (the default).
-    SingleRow,
+    /// Steps of at most [`DEPENDENT_LAUNCH_ROWS`] token rows (the default).
+    FewRows,
     All,
 }
 
@@ -107,7 +112,7 @@ impl DependentLaunch {
             _ if major < 9 => DependentLaunch::Off,
             Ok("0") => DependentLaunch::Off,
             Ok("all") => DependentLaunch::All,
-            _ => DependentLaunch::SingleRow,
+            _ => DependentLaunch::FewRows,
         })
     }
 
@@ -115,7 +120,7 @@ impl DependentLaunch {
     pub fn applies_to(self, rows: usize) -> bool {
         match self {
             DependentLaunch::Off => false,
-            DependentLaunch::SingleRow => rows == 1,
+            DependentLaunch::FewRows => rows <= DEPENDENT_LAUNCH_ROWS,
             DependentLaunch::All => true,
         }
     }
@@ -163,5 +168,19 @@ pub unsafe fn launch(
         Ok(())
     } else {
         Err(WorkerError::Engine(format!("cuda: kernel launch: {status:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_launches_steps_of_one_or_two_rows_as_dependents() {
+        let rows = [1, 2, 3, 8, 256];
+        let applies = |mode: DependentLaunch| rows.map(|r| mode.applies_to(r));
+        assert_eq!(applies(DependentLaunch::FewRows), [true, true, false, false, false]);
+        assert_eq!(applies(DependentLaunch::All), [true; 5]);
+        assert_eq!(applies(DependentLaunch::Off), [false; 5]);
     }
 }
