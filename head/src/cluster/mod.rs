@@ -18,7 +18,7 @@
 //! chosen.
 //!
 //! Invariants:
-//! - All cluster state lives in one [`registry::State`] behind one `std::sync::Mutex`; the lock is
+//! - All cluster state lives in one `registry::State` behind one `std::sync::Mutex`; the lock is
 //!   never held across an `.await`, so every gRPC call is made after the lock is released.
 //! - A replica is routable only while it is `Running`, its deployment exists, and its worker is
 //!   alive (registered and heard from within [`MISSED_HEARTBEATS`] heartbeat intervals) and not

@@ -118,7 +118,7 @@ pub struct HubSettings {
     pub cache_dir: PathBuf,
     pub offline: bool,
     pub token: Option<String>,
-    /// Hub base URL; `None` lets hf-hub pick (`HF_ENDPOINT` or https://huggingface.co).
+    /// Hub base URL; `None` lets hf-hub pick (`HF_ENDPOINT` or <https://huggingface.co>).
     pub endpoint: Option<String>,
 }
 
