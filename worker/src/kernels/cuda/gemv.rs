@@ -72,49 +72,63 @@ pub fn gemv_rows_from_env() -> Result<usize> {
     }
 }
 
+/// A product the GEMV kernel can take: its sizes and device addresses.
+struct GemvOperands {
+    m: usize,
+    n: usize,
+    k: usize,
+    x: u64,
+    w: u64,
+}
+
 impl CudaKernels {
     /// `x · Wᵀ` with `x` `[m, k]` and `W` `[n, k]` (a linear layer's Hugging Face layout):
     /// `[m, n]`, accumulated in f32.
     pub fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let m = x.dims2().map_err(|e| WorkerError::Engine(format!("cuda linear: {e}")))?.0;
-        if m <= self.gemv_rows && self.gemv_takes(x, w)? {
-            return self.gemv(x, w);
+        if m <= self.gemv_rows
+            && let Some(operands) = self.gemv_operands(x, w)?
+        {
+            return self.launch_gemv(operands);
         }
         w.t().and_then(|wt| x.matmul(&wt)).map_err(|e| gpu_error("matmul", e))
     }
 
-    /// Whether the GEMV kernel can multiply `x` by `Wᵀ`: 1 to 8 rows of the kernels' element
-    /// type, contiguous and 16-byte aligned, k a whole number of 16-byte vectors.
-    fn gemv_takes(&self, x: &Tensor, w: &Tensor) -> Result<bool> {
+    /// `x · Wᵀ` by the GEMV kernel, whatever the row limit (the tests cover every row count);
+    /// an error when the kernel cannot take it.
+    #[cfg(test)]
+    pub(crate) fn gemv(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match self.gemv_operands(x, w)? {
+            Some(operands) => self.launch_gemv(operands),
+            None => {
+                Err(WorkerError::Engine(format!("cuda gemv: cannot take x {:?} against W {:?}", x.dims(), w.dims())))
+            }
+        }
+    }
+
+    /// The operands when the GEMV kernel can multiply `x` by `Wᵀ`: 1 to 8 rows of the kernels'
+    /// element type, contiguous and 16-byte aligned, k a whole number of 16-byte vectors.
+    fn gemv_operands(&self, x: &Tensor, w: &Tensor) -> Result<Option<GemvOperands>> {
         let dims = |t: &Tensor| t.dims2().map_err(|e| WorkerError::Engine(format!("cuda linear: {e}")));
-        let ((m, k), (_, w_k)) = (dims(x)?, dims(w)?);
+        let ((m, k), (n, w_k)) = (dims(x)?, dims(w)?);
         if k != w_k {
             return Err(WorkerError::Engine(format!("cuda linear: x {:?} against W {:?}", x.dims(), w.dims())));
         }
-        Ok((1..=GEMV_MAX_ROWS).contains(&m)
+        let fits = (1..=GEMV_MAX_ROWS).contains(&m)
             && k % (16 / self.dtype.size_in_bytes()) == 0
             && x.dtype() == self.dtype
             && w.dtype() == self.dtype
             && x.is_contiguous()
-            && w.is_contiguous()
-            && device_ptr(x)? % 16 == 0
-            && device_ptr(w)? % 16 == 0)
+            && w.is_contiguous();
+        if !fits {
+            return Ok(None);
+        }
+        let (x, w) = (device_ptr(x)?, device_ptr(w)?);
+        Ok((x % 16 == 0 && w % 16 == 0).then_some(GemvOperands { m, n, k, x, w }))
     }
 
-    /// `x · Wᵀ` by the GEMV kernel, whatever the row limit (the caller checked `gemv_takes`).
-    pub(crate) fn gemv(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        if !self.gemv_takes(x, w)? {
-            return Err(WorkerError::Engine(format!(
-                "cuda gemv: cannot take x {:?} against W {:?}",
-                x.dims(),
-                w.dims()
-            )));
-        }
-        let (m, k) = x.dims2().map_err(|e| gpu_error("gemv", e))?;
-        let n = w.dims2().map_err(|e| gpu_error("gemv", e))?.0;
+    fn launch_gemv(&self, GemvOperands { m, n, k, x, w }: GemvOperands) -> Result<Tensor> {
         let y = self.alloc((m, n))?;
-        // SAFETY: W holds n rows of k, x m rows of k, y m rows of n, all 16-byte aligned with k a
-        // whole number of 16-byte vectors (checked by gemv_takes).
         let variant = Variant::of(m, n);
         let func = match variant {
             Variant::Wide => &self.gemv_wide,
@@ -122,8 +136,10 @@ impl CudaKernels {
             Variant::Rows(m) => &self.gemv[m - 1],
         };
         let blocks = n.div_ceil(variant.features_per_block()) as u32;
+        // SAFETY: W holds n rows of k, x m rows of k, y m rows of n, all 16-byte aligned with k a
+        // whole number of 16-byte vectors (checked by gemv_operands).
         launch!(self, func, grid((blocks, 1, 1), (WARPS * 32) as u32);
-            device_ptr(w)?, device_ptr(x)?, device_ptr(&y)?, int("n", n)?, int("k", k)?)?;
+            w, x, device_ptr(&y)?, int("n", n)?, int("k", k)?)?;
         Ok(y)
     }
 }

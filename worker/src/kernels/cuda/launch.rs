@@ -87,9 +87,10 @@ impl Params {
     }
 }
 
-/// Most token rows of a step whose kernels launch as dependents by default (measured faster at
-/// one and two rows; see the module documentation).
-pub const DEPENDENT_LAUNCH_ROWS: usize = 2;
+/// Most token rows of a step whose kernels launch as dependents by default: the steps whose
+/// projections are all our GEMV by default (measured faster at one and two rows; see the module
+/// documentation).
+pub const DEPENDENT_LAUNCH_ROWS: usize = super::gemv::GEMV_DEFAULT_ROWS;
 
 /// Which steps launch our kernels as programmatic dependents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
