@@ -30,15 +30,7 @@
 #include <vector>
 
 #include "../../worker/src/kernels/cuda/gemv.cu"
-
-#define CHECK(call)                                                                           \
-    do {                                                                                      \
-        cudaError_t e_ = (call);                                                              \
-        if (e_ != cudaSuccess) {                                                              \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(1);                                                                          \
-        }                                                                                     \
-    } while (0)
+#include "bench_common.cuh"
 
 using bf16 = __nv_bfloat16;
 
@@ -51,16 +43,6 @@ __device__ __forceinline__ void grid_launch_dependents() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
-}
-
-// Read rate: every thread sums 16-byte loads, grid-stride.
-__global__ void read_all(const uint4* __restrict__ src, size_t n, unsigned int* sink) {
-    unsigned int acc = 0;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const uint4 v = __ldcs(src + i);
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
-    if (acc == 0x12345678u) *sink = acc;
 }
 
 // Stand-in for a norm / rotary / SwiGLU: one CTA of 1024 threads reads n values, reduces, writes.
@@ -170,31 +152,6 @@ static bf16* alloc_random(size_t elems) {
     return p;
 }
 
-static float median(std::vector<float> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-}
-
-template <typename F>
-static float time_ms(cudaStream_t s, int reps, F body) {
-    cudaEvent_t a, z;
-    CHECK(cudaEventCreate(&a));
-    CHECK(cudaEventCreate(&z));
-    body();  // warm
-    CHECK(cudaStreamSynchronize(s));
-    std::vector<float> t;
-    for (int i = 0; i < reps; ++i) {
-        CHECK(cudaEventRecord(a, s));
-        body();
-        CHECK(cudaEventRecord(z, s));
-        CHECK(cudaEventSynchronize(z));
-        float ms;
-        CHECK(cudaEventElapsedTime(&ms, a, z));
-        t.push_back(ms);
-    }
-    return median(t);
-}
-
 int main(int argc, char** argv) {
     const char* json = nullptr;
     for (int i = 1; i + 1 < argc; ++i)
@@ -203,17 +160,7 @@ int main(int argc, char** argv) {
     CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
 
     // The physical limit: a streaming read of 4 GiB.
-    const size_t read_bytes = size_t(4) << 30;
-    uint4* src;
-    unsigned int* sink;
-    CHECK(cudaMalloc(&src, read_bytes));
-    CHECK(cudaMemset(src, 1, read_bytes));
-    CHECK(cudaMalloc(&sink, 4));
-    int sms;
-    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    const float read_ms = time_ms(s, 10, [&] { read_all<<<sms * 8, 512, 0, s>>>(src, read_bytes / 16, sink); });
-    CHECK(cudaFree(src));
-    const double read_bw = read_bytes / (read_ms * 1e-3);
+    const double read_bw = read_rate(s);
 
     Buffers b;
     for (int i = 0; i < LAYERS; ++i)
@@ -247,11 +194,11 @@ int main(int argc, char** argv) {
     for (bool alloc : {false, true}) {
         g_alloc = alloc;
         const std::string tag = alloc ? " +alloc" : "";
-        rows.push_back({"plain" + tag, time_ms(s, reps, [&] { step(b, s, Mode::Plain); })});
-        rows.push_back({"pdl" + tag, time_ms(s, reps, [&] { step(b, s, Mode::Pdl); })});
+        rows.push_back({"plain" + tag, median_ms(s, reps, [&] { step(b, s, Mode::Plain); })});
+        rows.push_back({"pdl" + tag, median_ms(s, reps, [&] { step(b, s, Mode::Pdl); })});
         cudaGraphExec_t plain_graph = graph_of(Mode::Plain), pdl_graph = graph_of(Mode::Pdl);
-        rows.push_back({"graph" + tag, time_ms(s, reps, [&] { CHECK(cudaGraphLaunch(plain_graph, s)); })});
-        rows.push_back({"graph+pdl" + tag, time_ms(s, reps, [&] { CHECK(cudaGraphLaunch(pdl_graph, s)); })});
+        rows.push_back({"graph" + tag, median_ms(s, reps, [&] { CHECK(cudaGraphLaunch(plain_graph, s)); })});
+        rows.push_back({"graph+pdl" + tag, median_ms(s, reps, [&] { CHECK(cudaGraphLaunch(pdl_graph, s)); })});
     }
     g_alloc = false;
 
@@ -282,7 +229,7 @@ int main(int argc, char** argv) {
     for (const Shape& sh : shapes) {
         for (const Variant& v : VARIANTS) {
             g_variant = &v;
-            const float ms = time_ms(s, reps, [&] {
+            const float ms = median_ms(s, reps, [&] {
                 for (const Layer& l : b.layers) matvec(l.*sh.w, b.a, b.big, sh.n, sh.k, s, Mode::Plain);
             }) / LAYERS;
             const double bytes = 2.0 * sh.n * sh.k;

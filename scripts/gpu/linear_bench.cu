@@ -25,26 +25,9 @@
 #include <vector>
 
 #include "../../worker/src/kernels/cuda/gemv.cu"
-
-#define CHECK(call)                                                                               \
-    do {                                                                                          \
-        cudaError_t e_ = (call);                                                                  \
-        if (e_ != cudaSuccess) {                                                                  \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(1);                                                                              \
-        }                                                                                         \
-    } while (0)
+#include "bench_common.cuh"
 
 using bf16 = __nv_bfloat16;
-
-__global__ void read_all(const uint4* __restrict__ src, size_t n, unsigned int* sink) {
-    unsigned int acc = 0;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const uint4 v = __ldcs(src + i);
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
-    if (acc == 0x12345678u) *sink = acc;
-}
 
 __global__ void fill_random(bf16* p, size_t n, unsigned seed, float scale) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -88,25 +71,10 @@ static void launch_gemv(int m, const bf16* w, const bf16* x, bf16* y, int n, int
     }
 }
 
+// Median time of one of the `launches` launches `body` makes, in µs.
 template <typename F>
 static float time_us(cudaStream_t s, int launches, F body) {
-    cudaEvent_t a, z;
-    CHECK(cudaEventCreate(&a));
-    CHECK(cudaEventCreate(&z));
-    body();
-    CHECK(cudaStreamSynchronize(s));
-    std::vector<float> t;
-    for (int i = 0; i < 15; ++i) {
-        CHECK(cudaEventRecord(a, s));
-        body();
-        CHECK(cudaEventRecord(z, s));
-        CHECK(cudaEventSynchronize(z));
-        float ms;
-        CHECK(cudaEventElapsedTime(&ms, a, z));
-        t.push_back(ms * 1e3f / launches);
-    }
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
+    return median_ms(s, 15, body) * 1e3f / launches;
 }
 
 static std::vector<float> download(const bf16* p, size_t n) {
@@ -141,15 +109,7 @@ int main(int argc, char** argv) {
     int sms;
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
 
-    const size_t read_bytes = size_t(4) << 30;
-    uint4* src;
-    unsigned int* sink;
-    CHECK(cudaMalloc(&src, read_bytes));
-    CHECK(cudaMemset(src, 1, read_bytes));
-    CHECK(cudaMalloc(&sink, 4));
-    const double read_bw =
-        read_bytes / (time_us(s, 1, [&] { read_all<<<sms * 8, 512, 0, s>>>(src, read_bytes / 16, sink); }) * 1e-6);
-    CHECK(cudaFree(src));
+    const double read_bw = read_rate(s);
 
     struct Shape {
         const char* name;

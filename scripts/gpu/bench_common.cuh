@@ -1,0 +1,69 @@
+// What the GPU benchmark programs share: error checks, event timing, and the physical limit they
+// compare against (the read rate of a plain streaming kernel over 4 GiB).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(call)                                                                               \
+    do {                                                                                          \
+        cudaError_t e_ = (call);                                                                  \
+        if (e_ != cudaSuccess) {                                                                  \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+            exit(1);                                                                              \
+        }                                                                                         \
+    } while (0)
+
+// Every thread sums 16-byte loads, grid-stride (the sum is only kept from being optimised away).
+__global__ void read_all(const uint4* __restrict__ src, size_t n, unsigned int* sink) {
+    unsigned int acc = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const uint4 v = __ldcs(src + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x12345678u) *sink = acc;
+}
+
+// Median over `reps` runs of `body` on stream `s`, in ms, after one warm-up run.
+template <typename F>
+static float median_ms(cudaStream_t s, int reps, F body) {
+    cudaEvent_t a, z;
+    CHECK(cudaEventCreate(&a));
+    CHECK(cudaEventCreate(&z));
+    body();
+    CHECK(cudaStreamSynchronize(s));
+    std::vector<float> t;
+    for (int i = 0; i < reps; ++i) {
+        CHECK(cudaEventRecord(a, s));
+        body();
+        CHECK(cudaEventRecord(z, s));
+        CHECK(cudaEventSynchronize(z));
+        float ms;
+        CHECK(cudaEventElapsedTime(&ms, a, z));
+        t.push_back(ms);
+    }
+    CHECK(cudaEventDestroy(a));
+    CHECK(cudaEventDestroy(z));
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+// The memory's read rate in bytes per second: a streaming read of 4 GiB, median of 10.
+static double read_rate(cudaStream_t s) {
+    const size_t bytes = size_t(4) << 30;
+    uint4* src;
+    unsigned int* sink;
+    CHECK(cudaMalloc(&src, bytes));
+    CHECK(cudaMemset(src, 1, bytes));
+    CHECK(cudaMalloc(&sink, 4));
+    int sms;
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    const float ms = median_ms(s, 10, [&] { read_all<<<sms * 8, 512, 0, s>>>(src, bytes / 16, sink); });
+    CHECK(cudaFree(src));
+    CHECK(cudaFree(sink));
+    return bytes / (ms * 1e-3);
+}
