@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use lumen_proto::tls::{CertificateFailure, ClientTls, certificate_failure};
+use lumen_proto::tls::{CertificateFailure, ClientTls};
 use lumen_proto::v1 as pb;
 use pb::worker_client::WorkerClient;
 use tonic::transport::{Channel, Endpoint};
@@ -70,18 +70,11 @@ impl ClientPool {
     /// certificate otherwise shows only as a closed connection, so a probe handshake asks.
     pub async fn describe_failure(&self, worker_id: &str, status: &tonic::Status) -> String {
         let text = format!("{:?}: {}", status.code(), status.message());
-        if std::error::Error::source(status).is_none() {
-            return text;
-        }
         let address =
             self.channels.lock().unwrap_or_else(PoisonError::into_inner).get(worker_id).map(|(a, _)| a.clone());
-        let failure = match (certificate_failure(status), address) {
-            (Some(failure), _) => failure,
-            (None, Some(address)) => match self.tls.get_or_init(ClientTls::system).probe(&address).await {
-                Some(failure) => failure,
-                None => return text,
-            },
-            (None, None) => return text,
+        let tls = self.tls.get_or_init(ClientTls::system);
+        let Some(failure) = tls.call_failure(address.as_deref().unwrap_or_default(), status).await else {
+            return text;
         };
         let hint = match failure {
             CertificateFailure::Refused(_) => {

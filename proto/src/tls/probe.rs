@@ -23,6 +23,19 @@ use super::{CertificateFailure, ClientTls, certificate_failure};
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl ClientTls {
+    /// The certificate problem behind a gRPC call to `url` that ended with `status`, if that is
+    /// what ended it: only a call that failed at the transport (a status with a source; a
+    /// server's own answers have none) qualifies; the status's error chain is read first, and,
+    /// since TLS 1.3 often shows a refused client certificate only as a closed connection, a
+    /// probe handshake asks otherwise.
+    pub async fn call_failure(&self, url: &str, status: &tonic::Status) -> Option<CertificateFailure> {
+        std::error::Error::source(status)?;
+        match certificate_failure(status) {
+            Some(failure) => Some(failure),
+            None => self.probe(url).await,
+        }
+    }
+
     /// Whether the `https://` server at `url` refuses this client's certificate (or its lack of
     /// one), or presents one this client does not trust. `None` when it accepts the handshake, or
     /// the URL is not `https://`, or the probe fails for another reason (unreachable, timeout).

@@ -145,17 +145,13 @@ async fn connect(config: &RegistrationConfig) -> Result<Channel, RegistrationErr
         .keep_alive_while_idle(true);
     let endpoint =
         config.tls.apply(endpoint).map_err(|e| RegistrationError::Tls { url: url.clone(), reason: error_chain(&e) })?;
-    endpoint.connect().await.map_err(|e| {
-        tls_refusal(&url, &e).unwrap_or_else(|| RegistrationError::Connect { reason: error_chain(&e), url })
+    endpoint.connect().await.map_err(|e| match certificate_failure(&e) {
+        Some(failure) => refusal(&url, failure),
+        None => RegistrationError::Connect { reason: error_chain(&e), url },
     })
 }
 
-/// The certificate problem that ended a TLS handshake with the head, if that is what `error`
-/// is.
-fn tls_refusal(url: &str, error: &(dyn std::error::Error + 'static)) -> Option<RegistrationError> {
-    certificate_failure(error).map(|failure| refusal(url, failure))
-}
-
+/// A certificate problem with the head at `url` as a registration error.
 fn refusal(url: &str, failure: CertificateFailure) -> RegistrationError {
     let url = url.to_owned();
     match failure {
@@ -164,20 +160,15 @@ fn refusal(url: &str, failure: CertificateFailure) -> RegistrationError {
     }
 }
 
-/// Why `Register` failed. With TLS 1.3 the head judges the client certificate after the
-/// worker's half of the handshake is done, so a refusal surfaces on this first call, often
-/// only as a closed connection: a call that failed at the transport (a status with a source;
-/// the head's own answers have none) is followed by a probe handshake that learns the reason.
+/// Why `Register` failed: a certificate problem when the call ended at the TLS handshake (with
+/// TLS 1.3 the head judges the client certificate after the worker's half of the handshake, so
+/// a refusal surfaces on this first call; see [`ClientTls::call_failure`]), else the head's
+/// answer.
 async fn register_failure(config: &RegistrationConfig, status: tonic::Status) -> RegistrationError {
-    if let Some(refused) = tls_refusal(&config.head_url, &status) {
-        return refused;
+    match config.tls.call_failure(&config.head_url, &status).await {
+        Some(failure) => refusal(&config.head_url, failure),
+        None => RegistrationError::Refused(status),
     }
-    if std::error::Error::source(&status).is_some()
-        && let Some(failure) = config.tls.probe(&config.head_url).await
-    {
-        return refusal(&config.head_url, failure);
-    }
-    RegistrationError::Refused(status)
 }
 
 /// One register + heartbeat session; it ends only by failing (at shutdown the caller drops it).
