@@ -5,7 +5,8 @@
 # weights at 1, 8 and 32 streams (`bench`), and the full server at concurrency 1-256 with its
 # start-up time (`serve`); prints a table last.
 #
-#   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention] [serve]
+#   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention]
+#                                     [attention] [serve]
 #                                                                        (default: the first three)
 #
 # carry: gpu-pack (binaries, tokenizer, first half of the GGUF). The GGUF's second half comes in
@@ -14,7 +15,9 @@
 # `bench` also runs 1 stream with LUMEN_CUDA_PDL=0 (plain launches), 8 with LUMEN_CUDA_PDL=all
 # (dependent launches, which the default keeps to single-row steps) and 8 with
 # LUMEN_CUDA_GEMV_MAX_ROWS=8 (the GEMV, not cuBLAS, for steps of 3-8 rows) for comparison.
-# `linear` times the linear layers alone against cuBLAS.
+# `linear` times the linear layers alone against cuBLAS. `attention` compares the tensor-core
+# attention kernels with the CUDA-core ones (LUMEN_CUDA_ATTENTION=simt) offline at 32 and 256
+# streams and for one prompt's first token.
 #   call 2: bash scripts/gpu/run-on-device.sh parity           carry [gpu-smol]
 # Logs and JSON go to /tmp/lumen-gpu/out, packed into $OUT/lumen-gpu-logs.tgz when $OUT is set
 # (the device tool's output folder).
@@ -87,7 +90,7 @@ if [[ " $steps " == *" parity "* ]]; then
     fi
 fi
 
-if [[ " $steps " == *" bench "* || " $steps " == *" profile"* || " $steps " == *" serve "* ]]; then
+if [[ " $steps " == *" bench "* || " $steps " == *" profile"* || " $steps " == *" serve "* || " $steps " == *" attention "* ]]; then
     mkdir -p "$model"
     cp "$work"/llama3.1-tokenizer/tokenizer*.json "$model/"
     cat > "$model/config.json" <<'JSON'
@@ -194,6 +197,54 @@ PY
     done
     ops=$(grep -h 'decode step timing' "$out/decode-c32-ops.log" | tail -1 | grep -oE 'ops_ms=.*$')
     row "decode step GPU ms by op (events), c=32" "${ops:-?}"
+fi
+
+if [[ " $steps " == *" attention "* ]]; then
+    # Tensor-core attention (the default for bf16) against the CUDA-core kernels
+    # (LUMEN_CUDA_ATTENTION=simt), offline, same binary and machine: decode at 32 and 256 streams
+    # (512 in / 256 out, per-operation GPU time by events), and one 512-token prompt's time to
+    # first token.
+    attn() {  # name, env, then lumen bench offline arguments
+        local name=$1 env=$2; shift 2
+        env $env "$work/lumen" bench offline --model "$model" --load-format dummy --device cuda --max-model-len 4096 \
+            --json "$out/$name.json" "$@" >"$out/$name.txt" 2>"$out/$name.ansi.log"
+        echo "== $name ($env): exit $?"; tail -4 "$out/$name.txt"
+        sed 's/\x1b\[[0-9;]*m//g' "$out/$name.ansi.log" > "$out/$name.log" && rm "$out/$name.ansi.log"
+    }
+    for kind in mma simt; do
+        e="LUMEN_CUDA_ATTENTION=$kind LUMEN_CUDA_OP_TIMING=1"
+        attn "attn-c32-$kind" "$e" --input-len 512 --output-len 256 --num-prompts 64 --concurrency 32
+        attn "attn-c256-$kind" "$e" --input-len 512 --output-len 256 --num-prompts 512 --concurrency 256 \
+            --max-num-seqs 256 --max-num-batched-tokens 8192
+        attn "attn-prefill-$kind" "LUMEN_CUDA_ATTENTION=$kind" --input-len 512 --output-len 1 --num-prompts 16 --concurrency 1
+        attn "attn-prefill2k-$kind" "LUMEN_CUDA_ATTENTION=$kind" --input-len 2048 --output-len 1 --num-prompts 8 --concurrency 1
+    done
+    python3 - "$out" > "$out/attention-summary.txt" <<'PY'
+import json, os, re, sys
+out = sys.argv[1]
+def load(name):
+    p = os.path.join(out, name + ".json")
+    return json.load(open(p)) if os.path.exists(p) else None
+def step(name):
+    p = os.path.join(out, name + ".log")
+    lines = [l for l in open(p) if "decode step timing" in l] if os.path.exists(p) else []
+    if not lines:
+        return "no decode timing"
+    l = lines[-1]
+    g = lambda k: (re.search(k + r"=([0-9.]+)", l) or [None, "?"])[1]
+    return f"step GPU {float(g('gpu_ms')):.2f} ms, attention {g('attention')} ms, wall {float(g('wall_ms')):.2f}"
+for case in ["c32", "c256", "prefill", "prefill2k"]:
+    for kind in ["mma", "simt"]:
+        name = f"attn-{case}-{kind}"
+        r = load(name)
+        if r is None:
+            print(f"{name:44s} failed"); continue
+        if case.startswith("prefill"):
+            print(f"{name:44s} TTFT p50 {r['ttft_ms']['p50']:.1f} ms")
+        else:
+            print(f"{name:44s} out {r['output_tokens_per_s']:.0f} tok/s; {step(name)}")
+PY
+    while read -r line; do table+=("$line"); done < "$out/attention-summary.txt"
 fi
 
 if [[ " $steps " == *" serve "* ]]; then

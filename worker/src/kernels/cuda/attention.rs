@@ -1,75 +1,186 @@
 //! Paged attention on the GPU: the host-side plan (tiles of query tokens, the split over the
-//! context) and the launches of `attention.cu`.
+//! context) and the launches of `attention_mma.cu` (tensor cores, bf16) and `attention.cu`
+//! (CUDA cores: f32, and bf16 with `LUMEN_CUDA_ATTENTION=simt`).
 //!
-//! A tile is up to [`ROWS`] (token, query head) rows of one sequence sharing one KV head, so the
-//! K/V of each chunk of positions is read once for all of them. When the tiles alone would leave
-//! most multiprocessors idle (decode of few sequences), the context is split across CTAs and the
-//! last CTA of each split group merges the partial softmax sums (a second kernel does when
-//! `LUMEN_CUDA_SPLIT_MERGE=launch`, the earlier scheme). Unlike the CPU kernels, results may
-//! therefore differ in the last bits with the batch's composition.
+//! A step's sequences form two parts, each one launch: those with one query token (decode) and
+//! the rest (prompt chunks). A tile is up to `rows` (token, query head) rows of one sequence
+//! sharing one KV head, so the K/V of each chunk of positions is read once for all of them: the
+//! decode kernels take one token's heads, the prefill kernels several tokens. When a part's tiles
+//! alone would leave most multiprocessors idle (decode of few sequences), the context is split
+//! across CTAs and the last CTA of each split group merges the partial softmax sums (a second
+//! kernel does when `LUMEN_CUDA_SPLIT_MERGE=launch`, the earlier scheme). Unlike the CPU
+//! kernels, results may therefore differ in the last bits with the batch's composition.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig};
 
 use super::pack::{DevicePack, HostPack, Section};
-use super::{CudaKernels, device_ptr, grid, int};
+use super::{CudaKernels, device_ptr, gpu_error, grid, int};
 use crate::model::batch::BatchSeq;
 use crate::{Result, WorkerError};
 
-/// (token, head) rows per CTA of the general kernel; must match `TILE_ROWS` in attention.cu.
-pub const ROWS: usize = 16;
-/// Rows per CTA of the decode kernel (`paged_attention_decode_*`, for steps whose every
-/// sequence has one query token): a quarter of the registers and shared memory per CTA for
-/// the rows a decode tile has anyway, so more CTAs fit a multiprocessor; must match
-/// `DECODE_ROWS` in attention.cu.
-pub const DECODE_ROWS: usize = 4;
-/// Positions per chunk; must match `CHUNK` in attention.cu.
-pub const CHUNK: usize = 32;
 const THREADS: u32 = 128;
-/// CTAs per multiprocessor the split aims for (shared memory allows five).
+/// CTAs per multiprocessor the split aims for.
 pub const CTAS_PER_SM: usize = 4;
+/// Pipeline stages of the tensor-core kernels; must match `STAGES` in attention_mma.cu.
+const MMA_STAGES: usize = 3;
+
+/// Which kernels compute attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKind {
+    /// `attention.cu`: scalar f32 arithmetic (any element type).
+    Simt,
+    /// `attention_mma.cu`: bf16 tensor cores (`mma.m16n8k16`), K/V staged by `cp.async`.
+    TensorCore,
+}
+
+/// The tile shape of one kernel: (token, head) rows per CTA and positions per chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelShape {
+    pub rows: usize,
+    pub chunk: usize,
+}
+
+impl AttentionKind {
+    /// For a dtype: tensor cores for bf16 unless `LUMEN_CUDA_ATTENTION=simt`; f32 always SIMT.
+    pub fn for_dtype(dtype: DType) -> AttentionKind {
+        match (dtype, std::env::var("LUMEN_CUDA_ATTENTION").as_deref()) {
+            (DType::BF16, Ok("simt")) => AttentionKind::Simt,
+            (DType::BF16, _) => AttentionKind::TensorCore,
+            _ => AttentionKind::Simt,
+        }
+    }
+
+    /// The shape of the decode or the prefill kernel (must match the `.cu` files: attention.cu's
+    /// DECODE_ROWS / TILE_ROWS and CHUNK; 16 x WARPS_M rows and CHUNK in attention_mma.cu).
+    pub fn shape(self, decode: bool) -> KernelShape {
+        match (self, decode) {
+            (AttentionKind::Simt, true) => KernelShape { rows: 4, chunk: 32 },
+            (AttentionKind::Simt, false) => KernelShape { rows: 16, chunk: 32 },
+            (AttentionKind::TensorCore, true) => KernelShape { rows: 16, chunk: 64 },
+            (AttentionKind::TensorCore, false) => KernelShape { rows: 64, chunk: 64 },
+        }
+    }
+
+    /// Dynamic shared memory of one CTA (the tensor-core kernels stage K and V, `MMA_STAGES`
+    /// chunks deep, in rows padded by 16 bytes).
+    pub fn shared_bytes(self, head_dim: usize) -> usize {
+        match self {
+            AttentionKind::Simt => 0,
+            AttentionKind::TensorCore => MMA_STAGES * 2 * 64 * (head_dim + 8) * 2,
+        }
+    }
+}
+
+/// One launch of a plan: the tiles of its decode or its prefill sequences.
+#[derive(Clone, Debug)]
+struct Part {
+    decode: bool,
+    tiles: Section,
+    num_tiles: usize,
+    heads_per_cta: usize,
+    shape: KernelShape,
+    splits: usize,
+    chunks_per_split: usize,
+}
 
 /// The attention work of one step, with its descriptors in the step's [`HostPack`].
 #[derive(Clone, Debug)]
 pub struct AttentionPlan {
     seqs: Section,
-    tiles: Section,
     tables: Section,
-    num_tiles: usize,
     num_tokens: usize,
     heads: usize,
     kv_heads: usize,
-    heads_per_cta: usize,
-    /// Rows per CTA: [`ROWS`], or [`DECODE_ROWS`] for the decode kernel.
-    rows: usize,
-    splits: usize,
-    chunks_per_split: usize,
+    kind: AttentionKind,
+    /// The decode part first, then the prefill part; a part without sequences is left out.
+    parts: Vec<Part>,
 }
 
 impl AttentionPlan {
     /// Plans attention for `seqs` (the step's sequences, as the engine packed them) with
-    /// `heads` query heads over `kv_heads` KV heads, on a device of `num_sms` multiprocessors.
-    pub fn new(pack: &mut HostPack, seqs: &[BatchSeq], heads: usize, kv_heads: usize, num_sms: usize) -> Result<Self> {
+    /// `heads` query heads over `kv_heads` KV heads, for `kind`'s kernels on a device of
+    /// `num_sms` multiprocessors.
+    pub fn new(
+        pack: &mut HostPack,
+        seqs: &[BatchSeq],
+        heads: usize,
+        kv_heads: usize,
+        num_sms: usize,
+        kind: AttentionKind,
+    ) -> Result<Self> {
         if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(WorkerError::ModelConfig(format!("{heads} heads do not group over {kv_heads} KV heads")));
         }
         let ratio = heads / kv_heads;
-        let decode = !seqs.is_empty() && seqs.iter().all(|s| s.query_len == 1);
-        let rows = if decode { DECODE_ROWS } else { ROWS };
-        let heads_per_cta = (1..=ratio.min(rows)).rev().find(|d| ratio.is_multiple_of(*d)).unwrap_or(1);
-        let tokens_per_tile = rows / heads_per_cta;
         let mut descriptors = Vec::new();
         let mut tables = Vec::new();
-        let mut tiles = Vec::new();
-        let mut max_chunks = 0;
-        for (i, s) in seqs.iter().enumerate() {
+        for s in seqs {
             descriptors.extend([s.query_start, s.query_len, s.context_len, tables.len()].map(|v| v as u32));
             tables.extend_from_slice(&s.block_table);
+        }
+        let parts = [true, false]
+            .into_iter()
+            .filter_map(|decode| {
+                let members = seqs.iter().enumerate().filter(|(_, s)| (s.query_len == 1) == decode);
+                Part::plan(pack, members, decode, kind.shape(decode), ratio, kv_heads, num_sms)
+            })
+            .collect();
+        Ok(AttentionPlan {
+            seqs: pack.push(descriptors),
+            tables: pack.push(tables),
+            num_tokens: seqs.iter().map(|s| s.query_len).sum(),
+            heads,
+            kv_heads,
+            kind,
+            parts,
+        })
+    }
+
+    /// Most CTAs along the context of any part (1: no split).
+    pub fn splits(&self) -> usize {
+        self.parts.iter().map(|p| p.splits).max().unwrap_or(1)
+    }
+
+    /// Which parts run: (decode, tiles) for each launch, the decode part first.
+    pub fn launches(&self) -> Vec<(bool, usize)> {
+        self.parts.iter().map(|p| (p.decode, p.num_tiles)).collect()
+    }
+
+    /// The kernels this plan was made for.
+    pub fn kind(&self) -> AttentionKind {
+        self.kind
+    }
+}
+
+impl Part {
+    /// Tiles the sequences `members` (index in the step, sequence) for a kernel of `shape`;
+    /// `None` without members.
+    fn plan<'a>(
+        pack: &mut HostPack,
+        members: impl Iterator<Item = (usize, &'a BatchSeq)>,
+        decode: bool,
+        shape: KernelShape,
+        ratio: usize,
+        kv_heads: usize,
+        num_sms: usize,
+    ) -> Option<Part> {
+        let heads_per_cta = (1..=ratio.min(shape.rows)).rev().find(|d| ratio.is_multiple_of(*d)).unwrap_or(1);
+        let tokens_per_tile = shape.rows / heads_per_cta;
+        let mut tiles = Vec::new();
+        let mut max_chunks = 0;
+        for (i, s) in members {
             for first in (0..s.query_len).step_by(tokens_per_tile) {
                 let count = tokens_per_tile.min(s.query_len - first);
                 let span = s.context_len - s.query_len + first + count;
-                max_chunks = max_chunks.max(span.div_ceil(CHUNK));
+                max_chunks = max_chunks.max(span.div_ceil(shape.chunk));
                 tiles.extend([i, first, count, 0].map(|v| v as u32));
             }
+        }
+        if tiles.is_empty() {
+            return None;
         }
         let num_tiles = tiles.len() / 4;
         let ctas = num_tiles * kv_heads * (ratio / heads_per_cta);
@@ -77,33 +188,60 @@ impl AttentionPlan {
         let splits = wanted.clamp(1, max_chunks.max(1));
         let chunks_per_split = max_chunks.div_ceil(splits).max(1);
         let splits = max_chunks.div_ceil(chunks_per_split).max(1);
-        Ok(AttentionPlan {
-            seqs: pack.push(descriptors),
-            tiles: pack.push(tiles),
-            tables: pack.push(tables),
-            num_tiles,
-            num_tokens: seqs.iter().map(|s| s.query_len).sum(),
-            heads,
-            kv_heads,
-            heads_per_cta,
-            rows,
-            splits,
-            chunks_per_split,
+        Some(Part { decode, tiles: pack.push(tiles), num_tiles, heads_per_cta, shape, splits, chunks_per_split })
+    }
+}
+
+const ATTENTION_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin"));
+const ATTENTION_MMA_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention_mma.fatbin"));
+
+/// The kernels of one [`AttentionKind`] for one element type and head size.
+pub(crate) struct AttentionKernels {
+    pub kind: AttentionKind,
+    decode: CudaFunction,
+    decode_combine: CudaFunction,
+    prefill: CudaFunction,
+    prefill_combine: CudaFunction,
+    /// Dynamic shared memory per CTA.
+    shared_bytes: u32,
+}
+
+impl AttentionKernels {
+    /// Loads `kind`'s kernels for `suffix` (`bf16_d128`, ...) with `load` (a fatbin to a module);
+    /// raises the dynamic shared memory limit of those that need more than the default 48 KiB.
+    pub fn load(
+        kind: AttentionKind,
+        load: &dyn Fn(&[u8]) -> Result<Arc<CudaModule>>,
+        suffix: &str,
+        head_dim: usize,
+    ) -> Result<AttentionKernels> {
+        let shared_bytes = kind.shared_bytes(head_dim) as u32;
+        let (module, prefix) = match kind {
+            AttentionKind::Simt => (load(ATTENTION_FATBIN)?, "paged_attention"),
+            AttentionKind::TensorCore => (load(ATTENTION_MMA_FATBIN)?, "paged_attention_mma_prefill"),
+        };
+        let decode_prefix = match kind {
+            AttentionKind::Simt => "paged_attention_decode",
+            AttentionKind::TensorCore => "paged_attention_mma_decode",
+        };
+        let func = |name: String, shared: u32| -> Result<CudaFunction> {
+            let f = module.load_function(&name).map_err(|e| gpu_error(&format!("kernel {name}"), e))?;
+            if shared > 0 {
+                let attribute =
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                f.set_attribute(attribute, shared as i32)
+                    .map_err(|e| gpu_error(&format!("kernel {name}: {shared} bytes of shared memory"), e))?;
+            }
+            Ok(f)
+        };
+        Ok(AttentionKernels {
+            kind,
+            decode: func(format!("{decode_prefix}_{suffix}"), shared_bytes)?,
+            decode_combine: func(format!("{decode_prefix}_{suffix}_combine"), 0)?,
+            prefill: func(format!("{prefix}_{suffix}"), shared_bytes)?,
+            prefill_combine: func(format!("{prefix}_{suffix}_combine"), 0)?,
+            shared_bytes,
         })
-    }
-
-    /// CTAs along the context (1: no split).
-    pub fn splits(&self) -> usize {
-        self.splits
-    }
-
-    /// Whether the decode kernel runs this plan.
-    pub fn is_decode(&self) -> bool {
-        self.rows == DECODE_ROWS
-    }
-
-    fn groups(&self) -> usize {
-        self.heads / self.kv_heads / self.heads_per_cta
     }
 }
 
@@ -139,46 +277,57 @@ impl CudaKernels {
             return Err(WorkerError::Engine("cuda attention: q rows must be 16-byte aligned".into()));
         }
         let out = self.alloc((tokens, out_width))?;
-        if plan.num_tiles == 0 {
-            return Ok(out);
+        let a = &self.attention;
+        if plan.kind != a.kind {
+            return Err(WorkerError::Engine(format!(
+                "cuda attention: a {:?} plan for {:?} kernels",
+                plan.kind, a.kind
+            )));
         }
-        let groups = plan.groups();
-        let grid_xy = (plan.num_tiles as u32, (plan.kv_heads * groups) as u32);
-        let partial_rows = plan.num_tiles * plan.kv_heads * groups * plan.splits * plan.rows;
-        let (part_acc, part_ml) = if plan.splits > 1 {
-            let acc = self.alloc_of((partial_rows * self.head_dim,).into(), DType::F32)?;
-            let ml = self.alloc_of((partial_rows * 2,).into(), DType::F32)?;
-            (Some(acc), Some(ml))
-        } else {
-            (None, None)
-        };
-        let acc_ptr = part_acc.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
-        let ml_ptr = part_ml.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
         let ratio = plan.heads / plan.kv_heads;
-        // The last split merges in the attention launch itself when there is a zeroed counter
-        // for every (tile, head group); otherwise a second launch merges.
-        let merge_in_place = plan.splits > 1 && self.merge_splits && grid_xy.0 * grid_xy.1 <= self.split_counter_len;
-        let counters = if merge_in_place { device_ptr(&self.split_counters)? } else { 0 };
-        // SAFETY: the descriptors in `meta` were built by `plan` for these sequences (the caller
-        // checked block tables and contexts against the cache); q/out rows are as checked above;
-        // partial buffers hold every (tile, group, split, row) slot.
-        let (attention, combine) = if plan.is_decode() {
-            (&self.attention_decode, &self.attention_decode_combine)
-        } else {
-            (&self.attention, &self.attention_combine)
-        };
-        launch!(self, attention, grid((grid_xy.0, grid_xy.1, plan.splits as u32), THREADS);
-            device_ptr(&out)?, acc_ptr, ml_ptr, device_ptr(q)?, int("q_stride", width)?,
-            int("out_stride", out_width)?, device_ptr(k_cache)?, device_ptr(v_cache)?,
-            meta.ptr(plan.tiles), meta.ptr(plan.seqs), meta.ptr(plan.tables), int("kv_heads", plan.kv_heads)?,
-            int("ratio", ratio)?, int("heads_per_cta", plan.heads_per_cta)?, int("block_size", block_size)?,
-            int("chunks_per_split", plan.chunks_per_split)?, scale, counters)?;
-        if plan.splits > 1 && !merge_in_place {
-            // SAFETY: as above; the partials were all written by the launch before.
-            launch!(self, combine, grid((grid_xy.0, grid_xy.1, 1), THREADS);
-                device_ptr(&out)?, acc_ptr, ml_ptr, int("out_stride", out_width)?, meta.ptr(plan.tiles),
-                meta.ptr(plan.seqs), int("ratio", ratio)?, int("heads_per_cta", plan.heads_per_cta)?,
-                int("splits", plan.splits)?)?;
+        for part in &plan.parts {
+            let groups = ratio / part.heads_per_cta;
+            let grid_xy = (part.num_tiles as u32, (plan.kv_heads * groups) as u32);
+            let partial_rows = part.num_tiles * plan.kv_heads * groups * part.splits * part.shape.rows;
+            let (part_acc, part_ml) = if part.splits > 1 {
+                let acc = self.alloc_of((partial_rows * self.head_dim,).into(), DType::F32)?;
+                let ml = self.alloc_of((partial_rows * 2,).into(), DType::F32)?;
+                (Some(acc), Some(ml))
+            } else {
+                (None, None)
+            };
+            let acc_ptr = part_acc.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
+            let ml_ptr = part_ml.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
+            // The last split merges in the attention launch itself when there is a zeroed
+            // counter for every (tile, head group); otherwise a second launch merges. Launches
+            // run in stream order, so the parts share the counters.
+            let merge_in_place =
+                part.splits > 1 && self.merge_splits && grid_xy.0 * grid_xy.1 <= self.split_counter_len;
+            let counters = if merge_in_place { device_ptr(&self.split_counters)? } else { 0 };
+            let (attention, combine) =
+                if part.decode { (&a.decode, &a.decode_combine) } else { (&a.prefill, &a.prefill_combine) };
+            let cfg = LaunchConfig {
+                grid_dim: (grid_xy.0, grid_xy.1, part.splits as u32),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: a.shared_bytes,
+            };
+            // SAFETY: the descriptors in `meta` were built by `plan` for these sequences (the
+            // caller checked block tables and contexts against the cache); q/out rows are as
+            // checked above; partial buffers hold every (tile, group, split, row) slot; the
+            // kernel's dynamic shared memory limit was raised to `shared_bytes` at load.
+            launch!(self, attention, cfg;
+                device_ptr(&out)?, acc_ptr, ml_ptr, device_ptr(q)?, int("q_stride", width)?,
+                int("out_stride", out_width)?, device_ptr(k_cache)?, device_ptr(v_cache)?,
+                meta.ptr(part.tiles), meta.ptr(plan.seqs), meta.ptr(plan.tables), int("kv_heads", plan.kv_heads)?,
+                int("ratio", ratio)?, int("heads_per_cta", part.heads_per_cta)?, int("block_size", block_size)?,
+                int("chunks_per_split", part.chunks_per_split)?, scale, counters)?;
+            if part.splits > 1 && !merge_in_place {
+                // SAFETY: as above; the partials were all written by the launch before.
+                launch!(self, combine, grid((grid_xy.0, grid_xy.1, 1), THREADS);
+                    device_ptr(&out)?, acc_ptr, ml_ptr, int("out_stride", out_width)?, meta.ptr(part.tiles),
+                    meta.ptr(plan.seqs), int("ratio", ratio)?, int("heads_per_cta", part.heads_per_cta)?,
+                    int("splits", part.splits)?)?;
+            }
         }
         Ok(out)
     }

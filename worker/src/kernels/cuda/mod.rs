@@ -10,8 +10,10 @@
 //!
 //! - `ops.cu`: RMSNorm with the residual add fused in; rotary embeddings fused with
 //!   `reshape_and_cache` (the K/V of new tokens into their paged slots); SwiGLU; row gather.
-//! - `attention.cu`: paged attention for prefill chunks and decode tokens (causal, varlen,
-//!   grouped-query, split over long contexts).
+//! - `attention_mma.cu`: paged attention on tensor cores (bf16) for prefill chunks and decode
+//!   tokens (causal, varlen, grouped-query, split over long contexts); `attention.cu` the same on
+//!   CUDA cores (f32, and bf16 with `LUMEN_CUDA_ATTENTION=simt`); `attention_common.cuh` the
+//!   merge of split contexts both use.
 //! - `gemv.cu`: linear layers for steps of one or two tokens (decode), at memory bandwidth.
 //! - `sample.cu`: the sampler's edits and row reductions (argmax, top-k) over f32 logits, exact
 //!   to the CPU sampler (`sampling::reduce`).
@@ -42,7 +44,6 @@ use cudarc::nvrtc::Ptx;
 use crate::{Result, WorkerError};
 
 const OPS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops.fatbin"));
-const ATTENTION_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin"));
 const GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
 const SAMPLE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sample.fatbin"));
 
@@ -65,10 +66,7 @@ pub struct CudaKernels {
     rotary_and_cache: CudaFunction,
     silu_mul: CudaFunction,
     gather_rows: CudaFunction,
-    attention: CudaFunction,
-    attention_combine: CudaFunction,
-    attention_decode: CudaFunction,
-    attention_decode_combine: CudaFunction,
+    attention: attention::AttentionKernels,
     /// `gemv[m - 1]` multiplies m token rows.
     gemv: Vec<CudaFunction>,
     /// One token row, two output features per warp (long outputs).
@@ -96,8 +94,22 @@ pub struct CudaKernels {
 }
 
 impl CudaKernels {
-    /// Loads the modules on `device` (a CUDA device) for `dtype` (F32 or BF16) and `head_dim`.
+    /// Loads the modules on `device` (a CUDA device) for `dtype` (F32 or BF16) and `head_dim`,
+    /// with the attention kernels [`attention::AttentionKind::for_dtype`] picks.
     pub fn load(device: &Device, dtype: DType, head_dim: usize) -> Result<CudaKernels> {
+        Self::load_with(device, dtype, head_dim, attention::AttentionKind::for_dtype(dtype))
+    }
+
+    /// As [`CudaKernels::load`], with the attention kernels of `kind` (tensor cores need BF16).
+    pub fn load_with(
+        device: &Device,
+        dtype: DType,
+        head_dim: usize,
+        kind: attention::AttentionKind,
+    ) -> Result<CudaKernels> {
+        if kind == attention::AttentionKind::TensorCore && dtype != DType::BF16 {
+            return Err(WorkerError::invalid("dtype", format!("tensor-core attention needs bf16, not {dtype:?}")));
+        }
         let suffix = match dtype {
             DType::F32 => "f32",
             DType::BF16 => "bf16",
@@ -114,11 +126,11 @@ impl CudaKernels {
         let load = |bytes: &[u8]| -> Result<Arc<CudaModule>> {
             ctx.load_module(Ptx::from_binary(bytes.to_vec())).map_err(|e| gpu_error("loading a kernel module", e))
         };
-        let (ops, attention) = (load(OPS_FATBIN)?, load(ATTENTION_FATBIN)?);
-        let (gemv_module, sample) = (load(GEMV_FATBIN)?, load(SAMPLE_FATBIN)?);
+        let (ops, gemv_module, sample) = (load(OPS_FATBIN)?, load(GEMV_FATBIN)?, load(SAMPLE_FATBIN)?);
         let func = |module: &Arc<CudaModule>, name: String| -> Result<CudaFunction> {
             module.load_function(&name).map_err(|e| gpu_error(&format!("kernel {name}"), e))
         };
+        let attention = attention::AttentionKernels::load(kind, &load, &format!("{suffix}_d{head_dim}"), head_dim)?;
         let dependent_mode = launch::DependentLaunch::for_device(&stream)?;
         let num_sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -132,10 +144,7 @@ impl CudaKernels {
             rotary_and_cache: func(&ops, format!("rotary_and_cache_{suffix}"))?,
             silu_mul: func(&ops, format!("silu_mul_{suffix}"))?,
             gather_rows: func(&ops, format!("gather_rows_{suffix}"))?,
-            attention: func(&attention, format!("paged_attention_{suffix}_d{head_dim}"))?,
-            attention_combine: func(&attention, format!("paged_attention_{suffix}_d{head_dim}_combine"))?,
-            attention_decode: func(&attention, format!("paged_attention_decode_{suffix}_d{head_dim}"))?,
-            attention_decode_combine: func(&attention, format!("paged_attention_decode_{suffix}_d{head_dim}_combine"))?,
+            attention,
             gemv: (1..=gemv::GEMV_MAX_ROWS)
                 .map(|m| func(&gemv_module, format!("gemv_{suffix}_m{m}")))
                 .collect::<Result<Vec<_>>>()?,
@@ -169,6 +178,11 @@ impl CudaKernels {
     /// Streaming multiprocessors of the device (sizes the attention split).
     pub fn num_sms(&self) -> usize {
         self.num_sms
+    }
+
+    /// The attention kernels these kernels run (plans must be made for them).
+    pub fn attention_kind(&self) -> attention::AttentionKind {
+        self.attention.kind
     }
 
     /// A new uninitialised tensor of the kernels' element type on their device: from the layer

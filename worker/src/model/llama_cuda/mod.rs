@@ -230,7 +230,8 @@ impl CudaLlama {
         let positions = self.pack.push(batch.positions.iter().copied());
         let slots = self.pack.push(batch.slot_mapping.iter().copied());
         let rows = self.pack.push(batch.logits_rows.iter().map(|&r| r as u32));
-        let attention = AttentionPlan::new(&mut self.pack, &batch.seqs, heads, kv_heads, k.num_sms())?;
+        let attention =
+            AttentionPlan::new(&mut self.pack, &batch.seqs, heads, kv_heads, k.num_sms(), k.attention_kind())?;
         let packed_plans = (!plans.is_empty()).then(|| pack_plans(&mut self.pack, plans));
         let meta = self.pack.upload(k.device())?;
 
