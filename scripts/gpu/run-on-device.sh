@@ -219,30 +219,39 @@ if [[ " $steps " == *" attention "* ]]; then
         attn "attn-prefill-$kind" "LUMEN_CUDA_ATTENTION=$kind" --input-len 512 --output-len 1 --num-prompts 16 --concurrency 1
         attn "attn-prefill2k-$kind" "LUMEN_CUDA_ATTENTION=$kind" --input-len 2048 --output-len 1 --num-prompts 8 --concurrency 1
     done
+    # The split's target: one wave of the decode kernel (default) against 4 CTAs per multiprocessor.
+    e="LUMEN_CUDA_OP_TIMING=1"
+    attn attn-c8-mma "$e" --input-len 512 --output-len 256 --num-prompts 16 --concurrency 8
+    attn attn-c8-split4 "$e LUMEN_CUDA_SPLIT_CTAS_PER_SM=4" --input-len 512 --output-len 256 --num-prompts 16 --concurrency 8
+    attn attn-c32-split4 "$e LUMEN_CUDA_SPLIT_CTAS_PER_SM=4" --input-len 512 --output-len 256 --num-prompts 64 --concurrency 32
+    attn attn-prefill2k-ops "$e" --input-len 2048 --output-len 1 --num-prompts 8 --concurrency 1
     python3 - "$out" > "$out/attention-summary.txt" <<'PY'
 import json, os, re, sys
 out = sys.argv[1]
 def load(name):
     p = os.path.join(out, name + ".json")
     return json.load(open(p)) if os.path.exists(p) else None
-def step(name):
+def step(name, what="decode"):
     p = os.path.join(out, name + ".log")
-    lines = [l for l in open(p) if "decode step timing" in l] if os.path.exists(p) else []
+    lines = [l for l in open(p) if what + " step timing" in l] if os.path.exists(p) else []
     if not lines:
-        return "no decode timing"
+        return f"no {what} timing"
     l = lines[-1]
-    g = lambda k: (re.search(k + r"=([0-9.]+)", l) or [None, "?"])[1]
-    return f"step GPU {float(g('gpu_ms')):.2f} ms, attention {g('attention')} ms, wall {float(g('wall_ms')):.2f}"
-for case in ["c32", "c256", "prefill", "prefill2k"]:
-    for kind in ["mma", "simt"]:
-        name = f"attn-{case}-{kind}"
-        r = load(name)
-        if r is None:
-            print(f"{name:44s} failed"); continue
-        if case.startswith("prefill"):
-            print(f"{name:44s} TTFT p50 {r['ttft_ms']['p50']:.1f} ms")
-        else:
-            print(f"{name:44s} out {r['output_tokens_per_s']:.0f} tok/s; {step(name)}")
+    g = lambda k: (re.search(r"\b" + k + r"=([0-9.]+)", l) or [None, "nan"])[1]
+    ops = (re.search(r"ops_ms=(.*)$", l.strip()) or [None, ""])[1]
+    extra = f"; {ops}" if what == "prefill" else ""
+    return f"step GPU {float(g('gpu_ms')):.2f} ms, attention {g('attention')} ms, wall {float(g('wall_ms')):.2f}{extra}"
+names = [f"attn-{case}-{kind}" for case in ["c32", "c256", "prefill", "prefill2k"] for kind in ["mma", "simt"]]
+for name in names + ["attn-c8-mma", "attn-c8-split4", "attn-c32-split4", "attn-prefill2k-ops"]:
+    r = load(name)
+    if r is None:
+        print(f"{name:44s} failed"); continue
+    if name == "attn-prefill2k-ops":
+        print(f"{name:44s} {step(name, 'prefill')}")
+    elif "prefill" in name:
+        print(f"{name:44s} TTFT p50 {r['ttft_ms']['p50']:.1f} ms")
+    else:
+        print(f"{name:44s} out {r['output_tokens_per_s']:.0f} tok/s; {step(name)}")
 PY
     while read -r line; do table+=("$line"); done < "$out/attention-summary.txt"
 fi

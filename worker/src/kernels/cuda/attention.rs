@@ -22,8 +22,6 @@ use crate::model::batch::BatchSeq;
 use crate::{Result, WorkerError};
 
 const THREADS: u32 = 128;
-/// CTAs per multiprocessor the split aims for.
-pub const CTAS_PER_SM: usize = 4;
 /// Pipeline stages of the tensor-core kernels; must match `STAGES` in attention_mma.cu.
 const MMA_STAGES: usize = 3;
 
@@ -74,6 +72,16 @@ impl AttentionKind {
     }
 }
 
+/// What a plan needs to know of the kernels that will run it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionSetup {
+    pub kind: AttentionKind,
+    /// CTAs a launch aims for: a part with fewer tiles splits the context until it has about as
+    /// many (the decode kernel's resident CTAs per multiprocessor times the multiprocessors, so
+    /// a split decode fills the GPU in one wave).
+    pub split_ctas: usize,
+}
+
 /// One launch of a plan: the tiles of its decode or its prefill sequences.
 #[derive(Clone, Debug)]
 struct Part {
@@ -101,16 +109,15 @@ pub struct AttentionPlan {
 
 impl AttentionPlan {
     /// Plans attention for `seqs` (the step's sequences, as the engine packed them) with
-    /// `heads` query heads over `kv_heads` KV heads, for `kind`'s kernels on a device of
-    /// `num_sms` multiprocessors.
+    /// `heads` query heads over `kv_heads` KV heads, for the kernels of `setup`.
     pub fn new(
         pack: &mut HostPack,
         seqs: &[BatchSeq],
         heads: usize,
         kv_heads: usize,
-        num_sms: usize,
-        kind: AttentionKind,
+        setup: AttentionSetup,
     ) -> Result<Self> {
+        let kind = setup.kind;
         if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(WorkerError::ModelConfig(format!("{heads} heads do not group over {kv_heads} KV heads")));
         }
@@ -125,7 +132,7 @@ impl AttentionPlan {
             .into_iter()
             .filter_map(|decode| {
                 let members = seqs.iter().enumerate().filter(|(_, s)| (s.query_len == 1) == decode);
-                Part::plan(pack, members, decode, kind.shape(decode), ratio, kv_heads, num_sms)
+                Part::plan(pack, members, decode, kind.shape(decode), ratio, kv_heads, setup.split_ctas)
             })
             .collect();
         Ok(AttentionPlan {
@@ -156,8 +163,9 @@ impl AttentionPlan {
 }
 
 impl Part {
-    /// Tiles the sequences `members` (index in the step, sequence) for a kernel of `shape`;
-    /// `None` without members.
+    /// Tiles the sequences `members` (index in the step, sequence) for a kernel of `shape`,
+    /// the tiles with the longest spans first (so the longest CTAs do not start last); `None`
+    /// without members.
     fn plan<'a>(
         pack: &mut HostPack,
         members: impl Iterator<Item = (usize, &'a BatchSeq)>,
@@ -165,30 +173,31 @@ impl Part {
         shape: KernelShape,
         ratio: usize,
         kv_heads: usize,
-        num_sms: usize,
+        split_ctas: usize,
     ) -> Option<Part> {
         let heads_per_cta = (1..=ratio.min(shape.rows)).rev().find(|d| ratio.is_multiple_of(*d)).unwrap_or(1);
         let tokens_per_tile = shape.rows / heads_per_cta;
-        let mut tiles = Vec::new();
-        let mut max_chunks = 0;
+        // (span, tile): the positions the tile's last token sees.
+        let mut tiles: Vec<(usize, [u32; 4])> = Vec::new();
         for (i, s) in members {
             for first in (0..s.query_len).step_by(tokens_per_tile) {
                 let count = tokens_per_tile.min(s.query_len - first);
                 let span = s.context_len - s.query_len + first + count;
-                max_chunks = max_chunks.max(span.div_ceil(shape.chunk));
-                tiles.extend([i, first, count, 0].map(|v| v as u32));
+                tiles.push((span, [i, first, count, 0].map(|v| v as u32)));
             }
         }
         if tiles.is_empty() {
             return None;
         }
-        let num_tiles = tiles.len() / 4;
+        tiles.sort_by_key(|&(span, _)| std::cmp::Reverse(span));
+        let max_chunks = tiles[0].0.div_ceil(shape.chunk);
+        let num_tiles = tiles.len();
         let ctas = num_tiles * kv_heads * (ratio / heads_per_cta);
-        let wanted = (CTAS_PER_SM * num_sms).div_ceil(ctas.max(1));
-        let splits = wanted.clamp(1, max_chunks.max(1));
+        let splits = (split_ctas / ctas.max(1)).clamp(1, max_chunks.max(1));
         let chunks_per_split = max_chunks.div_ceil(splits).max(1);
         let splits = max_chunks.div_ceil(chunks_per_split).max(1);
-        Some(Part { decode, tiles: pack.push(tiles), num_tiles, heads_per_cta, shape, splits, chunks_per_split })
+        let tiles = pack.push(tiles.into_iter().flat_map(|(_, t)| t));
+        Some(Part { decode, tiles, num_tiles, heads_per_cta, shape, splits, chunks_per_split })
     }
 }
 
@@ -204,6 +213,8 @@ pub(crate) struct AttentionKernels {
     prefill_combine: CudaFunction,
     /// Dynamic shared memory per CTA.
     shared_bytes: u32,
+    /// CTAs of the decode kernel resident on one multiprocessor at once.
+    pub decode_ctas_per_sm: usize,
 }
 
 impl AttentionKernels {
@@ -234,9 +245,14 @@ impl AttentionKernels {
             }
             Ok(f)
         };
+        let decode = func(format!("{decode_prefix}_{suffix}"), shared_bytes)?;
+        let resident = decode
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS, shared_bytes as usize, None)
+            .map_err(|e| gpu_error("the attention kernel's occupancy", e))?;
         Ok(AttentionKernels {
             kind,
-            decode: func(format!("{decode_prefix}_{suffix}"), shared_bytes)?,
+            decode,
+            decode_ctas_per_sm: (resident as usize).max(1),
             decode_combine: func(format!("{decode_prefix}_{suffix}_combine"), 0)?,
             prefill: func(format!("{prefix}_{suffix}"), shared_bytes)?,
             prefill_combine: func(format!("{prefix}_{suffix}_combine"), 0)?,
@@ -302,7 +318,7 @@ impl CudaKernels {
             // counter for every (tile, head group); otherwise a second launch merges. Launches
             // run in stream order, so the parts share the counters.
             let merge_in_place =
-                part.splits > 1 && self.merge_splits && grid_xy.0 * grid_xy.1 <= self.split_counter_len;
+                part.splits > 1 && self.merge_splits && (grid_xy.0 * grid_xy.1) as usize <= self.split_ctas;
             let counters = if merge_in_place { device_ptr(&self.split_counters)? } else { 0 };
             let (attention, combine) =
                 if part.decode { (&a.decode, &a.decode_combine) } else { (&a.prefill, &a.prefill_combine) };

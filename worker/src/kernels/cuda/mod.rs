@@ -77,10 +77,12 @@ pub struct CudaKernels {
     gemv_rows: usize,
     reduce_rows: CudaFunction,
     /// One zeroed u32 per (tile, head group) of a split attention launch: its last CTA merges
-    /// (see attention.cu) and zeroes it again. Splits happen only below `CTAS_PER_SM` CTAs per
-    /// multiprocessor, so that many counters always suffice.
+    /// (see attention_common.cuh) and zeroes it again. Splits happen only below `split_ctas`
+    /// CTAs, so that many counters always suffice.
     split_counters: Tensor,
-    split_counter_len: u32,
+    /// CTAs an attention launch aims for (see [`attention::AttentionSetup`]); also the number of
+    /// split counters.
+    split_ctas: usize,
     /// Merge split attention in the launch itself (default) or in a second launch
     /// (`LUMEN_CUDA_SPLIT_MERGE=launch`).
     pub merge_splits: bool,
@@ -135,6 +137,15 @@ impl CudaKernels {
         let num_sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| gpu_error("reading the multiprocessor count", e))? as usize;
+        // The split aims for one wave of the decode kernel (`LUMEN_CUDA_SPLIT_CTAS_PER_SM` sets
+        // the CTAs per multiprocessor instead).
+        let per_sm = match std::env::var("LUMEN_CUDA_SPLIT_CTAS_PER_SM") {
+            Ok(v) => v.parse::<usize>().ok().filter(|n| (1..=64).contains(n)).ok_or_else(|| {
+                WorkerError::invalid("LUMEN_CUDA_SPLIT_CTAS_PER_SM", format!("{v:?} is not a count from 1 to 64"))
+            })?,
+            Err(_) => attention.decode_ctas_per_sm,
+        };
+        let split_ctas = per_sm * num_sms;
         Ok(CudaKernels {
             device: device.clone(),
             dtype,
@@ -152,9 +163,9 @@ impl CudaKernels {
             gemv_split: func(&gemv_module, format!("gemv_{suffix}_m1_split"))?,
             gemv_rows: gemv::gemv_rows_from_env()?,
             reduce_rows: func(&sample, "reduce_rows".into())?,
-            split_counters: Tensor::zeros(attention::CTAS_PER_SM * num_sms, DType::U32, device)
+            split_counters: Tensor::zeros(split_ctas, DType::U32, device)
                 .map_err(|e| gpu_error("allocating split counters", e))?,
-            split_counter_len: (attention::CTAS_PER_SM * num_sms) as u32,
+            split_ctas,
             merge_splits: std::env::var("LUMEN_CUDA_SPLIT_MERGE").map_or(true, |v| v != "launch"),
             dependent_mode,
             dependent_launch: std::cell::Cell::new(dependent_mode != launch::DependentLaunch::Off),
@@ -180,9 +191,9 @@ impl CudaKernels {
         self.num_sms
     }
 
-    /// The attention kernels these kernels run (plans must be made for them).
-    pub fn attention_kind(&self) -> attention::AttentionKind {
-        self.attention.kind
+    /// What attention plans for these kernels need (plans must be made with it).
+    pub fn attention_setup(&self) -> attention::AttentionSetup {
+        attention::AttentionSetup { kind: self.attention.kind, split_ctas: self.split_ctas }
     }
 
     /// A new uninitialised tensor of the kernels' element type on their device: from the layer

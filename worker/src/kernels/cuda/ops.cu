@@ -77,51 +77,85 @@ __device__ void add_rms_norm(T* __restrict__ x, const T* __restrict__ delta, con
     }
 }
 
-// Rotary embeddings and reshape_and_cache in one pass. Block (t, h) takes head h of token t's
-// row of the fused QKV projection (`stride` values per row: query heads, key heads, value
-// heads), one rotation pair per thread (element i with i + half, Hugging Face's rotate_half), by
-// the angles of the token's position in the cos/sin tables (`[positions, half]` floats):
+// Rotary embeddings and reshape_and_cache in one pass. Block t takes token t's row of the fused
+// QKV projection (`stride` values: query heads, key heads, value heads); each thread takes N =
+// 16 / sizeof(T) rotation pairs of a head at a time (element i with i + half, Hugging Face's
+// rotate_half: 16-byte loads of both halves, the angles of the token's position from the
+// cos/sin tables, `[positions, half]` floats):
 // - a query head is rotated in place (attention reads it from there);
 // - a key head is rotated into the token's cache slot, and the matching value head copied there.
 // Cache layout (as in attention.cu): [num_blocks, kv_heads, block_size, head_dim]; the token in
-// slot s lives in block s / block_size at offset s % block_size.
+// slot s lives in block s / block_size at offset s % block_size. Needs half % N == 0 and 16-byte
+// aligned rows (the host checks).
 template <typename T>
 __device__ void rotary_and_cache(T* __restrict__ qkv, int stride, const uint32_t* __restrict__ positions,
                                  const uint32_t* __restrict__ slots, const float* __restrict__ cos_table,
                                  const float* __restrict__ sin_table, T* __restrict__ k_cache,
                                  T* __restrict__ v_cache, int q_heads, int kv_heads, int half, int block_size) {
+    using P = Pack16<T>;
+    constexpr int N = P::N;
     const size_t token = blockIdx.x;
-    const int head = blockIdx.y, j = threadIdx.x;
-    if (j >= half) return;
-    const size_t pos = positions[token];
+    const size_t pos = positions[token], slot = slots[token];
     T* row = qkv + token * stride;
-    T* h = row + head * 2 * half;
-    const float x0 = to_float(h[j]), x1 = to_float(h[j + half]);
-    const float c = cos_table[pos * half + j], s = sin_table[pos * half + j];
-    const T r0 = from_float<T>(x0 * c - x1 * s), r1 = from_float<T>(x1 * c + x0 * s);
-    if (head < q_heads) {
-        h[j] = r0;
-        h[j + half] = r1;
-        return;
+    const int per_head = half / N;
+    const int items = (q_heads + kv_heads) * per_head;
+    for (int i = threadIdx.x; i < items; i += blockDim.x) {
+        const int head = i / per_head, j = (i % per_head) * N;
+        T* h = row + head * 2 * half;
+        float x0[N], x1[N], c[N], s[N], r0[N], r1[N];
+        P::unpack(*reinterpret_cast<const uint4*>(h + j), x0);
+        P::unpack(*reinterpret_cast<const uint4*>(h + j + half), x1);
+#pragma unroll
+        for (int e = 0; e < N; e += 4) {
+            const float4 cv = *reinterpret_cast<const float4*>(cos_table + pos * half + j + e);
+            const float4 sv = *reinterpret_cast<const float4*>(sin_table + pos * half + j + e);
+            c[e] = cv.x, c[e + 1] = cv.y, c[e + 2] = cv.z, c[e + 3] = cv.w;
+            s[e] = sv.x, s[e + 1] = sv.y, s[e + 2] = sv.z, s[e + 3] = sv.w;
+        }
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            r0[e] = x0[e] * c[e] - x1[e] * s[e];
+            r1[e] = x1[e] * c[e] + x0[e] * s[e];
+        }
+        if (head < q_heads) {
+            *reinterpret_cast<uint4*>(h + j) = P::pack(r0);
+            *reinterpret_cast<uint4*>(h + j + half) = P::pack(r1);
+            continue;
+        }
+        const size_t g = head - q_heads;
+        const size_t dst = (((slot / block_size) * kv_heads + g) * block_size + slot % block_size) * 2 * half;
+        const T* v = row + (q_heads + kv_heads + g) * 2 * half;
+        *reinterpret_cast<uint4*>(k_cache + dst + j) = P::pack(r0);
+        *reinterpret_cast<uint4*>(k_cache + dst + j + half) = P::pack(r1);
+        *reinterpret_cast<uint4*>(v_cache + dst + j) = *reinterpret_cast<const uint4*>(v + j);
+        *reinterpret_cast<uint4*>(v_cache + dst + j + half) = *reinterpret_cast<const uint4*>(v + j + half);
     }
-    const size_t g = head - q_heads, slot = slots[token];
-    const size_t dst = (((slot / block_size) * kv_heads + g) * block_size + slot % block_size) * 2 * half;
-    const T* v = row + (q_heads + kv_heads + g) * 2 * half;
-    k_cache[dst + j] = r0;
-    k_cache[dst + j + half] = r1;
-    v_cache[dst + j] = v[j];
-    v_cache[dst + j + half] = v[j + half];
 }
 
 // `out[r, j] = silu(gu[r, j]) * gu[r, width + j]` with `silu(g) = g / (1 + e^-g)`: each row of
-// `gu` is [gate | up].
+// `gu` is [gate | up]. Block (r, b) takes row r's vectors of N = 16 / sizeof(T) outputs from
+// b * blockDim.x on (16-byte loads when width is a multiple of N, else one value at a time).
 template <typename T>
-__device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, int width, size_t total) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t r = i / width, j = i % width;
-        const float g = to_float(gu[r * 2 * width + j]);
-        const float u = to_float(gu[r * 2 * width + width + j]);
-        out[i] = from_float<T>(g / (1.f + expf(-g)) * u);
+__device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, int width) {
+    using P = Pack16<T>;
+    constexpr int N = P::N;
+    const int j = (blockIdx.y * blockDim.x + threadIdx.x) * N;
+    if (j >= width) return;
+    const T* g = gu + (size_t)blockIdx.x * 2 * width;
+    const T* u = g + width;
+    T* o = out + (size_t)blockIdx.x * width;
+    if (width % N == 0) {
+        float gv[N], uv[N];
+        P::unpack(*reinterpret_cast<const uint4*>(g + j), gv);
+        P::unpack(*reinterpret_cast<const uint4*>(u + j), uv);
+#pragma unroll
+        for (int e = 0; e < N; ++e) gv[e] = gv[e] / (1.f + expf(-gv[e])) * uv[e];
+        *reinterpret_cast<uint4*>(o + j) = P::pack(gv);
+    } else {
+        for (int e = j; e < min(j + N, width); ++e) {
+            const float x = to_float(g[e]);
+            o[e] = from_float<T>(x / (1.f + expf(-x)) * to_float(u[e]));
+        }
     }
 }
 
@@ -147,9 +181,9 @@ __device__ void gather_rows(const T* __restrict__ src, const uint32_t* __restric
         rotary_and_cache<T>(qkv, stride, positions, slots, cos_table, sin_table, k_cache, v_cache, q_heads,      \
                             kv_heads, half, block_size);                                                         \
     }                                                                                                             \
-    extern "C" __global__ void silu_mul_##SUFFIX(const T* gu, T* out, int width, size_t total) {                \
+    extern "C" __global__ void silu_mul_##SUFFIX(const T* gu, T* out, int width) {                              \
         await_previous_kernel();                                                                                  \
-        silu_mul<T>(gu, out, width, total);                                                                      \
+        silu_mul<T>(gu, out, width);                                                                             \
     }                                                                                                             \
     extern "C" __global__ void gather_rows_##SUFFIX(const T* src, const uint32_t* ids, T* out, int width) {     \
         await_previous_kernel();                                                                                  \

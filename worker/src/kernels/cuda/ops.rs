@@ -9,6 +9,8 @@ use crate::{Result, WorkerError};
 
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
+/// Threads per token of the rotary + cache kernel (each takes 16 bytes of a head at a time).
+const ROTARY_THREADS: u32 = 128;
 /// 16-byte vectors of a row each add_rms_norm thread holds; must match `NORM_VECS` in ops.cu.
 const NORM_VECS: usize = 4;
 
@@ -121,11 +123,18 @@ impl CudaKernels {
         if k_cache.elem_count() != v_cache.elem_count() || !k_cache.elem_count().is_multiple_of(kv_width * block_size) {
             return Err(mismatch("rotary_and_cache", "caches are not whole blocks of equal size".into()));
         }
+        let per_vec = 16 / self.dtype.size_in_bytes();
+        if !tables.half.is_multiple_of(per_vec) || !device_ptr(qkv)?.is_multiple_of(16) {
+            return Err(mismatch(
+                "rotary_and_cache",
+                format!("heads of {} values or rows not in whole 16-byte vectors", self.head_dim),
+            ));
+        }
         if tokens > 0 {
-            // SAFETY: heads lie within each row; positions index inside the tables and slots
-            // inside the caches (checked by the caller).
-            launch!(self, &self.rotary_and_cache,
-                grid((tokens as u32, (q_heads + kv_heads) as u32, 1), (tables.half as u32).next_multiple_of(32));
+            // SAFETY: heads lie within each row, in whole 16-byte vectors (checked above);
+            // positions index inside the tables and slots inside the caches (checked by the
+            // caller).
+            launch!(self, &self.rotary_and_cache, grid((tokens as u32, 1, 1), ROTARY_THREADS);
                 device_ptr(qkv)?, int("width", width)?, positions, slots, device_ptr(&tables.cos)?,
                 device_ptr(&tables.sin)?, device_ptr(k_cache)?, device_ptr(v_cache)?, int("q_heads", q_heads)?,
                 int("kv_heads", kv_heads)?, int("half", tables.half)?, int("block_size", block_size)?)?;
@@ -141,13 +150,18 @@ impl CudaKernels {
             return Err(mismatch("silu_mul", format!("rows of {width2} do not split into gate and up")));
         }
         let width = width2 / 2;
+        if !device_ptr(gu)?.is_multiple_of(16) {
+            return Err(mismatch("silu_mul", "gate_up does not start on a 16-byte boundary".into()));
+        }
         let out = self.alloc((rows, width))?;
-        let total = rows * width;
-        if total > 0 {
-            let blocks = total.div_ceil(ROW_THREADS as usize).min(self.num_sms * 16) as u32;
-            // SAFETY: gu holds rows * 2 * width elements, out rows * width.
-            launch!(self, &self.silu_mul, grid((blocks, 1, 1), ROW_THREADS);
-                device_ptr(gu)?, device_ptr(&out)?, int("width", width)?, total)?;
+        if rows > 0 && width > 0 {
+            let vectors = width.div_ceil(16 / self.dtype.size_in_bytes());
+            let blocks = vectors.div_ceil(ROW_THREADS as usize) as u32;
+            // SAFETY: gu holds rows * 2 * width elements, out rows * width; both start on a
+            // 16-byte boundary (checked; fresh allocations are), so rows are whole vectors when
+            // width is.
+            launch!(self, &self.silu_mul, grid((rows as u32, blocks, 1), ROW_THREADS);
+                device_ptr(gu)?, device_ptr(&out)?, int("width", width)?)?;
         }
         Ok(out)
     }

@@ -100,10 +100,12 @@ fn add_rms_norm_matches_the_cpu_with_and_without_the_residual() {
 #[test]
 fn rotary_and_cache_rotates_queries_in_place_and_writes_every_slot_like_the_cpu() {
     let dev = device();
-    for (seed, dtype) in DTYPES.into_iter().enumerate() {
-        let hd = 64;
+    // SmolLM2's heads of 64 (a few tokens), Llama-3.1-8B's of 128 (a batch of 300).
+    let shapes = [(64, 20, 9, 3, 8), (128, 300, 32, 8, 40)];
+    for (seed, (dtype, (hd, tokens, heads, kv_heads, num_blocks))) in
+        DTYPES.into_iter().flat_map(|d| shapes.map(|s| (d, s))).enumerate()
+    {
         let k = CudaKernels::load(&dev, dtype, hd).unwrap();
-        let (tokens, heads, kv_heads, num_blocks) = (20, 9, 3, 8);
         let layout = CacheLayout { block_size: 16, kv_heads, head_dim: hd };
         let (q_width, kv) = (heads * hd, kv_heads * hd);
         let width = q_width + 2 * kv;
@@ -112,7 +114,7 @@ fn rotary_and_cache_rotates_queries_in_place_and_writes_every_slot_like_the_cpu(
         let tables = RopeTables::new(&table, &dev).unwrap();
         let qkv = rounded(&random(seed as u64 + 30, tokens * width, 1.0), dtype);
         let positions: Vec<u32> = (0..tokens as u32).map(|t| (t * 73 + 5) % 512).collect();
-        // Scattered, distinct slots across blocks.
+        // Scattered, distinct slots across blocks (37 is prime to the slot count).
         let slots: Vec<u32> = (0..tokens as u32).map(|t| (t * 37 + 11) % (num_blocks * 16) as u32).collect();
         let elems = num_blocks * layout.block_elems();
         let k_cache = Tensor::zeros(elems, dtype, &dev).unwrap();
@@ -164,13 +166,16 @@ fn silu_mul_and_gather_rows_match_the_cpu() {
     let dev = device();
     for (seed, dtype) in DTYPES.into_iter().enumerate() {
         let k = CudaKernels::load(&dev, dtype, 64).unwrap();
-        let (rows, width) = (3, 1536);
-        let gu = rounded(&random(seed as u64 + 20, rows * 2 * width, 8.0), dtype);
-        let gu_dev = upload_f32(&gu, &[rows, 2 * width], dtype, &dev).unwrap();
-        let out = k.silu_mul(&gu_dev).unwrap();
-        let mut want = vec![0f32; rows * width];
-        silu_mul(Isa::detect(), &gu, width, &mut want);
-        assert_close("silu_mul", dtype, &download(&out), &want);
+        // 16-byte vectors (SmolLM2's and Llama-3.1-8B's widths), and a width that is not whole
+        // vectors (one value at a time).
+        for (rows, width) in [(3, 1536), (300, 14336), (5, 1001)] {
+            let gu = rounded(&random(seed as u64 + 20 + width as u64, rows * 2 * width, 8.0), dtype);
+            let gu_dev = upload_f32(&gu, &[rows, 2 * width], dtype, &dev).unwrap();
+            let out = k.silu_mul(&gu_dev).unwrap();
+            let mut want = vec![0f32; rows * width];
+            silu_mul(Isa::detect(), &gu, width, &mut want);
+            assert_close(&format!("silu_mul {rows}x{width}"), dtype, &download(&out), &want);
+        }
 
         let (vocab, h) = (50, 96);
         let table = rounded(&random(seed as u64 + 21, vocab * h, 1.0), dtype);
@@ -325,8 +330,7 @@ fn attention_error_merging(
     let q = rounded(&random(seed + 4, tokens * stride, 2.0), dtype);
 
     let mut pack = HostPack::default();
-    let plan =
-        AttentionPlan::new(&mut pack, &seqs, case.heads, case.kv_heads, k.num_sms(), k.attention_kind()).unwrap();
+    let plan = AttentionPlan::new(&mut pack, &seqs, case.heads, case.kv_heads, k.attention_setup()).unwrap();
     let decodes = seqs.iter().filter(|s| s.query_len == 1).count();
     let parts: Vec<bool> = plan.launches().iter().map(|&(decode, _)| decode).collect();
     let want: Vec<bool> =

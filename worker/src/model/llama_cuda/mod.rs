@@ -29,7 +29,7 @@ use candle_core::{DType, Device, Tensor};
 use cudarc::driver::sys::CUevent_flags;
 
 use self::memory::{MemoryPlan, MemoryPool, device_memory};
-use self::timing::{DecodeTiming, OpTimer};
+use self::timing::{OpTimer, StepTiming};
 use self::weights::{CudaWeights, WeightOrigin};
 use super::Model;
 use super::batch::ForwardBatch;
@@ -73,7 +73,8 @@ pub struct CudaLlama {
     pack: HostPack,
     /// `forward`'s rows (every row in full).
     full: ReducedRows,
-    timing: DecodeTiming,
+    timing: StepTiming,
+    prefill_timing: StepTiming,
     ops: OpTimer,
 }
 
@@ -116,7 +117,8 @@ impl CudaLlama {
             rope,
             pack: HostPack::default(),
             full: ReducedRows::default(),
-            timing: DecodeTiming::default(),
+            timing: StepTiming::decode(),
+            prefill_timing: StepTiming::prefill(),
             ops: OpTimer::from_env(),
         };
 
@@ -209,7 +211,8 @@ impl CudaLlama {
         decode.push_seq(&[4], 3, &[0], block_size, true);
         let greedy = [RowPlan { reduction: Reduction::Argmax, edits: Vec::new() }];
         self.forward_reduced(&decode, &greedy, &mut ReducedRows::default())?;
-        self.timing = DecodeTiming::default();
+        self.timing = StepTiming::decode();
+        self.prefill_timing = StepTiming::prefill();
         Ok(())
     }
 
@@ -230,8 +233,7 @@ impl CudaLlama {
         let positions = self.pack.push(batch.positions.iter().copied());
         let slots = self.pack.push(batch.slot_mapping.iter().copied());
         let rows = self.pack.push(batch.logits_rows.iter().map(|&r| r as u32));
-        let attention =
-            AttentionPlan::new(&mut self.pack, &batch.seqs, heads, kv_heads, k.num_sms(), k.attention_kind())?;
+        let attention = AttentionPlan::new(&mut self.pack, &batch.seqs, heads, kv_heads, k.attention_setup())?;
         let packed_plans = (!plans.is_empty()).then(|| pack_plans(&mut self.pack, plans));
         let meta = self.pack.upload(k.device())?;
 
@@ -389,15 +391,15 @@ impl Model for CudaLlama {
         let result = self.run(batch, plans)?;
         let gpu_end = event()?;
         let host_ms = started.elapsed().as_secs_f64() * 1e3;
-        if let Some((logits, reduced)) = result {
-            self.read_rows(&logits, reduced.as_ref(), plans, out)?;
-        }
-        if decode_only {
-            let gpu_ms = gpu_start.elapsed_ms(&gpu_end).map_err(|e| gpu_error("event timing", e))? as f64;
-            self.timing.record(started.elapsed().as_secs_f64() * 1e3, host_ms, gpu_ms, &mut self.ops)?;
-        } else {
+        let Some((logits, reduced)) = result else {
+            // Nothing was read back, so the step may still run: not timed (no wait for it).
             self.ops.discard();
-        }
+            return Ok(());
+        };
+        self.read_rows(&logits, reduced.as_ref(), plans, out)?;
+        let gpu_ms = gpu_start.elapsed_ms(&gpu_end).map_err(|e| gpu_error("event timing", e))? as f64;
+        let timing = if decode_only { &mut self.timing } else { &mut self.prefill_timing };
+        timing.record(batch.num_tokens(), started.elapsed().as_secs_f64() * 1e3, host_ms, gpu_ms, &mut self.ops)?;
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
-//! Where a decode step's time goes, logged every [`DecodeTiming::EVERY`] single-token steps:
-//! the wall time of `forward`, the host's share (until the last launch is queued) and the GPU's
-//! span (event to event). With `LUMEN_CUDA_OP_TIMING=1` an event also follows every operation,
+//! Where a step's time goes, logged every 256 single-token (decode) steps and every 8 steps
+//! that carry prompt tokens: the wall time of `forward`, the host's share (until the last
+//! launch is queued), the GPU's span (event to event) and the mean token rows per step. With `LUMEN_CUDA_OP_TIMING=1` an event also follows every operation,
 //! and the log adds the GPU time of each kind of operation (a diagnostic: the events themselves
 //! cost a little).
 
@@ -51,40 +51,68 @@ impl OpTimer {
     }
 }
 
-/// Decode-step timings, summed until logged.
-#[derive(Debug, Default)]
-pub struct DecodeTiming {
+/// Step timings of one kind (decode-only steps, or steps with prompt tokens), summed until
+/// logged.
+#[derive(Debug)]
+pub struct StepTiming {
+    decode: bool,
+    every: u32,
     steps: u32,
+    tokens: u64,
     wall_ms: f64,
     host_ms: f64,
     gpu_ms: f64,
     ops_ms: BTreeMap<&'static str, f64>,
 }
 
-impl DecodeTiming {
-    const EVERY: u32 = 256;
+impl StepTiming {
+    /// Single-token steps, logged every 256.
+    pub fn decode() -> StepTiming {
+        StepTiming::new(true, 256)
+    }
 
-    /// Adds one finished single-token step (`ops` is drained either way).
-    pub fn record(&mut self, wall_ms: f64, host_ms: f64, gpu_ms: f64, ops: &mut OpTimer) -> Result<()> {
+    /// Steps that carry prompt tokens, logged every 8.
+    pub fn prefill() -> StepTiming {
+        StepTiming::new(false, 8)
+    }
+
+    fn new(decode: bool, every: u32) -> StepTiming {
+        StepTiming {
+            decode,
+            every,
+            steps: 0,
+            tokens: 0,
+            wall_ms: 0.0,
+            host_ms: 0.0,
+            gpu_ms: 0.0,
+            ops_ms: BTreeMap::new(),
+        }
+    }
+
+    /// Adds one finished step of `tokens` token rows (`ops` is drained either way).
+    pub fn record(&mut self, tokens: usize, wall_ms: f64, host_ms: f64, gpu_ms: f64, ops: &mut OpTimer) -> Result<()> {
         for (name, ms) in ops.take()? {
             *self.ops_ms.entry(name).or_default() += ms;
         }
         self.steps += 1;
+        self.tokens += tokens as u64;
         self.wall_ms += wall_ms;
         self.host_ms += host_ms;
         self.gpu_ms += gpu_ms;
-        if self.steps == Self::EVERY {
+        if self.steps == self.every {
             let n = self.steps as f64;
             let ops: Vec<String> = self.ops_ms.iter().map(|(k, v)| format!("{k}={:.3}", v / n)).collect();
-            tracing::info!(
-                steps = self.steps,
-                wall_ms = self.wall_ms / n,
-                host_ms = self.host_ms / n,
-                gpu_ms = self.gpu_ms / n,
-                ops_ms = %ops.join(" "),
-                "decode step timing (per step, single-token batches)"
-            );
-            *self = DecodeTiming::default();
+            let (wall_ms, host_ms, gpu_ms, tokens) =
+                (self.wall_ms / n, self.host_ms / n, self.gpu_ms / n, self.tokens as f64 / n);
+            let ops = ops.join(" ");
+            if self.decode {
+                tracing::info!(steps = self.steps, wall_ms, host_ms, gpu_ms, tokens, ops_ms = %ops,
+                    "decode step timing (per step, single-token batches)");
+            } else {
+                tracing::info!(steps = self.steps, wall_ms, host_ms, gpu_ms, tokens, ops_ms = %ops,
+                    "prefill step timing (per step, steps with prompt tokens)");
+            }
+            *self = StepTiming::new(self.decode, self.every);
         }
         Ok(())
     }
