@@ -119,7 +119,8 @@ fn write_weights(path: &Path) {
     }
     add("model.norm.weight".into(), vec![HIDDEN], 0.2, 1.0);
     add("lm_head.weight".into(), vec![VOCAB, HIDDEN], 0.4, 0.0);
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .zip(&bytes)
@@ -170,13 +171,8 @@ fn lumen_logits(dir: &Path, tokens: &[u32], max_model_len: usize) -> Vec<f32> {
     let src = SafetensorsSource::open(dir).unwrap();
     let block_size = 16;
     let num_blocks = max_model_len.div_ceil(block_size);
-    let opts = CpuModelOptions {
-        threads: 1,
-        weight_format: CpuWeightFormat::F32,
-        block_size,
-        num_blocks,
-        max_model_len,
-    };
+    let opts =
+        CpuModelOptions { threads: 1, weight_format: CpuWeightFormat::F32, block_size, num_blocks, max_model_len };
     let mut model = CpuLlama::load(config, &src, &opts).unwrap();
     let mut batch = ForwardBatch::default();
     let blocks: Vec<u32> = (0..num_blocks as u32).collect();
@@ -205,7 +201,10 @@ fn reference(runs: &[(PathBuf, Vec<u32>)], scratch: &Path) -> Vec<Reference> {
     assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
     let parsed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     let floats = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-    parsed.iter().map(|r| Reference { logits: floats(&r["logits"]), plain_logits: floats(&r["plain_logits"]) }).collect()
+    parsed
+        .iter()
+        .map(|r| Reference { logits: floats(&r["logits"]), plain_logits: floats(&r["plain_logits"]) })
+        .collect()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -110,7 +110,8 @@ mod tests {
 
     #[test]
     fn completion_shape_offsets_count_characters_from_the_start() {
-        let (v, end) = completion(&[token("Hé", -0.1, &[("Hé", -0.1), ("Ha", -2.0)]), token("!", -0.2, &[])], text(2), 3);
+        let (v, end) =
+            completion(&[token("Hé", -0.1, &[("Hé", -0.1), ("Ha", -2.0)]), token("!", -0.2, &[])], text(2), 3);
         assert_eq!(v["tokens"], json!(["Hé", "!"]));
         assert_eq!(v["text_offset"], json!([3, 5]));
         assert_eq!(end, 6);

@@ -211,7 +211,11 @@ impl GgufFile {
             _ => Err(unsupported(
                 "llama.rope.scaling.type",
                 format!("{kind:?}"),
-                if rope_freqs { "cannot be combined with a rope_freqs.weight tensor" } else { "supported: none, linear" },
+                if rope_freqs {
+                    "cannot be combined with a rope_freqs.weight tensor"
+                } else {
+                    "supported: none, linear"
+                },
             )),
         }
     }
@@ -220,7 +224,11 @@ impl GgufFile {
     fn refuse_unimplemented(&self, head_dim: usize) -> Result<()> {
         for (key, value) in &self.content.metadata {
             if key.starts_with("llama.") && !KNOWN_LLAMA_KEYS.contains(&key.as_str()) {
-                return Err(unsupported(key, format!("{value:?}"), "Lumen does not know how it changes the forward pass"));
+                return Err(unsupported(
+                    key,
+                    format!("{value:?}"),
+                    "Lumen does not know how it changes the forward pass",
+                ));
             }
         }
         for (key, want, reason) in [
@@ -235,7 +243,10 @@ impl GgufFile {
         match self.content.tensor_infos.keys().find(|n| !is_llama_tensor(n)) {
             Some(name) => Err(WorkerError::tensor(
                 name,
-                format!("in {}: not a tensor of Lumen's Llama (biases, q/k norms, experts are not implemented)", self.path.display()),
+                format!(
+                    "in {}: not a tensor of Lumen's Llama (biases, q/k norms, experts are not implemented)",
+                    self.path.display()
+                ),
             )),
             None => Ok(()),
         }
@@ -481,11 +492,16 @@ mod tests {
         let plain = plain.unwrap();
         assert_eq!((plain.head_dim, plain.rope.type_name(), plain.rope.theta), (16, "default", 10_000.0));
         let s = |x: &str| Some(Value::String(x.into()));
-        let cases: Vec<(Vec<(&str, Option<Value>)>, Vec<&str>, &str)> = vec![
+        type Extra<'a> = Vec<(&'a str, Option<Value>)>;
+        let cases: Vec<(Extra, Vec<&str>, &str)> = vec![
             (vec![("general.architecture", s("qwen2"))], vec![], "qwen2"),
             (vec![("llama.rope.scaling.type", s("yarn"))], vec![], "`llama.rope.scaling.type` = \"yarn\""),
             (vec![("llama.rope.scaling.type", s("linear"))], vec![], "`llama.rope.scaling.factor` = missing"),
-            (vec![("llama.rope.scaling.attn_factor", Some(Value::F32(1.2)))], vec![], "`llama.rope.scaling.attn_factor`"),
+            (
+                vec![("llama.rope.scaling.attn_factor", Some(Value::F32(1.2)))],
+                vec![],
+                "`llama.rope.scaling.attn_factor`",
+            ),
             (vec![("llama.rope.scaling.yarn_log_multiplier", Some(Value::F32(0.1)))], vec![], "yarn_log_multiplier"),
             (vec![("llama.rope.dimension_count", Some(Value::U32(8)))], vec![], "`llama.rope.dimension_count` = 8"),
             (vec![("llama.attention.value_length", Some(Value::U32(32)))], vec![], "`llama.attention.value_length`"),

@@ -331,7 +331,8 @@ fn one_rope_dict(p: &Map<String, Value>) -> Result<(String, &Map<String, Value>)
 /// absent theta on either side is not a disagreement: it falls back to top-level `rope_theta`).
 fn agree(a_key: &str, a: &Map<String, Value>, b_key: &str, b: &Map<String, Value>) -> Result<()> {
     let normal = |m: &Map<String, Value>| -> Map<String, Value> {
-        let mut out: Map<String, Value> = m.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut out: Map<String, Value> =
+            m.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
         if let Some(t) = out.remove("type") {
             out.entry("rope_type").or_insert(t);
         }

@@ -97,7 +97,11 @@ fn a_config_as_transformers_5_saves_it_keeps_its_theta_and_llama3_scaling() {
 #[test]
 fn disagreeing_spellings_fail_naming_both_keys() {
     let cases = [
-        (json!({"rope_theta": 10000.0, "rope_parameters": {"rope_theta": 500000.0}}), "rope_theta", "rope_parameters.rope_theta"),
+        (
+            json!({"rope_theta": 10000.0, "rope_parameters": {"rope_theta": 500000.0}}),
+            "rope_theta",
+            "rope_parameters.rope_theta",
+        ),
         (
             json!({"rope_scaling": {"type": "linear", "factor": 2}, "rope_parameters": {"rope_type": "linear", "factor": 4}}),
             "rope_scaling",
@@ -134,7 +138,10 @@ fn every_key_that_would_change_the_math_is_refused_by_name() {
         (json!({"qk_norm": true}), "qk_norm"),
         (json!({"use_qk_norm": true}), "use_qk_norm"),
         (json!({"partial_rotary_factor": 0.5}), "partial_rotary_factor"),
-        (json!({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}), "rope_parameters.partial_rotary_factor"),
+        (
+            json!({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}),
+            "rope_parameters.partial_rotary_factor",
+        ),
         (json!({"attn_logit_softcapping": 50.0}), "attn_logit_softcapping"),
         (json!({"final_logit_softcapping": 30.0}), "final_logit_softcapping"),
         (json!({"num_local_experts": 8}), "num_local_experts"),
@@ -143,7 +150,10 @@ fn every_key_that_would_change_the_math_is_refused_by_name() {
         (json!({"layer_types": ["full_attention", "sliding_attention"]}), "layer_types"),
         (json!({"rope_scaling": {"type": "su", "factor": 2}}), "rope_scaling.rope_type"),
         (json!({"rope_parameters": {"rope_type": "mrope", "mrope_section": [1, 1]}}), "rope_parameters.rope_type"),
-        (json!({"rope_parameters": {"rope_type": "yarn", "factor": 2, "attn_factor": 1.5}}), "rope_parameters.attn_factor"),
+        (
+            json!({"rope_parameters": {"rope_type": "yarn", "factor": 2, "attn_factor": 1.5}}),
+            "rope_parameters.attn_factor",
+        ),
         (json!({"rope_scaling": {"type": "dynamic"}}), "rope_scaling.factor"),
         (json!({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}), "model_type"),
         (json!({"architectures": ["LlamaForSequenceClassification"]}), "architectures"),

@@ -18,11 +18,11 @@ pub mod safetensors;
 pub mod source;
 
 pub use config::{LlamaConfig, SlidingWindow};
-pub use rope::{Rope, RopeFrequencies, RopeScaling};
 pub use dummy::DummySource;
 pub use generation_config::GenerationConfig;
 pub use hub::{HubFileSet, HubModelId, HubSettings};
 pub use location::{LoadFormat, ModelLocation, resolve_model};
+pub use rope::{Rope, RopeFrequencies, RopeScaling};
 pub use safetensors::SafetensorsSource;
 pub use source::{RawTensor, TensorBytes, TensorDType, TensorSource};
 

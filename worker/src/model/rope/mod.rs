@@ -287,9 +287,8 @@ impl<'a> RopeParams<'a> {
     /// Refuses keys that no part of `kind`'s formula read.
     fn refuse_unread(&self, kind: &str) -> Result<()> {
         let read = self.read.borrow();
-        let unread = |(k, v): &(&String, &Value)| {
-            !read.contains(*k) && !NOT_FORMULA_KEYS.contains(&k.as_str()) && !v.is_null()
-        };
+        let unread =
+            |(k, v): &(&String, &Value)| !read.contains(*k) && !NOT_FORMULA_KEYS.contains(&k.as_str()) && !v.is_null();
         match self.map.iter().find(unread).map(|(k, _)| k) {
             Some(k) => Err(self.unsupported(
                 k,

@@ -58,7 +58,9 @@ fn longrope_uses_long_factors_exactly_when_max_model_len_exceeds_the_original_co
     let b = base(10_000.0, dim);
     // factor = 64 / 16 = 4; attention factor sqrt(1 + ln 4 / ln 16) = sqrt(1.5).
     let want_attention = 1.5f64.sqrt();
-    for (max_model_len, divisors) in [(16, [1.0, 2.0, 3.0, 4.0]), (17, [5.0, 6.0, 7.0, 8.0]), (64, [5.0, 6.0, 7.0, 8.0])] {
+    for (max_model_len, divisors) in
+        [(16, [1.0, 2.0, 3.0, 4.0]), (17, [5.0, 6.0, 7.0, 8.0]), (64, [5.0, 6.0, 7.0, 8.0])]
+    {
         let f = rope.frequencies(dim, max_pos, max_model_len);
         assert!(f.inv_freq.iter().zip(&b).zip(divisors).all(|((&a, b), d)| close(a, b / d)), "{max_model_len}");
         assert!(close(f.attention_factor, want_attention));
@@ -75,7 +77,8 @@ fn yarn_keeps_fast_frequencies_interpolates_slow_ones_and_scales_attention() {
     let b = base(theta, dim);
     // The dimensions that turn 32 (beta_fast) and 1 (beta_slow) times over 2048 positions,
     // rounded outwards: 8.06 -> 8 and 20.1 -> 21.
-    let correction = |turns: f64| dim as f64 * (2048.0 / (turns * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+    let correction =
+        |turns: f64| dim as f64 * (2048.0 / (turns * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
     let (low, high) = (correction(32.0).floor(), correction(1.0).ceil());
     assert_eq!((low, high), (8.0, 21.0));
     for (i, (&got, b)) in f.inv_freq.iter().zip(&b).enumerate() {
@@ -112,5 +115,7 @@ fn unknown_types_and_keys_no_formula_reads_are_refused_by_name() {
     let e = err(parse(10_000.0, json!({"rope_type": "llama3", "type": "linear", "factor": 2}), 16, 64));
     assert!(e.contains("rope_parameters.rope_type") && e.contains("rope_parameters.type"), "{e}");
     // Informational and null keys change nothing.
-    assert!(parse(10_000.0, json!({"type": "linear", "factor": 2, "finetuned": true, "beta_fast": null}), 16, 64).is_ok());
+    assert!(
+        parse(10_000.0, json!({"type": "linear", "factor": 2, "finetuned": true, "beta_fast": null}), 16, 64).is_ok()
+    );
 }
