@@ -2,12 +2,12 @@
 # Runs on the GPU machine (through the device tool, from the repository root) what
 # scripts/gpu/build.sh packed: the GPU kernel tests, the greedy check against the CPU path on
 # SmolLM2, the device-to-device copy bandwidth, decode of a Llama-3.1-8B-shaped model with dummy
-# weights at 1, 8 and 32 streams (`bench`), and the full server at concurrency 1-256 with its
-# start-up time (`serve`); prints a table last.
+# weights at 1, 8 and 32 streams (`bench`), the full server at concurrency 1-256 with its
+# start-up time (`serve`), and a checkpoint saved by transformers served against transformers'
+# own greedy tokens and log-probabilities (`hf-parity`); prints a table last.
 #
 #   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention]
-#                                     [attention] [serve]
-#                                                                        (default: the first three)
+#                                     [attention] [serve] [hf-parity]   (default: tests bench parity)
 #
 # carry: gpu-pack (binaries, tokenizer, first half of the GGUF). The GGUF's second half comes in
 # a second call carrying gpu-smol (the machine keeps /tmp/lumen-gpu between warm calls):
@@ -19,6 +19,15 @@
 # attention kernels with the CUDA-core ones (LUMEN_CUDA_ATTENTION=simt) offline at 32 and 256
 # streams and for one prompt's first token.
 #   call 2: bash scripts/gpu/run-on-device.sh parity           carry [gpu-smol]
+# `hf-parity` (scripts/gpu/hf_parity.py) needs only the `lumen` binary and the tokenizer of
+# gpu-pack (python3 with torch and transformers is on the machine): transformers builds a
+# Llama-3.1-8B-shaped model with random BF16 weights on the GPU, saves it (save_pretrained,
+# safetensors: `rope_parameters`), records greedy tokens and top-5 log-probabilities for prompts
+# of 64, 300 and 2000 tokens; the page cache is dropped; `lumen serve` loads the directory (time
+# from process start to ready, printed under the copy bandwidth) and must give the same tokens
+# where transformers' top-1/top-2 margin exceeds 0.5 nats, >= 4 of the top 5, log-probabilities
+# within 0.25 nats. About 5 minutes, 17 GB of disk:
+#   bash scripts/gpu/run-on-device.sh hf-parity                carry [gpu-pack]
 # Logs and JSON go to /tmp/lumen-gpu/out, packed into $OUT/lumen-gpu-logs.tgz when $OUT is set
 # (the device tool's output folder).
 set -uo pipefail
@@ -67,6 +76,7 @@ print(f"{2 * n / (times[len(times) // 2] / 1e3) / 1e9:.0f}")
 PY
 )
 row "device-to-device copy (GB/s, median of 20)" "${bandwidth:-failed}"
+bandwidth_row=${#table[@]}
 
 if [[ " $steps " == *" tests "* ]]; then
     "$work/worker-tests" --test-threads=1 kernels::cuda model::llama_cuda::memory sampling:: 2>&1 | tee "$out/kernel-tests.log"
@@ -312,6 +322,31 @@ PY
     row "serve: last logged decode step" "${timing:-?}"
     [ -n "$server" ] && kill "$server" 2>/dev/null
     wait "$starter" 2>/dev/null
+fi
+
+if [[ " $steps " == *" hf-parity "* ]]; then
+    # transformers saves a random 8B Llama-3.1 checkpoint and records its greedy steps; the page
+    # cache is dropped so Lumen's load is from disk; then Lumen serves it and is compared.
+    hf=$work/hf-llama-8b
+    python3 scripts/gpu/hf_parity.py make --dir "$hf" --tokenizer "$work/llama3.1-tokenizer" \
+        --out "$out/hf-parity-transformers.json" 2>&1 | tee "$out/hf-parity-make.log"
+    sync
+    if (echo 3 > /proc/sys/vm/drop_caches) 2>/dev/null; then cache="page cache dropped"; else cache="page cache NOT dropped"; fi
+    python3 scripts/gpu/hf_parity.py check --lumen "$work/lumen" --dir "$hf" --port 8200 \
+        --reference "$out/hf-parity-transformers.json" --log "$out/hf-parity-serve.log" \
+        --rows "$out/hf-parity-rows.txt" 2>&1 | tee "$out/hf-parity-check.log"
+    [ -s "$out/hf-parity-rows.txt" ] || printf 'hf-parity\tfailed (see hf-parity-make.log / -check.log)\n' > "$out/hf-parity-rows.txt"
+    first=1
+    while IFS=$'\t' read -r name value; do
+        if [ "$first" = 1 ]; then
+            # The load time goes under the copy bandwidth: both are rates of moving the weights.
+            table=("${table[@]:0:$bandwidth_row}" "$(printf '%-44s %s' "$name" "$value ($cache)")" "${table[@]:$bandwidth_row}")
+            first=0
+        else
+            row "$name" "$value"
+        fi
+    done < "$out/hf-parity-rows.txt"
+    rm -rf "$hf"
 fi
 
 [ -n "${OUT:-}" ] && tar -C "$work" -czf "$OUT/lumen-gpu-logs.tgz" out

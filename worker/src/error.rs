@@ -11,6 +11,18 @@ pub enum WorkerError {
     #[error("model config: {0}")]
     ModelConfig(String),
 
+    /// A config or GGUF metadata key whose value changes the forward pass in a way Lumen does not
+    /// implement (or that it cannot read): refused at load, never ignored.
+    #[error("model config: `{key}` = {value} is not supported: {reason}")]
+    UnsupportedConfig { key: String, value: String, reason: String },
+
+    /// Two spellings of one setting (an older and a newer transformers key) that disagree.
+    #[error(
+        "model config: `{first}` = {first_value} and `{second}` = {second_value} disagree (transformers versions \
+         would read different values); keep only one of them"
+    )]
+    ConflictingConfig { first: String, first_value: String, second: String, second_value: String },
+
     #[error("tensor `{name}`: {reason}")]
     Tensor { name: String, reason: String },
 

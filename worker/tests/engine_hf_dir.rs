@@ -36,7 +36,7 @@ fn write_hf_checkpoint(gguf: &GgufFile, dir: &Path) {
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope.theta, "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();

@@ -3,7 +3,8 @@
 //! `prompt` is a string, a list of strings, a list of token ids or a list of token-id lists. Each
 //! prompt is its own backend request with `n` choices; choice `i` of prompt `p` has index
 //! `p * n + i` in the response, as OpenAI numbers them. `echo` prepends the prompt's text.
-//! Log-probabilities use the legacy shape ([`super::logprobs::completion`]).
+//! Log-probabilities use the legacy shape ([`super::logprobs::completion`]); vLLM's
+//! `return_tokens_as_token_ids` names their tokens `token_id:N`.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -33,6 +34,7 @@ struct CompletionFields {
     prompt: Option<Value>,
     logprobs: Option<i64>,
     echo: Option<bool>,
+    return_tokens_as_token_ids: Option<bool>,
     add_special_tokens: Option<bool>,
     suffix: Option<String>,
 }
@@ -59,6 +61,8 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         return Err(ApiError::param("echo", "echo together with logprobs (prompt log-probabilities) is not supported"));
     }
     let generation = common.validate(RouteDefaults { max_tokens: DEFAULT_MAX_TOKENS, logprobs })?;
+    let token_ids = fields.return_tokens_as_token_ids.unwrap_or(false);
+    let logprobs = logprobs.map(|k| logprobs::Legacy { k, token_ids });
     for prompt in &prompts {
         let known = match prompt {
             pb::generate_request::Prompt::Tokens(t) => Some(t.token_ids.len()),
@@ -138,7 +142,7 @@ fn parse_prompts(prompt: &Value, add_special_tokens: bool) -> Result<Vec<pb::gen
     }
 }
 
-fn completion_body(meta: &Meta, collected: Collected, n: usize, echo: bool, k: Option<u32>) -> Value {
+fn completion_body(meta: &Meta, collected: Collected, n: usize, echo: bool, k: Option<logprobs::Legacy>) -> Value {
     let choices: Vec<Value> = collected
         .choices
         .into_iter()
@@ -169,7 +173,7 @@ struct CompletionChunks {
     meta: Meta,
     n: usize,
     echo: bool,
-    logprobs: Option<u32>,
+    logprobs: Option<logprobs::Legacy>,
     /// Per choice, the character offset where its next text starts (legacy `text_offset`).
     offsets: Vec<usize>,
 }

@@ -30,6 +30,7 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
     if max_model_len == 0 {
         return Err(WorkerError::invalid("max_model_len", "must be at least 1"));
     }
+    config.check_max_model_len(max_model_len)?;
     if opts.block_size == 0 || opts.max_num_seqs == 0 || opts.max_num_batched_tokens == 0 {
         return Err(WorkerError::invalid(
             "block_size",
@@ -169,7 +170,7 @@ pub fn open_model(
             let mut tokenizer = open_tokenizer(dir)?;
             tokenizer.add_eos_token_ids(config.eos_token_ids.iter().copied());
             let source: Box<dyn TensorSource> = if opts.load_format == LoadFormat::Dummy {
-                let dtype = match config.torch_dtype.as_deref() {
+                let dtype = match config.dtype.as_deref() {
                     Some("float32") => TensorDType::F32,
                     Some("float16") => TensorDType::F16,
                     _ => TensorDType::BF16,

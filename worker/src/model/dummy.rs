@@ -227,13 +227,13 @@ mod tests {
             num_key_value_heads: 2,
             head_dim: 4,
             rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            rope_scaling: None,
+            rope: crate::model::Rope::plain(10_000.0),
             max_position_embeddings: 128,
             tie_word_embeddings: tied,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
-            torch_dtype: None,
+            dtype: None,
+            sliding_window: None,
         }
     }
 

@@ -70,7 +70,7 @@ impl CpuLlama {
             head_dim: config.head_dim,
         };
         let cache = CpuKvStorage::new(layout, config.num_hidden_layers, opts.num_blocks);
-        let rope = RopeTable::new(&config.rope_inv_freq(), opts.max_model_len);
+        let rope = config.rope_table(opts.max_model_len);
         let isa = Isa::detect();
         let (total, streamed) = weights.sizes();
         tracing::info!(

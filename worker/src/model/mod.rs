@@ -7,19 +7,22 @@ pub mod cpu_weights;
 pub mod dummy;
 pub mod generation_config;
 pub mod gguf;
+mod hf_config;
 pub mod hub;
 pub mod llama_cpu;
 #[cfg(feature = "cuda")]
 pub mod llama_cuda;
 pub mod location;
+pub mod rope;
 pub mod safetensors;
 pub mod source;
 
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::{LlamaConfig, SlidingWindow};
 pub use dummy::DummySource;
 pub use generation_config::GenerationConfig;
 pub use hub::{HubFileSet, HubModelId, HubSettings};
 pub use location::{LoadFormat, ModelLocation, resolve_model};
+pub use rope::{Rope, RopeFrequencies, RopeScaling};
 pub use safetensors::SafetensorsSource;
 pub use source::{RawTensor, TensorBytes, TensorDType, TensorSource};
 

@@ -55,7 +55,9 @@ pub fn silu_mul(isa: Isa, gu: &[f32], width: usize, out: &mut [f32]) {
     }
 }
 
-/// Rotary position tables: for each position, `cos` and `sin` of `position * inv_freq[i]`.
+/// Rotary position tables: for each position, `attention_factor * cos` and `attention_factor *
+/// sin` of `position * inv_freq[i]` (the factor is 1 except for yarn and longrope scaling, which
+/// scale both queries and keys by it, as transformers does).
 pub struct RopeTable {
     half: usize,
     cos: Vec<f32>,
@@ -63,16 +65,22 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
-    /// Tables for positions `0..max_positions`.
+    /// Tables for positions `0..max_positions`, attention factor 1.
     pub fn new(inv_freq: &[f32], max_positions: usize) -> RopeTable {
+        RopeTable::scaled(inv_freq, 1.0, max_positions)
+    }
+
+    /// Tables for positions `0..max_positions` with cos and sin multiplied by `attention_factor`.
+    pub fn scaled(inv_freq: &[f32], attention_factor: f32, max_positions: usize) -> RopeTable {
         let half = inv_freq.len();
+        let factor = attention_factor as f64;
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
             for &f in inv_freq {
                 let angle = p as f64 * f as f64;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                cos.push((angle.cos() * factor) as f32);
+                sin.push((angle.sin() * factor) as f32);
             }
         }
         RopeTable { half, cos, sin }
@@ -87,7 +95,8 @@ impl RopeTable {
         self.half
     }
 
-    /// `cos(position * inv_freq[i])`, `[max_positions, half]` row-major (the GPU path uploads it).
+    /// `attention_factor * cos(position * inv_freq[i])`, `[max_positions, half]` row-major (the GPU
+    /// path uploads it).
     pub fn cos(&self) -> &[f32] {
         &self.cos
     }

@@ -35,7 +35,6 @@ use super::Model;
 use super::batch::ForwardBatch;
 use super::config::LlamaConfig;
 use crate::kernels::cpu::attention::CacheLayout;
-use crate::kernels::cpu::ops::RopeTable;
 use crate::kernels::cuda::attention::AttentionPlan;
 use crate::kernels::cuda::ops::RopeTables;
 use crate::kernels::cuda::pack::HostPack;
@@ -100,7 +99,7 @@ impl CudaLlama {
 
         let phase = Instant::now();
         let weights = CudaWeights::load(&config, origin, opts.dtype, &device)?;
-        let rope = RopeTables::new(&RopeTable::new(&config.rope_inv_freq(), opts.max_model_len), &device)?;
+        let rope = RopeTables::new(&config.rope_table(opts.max_model_len), &device)?;
         synchronize(&device)?;
         let weights_s = phase.elapsed().as_secs_f32();
 
