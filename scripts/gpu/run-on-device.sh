@@ -221,7 +221,8 @@ if [[ " $steps " == *" attention "* ]]; then
         echo "== $name ($env): exit $?"; tail -4 "$out/$name.txt"
         sed 's/\x1b\[[0-9;]*m//g' "$out/$name.ansi.log" > "$out/$name.log" && rm "$out/$name.ansi.log"
     }
-    for kind in mma simt; do
+    # ATTENTION_KINDS=mma skips the CUDA-core runs.
+    for kind in ${ATTENTION_KINDS:-mma simt}; do
         e="LUMEN_CUDA_ATTENTION=$kind LUMEN_CUDA_OP_TIMING=1"
         attn "attn-c32-$kind" "$e" --input-len 512 --output-len 256 --num-prompts 64 --concurrency 32
         attn "attn-c256-$kind" "$e" --input-len 512 --output-len 256 --num-prompts 512 --concurrency 256 \
@@ -255,7 +256,8 @@ names = [f"attn-{case}-{kind}" for case in ["c32", "c256", "prefill", "prefill2k
 for name in names + ["attn-c8-mma", "attn-c8-split4", "attn-c32-split4", "attn-prefill2k-ops"]:
     r = load(name)
     if r is None:
-        print(f"{name:44s} failed"); continue
+        ran = os.path.exists(os.path.join(out, name + ".txt"))
+        print(f"{name:44s} {'failed' if ran else 'not run'}"); continue
     if name == "attn-prefill2k-ops":
         print(f"{name:44s} {step(name, 'prefill')}")
     elif "prefill" in name:
