@@ -22,7 +22,8 @@
 # `hf-parity` (scripts/gpu/hf_parity.py) needs only the `lumen` binary and the tokenizer of
 # gpu-pack (python3 with torch and transformers is on the machine): transformers builds a
 # Llama-3.1-8B-shaped model with random BF16 weights on the GPU, saves it (save_pretrained,
-# safetensors: `rope_parameters`), records greedy tokens and top-5 log-probabilities for prompts
+# safetensors: `rope_parameters`), records greedy tokens and top-5 log-probabilities (computed in
+# f32 on the saved BF16 weights; its own BF16 run is reported as the noise floor) for prompts
 # of 64, 300 and 2000 tokens; the page cache is dropped; `lumen serve` loads the directory (time
 # from process start to ready, printed under the copy bandwidth) and must give the same tokens
 # where transformers' top-1/top-2 margin exceeds 0.5 nats, >= 4 of the top 5, log-probabilities
