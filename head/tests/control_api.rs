@@ -224,15 +224,16 @@ async fn an_invalid_config_is_refused_naming_the_field_and_changes_nothing() {
         (config(&[app("a", "m", 1, json!({"reasoning_parser": "nope"}), json!({}))]), "reasoning parser"),
         (config(&[app("a", "m", 1, json!({}), json!({})), app("a", "n", 1, json!({}), json!({}))]), "unique"),
         (json!({"applications": 7}), "applications"),
-        // Valid on its own, refused by the cluster (both deployments are named `a-b-c`): the
-        // persisted file must be rolled back too.
+        // Both deployments would be `a-b-c` in the cluster: refused before anything changes.
         (
             json!({"applications": [
-                {"name": "a-b", "deployments": [{"name": "c", "model": {"source": "x.gguf"}}]},
-                {"name": "a", "deployments": [{"name": "b-c", "model": {"source": "y.gguf"}}]},
+                {"name": "a-b", "route_prefix": "/ab", "deployments": [{"name": "c", "model": {"source": "x.gguf"}}]},
+                {"name": "a", "route_prefix": "/a", "deployments": [{"name": "b-c", "model": {"source": "y.gguf"}}]},
             ]}),
             "a-b-c",
         ),
+        // A list is not a config (it used to be read as one with no applications).
+        (json!([]), "must be an object"),
     ];
     for (bad, field) in cases {
         let (status, body) = stack.put(&bad).await;

@@ -52,7 +52,8 @@ fn summary(document: &ServeDocument, base: &str) -> String {
     }
     out.push('\n');
     for app in apps {
-        out.push_str(&format!("  {} (route_prefix {})\n", app.name, app.route_prefix));
+        let prefix = app.route_prefix.as_deref().unwrap_or("none");
+        out.push_str(&format!("  {} (route_prefix {prefix})\n", app.name));
         for plan in document.plans().iter().filter(|p| p.deployment.application == app.name) {
             let d = &plan.deployment;
             let replicas = match &d.autoscaling {

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -17,6 +18,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use super::error::ControlError;
 use crate::observe::{History, RequestLog};
 
 /// Records `GET /api/requests` answers without a `limit`.
@@ -46,10 +48,24 @@ fn number(query: &HashMap<String, String>, name: &str) -> Result<Option<u64>, St
 }
 
 fn bad_request(message: String) -> Response {
-    (StatusCode::BAD_REQUEST, Json(json!({"error": message}))).into_response()
+    ControlError::new(StatusCode::BAD_REQUEST, message).into_response()
 }
 
-async fn requests(State(state): State<ObserveState>, Query(query): Query<HashMap<String, String>>) -> Response {
+/// The query's parameters, or the 400 that says why there are none.
+fn parameters(
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<HashMap<String, String>, Response> {
+    query.map(|Query(q)| q).map_err(|e| bad_request(format!("the query string is malformed: {}", e.body_text())))
+}
+
+async fn requests(
+    State(state): State<ObserveState>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Response {
+    let query = match parameters(query) {
+        Ok(query) => query,
+        Err(response) => return response,
+    };
     let limit = match number(&query, "limit") {
         Ok(limit) => limit.map_or(DEFAULT_LIMIT, |l| usize::try_from(l).unwrap_or(MAX_LIMIT)).min(MAX_LIMIT),
         Err(message) => return bad_request(message),
@@ -61,7 +77,14 @@ async fn requests(State(state): State<ObserveState>, Query(query): Query<HashMap
     .into_response()
 }
 
-async fn timeseries(State(state): State<ObserveState>, Query(query): Query<HashMap<String, String>>) -> Response {
+async fn timeseries(
+    State(state): State<ObserveState>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Response {
+    let query = match parameters(query) {
+        Ok(query) => query,
+        Err(response) => return response,
+    };
     let since = match number(&query, "seconds") {
         Ok(Some(seconds)) => crate::clock::unix_ms().saturating_sub(seconds.saturating_mul(1000)),
         Ok(None) => 0,
