@@ -47,6 +47,7 @@ pub async fn handle(State(state): State<ApiState>, trace: Trace, JsonObject(body
 async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
     let common: CommonParams = typed(&body)?;
     let fields: CompletionFields = typed(&body)?;
+    super::fields::check_completions(&body)?;
     let card = state.resolve_model(common.model.as_deref())?;
     let prompt = fields.prompt.as_ref().ok_or_else(|| ApiError::param("prompt", "prompt is required"))?;
     let prompts = parse_prompts(prompt, fields.add_special_tokens.unwrap_or(true))?;

@@ -17,6 +17,7 @@ pub mod chat;
 pub mod completions;
 pub mod dispatch;
 pub mod errors;
+pub mod fields;
 pub mod logprobs;
 pub mod metrics;
 pub mod misc;
@@ -180,7 +181,8 @@ fn finish(routes: Router<ApiState>, state: ApiState) -> Router {
 }
 
 /// Only the OpenAI `/v1` routes (`/v1/models`, `/v1/chat/completions`, `/v1/completions`), with
-/// the same authentication, limits and state as [`router`]; the control server mounts them.
+/// the same authentication, limits and state as [`router`]; the control server mounts them (and
+/// answers its own 404 and 405).
 pub fn v1_router(state: ApiState) -> Router {
     finish(v1_routes(&state), state)
 }
@@ -194,7 +196,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(misc::metrics))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
-        .fallback(misc::not_found);
+        .fallback(misc::not_found)
+        .method_not_allowed_fallback(misc::method_not_allowed);
     finish(routes, state)
 }
 
