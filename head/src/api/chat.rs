@@ -21,8 +21,8 @@ use super::metrics::labelled;
 use super::params::{CommonParams, RouteDefaults, int_in, logprob_count};
 use super::reasoning::{ReasoningParserKind, ReasoningSplitter, Split};
 use super::stream::{self, ChunkWriter};
+use super::trace::Trace;
 use super::{ApiState, logprobs, request_id, sse};
-use crate::observe::Trace;
 
 /// The fields only chat accepts.
 #[derive(Debug, Default, Deserialize)]

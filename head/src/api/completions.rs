@@ -20,8 +20,8 @@ use super::errors::ApiError;
 use super::metrics::labelled;
 use super::params::{CommonParams, RouteDefaults, logprob_count, token_ids};
 use super::stream::{self, ChunkWriter};
+use super::trace::Trace;
 use super::{ApiState, logprobs, request_id, sse};
-use crate::observe::Trace;
 
 /// vLLM's default `max_tokens` for completions (chat's default is the context length).
 pub const DEFAULT_MAX_TOKENS: u32 = 16;

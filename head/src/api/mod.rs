@@ -5,7 +5,7 @@
 //! ([`params`]) -> admission (per model, [`admission`]) -> [`dispatch`] (backend streams) ->
 //! OpenAI JSON or SSE ([`sse`]); errors become HTTP only in [`errors::ApiError`]'s
 //! `IntoResponse`. Metrics are recorded by one middleware ([`metrics`]); every chat and completion
-//! request is recorded in the request log by another ([`crate::observe::trace`]).
+//! request is recorded in the request log by another ([`trace`]).
 //!
 //! The `/v1` routes ([`v1_router`]) are also mounted on the control server (port 8265), with the
 //! same state, so the dashboard's playground works through one port.
@@ -25,6 +25,7 @@ pub mod params;
 pub mod reasoning;
 pub mod sse;
 pub mod stream;
+pub mod trace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -169,7 +170,7 @@ fn v1_routes(state: &ApiState) -> Router<ApiState> {
         .route("/v1/completions", post(completions::handle))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
         // Outside the key check, so refused requests are recorded too.
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::observe::trace::record))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), trace::record))
 }
 
 /// Body limit and metrics around `routes`, then the state.
