@@ -19,7 +19,7 @@ use crate::api::reasoning::ReasoningParserKind;
 pub enum Kind {
     /// A non-empty string.
     Text,
-    /// A string, or null.
+    /// A non-empty string, or null (the worker's default).
     TextOrNull,
     /// A whole number, at least 1.
     Count,
@@ -45,7 +45,7 @@ pub enum Kind {
 pub const OPTIONS: &[(&str, Kind)] = &[
     ("source", Kind::Text),
     ("model", Kind::Text),
-    ("served_model_name", Kind::Text),
+    ("served_model_name", Kind::TextOrNull),
     ("load_format", Kind::OneOf(&["auto", "safetensors", "gguf", "dummy"])),
     ("max_model_len", Kind::CountOrNull),
     ("max_num_seqs", Kind::Count),
@@ -92,7 +92,7 @@ pub fn check(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> 
 pub fn check_value(kind: Kind, value: &Value) -> Result<(), String> {
     let got = || self::kind(value);
     match (kind, value) {
-        (Kind::Text, Value::String(s)) if s.trim().is_empty() => Err("must not be empty".into()),
+        (Kind::Text | Kind::TextOrNull, Value::String(s)) if s.trim().is_empty() => Err("must not be empty".into()),
         (Kind::Text | Kind::TextOrNull, Value::String(_)) | (Kind::TextOrNull, Value::Null) => Ok(()),
         (Kind::Text, _) => Err(format!("must be a string, got {}", got())),
         (Kind::TextOrNull, _) => Err(format!("must be a string or null, got {}", got())),

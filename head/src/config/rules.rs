@@ -153,7 +153,11 @@ pub fn check(config: &ServeConfig) -> Result<(), ConfigError> {
             }
             deployment(&at, d)?;
             model::check(&format!("{at}.model"), &d.model)?;
-            let field = if d.served_model_name().is_some() { "served_model_name" } else { "source" };
+            let field = match (d.served_model_name(), d.model.contains_key("source")) {
+                (Some(_), _) => "served_model_name",
+                (None, true) => "source",
+                (None, false) => "model",
+            };
             if let Some(first) = served.insert(d.model_name(), at.clone()) {
                 return Err(ConfigError::at(
                     format!("{at}.model.{field}"),
