@@ -13,6 +13,7 @@
 
 mod cluster_common;
 mod control_support;
+mod fuzz_support;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -20,40 +21,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use control_support::*;
+use fuzz_support::runner;
 use lumen_head::config::ServeConfig;
 use lumen_head::state_store::StateStore;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::{Map, Value, json};
 
 /// The longest any answer may take.
 const BOUND: Duration = Duration::from_secs(2);
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
-}
-
-fn runner() -> TestRunner {
-    TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() })
-}
+/// Words the parser looks for, as strings and keys.
+const WORDS: &[&str] = &["auto", "/", "applications", "deployments", "model", "source", "name"];
 
 fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(Value::from),
-        (-3i64..300).prop_map(Value::from),
-        any::<f64>().prop_map(Value::from),
-        ".{0,12}".prop_map(Value::String),
-        Just(Value::String("auto".into())),
-        Just(Value::String("/".into())),
-    ];
-    leaf.prop_recursive(3, 24, 5, |inner| {
-        prop_oneof![
-            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            prop::collection::btree_map(".{0,6}", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
+    fuzz_support::json_value(WORDS)
 }
 
 /// Mostly a plausible value, sometimes anything.
