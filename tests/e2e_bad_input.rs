@@ -14,6 +14,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Instant;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -68,13 +69,19 @@ async fn refused_configs_change_nothing_while_a_stream_runs() {
     let stored = files(&state);
 
     // A long stream, in flight while every bad config arrives.
-    let body = json!({"model": "smol", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true,
+    let body = json!({"model": "smol", "prompt": "Once upon a time", "max_tokens": 600, "ignore_eos": true,
                       "stream": true, "stream_options": {"include_usage": true}, "user": "u-1"});
     let stream = http.post(format!("{api}/v1/completions")).bearer_auth(KEY).json(&body).send().await.expect("stream");
     assert_eq!(stream.status(), 200);
     let mut stream = stream.bytes_stream();
     let first = stream.next().await.expect("a first chunk").expect("bytes");
-    let mut text = String::from_utf8_lossy(&first).into_owned();
+    let reader = tokio::spawn(async move {
+        let mut text = String::from_utf8_lossy(&first).into_owned();
+        while let Some(chunk) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.expect("stream bytes")));
+        }
+        (text, Instant::now())
+    });
 
     let url = format!("{control}/api/serve/applications/");
     let fixture = fixture();
@@ -87,6 +94,7 @@ async fn refused_configs_change_nothing_while_a_stream_runs() {
         assert_eq!(error.get("field").and_then(Value::as_str).unwrap_or(""), case["field"], "{rule}: {error}");
         assert!(message.contains(case["says"].as_str().unwrap()), "{rule}: {message}");
     }
+    let refused_all = Instant::now();
     // `lumen deploy` checks a file with the same code before sending: the same message, although
     // nothing listens at the address it was given.
     for case in &fixture["cases"].as_array().unwrap()[..4] {
@@ -104,11 +112,10 @@ async fn refused_configs_change_nothing_while_a_stream_runs() {
     }
 
     // The stream ran on through all of it, and finishes whole.
-    while let Some(chunk) = stream.next().await {
-        text.push_str(&String::from_utf8_lossy(&chunk.expect("stream bytes")));
-    }
+    let (text, ended) = reader.await.expect("the stream reader");
+    assert!(ended > refused_all, "the stream was still running when the last config was refused");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
-    assert!(text.contains("\"completion_tokens\":400"), "all 400 tokens came: {text}");
+    assert!(text.contains("\"completion_tokens\":600"), "all 600 tokens came: {text}");
     let after = status(&http, &control).await;
     assert_eq!(serving(&after), serving(&before), "{after:#}");
     assert_eq!(files(&state), stored, "the state directory is untouched");
