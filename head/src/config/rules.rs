@@ -73,7 +73,7 @@ pub fn check_shape(raw: &Value) -> Result<(), ConfigError> {
             }
         }
         match app.get("deployments") {
-            None | Some(Value::Null) => continue,
+            None => continue,
             Some(list) => expect_list(list, &format!("{at}.deployments"), "a list of deployments")?,
         }
         for (j, deployment) in app["deployments"].as_array().into_iter().flatten().enumerate() {
@@ -90,6 +90,29 @@ pub fn check_shape(raw: &Value) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Where names that must be unique were first seen (the owner's path).
+#[derive(Default)]
+struct Seen {
+    applications: HashMap<String, String>,
+    route_prefixes: HashMap<String, String>,
+    deployment_ids: HashMap<String, String>,
+    served_names: HashMap<String, String>,
+}
+
+/// Records `key` for `owner`; refuses it at `field` when another owner had it first.
+fn unique(
+    seen: &mut HashMap<String, String>,
+    key: &str,
+    owner: &str,
+    field: String,
+    noun: &str,
+) -> Result<(), ConfigError> {
+    match seen.insert(key.to_string(), owner.to_string()) {
+        None => Ok(()),
+        Some(first) => Err(ConfigError::at(field, format!("`{key}` is also {first}'s {noun}"))),
+    }
+}
+
 /// Every rule over the typed config.
 pub fn check(config: &ServeConfig) -> Result<(), ConfigError> {
     if let Some(capacity) = config.target_capacity {
@@ -98,59 +121,21 @@ pub fn check(config: &ServeConfig) -> Result<(), ConfigError> {
     if let Some(location) = &config.proxy_location {
         one_of("proxy_location", location, &["EveryNode", "HeadOnly", "Disabled"])?;
     }
-    let mut names: HashMap<&str, usize> = HashMap::new();
-    let mut prefixes: HashMap<&str, usize> = HashMap::new();
-    let mut ids: HashMap<String, String> = HashMap::new();
-    let mut served: HashMap<&str, String> = HashMap::new();
+    let mut seen = Seen::default();
     for (i, app) in config.applications.iter().enumerate() {
         let at = format!("applications[{i}]");
-        if app.name.is_empty() {
-            return Err(ConfigError::at(format!("{at}.name"), "must not be empty"));
-        }
-        if let Some(first) = names.insert(&app.name, i) {
-            return Err(ConfigError::at(
-                format!("{at}.name"),
-                format!("`{}` is also the name of applications[{first}]: application names must be unique", app.name),
-            ));
-        }
-        if let Some(prefix) = &app.route_prefix {
-            route_prefix(&format!("{at}.route_prefix"), prefix)?;
-            if let Some(first) = prefixes.insert(prefix, i) {
-                return Err(ConfigError::at(
-                    format!("{at}.route_prefix"),
-                    format!(
-                        "`{prefix}` is also the route prefix of applications[{first}]: route prefixes must be unique"
-                    ),
-                ));
-            }
-        }
-        application(&at, app)?;
-        let mut deployment_names: HashMap<&str, usize> = HashMap::new();
+        application(&at, app, &mut seen)?;
+        let mut names = HashMap::new();
         for (j, d) in app.deployments.iter().enumerate() {
             let at = format!("{at}.deployments[{j}]");
             if d.name.is_empty() {
                 return Err(ConfigError::at(format!("{at}.name"), "must not be empty"));
             }
-            if let Some(first) = deployment_names.insert(&d.name, j) {
-                return Err(ConfigError::at(
-                    format!("{at}.name"),
-                    format!(
-                        "`{}` is also the name of applications[{i}].deployments[{first}]: deployment names must be \
-                         unique within an application",
-                        d.name
-                    ),
-                ));
-            }
+            let noun = "name: deployment names must be unique within an application";
+            unique(&mut names, &d.name, &at, format!("{at}.name"), noun)?;
             // The cluster knows a deployment as `application-deployment`.
-            if let Some(first) = ids.insert(format!("{}-{}", app.name, d.name), at.clone()) {
-                return Err(ConfigError::at(
-                    format!("{at}.name"),
-                    format!(
-                        "the deployment id `{}-{}` (application-deployment) is also {first}'s: rename one of them",
-                        app.name, d.name
-                    ),
-                ));
-            }
+            let noun = "deployment id (application-deployment): rename one of them";
+            unique(&mut seen.deployment_ids, &format!("{}-{}", app.name, d.name), &at, format!("{at}.name"), noun)?;
             deployment(&at, d)?;
             model::check(&format!("{at}.model"), &d.model)?;
             let field = match (d.served_model_name(), d.model.contains_key("source")) {
@@ -158,15 +143,8 @@ pub fn check(config: &ServeConfig) -> Result<(), ConfigError> {
                 (None, true) => "source",
                 (None, false) => "model",
             };
-            if let Some(first) = served.insert(d.model_name(), at.clone()) {
-                return Err(ConfigError::at(
-                    format!("{at}.model.{field}"),
-                    format!(
-                        "the served model name `{}` is also {first}'s: each model name routes to one deployment",
-                        d.model_name()
-                    ),
-                ));
-            }
+            let noun = "served model name: each model name routes to one deployment";
+            unique(&mut seen.served_names, d.model_name(), &at, format!("{at}.model.{field}"), noun)?;
         }
     }
     Ok(())
@@ -210,7 +188,19 @@ fn import_path(at: &str, path: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn application(at: &str, app: &ApplicationConfig) -> Result<(), ConfigError> {
+/// An application's own rules: a unique, non-empty name; a unique, well-formed route prefix;
+/// Ray's import path format; no autoscaling under an external scaler.
+fn application(at: &str, app: &ApplicationConfig, seen: &mut Seen) -> Result<(), ConfigError> {
+    if app.name.is_empty() {
+        return Err(ConfigError::at(format!("{at}.name"), "must not be empty"));
+    }
+    let noun = "name: application names must be unique";
+    unique(&mut seen.applications, &app.name, at, format!("{at}.name"), noun)?;
+    if let Some(prefix) = &app.route_prefix {
+        route_prefix(&format!("{at}.route_prefix"), prefix)?;
+        let noun = "route prefix: route prefixes must be unique";
+        unique(&mut seen.route_prefixes, prefix, at, format!("{at}.route_prefix"), noun)?;
+    }
     if let Some(path) = &app.import_path {
         import_path(&format!("{at}.import_path"), path)?;
     }
