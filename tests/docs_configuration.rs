@@ -3,7 +3,7 @@
 //!   `` | `--flag` | `ENV` | `default` | `` with exactly the environment variable and default the
 //!   binary prints (empty cells where it prints none);
 //! - every serve-config field (the `pub` fields of the serve config's structs in
-//!   `head/src/config.rs`, their serde aliases, and the engine options of
+//!   `head/src/config/mod.rs`, their serde aliases, and the engine options of
 //!   `worker/src/engine/options.rs` that a deployment's `model:` section carries) appears in the
 //!   document as `` `field` ``;
 //! - every route the head serves (`.route("PATH", ...)` in `head/src/api/mod.rs` and
@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const COMMANDS: &[&str] = &["head", "worker", "serve", "deploy", "status"];
-/// The structs of `head/src/config.rs` whose fields users write.
+/// The structs of `head/src/config/mod.rs` whose fields users write.
 const CONFIG_STRUCTS: &[&str] =
     &["ServeConfig", "ApplicationConfig", "DeploymentConfig", "ActorOptions", "Resources", "AutoscalingConfig"];
 
@@ -112,7 +112,7 @@ fn struct_fields(source: &str, name: &str) -> BTreeSet<String> {
 #[test]
 fn every_serve_config_field_is_documented() {
     let doc = doc();
-    let config = std::fs::read_to_string(root().join("head/src/config.rs")).expect("head/src/config.rs");
+    let config = std::fs::read_to_string(root().join("head/src/config/mod.rs")).expect("head/src/config/mod.rs");
     let engine = std::fs::read_to_string(root().join("worker/src/engine/options.rs")).expect("options.rs");
     let mut fields = BTreeSet::new();
     for name in CONFIG_STRUCTS {

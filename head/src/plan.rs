@@ -15,33 +15,30 @@ pub struct DeploymentPlan {
     pub api: ModelApiOptions,
 }
 
-/// Every deployment of every application in `config` (already validated).
+/// Every deployment of every application in `config`, which [`ServeConfig::from_value`] has
+/// checked (an error here names the deployment by its path all the same).
 pub fn plans_from_config(config: &ServeConfig) -> Result<Vec<DeploymentPlan>, ConfigError> {
     let mut plans = Vec::new();
-    for app in &config.applications {
-        for d in &app.deployments {
-            plans.push(
-                plan(&app.name, d)
-                    .map_err(|e| ConfigError(format!("applications.{}.deployments.{}: {}", app.name, d.name, e.0)))?,
-            );
+    for (i, app) in config.applications.iter().enumerate() {
+        for (j, d) in app.deployments.iter().enumerate() {
+            plans.push(plan(&format!("applications[{i}].deployments[{j}]"), &app.name, d)?);
         }
     }
     Ok(plans)
 }
 
+/// A duration the config gave (checked finite and bounded), else `default`.
 fn seconds(value: Option<f64>, default: Duration) -> Duration {
-    value.filter(|s| s.is_finite() && *s >= 0.0).map_or(default, Duration::from_secs_f64)
+    value.and_then(|s| Duration::try_from_secs_f64(s).ok()).unwrap_or(default)
 }
 
-fn plan(application: &str, d: &DeploymentConfig) -> Result<DeploymentPlan, ConfigError> {
-    let source = d.model_source().unwrap_or_default().to_string();
-    let model_name = d.served_model_name().map(str::to_string).unwrap_or(source);
+fn plan(at: &str, application: &str, d: &DeploymentConfig) -> Result<DeploymentPlan, ConfigError> {
     let defaults = Deployment::default();
     let deployment = Deployment {
         name: format!("{application}-{}", d.name),
         application: application.to_string(),
         deployment_name: d.name.clone(),
-        model_name,
+        model_name: d.model_name().to_string(),
         engine_options_json: d.engine_options_json(),
         num_replicas: d.initial_replicas(),
         autoscaling: d.autoscaling_config.clone(),
@@ -53,10 +50,13 @@ fn plan(application: &str, d: &DeploymentConfig) -> Result<DeploymentPlan, Confi
         health_check_period: seconds(d.health_check_period_s, defaults.health_check_period),
         health_check_timeout: seconds(d.health_check_timeout_s, defaults.health_check_timeout),
     };
-    let reasoning_parser = d.reasoning_parser().map(|p| p.parse().map_err(ConfigError)).transpose()?;
+    let reasoning_parser = d
+        .reasoning_parser()
+        .map(|p| p.parse().map_err(|e| ConfigError::at(format!("{at}.model.reasoning_parser"), e)))
+        .transpose()?;
     let admission = d.max_ongoing_requests.map(|n| AdmissionLimits {
         max_in_flight: n as usize,
-        max_queued: d.max_queued_requests.map_or(usize::MAX, |q| if q < 0 { usize::MAX } else { q as usize }),
+        max_queued: d.max_queued_requests.map_or(usize::MAX, |q| usize::try_from(q).unwrap_or(usize::MAX)),
     });
     Ok(DeploymentPlan { deployment, api: ModelApiOptions { reasoning_parser, admission } })
 }
@@ -101,11 +101,11 @@ applications:
 
     #[test]
     fn an_unknown_reasoning_parser_names_the_deployment() {
-        let config = ServeConfig::from_yaml(
+        let err = ServeConfig::from_yaml(
             "applications:\n  - name: a\n    deployments:\n      - name: d\n        model: {source: m.gguf, reasoning_parser: nope}\n",
         )
-        .unwrap();
-        let err = plans_from_config(&config).unwrap_err();
-        assert!(err.0.contains("applications.a.deployments.d") && err.0.contains("nope"), "{err}");
+        .unwrap_err();
+        assert_eq!(err.field, "applications[0].deployments[0].model.reasoning_parser");
+        assert!(err.message.contains("nope"), "{err}");
     }
 }

@@ -23,13 +23,13 @@ pub fn matches_any(secrets: &[String], presented: &str) -> bool {
     secrets.iter().fold(false, |found, secret| found | constant_time_eq(secret.as_bytes(), presented.as_bytes()))
 }
 
-/// The token of an `Authorization: Bearer <token>` header (trimmed), if there is one.
+/// The token of an `Authorization: Bearer <token>` header (trimmed), if there is one. The scheme
+/// is matched without regard to case (`bearer`, `BEARER`), as HTTP defines auth schemes and as
+/// vLLM accepts them.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim_start();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 #[cfg(test)]
@@ -55,12 +55,18 @@ mod tests {
     }
 
     #[test]
-    fn bearer_needs_the_scheme() {
+    fn bearer_needs_the_scheme_in_any_case() {
         let mut headers = HeaderMap::new();
         assert_eq!(bearer(&headers), None);
         headers.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
         assert_eq!(bearer(&headers), None);
         headers.insert(header::AUTHORIZATION, "Bearer abc ".parse().unwrap());
         assert_eq!(bearer(&headers), Some("abc"));
+        for scheme in ["bearer", "BEARER", "bEaReR"] {
+            headers.insert(header::AUTHORIZATION, format!("{scheme} abc").parse().unwrap());
+            assert_eq!(bearer(&headers), Some("abc"), "{scheme}");
+        }
+        headers.insert(header::AUTHORIZATION, "Bearerabc".parse().unwrap());
+        assert_eq!(bearer(&headers), None);
     }
 }

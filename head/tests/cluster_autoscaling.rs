@@ -22,6 +22,7 @@ fn autoscaled(min: u32, max: u32, target_ongoing: f64, upscale_delay_s: f64, dow
             target_ongoing_requests: target_ongoing,
             upscale_delay_s,
             downscale_delay_s,
+            ..AutoscalingConfig::default()
         }),
         graceful_shutdown_timeout: Duration::from_secs(10),
         ..deployment("llm", "m", min)

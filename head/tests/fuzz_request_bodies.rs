@@ -8,10 +8,12 @@
 //! `PROPTEST_CASES=20000 cargo test --release -p lumen-head --test fuzz_request_bodies`.
 
 mod api_support;
+mod fuzz_support;
 
 use api_support::*;
+use fuzz_support::{json_value, runner};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::{Map, Value};
 
 const ROUTES: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/tokenize"];
@@ -45,41 +47,12 @@ const FIELDS: [&str; 24] = [
     "add_generation_prompt",
 ];
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
-}
-
-fn runner() -> TestRunner {
-    TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() })
-}
-
-fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(Value::from),
-        (-3i64..300).prop_map(Value::from),
-        any::<f64>().prop_map(Value::from),
-        ".{0,12}".prop_map(Value::String),
-        Just(Value::String("m".into())),
-        Just(Value::String("user".into())),
-    ];
-    leaf.prop_recursive(4, 32, 6, |inner| {
-        prop_oneof![
-            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::btree_map(
-                prop_oneof![Just("role".to_string()), Just("content".to_string()), ".{0,6}"],
-                inner,
-                0..4
-            )
-            .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
-}
+/// Words the routes look for, as strings and keys.
+const WORDS: &[&str] = &["m", "user", "role", "content"];
 
 /// An object with some of the routes' fields set to arbitrary JSON.
 fn request_object() -> impl Strategy<Value = Value> {
-    prop::collection::vec((prop::sample::select(&FIELDS[..]), json_value()), 0..8).prop_map(|fields| {
+    prop::collection::vec((prop::sample::select(&FIELDS[..]), json_value(WORDS)), 0..8).prop_map(|fields| {
         let mut object: Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         // Usually a valid model and message list, so the other fields get validated.
         object.entry("model").or_insert_with(|| Value::String("m".into()));
@@ -135,7 +108,7 @@ fn arbitrary_bytes_get_an_openai_answer() {
 
 #[test]
 fn arbitrary_json_values_get_an_openai_answer() {
-    fuzz(json_value(), |value| value.to_string().into_bytes());
+    fuzz(json_value(WORDS), |value| value.to_string().into_bytes());
 }
 
 #[test]

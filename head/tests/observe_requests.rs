@@ -101,7 +101,14 @@ async fn refused_requests_are_recorded_with_their_status_and_message() {
     assert_eq!(status, 404);
     let (status, _) = server.post_json("/v1/completions", json!({"model": "m", "prompt": "x", "n": "two"})).await;
     assert_eq!(status, 400);
-    let response = server.client.post(server.at("/v1/completions")).body("{not json").send().await.unwrap();
+    let response = server
+        .client
+        .post(server.at("/v1/completions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 400);
     let big = json!({"model": "m", "prompt": "x".repeat(8192)});
     assert_eq!(server.post("/v1/completions", big).await.status(), 413);

@@ -52,7 +52,8 @@ fn summary(document: &ServeDocument, base: &str) -> String {
     }
     out.push('\n');
     for app in apps {
-        out.push_str(&format!("  {} (route_prefix {})\n", app.name, app.route_prefix));
+        let prefix = app.route_prefix.as_deref().unwrap_or("none");
+        out.push_str(&format!("  {} (route_prefix {prefix})\n", app.name));
         for plan in document.plans().iter().filter(|p| p.deployment.application == app.name) {
             let d = &plan.deployment;
             let replicas = match &d.autoscaling {
@@ -64,4 +65,34 @@ fn summary(document: &ServeDocument, base: &str) -> String {
     }
     out.push_str("Run `lumen status` to follow the rollout.\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use lumen_head::config::model::{OPTIONS, check_value, is_device};
+    use lumen_worker::engine::EngineOptions;
+    use lumen_worker::engine::options::ComputeDevice;
+
+    /// The head checks a deployment's `model:` section before any worker sees it, with its own
+    /// table of the options: it must list exactly the options the worker reads (plus `source`,
+    /// the config's spelling of `model`, and the head's `reasoning_parser`), accept the worker's
+    /// defaults, and agree with the worker on which devices exist.
+    #[test]
+    fn the_head_checks_exactly_the_engine_options_the_worker_reads() {
+        let defaults = serde_json::to_value(EngineOptions::default()).expect("options serialize");
+        let worker: BTreeSet<&str> = defaults.as_object().expect("an object").keys().map(String::as_str).collect();
+        let head: BTreeSet<&str> =
+            OPTIONS.iter().map(|(name, _)| *name).filter(|n| !["source", "reasoning_parser"].contains(n)).collect();
+        assert_eq!(head, worker, "head/src/config/model.rs OPTIONS vs worker/src/engine/options.rs");
+        for (name, kind) in OPTIONS {
+            if let Some(value) = defaults.get(*name) {
+                assert_eq!(check_value(*kind, value), Ok(()), "the worker's default {name} = {value}");
+            }
+        }
+        for device in ["cpu", "cuda", "cuda:0", "cuda:7", "gpu", "cuda:", "cuda:x", "CUDA", "cuda:-1", " cpu"] {
+            assert_eq!(is_device(device), device.parse::<ComputeDevice>().is_ok(), "{device:?}");
+        }
+    }
 }

@@ -1,5 +1,7 @@
-//! Request bodies: JSON parsing that answers OpenAI's 400 (never axum's 422 or plain text) and
-//! 413 beyond the body limit, and typed views of a body whose errors name the parameter.
+//! Request bodies: JSON parsing that answers OpenAI's 400 (never axum's 422 or plain text), 413
+//! beyond the body limit and 415 for a body not declared `application/json` (vLLM's rule: a JSON
+//! body sent as `text/plain` or a form is refused, not guessed at), and typed views of a body
+//! whose errors name the parameter.
 //!
 //! A body is parsed once into a JSON object; each handler then deserializes the typed views it
 //! needs from that object (the common sampling fields, the route's own fields). Unknown fields
@@ -8,6 +10,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, header};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
@@ -22,6 +25,7 @@ impl FromRequest<ApiState> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &ApiState) -> Result<Self, ApiError> {
+        check_content_type(req.headers())?;
         let limit = state.config.max_body_bytes;
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| match rejection {
             BytesRejection::FailedToBufferBody(inner)
@@ -32,6 +36,18 @@ impl FromRequest<ApiState> for JsonObject {
             other => ApiError::InvalidJson { message: format!("could not read the request body: {other}") },
         })?;
         parse_object(&bytes).map(JsonObject)
+    }
+}
+
+/// Refuses a body whose `Content-Type` is not `application/json` (parameters such as `charset`
+/// allowed, any case), a missing one included.
+pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let declared = headers.get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let media_type = declared.as_deref().unwrap_or_default().split(';').next().unwrap_or_default().trim();
+    if media_type.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType { content_type: declared.unwrap_or_default() })
     }
 }
 
@@ -91,6 +107,23 @@ mod tests {
         let body = parse_object(br#"{"temperature": null, "n": 2, "frobnicate": [1]}"#).unwrap();
         let view: View = typed(&body).unwrap();
         assert_eq!((view.temperature, view.n), (None, Some(2)));
+    }
+
+    #[test]
+    fn only_json_bodies_are_read() {
+        let with = |value: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(v) = value {
+                headers.insert(header::CONTENT_TYPE, v.parse().unwrap());
+            }
+            check_content_type(&headers)
+        };
+        for good in ["application/json", "application/json; charset=utf-8", "Application/JSON"] {
+            assert!(with(Some(good)).is_ok(), "{good}");
+        }
+        for bad in [None, Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("application/jsonl")] {
+            assert!(matches!(with(bad), Err(ApiError::UnsupportedMediaType { .. })), "{bad:?}");
+        }
     }
 
     #[test]

@@ -21,8 +21,8 @@ use super::metrics::labelled;
 use super::params::{CommonParams, RouteDefaults, int_in, logprob_count};
 use super::reasoning::{ReasoningParserKind, ReasoningSplitter, Split};
 use super::stream::{self, ChunkWriter};
+use super::trace::Trace;
 use super::{ApiState, logprobs, request_id, sse};
-use crate::observe::Trace;
 
 /// The fields only chat accepts.
 #[derive(Debug, Default, Deserialize)]
@@ -45,6 +45,7 @@ pub async fn handle(State(state): State<ApiState>, trace: Trace, JsonObject(body
 async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
     let mut common: CommonParams = typed(&body)?;
     let fields: ChatFields = typed(&body)?;
+    super::fields::check_chat(&body)?;
     let card = state.resolve_model(common.model.as_deref())?;
     let messages = fields.messages.as_ref().ok_or_else(|| ApiError::param("messages", "messages is required"))?;
     let prompt =
@@ -122,6 +123,12 @@ fn normalize_message(i: usize, message: &Map<String, Value>) -> Result<Value, Ap
         }
         Some(_) => return Err(ApiError::param(format!("messages[{i}].role"), "role must be a string")),
         None => return Err(ApiError::param(format!("messages[{i}].role"), "every message needs a role")),
+    }
+    match message.get("name") {
+        None | Some(Value::Null | Value::String(_)) => {}
+        Some(other) => {
+            return Err(ApiError::param(format!("messages[{i}].name"), format!("name must be a string, got {other}")));
+        }
     }
     let mut out = message.clone();
     let content = match message.get("content") {
@@ -302,6 +309,15 @@ mod tests {
         assert!(
             matches!(chat_prompt(&m, true, None), Err(ApiError::InvalidParam { param, .. }) if param == "messages[0].role")
         );
+    }
+
+    #[test]
+    fn a_name_must_be_a_string() {
+        let m = messages(r#"[{"role":"user","content":"hi","name":7}]"#);
+        assert!(
+            matches!(chat_prompt(&m, true, None), Err(ApiError::InvalidParam { param, .. }) if param == "messages[0].name")
+        );
+        assert!(chat_prompt(&messages(r#"[{"role":"user","content":"hi","name":"ann"}]"#), true, None).is_ok());
     }
 
     #[test]

@@ -21,8 +21,8 @@ use super::errors::ApiError;
 use super::metrics::labelled;
 use super::params::{CommonParams, RouteDefaults, logprob_count, token_ids};
 use super::stream::{self, ChunkWriter};
+use super::trace::Trace;
 use super::{ApiState, logprobs, request_id, sse};
-use crate::observe::Trace;
 
 /// vLLM's default `max_tokens` for completions (chat's default is the context length).
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
@@ -49,6 +49,7 @@ pub async fn handle(State(state): State<ApiState>, trace: Trace, JsonObject(body
 async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
     let common: CommonParams = typed(&body)?;
     let fields: CompletionFields = typed(&body)?;
+    super::fields::check_completions(&body)?;
     let card = state.resolve_model(common.model.as_deref())?;
     let prompt = fields.prompt.as_ref().ok_or_else(|| ApiError::param("prompt", "prompt is required"))?;
     let prompts = parse_prompts(prompt, fields.add_special_tokens.unwrap_or(true))?;

@@ -14,8 +14,8 @@ use lumen_proto::v1 as pb;
 
 use super::admission::Permit;
 use super::errors::ApiError;
+use super::trace::Trace;
 use crate::backend::{self, Backend, BackendError};
-use crate::observe::Trace;
 
 type Tagged = Pin<Box<dyn Stream<Item = (usize, Result<pb::GenerateEvent, BackendError>)> + Send>>;
 

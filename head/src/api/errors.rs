@@ -30,6 +30,12 @@ pub enum ApiError {
     /// 404: no route matches the path.
     #[error("no route for {method} {path}")]
     RouteNotFound { method: String, path: String },
+    /// 405: the route exists, the method is not one of its methods.
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    /// 415: a JSON route was sent a body that is not declared `application/json`.
+    #[error("unsupported media type {content_type:?}: only 'application/json' is allowed")]
+    UnsupportedMediaType { content_type: String },
     /// 413: the body exceeds the configured limit.
     #[error("the request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
@@ -55,6 +61,8 @@ impl ApiError {
             ApiError::InvalidJson { .. } | ApiError::InvalidParam { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -64,9 +72,11 @@ impl ApiError {
 
     fn kind(&self) -> &'static str {
         match self {
-            ApiError::InvalidJson { .. } | ApiError::InvalidParam { .. } | ApiError::BodyTooLarge { .. } => {
-                "invalid_request_error"
-            }
+            ApiError::InvalidJson { .. }
+            | ApiError::InvalidParam { .. }
+            | ApiError::BodyTooLarge { .. }
+            | ApiError::MethodNotAllowed { .. }
+            | ApiError::UnsupportedMediaType { .. } => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => "not_found_error",
             ApiError::Overloaded(_) => "rate_limit_error",
@@ -155,6 +165,26 @@ mod tests {
         let e = ApiError::from(BackendError::InvalidRequest { message: "m".into(), param: Some("n".into()) });
         assert_eq!(e.body()["error"]["param"], "n");
         assert_eq!(e.body()["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn unknown_routes_wrong_methods_and_media_types_have_openais_body() {
+        let cases = [
+            (ApiError::RouteNotFound { method: "GET".into(), path: "/nope".into() }, 404, "not_found_error"),
+            (
+                ApiError::MethodNotAllowed { method: "GET".into(), path: "/v1/completions".into() },
+                405,
+                "invalid_request_error",
+            ),
+            (ApiError::UnsupportedMediaType { content_type: "text/plain".into() }, 415, "invalid_request_error"),
+        ];
+        for (error, status, kind) in cases {
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
+            let body = error.body();
+            assert_eq!(body["error"]["type"], kind);
+            assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert!(body["error"].get("param").is_some() && body["error"].get("code").is_some());
+        }
     }
 
     #[test]

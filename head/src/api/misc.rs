@@ -70,6 +70,11 @@ pub async fn not_found(request: Request) -> ApiError {
     ApiError::RouteNotFound { method: request.method().to_string(), path: request.uri().path().to_string() }
 }
 
+/// Known routes asked with another method answer OpenAI's 405 body (axum adds `Allow`).
+pub async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::MethodNotAllowed { method: request.method().to_string(), path: request.uri().path().to_string() }
+}
+
 #[derive(Deserialize)]
 struct TokenizeFields {
     model: Option<String>,
@@ -83,7 +88,9 @@ struct TokenizeFields {
 
 /// `POST /tokenize`: `prompt` (text) or `messages` (chat template applied) -> token ids.
 pub async fn tokenize(State(state): State<ApiState>, JsonObject(body): JsonObject) -> Response {
-    let fields: TokenizeFields = match typed(&body) {
+    let checked =
+        typed::<TokenizeFields>(&body).and_then(|f| super::fields::check(&body, super::fields::TOKENIZE).map(|()| f));
+    let fields = match checked {
         Ok(f) => f,
         Err(e) => return labelled("", Err(e)),
     };

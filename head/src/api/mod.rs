@@ -5,7 +5,7 @@
 //! ([`params`]) -> admission (per model, [`admission`]) -> [`dispatch`] (backend streams) ->
 //! OpenAI JSON or SSE ([`sse`]); errors become HTTP only in [`errors::ApiError`]'s
 //! `IntoResponse`. Metrics are recorded by one middleware ([`metrics`]); every chat and completion
-//! request is recorded in the request log by another ([`crate::observe::trace`]).
+//! request is recorded in the request log by another ([`trace`]).
 //!
 //! The `/v1` routes ([`v1_router`]) are also mounted on the control server (port 8265), with the
 //! same state, so the dashboard's playground works through one port.
@@ -17,6 +17,7 @@ pub mod chat;
 pub mod completions;
 pub mod dispatch;
 pub mod errors;
+pub mod fields;
 pub mod logprobs;
 pub mod metrics;
 pub mod misc;
@@ -24,6 +25,7 @@ pub mod params;
 pub mod reasoning;
 pub mod sse;
 pub mod stream;
+pub mod trace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -168,7 +170,7 @@ fn v1_routes(state: &ApiState) -> Router<ApiState> {
         .route("/v1/completions", post(completions::handle))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
         // Outside the key check, so refused requests are recorded too.
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::observe::trace::record))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), trace::record))
 }
 
 /// Body limit and metrics around `routes`, then the state.
@@ -180,7 +182,8 @@ fn finish(routes: Router<ApiState>, state: ApiState) -> Router {
 }
 
 /// Only the OpenAI `/v1` routes (`/v1/models`, `/v1/chat/completions`, `/v1/completions`), with
-/// the same authentication, limits and state as [`router`]; the control server mounts them.
+/// the same authentication, limits and state as [`router`]; the control server mounts them (and
+/// answers its own 404 and 405).
 pub fn v1_router(state: ApiState) -> Router {
     finish(v1_routes(&state), state)
 }
@@ -194,7 +197,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(misc::metrics))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
-        .fallback(misc::not_found);
+        .fallback(misc::not_found)
+        .method_not_allowed_fallback(misc::method_not_allowed);
     finish(routes, state)
 }
 

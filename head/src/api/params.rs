@@ -18,6 +18,8 @@ use super::errors::ApiError;
 pub const MAX_LOGPROBS: i64 = 20;
 /// A sanity bound on `n`; replicas enforce their own, possibly lower, limit.
 pub const MAX_N: i64 = 128;
+/// The highest `temperature` (OpenAI's range is [0, 2]).
+pub const MAX_TEMPERATURE: f64 = 2.0;
 /// The most stop strings, and the most stop token ids, one request may carry (each is checked
 /// against every generated token, so the list is bounded like any other per-token cost).
 pub const MAX_STOP: usize = 64;
@@ -52,6 +54,15 @@ pub struct CommonParams {
 #[derive(Debug, Default, Deserialize)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
+    /// vLLM's usage in every chunk; Lumen reports usage once, at the end.
+    pub continuous_usage_stats: Option<bool>,
+}
+
+impl StreamOptions {
+    /// Whether any option is set (vLLM refuses set options without `stream`).
+    fn any_set(&self) -> bool {
+        self.include_usage.is_some() || self.continuous_usage_stats.is_some()
+    }
 }
 
 /// What differs between the routes: how many tokens by default and how many log-probabilities.
@@ -92,7 +103,7 @@ impl CommonParams {
             ));
         }
         let sampling = pb::SamplingParams {
-            temperature: float_at_least("temperature", self.temperature, 1.0, 0.0)?,
+            temperature: float_in("temperature", self.temperature.unwrap_or(1.0), 0.0, MAX_TEMPERATURE)?,
             top_p: float_in("top_p", self.top_p.unwrap_or(1.0), f64::MIN_POSITIVE, 1.0)?,
             top_k: top_k(self.top_k)?,
             min_p: float_in("min_p", self.min_p.unwrap_or(0.0), 0.0, 1.0)?,
@@ -112,8 +123,16 @@ impl CommonParams {
             include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
         };
         let stream = self.stream.unwrap_or(false);
-        if self.stream_options.is_some() && !stream {
-            return Err(ApiError::param("stream_options", "stream_options can only be set when stream is true"));
+        if let Some(options) = &self.stream_options {
+            if options.any_set() && !stream {
+                return Err(ApiError::param("stream_options", "stream_options can only be set when stream is true"));
+            }
+            if options.continuous_usage_stats == Some(true) {
+                return Err(ApiError::param(
+                    "stream_options.continuous_usage_stats",
+                    "continuous_usage_stats true is not supported by Lumen (usage comes once, at the end)",
+                ));
+            }
         }
         Ok(Generation {
             sampling,
@@ -126,14 +145,14 @@ impl CommonParams {
     }
 }
 
-/// Checks an integer's range; the error names `param`.
+/// Checks an integer's range; the error names `param` and the bound the value as given misses.
 pub fn int_in(param: &str, v: i64, min: i64, max: i64) -> Result<i64, ApiError> {
-    if (min..=max).contains(&v) {
-        Ok(v)
-    } else if max == i64::MAX || max == u32::MAX as i64 {
+    if v < min {
         Err(ApiError::param(param, format!("{param} must be at least {min}, got {v}")))
+    } else if v > max {
+        Err(ApiError::param(param, format!("{param} must be at most {max}, got {v}")))
     } else {
-        Err(ApiError::param(param, format!("{param} must be between {min} and {max}, got {v}")))
+        Ok(v)
     }
 }
 
@@ -199,20 +218,12 @@ fn float_in(param: &str, v: f64, min: f64, max: f64) -> Result<f32, ApiError> {
     }
 }
 
-fn float_at_least(param: &str, v: Option<f64>, default: f64, min: f64) -> Result<f32, ApiError> {
-    let v = v.unwrap_or(default);
-    if v.is_finite() && v >= min {
-        Ok(v as f32)
-    } else {
-        Err(ApiError::param(param, format!("{param} must be at least {min}, got {v}")))
-    }
-}
-
 fn top_k(v: Option<i64>) -> Result<u32, ApiError> {
     match v {
         // vLLM: -1 (and 0) disable top-k.
         None | Some(-1) | Some(0) => Ok(0),
-        Some(k) if k >= 1 => u32::try_from(k).map_err(|_| ApiError::param("top_k", format!("top_k {k} is too large"))),
+        Some(k) if k >= 1 => u32::try_from(k)
+            .map_err(|_| ApiError::param("top_k", format!("top_k must be at most {}, got {k}", u32::MAX))),
         Some(k) => Err(ApiError::param("top_k", format!("top_k must be -1 (disabled) or at least 1, got {k}"))),
     }
 }
@@ -227,10 +238,10 @@ fn repetition_penalty(v: Option<f64>) -> Result<f32, ApiError> {
 }
 
 fn seed(v: &Number) -> Result<u64, ApiError> {
-    // vLLM accepts any 64-bit integer; negative seeds keep their bit pattern.
-    v.as_u64()
-        .or_else(|| v.as_i64().map(|s| s as u64))
-        .ok_or_else(|| ApiError::param("seed", format!("seed must be a 64-bit integer, got {v}")))
+    // vLLM accepts any signed 64-bit integer; negative seeds keep their bit pattern.
+    v.as_i64().map(|s| s as u64).ok_or_else(|| {
+        ApiError::param("seed", format!("seed must be an integer from {} to {}, got {v}", i64::MIN, i64::MAX))
+    })
 }
 
 fn logit_bias(map: Option<&HashMap<String, f64>>) -> Result<Vec<pb::LogitBias>, ApiError> {
@@ -375,10 +386,29 @@ mod tests {
             (r#"{"logit_bias": {"5": 101}}"#, "logit_bias"),
             (r#"{"seed": 1.5}"#, "seed"),
             (r#"{"stream_options": {"include_usage": true}}"#, "stream_options"),
+            (r#"{"temperature": 2.5}"#, "temperature"),
+            (r#"{"seed": 18446744073709551615}"#, "seed"),
+            (
+                r#"{"stream": true, "stream_options": {"continuous_usage_stats": true}}"#,
+                "stream_options.continuous_usage_stats",
+            ),
         ];
         for (json, param) in cases {
             assert_eq!(rejected_param(json), param, "{json}");
         }
+    }
+
+    #[test]
+    fn messages_say_which_bound_the_value_as_given_misses() {
+        let message = |json: &str| match validate(json) {
+            Err(ApiError::InvalidParam { message, .. }) => message,
+            other => panic!("{json}: {other:?}"),
+        };
+        assert_eq!(message(r#"{"max_tokens": 4294967296}"#), "max_tokens must be at most 4294967295, got 4294967296");
+        assert_eq!(message(r#"{"max_tokens": 0}"#), "max_tokens must be at least 1, got 0");
+        assert_eq!(message(r#"{"n": 129}"#), "n must be at most 128, got 129");
+        assert_eq!(message(r#"{"temperature": 2.5}"#), "temperature must be in [0, 2], got 2.5");
+        assert!(validate(r#"{"stream_options": {}}"#).is_ok(), "empty stream options need no stream, as in vLLM");
     }
 
     #[test]

@@ -35,8 +35,8 @@ use tracing::{Instrument, Span};
 use super::admission::Ticket;
 use super::dispatch::{self, Running, Step, Usage};
 use super::errors::ApiError;
+use super::trace::Trace;
 use super::{ApiState, sse};
-use crate::observe::Trace;
 
 /// A generation that runs now, or will once admitted.
 pub enum Launch {

@@ -166,6 +166,7 @@ mod tests {
             target_ongoing_requests: target,
             upscale_delay_s: up_s,
             downscale_delay_s: down_s,
+            ..AutoscalingConfig::default()
         }
     }
 

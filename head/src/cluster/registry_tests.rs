@@ -122,6 +122,7 @@ fn an_autoscaled_deployment_keeps_its_target_within_the_new_bounds() {
             target_ongoing_requests: 2.0,
             upscale_delay_s: 30.0,
             downscale_delay_s: 600.0,
+            ..AutoscalingConfig::default()
         }),
         num_replicas: min,
         ..deployment("llm", "m")

@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::status::{self, AppliedApplication, ServeStatus};
 use crate::api::ApiState;
 use crate::cluster::{Cluster, ClusterError, ClusterSnapshot, Deployment};
-use crate::config::{ConfigError, ServeConfig};
+use crate::config::{self, ConfigError, ServeConfig};
 use crate::plan::{DeploymentPlan, plans_from_config};
 use crate::state_store::{StateStore, StateStoreError, StoredServeConfig};
 
@@ -30,28 +30,21 @@ pub struct ServeDocument {
 }
 
 impl ServeDocument {
-    /// Validates `raw`; a type error names the field by its path
-    /// (`applications[0].deployments[0].num_replicas`).
+    /// Validates `raw` ([`ServeConfig::from_value`]: every rule, the first broken one named by
+    /// its field's path) and plans its deployments.
     pub fn from_value(raw: Value) -> Result<Self, ConfigError> {
-        let config: ServeConfig = serde_path_to_error::deserialize(&raw).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            ConfigError(if path == "." { inner.to_string() } else { format!("{path}: {inner}") })
-        })?;
-        config.validate()?;
+        let config = ServeConfig::from_value(&raw)?;
         let plans = plans_from_config(&config)?;
         Ok(Self { raw, config, plans })
     }
 
     /// Parses YAML (JSON is YAML too).
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let raw: Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError(format!("not valid YAML: {e}")))?;
-        Self::from_value(raw)
+        Self::from_value(config::parse_yaml(text)?)
     }
 
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let raw: Value = serde_json::from_str(text).map_err(|e| ConfigError(format!("not valid JSON: {e}")))?;
-        Self::from_value(raw)
+        Self::from_value(config::parse_json(text)?)
     }
 
     /// No applications (what `DELETE /api/serve/applications/` applies).
@@ -309,7 +302,7 @@ mod tests {
             "applications:\n  - name: a\n    deployments:\n      - name: d\n        max_ongoing_requests: lots\n        model: {source: m.gguf}\n",
         )
         .unwrap_err();
-        assert!(err.0.contains("applications[0].deployments[0].max_ongoing_requests"), "{err}");
+        assert_eq!(err.field, "applications[0].deployments[0].max_ongoing_requests", "{err}");
     }
 
     #[test]
@@ -325,8 +318,9 @@ mod tests {
     #[test]
     fn semantic_errors_are_found_before_anything_is_applied() {
         let unknown_parser = r#"{"applications": [{"name": "a", "deployments": [{"name": "d", "model": {"source": "m", "reasoning_parser": "nope"}}]}]}"#;
-        assert!(ServeDocument::from_json(unknown_parser).unwrap_err().0.contains("nope"));
+        assert!(ServeDocument::from_json(unknown_parser).unwrap_err().message.contains("nope"));
         assert!(ServeDocument::from_json("[1, 2]").is_err());
-        assert!(ServeDocument::from_yaml("applications: [").unwrap_err().0.contains("YAML"));
+        assert!(ServeDocument::from_json("[]").is_err(), "a list is not a config with no applications");
+        assert!(ServeDocument::from_yaml("applications: [").unwrap_err().message.contains("YAML"));
     }
 }

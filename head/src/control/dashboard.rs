@@ -3,7 +3,8 @@
 //! Contract:
 //! - `GET /` answers `index.html`; `GET /dashboard/<path>` and `GET /assets/<path>` answer the
 //!   file at `<path>` inside the folder (ES modules import each other by relative paths, so the
-//!   folder's layout is the URL layout). Anything else under those prefixes is 404.
+//!   folder's layout is the URL layout). Anything else under those prefixes is 404
+//!   (`{"error": ...}`, as every error of the port).
 //! - Every file ships inside the binary (`include_bytes!`, listed in [`EMBEDDED`]): the page needs
 //!   no network beyond the head itself, and the Content-Security-Policy sent with it says so.
 //! - Caching: file names carry no content hash, so browsers must revalidate (`no-cache`) and an
@@ -135,7 +136,7 @@ fn respond(bytes: Vec<u8>, content_type: &'static str, request: &HeaderMap, embe
 }
 
 fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "not found\n").into_response()
+    super::error::ControlError::new(StatusCode::NOT_FOUND, "no such dashboard file").into_response()
 }
 
 /// The content type of a file the dashboard may serve, by extension; `None` for any other file.

@@ -6,6 +6,9 @@
 //! The serve config in force is owned by [`Applications`] (apply, persist, status); the handlers
 //! only translate HTTP to it.
 //!
+//! Errors: every error of this port is `{"error": message}` ([`error::ControlError`]), unknown
+//! routes and wrong methods included.
+//!
 //! Access: with an admin token configured, the mutating routes (`PUT`/`DELETE`
 //! `/api/serve/applications/`) require `Authorization: Bearer <token>` (401 otherwise); every
 //! read (dashboard, status, cluster view, request log, time series, metrics, probes) stays open,
@@ -14,6 +17,7 @@
 pub mod applications;
 pub mod cluster_api;
 pub mod dashboard;
+pub mod error;
 pub mod observe_api;
 pub mod serve_api;
 pub mod status;
@@ -45,7 +49,11 @@ pub struct ControlState {
 /// the OpenAI `/v1` routes of `api` (same authentication, limits and state as on port 8000).
 pub fn router_with_api(state: ControlState, api: crate::api::ApiState, history: Arc<History>) -> Router {
     let observe = observe_api::ObserveState { requests: api.request_log(), history };
-    router(state).merge(observe_api::router(observe)).merge(crate::api::v1_router(api))
+    router(state)
+        .merge(observe_api::router(observe))
+        .merge(crate::api::v1_router(api))
+        // After the merges: the fallback covers every route's method router.
+        .method_not_allowed_fallback(error::method_not_allowed)
 }
 
 pub fn router(state: ControlState) -> Router {
@@ -58,6 +66,8 @@ pub fn router(state: ControlState) -> Router {
         .route("/api/gcs_healthz", get(|| async { "success" }))
         .route("/metrics", get(metrics))
         .merge(dashboard::router(dashboard::Source::from_env()))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)
 }
 
@@ -65,6 +75,9 @@ async fn metrics(State(state): State<ControlState>) -> impl IntoResponse {
     let mut out = String::new();
     match prometheus::TextEncoder::new().encode_utf8(&state.registry.gather(), &mut out) {
         Ok(()) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => {
+            error::ControlError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("could not encode the metrics: {e}"))
+                .into_response()
+        }
     }
 }

@@ -10,13 +10,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
+use serde_json::{Value, json};
 
+use super::error::ControlError;
 use crate::observe::{History, RequestLog};
 
 /// Records `GET /api/requests` answers without a `limit`.
@@ -35,42 +36,40 @@ pub fn router(state: ObserveState) -> Router {
     Router::new().route("/api/requests", get(requests)).route("/api/timeseries", get(timeseries)).with_state(state)
 }
 
-/// The query parameter `name` as a whole number, if present; else the 400 message.
-fn number(query: &HashMap<String, String>, name: &str) -> Result<Option<u64>, String> {
+/// The query's parameters (a malformed query string is a 400).
+type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+/// The query parameter `name` as a whole number, if present; else the 400.
+fn number(query: Params, name: &str) -> Result<Option<u64>, ControlError> {
+    let bad = |message: String| ControlError::new(StatusCode::BAD_REQUEST, message);
+    let Query(query) = query.map_err(|e| bad(format!("the query string is malformed: {}", e.body_text())))?;
     match query.get(name) {
         None => Ok(None),
-        Some(v) => {
-            v.trim().parse::<u64>().map(Some).map_err(|_| format!("`{name}` must be a non-negative integer, got `{v}`"))
-        }
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| bad(format!("`{name}` must be a non-negative integer, got `{v}`"))),
     }
 }
 
-fn bad_request(message: String) -> Response {
-    (StatusCode::BAD_REQUEST, Json(json!({"error": message}))).into_response()
-}
-
-async fn requests(State(state): State<ObserveState>, Query(query): Query<HashMap<String, String>>) -> Response {
-    let limit = match number(&query, "limit") {
-        Ok(limit) => limit.map_or(DEFAULT_LIMIT, |l| usize::try_from(l).unwrap_or(MAX_LIMIT)).min(MAX_LIMIT),
-        Err(message) => return bad_request(message),
-    };
-    Json(json!({
+async fn requests(State(state): State<ObserveState>, query: Params) -> Result<Json<Value>, ControlError> {
+    let limit = number(query, "limit")?;
+    let limit = limit.map_or(DEFAULT_LIMIT, |l| usize::try_from(l).unwrap_or(MAX_LIMIT)).min(MAX_LIMIT);
+    Ok(Json(json!({
         "log_requests": state.requests.log_prompts(),
         "requests": state.requests.recent(limit),
-    }))
-    .into_response()
+    })))
 }
 
-async fn timeseries(State(state): State<ObserveState>, Query(query): Query<HashMap<String, String>>) -> Response {
-    let since = match number(&query, "seconds") {
-        Ok(Some(seconds)) => crate::clock::unix_ms().saturating_sub(seconds.saturating_mul(1000)),
-        Ok(None) => 0,
-        Err(message) => return bad_request(message),
+async fn timeseries(State(state): State<ObserveState>, query: Params) -> Result<Json<Value>, ControlError> {
+    let since = match number(query, "seconds")? {
+        Some(seconds) => crate::clock::unix_ms().saturating_sub(seconds.saturating_mul(1000)),
+        None => 0,
     };
-    Json(json!({
+    Ok(Json(json!({
         "interval_s": state.history.interval().as_secs_f64(),
         "window_s": state.history.window().as_secs(),
         "samples": state.history.since(since),
-    }))
-    .into_response()
+    })))
 }

@@ -1,6 +1,8 @@
 //! Ray Serve's REST API for applications: `PUT` a serve config (JSON, or YAML when the content
 //! type says so), `GET` the status document, `DELETE` everything. Success answers 200 with an
-//! empty body, as Ray's does; errors answer `{"error": "..."}` naming the bad field.
+//! empty body, as Ray's does; errors answer `{"error": "..."}`, plus `"field"` (the offending
+//! field's path, e.g. `applications[1].deployments[0].autoscaling_config.max_replicas`) when a
+//! config is refused. A refused config changes nothing: it is checked whole before it is applied.
 //!
 //! `PUT` and `DELETE` change what the cluster serves: with an admin token configured they answer
 //! 401 (`{"error": ...}`, `WWW-Authenticate: Bearer`) unless the request carries
@@ -9,49 +11,23 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, header};
 
 use super::applications::{ApplyError, ServeDocument};
+use super::error::ControlError;
 use super::{ControlState, ServeStatus};
 use crate::secret;
-
-/// An error of the control API, in its one HTTP shape.
-#[derive(Debug)]
-pub struct ControlError {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl From<ApplyError> for ControlError {
-    fn from(e: ApplyError) -> Self {
-        let status = match e {
-            ApplyError::Invalid(_) | ApplyError::Refused(_) => StatusCode::BAD_REQUEST,
-            ApplyError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Self { status, message: e.to_string() }
-    }
-}
-
-impl IntoResponse for ControlError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, Json(serde_json::json!({ "error": self.message }))).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
-}
 
 /// Refuses a mutating request that does not carry the configured admin token.
 fn authorize(state: &ControlState, headers: &HeaderMap) -> Result<(), ControlError> {
     let Some(token) = &state.admin_token else { return Ok(()) };
     match secret::bearer(headers) {
         Some(presented) if secret::constant_time_eq(token.as_bytes(), presented.as_bytes()) => Ok(()),
-        _ => Err(ControlError {
-            status: StatusCode::UNAUTHORIZED,
-            message: "this route changes the cluster: send the admin token as `Authorization: Bearer <token>`".into(),
-        }),
+        _ => Err(ControlError::new(
+            StatusCode::UNAUTHORIZED,
+            "this route changes the cluster: send the admin token as `Authorization: Bearer <token>`",
+        )),
     }
 }
 
@@ -64,13 +40,14 @@ pub async fn get_applications(State(state): State<ControlState>) -> Json<ServeSt
 pub async fn put_applications(
     State(state): State<ControlState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ControlError> {
     authorize(&state, &headers)?;
-    let text = std::str::from_utf8(&body).map_err(|_| ControlError {
-        status: StatusCode::BAD_REQUEST,
-        message: "serve config: the body is not UTF-8 text".into(),
+    let body = body.map_err(|rejection| {
+        ControlError::new(rejection.status(), format!("serve config: {}", rejection.body_text()))
     })?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ControlError::new(StatusCode::BAD_REQUEST, "serve config: the body is not UTF-8 text"))?;
     let document = if is_yaml(&headers) {
         check_flow_depth(text)?;
         ServeDocument::from_yaml(text)
@@ -101,9 +78,7 @@ pub async fn delete_applications(
 async fn run_blocking(apply: impl FnOnce() -> Result<(), ApplyError> + Send + 'static) -> Result<(), ControlError> {
     match tokio::task::spawn_blocking(apply).await {
         Ok(applied) => applied.map_err(ControlError::from),
-        Err(e) => {
-            Err(ControlError { status: StatusCode::INTERNAL_SERVER_ERROR, message: format!("apply failed: {e}") })
-        }
+        Err(e) => Err(ControlError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("apply failed: {e}"))),
     }
 }
 
@@ -122,10 +97,10 @@ fn check_flow_depth(text: &str) -> Result<(), ControlError> {
             _ => continue,
         }
         if depth > MAX_YAML_FLOW_DEPTH {
-            return Err(ControlError {
-                status: StatusCode::BAD_REQUEST,
-                message: format!("serve config: nested deeper than {MAX_YAML_FLOW_DEPTH} levels"),
-            });
+            return Err(ControlError::new(
+                StatusCode::BAD_REQUEST,
+                format!("serve config: nested deeper than {MAX_YAML_FLOW_DEPTH} levels"),
+            ));
         }
     }
     Ok(())

@@ -71,7 +71,7 @@ pub struct ReplicaStatusDoc {
 #[derive(Clone, Debug)]
 pub struct AppliedApplication {
     pub name: String,
-    pub route_prefix: String,
+    pub route_prefix: Option<String>,
     pub config: Option<Value>,
     pub deployed_time_s: Option<f64>,
     /// Its deployments' names inside the application.
@@ -89,7 +89,7 @@ pub fn build(snapshot: &ClusterSnapshot, applied: &[AppliedApplication], removed
         if deployments.len() < app.deployments.len() {
             (status.status, status.message) = ("NOT_STARTED".into(), "the deployments are not created yet".into());
         }
-        status.route_prefix = Some(app.route_prefix.clone());
+        status.route_prefix = app.route_prefix.clone();
         status.deployed_app_config = app.config.clone();
         status.last_deployed_time_s = app.deployed_time_s.unwrap_or(status.last_deployed_time_s);
         applications.insert(app.name.clone(), status);
@@ -298,7 +298,7 @@ mod tests {
     fn applied(name: &str, deployments: &[&str]) -> AppliedApplication {
         AppliedApplication {
             name: name.into(),
-            route_prefix: "/".into(),
+            route_prefix: Some("/".into()),
             config: Some(serde_json::json!({"name": name})),
             deployed_time_s: Some(1_700_000_123.5),
             deployments: deployments.iter().map(|d| d.to_string()).collect(),

@@ -1,5 +1,5 @@
 //! What the dashboard shows over time, kept by the head: the recent-request log
-//! ([`request_log`], filled by the API through [`trace`]) and the time series of cluster load and
+//! ([`request_log`], filled by the API through `api::trace`) and the time series of cluster load and
 //! latency ([`history`], sampled from cluster snapshots and the log). The control server serves
 //! both as JSON (`GET /api/requests`, `GET /api/timeseries`).
 //!
@@ -8,8 +8,6 @@
 
 pub mod history;
 pub mod request_log;
-pub mod trace;
 
 pub use history::{History, Sample, Sampler, run_sampler};
 pub use request_log::{RequestLog, RequestRecord};
-pub use trace::Trace;

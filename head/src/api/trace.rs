@@ -30,10 +30,11 @@ use futures::StreamExt;
 use lumen_proto::v1 as pb;
 use serde_json::Value;
 
-use super::request_log::{RequestLog, RequestRecord, Route, truncate_prompt};
-use crate::api::ApiState;
-use crate::api::errors::ApiError;
+use super::ApiState;
+use super::errors::ApiError;
 use crate::backend::RouteSlot;
+use crate::observe::RequestLog;
+use crate::observe::request_log::{RequestRecord, Route, truncate_prompt};
 
 /// Status recorded for a request whose client left before any response.
 pub const CLIENT_CLOSED: u16 = 499;
@@ -70,7 +71,7 @@ impl Trace {
         };
         Trace(Arc::new(Mutex::new(TraceData {
             log,
-            id: crate::api::request_id(prefix),
+            id: super::request_id(prefix),
             route,
             model: None,
             stream: false,
@@ -137,7 +138,7 @@ impl Trace {
                 }
                 let tokens = u32::try_from(delta.token_ids.len()).unwrap_or(u32::MAX);
                 data.seen_tokens = data.seen_tokens.saturating_add(tokens);
-                if let Some(reason) = crate::api::dispatch::finish_reason(delta) {
+                if let Some(reason) = super::dispatch::finish_reason(delta) {
                     data.finish = Some(worst(data.finish, reason));
                 }
             }
@@ -209,7 +210,7 @@ impl Trace {
             ttft_ms: ttft.map(|t| t.as_secs_f64() * 1000.0),
             duration_ms: duration.as_secs_f64() * 1000.0,
             itl_ms,
-            finish_reason: finish.map(|f| crate::api::dispatch::finish_reason_str(f).to_string()),
+            finish_reason: finish.map(|f| super::dispatch::finish_reason_str(f).to_string()),
             error,
             prompt: data.prompt.take(),
         });

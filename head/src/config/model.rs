@@ -1,0 +1,213 @@
+//! A deployment's `model:` section: the engine options a worker starts the replica with (the same
+//! names as the `lumen serve` / `lumen worker` flags) plus the head's own `reasoning_parser`.
+//!
+//! Contract: the head checks the section before it is applied, so a worker is never sent options
+//! it would refuse at load time: every key is one of [`OPTIONS`] (an unknown key, often a typo,
+//! is refused listing the known ones), each value has its option's type and range, and exactly
+//! one of `source` / `model` names the model. What only the model files can tell (the model's
+//! context length, whether the KV cache holds `max_model_len`) is still the worker's to refuse.
+//! `lumen`'s tests check that [`OPTIONS`] lists exactly the worker's engine options.
+
+use serde_json::{Map, Value};
+
+use super::ConfigError;
+use super::rules::kind;
+use crate::api::reasoning::ReasoningParserKind;
+
+/// What a model option holds.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    /// A non-empty string.
+    Text,
+    /// A non-empty string, or null (the worker's default).
+    TextOrNull,
+    /// A whole number, at least 1.
+    Count,
+    /// A whole number, at least 1, or null (the worker's default).
+    CountOrNull,
+    /// A whole number, at least 0.
+    Seed,
+    Bool,
+    /// One of the listed names.
+    OneOf(&'static [&'static str]),
+    /// A size in bytes, more than 0: a number, or a string such as `2GiB` / `512MiB`.
+    Bytes,
+    /// A share in (0, 1].
+    Fraction,
+    /// `cpu`, `cuda` or `cuda:N`.
+    Device,
+    /// A reasoning parser the head knows.
+    ReasoningParser,
+}
+
+/// Every key a `model:` section may hold, and what it holds. `source` and `model` are two
+/// spellings of the same option.
+pub const OPTIONS: &[(&str, Kind)] = &[
+    ("source", Kind::Text),
+    ("model", Kind::Text),
+    ("served_model_name", Kind::TextOrNull),
+    ("load_format", Kind::OneOf(&["auto", "safetensors", "gguf", "dummy"])),
+    ("max_model_len", Kind::CountOrNull),
+    ("max_num_seqs", Kind::Count),
+    ("max_num_batched_tokens", Kind::Count),
+    ("block_size", Kind::Count),
+    ("enable_prefix_caching", Kind::Bool),
+    ("kv_cache_memory", Kind::Bytes),
+    ("threads", Kind::CountOrNull),
+    ("cpu_weight_format", Kind::OneOf(&["auto", "f32", "q8_0"])),
+    ("dummy_seed", Kind::Seed),
+    ("chat_template", Kind::TextOrNull),
+    ("device", Kind::Device),
+    ("gpu_memory_utilization", Kind::Fraction),
+    ("dtype", Kind::OneOf(&["auto", "bfloat16", "float32"])),
+    ("reasoning_parser", Kind::ReasoningParser),
+];
+
+/// Checks the `model:` section at `at` (`applications[0].deployments[0].model`).
+pub fn check(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> {
+    for (key, value) in section {
+        let field = format!("{at}.{key}");
+        let Some((_, kind)) = OPTIONS.iter().find(|(name, _)| name == key) else {
+            let known: Vec<&str> = OPTIONS.iter().map(|(name, _)| *name).collect();
+            return Err(ConfigError::at(
+                field,
+                format!("unknown model option; the known ones are {}", known.join(", ")),
+            ));
+        };
+        check_value(*kind, value).map_err(|problem| ConfigError::at(field, problem))?;
+    }
+    match (section.get("source"), section.get("model")) {
+        (None, None) => Err(ConfigError::at(
+            format!("{at}.source"),
+            "is required: the model to serve (a .gguf file, a model directory or a hub id)",
+        )),
+        (Some(_), Some(_)) => {
+            Err(ConfigError::at(format!("{at}.model"), "give the model once, as `source` or as `model`, not both"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Why `value` is not a valid value of `kind`.
+pub fn check_value(kind: Kind, value: &Value) -> Result<(), String> {
+    let got = || self::kind(value);
+    match (kind, value) {
+        (Kind::Text | Kind::TextOrNull, Value::String(s)) if s.trim().is_empty() => Err("must not be empty".into()),
+        (Kind::Text | Kind::TextOrNull, Value::String(_)) | (Kind::TextOrNull, Value::Null) => Ok(()),
+        (Kind::Text, _) => Err(format!("must be a string, got {}", got())),
+        (Kind::TextOrNull, _) => Err(format!("must be a string or null, got {}", got())),
+        (Kind::CountOrNull, Value::Null) => Ok(()),
+        (Kind::Count | Kind::CountOrNull, Value::Number(n)) => match n.as_u64() {
+            Some(0) => Err("must be at least 1, got 0".into()),
+            Some(_) => Ok(()),
+            None if n.as_i64().is_some() => Err(format!("must be at least 1, got {n}")),
+            None => Err(format!("must be a whole number, got {n}")),
+        },
+        (Kind::Count, _) => Err(format!("must be a whole number (at least 1), got {}", got())),
+        (Kind::CountOrNull, _) => Err(format!("must be a whole number (at least 1) or null, got {}", got())),
+        (Kind::Seed, Value::Number(n)) if n.as_u64().is_some() => Ok(()),
+        (Kind::Seed, _) => Err(format!("must be a whole number, at least 0, got {}", got())),
+        (Kind::Bool, Value::Bool(_)) => Ok(()),
+        (Kind::Bool, _) => Err(format!("must be true or false, got {}", got())),
+        (Kind::OneOf(names), Value::String(s)) if names.contains(&s.as_str()) => Ok(()),
+        (Kind::OneOf(names), _) => Err(format!("must be one of {}, got {}", names.join(", "), got())),
+        (Kind::Bytes, _) => bytes(value),
+        (Kind::Fraction, Value::Number(n)) => match n.as_f64() {
+            Some(f) if f > 0.0 && f <= 1.0 => Ok(()),
+            _ => Err(format!("must be greater than 0 and at most 1, got {n}")),
+        },
+        (Kind::Fraction, _) => Err(format!("must be a number in (0, 1], got {}", got())),
+        (Kind::Device, Value::String(s)) if is_device(s) => Ok(()),
+        (Kind::Device, _) => Err(format!("must be cpu, cuda or cuda:N, got {}", got())),
+        (Kind::ReasoningParser, Value::String(s)) => s.parse::<ReasoningParserKind>().map(|_| ()),
+        (Kind::ReasoningParser, _) => Err(format!("must be the name of a reasoning parser, got {}", got())),
+    }
+}
+
+/// Whether `device` names a device the worker knows: `cpu`, `cuda`, `cuda:N`.
+pub fn is_device(device: &str) -> bool {
+    match device {
+        "cpu" | "cuda" => true,
+        _ => device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()),
+    }
+}
+
+fn bytes(value: &Value) -> Result<(), String> {
+    let size = match value {
+        Value::Number(n) => n.as_u64().ok_or_else(|| format!("must be a whole number of bytes, got {n}"))?,
+        Value::String(s) => s
+            .trim()
+            .parse::<bytesize::ByteSize>()
+            .map_err(|_| format!("must be a size such as 2GiB or 512MiB, got {s:?}"))?
+            .as_u64(),
+        other => return Err(format!("must be a size such as 2GiB or 512MiB, got {}", kind(other))),
+    };
+    if size == 0 { Err("must be more than 0 bytes".into()) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn refused(section: Value) -> ConfigError {
+        check("m", section.as_object().unwrap()).unwrap_err()
+    }
+
+    #[test]
+    fn every_option_is_accepted_with_a_value_of_its_kind() {
+        let section = json!({
+            "source": "org/name", "served_model_name": "smol", "load_format": "gguf", "max_model_len": 1024,
+            "max_num_seqs": 8, "max_num_batched_tokens": 512, "block_size": 16, "enable_prefix_caching": false,
+            "kv_cache_memory": "64MiB", "threads": null, "cpu_weight_format": "q8_0", "dummy_seed": 7,
+            "chat_template": null, "device": "cuda:1", "gpu_memory_utilization": 0.5, "dtype": "bfloat16",
+            "reasoning_parser": "deepseek_r1",
+        });
+        check("m", section.as_object().unwrap()).unwrap();
+        check("m", json!({"model": "a.gguf", "kv_cache_memory": 1048576}).as_object().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn wrong_values_name_the_option_and_what_was_given() {
+        let cases = [
+            (json!({"source": "m", "max_model_len": 0}), "m.max_model_len", "at least 1, got 0"),
+            (json!({"source": "m", "max_num_seqs": -4}), "m.max_num_seqs", "at least 1, got -4"),
+            (json!({"source": "m", "block_size": 1.5}), "m.block_size", "whole number, got 1.5"),
+            (json!({"source": "m", "max_num_seqs": null}), "m.max_num_seqs", "got null"),
+            (
+                json!({"source": "m", "enable_prefix_caching": "yes"}),
+                "m.enable_prefix_caching",
+                "got the string \"yes\"",
+            ),
+            (json!({"source": "m", "kv_cache_memory": "lots"}), "m.kv_cache_memory", "2GiB"),
+            (json!({"source": "m", "kv_cache_memory": 0}), "m.kv_cache_memory", "more than 0"),
+            (json!({"source": "m", "device": "gpu"}), "m.device", "cpu, cuda or cuda:N, got the string \"gpu\""),
+            (json!({"source": "m", "device": "cuda:x"}), "m.device", "cuda:N"),
+            (json!({"source": "m", "gpu_memory_utilization": 1.5}), "m.gpu_memory_utilization", "at most 1, got 1.5"),
+            (json!({"source": "m", "gpu_memory_utilization": 0}), "m.gpu_memory_utilization", "greater than 0"),
+            (json!({"source": "m", "dtype": "f16"}), "m.dtype", "auto, bfloat16, float32"),
+            (json!({"source": "m", "load_format": 3}), "m.load_format", "got the number 3"),
+            (json!({"source": "m", "reasoning_parser": "nope"}), "m.reasoning_parser", "nope"),
+            (json!({"source": "m", "max_model_length": 5}), "m.max_model_length", "unknown model option"),
+            (json!({"source": ""}), "m.source", "must not be empty"),
+            (json!({"max_model_len": 5}), "m.source", "is required"),
+            (json!({"source": "a", "model": "b"}), "m.model", "not both"),
+        ];
+        for (section, field, message) in cases {
+            let err = refused(section.clone());
+            assert_eq!(err.field, field, "{section}");
+            assert!(err.message.contains(message), "{section}: `{}` should say `{message}`", err.message);
+        }
+    }
+
+    #[test]
+    fn devices_are_cpu_cuda_or_a_cuda_ordinal() {
+        for good in ["cpu", "cuda", "cuda:0", "cuda:12"] {
+            assert!(is_device(good), "{good}");
+        }
+        for bad in ["gpu", "cuda:", "cuda:x", "CUDA", "cuda:-1", ""] {
+            assert!(!is_device(bad), "{bad}");
+        }
+    }
+}
