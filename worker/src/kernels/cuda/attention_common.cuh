@@ -14,6 +14,38 @@ namespace attention_common {
 constexpr int WARPS = 4;
 }
 
+// What the plan (attention.rs) gives the CTA at (blockIdx.x, blockIdx.y, blockIdx.z): tile x of
+// the step's tiles, head group y (heads_per_cta query heads of one KV head), split z.
+struct TileWork {
+    int kv_head, head0;   // the group's KV head and first query head
+    int split, splits;
+    int first, count;     // the tile's first token within the sequence's query, and its tokens
+    int query_start;      // the sequence's first packed row
+    int query_len, context_len;
+    int pos0;             // position of the tile's first token
+    int rows;             // (token, head) rows: count * heads_per_cta
+    const int* table;     // the sequence's block table
+
+    __device__ __forceinline__ TileWork(const int* __restrict__ tiles, const int* __restrict__ seqs,
+                                        const int* __restrict__ tables, int ratio, int heads_per_cta) {
+        const int groups = ratio / heads_per_cta;
+        kv_head = blockIdx.y / groups;
+        head0 = kv_head * ratio + (blockIdx.y % groups) * heads_per_cta;
+        split = blockIdx.z;
+        splits = gridDim.z;
+        const int* tile = tiles + blockIdx.x * 4;
+        const int* seq = seqs + tile[0] * 4;
+        first = tile[1];
+        count = tile[2];
+        query_start = seq[0];
+        query_len = seq[1];
+        context_len = seq[2];
+        table = tables + seq[3];
+        pos0 = context_len - query_len + first;
+        rows = count * heads_per_cta;
+    }
+};
+
 // Merges the partials of the splits of the (tile, head group) of blockIdx.x, blockIdx.y: run by
 // the last split's CTA of the attention launch, or by a launch of its grid without the z
 // dimension. Partials are read past L1 (__ldcg): other multiprocessors wrote them.

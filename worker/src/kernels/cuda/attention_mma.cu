@@ -104,17 +104,11 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [STAGES][2][CHUNK][STRIDE]
 
-    const int groups = ratio / heads_per_cta;
-    const int kv_head = blockIdx.y / groups;
-    const int head0 = kv_head * ratio + (blockIdx.y % groups) * heads_per_cta;
-    const int split = blockIdx.z, splits = gridDim.z;
-    const int* tile = tiles + blockIdx.x * 4;
-    const int* seq = seqs + tile[0] * 4;
-    const int first = tile[1], count = tile[2];
-    const int query_start = seq[0], query_len = seq[1], context_len = seq[2];
-    const int* table = tables + seq[3];
-    const int pos0 = context_len - query_len + first;
-    const int rows = count * heads_per_cta;
+    const TileWork work(tiles, seqs, tables, ratio, heads_per_cta);
+    const int kv_head = work.kv_head, head0 = work.head0, split = work.split, splits = work.splits;
+    const int first = work.first, count = work.count, query_start = work.query_start;
+    const int pos0 = work.pos0, rows = work.rows;
+    const int* table = work.table;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = warp % WARPS_M, wn = warp / WARPS_M;
     const int g = lane / 4, t = lane % 4;
