@@ -115,6 +115,24 @@ async fn logprobs_use_the_legacy_shape() {
 }
 
 #[tokio::test]
+async fn return_tokens_as_token_ids_names_logprob_tokens_by_id() {
+    let (backend, server) = serve_default().await;
+    backend.script(two_tokens_with_logprobs);
+    let body = json!({"model": "m", "prompt": "x", "logprobs": 1, "return_tokens_as_token_ids": true});
+    let (status, body) = server.post_json("/v1/completions", body).await;
+    assert_eq!(status, 200, "{body}");
+    let lp = &body["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"], json!(["token_id:9", "token_id:9"]));
+    assert_eq!(lp["top_logprobs"][0], json!({"token_id:9": -0.5, "token_id:3": -4.0}));
+    // Chat does not name tokens by id yet: refused, not ignored.
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true,
+                      "return_tokens_as_token_ids": true});
+    let (status, body) = server.post_json("/v1/chat/completions", chat).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "return_tokens_as_token_ids", "{body}");
+}
+
+#[tokio::test]
 async fn echo_prepends_the_prompt_text() {
     let (backend, server) = serve_default().await;
     backend.script(|request| {

@@ -82,7 +82,6 @@ const GENERATION: &[Field] = &[
     field("logprob_token_ids", Expect::IntList, true, Inert::Null),
     field("bad_words", Expect::StrList, false, Inert::Empty),
     field("priority", Expect::Int, false, Inert::Zero),
-    field("return_tokens_as_token_ids", Expect::Bool, true, Inert::False),
     field("return_token_ids", Expect::Bool, true, Inert::False),
     field("cache_salt", Expect::StrLen(1, 1024), true, Inert::Null),
     field("kv_transfer_params", Expect::Object, true, Inert::Any),
@@ -109,6 +108,8 @@ const CHAT: &[Field] = &[
         Inert::Any,
     ),
     field("include_reasoning", Expect::Bool, false, Inert::True),
+    // Completions name logprob tokens `token_id:N` when it is true (completions.rs); chat not yet.
+    field("return_tokens_as_token_ids", Expect::Bool, true, Inert::False),
 ];
 
 /// Completions' own.
