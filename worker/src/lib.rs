@@ -7,6 +7,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod grammar;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;

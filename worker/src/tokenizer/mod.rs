@@ -256,6 +256,11 @@ impl Tokenizer {
         self.inner.decode(&[id], false).unwrap_or_default()
     }
 
+    /// The underlying `tokenizers` object (the grammar module reads its vocabulary and decoder).
+    pub(crate) fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     /// Whether `id` is a special (control) token that `skip_special_tokens` drops.
     pub fn is_special(&self, id: TokenId) -> bool {
         self.special_ids.contains(&id)

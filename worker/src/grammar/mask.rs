@@ -1,0 +1,314 @@
+//! Per-sequence matcher state and next-token masks, computed off the engine thread.
+//!
+//! Protocol (the engine thread drives it; see the module docs of `grammar` for the invariants):
+//! 1. [`SeqGrammar::new`] starts a sequence's matcher; [`SeqGrammar::request_mask`] hands the
+//!    mask computation to the [`MaskWorkers`] and returns at once.
+//! 2. The engine runs the step's forward pass; a worker computes the mask meanwhile.
+//! 3. Sampling waits for the mask ([`SeqGrammar::with_mask`], or a [`TokenMask`] handle the model
+//!    reads when it applies the mask on its device), then [`SeqGrammar::advance`] feeds the
+//!    sampled token to the matcher and 1. follows for the next step.
+//!
+//! A cell is locked by a worker for the whole computation and by the engine only between steps,
+//! so the two never contend except when the engine has to wait for a mask that is late.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use llguidance::Matcher;
+
+use super::CompiledGrammar;
+use crate::TokenId;
+
+/// `u32` words of a mask over `vocab` ids.
+pub fn mask_words(vocab: usize) -> usize {
+    vocab.div_ceil(32)
+}
+
+/// Sets every logit whose bit in `words` is clear to `-inf` (ids beyond `words` included).
+pub fn apply_mask(row: &mut [f32], words: &[u32]) {
+    for (w, chunk) in row.chunks_mut(32).enumerate() {
+        let bits = words.get(w).copied().unwrap_or(0);
+        if bits == u32::MAX {
+            continue;
+        }
+        for (b, x) in chunk.iter_mut().enumerate() {
+            if bits & (1 << b) == 0 {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// Whether `words` allows `token`.
+pub fn allows(words: &[u32], token: TokenId) -> bool {
+    words.get(token as usize / 32).is_some_and(|w| w & (1 << (token % 32)) != 0)
+}
+
+/// The lowest id below `len` that `words` allows and `suppress` does not hold; failing that, the
+/// lowest allowed id: the sampler's choice when every allowed logit is `-inf`.
+pub fn first_allowed(words: &[u32], len: usize, suppress: &[TokenId]) -> Option<TokenId> {
+    let allowed = || (0..len as TokenId).filter(|&t| allows(words, t));
+    allowed().find(|t| !suppress.contains(t)).or_else(|| allowed().next())
+}
+
+/// What feeding a token to the matcher led to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Advance {
+    /// More tokens may follow.
+    Continue,
+    /// The grammar is complete and nothing can follow (or the token was end-of-sequence).
+    Stopped,
+    /// The token was not allowed, or the matcher hit one of its limits.
+    Failed(String),
+}
+
+struct MaskState {
+    matcher: Matcher,
+    words: Vec<u32>,
+    /// A worker still has to compute the mask of the current state.
+    pending: bool,
+    error: Option<String>,
+    /// How long the last mask took to compute, not yet reported.
+    compute_time: Option<Duration>,
+}
+
+struct MaskCell {
+    state: Mutex<MaskState>,
+    done: Condvar,
+    vocab: usize,
+}
+
+impl MaskCell {
+    fn lock(&self) -> MutexGuard<'_, MaskState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state once no computation is pending.
+    fn settled(&self) -> MutexGuard<'_, MaskState> {
+        let mut state = self.lock();
+        while state.pending {
+            state = self.done.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state
+    }
+
+    fn compute(&self) {
+        let mut state = self.lock();
+        if !state.pending {
+            return;
+        }
+        let started = Instant::now();
+        match state.matcher.compute_mask() {
+            Ok(vob) => {
+                let words = &mut state.words;
+                words.fill(0);
+                for (dst, src) in words.iter_mut().zip(vob.as_slice()) {
+                    *dst = *src;
+                }
+                // Bits past the vocabulary (the trie's spare capacity) stay clear.
+                if self.vocab % 32 != 0
+                    && let Some(last) = words.last_mut()
+                {
+                    *last &= (1u32 << (self.vocab % 32)) - 1;
+                }
+            }
+            Err(e) => {
+                state.words.fill(0);
+                state.error = Some(e.to_string());
+            }
+        }
+        state.compute_time = Some(started.elapsed());
+        state.pending = false;
+        drop(state);
+        self.done.notify_all();
+    }
+}
+
+/// A handle on a row's mask for whoever applies it: waits for a mask still being computed.
+#[derive(Clone)]
+pub struct TokenMask(MaskSource);
+
+#[derive(Clone)]
+enum MaskSource {
+    Fixed(Arc<Vec<u32>>),
+    Cell(Arc<MaskCell>),
+}
+
+impl TokenMask {
+    /// A mask known now (tests, references).
+    pub fn from_words(words: Vec<u32>) -> TokenMask {
+        TokenMask(MaskSource::Fixed(Arc::new(words)))
+    }
+
+    /// Runs `f` on the mask's words, waiting for them first.
+    pub fn with_words<R>(&self, f: impl FnOnce(&[u32]) -> R) -> R {
+        match &self.0 {
+            MaskSource::Fixed(words) => f(words),
+            MaskSource::Cell(cell) => f(&cell.settled().words),
+        }
+    }
+}
+
+impl PartialEq for TokenMask {
+    fn eq(&self, other: &Self) -> bool {
+        self.with_words(|a| other.with_words(|b| a == b))
+    }
+}
+
+impl std::fmt::Debug for TokenMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            MaskSource::Fixed(words) => write!(f, "TokenMask({} words)", words.len()),
+            MaskSource::Cell(cell) => write!(f, "TokenMask(sequence, vocab {})", cell.vocab),
+        }
+    }
+}
+
+/// One sequence's matcher and next-token mask.
+pub struct SeqGrammar {
+    cell: Arc<MaskCell>,
+}
+
+impl SeqGrammar {
+    /// A sequence at the grammar's start; its first mask still has to be requested.
+    pub fn new(compiled: &CompiledGrammar) -> SeqGrammar {
+        SeqGrammar::with_state(compiled.matcher(), vec![0; mask_words(compiled.vocab_size())], compiled.vocab_size())
+    }
+
+    fn with_state(matcher: Matcher, words: Vec<u32>, vocab: usize) -> SeqGrammar {
+        let state = MaskState { matcher, words, pending: false, error: None, compute_time: None };
+        SeqGrammar { cell: Arc::new(MaskCell { state: Mutex::new(state), done: Condvar::new(), vocab }) }
+    }
+
+    /// Starts computing the mask of the current state on `workers`.
+    pub fn request_mask(&self, workers: &mut MaskWorkers) {
+        self.cell.lock().pending = true;
+        workers.submit(Arc::clone(&self.cell));
+    }
+
+    /// A handle on the mask being computed, for the device.
+    pub fn token_mask(&self) -> TokenMask {
+        TokenMask(MaskSource::Cell(Arc::clone(&self.cell)))
+    }
+
+    /// Runs `f` on the current mask (waiting for it), or on the matcher's error. Also returns the
+    /// mask's compute time the first time it is read.
+    pub fn with_mask<R>(&self, f: impl FnOnce(Result<&[u32], &str>) -> R) -> (R, Option<Duration>) {
+        let mut state = self.cell.settled();
+        let time = state.compute_time.take();
+        let result = match &state.error {
+            Some(e) => f(Err(e)),
+            None => f(Ok(&state.words)),
+        };
+        (result, time)
+    }
+
+    /// Feeds an accepted token to the matcher.
+    pub fn advance(&self, token: TokenId) -> Advance {
+        let mut state = self.cell.settled();
+        if let Some(e) = &state.error {
+            return Advance::Failed(e.clone());
+        }
+        if state.matcher.is_stopped() {
+            return Advance::Stopped;
+        }
+        if let Err(e) = state.matcher.consume_token(token) {
+            return Advance::Failed(e.to_string());
+        }
+        if state.matcher.is_stopped() { Advance::Stopped } else { Advance::Continue }
+    }
+
+    /// An independent copy at the same state and with the same mask (the other choices of an
+    /// `n > 1` request).
+    pub fn fork(&self) -> SeqGrammar {
+        let state = self.cell.settled();
+        let fork = SeqGrammar::with_state(state.matcher.clone(), state.words.clone(), self.cell.vocab);
+        fork.cell.lock().error.clone_from(&state.error);
+        fork
+    }
+}
+
+impl std::fmt::Debug for SeqGrammar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeqGrammar").field("vocab", &self.cell.vocab).finish()
+    }
+}
+
+/// Threads that compute masks (started on first use); with none, masks are computed inline.
+pub struct MaskWorkers {
+    threads: usize,
+    tx: Option<Sender<Arc<MaskCell>>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl MaskWorkers {
+    /// `threads` helper threads (0: compute on the caller's thread).
+    pub fn new(threads: usize) -> MaskWorkers {
+        MaskWorkers { threads, tx: None, handles: Vec::new() }
+    }
+
+    /// A quarter of the machine's cores, at least 1 and at most 4: llguidance computes a mask in
+    /// tens to hundreds of microseconds, so a few threads keep up with a large batch.
+    pub fn default_threads() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get() / 4).clamp(1, 4)
+    }
+
+    fn submit(&mut self, cell: Arc<MaskCell>) {
+        if self.threads == 0 {
+            cell.compute();
+            return;
+        }
+        if self.tx.is_none() {
+            self.start();
+        }
+        let unsent = match &self.tx {
+            Some(tx) => tx.send(cell).err().map(|e| e.0),
+            None => Some(cell),
+        };
+        // No thread could be started: compute here rather than never.
+        if let Some(cell) = unsent {
+            cell.compute();
+        }
+    }
+
+    fn start(&mut self) {
+        let (tx, rx) = crossbeam_channel::unbounded::<Arc<MaskCell>>();
+        for i in 0..self.threads {
+            let rx: Receiver<Arc<MaskCell>> = rx.clone();
+            let spawned = std::thread::Builder::new().name(format!("lumen-mask-{i}")).spawn(move || {
+                for cell in rx {
+                    // A sequence that ended meanwhile holds no other reference: skip its mask.
+                    if Arc::strong_count(&cell) > 1 {
+                        cell.compute();
+                    }
+                }
+            });
+            match spawned {
+                Ok(handle) => self.handles.push(handle),
+                Err(e) => tracing::warn!(error = %e, "cannot start a mask thread"),
+            }
+        }
+        if !self.handles.is_empty() {
+            self.tx = Some(tx);
+        } else {
+            self.threads = 0;
+        }
+    }
+}
+
+impl Drop for MaskWorkers {
+    fn drop(&mut self) {
+        self.tx = None;
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for MaskWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MaskWorkers").field("threads", &self.threads).finish()
+    }
+}
