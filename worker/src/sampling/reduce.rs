@@ -15,11 +15,15 @@
 //!   approximation is made: a row the device cannot reduce exactly (logprobs, top-p or min-p
 //!   over the whole vocabulary, `top_k` above [`DEVICE_TOP_K_MAX`], repeated `logit_bias` ids,
 //!   the first step of an `n > 1` request) is planned [`Reduction::Full`] and sampled on the host.
+//! - A structured-output mask ([`RowPlan::mask`]) rides along a reduced row: the device treats a
+//!   masked id as `-inf` while it reduces (no row is copied for it); `Full` rows are masked by the
+//!   host sampler.
 //! - [`reduce_row`] is the CPU reference of the device kernel (tests compare the two).
 
 use std::ops::Range;
 
 use super::row::{argmax, top_k_into};
+use crate::grammar::{TokenMask, apply_mask};
 
 /// The largest `top_k` reduced on the device (the kernel keeps its candidates in shared memory).
 pub const DEVICE_TOP_K_MAX: usize = 64;
@@ -68,17 +72,21 @@ impl TokenEdit {
     }
 }
 
-/// One row's plan: the edits (one per token, distinct tokens) and the reduction.
+/// One row's plan: the edits (one per token, distinct tokens), the structured-output mask and
+/// the reduction.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RowPlan {
     pub reduction: Reduction,
     pub edits: Vec<TokenEdit>,
+    /// Ids whose bit is clear count as `-inf` (set only on reduced rows; a `Full` row is masked
+    /// on the host). The device waits for it only when it reduces, after the layers are queued.
+    pub mask: Option<TokenMask>,
 }
 
 impl RowPlan {
     /// The whole row back, untouched.
     pub fn full() -> RowPlan {
-        RowPlan { reduction: Reduction::Full, edits: Vec::new() }
+        RowPlan { reduction: Reduction::Full, edits: Vec::new(), mask: None }
     }
 }
 
@@ -137,6 +145,11 @@ pub fn reduce_row(row: &mut [f32], plan: &RowPlan, out: &mut ReducedRows) {
         if let Some(x) = row.get_mut(edit.token as usize) {
             *x = edit.apply(*x);
         }
+    }
+    // After the edits, as the sampler's `-inf` suppression; -inf absorbs every edit, so the order
+    // does not change the result.
+    if let Some(mask) = &plan.mask {
+        mask.with_words(|words| apply_mask(row, words));
     }
     match plan.reduction {
         Reduction::TopK(k) => {

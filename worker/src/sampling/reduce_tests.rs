@@ -73,7 +73,7 @@ fn a_reduced_row_samples_the_same_token_as_the_full_row() {
                 RowResult::TopK(r) => Reduced::TopK(&out.candidates[r.clone()]),
                 RowResult::Full(_) => unreachable!("planned a reduction"),
             };
-            let got = reduced.sample_reduced(view, &p, &suppress).token;
+            let got = reduced.sample_reduced(view, &p, &suppress, None).token;
             let want = full.sample(&mut row.clone(), &p, &suppress).token;
             assert_eq!(got, want, "case {case}: {p:?}");
             full.record(want);
@@ -110,7 +110,43 @@ fn every_value_at_minus_infinity_falls_back_like_the_full_row() {
     let mut out = ReducedRows::default();
     reduce_row(&mut row.clone(), &plan, &mut out);
     let RowResult::TopK(r) = out.rows[0].clone() else { panic!("top-k planned") };
-    let got = a.sample_reduced(Reduced::TopK(&out.candidates[r]), &p, &[0, 1]).token;
+    let got = a.sample_reduced(Reduced::TopK(&out.candidates[r]), &p, &[0, 1], None).token;
     assert_eq!(got, b.sample(&mut row.clone(), &p, &[0, 1]).token);
     assert_eq!(got, 2);
+}
+
+/// A structured-output mask: every id allowed with odds 1 in `sparsity`, plus one id.
+fn mask(s: &mut SplitMix64, sparsity: usize) -> Vec<u32> {
+    let mut words = vec![0u32; VOCAB.div_ceil(32)];
+    let one = s.below(VOCAB);
+    for id in (0..VOCAB).filter(|_| s.below(sparsity) == 0).chain([one]) {
+        words[id / 32] |= 1 << (id % 32);
+    }
+    words
+}
+
+#[test]
+fn a_masked_reduced_row_samples_the_same_allowed_token_as_the_masked_full_row() {
+    let mut s = SplitMix64(23);
+    for case in 0..300 {
+        let p = params(&mut s, case);
+        let mut full = SequenceSampler::new(&p, 0, &[1, 2, 3], VOCAB);
+        let mut reduced = full.clone();
+        let words = mask(&mut s, [2, 8, 500, VOCAB][case % 4]);
+        let suppress: Vec<TokenId> = (0..s.below(3)).map(|_| s.below(VOCAB) as TokenId).collect();
+        let row = row(&mut s);
+        let mut plan = reduced.plan_row(&p, &suppress);
+        plan.mask = Some(crate::grammar::TokenMask::from_words(words.clone()));
+        let mut out = ReducedRows::default();
+        reduce_row(&mut row.clone(), &plan, &mut out);
+        let view = match &out.rows[0] {
+            RowResult::Token(t) => Reduced::Token(*t),
+            RowResult::TopK(r) => Reduced::TopK(&out.candidates[r.clone()]),
+            RowResult::Full(_) => unreachable!("planned a reduction"),
+        };
+        let got = reduced.sample_reduced(view, &p, &suppress, Some(&words)).token;
+        let want = full.sample_masked(&mut row.clone(), &p, &suppress, Some(&words)).token;
+        assert_eq!(got, want, "case {case}: {p:?}");
+        assert!(words[got as usize / 32] & (1 << (got % 32)) != 0, "case {case}: {got} is not allowed");
+    }
 }

@@ -1,6 +1,9 @@
 //! `SequenceSampler`: one per sequence, called once per generated token on one row of logits.
 //!
 //! Order of work in `sample`, as vLLM does it:
+//! 0. a structured-output mask (`sample_masked`): disallowed ids become `-inf`, before anything
+//!    else, so log-probabilities are those of the masked distribution (vLLM applies the grammar
+//!    bitmask to the logits before its sampler computes `raw_logprobs`);
 //! 1. log-probabilities of the *raw* row (only when `params.logprobs` is set);
 //! 2. repetition penalty (prompt and output tokens), frequency and presence penalties (output
 //!    tokens), `logit_bias`, then the step's suppressed ids set to `-inf`; all sparse, touching
@@ -23,6 +26,8 @@
 //! Non-finite logits: NaN counts as `-inf`, `+inf` as `f32::MAX`. When nothing can be chosen (all
 //! `-inf` after processing, or an empty row) the token is the lowest id not in `suppress` (0 when
 //! every id is suppressed or the row is empty), so a token is always returned and never panics.
+//! Under a mask the fallback is the lowest allowed id (not suppressed if possible): the grammar
+//! always wins.
 
 use std::collections::HashMap;
 
@@ -36,6 +41,7 @@ use super::row::{
 };
 use super::truncate::{nucleus_cut, pick, top_p_min_p_set};
 use crate::TokenId;
+use crate::grammar::{apply_mask, first_allowed};
 use crate::splitmix::SplitMix64;
 
 /// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS`): dividing by them would
@@ -133,6 +139,21 @@ impl SequenceSampler {
     /// `suppress` unless every id of the row is in it. See the module docs for the order of
     /// processing.
     pub fn sample(&mut self, logits: &mut [f32], params: &SamplingParams, suppress: &[TokenId]) -> Sampled {
+        self.sample_masked(logits, params, suppress, None)
+    }
+
+    /// [`Self::sample`] under a structured-output `mask` (see `grammar`: bit `i` allows id `i`):
+    /// only allowed ids can be chosen, in every sampling mode.
+    pub fn sample_masked(
+        &mut self,
+        logits: &mut [f32],
+        params: &SamplingParams,
+        suppress: &[TokenId],
+        mask: Option<&[u32]>,
+    ) -> Sampled {
+        if let Some(mask) = mask {
+            apply_mask(logits, mask);
+        }
         if params.logprobs.is_some() {
             self.raw.clear();
             self.raw.extend_from_slice(logits);
@@ -141,7 +162,7 @@ impl SequenceSampler {
         let chosen = if is_greedy(params) { argmax(logits) } else { self.draw(logits, params) };
         let token = match chosen {
             Some(i) => i as TokenId,
-            None => fallback_token(logits.len(), suppress),
+            None => fallback_token(logits.len(), suppress, mask),
         };
         let (logprob, top_logprobs) = match params.logprobs {
             Some(k) => raw_logprobs(&self.raw, token, k),
@@ -252,13 +273,20 @@ impl SequenceSampler {
         for &token in suppress.iter().filter(|&&t| in_vocab(t)) {
             edits.entry(token).or_insert_with(|| TokenEdit::new(token)).suppress = true;
         }
-        RowPlan { reduction, edits: edits.into_values().collect() }
+        RowPlan { reduction, edits: edits.into_values().collect(), mask: None }
     }
 
     /// Chooses the next token from a row the device reduced as `plan_row` planned, exactly as
     /// `sample` would from the full row (the same RNG draw). `suppress` must be the one given to
-    /// `plan_row`. Never reports logprobs (rows that want them are planned `Full`).
-    pub fn sample_reduced(&mut self, reduced: Reduced<'_>, params: &SamplingParams, suppress: &[TokenId]) -> Sampled {
+    /// `plan_row`, `mask` the one the device applied (it only picks the fallback here). Never
+    /// reports logprobs (rows that want them are planned `Full`).
+    pub fn sample_reduced(
+        &mut self,
+        reduced: Reduced<'_>,
+        params: &SamplingParams,
+        suppress: &[TokenId],
+        mask: Option<&[u32]>,
+    ) -> Sampled {
         let chosen = match reduced {
             Reduced::Token(token) => token.map(|t| t as usize),
             Reduced::TopK(candidates) => {
@@ -270,7 +298,7 @@ impl SequenceSampler {
         };
         let token = match chosen {
             Some(i) => i as TokenId,
-            None => fallback_token(self.vocab_size, suppress),
+            None => fallback_token(self.vocab_size, suppress, mask),
         };
         Sampled { token, logprob: 0.0, top_logprobs: Vec::new() }
     }
@@ -286,8 +314,11 @@ fn is_greedy(params: &SamplingParams) -> bool {
 }
 
 /// The deterministic choice when no token has finite logit: the lowest id of the row that is not
-/// suppressed, or 0.
-fn fallback_token(len: usize, suppress: &[TokenId]) -> TokenId {
+/// suppressed, or 0; under a mask, the lowest allowed id ([`first_allowed`]).
+fn fallback_token(len: usize, suppress: &[TokenId], mask: Option<&[u32]>) -> TokenId {
+    if let Some(token) = mask.and_then(|m| first_allowed(m, len, suppress)) {
+        return token;
+    }
     (0..len).map(|i| i as TokenId).find(|t| !suppress.contains(t)).unwrap_or(0)
 }
 

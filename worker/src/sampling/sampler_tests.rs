@@ -292,3 +292,43 @@ fn large_vocabulary_top_p_and_top_k_stay_inside_the_reference_sets() {
         assert!(order[..50].contains(&t));
     }
 }
+
+#[test]
+fn a_mask_confines_every_sampling_mode_and_logprobs_describe_the_masked_distribution() {
+    let vocab = 3000;
+    let logits = varied_logits(vocab, 9);
+    // Allowed: every 7th id; the row's argmax is almost surely outside that set.
+    let mut words = vec![0u32; vocab.div_ceil(32)];
+    for id in (0..vocab).step_by(7) {
+        words[id / 32] |= 1 << (id % 32);
+    }
+    let modes = [
+        SamplingParams { temperature: 0.0, ..seeded(1) },
+        seeded(2),
+        SamplingParams { top_k: Some(5), ..seeded(3) },
+        SamplingParams { top_p: 0.5, ..seeded(4) },
+        SamplingParams { min_p: 0.3, ..seeded(5) },
+        SamplingParams { repetition_penalty: 1.5, frequency_penalty: 1.0, logit_bias: vec![(1, 100.0)], ..seeded(6) },
+        SamplingParams { logprobs: Some(4), ..seeded(7) },
+    ];
+    for p in modes {
+        let mut sampler = SequenceSampler::new(&p, 0, &[1, 2], vocab);
+        for _ in 0..50 {
+            let s = sampler.sample_masked(&mut logits.clone(), &p, &[], Some(&words));
+            assert_eq!(s.token % 7, 0, "{p:?}: {} is masked", s.token);
+            sampler.record(s.token);
+            if p.logprobs.is_some() {
+                // Log-softmax over the allowed ids only (vLLM: the bitmask comes before logprobs).
+                let allowed: Vec<f32> = (0..vocab).step_by(7).map(|i| logits[i]).collect();
+                let lse = allowed.iter().map(|&x| f64::from(x).exp()).sum::<f64>().ln();
+                let want = f64::from(logits[s.token as usize]) - lse;
+                assert!((f64::from(s.logprob) - want).abs() < 1e-4, "{} vs {want}", s.logprob);
+                assert!(s.top_logprobs.iter().all(|&(t, lp)| t % 7 == 0 && lp.is_finite()));
+            }
+        }
+    }
+    // Nothing allowed is finite: the lowest allowed id, not the row's lowest id.
+    let mut row = vec![f32::NEG_INFINITY; 40];
+    let s = SequenceSampler::new(&seeded(1), 0, &[], 40).sample_masked(&mut row, &seeded(1), &[], Some(&[1 << 9, 0]));
+    assert_eq!(s.token, 9);
+}
