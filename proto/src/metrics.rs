@@ -41,6 +41,8 @@ pub mod names {
     pub const REQUEST_QUEUE_TIME: &str = "vllm:request_queue_time_seconds";
     pub const REQUEST_PROMPT_TOKENS: &str = "vllm:request_prompt_tokens";
     pub const REQUEST_GENERATION_TOKENS: &str = "vllm:request_generation_tokens";
+    /// Lumen's own: the time to compute one structured-output token mask (vLLM has no such series).
+    pub const STRUCTURED_OUTPUT_MASK: &str = "lumen:structured_output_mask_seconds";
 }
 
 /// The label `vllm:request_success_total` adds to the caller's.
@@ -74,7 +76,7 @@ const COUNTERS: [(&str, &str); 6] = [
 ];
 
 /// The histograms a worker may report, with their help text.
-pub const HISTOGRAMS: [(&str, &str); 6] = [
+pub const HISTOGRAMS: [(&str, &str); 7] = [
     (names::TIME_TO_FIRST_TOKEN, "Histogram of time to first token in seconds (arrival to first token)."),
     (
         names::TIME_PER_OUTPUT_TOKEN,
@@ -84,6 +86,7 @@ pub const HISTOGRAMS: [(&str, &str); 6] = [
     (names::REQUEST_QUEUE_TIME, "Histogram of time spent waiting before the first schedule, in seconds."),
     (names::REQUEST_PROMPT_TOKENS, "Number of prefill tokens processed, per request."),
     (names::REQUEST_GENERATION_TOKENS, "Number of generation tokens processed, per request."),
+    (names::STRUCTURED_OUTPUT_MASK, "Histogram of the time to compute one structured-output token mask, in seconds."),
 ];
 
 /// Metric families being assembled, one per name, each with the metrics of every replica added.

@@ -78,6 +78,7 @@ fn request(id: &str, prompt: pb::generate_request::Prompt, max_tokens: u32) -> p
         n: 1,
         skip_special_tokens: false,
         return_prompt: false,
+        structured_output: None,
     }
 }
 

@@ -14,6 +14,7 @@ use super::core::EngineCore;
 use super::request::{EngineEvent, EngineLimits, EngineRequest};
 use super::runner::{self, Command};
 use super::stats::EngineStats;
+use crate::grammar::GrammarCompiler;
 use crate::tokenizer::Tokenizer;
 use crate::{Result, WorkerError};
 
@@ -146,6 +147,7 @@ pub struct EngineHandle {
     tokenizer: Tokenizer,
     limits: EngineLimits,
     description: Arc<str>,
+    grammars: Arc<GrammarCompiler>,
 }
 
 impl EngineHandle {
@@ -154,10 +156,11 @@ impl EngineHandle {
         let tokenizer = core.tokenizer().clone();
         let limits = core.limits().clone();
         let description: Arc<str> = core.model().describe().into();
+        let grammars = Arc::clone(core.grammars());
         let (actor, join) = Actor::spawn(None, EngineActor, ActorArgs { core, name: name.to_string() })
             .await
             .map_err(|e| WorkerError::Engine(format!("cannot start the engine actor: {e}")))?;
-        Ok((EngineHandle { actor, tokenizer, limits, description }, join))
+        Ok((EngineHandle { actor, tokenizer, limits, description, grammars }, join))
     }
 
     /// Queues a request and returns its output stream.
@@ -181,6 +184,11 @@ impl EngineHandle {
 
     pub fn limits(&self) -> &EngineLimits {
         &self.limits
+    }
+
+    /// The replica's structured-output compiler (blocking: call it off the async runtime).
+    pub fn grammars(&self) -> &Arc<GrammarCompiler> {
+        &self.grammars
     }
 
     /// Device, kernels and weights, for logs.

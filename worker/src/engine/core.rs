@@ -7,6 +7,7 @@
 //! last choice finishes (any finish reason).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -16,6 +17,7 @@ use super::request::{
     Usage,
 };
 use super::stats::{EngineHistograms, EngineStats, RateMeter};
+use crate::grammar::{GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar};
 use crate::model::Model;
 use crate::sampling::reduce::{Reduced, ReducedRows, RowPlan, RowResult};
 use crate::sampling::{Sampled, SamplingParams, SequenceSampler, StopParams};
@@ -23,6 +25,8 @@ use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SeqId, Sequence};
 use crate::tokenizer::{IncrementalDetokenizer, StopStringMatcher, Tokenizer};
 use crate::{Result, TokenId};
 
+#[path = "core_grammar.rs"]
+mod grammar;
 #[path = "core_reduce.rs"]
 mod reduce;
 
@@ -50,6 +54,8 @@ struct SeqState {
     generated: usize,
     /// When this sequence's previous token was sampled (for inter-token latency).
     last_token_at: Option<Instant>,
+    /// The structured-output matcher and next-token mask (`core_grammar.rs`).
+    grammar: Option<SeqGrammar>,
 }
 
 /// Engine state: model, tokenizer, scheduler and the live requests.
@@ -68,6 +74,10 @@ pub struct EngineCore {
     /// The step's row plans (`core_reduce.rs`) and the rows the model returned.
     plans: Vec<RowPlan>,
     reduced: ReducedRows,
+    /// Structured outputs: the replica's compiler (shared with the service) and the threads that
+    /// compute masks while the forward pass runs.
+    grammars: Arc<GrammarCompiler>,
+    mask_workers: MaskWorkers,
 }
 
 /// Scheduling knobs of an engine.
@@ -94,6 +104,7 @@ impl EngineCore {
             cache_capacity_tokens: model.num_blocks() * model.block_size(),
         };
         let window = Duration::from_secs(5);
+        let grammars = Arc::new(GrammarCompiler::new(tokenizer.clone(), limits.vocab_size, GrammarLimits::default()));
         EngineCore {
             model,
             tokenizer,
@@ -108,7 +119,14 @@ impl EngineCore {
             last_progress: Instant::now(),
             plans: Vec::new(),
             reduced: ReducedRows::default(),
+            grammars,
+            mask_workers: MaskWorkers::new(MaskWorkers::default_threads()),
         }
+    }
+
+    /// The replica's structured-output compiler.
+    pub fn grammars(&self) -> &Arc<GrammarCompiler> {
+        &self.grammars
     }
 
     pub fn limits(&self) -> &EngineLimits {
@@ -140,6 +158,7 @@ impl EngineCore {
         let seq_id = self.next_seq;
         self.next_seq += 1;
         let sampler = SequenceSampler::new(&req.sampling, 0, &req.prompt_token_ids, self.limits.vocab_size);
+        let grammar = req.constraint.as_deref().map(|c| self.start_grammar(c));
         self.seqs.insert(
             seq_id,
             SeqState {
@@ -150,6 +169,7 @@ impl EngineCore {
                 stop: StopStringMatcher::new(req.stop.stop.clone(), req.stop.include_stop_str_in_output),
                 generated: 0,
                 last_token_at: None,
+                grammar,
             },
         );
         self.scheduler.add(Sequence::new(seq_id, seq_id, req.prompt_token_ids.clone()));
@@ -282,6 +302,7 @@ impl EngineCore {
                     stop: parent.stop.clone(),
                     generated: 0,
                     last_token_at: None,
+                    grammar: parent.grammar.as_ref().map(SeqGrammar::fork),
                 };
                 pristine.copy_from_slice(row);
                 let sampled = self.sample_with(&mut state, &req_id, &mut pristine);
@@ -291,6 +312,9 @@ impl EngineCore {
                     r.live.push(child);
                 }
                 self.accept(child, sampled);
+                if !self.requests.contains_key(&req_id) {
+                    return; // failed (a structured-output matcher error)
+                }
             }
         }
         let Some(mut state) = self.seqs.remove(&seq) else {
@@ -302,10 +326,16 @@ impl EngineCore {
         self.accept(seq, sampled);
     }
 
-    fn sample_with(&self, state: &mut SeqState, req_id: &str, row: &mut [f32]) -> Sampled {
+    fn sample_with(&mut self, state: &mut SeqState, req_id: &str, row: &mut [f32]) -> Sampled {
         let req = &self.requests[req_id];
         let suppress = self.suppressed(state, req_id);
-        let sampled = state.sampler.sample(row, &req.sampling, &suppress);
+        let (params, sampler) = (&req.sampling, &mut state.sampler);
+        let (sampled, mask_time) = match &state.grammar {
+            // A matcher error is reported when the token is fed to it (`accept`).
+            Some(g) => g.with_mask(|mask| sampler.sample_masked(row, params, &suppress, mask.ok())),
+            None => (sampler.sample(row, params, &suppress), None),
+        };
+        self.record_mask_time(mask_time);
         state.sampler.record(sampled.token);
         sampled
     }
@@ -313,6 +343,10 @@ impl EngineCore {
     /// Handles a sampled token: text, stop checks, the delta, and finishing.
     fn accept(&mut self, seq: SeqId, sampled: Sampled) {
         let token = sampled.token;
+        let grammar_complete = match self.advance_grammar(seq, token) {
+            Ok(complete) => complete,
+            Err(message) => return self.fail_request_of(seq, &message),
+        };
         let now = Instant::now();
         self.counters.generation_tokens_total += 1;
         self.generation_rate.add(now, 1);
@@ -363,6 +397,11 @@ impl EngineCore {
                 text = piece;
             }
         }
+        if finish.is_none() && grammar_complete {
+            // Nothing can follow: the choice ends here, its held-back text released.
+            finish = Some(FinishReason::Stop);
+            text.push_str(&drain_text(state, &self.tokenizer));
+        }
         let total_len = req.prompt_len + state.generated;
         if finish.is_none() && (state.generated >= req.stop.max_tokens || total_len >= self.limits.max_model_len) {
             finish = Some(FinishReason::Length);
@@ -379,6 +418,9 @@ impl EngineCore {
                     finish_reason: None,
                     stop_reason: None,
                 }));
+                if let Some(g) = &state.grammar {
+                    g.request_mask(&mut self.mask_workers);
+                }
             }
         }
     }
@@ -402,10 +444,7 @@ impl EngineCore {
         };
         req.cached_tokens = req.cached_tokens.max(cached);
         if reason == FinishReason::Length {
-            // Release what the detokenizer and the stop matcher still hold.
-            let tail = state.detok.finish(&self.tokenizer).unwrap_or_default();
-            text.push_str(&state.stop.push(&tail).emit);
-            text.push_str(&state.stop.finish());
+            text.push_str(&drain_text(&mut state, &self.tokenizer));
         }
         let (token_ids, logprobs) = match last {
             Some((t, lp)) => (vec![t], lp),
@@ -470,6 +509,15 @@ impl EngineCore {
     pub fn mark_progress(&mut self) {
         self.last_progress = Instant::now();
     }
+}
+
+/// What the detokenizer and the stop matcher still hold, released at a finish that is not a stop
+/// string or token.
+fn drain_text(state: &mut SeqState, tokenizer: &Tokenizer) -> String {
+    let tail = state.detok.finish(tokenizer).unwrap_or_default();
+    let mut text = state.stop.push(&tail).emit;
+    text.push_str(&state.stop.finish());
+    text
 }
 
 impl std::fmt::Debug for EngineCore {

@@ -1,10 +1,11 @@
 //! The engine's side of reducing logits on the device (`sampling::reduce`): before a step, one
 //! [`RowPlan`] per row that samples (only when the model reduces on its device); after it,
 //! sampling a sequence from its reduced row. Rows planned `Full` take the host path
-//! (`EngineCore::sample_seq`), so results are the same either way.
+//! (`EngineCore::sample_seq`), so results are the same either way. A constrained sequence's
+//! reduced row carries its structured-output mask (the device applies it; no row is copied).
 
 use super::{EngineCore, SeqState};
-use crate::sampling::reduce::{Reduced, RowPlan};
+use crate::sampling::reduce::{Reduced, Reduction, RowPlan};
 use crate::scheduler::{Schedule, SeqId};
 
 impl EngineCore {
@@ -20,7 +21,11 @@ impl EngineCore {
                 Some(state) => match self.requests.get(&state.request) {
                     // The first token of an `n > 1` request forks from the full row.
                     Some(req) if req.forked => {
-                        state.sampler.plan_row(&req.sampling, &self.suppressed(state, &state.request))
+                        let mut plan = state.sampler.plan_row(&req.sampling, &self.suppressed(state, &state.request));
+                        if plan.reduction != Reduction::Full {
+                            plan.mask = Self::plan_mask(state);
+                        }
+                        plan
                     }
                     _ => RowPlan::full(),
                 },
@@ -40,7 +45,12 @@ impl EngineCore {
             return;
         };
         let suppress = self.suppressed(&state, &state.request);
-        let sampled = state.sampler.sample_reduced(reduced, &req.sampling, &suppress);
+        let (params, sampler) = (&req.sampling, &mut state.sampler);
+        let (sampled, mask_time) = match &state.grammar {
+            Some(g) => g.with_mask(|mask| sampler.sample_reduced(reduced, params, &suppress, mask.ok())),
+            None => (sampler.sample_reduced(reduced, params, &suppress, None), None),
+        };
+        self.record_mask_time(mask_time);
         state.sampler.record(sampled.token);
         self.seqs.insert(seq, state);
         self.scheduler.append_token(seq, sampled.token);

@@ -4,8 +4,10 @@
 //! token ids, optional log-probabilities and, on a choice's last delta, its finish reason), then
 //! exactly one [`EngineEvent::Finished`] with usage and timings, or one [`EngineEvent::Failed`].
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::grammar::CompiledGrammar;
 use crate::sampling::{SamplingParams, StopParams};
 use crate::{Result, TokenId, WorkerError};
 
@@ -24,6 +26,9 @@ pub struct EngineRequest {
     pub n: usize,
     pub skip_special_tokens: bool,
     pub arrival: Instant,
+    /// A structured-output constraint, compiled by the replica's `GrammarCompiler`: every
+    /// choice's tokens stay inside it, and a choice ends (`stop`) when it is complete.
+    pub constraint: Option<Arc<CompiledGrammar>>,
 }
 
 impl EngineRequest {
@@ -42,6 +47,7 @@ impl EngineRequest {
             n: 1,
             skip_special_tokens: true,
             arrival: Instant::now(),
+            constraint: None,
         }
     }
 }
@@ -100,7 +106,8 @@ impl EngineLimits {
 /// Why a choice ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
-    /// End-of-sequence, a stop token or a stop string.
+    /// End-of-sequence, a stop token, a stop string, or a structured-output constraint that is
+    /// complete.
     Stop,
     /// `max_tokens` or the context length was reached.
     Length,

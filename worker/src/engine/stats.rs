@@ -78,6 +78,9 @@ pub const REQUEST_TIME_BUCKETS: [f64; 21] = [
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
     1920.0, 7680.0,
 ];
+/// Lumen's structured-output mask time: 10 us to 100 ms, finer below 1 ms (the target).
+pub const MASK_TIME_BUCKETS: [f64; 14] =
+    [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2, 1e-1];
 
 /// 1, 2, 5, 10, 20, 50, ... up to and including `max` (vLLM's buckets for token counts).
 pub fn one_two_five_buckets(max: usize) -> Vec<f64> {
@@ -172,6 +175,8 @@ pub struct EngineHistograms {
     pub prompt_tokens: Histogram,
     /// Generated tokens per finished request (all choices).
     pub generation_tokens: Histogram,
+    /// Time to compute one structured-output mask (one per constrained token).
+    pub structured_output_mask: Histogram,
 }
 
 impl EngineHistograms {
@@ -185,6 +190,7 @@ impl EngineHistograms {
             queue_time: Histogram::new(&REQUEST_TIME_BUCKETS),
             prompt_tokens: Histogram::new(&tokens),
             generation_tokens: Histogram::new(&tokens),
+            structured_output_mask: Histogram::new(&MASK_TIME_BUCKETS),
         }
     }
 }

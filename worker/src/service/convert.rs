@@ -29,6 +29,7 @@ use crate::engine::{
     ChoiceDelta, EngineLimits, EngineOptions, EngineStats, FinishReason, RequestTimings, StopReason, TokenLogprob,
     Usage,
 };
+use crate::grammar::{Constraint, ConstraintKind};
 use crate::sampling::{SamplingParams, StopParams};
 use crate::tokenizer::{ChatMessage, ChatTemplateOptions, Tokenizer};
 
@@ -226,6 +227,31 @@ pub fn stop_params(p: Option<&pb::StopParams>, prompt_tokens: usize, limits: &En
     }
 }
 
+// ---- structured outputs ----
+
+/// The engine's constraint of a request's `structured_output`; an empty one (no kind) is refused.
+pub fn constraint(p: &pb::StructuredOutput) -> Result<Constraint, ServiceError> {
+    use pb::structured_output::Kind;
+    let param = if p.param.is_empty() { "structured_outputs".to_string() } else { p.param.clone() };
+    let kind = match &p.kind {
+        Some(Kind::JsonSchema(schema)) => ConstraintKind::JsonSchema(schema.clone()),
+        Some(Kind::JsonObject(_)) => ConstraintKind::JsonObject,
+        Some(Kind::Regex(rx)) => ConstraintKind::Regex(rx.clone()),
+        Some(Kind::Choice(list)) => ConstraintKind::Choice(list.choices.clone()),
+        Some(Kind::Grammar(g)) => ConstraintKind::Lark(g.clone()),
+        None => {
+            return Err(ServiceError::InvalidConstraint { param, reason: "no constraint kind is set".into() });
+        }
+    };
+    Ok(Constraint {
+        kind,
+        disable_any_whitespace: p.disable_any_whitespace,
+        disable_additional_properties: p.disable_additional_properties,
+        whitespace_pattern: (!p.whitespace_pattern.is_empty()).then(|| p.whitespace_pattern.clone()),
+        param,
+    })
+}
+
 // ---- events ----
 
 pub fn started_event(prompt_tokens: usize, prompt: Option<EncodedPrompt>) -> pb::GenerateEvent {
@@ -321,6 +347,7 @@ fn histograms(h: &EngineHistograms) -> Vec<pb::HistogramSnapshot> {
         (names::REQUEST_QUEUE_TIME, &h.queue_time),
         (names::REQUEST_PROMPT_TOKENS, &h.prompt_tokens),
         (names::REQUEST_GENERATION_TOKENS, &h.generation_tokens),
+        (names::STRUCTURED_OUTPUT_MASK, &h.structured_output_mask),
     ];
     named.into_iter().map(|(name, h)| histogram(name, h)).collect()
 }

@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, Stream};
@@ -35,6 +36,7 @@ use super::convert::{self, EncodedPrompt, PromptRef, wire_u32};
 use super::health;
 use super::node::{InFlight, WorkerNode};
 use crate::engine::{EngineEvent, EngineRequest, RequestStream};
+use crate::grammar::{CompiledGrammar, Constraint, GrammarCompiler};
 use crate::tokenizer::Tokenizer;
 
 /// HTTP/2 keepalive pings, so a vanished head is noticed on idle connections.
@@ -93,6 +95,28 @@ async fn encode_blocking(
     tokio::task::spawn_blocking(move || prompt(&tokenizer))
         .await
         .map_err(|e| ServiceError::Internal(format!("tokenizing panicked: {e}")))?
+}
+
+/// The longest a constraint may take to compile before the request is refused (llguidance's fuel
+/// limits end a runaway compilation on its own; this bounds what the caller waits for).
+const COMPILE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Compiles a structured-output constraint off the async runtime (cached by its text).
+async fn compile_blocking(
+    grammars: &Arc<GrammarCompiler>,
+    constraint: Constraint,
+) -> Result<Arc<CompiledGrammar>, ServiceError> {
+    let grammars = Arc::clone(grammars);
+    let param = constraint.param.clone();
+    let task = tokio::task::spawn_blocking(move || grammars.compile(&constraint));
+    let compiled = match tokio::time::timeout(COMPILE_TIMEOUT, task).await {
+        Ok(joined) => joined.map_err(|e| ServiceError::Internal(format!("compiling a constraint panicked: {e}")))?,
+        Err(_) => {
+            let reason = format!("compiling it took longer than {} s", COMPILE_TIMEOUT.as_secs());
+            return Err(ServiceError::InvalidConstraint { param, reason });
+        }
+    };
+    compiled.map_err(|e| ServiceError::InvalidConstraint { param, reason: e.to_string() })
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
@@ -177,6 +201,10 @@ impl WorkerService {
         );
         engine_req.n = if req.n == 0 { 1 } else { req.n as usize };
         engine_req.skip_special_tokens = req.skip_special_tokens;
+        if let Some(structured) = &req.structured_output {
+            let constraint = convert::constraint(structured)?;
+            engine_req.constraint = Some(compile_blocking(handle.grammars(), constraint).await?);
+        }
         let stream = handle.generate(engine_req).await?;
         tracing::debug!(prompt_tokens, "request queued");
         let started = convert::started_event(prompt_tokens, want_text.then_some(encoded));

@@ -63,6 +63,11 @@ pub enum ServiceError {
     #[error("invalid `{param}`: {reason}")]
     InvalidRequest { param: &'static str, reason: String },
 
+    /// A structured-output constraint that cannot be used (it does not compile, hits a limit,
+    /// or the model cannot run constraints); `param` is the API field it came from.
+    #[error("invalid `{param}`: {reason}")]
+    InvalidConstraint { param: String, reason: String },
+
     /// An error from the engine, the tokenizer or the chat template.
     #[error(transparent)]
     Worker(#[from] WorkerError),
@@ -109,6 +114,9 @@ impl From<ServiceError> for Status {
                 with_param(Status::failed_precondition(message), worker_error_param(source))
             }
             ServiceError::InvalidRequest { param, .. } => with_param(Status::invalid_argument(message), Some(param)),
+            ServiceError::InvalidConstraint { param, .. } => {
+                with_param(Status::invalid_argument(message), Some(param.as_str()))
+            }
             ServiceError::Worker(w) => match w {
                 WorkerError::InvalidParameter { .. }
                 | WorkerError::ContextTooLong { .. }

@@ -1,0 +1,56 @@
+//! The engine's side of structured outputs (`grammar`): a constrained sequence's matcher starts
+//! with it and its first mask is requested at once (computed while the prompt is prefilled);
+//! each accepted token advances the matcher and, if the choice goes on, the next mask is
+//! requested (computed while the next forward pass runs); sampling waits for it. A complete
+//! grammar ends the choice with `stop`; a matcher error (a limit hit mid-generation) fails the
+//! request, since its output could no longer be guaranteed.
+
+use std::time::Duration;
+
+use super::{EngineCore, SeqState};
+use crate::engine::EngineEvent;
+use crate::grammar::{Advance, CompiledGrammar, SeqGrammar, TokenMask};
+use crate::scheduler::SeqId;
+
+impl EngineCore {
+    /// A new sequence's matcher, its first mask already on its way.
+    pub(super) fn start_grammar(&mut self, compiled: &CompiledGrammar) -> SeqGrammar {
+        let grammar = SeqGrammar::new(compiled);
+        grammar.request_mask(&mut self.mask_workers);
+        grammar
+    }
+
+    /// Feeds `token` to `seq`'s matcher: `Ok(true)` when the grammar is now complete, `Ok(false)`
+    /// when it goes on (or the sequence is unconstrained), `Err` with the reason it failed.
+    pub(super) fn advance_grammar(&mut self, seq: SeqId, token: crate::TokenId) -> Result<bool, String> {
+        match self.seqs.get(&seq).and_then(|s| s.grammar.as_ref()).map(|g| g.advance(token)) {
+            None | Some(Advance::Continue) => Ok(false),
+            Some(Advance::Stopped) => Ok(true),
+            Some(Advance::Failed(e)) => Err(format!("structured output: {e}")),
+        }
+    }
+
+    /// The mask a device applies to `state`'s row while reducing it.
+    pub(super) fn plan_mask(state: &SeqState) -> Option<TokenMask> {
+        state.grammar.as_ref().map(SeqGrammar::token_mask)
+    }
+
+    pub(super) fn record_mask_time(&mut self, time: Option<Duration>) {
+        if let Some(time) = time {
+            self.counters.histograms.structured_output_mask.observe_duration(time);
+        }
+    }
+
+    /// Ends `seq`'s whole request with a failure: every choice is dropped and its blocks freed.
+    pub(super) fn fail_request_of(&mut self, seq: SeqId, message: &str) {
+        let Some(req_id) = self.seqs.get(&seq).map(|s| s.request.clone()) else { return };
+        let Some(req) = self.requests.remove(&req_id) else { return };
+        for s in &req.live {
+            self.seqs.remove(s);
+            self.scheduler.remove(*s);
+        }
+        self.counters.requests_finished_abort += req.live.len() as u64;
+        tracing::warn!(request_id = %req_id, %message, "request failed");
+        let _ = req.tx.send(EngineEvent::Failed(message.to_string()));
+    }
+}
