@@ -8,8 +8,14 @@
 // -inf, +inf as FLT_MAX, -0 equal to +0) through an order-preserving u32 key; ties go to the
 // lower id, as in `row::argmax` and `row::top_k_into`.
 //
-// One block of THREADS threads per row. Per row, `desc` holds 4 u32: mode (0: leave the row, 1:
-// argmax, 2: top-k), k, first edit, edit count; each edit is 5 u32: token, flags (1: repetition,
+// Structured outputs: a row may have a token mask (packed bits, bit i % 32 of word i / 32 set iff
+// id i is allowed); a masked id reads as -inf in every pass of the reduction, exactly as the CPU
+// sampler sets it to -inf (after the edits: -inf absorbs them, so the order does not matter).
+// The row itself is never copied or rewritten for it.
+//
+// One block of THREADS threads per row. Per row, `desc` holds 5 u32: mode (0: leave the row, 1:
+// argmax, 2: top-k), k, first edit, edit count, mask slot (NO_MASK: none; else the row's mask is
+// `masks + slot * mask_words`); each edit is 5 u32: token, flags (1: repetition,
 // 2: subtract, 4: bias, 8: suppress), then the f32 bits of repetition, subtract and bias. `out`
 // holds OUT_STRIDE u32 per row: [0] the argmax (0xFFFFFFFF when every value is -inf) or the best
 // candidate, [1, 1 + k) the candidates' ids best first, [1 + TOPK_MAX, 1 + TOPK_MAX + k) their
@@ -21,6 +27,8 @@
 #define OUT_STRIDE (1 + 2 * TOPK_MAX)
 #define THREADS 1024
 #define NO_TOKEN 0xFFFFFFFFu
+#define NO_MASK 0xFFFFFFFFu
+#define DESC 5
 
 __device__ __forceinline__ float sanitize(float x) {
     x = (x >= -INFINITY) ? x : -INFINITY;  // false only for NaN
@@ -32,6 +40,12 @@ __device__ __forceinline__ uint32_t key_of(float x) {
     const float s = sanitize(x);
     uint32_t b = s == 0.f ? 0u : __float_as_uint(s);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// The key of row[i] under `mask` (nullptr: no mask): a masked id is -inf.
+__device__ __forceinline__ uint32_t masked_key(const float* row, const uint32_t* mask, int i) {
+    if (mask != nullptr && ((mask[i >> 5] >> (i & 31)) & 1u) == 0u) return key_of(-INFINITY);
+    return key_of(row[i]);
 }
 
 __device__ __forceinline__ float value_of(uint32_t key) {
@@ -60,11 +74,11 @@ __device__ void apply_edits(float* row, int vocab, const uint32_t* edits, int co
     }
 }
 
-__device__ void row_argmax(const float* row, int vocab, uint32_t* out) {
+__device__ void row_argmax(const float* row, const uint32_t* mask, int vocab, uint32_t* out) {
     __shared__ uint32_t s_key[THREADS / 32], s_id[THREADS / 32];
     uint32_t bk = 0, bi = NO_TOKEN;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const uint32_t k = key_of(row[i]);
+        const uint32_t k = masked_key(row, mask, i);
         if (k > bk) { bk = k; bi = i; }  // ids rise within a thread: the first of equals stays
     }
 #pragma unroll
@@ -88,7 +102,7 @@ __device__ void row_argmax(const float* row, int vocab, uint32_t* out) {
     }
 }
 
-__device__ void row_top_k(const float* row, int vocab, int k, uint32_t* out) {
+__device__ void row_top_k(const float* row, const uint32_t* mask, int vocab, int k, uint32_t* out) {
     __shared__ uint32_t hist[256];
     __shared__ uint32_t s_prefix, s_remaining, s_gt;
     __shared__ uint32_t warp_eq[THREADS / 32];
@@ -103,7 +117,7 @@ __device__ void row_top_k(const float* row, int vocab, int k, uint32_t* out) {
         __syncthreads();
         for (int base = 0; base < vocab; base += blockDim.x) {
             const int i = base + threadIdx.x;
-            const uint32_t key = i < vocab ? key_of(row[i]) : 0u;
+            const uint32_t key = i < vocab ? masked_key(row, mask, i) : 0u;
             const uint32_t digit = (i < vocab && (key & mask) == prefix) ? (key >> shift) & 255u : 256u;
             // Logits crowd into few digits: one atomic per group of equal digits in the warp.
             const uint32_t peers = __match_any_sync(0xffffffffu, digit);
@@ -134,7 +148,7 @@ __device__ void row_top_k(const float* row, int vocab, int k, uint32_t* out) {
     uint32_t eq_before = 0;
     for (int base = 0; base < vocab; base += blockDim.x) {
         const int i = base + threadIdx.x;
-        const uint32_t key = i < vocab ? key_of(row[i]) : 0u;
+        const uint32_t key = i < vocab ? masked_key(row, mask, i) : 0u;
         if (i < vocab && key > threshold) {
             const uint32_t slot = atomicAdd(&s_gt, 1u);
             cand_key[slot] = key;
@@ -169,20 +183,23 @@ __device__ void row_top_k(const float* row, int vocab, int k, uint32_t* out) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) reduce_rows(
-    float* logits, int vocab, const uint32_t* desc, const uint32_t* edits, uint32_t* out) {
+extern "C" __global__ void __launch_bounds__(THREADS) reduce_rows(float* logits, int vocab, const uint32_t* desc,
+                                                                   const uint32_t* edits, const uint32_t* masks,
+                                                                   int mask_words, uint32_t* out) {
     await_previous_kernel();
     const int r = blockIdx.x;
-    const uint32_t mode = desc[4 * r], k = desc[4 * r + 1];
+    const uint32_t* d = desc + DESC * (size_t)r;
+    const uint32_t mode = d[0], k = d[1], slot = d[4];
     if (mode == 0) return;
     float* row = logits + (size_t)r * vocab;
-    apply_edits(row, vocab, edits + 5 * (size_t)desc[4 * r + 2], (int)desc[4 * r + 3]);
+    const uint32_t* mask = slot == NO_MASK ? nullptr : masks + (size_t)slot * mask_words;
+    apply_edits(row, vocab, edits + 5 * (size_t)d[2], (int)d[3]);
     __syncthreads();
     uint32_t* o = out + (size_t)r * OUT_STRIDE;
     if (mode == 1) {
-        row_argmax(row, vocab, o);
+        row_argmax(row, mask, vocab, o);
     } else {
         const int kk = (int)min(min(k, (uint32_t)TOPK_MAX), (uint32_t)vocab);
-        if (kk > 0) row_top_k(row, vocab, kk, o);
+        if (kk > 0) row_top_k(row, mask, vocab, kk, o);
     }
 }

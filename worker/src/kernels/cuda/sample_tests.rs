@@ -1,12 +1,14 @@
 //! `reduce_rows` (sample.cu) against its CPU reference `sampling::reduce::reduce_row` on random
-//! rows full of ties, NaN and infinities, with random edits: the results must be identical (the
-//! device path is exact, not approximate). Needs a GPU.
+//! rows full of ties, NaN and infinities, with random edits and structured-output masks (dense,
+//! sparse, one id, none at all): the results must be identical (the device path is exact, not
+//! approximate). Needs a GPU.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::CudaKernels;
 use super::pack::HostPack;
-use super::sample::{OUT_STRIDE, pack_plans, unpack};
+use super::sample::{OUT_STRIDE, pack_masks, pack_plans, unpack};
+use crate::grammar::{TokenMask, mask_words};
 use crate::sampling::reduce::{DEVICE_TOP_K_MAX, ReducedRows, Reduction, RowPlan, RowResult, TokenEdit, reduce_row};
 use crate::splitmix::SplitMix64;
 
@@ -45,7 +47,20 @@ fn plan(s: &mut SplitMix64, vocab: usize) -> RowPlan {
             suppress: s.below(5) == 0,
         })
         .collect();
-    RowPlan { reduction, edits }
+    RowPlan { reduction, edits, mask: (s.below(3) == 0).then(|| mask(s, vocab)) }
+}
+
+/// A structured-output mask: half the ids, one in 64, a single id, or none.
+fn mask(s: &mut SplitMix64, vocab: usize) -> TokenMask {
+    let mut words = vec![0u32; mask_words(vocab)];
+    let odds = [2, 64, 0, usize::MAX][s.below(4)];
+    let mut allow = |id: usize| words[id / 32] |= 1 << (id % 32);
+    match odds {
+        0 => allow(s.below(vocab)),
+        usize::MAX => {}
+        n => (0..vocab).filter(|_| s.below(n) == 0).for_each(&mut allow),
+    }
+    TokenMask::from_words(words)
 }
 
 #[test]
@@ -65,8 +80,19 @@ fn reduce_rows_gives_exactly_the_cpu_references_tokens_and_candidates() {
             plans.push(plan(&mut s, vocab));
         }
         plans[3].reduction = Reduction::TopK(5);
+        plans[3].mask = None;
         plans[5].reduction = Reduction::Argmax;
         plans[5].edits.clear();
+        // A greedy and a top-k row that the mask alone decides (its one allowed id, or nothing).
+        let only = |id: usize| {
+            let mut words = vec![0u32; mask_words(vocab)];
+            words[id / 32] |= 1 << (id % 32);
+            TokenMask::from_words(words)
+        };
+        plans[6].reduction = Reduction::Argmax;
+        plans[6].mask = Some(only(vocab - 1));
+        plans[7].reduction = Reduction::TopK(3);
+        plans[7].mask = Some(TokenMask::from_words(vec![0; mask_words(vocab)]));
 
         let mut want = ReducedRows::default();
         for (row, plan) in logits.chunks_exact(vocab).zip(&plans) {
@@ -77,7 +103,11 @@ fn reduce_rows_gives_exactly_the_cpu_references_tokens_and_candidates() {
         let mut pack = HostPack::default();
         let packed = pack_plans(&mut pack, &plans);
         let meta = pack.upload(&dev).unwrap();
-        let out = k.reduce_rows(&device_logits, meta.ptr(packed.desc()), meta.ptr(packed.edits())).unwrap();
+        let mut mask_pack = HostPack::default();
+        let masks = pack_masks(&mut mask_pack, &plans, vocab).map(|section| (mask_pack.upload(&dev).unwrap(), section));
+        assert!(masks.is_some(), "some reduced rows are masked");
+        let mask_ptr = masks.as_ref().map_or(0, |(pack, section)| pack.ptr(*section));
+        let out = k.reduce_rows(&device_logits, meta.ptr(packed.desc()), meta.ptr(packed.edits()), mask_ptr).unwrap();
         let words = out.to_vec1::<u32>().unwrap();
         assert_eq!(words.len(), rows * OUT_STRIDE);
         let mut got = ReducedRows::default();
@@ -100,5 +130,8 @@ fn reduce_rows_gives_exactly_the_cpu_references_tokens_and_candidates() {
         // A row of -inf stays -inf under any edit: its 5 best are its first 5 ids.
         let RowResult::TopK(r3) = got.rows[3].clone() else { panic!("row 3 is planned top-k") };
         assert_eq!(got.candidates[r3].iter().map(|c| c.0).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        // A mask that allows nothing reads the whole row as -inf: the 3 best are the first 3 ids.
+        let RowResult::TopK(r7) = got.rows[7].clone() else { panic!("row 7 is planned top-k") };
+        assert_eq!(got.candidates[r7].iter().map(|c| c.0).collect::<Vec<_>>(), [0, 1, 2]);
     }
 }

@@ -38,7 +38,7 @@ use crate::kernels::cpu::attention::CacheLayout;
 use crate::kernels::cuda::attention::AttentionPlan;
 use crate::kernels::cuda::ops::RopeTables;
 use crate::kernels::cuda::pack::HostPack;
-use crate::kernels::cuda::sample::{self as reduce_kernel, pack_plans};
+use crate::kernels::cuda::sample::{self as reduce_kernel, pack_masks, pack_plans};
 use crate::kernels::cuda::scratch::LayerScratch;
 use crate::kernels::cuda::{CudaKernels, gpu_error};
 use crate::kv_cache::cuda_storage::CudaKvStorage;
@@ -70,6 +70,8 @@ pub struct CudaLlama {
     rope: RopeTables,
     cache: CudaKvStorage,
     pack: HostPack,
+    /// The step's structured-output masks (uploaded after the layers are queued).
+    mask_pack: HostPack,
     /// `forward`'s rows (every row in full).
     full: ReducedRows,
     timing: StepTiming,
@@ -115,6 +117,7 @@ impl CudaLlama {
             weights,
             rope,
             pack: HostPack::default(),
+            mask_pack: HostPack::default(),
             full: ReducedRows::default(),
             timing: StepTiming::decode(),
             prefill_timing: StepTiming::prefill(),
@@ -208,7 +211,7 @@ impl CudaLlama {
         self.forward(&prefill)?;
         let mut decode = ForwardBatch::default();
         decode.push_seq(&[4], 3, &[0], block_size, true);
-        let greedy = [RowPlan { reduction: Reduction::Argmax, edits: Vec::new() }];
+        let greedy = [RowPlan { reduction: Reduction::Argmax, edits: Vec::new(), mask: None }];
         self.forward_reduced(&decode, &greedy, &mut ReducedRows::default())?;
         self.timing = StepTiming::decode();
         self.prefill_timing = StepTiming::prefill();
@@ -289,7 +292,16 @@ impl CudaLlama {
         let logits = logits.to_dtype(DType::F32).map_err(|e| gpu_error("logits to f32", e))?;
         ops.mark(stream, "logits")?;
         let reduced = match packed_plans {
-            Some(p) => Some(k.reduce_rows(&logits, meta.ptr(p.desc()), meta.ptr(p.edits()))?),
+            Some(p) => {
+                // Structured-output masks were computed on the host while the layers ran: they
+                // are waited for, and uploaded, only now.
+                let masks = match pack_masks(&mut self.mask_pack, plans, c.vocab_size) {
+                    Some(section) => Some((self.mask_pack.upload(k.device())?, section)),
+                    None => None,
+                };
+                let mask_ptr = masks.as_ref().map_or(0, |(pack, section)| pack.ptr(*section));
+                Some(k.reduce_rows(&logits, meta.ptr(p.desc()), meta.ptr(p.edits()), mask_ptr)?)
+            }
             None => None,
         };
         ops.mark(stream, "sample")?;
