@@ -5,4 +5,5 @@ pub mod report;
 pub mod serve;
 pub mod soak;
 mod sse;
+pub mod structured;
 mod workload;

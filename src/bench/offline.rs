@@ -6,10 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lumen_worker::engine::{EngineEvent, EngineHandle, EngineOptions, EngineRequest, build_engine};
+use lumen_worker::grammar::{CompiledGrammar, Constraint, ConstraintKind};
 use lumen_worker::sampling::{SamplingParams, StopParams};
 use tokio::sync::Semaphore;
 
 use super::report::{Report, RequestRecord};
+use super::structured;
 use super::workload::{LoadArgs, token_prompts};
 
 /// Options of `lumen bench offline`.
@@ -28,6 +30,7 @@ pub struct OfflineArgs {
 }
 
 pub async fn run(args: OfflineArgs) -> anyhow::Result<Report> {
+    structured::check_fraction(args.load.structured_fraction)?;
     let opts = args.engine.clone();
     let core = tokio::task::spawn_blocking(move || build_engine(&opts)).await??;
     let (engine, _join) = EngineHandle::start(core, "bench").await?;
@@ -39,13 +42,17 @@ pub async fn run(args: OfflineArgs) -> anyhow::Result<Report> {
     let warm = request("warmup".into(), prompts.first().cloned().unwrap_or_else(|| vec![1]), 4);
     drive(&engine, warm).await?;
 
+    let constraint = schema_constraint(&engine, load.structured_fraction).await?;
     let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, prompt) in prompts.into_iter().enumerate() {
         let permit = Arc::clone(&limit).acquire_owned().await?;
         let engine = engine.clone();
-        let req = request(format!("bench-{i}"), prompt, load.output_len);
+        let mut req = request(format!("bench-{i}"), prompt, load.output_len);
+        if structured::is_constrained(i, load.structured_fraction) {
+            req.constraint = constraint.clone();
+        }
         tasks.push(tokio::spawn(async move {
             let record = drive(&engine, req).await;
             drop(permit);
@@ -57,9 +64,30 @@ pub async fn run(args: OfflineArgs) -> anyhow::Result<Report> {
         records.push(t.await??);
     }
     let duration = started.elapsed();
+    let masks = engine.stats().await?.histograms.structured_output_mask;
     engine.stop();
     let name = format!("lumen {}", engine.description());
-    Ok(Report::new(name, args.concurrency, load.input_len, load.output_len, duration, &records))
+    let mut report = Report::new(name, args.concurrency, load.input_len, load.output_len, duration, &records);
+    report.structured_fraction = load.structured_fraction;
+    let buckets = structured::Buckets {
+        bounds: masks.bounds().to_vec(),
+        cumulative: masks.cumulative_counts(),
+        count: masks.count(),
+    };
+    report.mask_ms = structured::mask_ms(&buckets);
+    Ok(report)
+}
+
+/// The benchmark schema compiled for the engine (once: the cache serves every request), when
+/// some requests use it.
+async fn schema_constraint(engine: &EngineHandle, fraction: f64) -> anyhow::Result<Option<Arc<CompiledGrammar>>> {
+    if fraction <= 0.0 {
+        return Ok(None);
+    }
+    let grammars = Arc::clone(engine.grammars());
+    let constraint = Constraint::new(ConstraintKind::JsonSchema(structured::schema().to_string()), "bench");
+    let compiled = tokio::task::spawn_blocking(move || grammars.compile(&constraint)).await?;
+    Ok(Some(compiled.context("compiling the benchmark schema")?))
 }
 
 fn request(id: String, prompt: Vec<u32>, output_len: usize) -> EngineRequest {

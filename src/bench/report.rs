@@ -68,6 +68,11 @@ pub struct Report {
     /// Offered load in requests/s (Poisson arrivals); `None` sends every request at once, as
     /// many in flight as `concurrency` allows.
     pub request_rate: Option<f64>,
+    /// The fraction of requests under a JSON schema (`--structured-fraction`).
+    pub structured_fraction: f64,
+    /// Structured-output mask computation time per token, p50 and p99 (ms); `None` when no
+    /// mask was computed.
+    pub mask_ms: Option<(f64, f64)>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -112,6 +117,8 @@ impl Report {
             failed: 0,
             failures: Vec::new(),
             request_rate: None,
+            structured_fraction: 0.0,
+            mask_ms: None,
         }
     }
 
@@ -138,6 +145,11 @@ impl Report {
         for (name, p) in [("TTFT", &self.ttft_ms), ("TPOT", &self.tpot_ms), ("ITL", &self.itl_ms)] {
             row(&mut t, &format!("{name} mean / p50 (ms):"), format!("{:.1} / {:.1}", p.mean, p.p50));
             row(&mut t, &format!("{name} p90 / p99 (ms):"), format!("{:.1} / {:.1}", p.p90, p.p99));
+        }
+        if self.structured_fraction > 0.0 {
+            row(&mut t, "Requests under a JSON schema:", format!("{:.0}%", self.structured_fraction * 100.0));
+            let mask = self.mask_ms.map_or_else(|| "-".to_string(), |(p50, p99)| format!("{p50:.3} / {p99:.3}"));
+            row(&mut t, "Mask time per token p50 / p99 (ms):", mask);
         }
         t
     }

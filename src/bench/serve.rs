@@ -29,6 +29,7 @@ use tokio::sync::Semaphore;
 
 use super::report::{Report, RequestRecord};
 use super::sse::{SseDecoder, StreamTally, clip};
+use super::structured;
 use super::workload::{Arrivals, LoadArgs, token_prompts, word_prompts};
 
 /// How many failure descriptions the report keeps.
@@ -214,6 +215,17 @@ impl Target {
         }
     }
 
+    /// The server's structured-output mask histogram (`GET {base}/metrics`); empty when the
+    /// server does not export it.
+    async fn mask_histogram(&self, base_url: &str) -> structured::Buckets {
+        let url = format!("{}/metrics", base_url.trim_end_matches('/'));
+        let page = match self.authorize(self.client.get(&url)).timeout(Duration::from_secs(30)).send().await {
+            Ok(resp) => resp.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        structured::Buckets::from_prometheus(&page, structured::MASK_SERIES)
+    }
+
     /// Sends one request and times its stream.
     async fn send(&self, body: &Value, prompt_tokens: usize) -> Result<RequestRecord, RequestFailure> {
         let sent = Instant::now();
@@ -294,6 +306,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
     if args.request_rate.is_nan() || args.request_rate <= 0.0 {
         bail!("--request-rate must be positive (or inf), got {}", args.request_rate);
     }
+    structured::check_fraction(args.load.structured_fraction)?;
     let target = Arc::new(Target::new(&args)?);
     let model = match &args.model {
         Some(m) => m.clone(),
@@ -303,14 +316,29 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
     let mut all = prompts(target.api, &args, args.load.num_prompts + args.warmup, args.load.seed);
     let warmups = all.split_off(args.load.num_prompts);
     let extra = args.extra_body.as_ref();
+    let fraction = args.load.structured_fraction;
     for (i, prompt) in warmups.into_iter().enumerate() {
-        let body = request_body(target.api, &model, prompt, args.load.output_len.min(16), extra);
+        let mut body = request_body(target.api, &model, prompt, args.load.output_len.min(16), extra);
+        // The first warm-up compiles the schema, so no timed request waits for it.
+        if i == 0 && fraction > 0.0 {
+            constrain(&mut body);
+        }
         if let Err(e) = target.send(&body, args.load.input_len).await {
             bail!("warm-up request {i} to {} failed: {e}", target.url);
         }
     }
-    let bodies: Vec<Value> =
-        all.into_iter().map(|p| request_body(target.api, &model, p, args.load.output_len, extra)).collect();
+    let bodies: Vec<Value> = all
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut body = request_body(target.api, &model, p, args.load.output_len, extra);
+            if structured::is_constrained(i, fraction) {
+                constrain(&mut body);
+            }
+            body
+        })
+        .collect();
+    let masks_before = target.mask_histogram(&args.base_url).await;
 
     let limit = args.concurrency.unwrap_or(args.load.num_prompts);
     let (outcomes, duration) =
@@ -324,7 +352,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
     report.failed = failures.len();
     report.failures = failures.into_iter().take(FAILURES_KEPT).collect();
     report.request_rate = args.request_rate.is_finite().then_some(args.request_rate);
+    report.structured_fraction = fraction;
+    if fraction > 0.0 {
+        let masks = target.mask_histogram(&args.base_url).await.since(&masks_before);
+        report.mask_ms = structured::mask_ms(&masks);
+    }
     Ok(report)
+}
+
+/// Puts a request under the benchmark's JSON schema.
+fn constrain(body: &mut Value) {
+    body["response_format"] =
+        json!({"type": "json_schema", "json_schema": {"name": "bench", "schema": structured::schema()}});
 }
 
 /// Sends every body on the arrival schedule, at most `limit` in flight; returns each request's

@@ -27,6 +27,10 @@ pub struct LoadArgs {
     /// Seed of the random prompts (and, for `serve`, of the arrival times).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Fraction of the requests (0 to 1, spread evenly) decoded under the benchmark's JSON schema
+    /// (structured outputs); the report then adds the mask time per token.
+    #[arg(long, default_value_t = 0.0)]
+    pub structured_fraction: f64,
 }
 
 /// `n` prompts of exactly `len` token ids drawn uniformly from `range` (HIGH exclusive).

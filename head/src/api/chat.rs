@@ -64,6 +64,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let generation = common.validate(RouteDefaults { max_tokens: 0, logprobs: want_logprobs.then_some(top) })?;
     let max_tokens_param = if fields.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     generation.check_context(max_tokens_param, card.max_model_len, None)?;
+    let structured_output = super::structured::from_body(&body)?;
 
     let id = request_id("chatcmpl");
     let span = tracing::info_span!("chat_completion", request_id = %id, model = %card.id);
@@ -76,6 +77,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         n: generation.n,
         skip_special_tokens: generation.skip_special_tokens,
         return_prompt: false,
+        structured_output,
     };
     let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
     let launch = stream::launch(&state, card.id.clone(), vec![request], generation.n, ticket, trace)

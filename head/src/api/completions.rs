@@ -71,6 +71,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         };
         generation.check_context("max_tokens", card.max_model_len, known)?;
     }
+    let structured_output = super::structured::from_body(&body)?;
     let n = generation.n;
     if prompts.len().saturating_mul(n as usize) > MAX_CHOICES {
         return Err(ApiError::param("n", format!("prompts times n must not exceed {MAX_CHOICES}")));
@@ -90,6 +91,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
             n,
             skip_special_tokens: generation.skip_special_tokens,
             return_prompt: echo,
+            structured_output: structured_output.clone(),
         })
         .collect();
     let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;

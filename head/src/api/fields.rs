@@ -5,8 +5,9 @@
 //! 400 saying Lumen does not support it, never an answer that quietly ignores the request.
 //!
 //! Informational fields (`user`, `request_id`, hints such as `stream_interval`) are checked and
-//! otherwise ignored. `response_format`, `tools` and the structured-output fields are not listed:
-//! they are handled (or not) elsewhere.
+//! otherwise ignored. `tools` is not listed (handled, or not, elsewhere), and neither are
+//! `response_format`, `structured_outputs` and the `guided_*` fields: [`super::structured`]
+//! checks and carries them.
 
 use serde_json::{Map, Value};
 

@@ -25,6 +25,7 @@ pub mod params;
 pub mod reasoning;
 pub mod sse;
 pub mod stream;
+pub mod structured;
 pub mod trace;
 
 use std::collections::HashMap;
