@@ -108,7 +108,7 @@ impl MaskCell {
                     *dst = *src;
                 }
                 // Bits past the vocabulary (the trie's spare capacity) stay clear.
-                if self.vocab % 32 != 0
+                if !self.vocab.is_multiple_of(32)
                     && let Some(last) = words.last_mut()
                 {
                     *last &= (1u32 << (self.vocab % 32)) - 1;

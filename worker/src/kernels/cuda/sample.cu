@@ -42,9 +42,9 @@ __device__ __forceinline__ uint32_t key_of(float x) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// The key of row[i] under `mask` (nullptr: no mask): a masked id is -inf.
-__device__ __forceinline__ uint32_t masked_key(const float* row, const uint32_t* mask, int i) {
-    if (mask != nullptr && ((mask[i >> 5] >> (i & 31)) & 1u) == 0u) return key_of(-INFINITY);
+// The key of row[i] under the token mask `allowed` (nullptr: no mask): a masked id is -inf.
+__device__ __forceinline__ uint32_t masked_key(const float* row, const uint32_t* allowed, int i) {
+    if (allowed != nullptr && ((allowed[i >> 5] >> (i & 31)) & 1u) == 0u) return key_of(-INFINITY);
     return key_of(row[i]);
 }
 
@@ -74,11 +74,11 @@ __device__ void apply_edits(float* row, int vocab, const uint32_t* edits, int co
     }
 }
 
-__device__ void row_argmax(const float* row, const uint32_t* mask, int vocab, uint32_t* out) {
+__device__ void row_argmax(const float* row, const uint32_t* allowed, int vocab, uint32_t* out) {
     __shared__ uint32_t s_key[THREADS / 32], s_id[THREADS / 32];
     uint32_t bk = 0, bi = NO_TOKEN;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const uint32_t k = masked_key(row, mask, i);
+        const uint32_t k = masked_key(row, allowed, i);
         if (k > bk) { bk = k; bi = i; }  // ids rise within a thread: the first of equals stays
     }
 #pragma unroll
@@ -102,7 +102,7 @@ __device__ void row_argmax(const float* row, const uint32_t* mask, int vocab, ui
     }
 }
 
-__device__ void row_top_k(const float* row, const uint32_t* mask, int vocab, int k, uint32_t* out) {
+__device__ void row_top_k(const float* row, const uint32_t* allowed, int vocab, int k, uint32_t* out) {
     __shared__ uint32_t hist[256];
     __shared__ uint32_t s_prefix, s_remaining, s_gt;
     __shared__ uint32_t warp_eq[THREADS / 32];
@@ -117,7 +117,7 @@ __device__ void row_top_k(const float* row, const uint32_t* mask, int vocab, int
         __syncthreads();
         for (int base = 0; base < vocab; base += blockDim.x) {
             const int i = base + threadIdx.x;
-            const uint32_t key = i < vocab ? masked_key(row, mask, i) : 0u;
+            const uint32_t key = i < vocab ? masked_key(row, allowed, i) : 0u;
             const uint32_t digit = (i < vocab && (key & mask) == prefix) ? (key >> shift) & 255u : 256u;
             // Logits crowd into few digits: one atomic per group of equal digits in the warp.
             const uint32_t peers = __match_any_sync(0xffffffffu, digit);
@@ -148,7 +148,7 @@ __device__ void row_top_k(const float* row, const uint32_t* mask, int vocab, int
     uint32_t eq_before = 0;
     for (int base = 0; base < vocab; base += blockDim.x) {
         const int i = base + threadIdx.x;
-        const uint32_t key = i < vocab ? masked_key(row, mask, i) : 0u;
+        const uint32_t key = i < vocab ? masked_key(row, allowed, i) : 0u;
         if (i < vocab && key > threshold) {
             const uint32_t slot = atomicAdd(&s_gt, 1u);
             cand_key[slot] = key;
@@ -192,14 +192,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) reduce_rows(float* logits,
     const uint32_t mode = d[0], k = d[1], slot = d[4];
     if (mode == 0) return;
     float* row = logits + (size_t)r * vocab;
-    const uint32_t* mask = slot == NO_MASK ? nullptr : masks + (size_t)slot * mask_words;
+    const uint32_t* allowed = slot == NO_MASK ? nullptr : masks + (size_t)slot * mask_words;
     apply_edits(row, vocab, edits + 5 * (size_t)d[2], (int)d[3]);
     __syncthreads();
     uint32_t* o = out + (size_t)r * OUT_STRIDE;
     if (mode == 1) {
-        row_argmax(row, mask, vocab, o);
+        row_argmax(row, allowed, vocab, o);
     } else {
         const int kk = (int)min(min(k, (uint32_t)TOPK_MAX), (uint32_t)vocab);
-        if (kk > 0) row_top_k(row, mask, vocab, kk, o);
+        if (kk > 0) row_top_k(row, allowed, vocab, kk, o);
     }
 }
