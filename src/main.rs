@@ -37,9 +37,9 @@ enum Command {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Push fixed-length requests through the engine in-process and report throughput and latency.
-    Offline(bench::offline::OfflineArgs),
+    Offline(Box<bench::offline::OfflineArgs>),
     /// Load an OpenAI-compatible server over HTTP (streamed requests, like `vllm bench serve`).
-    Serve(bench::serve::ServeArgs),
+    Serve(Box<bench::serve::ServeArgs>),
     /// Run a loopback cluster (head + workers) under load while killing and replacing workers
     /// and the head; count every request's end and each process's memory.
     Soak(Box<bench::soak::SoakArgs>),
@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Status(args) => cli::status::run(args).await?,
         Command::Bench(BenchCommand::Offline(args)) => {
             let json = args.json.clone();
-            let report = bench::offline::run(args).await?;
+            let report = bench::offline::run(*args).await?;
             print!("{}", report.table());
             let text = serde_json::to_string_pretty(&report)?;
             match json {
@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
                 None => println!("{text}"),
             }
         }
-        Command::Bench(BenchCommand::Serve(args)) => bench::serve::main(args).await?,
+        Command::Bench(BenchCommand::Serve(args)) => bench::serve::main(*args).await?,
         Command::Bench(BenchCommand::Soak(args)) => bench::soak::main(*args).await?,
     }
     Ok(())

@@ -10,6 +10,8 @@ mod report;
 mod serve;
 #[path = "../src/bench/sse.rs"]
 mod sse;
+#[path = "../src/bench/structured.rs"]
+mod structured;
 #[path = "../src/bench/workload.rs"]
 mod workload;
 

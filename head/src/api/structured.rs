@@ -51,9 +51,7 @@ pub fn from_body(body: &Map<String, Value>) -> Result<Option<pb::StructuredOutpu
         let (param, kind) = structured_outputs(so, &mut options)?;
         found.push((param, kind));
     }
-    for (name, kind) in guided_fields(body)? {
-        found.push((name.into(), kind));
-    }
+    found.extend(guided_fields(body)?);
     if let Some(pattern) = string_field(body, "guided_whitespace_pattern")? {
         options.whitespace_pattern = pattern;
     }
