@@ -9,9 +9,12 @@
 //!    sampled token to the matcher and 1. follows for the next step.
 //!
 //! A cell is locked by a worker for the whole computation and by the engine only between steps,
-//! so the two never contend except when the engine has to wait for a mask that is late.
+//! so the two never contend except when the engine needs a mask that is late: then it waits for
+//! a computation under way, or computes the mask itself when no worker has taken it yet (on a
+//! machine whose cores the forward pass keeps busy, a helper thread may not get a core in time;
+//! the engine never waits for one to be scheduled).
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -76,7 +79,6 @@ struct MaskState {
 
 struct MaskCell {
     state: Mutex<MaskState>,
-    done: Condvar,
     vocab: usize,
 }
 
@@ -85,17 +87,21 @@ impl MaskCell {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The state once no computation is pending.
+    /// The state once no computation is pending: waits for a worker that holds the cell, or
+    /// computes the mask here when none has taken it.
     fn settled(&self) -> MutexGuard<'_, MaskState> {
         let mut state = self.lock();
-        while state.pending {
-            state = self.done.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
+        self.compute_locked(&mut state);
         state
     }
 
+    /// A worker's job (a no-op when the engine got there first).
     fn compute(&self) {
         let mut state = self.lock();
+        self.compute_locked(&mut state);
+    }
+
+    fn compute_locked(&self, state: &mut MaskState) {
         if !state.pending {
             return;
         }
@@ -121,8 +127,6 @@ impl MaskCell {
         }
         state.compute_time = Some(started.elapsed());
         state.pending = false;
-        drop(state);
-        self.done.notify_all();
     }
 }
 
@@ -179,7 +183,7 @@ impl SeqGrammar {
 
     fn with_state(matcher: Matcher, words: Vec<u32>, vocab: usize) -> SeqGrammar {
         let state = MaskState { matcher, words, pending: false, error: None, compute_time: None };
-        SeqGrammar { cell: Arc::new(MaskCell { state: Mutex::new(state), done: Condvar::new(), vocab }) }
+        SeqGrammar { cell: Arc::new(MaskCell { state: Mutex::new(state), vocab }) }
     }
 
     /// Starts computing the mask of the current state on `workers`.
