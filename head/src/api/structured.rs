@@ -18,7 +18,8 @@
 //!   `structural_tag` in any form is refused as unsupported.
 //!
 //! For callers that build a constraint themselves (`tool_choice` "required" or a named function:
-//! a schema built from the tools), [`json_schema`] makes one from a schema value.
+//! a schema built from the tools), [`tool_call`] makes one from a schema value and refuses it
+//! beside the request's own constraint; [`json_schema`] makes one under any field name.
 
 use lumen_proto::v1 as pb;
 use pb::structured_output::Kind;
@@ -74,6 +75,19 @@ pub fn json_schema(schema: &Value, param: &str) -> pb::StructuredOutput {
         param: param.to_string(),
         ..pb::StructuredOutput::default()
     }
+}
+
+/// The constraint of a forced tool call (`tool_choice` "required" or a named function, `schema`
+/// built from the tools), refused beside a constraint the request already has ([`from_body`]'s):
+/// as in vLLM, a request constrains its output either way, not both.
+pub fn tool_call(existing: Option<&pb::StructuredOutput>, schema: &Value) -> Result<pb::StructuredOutput, ApiError> {
+    if let Some(other) = existing {
+        return Err(ApiError::param(
+            "tool_choice",
+            format!("a forced tool call cannot be combined with the structured-output constraint `{}`", other.param),
+        ));
+    }
+    Ok(json_schema(schema, "tool_choice"))
 }
 
 fn response_format(value: Option<&Value>) -> Result<Option<Kind>, ApiError> {

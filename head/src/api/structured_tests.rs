@@ -143,8 +143,17 @@ fn malformed_fields_are_refused_naming_them() {
 }
 
 #[test]
-fn a_schema_for_tool_calls_names_its_own_field() {
-    let so = json_schema(&json!({"type": "object"}), "tool_choice");
+fn a_forced_tool_call_constrains_alone_and_names_tool_choice() {
+    let schema = json!({"type": "object"});
+    let so = tool_call(None, &schema).unwrap();
     assert_eq!(so.param, "tool_choice");
     assert_eq!(so.kind, Some(Kind::JsonSchema(r#"{"type":"object"}"#.into())));
+    let user = parse(json!({"response_format": {"type": "json_object"}})).unwrap();
+    match tool_call(user.as_ref(), &schema) {
+        Err(ApiError::InvalidParam { param, message }) => {
+            assert_eq!(param, "tool_choice");
+            assert!(message.contains("response_format"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
