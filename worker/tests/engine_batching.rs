@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{PROMPTS, chat, engine, options, run};
+use common::{PROMPTS, chat, engine, options, preempting_options, run};
 use lumen_worker::TokenId;
 use lumen_worker::engine::{EngineCore, EngineRequest, FinishReason};
 use lumen_worker::sampling::{SamplingParams, StopParams};
@@ -63,13 +63,7 @@ fn greedy_output_is_the_same_alone_batched_chunked_cached_and_preempted() {
     assert_eq!(batched(&mut core), reference, "chunked prefill");
 
     // A cache too small for all sixteen at once: sequences are preempted and recomputed.
-    let small = lumen_worker::engine::EngineOptions {
-        kv_cache_memory: "12MiB".parse().unwrap(),
-        max_model_len: Some(256),
-        enable_prefix_caching: false,
-        ..options()
-    };
-    let mut core = engine(&small);
+    let mut core = engine(&preempting_options());
     assert_eq!(batched(&mut core), reference, "after preemption");
     let stats = core.stats();
     assert!(stats.preemptions_total > 0, "the small cache should force preemption: {stats:?}");

@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{PROMPTS, chat, engine, options, run};
+use common::{PROMPTS, chat, engine, options, preempting_options, run};
 use lumen_worker::TokenId;
 use lumen_worker::engine::{EngineCore, EngineOptions, EngineRequest, FinishReason};
 use lumen_worker::grammar::{CompiledGrammar, Constraint, ConstraintKind};
@@ -74,13 +74,7 @@ fn constrained_output_is_valid_and_the_same_batched_cached_and_preempted() {
     assert_eq!(batch(&mut core), reference, "prefix cache hits");
     assert!(core.stats().prefix_cache_hits > hits);
 
-    let small = EngineOptions {
-        kv_cache_memory: "12MiB".parse().unwrap(),
-        max_model_len: Some(256),
-        enable_prefix_caching: false,
-        ..options()
-    };
-    let mut core = engine(&small);
+    let mut core = engine(&preempting_options());
     assert_eq!(batch(&mut core), reference, "after preemption and recompute");
     let stats = core.stats();
     assert!(stats.preemptions_total > 0, "the small cache should force preemption: {stats:?}");

@@ -3,10 +3,8 @@
 //! and end-of-sequence, limits, the cache and the mask threads. Outputs come from random walks
 //! over the allowed tokens (a model that knows nothing), so only the constraint makes them valid.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use candle_core::quantized::gguf_file;
 use serde_json::Value;
 
 use super::mask::allows;
@@ -14,28 +12,7 @@ use super::toktrie_env::token_bytes;
 use super::*;
 use crate::TokenId;
 use crate::splitmix::SplitMix64;
-use crate::tokenizer::Tokenizer;
-
-fn models_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")
-}
-
-fn smollm2() -> &'static Tokenizer {
-    static TOK: OnceLock<Tokenizer> = OnceLock::new();
-    TOK.get_or_init(|| {
-        let path = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-        let mut file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        Tokenizer::from_gguf(&gguf_file::Content::read(&mut file).unwrap()).unwrap()
-    })
-}
-
-fn llama3() -> &'static Tokenizer {
-    static TOK: OnceLock<Tokenizer> = OnceLock::new();
-    TOK.get_or_init(|| {
-        let dir = models_dir().join("llama3.1-tokenizer");
-        Tokenizer::from_files(&dir.join("tokenizer.json"), Some(&dir.join("tokenizer_config.json"))).unwrap()
-    })
-}
+use crate::tokenizer::tests::{llama3, smollm2};
 
 /// SmolLM2's vocabulary: 49152 ids, the logits row width of the model.
 const SMOL_VOCAB: usize = 49_152;

@@ -46,6 +46,15 @@ fn params(s: &mut SplitMix64, case: usize) -> SamplingParams {
     p
 }
 
+/// The first reduced row of `out`, as the sampler takes it.
+fn first_row(out: &ReducedRows) -> Reduced<'_> {
+    match &out.rows[0] {
+        RowResult::Token(t) => Reduced::Token(*t),
+        RowResult::TopK(r) => Reduced::TopK(&out.candidates[r.clone()]),
+        RowResult::Full(_) => unreachable!("planned a reduction"),
+    }
+}
+
 #[test]
 fn a_reduced_row_samples_the_same_token_as_the_full_row() {
     let mut s = SplitMix64(7);
@@ -68,12 +77,7 @@ fn a_reduced_row_samples_the_same_token_as_the_full_row() {
             devicewise += 1;
             let mut out = ReducedRows::default();
             reduce_row(&mut row.clone(), &plan, &mut out);
-            let view = match &out.rows[0] {
-                RowResult::Token(t) => Reduced::Token(*t),
-                RowResult::TopK(r) => Reduced::TopK(&out.candidates[r.clone()]),
-                RowResult::Full(_) => unreachable!("planned a reduction"),
-            };
-            let got = reduced.sample_reduced(view, &p, &suppress, None).token;
+            let got = reduced.sample_reduced(first_row(&out), &p, &suppress, None).token;
             let want = full.sample(&mut row.clone(), &p, &suppress).token;
             assert_eq!(got, want, "case {case}: {p:?}");
             full.record(want);
@@ -139,12 +143,7 @@ fn a_masked_reduced_row_samples_the_same_allowed_token_as_the_masked_full_row() 
         plan.mask = Some(crate::grammar::TokenMask::from_words(words.clone()));
         let mut out = ReducedRows::default();
         reduce_row(&mut row.clone(), &plan, &mut out);
-        let view = match &out.rows[0] {
-            RowResult::Token(t) => Reduced::Token(*t),
-            RowResult::TopK(r) => Reduced::TopK(&out.candidates[r.clone()]),
-            RowResult::Full(_) => unreachable!("planned a reduction"),
-        };
-        let got = reduced.sample_reduced(view, &p, &suppress, Some(&words)).token;
+        let got = reduced.sample_reduced(first_row(&out), &p, &suppress, Some(&words)).token;
         let want = full.sample_masked(&mut row.clone(), &p, &suppress, Some(&words)).token;
         assert_eq!(got, want, "case {case}: {p:?}");
         assert!(words[got as usize / 32] & (1 << (got % 32)) != 0, "case {case}: {got} is not allowed");

@@ -22,7 +22,7 @@ mod pyjson;
 mod stop;
 mod strftime;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::HashSet;
 use std::path::Path;

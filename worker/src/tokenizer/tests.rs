@@ -13,7 +13,7 @@ fn models_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")
 }
 
-fn smollm2() -> &'static Tokenizer {
+pub(crate) fn smollm2() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
     TOK.get_or_init(|| {
         let path = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -24,7 +24,7 @@ fn smollm2() -> &'static Tokenizer {
     })
 }
 
-fn llama3() -> &'static Tokenizer {
+pub(crate) fn llama3() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
     TOK.get_or_init(|| {
         let dir = models_dir().join("llama3.1-tokenizer");

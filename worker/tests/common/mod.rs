@@ -30,6 +30,17 @@ pub fn options() -> EngineOptions {
     }
 }
 
+/// [`options`] with a cache too small for the sixteen [`PROMPTS`] at once (and no prefix
+/// caching): sequences are preempted and recomputed.
+pub fn preempting_options() -> EngineOptions {
+    EngineOptions {
+        kv_cache_memory: "12MiB".parse().unwrap(),
+        max_model_len: Some(256),
+        enable_prefix_caching: false,
+        ..options()
+    }
+}
+
 pub fn engine(opts: &EngineOptions) -> EngineCore {
     build_engine(opts).expect("building the engine")
 }
