@@ -7,7 +7,8 @@
 # own greedy tokens and log-probabilities (`hf-parity`); prints a table last.
 #
 #   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention]
-#                                     [attention] [serve] [hf-parity]   (default: tests bench parity)
+#                                     [attention] [serve] [hf-parity] [ptx] [a10g-plan]
+#                                                                        (default: tests bench parity)
 #
 # carry: gpu-pack (binaries, tokenizer, first half of the GGUF). The GGUF's second half comes in
 # a second call carrying gpu-smol (the machine keeps /tmp/lumen-gpu between warm calls):
@@ -17,7 +18,9 @@
 # LUMEN_CUDA_GEMV_MAX_ROWS=8 (the GEMV, not cuBLAS, for steps of 3-8 rows) for comparison.
 # `linear` times the linear layers alone against cuBLAS. `attention` compares the tensor-core
 # attention kernels with the CUDA-core ones (LUMEN_CUDA_ATTENTION=simt) offline at 32 and 256
-# streams and for one prompt's first token.
+# streams and for one prompt's first token. `ptx` runs the kernel tests on the JIT-compiled
+# compute_80 PTX (CUDA_FORCE_PTX_JIT=1, the code an A10G runs); `a10g-plan` logs the memory plan
+# of the reference deployment's settings with --gpu-memory-limit 22.3GiB.
 #   call 2: bash scripts/gpu/run-on-device.sh parity           carry [gpu-smol]
 # `hf-parity` (scripts/gpu/hf_parity.py) needs only the `lumen` binary and the tokenizer of
 # gpu-pack (python3 with torch and transformers is on the machine): transformers builds a
@@ -84,6 +87,13 @@ if [[ " $steps " == *" tests "* ]]; then
     row "GPU kernel tests (vs CPU references)" "$(grep -E '^test result' "$out/kernel-tests.log" | tail -1)"
 fi
 
+if [[ " $steps " == *" ptx "* ]]; then
+    # The kernels as an A10G (sm_86) runs them: the driver JIT-compiles the embedded compute_80
+    # PTX instead of loading the sm_90a machine code.
+    CUDA_FORCE_PTX_JIT=1 "$work/worker-tests" --test-threads=1 kernels::cuda 2>&1 | tee "$out/ptx-tests.log"
+    row "GPU kernel tests, PTX JIT (sm_80 path)" "$(grep -E '^test result' "$out/ptx-tests.log" | tail -1)"
+fi
+
 if [[ " $steps " == *" linear "* ]]; then
     # Linear layers alone: our GEMV against cuBLAS and the read rate, 1-64 rows.
     "$work/linear-bench" --json "$out/linear.json" 2>&1 | tee "$out/linear.txt"
@@ -101,7 +111,7 @@ if [[ " $steps " == *" parity "* ]]; then
     fi
 fi
 
-if [[ " $steps " == *" bench "* || " $steps " == *" profile"* || " $steps " == *" serve "* || " $steps " == *" attention "* ]]; then
+if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|a10g-plan)" " ]]; then
     mkdir -p "$model"
     cp "$work"/llama3.1-tokenizer/tokenizer*.json "$model/"
     cat > "$model/config.json" <<'JSON'
@@ -208,6 +218,18 @@ PY
     done
     ops=$(grep -h 'decode step timing' "$out/decode-c32-ops.log" | tail -1 | grep -oE 'ops_ms=.*$')
     row "decode step GPU ms by op (events), c=32" "${ops:-?}"
+fi
+
+if [[ " $steps " == *" a10g-plan "* ]]; then
+    # The reference deployment's memory plan (deploy/kubernetes/overlays/gpu-a10g/serve.yaml) as
+    # on its A10G: 22.3 GiB usable x 0.9, the 8B shape, max_model_len 8192, 64 sequences, 8192
+    # batched tokens. vLLM's on the A10G: weights 14.99 GiB, activations 0.85 GiB, KV 4.17 GiB.
+    "$work/lumen" bench offline --model "$model" --load-format dummy --device cuda --gpu-memory-limit 22.3GiB \
+        --gpu-memory-utilization 0.9 --max-model-len 8192 --max-num-seqs 64 --max-num-batched-tokens 8192 \
+        --input-len 16 --output-len 4 --num-prompts 1 > "$out/a10g-plan.txt" 2> "$out/a10g-plan.ansi.log"
+    sed 's/\x1b\[[0-9;]*m//g' "$out/a10g-plan.ansi.log" > "$out/a10g-plan.log"
+    plan=$(grep -h 'GPU memory plan' "$out/a10g-plan.log" | grep -oE 'plan=.*' | head -1)
+    row "A10G plan (--gpu-memory-limit 22.3GiB)" "${plan:-failed (see a10g-plan.log)}"
 fi
 
 if [[ " $steps " == *" attention "* ]]; then
