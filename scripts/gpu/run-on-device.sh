@@ -259,6 +259,13 @@ if [[ " $steps " == *" attention "* ]]; then
     attn attn-c8-split4 "$e LUMEN_CUDA_SPLIT_CTAS_PER_SM=4" --input-len 512 --output-len 256 --num-prompts 16 --concurrency 8
     attn attn-c32-split4 "$e LUMEN_CUDA_SPLIT_CTAS_PER_SM=4" --input-len 512 --output-len 256 --num-prompts 64 --concurrency 32
     attn attn-prefill2k-ops "$e" --input-len 2048 --output-len 1 --num-prompts 8 --concurrency 1
+    # Prefill tiles of 128 rows (two row tiles per warp) against the default 64.
+    t="LUMEN_CUDA_PREFILL_TILES=128"
+    attn attn-prefill-tall "$t" --input-len 512 --output-len 1 --num-prompts 16 --concurrency 1
+    attn attn-prefill2k-tall "$t" --input-len 2048 --output-len 1 --num-prompts 8 --concurrency 1
+    attn attn-prefill2k-tall-ops "$t $e" --input-len 2048 --output-len 1 --num-prompts 8 --concurrency 1
+    attn attn-c256-auto "LUMEN_CUDA_PREFILL_TILES=auto $e" --input-len 512 --output-len 256 --num-prompts 512 \
+        --concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 8192
     python3 - "$out" > "$out/attention-summary.txt" <<'PY'
 import json, os, re, sys
 out = sys.argv[1]
@@ -276,12 +283,14 @@ def step(name, what="decode"):
     extra = f"; {ops}" if what == "prefill" else ""
     return f"step GPU {float(g('gpu_ms')):.2f} ms, attention {g('attention')} ms, wall {float(g('wall_ms')):.2f}{extra}"
 names = [f"attn-{case}-{kind}" for case in ["c32", "c256", "prefill", "prefill2k"] for kind in ["mma", "simt"]]
-for name in names + ["attn-c8-mma", "attn-c8-split4", "attn-c32-split4", "attn-prefill2k-ops"]:
+extra = ["attn-c8-mma", "attn-c8-split4", "attn-c32-split4", "attn-prefill2k-ops", "attn-prefill-tall",
+         "attn-prefill2k-tall", "attn-prefill2k-tall-ops", "attn-c256-auto"]
+for name in names + extra:
     r = load(name)
     if r is None:
         ran = os.path.exists(os.path.join(out, name + ".txt"))
         print(f"{name:44s} {'failed' if ran else 'not run'}"); continue
-    if name == "attn-prefill2k-ops":
+    if name.endswith("-ops") and "prefill" in name:
         print(f"{name:44s} {step(name, 'prefill')}")
     elif "prefill" in name:
         print(f"{name:44s} TTFT p50 {r['ttft_ms']['p50']:.1f} ms")
