@@ -7,7 +7,8 @@
 # own greedy tokens and log-probabilities (`hf-parity`); prints a table last.
 #
 #   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention]
-#                                     [attention] [serve] [hf-parity]   (default: tests bench parity)
+#                                     [attention] [serve] [hf-parity] [ptx] [a10g-plan]
+#                                                                        (default: tests bench parity)
 #
 # carry: gpu-pack (binaries, tokenizer, first half of the GGUF). The GGUF's second half comes in
 # a second call carrying gpu-smol (the machine keeps /tmp/lumen-gpu between warm calls):
@@ -17,7 +18,9 @@
 # LUMEN_CUDA_GEMV_MAX_ROWS=8 (the GEMV, not cuBLAS, for steps of 3-8 rows) for comparison.
 # `linear` times the linear layers alone against cuBLAS. `attention` compares the tensor-core
 # attention kernels with the CUDA-core ones (LUMEN_CUDA_ATTENTION=simt) offline at 32 and 256
-# streams and for one prompt's first token.
+# streams and for one prompt's first token. `ptx` runs the kernel tests on the JIT-compiled
+# compute_80 PTX (CUDA_FORCE_PTX_JIT=1, the code an A10G runs); `a10g-plan` logs the memory plan
+# of the reference deployment's settings with --gpu-memory-limit 22.3GiB.
 #   call 2: bash scripts/gpu/run-on-device.sh parity           carry [gpu-smol]
 # `hf-parity` (scripts/gpu/hf_parity.py) needs only the `lumen` binary and the tokenizer of
 # gpu-pack (python3 with torch and transformers is on the machine): transformers builds a
@@ -84,6 +87,13 @@ if [[ " $steps " == *" tests "* ]]; then
     row "GPU kernel tests (vs CPU references)" "$(grep -E '^test result' "$out/kernel-tests.log" | tail -1)"
 fi
 
+if [[ " $steps " == *" ptx "* ]]; then
+    # The kernels as an A10G (sm_86) runs them: the driver JIT-compiles the embedded compute_80
+    # PTX instead of loading the sm_90a machine code.
+    CUDA_FORCE_PTX_JIT=1 "$work/worker-tests" --test-threads=1 kernels::cuda 2>&1 | tee "$out/ptx-tests.log"
+    row "GPU kernel tests, PTX JIT (sm_80 path)" "$(grep -E '^test result' "$out/ptx-tests.log" | tail -1)"
+fi
+
 if [[ " $steps " == *" linear "* ]]; then
     # Linear layers alone: our GEMV against cuBLAS and the read rate, 1-64 rows.
     "$work/linear-bench" --json "$out/linear.json" 2>&1 | tee "$out/linear.txt"
@@ -101,7 +111,7 @@ if [[ " $steps " == *" parity "* ]]; then
     fi
 fi
 
-if [[ " $steps " == *" bench "* || " $steps " == *" profile"* || " $steps " == *" serve "* || " $steps " == *" attention "* ]]; then
+if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|a10g-plan)" " ]]; then
     mkdir -p "$model"
     cp "$work"/llama3.1-tokenizer/tokenizer*.json "$model/"
     cat > "$model/config.json" <<'JSON'
@@ -210,6 +220,18 @@ PY
     row "decode step GPU ms by op (events), c=32" "${ops:-?}"
 fi
 
+if [[ " $steps " == *" a10g-plan "* ]]; then
+    # The reference deployment's memory plan (deploy/kubernetes/overlays/gpu-a10g/serve.yaml) as
+    # on its A10G: 22.3 GiB usable x 0.9, the 8B shape, max_model_len 8192, 64 sequences, 8192
+    # batched tokens. vLLM's on the A10G: weights 14.99 GiB, activations 0.85 GiB, KV 4.17 GiB.
+    "$work/lumen" bench offline --model "$model" --load-format dummy --device cuda --gpu-memory-limit 22.3GiB \
+        --gpu-memory-utilization 0.9 --max-model-len 8192 --max-num-seqs 64 --max-num-batched-tokens 8192 \
+        --input-len 16 --output-len 4 --num-prompts 1 > "$out/a10g-plan.txt" 2> "$out/a10g-plan.ansi.log"
+    sed 's/\x1b\[[0-9;]*m//g' "$out/a10g-plan.ansi.log" > "$out/a10g-plan.log"
+    plan=$(grep -h 'GPU memory plan' "$out/a10g-plan.log" | grep -oE 'plan=.*' | head -1)
+    row "A10G plan (--gpu-memory-limit 22.3GiB)" "${plan:-failed (see a10g-plan.log)}"
+fi
+
 if [[ " $steps " == *" attention "* ]]; then
     # Tensor-core attention (the default for bf16) against the CUDA-core kernels
     # (LUMEN_CUDA_ATTENTION=simt), offline, same binary and machine: decode at 32 and 256 streams
@@ -237,6 +259,13 @@ if [[ " $steps " == *" attention "* ]]; then
     attn attn-c8-split4 "$e LUMEN_CUDA_SPLIT_CTAS_PER_SM=4" --input-len 512 --output-len 256 --num-prompts 16 --concurrency 8
     attn attn-c32-split4 "$e LUMEN_CUDA_SPLIT_CTAS_PER_SM=4" --input-len 512 --output-len 256 --num-prompts 64 --concurrency 32
     attn attn-prefill2k-ops "$e" --input-len 2048 --output-len 1 --num-prompts 8 --concurrency 1
+    # Prefill tiles of 128 rows (two row tiles per warp) against the default 64.
+    t="LUMEN_CUDA_PREFILL_TILES=128"
+    attn attn-prefill-tall "$t" --input-len 512 --output-len 1 --num-prompts 16 --concurrency 1
+    attn attn-prefill2k-tall "$t" --input-len 2048 --output-len 1 --num-prompts 8 --concurrency 1
+    attn attn-prefill2k-tall-ops "$t $e" --input-len 2048 --output-len 1 --num-prompts 8 --concurrency 1
+    attn attn-c256-auto "LUMEN_CUDA_PREFILL_TILES=auto $e" --input-len 512 --output-len 256 --num-prompts 512 \
+        --concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 8192
     python3 - "$out" > "$out/attention-summary.txt" <<'PY'
 import json, os, re, sys
 out = sys.argv[1]
@@ -254,12 +283,14 @@ def step(name, what="decode"):
     extra = f"; {ops}" if what == "prefill" else ""
     return f"step GPU {float(g('gpu_ms')):.2f} ms, attention {g('attention')} ms, wall {float(g('wall_ms')):.2f}{extra}"
 names = [f"attn-{case}-{kind}" for case in ["c32", "c256", "prefill", "prefill2k"] for kind in ["mma", "simt"]]
-for name in names + ["attn-c8-mma", "attn-c8-split4", "attn-c32-split4", "attn-prefill2k-ops"]:
+extra = ["attn-c8-mma", "attn-c8-split4", "attn-c32-split4", "attn-prefill2k-ops", "attn-prefill-tall",
+         "attn-prefill2k-tall", "attn-prefill2k-tall-ops", "attn-c256-auto"]
+for name in names + extra:
     r = load(name)
     if r is None:
         ran = os.path.exists(os.path.join(out, name + ".txt"))
         print(f"{name:44s} {'failed' if ran else 'not run'}"); continue
-    if name == "attn-prefill2k-ops":
+    if name.endswith("-ops") and "prefill" in name:
         print(f"{name:44s} {step(name, 'prefill')}")
     elif "prefill" in name:
         print(f"{name:44s} TTFT p50 {r['ttft_ms']['p50']:.1f} ms")

@@ -32,6 +32,8 @@ pub enum Kind {
     OneOf(&'static [&'static str]),
     /// A size in bytes, more than 0: a number, or a string such as `2GiB` / `512MiB`.
     Bytes,
+    /// As `Bytes`, or null (the worker's default).
+    BytesOrNull,
     /// A share in (0, 1].
     Fraction,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -59,6 +61,7 @@ pub const OPTIONS: &[(&str, Kind)] = &[
     ("chat_template", Kind::TextOrNull),
     ("device", Kind::Device),
     ("gpu_memory_utilization", Kind::Fraction),
+    ("gpu_memory_limit", Kind::BytesOrNull),
     ("dtype", Kind::OneOf(&["auto", "bfloat16", "float32"])),
     ("reasoning_parser", Kind::ReasoningParser),
 ];
@@ -111,7 +114,8 @@ pub fn check_value(kind: Kind, value: &Value) -> Result<(), String> {
         (Kind::Bool, _) => Err(format!("must be true or false, got {}", got())),
         (Kind::OneOf(names), Value::String(s)) if names.contains(&s.as_str()) => Ok(()),
         (Kind::OneOf(names), _) => Err(format!("must be one of {}, got {}", names.join(", "), got())),
-        (Kind::Bytes, _) => bytes(value),
+        (Kind::BytesOrNull, Value::Null) => Ok(()),
+        (Kind::Bytes | Kind::BytesOrNull, _) => bytes(value),
         (Kind::Fraction, Value::Number(n)) => match n.as_f64() {
             Some(f) if f > 0.0 && f <= 1.0 => Ok(()),
             _ => Err(format!("must be greater than 0 and at most 1, got {n}")),

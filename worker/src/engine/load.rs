@@ -119,6 +119,7 @@ fn load_cuda(
             max_num_seqs: opts.max_num_seqs,
             max_num_batched_tokens: opts.max_num_batched_tokens,
             gpu_memory_utilization: opts.gpu_memory_utilization,
+            gpu_memory_limit: opts.gpu_memory_limit.map(|b| b.as_u64() as usize),
         },
     )?;
     Ok(Box::new(model))

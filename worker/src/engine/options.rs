@@ -81,6 +81,12 @@ pub struct EngineOptions {
     #[arg(long, env = "LUMEN_GPU_MEMORY_UTILIZATION", default_value_t = defaults::GPU_MEMORY_UTILIZATION)]
     pub gpu_memory_utilization: f64,
 
+    /// Plan as if the GPU had at most this much memory (the total `gpu_memory_utilization`
+    /// applies to), e.g. `22.3GiB` to plan on a larger card as on a 24 GB A10G; default: the
+    /// device's own total.
+    #[arg(long, env = "LUMEN_GPU_MEMORY_LIMIT")]
+    pub gpu_memory_limit: Option<bytesize::ByteSize>,
+
     /// Element type of weights, activations and KV cache on the GPU: auto (bfloat16), bfloat16,
     /// or float32 (for exact comparisons with the CPU path).
     #[arg(long, env = "LUMEN_DTYPE", default_value = "auto")]
@@ -157,6 +163,7 @@ impl Default for EngineOptions {
             chat_template: None,
             device: "cpu".to_string(),
             gpu_memory_utilization: defaults::GPU_MEMORY_UTILIZATION,
+            gpu_memory_limit: None,
             dtype: GpuDType::Auto,
         }
     }

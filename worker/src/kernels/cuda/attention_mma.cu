@@ -2,29 +2,34 @@
 // the same tiles, descriptors and splits as attention.cu (see its header for the inputs).
 //
 // A CTA (4 warps) takes one tile of one sequence for `heads_per_cta` query heads sharing one KV
-// head: up to ROWS = 16 * WARPS_M (token, head) rows, row r being token r / heads_per_cta of the
-// tile and head r % heads_per_cta of the group. The context is read in chunks of CHUNK positions,
-// K and V of a chunk copied into shared memory by `cp.async` STAGES - 1 chunks ahead of their
-// use (zero-filled past the context, so masked positions never hold NaN). The warps form a
-// WARPS_M x WARPS_N grid: warp (wm, wn) owns rows 16 wm .. 16 wm + 15 and positions
-// CHUNK / WARPS_N * wn .. of every chunk, and keeps its own online-softmax state (max in log2
-// units, sum, output accumulators, all f32) for them:
-//   S = Q K^T   mma.m16n8k16 (Q fragments in registers for the whole launch; K by ldmatrix)
+// head: up to ROWS = 16 * MT * WARPS_M (token, head) rows, row r being token r / heads_per_cta of
+// the tile and head r % heads_per_cta of the group. The context is read in chunks of CHUNK
+// positions (64, or 32 for MT = 2), K and V of a chunk copied into shared memory by `cp.async`
+// two chunks ahead of their use (zero-filled past the context, so masked positions never hold NaN). The warps
+// form a WARPS_M x WARPS_N grid: warp (wm, wn) owns MT tiles of 16 rows from 16 MT wm on and
+// positions CHUNK / WARPS_N * wn .. of every chunk, and keeps its own online-softmax state (max
+// in log2 units, sum, output accumulators, all f32) for them:
+//   S = Q K^T   mma.m16n8k16 (K by ldmatrix; Q fragments in registers for the whole launch when
+//               MT = 1, else staged in shared memory and read by ldmatrix)
 //   P = exp2(S * scale * log2 e - max), masked causally per row
 //   O += P V    mma.m16n8k16 (P from S's accumulators as bf16; V by ldmatrix.trans)
-// Prefill (WARPS_M = 4): each warp owns whole rows, so it finishes alone. Decode (WARPS_M = 1,
-// one 16-row tile whose rows are the group's heads of one token; WARPS_N = 4): the four warps
-// split each chunk and merge their states through shared memory at the end. With gridDim.z > 1
-// the result goes out as split partials (attention_common.cuh), merged by the last split.
+// Each K and V fragment read from shared memory feeds MT row tiles, so MT = 2 halves the
+// shared-memory reads per tensor-core instruction (FlashAttention-2's 128-row tiles) at the cost
+// of registers and of tiles twice as tall (fewer CTAs).
+// Prefill (WARPS_M = 4, MT = 1 or 2): each warp owns whole rows, so it finishes alone. Decode
+// (WARPS_M = 1, MT = 1: one 16-row tile whose rows are the group's heads of one token;
+// WARPS_N = 4): the four warps split each chunk and merge their states through shared memory at
+// the end. With gridDim.z > 1 the result goes out as split partials (attention_common.cuh),
+// merged by the last split.
 //
-// Invariants: blockDim.x == 128; D in {64, 128}; dynamic shared memory of smem_bytes<D>(); the
-// cache's K/V rows 16-byte aligned (D * 2 bytes); q rows 4-byte aligned.
+// Invariants: blockDim.x == 128; D in {64, 128}; dynamic shared memory of
+// smem_bytes<D, MT, ROWS>(); the cache's K/V rows 16-byte aligned (D * 2 bytes); q rows 16-byte
+// aligned.
 #include "attention_common.cuh"
 
 namespace {
 constexpr int MMA_THREADS = 128;
-constexpr int CHUNK = 64;  // positions per pipeline stage
-constexpr int STAGES = 3;
+constexpr int STAGES = 3;  // K/V chunks in shared memory: two in flight while one is used
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
@@ -35,9 +40,11 @@ __host__ __device__ constexpr int row_stride() {
     return D + 8;
 }
 
-template <int D>
+// Dynamic shared memory of a CTA: the K/V stages of CHUNK positions, and the queries when they
+// are staged (MT > 1).
+template <int D, int MT, int ROWS, int CHUNK>
 __host__ __device__ constexpr int smem_bytes() {
-    return STAGES * 2 * CHUNK * row_stride<D>() * 2;
+    return (STAGES * 2 * CHUNK + (MT == 1 ? 0 : ROWS)) * row_stride<D>() * 2;
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -84,7 +91,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 __device__ __forceinline__ float exp2_or_zero(float x) { return x == -INFINITY || x != x ? 0.f : exp2f(x); }
 }  // namespace
 
-template <int D, int WARPS_M>
+template <int D, int WARPS_M, int MT, int CHUNK>
 __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __restrict__ part_acc,
                                     float* __restrict__ part_ml, const __nv_bfloat16* __restrict__ q, int q_stride,
                                     int out_stride, const __nv_bfloat16* __restrict__ k_cache,
@@ -93,7 +100,8 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
                                     int ratio, int heads_per_cta, int block_size, int chunks_per_split, float scale,
                                     unsigned int* __restrict__ counters) {
     constexpr int WARPS_N = 4 / WARPS_M;
-    constexpr int ROWS = 16 * WARPS_M;
+    constexpr int WARP_ROWS = 16 * MT;       // rows per warp: MT tiles of 16
+    constexpr int ROWS = WARP_ROWS * WARPS_M;
     constexpr int KEYS = CHUNK / WARPS_N;  // positions of a chunk per warp
     constexpr int NT = KEYS / 8;           // 8-position tiles of S per warp
     constexpr int DT = D / 8;              // 8-column tiles of O
@@ -101,8 +109,11 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
     constexpr int STRIDE = row_stride<D>();
     constexpr int VECS = CHUNK * D / 8;    // 16-byte vectors of K (and of V) per chunk
     static_assert(VECS % MMA_THREADS == 0 && KEYS % 16 == 0 && D % 32 == 0, "tile shapes");
+    static_assert(MT == 1 || WARPS_N == 1, "several row tiles per warp only where a warp owns whole rows");
+    static_assert(smem_bytes<D, MT, ROWS, CHUNK>() <= 227 * 1024, "a CTA's shared memory fits a Hopper SM");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [STAGES][2][CHUNK][STRIDE]
+    __nv_bfloat16* q_s = kv_s + STAGES * 2 * CHUNK * STRIDE;           // [ROWS][STRIDE], when MT > 1
 
     const TileWork work(tiles, seqs, tables, ratio, heads_per_cta);
     const int kv_head = work.kv_head, head0 = work.head0, split = work.split, splits = work.splits;
@@ -144,20 +155,29 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
         cp_async_commit();
     }
 
-    // This thread's rows (g and g + 8 of the warp's 16), their positions and query fragments.
-    const int r_lo = wm * 16 + g, r_hi = r_lo + 8;
-    const int pos_lo = r_lo < rows ? pos0 + r_lo / heads_per_cta : -1;
-    const int pos_hi = r_hi < rows ? pos0 + r_hi / heads_per_cta : -1;
+    // Row r's query: head r % heads_per_cta of the tile's token r / heads_per_cta.
+    auto q_row = [&](int r) -> const __nv_bfloat16* {
+        return q + (size_t)(query_start + first + r / heads_per_cta) * q_stride + (head0 + r % heads_per_cta) * D;
+    };
+    // This thread's rows (g and g + 8 of each of the warp's 16-row tiles) and their positions.
+    int r_lo[MT], r_hi[MT], pos_lo[MT], pos_hi[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        r_lo[mt] = wm * WARP_ROWS + mt * 16 + g;
+        r_hi[mt] = r_lo[mt] + 8;
+        pos_lo[mt] = r_lo[mt] < rows ? pos0 + r_lo[mt] / heads_per_cta : -1;
+        pos_hi[mt] = r_hi[mt] < rows ? pos0 + r_hi[mt] / heads_per_cta : -1;
+    }
     // The position of the warp's last real row (-1 without any): the same for the whole warp.
-    const int warp_last_pos = wm * 16 < rows ? pos0 + (min(wm * 16 + 15, rows - 1)) / heads_per_cta : -1;
-    uint32_t qa[KD][4];
-    {
-        const __nv_bfloat16* q_lo = r_lo < rows ? q + (size_t)(query_start + first + r_lo / heads_per_cta) * q_stride +
-                                                      (head0 + r_lo % heads_per_cta) * D
-                                                : nullptr;
-        const __nv_bfloat16* q_hi = r_hi < rows ? q + (size_t)(query_start + first + r_hi / heads_per_cta) * q_stride +
-                                                      (head0 + r_hi % heads_per_cta) * D
-                                                : nullptr;
+    const int warp_last_pos =
+        wm * WARP_ROWS < rows ? pos0 + (min(wm * WARP_ROWS + WARP_ROWS - 1, rows - 1)) / heads_per_cta : -1;
+    // Queries: one tile's fragments in registers for the whole launch (MT = 1), or all rows
+    // staged in shared memory (zeros past the tile's rows; visible after the loop's first
+    // barrier) and read by ldmatrix per chunk.
+    uint32_t qa[MT == 1 ? KD : 1][4];
+    if constexpr (MT == 1) {
+        const __nv_bfloat16* q_lo = r_lo[0] < rows ? q_row(r_lo[0]) : nullptr;
+        const __nv_bfloat16* q_hi = r_hi[0] < rows ? q_row(r_hi[0]) : nullptr;
         auto word = [](const __nv_bfloat16* row, int col) -> uint32_t {
             return row ? *reinterpret_cast<const uint32_t*>(row + col) : 0u;
         };
@@ -168,19 +188,32 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
             qa[kd][2] = word(q_lo, kd * 16 + 8 + 2 * t);
             qa[kd][3] = word(q_hi, kd * 16 + 8 + 2 * t);
         }
+    } else {
+        for (int i = threadIdx.x; i < ROWS * (D / 8); i += MMA_THREADS) {
+            const int r = i / (D / 8), col = (i % (D / 8)) * 8;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (r < rows) v = *reinterpret_cast<const uint4*>(q_row(r) + col);
+            *reinterpret_cast<uint4*>(q_s + r * STRIDE + col) = v;
+        }
     }
 
     const float scale_log2 = scale * LOG2E;
-    float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
-    float o[DT][4];
+    float m_lo[MT], m_hi[MT], l_lo[MT], l_hi[MT];
+    float o[MT][DT][4];
 #pragma unroll
-    for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt) {
+        m_lo[mt] = m_hi[mt] = -INFINITY;
+        l_lo[mt] = l_hi[mt] = 0.f;
+#pragma unroll
+        for (int i = 0; i < DT; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+    }
 
     // ldmatrix addresses within a stage: K as B of S (x4: one 8-position tile, 32 dims), V as B
-    // of O (x4.trans: 16 positions, two 8-column tiles).
+    // of O (x4.trans: 16 positions, two 8-column tiles), Q as A of S (x4: 16 rows, 16 dims).
     const int ld_row = lane % 8, ld_mat = lane / 8;
     const int k_off = (wn * KEYS + ld_row) * STRIDE + ld_mat * 8;
     const int v_off = (wn * KEYS + (ld_mat % 2) * 8 + ld_row) * STRIDE + (ld_mat / 2) * 8;
+    const uint32_t q_base = smem_addr(q_s + (wm * WARP_ROWS + (ld_mat % 2) * 8 + ld_row) * STRIDE + (ld_mat / 2) * 8);
 
     for (int c = chunk_begin; c < chunk_end; ++c) {
         cp_async_wait<STAGES - 2>();
@@ -193,75 +226,106 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
         const int key0 = c * CHUNK + wn * KEYS;  // position of this warp's first key
         if (key0 > warp_last_pos) continue;  // nothing of this warp's slice is visible to its rows
 
-        float s[NT][4];
+        // S = Q K^T: two 16-wide steps over the head dimension per K load, each K fragment used
+        // for every row tile of the warp.
+        float s[MT][NT][4];
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int kd = 0; kd < KD; kd += 2) {
+            for (int n = 0; n < NT; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+#pragma unroll
+        for (int kd = 0; kd < KD; kd += 2) {
+            uint32_t a[MT][2][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    if constexpr (MT == 1) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) a[mt][h][e] = qa[kd + h][e];
+                    } else {
+                        ldmatrix_x4(a[mt][h], q_base + (mt * 16 * STRIDE + (kd + h) * 16) * 2);
+                    }
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
                 uint32_t b[4];
                 ldmatrix_x4(b, k_base + (n * 8 * STRIDE + kd * 16) * 2);
-                mma_bf16(s[n], qa[kd], b[0], b[1]);
-                mma_bf16(s[n], qa[kd + 1], b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16(s[mt][n], a[mt][0], b[0], b[1]);
+                    mma_bf16(s[mt][n], a[mt][1], b[2], b[3]);
+                }
             }
         }
 
-        // Scale, mask, and the rows' new maxima.
-        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+        // Per row tile: scale, mask, the rows' new maxima, rescaled sums and outputs, and P in
+        // bf16 as the A operand of P V (one 16-position step per pair of S tiles).
+        uint32_t pa[MT][NT / 2][4];
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
+        for (int mt = 0; mt < MT; ++mt) {
+            float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int kp = key0 + n * 8 + 2 * t + e;
-                s[n][e] = kp <= pos_lo ? s[n][e] * scale_log2 : -INFINITY;
-                s[n][2 + e] = kp <= pos_hi ? s[n][2 + e] * scale_log2 : -INFINITY;
-                mx_lo = fmaxf(mx_lo, s[n][e]);
-                mx_hi = fmaxf(mx_hi, s[n][2 + e]);
+            for (int n = 0; n < NT; ++n) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int kp = key0 + n * 8 + 2 * t + e;
+                    s[mt][n][e] = kp <= pos_lo[mt] ? s[mt][n][e] * scale_log2 : -INFINITY;
+                    s[mt][n][2 + e] = kp <= pos_hi[mt] ? s[mt][n][2 + e] * scale_log2 : -INFINITY;
+                    mx_lo = fmaxf(mx_lo, s[mt][n][e]);
+                    mx_hi = fmaxf(mx_hi, s[mt][n][2 + e]);
+                }
+            }
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+                mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+                mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+            }
+            const float new_lo = fmaxf(m_lo[mt], mx_lo), new_hi = fmaxf(m_hi[mt], mx_hi);
+            const float corr_lo = exp2_or_zero(m_lo[mt] - new_lo), corr_hi = exp2_or_zero(m_hi[mt] - new_hi);
+            m_lo[mt] = new_lo;
+            m_hi[mt] = new_hi;
+            l_lo[mt] *= corr_lo;
+            l_hi[mt] *= corr_hi;
+#pragma unroll
+            for (int i = 0; i < DT; ++i) {
+                o[mt][i][0] *= corr_lo;
+                o[mt][i][1] *= corr_lo;
+                o[mt][i][2] *= corr_hi;
+                o[mt][i][3] *= corr_hi;
+            }
+#pragma unroll
+            for (int kk = 0; kk < NT / 2; ++kk) {
+                float p[2][4];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int n = 2 * kk + h;
+                    p[h][0] = exp2_or_zero(s[mt][n][0] - new_lo);
+                    p[h][1] = exp2_or_zero(s[mt][n][1] - new_lo);
+                    p[h][2] = exp2_or_zero(s[mt][n][2] - new_hi);
+                    p[h][3] = exp2_or_zero(s[mt][n][3] - new_hi);
+                    l_lo[mt] += p[h][0] + p[h][1];
+                    l_hi[mt] += p[h][2] + p[h][3];
+                }
+                pa[mt][kk][0] = pack_bf16(p[0][0], p[0][1]);
+                pa[mt][kk][1] = pack_bf16(p[0][2], p[0][3]);
+                pa[mt][kk][2] = pack_bf16(p[1][0], p[1][1]);
+                pa[mt][kk][3] = pack_bf16(p[1][2], p[1][3]);
             }
         }
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
-            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
-        }
-        const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
-        const float corr_lo = exp2_or_zero(m_lo - new_lo), corr_hi = exp2_or_zero(m_hi - new_hi);
-        m_lo = new_lo;
-        m_hi = new_hi;
-        l_lo *= corr_lo;
-        l_hi *= corr_hi;
-#pragma unroll
-        for (int i = 0; i < DT; ++i) {
-            o[i][0] *= corr_lo;
-            o[i][1] *= corr_lo;
-            o[i][2] *= corr_hi;
-            o[i][3] *= corr_hi;
-        }
-        // P in bf16 as the A operand of P V: one 16-position step per pair of S tiles.
+        // O += P V: each V fragment used for every row tile of the warp.
 #pragma unroll
         for (int kk = 0; kk < NT / 2; ++kk) {
-            uint32_t pa[4];
-            float p[2][4];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int n = 2 * kk + h;
-                p[h][0] = exp2_or_zero(s[n][0] - m_lo);
-                p[h][1] = exp2_or_zero(s[n][1] - m_lo);
-                p[h][2] = exp2_or_zero(s[n][2] - m_hi);
-                p[h][3] = exp2_or_zero(s[n][3] - m_hi);
-                l_lo += p[h][0] + p[h][1];
-                l_hi += p[h][2] + p[h][3];
-            }
-            pa[0] = pack_bf16(p[0][0], p[0][1]);
-            pa[1] = pack_bf16(p[0][2], p[0][3]);
-            pa[2] = pack_bf16(p[1][0], p[1][1]);
-            pa[3] = pack_bf16(p[1][2], p[1][3]);
 #pragma unroll
             for (int i = 0; i < DT; i += 2) {
                 uint32_t b[4];
                 ldmatrix_x4_trans(b, v_base + (kk * 16 * STRIDE + i * 8) * 2);
-                mma_bf16(o[i], pa, b[0], b[1]);
-                mma_bf16(o[i + 1], pa, b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16(o[mt][i], pa[mt][kk], b[0], b[1]);
+                    mma_bf16(o[mt][i + 1], pa[mt][kk], b[2], b[3]);
+                }
             }
         }
     }
@@ -269,9 +333,12 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
 
     // Row sums over the quad that shares each row.
 #pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-        l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
-        l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            l_lo[mt] += __shfl_xor_sync(0xffffffffu, l_lo[mt], off);
+            l_hi[mt] += __shfl_xor_sync(0xffffffffu, l_hi[mt], off);
+        }
     }
 
     const size_t slot0 = ((size_t)(blockIdx.x * gridDim.y + blockIdx.y) * splits + split) * ROWS;
@@ -295,9 +362,12 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
 
     if constexpr (WARPS_N == 1) {
 #pragma unroll
-        for (int i = 0; i < DT; ++i) {
-            emit(r_lo, m_lo, l_lo, i * 8 + 2 * t, o[i][0], o[i][1]);
-            emit(r_hi, m_hi, l_hi, i * 8 + 2 * t, o[i][2], o[i][3]);
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int i = 0; i < DT; ++i) {
+                emit(r_lo[mt], m_lo[mt], l_lo[mt], i * 8 + 2 * t, o[mt][i][0], o[mt][i][1]);
+                emit(r_hi[mt], m_hi[mt], l_hi[mt], i * 8 + 2 * t, o[mt][i][2], o[mt][i][3]);
+            }
         }
     } else {
         // Merge the warps' states through shared memory (the stages are free once every warp is
@@ -308,14 +378,15 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
         __syncthreads();
 #pragma unroll
         for (int i = 0; i < DT; ++i) {
-            *reinterpret_cast<float2*>(o_s + (wn * 16 + g) * OS + i * 8 + 2 * t) = make_float2(o[i][0], o[i][1]);
-            *reinterpret_cast<float2*>(o_s + (wn * 16 + g + 8) * OS + i * 8 + 2 * t) = make_float2(o[i][2], o[i][3]);
+            *reinterpret_cast<float2*>(o_s + (wn * 16 + g) * OS + i * 8 + 2 * t) = make_float2(o[0][i][0], o[0][i][1]);
+            *reinterpret_cast<float2*>(o_s + (wn * 16 + g + 8) * OS + i * 8 + 2 * t) =
+                make_float2(o[0][i][2], o[0][i][3]);
         }
         if (t == 0) {
-            ml_s[(wn * 16 + g) * 2] = m_lo;
-            ml_s[(wn * 16 + g) * 2 + 1] = l_lo;
-            ml_s[(wn * 16 + g + 8) * 2] = m_hi;
-            ml_s[(wn * 16 + g + 8) * 2 + 1] = l_hi;
+            ml_s[(wn * 16 + g) * 2] = m_lo[0];
+            ml_s[(wn * 16 + g) * 2 + 1] = l_lo[0];
+            ml_s[(wn * 16 + g + 8) * 2] = m_hi[0];
+            ml_s[(wn * 16 + g + 8) * 2 + 1] = l_hi[0];
         }
         __syncthreads();
         // Thread: row threadIdx.x / 8, columns 2 (threadIdx.x % 8) + 16 j.
@@ -346,28 +417,33 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
                                           counters);
 }
 
-// paged_attention_mma_<prefill|decode>_bf16_d<D>[_combine]; a launch takes smem_bytes<D>() of
-// dynamic shared memory (attention.rs mirrors CHUNK, STAGES and the row padding).
-#define LUMEN_ATTENTION_MMA(NAME, D, WARPS_M)                                                                    \
+// paged_attention_mma_<prefill|prefill_wide|decode>_bf16_d<D>[_combine]; a launch takes
+// smem_bytes<D, MT, ROWS, CHUNK>() of dynamic shared memory (attention.rs mirrors the chunk, the
+// stages, the staged queries and the row padding).
+#define LUMEN_ATTENTION_MMA(NAME, D, WARPS_M, MT, CHUNK)                                                                \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                    \
         NAME(__nv_bfloat16* out, float* part_acc, float* part_ml, const __nv_bfloat16* q, int q_stride,          \
              int out_stride, const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, const int* tiles,       \
              const int* seqs, const int* tables, int kv_heads, int ratio, int heads_per_cta, int block_size,     \
              int chunks_per_split, float scale, unsigned int* counters) {                                       \
         await_previous_kernel();                                                                                 \
-        paged_attention_mma<D, WARPS_M>(out, part_acc, part_ml, q, q_stride, out_stride, k_cache, v_cache, tiles, \
-                                        seqs, tables, kv_heads, ratio, heads_per_cta, block_size,                \
-                                        chunks_per_split, scale, counters);                                      \
+        paged_attention_mma<D, WARPS_M, MT, CHUNK>(out, part_acc, part_ml, q, q_stride, out_stride, k_cache, v_cache,   \
+                                            tiles, seqs, tables, kv_heads, ratio, heads_per_cta, block_size,     \
+                                            chunks_per_split, scale, counters);                                  \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                    \
         NAME##_combine(__nv_bfloat16* out, const float* part_acc, const float* part_ml, int out_stride,          \
                        const int* tiles, const int* seqs, int ratio, int heads_per_cta, int splits) {            \
         await_previous_kernel();                                                                                 \
-        combine_tile<__nv_bfloat16, D, 16 * WARPS_M>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio,     \
-                                                     heads_per_cta, splits);                                     \
+        combine_tile<__nv_bfloat16, D, 16 * WARPS_M * MT>(out, part_acc, part_ml, out_stride, tiles, seqs, ratio, \
+                                                          heads_per_cta, splits);                                \
     }
 
-LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_bf16_d64, 64, 4)
-LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_bf16_d128, 128, 4)
-LUMEN_ATTENTION_MMA(paged_attention_mma_decode_bf16_d64, 64, 1)
-LUMEN_ATTENTION_MMA(paged_attention_mma_decode_bf16_d128, 128, 1)
+// Tall prefill tiles read chunks of 32 positions: S of two row tiles over 64 positions would not
+// fit the registers beside the output accumulators (it spilled at head size 128).
+LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_bf16_d64, 64, 4, 1, 64)
+LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_bf16_d128, 128, 4, 1, 64)
+LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_wide_bf16_d64, 64, 4, 2, 32)
+LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_wide_bf16_d128, 128, 4, 2, 32)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_bf16_d64, 64, 1, 1, 64)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_bf16_d128, 128, 1, 1, 64)

@@ -83,6 +83,9 @@ pub struct CudaKernels {
     /// CTAs an attention launch aims for (see [`attention::AttentionSetup`]); also the number of
     /// split counters.
     split_ctas: usize,
+    /// Which prefill tiles attention plans take (`LUMEN_CUDA_PREFILL_TILES`; tall ones only
+    /// where they loaded).
+    pub prefill_tiles: attention::PrefillTiles,
     /// Merge split attention in the launch itself (default) or in a second launch
     /// (`LUMEN_CUDA_SPLIT_MERGE=launch`).
     pub merge_splits: bool,
@@ -132,11 +135,20 @@ impl CudaKernels {
         let func = |module: &Arc<CudaModule>, name: String| -> Result<CudaFunction> {
             module.load_function(&name).map_err(|e| gpu_error(&format!("kernel {name}"), e))
         };
-        let attention = attention::AttentionKernels::load(kind, &load, &format!("{suffix}_d{head_dim}"), head_dim)?;
+        let attribute = |a, what: &str| -> Result<usize> {
+            Ok(ctx.attribute(a).map_err(|e| gpu_error(&format!("reading the {what}"), e))? as usize)
+        };
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let num_sms = attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, "multiprocessor count")?;
+        let max_shared =
+            attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, "shared memory per block")?;
+        let attention =
+            attention::AttentionKernels::load(kind, &load, &format!("{suffix}_d{head_dim}"), head_dim, max_shared)?;
+        let prefill_tiles = match attention::PrefillTiles::from_env()? {
+            _ if !attention.has_tall_prefill() => attention::PrefillTiles::Short,
+            tiles => tiles,
+        };
         let dependent_mode = launch::DependentLaunch::for_device(&stream)?;
-        let num_sms = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| gpu_error("reading the multiprocessor count", e))? as usize;
         // The split aims for one wave of the decode kernel (`LUMEN_CUDA_SPLIT_CTAS_PER_SM` sets
         // the CTAs per multiprocessor instead).
         let per_sm = match std::env::var("LUMEN_CUDA_SPLIT_CTAS_PER_SM") {
@@ -166,6 +178,7 @@ impl CudaKernels {
             split_counters: Tensor::zeros(split_ctas, DType::U32, device)
                 .map_err(|e| gpu_error("allocating split counters", e))?,
             split_ctas,
+            prefill_tiles,
             merge_splits: std::env::var("LUMEN_CUDA_SPLIT_MERGE").map_or(true, |v| v != "launch"),
             dependent_mode,
             dependent_launch: std::cell::Cell::new(dependent_mode != launch::DependentLaunch::Off),
@@ -193,7 +206,11 @@ impl CudaKernels {
 
     /// What attention plans for these kernels need (plans must be made with it).
     pub fn attention_setup(&self) -> attention::AttentionSetup {
-        attention::AttentionSetup { kind: self.attention.kind, split_ctas: self.split_ctas }
+        attention::AttentionSetup {
+            kind: self.attention.kind,
+            split_ctas: self.split_ctas,
+            prefill_tiles: self.prefill_tiles,
+        }
     }
 
     /// A new uninitialised tensor of the kernels' element type on their device: from the layer

@@ -8,7 +8,7 @@
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
-use super::attention::{AttentionKind, AttentionPlan};
+use super::attention::{AttentionKind, AttentionPlan, PrefillTiles, Tiles};
 use super::ops::RopeTables;
 use super::pack::HostPack;
 use super::scratch::LayerScratch;
@@ -277,27 +277,35 @@ struct AttentionCase {
     seqs: Vec<(usize, usize)>,
 }
 
-/// The attention kernels each dtype runs: SIMT for f32; tensor cores and SIMT for bf16.
-const ATTENTION_KINDS: [(DType, AttentionKind); 3] =
-    [(DType::F32, AttentionKind::Simt), (DType::BF16, AttentionKind::TensorCore), (DType::BF16, AttentionKind::Simt)];
+/// The attention kernels each dtype runs: SIMT for f32; tensor cores (prefill tiles of 64 and of
+/// 128 rows) and SIMT for bf16.
+const ATTENTION_KINDS: [Kernels; 4] = [
+    (DType::F32, AttentionKind::Simt, PrefillTiles::Short),
+    (DType::BF16, AttentionKind::TensorCore, PrefillTiles::Short),
+    (DType::BF16, AttentionKind::TensorCore, PrefillTiles::Tall),
+    (DType::BF16, AttentionKind::Simt, PrefillTiles::Short),
+];
+
+/// Element type, attention kernels and prefill tiles of one attention test run.
+type Kernels = (DType, AttentionKind, PrefillTiles);
 
 /// Runs the GPU kernel and the CPU reference on random queries and caches; returns the
 /// relative error and the plan's split count.
-fn attention_error(case: &AttentionCase, dtype: DType, kind: AttentionKind, seed: u64) -> (f64, usize) {
-    attention_error_merging(case, dtype, kind, seed, true)
+fn attention_error(case: &AttentionCase, kernels: Kernels, seed: u64) -> (f64, usize) {
+    attention_error_merging(case, kernels, seed, true)
 }
 
 /// As `attention_error`, with split contexts merged by their last CTA or by a second launch.
 fn attention_error_merging(
     case: &AttentionCase,
-    dtype: DType,
-    kind: AttentionKind,
+    (dtype, kind, tiles): Kernels,
     seed: u64,
     merge_in_place: bool,
 ) -> (f64, usize) {
     let dev = device();
     let mut k = CudaKernels::load_with(&dev, dtype, case.head_dim, kind).unwrap();
     k.merge_splits = merge_in_place;
+    k.prefill_tiles = tiles;
     let layout = CacheLayout { block_size: case.block_size, kv_heads: case.kv_heads, head_dim: case.head_dim };
     let blocks_needed: usize = case.seqs.iter().map(|&(ctx, _)| ctx.div_ceil(case.block_size)).sum();
     let num_blocks = blocks_needed + 3;
@@ -332,9 +340,16 @@ fn attention_error_merging(
     let mut pack = HostPack::default();
     let plan = AttentionPlan::new(&mut pack, &seqs, case.heads, case.kv_heads, k.attention_setup()).unwrap();
     let decodes = seqs.iter().filter(|s| s.query_len == 1).count();
-    let parts: Vec<bool> = plan.launches().iter().map(|&(decode, _)| decode).collect();
-    let want: Vec<bool> =
-        [(decodes > 0).then_some(true), (decodes < seqs.len()).then_some(false)].into_iter().flatten().collect();
+    let parts: Vec<Tiles> = plan.launches().iter().map(|&(tiles, _)| tiles).collect();
+    let prefill = if tiles == PrefillTiles::Tall && kind == AttentionKind::TensorCore {
+        Tiles::PrefillTall
+    } else {
+        Tiles::Prefill
+    };
+    let want: Vec<Tiles> = [(decodes > 0).then_some(Tiles::Decode), (decodes < seqs.len()).then_some(prefill)]
+        .into_iter()
+        .flatten()
+        .collect();
     assert_eq!(parts, want, "decode sequences take the decode kernel, the rest the prefill kernel");
     let meta = pack.upload(&dev).unwrap();
     let k_cache = upload_f32(&k_vals, &[elems], dtype, &dev).unwrap();
@@ -367,9 +382,10 @@ fn paged_decode_attention_matches_the_cpu_and_splits_long_contexts() {
         block_size: 16,
         seqs: vec![(1, 1), (17, 1), (300, 1), (1500, 1)],
     };
-    for (i, (dtype, kind)) in ATTENTION_KINDS.into_iter().enumerate() {
+    for (i, kernels) in ATTENTION_KINDS.into_iter().enumerate() {
+        let (dtype, kind, _) = kernels;
         for merge_in_place in [true, false] {
-            let (err, splits) = attention_error_merging(&case, dtype, kind, 100 + i as u64, merge_in_place);
+            let (err, splits) = attention_error_merging(&case, kernels, 100 + i as u64, merge_in_place);
             assert!(splits > 1, "four decode sequences should split the context (got {splits})");
             assert!(
                 err < tolerance(dtype),
@@ -380,8 +396,9 @@ fn paged_decode_attention_matches_the_cpu_and_splits_long_contexts() {
     // Eight query heads per KV head (the SIMT decode kernel's 4 rows take half a group per CTA).
     let wide_groups =
         AttentionCase { heads: 16, kv_heads: 2, head_dim: 128, block_size: 8, seqs: vec![(90, 1), (129, 1), (5, 1)] };
-    for (i, (dtype, kind)) in ATTENTION_KINDS.into_iter().enumerate() {
-        let (err, _) = attention_error(&wide_groups, dtype, kind, 120 + i as u64);
+    for (i, kernels) in ATTENTION_KINDS.into_iter().enumerate() {
+        let (dtype, kind, _) = kernels;
+        let (err, _) = attention_error(&wide_groups, kernels, 120 + i as u64);
         assert!(err < tolerance(dtype), "decode, 8 heads per KV head ({dtype:?} {kind:?}): relative error {err:.2e}");
     }
     // Many decode sequences (a split of at most 2), SmolLM2's 3 heads per KV head of 64, blocks of 8.
@@ -392,8 +409,9 @@ fn paged_decode_attention_matches_the_cpu_and_splits_long_contexts() {
         block_size: 8,
         seqs: (0..150).map(|i| (1 + (i * 37) % 300, 1)).collect(),
     };
-    for (i, (dtype, kind)) in ATTENTION_KINDS.into_iter().enumerate() {
-        let (err, splits) = attention_error(&many, dtype, kind, 150 + i as u64);
+    for (i, kernels) in ATTENTION_KINDS.into_iter().enumerate() {
+        let (dtype, kind, _) = kernels;
+        let (err, splits) = attention_error(&many, kernels, 150 + i as u64);
         assert!(
             err < tolerance(dtype),
             "150 decode sequences ({dtype:?} {kind:?}, {splits} splits): relative error {err:.2e}"
@@ -425,9 +443,10 @@ fn paged_prefill_attention_is_causal_over_cached_prefixes_and_mixed_batches() {
         AttentionCase { heads: 16, kv_heads: 2, head_dim: 128, block_size: 8, seqs: vec![(90, 90), (129, 2)] },
     ];
     for (c, case) in cases.iter().enumerate() {
-        for (i, (dtype, kind)) in ATTENTION_KINDS.into_iter().enumerate() {
-            let (err, _) = attention_error(case, dtype, kind, 200 + 10 * c as u64 + i as u64);
-            assert!(err < tolerance(dtype), "case {c} ({dtype:?} {kind:?}): relative error {err:.2e}");
+        for (i, kernels) in ATTENTION_KINDS.into_iter().enumerate() {
+            let (dtype, kind, tiles) = kernels;
+            let (err, _) = attention_error(case, kernels, 200 + 10 * c as u64 + i as u64);
+            assert!(err < tolerance(dtype), "case {c} ({dtype:?} {kind:?} {tiles:?}): relative error {err:.2e}");
         }
     }
 }
@@ -464,19 +483,21 @@ fn tensor_core_attention_covers_head_sizes_group_ratios_and_long_contexts() {
         seqs: (0..256).map(|i| (1 + (i * 97) % 2048, 1)).collect(),
     });
     for (c, case) in cases.iter().enumerate() {
-        let (err, splits) = attention_error(case, DType::BF16, AttentionKind::TensorCore, 300 + c as u64);
-        let ratio = case.heads / case.kv_heads;
-        assert!(
-            err < tolerance(DType::BF16),
-            "case {c} (head_dim {}, {ratio} heads per KV head, {} sequences, {splits} splits): relative error {err:.2e}",
-            case.head_dim,
-            case.seqs.len()
-        );
-        if case.seqs.len() == 4 && case.seqs.iter().all(|s| s.1 == 1) {
-            assert!(splits > 1, "case {c}: four long decodes should split the context");
-        }
-        if case.seqs.len() == 256 {
-            assert_eq!(splits, 1, "256 decode sequences fill the GPU without a split");
+        for tiles in [PrefillTiles::Short, PrefillTiles::Tall] {
+            let (err, splits) = attention_error(case, (DType::BF16, AttentionKind::TensorCore, tiles), 300 + c as u64);
+            let ratio = case.heads / case.kv_heads;
+            assert!(
+                err < tolerance(DType::BF16),
+                "case {c} ({tiles:?} prefill tiles; head_dim {}, {ratio} heads per KV head, {} sequences, {splits} splits): relative error {err:.2e}",
+                case.head_dim,
+                case.seqs.len()
+            );
+            if case.seqs.len() == 4 && case.seqs.iter().all(|s| s.1 == 1) {
+                assert!(splits > 1, "case {c}: four long decodes should split the context");
+            }
+            if case.seqs.len() == 256 {
+                assert_eq!(splits, 1, "256 decode sequences fill the GPU without a split");
+            }
         }
     }
 }

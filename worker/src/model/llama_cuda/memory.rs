@@ -90,8 +90,9 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
-    /// The KV cache is what the budget leaves; `used` is the device memory in use now (weights
-    /// and everything else, the profiling activations already freed).
+    /// The KV cache is what the budget leaves; `total` is the device's memory (or the
+    /// `gpu_memory_limit` below it), `used` the device memory in use now (weights and everything
+    /// else, the profiling activations already freed).
     pub fn new(total: usize, used: usize, utilization: f64, weights: usize, activation_peak: usize) -> Result<Self> {
         if !(utilization > 0.0 && utilization <= 1.0) {
             return Err(WorkerError::invalid(
@@ -103,6 +104,12 @@ impl MemoryPlan {
         let other = used.saturating_sub(weights);
         let kv_cache = budget.saturating_sub(used + activation_peak);
         Ok(MemoryPlan { total, budget, weights, activation_peak, other, kv_cache })
+    }
+
+    /// The total a plan starts from: the device's memory, or `limit` (`gpu_memory_limit`) when
+    /// that is less.
+    pub fn total(device_total: usize, limit: Option<usize>) -> usize {
+        limit.map_or(device_total, |l| l.min(device_total))
     }
 
     /// One line for the log, in GiB.
@@ -134,5 +141,18 @@ mod tests {
         let starved = MemoryPlan::new(100 * gib, 20 * gib, 0.2, 16 * gib, 2 * gib).unwrap();
         assert_eq!(starved.kv_cache, 0);
         assert!(MemoryPlan::new(100 * gib, 0, 1.5, 0, 0).is_err());
+    }
+
+    #[test]
+    fn a_memory_limit_below_the_device_caps_the_total() {
+        let gib = 1usize << 30;
+        // An 80 GiB card planned as a 24 GB A10G (22 GiB usable).
+        let limited =
+            MemoryPlan::new(MemoryPlan::total(80 * gib, Some(22 * gib)), 16 * gib, 0.9, 15 * gib, gib).unwrap();
+        assert_eq!((limited.total, limited.budget), (22 * gib, (22.0 * 0.9 * gib as f64) as usize));
+        assert_eq!(limited.kv_cache, limited.budget - 17 * gib);
+        // A limit above the device's memory changes nothing.
+        assert_eq!(MemoryPlan::total(80 * gib, Some(100 * gib)), 80 * gib);
+        assert_eq!(MemoryPlan::total(80 * gib, None), 80 * gib);
     }
 }

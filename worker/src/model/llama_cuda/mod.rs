@@ -60,6 +60,8 @@ pub struct CudaModelOptions {
     pub max_num_batched_tokens: usize,
     /// Fraction of the device's memory to use.
     pub gpu_memory_utilization: f64,
+    /// Plan as if the device had at most this many bytes (`gpu_memory_limit`).
+    pub gpu_memory_limit: Option<usize>,
 }
 
 /// A Llama model with its KV cache, on one GPU.
@@ -182,7 +184,13 @@ impl CudaLlama {
     fn plan_kv_cache(&self, opts: &CudaModelOptions, activation_peak: usize) -> Result<usize> {
         let (free, total) = device_memory(self.kernels.stream())?;
         let weights = self.weights.size_bytes();
-        let plan = MemoryPlan::new(total, total - free, opts.gpu_memory_utilization, weights, activation_peak)?;
+        let plan = MemoryPlan::new(
+            MemoryPlan::total(total, opts.gpu_memory_limit),
+            total - free,
+            opts.gpu_memory_utilization,
+            weights,
+            activation_peak,
+        )?;
         let per_block = CudaKvStorage::bytes_per_block(&self.cache.layout, self.config.num_hidden_layers, opts.dtype);
         let num_blocks = plan.kv_cache / per_block;
         tracing::info!(plan = %plan.describe(), num_blocks, tokens = num_blocks * opts.block_size, "GPU memory plan");

@@ -1,0 +1,202 @@
+//! The attention kernels of one kind, loaded on a device, and their launches for a plan.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig};
+
+use super::{AttentionKind, AttentionPlan, Tiles};
+use crate::kernels::cuda::pack::DevicePack;
+use crate::kernels::cuda::{CudaKernels, device_ptr, gpu_error, grid, int};
+use crate::{Result, WorkerError};
+
+const THREADS: u32 = 128;
+
+const ATTENTION_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin"));
+const ATTENTION_MMA_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention_mma.fatbin"));
+
+/// One kernel with its split merge and the dynamic shared memory a launch takes.
+struct Kernel {
+    attention: CudaFunction,
+    combine: CudaFunction,
+    shared_bytes: u32,
+}
+
+/// The kernels of one [`AttentionKind`] for one element type and head size.
+pub(crate) struct AttentionKernels {
+    pub kind: AttentionKind,
+    decode: Kernel,
+    prefill: Kernel,
+    /// Tensor cores, where the device's shared memory holds them.
+    prefill_tall: Option<Kernel>,
+    /// CTAs of the decode kernel resident on one multiprocessor at once.
+    pub decode_ctas_per_sm: usize,
+}
+
+impl AttentionKernels {
+    /// Loads `kind`'s kernels for `suffix` (`bf16_d128`, ...) with `load` (a fatbin to a module);
+    /// raises the dynamic shared memory limit of those that need more than the default 48 KiB.
+    /// Tensor-core kernels need `max_shared` bytes at most (the device's limit per block): when
+    /// the decode and prefill kernels do not fit (an sm_86 GPU such as the A10G has 99 KiB), the
+    /// CUDA-core kernels load instead.
+    pub fn load(
+        kind: AttentionKind,
+        load: &dyn Fn(&[u8]) -> Result<Arc<CudaModule>>,
+        suffix: &str,
+        head_dim: usize,
+        max_shared: usize,
+    ) -> Result<AttentionKernels> {
+        let fits = |tiles: Tiles| kind.shared_bytes(tiles, head_dim) <= max_shared;
+        if kind == AttentionKind::TensorCore && !(fits(Tiles::Decode) && fits(Tiles::Prefill)) {
+            tracing::info!(
+                max_shared,
+                needed = kind.shared_bytes(Tiles::Decode, head_dim),
+                "the tensor-core attention kernels need more shared memory than this GPU gives a block: CUDA-core attention"
+            );
+            return Self::load(AttentionKind::Simt, load, suffix, head_dim, max_shared);
+        }
+        let (module, names) = match kind {
+            AttentionKind::Simt => (load(ATTENTION_FATBIN)?, ["paged_attention_decode", "paged_attention", ""]),
+            AttentionKind::TensorCore => (
+                load(ATTENTION_MMA_FATBIN)?,
+                ["paged_attention_mma_decode", "paged_attention_mma_prefill", "paged_attention_mma_prefill_wide"],
+            ),
+        };
+        let kernel = |prefix: &str, tiles: Tiles| -> Result<Kernel> {
+            let shared = kind.shared_bytes(tiles, head_dim) as u32;
+            let name = format!("{prefix}_{suffix}");
+            let attention = module.load_function(&name).map_err(|e| gpu_error(&format!("kernel {name}"), e))?;
+            if shared > 0 {
+                let attribute =
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                attention
+                    .set_attribute(attribute, shared as i32)
+                    .map_err(|e| gpu_error(&format!("kernel {name}: {shared} bytes of shared memory"), e))?;
+            }
+            let combine = module
+                .load_function(&format!("{name}_combine"))
+                .map_err(|e| gpu_error(&format!("kernel {name}_combine"), e))?;
+            Ok(Kernel { attention, combine, shared_bytes: shared })
+        };
+        let decode = kernel(names[0], Tiles::Decode)?;
+        let resident = decode
+            .attention
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS, decode.shared_bytes as usize, None)
+            .map_err(|e| gpu_error("the attention kernel's occupancy", e))?;
+        let prefill_tall = match kind {
+            AttentionKind::TensorCore if fits(Tiles::PrefillTall) => Some(kernel(names[2], Tiles::PrefillTall)?),
+            _ => None,
+        };
+        Ok(AttentionKernels {
+            kind,
+            decode,
+            decode_ctas_per_sm: (resident as usize).max(1),
+            prefill: kernel(names[1], Tiles::Prefill)?,
+            prefill_tall,
+        })
+    }
+
+    /// Whether the tall prefill tiles can run here.
+    pub fn has_tall_prefill(&self) -> bool {
+        self.prefill_tall.is_some()
+    }
+
+    fn kernel(&self, tiles: Tiles) -> Result<&Kernel> {
+        match tiles {
+            Tiles::Decode => Ok(&self.decode),
+            Tiles::Prefill => Ok(&self.prefill),
+            Tiles::PrefillTall => self
+                .prefill_tall
+                .as_ref()
+                .ok_or_else(|| WorkerError::Engine("cuda attention: tall prefill tiles are not loaded".into())),
+        }
+    }
+}
+
+impl CudaKernels {
+    /// Attention of every query token over its sequence's cache: `q` is `[tokens, width]` with
+    /// the query heads at the start of each row (the fused QKV projection works as is); the
+    /// caches already hold this step's K/V. Returns `[tokens, heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention(
+        &self,
+        plan: &AttentionPlan,
+        meta: &DevicePack,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        block_size: usize,
+        scale: f32,
+    ) -> Result<Tensor> {
+        self.expect("q", q)?;
+        self.expect("k_cache", k_cache)?;
+        self.expect("v_cache", v_cache)?;
+        let (tokens, width) = q.dims2().map_err(|e| WorkerError::Engine(format!("cuda kernel input `q`: {e}")))?;
+        let out_width = plan.heads * self.head_dim;
+        if tokens != plan.num_tokens || width < out_width {
+            return Err(WorkerError::Engine(format!(
+                "cuda attention: q {:?} for {} tokens of {} heads",
+                q.dims(),
+                plan.num_tokens,
+                plan.heads
+            )));
+        }
+        if !(width * self.dtype.size_in_bytes()).is_multiple_of(16) || !device_ptr(q)?.is_multiple_of(16) {
+            return Err(WorkerError::Engine("cuda attention: q rows must be 16-byte aligned".into()));
+        }
+        let out = self.alloc((tokens, out_width))?;
+        let a = &self.attention;
+        if plan.kind != a.kind {
+            return Err(WorkerError::Engine(format!(
+                "cuda attention: a {:?} plan for {:?} kernels",
+                plan.kind, a.kind
+            )));
+        }
+        let ratio = plan.heads / plan.kv_heads;
+        for part in &plan.parts {
+            let groups = ratio / part.heads_per_cta;
+            let grid_xy = (part.num_tiles as u32, (plan.kv_heads * groups) as u32);
+            let partial_rows = part.num_tiles * plan.kv_heads * groups * part.splits * part.shape.rows;
+            let (part_acc, part_ml) = if part.splits > 1 {
+                let acc = self.alloc_of((partial_rows * self.head_dim,).into(), DType::F32)?;
+                let ml = self.alloc_of((partial_rows * 2,).into(), DType::F32)?;
+                (Some(acc), Some(ml))
+            } else {
+                (None, None)
+            };
+            let acc_ptr = part_acc.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
+            let ml_ptr = part_ml.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
+            // The last split merges in the attention launch itself when there is a zeroed
+            // counter for every (tile, head group); otherwise a second launch merges. Launches
+            // run in stream order, so the parts share the counters.
+            let merge_in_place =
+                part.splits > 1 && self.merge_splits && (grid_xy.0 * grid_xy.1) as usize <= self.split_ctas;
+            let counters = if merge_in_place { device_ptr(&self.split_counters)? } else { 0 };
+            let kernel = a.kernel(part.tiles_kind)?;
+            let (attention, combine) = (&kernel.attention, &kernel.combine);
+            let cfg = LaunchConfig {
+                grid_dim: (grid_xy.0, grid_xy.1, part.splits as u32),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: kernel.shared_bytes,
+            };
+            // SAFETY: the descriptors in `meta` were built by `plan` for these sequences (the
+            // caller checked block tables and contexts against the cache); q/out rows are as
+            // checked above; partial buffers hold every (tile, group, split, row) slot; the
+            // kernel's dynamic shared memory limit was raised to `shared_bytes` at load.
+            launch!(self, attention, cfg;
+                device_ptr(&out)?, acc_ptr, ml_ptr, device_ptr(q)?, int("q_stride", width)?,
+                int("out_stride", out_width)?, device_ptr(k_cache)?, device_ptr(v_cache)?,
+                meta.ptr(part.tiles), meta.ptr(plan.seqs), meta.ptr(plan.tables), int("kv_heads", plan.kv_heads)?,
+                int("ratio", ratio)?, int("heads_per_cta", part.heads_per_cta)?, int("block_size", block_size)?,
+                int("chunks_per_split", part.chunks_per_split)?, scale, counters)?;
+            if part.splits > 1 && !merge_in_place {
+                // SAFETY: as above; the partials were all written by the launch before.
+                launch!(self, combine, grid((grid_xy.0, grid_xy.1, 1), THREADS);
+                    device_ptr(&out)?, acc_ptr, ml_ptr, int("out_stride", out_width)?, meta.ptr(part.tiles),
+                    meta.ptr(plan.seqs), int("ratio", ratio)?, int("heads_per_cta", part.heads_per_cta)?,
+                    int("splits", part.splits)?)?;
+            }
+        }
+        Ok(out)
+    }
+}
