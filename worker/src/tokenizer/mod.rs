@@ -23,6 +23,8 @@ mod stop;
 mod strftime;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_tools;
 
 use std::collections::HashSet;
 use std::path::Path;
