@@ -198,15 +198,11 @@ impl ToolCallParser for DeepseekV3 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::every_split;
+    use super::super::{call, every_split};
     use super::*;
 
     fn parse(text: &str) -> ((String, Vec<(String, String)>), bool) {
-        every_split(|| Box::new(DeepseekV3::default()), text)
-    }
-
-    fn call(name: &str, arguments: &str) -> (String, String) {
-        (name.to_string(), arguments.to_string())
+        every_split(DeepseekV3::default, text)
     }
 
     /// One call as DeepSeek-R1-Distill's chat template writes it.

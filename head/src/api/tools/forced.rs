@@ -162,22 +162,22 @@ mod tests {
     #[test]
     fn the_required_output_is_an_array_of_calls() {
         let out = r#"[{"name": "a", "parameters": {"p": 1}}, {"name": "b", "parameters": {}}]"#;
-        let ((content, calls), ok) = every_split(|| Box::new(required()), out);
+        let ((content, calls), ok) = every_split(required, out);
         assert!(ok);
         assert_eq!(content, "");
         assert_eq!(calls, vec![("a".into(), r#"{"p": 1}"#.into()), ("b".into(), "{}".into())]);
-        let (_, ok) = every_split(|| Box::new(required()), "[]");
+        let (_, ok) = every_split(required, "[]");
         assert!(!ok, "at least one call");
-        let (_, ok) = every_split(|| Box::new(required()), r#"{"name": "a", "parameters": {}}"#);
+        let (_, ok) = every_split(required, r#"{"name": "a", "parameters": {}}"#);
         assert!(!ok, "an array is required");
     }
 
     #[test]
     fn the_named_output_is_the_arguments() {
-        let ((content, calls), ok) = every_split(|| Box::new(Named::new("f")), r#"{"x": [1, "é"]}"#);
+        let ((content, calls), ok) = every_split(|| Named::new("f"), r#"{"x": [1, "é"]}"#);
         assert!(ok);
         assert_eq!((content.as_str(), calls), ("", vec![("f".into(), r#"{"x": [1, "é"]}"#.into())]));
-        let (_, ok) = every_split(|| Box::new(Named::new("f")), "not json");
+        let (_, ok) = every_split(|| Named::new("f"), "not json");
         assert!(!ok);
     }
 }

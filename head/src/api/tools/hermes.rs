@@ -7,8 +7,8 @@
 //! is not a call object makes the rest of the output plain content. Tags split across pieces are
 //! held back until decided.
 
-use super::json::{CallObject, Progress};
-use super::{ToolCallParser, ToolEvent, content_until, text};
+use super::json::{OpenedCall, Step};
+use super::{Next, ToolCallParser, ToolEvent, content_until, next_tag, text};
 
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
@@ -18,8 +18,7 @@ enum State {
     /// Content, looking for `<tool_call>`.
     #[default]
     Text,
-    /// A call; `lead` is the tag (and whitespace before it) that opened it.
-    Call { call: CallObject, lead: String },
+    Call(OpenedCall),
     /// After a call's object: expecting `</tool_call>`.
     AfterCall,
     /// After a call: whitespace is held; `<tool_call>` opens another call.
@@ -53,53 +52,49 @@ impl ToolCallParser for Hermes {
                 State::Text => match content_until(out, rest, OPEN) {
                     Ok((lead, end)) => {
                         at += end;
-                        self.state = State::Call { call: CallObject::default(), lead };
+                        self.state = State::Call(OpenedCall::new(lead));
                     }
                     Err(from) => {
                         self.held = rest[from..].to_string();
                         return;
                     }
                 },
-                State::Call { call, .. } => match call.push(rest, out) {
-                    Progress::More => return,
-                    Progress::Ended { rest } => {
-                        self.well_formed &= call.well_formed();
+                State::Call(call) => match call.push(rest, out) {
+                    Step::More => return,
+                    Step::Ended { rest, well_formed } => {
+                        self.well_formed &= well_formed;
                         at += rest;
                         self.state = State::AfterCall;
                     }
-                    Progress::NotACall { rest } => {
-                        if let State::Call { call, lead } = std::mem::replace(&mut self.state, State::Plain) {
-                            text(out, &lead);
-                            text(out, &call.into_text());
-                        }
+                    Step::NotACall { rest } => {
                         self.well_formed = false;
                         at += rest;
+                        self.state = State::Plain;
                     }
                 },
-                State::AfterCall => {
-                    let trimmed = rest.trim_start();
-                    if let Some(after) = trimmed.strip_prefix(CLOSE) {
-                        at = buf.len() - after.len();
-                        self.state = State::Between;
-                    } else if trimmed.is_empty() || CLOSE.starts_with(trimmed) {
-                        self.held = rest.to_string();
-                        return;
-                    } else {
+                // Whitespace, then the closing tag (forgiven when something else comes).
+                State::AfterCall => match next_tag(rest, CLOSE) {
+                    Next::Tag(end) => {
+                        at += end;
                         self.state = State::Between;
                     }
-                }
-                State::Between => {
-                    let trimmed = rest.trim_start();
-                    if let Some(after) = trimmed.strip_prefix(OPEN) {
-                        at = buf.len() - after.len();
-                        self.state = State::Call { call: CallObject::default(), lead: OPEN.to_string() };
-                    } else if trimmed.is_empty() || OPEN.starts_with(trimmed) {
+                    Next::Undecided => {
                         self.held = rest.to_string();
                         return;
-                    } else {
-                        self.state = State::Text;
                     }
-                }
+                    Next::Other(_) => self.state = State::Between,
+                },
+                State::Between => match next_tag(rest, OPEN) {
+                    Next::Tag(end) => {
+                        at += end;
+                        self.state = State::Call(OpenedCall::new(OPEN));
+                    }
+                    Next::Undecided => {
+                        self.held = rest.to_string();
+                        return;
+                    }
+                    Next::Other(_) => self.state = State::Text,
+                },
                 State::Plain => {
                     text(out, rest);
                     return;
@@ -112,12 +107,9 @@ impl ToolCallParser for Hermes {
         let held = std::mem::take(&mut self.held);
         match std::mem::replace(&mut self.state, State::Plain) {
             State::Text => text(out, &held),
-            State::Call { mut call, lead } => {
+            State::Call(mut call) => {
                 self.well_formed = false;
-                if call.finish() {
-                    text(out, &lead);
-                    text(out, &call.into_text());
-                }
+                call.finish(out);
             }
             State::Between if !held.trim().is_empty() => text(out, &held),
             State::AfterCall | State::Between | State::Plain => {}
@@ -131,15 +123,11 @@ impl ToolCallParser for Hermes {
 
 #[cfg(test)]
 mod tests {
-    use super::super::every_split;
+    use super::super::{call, every_split};
     use super::*;
 
     fn parse(text: &str) -> ((String, Vec<(String, String)>), bool) {
-        every_split(|| Box::new(Hermes::default()), text)
-    }
-
-    fn call(name: &str, arguments: &str) -> (String, String) {
-        (name.to_string(), arguments.to_string())
+        every_split(Hermes::default, text)
     }
 
     #[test]

@@ -239,7 +239,7 @@ pub enum Progress {
     More,
     /// The object ended; the piece's text from `rest` on follows it.
     Ended { rest: usize },
-    /// It is not a call: its text so far ([`CallObject::into_text`]) is plain text, and so is
+    /// It is not a call: its text so far is plain text ([`OpenedCall`] emits it), and so is
     /// the piece from `rest` on.
     NotACall { rest: usize },
 }
@@ -272,7 +272,8 @@ impl CallObject {
             None => Progress::More,
             Some(end) => {
                 self.raw.truncate(end);
-                let rest = end - base;
+                // The end is never in text of earlier pieces (they would have found it).
+                let rest = end.saturating_sub(base);
                 if matches!(self.stage, Stage::NotACall) {
                     Progress::NotACall { rest }
                 } else {
@@ -283,8 +284,8 @@ impl CallObject {
     }
 
     /// The output ended inside the object. Returns `true` if it was never announced as a call
-    /// (its text, [`CallObject::into_text`], is then plain text); a call already begun stays,
-    /// with the arguments it got, and is not well formed.
+    /// (its text is then plain text); a call already begun stays, with the arguments it got,
+    /// and is not well formed.
     pub fn finish(&mut self) -> bool {
         let never_begun = !self.begun;
         self.stage = if never_begun { Stage::NotACall } else { Stage::Ended };
@@ -294,11 +295,6 @@ impl CallObject {
     /// Whether the object ended as a well-formed call.
     pub fn well_formed(&self) -> bool {
         self.well_formed
-    }
-
-    /// The object's text so far.
-    pub fn into_text(self) -> String {
-        self.raw
     }
 
     /// Runs the stages over `raw[from..]`; the object's end, if reached.
@@ -394,5 +390,60 @@ impl CallObject {
 fn push_arguments(out: &mut Vec<ToolEvent>, text: &str) {
     if !text.is_empty() {
         out.push(ToolEvent::Arguments(text.to_string()));
+    }
+}
+
+/// What [`OpenedCall::push`] did with a piece.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    More,
+    /// The call ended; the piece's text from `rest` on follows it.
+    Ended {
+        rest: usize,
+        well_formed: bool,
+    },
+    /// It was no call: its markup and text went out as plain text; the piece from `rest` on
+    /// is for the caller.
+    NotACall {
+        rest: usize,
+    },
+}
+
+/// A call object with the markup that opened it (`<tool_call>`, whitespace, a separator), which
+/// is plain text again if the object turns out to be no call.
+#[derive(Debug, Default)]
+pub struct OpenedCall {
+    call: CallObject,
+    lead: String,
+}
+
+impl OpenedCall {
+    pub fn new(lead: impl Into<String>) -> Self {
+        OpenedCall { call: CallObject::default(), lead: lead.into() }
+    }
+
+    /// Takes the next piece (see [`Step`]).
+    pub fn push(&mut self, piece: &str, out: &mut Vec<ToolEvent>) -> Step {
+        match self.call.push(piece, out) {
+            Progress::More => Step::More,
+            Progress::Ended { rest } => Step::Ended { rest, well_formed: self.call.well_formed() },
+            Progress::NotACall { rest } => {
+                self.release(out);
+                Step::NotACall { rest }
+            }
+        }
+    }
+
+    /// The output ended inside the call: text if it was never announced (see
+    /// [`CallObject::finish`]).
+    pub fn finish(&mut self, out: &mut Vec<ToolEvent>) {
+        if self.call.finish() {
+            self.release(out);
+        }
+    }
+
+    fn release(&mut self, out: &mut Vec<ToolEvent>) {
+        super::text(out, &std::mem::take(&mut self.lead));
+        super::text(out, &std::mem::take(&mut self.call.raw));
     }
 }

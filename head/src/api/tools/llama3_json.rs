@@ -9,7 +9,7 @@
 //! separator and an optional closing; `required`'s JSON array is another [`Shape`] of it
 //! ([`super::forced`]).
 
-use super::json::{CallObject, Progress, skip_ws};
+use super::json::{OpenedCall, Step, skip_ws};
 use super::{ToolCallParser, ToolEvent, text};
 
 /// How a run of call objects is written.
@@ -38,12 +38,8 @@ pub fn parser() -> Sequence {
 enum State {
     #[default]
     Start,
-    /// Inside a call; `lead` is the text before its `{` (whitespace, tag, separator), plain
-    /// content again if the object is not a call.
-    Call {
-        call: CallObject,
-        lead: String,
-    },
+    /// Inside a call, opened by whitespace, the tag or a separator.
+    Call(OpenedCall),
     Between,
     Closed,
     Plain,
@@ -78,7 +74,7 @@ impl Sequence {
                 None
             }
             Some(b'{') => {
-                self.state = State::Call { call: CallObject::default(), lead: rest[..j].to_string() };
+                self.state = State::Call(OpenedCall::new(&rest[..j]));
                 Some(j)
             }
             Some(_) => {
@@ -116,7 +112,7 @@ impl ToolCallParser for Sequence {
                             None => return,
                         }
                     } else if !self.shape.opening_required && rest[i..].starts_with('{') {
-                        self.state = State::Call { call: CallObject::default(), lead: rest[..i].to_string() };
+                        self.state = State::Call(OpenedCall::new(&rest[..i]));
                         at += i;
                     } else if i == rest.len() || opening.starts_with(&rest[i..]) {
                         self.held = rest.to_string();
@@ -126,20 +122,17 @@ impl ToolCallParser for Sequence {
                         self.well_formed &= !self.shape.opening_required;
                     }
                 }
-                State::Call { call, .. } => match call.push(rest, out) {
-                    Progress::More => return,
-                    Progress::Ended { rest } => {
-                        self.well_formed &= call.well_formed();
+                State::Call(call) => match call.push(rest, out) {
+                    Step::More => return,
+                    Step::Ended { rest, well_formed } => {
+                        self.well_formed &= well_formed;
                         at += rest;
                         self.state = State::Between;
                     }
-                    Progress::NotACall { rest } => {
-                        if let State::Call { call, lead } = std::mem::replace(&mut self.state, State::Plain) {
-                            text(out, &lead);
-                            text(out, &call.into_text());
-                        }
+                    Step::NotACall { rest } => {
                         self.well_formed = false;
                         at += rest;
+                        self.state = State::Plain;
                     }
                 },
                 State::Between => {
@@ -186,12 +179,9 @@ impl ToolCallParser for Sequence {
                 text(out, &held);
                 self.well_formed &= !self.shape.opening_required;
             }
-            State::Call { mut call, lead } => {
+            State::Call(mut call) => {
                 self.well_formed = false;
-                if call.finish() {
-                    text(out, &lead);
-                    text(out, &call.into_text());
-                }
+                call.finish(out);
             }
             State::Between => {
                 if !held.trim().is_empty() {
@@ -210,15 +200,11 @@ impl ToolCallParser for Sequence {
 
 #[cfg(test)]
 mod tests {
-    use super::super::every_split;
+    use super::super::{call, every_split};
     use super::*;
 
     fn parse(text: &str) -> ((String, Vec<(String, String)>), bool) {
-        every_split(|| Box::new(parser()), text)
-    }
-
-    fn call(name: &str, arguments: &str) -> (String, String) {
-        (name.to_string(), arguments.to_string())
+        every_split(parser, text)
     }
 
     #[test]

@@ -116,6 +116,29 @@ fn text(out: &mut Vec<ToolEvent>, text: &str) {
     }
 }
 
+/// What comes after whitespace at the start of `rest`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Next {
+    /// `tag`, which ends at this byte.
+    Tag(usize),
+    /// Nothing but whitespace, or the start of `tag`: hold `rest` back.
+    Undecided,
+    /// Something else, from this byte.
+    Other(usize),
+}
+
+fn next_tag(rest: &str, tag: &str) -> Next {
+    let trimmed = rest.trim_start();
+    let at = rest.len() - trimmed.len();
+    if trimmed.starts_with(tag) {
+        Next::Tag(at + tag.len())
+    } else if tag.starts_with(trimmed) {
+        Next::Undecided
+    } else {
+        Next::Other(at)
+    }
+}
+
 /// Content of `buf` up to `tag`, whitespace right before the tag dropped (so an answer that is
 /// only calls has no content). `Ok((lead, end))`: the tag ends at `end`, and `lead` is the
 /// whitespace and tag not emitted (content again if what follows is no call). `Err(from)`: no
@@ -135,6 +158,12 @@ fn content_until(out: &mut Vec<ToolEvent>, buf: &str, tag: &str) -> Result<(Stri
             Err(keep)
         }
     }
+}
+
+/// A call as the tests write it: (name, arguments).
+#[cfg(test)]
+pub(crate) fn call(name: &str, arguments: &str) -> (String, String) {
+    (name.to_string(), arguments.to_string())
 }
 
 /// Runs `parser` over `pieces` and merges its events: (content, calls as (name, arguments)).
@@ -159,21 +188,21 @@ pub(crate) fn run_pieces(parser: &mut dyn ToolCallParser, pieces: &[&str]) -> (S
 /// Checks that every way of cutting `text` in two or three pieces gives the same events as
 /// one piece, and returns that result with whether the output was well formed.
 #[cfg(test)]
-pub(crate) fn every_split(
-    make: impl Fn() -> Box<dyn ToolCallParser>,
+pub(crate) fn every_split<P: ToolCallParser>(
+    make: impl Fn() -> P,
     text: &str,
 ) -> ((String, Vec<(String, String)>), bool) {
     let mut whole = make();
-    let want = run_pieces(whole.as_mut(), &[text]);
+    let want = run_pieces(&mut whole, &[text]);
     let well_formed = whole.well_formed();
     let bounds: Vec<usize> = (1..text.len()).filter(|&i| text.is_char_boundary(i)).collect();
     for &i in &bounds {
         let mut p = make();
-        assert_eq!(run_pieces(p.as_mut(), &[&text[..i], &text[i..]]), want, "{text:?} cut at {i}");
+        assert_eq!(run_pieces(&mut p, &[&text[..i], &text[i..]]), want, "{text:?} cut at {i}");
         assert_eq!(p.well_formed(), well_formed, "{text:?} cut at {i}");
         for &j in bounds.iter().filter(|&&j| j > i).step_by(3) {
             let mut p = make();
-            let got = run_pieces(p.as_mut(), &[&text[..i], &text[i..j], &text[j..]]);
+            let got = run_pieces(&mut p, &[&text[..i], &text[i..j], &text[j..]]);
             assert_eq!(got, want, "{text:?} cut at {i}, {j}");
         }
     }
@@ -184,6 +213,6 @@ pub(crate) fn every_split(
         cuts.push(text.len());
         cuts.windows(2).map(|w| &text[w[0]..w[1]]).collect()
     };
-    assert_eq!(run_pieces(p.as_mut(), &bytes), want, "{text:?} one character at a time");
+    assert_eq!(run_pieces(&mut p, &bytes), want, "{text:?} one character at a time");
     (want, well_formed)
 }
