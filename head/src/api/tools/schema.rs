@@ -74,7 +74,7 @@ pub fn check_schema(path: &str, schema: &Value, depth: usize) -> Result<(), ApiE
             | "unevaluatedProperties"
             | "unevaluatedItems" => check_schema(&at, value, depth + 1)?,
             "allOf" | "anyOf" | "oneOf" | "prefixItems" => {
-                if !value.as_array().is_some_and(|l| !l.is_empty()) {
+                if value.as_array().is_none_or(|l| l.is_empty()) {
                     return fail("a non-empty list of schemas");
                 }
                 each(&at, value, depth)?;
