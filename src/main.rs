@@ -31,7 +31,7 @@ enum Command {
     Status(cli::StatusArgs),
     /// Benchmarks.
     #[command(subcommand)]
-    Bench(BenchCommand),
+    Bench(Box<BenchCommand>),
 }
 
 #[derive(Subcommand)]
@@ -66,18 +66,20 @@ async fn main() -> anyhow::Result<()> {
         Command::Worker(args) => cli::worker::run(*args).await?,
         Command::Deploy(args) => cli::deploy::run(args).await?,
         Command::Status(args) => cli::status::run(args).await?,
-        Command::Bench(BenchCommand::Offline(args)) => {
-            let json = args.json.clone();
-            let report = bench::offline::run(args).await?;
-            print!("{}", report.table());
-            let text = serde_json::to_string_pretty(&report)?;
-            match json {
-                Some(path) => std::fs::write(&path, text)?,
-                None => println!("{text}"),
+        Command::Bench(command) => match *command {
+            BenchCommand::Offline(args) => {
+                let json = args.json.clone();
+                let report = bench::offline::run(args).await?;
+                print!("{}", report.table());
+                let text = serde_json::to_string_pretty(&report)?;
+                match json {
+                    Some(path) => std::fs::write(&path, text)?,
+                    None => println!("{text}"),
+                }
             }
-        }
-        Command::Bench(BenchCommand::Serve(args)) => bench::serve::main(args).await?,
-        Command::Bench(BenchCommand::Soak(args)) => bench::soak::main(*args).await?,
+            BenchCommand::Serve(args) => bench::serve::main(args).await?,
+            BenchCommand::Soak(args) => bench::soak::main(*args).await?,
+        },
     }
     Ok(())
 }
