@@ -317,7 +317,8 @@ async fn the_head_runs_with_the_manifest_args_and_answers_its_probes() {
 #[test]
 fn every_model_setting_in_the_serve_configs_is_read_by_lumen() {
     let help = String::from_utf8_lossy(&lumen(&["serve".into(), "--help".into()]).stdout).into_owned();
-    let head_side = ["source", "served_model_name", "reasoning_parser"];
+    let mut head_side = vec!["source", "served_model_name"];
+    head_side.extend_from_slice(lumen_head::config::model::HEAD_OPTIONS);
     for overlay in OVERLAYS {
         let rendered = render(overlay);
         let config: Value = serde_json::to_value(

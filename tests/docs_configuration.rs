@@ -119,8 +119,8 @@ fn every_serve_config_field_is_documented() {
         fields.extend(struct_fields(&config, name));
     }
     fields.extend(struct_fields(&engine, "EngineOptions"));
-    // Read by the head from the `model:` section (`DeploymentConfig::reasoning_parser`).
-    fields.insert("reasoning_parser".into());
+    // Read by the head from the `model:` section (`DeploymentConfig::reasoning_parser`, ...).
+    fields.extend(lumen_head::config::model::HEAD_OPTIONS.iter().map(|s| s.to_string()));
     assert!(fields.len() > 30, "parsed too few fields: {fields:?}");
     let missing: Vec<_> = fields.iter().filter(|f| !doc.contains(&format!("`{f}`"))).collect();
     assert!(missing.is_empty(), "docs/configuration.md does not document {missing:?}");

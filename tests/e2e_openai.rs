@@ -1,6 +1,7 @@
 //! What OpenAI clients rely on, checked against real `lumen serve` processes and the real model:
 //! the official Python client, stop strings, seeds, usage counts that match the tokens produced,
-//! the reasoning split, and the 413/429 limits.
+//! the reasoning split, tool calls (the client assembling streamed calls, tool results rendered
+//! through the template, refusals), and the 413/429 limits.
 
 mod support;
 
@@ -175,4 +176,71 @@ async fn reasoning_is_split_and_limits_answer_413_and_429() {
     let err: Value = resp.json().await.unwrap();
     assert!(err["error"]["message"].is_string() && err["error"]["type"].is_string(), "{err}");
     drop(occupant);
+}
+
+/// The raw completion of `messages` with `tools` rendered by the served template (greedy).
+async fn raw_answer(http: &reqwest::Client, api: &str, messages: &Value, tools: &Value) -> String {
+    let tokens =
+        post(http, format!("{api}/tokenize"), json!({"model": "smol", "messages": messages, "tools": tools})).await;
+    let prompt = tokens["tokens"].clone();
+    let raw = post(
+        http,
+        format!("{api}/v1/completions"),
+        json!({"model": "smol", "prompt": prompt, "max_tokens": 48, "temperature": 0}),
+    )
+    .await;
+    raw["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_reach_the_official_openai_client_streamed_and_not() {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/pyenv/bin/python");
+    assert!(python.is_file(), "{} is missing: run scripts/python-env.sh (scripts/test.sh does)", python.display());
+    let template = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/tool_template.jinja");
+    let template = template.display().to_string();
+    let lumen = serve(&["--chat-template", &template, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]);
+    let http = reqwest::Client::new();
+    lumen.wait_healthy(&http).await;
+    let api = lumen.url("api");
+
+    // What the model writes for the question (the template makes it copy a hermes call); the
+    // chat answers must be that call, read by the parser.
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let question = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    let raw = raw_answer(&http, &api, &question, &tools).await;
+    let call = raw
+        .trim()
+        .strip_prefix("<tool_call>")
+        .and_then(|r| r.split_once("</tool_call>"))
+        .map(|(call, _)| call.trim().to_string())
+        .unwrap_or_else(|| panic!("the template did not make SmolLM2 call the tool: {raw:?}"));
+    let call: Value = serde_json::from_str(&call).unwrap_or_else(|e| panic!("{e}: {raw:?}"));
+    let (name, arguments) = (call["name"].as_str().unwrap(), call["arguments"].to_string());
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/openai_tools.py");
+    let base_url = format!("{api}/v1");
+    let out =
+        Command::new(&python).arg(script).args([&base_url, "smol", name, &arguments]).output().expect("running python");
+    assert!(
+        out.status.success(),
+        "the openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A conversation with the call and its result renders both through the template.
+    let history = json!([
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "22 C, sunny"}
+    ]);
+    let tokens =
+        post(&http, format!("{api}/tokenize"), json!({"model": "smol", "messages": history, "tools": tools})).await;
+    let text = post(&http, format!("{api}/detokenize"), json!({"model": "smol", "tokens": tokens["tokens"]})).await;
+    let text = text["prompt"].as_str().unwrap();
+    let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+    assert_eq!(text.matches(call).count(), 4, "three examples and the conversation's call: {text}");
+    assert!(text.contains("tool\n22 C, sunny"), "{text}");
 }

@@ -54,11 +54,21 @@ fn plan(at: &str, application: &str, d: &DeploymentConfig) -> Result<DeploymentP
         .reasoning_parser()
         .map(|p| p.parse().map_err(|e| ConfigError::at(format!("{at}.model.reasoning_parser"), e)))
         .transpose()?;
+    let tool_call_parser = d
+        .tool_call_parser()
+        .map(|p| p.parse().map_err(|e| ConfigError::at(format!("{at}.model.tool_call_parser"), e)))
+        .transpose()?;
     let admission = d.max_ongoing_requests.map(|n| AdmissionLimits {
         max_in_flight: n as usize,
         max_queued: d.max_queued_requests.map_or(usize::MAX, |q| usize::try_from(q).unwrap_or(usize::MAX)),
     });
-    Ok(DeploymentPlan { deployment, api: ModelApiOptions { reasoning_parser, admission } })
+    let api = ModelApiOptions {
+        reasoning_parser,
+        enable_auto_tool_choice: d.enable_auto_tool_choice(),
+        tool_call_parser,
+        admission,
+    };
+    Ok(DeploymentPlan { deployment, api })
 }
 
 #[cfg(test)]
@@ -80,7 +90,8 @@ applications:
         health_check_period_s: 2.5
         ray_actor_options: {num_gpus: 1, num_cpus: 4}
         max_replicas_per_node: 1
-        model: {source: m.gguf, served_model_name: smol, reasoning_parser: deepseek_r1}
+        model: {source: m.gguf, served_model_name: smol, reasoning_parser: deepseek_r1,
+                enable_auto_tool_choice: true, tool_call_parser: hermes}
 "#,
         )
         .unwrap();
@@ -97,6 +108,8 @@ applications:
         let admission = plans[0].api.admission.unwrap();
         assert_eq!((admission.max_in_flight, admission.max_queued), (8, usize::MAX));
         assert!(plans[0].api.reasoning_parser.is_some());
+        assert_eq!(plans[0].api.enable_auto_tool_choice, Some(true));
+        assert_eq!(plans[0].api.tool_call_parser, Some(crate::api::tools::ToolParserKind::Hermes));
     }
 
     #[test]

@@ -197,7 +197,7 @@ async fn r1_server() -> (std::sync::Arc<FakeBackend>, Server) {
     let mut config = ApiConfig::default();
     config.models.insert(
         "r1".into(),
-        ModelApiOptions { reasoning_parser: Some(ReasoningParserKind::DeepseekR1), admission: None },
+        ModelApiOptions { reasoning_parser: Some(ReasoningParserKind::DeepseekR1), ..Default::default() },
     );
     let server = serve(backend.clone(), config).await;
     (backend, server)
@@ -230,7 +230,7 @@ async fn parser_set_at_run_time_applies_to_later_requests() {
     let (_backend, server) = r1_server().await;
     server.state.set_model_options(
         "plain",
-        ModelApiOptions { reasoning_parser: Some(ReasoningParserKind::DeepseekR1), admission: None },
+        ModelApiOptions { reasoning_parser: Some(ReasoningParserKind::DeepseekR1), ..Default::default() },
     );
     let (_, body) = server.post_json("/v1/chat/completions", hi(json!({"model": "plain"}))).await;
     assert_eq!(body["choices"][0]["message"]["reasoning_content"], "Let me see.");

@@ -71,20 +71,20 @@ fn summary(document: &ServeDocument, base: &str) -> String {
 mod tests {
     use std::collections::BTreeSet;
 
-    use lumen_head::config::model::{OPTIONS, check_value, is_device};
+    use lumen_head::config::model::{HEAD_OPTIONS, OPTIONS, check_value, is_device};
     use lumen_worker::engine::EngineOptions;
     use lumen_worker::engine::options::ComputeDevice;
 
     /// The head checks a deployment's `model:` section before any worker sees it, with its own
     /// table of the options: it must list exactly the options the worker reads (plus `source`,
-    /// the config's spelling of `model`, and the head's `reasoning_parser`), accept the worker's
+    /// the config's spelling of `model`, and the head's own options), accept the worker's
     /// defaults, and agree with the worker on which devices exist.
     #[test]
     fn the_head_checks_exactly_the_engine_options_the_worker_reads() {
         let defaults = serde_json::to_value(EngineOptions::default()).expect("options serialize");
         let worker: BTreeSet<&str> = defaults.as_object().expect("an object").keys().map(String::as_str).collect();
         let head: BTreeSet<&str> =
-            OPTIONS.iter().map(|(name, _)| *name).filter(|n| !["source", "reasoning_parser"].contains(n)).collect();
+            OPTIONS.iter().map(|(name, _)| *name).filter(|n| *n != "source" && !HEAD_OPTIONS.contains(n)).collect();
         assert_eq!(head, worker, "head/src/config/model.rs OPTIONS vs worker/src/engine/options.rs");
         for (name, kind) in OPTIONS {
             if let Some(value) = defaults.get(*name) {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lumen_head::api::admission::AdmissionLimits;
+use lumen_head::api::tools::ToolSettings;
 use lumen_head::api::{ApiConfig, ApiState, router};
 use lumen_head::cluster::{Cluster, ClusterMetrics, serve_head_tls};
 use lumen_head::control::{Applications, ControlState, ServeDocument, StartingPoint};
@@ -125,6 +126,10 @@ pub async fn start(
         admission: AdmissionLimits { max_in_flight: args.max_ongoing_requests, max_queued: args.max_queued_requests },
         log_requests: args.log_requests,
         stream_send_timeout: Duration::from_secs(args.stream_send_timeout_s),
+        tools: ToolSettings {
+            enable_auto_tool_choice: args.enable_auto_tool_choice,
+            tool_call_parser: args.tool_call_parser,
+        },
         ..ApiConfig::default()
     };
     let registry = prometheus::Registry::new();

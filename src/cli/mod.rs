@@ -70,6 +70,16 @@ pub struct HeadArgs {
     /// dashboard's request log; off: prompt text is never stored nor logged.
     #[arg(long, env = "LUMEN_LOG_REQUESTS")]
     pub log_requests: bool,
+    /// Allow `tool_choice: "auto"` (the default with `tools`): the model decides whether to call
+    /// tools and --tool-call-parser reads the calls in its output. The default of every
+    /// deployment whose `model:` section does not set `enable_auto_tool_choice`.
+    #[arg(long, env = "LUMEN_ENABLE_AUTO_TOOL_CHOICE", requires = "tool_call_parser")]
+    pub enable_auto_tool_choice: bool,
+    /// How tool calls are read in a model's output under `tool_choice: "auto"`: llama3_json,
+    /// hermes or deepseek_v3 (vLLM's names). The default of every deployment whose `model:`
+    /// section does not set `tool_call_parser`.
+    #[arg(long, env = "LUMEN_TOOL_CALL_PARSER")]
+    pub tool_call_parser: Option<lumen_head::api::tools::ToolParserKind>,
     #[command(flatten)]
     pub cluster: ClusterSettings,
     #[command(flatten)]

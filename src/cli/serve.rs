@@ -31,7 +31,7 @@ fn plan_from_flags(args: &ServeArgs) -> anyhow::Result<DeploymentPlan> {
                 .as_deref()
                 .map(|p| p.parse().map_err(anyhow::Error::msg))
                 .transpose()?,
-            admission: None,
+            ..ModelApiOptions::default()
         },
     })
 }

@@ -3,7 +3,8 @@
 //! Messages go to the replica as JSON (it applies the model's chat template); content-part arrays
 //! are flattened to their text parts joined by newlines, and any other part type is refused.
 //! With a reasoning parser configured for the model, the output is split into
-//! `reasoning_content` and `content` ([`super::reasoning`]).
+//! `reasoning_content` and `content` ([`super::reasoning`]); with tools, tool calls are read in
+//! the answer ([`super::tools`]).
 
 use axum::Json;
 use axum::body::Bytes;
@@ -15,12 +16,13 @@ use serde_json::{Map, Value, json};
 use tracing::Instrument;
 
 use super::body::{JsonObject, typed};
-use super::dispatch::{self, Collected, Meta, Step, Usage, finish_reason, finish_reason_str, stop_reason_json};
+use super::dispatch::{self, Collected, Meta, Step, Usage, finish_reason, stop_reason_json};
 use super::errors::ApiError;
 use super::metrics::labelled;
 use super::params::{CommonParams, RouteDefaults, int_in, logprob_count};
-use super::reasoning::{ReasoningParserKind, ReasoningSplitter, Split};
 use super::stream::{self, ChunkWriter};
+use super::tools::output::{self, AnswerFormat, AnswerReader};
+use super::tools::request::ToolRequest;
 use super::trace::Trace;
 use super::{ApiState, logprobs, request_id, sse};
 
@@ -48,8 +50,10 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     super::fields::check_chat(&body)?;
     let card = state.resolve_model(common.model.as_deref())?;
     let messages = fields.messages.as_ref().ok_or_else(|| ApiError::param("messages", "messages is required"))?;
-    let prompt =
-        chat_prompt(messages, fields.add_generation_prompt.unwrap_or(true), fields.chat_template_kwargs.as_ref())?;
+    // Tools: checked for this model; `required` and a named choice constrain decoding below.
+    let tools = ToolRequest::from_body(&body, state.tool_settings(&card.id))?;
+    let kwargs = tools.template_kwargs(fields.chat_template_kwargs.as_ref());
+    let prompt = chat_prompt(messages, fields.add_generation_prompt.unwrap_or(true), kwargs.as_ref())?;
     if let Some(v) = fields.max_completion_tokens {
         common.max_tokens = Some(int_in("max_completion_tokens", v, 1, u32::MAX as i64)?);
     }
@@ -64,7 +68,10 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let generation = common.validate(RouteDefaults { max_tokens: 0, logprobs: want_logprobs.then_some(top) })?;
     let max_tokens_param = if fields.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     generation.check_context(max_tokens_param, card.max_model_len, None)?;
-    let structured_output = super::structured::from_body(&body)?;
+    let mut structured_output = super::structured::from_body(&body)?;
+    if let Some(schema) = tools.constrained_schema()? {
+        structured_output = Some(super::structured::tool_call(structured_output.as_ref(), &schema)?);
+    }
 
     let id = request_id("chatcmpl");
     let span = tracing::info_span!("chat_completion", request_id = %id, model = %card.id);
@@ -75,7 +82,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         sampling: Some(generation.sampling),
         stop: Some(generation.stop),
         n: generation.n,
-        skip_special_tokens: generation.skip_special_tokens,
+        skip_special_tokens: generation.skip_special_tokens && !tools.keeps_special_tokens(),
         return_prompt: false,
         structured_output,
     };
@@ -84,13 +91,14 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         .instrument(span.clone())
         .await?;
     let meta = |object| Meta { id: id.clone(), object, created: crate::clock::unix_s(), model: card.id.clone() };
-    let parser = state.model_options(&card.id).reasoning_parser;
+    let reasoning = state.model_options(&card.id).reasoning_parser;
+    let format = AnswerFormat { reasoning, tools: tools.reading(), parallel: tools.parallel };
     if generation.stream {
-        let writer = ChatChunks::new(meta("chat.completion.chunk"), generation.n as usize, parser);
+        let writer = ChatChunks::new(meta("chat.completion.chunk"), generation.n as usize, &format);
         return Ok(stream::respond(launch, writer, generation.include_usage, &state, span));
     }
     let collected = async { dispatch::collect(launch.running().await?).await }.instrument(span).await?;
-    Ok(Json(completion_body(&meta("chat.completion"), collected, parser, want_logprobs)).into_response())
+    Ok(Json(completion_body(&meta("chat.completion"), collected, &format, want_logprobs)).into_response())
 }
 
 /// The replica's chat prompt: messages with text-only content, as JSON.
@@ -132,6 +140,7 @@ fn normalize_message(i: usize, message: &Map<String, Value>) -> Result<Value, Ap
             return Err(ApiError::param(format!("messages[{i}].name"), format!("name must be a string, got {other}")));
         }
     }
+    super::tools::messages::check_message(i, message)?;
     let mut out = message.clone();
     let content = match message.get("content") {
         None | Some(Value::Null) => Value::Null,
@@ -168,26 +177,18 @@ fn text_of_parts(i: usize, parts: &[Value]) -> Result<String, ApiError> {
     Ok(texts.join("\n"))
 }
 
-fn completion_body(meta: &Meta, collected: Collected, parser: Option<ReasoningParserKind>, logprobs: bool) -> Value {
+fn completion_body(meta: &Meta, collected: Collected, format: &AnswerFormat, logprobs: bool) -> Value {
     let choices: Vec<Value> = collected
         .choices
         .into_iter()
         .enumerate()
         .map(|(index, choice)| {
-            let message = match parser {
-                Some(kind) => {
-                    let split = ReasoningSplitter::split_all(kind, &choice.text);
-                    let non_empty = |s: String| if s.is_empty() { Value::Null } else { Value::String(s) };
-                    json!({"role": "assistant", "reasoning_content": non_empty(split.reasoning),
-                           "content": non_empty(split.content), "tool_calls": []})
-                }
-                None => json!({"role": "assistant", "content": choice.text, "tool_calls": []}),
-            };
+            let (message, called) = output::message(format, &choice.text);
             json!({
                 "index": index,
                 "message": message,
                 "logprobs": if logprobs { logprobs::chat(&choice.logprobs) } else { Value::Null },
-                "finish_reason": choice.finish_reason.map(finish_reason_str),
+                "finish_reason": choice.finish_reason.map(|r| output::finish_reason(r, called)),
                 "stop_reason": stop_reason_json(&choice.stop_reason),
             })
         })
@@ -199,32 +200,17 @@ fn completion_body(meta: &Meta, collected: Collected, parser: Option<ReasoningPa
 struct ChatChunks {
     meta: Meta,
     choices: usize,
-    splitters: Vec<Option<ReasoningSplitter>>,
+    /// Per choice: reasoning, content and tool calls of each delta.
+    readers: Vec<AnswerReader>,
 }
 
 impl ChatChunks {
-    fn new(meta: Meta, choices: usize, parser: Option<ReasoningParserKind>) -> Self {
-        ChatChunks { meta, choices, splitters: (0..choices).map(|_| parser.map(ReasoningSplitter::new)).collect() }
+    fn new(meta: Meta, choices: usize, format: &AnswerFormat) -> Self {
+        ChatChunks { meta, choices, readers: (0..choices).map(|_| AnswerReader::new(format)).collect() }
     }
 
     fn chunk(&self, choices: Value, usage: Option<Usage>) -> Bytes {
         sse::data(&self.meta.object(choices, usage))
-    }
-
-    /// The delta's text as `content` / `reasoning_content`, flushing the parser at the end.
-    fn split(&mut self, index: usize, text: &str, last: bool) -> Split {
-        match self.splitters.get_mut(index).and_then(Option::as_mut) {
-            None => Split { reasoning: String::new(), content: text.to_string() },
-            Some(parser) => {
-                let mut split = parser.push(text);
-                if last {
-                    let tail = parser.finish();
-                    split.reasoning.push_str(&tail.reasoning);
-                    split.content.push_str(&tail.content);
-                }
-                split
-            }
-        }
     }
 }
 
@@ -244,22 +230,17 @@ impl ChunkWriter for ChatChunks {
     fn step(&mut self, step: Step) -> Vec<Bytes> {
         let Step::Delta { index, delta } = step else { return Vec::new() };
         let finish = finish_reason(&delta);
-        let split = self.split(index, &delta.text, finish.is_some());
-        let mut out = Map::new();
-        if !split.reasoning.is_empty() {
-            out.insert("reasoning_content".into(), Value::String(split.reasoning));
-        }
-        if !split.content.is_empty() {
-            out.insert("content".into(), Value::String(split.content));
-        }
+        let Some(reader) = self.readers.get_mut(index) else { return Vec::new() };
+        let out = reader.push(&delta.text, finish.is_some()).delta();
         if out.is_empty() && delta.logprobs.is_empty() && finish.is_none() {
             return Vec::new();
         }
+        let called = reader.called();
         let mut choice = json!({
             "index": index,
             "delta": out,
             "logprobs": if delta.logprobs.is_empty() { Value::Null } else { logprobs::chat(&delta.logprobs) },
-            "finish_reason": finish.map(finish_reason_str),
+            "finish_reason": finish.map(|r| output::finish_reason(r, called)),
         });
         if finish.is_some() {
             choice["stop_reason"] = stop_reason_json(&delta.stop_reason);

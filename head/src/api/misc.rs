@@ -83,6 +83,8 @@ struct TokenizeFields {
     add_special_tokens: Option<bool>,
     add_generation_prompt: Option<bool>,
     chat_template_kwargs: Option<Map<String, Value>>,
+    /// Passed to the chat template, as in chat requests.
+    tools: Option<Value>,
     return_token_strs: Option<bool>,
 }
 
@@ -105,11 +107,12 @@ async fn run_tokenize(state: &ApiState, fields: TokenizeFields) -> Result<Respon
             text,
             add_special_tokens: fields.add_special_tokens.unwrap_or(true),
         }),
-        (None, Some(messages)) => pb::tokenize_request::Input::Chat(chat::chat_prompt(
-            &messages,
-            fields.add_generation_prompt.unwrap_or(true),
-            fields.chat_template_kwargs.as_ref(),
-        )?),
+        (None, Some(messages)) => {
+            let tools = super::tools::request::check_tools(fields.tools.as_ref())?;
+            let kwargs = super::tools::request::template_kwargs(tools.as_deref(), fields.chat_template_kwargs.as_ref());
+            let add_generation_prompt = fields.add_generation_prompt.unwrap_or(true);
+            pb::tokenize_request::Input::Chat(chat::chat_prompt(&messages, add_generation_prompt, kwargs.as_ref())?)
+        }
         (Some(_), Some(_)) => return Err(ApiError::param("prompt", "send either prompt or messages, not both")),
         (None, None) => return Err(ApiError::param("prompt", "prompt or messages is required")),
     };

@@ -26,6 +26,7 @@ pub mod reasoning;
 pub mod sse;
 pub mod stream;
 pub mod structured;
+pub mod tools;
 pub mod trace;
 
 use std::collections::HashMap;
@@ -40,6 +41,7 @@ use self::admission::{Admission, AdmissionLimits};
 use self::errors::ApiError;
 use self::metrics::ApiMetrics;
 use self::reasoning::ReasoningParserKind;
+use self::tools::{ToolParserKind, ToolSettings};
 use crate::backend::{Backend, ModelCard};
 use crate::observe::RequestLog;
 use crate::observe::request_log::DEFAULT_CAPACITY;
@@ -49,6 +51,10 @@ use crate::observe::request_log::DEFAULT_CAPACITY;
 pub struct ModelApiOptions {
     /// Splits the model's output into `reasoning_content` and `content`.
     pub reasoning_parser: Option<ReasoningParserKind>,
+    /// `tool_choice: "auto"` allowed (with a parser); `None`: [`ApiConfig::tools`]' setting.
+    pub enable_auto_tool_choice: Option<bool>,
+    /// Reads tool calls in the output under `auto`; `None`: [`ApiConfig::tools`]' parser.
+    pub tool_call_parser: Option<ToolParserKind>,
     /// Overrides [`ApiConfig::admission`] for this model.
     pub admission: Option<AdmissionLimits>,
 }
@@ -62,6 +68,9 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Admission limits of models without their own.
     pub admission: AdmissionLimits,
+    /// Tool calling of models that do not set their own (`--enable-auto-tool-choice`,
+    /// `--tool-call-parser`).
+    pub tools: ToolSettings,
     /// Per served model name at start; replaced at run time by [`ApiState::set_models`] when the
     /// deployments change.
     pub models: HashMap<String, ModelApiOptions>,
@@ -83,6 +92,7 @@ impl Default for ApiConfig {
             api_keys: Vec::new(),
             max_body_bytes: 32 * 1024 * 1024,
             admission: AdmissionLimits::default(),
+            tools: ToolSettings::default(),
             models: HashMap::new(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             keep_alive: Duration::from_secs(15),
@@ -145,6 +155,16 @@ impl ApiState {
     /// The options of `model` (defaults if none were set).
     pub fn model_options(&self, model: &str) -> ModelApiOptions {
         self.models.read().unwrap_or_else(|p| p.into_inner()).get(model).cloned().unwrap_or_default()
+    }
+
+    /// The tool-calling settings of `model`: its own, else the server's.
+    pub fn tool_settings(&self, model: &str) -> ToolSettings {
+        let options = self.model_options(model);
+        let defaults = self.config.tools;
+        ToolSettings {
+            enable_auto_tool_choice: options.enable_auto_tool_choice.unwrap_or(defaults.enable_auto_tool_choice),
+            tool_call_parser: options.tool_call_parser.or(defaults.tool_call_parser),
+        }
     }
 
     fn admission_limits(&self, model: &str) -> AdmissionLimits {

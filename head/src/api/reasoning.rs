@@ -123,7 +123,7 @@ impl ReasoningSplitter {
 }
 
 /// Length of the longest proper suffix of `text` that is a prefix of `tag` (a tag in the making).
-fn partial_tag_suffix(text: &str, tag: &str) -> usize {
+pub(crate) fn partial_tag_suffix(text: &str, tag: &str) -> usize {
     (1..tag.len().min(text.len() + 1))
         .rev()
         .find(|&k| text.is_char_boundary(text.len() - k) && tag.starts_with(&text[text.len() - k..]))

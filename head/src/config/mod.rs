@@ -137,7 +137,8 @@ pub struct DeploymentConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
     /// The engine options (`source`/`model`, `max_model_len`, ...) plus head-side settings
-    /// (`served_model_name`, `reasoning_parser`). Passed to the worker as JSON.
+    /// (`served_model_name`, `reasoning_parser`, `enable_auto_tool_choice`,
+    /// `tool_call_parser`). Passed to the worker as JSON.
     #[serde(default)]
     pub model: Map<String, Value>,
 }
@@ -326,6 +327,16 @@ impl DeploymentConfig {
     /// The reasoning parser (`deepseek_r1`), a head-side setting.
     pub fn reasoning_parser(&self) -> Option<&str> {
         self.model.get("reasoning_parser").and_then(|v| v.as_str())
+    }
+
+    /// Whether `tool_choice: "auto"` is allowed (vLLM's `enable_auto_tool_choice`), if set.
+    pub fn enable_auto_tool_choice(&self) -> Option<bool> {
+        self.model.get("enable_auto_tool_choice").and_then(|v| v.as_bool())
+    }
+
+    /// The tool-call parser (`llama3_json`, `hermes`, `deepseek_v3`), a head-side setting.
+    pub fn tool_call_parser(&self) -> Option<&str> {
+        self.model.get("tool_call_parser").and_then(|v| v.as_str())
     }
 
     /// Replicas to start with: `num_replicas`, else the autoscaler's initial/min count, else 1.

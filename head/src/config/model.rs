@@ -1,5 +1,7 @@
 //! A deployment's `model:` section: the engine options a worker starts the replica with (the same
-//! names as the `lumen serve` / `lumen worker` flags) plus the head's own `reasoning_parser`.
+//! names as the `lumen serve` / `lumen worker` flags) plus the head's own [`HEAD_OPTIONS`]
+//! (`reasoning_parser`, and vLLM's `enable_auto_tool_choice` / `tool_call_parser`, which needs
+//! the parser named in the same section, as vLLM's flags do).
 //!
 //! Contract: the head checks the section before it is applied, so a worker is never sent options
 //! it would refuse at load time: every key is one of [`OPTIONS`] (an unknown key, often a typo,
@@ -13,6 +15,7 @@ use serde_json::{Map, Value};
 use super::ConfigError;
 use super::rules::kind;
 use crate::api::reasoning::ReasoningParserKind;
+use crate::api::tools::ToolParserKind;
 
 /// What a model option holds.
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +43,8 @@ pub enum Kind {
     Device,
     /// A reasoning parser the head knows.
     ReasoningParser,
+    /// A tool-call parser the head knows.
+    ToolCallParser,
 }
 
 /// Every key a `model:` section may hold, and what it holds. `source` and `model` are two
@@ -64,7 +69,12 @@ pub const OPTIONS: &[(&str, Kind)] = &[
     ("gpu_memory_limit", Kind::BytesOrNull),
     ("dtype", Kind::OneOf(&["auto", "bfloat16", "float32"])),
     ("reasoning_parser", Kind::ReasoningParser),
+    ("enable_auto_tool_choice", Kind::Bool),
+    ("tool_call_parser", Kind::ToolCallParser),
 ];
+
+/// The options of [`OPTIONS`] the head reads itself (the worker ignores them).
+pub const HEAD_OPTIONS: &[&str] = &["reasoning_parser", "enable_auto_tool_choice", "tool_call_parser"];
 
 /// Checks the `model:` section at `at` (`applications[0].deployments[0].model`).
 pub fn check(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> {
@@ -78,6 +88,12 @@ pub fn check(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> 
             ));
         };
         check_value(*kind, value).map_err(|problem| ConfigError::at(field, problem))?;
+    }
+    if section.get("enable_auto_tool_choice") == Some(&Value::Bool(true)) && section.get("tool_call_parser").is_none() {
+        return Err(ConfigError::at(
+            format!("{at}.tool_call_parser"),
+            "is required with enable_auto_tool_choice: true (the parser that reads the model's tool calls)",
+        ));
     }
     match (section.get("source"), section.get("model")) {
         (None, None) => Err(ConfigError::at(
@@ -125,6 +141,8 @@ pub fn check_value(kind: Kind, value: &Value) -> Result<(), String> {
         (Kind::Device, _) => Err(format!("must be cpu, cuda or cuda:N, got {}", got())),
         (Kind::ReasoningParser, Value::String(s)) => s.parse::<ReasoningParserKind>().map(|_| ()),
         (Kind::ReasoningParser, _) => Err(format!("must be the name of a reasoning parser, got {}", got())),
+        (Kind::ToolCallParser, Value::String(s)) => s.parse::<ToolParserKind>().map(|_| ()),
+        (Kind::ToolCallParser, _) => Err(format!("must be the name of a tool call parser, got {}", got())),
     }
 }
 
@@ -166,7 +184,7 @@ mod tests {
             "max_num_seqs": 8, "max_num_batched_tokens": 512, "block_size": 16, "enable_prefix_caching": false,
             "kv_cache_memory": "64MiB", "threads": null, "cpu_weight_format": "q8_0", "dummy_seed": 7,
             "chat_template": null, "device": "cuda:1", "gpu_memory_utilization": 0.5, "dtype": "bfloat16",
-            "reasoning_parser": "deepseek_r1",
+            "reasoning_parser": "deepseek_r1", "enable_auto_tool_choice": true, "tool_call_parser": "llama3_json",
         });
         check("m", section.as_object().unwrap()).unwrap();
         check("m", json!({"model": "a.gguf", "kv_cache_memory": 1048576}).as_object().unwrap()).unwrap();
@@ -193,6 +211,10 @@ mod tests {
             (json!({"source": "m", "dtype": "f16"}), "m.dtype", "auto, bfloat16, float32"),
             (json!({"source": "m", "load_format": 3}), "m.load_format", "got the number 3"),
             (json!({"source": "m", "reasoning_parser": "nope"}), "m.reasoning_parser", "nope"),
+            (json!({"source": "m", "tool_call_parser": "mistral"}), "m.tool_call_parser", "known: llama3_json, hermes"),
+            (json!({"source": "m", "tool_call_parser": 1}), "m.tool_call_parser", "tool call parser"),
+            (json!({"source": "m", "enable_auto_tool_choice": "yes"}), "m.enable_auto_tool_choice", "true or false"),
+            (json!({"source": "m", "enable_auto_tool_choice": true}), "m.tool_call_parser", "is required"),
             (json!({"source": "m", "max_model_length": 5}), "m.max_model_length", "unknown model option"),
             (json!({"source": ""}), "m.source", "must not be empty"),
             (json!({"max_model_len": 5}), "m.source", "is required"),

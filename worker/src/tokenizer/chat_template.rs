@@ -12,7 +12,8 @@
 //! - Message content that is a list of `{"type": "text", "text": ...}` parts is joined with `\n`
 //!   into one string before rendering (as vLLM does); other part types are rejected. A tool call's
 //!   `function.arguments` given as a JSON string is parsed into an object, because templates
-//!   (Llama 3.1, Qwen 2.5) call `tojson` on it.
+//!   (Llama 3.1, Qwen 2.5) call `tojson` on it; empty or null arguments become `{}` (vLLM's
+//!   rule). A string that is not a JSON object is left as it is.
 //! - Sandbox: the environment has no loader, so `include`/`import`/`extends` cannot read files;
 //!   templates cannot call host code beyond the functions above; every render is bounded by
 //!   [`TEMPLATE_FUEL`] instructions and minijinja's recursion limit, so a hostile template ends
@@ -170,10 +171,19 @@ fn normalize_message(msg: &ChatMessage) -> Result<Json> {
             let Some(Json::Object(function)) = call.get_mut("function") else {
                 continue;
             };
-            if let Some(Json::String(args)) = function.get("arguments")
-                && let Ok(parsed @ Json::Object(_)) = serde_json::from_str::<Json>(args)
-            {
-                function.insert("arguments".into(), parsed);
+            match function.get("arguments") {
+                None | Some(Json::Null) => {
+                    function.insert("arguments".into(), Json::Object(Map::new()));
+                }
+                Some(Json::String(args)) if args.trim().is_empty() => {
+                    function.insert("arguments".into(), Json::Object(Map::new()));
+                }
+                Some(Json::String(args)) => {
+                    if let Ok(parsed @ Json::Object(_)) = serde_json::from_str::<Json>(args) {
+                        function.insert("arguments".into(), parsed);
+                    }
+                }
+                Some(_) => {}
             }
         }
     }

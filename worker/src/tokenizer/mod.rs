@@ -23,6 +23,8 @@ mod stop;
 mod strftime;
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod tests_tools;
 
 use std::collections::HashSet;
 use std::path::Path;
