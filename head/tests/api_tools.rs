@@ -228,9 +228,18 @@ async fn required_and_named_choices_constrain_decoding_to_the_tools_schema() {
     assert_eq!((required["type"].as_str(), required["minItems"].as_u64()), (Some("array"), Some(1)));
     assert_eq!(required["items"]["anyOf"].as_array().unwrap().len(), 2);
     assert_eq!(schema(&sent[1]), weather_tools()[0]["function"]["parameters"]);
+    assert_eq!(
+        sent[0].structured_output.as_ref().unwrap().reasoning_end,
+        "",
+        "no reasoning parser: constrained at once"
+    );
     // auto leaves decoding free.
     server.post_json("/v1/chat/completions", ask("hermes", "hermes", json!({}))).await;
     assert!(backend.requests().pop().unwrap().1.structured_output.is_none());
+    // A reasoning model thinks freely first: the constraint waits for the end of its reasoning.
+    server.post_json("/v1/chat/completions", ask("r1", "x", json!({"tool_choice": "required"}))).await;
+    let so = backend.requests().pop().unwrap().1.structured_output.unwrap();
+    assert_eq!((so.reasoning_start.as_str(), so.reasoning_end.as_str()), ("<think>", "</think>"));
 }
 
 #[tokio::test]

@@ -121,3 +121,37 @@ fn a_constraint_cut_by_max_tokens_finishes_with_length() {
     assert_eq!(out.tokens[&0].len(), 3);
     assert!(out.text[&0].starts_with('{'), "{:?}", out.text[&0]);
 }
+
+#[test]
+fn a_gated_constraint_starts_after_the_reasoning_marker() {
+    let mut core = engine(&options());
+    let prompt = chat(&core, "What is the capital of France?");
+    let free_stop = StopParams { max_tokens: 12, ignore_eos: true, ..Default::default() };
+    let free = run(&mut core, vec![EngineRequest::new("free", prompt.clone(), SamplingParams::greedy(), free_stop)]);
+    let free_tokens = free[0].tokens[&0].clone();
+    // The "reasoning": the free answer's first three tokens, their text the end marker.
+    let marker = core.tokenizer().decode(&free_tokens[..3], false).unwrap();
+    assert!(!marker.trim().is_empty(), "{marker:?}");
+    let regex = compiled(&core, ConstraintKind::Regex("[0-9]{3}".into()));
+    let gated = |id: &str, prompt: Vec<TokenId>, after: Option<&str>| {
+        let mut req = EngineRequest::new(id, prompt, SamplingParams::greedy(), StopParams::default());
+        req.stop.max_tokens = 20;
+        req.constraint = Some(Arc::clone(&regex));
+        req.constraint_after = after.map(str::to_string);
+        req
+    };
+    let outs = run(
+        &mut core,
+        vec![gated("gated", prompt.clone(), Some(&marker)), gated("never", prompt.clone(), Some("\u{1}never written"))],
+    );
+    // Free up to the marker (greedy, the same tokens), then three digits and the end.
+    let tokens = &outs[0].tokens[&0];
+    assert_eq!(tokens[..3], free_tokens[..3], "the reasoning is sampled freely");
+    let answer = core.tokenizer().decode(&tokens[3..], false).unwrap();
+    assert!(answer.len() == 3 && answer.chars().all(|c| c.is_ascii_digit()), "{answer:?} after {marker:?}");
+    assert_eq!(outs[0].finish[&0], FinishReason::Stop);
+    // A marker never written: the whole output is free (as vLLM leaves it), cut by max_tokens.
+    assert_eq!(outs[1].failed, None);
+    assert_eq!(outs[1].tokens[&0].len(), 20);
+    assert!(!outs[1].text[&0].chars().all(|c| c.is_ascii_digit()), "{:?}", outs[1].text[&0]);
+}

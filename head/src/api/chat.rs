@@ -72,6 +72,12 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     if let Some(schema) = tools.constrained_schema()? {
         structured_output = Some(super::structured::tool_call(structured_output.as_ref(), &schema)?);
     }
+    let reasoning = state.model_options(&card.id).reasoning_parser;
+    if let (Some(constraint), Some(parser)) = (structured_output.as_mut(), reasoning) {
+        // The constraint governs the answer: it starts once the reasoning has ended.
+        let (start, end) = parser.markers();
+        (constraint.reasoning_start, constraint.reasoning_end) = (start.into(), end.into());
+    }
 
     let id = request_id("chatcmpl");
     let span = tracing::info_span!("chat_completion", request_id = %id, model = %card.id);
@@ -91,7 +97,6 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         .instrument(span.clone())
         .await?;
     let meta = |object| Meta { id: id.clone(), object, created: crate::clock::unix_s(), model: card.id.clone() };
-    let reasoning = state.model_options(&card.id).reasoning_parser;
     let format = AnswerFormat { reasoning, tools: tools.reading(), parallel: tools.parallel };
     if generation.stream {
         let writer = ChatChunks::new(meta("chat.completion.chunk"), generation.n as usize, &format);

@@ -30,6 +30,16 @@ impl std::str::FromStr for ReasoningParserKind {
     }
 }
 
+impl ReasoningParserKind {
+    /// The markers that open and close the reasoning: a structured-output constraint waits for
+    /// the closing one (vLLM's default, `enable_in_reasoning: false`).
+    pub fn markers(self) -> (&'static str, &'static str) {
+        match self {
+            ReasoningParserKind::DeepseekR1 => (THINK_OPEN, THINK_CLOSE),
+        }
+    }
+}
+
 /// Text of one delta, split.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Split {

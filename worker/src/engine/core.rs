@@ -158,7 +158,7 @@ impl EngineCore {
         let seq_id = self.next_seq;
         self.next_seq += 1;
         let sampler = SequenceSampler::new(&req.sampling, 0, &req.prompt_token_ids, self.limits.vocab_size);
-        let grammar = req.constraint.as_deref().map(|c| self.start_grammar(c));
+        let grammar = req.constraint.as_deref().map(|c| self.start_grammar(c, req.constraint_after.as_deref()));
         self.seqs.insert(
             seq_id,
             SeqState {
@@ -330,7 +330,7 @@ impl EngineCore {
         let req = &self.requests[req_id];
         let suppress = self.suppressed(state, req_id);
         let (params, sampler) = (&req.sampling, &mut state.sampler);
-        let (sampled, mask_time) = match &state.grammar {
+        let (sampled, mask_time) = match state.grammar.as_ref().filter(|g| g.is_active()) {
             // A matcher error is reported when the token is fed to it (`accept`).
             Some(g) => g.with_mask(|mask| sampler.sample_masked(row, params, &suppress, mask.ok())),
             None => (sampler.sample(row, params, &suppress), None),
@@ -418,7 +418,7 @@ impl EngineCore {
                     finish_reason: None,
                     stop_reason: None,
                 }));
-                if let Some(g) = &state.grammar {
+                if let Some(g) = state.grammar.as_ref().filter(|g| g.is_active()) {
                     g.request_mask(&mut self.mask_workers);
                 }
             }

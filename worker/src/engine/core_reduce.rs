@@ -46,7 +46,7 @@ impl EngineCore {
         };
         let suppress = self.suppressed(&state, &state.request);
         let (params, sampler) = (&req.sampling, &mut state.sampler);
-        let (sampled, mask_time) = match &state.grammar {
+        let (sampled, mask_time) = match state.grammar.as_ref().filter(|g| g.is_active()) {
             Some(g) => g.with_mask(|mask| sampler.sample_reduced(reduced, params, &suppress, mask.ok())),
             None => (sampler.sample_reduced(reduced, params, &suppress, None), None),
         };

@@ -29,6 +29,9 @@ pub struct EngineRequest {
     /// A structured-output constraint, compiled by the replica's `GrammarCompiler`: every
     /// choice's tokens stay inside it, and a choice ends (`stop`) when it is complete.
     pub constraint: Option<Arc<CompiledGrammar>>,
+    /// The constraint waits until the output has written this marker (a reasoning model's
+    /// `</think>`): the thinking before it is free (`grammar::ReasoningGate`).
+    pub constraint_after: Option<String>,
 }
 
 impl EngineRequest {
@@ -48,6 +51,7 @@ impl EngineRequest {
             skip_special_tokens: true,
             arrival: Instant::now(),
             constraint: None,
+            constraint_after: None,
         }
     }
 }

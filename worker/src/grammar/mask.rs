@@ -22,6 +22,7 @@ use crossbeam_channel::{Receiver, Sender};
 use llguidance::Matcher;
 
 use super::CompiledGrammar;
+use super::gate::ReasoningGate;
 use crate::TokenId;
 
 /// `u32` words of a mask over `vocab` ids.
@@ -170,20 +171,40 @@ impl std::fmt::Debug for TokenMask {
     }
 }
 
-/// One sequence's matcher and next-token mask.
+/// One sequence's matcher and next-token mask, and the reasoning gate before them.
 pub struct SeqGrammar {
     cell: Arc<MaskCell>,
+    /// While set, the sequence is still reasoning: no mask, the matcher untouched ([`super::gate`]).
+    gate: Option<ReasoningGate>,
 }
 
 impl SeqGrammar {
-    /// A sequence at the grammar's start; its first mask still has to be requested.
-    pub fn new(compiled: &CompiledGrammar) -> SeqGrammar {
-        SeqGrammar::with_state(compiled.matcher(), vec![0; mask_words(compiled.vocab_size())], compiled.vocab_size())
+    /// A sequence at the grammar's start (behind `gate` if given); its first mask still has to
+    /// be requested once it is active.
+    pub fn new(compiled: &CompiledGrammar, gate: Option<ReasoningGate>) -> SeqGrammar {
+        let vocab = compiled.vocab_size();
+        SeqGrammar::with_state(compiled.matcher(), vec![0; mask_words(vocab)], vocab, gate)
     }
 
-    fn with_state(matcher: Matcher, words: Vec<u32>, vocab: usize) -> SeqGrammar {
+    fn with_state(matcher: Matcher, words: Vec<u32>, vocab: usize, gate: Option<ReasoningGate>) -> SeqGrammar {
         let state = MaskState { matcher, words, pending: false, error: None, compute_time: None };
-        SeqGrammar { cell: Arc::new(MaskCell { state: Mutex::new(state), vocab }) }
+        SeqGrammar { cell: Arc::new(MaskCell { state: Mutex::new(state), vocab }), gate }
+    }
+
+    /// Whether the constraint governs the next token (false while the gate is closed).
+    pub fn is_active(&self) -> bool {
+        self.gate.is_none()
+    }
+
+    /// Feeds a gated sequence's token text to its gate: true when the gate opened with it (the
+    /// matcher starts at the next token; its mask is still to be requested). Always false for
+    /// an active sequence.
+    pub fn pass_gate(&mut self, text: &str) -> bool {
+        let opened = self.gate.as_mut().is_some_and(|g| g.push(text));
+        if opened {
+            self.gate = None;
+        }
+        opened
     }
 
     /// Starts computing the mask of the current state on `workers`.
@@ -228,7 +249,8 @@ impl SeqGrammar {
     /// `n > 1` request).
     pub fn fork(&self) -> SeqGrammar {
         let state = self.cell.settled();
-        let fork = SeqGrammar::with_state(state.matcher.clone(), state.words.clone(), self.cell.vocab);
+        let fork =
+            SeqGrammar::with_state(state.matcher.clone(), state.words.clone(), self.cell.vocab, self.gate.clone());
         fork.cell.lock().error.clone_from(&state.error);
         fork
     }
@@ -236,7 +258,7 @@ impl SeqGrammar {
 
 impl std::fmt::Debug for SeqGrammar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SeqGrammar").field("vocab", &self.cell.vocab).finish()
+        f.debug_struct("SeqGrammar").field("vocab", &self.cell.vocab).field("gated", &self.gate.is_some()).finish()
     }
 }
 

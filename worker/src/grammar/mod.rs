@@ -10,6 +10,8 @@
 //! - [`SeqGrammar`] (one per constrained sequence, `n > 1` choices each their own): the matcher
 //!   state, advanced by every accepted token, and the sequence's next-token mask, computed on the
 //!   engine's [`MaskWorkers`] threads while the forward pass runs (`mask`).
+//! - [`ReasoningGate`]: a reasoning model's sequence samples freely until it ends its reasoning;
+//!   the matcher starts after that (`gate`).
 //!
 //! Invariants:
 //! - A mask is a packed bitmask over the model's vocabulary (the logits row width): `u32` words,
@@ -24,6 +26,7 @@
 
 mod cache;
 mod compiler;
+mod gate;
 mod mask;
 mod toktrie_env;
 
@@ -31,6 +34,7 @@ mod toktrie_env;
 mod tests;
 
 pub use compiler::{CompiledGrammar, GrammarCompiler, GrammarLimits};
+pub use gate::{ReasoningGate, reasoning_ended};
 pub use mask::{Advance, MaskWorkers, SeqGrammar, TokenMask, apply_mask, first_allowed, mask_words};
 
 /// What a request constrains its output to.

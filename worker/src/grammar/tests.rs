@@ -33,7 +33,7 @@ fn json(schema: &str) -> Constraint {
 fn walk(constraint: &Constraint, seed: u64, max_tokens: usize) -> (String, bool) {
     let tok = smollm2();
     let compiled = compiler().compile(constraint).unwrap();
-    let seq = SeqGrammar::new(&compiled);
+    let seq = SeqGrammar::new(&compiled, None);
     let mut workers = MaskWorkers::new(0);
     let mut rng = SplitMix64(seed);
     let mut ids = Vec::new();
@@ -109,7 +109,7 @@ fn end_of_sequence_is_allowed_exactly_when_the_grammar_accepts() {
     let c = Constraint::new(ConstraintKind::Regex("a+b?".into()), "guided_regex");
     let compiled = compiler().compile(&c).unwrap();
     let eos = smollm2().eos_token_ids()[0];
-    let seq = SeqGrammar::new(&compiled);
+    let seq = SeqGrammar::new(&compiled, None);
     let mut workers = MaskWorkers::new(1);
     seq.request_mask(&mut workers);
     assert!(!seq.with_mask(|m| allows(m.unwrap(), eos)).0, "nothing generated yet");
@@ -124,7 +124,7 @@ fn end_of_sequence_is_allowed_exactly_when_the_grammar_accepts() {
     let b = smollm2().encode("b", false).unwrap()[0];
     assert_eq!(fork.advance(b), Advance::Stopped, "after `ab` nothing can follow: complete");
     let x = smollm2().encode("x", false).unwrap()[0];
-    let other = SeqGrammar::new(&compiled);
+    let other = SeqGrammar::new(&compiled, None);
     assert!(matches!(other.advance(x), Advance::Failed(_)), "a disallowed token is an error");
 }
 
@@ -187,7 +187,7 @@ fn json_options_close_objects_and_fix_whitespace() {
         assert!(stopped && text == r#"{"a":1}"#, "{text}");
     }
     let masks_for = |c: &Constraint, prefix: &str| {
-        let seq = SeqGrammar::new(&compiler().compile(c).unwrap());
+        let seq = SeqGrammar::new(&compiler().compile(c).unwrap(), None);
         for t in smollm2().encode(prefix, false).unwrap() {
             assert_eq!(seq.advance(t), Advance::Continue);
         }

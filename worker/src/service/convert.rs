@@ -252,6 +252,16 @@ pub fn constraint(p: &pb::StructuredOutput) -> Result<Constraint, ServiceError> 
     })
 }
 
+/// The marker a constraint waits for (`structured_output.reasoning_end`), unless the prompt's
+/// text has already ended the reasoning.
+pub fn constraint_after(p: &pb::StructuredOutput, prompt_text: Option<&str>) -> Option<String> {
+    if p.reasoning_end.is_empty() {
+        return None;
+    }
+    let ended = prompt_text.is_some_and(|t| crate::grammar::reasoning_ended(t, &p.reasoning_start, &p.reasoning_end));
+    (!ended).then(|| p.reasoning_end.clone())
+}
+
 // ---- events ----
 
 pub fn started_event(prompt_tokens: usize, prompt: Option<EncodedPrompt>) -> pb::GenerateEvent {
@@ -368,6 +378,19 @@ mod tests {
 
     fn limits() -> EngineLimits {
         EngineLimits { vocab_size: 100, max_model_len: 64, cache_capacity_tokens: 1024 }
+    }
+
+    #[test]
+    fn a_constraint_waits_for_the_reasoning_end_unless_the_prompt_wrote_it() {
+        let so = |end: &str| pb::StructuredOutput {
+            reasoning_start: "<think>".into(),
+            reasoning_end: end.into(),
+            ..Default::default()
+        };
+        assert_eq!(constraint_after(&so(""), Some("<think>\n")), None, "no reasoning parser");
+        assert_eq!(constraint_after(&so("</think>"), Some("User: hi<think>\n")).as_deref(), Some("</think>"));
+        assert_eq!(constraint_after(&so("</think>"), Some("<think>\n\n</think>\n\n")), None, "thinking off");
+        assert_eq!(constraint_after(&so("</think>"), None).as_deref(), Some("</think>"));
     }
 
     #[test]

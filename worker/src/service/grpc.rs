@@ -186,7 +186,9 @@ impl WorkerService {
             return Err(ServiceError::invalid("prompt", "a prompt (chat, text or token ids) is required"));
         };
         let param = PromptRef::from(&prompt).param();
-        let want_text = req.return_prompt;
+        // A reasoning gate needs the prompt's text: has the template already closed the reasoning?
+        let gated = req.structured_output.as_ref().is_some_and(|s| !s.reasoning_end.is_empty());
+        let want_text = req.return_prompt || gated;
         let encoded =
             encode_blocking(handle.tokenizer(), move |tok| convert::encode_prompt(tok, (&prompt).into(), want_text))
                 .await?;
@@ -204,10 +206,11 @@ impl WorkerService {
         if let Some(structured) = &req.structured_output {
             let constraint = convert::constraint(structured)?;
             engine_req.constraint = Some(compile_blocking(handle.grammars(), constraint).await?);
+            engine_req.constraint_after = convert::constraint_after(structured, encoded.text.as_deref());
         }
         let stream = handle.generate(engine_req).await?;
         tracing::debug!(prompt_tokens, "request queued");
-        let started = convert::started_event(prompt_tokens, want_text.then_some(encoded));
+        let started = convert::started_event(prompt_tokens, req.return_prompt.then_some(encoded));
         Ok(event_stream(started, stream, in_flight, span))
     }
 }
