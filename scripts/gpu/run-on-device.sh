@@ -7,7 +7,7 @@
 # own greedy tokens and log-probabilities (`hf-parity`); prints a table last.
 #
 #   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention]
-#                                     [attention] [serve] [hf-parity] [ptx] [a10g-plan]
+#                                     [attention] [serve] [hf-parity] [ptx] [a10g-plan] [structured]
 #                                                                        (default: tests bench parity)
 #
 # carry: gpu-pack (binaries, tokenizer, first half of the GGUF). The GGUF's second half comes in
@@ -111,7 +111,7 @@ if [[ " $steps " == *" parity "* ]]; then
     fi
 fi
 
-if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|a10g-plan)" " ]]; then
+if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|a10g-plan|structured)" " ]]; then
     mkdir -p "$model"
     cp "$work"/llama3.1-tokenizer/tokenizer*.json "$model/"
     cat > "$model/config.json" <<'JSON'
@@ -230,6 +230,40 @@ if [[ " $steps " == *" a10g-plan "* ]]; then
     sed 's/\x1b\[[0-9;]*m//g' "$out/a10g-plan.ansi.log" > "$out/a10g-plan.log"
     plan=$(grep -h 'GPU memory plan' "$out/a10g-plan.log" | grep -oE 'plan=.*' | head -1)
     row "A10G plan (--gpu-memory-limit 22.3GiB)" "${plan:-failed (see a10g-plan.log)}"
+fi
+
+if [[ " $steps " == *" structured "* ]]; then
+    # Structured outputs on the 8B shape (dummy weights), offline: 0, 50 and 100% of the
+    # requests under the benchmark's JSON schema at 1 and 64 streams (512 in / 256 out); output
+    # tok/s and the mask's compute time per token (p50/p99). The masks are applied in the
+    # device's row reduction (greedy).
+    for c in 1 64; do
+        n=$(( c == 1 ? 4 : 128 ))
+        for f in 0 0.5 1; do
+            name=so-c$c-f$f
+            "$work/lumen" bench offline --model "$model" --load-format dummy --device cuda --max-model-len 4096 \
+                --input-len 512 --output-len 256 --num-prompts $n --concurrency $c --structured-fraction $f \
+                --json "$out/$name.json" > "$out/$name.txt" 2> "$out/$name.ansi.log"
+            echo "== $name: exit $?"; tail -3 "$out/$name.txt"
+            sed 's/\x1b\[[0-9;]*m//g' "$out/$name.ansi.log" > "$out/$name.log" && rm "$out/$name.ansi.log"
+        done
+    done
+    python3 - "$out" > "$out/structured-summary.txt" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+for c in (1, 64):
+    base = None
+    for f in ("0", "0.5", "1"):
+        p = os.path.join(out, f"so-c{c}-f{f}.json")
+        if not os.path.exists(p):
+            print(f"structured c={c:<3d} {float(f):4.0%} constrained   failed"); continue
+        r = json.load(open(p))
+        tps = r["output_tokens_per_s"]; base = base or tps
+        mask = r.get("mask_ms")
+        m = f"mask p50 {mask[0]:.3f} / p99 {mask[1]:.3f} ms" if mask else "no masks"
+        print(f"structured c={c:<3d} {float(f):4.0%} constrained   {tps:7.0f} tok/s ({tps / base:.3f}x); {m}")
+PY
+    while read -r line; do table+=("$line"); done < "$out/structured-summary.txt"
 fi
 
 if [[ " $steps " == *" attention "* ]]; then
