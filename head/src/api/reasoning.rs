@@ -30,6 +30,15 @@ impl std::str::FromStr for ReasoningParserKind {
     }
 }
 
+impl ReasoningParserKind {
+    /// The name users type.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReasoningParserKind::DeepseekR1 => "deepseek_r1",
+        }
+    }
+}
+
 /// Text of one delta, split.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Split {
