@@ -72,6 +72,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     if let Some(schema) = tools.constrained_schema()? {
         structured_output = Some(super::structured::tool_call(structured_output.as_ref(), &schema)?);
     }
+    let structured_output = super::structured::with_defaults(structured_output, &state.structured_outputs(&card.id));
 
     let id = request_id("chatcmpl");
     let span = tracing::info_span!("chat_completion", request_id = %id, model = %card.id);
@@ -91,7 +92,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         .instrument(span.clone())
         .await?;
     let meta = |object| Meta { id: id.clone(), object, created: crate::clock::unix_s(), model: card.id.clone() };
-    let reasoning = state.model_options(&card.id).reasoning_parser;
+    let reasoning = state.reasoning_parser(&card.id);
     let format = AnswerFormat { reasoning, tools: tools.reading(), parallel: tools.parallel };
     if generation.stream {
         let writer = ChatChunks::new(meta("chat.completion.chunk"), generation.n as usize, &format);
