@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::api::ModelApiOptions;
 use crate::api::admission::AdmissionLimits;
 use crate::cluster::Deployment;
+use crate::config::structured_outputs::StructuredOutputsConfig;
 use crate::config::{ConfigError, DeploymentConfig, ServeConfig};
 
 /// A deployment plus what the API layer needs to know about it.
@@ -58,6 +59,10 @@ fn plan(at: &str, application: &str, d: &DeploymentConfig) -> Result<DeploymentP
         .tool_call_parser()
         .map(|p| p.parse().map_err(|e| ConfigError::at(format!("{at}.model.tool_call_parser"), e)))
         .transpose()?;
+    let structured_outputs = d
+        .structured_outputs_config()
+        .map(|v| StructuredOutputsConfig::from_value(&format!("{at}.model.structured_outputs_config"), v))
+        .transpose()?;
     let admission = d.max_ongoing_requests.map(|n| AdmissionLimits {
         max_in_flight: n as usize,
         max_queued: d.max_queued_requests.map_or(usize::MAX, |q| usize::try_from(q).unwrap_or(usize::MAX)),
@@ -66,6 +71,7 @@ fn plan(at: &str, application: &str, d: &DeploymentConfig) -> Result<DeploymentP
         reasoning_parser,
         enable_auto_tool_choice: d.enable_auto_tool_choice(),
         tool_call_parser,
+        structured_outputs,
         admission,
     };
     Ok(DeploymentPlan { deployment, api })
@@ -91,7 +97,9 @@ applications:
         ray_actor_options: {num_gpus: 1, num_cpus: 4}
         max_replicas_per_node: 1
         model: {source: m.gguf, served_model_name: smol, reasoning_parser: deepseek_r1,
-                enable_auto_tool_choice: true, tool_call_parser: hermes}
+                enable_auto_tool_choice: true, tool_call_parser: hermes,
+                structured_outputs_config: {backend: guidance, disable_any_whitespace: true,
+                                            enable_in_reasoning: true}}
 "#,
         )
         .unwrap();
@@ -110,6 +118,9 @@ applications:
         assert!(plans[0].api.reasoning_parser.is_some());
         assert_eq!(plans[0].api.enable_auto_tool_choice, Some(true));
         assert_eq!(plans[0].api.tool_call_parser, Some(crate::api::tools::ToolParserKind::Hermes));
+        let structured = plans[0].api.structured_outputs.expect("structured_outputs_config");
+        assert!(structured.disable_any_whitespace && structured.enable_in_reasoning);
+        assert!(!structured.disable_additional_properties);
     }
 
     #[test]

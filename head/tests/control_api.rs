@@ -128,6 +128,36 @@ async fn an_invalid_config_is_refused_naming_the_field_and_changes_nothing() {
     assert_eq!(stored.config, good);
 }
 
+/// `structured_outputs_config` travels from the serve config to the constraint a replica is
+/// sent; a bad one is refused naming its field (and the value) before anything changes.
+#[tokio::test]
+async fn a_deployments_structured_outputs_config_reaches_its_replica_and_a_bad_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path()).await;
+    let workers = workers(&stack, 1).await;
+    let settings = json!({"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": true}});
+    let good = config(&[app("chat", "chat-model", 1, settings, json!({}))]);
+    assert_eq!(stack.put(&good).await.0, StatusCode::OK);
+    stack.status_until("chat runs", |s| all_running(s, &[("chat", 1)])).await;
+    let body = json!({"model": "chat-model", "messages": [{"role": "user", "content": "hi"}],
+                      "response_format": {"type": "json_object"}});
+    let r = stack.http.post(format!("{}/v1/chat/completions", stack.api)).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let sent = workers[0].state.generates.lock().unwrap().last().cloned().expect("a generate call");
+    let constraint = sent.structured_output.expect("the request's constraint");
+    assert!(constraint.disable_any_whitespace && !constraint.disable_additional_properties, "{constraint:?}");
+
+    let bad =
+        config(&[app("chat", "chat-model", 1, json!({"structured_outputs_config": {"backend": "vllm"}}), json!({}))]);
+    let (status, body) = stack.put(&bad).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let message = serde_json::from_str::<Value>(&body).unwrap()["error"].as_str().unwrap().to_string();
+    let field = "applications[0].deployments[0].model.structured_outputs_config.backend";
+    assert!(message.contains(field) && message.contains("`vllm`"), "{message}");
+    let stored = StateStore::open(dir.path()).unwrap().load_serve_config().unwrap().expect("persisted");
+    assert_eq!(stored.config, good);
+}
+
 #[tokio::test]
 async fn a_yaml_body_is_accepted_and_delete_removes_everything() {
     let dir = tempfile::tempdir().unwrap();

@@ -130,6 +130,7 @@ pub async fn start(
             enable_auto_tool_choice: args.enable_auto_tool_choice,
             tool_call_parser: args.tool_call_parser,
         },
+        structured_outputs: args.structured_outputs_config.unwrap_or_default(),
         ..ApiConfig::default()
     };
     let registry = prometheus::Registry::new();

@@ -80,6 +80,13 @@ pub struct HeadArgs {
     /// section does not set `tool_call_parser`.
     #[arg(long, env = "LUMEN_TOOL_CALL_PARSER")]
     pub tool_call_parser: Option<lumen_head::api::tools::ToolParserKind>,
+    /// Structured-output defaults as JSON (vLLM's StructuredOutputsConfig), e.g.
+    /// '{"backend": "guidance", "disable_any_whitespace": true}': backend, disable_fallback,
+    /// disable_any_whitespace, disable_additional_properties, reasoning_parser,
+    /// enable_in_reasoning. The default of every deployment whose `model:` section does not set
+    /// `structured_outputs_config`.
+    #[arg(long, env = "LUMEN_STRUCTURED_OUTPUTS_CONFIG", value_name = "JSON")]
+    pub structured_outputs_config: Option<lumen_head::config::structured_outputs::StructuredOutputsConfig>,
     #[command(flatten)]
     pub cluster: ClusterSettings,
     #[command(flatten)]

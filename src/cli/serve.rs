@@ -18,6 +18,13 @@ use super::worker::WorkerSetup;
 
 /// The deployment `--model` and its flags describe.
 fn plan_from_flags(args: &ServeArgs) -> anyhow::Result<DeploymentPlan> {
+    let reasoning_parser =
+        args.reasoning_parser.as_deref().map(|p| p.parse().map_err(anyhow::Error::msg)).transpose()?;
+    if let Some(structured) = &args.head.structured_outputs_config {
+        structured
+            .check_reasoning_parser(reasoning_parser)
+            .map_err(|e| anyhow::anyhow!("--structured-outputs-config: reasoning_parser {e} (--reasoning-parser)"))?;
+    }
     Ok(DeploymentPlan {
         deployment: Deployment {
             name: "default".into(),
@@ -25,14 +32,7 @@ fn plan_from_flags(args: &ServeArgs) -> anyhow::Result<DeploymentPlan> {
             engine_options_json: serde_json::to_string(&args.engine)?,
             ..Deployment::default()
         },
-        api: ModelApiOptions {
-            reasoning_parser: args
-                .reasoning_parser
-                .as_deref()
-                .map(|p| p.parse().map_err(anyhow::Error::msg))
-                .transpose()?,
-            ..ModelApiOptions::default()
-        },
+        api: ModelApiOptions { reasoning_parser, ..ModelApiOptions::default() },
     })
 }
 

@@ -72,8 +72,12 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     if let Some(schema) = tools.constrained_schema()? {
         structured_output = Some(super::structured::tool_call(structured_output.as_ref(), &schema)?);
     }
-    let reasoning = state.model_options(&card.id).reasoning_parser;
-    if let (Some(constraint), Some(parser)) = (structured_output.as_mut(), reasoning) {
+    let mut structured_output =
+        super::structured::with_defaults(structured_output, &state.structured_outputs(&card.id));
+    let reasoning = state.reasoning_parser(&card.id);
+    if let (Some(constraint), Some(parser)) = (structured_output.as_mut(), reasoning)
+        && !state.structured_outputs(&card.id).enable_in_reasoning
+    {
         // The constraint governs the answer: it starts once the reasoning has ended.
         let (start, end) = parser.markers();
         (constraint.reasoning_start, constraint.reasoning_end) = (start.into(), end.into());

@@ -71,7 +71,8 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         };
         generation.check_context("max_tokens", card.max_model_len, known)?;
     }
-    let structured_output = super::structured::from_body(&body)?;
+    let structured_output =
+        super::structured::with_defaults(super::structured::from_body(&body)?, &state.structured_outputs(&card.id));
     let n = generation.n;
     if prompts.len().saturating_mul(n as usize) > MAX_CHOICES {
         return Err(ApiError::param("n", format!("prompts times n must not exceed {MAX_CHOICES}")));

@@ -43,6 +43,7 @@ use self::metrics::ApiMetrics;
 use self::reasoning::ReasoningParserKind;
 use self::tools::{ToolParserKind, ToolSettings};
 use crate::backend::{Backend, ModelCard};
+use crate::config::structured_outputs::StructuredOutputsConfig;
 use crate::observe::RequestLog;
 use crate::observe::request_log::DEFAULT_CAPACITY;
 
@@ -55,6 +56,9 @@ pub struct ModelApiOptions {
     pub enable_auto_tool_choice: Option<bool>,
     /// Reads tool calls in the output under `auto`; `None`: [`ApiConfig::tools`]' parser.
     pub tool_call_parser: Option<ToolParserKind>,
+    /// Structured-output defaults (vLLM's `structured_outputs_config`); `None`:
+    /// [`ApiConfig::structured_outputs`].
+    pub structured_outputs: Option<StructuredOutputsConfig>,
     /// Overrides [`ApiConfig::admission`] for this model.
     pub admission: Option<AdmissionLimits>,
 }
@@ -71,6 +75,9 @@ pub struct ApiConfig {
     /// Tool calling of models that do not set their own (`--enable-auto-tool-choice`,
     /// `--tool-call-parser`).
     pub tools: ToolSettings,
+    /// Structured-output defaults of models that do not set their own
+    /// (`--structured-outputs-config`).
+    pub structured_outputs: StructuredOutputsConfig,
     /// Per served model name at start; replaced at run time by [`ApiState::set_models`] when the
     /// deployments change.
     pub models: HashMap<String, ModelApiOptions>,
@@ -93,6 +100,7 @@ impl Default for ApiConfig {
             max_body_bytes: 32 * 1024 * 1024,
             admission: AdmissionLimits::default(),
             tools: ToolSettings::default(),
+            structured_outputs: StructuredOutputsConfig::default(),
             models: HashMap::new(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             keep_alive: Duration::from_secs(15),
@@ -124,6 +132,8 @@ impl ApiState {
     ) -> Result<Self, prometheus::Error> {
         let metrics = ApiMetrics::register(&registry)?;
         let requests = Arc::new(RequestLog::new(config.request_log_capacity, config.log_requests));
+        config.structured_outputs.note_backend();
+        note_backends(&config.models);
         Ok(ApiState {
             backend,
             models: Arc::new(RwLock::new(config.models.clone())),
@@ -142,6 +152,7 @@ impl ApiState {
 
     /// Sets (or replaces) a model's options, e.g. when a deployment is (re)configured.
     pub fn set_model_options(&self, model: &str, options: ModelApiOptions) {
+        options.structured_outputs.iter().for_each(StructuredOutputsConfig::note_backend);
         self.models.write().unwrap_or_else(|p| p.into_inner()).insert(model.to_string(), options);
     }
 
@@ -149,6 +160,7 @@ impl ApiState {
     /// absent from `models` falls back to the defaults). Requests already admitted keep the
     /// options they started with.
     pub fn set_models(&self, models: HashMap<String, ModelApiOptions>) {
+        note_backends(&models);
         *self.models.write().unwrap_or_else(|p| p.into_inner()) = models;
     }
 
@@ -167,6 +179,20 @@ impl ApiState {
         }
     }
 
+    /// The structured-output defaults of `model`: its own, else the server's.
+    pub fn structured_outputs(&self, model: &str) -> StructuredOutputsConfig {
+        self.model_options(model).structured_outputs.unwrap_or(self.config.structured_outputs)
+    }
+
+    /// The reasoning parser of `model`: its `reasoning_parser`, else the one its structured-output
+    /// settings name (in vLLM `--reasoning-parser` and `structured_outputs_config.reasoning_parser`
+    /// are one setting).
+    pub fn reasoning_parser(&self, model: &str) -> Option<ReasoningParserKind> {
+        let options = self.model_options(model);
+        let structured = options.structured_outputs.unwrap_or(self.config.structured_outputs);
+        options.reasoning_parser.or(structured.reasoning_parser)
+    }
+
     fn admission_limits(&self, model: &str) -> AdmissionLimits {
         self.model_options(model).admission.unwrap_or(self.config.admission)
     }
@@ -181,6 +207,11 @@ impl ApiState {
             None => models.into_iter().next().ok_or_else(|| ApiError::Unavailable("no model is deployed".into())),
         }
     }
+}
+
+/// Warns (once) if any model's structured-output settings name a backend Lumen does not have.
+fn note_backends(models: &HashMap<String, ModelApiOptions>) {
+    models.values().filter_map(|o| o.structured_outputs.as_ref()).for_each(StructuredOutputsConfig::note_backend);
 }
 
 /// The `/v1` routes with their authentication and request recording, not yet layered.

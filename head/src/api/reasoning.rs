@@ -31,6 +31,13 @@ impl std::str::FromStr for ReasoningParserKind {
 }
 
 impl ReasoningParserKind {
+    /// The name users type.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReasoningParserKind::DeepseekR1 => "deepseek_r1",
+        }
+    }
+
     /// The markers that open and close the reasoning: a structured-output constraint waits for
     /// the closing one (vLLM's default, `enable_in_reasoning: false`).
     pub fn markers(self) -> (&'static str, &'static str) {

@@ -17,6 +17,11 @@
 //! - At most one constraint in all: a second one, from any of these fields, is a 400 naming it.
 //!   `structural_tag` in any form is refused as unsupported.
 //!
+//! The deployment's defaults (vLLM's `structured_outputs_config`) then apply to whatever
+//! constraint the request ends up with ([`with_defaults`]): its `disable_any_whitespace` and
+//! `disable_additional_properties` turn the options on for every request, which can turn them on
+//! too but not off.
+//!
 //! For callers that build a constraint themselves (`tool_choice` "required" or a named function:
 //! a schema built from the tools), [`tool_call`] makes one from a schema value and refuses it
 //! beside the request's own constraint; [`json_schema`] makes one under any field name.
@@ -26,6 +31,7 @@ use pb::structured_output::Kind;
 use serde_json::{Map, Value};
 
 use super::errors::ApiError;
+use crate::config::structured_outputs::StructuredOutputsConfig;
 
 /// The keys `structured_outputs` may hold.
 const STRUCTURED_OUTPUTS_KEYS: [&str; 10] = [
@@ -66,6 +72,19 @@ pub fn from_body(body: &Map<String, Value>) -> Result<Option<pb::StructuredOutpu
         ));
     }
     Ok(Some(pb::StructuredOutput { kind: Some(kind), param, ..options }))
+}
+
+/// `constraint` with the deployment's defaults: an option the server turns on is on, whatever
+/// the request said (as in vLLM, where the server's setting holds for every constraint).
+pub fn with_defaults(
+    constraint: Option<pb::StructuredOutput>,
+    defaults: &StructuredOutputsConfig,
+) -> Option<pb::StructuredOutput> {
+    constraint.map(|c| pb::StructuredOutput {
+        disable_any_whitespace: c.disable_any_whitespace || defaults.disable_any_whitespace,
+        disable_additional_properties: c.disable_additional_properties || defaults.disable_additional_properties,
+        ..c
+    })
 }
 
 /// A constraint to the JSON schema `schema`, reported as `param` when it does not compile.

@@ -157,3 +157,33 @@ fn a_forced_tool_call_constrains_alone_and_names_tool_choice() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn the_servers_defaults_turn_options_on_beside_the_requests_own() {
+    let on = StructuredOutputsConfig {
+        disable_any_whitespace: true,
+        disable_additional_properties: true,
+        ..StructuredOutputsConfig::default()
+    };
+    let off = StructuredOutputsConfig::default();
+    let whitespace_only = json!({"structured_outputs": {"regex": "a+", "disable_any_whitespace": true}});
+    // (request, server defaults) -> (disable_any_whitespace, disable_additional_properties)
+    let cases = [
+        (json!({"guided_regex": "a+"}), off, (false, false)),
+        (json!({"guided_regex": "a+"}), on, (true, true)),
+        (whitespace_only.clone(), off, (true, false)),
+        (whitespace_only, on, (true, true)),
+    ];
+    for (body, defaults, expected) in cases {
+        let so = with_defaults(parse(body.clone()).unwrap(), &defaults).unwrap();
+        assert_eq!((so.disable_any_whitespace, so.disable_additional_properties), expected, "{body} {defaults:?}");
+    }
+    // No constraint stays none; the rest of a constraint is kept as it was.
+    assert_eq!(with_defaults(None, &on), None);
+    let so = parse(json!({"guided_whitespace_pattern": "[ ]?", "guided_json": {"type": "object"}})).unwrap();
+    let kept = with_defaults(so.clone(), &on).unwrap();
+    assert_eq!(
+        (kept.whitespace_pattern.as_str(), kept.param.as_str(), &kept.kind),
+        ("[ ]?", "guided_json", &so.unwrap().kind)
+    );
+}

@@ -16,6 +16,7 @@
 
 pub mod model;
 pub mod rules;
+pub mod structured_outputs;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -138,7 +139,7 @@ pub struct DeploymentConfig {
     pub resources: Option<Resources>,
     /// The engine options (`source`/`model`, `max_model_len`, ...) plus head-side settings
     /// (`served_model_name`, `reasoning_parser`, `enable_auto_tool_choice`,
-    /// `tool_call_parser`). Passed to the worker as JSON.
+    /// `tool_call_parser`, `structured_outputs_config`). Passed to the worker as JSON.
     #[serde(default)]
     pub model: Map<String, Value>,
 }
@@ -337,6 +338,11 @@ impl DeploymentConfig {
     /// The tool-call parser (`llama3_json`, `hermes`, `deepseek_v3`), a head-side setting.
     pub fn tool_call_parser(&self) -> Option<&str> {
         self.model.get("tool_call_parser").and_then(|v| v.as_str())
+    }
+
+    /// vLLM's `structured_outputs_config` (an object), a head-side setting.
+    pub fn structured_outputs_config(&self) -> Option<&Value> {
+        self.model.get("structured_outputs_config")
     }
 
     /// Replicas to start with: `num_replicas`, else the autoscaler's initial/min count, else 1.

@@ -1,7 +1,9 @@
 //! A deployment's `model:` section: the engine options a worker starts the replica with (the same
 //! names as the `lumen serve` / `lumen worker` flags) plus the head's own [`HEAD_OPTIONS`]
 //! (`reasoning_parser`, and vLLM's `enable_auto_tool_choice` / `tool_call_parser`, which needs
-//! the parser named in the same section, as vLLM's flags do).
+//! the parser named in the same section, as vLLM's flags do, and `structured_outputs_config`,
+//! checked field by field in [`super::structured_outputs`], whose `reasoning_parser` must agree
+//! with the section's).
 //!
 //! Contract: the head checks the section before it is applied, so a worker is never sent options
 //! it would refuse at load time: every key is one of [`OPTIONS`] (an unknown key, often a typo,
@@ -14,6 +16,7 @@ use serde_json::{Map, Value};
 
 use super::ConfigError;
 use super::rules::kind;
+use super::structured_outputs::StructuredOutputsConfig;
 use crate::api::reasoning::ReasoningParserKind;
 use crate::api::tools::ToolParserKind;
 
@@ -45,6 +48,8 @@ pub enum Kind {
     ReasoningParser,
     /// A tool-call parser the head knows.
     ToolCallParser,
+    /// vLLM's `structured_outputs_config` object ([`StructuredOutputsConfig`]).
+    StructuredOutputsConfig,
 }
 
 /// Every key a `model:` section may hold, and what it holds. `source` and `model` are two
@@ -71,10 +76,12 @@ pub const OPTIONS: &[(&str, Kind)] = &[
     ("reasoning_parser", Kind::ReasoningParser),
     ("enable_auto_tool_choice", Kind::Bool),
     ("tool_call_parser", Kind::ToolCallParser),
+    ("structured_outputs_config", Kind::StructuredOutputsConfig),
 ];
 
 /// The options of [`OPTIONS`] the head reads itself (the worker ignores them).
-pub const HEAD_OPTIONS: &[&str] = &["reasoning_parser", "enable_auto_tool_choice", "tool_call_parser"];
+pub const HEAD_OPTIONS: &[&str] =
+    &["reasoning_parser", "enable_auto_tool_choice", "tool_call_parser", "structured_outputs_config"];
 
 /// Checks the `model:` section at `at` (`applications[0].deployments[0].model`).
 pub fn check(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> {
@@ -87,6 +94,11 @@ pub fn check(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> 
                 format!("unknown model option; the known ones are {}", known.join(", ")),
             ));
         };
+        if let Kind::StructuredOutputsConfig = kind {
+            // Its own fields are named in the path (`...structured_outputs_config.backend`).
+            structured_outputs(&field, value, section)?;
+            continue;
+        }
         check_value(*kind, value).map_err(|problem| ConfigError::at(field, problem))?;
     }
     if section.get("enable_auto_tool_choice") == Some(&Value::Bool(true)) && section.get("tool_call_parser").is_none() {
@@ -105,6 +117,14 @@ pub fn check(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> 
         }
         _ => Ok(()),
     }
+}
+
+/// Checks the `structured_outputs_config` at `at`, and that its `reasoning_parser` is the
+/// section's (vLLM's one setting) when both are given.
+fn structured_outputs(at: &str, value: &Value, section: &Map<String, Value>) -> Result<(), ConfigError> {
+    let config = StructuredOutputsConfig::from_value(at, value)?;
+    let model = section.get("reasoning_parser").and_then(Value::as_str).and_then(|p| p.parse().ok());
+    config.check_reasoning_parser(model).map_err(|problem| ConfigError::at(format!("{at}.reasoning_parser"), problem))
 }
 
 /// Why `value` is not a valid value of `kind`.
@@ -143,6 +163,7 @@ pub fn check_value(kind: Kind, value: &Value) -> Result<(), String> {
         (Kind::ReasoningParser, _) => Err(format!("must be the name of a reasoning parser, got {}", got())),
         (Kind::ToolCallParser, Value::String(s)) => s.parse::<ToolParserKind>().map(|_| ()),
         (Kind::ToolCallParser, _) => Err(format!("must be the name of a tool call parser, got {}", got())),
+        (Kind::StructuredOutputsConfig, _) => StructuredOutputsConfig::check(value),
     }
 }
 
@@ -185,6 +206,7 @@ mod tests {
             "kv_cache_memory": "64MiB", "threads": null, "cpu_weight_format": "q8_0", "dummy_seed": 7,
             "chat_template": null, "device": "cuda:1", "gpu_memory_utilization": 0.5, "dtype": "bfloat16",
             "reasoning_parser": "deepseek_r1", "enable_auto_tool_choice": true, "tool_call_parser": "llama3_json",
+            "structured_outputs_config": {"backend": "xgrammar", "reasoning_parser": "deepseek_r1"},
         });
         check("m", section.as_object().unwrap()).unwrap();
         check("m", json!({"model": "a.gguf", "kv_cache_memory": 1048576}).as_object().unwrap()).unwrap();
@@ -215,6 +237,17 @@ mod tests {
             (json!({"source": "m", "tool_call_parser": 1}), "m.tool_call_parser", "tool call parser"),
             (json!({"source": "m", "enable_auto_tool_choice": "yes"}), "m.enable_auto_tool_choice", "true or false"),
             (json!({"source": "m", "enable_auto_tool_choice": true}), "m.tool_call_parser", "is required"),
+            (
+                json!({"source": "m", "structured_outputs_config": {"backend": "nope"}}),
+                "m.structured_outputs_config.backend",
+                "unknown structured outputs backend `nope`",
+            ),
+            (
+                json!({"source": "m", "structured_outputs_config": {"disable_any_whitespace": 1}}),
+                "m.structured_outputs_config.disable_any_whitespace",
+                "got the number 1",
+            ),
+            (json!({"source": "m", "structured_outputs_config": "guidance"}), "m.structured_outputs_config", "object"),
             (json!({"source": "m", "max_model_length": 5}), "m.max_model_length", "unknown model option"),
             (json!({"source": ""}), "m.source", "must not be empty"),
             (json!({"max_model_len": 5}), "m.source", "is required"),
