@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::request::{
-    ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, RequestTimings, StopReason, TokenLogprob,
-    Usage,
+    ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, PromptLogprobs, RequestTimings, StopReason,
+    TokenLogprob, Usage,
 };
 use super::stats::{EngineHistograms, EngineStats, RateMeter};
 use crate::grammar::{GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar};
@@ -27,6 +27,8 @@ use crate::{Result, TokenId};
 
 #[path = "core_grammar.rs"]
 mod grammar;
+#[path = "core_prompt.rs"]
+mod prompt;
 #[path = "core_reduce.rs"]
 mod reduce;
 
@@ -43,6 +45,8 @@ struct RequestState {
     arrival: Instant,
     scheduled_at: Option<Instant>,
     first_token_at: Option<Instant>,
+    /// Prompt log-probabilities gathered while the prefill runs; taken when sent.
+    prompt_logprobs: Option<prompt::Gathering>,
 }
 
 struct SeqState {
@@ -172,7 +176,25 @@ impl EngineCore {
                 grammar,
             },
         );
-        self.scheduler.add(Sequence::new(seq_id, seq_id, req.prompt_token_ids.clone()));
+        let mut seq = Sequence::new(seq_id, seq_id, req.prompt_token_ids.clone());
+        seq.prompt_logprobs = req.prompt_logprobs.is_some();
+        self.scheduler.add(seq);
+        let first_token = req.prompt_token_ids[0];
+        let prompt_logprobs = req.prompt_logprobs.map(|k| prompt::Gathering {
+            k,
+            first_token,
+            first_piece: self.tokenizer.token_piece(first_token),
+            tokens: Vec::new(),
+        });
+        let prompt_logprobs = match prompt_logprobs {
+            Some(g) if req.prompt_token_ids.len() == 1 => {
+                // One token: nothing to score, and no prompt row will come.
+                let event = PromptLogprobs { first_token, first_piece: g.first_piece, tokens: Vec::new() };
+                let _ = tx.send(EngineEvent::PromptLogprobs(event));
+                None
+            }
+            other => other,
+        };
         self.requests.insert(
             req.id.clone(),
             RequestState {
@@ -188,6 +210,7 @@ impl EngineCore {
                 arrival: req.arrival,
                 scheduled_at: None,
                 first_token_at: None,
+                prompt_logprobs,
             },
         );
     }
@@ -239,11 +262,13 @@ impl EngineCore {
         }
         let batch = self.scheduler.build_batch(&schedule);
         self.plan_rows(&schedule);
+        self.plan_prompt_rows(&schedule);
         self.model.forward_reduced(&batch, &self.plans, &mut self.reduced)?;
         self.scheduler.complete(&schedule);
         self.count_prompt_tokens(&schedule, now);
         let mut reduced = std::mem::take(&mut self.reduced);
         let samplers = schedule.seqs.iter().filter(|s| s.samples).map(|s| s.id);
+        self.take_prompt_rows(&schedule, &reduced, samplers.clone().count());
         for (seq, row) in samplers.zip(reduced.rows.iter()) {
             match row {
                 RowResult::Full(range) => self.sample_seq(seq, &mut reduced.logits[range.clone()]),
@@ -373,6 +398,7 @@ impl EngineCore {
                 piece: self.tokenizer.token_piece(token),
                 logprob: sampled.logprob,
                 top: sampled.top_logprobs.iter().map(|&(t, lp)| (t, self.tokenizer.token_piece(t), lp)).collect(),
+                rank: 0,
             }],
             None => Vec::new(),
         };

@@ -10,8 +10,8 @@ pub mod stats;
 pub use actor::{EngineHandle, RequestStream};
 pub use core::{CoreConfig, EngineCore};
 pub use request::{
-    ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, RequestTimings, StopReason, TokenLogprob,
-    Usage,
+    ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, PromptLogprobs, RequestTimings, StopReason,
+    TokenLogprob, Usage,
 };
 pub use stats::EngineStats;
 pub mod load;

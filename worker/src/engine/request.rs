@@ -1,6 +1,7 @@
 //! What goes into the engine (a request) and what comes out (a stream of events).
 //!
-//! A request's stream carries [`EngineEvent::Delta`]s (each with the choice index, new text,
+//! A request's stream carries, when asked for, one [`EngineEvent::PromptLogprobs`] first, then
+//! [`EngineEvent::Delta`]s (each with the choice index, new text,
 //! token ids, optional log-probabilities and, on a choice's last delta, its finish reason), then
 //! exactly one [`EngineEvent::Finished`] with usage and timings, or one [`EngineEvent::Failed`].
 
@@ -32,6 +33,10 @@ pub struct EngineRequest {
     /// The constraint waits until the output has written this marker (a reasoning model's
     /// `</think>`): the thinking before it is free (`grammar::ReasoningGate`).
     pub constraint_after: Option<String>,
+    /// vLLM's `prompt_logprobs`: the log-probability of every prompt token after the first, with
+    /// this many alternatives, computed in the prefill (which then reads no prompt block from the
+    /// prefix cache).
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl EngineRequest {
@@ -52,6 +57,7 @@ impl EngineRequest {
             arrival: Instant::now(),
             constraint: None,
             constraint_after: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -82,6 +88,14 @@ impl EngineLimits {
         }
         if req.n == 0 || req.n > MAX_N {
             return Err(WorkerError::invalid("n", format!("must be between 1 and {MAX_N}, got {}", req.n)));
+        }
+        if let Some(k) = req.prompt_logprobs
+            && k > crate::sampling::MAX_TOP_LOGPROBS
+        {
+            return Err(WorkerError::invalid(
+                "prompt_logprobs",
+                format!("must be at most {}, got {k}", crate::sampling::MAX_TOP_LOGPROBS),
+            ));
         }
         req.sampling.validate(self.vocab_size)?;
         req.stop.validate(self.vocab_size)?;
@@ -147,6 +161,17 @@ pub struct TokenLogprob {
     pub logprob: f32,
     /// `(token, piece, logprob)`, most likely first.
     pub top: Vec<(TokenId, String, f32)>,
+    /// The token's rank in its distribution (1 = most likely); 0 where not computed (sampled
+    /// tokens).
+    pub rank: u32,
+}
+
+/// A prompt's log-probabilities: `tokens[i]` is prompt token `i + 1`; the first token has none.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogprobs {
+    pub first_token: TokenId,
+    pub first_piece: String,
+    pub tokens: Vec<TokenLogprob>,
 }
 
 /// New output of one choice.
@@ -185,7 +210,13 @@ pub struct RequestTimings {
 /// One item of a request's output stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum EngineEvent {
+    /// Prompt token `i + 1`'s log-probability at index `i` (the first token has none); sent once,
+    /// before the first delta, when the request asked for `prompt_logprobs`.
+    PromptLogprobs(PromptLogprobs),
     Delta(ChoiceDelta),
-    Finished { usage: Usage, timings: RequestTimings },
+    Finished {
+        usage: Usage,
+        timings: RequestTimings,
+    },
     Failed(String),
 }

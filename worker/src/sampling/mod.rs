@@ -17,4 +17,4 @@ mod truncate;
 pub use params::{
     MAX_LOGIT_BIAS_ENTRIES, MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams, StopParams,
 };
-pub use sampler::{Sampled, SequenceSampler};
+pub use sampler::{Sampled, SequenceSampler, ranked_logprob};

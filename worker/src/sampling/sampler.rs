@@ -323,6 +323,16 @@ fn fallback_token(len: usize, suppress: &[TokenId], mask: Option<&[u32]>) -> Tok
 }
 
 /// Log-softmax of the raw row at `token`, and its `k` best entries.
+/// A token's log-probability under a row of raw logits (no penalties, no temperature), its rank
+/// (1 + the ids strictly more likely) and the `k` most likely ids with theirs: what vLLM's
+/// `prompt_logprobs` report for each prompt token.
+pub fn ranked_logprob(raw: &[f32], token: TokenId, k: usize) -> (f32, u32, Vec<(TokenId, f32)>) {
+    let (logprob, top) = raw_logprobs(raw, token, k);
+    let x = raw.get(token as usize).map_or(f32::NEG_INFINITY, |&x| sanitize(x));
+    let above = raw.iter().filter(|&&y| sanitize(y) > x).count();
+    (logprob, above as u32 + 1, top)
+}
+
 fn raw_logprobs(raw: &[f32], token: TokenId, k: usize) -> (f32, Vec<(TokenId, f32)>) {
     let lse = log_sum_exp(raw);
     let logprob = |x: f32| {

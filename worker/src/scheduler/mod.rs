@@ -8,15 +8,25 @@
 //! cache and computes only the rest. When a running sequence needs a block and none is free, the
 //! newest running sequence is preempted: its blocks are released (cached ones stay findable) and
 //! it goes back to the front of the waiting queue to be recomputed, keeping its generated tokens.
+//!
+//! A sequence that wants prompt log-probabilities gets the logits row of each prompt position as
+//! its prefill computes it ([`Schedule::prompt_rows`], at most [`MAX_PROMPT_ROWS_PER_STEP`] a
+//! step, which may shorten its chunk); until it has them all it reads nothing from the prefix
+//! cache (as vLLM's `skip_reading_prefix_cache`), and a recompute after preemption produces no
+//! row twice.
 
 mod sequence;
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 
 pub use sequence::{SeqId, Sequence};
 
 use crate::kv_cache::{BlockHash, BlockPool, PrefixCacheStats};
 use crate::model::ForwardBatch;
+
+/// The most prompt-logprob rows one step produces (each is a full row of logits on the host).
+pub const MAX_PROMPT_ROWS_PER_STEP: usize = 512;
 
 /// Limits that shape each step.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +55,9 @@ pub struct Schedule {
     pub seqs: Vec<ScheduledSeq>,
     /// Sequences preempted while building this step (now waiting, to be recomputed).
     pub preempted: Vec<SeqId>,
+    /// Prompt positions whose logits rows this step produces for prompt log-probabilities, per
+    /// sequence; the batch asks for them after every sampling row, in this order.
+    pub prompt_rows: Vec<(SeqId, Range<usize>)>,
 }
 
 impl Schedule {
@@ -131,10 +144,12 @@ impl Scheduler {
     pub fn schedule(&mut self) -> Schedule {
         let mut out = Schedule::default();
         let mut budget = self.cfg.max_num_batched_tokens;
+        let mut rows_left = MAX_PROMPT_ROWS_PER_STEP;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
             let n = self.seqs[&id].num_uncomputed().min(budget);
+            let n = self.take_prompt_rows(id, n, &mut rows_left, &mut out.prompt_rows);
             if n == 0 {
                 i += 1;
                 continue;
@@ -154,9 +169,33 @@ impl Scheduler {
             i += 1;
         }
         if out.preempted.is_empty() {
-            self.admit_waiting(&mut budget, &mut out);
+            self.admit_waiting(&mut budget, &mut rows_left, &mut out);
         }
         out
+    }
+
+    /// Shortens a chunk of `n` tokens of `id` so its prompt rows fit in `rows_left`, and records
+    /// them. Returns the tokens to compute.
+    fn take_prompt_rows(
+        &self,
+        id: SeqId,
+        n: usize,
+        rows_left: &mut usize,
+        rows: &mut Vec<(SeqId, Range<usize>)>,
+    ) -> usize {
+        let s = &self.seqs[&id];
+        let (start, pending) = (s.num_computed, s.pending_prompt_rows());
+        if pending.is_empty() || start + n <= pending.start {
+            return n;
+        }
+        // Positions before `pending.start` had their rows in an earlier pass (a recompute).
+        let from = pending.start.max(start);
+        let end = (start + n).min(pending.end).min(from + *rows_left);
+        if end > from {
+            rows.push((id, from..end));
+            *rows_left -= end - from;
+        }
+        if end < (start + n).min(pending.end) { end - start } else { n }
     }
 
     /// Makes room for `n` more tokens of running sequence `id`, preempting the newest running
@@ -188,17 +227,25 @@ impl Scheduler {
         self.num_preemptions += 1;
     }
 
-    fn admit_waiting(&mut self, budget: &mut usize, out: &mut Schedule) {
+    fn admit_waiting(&mut self, budget: &mut usize, rows_left: &mut usize, out: &mut Schedule) {
         while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
             let hits = self.take_cached_prefix(id);
+            let n = self.seqs[&id].num_uncomputed().min(*budget);
+            let rows_before = out.prompt_rows.len();
+            let n = self.take_prompt_rows(id, n, rows_left, &mut out.prompt_rows);
+            if n == 0 {
+                break; // no prompt rows left this step (it took nothing from the cache)
+            }
             let s = &self.seqs[&id];
-            let n = s.num_uncomputed().min(*budget);
             let need = self.blocks_for(s.num_computed + n).saturating_sub(s.blocks.len());
             let Some(new) = self.pool.allocate(need) else {
                 // Not enough room: give the cache hits back and wait for blocks to free up.
+                if let Some(taken) = out.prompt_rows.drain(rows_before..).next() {
+                    *rows_left += taken.1.len();
+                }
                 let s = self.seqs.get_mut(&id).expect("waiting sequence");
                 self.pool.release(s.blocks.drain(..).rev());
                 s.block_hashes.clear();
@@ -231,7 +278,8 @@ impl Scheduler {
     fn take_cached_prefix(&mut self, id: SeqId) -> usize {
         let bs = self.cfg.block_size;
         let s = self.seqs.get_mut(&id).expect("waiting sequence");
-        if !self.cfg.enable_prefix_caching || s.num_computed > 0 || !s.blocks.is_empty() {
+        let wants_rows = !s.pending_prompt_rows().is_empty();
+        if !self.cfg.enable_prefix_caching || s.num_computed > 0 || !s.blocks.is_empty() || wants_rows {
             return 0;
         }
         let max_blocks = (s.tokens.len() - 1) / bs;
@@ -258,8 +306,10 @@ impl Scheduler {
     /// The packed model input for a schedule.
     pub fn build_batch(&self, schedule: &Schedule) -> ForwardBatch {
         let mut batch = ForwardBatch::default();
+        let mut first_row = HashMap::with_capacity(schedule.prompt_rows.len());
         for item in &schedule.seqs {
             let s = &self.seqs[&item.id];
+            first_row.insert(item.id, (batch.num_tokens(), item.start));
             batch.push_seq(
                 &s.tokens[item.start..item.start + item.len],
                 item.start,
@@ -267,6 +317,10 @@ impl Scheduler {
                 self.cfg.block_size,
                 item.samples,
             );
+        }
+        for (id, positions) in &schedule.prompt_rows {
+            let (row, start) = first_row[id];
+            batch.logits_rows.extend(positions.clone().map(|p| row + p - start));
         }
         batch
     }
@@ -279,6 +333,9 @@ impl Scheduler {
                 continue;
             };
             s.num_computed = item.start + item.len;
+            if let Some((_, rows)) = schedule.prompt_rows.iter().find(|(id, _)| *id == item.id) {
+                s.prompt_rows_done = s.prompt_rows_done.max(rows.end);
+            }
             if !self.cfg.enable_prefix_caching {
                 continue;
             }

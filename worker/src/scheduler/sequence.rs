@@ -26,6 +26,12 @@ pub struct Sequence {
     pub cached_prompt_tokens: usize,
     /// True once the sequence has been admitted at least once.
     pub admitted: bool,
+    /// The sequence wants the logits row of every prompt position (prompt log-probabilities):
+    /// rows `0..prompt_len - 1`, each predicting the next prompt token.
+    pub prompt_logprobs: bool,
+    /// Prompt rows already produced (`0..prompt_rows_done`); kept across preemption, so a
+    /// recompute never produces a row twice.
+    pub prompt_rows_done: usize,
 }
 
 impl Sequence {
@@ -41,6 +47,16 @@ impl Sequence {
             block_hashes: Vec::new(),
             cached_prompt_tokens: 0,
             admitted: false,
+            prompt_logprobs: false,
+            prompt_rows_done: 0,
+        }
+    }
+
+    /// Prompt rows still to produce: `prompt_rows_done..prompt_len - 1` when it wants them.
+    pub fn pending_prompt_rows(&self) -> std::ops::Range<usize> {
+        match self.prompt_logprobs {
+            true => self.prompt_rows_done..self.prompt_len.saturating_sub(1).max(self.prompt_rows_done),
+            false => 0..0,
         }
     }
 

@@ -201,3 +201,47 @@ fn no_block_leaks_after_any_mix_of_finish_abort_fork_and_preemption() {
     s.pool.check_invariants().unwrap();
     assert_eq!(s.pool.num_free(), s.pool.num_blocks());
 }
+
+fn wanting_prompt_rows(id: SeqId, prompt: Vec<u32>) -> Sequence {
+    let mut seq = Sequence::new(id, id, prompt);
+    seq.prompt_logprobs = true;
+    seq
+}
+
+#[test]
+fn prompt_rows_are_asked_once_per_position_and_capped_per_step() {
+    let n = MAX_PROMPT_ROWS_PER_STEP + 100;
+    let mut s = Scheduler::new(cfg(1024, 4 * n, 8));
+    s.add(wanting_prompt_rows(1, (0..n as u32).collect()));
+    let first = step(&mut s, 1);
+    // The chunk stops where the step's rows run out.
+    assert_eq!(first.seqs, vec![ScheduledSeq { id: 1, start: 0, len: MAX_PROMPT_ROWS_PER_STEP, samples: false }]);
+    assert_eq!(first.prompt_rows, vec![(1, 0..MAX_PROMPT_ROWS_PER_STEP)]);
+    let batch = s.build_batch(&first);
+    assert_eq!(batch.logits_rows, (0..MAX_PROMPT_ROWS_PER_STEP).collect::<Vec<_>>());
+    // The rest: rows up to the one before the last prompt token, then the sampling row first.
+    let second = s.schedule();
+    assert_eq!(second.prompt_rows, vec![(1, MAX_PROMPT_ROWS_PER_STEP..n - 1)]);
+    let batch = s.build_batch(&second);
+    assert_eq!(batch.logits_rows[0], 99, "the sampling row comes first");
+    assert_eq!(batch.logits_rows.len(), 1 + 99);
+    assert_eq!(batch.logits_rows[1..], (0..99).collect::<Vec<_>>());
+}
+
+#[test]
+fn prompt_rows_skip_the_prefix_cache_and_are_not_repeated_after_preemption() {
+    let mut s = Scheduler::new(cfg(8, 100, 8));
+    s.add(Sequence::new(1, 1, (0..9).collect()));
+    step(&mut s, 1);
+    s.remove(1); // its two full blocks stay findable
+    s.add(wanting_prompt_rows(2, (0..9).collect()));
+    let sched = step(&mut s, 1);
+    assert_eq!(sched.seqs[0].start, 0, "no block read from the cache");
+    assert_eq!(sched.prompt_rows, vec![(2, 0..8)]);
+    // Recomputed after preemption: the prompt's rows were produced, so none are asked again,
+    // and the cache may serve the recompute.
+    s.preempt(2);
+    let sched = step(&mut s, 1);
+    assert_eq!(sched.prompt_rows, vec![]);
+    assert_eq!(sched.seqs[0].start, 8, "the recompute reads the cached blocks");
+}

@@ -26,8 +26,8 @@ use super::ServiceError;
 use crate::TokenId;
 use crate::engine::stats::{EngineHistograms, Histogram};
 use crate::engine::{
-    ChoiceDelta, EngineLimits, EngineOptions, EngineStats, FinishReason, RequestTimings, StopReason, TokenLogprob,
-    Usage,
+    ChoiceDelta, EngineLimits, EngineOptions, EngineStats, FinishReason, PromptLogprobs, RequestTimings, StopReason,
+    TokenLogprob, Usage,
 };
 use crate::grammar::{Constraint, ConstraintKind};
 use crate::sampling::{SamplingParams, StopParams};
@@ -288,7 +288,17 @@ pub fn token_logprob(l: TokenLogprob) -> pb::TokenLogprob {
         piece: l.piece,
         logprob: l.logprob,
         top: l.top.into_iter().map(|(token_id, piece, logprob)| pb::TopLogprob { token_id, piece, logprob }).collect(),
+        rank: l.rank,
     }
+}
+
+pub fn prompt_logprobs_event(p: PromptLogprobs) -> pb::GenerateEvent {
+    let logprobs = pb::PromptLogprobs {
+        tokens: p.tokens.into_iter().map(token_logprob).collect(),
+        first_token_id: p.first_token,
+        first_piece: p.first_piece,
+    };
+    pb::GenerateEvent { event: Some(pb::generate_event::Event::PromptLogprobs(logprobs)) }
 }
 
 pub fn delta_event(d: ChoiceDelta) -> pb::GenerateEvent {

@@ -165,6 +165,9 @@ async fn next_event(phase: Phase) -> Option<(Result<pb::GenerateEvent, Status>, 
         Phase::Start(started, request) => Some((Ok(started), Phase::Streaming(request))),
         Phase::Streaming(mut request) => match request.recv().await? {
             EngineEvent::Delta(d) => Some((Ok(convert::delta_event(d)), Phase::Streaming(request))),
+            EngineEvent::PromptLogprobs(tokens) => {
+                Some((Ok(convert::prompt_logprobs_event(tokens)), Phase::Streaming(request)))
+            }
             EngineEvent::Finished { usage, timings } => {
                 Some((Ok(convert::finished_event(usage, timings)), Phase::Done))
             }
@@ -203,6 +206,7 @@ impl WorkerService {
         );
         engine_req.n = if req.n == 0 { 1 } else { req.n as usize };
         engine_req.skip_special_tokens = req.skip_special_tokens;
+        engine_req.prompt_logprobs = req.prompt_logprobs.map(|k| k as usize);
         if let Some(structured) = &req.structured_output {
             let constraint = convert::constraint(structured)?;
             engine_req.constraint = Some(compile_blocking(handle.grammars(), constraint).await?);

@@ -60,6 +60,9 @@ pub struct Outcome {
     pub text: HashMap<usize, String>,
     pub finish: HashMap<usize, FinishReason>,
     pub logprobs: HashMap<usize, Vec<TokenLogprob>>,
+    /// The `PromptLogprobs` event's entries, and how many such events came.
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
+    pub prompt_logprob_events: usize,
     pub usage: Option<Usage>,
     pub failed: Option<String>,
 }
@@ -89,6 +92,11 @@ pub fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> Outcome {
                 if let Some(f) = d.finish_reason {
                     o.finish.insert(d.index, f);
                 }
+            }
+            EngineEvent::PromptLogprobs(p) => {
+                assert!(o.tokens.is_empty(), "prompt logprobs come before the first delta");
+                o.prompt_logprobs = Some(p.tokens);
+                o.prompt_logprob_events += 1;
             }
             EngineEvent::Finished { usage, .. } => o.usage = Some(usage),
             EngineEvent::Failed(e) => o.failed = Some(e),

@@ -91,7 +91,7 @@ fn decode(opts: &EngineOptions, logprobs: bool) -> Vec<(Vec<TokenId>, Option<f32
                         tokens.entry(d.index).or_default().extend(&d.token_ids)
                     }
                     EngineEvent::Failed(e) => panic!("request failed: {e}"),
-                    EngineEvent::Finished { .. } => {}
+                    EngineEvent::Finished { .. } | EngineEvent::PromptLogprobs(_) => {}
                 }
             }
             (tokens.remove(&0).unwrap_or_default(), margin)
