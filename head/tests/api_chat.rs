@@ -138,6 +138,7 @@ fn with_logprobs(request: &pb::GenerateRequest) -> Result<Vec<Item>, lumen_head:
             pb::TopLogprob { token_id: 1, piece: piece.into(), logprob },
             pb::TopLogprob { token_id: 2, piece: "x".into(), logprob: -3.0 },
         ],
+        rank: 0,
     };
     assert_eq!(request.sampling.as_ref().unwrap().logprobs, Some(2));
     let delta = |text: &str, lp: f32, finish: pb::FinishReason| {

@@ -81,6 +81,7 @@ fn two_tokens_with_logprobs(request: &pb::GenerateRequest) -> Result<Vec<Item>, 
         piece: piece.into(),
         logprob,
         top: vec![pb::TopLogprob { token_id: 3, piece: "zz".into(), logprob: -4.0 }],
+        rank: 0,
     };
     let mut items = vec![started(2)];
     for (text, lp, finish) in [("ab", -0.5f32, pb::FinishReason::Unspecified), ("c", -1.0, pb::FinishReason::Length)] {

@@ -66,6 +66,8 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         return Err(ApiError::param("top_logprobs", "top_logprobs requires logprobs to be true"));
     }
     let generation = common.validate(RouteDefaults { max_tokens: 0, logprobs: want_logprobs.then_some(top) })?;
+    // vLLM's `prompt_logprobs` (top-level in the answer); a stream may ask for 0 and shows none.
+    let prompt_k = super::fields::prompt_logprobs(&body)?.filter(|_| !generation.stream);
     let max_tokens_param = if fields.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     generation.check_context(max_tokens_param, card.max_model_len, None)?;
     let mut structured_output = super::structured::from_body(&body)?;
@@ -95,6 +97,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         skip_special_tokens: generation.skip_special_tokens && !tools.keeps_special_tokens(),
         return_prompt: false,
         structured_output,
+        prompt_logprobs: prompt_k,
     };
     let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
     let launch = stream::launch(&state, card.id.clone(), vec![request], generation.n, ticket, trace)
@@ -107,7 +110,15 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         return Ok(stream::respond(launch, writer, generation.include_usage, &state, span));
     }
     let collected = async { dispatch::collect(launch.running().await?).await }.instrument(span).await?;
-    Ok(Json(completion_body(&meta("chat.completion"), collected, &format, want_logprobs)).into_response())
+    let prompt_logprobs = prompt_k.map(|k| match collected.prompt_logprobs.first().and_then(Option::as_ref) {
+        Some(p) => super::logprobs::prompt_logprobs(p, k),
+        None => Value::Null,
+    });
+    let mut body = completion_body(&meta("chat.completion"), collected, &format, want_logprobs);
+    if let Some(p) = prompt_logprobs {
+        body["prompt_logprobs"] = p;
+    }
+    Ok(Json(body).into_response())
 }
 
 /// The replica's chat prompt: messages with text-only content, as JSON.

@@ -2,9 +2,15 @@
 //!
 //! `prompt` is a string, a list of strings, a list of token ids or a list of token-id lists. Each
 //! prompt is its own backend request with `n` choices; choice `i` of prompt `p` has index
-//! `p * n + i` in the response, as OpenAI numbers them. `echo` prepends the prompt's text.
-//! Log-probabilities use the legacy shape ([`super::logprobs::completion`]); vLLM's
-//! `return_tokens_as_token_ids` names their tokens `token_id:N`.
+//! `p * n + i` in the response, as OpenAI numbers them. `echo` prepends the prompt's text (when
+//! streaming, to each choice's first chunk, as vLLM does); with `logprobs` the log-probabilities
+//! then cover the prompt's tokens too (the first one null), which the worker computes in the
+//! prefill (the request asks for `prompt_logprobs`), and `max_tokens: 0` is allowed: the prompt
+//! and its log-probabilities only (vLLM generates one token and drops it; so does Lumen, and
+//! like vLLM counts it in `usage`). vLLM's `prompt_logprobs` (top `k` per prompt token, first
+//! null) go into each choice's `prompt_logprobs`. Log-probabilities use the legacy shape
+//! ([`super::logprobs::completion`]); vLLM's `return_tokens_as_token_ids` names their tokens
+//! `token_id:N`.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -58,12 +64,29 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     }
     let logprobs = fields.logprobs.map(|k| logprob_count("logprobs", k)).transpose()?;
     let echo = fields.echo.unwrap_or(false);
-    if echo && logprobs.is_some() {
-        return Err(ApiError::param("echo", "echo together with logprobs (prompt log-probabilities) is not supported"));
+    let explicit_prompt_k = super::fields::prompt_logprobs(&body)?;
+    // vLLM: `max_tokens: 0` only with `echo` (scoring); one token is generated and dropped.
+    let prompt_only = echo && common.max_tokens == Some(0);
+    let mut common = common;
+    if prompt_only {
+        common.max_tokens = Some(1);
     }
     let generation = common.validate(RouteDefaults { max_tokens: DEFAULT_MAX_TOKENS, logprobs })?;
+    // What the worker computes: the explicit `prompt_logprobs` (not shown in a stream, where only
+    // 0 is allowed), else `logprobs` when they must cover the echoed prompt.
+    let echo_k = logprobs.filter(|_| echo);
+    let prompt_k = match explicit_prompt_k {
+        Some(_) if generation.stream => echo_k,
+        Some(k) => Some(k),
+        None => echo_k,
+    };
     let token_ids = fields.return_tokens_as_token_ids.unwrap_or(false);
-    let logprobs = logprobs.map(|k| logprobs::Legacy { k, token_ids });
+    let shape = Shape {
+        echo,
+        prompt_only,
+        logprobs: logprobs.map(|k| logprobs::Legacy { k, token_ids }),
+        prompt_logprobs: prompt_k.filter(|_| explicit_prompt_k.is_some() || echo_k.is_some()),
+    };
     for prompt in &prompts {
         let known = match prompt {
             pb::generate_request::Prompt::Tokens(t) => Some(t.token_ids.len()),
@@ -93,6 +116,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
             skip_special_tokens: generation.skip_special_tokens,
             return_prompt: echo,
             structured_output: structured_output.clone(),
+            prompt_logprobs: prompt_k,
         })
         .collect();
     let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
@@ -100,11 +124,11 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let meta = Meta { id, object: "text_completion", created: crate::clock::unix_s(), model: card.id.clone() };
     let choices_per_prompt = n as usize;
     if generation.stream {
-        let writer = CompletionChunks { meta, n: choices_per_prompt, echo, logprobs, offsets: Vec::new() };
+        let writer = CompletionChunks::new(meta, choices_per_prompt, shape);
         return Ok(stream::respond(launch, writer, generation.include_usage, &state, span));
     }
     let collected = async { dispatch::collect(launch.running().await?).await }.instrument(span).await?;
-    Ok(Json(completion_body(&meta, collected, choices_per_prompt, echo, logprobs)).into_response())
+    Ok(Json(completion_body(&meta, collected, choices_per_prompt, shape)).into_response())
 }
 
 /// The prompts of a request, in the protocol's terms.
@@ -146,69 +170,89 @@ fn parse_prompts(prompt: &Value, add_special_tokens: bool) -> Result<Vec<pb::gen
     }
 }
 
-fn completion_body(meta: &Meta, collected: Collected, n: usize, echo: bool, k: Option<logprobs::Legacy>) -> Value {
+/// What a choice shows besides its own text.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    echo: bool,
+    /// `echo` with `max_tokens: 0`: the prompt only, the one generated token dropped.
+    prompt_only: bool,
+    logprobs: Option<logprobs::Legacy>,
+    /// `k` of each choice's `prompt_logprobs` field (absent when `None`).
+    prompt_logprobs: Option<u32>,
+}
+
+fn completion_body(meta: &Meta, collected: Collected, n: usize, shape: Shape) -> Value {
     let choices: Vec<Value> = collected
         .choices
         .into_iter()
         .enumerate()
         .map(|(index, choice)| {
-            let prompt_text = match collected.prompts.get(index / n.max(1)) {
-                Some(started) if echo => started.prompt_text.as_str(),
+            let prompt = index / n.max(1);
+            let scored = collected.prompt_logprobs.get(prompt).and_then(Option::as_ref);
+            let prompt_text = match collected.prompts.get(prompt) {
+                Some(started) if shape.echo => started.prompt_text.as_str(),
                 _ => "",
             };
-            let logprobs = match k {
-                Some(k) => logprobs::completion(&choice.logprobs, k, prompt_text.chars().count()).0,
+            let (text, tokens) =
+                if shape.prompt_only { ("", &[][..]) } else { (choice.text.as_str(), &choice.logprobs[..]) };
+            let logprobs = match shape.logprobs {
+                Some(k) if shape.echo && scored.is_some() => logprobs::completion_echo(scored, tokens, k, 0).0,
+                Some(k) => logprobs::completion(tokens, k, prompt_text.chars().count()).0,
                 None => Value::Null,
             };
-            json!({
+            let mut body = json!({
                 "index": index,
-                "text": format!("{prompt_text}{}", choice.text),
+                "text": format!("{prompt_text}{text}"),
                 "logprobs": logprobs,
                 "finish_reason": choice.finish_reason.map(finish_reason_str),
                 "stop_reason": stop_reason_json(&choice.stop_reason),
-            })
+            });
+            if let Some(k) = shape.prompt_logprobs {
+                body["prompt_logprobs"] = scored.map_or(Value::Null, |p| logprobs::prompt_logprobs(p, k));
+            }
+            body
         })
         .collect();
     meta.object(Value::Array(choices), Some(collected.usage))
 }
 
-/// Writes streamed `text_completion` chunks.
+/// Writes streamed `text_completion` chunks. With `echo`, a choice's first chunk carries the
+/// prompt's text (and log-probabilities) before its first output, as vLLM streams it.
 struct CompletionChunks {
     meta: Meta,
     n: usize,
-    echo: bool,
-    logprobs: Option<logprobs::Legacy>,
-    /// Per choice, the character offset where its next text starts (legacy `text_offset`).
+    shape: Shape,
+    /// Per prompt: its text (`echo`) and log-probabilities, once the worker sent them.
+    prompts: Vec<(String, Option<pb::PromptLogprobs>)>,
+    /// Per choice: whether its prompt was sent, and the character offset where its next text
+    /// starts (legacy `text_offset`).
+    echoed: Vec<bool>,
     offsets: Vec<usize>,
 }
 
 impl CompletionChunks {
+    fn new(meta: Meta, n: usize, shape: Shape) -> Self {
+        CompletionChunks { meta, n, shape, prompts: Vec::new(), echoed: Vec::new(), offsets: Vec::new() }
+    }
+
     fn chunk(&self, choices: Value, usage: Option<Usage>) -> Bytes {
         sse::data(&self.meta.object(choices, usage))
     }
 
-    fn offset(&mut self, index: usize) -> &mut usize {
-        if self.offsets.len() <= index {
-            self.offsets.resize(index + 1, 0);
+    fn prompt(&mut self, prompt: usize) -> &mut (String, Option<pb::PromptLogprobs>) {
+        if self.prompts.len() <= prompt {
+            self.prompts.resize(prompt + 1, (String::new(), None));
         }
-        &mut self.offsets[index]
+        &mut self.prompts[prompt]
     }
 
-    /// With `echo`, each choice of the prompt starts with the prompt's text.
-    fn echo_prompt(&mut self, prompt: usize, started: &pb::Started) -> Vec<Bytes> {
-        if !self.echo || started.prompt_text.is_empty() {
-            return Vec::new();
+    /// Marks choice `index` echoed; true the first time.
+    fn first_of(&mut self, index: usize) -> bool {
+        if self.echoed.len() <= index {
+            self.echoed.resize(index + 1, false);
+            self.offsets.resize(index + 1, 0);
         }
-        let chars = started.prompt_text.chars().count();
-        (prompt * self.n..(prompt + 1) * self.n)
-            .map(|index| {
-                *self.offset(index) = chars;
-                self.chunk(
-                    json!([{"index": index, "text": started.prompt_text, "logprobs": null, "finish_reason": null}]),
-                    None,
-                )
-            })
-            .collect()
+        !std::mem::replace(&mut self.echoed[index], true)
     }
 }
 
@@ -219,25 +263,49 @@ impl ChunkWriter for CompletionChunks {
 
     fn step(&mut self, step: Step) -> Vec<Bytes> {
         let (index, delta) = match step {
-            Step::Started { prompt, started } => return self.echo_prompt(prompt, &started),
+            Step::Started { prompt, started } => {
+                self.prompt(prompt).0 = started.prompt_text;
+                return Vec::new();
+            }
+            Step::PromptLogprobs { prompt, logprobs } => {
+                self.prompt(prompt).1 = Some(logprobs);
+                return Vec::new();
+            }
             Step::Delta { index, delta } => (index, delta),
         };
         let finish = finish_reason(&delta);
-        if delta.text.is_empty() && delta.logprobs.is_empty() && finish.is_none() {
+        let first = self.first_of(index);
+        let echo = self.shape.echo && first;
+        let (mut text, tokens) =
+            if self.shape.prompt_only { (String::new(), &[][..]) } else { (delta.text, &delta.logprobs[..]) };
+        if !echo && text.is_empty() && tokens.is_empty() && finish.is_none() {
             return Vec::new();
         }
-        let logprobs = match self.logprobs {
-            Some(k) => {
-                let start = *self.offset(index);
-                let (shape, end) = logprobs::completion(&delta.logprobs, k, start);
-                *self.offset(index) = end;
+        let logprobs = match self.shape.logprobs {
+            Some(k) if echo => {
+                let (prompt_text, scored) = self.prompt(index / self.n.max(1)).clone();
+                text.insert_str(0, &prompt_text);
+                // Offsets count from the prompt's start when its tokens are listed, else after it.
+                let start = if scored.is_some() { 0 } else { prompt_text.chars().count() };
+                let (shape, end) = logprobs::completion_echo(scored.as_ref(), tokens, k, start);
+                self.offsets[index] = end;
                 shape
             }
-            None => Value::Null,
+            Some(k) => {
+                let (shape, end) = logprobs::completion(tokens, k, self.offsets[index]);
+                self.offsets[index] = end;
+                shape
+            }
+            None => {
+                if echo {
+                    text.insert_str(0, &self.prompt(index / self.n.max(1)).0);
+                }
+                Value::Null
+            }
         };
         let mut choice = json!({
             "index": index,
-            "text": delta.text,
+            "text": text,
             "logprobs": logprobs,
             "finish_reason": finish.map(finish_reason_str),
         });

@@ -26,6 +26,8 @@ pub enum Step {
     Started { prompt: usize, started: pb::Started },
     /// New output of the choice with global index `index`.
     Delta { index: usize, delta: pb::Delta },
+    /// The prompt's log-probabilities (`tokens[i]` is prompt token `i + 1`), before its deltas.
+    PromptLogprobs { prompt: usize, logprobs: pb::PromptLogprobs },
 }
 
 /// Token counts over all prompts and choices.
@@ -135,6 +137,9 @@ impl Running {
             self.trace.observe(&event);
             match event {
                 pb::generate_event::Event::Started(started) => return Some(Ok(Step::Started { prompt, started })),
+                pb::generate_event::Event::PromptLogprobs(p) => {
+                    return Some(Ok(Step::PromptLogprobs { prompt, logprobs: p }));
+                }
                 pb::generate_event::Event::Delta(delta) => {
                     let index = delta.index as usize;
                     if index >= self.n {
@@ -182,6 +187,8 @@ pub struct Collected {
     pub choices: Vec<Choice>,
     /// Per prompt, what `started` reported.
     pub prompts: Vec<pb::Started>,
+    /// Per prompt, its log-probabilities when asked for (`tokens[i]` is prompt token `i + 1`).
+    pub prompt_logprobs: Vec<Option<pb::PromptLogprobs>>,
     pub usage: Usage,
 }
 
@@ -190,6 +197,7 @@ pub async fn collect(mut running: Running) -> Result<Collected, ApiError> {
     let mut out = Collected {
         choices: vec![Choice::default(); running.choices()],
         prompts: vec![pb::Started::default(); running.finished.len()],
+        prompt_logprobs: vec![None; running.finished.len()],
         usage: Usage::default(),
     };
     while let Some(step) = running.next().await {
@@ -197,6 +205,11 @@ pub async fn collect(mut running: Running) -> Result<Collected, ApiError> {
             Step::Started { prompt, started } => {
                 if let Some(slot) = out.prompts.get_mut(prompt) {
                     *slot = started;
+                }
+            }
+            Step::PromptLogprobs { prompt, logprobs } => {
+                if let Some(slot) = out.prompt_logprobs.get_mut(prompt) {
+                    *slot = Some(logprobs);
                 }
             }
             Step::Delta { index, delta } => {

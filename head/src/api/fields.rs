@@ -1,7 +1,7 @@
 //! The request fields vLLM accepts that Lumen does not act on: each is checked for the type (and
 //! range) vLLM gives it, so a wrong type is a 400 naming the field rather than silently ignored;
-//! and a field whose value would change the answer (beam search, prompt log-probabilities, a
-//! per-request chat template, ...) is accepted only with its inert value — anything else is a
+//! and a field whose value would change the answer (beam search, a per-request chat template,
+//! ...) is accepted only with its inert value — anything else is a
 //! 400 saying Lumen does not support it, never an answer that quietly ignores the request.
 //!
 //! Informational fields (`user`, `request_id`, hints such as `stream_interval`) are checked and
@@ -130,14 +130,14 @@ pub const TOKENIZE: &[Field] = &[
 pub fn check_chat(body: &Map<String, Value>) -> Result<(), ApiError> {
     check(body, GENERATION)?;
     check(body, CHAT)?;
-    prompt_logprobs(body)
+    prompt_logprobs(body).map(drop)
 }
 
 /// Checks `body` against the fields of a completion request.
 pub fn check_completions(body: &Map<String, Value>) -> Result<(), ApiError> {
     check(body, GENERATION)?;
     check(body, COMPLETIONS)?;
-    prompt_logprobs(body)
+    prompt_logprobs(body).map(drop)
 }
 
 /// Checks each of `fields` that `body` holds.
@@ -161,10 +161,11 @@ pub fn check(body: &Map<String, Value>, fields: &[Field]) -> Result<(), ApiError
     Ok(())
 }
 
-/// vLLM's `prompt_logprobs`: an integer, -1 or at least 0, not with `stream`. Lumen computes no
-/// prompt log-probabilities, so a valid value is refused as unsupported.
-fn prompt_logprobs(body: &Map<String, Value>) -> Result<(), ApiError> {
-    let Some(value) = body.get("prompt_logprobs").filter(|v| !v.is_null()) else { return Ok(()) };
+/// vLLM's `prompt_logprobs`: an integer, -1 or at least 0, not above 0 with `stream` (nor -1),
+/// and at most 20 (vLLM's default `max_logprobs`; -1, the whole vocabulary, is more). Returns
+/// the number of alternatives per prompt token.
+pub fn prompt_logprobs(body: &Map<String, Value>) -> Result<Option<u32>, ApiError> {
+    let Some(value) = body.get("prompt_logprobs").filter(|v| !v.is_null()) else { return Ok(None) };
     let Some(n) = value.as_i64() else {
         return Err(ApiError::param("prompt_logprobs", format!("prompt_logprobs must be an integer, got {value}")));
     };
@@ -174,7 +175,15 @@ fn prompt_logprobs(body: &Map<String, Value>) -> Result<(), ApiError> {
     if body.get("stream") == Some(&Value::Bool(true)) && n != 0 {
         return Err(ApiError::param("prompt_logprobs", "prompt_logprobs are not available when stream is true"));
     }
-    Err(ApiError::param("prompt_logprobs", format!("prompt_logprobs {n} is not supported by Lumen (only null)")))
+    let max = super::params::MAX_LOGPROBS;
+    if n == -1 || n > max {
+        let asked = if n == -1 { "the whole vocabulary (-1)".to_string() } else { n.to_string() };
+        return Err(ApiError::param(
+            "prompt_logprobs",
+            format!("requested prompt logprobs of {asked}, which is more than the {max} allowed"),
+        ));
+    }
+    Ok(Some(n as u32))
 }
 
 /// Why `value` does not hold what `expect` says, naming `name`.
@@ -279,6 +288,8 @@ mod tests {
             (json!({"prompt_logprobs": "1"}), "prompt_logprobs", "must be an integer"),
             (json!({"prompt_logprobs": -2}), "prompt_logprobs", "-1 or at least 0, got -2"),
             (json!({"prompt_logprobs": 1, "stream": true}), "prompt_logprobs", "not available when stream"),
+            (json!({"prompt_logprobs": 21}), "prompt_logprobs", "more than the 20 allowed"),
+            (json!({"prompt_logprobs": -1}), "prompt_logprobs", "the whole vocabulary"),
         ] {
             let (got, message) = refused(body.clone());
             assert_eq!(got, param, "{body}");
@@ -290,7 +301,6 @@ mod tests {
     fn values_that_would_change_the_answer_are_refused_as_unsupported() {
         for (body, param) in [
             (json!({"use_beam_search": true}), "use_beam_search"),
-            (json!({"prompt_logprobs": 0}), "prompt_logprobs"),
             (json!({"chat_template": "{{ messages }}"}), "chat_template"),
             (json!({"priority": 3}), "priority"),
             (json!({"bad_words": ["x"]}), "bad_words"),

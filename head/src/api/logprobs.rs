@@ -1,6 +1,7 @@
 //! Log-probabilities in OpenAI's two shapes: chat's `{"content": [{token, logprob, bytes,
 //! top_logprobs}]}` and the legacy completions shape `{tokens, token_logprobs, top_logprobs,
-//! text_offset}`. As vLLM does, `-inf` becomes -9999 (JSON has no infinities).
+//! text_offset}` (with `echo`, over the prompt's tokens too) — and vLLM's `prompt_logprobs` list.
+//! As vLLM does, `-inf` becomes -9999 (JSON has no infinities).
 
 use lumen_proto::v1 as pb;
 use serde_json::{Map, Value, json};
@@ -51,31 +52,82 @@ impl Legacy {
 /// `offset` (where this delta starts); returns the shape and the offset after these tokens.
 /// Each `top_logprobs` entry maps the sampled token and up to `k` alternatives to their
 /// log-probabilities (vLLM's convention).
-pub fn completion(tokens: &[pb::TokenLogprob], legacy: Legacy, mut offset: usize) -> (Value, usize) {
-    let mut pieces = Vec::with_capacity(tokens.len());
-    let mut token_logprobs = Vec::with_capacity(tokens.len());
-    let mut top_logprobs = Vec::with_capacity(tokens.len());
-    let mut text_offset = Vec::with_capacity(tokens.len());
-    for t in tokens {
+pub fn completion(tokens: &[pb::TokenLogprob], legacy: Legacy, offset: usize) -> (Value, usize) {
+    completion_echo(None, tokens, legacy, offset)
+}
+
+/// [`completion`] preceded, with `echo`, by the prompt's tokens: the first with a null
+/// log-probability and null `top_logprobs` (nothing precedes it), as vLLM and OpenAI write it.
+pub fn completion_echo(
+    prompt: Option<&pb::PromptLogprobs>,
+    tokens: &[pb::TokenLogprob],
+    legacy: Legacy,
+    offset: usize,
+) -> (Value, usize) {
+    let mut shape = LegacyShape { offset, ..LegacyShape::default() };
+    if let Some(p) = prompt {
+        shape.unscored(legacy.name(p.first_token_id, &p.first_piece), &p.first_piece);
+        p.tokens.iter().for_each(|t| shape.push(t, legacy));
+    }
+    tokens.iter().for_each(|t| shape.push(t, legacy));
+    let offset = shape.offset;
+    let value = json!({
+        "tokens": shape.tokens,
+        "token_logprobs": shape.token_logprobs,
+        "top_logprobs": shape.top_logprobs,
+        "text_offset": shape.text_offset,
+    });
+    (value, offset)
+}
+
+#[derive(Default)]
+struct LegacyShape {
+    tokens: Vec<Value>,
+    token_logprobs: Vec<Value>,
+    top_logprobs: Vec<Value>,
+    text_offset: Vec<Value>,
+    offset: usize,
+}
+
+impl LegacyShape {
+    fn unscored(&mut self, name: String, piece: &str) {
+        self.tokens.push(json!(name));
+        self.token_logprobs.push(Value::Null);
+        self.top_logprobs.push(Value::Null);
+        self.text_offset.push(json!(self.offset));
+        self.offset += piece.chars().count();
+    }
+
+    fn push(&mut self, t: &pb::TokenLogprob, legacy: Legacy) {
         let name = legacy.name(t.token_id, &t.piece);
-        pieces.push(json!(name));
-        token_logprobs.push(json!(finite(t.logprob)));
+        self.tokens.push(json!(name));
+        self.token_logprobs.push(json!(finite(t.logprob)));
         let mut top = Map::new();
         top.insert(name, json!(finite(t.logprob)));
         for alt in t.top.iter().take(legacy.k as usize) {
             top.entry(legacy.name(alt.token_id, &alt.piece)).or_insert_with(|| json!(finite(alt.logprob)));
         }
-        top_logprobs.push(Value::Object(top));
-        text_offset.push(json!(offset));
-        offset += t.piece.chars().count();
+        self.top_logprobs.push(Value::Object(top));
+        self.text_offset.push(json!(self.offset));
+        self.offset += t.piece.chars().count();
     }
-    let shape = json!({
-        "tokens": pieces,
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top_logprobs,
-        "text_offset": text_offset,
-    });
-    (shape, offset)
+}
+
+/// vLLM's `prompt_logprobs`: null for the first prompt token, then per token an object from token
+/// id (as a string) to `{logprob, rank, decoded_token}` holding the prompt's token and the `k`
+/// most likely ones.
+pub fn prompt_logprobs(p: &pb::PromptLogprobs, k: u32) -> Value {
+    let entry = |logprob: f32, rank: u32, piece: &str| json!({"logprob": finite(logprob), "rank": rank, "decoded_token": piece});
+    let mut out = vec![Value::Null];
+    for t in &p.tokens {
+        let mut map = Map::new();
+        map.insert(t.token_id.to_string(), entry(t.logprob, t.rank, &t.piece));
+        for (i, alt) in t.top.iter().take(k as usize).enumerate() {
+            map.entry(alt.token_id.to_string()).or_insert_with(|| entry(alt.logprob, i as u32 + 1, &alt.piece));
+        }
+        out.push(Value::Object(map));
+    }
+    Value::Array(out)
 }
 
 #[cfg(test)]
@@ -88,6 +140,7 @@ mod tests {
             piece: piece.into(),
             logprob,
             top: top.iter().map(|&(p, l)| pb::TopLogprob { token_id: 2, piece: p.into(), logprob: l }).collect(),
+            rank: 0,
         }
     }
 
@@ -144,6 +197,7 @@ mod tests {
                 pb::TopLogprob { token_id: 7, piece: "\u{FFFD}".into(), logprob: -0.5 },
                 pb::TopLogprob { token_id: 9, piece: "\u{FFFD}".into(), logprob: -1.5 },
             ],
+            rank: 1,
         };
         let (v, _) = completion(std::slice::from_ref(&t), text(2), 0);
         assert_eq!(v["top_logprobs"][0].as_object().unwrap().len(), 1, "texts collide");
@@ -151,5 +205,27 @@ mod tests {
         assert_eq!(v["tokens"], json!(["token_id:7"]));
         assert_eq!(v["top_logprobs"][0], json!({"token_id:7": -0.5, "token_id:9": -1.5}));
         assert_eq!(end, 1, "offsets still count the text");
+    }
+
+    #[test]
+    fn echo_starts_with_an_unscored_first_token_and_prompt_logprobs_list_rank_and_text() {
+        let mut scored = token(" world", -1.5, &[(" there", -0.5), (" world", -1.5)]);
+        scored.token_id = 5;
+        scored.rank = 2;
+        scored.top[0].token_id = 6;
+        scored.top[1].token_id = 5;
+        let prompt = pb::PromptLogprobs { tokens: vec![scored], first_token_id: 4, first_piece: "Hello".into() };
+        let (v, end) = completion_echo(Some(&prompt), &[token("!", -0.1, &[])], text(1), 0);
+        assert_eq!(v["tokens"], json!(["Hello", " world", "!"]));
+        assert_eq!(v["token_logprobs"][0], Value::Null);
+        assert_eq!(v["top_logprobs"][0], Value::Null);
+        assert_eq!(v["top_logprobs"][1], json!({" world": -1.5, " there": -0.5}));
+        assert_eq!(v["text_offset"], json!([0, 5, 11]));
+        assert_eq!(end, 12);
+        let p = prompt_logprobs(&prompt, 1);
+        assert_eq!(p[0], Value::Null);
+        assert_eq!(p[1]["5"], json!({"logprob": -1.5, "rank": 2, "decoded_token": " world"}));
+        assert_eq!(p[1]["6"], json!({"logprob": -0.5, "rank": 1, "decoded_token": " there"}));
+        assert_eq!(prompt_logprobs(&prompt, 0)[1].as_object().unwrap().len(), 1, "k = 0: the prompt token only");
     }
 }

@@ -142,7 +142,7 @@ impl Trace {
                     data.finish = Some(worst(data.finish, reason));
                 }
             }
-            pb::generate_event::Event::Finished(_) => {}
+            pb::generate_event::Event::Finished(_) | pb::generate_event::Event::PromptLogprobs(_) => {}
         }
     }
 
