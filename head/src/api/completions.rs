@@ -85,7 +85,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         echo,
         prompt_only,
         logprobs: logprobs.map(|k| logprobs::Legacy { k, token_ids }),
-        prompt_logprobs: prompt_k.filter(|_| explicit_prompt_k.is_some() || echo_k.is_some()),
+        prompt_logprobs: prompt_k,
     };
     for prompt in &prompts {
         let known = match prompt {

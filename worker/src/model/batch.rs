@@ -3,7 +3,8 @@
 //! Tokens of all scheduled sequences are concatenated: sequence `s` owns rows
 //! `query_start..query_start + query_len`. Each token carries its absolute position and the cache
 //! slot its K/V goes to (`block * block_size + offset`). Logits are produced only for the rows in
-//! `logits_rows` (the last token of each sequence that samples this step), in that order.
+//! `logits_rows` (the last token of each sequence that samples this step, then the prompt rows of
+//! sequences that want prompt log-probabilities), in that order.
 
 use crate::kernels::cpu::attention::QueryRef;
 use crate::{Result, TokenId, WorkerError};
