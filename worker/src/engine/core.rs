@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::request::{
-    ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, PromptLogprobs, RequestTimings, StopReason,
-    TokenLogprob, Usage,
+    ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, RequestTimings, StopReason, TokenLogprob,
+    Usage,
 };
 use super::stats::{EngineHistograms, EngineStats, RateMeter};
 use crate::grammar::{GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar};
@@ -179,22 +179,7 @@ impl EngineCore {
         let mut seq = Sequence::new(seq_id, seq_id, req.prompt_token_ids.clone());
         seq.prompt_logprobs = req.prompt_logprobs.is_some();
         self.scheduler.add(seq);
-        let first_token = req.prompt_token_ids[0];
-        let prompt_logprobs = req.prompt_logprobs.map(|k| prompt::Gathering {
-            k,
-            first_token,
-            first_piece: self.tokenizer.token_piece(first_token),
-            tokens: Vec::new(),
-        });
-        let prompt_logprobs = match prompt_logprobs {
-            Some(g) if req.prompt_token_ids.len() == 1 => {
-                // One token: nothing to score, and no prompt row will come.
-                let event = PromptLogprobs { first_token, first_piece: g.first_piece, tokens: Vec::new() };
-                let _ = tx.send(EngineEvent::PromptLogprobs(event));
-                None
-            }
-            other => other,
-        };
+        let prompt_logprobs = self.start_prompt_logprobs(&req, &tx);
         self.requests.insert(
             req.id.clone(),
             RequestState {

@@ -10,7 +10,9 @@
 
 use super::EngineCore;
 use crate::TokenId;
-use crate::engine::{EngineEvent, PromptLogprobs, TokenLogprob};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::engine::{EngineEvent, EngineRequest, PromptLogprobs, TokenLogprob};
 use crate::sampling::ranked_logprob;
 use crate::sampling::reduce::{ReducedRows, RowPlan, RowResult};
 use crate::scheduler::Schedule;
@@ -27,6 +29,24 @@ pub(super) struct Gathering {
 }
 
 impl EngineCore {
+    /// What a new request gathers, if it asked for prompt log-probabilities. A one-token prompt
+    /// has nothing to score: its (empty) event goes out at once.
+    pub(super) fn start_prompt_logprobs(
+        &self,
+        req: &EngineRequest,
+        tx: &UnboundedSender<EngineEvent>,
+    ) -> Option<Gathering> {
+        let k = req.prompt_logprobs?;
+        let first_token = *req.prompt_token_ids.first()?;
+        let first_piece = self.tokenizer.token_piece(first_token);
+        if req.prompt_token_ids.len() == 1 {
+            let _ =
+                tx.send(EngineEvent::PromptLogprobs(PromptLogprobs { first_token, first_piece, tokens: Vec::new() }));
+            return None;
+        }
+        Some(Gathering { k, first_token, first_piece, tokens: Vec::new() })
+    }
+
     /// Full-row plans for the step's prompt rows (after the sampling rows' plans), so a model
     /// that reduces on its device copies them back whole.
     pub(super) fn plan_prompt_rows(&mut self, schedule: &Schedule) {
