@@ -174,3 +174,17 @@ async fn bad_prompt_logprobs_are_400_naming_the_field() {
     }
     assert!(backend.requests().is_empty(), "nothing refused reaches the backend");
 }
+
+#[tokio::test]
+async fn a_replica_that_sends_no_prompt_logprobs_is_an_error_not_a_silent_answer() {
+    // The default script ignores `prompt_logprobs`, as a worker older than the field would.
+    let (_, server) = serve_default().await;
+    let body = json!({"model": "m", "prompt": "x", "echo": true, "logprobs": 1});
+    let (status, answer) = server.post_json("/v1/completions", body).await;
+    assert_eq!(status, 500, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("prompt log-probabilities"), "{answer}");
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 1});
+    assert_eq!(server.post_json("/v1/chat/completions", chat).await.0, 500);
+    // Without them asked for, the same replica serves.
+    assert_eq!(server.post_json("/v1/completions", json!({"model": "m", "prompt": "x", "echo": true})).await.0, 200);
+}

@@ -110,10 +110,11 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         return Ok(stream::respond(launch, writer, generation.include_usage, &state, span));
     }
     let collected = async { dispatch::collect(launch.running().await?).await }.instrument(span).await?;
-    let prompt_logprobs = prompt_k.map(|k| match collected.prompt_logprobs.first().and_then(Option::as_ref) {
-        Some(p) => super::logprobs::prompt_logprobs(p, k),
-        None => Value::Null,
-    });
+    let prompt_logprobs = match (prompt_k, collected.prompt_logprobs.first().and_then(Option::as_ref)) {
+        (Some(k), Some(p)) => Some(super::logprobs::prompt_logprobs(p, k)),
+        (Some(_), None) => return Err(super::completions::missing_prompt_logprobs()),
+        (None, _) => None,
+    };
     let mut body = completion_body(&meta("chat.completion"), collected, &format, want_logprobs);
     if let Some(p) = prompt_logprobs {
         body["prompt_logprobs"] = p;

@@ -128,7 +128,16 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         return Ok(stream::respond(launch, writer, generation.include_usage, &state, span));
     }
     let collected = async { dispatch::collect(launch.running().await?).await }.instrument(span).await?;
+    if prompt_k.is_some() && collected.prompt_logprobs.iter().any(Option::is_none) {
+        return Err(missing_prompt_logprobs());
+    }
     Ok(Json(completion_body(&meta, collected, choices_per_prompt, shape)).into_response())
+}
+
+/// A replica that answered without the prompt log-probabilities it was asked for (a worker older
+/// than the field): an error, never an answer that silently lacks them.
+pub fn missing_prompt_logprobs() -> ApiError {
+    ApiError::Internal("the replica sent no prompt log-probabilities (is the worker older than the head?)".into())
 }
 
 /// The prompts of a request, in the protocol's terms.
