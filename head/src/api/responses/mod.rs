@@ -70,8 +70,12 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let common: CommonParams = typed(&request.chat)?;
     let generation = common.validate(RouteDefaults { max_tokens: 0, logprobs: None })?;
     generation.check_context("max_output_tokens", card.max_model_len, None)?;
-    let structured_output =
+    let mut structured_output =
         chat::constraint(&state, &card.id, &request.chat, &tools).map_err(request::rename_format_param)?;
+    if let Some(constraint) = structured_output.as_mut().filter(|c| c.param == "response_format") {
+        // The replica names this in errors about the schema.
+        constraint.param = "text.format".into();
+    }
 
     let id = format!("resp_{:032x}", rand::random::<u128>());
     let span = tracing::info_span!("response", request_id = %id, model = %card.id);
