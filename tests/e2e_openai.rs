@@ -1,5 +1,5 @@
 //! What OpenAI clients rely on, checked against real `lumen serve` processes and the real model:
-//! the official Python client, stop strings, seeds, usage counts that match the tokens produced,
+//! the official Python client (chat, completions and the Responses API), stop strings, seeds, usage counts that match the tokens produced,
 //! the reasoning split, tool calls (the client assembling streamed calls, tool results rendered
 //! through the template, refusals), and the 413/429 limits.
 
@@ -28,15 +28,19 @@ async fn the_official_openai_python_client_works() {
     assert!(python.is_file(), "{} is missing: run scripts/python-env.sh (scripts/test.sh does)", python.display());
     let lumen = serve(&["--api-key", "sekret"]);
     lumen.wait_healthy(&reqwest::Client::new()).await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/openai_client.py");
     let base_url = format!("{}/v1", lumen.url("api"));
-    let out = Command::new(&python).arg(script).args([&base_url, "sekret", "smol"]).output().expect("running python");
-    assert!(
-        out.status.success(),
-        "the openai client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for script in ["openai_client.py", "openai_responses.py"] {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support").join(script);
+        let out =
+            Command::new(&python).arg(&script).args([&base_url, "sekret", "smol"]).output().expect("running python");
+        assert!(
+            out.status.success(),
+            "{} failed:\n{}\n{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,6 +123,8 @@ pub async fn start(
     let config = ApiConfig {
         api_keys: args.api_keys.iter().filter(|k| !k.is_empty()).cloned().collect(),
         max_body_bytes: args.max_body_size.as_u64() as usize,
+        responses_store_max_entries: args.responses_store_max_entries,
+        responses_store_max_bytes: args.responses_store_max_bytes.as_u64() as usize,
         admission: AdmissionLimits { max_in_flight: args.max_ongoing_requests, max_queued: args.max_queued_requests },
         log_requests: args.log_requests,
         stream_send_timeout: Duration::from_secs(args.stream_send_timeout_s),

@@ -59,6 +59,13 @@ pub struct HeadArgs {
     /// Largest accepted request body (413 beyond), e.g. `32MiB`.
     #[arg(long, env = "LUMEN_MAX_BODY_SIZE", default_value = "32MiB")]
     pub max_body_size: bytesize::ByteSize,
+    /// The most past responses the Responses API keeps for `GET /v1/responses/{id}` and
+    /// `previous_response_id` (least recently used evicted first; 0 keeps none).
+    #[arg(long, env = "LUMEN_RESPONSES_STORE_MAX_ENTRIES", default_value_t = 1024)]
+    pub responses_store_max_entries: usize,
+    /// The most memory those stored responses may take (their JSON), e.g. `64MiB`.
+    #[arg(long, env = "LUMEN_RESPONSES_STORE_MAX_BYTES", default_value = "64MiB")]
+    pub responses_store_max_bytes: bytesize::ByteSize,
     /// On SIGTERM or Ctrl-C, how long in-flight requests may take to finish, in seconds.
     #[arg(long, env = "LUMEN_DRAIN_TIMEOUT_S", default_value_t = 30)]
     pub drain_timeout_s: u64,

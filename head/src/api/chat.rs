@@ -19,7 +19,7 @@ use super::body::{JsonObject, typed};
 use super::dispatch::{self, Collected, Meta, Step, Usage, finish_reason, stop_reason_json};
 use super::errors::ApiError;
 use super::metrics::labelled;
-use super::params::{CommonParams, RouteDefaults, int_in, logprob_count};
+use super::params::{CommonParams, Generation, RouteDefaults, int_in, logprob_count};
 use super::stream::{self, ChunkWriter};
 use super::tools::output::{self, AnswerFormat, AnswerReader};
 use super::tools::request::ToolRequest;
@@ -70,35 +70,12 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let prompt_k = super::fields::prompt_logprobs(&body)?.filter(|_| !generation.stream);
     let max_tokens_param = if fields.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     generation.check_context(max_tokens_param, card.max_model_len, None)?;
-    let mut structured_output = super::structured::from_body(&body)?;
-    if let Some(schema) = tools.constrained_schema()? {
-        structured_output = Some(super::structured::tool_call(structured_output.as_ref(), &schema)?);
-    }
-    let mut structured_output =
-        super::structured::with_defaults(structured_output, &state.structured_outputs(&card.id));
+    let structured_output = constraint(&state, &card.id, &body, &tools)?;
     let reasoning = state.reasoning_parser(&card.id);
-    if let (Some(constraint), Some(parser)) = (structured_output.as_mut(), reasoning)
-        && !state.structured_outputs(&card.id).enable_in_reasoning
-    {
-        // The constraint governs the answer: it starts once the reasoning has ended.
-        let (start, end) = parser.markers();
-        (constraint.reasoning_start, constraint.reasoning_end) = (start.into(), end.into());
-    }
-
     let id = request_id("chatcmpl");
     let span = tracing::info_span!("chat_completion", request_id = %id, model = %card.id);
-    let request = pb::GenerateRequest {
-        replica_id: String::new(),
-        request_id: id.clone(),
-        prompt: Some(pb::generate_request::Prompt::Chat(prompt)),
-        sampling: Some(generation.sampling),
-        stop: Some(generation.stop),
-        n: generation.n,
-        skip_special_tokens: generation.skip_special_tokens && !tools.keeps_special_tokens(),
-        return_prompt: false,
-        structured_output,
-        prompt_logprobs: prompt_k,
-    };
+    let mut request = generate_request(&id, prompt, &generation, &tools, structured_output);
+    request.prompt_logprobs = prompt_k;
     let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
     let launch = stream::launch(&state, card.id.clone(), vec![request], generation.n, ticket, trace)
         .instrument(span.clone())
@@ -120,6 +97,53 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         body["prompt_logprobs"] = p;
     }
     Ok(Json(body).into_response())
+}
+
+/// The request's structured-output constraint: its own (`response_format`, ...), or the one
+/// `tool_choice` "required" or a named function asks for, with the deployment's defaults; on a
+/// reasoning model it starts once the reasoning has ended unless `enable_in_reasoning`.
+pub(crate) fn constraint(
+    state: &ApiState,
+    model: &str,
+    body: &Map<String, Value>,
+    tools: &ToolRequest,
+) -> Result<Option<pb::StructuredOutput>, ApiError> {
+    let mut structured_output = super::structured::from_body(body)?;
+    if let Some(schema) = tools.constrained_schema()? {
+        structured_output = Some(super::structured::tool_call(structured_output.as_ref(), &schema)?);
+    }
+    let settings = state.structured_outputs(model);
+    let mut structured_output = super::structured::with_defaults(structured_output, &settings);
+    if let (Some(constraint), Some(parser)) = (structured_output.as_mut(), state.reasoning_parser(model))
+        && !settings.enable_in_reasoning
+    {
+        // The constraint governs the answer: it starts once the reasoning has ended.
+        let (start, end) = parser.markers();
+        (constraint.reasoning_start, constraint.reasoning_end) = (start.into(), end.into());
+    }
+    Ok(structured_output)
+}
+
+/// The replica's request for a chat `prompt`.
+pub(crate) fn generate_request(
+    id: &str,
+    prompt: pb::ChatPrompt,
+    generation: &Generation,
+    tools: &ToolRequest,
+    structured_output: Option<pb::StructuredOutput>,
+) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        replica_id: String::new(),
+        request_id: id.to_string(),
+        prompt: Some(pb::generate_request::Prompt::Chat(prompt)),
+        sampling: Some(generation.sampling.clone()),
+        stop: Some(generation.stop.clone()),
+        n: generation.n,
+        skip_special_tokens: generation.skip_special_tokens && !tools.keeps_special_tokens(),
+        return_prompt: false,
+        structured_output,
+        prompt_logprobs: None,
+    }
 }
 
 /// The replica's chat prompt: messages with text-only content, as JSON.

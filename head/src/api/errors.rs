@@ -27,6 +27,13 @@ pub enum ApiError {
     /// 404: no deployment serves this model name.
     #[error("the model `{0}` does not exist")]
     ModelNotFound(String),
+    /// 404: no stored response has this id (`GET /v1/responses/{id}`, `previous_response_id`),
+    /// as vLLM answers it.
+    #[error("Response with id '{id}' not found.")]
+    ResponseNotFound { id: String, param: Option<String> },
+    /// 400: cancelling a response that did not run in the background (Lumen runs none there).
+    #[error("Cannot cancel a synchronous response.")]
+    NotCancellable,
     /// 404: no route matches the path.
     #[error("no route for {method} {path}")]
     RouteNotFound { method: String, path: String },
@@ -58,7 +65,10 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::InvalidJson { .. } | ApiError::InvalidParam { .. } => StatusCode::BAD_REQUEST,
+            ApiError::InvalidJson { .. } | ApiError::InvalidParam { .. } | ApiError::NotCancellable => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::ResponseNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -76,7 +86,9 @@ impl ApiError {
             | ApiError::InvalidParam { .. }
             | ApiError::BodyTooLarge { .. }
             | ApiError::MethodNotAllowed { .. }
-            | ApiError::UnsupportedMediaType { .. } => "invalid_request_error",
+            | ApiError::UnsupportedMediaType { .. }
+            | ApiError::ResponseNotFound { .. }
+            | ApiError::NotCancellable => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => "not_found_error",
             ApiError::Overloaded(_) => "rate_limit_error",
@@ -89,6 +101,7 @@ impl ApiError {
         match self {
             ApiError::InvalidParam { param, .. } => Some(param),
             ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::ResponseNotFound { param, .. } => param.as_deref(),
             _ => None,
         }
     }

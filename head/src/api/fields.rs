@@ -64,7 +64,7 @@ pub struct Field {
     pub inert: Inert,
 }
 
-const fn field(name: &'static str, expect: Expect, nullable: bool, inert: Inert) -> Field {
+pub const fn field(name: &'static str, expect: Expect, nullable: bool, inert: Inert) -> Field {
     Field { name, expect, nullable, inert }
 }
 

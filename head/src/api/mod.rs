@@ -5,7 +5,8 @@
 //! ([`params`]) -> admission (per model, [`admission`]) -> [`dispatch`] (backend streams) ->
 //! OpenAI JSON or SSE ([`sse`]); errors become HTTP only in [`errors::ApiError`]'s
 //! `IntoResponse`. Metrics are recorded by one middleware ([`metrics`]); every chat and completion
-//! request is recorded in the request log by another ([`trace`]).
+//! request is recorded in the request log by another ([`trace`]). `/v1/responses` (OpenAI's
+//! Responses API) is built on the chat path ([`responses`]).
 //!
 //! The `/v1` routes ([`v1_router`]) are also mounted on the control server (port 8265), with the
 //! same state, so the dashboard's playground works through one port.
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod misc;
 pub mod params;
 pub mod reasoning;
+pub mod responses;
 pub mod sse;
 pub mod stream;
 pub mod structured;
@@ -91,6 +93,9 @@ pub struct ApiConfig {
     pub log_requests: bool,
     /// How many recent requests the request log keeps.
     pub request_log_capacity: usize,
+    /// Bounds of the Responses API's store of past responses (count, bytes).
+    pub responses_store_max_entries: usize,
+    pub responses_store_max_bytes: usize,
 }
 
 impl Default for ApiConfig {
@@ -107,6 +112,8 @@ impl Default for ApiConfig {
             stream_send_timeout: Duration::from_secs(30),
             log_requests: false,
             request_log_capacity: DEFAULT_CAPACITY,
+            responses_store_max_entries: responses::store::DEFAULT_MAX_ENTRIES,
+            responses_store_max_bytes: responses::store::DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -121,6 +128,7 @@ pub struct ApiState {
     admission: Arc<Admission>,
     metrics: ApiMetrics,
     requests: Arc<RequestLog>,
+    responses: Arc<responses::store::ResponseStore>,
 }
 
 impl ApiState {
@@ -134,7 +142,12 @@ impl ApiState {
         let requests = Arc::new(RequestLog::new(config.request_log_capacity, config.log_requests));
         config.structured_outputs.note_backend();
         note_backends(&config.models);
+        let responses = Arc::new(responses::store::ResponseStore::new(
+            config.responses_store_max_entries,
+            config.responses_store_max_bytes,
+        ));
         Ok(ApiState {
+            responses,
             backend,
             models: Arc::new(RwLock::new(config.models.clone())),
             config: Arc::new(config),
@@ -220,6 +233,9 @@ fn v1_routes(state: &ApiState) -> Router<ApiState> {
         .route("/v1/models", get(misc::models))
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{id}", get(responses::retrieve).delete(responses::delete))
+        .route("/v1/responses/{id}/cancel", post(responses::cancel))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
         // Outside the key check, so refused requests are recorded too.
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), trace::record))

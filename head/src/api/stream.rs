@@ -93,6 +93,15 @@ pub trait ChunkWriter: Send + 'static {
     fn step(&mut self, step: Step) -> Vec<Bytes>;
     /// The final usage chunk (`stream_options.include_usage`).
     fn usage(&mut self, usage: Usage) -> Bytes;
+    /// The frames after the last step: by default the usage chunk if asked for, then `[DONE]`.
+    fn end(&mut self, usage: Usage, include_usage: bool) -> Vec<Bytes> {
+        let mut frames = Vec::with_capacity(2);
+        if include_usage {
+            frames.push(self.usage(usage));
+        }
+        frames.push(Bytes::from_static(sse::DONE));
+        frames
+    }
 }
 
 enum Phase {
@@ -108,7 +117,8 @@ struct Driver<W> {
 }
 
 impl<W: ChunkWriter> Driver<W> {
-    /// The next frames, `None` at the end. Never ends without `[DONE]`.
+    /// The next frames, `None` at the end. Never ends without the writer's [`ChunkWriter::end`]
+    /// (or an error frame and `[DONE]`).
     async fn next(&mut self) -> Option<Vec<Bytes>> {
         loop {
             match std::mem::replace(&mut self.phase, Phase::Done) {
@@ -132,14 +142,7 @@ impl<W: ChunkWriter> Driver<W> {
                         }
                     }
                     Some(Err(e)) => return Some(fail(&e)),
-                    None => {
-                        let mut frames = Vec::with_capacity(2);
-                        if self.include_usage {
-                            frames.push(self.writer.usage(running.usage()));
-                        }
-                        frames.push(Bytes::from_static(sse::DONE));
-                        return Some(frames);
-                    }
+                    None => return Some(self.writer.end(running.usage(), self.include_usage)),
                 },
             }
         }

@@ -1,6 +1,6 @@
 //! Following one OpenAI request from arrival to end, for the [`RequestLog`].
 //!
-//! [`record`] (a middleware on `/v1/chat/completions` and `/v1/completions`) gives each request a
+//! [`record`] (a middleware on `/v1/chat/completions`, `/v1/completions` and `/v1/responses`) gives each request a
 //! [`Trace`] (a request extension handlers extract) and an end guard. The API notes into the trace
 //! what it learns: the model and prompts at launch ([`Trace::launched`]), each backend event
 //! ([`Trace::observe`], from `dispatch::Running`), the end or a failure. The guard pushes the record
@@ -68,6 +68,7 @@ impl Trace {
         let prefix = match route {
             Route::Chat => "chatcmpl",
             Route::Completions => "cmpl",
+            Route::Responses => "resp",
         };
         Trace(Arc::new(Mutex::new(TraceData {
             log,
@@ -274,11 +275,12 @@ impl Drop for EndGuard {
     }
 }
 
-/// Middleware: traces chat and completion requests into the API's request log.
+/// Middleware: traces chat, completion and Responses requests into the API's request log.
 pub async fn record(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
     let route = match request.extensions().get::<MatchedPath>().map(MatchedPath::as_str) {
         Some("/v1/chat/completions") => Route::Chat,
         Some("/v1/completions") => Route::Completions,
+        Some("/v1/responses") => Route::Responses,
         _ => return next.run(request).await,
     };
     let trace = Trace::new(Some(state.request_log()), route);

@@ -22,6 +22,8 @@ pub const PROMPT_CHARS: usize = 2000;
 pub enum Route {
     Chat,
     Completions,
+    /// `/v1/responses` (the Responses API).
+    Responses,
 }
 
 /// One finished request, as `GET /api/requests` lists it.
