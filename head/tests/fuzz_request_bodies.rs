@@ -1,5 +1,6 @@
 //! Property tests (proptest) of request parsing and validation over real HTTP (fake backend):
-//! whatever body arrives at `/v1/chat/completions`, `/v1/completions` or `/tokenize` — arbitrary
+//! whatever body arrives at `/v1/chat/completions`, `/v1/completions`, `/v1/responses` or
+//! `/tokenize` — arbitrary
 //! bytes, arbitrary JSON, or OpenAI-shaped objects whose known fields hold arbitrary JSON — the
 //! server answers (never drops the connection or panics), and anything but a 2xx is OpenAI's
 //! error body.
@@ -16,11 +17,11 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{Map, Value};
 
-const ROUTES: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/tokenize"];
+const ROUTES: [&str; 4] = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize"];
 
 /// Fields the routes read, so that generated objects reach validation rather than stopping at
 /// "messages is required".
-const FIELDS: [&str; 24] = [
+const FIELDS: &[&str] = &[
     "model",
     "messages",
     "prompt",
@@ -45,14 +46,33 @@ const FIELDS: [&str; 24] = [
     "repetition_penalty",
     "chat_template_kwargs",
     "add_generation_prompt",
+    // Constraints and tools (compiled by the worker; the head checks their shape).
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "prompt_logprobs",
+    // The Responses API's own.
+    "input",
+    "instructions",
+    "text",
+    "max_output_tokens",
+    "previous_response_id",
+    "store",
 ];
 
 /// Words the routes look for, as strings and keys.
-const WORDS: &[&str] = &["m", "user", "role", "content"];
+const WORDS: &[&str] =
+    &["m", "user", "role", "content", "type", "function", "name", "json_schema", "schema", "json", "message"];
 
 /// An object with some of the routes' fields set to arbitrary JSON.
 fn request_object() -> impl Strategy<Value = Value> {
-    prop::collection::vec((prop::sample::select(&FIELDS[..]), json_value(WORDS)), 0..8).prop_map(|fields| {
+    prop::collection::vec((prop::sample::select(FIELDS), json_value(WORDS)), 0..8).prop_map(|fields| {
         let mut object: Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         // Usually a valid model and message list, so the other fields get validated.
         object.entry("model").or_insert_with(|| Value::String("m".into()));
