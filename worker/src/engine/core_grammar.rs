@@ -29,15 +29,15 @@ impl EngineCore {
     /// when it goes on (or the sequence is unconstrained, or still behind its gate), `Err` with
     /// the reason it failed.
     pub(super) fn advance_grammar(&mut self, seq: SeqId, token: crate::TokenId) -> Result<bool, String> {
-        let tokenizer = &self.tokenizer;
-        if let Some(g) = self.seqs.get_mut(&seq).and_then(|s| s.grammar.as_mut()).filter(|g| !g.is_active()) {
-            g.pass_gate(&tokenizer.token_piece(token));
+        let Some(g) = self.seqs.get_mut(&seq).and_then(|s| s.grammar.as_mut()) else { return Ok(false) };
+        if !g.is_active() {
+            g.pass_gate(&self.tokenizer.token_piece(token));
             return Ok(false);
         }
-        match self.seqs.get(&seq).and_then(|s| s.grammar.as_ref()).map(|g| g.advance(token)) {
-            None | Some(Advance::Continue) => Ok(false),
-            Some(Advance::Stopped) => Ok(true),
-            Some(Advance::Failed(e)) => Err(format!("structured output: {e}")),
+        match g.advance(token) {
+            Advance::Continue => Ok(false),
+            Advance::Stopped => Ok(true),
+            Advance::Failed(e) => Err(format!("structured output: {e}")),
         }
     }
 
