@@ -2,7 +2,8 @@
 //!
 //! Contract of [`GrammarCompiler::compile`]:
 //! - Blocking (milliseconds for common schemas; bounded by [`GrammarLimits::parser`]: lexer fuel,
-//!   grammar size, lexer states, Earley items per step), so callers run it off the async runtime.
+//!   grammar size, lexer states, Earley items per step; and by [`GrammarLimits::compile_timeout`]
+//!   where the fuel does not reach, see `deadline`), so callers run it off the async runtime.
 //! - The result is a [`CompiledGrammar`]: a matcher in its start state whose first mask has been
 //!   computed (which also proves the constraint allows some output), cloned for each sequence.
 //! - Results, errors included, are cached under [`Constraint::cache_key`] (LRU, at most
@@ -13,12 +14,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use llguidance::api::{ParserLimits, TopLevelGrammar};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::{Map, Value, json};
 
 use super::cache::LruCache;
+use super::deadline::Deadline;
 use super::toktrie_env::LumenTokEnv;
 use super::{Constraint, ConstraintKind, GrammarError};
 use crate::tokenizer::Tokenizer;
@@ -30,6 +33,11 @@ pub struct GrammarLimits {
     pub cache_capacity: usize,
     /// llguidance's limits, applied to compilation and to every mask computation.
     pub parser: ParserLimits,
+    /// The longest the start state's first mask may take to compute (beyond llguidance's fuel).
+    pub compile_timeout: Duration,
+    /// The longest one mask computation or one token's advance may take mid-generation; past
+    /// it the sequence's request fails (its output could no longer be guaranteed).
+    pub step_timeout: Duration,
 }
 
 impl Default for GrammarLimits {
@@ -37,7 +45,13 @@ impl Default for GrammarLimits {
         // llguidance's defaults (the ones vLLM runs with), without the grammar echoed in errors:
         // a client's error message should not carry a multi-megabyte schema back.
         let parser = ParserLimits { verbose_errors: false, ..ParserLimits::default() };
-        GrammarLimits { cache_capacity: 64, parser }
+        // Masks take microseconds to a few milliseconds; the timeouts only stop runaway work.
+        GrammarLimits {
+            cache_capacity: 64,
+            parser,
+            compile_timeout: Duration::from_secs(5),
+            step_timeout: Duration::from_secs(2),
+        }
     }
 }
 
@@ -57,6 +71,7 @@ pub struct GrammarCompiler {
 pub struct CompiledGrammar {
     start: Mutex<Matcher>,
     vocab_size: usize,
+    step_timeout: Duration,
 }
 
 impl CompiledGrammar {
@@ -68,6 +83,11 @@ impl CompiledGrammar {
     /// The vocabulary the masks cover (the logits row width).
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
+    }
+
+    /// The longest one mask computation or advance may take ([`GrammarLimits::step_timeout`]).
+    pub fn step_timeout(&self) -> Duration {
+        self.step_timeout
     }
 }
 
@@ -128,13 +148,29 @@ impl GrammarCompiler {
         self.compilations.fetch_add(1, Ordering::Relaxed);
         let factory = self.factory()?;
         let grammar = top_level_grammar(constraint)?;
-        let parser = factory.create_parser(grammar).map_err(|e| invalid(constraint, &e.to_string()))?;
+        let mut parser = factory.create_parser(grammar).map_err(|e| invalid(constraint, &e.to_string()))?;
+        // Every matcher cloned from this one gets its own handle (llguidance snapshots it).
+        let handle = parser.enable_cancellation();
+        let timeout = self.limits.compile_timeout;
+        let deadline = Deadline::arm(Some(handle), timeout);
         let mut matcher = Matcher::new(Ok(parser));
-        let first = matcher.compute_mask().map_err(|e| invalid(constraint, &e.to_string()))?;
+        let first = matcher.compute_mask();
+        let first = first.map_err(|e| {
+            if matcher.is_cancelled() {
+                GrammarError::Invalid(format!(
+                    "computing its first token mask took longer than {} ms (does every rule finish?)",
+                    timeout.as_millis()
+                ))
+            } else {
+                invalid(constraint, &e.to_string())
+            }
+        })?;
+        drop(deadline);
         if first.is_zero() && !matcher.is_accepting().unwrap_or(false) {
             return Err(GrammarError::Invalid("the constraint allows no output at all".into()));
         }
-        Ok(Arc::new(CompiledGrammar { start: Mutex::new(matcher), vocab_size: self.vocab_size }))
+        let step_timeout = self.limits.step_timeout;
+        Ok(Arc::new(CompiledGrammar { start: Mutex::new(matcher), vocab_size: self.vocab_size, step_timeout }))
     }
 }
 

@@ -22,6 +22,7 @@ use crossbeam_channel::{Receiver, Sender};
 use llguidance::Matcher;
 
 use super::CompiledGrammar;
+use super::deadline::Deadline;
 use super::gate::ReasoningGate;
 use crate::TokenId;
 
@@ -81,6 +82,8 @@ struct MaskState {
 struct MaskCell {
     state: Mutex<MaskState>,
     vocab: usize,
+    /// Past this, a mask computation or an advance is cancelled (see `deadline`).
+    step_timeout: Duration,
 }
 
 impl MaskCell {
@@ -96,6 +99,15 @@ impl MaskCell {
         state
     }
 
+    /// A matcher error as the client reads it (`matcher` is the one that failed).
+    fn describe(&self, matcher: &Matcher, error: impl std::fmt::Display) -> String {
+        if matcher.is_cancelled() {
+            format!("the grammar took longer than {} ms for one token", self.step_timeout.as_millis())
+        } else {
+            error.to_string()
+        }
+    }
+
     /// A worker's job (a no-op when the engine got there first).
     fn compute(&self) {
         let mut state = self.lock();
@@ -107,7 +119,10 @@ impl MaskCell {
             return;
         }
         let started = Instant::now();
-        match state.matcher.compute_mask() {
+        let deadline = Deadline::arm(state.matcher.cancellation_handle(), self.step_timeout);
+        let computed = state.matcher.compute_mask();
+        drop(deadline);
+        match computed {
             Ok(vob) => {
                 let words = &mut state.words;
                 words.fill(0);
@@ -123,7 +138,7 @@ impl MaskCell {
             }
             Err(e) => {
                 state.words.fill(0);
-                state.error = Some(e.to_string());
+                state.error = Some(self.describe(&state.matcher, e));
             }
         }
         state.compute_time = Some(started.elapsed());
@@ -183,12 +198,19 @@ impl SeqGrammar {
     /// be requested once it is active.
     pub fn new(compiled: &CompiledGrammar, gate: Option<ReasoningGate>) -> SeqGrammar {
         let vocab = compiled.vocab_size();
-        SeqGrammar::with_state(compiled.matcher(), vec![0; mask_words(vocab)], vocab, gate)
+        let words = vec![0; mask_words(vocab)];
+        SeqGrammar::with_state(compiled.matcher(), words, vocab, compiled.step_timeout(), gate)
     }
 
-    fn with_state(matcher: Matcher, words: Vec<u32>, vocab: usize, gate: Option<ReasoningGate>) -> SeqGrammar {
+    fn with_state(
+        matcher: Matcher,
+        words: Vec<u32>,
+        vocab: usize,
+        step_timeout: Duration,
+        gate: Option<ReasoningGate>,
+    ) -> SeqGrammar {
         let state = MaskState { matcher, words, pending: false, error: None, compute_time: None };
-        SeqGrammar { cell: Arc::new(MaskCell { state: Mutex::new(state), vocab }), gate }
+        SeqGrammar { cell: Arc::new(MaskCell { state: Mutex::new(state), vocab, step_timeout }), gate }
     }
 
     /// Whether the constraint governs the next token (false while the gate is closed).
@@ -239,8 +261,11 @@ impl SeqGrammar {
         if state.matcher.is_stopped() {
             return Advance::Stopped;
         }
-        if let Err(e) = state.matcher.consume_token(token) {
-            return Advance::Failed(e.to_string());
+        let deadline = Deadline::arm(state.matcher.cancellation_handle(), self.cell.step_timeout);
+        let consumed = state.matcher.consume_token(token);
+        drop(deadline);
+        if let Err(e) = consumed {
+            return Advance::Failed(self.cell.describe(&state.matcher, e));
         }
         if state.matcher.is_stopped() { Advance::Stopped } else { Advance::Continue }
     }
@@ -249,8 +274,9 @@ impl SeqGrammar {
     /// `n > 1` request).
     pub fn fork(&self) -> SeqGrammar {
         let state = self.cell.settled();
+        let (vocab, timeout) = (self.cell.vocab, self.cell.step_timeout);
         let fork =
-            SeqGrammar::with_state(state.matcher.clone(), state.words.clone(), self.cell.vocab, self.gate.clone());
+            SeqGrammar::with_state(state.matcher.clone(), state.words.clone(), vocab, timeout, self.gate.clone());
         fork.cell.lock().error.clone_from(&state.error);
         fork
     }

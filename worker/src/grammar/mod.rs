@@ -6,7 +6,8 @@
 //! - [`GrammarCompiler`] (one per replica): the token trie built from the model's tokenizer
 //!   (`toktrie_env`), llguidance's parser factory with its limits set, and a bounded LRU cache of
 //!   compiled grammars keyed by the constraint's text (`compiler`). Compiling is blocking work
-//!   bounded by llguidance's fuel and size limits; callers run it off the async runtime.
+//!   bounded by llguidance's fuel and size limits and by a deadline (`deadline`: a watchdog that
+//!   cancels what the fuel does not bound); callers run it off the async runtime.
 //! - [`SeqGrammar`] (one per constrained sequence, `n > 1` choices each their own): the matcher
 //!   state, advanced by every accepted token, and the sequence's next-token mask, computed on the
 //!   engine's [`MaskWorkers`] threads while the forward pass runs (`mask`).
@@ -26,6 +27,7 @@
 
 mod cache;
 mod compiler;
+mod deadline;
 mod gate;
 mod mask;
 mod toktrie_env;

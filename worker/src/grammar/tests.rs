@@ -161,6 +161,47 @@ fn limits_bound_compilation() {
 }
 
 #[test]
+fn endless_forced_bytes_are_cancelled_at_compile_time_and_mid_generation() {
+    let limits = GrammarLimits {
+        compile_timeout: std::time::Duration::from_millis(300),
+        step_timeout: std::time::Duration::from_millis(300),
+        ..GrammarLimits::default()
+    };
+    let c = GrammarCompiler::new(smollm2().clone(), SMOL_VOCAB, limits);
+    // `x` never finishes, so after the start only `b` bytes may follow, forever: llguidance's
+    // forced-byte search loops (and its memory grows) until it is cancelled.
+    let at_start = Constraint::new(ConstraintKind::Lark("start: /b*/ x\nx: x".into()), "g");
+    match c.compile(&at_start) {
+        Err(GrammarError::Invalid(message)) => assert!(message.contains("took longer than 300 ms"), "{message}"),
+        other => panic!("an endless start state compiled: {other:?}"),
+    }
+    // The same trap behind a choice compiles (its start state is fine) and is cut off at the
+    // token that walks into it, failing that sequence only.
+    let later = Constraint::new(ConstraintKind::Lark("start: \"a\" | \"(\" /b*/ x\nx: x".into()), "g");
+    let compiled = c.compile(&later).expect("the start state is finite");
+    let mut workers = MaskWorkers::new(0);
+    let open = smollm2().encode("(", false).unwrap()[0];
+    let seq = SeqGrammar::new(&compiled, None);
+    seq.request_mask(&mut workers);
+    assert!(seq.with_mask(|m| allows(m.unwrap(), open)).0, "`(` is allowed at the start");
+    let started = std::time::Instant::now();
+    let failed = match seq.advance(open) {
+        Advance::Failed(e) => e,
+        Advance::Continue => {
+            seq.request_mask(&mut workers);
+            seq.with_mask(|m| m.err().map(str::to_owned)).0.expect("the mask after `(` is cut off")
+        }
+        Advance::Stopped => panic!("the grammar cannot be complete after `(`"),
+    };
+    assert!(failed.contains("took longer than 300 ms"), "{failed}");
+    assert!(started.elapsed().as_secs() < 5, "cancelled near its deadline: {:?}", started.elapsed());
+    // A sequence that takes the other branch is untouched by the cancelled one.
+    let other = SeqGrammar::new(&compiled, None);
+    let a = smollm2().encode("a", false).unwrap()[0];
+    assert!(!matches!(other.advance(a), Advance::Failed(_)), "the finite branch still works");
+}
+
+#[test]
 fn compiled_grammars_and_errors_are_cached_by_text() {
     let c = GrammarCompiler::new(smollm2().clone(), SMOL_VOCAB, GrammarLimits::default());
     let schema = json(r#"{"type": "object", "properties": {"k": {"type": "string", "maxLength": 3}}}"#);

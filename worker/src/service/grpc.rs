@@ -97,8 +97,9 @@ async fn encode_blocking(
         .map_err(|e| ServiceError::Internal(format!("tokenizing panicked: {e}")))?
 }
 
-/// The longest a constraint may take to compile before the request is refused (llguidance's fuel
-/// limits end a runaway compilation on its own; this bounds what the caller waits for).
+/// The longest a constraint may take to compile before the request is refused. llguidance's fuel
+/// limits and the compiler's own deadline (`grammar::GrammarLimits::compile_timeout`) end a
+/// runaway compilation; this bounds what the caller waits for if anything else runs long.
 const COMPILE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Compiles a structured-output constraint off the async runtime (cached by its text).
