@@ -50,6 +50,8 @@ pub enum Kind {
     ToolCallParser,
     /// vLLM's `structured_outputs_config` object ([`StructuredOutputsConfig`]).
     StructuredOutputsConfig,
+    /// vLLM's `pooler_config` object: `pooling_type` (LAST, MEAN or CLS) and `normalize`, or null.
+    PoolerConfig,
 }
 
 /// Every key a `model:` section may hold, and what it holds. `source` and `model` are two
@@ -73,6 +75,9 @@ pub const OPTIONS: &[(&str, Kind)] = &[
     ("gpu_memory_utilization", Kind::Fraction),
     ("gpu_memory_limit", Kind::BytesOrNull),
     ("dtype", Kind::OneOf(&["auto", "bfloat16", "float32"])),
+    ("runner", Kind::OneOf(&["auto", "generate", "pooling"])),
+    ("convert", Kind::OneOf(&["auto", "none", "embed"])),
+    ("pooler_config", Kind::PoolerConfig),
     ("reasoning_parser", Kind::ReasoningParser),
     ("enable_auto_tool_choice", Kind::Bool),
     ("tool_call_parser", Kind::ToolCallParser),
@@ -107,6 +112,7 @@ pub fn check(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> 
             "is required with enable_auto_tool_choice: true (the parser that reads the model's tool calls)",
         ));
     }
+    runner(at, section)?;
     match (section.get("source"), section.get("model")) {
         (None, None) => Err(ConfigError::at(
             format!("{at}.source"),
@@ -117,6 +123,47 @@ pub fn check(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> 
         }
         _ => Ok(()),
     }
+}
+
+/// Refuses the `runner` / `convert` / `pooler_config` combinations the worker refuses at load (a
+/// Llama causal LM pools only converted, and converts only under the pooling runner).
+fn runner(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> {
+    let get = |key: &str| section.get(key).and_then(Value::as_str).unwrap_or("auto");
+    let pooling = match (get("runner"), get("convert")) {
+        ("pooling", "none") => {
+            return Err(ConfigError::at(
+                format!("{at}.convert"),
+                "none under runner: pooling: a Llama causal LM has no pooler of its own; use embed (or auto)",
+            ));
+        }
+        ("generate", "embed") => {
+            return Err(ConfigError::at(format!("{at}.convert"), "embed needs runner: pooling (or auto)"));
+        }
+        (runner, convert) => runner == "pooling" || convert == "embed",
+    };
+    if !pooling && section.get("pooler_config").is_some_and(|v| !v.is_null()) {
+        return Err(ConfigError::at(format!("{at}.pooler_config"), "needs runner: pooling"));
+    }
+    Ok(())
+}
+
+/// Checks vLLM's `pooler_config` object (null: the default).
+fn pooler_config(value: &Value) -> Result<(), String> {
+    let fields = match value {
+        Value::Null => return Ok(()),
+        Value::Object(fields) => fields,
+        other => return Err(format!("must be an object such as {{\"pooling_type\": \"MEAN\"}}, got {}", kind(other))),
+    };
+    for (key, value) in fields {
+        match (key.as_str(), value) {
+            ("pooling_type", Value::String(s)) if ["LAST", "MEAN", "CLS"].contains(&s.as_str()) => {}
+            ("pooling_type", Value::Null) | ("normalize", Value::Bool(_) | Value::Null) => {}
+            ("pooling_type", other) => return Err(format!("pooling_type must be one of LAST, MEAN, CLS, got {other}")),
+            ("normalize", other) => return Err(format!("normalize must be true or false, got {}", kind(other))),
+            (other, _) => return Err(format!("unknown field `{other}`; the known ones are pooling_type, normalize")),
+        }
+    }
+    Ok(())
 }
 
 /// Checks the `structured_outputs_config` at `at`, and that its `reasoning_parser` is the
@@ -164,6 +211,7 @@ pub fn check_value(kind: Kind, value: &Value) -> Result<(), String> {
         (Kind::ToolCallParser, Value::String(s)) => s.parse::<ToolParserKind>().map(|_| ()),
         (Kind::ToolCallParser, _) => Err(format!("must be the name of a tool call parser, got {}", got())),
         (Kind::StructuredOutputsConfig, _) => StructuredOutputsConfig::check(value),
+        (Kind::PoolerConfig, _) => pooler_config(value),
     }
 }
 
@@ -207,6 +255,7 @@ mod tests {
             "chat_template": null, "device": "cuda:1", "gpu_memory_utilization": 0.5, "dtype": "bfloat16",
             "reasoning_parser": "deepseek_r1", "enable_auto_tool_choice": true, "tool_call_parser": "llama3_json",
             "structured_outputs_config": {"backend": "xgrammar", "reasoning_parser": "deepseek_r1"},
+            "runner": "pooling", "convert": "embed", "pooler_config": {"pooling_type": "MEAN", "normalize": false},
         });
         check("m", section.as_object().unwrap()).unwrap();
         check("m", json!({"model": "a.gguf", "kv_cache_memory": 1048576}).as_object().unwrap()).unwrap();
@@ -249,6 +298,20 @@ mod tests {
             ),
             (json!({"source": "m", "structured_outputs_config": "guidance"}), "m.structured_outputs_config", "object"),
             (json!({"source": "m", "max_model_length": 5}), "m.max_model_length", "unknown model option"),
+            (json!({"source": "m", "runner": "embed"}), "m.runner", "auto, generate, pooling"),
+            (json!({"source": "m", "runner": "pooling", "convert": "none"}), "m.convert", "no pooler"),
+            (json!({"source": "m", "runner": "generate", "convert": "embed"}), "m.convert", "runner: pooling"),
+            (json!({"source": "m", "pooler_config": {"pooling_type": "MEAN"}}), "m.pooler_config", "runner: pooling"),
+            (
+                json!({"source": "m", "runner": "pooling", "pooler_config": {"pooling_type": "STEP"}}),
+                "m.pooler_config",
+                "LAST, MEAN, CLS",
+            ),
+            (
+                json!({"source": "m", "runner": "pooling", "pooler_config": {"softmax": true}}),
+                "m.pooler_config",
+                "unknown field `softmax`",
+            ),
             (json!({"source": ""}), "m.source", "must not be empty"),
             (json!({"max_model_len": 5}), "m.source", "is required"),
             (json!({"source": "a", "model": "b"}), "m.model", "not both"),

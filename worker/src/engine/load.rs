@@ -21,6 +21,7 @@ use crate::{Result, WorkerError};
 pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
     let started = Instant::now();
     let device = opts.compute_device()?;
+    let pooling = opts.pooling()?;
     let location = resolve_model(&opts.model, opts.load_format)?;
     let (config, mut tokenizer, source) = open_model(&location, opts)?;
     if let Some(template) = &opts.chat_template {
@@ -48,7 +49,7 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
         enable_prefix_caching: opts.enable_prefix_caching,
     };
     let num_blocks = model.num_blocks();
-    tracing::info!(model = %opts.model, max_model_len, num_blocks, seconds = started.elapsed().as_secs_f32(), "engine ready");
+    tracing::info!(model = %opts.model, max_model_len, num_blocks, ?pooling, seconds = started.elapsed().as_secs_f32(), "engine ready");
     Ok(EngineCore::new(model, tokenizer, &core_cfg))
 }
 

@@ -16,6 +16,8 @@ pub use request::{
 pub use stats::EngineStats;
 pub mod load;
 pub mod options;
+pub mod pooling;
 
 pub use load::build_engine;
 pub use options::EngineOptions;
+pub use pooling::{PoolingParams, PoolingType};

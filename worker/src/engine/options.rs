@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::pooling::{Convert, PoolerConfig, PoolingParams, Runner};
 use crate::WorkerError;
 use crate::model::cpu_weights::CpuWeightFormat;
 use crate::model::location::LoadFormat;
@@ -91,6 +92,21 @@ pub struct EngineOptions {
     /// or float32 (for exact comparisons with the CPU path).
     #[arg(long, env = "LUMEN_DTYPE", default_value = "auto")]
     pub dtype: GpuDType,
+
+    /// The runner, as vLLM's `--runner`: auto (generation for a Llama causal LM), generate, or
+    /// pooling (embeddings through `/v1/embeddings`; generation endpoints then answer 400).
+    #[arg(long, env = "LUMEN_RUNNER", value_enum, default_value = "auto")]
+    pub runner: Runner,
+
+    /// How the model is adapted to pooling, as vLLM's `--convert`: auto (embed under the pooling
+    /// runner), none, or embed (a causal LM as an embedding model).
+    #[arg(long, env = "LUMEN_CONVERT", value_enum, default_value = "auto")]
+    pub convert: Convert,
+
+    /// The pooler, as vLLM's `--pooler-config` JSON: `{"pooling_type": "LAST" | "MEAN" | "CLS",
+    /// "normalize": true | false}`; default LAST, normalized (vLLM's for a converted causal LM).
+    #[arg(long, env = "LUMEN_POOLER_CONFIG", value_parser = PoolerConfig::parse_json)]
+    pub pooler_config: Option<PoolerConfig>,
 }
 
 /// Where a model runs.
@@ -165,6 +181,9 @@ impl Default for EngineOptions {
             gpu_memory_utilization: defaults::GPU_MEMORY_UTILIZATION,
             gpu_memory_limit: None,
             dtype: GpuDType::Auto,
+            runner: Runner::Auto,
+            convert: Convert::Auto,
+            pooler_config: None,
         }
     }
 }
@@ -178,6 +197,11 @@ impl EngineOptions {
     /// The parsed `device` option.
     pub fn compute_device(&self) -> Result<ComputeDevice, WorkerError> {
         self.device.parse()
+    }
+
+    /// How the model pools its prompts; `None` when it is served for generation.
+    pub fn pooling(&self) -> Result<Option<PoolingParams>, WorkerError> {
+        PoolingParams::of_model(self.runner, self.convert, self.pooler_config)
     }
 
     /// Model threads: the flag, or every available core.
@@ -245,6 +269,32 @@ mod tests {
                 .unwrap();
         assert_eq!((cfg.gpu_memory_utilization, cfg.dtype), (0.5, GpuDType::Bfloat16));
         assert!(Cli::try_parse_from(["x", "--dtype", "f8"]).is_err());
+    }
+
+    #[test]
+    fn pooling_flags_and_config_share_vllm_names() {
+        use super::super::pooling::PoolingType;
+        let cli = Cli::try_parse_from([
+            "x",
+            "--runner",
+            "pooling",
+            "--convert",
+            "embed",
+            "--pooler-config",
+            r#"{"pooling_type": "MEAN", "normalize": false}"#,
+        ])
+        .unwrap()
+        .engine;
+        let cfg: EngineOptions = serde_json::from_str(
+            r#"{"runner": "pooling", "convert": "embed", "pooler_config": {"pooling_type": "MEAN", "normalize": false}}"#,
+        )
+        .unwrap();
+        assert_eq!(cli, cfg);
+        let pooling = cli.pooling().unwrap().unwrap();
+        assert_eq!((pooling.pooling_type, pooling.normalize), (PoolingType::Mean, false));
+        assert_eq!(EngineOptions::default().pooling().unwrap(), None);
+        assert!(Cli::try_parse_from(["x", "--runner", "embed"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--pooler-config", "{\"pooling_type\": \"STEP\"}"]).is_err());
     }
 
     #[test]
