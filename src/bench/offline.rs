@@ -115,7 +115,7 @@ async fn drive(engine: &EngineHandle, req: EngineRequest) -> anyhow::Result<Requ
                     record.output_tokens += 1;
                 }
             }
-            EngineEvent::PromptLogprobs(_) => {}
+            EngineEvent::PromptLogprobs(_) | EngineEvent::Embedding(_) => {}
             EngineEvent::Finished { .. } => break,
             EngineEvent::Failed(e) => anyhow::bail!("benchmark request failed: {e}"),
         }

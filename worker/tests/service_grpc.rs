@@ -80,6 +80,7 @@ fn request(id: &str, prompt: pb::generate_request::Prompt, max_tokens: u32) -> p
         return_prompt: false,
         structured_output: None,
         prompt_logprobs: None,
+        pooling: None,
     }
 }
 
@@ -139,6 +140,7 @@ async fn start_replica_then_chat_generate_streams_started_deltas_and_finished() 
             pb::generate_event::Event::Finished(f) => break f,
             pb::generate_event::Event::Started(_) => panic!("a second `started`"),
             pb::generate_event::Event::PromptLogprobs(_) => panic!("prompt logprobs were not asked for"),
+            pb::generate_event::Event::Embedding(_) => panic!("not an embedding request"),
         }
     };
     assert!(stream.message().await.unwrap().is_none(), "nothing after `finished`");

@@ -143,6 +143,7 @@ pub(crate) fn generate_request(
         return_prompt: false,
         structured_output,
         prompt_logprobs: None,
+        pooling: None,
     }
 }
 

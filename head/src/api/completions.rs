@@ -117,6 +117,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
             return_prompt: echo,
             structured_output: structured_output.clone(),
             prompt_logprobs: prompt_k,
+            pooling: None,
         })
         .collect();
     let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
@@ -281,6 +282,7 @@ impl ChunkWriter for CompletionChunks {
                 return Vec::new();
             }
             Step::Delta { index, delta } => (index, delta),
+            Step::Embedding { .. } => return Vec::new(),
         };
         let finish = finish_reason(&delta);
         let first = self.first_of(index);

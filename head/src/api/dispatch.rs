@@ -28,6 +28,8 @@ pub enum Step {
     Delta { index: usize, delta: pb::Delta },
     /// The prompt's log-probabilities (`tokens[i]` is prompt token `i + 1`), before its deltas.
     PromptLogprobs { prompt: usize, logprobs: pb::PromptLogprobs },
+    /// The prompt's pooled vector (an embedding request).
+    Embedding { prompt: usize, values: Vec<f32> },
 }
 
 /// Token counts over all prompts and choices.
@@ -140,6 +142,9 @@ impl Running {
                 pb::generate_event::Event::PromptLogprobs(p) => {
                     return Some(Ok(Step::PromptLogprobs { prompt, logprobs: p }));
                 }
+                pb::generate_event::Event::Embedding(e) => {
+                    return Some(Ok(Step::Embedding { prompt, values: e.values }));
+                }
                 pb::generate_event::Event::Delta(delta) => {
                     let index = delta.index as usize;
                     if index >= self.n {
@@ -189,6 +194,8 @@ pub struct Collected {
     pub prompts: Vec<pb::Started>,
     /// Per prompt, its log-probabilities when asked for (`tokens[i]` is prompt token `i + 1`).
     pub prompt_logprobs: Vec<Option<pb::PromptLogprobs>>,
+    /// Per prompt, its pooled vector (embedding requests).
+    pub embeddings: Vec<Option<Vec<f32>>>,
     pub usage: Usage,
 }
 
@@ -198,6 +205,7 @@ pub async fn collect(mut running: Running) -> Result<Collected, ApiError> {
         choices: vec![Choice::default(); running.choices()],
         prompts: vec![pb::Started::default(); running.finished.len()],
         prompt_logprobs: vec![None; running.finished.len()],
+        embeddings: vec![None; running.finished.len()],
         usage: Usage::default(),
     };
     while let Some(step) = running.next().await {
@@ -210,6 +218,11 @@ pub async fn collect(mut running: Running) -> Result<Collected, ApiError> {
             Step::PromptLogprobs { prompt, logprobs } => {
                 if let Some(slot) = out.prompt_logprobs.get_mut(prompt) {
                     *slot = Some(logprobs);
+                }
+            }
+            Step::Embedding { prompt, values } => {
+                if let Some(slot) = out.embeddings.get_mut(prompt) {
+                    *slot = Some(values);
                 }
             }
             Step::Delta { index, delta } => {

@@ -143,7 +143,9 @@ impl Trace {
                     data.finish = Some(worst(data.finish, reason));
                 }
             }
-            pb::generate_event::Event::Finished(_) | pb::generate_event::Event::PromptLogprobs(_) => {}
+            pb::generate_event::Event::Finished(_)
+            | pb::generate_event::Event::PromptLogprobs(_)
+            | pb::generate_event::Event::Embedding(_) => {}
         }
     }
 

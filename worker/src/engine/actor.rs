@@ -121,7 +121,7 @@ impl RequestStream {
         let event = self.rx.recv().await;
         match &event {
             Some(EngineEvent::Finished { .. } | EngineEvent::Failed(_)) | None => self.done = true,
-            Some(EngineEvent::Delta(_) | EngineEvent::PromptLogprobs(_)) => {}
+            Some(EngineEvent::Delta(_) | EngineEvent::PromptLogprobs(_) | EngineEvent::Embedding(_)) => {}
         }
         match event {
             Some(e) => Some(e),

@@ -1,5 +1,6 @@
 //! The engine's step logic, single-threaded and synchronous: intake, scheduling, the forward pass,
-//! sampling, detokenizing, stop checks and output events. The engine thread drives it.
+//! sampling, detokenizing, stop checks and output events. The engine thread drives it. Pooling
+//! (embedding) requests take the same path up to the forward pass and end there (`core_pool.rs`).
 //!
 //! Metrics are recorded where the events happen: time to first token and the request's prompt
 //! tokens when its first token is sampled, every inter-token gap of a sequence when its next
@@ -27,6 +28,8 @@ use crate::{Result, TokenId};
 
 #[path = "core_grammar.rs"]
 mod grammar;
+#[path = "core_pool.rs"]
+mod pool;
 #[path = "core_prompt.rs"]
 mod prompt;
 #[path = "core_reduce.rs"]
@@ -47,6 +50,8 @@ struct RequestState {
     first_token_at: Option<Instant>,
     /// Prompt log-probabilities gathered while the prefill runs; taken when sent.
     prompt_logprobs: Option<prompt::Gathering>,
+    /// A pooling request's vector while its prefill runs (`core_pool.rs`); taken when sent.
+    pooled: Option<super::pooling::PoolAccumulator>,
 }
 
 struct SeqState {
@@ -178,6 +183,7 @@ impl EngineCore {
         );
         let mut seq = Sequence::new(seq_id, seq_id, req.prompt_token_ids.clone());
         seq.prompt_logprobs = req.prompt_logprobs.is_some();
+        let pooled = self.start_pooling(&req, &mut seq);
         self.scheduler.add(seq);
         let prompt_logprobs = self.start_prompt_logprobs(&req, &tx);
         self.requests.insert(
@@ -196,6 +202,7 @@ impl EngineCore {
                 scheduled_at: None,
                 first_token_at: None,
                 prompt_logprobs,
+                pooled,
             },
         );
     }
@@ -254,6 +261,7 @@ impl EngineCore {
         let mut reduced = std::mem::take(&mut self.reduced);
         let samplers = schedule.seqs.iter().filter(|s| s.samples).map(|s| s.id);
         self.take_prompt_rows(&schedule, &reduced, samplers.clone().count());
+        self.take_hidden_rows(&schedule);
         for (seq, row) in samplers.zip(reduced.rows.iter()) {
             match row {
                 RowResult::Full(range) => self.sample_seq(seq, &mut reduced.logits[range.clone()]),
@@ -476,7 +484,14 @@ impl EngineCore {
         }
         req.live.retain(|&s| s != seq);
         if req.live.is_empty() && (req.forked || reason == FinishReason::Abort) {
-            let req = self.requests.remove(&state.request).expect("request present");
+            self.finish_request(&state.request);
+        }
+    }
+
+    /// Ends a request whose choices are all done: its usage and timings go out in `Finished`,
+    /// and its latency and size histograms are recorded.
+    fn finish_request(&mut self, request: &str) {
+        if let Some(req) = self.requests.remove(request) {
             let now = Instant::now();
             let usage = Usage {
                 prompt_tokens: req.prompt_len,

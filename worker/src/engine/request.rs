@@ -1,6 +1,8 @@
 //! What goes into the engine (a request) and what comes out (a stream of events).
 //!
-//! A request's stream carries, when asked for, one [`EngineEvent::PromptLogprobs`] first, then
+//! A pooling request's stream (one with [`EngineRequest::pooling`]) carries one
+//! [`EngineEvent::Embedding`] and then [`EngineEvent::Finished`] (or one `Failed`).
+//! A generation request's stream carries, when asked for, one [`EngineEvent::PromptLogprobs`] first, then
 //! [`EngineEvent::Delta`]s (each with the choice index, new text,
 //! token ids, optional log-probabilities and, on a choice's last delta, its finish reason), then
 //! exactly one [`EngineEvent::Finished`] with usage and timings, or one [`EngineEvent::Failed`].
@@ -8,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::pooling::PoolingParams;
 use crate::grammar::CompiledGrammar;
 use crate::sampling::{SamplingParams, StopParams};
 use crate::{Result, TokenId, WorkerError};
@@ -37,6 +40,10 @@ pub struct EngineRequest {
     /// this many alternatives, computed in the prefill (which then reads no prompt block from the
     /// prefix cache).
     pub prompt_logprobs: Option<usize>,
+    /// A pooling (embedding) request: the prompt's prefill only, pooled into one vector as this
+    /// says; nothing is sampled (`sampling`, `stop` and `n` are not used) and its blocks are
+    /// freed as soon as the vector is out.
+    pub pooling: Option<PoolingParams>,
 }
 
 impl EngineRequest {
@@ -58,7 +65,15 @@ impl EngineRequest {
             constraint: None,
             constraint_after: None,
             prompt_logprobs: None,
+            pooling: None,
         }
+    }
+
+    /// A pooling request for `prompt_token_ids`, arriving now.
+    pub fn pooling(id: impl Into<String>, prompt_token_ids: Vec<TokenId>, pooling: PoolingParams) -> Self {
+        let mut req = EngineRequest::new(id, prompt_token_ids, SamplingParams::default(), StopParams::default());
+        req.pooling = Some(pooling);
+        req
     }
 }
 
@@ -97,9 +112,12 @@ impl EngineLimits {
                 format!("must be at most {}, got {k}", crate::sampling::MAX_TOP_LOGPROBS),
             ));
         }
+        let prompt_tokens = req.prompt_token_ids.len();
+        if req.pooling.is_some() {
+            return self.validate_pooled(prompt_tokens);
+        }
         req.sampling.validate(self.vocab_size)?;
         req.stop.validate(self.vocab_size)?;
-        let prompt_tokens = req.prompt_token_ids.len();
         let total = prompt_tokens.saturating_add(req.stop.max_tokens);
         if total > self.max_model_len {
             return Err(WorkerError::ContextTooLong {
@@ -113,6 +131,30 @@ impl EngineLimits {
                 "max_tokens",
                 format!(
                     "prompt plus max_tokens ({total}) exceeds the KV cache's {} tokens",
+                    self.cache_capacity_tokens
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A pooling prompt fits when it is at most `max_model_len` tokens (vLLM's message) and the
+    /// cache can hold it.
+    fn validate_pooled(&self, prompt_tokens: usize) -> Result<()> {
+        if prompt_tokens > self.max_model_len {
+            return Err(WorkerError::invalid(
+                "input",
+                format!(
+                    "This model's maximum context length is {} tokens. However, you requested {prompt_tokens} tokens in the input for embedding generation. Please reduce the length of the input.",
+                    self.max_model_len
+                ),
+            ));
+        }
+        if prompt_tokens > self.cache_capacity_tokens {
+            return Err(WorkerError::invalid(
+                "input",
+                format!(
+                    "the input ({prompt_tokens} tokens) exceeds the KV cache's {} tokens",
                     self.cache_capacity_tokens
                 ),
             ));
@@ -213,6 +255,8 @@ pub enum EngineEvent {
     /// Prompt token `i + 1`'s log-probability at index `i` (the first token has none); sent once,
     /// before the first delta, when the request asked for `prompt_logprobs`.
     PromptLogprobs(PromptLogprobs),
+    /// A pooling request's vector (`hidden_size` values), sent once at the end of its prefill.
+    Embedding(Vec<f32>),
     Delta(ChoiceDelta),
     Finished {
         usage: Usage,

@@ -4,7 +4,9 @@
 //! `query_start..query_start + query_len`. Each token carries its absolute position and the cache
 //! slot its K/V goes to (`block * block_size + offset`). Logits are produced only for the rows in
 //! `logits_rows` (the last token of each sequence that samples this step, then the prompt rows of
-//! sequences that want prompt log-probabilities), in that order.
+//! sequences that want prompt log-probabilities), in that order. The final-norm hidden states
+//! of the rows in `hidden_rows` (the prompt positions a pooling sequence reads) come back too,
+//! in that order, through [`crate::model::Model::hidden_states`].
 
 use crate::kernels::cpu::attention::QueryRef;
 use crate::{Result, TokenId, WorkerError};
@@ -44,6 +46,8 @@ pub struct ForwardBatch {
     pub seqs: Vec<BatchSeq>,
     /// Rows whose logits are wanted, in output order.
     pub logits_rows: Vec<usize>,
+    /// Rows whose final-norm hidden state is wanted (pooling), in output order.
+    pub hidden_rows: Vec<usize>,
 }
 
 impl ForwardBatch {
@@ -85,7 +89,7 @@ impl ForwardBatch {
             }
             rows += s.query_len;
         }
-        if rows != n || self.logits_rows.iter().any(|&r| r >= n) {
+        if rows != n || self.logits_rows.iter().chain(&self.hidden_rows).any(|&r| r >= n) {
             return bad("rows do not match the sequences".into());
         }
         Ok(())

@@ -57,6 +57,8 @@ struct Buffers {
     mlp: Vec<f32>,
     last: Vec<f32>,
     logits: Vec<f32>,
+    /// The final-norm hidden states of the batch's `hidden_rows`.
+    hidden: Vec<f32>,
 }
 
 impl CpuLlama {
@@ -166,6 +168,10 @@ impl Model for CpuLlama {
         format!("cpu ({}, {} threads, weights {})", self.isa.name(), self.pool.threads(), self.weights.format_summary())
     }
 
+    fn hidden_states(&self) -> &[f32] {
+        &self.buf.hidden
+    }
+
     fn forward(&mut self, batch: &ForwardBatch) -> Result<&[f32]> {
         self.check(batch)?;
         let c = &self.config;
@@ -217,13 +223,19 @@ impl Model for CpuLlama {
             map_rows(pool, &b.gate_up, 2 * inter, &mut b.mlp, inter, |_, gu, out| silu_mul(isa, gu, inter, out));
             project(pool, isa, &layer.down, &b.mlp, m, &mut b.xq, &mut b.x, Epilogue::Add);
         }
+        let final_norm = |rows: &[usize], out: &mut Vec<f32>| {
+            out.resize(rows.len() * h, 0.0);
+            for (i, &row) in rows.iter().enumerate() {
+                rms_norm(isa, &b.x[row * h..(row + 1) * h], &w.final_norm, eps, &mut out[i * h..(i + 1) * h]);
+            }
+        };
+        final_norm(&batch.hidden_rows, &mut b.hidden);
+        final_norm(&batch.logits_rows, &mut b.last);
         let r = batch.logits_rows.len();
-        b.last.resize(r * h, 0.0);
-        for (i, &row) in batch.logits_rows.iter().enumerate() {
-            rms_norm(isa, &b.x[row * h..(row + 1) * h], &w.final_norm, c.rms_norm_eps, &mut b.last[i * h..(i + 1) * h]);
-        }
         b.logits.resize(r * vocab, 0.0);
-        project(pool, isa, w.output(), &b.last, r, &mut b.xq, &mut b.logits, Epilogue::Store);
+        if r > 0 {
+            project(pool, isa, w.output(), &b.last, r, &mut b.xq, &mut b.logits, Epilogue::Store);
+        }
         Ok(&b.logits)
     }
 }

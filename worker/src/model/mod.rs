@@ -42,6 +42,10 @@ pub trait Model: Send {
     /// `vocab_size` logits.
     fn forward(&mut self, batch: &ForwardBatch) -> crate::Result<&[f32]>;
 
+    /// The final-norm hidden states of the last forward's `hidden_rows` (pooling), row after
+    /// row: `hidden_rows.len() * hidden_size` values. Only those rows leave the device.
+    fn hidden_states(&self) -> &[f32];
+
     /// True when [`Model::forward_reduced`] reduces rows where the logits are (worth planning).
     fn reduces_on_device(&self) -> bool {
         false

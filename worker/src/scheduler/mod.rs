@@ -14,6 +14,12 @@
 //! step, which may shorten its chunk); until it has them all it reads nothing from the prefix
 //! cache (as vLLM's `skip_reading_prefix_cache`), and a recompute after preemption produces no
 //! row twice.
+//!
+//! A pooling sequence (an embedding request) is prefill only: it never samples, and each step
+//! that computes a prompt position it pools gets that row's final hidden state
+//! ([`Schedule::hidden_rows`]). It reads from the prefix cache only blocks that end before its
+//! first wanted position (mean pooling reads none; last-token pooling all but the last token,
+//! as any prompt), and like prompt rows, no hidden row is produced twice.
 
 mod sequence;
 
@@ -58,6 +64,9 @@ pub struct Schedule {
     /// Prompt positions whose logits rows this step produces for prompt log-probabilities, per
     /// sequence; the batch asks for them after every sampling row, in this order.
     pub prompt_rows: Vec<(SeqId, Range<usize>)>,
+    /// Prompt positions whose final hidden states this step produces for pooling sequences, in
+    /// the order the batch's `hidden_rows` lists them.
+    pub hidden_rows: Vec<(SeqId, Range<usize>)>,
 }
 
 impl Schedule {
@@ -158,13 +167,7 @@ impl Scheduler {
                 // `id` itself was the newest and got preempted: nothing after it remains.
                 break;
             }
-            let s = &self.seqs[&id];
-            out.seqs.push(ScheduledSeq {
-                id,
-                start: s.num_computed,
-                len: n,
-                samples: s.num_computed + n == s.tokens.len(),
-            });
+            out.seqs.push(self.scheduled(id, n, &mut out.hidden_rows));
             budget -= n;
             i += 1;
         }
@@ -172,6 +175,18 @@ impl Scheduler {
             self.admit_waiting(&mut budget, &mut rows_left, &mut out);
         }
         out
+    }
+
+    /// `id`'s share of the step, `n` tokens from its first uncomputed one; a pooling sequence
+    /// records the positions it pools among them.
+    fn scheduled(&self, id: SeqId, n: usize, hidden_rows: &mut Vec<(SeqId, Range<usize>)>) -> ScheduledSeq {
+        let s = &self.seqs[&id];
+        let (start, end) = (s.num_computed, s.num_computed + n);
+        let wanted = s.hidden_pending.start.max(start)..s.hidden_pending.end.min(end);
+        if !wanted.is_empty() {
+            hidden_rows.push((id, wanted));
+        }
+        ScheduledSeq { id, start, len: n, samples: !s.pooling && end == s.tokens.len() }
     }
 
     /// Shortens a chunk of `n` tokens of `id` so its prompt rows fit in `rows_left`, and records
@@ -259,14 +274,9 @@ impl Scheduler {
                 s.admitted = true;
                 s.cached_prompt_tokens = hits.min(s.prompt_len);
             }
-            out.seqs.push(ScheduledSeq {
-                id,
-                start: s.num_computed,
-                len: n,
-                samples: s.num_computed + n == s.tokens.len(),
-            });
-            *budget -= n;
             let priority = s.priority;
+            out.seqs.push(self.scheduled(id, n, &mut out.hidden_rows));
+            *budget -= n;
             let at = self.running.partition_point(|r| self.seqs[r].priority <= priority);
             self.running.insert(at, id);
         }
@@ -282,7 +292,11 @@ impl Scheduler {
         if !self.cfg.enable_prefix_caching || s.num_computed > 0 || !s.blocks.is_empty() || wants_rows {
             return 0;
         }
-        let max_blocks = (s.tokens.len() - 1) / bs;
+        let mut max_blocks = (s.tokens.len() - 1) / bs;
+        if s.pooling {
+            // Only blocks that end before the first position it pools (their rows are needed).
+            max_blocks = max_blocks.min(s.hidden_pending.start / bs);
+        }
         let mut parent: Option<BlockHash> = None;
         for b in 0..max_blocks {
             let hash = BlockHash::of(parent, &s.tokens[b * bs..(b + 1) * bs]);
@@ -306,7 +320,7 @@ impl Scheduler {
     /// The packed model input for a schedule.
     pub fn build_batch(&self, schedule: &Schedule) -> ForwardBatch {
         let mut batch = ForwardBatch::default();
-        let mut first_row = HashMap::with_capacity(schedule.prompt_rows.len());
+        let mut first_row = HashMap::with_capacity(schedule.prompt_rows.len() + schedule.hidden_rows.len());
         for item in &schedule.seqs {
             let s = &self.seqs[&item.id];
             first_row.insert(item.id, (batch.num_tokens(), item.start));
@@ -322,6 +336,10 @@ impl Scheduler {
             let (row, start) = first_row[id];
             batch.logits_rows.extend(positions.clone().map(|p| row + p - start));
         }
+        for (id, positions) in &schedule.hidden_rows {
+            let (row, start) = first_row[id];
+            batch.hidden_rows.extend(positions.clone().map(|p| row + p - start));
+        }
         batch
     }
 
@@ -335,6 +353,9 @@ impl Scheduler {
             s.num_computed = item.start + item.len;
             if let Some((_, rows)) = schedule.prompt_rows.iter().find(|(id, _)| *id == item.id) {
                 s.prompt_rows_done = s.prompt_rows_done.max(rows.end);
+            }
+            if let Some((_, rows)) = schedule.hidden_rows.iter().find(|(id, _)| *id == item.id) {
+                s.hidden_pending.start = s.hidden_pending.start.max(rows.end);
             }
             if !self.cfg.enable_prefix_caching {
                 continue;

@@ -32,6 +32,12 @@ pub struct Sequence {
     /// Prompt rows already produced (`0..prompt_rows_done`); kept across preemption, so a
     /// recompute never produces a row twice.
     pub prompt_rows_done: usize,
+    /// A pooling (embedding) sequence: it computes its prompt and never samples.
+    pub pooling: bool,
+    /// Prompt positions whose final hidden state is still wanted (pooling); its start advances
+    /// as steps produce them and is kept across preemption, so a recompute never produces a row
+    /// twice. Empty for generating sequences.
+    pub hidden_pending: std::ops::Range<usize>,
 }
 
 impl Sequence {
@@ -49,6 +55,8 @@ impl Sequence {
             admitted: false,
             prompt_logprobs: false,
             prompt_rows_done: 0,
+            pooling: false,
+            hidden_pending: 0..0,
         }
     }
 

@@ -245,3 +245,65 @@ fn prompt_rows_skip_the_prefix_cache_and_are_not_repeated_after_preemption() {
     assert_eq!(sched.prompt_rows, vec![]);
     assert_eq!(sched.seqs[0].start, 8, "the recompute reads the cached blocks");
 }
+
+#[test]
+fn a_pooling_sequence_gets_each_pooled_row_once_across_chunks_and_preemption() {
+    // 4 blocks of 4 tokens, 6 tokens a step: a generating sequence grows beside a 10-token
+    // mean-pooling prompt until the prompt, the newest, is preempted mid-prefill.
+    let mut s = Scheduler::new(cfg(4, 6, 8));
+    s.add(Sequence::new(1, 1, vec![1; 4]));
+    let mut pooled = Sequence::new(2, 2, (10..20).collect());
+    pooled.pooling = true;
+    pooled.hidden_pending = 0..10;
+    s.add(pooled);
+    let (mut rows, mut preempted) = (Vec::new(), false);
+    for _ in 0..20 {
+        let sched = s.schedule();
+        let batch = s.build_batch(&sched);
+        s.complete(&sched);
+        if sched.seqs.iter().any(|x| x.id == 1 && x.samples) {
+            s.append_token(1, 7);
+        }
+        if sched.preempted.contains(&2) {
+            preempted = true;
+            s.remove(1); // the generating sequence finishes: room for the recompute
+        }
+        assert!(sched.seqs.iter().all(|x| x.id != 2 || !x.samples), "a pooling sequence never samples");
+        assert_eq!(batch.hidden_rows.len(), sched.hidden_rows.iter().map(|(_, r)| r.len()).sum::<usize>());
+        for (id, positions) in &sched.hidden_rows {
+            assert_eq!(*id, 2);
+            let at = sched.seqs.iter().position(|x| x.id == 2).expect("scheduled");
+            let (first, start) = (batch.seqs[at].query_start, sched.seqs[at].start);
+            for p in positions.clone() {
+                assert!(batch.hidden_rows.contains(&(first + p - start)), "row of position {p} asked for");
+                rows.push(p);
+            }
+        }
+        if s.get(2).is_some_and(|q| q.num_computed == 10) {
+            break;
+        }
+    }
+    assert!(preempted, "the pooling prompt was preempted and recomputed");
+    assert_eq!(rows, (0..10).collect::<Vec<_>>(), "every pooled position exactly once, in order");
+    assert!(s.get(2).unwrap().hidden_pending.is_empty());
+}
+
+#[test]
+fn a_pooling_sequence_reads_only_cached_blocks_before_its_first_pooled_position() {
+    let mut s = Scheduler::new(cfg(64, 100, 8));
+    let prompt: Vec<u32> = (0..10).collect();
+    s.add(Sequence::new(1, 1, prompt.clone()));
+    step(&mut s, 99);
+    let pooling = |id, hidden: std::ops::Range<usize>| {
+        let mut q = Sequence::new(id, id, prompt.clone());
+        q.pooling = true;
+        q.hidden_pending = hidden;
+        q
+    };
+    s.add(pooling(2, 0..10)); // mean: every row, so nothing from the cache
+    s.add(pooling(3, 9..10)); // last token: the cached full blocks are fine
+    let sched = step(&mut s, 99);
+    let start = |id| sched.seqs.iter().find(|x| x.id == id).unwrap().start;
+    assert_eq!((start(2), start(3)), (0, 8));
+    assert_eq!(sched.hidden_rows, vec![(2, 0..10), (3, 9..10)]);
+}

@@ -26,8 +26,8 @@ use super::ServiceError;
 use crate::TokenId;
 use crate::engine::stats::{EngineHistograms, Histogram};
 use crate::engine::{
-    ChoiceDelta, EngineLimits, EngineOptions, EngineStats, FinishReason, PromptLogprobs, RequestTimings, StopReason,
-    TokenLogprob, Usage,
+    ChoiceDelta, EngineLimits, EngineOptions, EngineStats, FinishReason, PoolingParams, PromptLogprobs, RequestTimings,
+    StopReason, TokenLogprob, Usage,
 };
 use crate::grammar::{Constraint, ConstraintKind};
 use crate::sampling::{SamplingParams, StopParams};
@@ -190,6 +190,39 @@ pub fn check_prompt_fits(prompt_tokens: usize, limits: &EngineLimits, param: &'s
     Ok(())
 }
 
+// ---- pooling ----
+
+/// The pooling of a request on a replica that pools as `model` says (`None`: it generates): the
+/// replica's pooler config with the request's `normalize` override; `None` for a generation
+/// request on a generating replica. A request of the other kind than the replica serves is
+/// refused, naming `model`.
+pub fn pooling(
+    request: Option<&pb::PoolingRequest>,
+    model: Option<PoolingParams>,
+) -> Result<Option<PoolingParams>, ServiceError> {
+    match (request, model) {
+        (None, None) => Ok(None),
+        (Some(r), Some(m)) => Ok(Some(PoolingParams { normalize: r.normalize.unwrap_or(m.normalize), ..m })),
+        (Some(_), None) => Err(ServiceError::invalid(
+            "model",
+            "The model does not support Embeddings API (it is served for generation; serve it with `--runner pooling`)",
+        )),
+        (None, Some(_)) => Err(ServiceError::invalid(
+            "model",
+            "The model does not support generation (it is served with `--runner pooling`)",
+        )),
+    }
+}
+
+/// Keeps only the last `keep` tokens of `ids` (vLLM's `truncate_prompt_tokens`); `None` keeps all.
+pub fn truncate_left(ids: &mut Vec<TokenId>, keep: Option<u32>) {
+    if let Some(keep) = keep.map(|k| k as usize)
+        && ids.len() > keep
+    {
+        ids.drain(..ids.len() - keep);
+    }
+}
+
 // ---- sampling and stopping ----
 
 /// Engine sampling parameters of a request (see the module docs for the defaults).
@@ -299,6 +332,10 @@ pub fn prompt_logprobs_event(p: PromptLogprobs) -> pb::GenerateEvent {
         first_piece: p.first_piece,
     };
     pb::GenerateEvent { event: Some(pb::generate_event::Event::PromptLogprobs(logprobs)) }
+}
+
+pub fn embedding_event(values: Vec<f32>) -> pb::GenerateEvent {
+    pb::GenerateEvent { event: Some(pb::generate_event::Event::Embedding(pb::Embedding { values })) }
 }
 
 pub fn delta_event(d: ChoiceDelta) -> pb::GenerateEvent {
@@ -472,6 +509,32 @@ mod tests {
             chat_input(&not_object),
             Err(ServiceError::InvalidRequest { param: "chat_template_kwargs", .. })
         ));
+    }
+
+    #[test]
+    fn pooling_requests_meet_pooling_replicas_only() {
+        use crate::engine::PoolingType;
+        let model = PoolingParams { pooling_type: PoolingType::Mean, normalize: true };
+        assert_eq!(pooling(None, None).unwrap(), None);
+        let plain = pb::PoolingRequest::default();
+        assert_eq!(pooling(Some(&plain), Some(model)).unwrap(), Some(model));
+        let raw = pb::PoolingRequest { normalize: Some(false), ..Default::default() };
+        assert_eq!(pooling(Some(&raw), Some(model)).unwrap().map(|p| p.normalize), Some(false));
+        let err = pooling(Some(&plain), None).unwrap_err().to_string();
+        assert!(err.contains("does not support Embeddings API"), "{err}");
+        let err = pooling(None, Some(model)).unwrap_err().to_string();
+        assert!(err.contains("--runner pooling"), "{err}");
+    }
+
+    #[test]
+    fn truncation_keeps_the_last_tokens() {
+        let mut ids = vec![1, 2, 3, 4, 5];
+        truncate_left(&mut ids, None);
+        assert_eq!(ids, vec![1, 2, 3, 4, 5]);
+        truncate_left(&mut ids, Some(9));
+        assert_eq!(ids, vec![1, 2, 3, 4, 5]);
+        truncate_left(&mut ids, Some(2));
+        assert_eq!(ids, vec![4, 5]);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! Contracts of `Generate`: the response stream yields `Started` (prompt token count, plus the
 //! prompt's ids and text with `return_prompt`), one `Delta` per engine delta, then `Finished`
-//! with usage and timings; an engine failure ends it with an INTERNAL status carrying the
+//! with usage and timings (an embedding request, `pooling` set, yields `Started`, one
+//! `Embedding` and `Finished`; the kind of request must match the replica's runner); an engine failure ends it with an INTERNAL status carrying the
 //! engine's message. The stream owns the engine's `RequestStream` directly (no forwarding task),
 //! so when tonic drops it — the caller cancelled or went away — the request is aborted at once,
 //! and an info line in the request's span says so. Output waits for the caller in the engine's
@@ -169,6 +170,7 @@ async fn next_event(phase: Phase) -> Option<(Result<pb::GenerateEvent, Status>, 
             EngineEvent::PromptLogprobs(tokens) => {
                 Some((Ok(convert::prompt_logprobs_event(tokens)), Phase::Streaming(request)))
             }
+            EngineEvent::Embedding(values) => Some((Ok(convert::embedding_event(values)), Phase::Streaming(request))),
             EngineEvent::Finished { usage, timings } => {
                 Some((Ok(convert::finished_event(usage, timings)), Phase::Done))
             }
@@ -196,6 +198,14 @@ impl WorkerService {
         let encoded =
             encode_blocking(handle.tokenizer(), move |tok| convert::encode_prompt(tok, (&prompt).into(), want_text))
                 .await?;
+        if let Some(pooling) = convert::pooling(req.pooling.as_ref(), replica.pooling())? {
+            let mut ids = encoded.token_ids;
+            convert::truncate_left(&mut ids, req.pooling.as_ref().and_then(|p| p.truncate_prompt_tokens));
+            let prompt_tokens = ids.len();
+            let stream = handle.generate(EngineRequest::pooling(req.request_id.clone(), ids, pooling)).await?;
+            tracing::debug!(prompt_tokens, "embedding request queued");
+            return Ok(event_stream(convert::started_event(prompt_tokens, None), stream, in_flight, span));
+        }
         let limits = handle.limits();
         let prompt_tokens = encoded.token_ids.len();
         convert::check_prompt_fits(prompt_tokens, limits, param)?;

@@ -74,6 +74,12 @@ impl Replica {
         &self.options
     }
 
+    /// How the replica pools its prompts; `None` when it serves generation (the options were
+    /// checked when it started).
+    pub fn pooling(&self) -> Option<crate::engine::PoolingParams> {
+        self.options.pooling().ok().flatten()
+    }
+
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
@@ -290,6 +296,7 @@ impl WorkerNode {
             state: pb::ReplicaState::Running as i32,
             message: String::new(),
             engine_options_json,
+            runner: if options.pooling()?.is_some() { "pooling" } else { "generate" }.to_string(),
         };
         Ok(Replica {
             handle,

@@ -65,6 +65,8 @@ pub struct Outcome {
     pub prompt_logprob_events: usize,
     pub usage: Option<Usage>,
     pub failed: Option<String>,
+    /// The `Embedding` events' vectors (a pooling request sends one).
+    pub embeddings: Vec<Vec<f32>>,
 }
 
 /// Submits requests and steps the engine until all are done.
@@ -97,6 +99,10 @@ pub fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> Outcome {
                 assert!(o.tokens.is_empty(), "prompt logprobs come before the first delta");
                 o.prompt_logprobs = Some(p.tokens);
                 o.prompt_logprob_events += 1;
+            }
+            EngineEvent::Embedding(v) => {
+                assert!(o.usage.is_none(), "the embedding comes before `Finished`");
+                o.embeddings.push(v);
             }
             EngineEvent::Finished { usage, .. } => o.usage = Some(usage),
             EngineEvent::Failed(e) => o.failed = Some(e),

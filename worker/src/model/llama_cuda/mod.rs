@@ -76,6 +76,8 @@ pub struct CudaLlama {
     mask_pack: HostPack,
     /// `forward`'s rows (every row in full).
     full: ReducedRows,
+    /// The final-norm hidden states of the last step's `hidden_rows` (pooling), f32.
+    hidden: Vec<f32>,
     timing: StepTiming,
     prefill_timing: StepTiming,
     ops: OpTimer,
@@ -121,6 +123,7 @@ impl CudaLlama {
             pack: HostPack::default(),
             mask_pack: HostPack::default(),
             full: ReducedRows::default(),
+            hidden: Vec::new(),
             timing: StepTiming::decode(),
             prefill_timing: StepTiming::prefill(),
             ops: OpTimer::from_env(),
@@ -229,7 +232,9 @@ impl CudaLlama {
     /// Runs the layers and returns the logits rows on the device (`[rows, vocab]`, f32), or
     /// `None` when no row wants logits (prompt chunks that do not end their prompt). With
     /// `plans` (one per logits row), the rows are also edited and reduced on the device and the
-    /// reduction's output (`kernels::cuda::sample`) comes second.
+    /// reduction's output (`kernels::cuda::sample`) comes second. The final-norm hidden states
+    /// of `batch.hidden_rows` (pooling) are gathered on the device and copied into
+    /// `self.hidden`: only those rows leave the GPU.
     fn run(&mut self, batch: &ForwardBatch, plans: &[RowPlan]) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let c = &self.config;
         let k = &self.kernels;
@@ -243,6 +248,7 @@ impl CudaLlama {
         let positions = self.pack.push(batch.positions.iter().copied());
         let slots = self.pack.push(batch.slot_mapping.iter().copied());
         let rows = self.pack.push(batch.logits_rows.iter().map(|&r| r as u32));
+        let hidden_rows = self.pack.push(batch.hidden_rows.iter().map(|&r| r as u32));
         let attention = AttentionPlan::new(&mut self.pack, &batch.seqs, heads, kv_heads, k.attention_setup())?;
         let packed_plans = (!plans.is_empty()).then(|| pack_plans(&mut self.pack, plans));
         let meta = self.pack.upload(k.device())?;
@@ -286,16 +292,29 @@ impl CudaLlama {
         if let Some(s) = scratch {
             s.end_layers();
         }
+        // The last residual add and the final norm only matter for the rows that are read.
+        let final_norm = |rows: u64, count: usize| -> Result<Tensor> {
+            let last = k.gather_rows(&x, rows, count)?;
+            let last_delta = match &pending {
+                Some(d) => Some(k.gather_rows(d, rows, count)?),
+                None => None,
+            };
+            k.add_rms_norm(&last, last_delta.as_ref(), &w.final_norm, eps)
+        };
+        self.hidden.clear();
+        if !batch.hidden_rows.is_empty() {
+            let normed = final_norm(meta.ptr(hidden_rows), batch.hidden_rows.len())?;
+            self.hidden = normed
+                .to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| gpu_error("reading hidden states", e))?;
+            ops.mark(stream, "pool")?;
+        }
         if batch.logits_rows.is_empty() {
             return Ok(None);
         }
-        let last = k.gather_rows(&x, meta.ptr(rows), batch.logits_rows.len())?;
-        // The last residual add only matters for the rows that produce logits.
-        let last_delta = match &pending {
-            Some(d) => Some(k.gather_rows(d, meta.ptr(rows), batch.logits_rows.len())?),
-            None => None,
-        };
-        let normed = k.add_rms_norm(&last, last_delta.as_ref(), &w.final_norm, eps)?;
+        let normed = final_norm(meta.ptr(rows), batch.logits_rows.len())?;
         let logits = k.linear(&normed, w.output())?;
         let logits = logits.to_dtype(DType::F32).map_err(|e| gpu_error("logits to f32", e))?;
         ops.mark(stream, "logits")?;
@@ -390,6 +409,10 @@ impl Model for CudaLlama {
 
     fn reduces_on_device(&self) -> bool {
         true
+    }
+
+    fn hidden_states(&self) -> &[f32] {
+        &self.hidden
     }
 
     fn forward_reduced(&mut self, batch: &ForwardBatch, plans: &[RowPlan], out: &mut ReducedRows) -> Result<()> {

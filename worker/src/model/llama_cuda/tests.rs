@@ -1,6 +1,7 @@
 //! The whole model on the GPU against the CPU path on SmolLM2-135M (the GGUF, dequantized to
 //! the same f32 weights on both sides): greedy tokens of eight chat prompts, decoded together
-//! through the engine (scheduler, paged cache, batching), must agree. Needs a GPU and
+//! through the engine (scheduler, paged cache, batching), must agree; so must their pooled
+//! embeddings (last-token and mean pooling, chunked prefill included). Needs a GPU and
 //! `models/SmolLM2-135M-Instruct.Q4_1.gguf` (or `LUMEN_GPU_TEST_MODEL`).
 
 use std::collections::HashMap;
@@ -9,7 +10,8 @@ use tokio::sync::mpsc::unbounded_channel;
 
 use crate::TokenId;
 use crate::engine::options::GpuDType;
-use crate::engine::{EngineEvent, EngineOptions, EngineRequest, build_engine};
+use crate::engine::pooling::{PoolerConfig, Runner};
+use crate::engine::{EngineEvent, EngineOptions, EngineRequest, PoolingType, build_engine};
 use crate::model::cpu_weights::CpuWeightFormat;
 use crate::sampling::{SamplingParams, StopParams};
 use crate::tokenizer::{ChatMessage, ChatTemplateOptions};
@@ -91,7 +93,7 @@ fn decode(opts: &EngineOptions, logprobs: bool) -> Vec<(Vec<TokenId>, Option<f32
                         tokens.entry(d.index).or_default().extend(&d.token_ids)
                     }
                     EngineEvent::Failed(e) => panic!("request failed: {e}"),
-                    EngineEvent::Finished { .. } | EngineEvent::PromptLogprobs(_) => {}
+                    EngineEvent::Finished { .. } | EngineEvent::PromptLogprobs(_) | EngineEvent::Embedding(_) => {}
                 }
             }
             (tokens.remove(&0).unwrap_or_default(), margin)
@@ -133,4 +135,71 @@ fn the_gpu_path_decodes_the_cpu_paths_greedy_tokens() {
     }
     let whole = bf16_agree.iter().filter(|&&n| n == NEW_TOKENS).count();
     assert!(whole * 2 >= PROMPTS.len(), "bf16 follows only {whole} of {} prompts for all tokens", PROMPTS.len());
+}
+
+/// Pooled vectors of the prompts, all submitted at once to an engine served for pooling.
+fn embed(opts: &EngineOptions) -> Vec<Vec<f32>> {
+    let mut core = build_engine(opts).expect("building the engine");
+    let pooling = opts.pooling().unwrap().expect("a pooling runner");
+    let mut receivers = Vec::new();
+    for (i, text) in PROMPTS.iter().enumerate() {
+        let ids = core.tokenizer().encode(text, true).unwrap();
+        let (tx, rx) = unbounded_channel();
+        core.add_request(EngineRequest::pooling(format!("e{i}"), ids, pooling), tx);
+        receivers.push(rx);
+    }
+    while core.has_work() {
+        core.step().expect("engine step");
+    }
+    receivers
+        .into_iter()
+        .map(|mut rx| {
+            let mut vector = None;
+            while let Ok(event) = rx.try_recv() {
+                match event {
+                    EngineEvent::Embedding(v) => vector = Some(v),
+                    EngineEvent::Failed(e) => panic!("request failed: {e}"),
+                    _ => {}
+                }
+            }
+            vector.expect("one embedding per request")
+        })
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+#[test]
+fn the_gpu_path_pools_the_cpu_paths_embeddings() {
+    for pooling_type in [PoolingType::Last, PoolingType::Mean] {
+        let pooled = EngineOptions {
+            runner: Runner::Pooling,
+            pooler_config: Some(PoolerConfig { pooling_type: Some(pooling_type), normalize: Some(true) }),
+            ..options()
+        };
+        let cpu = embed(&pooled);
+        let gpu_f32 = embed(&EngineOptions { device: "cuda".into(), dtype: GpuDType::Float32, ..pooled.clone() });
+        let chunked = embed(&EngineOptions {
+            device: "cuda".into(),
+            dtype: GpuDType::Float32,
+            max_num_batched_tokens: 24,
+            ..pooled.clone()
+        });
+        let gpu_bf16 = embed(&EngineOptions { device: "cuda".into(), ..pooled.clone() });
+        for (i, want) in cpu.iter().enumerate() {
+            let (f32_cos, chunked_cos, bf16_cos) =
+                (cosine(&gpu_f32[i], want), cosine(&chunked[i], want), cosine(&gpu_bf16[i], want));
+            println!(
+                "{pooling_type:?} prompt {i}: cosine to the CPU f32 {f32_cos:.6}, chunked {chunked_cos:.6}, bf16 {bf16_cos:.4}"
+            );
+            assert_eq!(gpu_f32[i].len(), want.len());
+            assert!(f32_cos > 0.9999, "{pooling_type:?} prompt {i}: f32 GPU vector off the CPU one ({f32_cos})");
+            assert!(chunked_cos > 0.9999, "{pooling_type:?} prompt {i}: chunked GPU vector off ({chunked_cos})");
+            assert!(bf16_cos > 0.99, "{pooling_type:?} prompt {i}: bf16 GPU vector off ({bf16_cos})");
+        }
+    }
 }
