@@ -16,6 +16,27 @@ pub struct ModelCard {
     /// Unix seconds when it became available.
     pub created: u64,
     pub owned_by: String,
+    /// What the model is served for; its endpoints follow (vLLM's `--runner`).
+    pub runner: Runner,
+}
+
+/// What a model is served for, as vLLM's `--runner`: generation (chat, completions, responses)
+/// or pooling (embeddings). Each kind of endpoint answers 400 for a model of the other kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Runner {
+    #[default]
+    Generate,
+    Pooling,
+}
+
+impl Runner {
+    /// The runner a deployment's `model:` options (as JSON) ask for: pooling with `runner:
+    /// pooling` or `convert: embed` (the worker's rule), else generation.
+    pub fn of_options_json(json: &str) -> Runner {
+        let options: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json).unwrap_or_default();
+        let is = |key: &str, value: &str| options.get(key).and_then(serde_json::Value::as_str) == Some(value);
+        if is("runner", "pooling") || is("convert", "embed") { Runner::Pooling } else { Runner::Generate }
+    }
 }
 
 /// Why the backend could not serve a request; the HTTP layer maps each to a status code.
@@ -90,4 +111,17 @@ pub fn note_route(deployment: &str, replica_id: &str) {
         let routed = Routed { deployment: deployment.to_string(), replica_id: replica_id.to_string() };
         *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(routed);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Runner;
+
+    #[test]
+    fn the_runner_follows_the_deployments_options() {
+        assert_eq!(Runner::of_options_json(""), Runner::Generate);
+        assert_eq!(Runner::of_options_json(r#"{"runner": "auto", "convert": "auto"}"#), Runner::Generate);
+        assert_eq!(Runner::of_options_json(r#"{"runner": "pooling"}"#), Runner::Pooling);
+        assert_eq!(Runner::of_options_json(r#"{"runner": "auto", "convert": "embed"}"#), Runner::Pooling);
+    }
 }

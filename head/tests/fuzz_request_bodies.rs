@@ -1,6 +1,6 @@
 //! Property tests (proptest) of request parsing and validation over real HTTP (fake backend):
-//! whatever body arrives at `/v1/chat/completions`, `/v1/completions`, `/v1/responses` or
-//! `/tokenize` — arbitrary
+//! whatever body arrives at `/v1/chat/completions`, `/v1/completions`, `/v1/responses`,
+//! `/tokenize` or `/v1/embeddings` (on a server whose model `m` is served for pooling) — arbitrary
 //! bytes, arbitrary JSON, or OpenAI-shaped objects whose known fields hold arbitrary JSON — the
 //! server answers (never drops the connection or panics), and anything but a 2xx is OpenAI's
 //! error body.
@@ -64,11 +64,34 @@ const FIELDS: &[&str] = &[
     "max_output_tokens",
     "previous_response_id",
     "store",
+    // Embeddings' own (`input` above).
+    "encoding_format",
+    "dimensions",
+    "truncate_prompt_tokens",
+    "add_special_tokens",
+    "normalize",
+    "embed_dtype",
+    "endianness",
+    "user",
 ];
 
 /// Words the routes look for, as strings and keys.
-const WORDS: &[&str] =
-    &["m", "user", "role", "content", "type", "function", "name", "json_schema", "schema", "json", "message"];
+const WORDS: &[&str] = &[
+    "m",
+    "user",
+    "role",
+    "content",
+    "type",
+    "function",
+    "name",
+    "json_schema",
+    "schema",
+    "json",
+    "message",
+    "float",
+    "base64",
+    "float32",
+];
 
 /// An object with some of the routes' fields set to arbitrary JSON.
 fn request_object() -> impl Strategy<Value = Value> {
@@ -108,6 +131,10 @@ async fn check(server: &Server, path: &str, body: Vec<u8>) -> Result<(), TestCas
 fn fuzz<S: Strategy>(strategy: S, to_bytes: impl Fn(&S::Value) -> Vec<u8>) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let (_backend, server) = runtime.block_on(serve_default());
+    let pooling = runtime.block_on(async {
+        let card = lumen_head::backend::ModelCard { runner: lumen_head::backend::Runner::Pooling, ..card("m") };
+        serve(FakeBackend::with_cards(vec![card]), lumen_head::api::ApiConfig::default()).await
+    });
     runner()
         .run(&strategy, |value| {
             let body = to_bytes(&value);
@@ -115,7 +142,7 @@ fn fuzz<S: Strategy>(strategy: S, to_bytes: impl Fn(&S::Value) -> Vec<u8>) {
                 for path in ROUTES {
                     check(&server, path, body.clone()).await?;
                 }
-                Ok(())
+                check(&pooling, "/v1/embeddings", body.clone()).await
             })
         })
         .expect("every body gets an answer in the contract");

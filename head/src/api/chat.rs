@@ -25,6 +25,7 @@ use super::tools::output::{self, AnswerFormat, AnswerReader};
 use super::tools::request::ToolRequest;
 use super::trace::Trace;
 use super::{ApiState, logprobs, request_id, sse};
+use crate::backend::Runner;
 
 /// The fields only chat accepts.
 #[derive(Debug, Default, Deserialize)]
@@ -48,7 +49,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let mut common: CommonParams = typed(&body)?;
     let fields: ChatFields = typed(&body)?;
     super::fields::check_chat(&body)?;
-    let card = state.resolve_model(common.model.as_deref())?;
+    let card = state.resolve_for(common.model.as_deref(), Runner::Generate, "Chat Completions API")?;
     let messages = fields.messages.as_ref().ok_or_else(|| ApiError::param("messages", "messages is required"))?;
     // Tools: checked for this model; `required` and a named choice constrain decoding below.
     let tools = ToolRequest::from_body(&body, state.tool_settings(&card.id))?;

@@ -25,10 +25,11 @@ use super::body::{JsonObject, typed};
 use super::dispatch::{self, Collected, Meta, Step, Usage, finish_reason, finish_reason_str, stop_reason_json};
 use super::errors::ApiError;
 use super::metrics::labelled;
-use super::params::{CommonParams, RouteDefaults, logprob_count, token_ids};
+use super::params::{CommonParams, RouteDefaults, logprob_count};
 use super::stream::{self, ChunkWriter};
 use super::trace::Trace;
 use super::{ApiState, logprobs, request_id, sse};
+use crate::backend::Runner;
 
 /// vLLM's default `max_tokens` for completions (chat's default is the context length).
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
@@ -56,9 +57,9 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let common: CommonParams = typed(&body)?;
     let fields: CompletionFields = typed(&body)?;
     super::fields::check_completions(&body)?;
-    let card = state.resolve_model(common.model.as_deref())?;
+    let card = state.resolve_for(common.model.as_deref(), Runner::Generate, "Completions API")?;
     let prompt = fields.prompt.as_ref().ok_or_else(|| ApiError::param("prompt", "prompt is required"))?;
-    let prompts = parse_prompts(prompt, fields.add_special_tokens.unwrap_or(true))?;
+    let prompts = super::prompts::parse("prompt", prompt, fields.add_special_tokens.unwrap_or(true))?;
     if fields.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::param("suffix", "suffix is not supported"));
     }
@@ -139,45 +140,6 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
 /// than the field): an error, never an answer that silently lacks them.
 pub fn missing_prompt_logprobs() -> ApiError {
     ApiError::Internal("the replica sent no prompt log-probabilities (is the worker older than the head?)".into())
-}
-
-/// The prompts of a request, in the protocol's terms.
-fn parse_prompts(prompt: &Value, add_special_tokens: bool) -> Result<Vec<pb::generate_request::Prompt>, ApiError> {
-    let text =
-        |text: &str| pb::generate_request::Prompt::Text(pb::TextPrompt { text: text.to_string(), add_special_tokens });
-    let tokens = |ids: &[Value], param: &str| -> Result<pb::generate_request::Prompt, ApiError> {
-        let ids: Vec<i64> = ids
-            .iter()
-            .map(|v| v.as_i64().ok_or_else(|| ApiError::param(param, format!("token ids must be integers, found {v}"))))
-            .collect::<Result<_, _>>()?;
-        if ids.is_empty() {
-            return Err(ApiError::param(param, "a token prompt must not be empty"));
-        }
-        Ok(pb::generate_request::Prompt::Tokens(pb::TokenPrompt { token_ids: token_ids(param, &ids)? }))
-    };
-    let shape_error = || {
-        ApiError::param(
-            "prompt",
-            "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists",
-        )
-    };
-    match prompt {
-        Value::String(s) => Ok(vec![text(s)]),
-        Value::Array(items) if items.is_empty() => Err(ApiError::param("prompt", "prompt must not be empty")),
-        Value::Array(items) => match &items[0] {
-            Value::String(_) => items.iter().map(|v| v.as_str().map(text).ok_or_else(shape_error)).collect(),
-            Value::Number(_) => Ok(vec![tokens(items, "prompt")?]),
-            Value::Array(_) => items
-                .iter()
-                .map(|v| match v {
-                    Value::Array(ids) => tokens(ids, "prompt"),
-                    _ => Err(shape_error()),
-                })
-                .collect(),
-            _ => Err(shape_error()),
-        },
-        _ => Err(shape_error()),
-    }
 }
 
 /// What a choice shows besides its own text.
@@ -328,32 +290,5 @@ impl ChunkWriter for CompletionChunks {
 
     fn usage(&mut self, usage: Usage) -> Bytes {
         self.chunk(json!([]), Some(usage))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use pb::generate_request::Prompt;
-
-    fn parse(json: &str) -> Result<Vec<Prompt>, ApiError> {
-        parse_prompts(&serde_json::from_str(json).unwrap(), true)
-    }
-
-    #[test]
-    fn every_prompt_shape_is_accepted() {
-        assert!(matches!(&parse(r#""hi""#).unwrap()[..], [Prompt::Text(t)] if t.text == "hi" && t.add_special_tokens));
-        assert_eq!(parse(r#"["a", "b"]"#).unwrap().len(), 2);
-        assert!(matches!(&parse("[1, 2, 3]").unwrap()[..], [Prompt::Tokens(t)] if t.token_ids == [1, 2, 3]));
-        assert!(
-            matches!(&parse("[[1], [2, 3]]").unwrap()[..], [Prompt::Tokens(_), Prompt::Tokens(b)] if b.token_ids == [2, 3])
-        );
-    }
-
-    #[test]
-    fn malformed_prompts_name_the_prompt() {
-        for bad in ["[]", "5", "null", r#"["a", 1]"#, "[1, -2]", "[1, 2.5]", "[[1], []]", r#"[[1], "a"]"#, "[true]"] {
-            assert!(matches!(parse(bad), Err(ApiError::InvalidParam { param, .. }) if param == "prompt"), "{bad}");
-        }
     }
 }

@@ -31,6 +31,10 @@ pub enum ApiError {
     /// as vLLM answers it.
     #[error("Response with id '{id}' not found.")]
     ResponseNotFound { id: String, param: Option<String> },
+    /// 400: the model is served for the other kind of endpoint (generation or pooling, vLLM's
+    /// `--runner`), in vLLM's words ("The model does not support Embeddings API").
+    #[error("The model does not support {api}")]
+    UnsupportedApi { api: &'static str },
     /// 400: cancelling a response that did not run in the background (Lumen runs none there).
     #[error("Cannot cancel a synchronous response.")]
     NotCancellable,
@@ -65,9 +69,10 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::InvalidJson { .. } | ApiError::InvalidParam { .. } | ApiError::NotCancellable => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::InvalidJson { .. }
+            | ApiError::InvalidParam { .. }
+            | ApiError::NotCancellable
+            | ApiError::UnsupportedApi { .. } => StatusCode::BAD_REQUEST,
             ApiError::ResponseNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
@@ -88,7 +93,8 @@ impl ApiError {
             | ApiError::MethodNotAllowed { .. }
             | ApiError::UnsupportedMediaType { .. }
             | ApiError::ResponseNotFound { .. }
-            | ApiError::NotCancellable => "invalid_request_error",
+            | ApiError::NotCancellable
+            | ApiError::UnsupportedApi { .. } => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => "not_found_error",
             ApiError::Overloaded(_) => "rate_limit_error",

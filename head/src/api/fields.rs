@@ -119,6 +119,15 @@ const COMPLETIONS: &[Field] = &[
     field("prompt_embeds", Expect::Any, true, Inert::Null),
 ];
 
+/// `/v1/embeddings`' (the fields it acts on are read by `embeddings::request`).
+pub const EMBEDDINGS: &[Field] = &[
+    field("user", Expect::Str, true, Inert::Any),
+    field("request_id", Expect::Str, false, Inert::Any),
+    field("priority", Expect::Int, false, Inert::Zero),
+    field("mm_processor_kwargs", Expect::Object, true, Inert::Any),
+    field("cache_salt", Expect::StrLen(1, 1024), true, Inert::Null),
+];
+
 /// `/tokenize`'s (with `messages`, as vLLM's chat variant).
 pub const TOKENIZE: &[Field] = &[
     field("continue_final_message", Expect::Bool, false, Inert::False),

@@ -6,7 +6,8 @@
 //! OpenAI JSON or SSE ([`sse`]); errors become HTTP only in [`errors::ApiError`]'s
 //! `IntoResponse`. Metrics are recorded by one middleware ([`metrics`]); every chat and completion
 //! request is recorded in the request log by another ([`trace`]). `/v1/responses` (OpenAI's
-//! Responses API) is built on the chat path ([`responses`]).
+//! Responses API) is built on the chat path ([`responses`]); `/v1/embeddings` serves models run
+//! for pooling ([`embeddings`]).
 //!
 //! The `/v1` routes ([`v1_router`]) are also mounted on the control server (port 8265), with the
 //! same state, so the dashboard's playground works through one port.
@@ -17,12 +18,14 @@ pub mod body;
 pub mod chat;
 pub mod completions;
 pub mod dispatch;
+pub mod embeddings;
 pub mod errors;
 pub mod fields;
 pub mod logprobs;
 pub mod metrics;
 pub mod misc;
 pub mod params;
+pub mod prompts;
 pub mod reasoning;
 pub mod responses;
 pub mod sse;
@@ -44,7 +47,7 @@ use self::errors::ApiError;
 use self::metrics::ApiMetrics;
 use self::reasoning::ReasoningParserKind;
 use self::tools::{ToolParserKind, ToolSettings};
-use crate::backend::{Backend, ModelCard};
+use crate::backend::{Backend, ModelCard, Runner};
 use crate::config::structured_outputs::StructuredOutputsConfig;
 use crate::observe::RequestLog;
 use crate::observe::request_log::DEFAULT_CAPACITY;
@@ -210,6 +213,21 @@ impl ApiState {
         self.model_options(model).admission.unwrap_or(self.config.admission)
     }
 
+    /// [`ApiState::resolve_model`] for an endpoint of `api` (vLLM's name for it, e.g.
+    /// "Completions API"), which serves only models run by `runner`: vLLM's 400 otherwise.
+    pub fn resolve_for(
+        &self,
+        requested: Option<&str>,
+        runner: Runner,
+        api: &'static str,
+    ) -> Result<ModelCard, ApiError> {
+        let card = self.resolve_model(requested)?;
+        if card.runner != runner {
+            return Err(ApiError::UnsupportedApi { api });
+        }
+        Ok(card)
+    }
+
     /// The card of the model a request names; without a name, the first model (as vLLM does).
     pub fn resolve_model(&self, requested: Option<&str>) -> Result<ModelCard, ApiError> {
         let models = self.backend.models();
@@ -234,6 +252,7 @@ fn v1_routes(state: &ApiState) -> Router<ApiState> {
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
         .route("/v1/responses", post(responses::create))
+        .route("/v1/embeddings", post(embeddings::create))
         .route("/v1/responses/{id}", get(responses::retrieve).delete(responses::delete))
         .route("/v1/responses/{id}/cancel", post(responses::cancel))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))

@@ -1,6 +1,7 @@
 //! Following one OpenAI request from arrival to end, for the [`RequestLog`].
 //!
-//! [`record`] (a middleware on `/v1/chat/completions`, `/v1/completions` and `/v1/responses`) gives each request a
+//! [`record`] (a middleware on `/v1/chat/completions`, `/v1/completions`, `/v1/responses` and
+//! `/v1/embeddings`) gives each request a
 //! [`Trace`] (a request extension handlers extract) and an end guard. The API notes into the trace
 //! what it learns: the model and prompts at launch ([`Trace::launched`]), each backend event
 //! ([`Trace::observe`], from `dispatch::Running`), the end or a failure. The guard pushes the record
@@ -69,6 +70,7 @@ impl Trace {
             Route::Chat => "chatcmpl",
             Route::Completions => "cmpl",
             Route::Responses => "resp",
+            Route::Embeddings => "embd",
         };
         Trace(Arc::new(Mutex::new(TraceData {
             log,
@@ -283,6 +285,7 @@ pub async fn record(State(state): State<ApiState>, mut request: Request, next: N
         Some("/v1/chat/completions") => Route::Chat,
         Some("/v1/completions") => Route::Completions,
         Some("/v1/responses") => Route::Responses,
+        Some("/v1/embeddings") => Route::Embeddings,
         _ => return next.run(request).await,
     };
     let trace = Trace::new(Some(state.request_log()), route);

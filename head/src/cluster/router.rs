@@ -41,7 +41,7 @@ use super::forward::{self, InFlight, SILENT_STREAM_GRACE, WorkerSilence, forward
 use super::registry::{DeploymentEntry, Phase, ReplicaEntry, State};
 use super::replica_client::status_to_error;
 use super::{Cluster, random_u64};
-use crate::backend::{Backend, BackendError, EventStream, ModelCard};
+use crate::backend::{Backend, BackendError, EventStream, ModelCard, Runner};
 
 /// Timeout of the unary calls (`Tokenize`, `Detokenize`).
 const UNARY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -292,6 +292,7 @@ impl Backend for Cluster {
                     .unwrap_or(0),
                 created: d.created_unix_s,
                 owned_by: "lumen".into(),
+                runner: Runner::of_options_json(&d.spec.engine_options_json),
             })
             .collect()
     }

@@ -24,6 +24,8 @@ pub enum Route {
     Completions,
     /// `/v1/responses` (the Responses API).
     Responses,
+    /// `/v1/embeddings`.
+    Embeddings,
 }
 
 /// One finished request, as `GET /api/requests` lists it.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lumen_head::api::{ApiConfig, ApiState, router};
-use lumen_head::backend::{Backend, BackendError, EventStream, ModelCard};
+use lumen_head::backend::{Backend, BackendError, EventStream, ModelCard, Runner};
 use lumen_proto::v1 as pb;
 use pb::generate_event::Event;
 
@@ -37,7 +37,13 @@ pub struct FakeBackend {
 }
 
 pub fn card(id: &str) -> ModelCard {
-    ModelCard { id: id.into(), max_model_len: 2048, created: 1_700_000_000, owned_by: "lumen".into() }
+    ModelCard {
+        id: id.into(),
+        max_model_len: 2048,
+        created: 1_700_000_000,
+        owned_by: "lumen".into(),
+        runner: Runner::Generate,
+    }
 }
 
 pub fn started(prompt_tokens: u32) -> Item {
@@ -79,12 +85,32 @@ pub fn hello_world(request: &pb::GenerateRequest) -> Result<Vec<Item>, BackendEr
     Ok(items)
 }
 
+/// A pooling model's answer: the vector `[prompt tokens, 1, -0.5]`, where a text prompt has one
+/// token per byte; other requests get [`hello_world`].
+pub fn embedded_or_hello(request: &pb::GenerateRequest) -> Result<Vec<Item>, BackendError> {
+    if request.pooling.is_none() {
+        return hello_world(request);
+    }
+    let tokens = match &request.prompt {
+        Some(pb::generate_request::Prompt::Text(t)) => t.text.len() as u32,
+        Some(pb::generate_request::Prompt::Tokens(t)) => t.token_ids.len() as u32,
+        _ => 0,
+    };
+    let values = vec![tokens as f32, 1.0, -0.5];
+    Ok(vec![started(tokens), Item::Event(Event::Embedding(pb::Embedding { values })), finished(tokens, 0)])
+}
+
 impl FakeBackend {
     pub fn new(models: &[&str]) -> Arc<Self> {
+        Self::with_cards(models.iter().map(|m| card(m)).collect())
+    }
+
+    /// A fake serving `models`; it answers with [`embedded_or_hello`].
+    pub fn with_cards(models: Vec<ModelCard>) -> Arc<Self> {
         Arc::new(FakeBackend {
-            models: models.iter().map(|m| card(m)).collect(),
+            models,
             ready: AtomicBool::new(true),
-            script: Mutex::new(Arc::new(hello_world)),
+            script: Mutex::new(Arc::new(embedded_or_hello)),
             requests: Mutex::default(),
             tokenize_requests: Mutex::default(),
             streams_opened: AtomicUsize::new(0),
@@ -219,6 +245,13 @@ pub async fn serve(backend: Arc<FakeBackend>, config: ApiConfig) -> Server {
 /// Serves the default fake (one model, `m`) with the default configuration.
 pub async fn serve_default() -> (Arc<FakeBackend>, Server) {
     let backend = FakeBackend::new(&["m"]);
+    let server = serve(backend.clone(), ApiConfig::default()).await;
+    (backend, server)
+}
+
+/// Serves a fake with a generation model `m` and a pooling model `e` (default configuration).
+pub async fn serve_with_pooling() -> (Arc<FakeBackend>, Server) {
+    let backend = FakeBackend::with_cards(vec![card("m"), ModelCard { runner: Runner::Pooling, ..card("e") }]);
     let server = serve(backend.clone(), ApiConfig::default()).await;
     (backend, server)
 }

@@ -36,6 +36,7 @@ use super::tools::output::AnswerFormat;
 use super::tools::request::ToolRequest;
 use super::trace::Trace;
 use super::{ApiState, chat, dispatch, stream};
+use crate::backend::Runner;
 
 /// `POST /v1/responses`.
 pub async fn create(State(state): State<ApiState>, trace: Trace, JsonObject(body): JsonObject) -> Response {
@@ -46,7 +47,8 @@ pub async fn create(State(state): State<ApiState>, trace: Trace, JsonObject(body
 
 async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
     let request = ResponsesRequest::parse(&body)?;
-    let card = state.resolve_model(request.chat.get("model").and_then(Value::as_str))?;
+    let card =
+        state.resolve_for(request.chat.get("model").and_then(Value::as_str), Runner::Generate, "Responses API")?;
     let mut history = match &request.previous_response_id {
         Some(previous) => state
             .responses
