@@ -13,23 +13,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::WorkerError;
 
-/// Which runner serves the model (vLLM's `--runner`).
+/// Which runner serves the model (vLLM's `--runner`). `Auto` goes by the architecture:
+/// generation for a Llama causal LM (pooling when `--convert embed` asks for it). (Variants carry
+/// no `///` docs: clap would print them as a long "possible values" list in `--help`.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Runner {
-    /// From the model's architecture: generation for a Llama causal LM (pooling when
-    /// `--convert embed` asks for it).
     #[default]
     Auto,
     Generate,
     Pooling,
 }
 
-/// How a model is adapted to a pooling task (vLLM's `--convert`).
+/// How a model is adapted to a pooling task (vLLM's `--convert`). `Auto` is `Embed` under the
+/// pooling runner (a causal LM has no pooler of its own), else `None`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Convert {
-    /// `embed` under the pooling runner (a causal LM has no pooler of its own), else none.
     #[default]
     Auto,
     None,
