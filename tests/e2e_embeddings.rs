@@ -8,11 +8,8 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use serde_json::{Value, json};
-use support::{Lumen, serve_flags};
+use support::{Lumen, run_python, serve_flags};
 
 async fn post(http: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
     let resp = http.post(url).bearer_auth("sekret").json(body).send().await.unwrap();
@@ -36,27 +33,13 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_through_the_openai_client_and_http_on_a_pooling_model() {
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/pyenv/bin/python");
-    assert!(python.is_file(), "{} is missing: run scripts/python-env.sh (scripts/test.sh does)", python.display());
     let lumen =
         Lumen::start(&serve_flags(&["--api-key", "sekret", "--runner", "pooling", "--max-num-batched-tokens", "64"]));
     let http = reqwest::Client::new();
     lumen.wait_healthy(&http).await;
     let api = lumen.url("api");
 
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/openai_embeddings.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .args([&format!("{api}/v1"), "sekret", "smol"])
-        .output()
-        .expect("running python");
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python("openai_embeddings.py", &[&format!("{api}/v1"), "sekret", "smol"]);
 
     // Concurrent requests (batched together, prompts chunked by 64-token steps) give the vectors
     // that one request at a time gives.

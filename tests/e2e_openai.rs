@@ -10,7 +10,7 @@ use std::process::Command;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use support::{Lumen, read_sse, serve_flags};
+use support::{Lumen, read_sse, run_python, serve_flags};
 
 fn serve(extra: &[&str]) -> Lumen {
     Lumen::start(&serve_flags(extra))
@@ -24,22 +24,11 @@ async fn post(http: &reqwest::Client, url: String, body: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_client_works() {
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/pyenv/bin/python");
-    assert!(python.is_file(), "{} is missing: run scripts/python-env.sh (scripts/test.sh does)", python.display());
     let lumen = serve(&["--api-key", "sekret"]);
     lumen.wait_healthy(&reqwest::Client::new()).await;
     let base_url = format!("{}/v1", lumen.url("api"));
     for script in ["openai_client.py", "openai_responses.py"] {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support").join(script);
-        let out =
-            Command::new(&python).arg(&script).args([&base_url, "sekret", "smol"]).output().expect("running python");
-        assert!(
-            out.status.success(),
-            "{} failed:\n{}\n{}",
-            script.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_python(script, &[&base_url, "sekret", "smol"]);
     }
 }
 

@@ -72,6 +72,23 @@ pub fn worker_flags(head_grpc: &str, id: &str) -> Vec<String> {
         .to_vec()
 }
 
+/// Runs `tests/support/{script}` with the tests' Python environment (`.cache/pyenv`, with the
+/// official `openai` client) and `args`; fails with its output unless it succeeds.
+pub fn run_python(script: &str, args: &[&str]) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".cache/pyenv/bin/python");
+    assert!(python.is_file(), "{} is missing: run scripts/python-env.sh (scripts/test.sh does)", python.display());
+    let script = root.join("tests/support").join(script);
+    let out = Command::new(&python).arg(&script).args(args).output().expect("running python");
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Polls `check` every 100 ms until it holds, failing after `timeout` with `what`.
 pub async fn until<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where

@@ -138,8 +138,8 @@ impl EngineLimits {
         Ok(())
     }
 
-    /// A pooling prompt fits when it is at most `max_model_len` tokens (vLLM's message) and the
-    /// cache can hold it.
+    /// A pooling prompt fits when it is at most `max_model_len` tokens (vLLM's message; the
+    /// cache always holds `max_model_len` tokens, which loading the model checks).
     fn validate_pooled(&self, prompt_tokens: usize) -> Result<()> {
         if prompt_tokens > self.max_model_len {
             return Err(WorkerError::invalid(
@@ -147,15 +147,6 @@ impl EngineLimits {
                 format!(
                     "This model's maximum context length is {} tokens. However, you requested {prompt_tokens} tokens in the input for embedding generation. Please reduce the length of the input.",
                     self.max_model_len
-                ),
-            ));
-        }
-        if prompt_tokens > self.cache_capacity_tokens {
-            return Err(WorkerError::invalid(
-                "input",
-                format!(
-                    "the input ({prompt_tokens} tokens) exceeds the KV cache's {} tokens",
-                    self.cache_capacity_tokens
                 ),
             ));
         }

@@ -11,7 +11,7 @@ use tokio::sync::mpsc::unbounded_channel;
 use crate::TokenId;
 use crate::engine::options::GpuDType;
 use crate::engine::pooling::{PoolerConfig, Runner};
-use crate::engine::{EngineEvent, EngineOptions, EngineRequest, PoolingType, build_engine};
+use crate::engine::{EngineCore, EngineEvent, EngineOptions, EngineRequest, PoolingType, build_engine};
 use crate::model::cpu_weights::CpuWeightFormat;
 use crate::sampling::{SamplingParams, StopParams};
 use crate::tokenizer::{ChatMessage, ChatTemplateOptions};
@@ -59,29 +59,54 @@ fn greedy_with_margins(opts: &EngineOptions) -> Vec<(Vec<TokenId>, f32)> {
     decode(opts, true).into_iter().map(|(tokens, gap)| (tokens, gap.expect("the first token's top-2"))).collect()
 }
 
-/// Greedy continuations, with the first token's top-2 gap when `logprobs` (which takes another
-/// path on the GPU: rows with log-probabilities are copied whole).
-fn decode(opts: &EngineOptions, logprobs: bool) -> Vec<(Vec<TokenId>, Option<f32>)> {
+/// Builds an engine from `opts`, submits `request(core, i, prompt)` for every prompt at once,
+/// runs it to the end, and returns each request's events.
+fn run_prompts(
+    opts: &EngineOptions,
+    request: impl Fn(&EngineCore, usize, &str) -> EngineRequest,
+) -> Vec<Vec<EngineEvent>> {
     let mut core = build_engine(opts).expect("building the engine");
-    let template = ChatTemplateOptions { add_generation_prompt: true, ..Default::default() };
-    let mut receivers = Vec::new();
-    for (i, text) in PROMPTS.iter().enumerate() {
-        let ids = core.tokenizer().encode_chat(&[ChatMessage::new("user", *text)], &template).unwrap();
-        let stop = StopParams { max_tokens: NEW_TOKENS, ignore_eos: true, ..Default::default() };
-        let (tx, rx) = unbounded_channel();
-        let params = SamplingParams { logprobs: logprobs.then_some(2), ..SamplingParams::greedy() };
-        core.add_request(EngineRequest::new(format!("p{i}"), ids, params, stop), tx);
-        receivers.push(rx);
-    }
+    let receivers: Vec<_> = PROMPTS
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let (tx, rx) = unbounded_channel();
+            let req = request(&core, i, text);
+            core.add_request(req, tx);
+            rx
+        })
+        .collect();
     while core.has_work() {
         core.step().expect("engine step");
     }
     receivers
         .into_iter()
         .map(|mut rx| {
+            let mut events = Vec::new();
+            while let Ok(event) = rx.try_recv() {
+                events.push(event);
+            }
+            events
+        })
+        .collect()
+}
+
+/// Greedy continuations, with the first token's top-2 gap when `logprobs` (which takes another
+/// path on the GPU: rows with log-probabilities are copied whole).
+fn decode(opts: &EngineOptions, logprobs: bool) -> Vec<(Vec<TokenId>, Option<f32>)> {
+    let template = ChatTemplateOptions { add_generation_prompt: true, ..Default::default() };
+    let outputs = run_prompts(opts, |core, i, text| {
+        let ids = core.tokenizer().encode_chat(&[ChatMessage::new("user", text)], &template).unwrap();
+        let stop = StopParams { max_tokens: NEW_TOKENS, ignore_eos: true, ..Default::default() };
+        let params = SamplingParams { logprobs: logprobs.then_some(2), ..SamplingParams::greedy() };
+        EngineRequest::new(format!("p{i}"), ids, params, stop)
+    });
+    outputs
+        .into_iter()
+        .map(|events| {
             let mut tokens: HashMap<usize, Vec<TokenId>> = HashMap::new();
             let mut margin = None;
-            while let Ok(event) = rx.try_recv() {
+            for event in events {
                 match event {
                     EngineEvent::Delta(d) => {
                         if margin.is_none()
@@ -139,23 +164,15 @@ fn the_gpu_path_decodes_the_cpu_paths_greedy_tokens() {
 
 /// Pooled vectors of the prompts, all submitted at once to an engine served for pooling.
 fn embed(opts: &EngineOptions) -> Vec<Vec<f32>> {
-    let mut core = build_engine(opts).expect("building the engine");
     let pooling = opts.pooling().unwrap().expect("a pooling runner");
-    let mut receivers = Vec::new();
-    for (i, text) in PROMPTS.iter().enumerate() {
-        let ids = core.tokenizer().encode(text, true).unwrap();
-        let (tx, rx) = unbounded_channel();
-        core.add_request(EngineRequest::pooling(format!("e{i}"), ids, pooling), tx);
-        receivers.push(rx);
-    }
-    while core.has_work() {
-        core.step().expect("engine step");
-    }
-    receivers
+    let outputs = run_prompts(opts, |core, i, text| {
+        EngineRequest::pooling(format!("e{i}"), core.tokenizer().encode(text, true).unwrap(), pooling)
+    });
+    outputs
         .into_iter()
-        .map(|mut rx| {
+        .map(|events| {
             let mut vector = None;
-            while let Ok(event) = rx.try_recv() {
+            for event in events {
                 match event {
                     EngineEvent::Embedding(v) => vector = Some(v),
                     EngineEvent::Failed(e) => panic!("request failed: {e}"),
