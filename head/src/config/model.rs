@@ -42,6 +42,8 @@ pub enum Kind {
     BytesOrNull,
     /// A share in (0, 1].
     Fraction,
+    /// Milliseconds, at least 0, or null (the worker's default).
+    MillisOrNull,
     /// `cpu`, `cuda` or `cuda:N`.
     Device,
     /// A reasoning parser the head knows.
@@ -64,6 +66,7 @@ pub const OPTIONS: &[(&str, Kind)] = &[
     ("max_model_len", Kind::CountOrNull),
     ("max_num_seqs", Kind::Count),
     ("max_num_batched_tokens", Kind::Count),
+    ("itl_goal_ms", Kind::MillisOrNull),
     ("block_size", Kind::Count),
     ("enable_prefix_caching", Kind::Bool),
     ("kv_cache_memory", Kind::Bytes),
@@ -204,6 +207,12 @@ pub fn check_value(kind: Kind, value: &Value) -> Result<(), String> {
             _ => Err(format!("must be greater than 0 and at most 1, got {n}")),
         },
         (Kind::Fraction, _) => Err(format!("must be a number in (0, 1], got {}", got())),
+        (Kind::MillisOrNull, Value::Null) => Ok(()),
+        (Kind::MillisOrNull, Value::Number(n)) => match n.as_f64() {
+            Some(ms) if ms >= 0.0 => Ok(()),
+            _ => Err(format!("must be a number of milliseconds, at least 0, got {n}")),
+        },
+        (Kind::MillisOrNull, _) => Err(format!("must be a number of milliseconds or null, got {}", got())),
         (Kind::Device, Value::String(s)) if is_device(s) => Ok(()),
         (Kind::Device, _) => Err(format!("must be cpu, cuda or cuda:N, got {}", got())),
         (Kind::ReasoningParser, Value::String(s)) => s.parse::<ReasoningParserKind>().map(|_| ()),

@@ -18,6 +18,7 @@ use super::request::{
     Usage,
 };
 use super::stats::{EngineHistograms, EngineStats, RateMeter};
+use super::step_cost::StepCostModel;
 use crate::grammar::{GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar};
 use crate::model::Model;
 use crate::sampling::reduce::{Reduced, ReducedRows, RowPlan, RowResult};
@@ -87,6 +88,8 @@ pub struct EngineCore {
     /// compute masks while the forward pass runs.
     grammars: Arc<GrammarCompiler>,
     mask_workers: MaskWorkers,
+    /// Measured step costs, which size the prompt chunks of steps that carry decodes.
+    step_cost: StepCostModel,
 }
 
 /// Scheduling knobs of an engine.
@@ -96,6 +99,9 @@ pub struct CoreConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub enable_prefix_caching: bool,
+    /// The step-time goal of steps that carry decodes, ms (`None`: prompt chunks fill the
+    /// budget); see `step_cost`.
+    pub itl_goal_ms: Option<f64>,
 }
 
 impl EngineCore {
@@ -130,6 +136,7 @@ impl EngineCore {
             reduced: ReducedRows::default(),
             grammars,
             mask_workers: MaskWorkers::new(MaskWorkers::default_threads()),
+            step_cost: StepCostModel::new(cfg.itl_goal_ms),
         }
     }
 
@@ -239,7 +246,9 @@ impl EngineCore {
     /// Runs one step. Returns false when there was nothing to run.
     pub fn step(&mut self) -> Result<bool> {
         self.drop_disconnected();
-        let schedule = self.scheduler.schedule();
+        let started = Instant::now();
+        let cost = &self.step_cost;
+        let schedule = self.scheduler.schedule_limited(|decodes| cost.prompt_limit(decodes));
         self.counters.preemptions_total += schedule.preempted.len() as u64;
         if schedule.is_empty() {
             return Ok(false);
@@ -270,6 +279,8 @@ impl EngineCore {
             }
         }
         self.reduced = reduced;
+        let tokens = schedule.seqs.iter().map(|s| s.len).sum();
+        self.step_cost.observe(tokens, started.elapsed().as_secs_f64() * 1e3);
         self.counters.steps_total += 1;
         self.last_progress = Instant::now();
         Ok(true)

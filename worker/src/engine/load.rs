@@ -47,10 +47,24 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
         max_num_seqs: opts.max_num_seqs,
         max_num_batched_tokens: opts.max_num_batched_tokens,
         enable_prefix_caching: opts.enable_prefix_caching,
+        itl_goal_ms: itl_goal(opts),
     };
     let num_blocks = model.num_blocks();
     tracing::info!(model = %opts.model, max_model_len, num_blocks, ?pooling, seconds = started.elapsed().as_secs_f32(), "engine ready");
     Ok(EngineCore::new(model, tokenizer, &core_cfg))
+}
+
+/// The step-time goal the engine schedules for: `--itl-goal-ms` (0: none), by default one on a
+/// GPU (where a full budget of prompt tokens holds every stream for a long step) and none on
+/// the CPU.
+fn itl_goal(opts: &EngineOptions) -> Option<f64> {
+    match opts.itl_goal_ms {
+        Some(goal) => (goal > 0.0).then_some(goal),
+        None => match opts.device.parse::<ComputeDevice>() {
+            Ok(ComputeDevice::Cuda(_)) => Some(super::options::defaults::GPU_ITL_GOAL_MS),
+            _ => None,
+        },
+    }
 }
 
 /// The CPU model, its KV cache sized by `--kv-cache-memory`.

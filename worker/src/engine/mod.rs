@@ -6,6 +6,7 @@ pub mod core;
 pub mod request;
 pub mod runner;
 pub mod stats;
+pub mod step_cost;
 
 pub use actor::{EngineHandle, RequestStream};
 pub use core::{CoreConfig, EngineCore};

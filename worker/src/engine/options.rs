@@ -43,6 +43,13 @@ pub struct EngineOptions {
     #[arg(long, env = "LUMEN_MAX_NUM_BATCHED_TOKENS", default_value_t = defaults::MAX_NUM_BATCHED_TOKENS)]
     pub max_num_batched_tokens: usize,
 
+    /// Inter-token latency goal under load, in ms: while sequences decode, the prompt tokens of
+    /// a step are sized from measured step costs so the step takes about this long (decodes
+    /// always run; prompts get at least 256 tokens a step). Default: 50 on a GPU, off on the
+    /// CPU; 0 turns it off (prompt chunks fill `max_num_batched_tokens`, as in vLLM).
+    #[arg(long, env = "LUMEN_ITL_GOAL_MS")]
+    pub itl_goal_ms: Option<f64>,
+
     /// Tokens per KV cache block.
     #[arg(long, env = "LUMEN_BLOCK_SIZE", default_value_t = defaults::BLOCK_SIZE)]
     pub block_size: usize,
@@ -159,6 +166,8 @@ pub mod defaults {
     pub const BLOCK_SIZE: usize = 16;
     pub const KV_CACHE_MEMORY: &str = "2GiB";
     pub const GPU_MEMORY_UTILIZATION: f64 = 0.9;
+    /// `itl_goal_ms` on a GPU when none is given.
+    pub const GPU_ITL_GOAL_MS: f64 = 50.0;
 }
 
 impl Default for EngineOptions {
@@ -170,6 +179,7 @@ impl Default for EngineOptions {
             max_model_len: None,
             max_num_seqs: defaults::MAX_NUM_SEQS,
             max_num_batched_tokens: defaults::MAX_NUM_BATCHED_TOKENS,
+            itl_goal_ms: None,
             block_size: defaults::BLOCK_SIZE,
             enable_prefix_caching: true,
             kv_cache_memory: defaults::KV_CACHE_MEMORY.parse().expect("valid default size"),

@@ -4,8 +4,11 @@
 //! sequences, oldest first (one token each while decoding, the rest of a chunked prompt
 //! otherwise), then waiting sequences in arrival order while the budget, `max_num_seqs` and free
 //! blocks allow; a prompt longer than what is left of the budget is split across steps (chunked
-//! prefill). A new sequence first takes the longest run of its full blocks found in the prefix
-//! cache and computes only the rest. When a running sequence needs a block and none is free, the
+//! prefill). The engine may also cap the prompt tokens of a step that carries decodes
+//! ([`Scheduler::schedule_limited`], sized from measured step costs), so long prompts do not
+//! stall every decoding stream for a whole budget's worth of prefill. A new sequence first
+//! takes the longest run of its full blocks found in the prefix cache and computes only the
+//! rest. When a running sequence needs a block and none is free, the
 //! newest running sequence is preempted: its blocks are released (cached ones stay findable) and
 //! it goes back to the front of the waiting queue to be recomputed, keeping its generated tokens.
 //!
@@ -151,13 +154,23 @@ impl Scheduler {
 
     /// Decides the next step.
     pub fn schedule(&mut self) -> Schedule {
+        self.schedule_limited(|_| None)
+    }
+
+    /// Decides the next step, giving prompt chunks (and recomputes) at most
+    /// `prompt_limit(decodes)` tokens when the step carries `decodes` decode tokens (`None`: no
+    /// limit beyond the budget). Decode tokens are never limited.
+    pub fn schedule_limited(&mut self, prompt_limit: impl Fn(usize) -> Option<usize>) -> Schedule {
+        let decodes = self.running.iter().filter(|id| self.seqs[id].num_uncomputed() == 1).count();
+        let mut prompt_left = prompt_limit(decodes).unwrap_or(usize::MAX);
         let mut out = Schedule::default();
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut rows_left = MAX_PROMPT_ROWS_PER_STEP;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
-            let n = self.seqs[&id].num_uncomputed().min(budget);
+            let want = self.seqs[&id].num_uncomputed();
+            let n = if want > 1 { want.min(budget).min(prompt_left) } else { want.min(budget) };
             let n = self.take_prompt_rows(id, n, &mut rows_left, &mut out.prompt_rows);
             if n == 0 {
                 i += 1;
@@ -169,9 +182,13 @@ impl Scheduler {
             }
             out.seqs.push(self.scheduled(id, n, &mut out.hidden_rows));
             budget -= n;
+            if want > 1 {
+                prompt_left -= n;
+            }
             i += 1;
         }
         if out.preempted.is_empty() {
+            budget = budget.min(prompt_left);
             self.admit_waiting(&mut budget, &mut rows_left, &mut out);
         }
         out

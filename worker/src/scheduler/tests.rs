@@ -307,3 +307,32 @@ fn a_pooling_sequence_reads_only_cached_blocks_before_its_first_pooled_position(
     assert_eq!((start(2), start(3)), (0, 8));
     assert_eq!(sched.hidden_rows, vec![(2, 0..10), (3, 9..10)]);
 }
+
+#[test]
+fn a_prompt_limit_caps_chunks_only_in_steps_that_carry_decodes() {
+    let mut s = Scheduler::new(cfg(256, 64, 8));
+    // Alone, a prompt takes the whole budget: the limit applies to steps with decodes only.
+    s.add(Sequence::new(1, 1, vec![1; 40]));
+    let limit = |decodes: usize| (decodes > 0).then_some(6);
+    let first = s.schedule_limited(limit);
+    assert_eq!(first.seqs, vec![ScheduledSeq { id: 1, start: 0, len: 40, samples: true }]);
+    s.complete(&first);
+    s.append_token(1, 9);
+    // Two prompts arrive while sequence 1 decodes: its token goes first, the prompts share 6.
+    s.add(Sequence::new(2, 2, vec![2; 20]));
+    s.add(Sequence::new(3, 3, vec![3; 20]));
+    let second = s.schedule_limited(limit);
+    assert_eq!(second.seqs[0], ScheduledSeq { id: 1, start: 40, len: 1, samples: true });
+    assert_eq!(second.seqs[1], ScheduledSeq { id: 2, start: 0, len: 6, samples: false });
+    assert_eq!(second.seqs.len(), 2, "the limit is spent: sequence 3 waits");
+    s.complete(&second);
+    s.append_token(1, 9);
+    // The running chunk of sequence 2 is limited too, and the waiting prompt gets nothing.
+    let third = s.schedule_limited(limit);
+    let lens: Vec<(SeqId, usize)> = third.seqs.iter().map(|q| (q.id, q.len)).collect();
+    assert_eq!(lens, vec![(1, 1), (2, 6)]);
+    // Without a limit, the same state fills the budget.
+    let unlimited = s.schedule();
+    let prompt_tokens: usize = unlimited.seqs.iter().filter(|q| q.id != 1).map(|q| q.len).sum();
+    assert_eq!(prompt_tokens, 14 + 20, "sequence 2's remaining 14 and all of sequence 3");
+}
