@@ -135,6 +135,7 @@ fn load_cuda(
             max_num_batched_tokens: opts.max_num_batched_tokens,
             gpu_memory_utilization: opts.gpu_memory_utilization,
             gpu_memory_limit: opts.gpu_memory_limit.map(|b| b.as_u64() as usize),
+            pooling: opts.pooling()?.is_some(),
         },
     )?;
     Ok(Box::new(model))

@@ -11,7 +11,9 @@
 //! `sampling::reduce`: the argmax for greedy rows, the k best for top-k rows, after the
 //! sampler's penalties, bias and suppression), so a step copies back one small buffer, plus the
 //! full f32 rows of only those sequences the host must sample itself (logprobs, sampling over
-//! the whole vocabulary); those copies are the step's only synchronisation.
+//! the whole vocabulary); those copies are the step's only synchronisation. A pooling step's
+//! `hidden_rows` are gathered, finished (last residual add, final RMSNorm) and converted on the
+//! device, and only those rows are copied back.
 //!
 //! Start-up (`CudaLlama::load`): device and kernel modules, weights straight into device memory,
 //! the rotary tables, a profiling forward at the largest batch the scheduler can form (the
@@ -62,6 +64,9 @@ pub struct CudaModelOptions {
     pub gpu_memory_utilization: f64,
     /// Plan as if the device had at most this many bytes (`gpu_memory_limit`).
     pub gpu_memory_limit: Option<usize>,
+    /// Served for pooling: the profiling forward also reads every row's hidden state (mean
+    /// pooling's worst case), so the activation peak covers it.
+    pub pooling: bool,
 }
 
 /// A Llama model with its KV cache, on one GPU.
@@ -360,7 +365,8 @@ fn synchronize(device: &Device) -> Result<()> {
 }
 
 /// The largest step the scheduler can form: `max_num_batched_tokens` tokens over up to
-/// `max_num_seqs` fresh sequences, each wanting logits, each within `max_model_len`.
+/// `max_num_seqs` fresh sequences, each wanting logits, each within `max_model_len` (and, for a
+/// pooling model, every row's hidden state).
 fn profiling_batch(opts: &CudaModelOptions) -> ForwardBatch {
     let tokens = opts.max_num_batched_tokens.max(1);
     let seqs = opts.max_num_seqs.clamp(1, tokens).max(tokens.div_ceil(opts.max_model_len.max(1)));
@@ -375,6 +381,9 @@ fn profiling_batch(opts: &CudaModelOptions) -> ForwardBatch {
         next_block += blocks;
         let ids: Vec<u32> = (0..len as u32).map(|t| t % 7 + 1).collect();
         batch.push_seq(&ids, 0, &table, opts.block_size, true);
+    }
+    if opts.pooling {
+        batch.hidden_rows = (0..batch.num_tokens()).collect();
     }
     batch
 }
