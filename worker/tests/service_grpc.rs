@@ -371,3 +371,50 @@ async fn check_health_reports_a_working_engine_healthy_while_idle_and_while_gene
     let unknown = w.client.check_health(pb::CheckHealthRequest { replica_id: "nope".into(), stall_timeout_ms: 0 });
     assert_eq!(unknown.await.unwrap_err().code(), Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooling_replica_answers_embedding_requests_only_and_a_generating_one_refuses_them() {
+    let mut w = start_worker_with_replica().await;
+    let mut options: serde_json::Value = serde_json::from_str(&options_json()).unwrap();
+    options["runner"] = "pooling".into();
+    let start = pb::StartReplicaRequest { replica_id: "smol-e".into(), engine_options_json: options.to_string() };
+    let info = w.client.start_replica(start).await.unwrap().into_inner();
+    assert_eq!(info.runner, "pooling");
+    let embed = |replica: &str, truncate: Option<u32>| pb::GenerateRequest {
+        replica_id: replica.into(),
+        request_id: format!("e-{replica}-{truncate:?}"),
+        prompt: Some(pb::generate_request::Prompt::Text(pb::TextPrompt {
+            text: "The cat sat on the mat, and then it slept.".into(),
+            add_special_tokens: true,
+        })),
+        pooling: Some(pb::PoolingRequest { normalize: None, truncate_prompt_tokens: truncate }),
+        ..Default::default()
+    };
+
+    // Started, one Embedding (a unit vector of hidden_size values), Finished, and nothing more.
+    for (truncate, tokens) in [(None, None), (Some(4), Some(4))] {
+        let mut stream = w.client.generate(embed("smol-e", truncate)).await.unwrap().into_inner();
+        let pb::generate_event::Event::Started(started) = next_event(&mut stream).await else {
+            panic!("started first")
+        };
+        if let Some(tokens) = tokens {
+            assert_eq!(started.prompt_tokens, tokens, "truncated to the last tokens");
+        }
+        let pb::generate_event::Event::Embedding(e) = next_event(&mut stream).await else { panic!("an embedding") };
+        assert_eq!(e.values.len(), 576);
+        let norm: f32 = e.values.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "normalized: {norm}");
+        let pb::generate_event::Event::Finished(f) = next_event(&mut stream).await else { panic!("finished") };
+        let usage = f.usage.unwrap();
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (started.prompt_tokens, 0));
+        assert!(stream.message().await.unwrap().is_none(), "nothing after `finished`");
+    }
+
+    // The other kind of request on each replica is INVALID_ARGUMENT naming `model`.
+    let generate = request("g-on-e", chat_prompt("Hi"), 4);
+    let status = w.client.generate(pb::GenerateRequest { replica_id: "smol-e".into(), ..generate }).await.unwrap_err();
+    assert_eq!((status.code(), param(&status)), (Code::InvalidArgument, Some("model")), "{status:?}");
+    let status = w.client.generate(embed(REPLICA, None)).await.unwrap_err();
+    assert_eq!((status.code(), param(&status)), (Code::InvalidArgument, Some("model")), "{status:?}");
+    assert!(status.message().contains("does not support Embeddings API"), "{}", status.message());
+}
