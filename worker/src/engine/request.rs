@@ -37,6 +37,10 @@ pub struct EngineRequest {
     /// this many alternatives, computed in the prefill (which then reads no prompt block from the
     /// prefix cache).
     pub prompt_logprobs: Option<usize>,
+    /// A continuation (the head moved the request off a replica that failed): the output the
+    /// request already produced, taken as generated here (`core_resume.rs`). Only with `n = 1`,
+    /// no constraint, and fewer tokens than `max_tokens`.
+    pub resumed_output: Vec<TokenId>,
 }
 
 impl EngineRequest {
@@ -58,6 +62,7 @@ impl EngineRequest {
             constraint: None,
             constraint_after: None,
             prompt_logprobs: None,
+            resumed_output: Vec::new(),
         }
     }
 }
@@ -97,6 +102,7 @@ impl EngineLimits {
                 format!("must be at most {}, got {k}", crate::sampling::MAX_TOP_LOGPROBS),
             ));
         }
+        self.validate_resumed(req)?;
         req.sampling.validate(self.vocab_size)?;
         req.stop.validate(self.vocab_size)?;
         let prompt_tokens = req.prompt_token_ids.len();
@@ -116,6 +122,27 @@ impl EngineLimits {
                     self.cache_capacity_tokens
                 ),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl EngineLimits {
+    /// A continuation's output must be one the engine could have produced itself.
+    fn validate_resumed(&self, req: &EngineRequest) -> Result<()> {
+        let resumed = &req.resumed_output;
+        if resumed.is_empty() {
+            return Ok(());
+        }
+        let refuse = |why: String| Err(WorkerError::invalid("resume", why));
+        if req.n != 1 || req.constraint.is_some() {
+            return refuse("only a request with n = 1 and no structured output can be resumed".into());
+        }
+        if let Some(&t) = resumed.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return refuse(format!("token id {t} is outside the vocabulary of {}", self.vocab_size));
+        }
+        if resumed.len() >= req.stop.max_tokens {
+            return refuse(format!("{} tokens resumed but max_tokens is {}", resumed.len(), req.stop.max_tokens));
         }
         Ok(())
     }

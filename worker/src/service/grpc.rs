@@ -208,6 +208,7 @@ impl WorkerService {
         engine_req.n = if req.n == 0 { 1 } else { req.n as usize };
         engine_req.skip_special_tokens = req.skip_special_tokens;
         engine_req.prompt_logprobs = req.prompt_logprobs.map(|k| k as usize);
+        engine_req.resumed_output = req.resume.map(|r| r.output_token_ids).unwrap_or_default();
         if let Some(structured) = &req.structured_output {
             let constraint = convert::constraint(structured)?;
             engine_req.constraint = Some(compile_blocking(handle.grammars(), constraint).await?);
@@ -215,7 +216,9 @@ impl WorkerService {
         }
         let stream = handle.generate(engine_req).await?;
         tracing::debug!(prompt_tokens, "request queued");
-        let started = convert::started_event(prompt_tokens, req.return_prompt.then_some(encoded));
+        let only_ids = req.return_prompt_token_ids && !req.return_prompt;
+        let ids = if only_ids { encoded.token_ids.clone() } else { Vec::new() };
+        let started = convert::started_event(prompt_tokens, ids, req.return_prompt.then_some(encoded));
         Ok(event_stream(started, stream, in_flight, span))
     }
 }
