@@ -377,6 +377,7 @@ async fn check_health_reports_a_working_engine_healthy_while_idle_and_while_gene
 #[derive(Debug, Default)]
 struct Output {
     prompt_ids: Vec<u32>,
+    resumed_tokens: u32,
     deltas: Vec<(Vec<u32>, String)>,
     logprobs: Vec<pb::TokenLogprob>,
     finish: i32,
@@ -397,7 +398,10 @@ async fn run(client: &mut WorkerClient<Channel>, req: pb::GenerateRequest) -> Ou
     let mut out = Output::default();
     loop {
         match next_event(&mut stream).await {
-            pb::generate_event::Event::Started(s) => out.prompt_ids = s.prompt_token_ids,
+            pb::generate_event::Event::Started(s) => {
+                out.prompt_ids = s.prompt_token_ids;
+                out.resumed_tokens = s.resumed_tokens;
+            }
             pb::generate_event::Event::Delta(d) => {
                 out.deltas.push((d.token_ids, d.text));
                 out.logprobs.extend(d.logprobs);
@@ -444,6 +448,7 @@ async fn a_resumed_request_continues_token_for_token_with_the_same_text_logprobs
                 ..first.clone()
             };
             let rest = run(&mut w.client, resumed).await;
+            assert_eq!(rest.resumed_tokens as usize, cut, "`started` says the resumed tokens were taken");
             assert_eq!(rest.ids(), ids[cut..], "{name} resumed after {cut} tokens");
             let delivered: String = whole.deltas[..cut].iter().map(|(_, t)| t.as_str()).collect();
             assert_eq!(delivered + &rest.text(), whole.text(), "{name} after {cut}: the text goes on where it stopped");

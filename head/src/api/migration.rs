@@ -18,8 +18,9 @@
 //! - The continuation goes to a replica that has not failed the request, with the original prompt
 //!   ids and `resume` = the delivered ids (the worker takes them as output already generated:
 //!   penalties, seeded stream, stop strings, `max_tokens`, usage; see the proto's `Resume`). Its
-//!   `started` is dropped, so the API layer sees one stream: no token lost or repeated, the
-//!   usage of the last worker covers the whole request once.
+//!   `started` must say it took them all (`resumed_tokens`: a worker that does not know `resume`
+//!   would start over) and is dropped, so the API layer sees one stream: no token lost or
+//!   repeated, the usage of the last worker covers the whole request once.
 //! - When it cannot move (limit reached, no other replica, the continuation refused), the client
 //!   gets the failure it would have got without migration.
 //! - Each move is counted in `lumen:request_migrations_total{reason}`, logged in the request's
@@ -136,6 +137,17 @@ fn note_route(slot: &RouteSlot, trace: &Trace) -> Option<String> {
     Some(replica)
 }
 
+/// Reads a continuation's `started` (the client had it already): whether the worker took the
+/// `delivered` tokens as generated. One that does not know `resume` would start over.
+async fn resumes(stream: &mut EventStream, delivered: usize) -> bool {
+    match stream.next().await {
+        Some(Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Started(started)) })) => {
+            started.resumed_tokens as usize == delivered
+        }
+        _ => false,
+    }
+}
+
 /// What a request needs to resume elsewhere: token ids only.
 struct Continuation {
     /// The request as sent, its prompt replaced by its token ids once `started` named them.
@@ -168,8 +180,6 @@ impl Continuation {
 enum Seen {
     /// Hand it to the API layer.
     Pass(pb::GenerateEvent),
-    /// A continuation's `started`: the client had it already.
-    Drop,
     /// The replica aborted the request: move it, else hand this on.
     Aborted(pb::GenerateEvent),
 }
@@ -202,7 +212,6 @@ impl Resumable {
                 }
                 Some(Ok(event)) => match self.see(event) {
                     Seen::Pass(event) => return Some(Ok(event)),
-                    Seen::Drop => continue,
                     Seen::Aborted(event) => (Reason::Aborted, Ok(event)),
                 },
                 Some(Err(error)) => match Reason::of(&error) {
@@ -225,10 +234,8 @@ impl Resumable {
         use pb::generate_event::Event;
         let c = &mut self.continuation;
         match event.event {
+            // Only the first stream's: a continuation's is read by `resumes`.
             Some(Event::Started(mut started)) => {
-                if c.moves > 0 {
-                    return Seen::Drop;
-                }
                 if !started.prompt_token_ids.is_empty() {
                     let ids = pb::TokenPrompt { token_ids: started.prompt_token_ids.clone() };
                     c.request.prompt = Some(pb::generate_request::Prompt::Tokens(ids));
@@ -268,7 +275,11 @@ impl Resumable {
             let request = self.continuation.next_request();
             let opened = self.backend.generate_avoiding(&self.model, request, &self.avoid);
             match backend::with_route_slot(slot.clone(), opened).await {
-                Ok(stream) => {
+                Ok(mut stream) => {
+                    if !resumes(&mut stream, delivered).await {
+                        tracing::warn!(%request_id, "the replica did not take the delivered tokens (a worker without `resume`)");
+                        return false;
+                    }
                     self.current = stream;
                     self.replica = note_route(&slot, &self.trace);
                     self.migrations.total.with_label_values(&[reason.as_str()]).inc();

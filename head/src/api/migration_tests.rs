@@ -63,6 +63,11 @@ fn started(prompt_ids: &[u32]) -> Result<Event, BackendError> {
     }))
 }
 
+/// A continuation's `started`: it took `resumed` tokens as generated.
+fn resumed(resumed: u32) -> Result<Event, BackendError> {
+    Ok(Event::Started(pb::Started { prompt_tokens: 3, resumed_tokens: resumed, ..Default::default() }))
+}
+
 fn token(id: u32, finish: pb::FinishReason) -> Result<Event, BackendError> {
     Ok(Event::Delta(pb::Delta {
         token_ids: vec![id],
@@ -134,7 +139,7 @@ fn count(migrations: &Migrations, reason: Reason) -> u64 {
 #[tokio::test]
 async fn a_broken_stream_continues_on_another_replica_from_the_prompt_ids_and_the_delivered_tokens() {
     let first = vec![started(&[1, 2, 3]), token(10, GO), token(11, GO), broken()];
-    let second = vec![started(&[1, 2, 3]), token(12, GO), token(13, pb::FinishReason::Length), finished(3, 4)];
+    let second = vec![resumed(2), token(12, GO), token(13, pb::FinishReason::Length), finished(3, 4)];
     let (seen, calls, migrations) = run(3, chat_request(1), vec![first, second]).await;
 
     assert_eq!(tokens(&seen), [10, 11, 12, 13], "no token lost or repeated");
@@ -162,7 +167,7 @@ async fn a_broken_stream_continues_on_another_replica_from_the_prompt_ids_and_th
 #[tokio::test]
 async fn an_aborted_choice_moves_and_the_abort_is_never_seen() {
     let first = vec![started(&[1]), token(10, GO), aborted(), finished(1, 1)];
-    let second = vec![started(&[1]), token(11, pb::FinishReason::Stop), finished(1, 2)];
+    let second = vec![resumed(1), token(11, pb::FinishReason::Stop), finished(1, 2)];
     let (seen, calls, migrations) = run(3, chat_request(1), vec![first, second]).await;
     assert_eq!(tokens(&seen), [10, 11]);
     let finishes: Vec<i32> = seen
@@ -180,10 +185,11 @@ async fn an_aborted_choice_moves_and_the_abort_is_never_seen() {
 #[tokio::test]
 async fn past_the_limit_the_failure_reaches_the_client() {
     let failing = || vec![started(&[1]), token(10, GO), broken()];
-    let (seen, calls, migrations) = run(1, chat_request(1), vec![failing(), failing(), failing()]).await;
+    let moved = vec![resumed(1), token(11, GO), broken()];
+    let (seen, calls, migrations) = run(1, chat_request(1), vec![failing(), moved, failing()]).await;
     assert_eq!(calls.len(), 2, "one move, then no more");
     assert!(matches!(seen.last(), Some(Err(BackendError::Unavailable(_)))), "{seen:?}");
-    assert_eq!(tokens(&seen), [10, 10], "what each replica delivered before failing");
+    assert_eq!(tokens(&seen), [10, 11], "what each replica delivered before failing");
     assert_eq!(count(&migrations, Reason::StreamError), 1);
 
     let (seen, calls, _) = run(0, chat_request(1), vec![failing(), failing()]).await;
@@ -214,4 +220,15 @@ async fn requests_with_several_choices_or_a_constraint_never_move() {
     constrained.structured_output = Some(pb::StructuredOutput::default());
     let (_, calls, _) = run(3, constrained, vec![failing(), failing()]).await;
     assert_eq!(calls.len(), 1);
+}
+
+#[tokio::test]
+async fn a_replica_that_does_not_take_the_delivered_tokens_is_not_used() {
+    let first = vec![started(&[1, 2]), token(10, GO), token(11, GO), broken()];
+    let older_worker = vec![resumed(0), token(10, GO), token(11, GO), finished(2, 2)];
+    let (seen, calls, migrations) = run(3, chat_request(1), vec![first, older_worker]).await;
+    assert_eq!(calls.len(), 2);
+    assert_eq!(tokens(&seen), [10, 11], "nothing repeated");
+    assert!(matches!(seen.last(), Some(Err(BackendError::Unavailable(_)))), "the original failure: {seen:?}");
+    assert_eq!(count(&migrations, Reason::StreamError), 0);
 }

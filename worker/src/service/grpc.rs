@@ -214,11 +214,12 @@ impl WorkerService {
             engine_req.constraint = Some(compile_blocking(handle.grammars(), constraint).await?);
             engine_req.constraint_after = convert::constraint_after(structured, encoded.text.as_deref());
         }
+        let resumed_tokens = engine_req.resumed_output.len();
         let stream = handle.generate(engine_req).await?;
         tracing::debug!(prompt_tokens, "request queued");
         let only_ids = req.return_prompt_token_ids && !req.return_prompt;
         let ids = if only_ids { encoded.token_ids.clone() } else { Vec::new() };
-        let started = convert::started_event(prompt_tokens, ids, req.return_prompt.then_some(encoded));
+        let started = convert::started_event(prompt_tokens, resumed_tokens, ids, req.return_prompt.then_some(encoded));
         Ok(event_stream(started, stream, in_flight, span))
     }
 }
