@@ -11,7 +11,7 @@ import { feed, initialState } from '../sse.js';
 import { bytes, ms, num, pct, tone } from '../util.js';
 import { fromCluster, picker } from '../views/charts.js';
 import { totals } from '../views/overview.js';
-import { outcome } from '../views/requests.js';
+import { migrationNote, outcome } from '../views/requests.js';
 import { replicaCounts } from '../views/serve.js';
 
 function parseAll(chunks) {
@@ -130,6 +130,12 @@ test('a request ends in its error, its finish reason or its status', () => {
   assert.equal(outcome({ status: 200, finish_reason: 'stop', error: null }), 'stop');
   assert.equal(outcome({ status: 429, finish_reason: null, error: 'too many requests' }), 'too many requests');
   assert.equal(outcome({ status: 500, finish_reason: null, error: null }), 'HTTP 500');
+});
+
+test('a request that moved to another replica says how often', () => {
+  assert.equal(migrationNote({ migrations: 2 }), 'moved 2×');
+  assert.equal(migrationNote({ migrations: 0 }), null);
+  assert.equal(migrationNote({}), null);
 });
 
 test('deployment replica counts come from replica_states', () => {

@@ -48,6 +48,11 @@ export function outcome(r) {
   return r.finish_reason ?? (r.status >= 400 ? `HTTP ${r.status}` : '–');
 }
 
+/** "moved 2×" for a request that moved to another replica after its own failed, else null. */
+export function migrationNote(r) {
+  return r.migrations > 0 ? `moved ${r.migrations}×` : null;
+}
+
 function table(rows, withPrompt) {
   const columns = ['time', 'model', 'replica', 'status', 'prompt tok', 'completion tok', 'TTFT', 'ITL', 'duration', 'finish / error'];
   if (withPrompt) columns.push('prompt');
@@ -71,7 +76,8 @@ function row(r, withPrompt) {
     h('td', { title: new Date(r.unix_ms).toISOString() }, clock(r.unix_ms)),
     h('td', { dataset: { testid: 'request-model' } }, r.model ?? '–', h('div', { class: 'muted small' }, `${r.route ?? ''}${r.stream ? ' · stream' : ''}`)),
     h('td', { class: 'mono', title: r.replica_id ?? '' }, r.replica_id ? shortId(r.replica_id) : '–',
-      r.deployment ? h('div', { class: 'muted small' }, r.deployment) : null),
+      r.deployment ? h('div', { class: 'muted small' }, r.deployment) : null,
+      migrationNote(r) ? h('div', { class: 'muted small', title: 'its replica failed mid-request; it continued here', dataset: { testid: 'request-migrations' } }, migrationNote(r)) : null),
     h('td', {}, h('span', { class: `pill pill-${failed ? 'bad' : tone(String(r.status))}` }, String(r.status ?? '–'))),
     h('td', { class: 'num' }, String(r.prompt_tokens ?? '–')),
     h('td', { class: 'num', dataset: { testid: 'request-completion-tokens' } }, String(r.completion_tokens ?? '–')),

@@ -77,6 +77,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Routes `request` (its `replica_id` left empty) to a replica of `model` and streams its events.
     async fn generate(&self, model: &str, request: pb::GenerateRequest) -> Result<EventStream, BackendError>;
 
+    /// [`Backend::generate`] on a replica not in `avoid` (replicas that failed this request
+    /// already: a migrated request must not go back to them). By default `avoid` is ignored.
+    async fn generate_avoiding(
+        &self,
+        model: &str,
+        request: pb::GenerateRequest,
+        avoid: &[String],
+    ) -> Result<EventStream, BackendError> {
+        let _ = avoid;
+        self.generate(model, request).await
+    }
+
     async fn tokenize(&self, model: &str, request: pb::TokenizeRequest) -> Result<pb::TokenizeReply, BackendError>;
 
     async fn detokenize(

@@ -143,6 +143,7 @@ async fn echo_prepends_the_prompt_text() {
                 prompt_tokens: 2,
                 prompt_token_ids: vec![1, 2],
                 prompt_text: "Say: ".into(),
+                resumed_tokens: 0,
             })),
             last(0, "hi", pb::FinishReason::Stop),
             finished(2, 1),

@@ -20,6 +20,7 @@ fn scored(request: &pb::GenerateRequest) -> Result<Vec<Item>, lumen_head::backen
         prompt_tokens: 3,
         prompt_token_ids: if request.return_prompt { vec![4, 5, 6] } else { vec![] },
         prompt_text: if request.return_prompt { "Say hi!".into() } else { String::new() },
+        resumed_tokens: 0,
     }))];
     if request.prompt_logprobs.is_some() {
         let hi = pb::TokenLogprob {

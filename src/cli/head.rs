@@ -128,6 +128,7 @@ pub async fn start(
         admission: AdmissionLimits { max_in_flight: args.max_ongoing_requests, max_queued: args.max_queued_requests },
         log_requests: args.log_requests,
         stream_send_timeout: Duration::from_secs(args.stream_send_timeout_s),
+        migration_limit: args.migration_limit,
         tools: ToolSettings {
             enable_auto_tool_choice: args.enable_auto_tool_choice,
             tool_call_parser: args.tool_call_parser,

@@ -81,6 +81,8 @@ fn request(id: &str, prompt: pb::generate_request::Prompt, max_tokens: u32) -> p
         structured_output: None,
         prompt_logprobs: None,
         pooling: None,
+        resume: None,
+        return_prompt_token_ids: false,
     }
 }
 
@@ -417,4 +419,99 @@ async fn a_pooling_replica_answers_embedding_requests_only_and_a_generating_one_
     let status = w.client.generate(embed(REPLICA, None)).await.unwrap_err();
     assert_eq!((status.code(), param(&status)), (Code::InvalidArgument, Some("model")), "{status:?}");
     assert!(status.message().contains("does not support Embeddings API"), "{}", status.message());
+}
+
+/// A request's output as the head sees it: prompt ids (when asked for), each delta's tokens and
+/// text, logprobs, the last finish reason and the usage.
+#[derive(Debug, Default)]
+struct Output {
+    prompt_ids: Vec<u32>,
+    resumed_tokens: u32,
+    deltas: Vec<(Vec<u32>, String)>,
+    logprobs: Vec<pb::TokenLogprob>,
+    finish: i32,
+    usage: pb::Usage,
+}
+
+impl Output {
+    fn ids(&self) -> Vec<u32> {
+        self.deltas.iter().flat_map(|(ids, _)| ids.clone()).collect()
+    }
+    fn text(&self) -> String {
+        self.deltas.iter().map(|(_, t)| t.as_str()).collect()
+    }
+}
+
+async fn run(client: &mut WorkerClient<Channel>, req: pb::GenerateRequest) -> Output {
+    let mut stream = client.generate(req).await.unwrap().into_inner();
+    let mut out = Output::default();
+    loop {
+        match next_event(&mut stream).await {
+            pb::generate_event::Event::Started(s) => {
+                out.prompt_ids = s.prompt_token_ids;
+                out.resumed_tokens = s.resumed_tokens;
+            }
+            pb::generate_event::Event::Delta(d) => {
+                out.deltas.push((d.token_ids, d.text));
+                out.logprobs.extend(d.logprobs);
+                out.finish = d.finish_reason;
+            }
+            pb::generate_event::Event::Finished(f) => {
+                out.usage = f.usage.expect("usage");
+                return out;
+            }
+            pb::generate_event::Event::PromptLogprobs(_) => panic!("not asked for"),
+            pb::generate_event::Event::Embedding(_) => panic!("not a pooling request"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_request_continues_token_for_token_with_the_same_text_logprobs_and_usage() {
+    let mut w = start_worker_with_replica().await;
+    let seeded = pb::SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        frequency_penalty: 0.4,
+        repetition_penalty: 1.1,
+        seed: Some(1234),
+        logprobs: Some(2),
+        ..greedy()
+    };
+    for (name, sampling) in [("greedy", greedy()), ("seeded", seeded)] {
+        let mut first = request(&format!("{name}-whole"), chat_prompt("Write a short poem about the sea."), 40);
+        first.sampling = Some(sampling.clone());
+        first.stop.as_mut().unwrap().min_tokens = 8;
+        first.return_prompt_token_ids = true;
+        let whole = run(&mut w.client, first.clone()).await;
+        assert!(!whole.prompt_ids.is_empty(), "the prompt's ids come back when asked for");
+        let ids = whole.ids();
+        assert_eq!(ids.len(), 40);
+        for cut in [1, 5, 23] {
+            let resumed = pb::GenerateRequest {
+                request_id: format!("{name}-from-{cut}"),
+                prompt: Some(pb::generate_request::Prompt::Tokens(pb::TokenPrompt {
+                    token_ids: whole.prompt_ids.clone(),
+                })),
+                resume: Some(pb::Resume { output_token_ids: ids[..cut].to_vec() }),
+                return_prompt_token_ids: false,
+                ..first.clone()
+            };
+            let rest = run(&mut w.client, resumed).await;
+            assert_eq!(rest.resumed_tokens as usize, cut, "`started` says the resumed tokens were taken");
+            assert_eq!(rest.ids(), ids[cut..], "{name} resumed after {cut} tokens");
+            let delivered: String = whole.deltas[..cut].iter().map(|(_, t)| t.as_str()).collect();
+            assert_eq!(delivered + &rest.text(), whole.text(), "{name} after {cut}: the text goes on where it stopped");
+            assert_eq!(rest.usage.prompt_tokens, whole.usage.prompt_tokens, "the prompt counts once");
+            assert_eq!(rest.usage.completion_tokens, 40, "the usage covers the whole output");
+            assert_eq!(rest.finish, whole.finish);
+            let tokens = |l: &[pb::TokenLogprob]| l.iter().map(|l| l.token_id).collect::<Vec<_>>();
+            assert_eq!(tokens(&rest.logprobs), tokens(&whole.logprobs[whole.logprobs.len().min(cut)..]));
+        }
+    }
+    let mut refused = request("resume-too-long", chat_prompt("Hi"), 4);
+    refused.resume = Some(pb::Resume { output_token_ids: vec![1, 2, 3, 4] });
+    let status = w.client.generate(refused).await.expect_err("as many resumed tokens as max_tokens");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(param(&status), Some("resume"));
 }

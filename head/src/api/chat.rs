@@ -143,6 +143,8 @@ pub(crate) fn generate_request(
         skip_special_tokens: generation.skip_special_tokens && !tools.keeps_special_tokens(),
         return_prompt: false,
         structured_output,
+        resume: None,
+        return_prompt_token_ids: false,
         prompt_logprobs: None,
         pooling: None,
     }

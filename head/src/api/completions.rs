@@ -117,6 +117,8 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
             skip_special_tokens: generation.skip_special_tokens,
             return_prompt: echo,
             structured_output: structured_output.clone(),
+            resume: None,
+            return_prompt_token_ids: false,
             prompt_logprobs: prompt_k,
             pooling: None,
         })

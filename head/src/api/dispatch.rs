@@ -8,12 +8,14 @@
 //! failure into the request's [`Trace`] (the request log's view of it).
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use lumen_proto::v1 as pb;
 
 use super::admission::Permit;
 use super::errors::ApiError;
+use super::migration::{self, Migrations};
 use super::trace::Trace;
 use crate::backend::{self, Backend, BackendError};
 
@@ -86,9 +88,11 @@ pub struct Running {
     _permit: Permit,
 }
 
-/// Sends each request to `model` and returns their merged streams; fails if any is refused.
+/// Sends each request to `model` and returns their merged streams; fails if any is refused. Each
+/// stream moves to another replica if its own fails ([`migration`]).
 pub async fn start(
-    backend: &dyn Backend,
+    backend: &Arc<dyn Backend>,
+    migrations: &Migrations,
     model: &str,
     requests: Vec<pb::GenerateRequest>,
     n: u32,
@@ -96,7 +100,9 @@ pub async fn start(
     trace: Trace,
 ) -> Result<Running, ApiError> {
     let prompts = requests.len();
-    let calls = futures::future::try_join_all(requests.into_iter().map(|r| backend.generate(model, r)));
+    let calls = futures::future::try_join_all(
+        requests.into_iter().map(|r| migration::generate(backend, migrations, model, r, &trace)),
+    );
     let streams = backend::with_route_slot(trace.route_slot(), calls).await?;
     let tagged = streams.into_iter().enumerate().map(|(p, s)| s.map(move |e| (p, e)).boxed());
     Ok(Running {

@@ -2,7 +2,8 @@
 //!
 //! Everything it knows of models goes through [`Backend`]; it knows nothing of gRPC, replicas or
 //! tensors. A request flows: auth (`/v1/*`) -> body limit -> JSON view ([`body`]) -> validation
-//! ([`params`]) -> admission (per model, [`admission`]) -> [`dispatch`] (backend streams) ->
+//! ([`params`]) -> admission (per model, [`admission`]) -> [`dispatch`] (backend streams, each
+//! moved to another replica if its own fails: [`migration`]) ->
 //! OpenAI JSON or SSE ([`sse`]); errors become HTTP only in [`errors::ApiError`]'s
 //! `IntoResponse`. Metrics are recorded by one middleware ([`metrics`]); every chat and completion
 //! request is recorded in the request log by another ([`trace`]). `/v1/responses` (OpenAI's
@@ -23,6 +24,7 @@ pub mod errors;
 pub mod fields;
 pub mod logprobs;
 pub mod metrics;
+pub mod migration;
 pub mod misc;
 pub mod params;
 pub mod prompts;
@@ -99,6 +101,9 @@ pub struct ApiConfig {
     /// Bounds of the Responses API's store of past responses (count, bytes).
     pub responses_store_max_entries: usize,
     pub responses_store_max_bytes: usize,
+    /// How often one request may move to another replica when its own fails mid-stream
+    /// (`--migration-limit`; 0: never, the failure reaches the client).
+    pub migration_limit: u32,
 }
 
 impl Default for ApiConfig {
@@ -117,6 +122,7 @@ impl Default for ApiConfig {
             request_log_capacity: DEFAULT_CAPACITY,
             responses_store_max_entries: responses::store::DEFAULT_MAX_ENTRIES,
             responses_store_max_bytes: responses::store::DEFAULT_MAX_BYTES,
+            migration_limit: migration::DEFAULT_MIGRATION_LIMIT,
         }
     }
 }
@@ -130,6 +136,7 @@ pub struct ApiState {
     models: Arc<RwLock<HashMap<String, ModelApiOptions>>>,
     admission: Arc<Admission>,
     metrics: ApiMetrics,
+    migrations: migration::Migrations,
     requests: Arc<RequestLog>,
     responses: Arc<responses::store::ResponseStore>,
 }
@@ -142,6 +149,7 @@ impl ApiState {
         registry: prometheus::Registry,
     ) -> Result<Self, prometheus::Error> {
         let metrics = ApiMetrics::register(&registry)?;
+        let migrations = migration::Migrations::register(config.migration_limit, &registry)?;
         let requests = Arc::new(RequestLog::new(config.request_log_capacity, config.log_requests));
         config.structured_outputs.note_backend();
         note_backends(&config.models);
@@ -157,6 +165,7 @@ impl ApiState {
             registry,
             admission: Arc::new(Admission::default()),
             metrics,
+            migrations,
             requests,
         })
     }

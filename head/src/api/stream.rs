@@ -56,14 +56,16 @@ pub async fn launch(
 ) -> Result<Launch, ApiError> {
     trace.launched(&model, &requests);
     match ticket {
-        Ticket::Ready(permit) => {
-            Ok(Launch::Running(dispatch::start(state.backend.as_ref(), &model, requests, n, permit, trace).await?))
-        }
+        Ticket::Ready(permit) => Ok(Launch::Running(
+            dispatch::start(&state.backend, &state.migrations, &model, requests, n, permit, trace).await?,
+        )),
         Ticket::Queued(queued) => {
-            let backend = state.backend.clone();
+            let (backend, migrations) = (state.backend.clone(), state.migrations.clone());
             Ok(Launch::Queued(Box::pin(async move {
                 let started = match queued.admitted().await {
-                    Ok(permit) => dispatch::start(backend.as_ref(), &model, requests, n, permit, trace.clone()).await,
+                    Ok(permit) => {
+                        dispatch::start(&backend, &migrations, &model, requests, n, permit, trace.clone()).await
+                    }
                     Err(e) => Err(e),
                 };
                 if let Err(e) = &started {

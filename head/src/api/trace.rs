@@ -57,6 +57,8 @@ struct TraceData {
     first_output: Option<Instant>,
     finish: Option<pb::FinishReason>,
     error: Option<(u16, String)>,
+    /// Times the request moved to another replica ([`super::migration`]).
+    migrations: u32,
     recorded: bool,
 }
 
@@ -87,6 +89,7 @@ impl Trace {
             first_output: None,
             finish: None,
             error: None,
+            migrations: 0,
             recorded: false,
         })))
     }
@@ -149,6 +152,14 @@ impl Trace {
             | pb::generate_event::Event::PromptLogprobs(_)
             | pb::generate_event::Event::Embedding(_) => {}
         }
+    }
+
+    /// The request moved to another replica (`reason`: the migration metric's label); the route
+    /// slot already names the new one.
+    pub fn migrated(&self, reason: &str) {
+        let mut data = self.data();
+        data.migrations = data.migrations.saturating_add(1);
+        tracing::info!(request_id = %data.id, reason, migrations = data.migrations, "request migrated");
     }
 
     /// Every backend stream finished; `usage` is the request's total.
@@ -218,6 +229,7 @@ impl Trace {
             finish_reason: finish.map(|f| super::dispatch::finish_reason_str(f).to_string()),
             error,
             prompt: data.prompt.take(),
+            migrations: data.migrations,
         });
     }
 }

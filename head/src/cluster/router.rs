@@ -24,6 +24,8 @@
 //!   become an `Err` item and end the stream, as does a stream that ends without `finished` or
 //!   one from a worker marked dead that stays silent ([`super::forward`]); the wait for the first
 //!   event ends the same way.
+//! - `generate_avoiding` never picks a replica it is told to avoid (one that failed the request
+//!   being migrated, `api::migration`); with no other replica it answers as a retry does.
 //! - Dropping the returned stream drops the gRPC call, which cancels it on the worker.
 
 use std::future::Future;
@@ -305,8 +307,17 @@ impl Backend for Cluster {
     }
 
     async fn generate(&self, model: &str, request: pb::GenerateRequest) -> Result<EventStream, BackendError> {
+        self.generate_avoiding(model, request, &[]).await
+    }
+
+    async fn generate_avoiding(
+        &self,
+        model: &str,
+        request: pb::GenerateRequest,
+        avoid: &[String],
+    ) -> Result<EventStream, BackendError> {
         let keys = affinity::prefix_keys(&request);
-        let mut tried = Vec::new();
+        let mut tried = avoid.to_vec();
         let mut last_error = None;
         for _ in 0..2 {
             let pick = match self.pick_or_wait(model, &tried, &keys).await {

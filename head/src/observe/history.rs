@@ -373,6 +373,7 @@ mod tests {
             finish_reason: Some("stop".into()),
             error: None,
             prompt: None,
+            migrations: 0,
         });
     }
 

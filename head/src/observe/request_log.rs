@@ -50,6 +50,8 @@ pub struct RequestRecord {
     pub finish_reason: Option<String>,
     pub error: Option<String>,
     pub prompt: Option<String>,
+    /// Times the request moved to another replica after its own failed (`api::migration`).
+    pub migrations: u32,
 }
 
 /// Finished-request counts since the head started.
@@ -173,6 +175,7 @@ mod tests {
             finish_reason: Some("stop".into()),
             error: None,
             prompt: Some("secret".into()),
+            migrations: 0,
         }
     }
 

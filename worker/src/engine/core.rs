@@ -35,6 +35,8 @@ mod pool;
 mod prompt;
 #[path = "core_reduce.rs"]
 mod reduce;
+#[path = "core_resume.rs"]
+mod resume;
 
 struct RequestState {
     tx: UnboundedSender<EngineEvent>,
@@ -175,20 +177,20 @@ impl EngineCore {
         self.next_seq += 1;
         let sampler = SequenceSampler::new(&req.sampling, 0, &req.prompt_token_ids, self.limits.vocab_size);
         let grammar = req.constraint.as_deref().map(|c| self.start_grammar(c, req.constraint_after.as_deref()));
-        self.seqs.insert(
-            seq_id,
-            SeqState {
-                request: req.id.clone(),
-                index: 0,
-                sampler,
-                detok: IncrementalDetokenizer::with_prompt(&req.prompt_token_ids, req.skip_special_tokens),
-                stop: StopStringMatcher::new(req.stop.stop.clone(), req.stop.include_stop_str_in_output),
-                generated: 0,
-                last_token_at: None,
-                grammar,
-            },
-        );
-        let mut seq = Sequence::new(seq_id, seq_id, req.prompt_token_ids.clone());
+        let mut state = SeqState {
+            request: req.id.clone(),
+            index: 0,
+            sampler,
+            detok: IncrementalDetokenizer::with_prompt(&req.prompt_token_ids, req.skip_special_tokens),
+            stop: StopStringMatcher::new(req.stop.stop.clone(), req.stop.include_stop_str_in_output),
+            generated: 0,
+            last_token_at: None,
+            grammar,
+        };
+        self.replay_output(&mut state, &req);
+        self.seqs.insert(seq_id, state);
+        let tokens = [req.prompt_token_ids.as_slice(), &req.resumed_output].concat();
+        let mut seq = Sequence::new(seq_id, seq_id, tokens);
         seq.prompt_logprobs = req.prompt_logprobs.is_some();
         let pooled = self.start_pooling(&req, &mut seq);
         self.scheduler.add(seq);
@@ -203,7 +205,7 @@ impl EngineCore {
                 prompt_len: req.prompt_token_ids.len(),
                 live: vec![seq_id],
                 forked: req.n == 1,
-                completion_tokens: 0,
+                completion_tokens: req.resumed_output.len(),
                 cached_tokens: 0,
                 arrival: req.arrival,
                 scheduled_at: None,

@@ -44,6 +44,10 @@ pub struct EngineRequest {
     /// says; nothing is sampled (`sampling`, `stop` and `n` are not used) and its blocks are
     /// freed as soon as the vector is out.
     pub pooling: Option<PoolingParams>,
+    /// A continuation (the head moved the request off a replica that failed): the output the
+    /// request already produced, taken as generated here (`core_resume.rs`). Only with `n = 1`,
+    /// no constraint, and fewer tokens than `max_tokens`.
+    pub resumed_output: Vec<TokenId>,
 }
 
 impl EngineRequest {
@@ -66,6 +70,7 @@ impl EngineRequest {
             constraint_after: None,
             prompt_logprobs: None,
             pooling: None,
+            resumed_output: Vec::new(),
         }
     }
 
@@ -116,6 +121,7 @@ impl EngineLimits {
         if req.pooling.is_some() {
             return self.validate_pooled(prompt_tokens);
         }
+        self.validate_resumed(req)?;
         req.sampling.validate(self.vocab_size)?;
         req.stop.validate(self.vocab_size)?;
         let total = prompt_tokens.saturating_add(req.stop.max_tokens);
@@ -149,6 +155,27 @@ impl EngineLimits {
                     self.max_model_len
                 ),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl EngineLimits {
+    /// A continuation's output must be one the engine could have produced itself.
+    fn validate_resumed(&self, req: &EngineRequest) -> Result<()> {
+        let resumed = &req.resumed_output;
+        if resumed.is_empty() {
+            return Ok(());
+        }
+        let refuse = |why: String| Err(WorkerError::invalid("resume", why));
+        if req.n != 1 || req.constraint.is_some() {
+            return refuse("only a request with n = 1 and no structured output can be resumed".into());
+        }
+        if let Some(&t) = resumed.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return refuse(format!("token id {t} is outside the vocabulary of {}", self.vocab_size));
+        }
+        if resumed.len() >= req.stop.max_tokens {
+            return refuse(format!("{} tokens resumed but max_tokens is {}", resumed.len(), req.stop.max_tokens));
         }
         Ok(())
     }

@@ -126,6 +126,20 @@ impl SequenceSampler {
         }
     }
 
+    /// Continues a sequence whose `output` was sampled elsewhere (a resumed request): records it
+    /// for the penalties and advances the RNG past the draws it took, one per token unless
+    /// `params` is greedy (greedy sampling draws nothing; `sample` and `sample_reduced` draw
+    /// exactly once otherwise). The next token is then the one an uninterrupted sampler with
+    /// this history would choose.
+    pub fn resume(&mut self, params: &SamplingParams, output: &[TokenId]) {
+        for &token in output {
+            self.record(token);
+            if !is_greedy(params) {
+                self.uniform();
+            }
+        }
+    }
+
     /// Records a token accepted into the output, for the penalties of later steps.
     pub fn record(&mut self, token: TokenId) {
         if let Some(history) = &mut self.history

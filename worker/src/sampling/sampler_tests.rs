@@ -332,3 +332,31 @@ fn a_mask_confines_every_sampling_mode_and_logprobs_describe_the_masked_distribu
     let s = SequenceSampler::new(&seeded(1), 0, &[], 40).sample_masked(&mut row, &seeded(1), &[], Some(&[1 << 9, 0]));
     assert_eq!(s.token, 9);
 }
+
+/// Samples the tokens of `steps`, each from its own row and recorded, as the engine does.
+fn generate(sampler: &mut SequenceSampler, params: &SamplingParams, steps: std::ops::Range<u64>) -> Vec<TokenId> {
+    steps
+        .map(|step| {
+            let token = sampler.sample(&mut varied_logits(64, step), params, &[]).token;
+            sampler.record(token);
+            token
+        })
+        .collect()
+}
+
+#[test]
+fn a_resumed_sampler_continues_the_seeded_stream_and_penalties_where_the_first_stopped() {
+    let sampled = SamplingParams { temperature: 1.2, top_p: 0.9, frequency_penalty: 0.7, ..seeded(17) };
+    let top_k = SamplingParams { top_k: Some(8), presence_penalty: 0.5, repetition_penalty: 1.3, ..seeded(5) };
+    let greedy = SamplingParams { temperature: 0.0, frequency_penalty: 1.5, ..seeded(3) };
+    for params in [sampled, top_k, greedy] {
+        let prompt = [1, 2, 3];
+        let whole = generate(&mut SequenceSampler::new(&params, 0, &prompt, 64), &params, 0..24);
+        for cut in [1, 9, 23] {
+            let mut resumed = SequenceSampler::new(&params, 0, &prompt, 64);
+            resumed.resume(&params, &whole[..cut]);
+            let rest = generate(&mut resumed, &params, cut as u64..24);
+            assert_eq!(rest, whole[cut..], "{params:?} resumed after {cut} tokens");
+        }
+    }
+}

@@ -297,12 +297,24 @@ pub fn constraint_after(p: &pb::StructuredOutput, prompt_text: Option<&str>) -> 
 
 // ---- events ----
 
-pub fn started_event(prompt_tokens: usize, prompt: Option<EncodedPrompt>) -> pb::GenerateEvent {
+/// The `started` event: with `prompt` (echo) its ids and text, else with `ids` its ids only;
+/// `resumed` output tokens taken as generated (a continuation).
+pub fn started_event(
+    prompt_tokens: usize,
+    resumed: usize,
+    ids: Vec<TokenId>,
+    prompt: Option<EncodedPrompt>,
+) -> pb::GenerateEvent {
     let (prompt_token_ids, prompt_text) = match prompt {
         Some(p) => (p.token_ids, p.text.unwrap_or_default()),
-        None => (Vec::new(), String::new()),
+        None => (ids, String::new()),
     };
-    let started = pb::Started { prompt_tokens: wire_u32(prompt_tokens), prompt_token_ids, prompt_text };
+    let started = pb::Started {
+        prompt_tokens: wire_u32(prompt_tokens),
+        prompt_token_ids,
+        prompt_text,
+        resumed_tokens: wire_u32(resumed),
+    };
     pb::GenerateEvent { event: Some(pb::generate_event::Event::Started(started)) }
 }
 

@@ -202,9 +202,11 @@ impl WorkerService {
             let mut ids = encoded.token_ids;
             convert::truncate_left(&mut ids, req.pooling.as_ref().and_then(|p| p.truncate_prompt_tokens));
             let prompt_tokens = ids.len();
+            let ids_sent = ids.clone();
             let stream = handle.generate(EngineRequest::pooling(req.request_id.clone(), ids, pooling)).await?;
             tracing::debug!(prompt_tokens, "embedding request queued");
-            return Ok(event_stream(convert::started_event(prompt_tokens, None), stream, in_flight, span));
+            let ids = if req.return_prompt_token_ids { ids_sent } else { Vec::new() };
+            return Ok(event_stream(convert::started_event(prompt_tokens, 0, ids, None), stream, in_flight, span));
         }
         let limits = handle.limits();
         let prompt_tokens = encoded.token_ids.len();
@@ -218,14 +220,18 @@ impl WorkerService {
         engine_req.n = if req.n == 0 { 1 } else { req.n as usize };
         engine_req.skip_special_tokens = req.skip_special_tokens;
         engine_req.prompt_logprobs = req.prompt_logprobs.map(|k| k as usize);
+        engine_req.resumed_output = req.resume.map(|r| r.output_token_ids).unwrap_or_default();
         if let Some(structured) = &req.structured_output {
             let constraint = convert::constraint(structured)?;
             engine_req.constraint = Some(compile_blocking(handle.grammars(), constraint).await?);
             engine_req.constraint_after = convert::constraint_after(structured, encoded.text.as_deref());
         }
+        let resumed_tokens = engine_req.resumed_output.len();
         let stream = handle.generate(engine_req).await?;
         tracing::debug!(prompt_tokens, "request queued");
-        let started = convert::started_event(prompt_tokens, req.return_prompt.then_some(encoded));
+        let only_ids = req.return_prompt_token_ids && !req.return_prompt;
+        let ids = if only_ids { encoded.token_ids.clone() } else { Vec::new() };
+        let started = convert::started_event(prompt_tokens, resumed_tokens, ids, req.return_prompt.then_some(encoded));
         Ok(event_stream(started, stream, in_flight, span))
     }
 }

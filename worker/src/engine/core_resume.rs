@@ -1,0 +1,31 @@
+//! Resuming a request that began on another replica: the head sends the output it already
+//! delivered ([`EngineRequest::resumed_output`]) and the new sequence is brought to where the
+//! original stood after it, so what follows is what the original would have produced:
+//! - the scheduler's sequence holds prompt + output, all computed by the prefill (the prefix
+//!   cache serves what it can);
+//! - the sampler counts them as output (the penalties) and its seeded stream skips the draws they
+//!   took ([`SequenceSampler::resume`](crate::sampling::SequenceSampler::resume));
+//! - the detokenizer and the stop-string matcher take each token's text as `accept` gave it to
+//!   them (through the matcher only past `min_tokens`), and nothing is sent: the client has it;
+//! - `generated` and the request's completion tokens count them, so `max_tokens`, `min_tokens`,
+//!   the context length and the usage cover the whole request.
+//!
+//! Invariant: no resumed token ended the original (it would have finished there), so none ends
+//! the continuation; validation keeps them fewer than `max_tokens`.
+
+use super::{EngineCore, SeqState};
+use crate::engine::EngineRequest;
+
+impl EngineCore {
+    /// Replays `req`'s resumed output into a new sequence's `state` (see the module docs).
+    pub(super) fn replay_output(&self, state: &mut SeqState, req: &EngineRequest) {
+        state.sampler.resume(&req.sampling, &req.resumed_output);
+        for &token in &req.resumed_output {
+            state.generated += 1;
+            let piece = state.detok.push(&self.tokenizer, token).unwrap_or_default();
+            if state.generated > req.stop.min_tokens {
+                state.stop.push(&piece);
+            }
+        }
+    }
+}
