@@ -1,7 +1,11 @@
 //! Compiles the CUDA kernels in `src/kernels/cuda/*.cu` with nvcc, only when the `cuda` feature
 //! is on (the default build needs no CUDA toolkit). Each `.cu` file becomes one fatbin in
 //! `OUT_DIR`: sm_90a machine code (Hopper loads it at once) plus compute_80 PTX (any GPU from
-//! Ampere on JIT-compiles it). The Rust side embeds them with `include_bytes!`.
+//! Ampere on JIT-compiles it). The Rust side embeds them with `include_bytes!`. Each file also
+//! becomes `{stem}.ptx`, its compute_80 PTX alone, which `LUMEN_CUDA_KERNEL_IMAGE=ptx` loads in
+//! place of the fatbin: a Hopper machine then runs the code an A10G JIT-compiles (the `ptx` step
+//! of scripts/gpu/run-on-device.sh; `CUDA_FORCE_PTX_JIT` cannot do it, as it also forces cuBLAS
+//! onto PTX it does not ship).
 //!
 //! nvcc is found through `NVCC`, then `CUDA_ROOT/bin`, `CUDA_HOME/bin`, `CUDA_PATH/bin`, then
 //! `PATH`. `LUMEN_NVCC_GENCODE` replaces the default `-gencode` flags (space-separated).
@@ -51,6 +55,17 @@ fn main() {
             .status()
             .unwrap_or_else(|e| panic!("cannot run {}: {e} (set NVCC or CUDA_ROOT)", nvcc.display()));
         assert!(status.success(), "nvcc failed on {}", source.display());
+        let ptx = out_dir.join(format!("{stem}.ptx"));
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-arch=compute_80", "-O3", "-std=c++17"])
+            .arg("-I")
+            .arg(KERNEL_DIR)
+            .arg("-o")
+            .arg(&ptx)
+            .arg(source)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e} (set NVCC or CUDA_ROOT)", nvcc.display()));
+        assert!(status.success(), "nvcc --ptx failed on {}", source.display());
     }
 }
 

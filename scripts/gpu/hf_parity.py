@@ -26,8 +26,11 @@ Greedy tokens must match wherever transformers' top-1/top-2 margin exceeds 2 x 0
 implementations may move each log-probability by up to the 0.25-nat tolerance (BF16 weights and
 activations, different kernels and summation orders), so a smaller margin may flip legitimately.
 At such a near-tie the comparison continues from transformers' token (a new request with it
-appended to the prompt). At every compared step >= 4 of the top-5 ids must be shared and the
-shared ones' log-probabilities must agree within 0.25 nats.
+appended to the prompt). At every compared step the shared top-5 ids' log-probabilities must
+agree within 0.25 nats, and every id of transformers' top 5 that beats its fifth by more than the
+margin must be in Lumen's top 5 (the same reasoning at the set's edge: with near-flat random
+logits, transformers' own BF16 run shares only 2-4 of its f32 top 5, so a fixed count would test
+the noise, not the implementation).
 """
 import argparse
 import json
@@ -40,7 +43,6 @@ import urllib.request
 
 MARGIN = 0.5
 LOGPROB_TOLERANCE = 0.25
-MIN_SHARED_TOP5 = 4
 
 
 def llama31_8b_config(transformers):
@@ -166,8 +168,10 @@ def compare(port, case):
             mine_top = dict(map(tuple, mine["top5"]))
             shared = [(t, lp) for t, lp in theirs["top5"] if t in mine_top]
             fewest = min(fewest, len(shared))
-            if len(shared) < MIN_SHARED_TOP5:
-                failures.append(f"step {j}: {len(shared)} of the top 5 shared")
+            fifth = min(lp for _, lp in theirs["top5"])
+            missing = [t for t, lp in theirs["top5"] if lp - fifth > MARGIN and t not in mine_top]
+            if missing:
+                failures.append(f"step {j}: clear top-5 ids {missing} missing from Lumen's top 5")
             for t, lp in shared:
                 diff = abs(mine_top[t] - lp)
                 worst = max(worst, diff)

@@ -19,7 +19,7 @@
 # `linear` times the linear layers alone against cuBLAS. `attention` compares the tensor-core
 # attention kernels with the CUDA-core ones (LUMEN_CUDA_ATTENTION=simt) offline at 32 and 256
 # streams and for one prompt's first token. `ptx` runs the kernel tests on the JIT-compiled
-# compute_80 PTX (CUDA_FORCE_PTX_JIT=1, the code an A10G runs); `a10g-plan` logs the memory plan
+# compute_80 PTX (LUMEN_CUDA_KERNEL_IMAGE=ptx, the code an A10G runs); `a10g-plan` logs the memory plan
 # of the reference deployment's settings with --gpu-memory-limit 22.3GiB.
 #   call 2: bash scripts/gpu/run-on-device.sh parity           carry [gpu-smol]
 # `hf-parity` (scripts/gpu/hf_parity.py) needs only the `lumen` binary and the tokenizer of
@@ -90,7 +90,7 @@ fi
 if [[ " $steps " == *" ptx "* ]]; then
     # The kernels as an A10G (sm_86) runs them: the driver JIT-compiles the embedded compute_80
     # PTX instead of loading the sm_90a machine code.
-    CUDA_FORCE_PTX_JIT=1 "$work/worker-tests" --test-threads=1 kernels::cuda 2>&1 | tee "$out/ptx-tests.log"
+    LUMEN_CUDA_KERNEL_IMAGE=ptx "$work/worker-tests" --test-threads=1 kernels::cuda 2>&1 | tee "$out/ptx-tests.log"
     row "GPU kernel tests, PTX JIT (sm_80 path)" "$(grep -E '^test result' "$out/ptx-tests.log" | tail -1)"
 fi
 

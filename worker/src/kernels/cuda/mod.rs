@@ -43,9 +43,38 @@ use cudarc::nvrtc::Ptx;
 
 use crate::{Result, WorkerError};
 
-const OPS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops.fatbin"));
-const GEMV_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemv.fatbin"));
-const SAMPLE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sample.fatbin"));
+/// One kernel file, compiled twice by build.rs: the fatbin (sm_90a machine code and compute_80
+/// PTX) and the compute_80 PTX alone (`LUMEN_CUDA_KERNEL_IMAGE=ptx`: what an Ampere GPU such as
+/// the A10G JIT-compiles, runnable on Hopper for tests).
+#[derive(Clone, Copy)]
+pub(crate) struct KernelImage {
+    pub fatbin: &'static [u8],
+    pub ptx: &'static str,
+}
+
+macro_rules! kernel_image {
+    ($stem:literal) => {
+        $crate::kernels::cuda::KernelImage {
+            fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/", $stem, ".fatbin")),
+            ptx: include_str!(concat!(env!("OUT_DIR"), "/", $stem, ".ptx")),
+        }
+    };
+}
+pub(crate) use kernel_image;
+
+const OPS: KernelImage = kernel_image!("ops");
+const GEMV: KernelImage = kernel_image!("gemv");
+const SAMPLE: KernelImage = kernel_image!("sample");
+
+/// Whether the kernels load from their PTX alone (`LUMEN_CUDA_KERNEL_IMAGE=ptx`) rather than the
+/// fatbin (`fatbin`, the default).
+fn kernels_from_ptx() -> Result<bool> {
+    match std::env::var("LUMEN_CUDA_KERNEL_IMAGE").as_deref() {
+        Err(_) | Ok("fatbin") => Ok(false),
+        Ok("ptx") => Ok(true),
+        Ok(other) => Err(WorkerError::invalid("LUMEN_CUDA_KERNEL_IMAGE", format!("{other:?} is not fatbin or ptx"))),
+    }
+}
 
 /// Head sizes the attention kernel is instantiated for.
 pub const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
@@ -128,10 +157,12 @@ impl CudaKernels {
         let cdev = device.as_cuda_device().map_err(|e| gpu_error("not a CUDA device", e))?;
         let stream = cdev.cuda_stream();
         let ctx = stream.context().clone();
-        let load = |bytes: &[u8]| -> Result<Arc<CudaModule>> {
-            ctx.load_module(Ptx::from_binary(bytes.to_vec())).map_err(|e| gpu_error("loading a kernel module", e))
+        let from_ptx = kernels_from_ptx()?;
+        let load = |image: KernelImage| -> Result<Arc<CudaModule>> {
+            let image = if from_ptx { Ptx::from_src(image.ptx) } else { Ptx::from_binary(image.fatbin.to_vec()) };
+            ctx.load_module(image).map_err(|e| gpu_error("loading a kernel module", e))
         };
-        let (ops, gemv_module, sample) = (load(OPS_FATBIN)?, load(GEMV_FATBIN)?, load(SAMPLE_FATBIN)?);
+        let (ops, gemv_module, sample) = (load(OPS)?, load(GEMV)?, load(SAMPLE)?);
         let func = |module: &Arc<CudaModule>, name: String| -> Result<CudaFunction> {
             module.load_function(&name).map_err(|e| gpu_error(&format!("kernel {name}"), e))
         };

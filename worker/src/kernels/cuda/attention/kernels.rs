@@ -7,13 +7,13 @@ use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig};
 
 use super::{AttentionKind, AttentionPlan, Tiles};
 use crate::kernels::cuda::pack::DevicePack;
-use crate::kernels::cuda::{CudaKernels, device_ptr, gpu_error, grid, int};
+use crate::kernels::cuda::{CudaKernels, KernelImage, device_ptr, gpu_error, grid, int, kernel_image};
 use crate::{Result, WorkerError};
 
 const THREADS: u32 = 128;
 
-const ATTENTION_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin"));
-const ATTENTION_MMA_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attention_mma.fatbin"));
+const ATTENTION: KernelImage = kernel_image!("attention");
+const ATTENTION_MMA: KernelImage = kernel_image!("attention_mma");
 
 /// One kernel with its split merge and the dynamic shared memory a launch takes.
 struct Kernel {
@@ -34,14 +34,14 @@ pub(crate) struct AttentionKernels {
 }
 
 impl AttentionKernels {
-    /// Loads `kind`'s kernels for `suffix` (`bf16_d128`, ...) with `load` (a fatbin to a module);
+    /// Loads `kind`'s kernels for `suffix` (`bf16_d128`, ...) with `load` (an image to a module);
     /// raises the dynamic shared memory limit of those that need more than the default 48 KiB.
     /// Tensor-core kernels need `max_shared` bytes at most (the device's limit per block): when
     /// the decode and prefill kernels do not fit (an sm_86 GPU such as the A10G has 99 KiB), the
     /// CUDA-core kernels load instead.
     pub fn load(
         kind: AttentionKind,
-        load: &dyn Fn(&[u8]) -> Result<Arc<CudaModule>>,
+        load: &dyn Fn(KernelImage) -> Result<Arc<CudaModule>>,
         suffix: &str,
         head_dim: usize,
         max_shared: usize,
@@ -56,9 +56,9 @@ impl AttentionKernels {
             return Self::load(AttentionKind::Simt, load, suffix, head_dim, max_shared);
         }
         let (module, names) = match kind {
-            AttentionKind::Simt => (load(ATTENTION_FATBIN)?, ["paged_attention_decode", "paged_attention", ""]),
+            AttentionKind::Simt => (load(ATTENTION)?, ["paged_attention_decode", "paged_attention", ""]),
             AttentionKind::TensorCore => (
-                load(ATTENTION_MMA_FATBIN)?,
+                load(ATTENTION_MMA)?,
                 ["paged_attention_mma_decode", "paged_attention_mma_prefill", "paged_attention_mma_prefill_wide"],
             ),
         };
