@@ -202,11 +202,10 @@ impl WorkerService {
             let mut ids = encoded.token_ids;
             convert::truncate_left(&mut ids, req.pooling.as_ref().and_then(|p| p.truncate_prompt_tokens));
             let prompt_tokens = ids.len();
-            let ids_sent = ids.clone();
+            let sent = if req.return_prompt_token_ids { ids.clone() } else { Vec::new() };
             let stream = handle.generate(EngineRequest::pooling(req.request_id.clone(), ids, pooling)).await?;
             tracing::debug!(prompt_tokens, "embedding request queued");
-            let ids = if req.return_prompt_token_ids { ids_sent } else { Vec::new() };
-            return Ok(event_stream(convert::started_event(prompt_tokens, 0, ids, None), stream, in_flight, span));
+            return Ok(event_stream(convert::started_event(prompt_tokens, 0, sent, None), stream, in_flight, span));
         }
         let limits = handle.limits();
         let prompt_tokens = encoded.token_ids.len();
