@@ -388,6 +388,8 @@ PY
     done
     timing=$(grep -h 'decode step timing' "$out/serve.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -1 | grep -oE '(wall|host|gpu)_ms=[0-9.]+' | tr '\n' ' ')
     row "serve: last logged decode step" "${timing:-?}"
+    phases=$(grep -h 'engine step phases' "$out/serve.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -1 | grep -oE '(rows|gap_ms|schedule_ms|forward_ms|post_ms)=[0-9.]+' | tr '\n' ' ')
+    row "serve: last logged engine step phases" "${phases:-?}"
     [ -n "$server" ] && kill "$server" 2>/dev/null
     wait "$starter" 2>/dev/null
 fi

@@ -17,6 +17,7 @@ use super::request::{
     ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, RequestTimings, StopReason, TokenLogprob,
     Usage,
 };
+use super::phases::{StepMarks, StepPhases};
 use super::stats::{EngineHistograms, EngineStats, RateMeter};
 use super::step_cost::StepCostModel;
 use crate::grammar::{GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar};
@@ -92,6 +93,8 @@ pub struct EngineCore {
     mask_workers: MaskWorkers,
     /// Measured step costs, which size the prompt chunks of steps that carry decodes.
     step_cost: StepCostModel,
+    /// Where the engine thread's time goes (`phases`).
+    phases: StepPhases,
 }
 
 /// Scheduling knobs of an engine.
@@ -139,6 +142,7 @@ impl EngineCore {
             grammars,
             mask_workers: MaskWorkers::new(MaskWorkers::default_threads()),
             step_cost: StepCostModel::new(cfg.itl_goal_ms),
+            phases: StepPhases::default(),
         }
     }
 
@@ -266,7 +270,9 @@ impl EngineCore {
         let batch = self.scheduler.build_batch(&schedule);
         self.plan_rows(&schedule);
         self.plan_prompt_rows(&schedule);
+        let forward_start = Instant::now();
         self.model.forward_reduced(&batch, &self.plans, &mut self.reduced)?;
+        let forward_end = Instant::now();
         self.scheduler.complete(&schedule);
         self.count_prompt_tokens(&schedule, now);
         let mut reduced = std::mem::take(&mut self.reduced);
@@ -282,7 +288,9 @@ impl EngineCore {
         }
         self.reduced = reduced;
         let tokens = schedule.seqs.iter().map(|s| s.len).sum();
-        self.step_cost.observe(tokens, started.elapsed().as_secs_f64() * 1e3);
+        let end = Instant::now();
+        self.step_cost.observe(tokens, end.duration_since(started).as_secs_f64() * 1e3);
+        self.phases.record(&StepMarks { start: started, forward_start, forward_end, end }, tokens);
         self.counters.steps_total += 1;
         self.last_progress = Instant::now();
         Ok(true)
@@ -547,6 +555,7 @@ impl EngineCore {
     /// Marks the start of a busy period (so a long idle gap is not reported as a stall).
     pub fn mark_progress(&mut self) {
         self.last_progress = Instant::now();
+        self.phases.idle();
     }
 }
 

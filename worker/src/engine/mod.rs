@@ -3,6 +3,7 @@
 
 pub mod actor;
 pub mod core;
+pub mod phases;
 pub mod request;
 pub mod runner;
 pub mod stats;
