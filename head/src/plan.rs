@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::api::ModelApiOptions;
-use crate::api::admission::AdmissionLimits;
+use crate::api::generate::admission::AdmissionLimits;
 use crate::cluster::Deployment;
 use crate::config::structured_outputs::StructuredOutputsConfig;
 use crate::config::{ConfigError, DeploymentConfig, ServeConfig};

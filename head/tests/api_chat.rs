@@ -4,7 +4,7 @@
 mod api_support;
 
 use api_support::*;
-use lumen_head::api::reasoning::ReasoningParserKind;
+use lumen_head::api::chat::reasoning::ReasoningParserKind;
 use lumen_head::api::{ApiConfig, ModelApiOptions};
 use lumen_proto::v1 as pb;
 use serde_json::json;

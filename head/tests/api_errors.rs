@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use api_support::*;
 use lumen_head::api::ApiConfig;
-use lumen_head::api::admission::AdmissionLimits;
+use lumen_head::api::generate::admission::AdmissionLimits;
 use lumen_head::backend::BackendError;
 use serde_json::json;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use api_support::*;
 use lumen_head::api::ApiConfig;
-use lumen_head::api::admission::AdmissionLimits;
+use lumen_head::api::generate::admission::AdmissionLimits;
 use serde_json::json;
 
 /// Reads body chunks for `window`, returning what arrived.

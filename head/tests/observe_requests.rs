@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api_support::*;
-use lumen_head::api::errors::ApiError;
+use lumen_head::api::edge::errors::ApiError;
 use lumen_head::api::{ApiConfig, ApiState, v1_router};
 use lumen_head::backend::BackendError;
 use lumen_head::control::observe_api::{self, ObserveState};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use lumen_head::api::admission::AdmissionLimits;
+use lumen_head::api::generate::admission::AdmissionLimits;
 use lumen_head::api::tools::ToolSettings;
 use lumen_head::api::{ApiConfig, ApiState, router};
 use lumen_head::cluster::{Cluster, ClusterMetrics, serve_head_tls};

@@ -76,7 +76,7 @@ pub struct HeadArgs {
     /// How often one in-flight request may move to another replica of its deployment when its
     /// own fails mid-stream (worker killed or marked dead, replica stopped, drain timed out): the
     /// client's stream continues where it stopped. 0 turns migration off.
-    #[arg(long, env = "LUMEN_MIGRATION_LIMIT", default_value_t = lumen_head::api::migration::DEFAULT_MIGRATION_LIMIT)]
+    #[arg(long, env = "LUMEN_MIGRATION_LIMIT", default_value_t = lumen_head::api::generate::migration::DEFAULT_MIGRATION_LIMIT)]
     pub migration_limit: u32,
     /// Log each request's prompt (one info line per request) and keep the prompt text in the
     /// dashboard's request log; off: prompt text is never stored nor logged.

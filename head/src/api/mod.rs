@@ -1,40 +1,33 @@
-//! The OpenAI-compatible HTTP API (port 8000), shaped exactly like vLLM's OpenAI server.
+//! The OpenAI-compatible HTTP API (port 8000), shaped exactly like vLLM's OpenAI server: its
+//! router, its configuration and the state every handler shares.
 //!
 //! Everything it knows of models goes through [`Backend`]; it knows nothing of gRPC, replicas or
-//! tensors. A request flows: auth (`/v1/*`) -> body limit -> JSON view ([`body`]) -> validation
-//! ([`params`]) -> admission (per model, [`admission`]) -> [`dispatch`] (backend streams, each
-//! moved to another replica if its own fails: [`migration`]) ->
-//! OpenAI JSON or SSE ([`sse`]); errors become HTTP only in [`errors::ApiError`]'s
-//! `IntoResponse`. Metrics are recorded by one middleware ([`metrics`]); every chat and completion
-//! request is recorded in the request log by another ([`trace`]). `/v1/responses` (OpenAI's
-//! Responses API) is built on the chat path ([`responses`]); `/v1/embeddings` serves models run
-//! for pooling ([`embeddings`]).
+//! tensors. One folder per endpoint family: [`chat`] (`/v1/chat/completions`, with its reasoning
+//! parsers and, in [`tools`], tool calling), [`completions`], [`responses`] (built on the chat
+//! path), [`embeddings`]; and the pipeline they share, in three parts:
+//! - [`request`]: reading a request: JSON body, fields, sampling parameters, prompts, structured
+//!   outputs;
+//! - [`generate`]: running it: admission (per model), dispatch to the backend (each stream moved to
+//!   another replica if its own fails: [`generate::migration`]), the streaming response as SSE,
+//!   log-probabilities;
+//! - [`edge`]: what surrounds every route: API keys, errors as HTTP (only in
+//!   [`edge::errors::ApiError`]'s `IntoResponse`), the metrics middleware, the request log's
+//!   middleware ([`edge::trace`]), and the small routes (`/v1/models`, `/health`, `/tokenize`, ...).
+//!
+//! A request flows: auth (`/v1/*`) -> body limit -> JSON view -> validation -> admission ->
+//! dispatch -> OpenAI JSON or SSE.
 //!
 //! The `/v1` routes ([`v1_router`]) are also mounted on the control server (port 8265), with the
 //! same state, so the dashboard's playground works through one port.
 
-pub mod admission;
-pub mod auth;
-pub mod body;
 pub mod chat;
 pub mod completions;
-pub mod dispatch;
+pub mod edge;
 pub mod embeddings;
-pub mod errors;
-pub mod fields;
-pub mod logprobs;
-pub mod metrics;
-pub mod migration;
-pub mod misc;
-pub mod params;
-pub mod prompts;
-pub mod reasoning;
+pub mod generate;
+pub mod request;
 pub mod responses;
-pub mod sse;
-pub mod stream;
-pub mod structured;
 pub mod tools;
-pub mod trace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -44,10 +37,12 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
-use self::admission::{Admission, AdmissionLimits};
-use self::errors::ApiError;
-use self::metrics::ApiMetrics;
-use self::reasoning::ReasoningParserKind;
+use self::chat::reasoning::ReasoningParserKind;
+use self::edge::errors::ApiError;
+use self::edge::metrics::ApiMetrics;
+use self::edge::{auth, metrics, misc, trace};
+use self::generate::admission::{Admission, AdmissionLimits};
+use self::generate::migration;
 use self::tools::{ToolParserKind, ToolSettings};
 use crate::backend::{Backend, ModelCard, Runner};
 use crate::config::structured_outputs::StructuredOutputsConfig;

@@ -25,7 +25,7 @@
 //!   one from a worker marked dead that stays silent ([`super::forward`]); the wait for the first
 //!   event ends the same way.
 //! - `generate_avoiding` never picks a replica it is told to avoid (one that failed the request
-//!   being migrated, `api::migration`); with no other replica it answers as a retry does.
+//!   being migrated, `api::generate::migration`); with no other replica it answers as a retry does.
 //! - Dropping the returned stream drops the gRPC call, which cancels it on the worker.
 
 use std::future::Future;

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use super::ConfigError;
 use super::rules::kind;
 use super::structured_outputs::StructuredOutputsConfig;
-use crate::api::reasoning::ReasoningParserKind;
+use crate::api::chat::reasoning::ReasoningParserKind;
 use crate::api::tools::ToolParserKind;
 
 /// What a model option holds.

@@ -12,10 +12,10 @@
 //!
 //! What the settings do: `disable_any_whitespace` and `disable_additional_properties` hold for
 //! every constraint of the deployment's requests, beside the request's own options
-//! (`crate::api::structured::with_defaults`); `reasoning_parser` is the deployment's reasoning
+//! (`crate::api::request::structured::with_defaults`); `reasoning_parser` is the deployment's reasoning
 //! parser, one setting with the `model:` section's `reasoning_parser` as in vLLM (given both, they
 //! must agree); `backend` and `disable_fallback` change nothing (there is one backend);
-//! `enable_in_reasoning` decides whether chat gates constraints behind the reasoning (`api/chat.rs`).
+//! `enable_in_reasoning` decides whether chat gates constraints behind the reasoning (`api/chat/mod.rs`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use super::ConfigError;
 use super::rules::kind;
-use crate::api::reasoning::ReasoningParserKind;
+use crate::api::chat::reasoning::ReasoningParserKind;
 
 /// vLLM's structured-output backends, by the names users type.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 //! What the dashboard shows over time, kept by the head: the recent-request log
-//! ([`request_log`], filled by the API through `api::trace`) and the time series of cluster load and
+//! ([`request_log`], filled by the API through `api::edge::trace`) and the time series of cluster load and
 //! latency ([`history`], sampled from cluster snapshots and the log). The control server serves
 //! both as JSON (`GET /api/requests`, `GET /api/timeseries`).
 //!

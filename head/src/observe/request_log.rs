@@ -50,7 +50,7 @@ pub struct RequestRecord {
     pub finish_reason: Option<String>,
     pub error: Option<String>,
     pub prompt: Option<String>,
-    /// Times the request moved to another replica after its own failed (`api::migration`).
+    /// Times the request moved to another replica after its own failed (`api::generate::migration`).
     pub migrations: u32,
 }
 

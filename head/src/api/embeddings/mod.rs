@@ -24,11 +24,12 @@ use serde_json::{Map, Value};
 use tracing::Instrument;
 
 use self::request::EmbeddingRequest;
-use super::body::JsonObject;
-use super::errors::ApiError;
-use super::metrics::labelled;
-use super::trace::Trace;
-use super::{ApiState, dispatch, request_id, stream};
+use crate::api::edge::errors::ApiError;
+use crate::api::edge::metrics::labelled;
+use crate::api::edge::trace::Trace;
+use crate::api::generate::{dispatch, stream};
+use crate::api::request::body::JsonObject;
+use crate::api::{ApiState, request_id};
 use crate::backend::Runner;
 
 /// The handler.

@@ -1,5 +1,5 @@
 //! An embeddings request body, read and checked as vLLM reads it (`EmbeddingCompletionRequest`):
-//! `input` in the four prompt shapes ([`super::super::prompts`]), at most [`MAX_INPUTS`] of them,
+//! `input` in the four prompt shapes ([`crate::api::request::prompts`]), at most [`MAX_INPUTS`] of them,
 //! no empty string; `encoding_format` `float` (default) or `base64`; `dimensions` only for a
 //! matryoshka model (Lumen serves none: any value is vLLM's 400); `truncate_prompt_tokens`
 //! (-1 = `max_model_len`, else at least 1 and at most `max_model_len`: keep the last N tokens);
@@ -11,8 +11,10 @@ use lumen_proto::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::super::body::typed;
-use super::super::errors::ApiError;
+use crate::api::edge::errors::ApiError;
+use crate::api::request::body::typed;
+use crate::api::request::fields;
+use crate::api::request::prompts;
 use crate::backend::ModelCard;
 
 /// The most inputs one request may embed (OpenAI's limit).
@@ -55,9 +57,9 @@ impl EmbeddingRequest {
     /// Reads and checks what does not depend on the model.
     pub fn parse(body: &Map<String, Value>) -> Result<Self, ApiError> {
         let fields: Fields = typed(body)?;
-        super::super::fields::check(body, super::super::fields::EMBEDDINGS)?;
+        fields::check(body, fields::EMBEDDINGS)?;
         let input = fields.input.as_ref().ok_or_else(|| ApiError::param("input", "input is required"))?;
-        let inputs = super::super::prompts::parse("input", input, fields.add_special_tokens.unwrap_or(true))?;
+        let inputs = prompts::parse("input", input, fields.add_special_tokens.unwrap_or(true))?;
         if inputs.len() > MAX_INPUTS {
             return Err(ApiError::param("input", format!("at most {MAX_INPUTS} inputs, got {}", inputs.len())));
         }

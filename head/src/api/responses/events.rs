@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 
 use super::output::{self, Header, Status, item_id};
 use super::store::{ResponseStore, Stored};
-use crate::api::dispatch::{Step, Usage, finish_reason};
-use crate::api::stream::ChunkWriter;
+use crate::api::generate::dispatch::{Step, Usage, finish_reason};
+use crate::api::generate::stream::ChunkWriter;
 use crate::api::tools::output::{AnswerFormat, AnswerReader, Piece};
 use std::sync::Arc;
 

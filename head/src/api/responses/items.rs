@@ -14,7 +14,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::api::errors::ApiError;
+use crate::api::edge::errors::ApiError;
 
 /// The roles a message item may have.
 const ROLES: [&str; 4] = ["user", "system", "developer", "assistant"];

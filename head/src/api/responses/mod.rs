@@ -28,14 +28,15 @@ use tracing::Instrument;
 use self::output::{Header, Status};
 use self::request::ResponsesRequest;
 use self::store::Stored;
-use super::body::{JsonObject, typed};
-use super::errors::ApiError;
-use super::metrics::labelled;
-use super::params::{CommonParams, RouteDefaults};
-use super::tools::output::AnswerFormat;
-use super::tools::request::ToolRequest;
-use super::trace::Trace;
-use super::{ApiState, chat, dispatch, stream};
+use crate::api::edge::errors::ApiError;
+use crate::api::edge::metrics::labelled;
+use crate::api::edge::trace::Trace;
+use crate::api::generate::{dispatch, stream};
+use crate::api::request::body::{JsonObject, typed};
+use crate::api::request::params::{CommonParams, RouteDefaults};
+use crate::api::tools::output::AnswerFormat;
+use crate::api::tools::request::ToolRequest;
+use crate::api::{ApiState, chat};
 use crate::backend::Runner;
 
 /// `POST /v1/responses`.

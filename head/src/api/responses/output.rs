@@ -11,7 +11,7 @@
 use lumen_proto::v1 as pb;
 use serde_json::{Map, Value, json};
 
-use crate::api::dispatch::Usage;
+use crate::api::generate::dispatch::Usage;
 use crate::api::tools::output::{self, AnswerFormat};
 
 /// An output item id: `prefix` and 32 hex digits.
@@ -149,7 +149,7 @@ pub fn history_message(content: &str, calls: Vec<Value>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::reasoning::ReasoningParserKind;
+    use crate::api::chat::reasoning::ReasoningParserKind;
     use crate::api::tools::ToolParserKind;
     use crate::api::tools::request::Reading;
 

@@ -16,9 +16,9 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::api::errors::ApiError;
-use crate::api::fields::{self, Expect, Field, Inert, field};
-use crate::api::params::int_in;
+use crate::api::edge::errors::ApiError;
+use crate::api::request::fields::{self, Expect, Field, Inert, field};
+use crate::api::request::params::int_in;
 
 /// The fields of a Responses request that Lumen checks and refuses unless inert.
 pub const RESPONSES: &[Field] = &[

@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 
 use super::llama3_json::{Sequence, Shape};
 use super::{ToolCallParser, ToolEvent};
-use crate::api::errors::ApiError;
+use crate::api::edge::errors::ApiError;
 
 const REQUIRED: Shape =
     Shape { opening: "[", opening_required: true, separator: b',', closing: Some("]"), strict: true };

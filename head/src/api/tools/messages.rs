@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::api::errors::ApiError;
+use crate::api::edge::errors::ApiError;
 
 /// Checks message `i`'s `tool_calls` and `tool_call_id`.
 pub fn check_message(i: usize, message: &Map<String, Value>) -> Result<(), ApiError> {

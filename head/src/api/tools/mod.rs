@@ -152,7 +152,7 @@ fn content_until(out: &mut Vec<ToolEvent>, buf: &str, tag: &str) -> Result<(Stri
             Ok((buf[keep..i + tag.len()].to_string(), i + tag.len()))
         }
         None => {
-            let cut = buf.len() - super::reasoning::partial_tag_suffix(buf, tag);
+            let cut = buf.len() - crate::api::chat::reasoning::partial_tag_suffix(buf, tag);
             let keep = buf[..cut].trim_end().len();
             text(out, &buf[..keep]);
             Err(keep)

@@ -13,8 +13,8 @@ use serde_json::{Map, Value, json};
 
 use super::request::Reading;
 use super::{ToolCallParser, ToolEvent};
-use crate::api::dispatch::finish_reason_str;
-use crate::api::reasoning::{ReasoningParserKind, ReasoningSplitter, Split};
+use crate::api::chat::reasoning::{ReasoningParserKind, ReasoningSplitter, Split};
+use crate::api::generate::dispatch::finish_reason_str;
 
 /// How a model's answers are read (the same for every choice of a request).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -14,12 +14,12 @@
 //!
 //! `"required"` and named functions are answered under constrained decoding: chat attaches
 //! [`ToolRequest::constrained_schema`] as the request's structured-output constraint
-//! (`crate::api::structured::tool_call`), so the output always parses.
+//! (`crate::api::request::structured::tool_call`), so the output always parses.
 
 use serde_json::{Map, Value};
 
 use super::{ToolCallParser, ToolParserKind, ToolSettings, forced, schema};
-use crate::api::errors::ApiError;
+use crate::api::edge::errors::ApiError;
 
 /// The most tools one request may offer (OpenAI's limit).
 pub const MAX_TOOLS: usize = 128;

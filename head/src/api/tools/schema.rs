@@ -7,7 +7,7 @@
 
 use serde_json::Value;
 
-use crate::api::errors::ApiError;
+use crate::api::edge::errors::ApiError;
 
 /// JSON Schema's type names.
 const TYPES: [&str; 7] = ["object", "array", "string", "number", "integer", "boolean", "null"];

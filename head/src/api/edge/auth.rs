@@ -6,8 +6,8 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::ApiState;
-use super::errors::ApiError;
+use crate::api::ApiState;
+use crate::api::edge::errors::ApiError;
 use crate::secret;
 
 /// Middleware for the `/v1/*` routes.

@@ -30,7 +30,7 @@ use lumen_proto::v1 as pb;
 use pb::structured_output::Kind;
 use serde_json::{Map, Value};
 
-use super::errors::ApiError;
+use crate::api::edge::errors::ApiError;
 use crate::config::structured_outputs::StructuredOutputsConfig;
 
 /// The keys `structured_outputs` may hold.

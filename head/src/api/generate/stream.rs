@@ -32,11 +32,12 @@ use lumen_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tracing::{Instrument, Span};
 
-use super::admission::Ticket;
-use super::dispatch::{self, Running, Step, Usage};
-use super::errors::ApiError;
-use super::trace::Trace;
-use super::{ApiState, sse};
+use crate::api::ApiState;
+use crate::api::edge::errors::ApiError;
+use crate::api::edge::trace::Trace;
+use crate::api::generate::admission::Ticket;
+use crate::api::generate::dispatch::{self, Running, Step, Usage};
+use crate::api::generate::sse;
 
 /// A generation that runs now, or will once admitted.
 pub enum Launch {

@@ -32,7 +32,7 @@ use futures::{StreamExt, stream};
 use lumen_proto::v1 as pb;
 use prometheus::{IntCounterVec, Opts, Registry};
 
-use super::trace::Trace;
+use crate::api::edge::trace::Trace;
 use crate::backend::{self, Backend, BackendError, EventStream, RouteSlot};
 
 /// Moves per request when `--migration-limit` is not given.

@@ -9,10 +9,12 @@ use lumen_proto::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::body::{JsonObject, typed};
-use super::errors::ApiError;
-use super::metrics::labelled;
-use super::{ApiState, chat};
+use crate::api::edge::errors::ApiError;
+use crate::api::edge::metrics::labelled;
+use crate::api::request::body::{JsonObject, typed};
+use crate::api::request::fields;
+use crate::api::request::params;
+use crate::api::{ApiState, chat};
 
 /// `GET /v1/models`.
 pub async fn models(State(state): State<ApiState>) -> Json<Value> {
@@ -90,8 +92,7 @@ struct TokenizeFields {
 
 /// `POST /tokenize`: `prompt` (text) or `messages` (chat template applied) -> token ids.
 pub async fn tokenize(State(state): State<ApiState>, JsonObject(body): JsonObject) -> Response {
-    let checked =
-        typed::<TokenizeFields>(&body).and_then(|f| super::fields::check(&body, super::fields::TOKENIZE).map(|()| f));
+    let checked = typed::<TokenizeFields>(&body).and_then(|f| fields::check(&body, fields::TOKENIZE).map(|()| f));
     let fields = match checked {
         Ok(f) => f,
         Err(e) => return labelled("", Err(e)),
@@ -108,8 +109,9 @@ async fn run_tokenize(state: &ApiState, fields: TokenizeFields) -> Result<Respon
             add_special_tokens: fields.add_special_tokens.unwrap_or(true),
         }),
         (None, Some(messages)) => {
-            let tools = super::tools::request::check_tools(fields.tools.as_ref())?;
-            let kwargs = super::tools::request::template_kwargs(tools.as_deref(), fields.chat_template_kwargs.as_ref());
+            let tools = crate::api::tools::request::check_tools(fields.tools.as_ref())?;
+            let kwargs =
+                crate::api::tools::request::template_kwargs(tools.as_deref(), fields.chat_template_kwargs.as_ref());
             let add_generation_prompt = fields.add_generation_prompt.unwrap_or(true);
             pb::tokenize_request::Input::Chat(chat::chat_prompt(&messages, add_generation_prompt, kwargs.as_ref())?)
         }
@@ -148,7 +150,7 @@ pub async fn detokenize(State(state): State<ApiState>, JsonObject(body): JsonObj
 async fn run_detokenize(state: &ApiState, fields: DetokenizeFields) -> Result<Response, ApiError> {
     let card = state.resolve_model(fields.model.as_deref())?;
     let tokens = fields.tokens.ok_or_else(|| ApiError::param("tokens", "tokens is required"))?;
-    let token_ids = super::params::token_ids("tokens", &tokens)?;
+    let token_ids = params::token_ids("tokens", &tokens)?;
     let request = pb::DetokenizeRequest { replica_id: String::new(), token_ids };
     let reply = state.backend.detokenize(&card.id, request).await?;
     Ok(Json(json!({"prompt": reply.text})).into_response())

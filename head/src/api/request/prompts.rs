@@ -6,8 +6,8 @@
 use lumen_proto::v1 as pb;
 use serde_json::Value;
 
-use super::errors::ApiError;
-use super::params::token_ids;
+use crate::api::edge::errors::ApiError;
+use crate::api::request::params::token_ids;
 
 /// The prompts `value` (the field `param`) holds, in order.
 pub fn parse(

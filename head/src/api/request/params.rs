@@ -12,7 +12,7 @@ use lumen_proto::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Number, Value};
 
-use super::errors::ApiError;
+use crate::api::edge::errors::ApiError;
 
 /// The most top alternatives a request may ask for per token (vLLM's default `max_logprobs`).
 pub const MAX_LOGPROBS: i64 = 20;
@@ -301,7 +301,7 @@ fn stop_strings(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::body::{parse_object, typed};
+    use crate::api::request::body::{parse_object, typed};
 
     const CHAT: RouteDefaults = RouteDefaults { max_tokens: 0, logprobs: None };
 

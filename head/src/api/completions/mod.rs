@@ -9,7 +9,7 @@
 //! and its log-probabilities only (vLLM generates one token and drops it; so does Lumen, and
 //! like vLLM counts it in `usage`). vLLM's `prompt_logprobs` (top `k` per prompt token, first
 //! null) go into each choice's `prompt_logprobs`. Log-probabilities use the legacy shape
-//! ([`super::logprobs::completion`]); vLLM's `return_tokens_as_token_ids` names their tokens
+//! ([`crate::api::generate::logprobs::completion`]); vLLM's `return_tokens_as_token_ids` names their tokens
 //! `token_id:N`.
 
 use axum::Json;
@@ -21,14 +21,20 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tracing::Instrument;
 
-use super::body::{JsonObject, typed};
-use super::dispatch::{self, Collected, Meta, Step, Usage, finish_reason, finish_reason_str, stop_reason_json};
-use super::errors::ApiError;
-use super::metrics::labelled;
-use super::params::{CommonParams, RouteDefaults, logprob_count};
-use super::stream::{self, ChunkWriter};
-use super::trace::Trace;
-use super::{ApiState, logprobs, request_id, sse};
+use crate::api::edge::errors::ApiError;
+use crate::api::edge::metrics::labelled;
+use crate::api::edge::trace::Trace;
+use crate::api::generate::dispatch::{
+    self, Collected, Meta, Step, Usage, finish_reason, finish_reason_str, stop_reason_json,
+};
+use crate::api::generate::stream::{self, ChunkWriter};
+use crate::api::generate::{logprobs, sse};
+use crate::api::request::body::{JsonObject, typed};
+use crate::api::request::fields;
+use crate::api::request::params::{CommonParams, RouteDefaults, logprob_count};
+use crate::api::request::prompts;
+use crate::api::request::structured;
+use crate::api::{ApiState, request_id};
 use crate::backend::Runner;
 
 /// vLLM's default `max_tokens` for completions (chat's default is the context length).
@@ -56,16 +62,16 @@ pub async fn handle(State(state): State<ApiState>, trace: Trace, JsonObject(body
 async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
     let common: CommonParams = typed(&body)?;
     let fields: CompletionFields = typed(&body)?;
-    super::fields::check_completions(&body)?;
+    fields::check_completions(&body)?;
     let card = state.resolve_for(common.model.as_deref(), Runner::Generate, "Completions API")?;
     let prompt = fields.prompt.as_ref().ok_or_else(|| ApiError::param("prompt", "prompt is required"))?;
-    let prompts = super::prompts::parse("prompt", prompt, fields.add_special_tokens.unwrap_or(true))?;
+    let prompts = prompts::parse("prompt", prompt, fields.add_special_tokens.unwrap_or(true))?;
     if fields.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::param("suffix", "suffix is not supported"));
     }
     let logprobs = fields.logprobs.map(|k| logprob_count("logprobs", k)).transpose()?;
     let echo = fields.echo.unwrap_or(false);
-    let explicit_prompt_k = super::fields::prompt_logprobs(&body)?;
+    let explicit_prompt_k = fields::prompt_logprobs(&body)?;
     // vLLM: `max_tokens: 0` only with `echo` (scoring); one token is generated and dropped.
     let prompt_only = echo && common.max_tokens == Some(0);
     let mut common = common;
@@ -96,7 +102,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
         generation.check_context("max_tokens", card.max_model_len, known)?;
     }
     let structured_output =
-        super::structured::with_defaults(super::structured::from_body(&body)?, &state.structured_outputs(&card.id));
+        structured::with_defaults(structured::from_body(&body)?, &state.structured_outputs(&card.id));
     let n = generation.n;
     if prompts.len().saturating_mul(n as usize) > MAX_CHOICES {
         return Err(ApiError::param("n", format!("prompts times n must not exceed {MAX_CHOICES}")));

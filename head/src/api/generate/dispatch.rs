@@ -13,10 +13,10 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use lumen_proto::v1 as pb;
 
-use super::admission::Permit;
-use super::errors::ApiError;
-use super::migration::{self, Migrations};
-use super::trace::Trace;
+use crate::api::edge::errors::ApiError;
+use crate::api::edge::trace::Trace;
+use crate::api::generate::admission::Permit;
+use crate::api::generate::migration::{self, Migrations};
 use crate::backend::{self, Backend, BackendError};
 
 type Tagged = Pin<Box<dyn Stream<Item = (usize, Result<pb::GenerateEvent, BackendError>)> + Send>>;

@@ -3,8 +3,11 @@
 //! Messages go to the replica as JSON (it applies the model's chat template); content-part arrays
 //! are flattened to their text parts joined by newlines, and any other part type is refused.
 //! With a reasoning parser configured for the model, the output is split into
-//! `reasoning_content` and `content` ([`super::reasoning`]); with tools, tool calls are read in
-//! the answer ([`super::tools`]).
+//! `reasoning_content` and `content` ([`reasoning`], a chat concern: the Responses API and tool
+//! calling read the chat output); with tools, tool calls are read in the answer
+//! ([`crate::api::tools`]).
+
+pub mod reasoning;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -15,16 +18,20 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tracing::Instrument;
 
-use super::body::{JsonObject, typed};
-use super::dispatch::{self, Collected, Meta, Step, Usage, finish_reason, stop_reason_json};
-use super::errors::ApiError;
-use super::metrics::labelled;
-use super::params::{CommonParams, Generation, RouteDefaults, int_in, logprob_count};
-use super::stream::{self, ChunkWriter};
-use super::tools::output::{self, AnswerFormat, AnswerReader};
-use super::tools::request::ToolRequest;
-use super::trace::Trace;
-use super::{ApiState, logprobs, request_id, sse};
+use crate::api::completions;
+use crate::api::edge::errors::ApiError;
+use crate::api::edge::metrics::labelled;
+use crate::api::edge::trace::Trace;
+use crate::api::generate::dispatch::{self, Collected, Meta, Step, Usage, finish_reason, stop_reason_json};
+use crate::api::generate::stream::{self, ChunkWriter};
+use crate::api::generate::{logprobs, sse};
+use crate::api::request::body::{JsonObject, typed};
+use crate::api::request::fields;
+use crate::api::request::params::{CommonParams, Generation, RouteDefaults, int_in, logprob_count};
+use crate::api::request::structured;
+use crate::api::tools::output::{self, AnswerFormat, AnswerReader};
+use crate::api::tools::request::ToolRequest;
+use crate::api::{ApiState, request_id};
 use crate::backend::Runner;
 
 /// The fields only chat accepts.
@@ -48,7 +55,7 @@ pub async fn handle(State(state): State<ApiState>, trace: Trace, JsonObject(body
 async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
     let mut common: CommonParams = typed(&body)?;
     let fields: ChatFields = typed(&body)?;
-    super::fields::check_chat(&body)?;
+    fields::check_chat(&body)?;
     let card = state.resolve_for(common.model.as_deref(), Runner::Generate, "Chat Completions API")?;
     let messages = fields.messages.as_ref().ok_or_else(|| ApiError::param("messages", "messages is required"))?;
     // Tools: checked for this model; `required` and a named choice constrain decoding below.
@@ -68,7 +75,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     }
     let generation = common.validate(RouteDefaults { max_tokens: 0, logprobs: want_logprobs.then_some(top) })?;
     // vLLM's `prompt_logprobs` (top-level in the answer); a stream may ask for 0 and shows none.
-    let prompt_k = super::fields::prompt_logprobs(&body)?.filter(|_| !generation.stream);
+    let prompt_k = fields::prompt_logprobs(&body)?.filter(|_| !generation.stream);
     let max_tokens_param = if fields.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     generation.check_context(max_tokens_param, card.max_model_len, None)?;
     let structured_output = constraint(&state, &card.id, &body, &tools)?;
@@ -89,8 +96,8 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     }
     let collected = async { dispatch::collect(launch.running().await?).await }.instrument(span).await?;
     let prompt_logprobs = match (prompt_k, collected.prompt_logprobs.first().and_then(Option::as_ref)) {
-        (Some(k), Some(p)) => Some(super::logprobs::prompt_logprobs(p, k)),
-        (Some(_), None) => return Err(super::completions::missing_prompt_logprobs()),
+        (Some(k), Some(p)) => Some(logprobs::prompt_logprobs(p, k)),
+        (Some(_), None) => return Err(completions::missing_prompt_logprobs()),
         (None, _) => None,
     };
     let mut body = completion_body(&meta("chat.completion"), collected, &format, want_logprobs);
@@ -109,12 +116,12 @@ pub(crate) fn constraint(
     body: &Map<String, Value>,
     tools: &ToolRequest,
 ) -> Result<Option<pb::StructuredOutput>, ApiError> {
-    let mut structured_output = super::structured::from_body(body)?;
+    let mut structured_output = structured::from_body(body)?;
     if let Some(schema) = tools.constrained_schema()? {
-        structured_output = Some(super::structured::tool_call(structured_output.as_ref(), &schema)?);
+        structured_output = Some(structured::tool_call(structured_output.as_ref(), &schema)?);
     }
     let settings = state.structured_outputs(model);
-    let mut structured_output = super::structured::with_defaults(structured_output, &settings);
+    let mut structured_output = structured::with_defaults(structured_output, &settings);
     if let (Some(constraint), Some(parser)) = (structured_output.as_mut(), state.reasoning_parser(model))
         && !settings.enable_in_reasoning
     {
@@ -189,7 +196,7 @@ fn normalize_message(i: usize, message: &Map<String, Value>) -> Result<Value, Ap
             return Err(ApiError::param(format!("messages[{i}].name"), format!("name must be a string, got {other}")));
         }
     }
-    super::tools::messages::check_message(i, message)?;
+    crate::api::tools::messages::check_message(i, message)?;
     let mut out = message.clone();
     let content = match message.get("content") {
         None | Some(Value::Null) => Value::Null,

@@ -13,7 +13,7 @@ use axum::response::Response;
 use futures::StreamExt;
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
-use super::ApiState;
+use crate::api::ApiState;
 
 /// The model a response was for, as a metrics label.
 #[derive(Clone, Debug)]

@@ -31,8 +31,9 @@ use futures::StreamExt;
 use lumen_proto::v1 as pb;
 use serde_json::Value;
 
-use super::ApiState;
-use super::errors::ApiError;
+use crate::api::ApiState;
+use crate::api::edge::errors::ApiError;
+use crate::api::generate::dispatch;
 use crate::backend::RouteSlot;
 use crate::observe::RequestLog;
 use crate::observe::request_log::{RequestRecord, Route, truncate_prompt};
@@ -57,7 +58,7 @@ struct TraceData {
     first_output: Option<Instant>,
     finish: Option<pb::FinishReason>,
     error: Option<(u16, String)>,
-    /// Times the request moved to another replica ([`super::migration`]).
+    /// Times the request moved to another replica ([`crate::api::generate::migration`]).
     migrations: u32,
     recorded: bool,
 }
@@ -76,7 +77,7 @@ impl Trace {
         };
         Trace(Arc::new(Mutex::new(TraceData {
             log,
-            id: super::request_id(prefix),
+            id: crate::api::request_id(prefix),
             route,
             model: None,
             stream: false,
@@ -144,7 +145,7 @@ impl Trace {
                 }
                 let tokens = u32::try_from(delta.token_ids.len()).unwrap_or(u32::MAX);
                 data.seen_tokens = data.seen_tokens.saturating_add(tokens);
-                if let Some(reason) = super::dispatch::finish_reason(delta) {
+                if let Some(reason) = dispatch::finish_reason(delta) {
                     data.finish = Some(worst(data.finish, reason));
                 }
             }
@@ -226,7 +227,7 @@ impl Trace {
             ttft_ms: ttft.map(|t| t.as_secs_f64() * 1000.0),
             duration_ms: duration.as_secs_f64() * 1000.0,
             itl_ms,
-            finish_reason: finish.map(|f| super::dispatch::finish_reason_str(f).to_string()),
+            finish_reason: finish.map(|f| dispatch::finish_reason_str(f).to_string()),
             error,
             prompt: data.prompt.take(),
             migrations: data.migrations,

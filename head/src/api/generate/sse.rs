@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde::Serialize;
 
-use super::errors::ApiError;
+use crate::api::edge::errors::ApiError;
 
 /// The comment frame sent while idle.
 pub const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";

@@ -14,8 +14,8 @@ use axum::http::{HeaderMap, header};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::ApiState;
-use super::errors::ApiError;
+use crate::api::ApiState;
+use crate::api::edge::errors::ApiError;
 
 /// A request body that is a JSON object. The byte limit is axum's `DefaultBodyLimit`, which the
 /// router sets from the configuration.

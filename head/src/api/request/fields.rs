@@ -6,12 +6,13 @@
 //!
 //! Informational fields (`user`, `request_id`, hints such as `stream_interval`) are checked and
 //! otherwise ignored. `tools` is not listed (handled, or not, elsewhere), and neither are
-//! `response_format`, `structured_outputs` and the `guided_*` fields: [`super::structured`]
+//! `response_format`, `structured_outputs` and the `guided_*` fields: [`crate::api::request::structured`]
 //! checks and carries them.
 
 use serde_json::{Map, Value};
 
-use super::errors::ApiError;
+use crate::api::edge::errors::ApiError;
+use crate::api::request::params;
 
 /// What a field holds, as vLLM types it.
 #[derive(Clone, Copy, Debug)]
@@ -184,7 +185,7 @@ pub fn prompt_logprobs(body: &Map<String, Value>) -> Result<Option<u32>, ApiErro
     if body.get("stream") == Some(&Value::Bool(true)) && n != 0 {
         return Err(ApiError::param("prompt_logprobs", "prompt_logprobs are not available when stream is true"));
     }
-    let max = super::params::MAX_LOGPROBS;
+    let max = params::MAX_LOGPROBS;
     if n == -1 || n > max {
         let asked = if n == -1 { "the whole vocabulary (-1)".to_string() } else { n.to_string() };
         return Err(ApiError::param(
