@@ -73,6 +73,7 @@ fn plan(at: &str, application: &str, d: &DeploymentConfig) -> Result<DeploymentP
         tool_call_parser,
         structured_outputs,
         admission,
+        migration_limit: d.migration_limit(),
     };
     Ok(DeploymentPlan { deployment, api })
 }
@@ -99,7 +100,8 @@ applications:
         model: {source: m.gguf, served_model_name: smol, reasoning_parser: deepseek_r1,
                 enable_auto_tool_choice: true, tool_call_parser: hermes,
                 structured_outputs_config: {backend: guidance, disable_any_whitespace: true,
-                                            enable_in_reasoning: true}}
+                                            enable_in_reasoning: true},
+                migration_limit: 0}
 "#,
         )
         .unwrap();
@@ -121,6 +123,7 @@ applications:
         let structured = plans[0].api.structured_outputs.expect("structured_outputs_config");
         assert!(structured.disable_any_whitespace && structured.enable_in_reasoning);
         assert!(!structured.disable_additional_properties);
+        assert_eq!(plans[0].api.migration_limit, Some(0));
     }
 
     #[test]

@@ -236,3 +236,65 @@ async fn a_queued_request_that_fails_reports_it_in_the_stream() {
     assert_eq!(sse.chunks.last().unwrap()["error"]["type"], "service_unavailable_error", "{}", sse.raw);
     assert!(sse.done);
 }
+
+/// A deployment's `migration_limit` (its serve config's `model:` section) is the limit its
+/// requests move under, whatever `--migration-limit` says; a deployment without one takes the
+/// head's. The fake fails each stream after one token, and continues a resumed one.
+#[tokio::test]
+async fn a_deployments_migration_limit_from_the_serve_config_is_the_one_in_force() {
+    use lumen_head::config::ServeConfig;
+    use lumen_head::plan::plans_from_config;
+    use lumen_proto::v1 as pb;
+
+    let serve_config = ServeConfig::from_yaml(
+        "applications:\n  - name: a\n    deployments:\n\
+         \x20     - {name: on, model: {source: m.gguf, served_model_name: on, migration_limit: 2}}\n\
+         \x20     - {name: off, model: {source: m.gguf, served_model_name: off, migration_limit: 0}}\n\
+         \x20     - {name: inherits, model: {source: m.gguf, served_model_name: inherits}}\n",
+    )
+    .unwrap();
+    let plans = plans_from_config(&serve_config).unwrap();
+    let models: std::collections::HashMap<_, _> = plans.into_iter().map(|p| (p.deployment.model_name, p.api)).collect();
+    let fails_once = |request: &pb::GenerateRequest| {
+        Ok(match &request.resume {
+            None => vec![
+                Item::Event(pb::generate_event::Event::Started(pb::Started {
+                    prompt_tokens: 1,
+                    prompt_token_ids: vec![1],
+                    ..Default::default()
+                })),
+                delta(0, "moved "),
+                Item::Fail(BackendError::Unavailable("worker died".into())),
+            ],
+            Some(_) => vec![
+                Item::Event(pb::generate_event::Event::Started(pb::Started {
+                    prompt_tokens: 1,
+                    resumed_tokens: 1,
+                    ..Default::default()
+                })),
+                last(0, "on", lumen_proto::v1::FinishReason::Stop),
+                finished(1, 2),
+            ],
+        })
+    };
+    for (head_limit, model, moves) in
+        [(0, "on", true), (0, "inherits", false), (3, "off", false), (3, "inherits", true)]
+    {
+        let backend = FakeBackend::new(&["on", "off", "inherits"]);
+        backend.script(fails_once);
+        let config = ApiConfig { migration_limit: head_limit, models: models.clone(), ..Default::default() };
+        let server = serve(backend.clone(), config).await;
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "x"}], "stream": true});
+        let (status, sse) = stream(&server, "/v1/chat/completions", body).await;
+        assert_eq!(status, 200);
+        let case = format!("--migration-limit {head_limit}, model {model}: {}", sse.raw);
+        assert_eq!(backend.requests().len(), if moves { 2 } else { 1 }, "{case}");
+        if moves {
+            assert_eq!(joined(&sse.chunks, 0, "/delta/content"), "moved on", "{case}");
+            assert!(sse.chunks.iter().all(|c| c.get("error").is_none()), "{case}");
+        } else {
+            assert_eq!(sse.chunks.last().unwrap()["error"]["type"], "service_unavailable_error", "{case}");
+        }
+        assert!(sse.done, "{case}");
+    }
+}

@@ -75,7 +75,8 @@ pub struct HeadArgs {
     pub stream_send_timeout_s: u64,
     /// How often one in-flight request may move to another replica of its deployment when its
     /// own fails mid-stream (worker killed or marked dead, replica stopped, drain timed out): the
-    /// client's stream continues where it stopped. 0 turns migration off.
+    /// client's stream continues where it stopped. 0 turns migration off. The default of every
+    /// deployment whose `model:` section does not set `migration_limit`.
     #[arg(long, env = "LUMEN_MIGRATION_LIMIT", default_value_t = lumen_head::api::generate::migration::DEFAULT_MIGRATION_LIMIT)]
     pub migration_limit: u32,
     /// Log each request's prompt (one info line per request) and keep the prompt text in the

@@ -63,6 +63,9 @@ pub struct ModelApiOptions {
     pub structured_outputs: Option<StructuredOutputsConfig>,
     /// Overrides [`ApiConfig::admission`] for this model.
     pub admission: Option<AdmissionLimits>,
+    /// Overrides [`ApiConfig::migration_limit`] for this model (the `model:` section's
+    /// `migration_limit`).
+    pub migration_limit: Option<u32>,
 }
 
 /// The API's configuration.
@@ -97,7 +100,8 @@ pub struct ApiConfig {
     pub responses_store_max_entries: usize,
     pub responses_store_max_bytes: usize,
     /// How often one request may move to another replica when its own fails mid-stream
-    /// (`--migration-limit`; 0: never, the failure reaches the client).
+    /// (`--migration-limit`; 0: never, the failure reaches the client), for models without
+    /// their own [`ModelApiOptions::migration_limit`].
     pub migration_limit: u32,
 }
 

@@ -139,7 +139,8 @@ pub struct DeploymentConfig {
     pub resources: Option<Resources>,
     /// The engine options (`source`/`model`, `max_model_len`, ...) plus head-side settings
     /// (`served_model_name`, `reasoning_parser`, `enable_auto_tool_choice`,
-    /// `tool_call_parser`, `structured_outputs_config`). Passed to the worker as JSON.
+    /// `tool_call_parser`, `structured_outputs_config`, `migration_limit`). Passed to the worker
+    /// as JSON.
     #[serde(default)]
     pub model: Map<String, Value>,
 }
@@ -343,6 +344,12 @@ impl DeploymentConfig {
     /// vLLM's `structured_outputs_config` (an object), a head-side setting.
     pub fn structured_outputs_config(&self) -> Option<&Value> {
         self.model.get("structured_outputs_config")
+    }
+
+    /// How often one request may move to another replica (`--migration-limit` for this
+    /// deployment), a head-side setting; `None` when absent or null.
+    pub fn migration_limit(&self) -> Option<u32> {
+        self.model.get("migration_limit").and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok())
     }
 
     /// Replicas to start with: `num_replicas`, else the autoscaler's initial/min count, else 1.

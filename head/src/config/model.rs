@@ -1,9 +1,10 @@
 //! A deployment's `model:` section: the engine options a worker starts the replica with (the same
 //! names as the `lumen serve` / `lumen worker` flags) plus the head's own [`HEAD_OPTIONS`]
 //! (`reasoning_parser`, and vLLM's `enable_auto_tool_choice` / `tool_call_parser`, which needs
-//! the parser named in the same section, as vLLM's flags do, and `structured_outputs_config`,
+//! the parser named in the same section, as vLLM's flags do, `structured_outputs_config`,
 //! checked field by field in [`super::structured_outputs`], whose `reasoning_parser` must agree
-//! with the section's).
+//! with the section's, and `migration_limit`, the head's `--migration-limit` for this
+//! deployment).
 //!
 //! Contract: the head checks the section before it is applied, so a worker is never sent options
 //! it would refuse at load time: every key is one of [`OPTIONS`] (an unknown key, often a typo,
@@ -44,6 +45,8 @@ pub enum Kind {
     Fraction,
     /// Milliseconds, at least 0, or null (the worker's default).
     MillisOrNull,
+    /// A whole number, at least 0 (0 turns the thing off), or null (the head's default).
+    LimitOrNull,
     /// `cpu`, `cuda` or `cuda:N`.
     Device,
     /// A reasoning parser the head knows.
@@ -85,11 +88,17 @@ pub const OPTIONS: &[(&str, Kind)] = &[
     ("enable_auto_tool_choice", Kind::Bool),
     ("tool_call_parser", Kind::ToolCallParser),
     ("structured_outputs_config", Kind::StructuredOutputsConfig),
+    ("migration_limit", Kind::LimitOrNull),
 ];
 
 /// The options of [`OPTIONS`] the head reads itself (the worker ignores them).
-pub const HEAD_OPTIONS: &[&str] =
-    &["reasoning_parser", "enable_auto_tool_choice", "tool_call_parser", "structured_outputs_config"];
+pub const HEAD_OPTIONS: &[&str] = &[
+    "reasoning_parser",
+    "enable_auto_tool_choice",
+    "tool_call_parser",
+    "structured_outputs_config",
+    "migration_limit",
+];
 
 /// Checks the `model:` section at `at` (`applications[0].deployments[0].model`).
 pub fn check(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> {
@@ -213,6 +222,9 @@ pub fn check_value(kind: Kind, value: &Value) -> Result<(), String> {
             _ => Err(format!("must be a number of milliseconds, at least 0, got {n}")),
         },
         (Kind::MillisOrNull, _) => Err(format!("must be a number of milliseconds or null, got {}", got())),
+        (Kind::LimitOrNull, Value::Null) => Ok(()),
+        (Kind::LimitOrNull, Value::Number(n)) if n.as_u64().is_some_and(|v| v <= u64::from(u32::MAX)) => Ok(()),
+        (Kind::LimitOrNull, _) => Err(format!("must be a whole number, at least 0, or null, got {}", got())),
         (Kind::Device, Value::String(s)) if is_device(s) => Ok(()),
         (Kind::Device, _) => Err(format!("must be cpu, cuda or cuda:N, got {}", got())),
         (Kind::ReasoningParser, Value::String(s)) => s.parse::<ReasoningParserKind>().map(|_| ()),
@@ -265,6 +277,7 @@ mod tests {
             "reasoning_parser": "deepseek_r1", "enable_auto_tool_choice": true, "tool_call_parser": "llama3_json",
             "structured_outputs_config": {"backend": "xgrammar", "reasoning_parser": "deepseek_r1"},
             "runner": "pooling", "convert": "embed", "pooler_config": {"pooling_type": "MEAN", "normalize": false},
+            "migration_limit": 0,
         });
         check("m", section.as_object().unwrap()).unwrap();
         check("m", json!({"model": "a.gguf", "kv_cache_memory": 1048576}).as_object().unwrap()).unwrap();
@@ -294,6 +307,12 @@ mod tests {
             (json!({"source": "m", "tool_call_parser": "mistral"}), "m.tool_call_parser", "known: llama3_json, hermes"),
             (json!({"source": "m", "tool_call_parser": 1}), "m.tool_call_parser", "tool call parser"),
             (json!({"source": "m", "enable_auto_tool_choice": "yes"}), "m.enable_auto_tool_choice", "true or false"),
+            (
+                json!({"source": "m", "migration_limit": -1}),
+                "m.migration_limit",
+                "at least 0, or null, got the number -1",
+            ),
+            (json!({"source": "m", "migration_limit": 1.5}), "m.migration_limit", "whole number"),
             (json!({"source": "m", "enable_auto_tool_choice": true}), "m.tool_call_parser", "is required"),
             (
                 json!({"source": "m", "structured_outputs_config": {"backend": "nope"}}),

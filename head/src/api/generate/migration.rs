@@ -8,8 +8,9 @@
 //!
 //! Contract:
 //! - A request can move when it has one choice (`n = 1`), no structured output, its prompt's
-//!   token ids came back, and fewer than `limit` moves were made (`--migration-limit`; 0 turns
-//!   migration off). Others behave exactly as before.
+//!   token ids came back, and fewer than `limit` moves were made (the deployment's
+//!   `migration_limit`, else `--migration-limit`; 0 turns migration off). Others behave exactly
+//!   as before.
 //! - It moves when its stream fails as `Unavailable` (the connection broke, the worker ended the
 //!   stream early or was marked dead and stayed silent) or its choice ends with `abort` (the
 //!   replica was stopped or its drain timed out: the client's own cancel never shows here).
@@ -90,6 +91,11 @@ impl Migrations {
             total.with_label_values(&[reason.as_str()]);
         }
         Ok(Migrations { limit, total })
+    }
+
+    /// This policy with a model's own limit, when it has one (its deployment's `migration_limit`).
+    pub fn for_model(&self, limit: Option<u32>) -> Migrations {
+        Migrations { limit: limit.unwrap_or(self.limit), total: self.total.clone() }
     }
 
     /// Whether `request` may ever move (see the module contract).

@@ -56,12 +56,13 @@ pub async fn launch(
     trace: Trace,
 ) -> Result<Launch, ApiError> {
     trace.launched(&model, &requests);
+    let migrations = state.migrations.for_model(state.model_options(&model).migration_limit);
     match ticket {
-        Ticket::Ready(permit) => Ok(Launch::Running(
-            dispatch::start(&state.backend, &state.migrations, &model, requests, n, permit, trace).await?,
-        )),
+        Ticket::Ready(permit) => {
+            Ok(Launch::Running(dispatch::start(&state.backend, &migrations, &model, requests, n, permit, trace).await?))
+        }
         Ticket::Queued(queued) => {
-            let (backend, migrations) = (state.backend.clone(), state.migrations.clone());
+            let backend = state.backend.clone();
             Ok(Launch::Queued(Box::pin(async move {
                 let started = match queued.admitted().await {
                     Ok(permit) => {
