@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::cluster::{running_by_worker, start_cluster, start_worker, worker_stats};
+use support::cluster::{Extra, running_by_worker, start_cluster, start_worker, worker_stats};
 use support::until;
 
 /// How a streamed chat completion ended.
@@ -61,7 +61,7 @@ fn classify(sse: &str) -> Outcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_share_the_load_and_survive_losing_one() {
     let dir = tempfile::tempdir().unwrap();
-    let (head, mut workers) = start_cluster(dir.path(), &["w1", "w2", "w3"], &[]).await;
+    let (head, mut workers) = start_cluster(dir.path(), &["w1", "w2", "w3"], Extra::default()).await;
     let http = reqwest::Client::new();
     let grpc = head.url("grpc");
     let (http, head) = (&http, &head);
@@ -106,7 +106,7 @@ async fn three_workers_share_the_load_and_survive_losing_one() {
         .map(|i| tokio::spawn(stream_chat(http.clone(), api.clone(), format!("After the kill {i}"), 16)))
         .collect();
     let grpc_for_w4 = grpc.clone();
-    let w4 = tokio::task::spawn_blocking(move || start_worker(&grpc_for_w4, "w4")).await.expect("w4 starts");
+    let w4 = tokio::task::spawn_blocking(move || start_worker(&grpc_for_w4, "w4", &[])).await.expect("w4 starts");
     workers.insert("w4", w4);
 
     for outcome in futures::future::join_all(before).await {

@@ -1,11 +1,17 @@
-//! Request migration end to end (issue 24), with real processes: a `lumen head`
-//! (`--migration-limit 2`) and three `lumen worker`s serving SmolLM2, one replica each.
+//! Request migration end to end (issue 24), with real processes: a `lumen head` and four
+//! `lumen worker`s (`--drain-timeout-s 1`) serving SmolLM2, one replica each. The head runs with
+//! `--migration-limit 0` and the deployment's `model:` section sets `migration_limit: 2`: every
+//! move below shows that the config's value is the one in force.
 //! - Streamed chat and completion requests (greedy and seeded sampled with penalties, with
 //!   log-probabilities) run once undisturbed; run again, the worker serving most of them is
 //!   killed with SIGKILL once every stream has tokens: none fails, and each answer equals its
 //!   undisturbed run token for token (text, token ids or pieces, finish reason, usage, one id).
+//! - A worker given SIGTERM while it streams a long request drains; its drain times out while
+//!   the stream is still running, and the request moves instead of failing (`aborted`): the
+//!   answer equals its undisturbed run, the worker exits 0.
 //! - A non-streamed request whose worker is killed mid-generation answers as undisturbed.
-//! - With no replica left, a stream ends with the error event clients got before migration.
+//! - With no replica left, a stream ends with the error event clients got before migration; so
+//!   does a stream of two choices (`n = 2`, which never moves).
 //! - `lumen:request_migrations_total` counts the moves; the request log shows them.
 
 mod support;
@@ -17,11 +23,14 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use support::cluster::{start_cluster, worker_stats};
+use support::cluster::{Extra, running_by_worker, start_cluster, worker_stats};
 use support::{Lumen, until};
 
 /// Long enough that a kill after the first tokens lands mid-stream.
 const MAX_TOKENS: u32 = 160;
+
+/// Long enough that a one-second drain timeout passes mid-stream.
+const DRAINED_TOKENS: u32 = 480;
 
 /// One request of the test.
 #[derive(Clone, Copy, Debug)]
@@ -31,11 +40,22 @@ struct Spec {
     /// Seeded sampling with penalties; greedy otherwise.
     seed: Option<u64>,
     logprobs: bool,
+    max_tokens: u32,
+    /// Choices.
+    n: u32,
 }
 
 impl Spec {
+    fn new(chat: bool, stream: bool, seed: Option<u64>, logprobs: bool) -> Spec {
+        Spec { chat, stream, seed, logprobs, max_tokens: MAX_TOKENS, n: 1 }
+    }
+
     fn body(self, i: usize) -> (String, Value) {
-        let mut body = json!({"model": "smol", "max_tokens": MAX_TOKENS, "ignore_eos": true, "stream": self.stream});
+        let mut body =
+            json!({"model": "smol", "max_tokens": self.max_tokens, "ignore_eos": true, "stream": self.stream});
+        if self.n > 1 {
+            body["n"] = self.n.into();
+        }
         if self.stream {
             body["stream_options"] = json!({"include_usage": true});
         }
@@ -145,17 +165,21 @@ async fn ask_all(http: &reqwest::Client, api: &str, specs: &[Spec], progress: &A
     futures::future::join_all(tasks).await.into_iter().map(|a| a.expect("task")).collect()
 }
 
-/// The migrations counted on the head's `/metrics`, all reasons.
-async fn migrations(http: &reqwest::Client, head: &Lumen) -> f64 {
+/// The migrations counted on the head's `/metrics` whose labels contain `labels` (`""`: all).
+async fn migrations_of(http: &reqwest::Client, head: &Lumen, labels: &str) -> f64 {
     let text = http.get(format!("{}/metrics", head.url("api"))).send().await.unwrap().text().await.unwrap();
     text.lines()
-        .filter(|l| l.starts_with("lumen:request_migrations_total{"))
+        .filter(|l| l.starts_with("lumen:request_migrations_total{") && l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
-/// Kills (SIGKILL) the worker running the most requests; returns its id.
-async fn kill_busiest(workers: &mut std::collections::BTreeMap<&'static str, Lumen>) -> &'static str {
+async fn migrations(http: &reqwest::Client, head: &Lumen) -> f64 {
+    migrations_of(http, head, "").await
+}
+
+/// Takes the worker running the most requests out of `workers`.
+async fn busiest(workers: &mut std::collections::BTreeMap<&'static str, Lumen>) -> (&'static str, Lumen) {
     let mut busiest = ("", 0);
     for (&id, worker) in workers.iter() {
         let running = worker_stats(worker).await.1;
@@ -164,40 +188,85 @@ async fn kill_busiest(workers: &mut std::collections::BTreeMap<&'static str, Lum
         }
     }
     assert!(busiest.1 > 0, "no worker runs a request");
-    let mut victim = workers.remove(busiest.0).expect("the victim");
+    (busiest.0, workers.remove(busiest.0).expect("the busiest"))
+}
+
+/// Kills (SIGKILL) the worker running the most requests; returns its id.
+async fn kill_busiest(workers: &mut std::collections::BTreeMap<&'static str, Lumen>) -> &'static str {
+    let (id, mut victim) = busiest(workers).await;
     victim.child.kill().expect("SIGKILL");
     victim.child.wait().expect("the victim exits");
-    busiest.0
+    id
+}
+
+/// Waits until the head counts exactly `workers` alive: a worker killed a moment ago still takes
+/// new requests until its heartbeats are missed, and with its replicas placed again a new request
+/// could be refused (503) after its retries met only those.
+async fn until_the_head_sees(
+    http: &reqwest::Client,
+    head: &Lumen,
+    workers: &std::collections::BTreeMap<&'static str, Lumen>,
+) {
+    let want: Vec<String> = workers.keys().map(|id| id.to_string()).collect();
+    let want = &want;
+    until("the head sees which workers are left", Duration::from_secs(30), || async move {
+        running_by_worker(http, head).await.keys().cloned().collect::<Vec<_>>() == *want
+    })
+    .await;
+}
+
+/// Runs `spec` until its stream has tokens; the task that reads the rest.
+async fn started(
+    http: &reqwest::Client,
+    api: &str,
+    spec: Spec,
+    i: usize,
+    progress: &Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<Answer> {
+    progress.store(0, Ordering::SeqCst);
+    let task = tokio::spawn(ask(http.clone(), api.to_string(), spec, i, progress.clone()));
+    until("the stream has tokens", Duration::from_secs(120), || {
+        let progress = progress.clone();
+        async move { progress.load(Ordering::SeqCst) == 1 }
+    })
+    .await;
+    task
 }
 
 fn assert_same(undisturbed: &[Answer], disturbed: &[Answer], specs: &[Spec]) {
     for ((before, after), spec) in undisturbed.iter().zip(disturbed).zip(specs) {
         assert!(before.errors.is_empty() && after.errors.is_empty(), "{spec:?}: {before:?} / {after:?}");
         assert_eq!(after.ids.len(), 1, "{spec:?}: one id for the whole answer: {:?}", after.ids);
-        assert_eq!(after.usage, Some((before.usage.unwrap().0, u64::from(MAX_TOKENS))), "{spec:?}: usage");
+        assert_eq!(after.usage, Some((before.usage.unwrap().0, u64::from(spec.max_tokens))), "{spec:?}: usage");
         assert_eq!(after.finish.as_deref(), Some("length"), "{spec:?}");
         assert_eq!(after.tokens, before.tokens, "{spec:?}: token for token");
         assert_eq!(after.text, before.text, "{spec:?}: the same text");
         if spec.logprobs {
-            assert_eq!(after.tokens.len(), MAX_TOKENS as usize, "{spec:?}: a log-probability per token");
+            assert_eq!(after.tokens.len(), spec.max_tokens as usize, "{spec:?}: a log-probability per token");
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_worker_costs_no_request_and_changes_no_output() {
+async fn a_killed_or_drained_worker_costs_no_request_and_changes_no_output() {
     let dir = tempfile::tempdir().unwrap();
-    let (head, mut workers) = start_cluster(dir.path(), &["w1", "w2", "w3"], &["--migration-limit", "2"]).await;
+    let extra = Extra {
+        head: &["--migration-limit", "0"],
+        worker: &["--drain-timeout-s", "1"],
+        model: &["migration_limit: 2"],
+    };
+    let (head, mut workers) = start_cluster(dir.path(), &["w1", "w2", "w3", "w4"], extra).await;
     let http = reqwest::Client::new();
     let api = head.url("api");
     let progress = Arc::new(AtomicUsize::new(0));
-    let specs: Vec<Spec> = (0..6)
-        .map(|i| Spec { chat: i % 2 == 1, stream: true, seed: (i % 3 != 0).then_some(i as u64 + 7), logprobs: i != 5 })
-        .collect();
-    let lone = Spec { chat: false, stream: false, seed: Some(99), logprobs: true };
+    let specs: Vec<Spec> =
+        (0..6).map(|i| Spec::new(i % 2 == 1, true, (i % 3 != 0).then_some(i as u64 + 7), i != 5)).collect();
+    let drained = Spec { max_tokens: DRAINED_TOKENS, ..Spec::new(true, true, Some(5), true) };
+    let lone = Spec::new(false, false, Some(99), true);
     let mut all = specs.clone();
-    all.push(lone);
+    all.extend([drained, lone]);
     let undisturbed = ask_all(&http, &api, &all, &progress).await;
+    let (drained_at, lone_at) = (specs.len(), specs.len() + 1);
     assert_eq!(migrations(&http, &head).await, 0.0);
 
     // Every stream has output, then the busiest worker dies.
@@ -217,10 +286,26 @@ async fn a_killed_worker_costs_no_request_and_changes_no_output() {
     assert_same(&undisturbed, &disturbed, &specs);
     let moved = migrations(&http, &head).await;
     assert!(moved >= 1.0, "the requests of {first} moved: {moved}");
+    until_the_head_sees(&http, &head, &workers).await;
+
+    // A long stream whose worker drains and whose drain times out: it moves rather than fails.
+    let aborted = migrations_of(&http, &head, "reason=\"aborted\"").await;
+    let task = started(&http, &api, drained, drained_at, &progress).await;
+    let (id, mut draining) = busiest(&mut workers).await;
+    draining.terminate();
+    let answer = task.await.expect("task");
+    assert_same(&undisturbed[drained_at..=drained_at], &[answer], &[drained]);
+    assert_eq!(draining.wait_exit(Duration::from_secs(30)), Some(0), "{id} drains and exits 0");
+    assert!(
+        migrations_of(&http, &head, "reason=\"aborted\"").await > aborted,
+        "the stream of {id} moved when its drain timed out"
+    );
+    let moved = migrations(&http, &head).await;
+    until_the_head_sees(&http, &head, &workers).await;
 
     // A non-streamed request, its worker killed mid-generation.
     let before: u64 = futures::future::join_all(workers.values().map(worker_stats)).await.iter().map(|s| s.2).sum();
-    let lone_task = tokio::spawn(ask(http.clone(), api.clone(), lone, all.len() - 1, progress.clone()));
+    let lone_task = tokio::spawn(ask(http.clone(), api.clone(), lone, lone_at, progress.clone()));
     let workers_ref = &workers;
     until("the lone request is generating", Duration::from_secs(120), || async move {
         let stats = futures::future::join_all(workers_ref.values().map(worker_stats)).await;
@@ -229,8 +314,9 @@ async fn a_killed_worker_costs_no_request_and_changes_no_output() {
     .await;
     kill_busiest(&mut workers).await;
     let answer = lone_task.await.expect("task");
-    assert_same(&undisturbed[specs.len()..], &[answer], &[lone]);
+    assert_same(&undisturbed[lone_at..], &[answer], &[lone]);
     assert!(migrations(&http, &head).await > moved, "the non-streamed request moved");
+    until_the_head_sees(&http, &head, &workers).await;
 
     let records: Value = http
         .get(format!("{}/api/requests?limit=100", head.url("dashboard")))
@@ -241,20 +327,25 @@ async fn a_killed_worker_costs_no_request_and_changes_no_output() {
         .await
         .unwrap();
     let migrated = records["requests"].as_array().unwrap().iter().filter(|r| r["migrations"].as_u64() > Some(0));
-    assert!(migrated.clone().count() >= 2, "the request log shows the moves: {records}");
+    assert!(migrated.clone().count() >= 3, "the request log shows the moves: {records}");
     assert!(migrated.clone().all(|r| r["status"] == 200 && r["finish_reason"] == "length"), "{records}");
 
-    // The last worker dies under a stream: no replica is left, the client gets an error event.
+    // The last worker dies under two streams, one of two choices: no replica is left (and `n = 2`
+    // never moves): each gets an error event.
     progress.store(0, Ordering::SeqCst);
-    let last = Spec { chat: true, stream: true, seed: None, logprobs: false };
-    let last_task = tokio::spawn(ask(http.clone(), api.clone(), last, 0, progress.clone()));
-    until("the last stream has tokens", Duration::from_secs(120), || {
+    let last = [Spec::new(true, true, None, false), Spec { n: 2, ..Spec::new(false, true, None, false) }];
+    let last_task = tokio::spawn({
+        let (http, api, progress) = (http.clone(), api.clone(), progress.clone());
+        async move { ask_all(&http, &api, &last, &progress).await }
+    });
+    until("the last streams have tokens", Duration::from_secs(120), || {
         let progress = progress.clone();
-        async move { progress.load(Ordering::SeqCst) == 1 }
+        async move { progress.load(Ordering::SeqCst) == 2 }
     })
     .await;
     kill_busiest(&mut workers).await;
-    let answer = last_task.await.expect("task");
-    assert_eq!(answer.errors.len(), 1, "an error event ends the stream: {answer:?}");
-    assert_eq!(answer.finish, None, "it is not passed off as complete");
+    for (answer, spec) in last_task.await.expect("task").iter().zip(last) {
+        assert_eq!(answer.errors.len(), 1, "{spec:?}: an error event ends the stream: {answer:?}");
+        assert_eq!(answer.finish, None, "{spec:?}: it is not passed off as complete");
+    }
 }

@@ -13,13 +13,25 @@ use super::{Lumen, head_flags, model_path, until, worker_flags};
 /// The head's heartbeat interval: a silent worker is declared dead after three of them.
 pub const HEARTBEAT_MS: &str = "1000";
 
+/// What a test adds to the cluster's defaults.
+#[derive(Clone, Copy, Default)]
+pub struct Extra<'a> {
+    /// Flags of `lumen head`.
+    pub head: &'a [&'a str],
+    /// Flags of every `lumen worker`.
+    pub worker: &'a [&'a str],
+    /// Lines of the deployment's `model:` section, such as `migration_limit: 2`.
+    pub model: &'a [&'a str],
+}
+
 /// The serve config: one deployment of the real model, light enough for several workers on two
-/// cores.
-pub fn serve_config(replicas: u32) -> String {
+/// cores, its `model:` section with the `model` lines added.
+pub fn serve_config(replicas: u32, model: &[&str]) -> String {
+    let extra: String = model.iter().map(|line| format!("          {line}\n")).collect();
     format!(
         "applications:\n  - name: chat\n    deployments:\n      - name: llm\n        num_replicas: {replicas}\n        \
          model:\n          source: {}\n          served_model_name: smol\n          threads: 1\n          \
-         max_model_len: 1024\n          kv_cache_memory: 64MiB\n",
+         max_model_len: 1024\n          kv_cache_memory: 64MiB\n{extra}",
         model_path()
     )
 }
@@ -35,8 +47,11 @@ pub fn start_head(config: &Path, extra: &[&str]) -> Lumen {
     Lumen::start(&args)
 }
 
-pub fn start_worker(head_grpc: &str, id: &str) -> Lumen {
-    Lumen::start(&worker_flags(head_grpc, id))
+/// `lumen worker` registering with `head_grpc` as `id`, with `extra` flags.
+pub fn start_worker(head_grpc: &str, id: &str, extra: &[&str]) -> Lumen {
+    let mut args = worker_flags(head_grpc, id);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Lumen::start(&args)
 }
 
 /// The head's view (`GET /api/cluster`): live worker id -> its RUNNING replicas.
@@ -75,16 +90,16 @@ pub async fn worker_stats(worker: &Lumen) -> (u64, u32, u64) {
 pub async fn start_cluster(
     dir: &Path,
     ids: &[&'static str],
-    head_extra: &[&str],
+    extra: Extra<'_>,
 ) -> (Lumen, BTreeMap<&'static str, Lumen>) {
     let config = dir.join("serve.yaml");
     // One replica at start: the head places replicas as soon as a worker registers, and CPU
     // workers may host several, so the deployment is scaled once all workers are in.
-    std::fs::write(&config, serve_config(1)).unwrap();
-    let head = start_head(&config, head_extra);
+    std::fs::write(&config, serve_config(1, extra.model)).unwrap();
+    let head = start_head(&config, extra.head);
     let http = reqwest::Client::new();
     let grpc = head.url("grpc");
-    let workers: BTreeMap<&str, Lumen> = ids.iter().map(|&id| (id, start_worker(&grpc, id))).collect();
+    let workers: BTreeMap<&str, Lumen> = ids.iter().map(|&id| (id, start_worker(&grpc, id, extra.worker))).collect();
     let (http, head_ref, count) = (&http, &head, ids.len());
     until("every worker is registered", Duration::from_secs(30), || async move {
         running_by_worker(http, head_ref).await.len() == count
@@ -93,7 +108,7 @@ pub async fn start_cluster(
     let put = http
         .put(format!("{}/api/serve/applications/", head.url("dashboard")))
         .header("content-type", "application/yaml")
-        .body(serve_config(count as u32))
+        .body(serve_config(count as u32, extra.model))
         .send()
         .await
         .unwrap();
