@@ -6,17 +6,18 @@
 //!   log-probabilities) run once undisturbed; run again, the worker serving most of them is
 //!   killed with SIGKILL once every stream has tokens: none fails, and each answer equals its
 //!   undisturbed run token for token (text, token ids or pieces, finish reason, usage, one id).
-//! - A worker given SIGTERM while it streams a long request drains; its drain times out while
-//!   the stream is still running, and the request moves instead of failing (`aborted`): the
-//!   answer equals its undisturbed run, the worker exits 0.
+//! - A worker given SIGTERM while it streams a long request of two seeded choices drains; its
+//!   drain times out while the stream is still running, and the request moves instead of failing
+//!   (`aborted`), each choice from its own tokens: the answer equals its undisturbed run choice
+//!   for choice, the worker exits 0.
 //! - A non-streamed request whose worker is killed mid-generation answers as undisturbed.
-//! - With no replica left, a stream ends with the error event clients got before migration; so
-//!   does a stream of two choices (`n = 2`, which never moves).
+//! - With no replica left, a stream ends with the error event clients got before migration (one
+//!   of one choice and one of two).
 //! - `lumen:request_migrations_total` counts the moves; the request log shows them.
 
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -29,8 +30,8 @@ use support::{Lumen, until};
 /// Long enough that a kill after the first tokens lands mid-stream.
 const MAX_TOKENS: u32 = 160;
 
-/// Long enough that a one-second drain timeout passes mid-stream.
-const DRAINED_TOKENS: u32 = 480;
+/// Long enough (per choice, two choices) that a one-second drain timeout passes mid-stream.
+const DRAINED_TOKENS: u32 = 320;
 
 /// One request of the test.
 #[derive(Clone, Copy, Debug)]
@@ -87,13 +88,20 @@ impl Spec {
     }
 }
 
-/// What a client saw of one request.
+/// What a client saw of one choice.
 #[derive(Debug, Default, PartialEq)]
-struct Answer {
+struct Choice {
     text: String,
     /// Token ids (completions) or pieces (chat), from the log-probabilities.
     tokens: Vec<String>,
     finish: Option<String>,
+}
+
+/// What a client saw of one request.
+#[derive(Debug, Default, PartialEq)]
+struct Answer {
+    /// By choice index.
+    choices: BTreeMap<u64, Choice>,
     usage: Option<(u64, u64)>,
     ids: BTreeSet<String>,
     errors: Vec<String>,
@@ -110,16 +118,23 @@ impl Answer {
         if let Some(usage) = object.get("usage").filter(|u| !u.is_null()) {
             self.usage = Some((usage["prompt_tokens"].as_u64().unwrap(), usage["completion_tokens"].as_u64().unwrap()));
         }
-        let Some(choice) = object["choices"].get(0) else { return };
-        let text = choice["text"].as_str().or(choice["delta"]["content"].as_str());
-        self.text.push_str(text.or(choice["message"]["content"].as_str()).unwrap_or_default());
-        let pieces = choice["logprobs"]["tokens"].as_array().cloned().unwrap_or_default().into_iter();
-        let content = choice["logprobs"]["content"].as_array().cloned().unwrap_or_default().into_iter();
-        self.tokens
-            .extend(pieces.chain(content.map(|c| c["token"].clone())).filter_map(|t| t.as_str().map(String::from)));
-        if let Some(finish) = choice["finish_reason"].as_str() {
-            self.finish = Some(finish.into());
+        for choice in object["choices"].as_array().into_iter().flatten() {
+            let seen = self.choices.entry(choice["index"].as_u64().expect("a choice index")).or_default();
+            let text = choice["text"].as_str().or(choice["delta"]["content"].as_str());
+            seen.text.push_str(text.or(choice["message"]["content"].as_str()).unwrap_or_default());
+            let pieces = choice["logprobs"]["tokens"].as_array().cloned().unwrap_or_default().into_iter();
+            let content = choice["logprobs"]["content"].as_array().cloned().unwrap_or_default().into_iter();
+            let tokens = pieces.chain(content.map(|c| c["token"].clone()));
+            seen.tokens.extend(tokens.filter_map(|t| t.as_str().map(String::from)));
+            if let Some(finish) = choice["finish_reason"].as_str() {
+                seen.finish = Some(finish.into());
+            }
         }
+    }
+
+    /// Bytes of text over every choice.
+    fn text_len(&self) -> usize {
+        self.choices.values().map(|c| c.text.len()).sum()
     }
 }
 
@@ -144,9 +159,9 @@ async fn ask(http: reqwest::Client, api: String, spec: Spec, i: usize, progress:
             if data == "[DONE]" {
                 continue;
             }
-            let before = answer.text.len();
+            let before = answer.text_len();
             answer.add(&serde_json::from_str(data).expect("SSE JSON"));
-            chunks += usize::from(answer.text.len() > before);
+            chunks += usize::from(answer.text_len() > before);
             if chunks >= 2 && !counted {
                 counted = true;
                 progress.fetch_add(1, Ordering::SeqCst);
@@ -179,7 +194,7 @@ async fn migrations(http: &reqwest::Client, head: &Lumen) -> f64 {
 }
 
 /// Takes the worker running the most requests out of `workers`.
-async fn busiest(workers: &mut std::collections::BTreeMap<&'static str, Lumen>) -> (&'static str, Lumen) {
+async fn busiest(workers: &mut BTreeMap<&'static str, Lumen>) -> (&'static str, Lumen) {
     let mut busiest = ("", 0);
     for (&id, worker) in workers.iter() {
         let running = worker_stats(worker).await.1;
@@ -192,7 +207,7 @@ async fn busiest(workers: &mut std::collections::BTreeMap<&'static str, Lumen>) 
 }
 
 /// Kills (SIGKILL) the worker running the most requests; returns its id.
-async fn kill_busiest(workers: &mut std::collections::BTreeMap<&'static str, Lumen>) -> &'static str {
+async fn kill_busiest(workers: &mut BTreeMap<&'static str, Lumen>) -> &'static str {
     let (id, mut victim) = busiest(workers).await;
     victim.child.kill().expect("SIGKILL");
     victim.child.wait().expect("the victim exits");
@@ -202,11 +217,7 @@ async fn kill_busiest(workers: &mut std::collections::BTreeMap<&'static str, Lum
 /// Waits until the head counts exactly `workers` alive: a worker killed a moment ago still takes
 /// new requests until its heartbeats are missed, and with its replicas placed again a new request
 /// could be refused (503) after its retries met only those.
-async fn until_the_head_sees(
-    http: &reqwest::Client,
-    head: &Lumen,
-    workers: &std::collections::BTreeMap<&'static str, Lumen>,
-) {
+async fn until_the_head_sees(http: &reqwest::Client, head: &Lumen, workers: &BTreeMap<&'static str, Lumen>) {
     let want: Vec<String> = workers.keys().map(|id| id.to_string()).collect();
     let want = &want;
     until("the head sees which workers are left", Duration::from_secs(30), || async move {
@@ -237,12 +248,18 @@ fn assert_same(undisturbed: &[Answer], disturbed: &[Answer], specs: &[Spec]) {
     for ((before, after), spec) in undisturbed.iter().zip(disturbed).zip(specs) {
         assert!(before.errors.is_empty() && after.errors.is_empty(), "{spec:?}: {before:?} / {after:?}");
         assert_eq!(after.ids.len(), 1, "{spec:?}: one id for the whole answer: {:?}", after.ids);
-        assert_eq!(after.usage, Some((before.usage.unwrap().0, u64::from(spec.max_tokens))), "{spec:?}: usage");
-        assert_eq!(after.finish.as_deref(), Some("length"), "{spec:?}");
-        assert_eq!(after.tokens, before.tokens, "{spec:?}: token for token");
-        assert_eq!(after.text, before.text, "{spec:?}: the same text");
-        if spec.logprobs {
-            assert_eq!(after.tokens.len(), spec.max_tokens as usize, "{spec:?}: a log-probability per token");
+        let completion = u64::from(spec.max_tokens * spec.n);
+        assert_eq!(after.usage, Some((before.usage.unwrap().0, completion)), "{spec:?}: usage, every choice once");
+        assert_eq!(after.choices.len(), spec.n as usize, "{spec:?}: every choice");
+        for (index, choice) in &after.choices {
+            let undisturbed = &before.choices[index];
+            assert_eq!(choice.finish.as_deref(), Some("length"), "{spec:?} choice {index}");
+            assert_eq!(choice.tokens, undisturbed.tokens, "{spec:?} choice {index}: token for token");
+            assert_eq!(choice.text, undisturbed.text, "{spec:?} choice {index}: the same text");
+            if spec.logprobs {
+                let count = choice.tokens.len();
+                assert_eq!(count, spec.max_tokens as usize, "{spec:?} choice {index}: a log-probability per token");
+            }
         }
     }
 }
@@ -261,7 +278,7 @@ async fn a_killed_or_drained_worker_costs_no_request_and_changes_no_output() {
     let progress = Arc::new(AtomicUsize::new(0));
     let specs: Vec<Spec> =
         (0..6).map(|i| Spec::new(i % 2 == 1, true, (i % 3 != 0).then_some(i as u64 + 7), i != 5)).collect();
-    let drained = Spec { max_tokens: DRAINED_TOKENS, ..Spec::new(true, true, Some(5), true) };
+    let drained = Spec { max_tokens: DRAINED_TOKENS, n: 2, ..Spec::new(true, true, Some(5), true) };
     let lone = Spec::new(false, false, Some(99), true);
     let mut all = specs.clone();
     all.extend([drained, lone]);
@@ -330,8 +347,8 @@ async fn a_killed_or_drained_worker_costs_no_request_and_changes_no_output() {
     assert!(migrated.clone().count() >= 3, "the request log shows the moves: {records}");
     assert!(migrated.clone().all(|r| r["status"] == 200 && r["finish_reason"] == "length"), "{records}");
 
-    // The last worker dies under two streams, one of two choices: no replica is left (and `n = 2`
-    // never moves): each gets an error event.
+    // The last worker dies under two streams, one of two choices: no replica is left, each gets an
+    // error event.
     progress.store(0, Ordering::SeqCst);
     let last = [Spec::new(true, true, None, false), Spec { n: 2, ..Spec::new(false, true, None, false) }];
     let last_task = tokio::spawn({
@@ -346,6 +363,6 @@ async fn a_killed_or_drained_worker_costs_no_request_and_changes_no_output() {
     kill_busiest(&mut workers).await;
     for (answer, spec) in last_task.await.expect("task").iter().zip(last) {
         assert_eq!(answer.errors.len(), 1, "{spec:?}: an error event ends the stream: {answer:?}");
-        assert_eq!(answer.finish, None, "{spec:?}: it is not passed off as complete");
+        assert!(answer.choices.values().all(|c| c.finish.is_none()), "{spec:?}: it is not passed off as complete");
     }
 }

@@ -428,6 +428,8 @@ struct Output {
     prompt_ids: Vec<u32>,
     resumed_tokens: u32,
     deltas: Vec<(Vec<u32>, String)>,
+    /// Each choice's token ids.
+    choices: std::collections::BTreeMap<u32, Vec<u32>>,
     logprobs: Vec<pb::TokenLogprob>,
     finish: i32,
     usage: pb::Usage,
@@ -452,6 +454,7 @@ async fn run(client: &mut WorkerClient<Channel>, req: pb::GenerateRequest) -> Ou
                 out.resumed_tokens = s.resumed_tokens;
             }
             pb::generate_event::Event::Delta(d) => {
+                out.choices.entry(d.index).or_default().extend(&d.token_ids);
                 out.deltas.push((d.token_ids, d.text));
                 out.logprobs.extend(d.logprobs);
                 out.finish = d.finish_reason;
@@ -493,7 +496,7 @@ async fn a_resumed_request_continues_token_for_token_with_the_same_text_logprobs
                 prompt: Some(pb::generate_request::Prompt::Tokens(pb::TokenPrompt {
                     token_ids: whole.prompt_ids.clone(),
                 })),
-                resume: Some(pb::Resume { output_token_ids: ids[..cut].to_vec() }),
+                resume: Some(pb::Resume { output_token_ids: ids[..cut].to_vec(), choices: Vec::new() }),
                 return_prompt_token_ids: false,
                 ..first.clone()
             };
@@ -510,8 +513,55 @@ async fn a_resumed_request_continues_token_for_token_with_the_same_text_logprobs
         }
     }
     let mut refused = request("resume-too-long", chat_prompt("Hi"), 4);
-    refused.resume = Some(pb::Resume { output_token_ids: vec![1, 2, 3, 4] });
+    refused.resume = Some(pb::Resume { output_token_ids: vec![1, 2, 3, 4], choices: Vec::new() });
     let status = w.client.generate(refused).await.expect_err("as many resumed tokens as max_tokens");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_eq!(param(&status), Some("resume"));
+}
+
+fn resumed_choice(index: u32, ids: &[u32], finished: bool) -> pb::ResumedChoice {
+    pb::ResumedChoice { index, output_token_ids: ids.to_vec(), finished }
+}
+
+/// `n = 3`, seeded: each choice resumes from its own tokens on its own seeded stream (choice 0
+/// after 5 tokens, choice 1 after 17, choice 2 finished and not continued) and goes on as in the
+/// undisturbed run; the usage covers all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_request_of_several_choices_continues_each_from_its_own_tokens() {
+    let mut w = start_worker_with_replica().await;
+    let mut first = request("choices-whole", chat_prompt("Write a short poem about the sea."), 24);
+    first.n = 3;
+    first.sampling =
+        Some(pb::SamplingParams { temperature: 0.9, top_p: 0.95, frequency_penalty: 0.4, seed: Some(77), ..greedy() });
+    first.return_prompt_token_ids = true;
+    let whole = run(&mut w.client, first.clone()).await;
+    let ids = |i: u32| whole.choices[&i].clone();
+    assert!((0..3).all(|i| ids(i).len() == 24), "{:?}", whole.choices);
+    assert_ne!(ids(0), ids(1), "the choices sample their own streams");
+    let resume = |choices: Vec<pb::ResumedChoice>| pb::GenerateRequest {
+        request_id: format!("choices-resumed-{}", choices.len()),
+        prompt: Some(pb::generate_request::Prompt::Tokens(pb::TokenPrompt { token_ids: whole.prompt_ids.clone() })),
+        resume: Some(pb::Resume { output_token_ids: Vec::new(), choices }),
+        return_prompt_token_ids: false,
+        ..first.clone()
+    };
+    let choices = vec![
+        resumed_choice(0, &ids(0)[..5], false),
+        resumed_choice(1, &ids(1)[..17], false),
+        resumed_choice(2, &ids(2), true),
+    ];
+    let rest = run(&mut w.client, resume(choices)).await;
+    assert_eq!(rest.resumed_tokens, 5 + 17 + 24);
+    assert_eq!(rest.choices.get(&0), Some(&ids(0)[5..].to_vec()), "choice 0 resumed after 5 tokens");
+    assert_eq!(rest.choices.get(&1), Some(&ids(1)[17..].to_vec()), "choice 1 resumed after 17 tokens");
+    assert!(!rest.choices.contains_key(&2), "a finished choice is not continued");
+    assert_eq!(rest.usage.completion_tokens, 72, "the usage covers every choice once");
+
+    for wrong in [
+        vec![resumed_choice(0, &ids(0)[..5], false), resumed_choice(2, &ids(2)[..5], false)],
+        vec![resumed_choice(0, &ids(0), true), resumed_choice(1, &ids(1), true), resumed_choice(2, &ids(2), true)],
+    ] {
+        let status = w.client.generate(resume(wrong)).await.expect_err("refused");
+        assert_eq!((status.code(), param(&status)), (Code::InvalidArgument, Some("resume")), "{status:?}");
+    }
 }

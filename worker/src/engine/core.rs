@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::phases::{StepMarks, StepPhases};
 use super::request::{
     ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, RequestTimings, StopReason, TokenLogprob,
     Usage,
 };
-use super::phases::{StepMarks, StepPhases};
 use super::stats::{EngineHistograms, EngineStats, RateMeter};
 use super::step_cost::StepCostModel;
 use crate::grammar::{GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar};
@@ -177,28 +177,38 @@ impl EngineCore {
             let _ = tx.send(EngineEvent::Failed(format!("a request with id `{}` is already running", req.id)));
             return;
         }
-        let seq_id = self.next_seq;
-        self.next_seq += 1;
-        let sampler = SequenceSampler::new(&req.sampling, 0, &req.prompt_token_ids, self.limits.vocab_size);
-        let grammar = req.constraint.as_deref().map(|c| self.start_grammar(c, req.constraint_after.as_deref()));
-        let mut state = SeqState {
-            request: req.id.clone(),
-            index: 0,
-            sampler,
-            detok: IncrementalDetokenizer::with_prompt(&req.prompt_token_ids, req.skip_special_tokens),
-            stop: StopStringMatcher::new(req.stop.stop.clone(), req.stop.include_stop_str_in_output),
-            generated: 0,
-            last_token_at: None,
-            grammar,
-        };
-        self.replay_output(&mut state, &req);
-        self.seqs.insert(seq_id, state);
-        let tokens = [req.prompt_token_ids.as_slice(), &req.resumed_output].concat();
-        let mut seq = Sequence::new(seq_id, seq_id, tokens);
-        seq.prompt_logprobs = req.prompt_logprobs.is_some();
-        let pooled = self.start_pooling(&req, &mut seq);
-        self.scheduler.add(seq);
+        // One sequence for a new request (its siblings fork at the first token), one per
+        // unfinished choice for a resumed one; all queued in the request's arrival order.
+        let priority = self.next_seq;
+        let (mut live, mut pooled) = (Vec::new(), None);
+        for (index, output) in req.choices_to_run() {
+            let seq_id = self.next_seq;
+            self.next_seq += 1;
+            let sampler =
+                SequenceSampler::new(&req.sampling, index as u64, &req.prompt_token_ids, self.limits.vocab_size);
+            let grammar = req.constraint.as_deref().map(|c| self.start_grammar(c, req.constraint_after.as_deref()));
+            let mut state = SeqState {
+                request: req.id.clone(),
+                index,
+                sampler,
+                detok: IncrementalDetokenizer::with_prompt(&req.prompt_token_ids, req.skip_special_tokens),
+                stop: StopStringMatcher::new(req.stop.stop.clone(), req.stop.include_stop_str_in_output),
+                generated: 0,
+                last_token_at: None,
+                grammar,
+            };
+            self.replay_output(&mut state, &req, &output);
+            self.seqs.insert(seq_id, state);
+            let mut seq = Sequence::new(seq_id, priority, [req.prompt_token_ids.as_slice(), &output].concat());
+            if live.is_empty() {
+                seq.prompt_logprobs = req.prompt_logprobs.is_some();
+                pooled = self.start_pooling(&req, &mut seq);
+            }
+            self.scheduler.add(seq);
+            live.push(seq_id);
+        }
         let prompt_logprobs = self.start_prompt_logprobs(&req, &tx);
+        let (forked, completion_tokens) = (req.n == 1 || !req.resumed.is_empty(), req.resumed_tokens());
         self.requests.insert(
             req.id.clone(),
             RequestState {
@@ -207,9 +217,9 @@ impl EngineCore {
                 stop: req.stop,
                 n: req.n,
                 prompt_len: req.prompt_token_ids.len(),
-                live: vec![seq_id],
-                forked: req.n == 1,
-                completion_tokens: req.resumed_output.len(),
+                live,
+                forked,
+                completion_tokens,
                 cached_tokens: 0,
                 arrival: req.arrival,
                 scheduled_at: None,

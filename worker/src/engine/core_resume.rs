@@ -1,6 +1,7 @@
 //! Resuming a request that began on another replica: the head sends the output it already
-//! delivered ([`EngineRequest::resumed_output`]) and the new sequence is brought to where the
-//! original stood after it, so what follows is what the original would have produced:
+//! delivered, per choice ([`EngineRequest::resumed`]), and each unfinished choice gets a sequence
+//! brought to where the original stood after it, so what follows is what the original would have
+//! produced (choice `i`'s seeded stream is stream `i` of the seed, as when it forked):
 //! - the scheduler's sequence holds prompt + output, all computed by the prefill (the prefix
 //!   cache serves what it can);
 //! - the sampler counts them as output (the penalties) and its seeded stream skips the draws they
@@ -10,17 +11,20 @@
 //! - `generated` and the request's completion tokens count them, so `max_tokens`, `min_tokens`,
 //!   the context length and the usage cover the whole request.
 //!
-//! Invariant: no resumed token ended the original (it would have finished there), so none ends
-//! the continuation; validation keeps them fewer than `max_tokens`.
+//! Invariant: no resumed token of an unfinished choice ended the original (it would have finished
+//! there), so none ends the continuation; validation keeps them fewer than `max_tokens`. A
+//! finished choice gets no sequence; its tokens count in the usage only.
 
 use super::{EngineCore, SeqState};
+use crate::TokenId;
 use crate::engine::EngineRequest;
 
 impl EngineCore {
-    /// Replays `req`'s resumed output into a new sequence's `state` (see the module docs).
-    pub(super) fn replay_output(&self, state: &mut SeqState, req: &EngineRequest) {
-        state.sampler.resume(&req.sampling, &req.resumed_output);
-        for &token in &req.resumed_output {
+    /// Replays one choice's resumed `output` of `req` into its new sequence's `state` (see the
+    /// module docs); nothing for a new request.
+    pub(super) fn replay_output(&self, state: &mut SeqState, req: &EngineRequest, output: &[TokenId]) {
+        state.sampler.resume(&req.sampling, output);
+        for &token in output {
             state.generated += 1;
             let piece = state.detok.push(&self.tokenizer, token).unwrap_or_default();
             if state.generated > req.stop.min_tokens {

@@ -12,8 +12,8 @@ pub mod step_cost;
 pub use actor::{EngineHandle, RequestStream};
 pub use core::{CoreConfig, EngineCore};
 pub use request::{
-    ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, PromptLogprobs, RequestTimings, StopReason,
-    TokenLogprob, Usage,
+    ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, FinishReason, PromptLogprobs, RequestTimings, ResumedChoice,
+    StopReason, TokenLogprob, Usage,
 };
 pub use stats::EngineStats;
 pub mod load;

@@ -44,10 +44,19 @@ pub struct EngineRequest {
     /// says; nothing is sampled (`sampling`, `stop` and `n` are not used) and its blocks are
     /// freed as soon as the vector is out.
     pub pooling: Option<PoolingParams>,
-    /// A continuation (the head moved the request off a replica that failed): the output the
-    /// request already produced, taken as generated here (`core_resume.rs`). Only with `n = 1`,
-    /// no constraint, and fewer tokens than `max_tokens`.
-    pub resumed_output: Vec<TokenId>,
+    /// A continuation (the head moved the request off a replica that failed): each choice's
+    /// output so far, taken as generated here (`core_resume.rs`); empty for a new request.
+    /// Exactly the choices `0..n` in order, no constraint, not every choice finished, and an
+    /// unfinished choice has fewer tokens than `max_tokens`.
+    pub resumed: Vec<ResumedChoice>,
+}
+
+/// One choice of a resumed request: its output so far, and whether it ended there.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResumedChoice {
+    pub index: usize,
+    pub output: Vec<TokenId>,
+    pub finished: bool,
 }
 
 impl EngineRequest {
@@ -70,8 +79,22 @@ impl EngineRequest {
             constraint_after: None,
             prompt_logprobs: None,
             pooling: None,
-            resumed_output: Vec::new(),
+            resumed: Vec::new(),
         }
+    }
+
+    /// Output tokens taken as generated, over every resumed choice.
+    pub fn resumed_tokens(&self) -> usize {
+        self.resumed.iter().map(|c| c.output.len()).sum()
+    }
+
+    /// The choices to generate: `(index, output so far)` of each resumed choice not finished, or
+    /// choice 0 from nothing for a new request (its siblings fork at the first token).
+    pub fn choices_to_run(&self) -> Vec<(usize, Vec<TokenId>)> {
+        if self.resumed.is_empty() {
+            return vec![(0, Vec::new())];
+        }
+        self.resumed.iter().filter(|c| !c.finished).map(|c| (c.index, c.output.clone())).collect()
     }
 
     /// A pooling request for `prompt_token_ids`, arriving now.
@@ -163,19 +186,31 @@ impl EngineLimits {
 impl EngineLimits {
     /// A continuation's output must be one the engine could have produced itself.
     fn validate_resumed(&self, req: &EngineRequest) -> Result<()> {
-        let resumed = &req.resumed_output;
-        if resumed.is_empty() {
+        if req.resumed.is_empty() {
             return Ok(());
         }
         let refuse = |why: String| Err(WorkerError::invalid("resume", why));
-        if req.n != 1 || req.constraint.is_some() {
-            return refuse("only a request with n = 1 and no structured output can be resumed".into());
+        if req.constraint.is_some() {
+            return refuse("a request with a structured output cannot be resumed".into());
         }
-        if let Some(&t) = resumed.iter().find(|&&t| t as usize >= self.vocab_size) {
-            return refuse(format!("token id {t} is outside the vocabulary of {}", self.vocab_size));
+        let indices: Vec<usize> = req.resumed.iter().map(|c| c.index).collect();
+        if indices != (0..req.n).collect::<Vec<_>>() {
+            return refuse(format!("choices {indices:?} resumed of a request for n = {}", req.n));
         }
-        if resumed.len() >= req.stop.max_tokens {
-            return refuse(format!("{} tokens resumed but max_tokens is {}", resumed.len(), req.stop.max_tokens));
+        if req.resumed.iter().all(|c| c.finished) {
+            return refuse("every resumed choice finished already".into());
+        }
+        for choice in &req.resumed {
+            let (index, len) = (choice.index, choice.output.len());
+            if let Some(&t) = choice.output.iter().find(|&&t| t as usize >= self.vocab_size) {
+                return refuse(format!("token id {t} is outside the vocabulary of {}", self.vocab_size));
+            }
+            if len > req.stop.max_tokens || (len == req.stop.max_tokens && !choice.finished) {
+                return refuse(format!(
+                    "{len} tokens resumed in choice {index} but max_tokens is {}",
+                    req.stop.max_tokens
+                ));
+            }
         }
         Ok(())
     }

@@ -27,7 +27,7 @@ use crate::TokenId;
 use crate::engine::stats::{EngineHistograms, Histogram};
 use crate::engine::{
     ChoiceDelta, EngineLimits, EngineOptions, EngineStats, FinishReason, PoolingParams, PromptLogprobs, RequestTimings,
-    StopReason, TokenLogprob, Usage,
+    ResumedChoice, StopReason, TokenLogprob, Usage,
 };
 use crate::grammar::{Constraint, ConstraintKind};
 use crate::sampling::{SamplingParams, StopParams};
@@ -224,6 +224,23 @@ pub fn truncate_left(ids: &mut Vec<TokenId>, keep: Option<u32>) {
 }
 
 // ---- sampling and stopping ----
+
+/// A continuation's output so far, per choice: `choices` (`n > 1`), else `output_token_ids` as
+/// choice 0 (none: a new request).
+pub fn resumed(resume: pb::Resume) -> Vec<ResumedChoice> {
+    if resume.choices.is_empty() {
+        if resume.output_token_ids.is_empty() {
+            return Vec::new();
+        }
+        return vec![ResumedChoice { index: 0, output: resume.output_token_ids, finished: false }];
+    }
+    let choice = |c: pb::ResumedChoice| ResumedChoice {
+        index: c.index as usize,
+        output: c.output_token_ids,
+        finished: c.finished,
+    };
+    resume.choices.into_iter().map(choice).collect()
+}
 
 /// Engine sampling parameters of a request (see the module docs for the defaults).
 pub fn sampling_params(p: Option<&pb::SamplingParams>) -> SamplingParams {

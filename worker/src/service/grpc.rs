@@ -219,13 +219,13 @@ impl WorkerService {
         engine_req.n = if req.n == 0 { 1 } else { req.n as usize };
         engine_req.skip_special_tokens = req.skip_special_tokens;
         engine_req.prompt_logprobs = req.prompt_logprobs.map(|k| k as usize);
-        engine_req.resumed_output = req.resume.map(|r| r.output_token_ids).unwrap_or_default();
+        engine_req.resumed = req.resume.map(convert::resumed).unwrap_or_default();
         if let Some(structured) = &req.structured_output {
             let constraint = convert::constraint(structured)?;
             engine_req.constraint = Some(compile_blocking(handle.grammars(), constraint).await?);
             engine_req.constraint_after = convert::constraint_after(structured, encoded.text.as_deref());
         }
-        let resumed_tokens = engine_req.resumed_output.len();
+        let resumed_tokens = engine_req.resumed_tokens();
         let stream = handle.generate(engine_req).await?;
         tracing::debug!(prompt_tokens, "request queued");
         let only_ids = req.return_prompt_token_ids && !req.return_prompt;

@@ -3,12 +3,13 @@
 //! nothing had happened.
 //!
 //! What it owns: per backend stream, the [`Continuation`] of its request: the request with its
-//! prompt as token ids (learnt from the worker's `started`, which is asked for them), the output
-//! token ids delivered so far and how often it moved. Token ids only, freed with the stream.
+//! prompt as token ids (learnt from the worker's `started`, which is asked for them), each
+//! choice's output token ids delivered so far and whether it finished, and how often it moved.
+//! Token ids only, freed with the stream.
 //!
 //! Contract:
-//! - A request can move when it has one choice (`n = 1`), no structured output, its prompt's
-//!   token ids came back, and fewer than `limit` moves were made (the deployment's
+//! - A request can move when it has no structured output, its prompt's token ids came back, not
+//!   every choice finished, and fewer than `limit` moves were made (the deployment's
 //!   `migration_limit`, else `--migration-limit`; 0 turns migration off). Others behave exactly
 //!   as before.
 //! - It moves when its stream fails as `Unavailable` (the connection broke, the worker ended the
@@ -17,11 +18,12 @@
 //!   Invalid requests, overload and engine failures do not move: another replica would answer
 //!   the same.
 //! - The continuation goes to a replica that has not failed the request, with the original prompt
-//!   ids and `resume` = the delivered ids (the worker takes them as output already generated:
-//!   penalties, seeded stream, stop strings, `max_tokens`, usage; see the proto's `Resume`). Its
-//!   `started` must say it took them all (`resumed_tokens`: a worker that does not know `resume`
-//!   would start over) and is dropped, so the API layer sees one stream: no token lost or
-//!   repeated, the usage of the last worker covers the whole request once.
+//!   ids and `resume` = the delivered ids (`n > 1`: per choice, finished ones marked; the worker
+//!   takes them as output already generated: penalties, seeded stream, stop strings,
+//!   `max_tokens`, usage; see the proto's `Resume`) and the same `n`, so choice indices stay.
+//!   Its `started` must say it took them all (`resumed_tokens`: a worker that does not know
+//!   `resume` would start over) and is dropped, so the API layer sees one stream: no token lost
+//!   or repeated, the usage of the last worker covers the whole request once.
 //! - When it cannot move (limit reached, no other replica, the continuation refused), the client
 //!   gets the failure it would have got without migration.
 //! - Each move is counted in `lumen:request_migrations_total{reason}`, logged in the request's
@@ -100,7 +102,7 @@ impl Migrations {
 
     /// Whether `request` may ever move (see the module contract).
     fn eligible(&self, request: &pb::GenerateRequest) -> bool {
-        self.limit > 0 && request.n <= 1 && request.structured_output.is_none()
+        self.limit > 0 && request.structured_output.is_none()
     }
 }
 
@@ -126,7 +128,7 @@ pub async fn generate(
         migrations: migrations.clone(),
         model: model.to_string(),
         trace: trace.clone(),
-        continuation: Continuation { request, delivered: Vec::new(), moves: 0, prompt_known: false, wants_prompt_ids },
+        continuation: Continuation::new(request, wants_prompt_ids),
         current,
         replica,
         avoid: Vec::new(),
@@ -158,8 +160,10 @@ async fn resumes(stream: &mut EventStream, delivered: usize) -> bool {
 struct Continuation {
     /// The request as sent, its prompt replaced by its token ids once `started` named them.
     request: pb::GenerateRequest,
-    /// Output token ids delivered to the API layer so far.
-    delivered: Vec<u32>,
+    /// Per choice, the output token ids delivered to the API layer so far.
+    delivered: Vec<Vec<u32>>,
+    /// Per choice, whether it finished (its last delta came).
+    finished: Vec<bool>,
     /// Moves made.
     moves: u32,
     /// `request.prompt` holds the prompt's token ids.
@@ -169,14 +173,49 @@ struct Continuation {
 }
 
 impl Continuation {
+    fn new(request: pb::GenerateRequest, wants_prompt_ids: bool) -> Self {
+        let n = request.n.max(1) as usize;
+        Continuation {
+            request,
+            delivered: vec![Vec::new(); n],
+            finished: vec![false; n],
+            moves: 0,
+            prompt_known: false,
+            wants_prompt_ids,
+        }
+    }
+
+    /// Output tokens delivered, over every choice.
+    fn delivered_tokens(&self) -> usize {
+        self.delivered.iter().map(Vec::len).sum()
+    }
+
+    /// Whether another replica can take the request on.
+    fn can_move(&self, limit: u32) -> bool {
+        self.prompt_known && self.moves < limit && self.finished.contains(&false)
+    }
+
     /// The request to send to the next replica.
     fn next_request(&self) -> pb::GenerateRequest {
+        let resume = if self.delivered.len() == 1 {
+            pb::Resume { output_token_ids: self.delivered[0].clone(), choices: Vec::new() }
+        } else {
+            let choice = |(index, (ids, finished)): (usize, (&Vec<u32>, &bool))| pb::ResumedChoice {
+                index: index as u32,
+                output_token_ids: ids.clone(),
+                finished: *finished,
+            };
+            pb::Resume {
+                output_token_ids: Vec::new(),
+                choices: self.delivered.iter().zip(&self.finished).enumerate().map(choice).collect(),
+            }
+        };
         pb::GenerateRequest {
             replica_id: String::new(),
             return_prompt: false,
             return_prompt_token_ids: false,
             prompt_logprobs: None,
-            resume: Some(pb::Resume { output_token_ids: self.delivered.clone() }),
+            resume: Some(resume),
             ..self.request.clone()
         }
     }
@@ -256,7 +295,11 @@ impl Resumable {
                 Seen::Aborted(pb::GenerateEvent { event: Some(Event::Delta(delta)) })
             }
             Some(Event::Delta(delta)) => {
-                c.delivered.extend_from_slice(&delta.token_ids);
+                let index = delta.index as usize;
+                if let Some(delivered) = c.delivered.get_mut(index) {
+                    delivered.extend_from_slice(&delta.token_ids);
+                    c.finished[index] |= delta.finish_reason != pb::FinishReason::Unspecified as i32;
+                }
                 Seen::Pass(pb::GenerateEvent { event: Some(Event::Delta(delta)) })
             }
             Some(Event::Finished(finished)) => {
@@ -270,10 +313,10 @@ impl Resumable {
     /// Moves the request to another replica; false when it cannot (see the module contract).
     async fn migrate(&mut self, mut reason: Reason, failure: &Result<pb::GenerateEvent, BackendError>) -> bool {
         let request_id = self.continuation.request.request_id.clone();
-        while self.continuation.prompt_known && self.continuation.moves < self.migrations.limit {
+        while self.continuation.can_move(self.migrations.limit) {
             self.continuation.moves += 1;
             self.avoid.extend(self.replica.take());
-            let delivered = self.continuation.delivered.len();
+            let delivered = self.continuation.delivered_tokens();
             let error = failure.as_ref().err().map(ToString::to_string).unwrap_or_else(|| "aborted".into());
             tracing::warn!(%request_id, reason = reason.as_str(), delivered, %error, avoid = ?self.avoid,
                 "moving the request to another replica");

@@ -69,7 +69,12 @@ fn resumed(resumed: u32) -> Result<Event, BackendError> {
 }
 
 fn token(id: u32, finish: pb::FinishReason) -> Result<Event, BackendError> {
+    choice_token(0, id, finish)
+}
+
+fn choice_token(index: u32, id: u32, finish: pb::FinishReason) -> Result<Event, BackendError> {
     Ok(Event::Delta(pb::Delta {
+        index,
         token_ids: vec![id],
         text: format!("<{id}>"),
         finish_reason: finish as i32,
@@ -211,15 +216,52 @@ async fn with_no_replica_left_the_original_failure_is_reported() {
 }
 
 #[tokio::test]
-async fn requests_with_several_choices_or_a_constraint_never_move() {
-    let failing = || vec![started(&[1]), token(10, GO), broken()];
-    let (_, calls, _) = run(3, chat_request(2), vec![failing(), failing()]).await;
+async fn each_choice_continues_from_its_own_tokens_and_a_finished_one_is_not_continued() {
+    let first = vec![
+        started(&[1, 2]),
+        choice_token(0, 10, GO),
+        choice_token(1, 20, GO),
+        choice_token(2, 30, pb::FinishReason::Stop),
+        choice_token(1, 21, GO),
+        broken(),
+    ];
+    let second = vec![
+        resumed(4),
+        choice_token(1, 22, pb::FinishReason::Length),
+        choice_token(0, 11, pb::FinishReason::Length),
+        finished(2, 6),
+    ];
+    let (seen, calls, migrations) = run(3, chat_request(3), vec![first, second]).await;
+    assert!(seen.iter().all(Result::is_ok), "{seen:?}");
+    assert_eq!(tokens(&seen), [10, 20, 30, 21, 22, 11]);
+    let (continuation, _) = &calls[1];
+    assert_eq!(continuation.n, 3, "the same n: choice indices stay");
+    let resume = continuation.resume.as_ref().unwrap();
+    assert!(resume.output_token_ids.is_empty());
+    let choices: Vec<_> = resume.choices.iter().map(|c| (c.index, c.output_token_ids.clone(), c.finished)).collect();
+    assert_eq!(choices, [(0, vec![10], false), (1, vec![20, 21], false), (2, vec![30], true)]);
+    assert_eq!(count(&migrations, Reason::StreamError), 1);
+
+    // Every choice finished but `finished` never came: nothing is left to continue.
+    let done = vec![
+        started(&[1]),
+        choice_token(0, 10, pb::FinishReason::Stop),
+        choice_token(1, 20, pb::FinishReason::Stop),
+        broken(),
+    ];
+    let (seen, calls, _) = run(3, chat_request(2), vec![done]).await;
     assert_eq!(calls.len(), 1);
-    assert!(!calls[0].0.return_prompt_token_ids, "sent exactly as before");
+    assert!(matches!(seen.last(), Some(Err(BackendError::Unavailable(_)))));
+}
+
+#[tokio::test]
+async fn requests_with_a_constraint_never_move() {
+    let failing = || vec![started(&[1]), token(10, GO), broken()];
     let mut constrained = chat_request(1);
     constrained.structured_output = Some(pb::StructuredOutput::default());
     let (_, calls, _) = run(3, constrained, vec![failing(), failing()]).await;
     assert_eq!(calls.len(), 1);
+    assert!(!calls[0].0.return_prompt_token_ids, "sent exactly as before");
 }
 
 #[tokio::test]
