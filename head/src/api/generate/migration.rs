@@ -133,6 +133,7 @@ pub async fn generate(
         replica,
         avoid: Vec::new(),
         done: false,
+        gave_up: false,
     };
     Ok(Box::pin(stream::unfold(state, |mut s| async move { s.next_item().await.map(|item| (item, s)) })))
 }
@@ -242,6 +243,9 @@ struct Resumable {
     /// Replicas that failed this request.
     avoid: Vec<String>,
     done: bool,
+    /// A move failed and its failure went on to the API layer: the rest of this stream (the
+    /// other choices' aborts) goes the same way, never half moved.
+    gave_up: bool,
 }
 
 impl Resumable {
@@ -257,6 +261,7 @@ impl Resumable {
                 }
                 Some(Ok(event)) => match self.see(event) {
                     Seen::Pass(event) => return Some(Ok(event)),
+                    Seen::Aborted(event) if self.gave_up => return Some(Ok(event)),
                     Seen::Aborted(event) => (Reason::Aborted, Ok(event)),
                 },
                 Some(Err(error)) => match Reason::of(&error) {
@@ -269,6 +274,7 @@ impl Resumable {
             };
             if !self.migrate(reason, &failure).await {
                 self.done = failure.is_err();
+                self.gave_up = true;
                 return Some(failure);
             }
         }

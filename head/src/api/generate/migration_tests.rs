@@ -83,7 +83,11 @@ fn choice_token(index: u32, id: u32, finish: pb::FinishReason) -> Result<Event, 
 }
 
 fn aborted() -> Result<Event, BackendError> {
-    Ok(Event::Delta(pb::Delta { finish_reason: pb::FinishReason::Abort as i32, ..Default::default() }))
+    choice_aborted(0)
+}
+
+fn choice_aborted(index: u32) -> Result<Event, BackendError> {
+    Ok(Event::Delta(pb::Delta { index, finish_reason: pb::FinishReason::Abort as i32, ..Default::default() }))
 }
 
 fn finished(prompt: u32, completion: u32) -> Result<Event, BackendError> {
@@ -241,6 +245,15 @@ async fn each_choice_continues_from_its_own_tokens_and_a_finished_one_is_not_con
     let choices: Vec<_> = resume.choices.iter().map(|c| (c.index, c.output_token_ids.clone(), c.finished)).collect();
     assert_eq!(choices, [(0, vec![10], false), (1, vec![20, 21], false), (2, vec![30], true)]);
     assert_eq!(count(&migrations, Reason::StreamError), 1);
+
+    // Both choices aborted and no replica takes them: both aborts go on, and no second attempt
+    // moves a request whose first abort the client has seen.
+    let first = vec![started(&[1]), choice_token(0, 10, GO), aborted(), choice_aborted(1), finished(1, 1)];
+    let (seen, calls, _) = run(3, chat_request(2), vec![first]).await;
+    assert_eq!(calls.len(), 2, "one attempt at moving, refused");
+    let aborts =
+        seen.iter().filter(|e| matches!(e, Ok(Event::Delta(d)) if d.finish_reason == pb::FinishReason::Abort as i32));
+    assert_eq!(aborts.count(), 2, "{seen:?}");
 
     // Every choice finished but `finished` never came: nothing is left to continue.
     let done = vec![
