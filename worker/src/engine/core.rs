@@ -28,6 +28,8 @@ use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SeqId, Sequence};
 use crate::tokenizer::{IncrementalDetokenizer, StopStringMatcher, Tokenizer};
 use crate::{Result, TokenId};
 
+#[path = "core_deferred.rs"]
+mod deferred;
 #[path = "core_grammar.rs"]
 mod grammar;
 #[path = "core_pool.rs"]
@@ -95,6 +97,11 @@ pub struct EngineCore {
     step_cost: StepCostModel,
     /// Where the engine thread's time goes (`phases`).
     phases: StepPhases,
+    /// Tokens of the last step whose output is sent while the next step runs (`core_deferred.rs`).
+    deferred: deferred::DeferredOutputs,
+    /// False with `LUMEN_DEFER_OUTPUT=0` (every token's output is sent in its own step; a
+    /// diagnostic, to measure what deferring buys).
+    defer_output: bool,
 }
 
 /// Scheduling knobs of an engine.
@@ -143,6 +150,8 @@ impl EngineCore {
             mask_workers: MaskWorkers::new(MaskWorkers::default_threads()),
             step_cost: StepCostModel::new(cfg.itl_goal_ms),
             phases: StepPhases::default(),
+            deferred: deferred::DeferredOutputs::default(),
+            defer_output: std::env::var("LUMEN_DEFER_OUTPUT").map_or(true, |v| v != "0"),
         }
     }
 
@@ -164,7 +173,13 @@ impl EngineCore {
     }
 
     pub fn has_work(&self) -> bool {
-        self.scheduler.has_work()
+        self.scheduler.has_work() || !self.deferred.is_empty()
+    }
+
+    /// Sends the deferred output of the last step (before anything else goes out for its
+    /// requests, or when no step follows).
+    fn flush_deferred(&mut self) {
+        self.deferred.flush(&mut self.seqs, &self.requests, &self.tokenizer);
     }
 
     /// Queues a request; its events go to `tx`. Invalid requests get one `Failed` event.
@@ -222,6 +237,7 @@ impl EngineCore {
 
     /// Ends a request early: its choices finish with `abort` and its blocks are freed now.
     pub fn abort(&mut self, request_id: &str) {
+        self.flush_deferred();
         let Some(req) = self.requests.get(request_id) else {
             return;
         };
@@ -240,6 +256,7 @@ impl EngineCore {
 
     /// Fails every request with `message` and clears all state (after an engine error).
     pub fn fail_all(&mut self, message: &str) {
+        self.flush_deferred();
         for (_, req) in self.requests.drain() {
             let _ = req.tx.send(EngineEvent::Failed(message.to_string()));
         }
@@ -257,6 +274,7 @@ impl EngineCore {
         let schedule = self.scheduler.schedule_limited(|decodes| cost.prompt_limit(decodes));
         self.counters.preemptions_total += schedule.preempted.len() as u64;
         if schedule.is_empty() {
+            self.flush_deferred();
             return Ok(false);
         }
         let now = Instant::now();
@@ -271,7 +289,11 @@ impl EngineCore {
         self.plan_rows(&schedule);
         self.plan_prompt_rows(&schedule);
         let forward_start = Instant::now();
-        self.model.forward_reduced(&batch, &self.plans, &mut self.reduced)?;
+        // The last step's deferred output is sent while the device runs this one.
+        let (seqs, requests, tokenizer, deferred) = (&mut self.seqs, &self.requests, &self.tokenizer, &mut self.deferred);
+        self.model.forward_overlapped(&batch, &self.plans, &mut self.reduced, &mut || {
+            deferred.flush(seqs, requests, tokenizer)
+        })?;
         let forward_end = Instant::now();
         self.scheduler.complete(&schedule);
         self.count_prompt_tokens(&schedule, now);
@@ -406,6 +428,17 @@ impl EngineCore {
             histograms.time_to_first_token.observe_duration(now.saturating_duration_since(req.arrival));
             self.counters.prompt_tokens_total += req.prompt_len as u64;
         }
+        let past_min = state.generated > req.stop.min_tokens;
+        let is_eos = !req.stop.ignore_eos && self.tokenizer.eos_token_ids().contains(&token);
+        let stop_token = past_min && (is_eos || req.stop.stop_token_ids.contains(&token));
+        let at_length = state.generated >= req.stop.max_tokens || req.prompt_len + state.generated >= self.limits.max_model_len;
+        if self.defer_output && !stop_token && !at_length && state.grammar.is_none() && state.stop.is_empty() {
+            // The sequence runs on whatever its text: the text and the delta wait for the next
+            // step's device time.
+            let logprobs = req.sampling.logprobs.map(|_| (sampled.logprob, sampled.top_logprobs));
+            self.deferred.push(seq, token, past_min, logprobs);
+            return;
+        }
         let logprobs = match req.sampling.logprobs {
             Some(_) => vec![TokenLogprob {
                 token,
@@ -416,12 +449,10 @@ impl EngineCore {
             }],
             None => Vec::new(),
         };
-        let past_min = state.generated > req.stop.min_tokens;
-        let is_eos = !req.stop.ignore_eos && self.tokenizer.eos_token_ids().contains(&token);
         let mut finish = None;
         let mut stop_reason = None;
         let mut text = String::new();
-        if past_min && (is_eos || req.stop.stop_token_ids.contains(&token)) {
+        if stop_token {
             finish = Some(FinishReason::Stop);
             stop_reason = Some(StopReason::Token(token));
         } else {
@@ -442,8 +473,7 @@ impl EngineCore {
             finish = Some(FinishReason::Stop);
             text.push_str(&drain_text(state, &self.tokenizer));
         }
-        let total_len = req.prompt_len + state.generated;
-        if finish.is_none() && (state.generated >= req.stop.max_tokens || total_len >= self.limits.max_model_len) {
+        if finish.is_none() && at_length {
             finish = Some(FinishReason::Length);
         }
         match finish {
