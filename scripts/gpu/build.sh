@@ -41,7 +41,7 @@ tar -C models -cJf gpu-pack/llama3.1-tokenizer.tar.xz llama3.1-tokenizer
 # under 64 MiB with the checkout.
 gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p gpu-smol1
-rm -f gpu-pack/smollm2.part1
+rm -f gpu-pack/smollm2.part1 gpu-smol/smollm2.part1
 first=${GGUF_FIRST_BYTES:-48000000}
 head -c "$first" "$gguf" > gpu-smol1/smollm2.part1
 tail -c +"$((first + 1))" "$gguf" > gpu-smol/smollm2.part2

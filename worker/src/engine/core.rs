@@ -432,9 +432,12 @@ impl EngineCore {
         let is_eos = !req.stop.ignore_eos && self.tokenizer.eos_token_ids().contains(&token);
         let stop_token = past_min && (is_eos || req.stop.stop_token_ids.contains(&token));
         let at_length = state.generated >= req.stop.max_tokens || req.prompt_len + state.generated >= self.limits.max_model_len;
-        if self.defer_output && !stop_token && !at_length && state.grammar.is_none() && state.stop.is_empty() {
+        if self.defer_output && !stop_token && !at_length && !grammar_complete && state.stop.is_empty() {
             // The sequence runs on whatever its text: the text and the delta wait for the next
-            // step's device time.
+            // step's device time (a constrained one's next mask is on its way first).
+            if let Some(g) = state.grammar.as_ref().filter(|g| g.is_active()) {
+                g.request_mask(&mut self.mask_workers);
+            }
             let logprobs = req.sampling.logprobs.map(|_| (sampled.logprob, sampled.top_logprobs));
             self.deferred.push(seq, token, past_min, logprobs);
             return;
