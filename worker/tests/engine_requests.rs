@@ -278,3 +278,56 @@ fn a_deferred_token_is_sent_by_the_next_step_or_before_an_abort() {
     assert_eq!(delivered, full.tokens[&0][..6], "every sampled token, in order, before the abort");
     assert!(!core.has_work());
 }
+
+/// vLLM's `priority`: refused unless the engine schedules by priority; with the priority policy
+/// and room for one sequence, a request of a lower value arriving while another runs preempts
+/// it, finishes first, and the preempted one then completes with the output it would have had
+/// alone (recomputed, not lost).
+#[test]
+fn priority_requests_need_the_policy_and_preempt_worse_ones_without_changing_their_output() {
+    use lumen_worker::engine::EngineOptions;
+    use lumen_worker::engine::options::SchedulingPolicy;
+    let mut fcfs = engine(&options());
+    let prompt = chat(&fcfs, "Write a haiku about the sea.");
+    let req = |id: &str, priority: i64| {
+        let mut r = EngineRequest::new(
+            id,
+            prompt.clone(),
+            SamplingParams::greedy(),
+            StopParams { max_tokens: 8, ignore_eos: true, ..Default::default() },
+        );
+        r.priority = priority;
+        r
+    };
+    let refused = run(&mut fcfs, vec![req("p", 3)]).remove(0);
+    let message = refused.failed.expect("a non-zero priority under fcfs fails");
+    assert!(message.contains("Priority scheduling is not enabled"), "{message}");
+    let alone = run(&mut fcfs, vec![req("alone", 0)]).remove(0).tokens[&0].clone();
+
+    let mut core = engine(&EngineOptions { scheduling_policy: SchedulingPolicy::Priority, max_num_seqs: 1, ..options() });
+    let (tx_low, mut rx_low) = tokio::sync::mpsc::unbounded_channel();
+    core.add_request(req("low", 5), tx_low);
+    for _ in 0..3 {
+        core.step().expect("engine step");
+    }
+    let (tx_high, mut rx_high) = tokio::sync::mpsc::unbounded_channel();
+    core.add_request(req("high", -1), tx_high);
+    let mut finished = Vec::new();
+    let (mut low, mut high) = (Vec::new(), Vec::new());
+    while core.has_work() {
+        core.step().expect("engine step");
+        for (name, rx, tokens) in [("low", &mut rx_low, &mut low), ("high", &mut rx_high, &mut high)] {
+            while let Ok(event) = rx.try_recv() {
+                match event {
+                    EngineEvent::Delta(d) => tokens.extend(d.token_ids),
+                    EngineEvent::Finished { .. } => finished.push(name),
+                    other => panic!("{name}: unexpected {other:?}"),
+                }
+            }
+        }
+    }
+    assert_eq!(finished, vec!["high", "low"], "the better class runs to its end first");
+    assert_eq!(core.stats().preemptions_total, 1);
+    assert_eq!(high, alone);
+    assert_eq!(low, alone, "the preempted request is recomputed, its output unchanged");
+}

@@ -24,7 +24,7 @@ use crate::grammar::{GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar};
 use crate::model::Model;
 use crate::sampling::reduce::{Reduced, ReducedRows, RowPlan, RowResult};
 use crate::sampling::{Sampled, SamplingParams, SequenceSampler, StopParams};
-use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SeqId, Sequence};
+use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SchedulingPolicy, SeqId, Sequence};
 use crate::tokenizer::{IncrementalDetokenizer, StopStringMatcher, Tokenizer};
 use crate::{Result, TokenId};
 
@@ -114,6 +114,7 @@ pub struct CoreConfig {
     /// The step-time goal of steps that carry decodes, ms (`None`: prompt chunks fill the
     /// budget); see `step_cost`.
     pub itl_goal_ms: Option<f64>,
+    pub scheduling_policy: SchedulingPolicy,
 }
 
 impl EngineCore {
@@ -124,11 +125,13 @@ impl EngineCore {
             block_size: model.block_size(),
             num_blocks: model.num_blocks(),
             enable_prefix_caching: cfg.enable_prefix_caching,
+            policy: cfg.scheduling_policy,
         };
         let limits = EngineLimits {
             vocab_size: model.config().vocab_size,
             max_model_len: cfg.max_model_len,
             cache_capacity_tokens: model.num_blocks() * model.block_size(),
+            priority_scheduling: cfg.scheduling_policy == SchedulingPolicy::Priority,
         };
         let window = Duration::from_secs(5);
         let grammars = Arc::new(GrammarCompiler::new(tokenizer.clone(), limits.vocab_size, GrammarLimits::default()));
@@ -210,6 +213,7 @@ impl EngineCore {
         self.seqs.insert(seq_id, state);
         let tokens = [req.prompt_token_ids.as_slice(), &req.resumed_output].concat();
         let mut seq = Sequence::new(seq_id, seq_id, tokens);
+        seq.priority.0 = req.priority;
         seq.prompt_logprobs = req.prompt_logprobs.is_some();
         let pooled = self.start_pooling(&req, &mut seq);
         self.scheduler.add(seq);

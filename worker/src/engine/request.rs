@@ -48,6 +48,9 @@ pub struct EngineRequest {
     /// request already produced, taken as generated here (`core_resume.rs`). Only with `n = 1`,
     /// no constraint, and fewer tokens than `max_tokens`.
     pub resumed_output: Vec<TokenId>,
+    /// vLLM's `priority`: with the priority scheduling policy, lower values are scheduled first
+    /// and may preempt higher ones; must be 0 otherwise.
+    pub priority: i64,
 }
 
 impl EngineRequest {
@@ -71,6 +74,7 @@ impl EngineRequest {
             prompt_logprobs: None,
             pooling: None,
             resumed_output: Vec::new(),
+            priority: 0,
         }
     }
 
@@ -89,6 +93,8 @@ pub struct EngineLimits {
     pub max_model_len: usize,
     /// Tokens the KV cache holds in total; one sequence can never grow beyond it.
     pub cache_capacity_tokens: usize,
+    /// Requests may carry a `priority` other than 0 (the priority scheduling policy).
+    pub priority_scheduling: bool,
 }
 
 impl EngineLimits {
@@ -104,6 +110,15 @@ impl EngineLimits {
             return Err(WorkerError::invalid(
                 "prompt",
                 format!("token id {t} is outside the vocabulary of {}", self.vocab_size),
+            ));
+        }
+        if req.priority != 0 && !self.priority_scheduling {
+            return Err(WorkerError::invalid(
+                "priority",
+                format!(
+                    "Got priority {} but Priority scheduling is not enabled: serve with --scheduling-policy priority",
+                    req.priority
+                ),
             ));
         }
         if req.n == 0 || req.n > MAX_N {
