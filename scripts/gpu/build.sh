@@ -6,9 +6,10 @@
 #   gpu-pack/linear-bench.xz                scripts/gpu/linear_bench.cu (our GEMV against cuBLAS
 #                                           at 1-64 token rows)
 #   gpu-pack/llama3.1-tokenizer.tar.xz      for the Llama-3.1-8B-shaped benchmark
-#   gpu-pack/smollm2.part1, gpu-smol/smollm2.part2
+#   gpu-smol1/smollm2.part1, gpu-smol/smollm2.part2
 #                                           SmolLM2-135M's GGUF for the greedy check, split in two
-#                                           because one call carries at most 64 MiB
+#                                           because one call carries at most 64 MiB (with the
+#                                           checkout): three calls, gpu-pack, gpu-smol1, gpu-smol
 #
 #   bash scripts/gpu/build.sh
 #
@@ -36,10 +37,12 @@ strip -o gpu-pack/lumen "$CARGO_TARGET_DIR/release/lumen"
 strip -o gpu-pack/worker-tests "$tests"
 xz -T2 -6 -f gpu-pack/lumen gpu-pack/worker-tests gpu-pack/linear-bench
 tar -C models -cJf gpu-pack/llama3.1-tokenizer.tar.xz llama3.1-tokenizer
-# The binaries travel with the first part: 35 MB + ~26 MB of binaries, and the other ~58 MB
-# alone, each call under 64 MiB with the checkout.
+# The binaries (~30 MiB) travel alone; the ~95 MiB GGUF in two parts of ~46 MiB, each call
+# under 64 MiB with the checkout.
 gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
-first=${GGUF_FIRST_BYTES:-35000000}
-head -c "$first" "$gguf" > gpu-pack/smollm2.part1
+mkdir -p gpu-smol1
+rm -f gpu-pack/smollm2.part1 gpu-smol/smollm2.part1
+first=${GGUF_FIRST_BYTES:-48000000}
+head -c "$first" "$gguf" > gpu-smol1/smollm2.part1
 tail -c +"$((first + 1))" "$gguf" > gpu-smol/smollm2.part2
-du -ch gpu-pack/* gpu-smol/*
+du -ch gpu-pack/* gpu-smol1/* gpu-smol/*

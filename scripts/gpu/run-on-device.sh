@@ -10,8 +10,8 @@
 #                                     [attention] [serve] [hf-parity] [ptx] [a10g-plan] [structured]
 #                                                                        (default: tests bench parity)
 #
-# carry: gpu-pack (binaries, tokenizer, first half of the GGUF). The GGUF's second half comes in
-# a second call carrying gpu-smol (the machine keeps /tmp/lumen-gpu between warm calls):
+# carry: gpu-pack (binaries, tokenizer). The GGUF comes in two more calls carrying gpu-smol1
+# and gpu-smol (the machine keeps /tmp/lumen-gpu between warm calls):
 #   call 1: bash scripts/gpu/run-on-device.sh tests bench serve   carry [gpu-pack]
 # `bench` also runs 1 stream with LUMEN_CUDA_PDL=0 (plain launches), 8 with LUMEN_CUDA_PDL=all
 # (dependent launches, which the default keeps to single-row steps) and 8 with
@@ -21,7 +21,8 @@
 # streams and for one prompt's first token. `ptx` runs the kernel tests on the JIT-compiled
 # compute_80 PTX (LUMEN_CUDA_KERNEL_IMAGE=ptx, the code an A10G runs); `a10g-plan` logs the memory plan
 # of the reference deployment's settings with --gpu-memory-limit 22.3GiB.
-#   call 2: bash scripts/gpu/run-on-device.sh parity           carry [gpu-smol]
+#   call 2: mkdir -p /tmp/lumen-gpu && cp gpu-smol1/* /tmp/lumen-gpu/   carry [gpu-smol1]
+#   call 3: bash scripts/gpu/run-on-device.sh parity           carry [gpu-smol]
 # `hf-parity` (scripts/gpu/hf_parity.py) needs only the `lumen` binary and the tokenizer of
 # gpu-pack (python3 with torch and transformers is on the machine): transformers builds a
 # Llama-3.1-8B-shaped model with random BF16 weights on the GPU, saves it (save_pretrained,
@@ -50,9 +51,11 @@ row() { table+=("$(printf '%-44s %s' "$1" "$2")"); }
 [ -f gpu-pack/linear-bench.xz ] && xz -dc gpu-pack/linear-bench.xz > "$work/linear-bench" &&
     chmod +x "$work/linear-bench"
 [ -f gpu-pack/llama3.1-tokenizer.tar.xz ] && tar -C "$work" -xJf gpu-pack/llama3.1-tokenizer.tar.xz
-[ -f gpu-pack/smollm2.part1 ] && cp gpu-pack/smollm2.part1 "$work/"
-if [ -f gpu-smol/smollm2.part2 ] && [ -f "$work/smollm2.part1" ]; then
-    cat "$work/smollm2.part1" gpu-smol/smollm2.part2 > "$work/smollm2.gguf"
+for part in gpu-smol1/smollm2.part1 gpu-smol/smollm2.part2; do
+    [ -f "$part" ] && cp "$part" "$work/"
+done
+if [ -f "$work/smollm2.part1" ] && [ -f "$work/smollm2.part2" ] && [ ! -f "$work/smollm2.gguf" ]; then
+    cat "$work/smollm2.part1" "$work/smollm2.part2" > "$work/smollm2.gguf"
 fi
 for f in lumen worker-tests; do
     [ -x "$work/$f" ] || { echo "missing $work/$f: carry gpu-pack (scripts/gpu/build.sh)"; exit 2; }
@@ -107,7 +110,7 @@ if [[ " $steps " == *" parity "* ]]; then
         row "greedy parity GPU vs CPU (SmolLM2, 8x16)" "$(grep -E '^test result' "$out/parity.log" | tail -1)"
         while read -r line; do row "  agreeing tokens per prompt" "$line"; done < <(grep -E '^  (f32|bf16)' "$out/parity.log")
     else
-        row "greedy parity GPU vs CPU" "skipped: SmolLM2 GGUF not assembled (carry gpu-smol after gpu-pack)"
+        row "greedy parity GPU vs CPU" "skipped: SmolLM2 GGUF not assembled (carry gpu-smol1, then gpu-smol)"
     fi
 fi
 

@@ -224,3 +224,110 @@ fn dropping_a_stream_aborts_its_request_and_frees_its_blocks() {
         handle.stop();
     });
 }
+
+/// A sampled token that ends nothing is sent while the next step runs (`core_deferred.rs`): one
+/// token per choice waits after a step, the engine reports work while one is,
+/// and an abort delivers it before the choice's `abort` finish, so the stream is the undisturbed
+/// run's prefix.
+#[test]
+fn a_deferred_token_is_sent_by_the_next_step_or_before_an_abort() {
+    let mut core = engine(&options());
+    let prompt = chat(&core, "Write a haiku about the sea.");
+    let req = |id: &str, max_tokens| {
+        EngineRequest::new(
+            id,
+            prompt.clone(),
+            SamplingParams::greedy(),
+            StopParams { max_tokens, ignore_eos: true, ..Default::default() },
+        )
+    };
+    let full = run(&mut core, vec![req("full", 12)]).remove(0);
+    assert_eq!(full.tokens[&0].len(), 12);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    core.add_request(req("cut", 12), tx);
+    let mut delivered: Vec<u32> = Vec::new();
+    for step in 1..=6 {
+        core.step().expect("engine step");
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                EngineEvent::Delta(d) => {
+                    assert!(d.finish_reason.is_none(), "nothing ends this choice before 12 tokens");
+                    delivered.extend(&d.token_ids);
+                }
+                other => panic!("unexpected event before the abort: {other:?}"),
+            }
+        }
+        // `step` tokens were sampled; the last waits for the next step.
+        assert_eq!(delivered.len() + 1, step, "step {step}: the tokens before the last are sent");
+        assert!(core.has_work());
+    }
+    core.abort("cut");
+    let mut finish = None;
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            EngineEvent::Delta(d) => {
+                assert!(finish.is_none(), "no delta after the choice's finish");
+                delivered.extend(&d.token_ids);
+                finish = d.finish_reason;
+            }
+            EngineEvent::Finished { usage, .. } => assert_eq!(usage.completion_tokens, 6),
+            other => panic!("unexpected event: {other:?}"),
+        }
+    }
+    assert_eq!(finish, Some(FinishReason::Abort));
+    assert_eq!(delivered, full.tokens[&0][..6], "every sampled token, in order, before the abort");
+    assert!(!core.has_work());
+}
+
+/// vLLM's `priority`: refused unless the engine schedules by priority; with the priority policy
+/// and room for one sequence, a request of a lower value arriving while another runs preempts
+/// it, finishes first, and the preempted one then completes with the output it would have had
+/// alone (recomputed, not lost).
+#[test]
+fn priority_requests_need_the_policy_and_preempt_worse_ones_without_changing_their_output() {
+    use lumen_worker::engine::EngineOptions;
+    use lumen_worker::engine::options::SchedulingPolicy;
+    let mut fcfs = engine(&options());
+    let prompt = chat(&fcfs, "Write a haiku about the sea.");
+    let req = |id: &str, priority: i64| {
+        let mut r = EngineRequest::new(
+            id,
+            prompt.clone(),
+            SamplingParams::greedy(),
+            StopParams { max_tokens: 8, ignore_eos: true, ..Default::default() },
+        );
+        r.priority = priority;
+        r
+    };
+    let refused = run(&mut fcfs, vec![req("p", 3)]).remove(0);
+    let message = refused.failed.expect("a non-zero priority under fcfs fails");
+    assert!(message.contains("Priority scheduling is not enabled"), "{message}");
+    let alone = run(&mut fcfs, vec![req("alone", 0)]).remove(0).tokens[&0].clone();
+
+    let mut core = engine(&EngineOptions { scheduling_policy: SchedulingPolicy::Priority, max_num_seqs: 1, ..options() });
+    let (tx_low, mut rx_low) = tokio::sync::mpsc::unbounded_channel();
+    core.add_request(req("low", 5), tx_low);
+    for _ in 0..3 {
+        core.step().expect("engine step");
+    }
+    let (tx_high, mut rx_high) = tokio::sync::mpsc::unbounded_channel();
+    core.add_request(req("high", -1), tx_high);
+    let mut finished = Vec::new();
+    let (mut low, mut high) = (Vec::new(), Vec::new());
+    while core.has_work() {
+        core.step().expect("engine step");
+        for (name, rx, tokens) in [("low", &mut rx_low, &mut low), ("high", &mut rx_high, &mut high)] {
+            while let Ok(event) = rx.try_recv() {
+                match event {
+                    EngineEvent::Delta(d) => tokens.extend(d.token_ids),
+                    EngineEvent::Finished { .. } => finished.push(name),
+                    other => panic!("{name}: unexpected {other:?}"),
+                }
+            }
+        }
+    }
+    assert_eq!(finished, vec!["high", "low"], "the better class runs to its end first");
+    assert_eq!(core.stats().preemptions_total, 1);
+    assert_eq!(high, alone);
+    assert_eq!(low, alone, "the preempted request is recomputed, its output unchanged");
+}

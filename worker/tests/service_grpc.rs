@@ -81,6 +81,7 @@ fn request(id: &str, prompt: pb::generate_request::Prompt, max_tokens: u32) -> p
         structured_output: None,
         prompt_logprobs: None,
         pooling: None,
+        priority: 0,
         resume: None,
         return_prompt_token_ids: false,
     }
@@ -390,6 +391,7 @@ async fn a_pooling_replica_answers_embedding_requests_only_and_a_generating_one_
             add_special_tokens: true,
         })),
         pooling: Some(pb::PoolingRequest { normalize: None, truncate_prompt_tokens: truncate }),
+        priority: 0,
         ..Default::default()
     };
 

@@ -70,6 +70,7 @@ pub const OPTIONS: &[(&str, Kind)] = &[
     ("max_num_seqs", Kind::Count),
     ("max_num_batched_tokens", Kind::Count),
     ("itl_goal_ms", Kind::MillisOrNull),
+    ("scheduling_policy", Kind::OneOf(&["fcfs", "priority"])),
     ("block_size", Kind::Count),
     ("enable_prefix_caching", Kind::Bool),
     ("kv_cache_memory", Kind::Bytes),

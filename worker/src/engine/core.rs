@@ -24,10 +24,12 @@ use crate::grammar::{GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar};
 use crate::model::Model;
 use crate::sampling::reduce::{Reduced, ReducedRows, RowPlan, RowResult};
 use crate::sampling::{Sampled, SamplingParams, SequenceSampler, StopParams};
-use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SeqId, Sequence};
+use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SchedulingPolicy, SeqId, Sequence};
 use crate::tokenizer::{IncrementalDetokenizer, StopStringMatcher, Tokenizer};
 use crate::{Result, TokenId};
 
+#[path = "core_deferred.rs"]
+mod deferred;
 #[path = "core_grammar.rs"]
 mod grammar;
 #[path = "core_pool.rs"]
@@ -95,6 +97,11 @@ pub struct EngineCore {
     step_cost: StepCostModel,
     /// Where the engine thread's time goes (`phases`).
     phases: StepPhases,
+    /// Tokens of the last step whose output is sent while the next step runs (`core_deferred.rs`).
+    deferred: deferred::DeferredOutputs,
+    /// False with `LUMEN_DEFER_OUTPUT=0` (every token's output is sent in its own step; a
+    /// diagnostic, to measure what deferring buys).
+    defer_output: bool,
 }
 
 /// Scheduling knobs of an engine.
@@ -107,6 +114,7 @@ pub struct CoreConfig {
     /// The step-time goal of steps that carry decodes, ms (`None`: prompt chunks fill the
     /// budget); see `step_cost`.
     pub itl_goal_ms: Option<f64>,
+    pub scheduling_policy: SchedulingPolicy,
 }
 
 impl EngineCore {
@@ -117,11 +125,13 @@ impl EngineCore {
             block_size: model.block_size(),
             num_blocks: model.num_blocks(),
             enable_prefix_caching: cfg.enable_prefix_caching,
+            policy: cfg.scheduling_policy,
         };
         let limits = EngineLimits {
             vocab_size: model.config().vocab_size,
             max_model_len: cfg.max_model_len,
             cache_capacity_tokens: model.num_blocks() * model.block_size(),
+            priority_scheduling: cfg.scheduling_policy == SchedulingPolicy::Priority,
         };
         let window = Duration::from_secs(5);
         let grammars = Arc::new(GrammarCompiler::new(tokenizer.clone(), limits.vocab_size, GrammarLimits::default()));
@@ -143,6 +153,8 @@ impl EngineCore {
             mask_workers: MaskWorkers::new(MaskWorkers::default_threads()),
             step_cost: StepCostModel::new(cfg.itl_goal_ms),
             phases: StepPhases::default(),
+            deferred: deferred::DeferredOutputs::default(),
+            defer_output: std::env::var("LUMEN_DEFER_OUTPUT").map_or(true, |v| v != "0"),
         }
     }
 
@@ -164,7 +176,13 @@ impl EngineCore {
     }
 
     pub fn has_work(&self) -> bool {
-        self.scheduler.has_work()
+        self.scheduler.has_work() || !self.deferred.is_empty()
+    }
+
+    /// Sends the deferred output of the last step (before anything else goes out for its
+    /// requests, or when no step follows).
+    fn flush_deferred(&mut self) {
+        self.deferred.flush(&mut self.seqs, &self.requests, &self.tokenizer);
     }
 
     /// Queues a request; its events go to `tx`. Invalid requests get one `Failed` event.
@@ -200,6 +218,7 @@ impl EngineCore {
             self.replay_output(&mut state, &req, &output);
             self.seqs.insert(seq_id, state);
             let mut seq = Sequence::new(seq_id, priority, [req.prompt_token_ids.as_slice(), &output].concat());
+            seq.priority.0 = req.priority;
             if live.is_empty() {
                 seq.prompt_logprobs = req.prompt_logprobs.is_some();
                 pooled = self.start_pooling(&req, &mut seq);
@@ -232,6 +251,7 @@ impl EngineCore {
 
     /// Ends a request early: its choices finish with `abort` and its blocks are freed now.
     pub fn abort(&mut self, request_id: &str) {
+        self.flush_deferred();
         let Some(req) = self.requests.get(request_id) else {
             return;
         };
@@ -250,6 +270,7 @@ impl EngineCore {
 
     /// Fails every request with `message` and clears all state (after an engine error).
     pub fn fail_all(&mut self, message: &str) {
+        self.flush_deferred();
         for (_, req) in self.requests.drain() {
             let _ = req.tx.send(EngineEvent::Failed(message.to_string()));
         }
@@ -267,6 +288,7 @@ impl EngineCore {
         let schedule = self.scheduler.schedule_limited(|decodes| cost.prompt_limit(decodes));
         self.counters.preemptions_total += schedule.preempted.len() as u64;
         if schedule.is_empty() {
+            self.flush_deferred();
             return Ok(false);
         }
         let now = Instant::now();
@@ -281,7 +303,11 @@ impl EngineCore {
         self.plan_rows(&schedule);
         self.plan_prompt_rows(&schedule);
         let forward_start = Instant::now();
-        self.model.forward_reduced(&batch, &self.plans, &mut self.reduced)?;
+        // The last step's deferred output is sent while the device runs this one.
+        let (seqs, requests, tokenizer, deferred) = (&mut self.seqs, &self.requests, &self.tokenizer, &mut self.deferred);
+        self.model.forward_overlapped(&batch, &self.plans, &mut self.reduced, &mut || {
+            deferred.flush(seqs, requests, tokenizer)
+        })?;
         let forward_end = Instant::now();
         self.scheduler.complete(&schedule);
         self.count_prompt_tokens(&schedule, now);
@@ -416,6 +442,20 @@ impl EngineCore {
             histograms.time_to_first_token.observe_duration(now.saturating_duration_since(req.arrival));
             self.counters.prompt_tokens_total += req.prompt_len as u64;
         }
+        let past_min = state.generated > req.stop.min_tokens;
+        let is_eos = !req.stop.ignore_eos && self.tokenizer.eos_token_ids().contains(&token);
+        let stop_token = past_min && (is_eos || req.stop.stop_token_ids.contains(&token));
+        let at_length = state.generated >= req.stop.max_tokens || req.prompt_len + state.generated >= self.limits.max_model_len;
+        if self.defer_output && !stop_token && !at_length && !grammar_complete && state.stop.is_empty() {
+            // The sequence runs on whatever its text: the text and the delta wait for the next
+            // step's device time (a constrained one's next mask is on its way first).
+            if let Some(g) = state.grammar.as_ref().filter(|g| g.is_active()) {
+                g.request_mask(&mut self.mask_workers);
+            }
+            let logprobs = req.sampling.logprobs.map(|_| (sampled.logprob, sampled.top_logprobs));
+            self.deferred.push(seq, token, past_min, logprobs);
+            return;
+        }
         let logprobs = match req.sampling.logprobs {
             Some(_) => vec![TokenLogprob {
                 token,
@@ -426,12 +466,10 @@ impl EngineCore {
             }],
             None => Vec::new(),
         };
-        let past_min = state.generated > req.stop.min_tokens;
-        let is_eos = !req.stop.ignore_eos && self.tokenizer.eos_token_ids().contains(&token);
         let mut finish = None;
         let mut stop_reason = None;
         let mut text = String::new();
-        if past_min && (is_eos || req.stop.stop_token_ids.contains(&token)) {
+        if stop_token {
             finish = Some(FinishReason::Stop);
             stop_reason = Some(StopReason::Token(token));
         } else {
@@ -452,8 +490,7 @@ impl EngineCore {
             finish = Some(FinishReason::Stop);
             text.push_str(&drain_text(state, &self.tokenizer));
         }
-        let total_len = req.prompt_len + state.generated;
-        if finish.is_none() && (state.generated >= req.stop.max_tokens || total_len >= self.limits.max_model_len) {
+        if finish.is_none() && at_length {
             finish = Some(FinishReason::Length);
         }
         match finish {

@@ -48,6 +48,7 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
         max_num_batched_tokens: opts.max_num_batched_tokens,
         enable_prefix_caching: opts.enable_prefix_caching,
         itl_goal_ms: itl_goal(opts),
+        scheduling_policy: opts.scheduling_policy,
     };
     let num_blocks = model.num_blocks();
     tracing::info!(model = %opts.model, max_model_len, num_blocks, ?pooling, seconds = started.elapsed().as_secs_f32(), "engine ready");

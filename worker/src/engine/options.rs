@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::scheduler::SchedulingPolicy;
+
 use super::pooling::{Convert, PoolerConfig, PoolingParams, Runner};
 use crate::WorkerError;
 use crate::model::cpu_weights::CpuWeightFormat;
@@ -49,6 +51,13 @@ pub struct EngineOptions {
     /// CPU; 0 turns it off (prompt chunks fill `max_num_batched_tokens`, as in vLLM).
     #[arg(long, env = "LUMEN_ITL_GOAL_MS")]
     pub itl_goal_ms: Option<f64>,
+
+    /// How waiting requests are ordered, as vLLM's `--scheduling-policy`: fcfs (arrival order;
+    /// a request's `priority` must be 0) or priority (lower `priority` first, then arrival; a
+    /// waiting request may preempt running ones of a higher value when the KV cache or
+    /// `max_num_seqs` is full).
+    #[arg(long, env = "LUMEN_SCHEDULING_POLICY", value_enum, default_value = "fcfs")]
+    pub scheduling_policy: SchedulingPolicy,
 
     /// Tokens per KV cache block.
     #[arg(long, env = "LUMEN_BLOCK_SIZE", default_value_t = defaults::BLOCK_SIZE)]
@@ -180,6 +189,7 @@ impl Default for EngineOptions {
             max_num_seqs: defaults::MAX_NUM_SEQS,
             max_num_batched_tokens: defaults::MAX_NUM_BATCHED_TOKENS,
             itl_goal_ms: None,
+            scheduling_policy: SchedulingPolicy::Fcfs,
             block_size: defaults::BLOCK_SIZE,
             enable_prefix_caching: true,
             kv_cache_memory: defaults::KV_CACHE_MEMORY.parse().expect("valid default size"),

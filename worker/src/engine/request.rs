@@ -49,6 +49,9 @@ pub struct EngineRequest {
     /// Exactly the choices `0..n` in order, no constraint, not every choice finished, and an
     /// unfinished choice has fewer tokens than `max_tokens`.
     pub resumed: Vec<ResumedChoice>,
+    /// vLLM's `priority`: with the priority scheduling policy, lower values are scheduled first
+    /// and may preempt higher ones; must be 0 otherwise.
+    pub priority: i64,
 }
 
 /// One choice of a resumed request: its output so far, and whether it ended there.
@@ -80,6 +83,7 @@ impl EngineRequest {
             prompt_logprobs: None,
             pooling: None,
             resumed: Vec::new(),
+            priority: 0,
         }
     }
 
@@ -112,6 +116,8 @@ pub struct EngineLimits {
     pub max_model_len: usize,
     /// Tokens the KV cache holds in total; one sequence can never grow beyond it.
     pub cache_capacity_tokens: usize,
+    /// Requests may carry a `priority` other than 0 (the priority scheduling policy).
+    pub priority_scheduling: bool,
 }
 
 impl EngineLimits {
@@ -127,6 +133,15 @@ impl EngineLimits {
             return Err(WorkerError::invalid(
                 "prompt",
                 format!("token id {t} is outside the vocabulary of {}", self.vocab_size),
+            ));
+        }
+        if req.priority != 0 && !self.priority_scheduling {
+            return Err(WorkerError::invalid(
+                "priority",
+                format!(
+                    "Got priority {} but Priority scheduling is not enabled: serve with --scheduling-policy priority",
+                    req.priority
+                ),
             ));
         }
         if req.n == 0 || req.n > MAX_N {

@@ -66,4 +66,19 @@ pub trait Model: Send {
         out.set_full(logits, vocab);
         Ok(())
     }
+
+    /// [`Model::forward_reduced`], calling `meanwhile` once while the step runs: a model whose
+    /// device runs apart from the host (a GPU) calls it after the step's work is queued and
+    /// before waiting for it, so host work done there overlaps the device's; a model computed on
+    /// the host calls it first.
+    fn forward_overlapped(
+        &mut self,
+        batch: &ForwardBatch,
+        plans: &[crate::sampling::reduce::RowPlan],
+        out: &mut crate::sampling::reduce::ReducedRows,
+        meanwhile: &mut dyn FnMut(),
+    ) -> crate::Result<()> {
+        meanwhile();
+        self.forward_reduced(batch, plans, out)
+    }
 }

@@ -3,7 +3,9 @@
 //! Every step the scheduler fills a token budget (`max_num_batched_tokens`): first the running
 //! sequences, oldest first (one token each while decoding, the rest of a chunked prompt
 //! otherwise), then waiting sequences in arrival order while the budget, `max_num_seqs` and free
-//! blocks allow; a prompt longer than what is left of the budget is split across steps (chunked
+//! blocks allow (with the priority policy, vLLM's `--scheduling-policy priority`, "oldest first"
+//! and "arrival order" become "lowest priority value, then oldest", and a waiting sequence of a
+//! better class that cannot be admitted preempts running ones of a worse class, newest first); a prompt longer than what is left of the budget is split across steps (chunked
 //! prefill). The engine may also cap the prompt tokens of a step that carries decodes
 //! ([`Scheduler::schedule_limited`], sized from measured step costs), so long prompts do not
 //! stall every decoding stream for a whole budget's worth of prefill. A new sequence first
@@ -45,6 +47,19 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     pub num_blocks: usize,
     pub enable_prefix_caching: bool,
+    pub policy: SchedulingPolicy,
+}
+
+/// The order in which sequences are admitted and preempted (vLLM's `--scheduling-policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulingPolicy {
+    // (Plain comments: documented variants would make clap print every flag's help in the long
+    // layout.) First come, first served; every request's `priority` must be 0.
+    #[default]
+    Fcfs,
+    // By each request's `priority` (lower first), then arrival.
+    Priority,
 }
 
 /// One sequence's share of a step.
@@ -88,7 +103,8 @@ pub struct Scheduler {
     pool: BlockPool,
     seqs: HashMap<SeqId, Sequence>,
     waiting: VecDeque<SeqId>,
-    /// Running sequences ordered by priority (oldest first).
+    /// Running sequences ordered by priority (lowest class, then oldest, first); `waiting` is
+    /// in the same order.
     running: Vec<SeqId>,
     num_preemptions: u64,
 }
@@ -116,7 +132,8 @@ impl Scheduler {
 
     /// Queues a new sequence.
     pub fn add(&mut self, seq: Sequence) {
-        self.waiting.push_back(seq.id);
+        let at = self.waiting.partition_point(|w| self.seqs[w].priority <= seq.priority);
+        self.waiting.insert(at, seq.id);
         self.seqs.insert(seq.id, seq);
     }
 
@@ -164,6 +181,7 @@ impl Scheduler {
         let decodes = self.running.iter().filter(|id| self.seqs[id].num_uncomputed() == 1).count();
         let mut prompt_left = prompt_limit(decodes).unwrap_or(usize::MAX);
         let mut out = Schedule::default();
+        let made_room = self.preempt_for_priority(&mut out.preempted);
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut rows_left = MAX_PROMPT_ROWS_PER_STEP;
         let mut i = 0;
@@ -187,7 +205,7 @@ impl Scheduler {
             }
             i += 1;
         }
-        if out.preempted.is_empty() {
+        if out.preempted.len() == made_room {
             budget = budget.min(prompt_left);
             self.admit_waiting(&mut budget, &mut rows_left, &mut out);
         }
@@ -255,8 +273,36 @@ impl Scheduler {
         self.pool.release(s.blocks.drain(..).rev());
         s.block_hashes.clear();
         s.num_computed = 0;
-        self.waiting.push_front(id);
+        // Ahead of every waiting sequence of its order (under FCFS: the front).
+        let key = s.priority;
+        let at = self.waiting.partition_point(|w| self.seqs[w].priority < key);
+        self.waiting.insert(at, id);
         self.num_preemptions += 1;
+    }
+
+    /// With the priority policy: while the first waiting sequence cannot be admitted (no
+    /// sequence slot, or fewer free blocks than its first chunk needs) and the last running one
+    /// is of a worse class, preempts that one. Returns how many it preempted.
+    fn preempt_for_priority(&mut self, preempted: &mut Vec<SeqId>) -> usize {
+        if self.cfg.policy != SchedulingPolicy::Priority {
+            return 0;
+        }
+        let mut count = 0;
+        while let (Some(&w), Some(&r)) = (self.waiting.front(), self.running.last()) {
+            let (waiting, running) = (&self.seqs[&w], &self.seqs[&r]);
+            if waiting.priority.0 >= running.priority.0 {
+                break;
+            }
+            let chunk = waiting.num_uncomputed().min(self.cfg.max_num_batched_tokens);
+            let need = self.blocks_for(waiting.num_computed + chunk).saturating_sub(waiting.blocks.len());
+            if self.running.len() < self.cfg.max_num_seqs && self.pool.num_free() >= need {
+                break;
+            }
+            self.preempt(r);
+            preempted.push(r);
+            count += 1;
+        }
+        count
     }
 
     fn admit_waiting(&mut self, budget: &mut usize, rows_left: &mut usize, out: &mut Schedule) {
@@ -399,7 +445,8 @@ impl Scheduler {
         let bs = self.cfg.block_size;
         let p = &self.seqs[&parent];
         let shared = (p.prompt_len / bs).min(p.blocks.len());
-        let mut seq = Sequence::new(child, p.priority, p.tokens[..p.prompt_len].to_vec());
+        let mut seq = Sequence::new(child, 0, p.tokens[..p.prompt_len].to_vec());
+        seq.priority = p.priority;
         seq.tokens.push(first_token);
         seq.blocks = p.blocks[..shared].to_vec();
         seq.block_hashes = p.block_hashes[..shared.min(p.block_hashes.len())].to_vec();

@@ -11,8 +11,9 @@ pub type SeqId = u64;
 #[derive(Clone, Debug)]
 pub struct Sequence {
     pub id: SeqId,
-    /// Admission order: lower runs first and is preempted last.
-    pub priority: u64,
+    /// Scheduling order, lower first: the request's priority class (vLLM's `priority`, 0 unless
+    /// the priority policy is on), then admission order. Lower runs first and is preempted last.
+    pub priority: (i64, u64),
     /// Prompt followed by the tokens generated so far.
     pub tokens: Vec<TokenId>,
     pub prompt_len: usize,
@@ -41,11 +42,12 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(id: SeqId, priority: u64, prompt: Vec<TokenId>) -> Sequence {
+    /// A sequence of priority class 0 admitted `order`-th.
+    pub fn new(id: SeqId, order: u64, prompt: Vec<TokenId>) -> Sequence {
         let prompt_len = prompt.len();
         Sequence {
             id,
-            priority,
+            priority: (0, order),
             tokens: prompt,
             prompt_len,
             num_computed: 0,

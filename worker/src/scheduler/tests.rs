@@ -7,6 +7,7 @@ fn cfg(num_blocks: usize, budget: usize, max_seqs: usize) -> SchedulerConfig {
         block_size: 4,
         num_blocks,
         enable_prefix_caching: true,
+        policy: SchedulingPolicy::Fcfs,
     }
 }
 
@@ -142,6 +143,17 @@ fn forked_children_share_full_prompt_blocks_and_recompute_the_tail() {
 /// every block must be free (or free and cached), never leaked.
 #[test]
 fn no_block_leaks_after_any_mix_of_finish_abort_fork_and_preemption() {
+    no_block_leaks_under(SchedulingPolicy::Fcfs);
+}
+
+#[test]
+fn no_block_leaks_under_the_priority_policy_either() {
+    no_block_leaks_under(SchedulingPolicy::Priority);
+}
+
+/// Random adds (of random priority classes), finishes, aborts, forks and steps; the pool stays
+/// consistent and the running and waiting queues stay in priority order.
+fn no_block_leaks_under(policy: SchedulingPolicy) {
     let mut rng = 0x2545F4914F6CDD1Du64;
     let mut next = move |n: u64| {
         rng ^= rng << 13;
@@ -155,6 +167,7 @@ fn no_block_leaks_after_any_mix_of_finish_abort_fork_and_preemption() {
         block_size: 4,
         num_blocks: 24,
         enable_prefix_caching: true,
+        policy,
     });
     let mut ids = 0u64;
     let mut preemptions = 0;
@@ -164,7 +177,8 @@ fn no_block_leaks_after_any_mix_of_finish_abort_fork_and_preemption() {
                 ids += 1;
                 let len = 1 + next(30) as usize;
                 let base = next(3) as u32 * 100; // shared prefixes across some sequences
-                s.add(Sequence::new(ids, ids, (0..len as u32).map(|t| base + t % 7).collect()));
+                let class = if policy == SchedulingPolicy::Priority { next(3) as i64 - 1 } else { 0 };
+                s.add(of_class(ids, class, (0..len as u32).map(|t| base + t % 7).collect()));
             }
             3 => {
                 let live: Vec<SeqId> = s.seqs.keys().copied().collect();
@@ -190,6 +204,8 @@ fn no_block_leaks_after_any_mix_of_finish_abort_fork_and_preemption() {
             }
         }
         s.pool.check_invariants().unwrap();
+        let key = |id: &SeqId| s.seqs[id].priority;
+        assert!(s.running.iter().map(key).is_sorted() && s.waiting.iter().map(key).is_sorted(), "queues in order");
         let in_use: usize = s.seqs.values().map(|q| q.blocks.len()).sum();
         assert!(s.pool.num_blocks() - s.pool.num_free() <= in_use);
     }
@@ -335,4 +351,67 @@ fn a_prompt_limit_caps_chunks_only_in_steps_that_carry_decodes() {
     let unlimited = s.schedule();
     let prompt_tokens: usize = unlimited.seqs.iter().filter(|q| q.id != 1).map(|q| q.len).sum();
     assert_eq!(prompt_tokens, 14 + 20, "sequence 2's remaining 14 and all of sequence 3");
+}
+
+fn of_class(id: SeqId, class: i64, prompt: Vec<u32>) -> Sequence {
+    let mut seq = Sequence::new(id, id, prompt);
+    seq.priority.0 = class;
+    seq
+}
+
+#[test]
+fn the_priority_policy_admits_lower_classes_first_then_by_arrival() {
+    let mut s = Scheduler::new(SchedulerConfig { policy: SchedulingPolicy::Priority, ..cfg(64, 100, 2) });
+    s.add(of_class(1, 5, vec![1; 3]));
+    s.add(of_class(2, 0, vec![2; 3]));
+    s.add(of_class(3, 5, vec![3; 3]));
+    s.add(of_class(4, -1, vec![4; 3]));
+    let sched = step(&mut s, 9);
+    assert_eq!(sched.seqs.iter().map(|x| x.id).collect::<Vec<_>>(), vec![4, 2]);
+    s.remove(4);
+    s.remove(2);
+    let sched = step(&mut s, 9);
+    assert_eq!(sched.seqs.iter().map(|x| x.id).collect::<Vec<_>>(), vec![1, 3], "same class: arrival order");
+}
+
+/// Two class-1 sequences fill the cache (4 blocks of 4); a class-0 one arrives.
+fn full_cache_then_a_better_class(policy: SchedulingPolicy) -> (Scheduler, Schedule) {
+    let mut s = Scheduler::new(SchedulerConfig { policy, ..cfg(4, 100, 8) });
+    s.add(of_class(1, 1, vec![1; 6]));
+    s.add(of_class(2, 1, vec![2; 6]));
+    step(&mut s, 9);
+    assert_eq!(s.pool().num_free(), 0);
+    s.add(of_class(3, 0, vec![3; 6]));
+    let sched = step(&mut s, 9);
+    (s, sched)
+}
+
+#[test]
+fn a_waiting_sequence_of_a_better_class_preempts_the_newest_of_a_worse_one_when_the_cache_is_full() {
+    let (s, sched) = full_cache_then_a_better_class(SchedulingPolicy::Priority);
+    assert_eq!(sched.preempted, vec![2], "only as many as the newcomer's first chunk needs");
+    let ran: Vec<_> = sched.seqs.iter().map(|x| (x.id, x.len)).collect();
+    assert_eq!(ran, vec![(1, 1), (3, 6)], "the older class-1 sequence keeps decoding; the class-0 one is admitted");
+    assert_eq!((s.num_running(), s.num_waiting()), (2, 1));
+    assert_eq!(s.get(2).unwrap().num_computed, 0, "the preempted sequence is recomputed later");
+}
+
+#[test]
+fn under_fcfs_a_full_cache_makes_a_newcomer_wait() {
+    let (s, sched) = full_cache_then_a_better_class(SchedulingPolicy::Fcfs);
+    assert!(sched.preempted.is_empty());
+    assert_eq!(sched.seqs.iter().map(|x| x.id).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(s.num_waiting(), 1);
+}
+
+#[test]
+fn a_sequence_of_the_same_or_a_worse_class_never_preempts() {
+    let mut s = Scheduler::new(SchedulerConfig { policy: SchedulingPolicy::Priority, ..cfg(4, 100, 8) });
+    s.add(of_class(1, 0, vec![1; 6]));
+    s.add(of_class(2, 1, vec![2; 6]));
+    step(&mut s, 9);
+    s.add(of_class(3, 1, vec![3; 6]));
+    let sched = step(&mut s, 9);
+    assert!(sched.preempted.is_empty());
+    assert_eq!(s.num_waiting(), 1);
 }

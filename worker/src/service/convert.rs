@@ -453,7 +453,7 @@ mod tests {
     use super::*;
 
     fn limits() -> EngineLimits {
-        EngineLimits { vocab_size: 100, max_model_len: 64, cache_capacity_tokens: 1024 }
+        EngineLimits { vocab_size: 100, max_model_len: 64, cache_capacity_tokens: 1024, priority_scheduling: false }
     }
 
     #[test]

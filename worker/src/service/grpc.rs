@@ -220,6 +220,7 @@ impl WorkerService {
         engine_req.skip_special_tokens = req.skip_special_tokens;
         engine_req.prompt_logprobs = req.prompt_logprobs.map(|k| k as usize);
         engine_req.resumed = req.resume.map(convert::resumed).unwrap_or_default();
+        engine_req.priority = req.priority;
         if let Some(structured) = &req.structured_output {
             let constraint = convert::constraint(structured)?;
             engine_req.constraint = Some(compile_blocking(handle.grammars(), constraint).await?);

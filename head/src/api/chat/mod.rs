@@ -154,6 +154,7 @@ pub(crate) fn generate_request(
         return_prompt_token_ids: false,
         prompt_logprobs: None,
         pooling: None,
+        priority: generation.priority,
     }
 }
 

@@ -127,6 +127,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
             return_prompt_token_ids: false,
             prompt_logprobs: prompt_k,
             pooling: None,
+            priority: generation.priority,
         })
         .collect();
     let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;

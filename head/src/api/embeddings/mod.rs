@@ -54,6 +54,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
             prompt: Some(prompt),
             n: 1,
             pooling: Some(pooling),
+            priority: 0,
             ..Default::default()
         })
         .collect();

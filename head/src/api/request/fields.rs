@@ -83,7 +83,8 @@ const GENERATION: &[Field] = &[
     field("allowed_token_ids", Expect::IntList, true, Inert::Null),
     field("logprob_token_ids", Expect::IntList, true, Inert::Null),
     field("bad_words", Expect::StrList, false, Inert::Empty),
-    field("priority", Expect::Int, false, Inert::Zero),
+    // Acted on: carried to the replica, whose scheduling policy decides (params.rs).
+    field("priority", Expect::Int, false, Inert::Any),
     field("return_token_ids", Expect::Bool, true, Inert::False),
     field("cache_salt", Expect::StrLen(1, 1024), true, Inert::Null),
     field("kv_transfer_params", Expect::Object, true, Inert::Any),
@@ -312,7 +313,6 @@ mod tests {
         for (body, param) in [
             (json!({"use_beam_search": true}), "use_beam_search"),
             (json!({"chat_template": "{{ messages }}"}), "chat_template"),
-            (json!({"priority": 3}), "priority"),
             (json!({"bad_words": ["x"]}), "bad_words"),
             (json!({"include_reasoning": false}), "include_reasoning"),
             (json!({"cache_salt": "salt"}), "cache_salt"),

@@ -49,6 +49,8 @@ pub struct CommonParams {
     pub logit_bias: Option<HashMap<String, f64>>,
     pub skip_special_tokens: Option<bool>,
     pub include_stop_str_in_output: Option<bool>,
+    /// vLLM's `priority` (the replica's scheduling policy decides whether it may be non-zero).
+    pub priority: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -83,6 +85,7 @@ pub struct Generation {
     pub stream: bool,
     pub include_usage: bool,
     pub skip_special_tokens: bool,
+    pub priority: i64,
 }
 
 impl CommonParams {
@@ -141,6 +144,7 @@ impl CommonParams {
             stream,
             include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            priority: self.priority.unwrap_or(0),
         })
     }
 }

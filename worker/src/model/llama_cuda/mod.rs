@@ -240,7 +240,12 @@ impl CudaLlama {
     /// reduction's output (`kernels::cuda::sample`) comes second. The final-norm hidden states
     /// of `batch.hidden_rows` (pooling) are gathered on the device and copied into
     /// `self.hidden`: only those rows leave the GPU.
-    fn run(&mut self, batch: &ForwardBatch, plans: &[RowPlan]) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    fn run(
+        &mut self,
+        batch: &ForwardBatch,
+        plans: &[RowPlan],
+        meanwhile: &mut Meanwhile<'_>,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let c = &self.config;
         let k = &self.kernels;
         let (m, heads, kv_heads) = (batch.num_tokens(), c.num_attention_heads, c.num_key_value_heads);
@@ -297,6 +302,8 @@ impl CudaLlama {
         if let Some(s) = scratch {
             s.end_layers();
         }
+        // The device has the layers to run: the host's work for the engine goes here.
+        meanwhile.call();
         // The last residual add and the final norm only matter for the rows that are read.
         let final_norm = |rows: u64, count: usize| -> Result<Tensor> {
             let last = k.gather_rows(&x, rows, count)?;
@@ -425,6 +432,51 @@ impl Model for CudaLlama {
     }
 
     fn forward_reduced(&mut self, batch: &ForwardBatch, plans: &[RowPlan], out: &mut ReducedRows) -> Result<()> {
+        self.forward_overlapped(batch, plans, out, &mut || {})
+    }
+
+    fn forward_overlapped(
+        &mut self,
+        batch: &ForwardBatch,
+        plans: &[RowPlan],
+        out: &mut ReducedRows,
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<()> {
+        let mut meanwhile = Meanwhile(Some(meanwhile), 0.0);
+        let result = self.step(batch, plans, out, &mut meanwhile);
+        meanwhile.call();
+        result
+    }
+}
+
+/// The engine's host work for the time the device runs a step: called once, as soon as the
+/// step's layers are queued (or at the end of a step that queues none).
+struct Meanwhile<'a>(Option<&'a mut dyn FnMut()>, f64);
+
+impl Meanwhile<'_> {
+    fn call(&mut self) {
+        if let Some(f) = self.0.take() {
+            let started = Instant::now();
+            f();
+            self.1 = started.elapsed().as_secs_f64() * 1e3;
+        }
+    }
+
+    /// How long the work took, ms (0 before it ran).
+    fn ms(&self) -> f64 {
+        self.1
+    }
+}
+
+impl CudaLlama {
+    /// One step: queue, wait, read back, time.
+    fn step(
+        &mut self,
+        batch: &ForwardBatch,
+        plans: &[RowPlan],
+        out: &mut ReducedRows,
+        meanwhile: &mut Meanwhile<'_>,
+    ) -> Result<()> {
         let (blocks, block_size) = (self.cache.num_blocks, self.cache.layout.block_size);
         batch.validate(self.config.vocab_size, self.rope.max_positions(), blocks, block_size)?;
         out.clear();
@@ -439,9 +491,9 @@ impl Model for CudaLlama {
         let stream = self.kernels.stream().clone();
         let event = || stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| gpu_error("event", e));
         let gpu_start = event()?;
-        let result = self.run(batch, plans)?;
+        let result = self.run(batch, plans, meanwhile)?;
         let gpu_end = event()?;
-        let host_ms = started.elapsed().as_secs_f64() * 1e3;
+        let (overlap_ms, host_ms) = (meanwhile.ms(), started.elapsed().as_secs_f64() * 1e3 - meanwhile.ms());
         let Some((logits, reduced)) = result else {
             // Nothing was read back, so the step may still run: not timed (no wait for it).
             self.ops.discard();
@@ -450,7 +502,8 @@ impl Model for CudaLlama {
         self.read_rows(&logits, reduced.as_ref(), plans, out)?;
         let gpu_ms = gpu_start.elapsed_ms(&gpu_end).map_err(|e| gpu_error("event timing", e))? as f64;
         let timing = if decode_only { &mut self.timing } else { &mut self.prefill_timing };
-        timing.record(batch.num_tokens(), started.elapsed().as_secs_f64() * 1e3, host_ms, gpu_ms, &mut self.ops)?;
+        let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+        timing.record(batch.num_tokens(), [wall_ms, host_ms, overlap_ms, gpu_ms], &mut self.ops)?;
         Ok(())
     }
 }

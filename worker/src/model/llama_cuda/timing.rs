@@ -1,6 +1,7 @@
 //! Where a step's time goes, logged every 256 single-token (decode) steps and every 8 steps
 //! that carry prompt tokens: the wall time of `forward`, the host's share (until the last
-//! launch is queued), the GPU's span (event to event) and the mean token rows per step. With `LUMEN_CUDA_OP_TIMING=1` an event also follows every operation,
+//! launch is queued, less the engine's work done while the step runs, `overlap_ms`), the GPU's
+//! span (event to event) and the mean token rows per step. With `LUMEN_CUDA_OP_TIMING=1` an event also follows every operation,
 //! and the log adds the GPU time of each kind of operation (a diagnostic: the events themselves
 //! cost a little).
 
@@ -61,6 +62,7 @@ pub struct StepTiming {
     tokens: u64,
     wall_ms: f64,
     host_ms: f64,
+    overlap_ms: f64,
     gpu_ms: f64,
     ops_ms: BTreeMap<&'static str, f64>,
 }
@@ -84,13 +86,16 @@ impl StepTiming {
             tokens: 0,
             wall_ms: 0.0,
             host_ms: 0.0,
+            overlap_ms: 0.0,
             gpu_ms: 0.0,
             ops_ms: BTreeMap::new(),
         }
     }
 
-    /// Adds one finished step of `tokens` token rows (`ops` is drained either way).
-    pub fn record(&mut self, tokens: usize, wall_ms: f64, host_ms: f64, gpu_ms: f64, ops: &mut OpTimer) -> Result<()> {
+    /// Adds one finished step of `tokens` token rows, its `[wall, host, overlap, gpu]` ms (`ops`
+    /// is drained either way).
+    pub fn record(&mut self, tokens: usize, ms: [f64; 4], ops: &mut OpTimer) -> Result<()> {
+        let [wall_ms, host_ms, overlap_ms, gpu_ms] = ms;
         for (name, ms) in ops.take()? {
             *self.ops_ms.entry(name).or_default() += ms;
         }
@@ -98,18 +103,19 @@ impl StepTiming {
         self.tokens += tokens as u64;
         self.wall_ms += wall_ms;
         self.host_ms += host_ms;
+        self.overlap_ms += overlap_ms;
         self.gpu_ms += gpu_ms;
         if self.steps == self.every {
             let n = self.steps as f64;
             let ops: Vec<String> = self.ops_ms.iter().map(|(k, v)| format!("{k}={:.3}", v / n)).collect();
-            let (wall_ms, host_ms, gpu_ms, tokens) =
-                (self.wall_ms / n, self.host_ms / n, self.gpu_ms / n, self.tokens as f64 / n);
+            let (wall_ms, host_ms, overlap_ms, gpu_ms, tokens) =
+                (self.wall_ms / n, self.host_ms / n, self.overlap_ms / n, self.gpu_ms / n, self.tokens as f64 / n);
             let ops = ops.join(" ");
             if self.decode {
-                tracing::info!(steps = self.steps, wall_ms, host_ms, gpu_ms, tokens, ops_ms = %ops,
+                tracing::info!(steps = self.steps, wall_ms, host_ms, overlap_ms, gpu_ms, tokens, ops_ms = %ops,
                     "decode step timing (per step, single-token batches)");
             } else {
-                tracing::info!(steps = self.steps, wall_ms, host_ms, gpu_ms, tokens, ops_ms = %ops,
+                tracing::info!(steps = self.steps, wall_ms, host_ms, overlap_ms, gpu_ms, tokens, ops_ms = %ops,
                     "prefill step timing (per step, steps with prompt tokens)");
             }
             *self = StepTiming::new(self.decode, self.every);

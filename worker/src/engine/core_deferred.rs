@@ -1,0 +1,79 @@
+//! Output work of a step that can wait for the next one: the text of a sampled token that ends
+//! nothing (detokenizing it, the logprob pieces) and its delta event. The engine queues the next
+//! step on the device first and does this work while the device runs it
+//! (`Model::forward_overlapped`), so on a GPU it costs no step time.
+//!
+//! Invariants: only a token that does not end its choice is deferred (no stop token, length
+//! or complete grammar reached, and no stop strings to match: a structured-output matcher has
+//! taken the token and asked for its next mask already), so whether a sequence runs on is
+//! known without its text; a sequence's deferred token is flushed before its next
+//! token is handled and before anything else is sent for its request (a finish, an abort, a
+//! failure), so every stream keeps its order; a token whose sequence or request is gone by
+//! then is dropped.
+
+use std::collections::HashMap;
+
+use crate::engine::request::{ChoiceDelta, EngineEvent, TokenLogprob};
+use super::{RequestState, SeqState};
+use crate::TokenId;
+use crate::scheduler::SeqId;
+use crate::tokenizer::Tokenizer;
+
+/// A sampled token whose output waits.
+struct Pending {
+    seq: SeqId,
+    token: TokenId,
+    /// Whether `min_tokens` was passed with this token (stop-string matching starts there).
+    past_min: bool,
+    /// The token's log-probability and the top alternatives, when the request asked for them.
+    logprobs: Option<(f32, Vec<(TokenId, f32)>)>,
+}
+
+/// The deferred tokens of the last step, in the order they were sampled.
+#[derive(Default)]
+pub(super) struct DeferredOutputs {
+    pending: Vec<Pending>,
+}
+
+impl DeferredOutputs {
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    pub fn push(&mut self, seq: SeqId, token: TokenId, past_min: bool, logprobs: Option<(f32, Vec<(TokenId, f32)>)>) {
+        self.pending.push(Pending { seq, token, past_min, logprobs });
+    }
+
+    /// Detokenizes every deferred token and sends its delta.
+    pub fn flush(
+        &mut self,
+        seqs: &mut HashMap<SeqId, SeqState>,
+        requests: &HashMap<String, RequestState>,
+        tokenizer: &Tokenizer,
+    ) {
+        for p in self.pending.drain(..) {
+            let Some(state) = seqs.get_mut(&p.seq) else { continue };
+            let Some(req) = requests.get(&state.request) else { continue };
+            let piece = state.detok.push(tokenizer, p.token).unwrap_or_default();
+            let text = if p.past_min { state.stop.push(&piece).emit } else { piece };
+            let logprobs = match p.logprobs {
+                Some((logprob, top)) => vec![TokenLogprob {
+                    token: p.token,
+                    piece: tokenizer.token_piece(p.token),
+                    logprob,
+                    top: top.into_iter().map(|(t, lp)| (t, tokenizer.token_piece(t), lp)).collect(),
+                    rank: 0,
+                }],
+                None => Vec::new(),
+            };
+            let _ = req.tx.send(EngineEvent::Delta(ChoiceDelta {
+                index: state.index,
+                text,
+                token_ids: vec![p.token],
+                logprobs,
+                finish_reason: None,
+                stop_reason: None,
+            }));
+        }
+    }
+}
