@@ -231,7 +231,8 @@ async fn the_openai_port_refuses_wrong_types_and_ranges_by_name_in_one_error_sha
         &api,
         "/v1/chat/completions",
         &chat(json!({"user": "u-1", "temperature": 2,
-        "use_beam_search": false, "priority": 0, "messages": [{"role": "user", "content": "hi", "name": "ann"}]})),
+        "use_beam_search": false, "priority": 0, "cache_salt": "team-a",
+        "messages": [{"role": "user", "content": "hi", "name": "ann"}]})),
     )
     .await;
     assert_eq!(status, 200, "{reply}");

@@ -304,7 +304,8 @@ fn priority_requests_need_the_policy_and_preempt_worse_ones_without_changing_the
     assert!(message.contains("Priority scheduling is not enabled"), "{message}");
     let alone = run(&mut fcfs, vec![req("alone", 0)]).remove(0).tokens[&0].clone();
 
-    let mut core = engine(&EngineOptions { scheduling_policy: SchedulingPolicy::Priority, max_num_seqs: 1, ..options() });
+    let mut core =
+        engine(&EngineOptions { scheduling_policy: SchedulingPolicy::Priority, max_num_seqs: 1, ..options() });
     let (tx_low, mut rx_low) = tokio::sync::mpsc::unbounded_channel();
     core.add_request(req("low", 5), tx_low);
     for _ in 0..3 {
@@ -330,4 +331,33 @@ fn priority_requests_need_the_policy_and_preempt_worse_ones_without_changing_the
     assert_eq!(core.stats().preemptions_total, 1);
     assert_eq!(high, alone);
     assert_eq!(low, alone, "the preempted request is recomputed, its output unchanged");
+}
+
+/// vLLM's `cache_salt`: a repeated prompt reuses the cached blocks of an earlier request only
+/// under the same salt (the usage's cached tokens say so); unsalted requests do not see salted
+/// blocks.
+#[test]
+fn the_prefix_cache_is_shared_only_under_the_same_cache_salt() {
+    let mut core = engine(&options());
+    let prompt = chat(&core, "Summarise the plot of Romeo and Juliet in two sentences, including how it ends.");
+    assert!(prompt.len() > 32, "at least two full blocks");
+    let req = |id: &str, salt: Option<&str>| {
+        let mut r = EngineRequest::new(
+            id,
+            prompt.clone(),
+            SamplingParams::greedy(),
+            StopParams { max_tokens: 2, ..Default::default() },
+        );
+        r.cache_salt = salt.map(str::to_string);
+        r
+    };
+    let cached = |core: &mut lumen_worker::engine::EngineCore, id, salt| {
+        run(core, vec![req(id, salt)]).remove(0).usage.expect("usage").cached_tokens
+    };
+    assert_eq!(cached(&mut core, "a1", Some("team-a")), 0);
+    assert_eq!(cached(&mut core, "b1", Some("team-b")), 0, "another salt finds nothing");
+    assert_eq!(cached(&mut core, "n1", None), 0, "no salt finds nothing salted");
+    let full_blocks = (prompt.len() - 1) / 16 * 16;
+    assert_eq!(cached(&mut core, "a2", Some("team-a")), full_blocks, "the same salt finds its blocks");
+    assert_eq!(cached(&mut core, "n2", None), full_blocks, "unsalted requests share as before");
 }

@@ -82,6 +82,7 @@ fn request(id: &str, prompt: pb::generate_request::Prompt, max_tokens: u32) -> p
         prompt_logprobs: None,
         pooling: None,
         priority: 0,
+        cache_salt: None,
         resume: None,
         return_prompt_token_ids: false,
     }
@@ -392,6 +393,7 @@ async fn a_pooling_replica_answers_embedding_requests_only_and_a_generating_one_
         })),
         pooling: Some(pb::PoolingRequest { normalize: None, truncate_prompt_tokens: truncate }),
         priority: 0,
+        cache_salt: None,
         ..Default::default()
     };
 

@@ -21,6 +21,7 @@ use super::request::{
 use super::stats::{EngineHistograms, EngineStats, RateMeter};
 use super::step_cost::StepCostModel;
 use crate::grammar::{GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar};
+use crate::kv_cache::BlockHash;
 use crate::model::Model;
 use crate::sampling::reduce::{Reduced, ReducedRows, RowPlan, RowResult};
 use crate::sampling::{Sampled, SamplingParams, SequenceSampler, StopParams};
@@ -219,6 +220,7 @@ impl EngineCore {
             self.seqs.insert(seq_id, state);
             let mut seq = Sequence::new(seq_id, priority, [req.prompt_token_ids.as_slice(), &output].concat());
             seq.priority.0 = req.priority;
+            seq.salt = req.cache_salt.as_deref().map(BlockHash::of_salt);
             if live.is_empty() {
                 seq.prompt_logprobs = req.prompt_logprobs.is_some();
                 pooled = self.start_pooling(&req, &mut seq);
@@ -304,7 +306,8 @@ impl EngineCore {
         self.plan_prompt_rows(&schedule);
         let forward_start = Instant::now();
         // The last step's deferred output is sent while the device runs this one.
-        let (seqs, requests, tokenizer, deferred) = (&mut self.seqs, &self.requests, &self.tokenizer, &mut self.deferred);
+        let (seqs, requests, tokenizer, deferred) =
+            (&mut self.seqs, &self.requests, &self.tokenizer, &mut self.deferred);
         self.model.forward_overlapped(&batch, &self.plans, &mut self.reduced, &mut || {
             deferred.flush(seqs, requests, tokenizer)
         })?;
@@ -445,7 +448,8 @@ impl EngineCore {
         let past_min = state.generated > req.stop.min_tokens;
         let is_eos = !req.stop.ignore_eos && self.tokenizer.eos_token_ids().contains(&token);
         let stop_token = past_min && (is_eos || req.stop.stop_token_ids.contains(&token));
-        let at_length = state.generated >= req.stop.max_tokens || req.prompt_len + state.generated >= self.limits.max_model_len;
+        let at_length =
+            state.generated >= req.stop.max_tokens || req.prompt_len + state.generated >= self.limits.max_model_len;
         if self.defer_output && !stop_token && !at_length && !grammar_complete && state.stop.is_empty() {
             // The sequence runs on whatever its text: the text and the delta wait for the next
             // step's device time (a constrained one's next mask is on its way first).

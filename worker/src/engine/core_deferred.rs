@@ -13,9 +13,9 @@
 
 use std::collections::HashMap;
 
-use crate::engine::request::{ChoiceDelta, EngineEvent, TokenLogprob};
 use super::{RequestState, SeqState};
 use crate::TokenId;
+use crate::engine::request::{ChoiceDelta, EngineEvent, TokenLogprob};
 use crate::scheduler::SeqId;
 use crate::tokenizer::Tokenizer;
 

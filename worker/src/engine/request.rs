@@ -52,6 +52,9 @@ pub struct EngineRequest {
     /// vLLM's `priority`: with the priority scheduling policy, lower values are scheduled first
     /// and may preempt higher ones; must be 0 otherwise.
     pub priority: i64,
+    /// vLLM's `cache_salt`: the request shares prefix-cache blocks only with requests of the
+    /// same salt.
+    pub cache_salt: Option<String>,
 }
 
 /// One choice of a resumed request: its output so far, and whether it ended there.
@@ -84,6 +87,7 @@ impl EngineRequest {
             pooling: None,
             resumed: Vec::new(),
             priority: 0,
+            cache_salt: None,
         }
     }
 

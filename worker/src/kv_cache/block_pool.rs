@@ -30,6 +30,12 @@ impl BlockHash {
         }
         BlockHash(xxhash_rust::xxh3::xxh3_128(&bytes))
     }
+
+    /// The parent of a salted sequence's first block (vLLM's `cache_salt`): sequences share
+    /// cached blocks only when their salts are equal (or both absent).
+    pub fn of_salt(salt: &str) -> BlockHash {
+        BlockHash(xxhash_rust::xxh3::xxh3_128_with_seed(salt.as_bytes(), 0x5a17))
+    }
 }
 
 const NIL: u32 = u32::MAX;

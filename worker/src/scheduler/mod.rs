@@ -10,7 +10,8 @@
 //! ([`Scheduler::schedule_limited`], sized from measured step costs), so long prompts do not
 //! stall every decoding stream for a whole budget's worth of prefill. A new sequence first
 //! takes the longest run of its full blocks found in the prefix cache and computes only the
-//! rest. When a running sequence needs a block and none is free, the
+//! rest (only blocks cached under the same `cache_salt`: a salt seeds the hash chain). When a
+//! running sequence needs a block and none is free, the
 //! newest running sequence is preempted: its blocks are released (cached ones stay findable) and
 //! it goes back to the front of the waiting queue to be recomputed, keeping its generated tokens.
 //!
@@ -360,7 +361,7 @@ impl Scheduler {
             // Only blocks that end before the first position it pools (their rows are needed).
             max_blocks = max_blocks.min(s.hidden_pending.start / bs);
         }
-        let mut parent: Option<BlockHash> = None;
+        let mut parent: Option<BlockHash> = s.salt;
         for b in 0..max_blocks {
             let hash = BlockHash::of(parent, &s.tokens[b * bs..(b + 1) * bs]);
             match self.pool.lookup(hash) {
@@ -425,7 +426,8 @@ impl Scheduler {
             }
             while s.block_hashes.len() < s.num_computed / bs {
                 let b = s.block_hashes.len();
-                let hash = BlockHash::of(b.checked_sub(1).map(|p| s.block_hashes[p]), &s.tokens[b * bs..(b + 1) * bs]);
+                let parent = b.checked_sub(1).map(|p| s.block_hashes[p]).or(s.salt);
+                let hash = BlockHash::of(parent, &s.tokens[b * bs..(b + 1) * bs]);
                 self.pool.register(s.blocks[b], hash);
                 s.block_hashes.push(hash);
             }
@@ -450,6 +452,7 @@ impl Scheduler {
         seq.tokens.push(first_token);
         seq.blocks = p.blocks[..shared].to_vec();
         seq.block_hashes = p.block_hashes[..shared.min(p.block_hashes.len())].to_vec();
+        seq.salt = p.salt;
         seq.num_computed = shared * bs;
         seq.cached_prompt_tokens = p.cached_prompt_tokens;
         seq.admitted = true;

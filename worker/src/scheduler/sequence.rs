@@ -39,6 +39,9 @@ pub struct Sequence {
     /// as steps produce them and is kept across preemption, so a recompute never produces a row
     /// twice. Empty for generating sequences.
     pub hidden_pending: std::ops::Range<usize>,
+    /// The parent hash of its first block: `BlockHash::of_salt` of the request's `cache_salt`,
+    /// so only sequences with the same salt share cached blocks; `None` without a salt.
+    pub salt: Option<BlockHash>,
 }
 
 impl Sequence {
@@ -59,6 +62,7 @@ impl Sequence {
             prompt_rows_done: 0,
             pooling: false,
             hidden_pending: 0..0,
+            salt: None,
         }
     }
 

@@ -415,3 +415,23 @@ fn a_sequence_of_the_same_or_a_worse_class_never_preempts() {
     assert!(sched.preempted.is_empty());
     assert_eq!(s.num_waiting(), 1);
 }
+
+#[test]
+fn only_sequences_with_the_same_cache_salt_share_cached_blocks() {
+    let mut s = Scheduler::new(cfg(64, 100, 8));
+    let prompt: Vec<u32> = (0..13).collect();
+    let salted = |id: SeqId, salt: Option<&str>| {
+        let mut seq = Sequence::new(id, id, prompt.clone());
+        seq.salt = salt.map(BlockHash::of_salt);
+        seq
+    };
+    s.add(salted(1, Some("team-a")));
+    step(&mut s, 9);
+    s.remove(1);
+    for (id, salt, hits) in [(2, Some("team-b"), 0), (3, None, 0), (4, Some("team-a"), 12)] {
+        s.add(salted(id, salt));
+        step(&mut s, 9);
+        assert_eq!(s.get(id).unwrap().cached_prompt_tokens, hits, "salt {salt:?}");
+        s.remove(id);
+    }
+}

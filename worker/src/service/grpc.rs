@@ -221,6 +221,7 @@ impl WorkerService {
         engine_req.prompt_logprobs = req.prompt_logprobs.map(|k| k as usize);
         engine_req.resumed = req.resume.map(convert::resumed).unwrap_or_default();
         engine_req.priority = req.priority;
+        engine_req.cache_salt = req.cache_salt.filter(|s| !s.is_empty());
         if let Some(structured) = &req.structured_output {
             let constraint = convert::constraint(structured)?;
             engine_req.constraint = Some(compile_blocking(handle.grammars(), constraint).await?);

@@ -155,6 +155,7 @@ pub(crate) fn generate_request(
         prompt_logprobs: None,
         pooling: None,
         priority: generation.priority,
+        cache_salt: generation.cache_salt.clone(),
     }
 }
 

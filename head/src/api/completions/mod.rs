@@ -128,6 +128,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
             prompt_logprobs: prompt_k,
             pooling: None,
             priority: generation.priority,
+            cache_salt: generation.cache_salt.clone(),
         })
         .collect();
     let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;

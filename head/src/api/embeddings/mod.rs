@@ -55,6 +55,7 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
             n: 1,
             pooling: Some(pooling),
             priority: 0,
+            cache_salt: None,
             ..Default::default()
         })
         .collect();

@@ -86,7 +86,8 @@ const GENERATION: &[Field] = &[
     // Acted on: carried to the replica, whose scheduling policy decides (params.rs).
     field("priority", Expect::Int, false, Inert::Any),
     field("return_token_ids", Expect::Bool, true, Inert::False),
-    field("cache_salt", Expect::StrLen(1, 1024), true, Inert::Null),
+    // Acted on: the replica's prefix cache is salted with it (params.rs).
+    field("cache_salt", Expect::StrLen(1, 1024), true, Inert::Any),
     field("kv_transfer_params", Expect::Object, true, Inert::Any),
     field("vllm_xargs", Expect::Object, true, Inert::Any),
     field("repetition_detection", Expect::Object, true, Inert::Null),
@@ -315,7 +316,6 @@ mod tests {
             (json!({"chat_template": "{{ messages }}"}), "chat_template"),
             (json!({"bad_words": ["x"]}), "bad_words"),
             (json!({"include_reasoning": false}), "include_reasoning"),
-            (json!({"cache_salt": "salt"}), "cache_salt"),
         ] {
             let (got, message) = refused(body.clone());
             assert_eq!(got, param, "{body}");

@@ -51,6 +51,8 @@ pub struct CommonParams {
     pub include_stop_str_in_output: Option<bool>,
     /// vLLM's `priority` (the replica's scheduling policy decides whether it may be non-zero).
     pub priority: Option<i64>,
+    /// vLLM's `cache_salt` (its length is checked with the other fields, `fields.rs`).
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +88,7 @@ pub struct Generation {
     pub include_usage: bool,
     pub skip_special_tokens: bool,
     pub priority: i64,
+    pub cache_salt: Option<String>,
 }
 
 impl CommonParams {
@@ -145,6 +148,7 @@ impl CommonParams {
             include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
             priority: self.priority.unwrap_or(0),
+            cache_salt: self.cache_salt.clone(),
         })
     }
 }
