@@ -18,13 +18,14 @@ use super::request::{ChoiceDelta, EngineEvent, EngineLimits, EngineRequest, Fini
 use super::stats::{EngineHistograms, EngineStats, RateMeter};
 use super::step_cost::StepCostModel;
 use crate::Result;
+use crate::TokenId;
 use crate::grammar::{GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar};
 use crate::kv_cache::BlockHash;
 use crate::model::Model;
 use crate::sampling::reduce::{Reduced, ReducedRows, RowPlan, RowResult};
 use crate::sampling::{Sampled, SamplingParams, SequenceSampler, StopParams};
 use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SchedulingPolicy, SeqId, Sequence};
-use crate::tokenizer::{IncrementalDetokenizer, StopStringMatcher, Tokenizer};
+use crate::tokenizer::{IncrementalDetokenizer, StopOutcome, StopStringMatcher, Tokenizer};
 
 #[path = "core_deferred.rs"]
 mod deferred;
@@ -72,6 +73,36 @@ struct SeqState {
     last_token_at: Option<Instant>,
     /// The structured-output matcher and next-token mask (`core_grammar.rs`).
     grammar: Option<SeqGrammar>,
+}
+
+impl SeqState {
+    /// A generated token's text: through the detokenizer, then (once `past_min`) the stop-string
+    /// matcher, which may hold some back or end the choice.
+    fn push_text(&mut self, tokenizer: &Tokenizer, token: TokenId, past_min: bool) -> StopOutcome {
+        let piece = self.detok.push(tokenizer, token).unwrap_or_default();
+        match past_min {
+            true => self.stop.push(&piece),
+            false => StopOutcome { emit: piece, stopped: false, matched: None },
+        }
+    }
+}
+
+/// The delta's log-probability entry of a sampled `token` (empty when the request asked for none).
+fn token_logprobs(
+    tokenizer: &Tokenizer,
+    token: TokenId,
+    logprobs: Option<(f32, &[(TokenId, f32)])>,
+) -> Vec<TokenLogprob> {
+    match logprobs {
+        Some((logprob, top)) => vec![TokenLogprob {
+            token,
+            piece: tokenizer.token_piece(token),
+            logprob,
+            top: top.iter().map(|&(t, lp)| (t, tokenizer.token_piece(t), lp)).collect(),
+            rank: 0,
+        }],
+        None => Vec::new(),
+    }
 }
 
 /// Engine state: model, tokenizer, scheduler and the live requests.
@@ -429,16 +460,8 @@ impl EngineCore {
             self.deferred.push(seq, token, past_min, logprobs);
             return;
         }
-        let logprobs = match req.sampling.logprobs {
-            Some(_) => vec![TokenLogprob {
-                token,
-                piece: self.tokenizer.token_piece(token),
-                logprob: sampled.logprob,
-                top: sampled.top_logprobs.iter().map(|&(t, lp)| (t, self.tokenizer.token_piece(t), lp)).collect(),
-                rank: 0,
-            }],
-            None => Vec::new(),
-        };
+        let asked = req.sampling.logprobs.map(|_| (sampled.logprob, sampled.top_logprobs.as_slice()));
+        let logprobs = token_logprobs(&self.tokenizer, token, asked);
         let mut finish = None;
         let mut stop_reason = None;
         let mut text = String::new();
@@ -446,16 +469,11 @@ impl EngineCore {
             finish = Some(FinishReason::Stop);
             stop_reason = Some(StopReason::Token(token));
         } else {
-            let piece = state.detok.push(&self.tokenizer, token).unwrap_or_default();
-            if past_min {
-                let outcome = state.stop.push(&piece);
-                text = outcome.emit;
-                if outcome.stopped {
-                    finish = Some(FinishReason::Stop);
-                    stop_reason = outcome.matched.and_then(|i| req.stop.stop.get(i).cloned()).map(StopReason::String);
-                }
-            } else {
-                text = piece;
+            let outcome = state.push_text(&self.tokenizer, token, past_min);
+            text = outcome.emit;
+            if outcome.stopped {
+                finish = Some(FinishReason::Stop);
+                stop_reason = outcome.matched.and_then(|i| req.stop.stop.get(i).cloned()).map(StopReason::String);
             }
         }
         if finish.is_none() && grammar_complete {

@@ -13,9 +13,9 @@
 
 use std::collections::HashMap;
 
-use super::{RequestState, SeqState};
+use super::{RequestState, SeqState, token_logprobs};
 use crate::TokenId;
-use crate::engine::request::{ChoiceDelta, EngineEvent, TokenLogprob};
+use crate::engine::request::{ChoiceDelta, EngineEvent};
 use crate::scheduler::SeqId;
 use crate::tokenizer::Tokenizer;
 
@@ -54,18 +54,9 @@ impl DeferredOutputs {
         for p in self.pending.drain(..) {
             let Some(state) = seqs.get_mut(&p.seq) else { continue };
             let Some(req) = requests.get(&state.request) else { continue };
-            let piece = state.detok.push(tokenizer, p.token).unwrap_or_default();
-            let text = if p.past_min { state.stop.push(&piece).emit } else { piece };
-            let logprobs = match p.logprobs {
-                Some((logprob, top)) => vec![TokenLogprob {
-                    token: p.token,
-                    piece: tokenizer.token_piece(p.token),
-                    logprob,
-                    top: top.into_iter().map(|(t, lp)| (t, tokenizer.token_piece(t), lp)).collect(),
-                    rank: 0,
-                }],
-                None => Vec::new(),
-            };
+            let text = state.push_text(tokenizer, p.token, p.past_min).emit;
+            let logprobs =
+                token_logprobs(tokenizer, p.token, p.logprobs.as_ref().map(|(lp, top)| (*lp, top.as_slice())));
             let _ = req.tx.send(EngineEvent::Delta(ChoiceDelta {
                 index: state.index,
                 text,

@@ -26,10 +26,7 @@ impl EngineCore {
         state.sampler.resume(&req.sampling, output);
         for &token in output {
             state.generated += 1;
-            let piece = state.detok.push(&self.tokenizer, token).unwrap_or_default();
-            if state.generated > req.stop.min_tokens {
-                state.stop.push(&piece);
-            }
+            state.push_text(&self.tokenizer, token, state.generated > req.stop.min_tokens);
         }
     }
 }

@@ -442,7 +442,7 @@ impl Model for CudaLlama {
         out: &mut ReducedRows,
         meanwhile: &mut dyn FnMut(),
     ) -> Result<()> {
-        let mut meanwhile = Meanwhile(Some(meanwhile), 0.0);
+        let mut meanwhile = Meanwhile { work: Some(meanwhile), ms: 0.0 };
         let result = self.step(batch, plans, out, &mut meanwhile);
         meanwhile.call();
         result
@@ -451,20 +451,19 @@ impl Model for CudaLlama {
 
 /// The engine's host work for the time the device runs a step: called once, as soon as the
 /// step's layers are queued (or at the end of a step that queues none).
-struct Meanwhile<'a>(Option<&'a mut dyn FnMut()>, f64);
+struct Meanwhile<'a> {
+    work: Option<&'a mut dyn FnMut()>,
+    /// How long the work took, ms (0 before it ran).
+    ms: f64,
+}
 
 impl Meanwhile<'_> {
     fn call(&mut self) {
-        if let Some(f) = self.0.take() {
+        if let Some(work) = self.work.take() {
             let started = Instant::now();
-            f();
-            self.1 = started.elapsed().as_secs_f64() * 1e3;
+            work();
+            self.ms = started.elapsed().as_secs_f64() * 1e3;
         }
-    }
-
-    /// How long the work took, ms (0 before it ran).
-    fn ms(&self) -> f64 {
-        self.1
     }
 }
 
@@ -493,7 +492,7 @@ impl CudaLlama {
         let gpu_start = event()?;
         let result = self.run(batch, plans, meanwhile)?;
         let gpu_end = event()?;
-        let (overlap_ms, host_ms) = (meanwhile.ms(), started.elapsed().as_secs_f64() * 1e3 - meanwhile.ms());
+        let (overlap_ms, host_ms) = (meanwhile.ms, started.elapsed().as_secs_f64() * 1e3 - meanwhile.ms);
         let Some((logits, reduced)) = result else {
             // Nothing was read back, so the step may still run: not timed (no wait for it).
             self.ops.discard();
