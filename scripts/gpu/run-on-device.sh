@@ -239,8 +239,8 @@ if [[ " $steps " == *" structured "* ]]; then
     # Structured outputs on the 8B shape (dummy weights), offline: 0, 50 and 100% of the
     # requests under the benchmark's JSON schema at 1 and 64 streams (512 in / 256 out); output
     # tok/s and the mask's compute time per token (p50/p99). The masks are applied in the
-    # device's row reduction (greedy).
-    for c in 1 64; do
+    # device's row reduction (greedy). STRUCTURED_CONCURRENCY="64" runs one of them.
+    for c in ${STRUCTURED_CONCURRENCY:-1 64}; do
         n=$(( c == 1 ? 4 : 128 ))
         for f in 0 0.5 1; do
             name=so-c$c-f$f
@@ -254,7 +254,7 @@ if [[ " $steps " == *" structured "* ]]; then
     python3 - "$out" > "$out/structured-summary.txt" <<'PY'
 import json, os, sys
 out = sys.argv[1]
-for c in (1, 64):
+for c in [int(c) for c in os.environ.get("STRUCTURED_CONCURRENCY", "1 64").split()]:
     base = None
     for f in ("0", "0.5", "1"):
         p = os.path.join(out, f"so-c{c}-f{f}.json")

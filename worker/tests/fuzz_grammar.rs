@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{engine, options};
 use lumen_worker::grammar::{
-    Advance, Constraint, ConstraintKind, GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar,
+    Constraint, ConstraintKind, Feed, GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -105,11 +105,11 @@ fn check(compiler: &GrammarCompiler, kind: ConstraintKind, seed: u64) -> Result<
     let mut workers = MaskWorkers::new(0);
     let seq = SeqGrammar::new(&compiled, None);
     let mut state = seed | 1;
+    seq.request_mask(&mut workers);
     for _ in 0..24 {
         if std::env::var_os("FUZZ_PRINT").is_some() {
             eprintln!("mask");
         }
-        seq.request_mask(&mut workers);
         let (allowed, _) = seq.with_mask(|mask| {
             mask.map_err(str::to_string).map(|words| {
                 let bits = |(w, &bits): (usize, &u32)| {
@@ -126,10 +126,12 @@ fn check(compiler: &GrammarCompiler, kind: ConstraintKind, seed: u64) -> Result<
         state ^= state >> 7;
         state ^= state << 17;
         let token = allowed[(state % allowed.len() as u64) as usize];
-        match seq.advance(token) {
-            Advance::Continue => {}
-            Advance::Stopped => return Ok(()),
-            Advance::Failed(e) => {
+        // Handed to the mask threads, as the engine does: what the token led to shows at the
+        // next feed (a complete grammar's next mask allows only end-of-sequence).
+        match seq.feed(token, Some(&mut workers)) {
+            Feed::Taken => {}
+            Feed::Complete | Feed::AlreadyComplete => return Ok(()),
+            Feed::Failed(e) => {
                 // A per-step limit may end a walk; a token the mask allowed must never be refused.
                 prop_assert!(!e.contains("not allowed") && !e.contains("invalid token"), "{constraint:?}: {e}");
                 return Ok(());

@@ -19,7 +19,7 @@ use super::stats::{EngineHistograms, EngineStats, RateMeter};
 use super::step_cost::StepCostModel;
 use crate::Result;
 use crate::TokenId;
-use crate::grammar::{GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar};
+use crate::grammar::{Feed, GrammarCompiler, GrammarLimits, MaskWorkers, SeqGrammar};
 use crate::kv_cache::BlockHash;
 use crate::model::Model;
 use crate::sampling::reduce::{Reduced, ReducedRows, RowPlan, RowResult};
@@ -421,9 +421,22 @@ impl EngineCore {
     /// Handles a sampled token: text, stop checks, the delta, and finishing.
     fn accept(&mut self, seq: SeqId, sampled: Sampled) {
         let token = sampled.token;
-        let grammar_complete = match self.advance_grammar(seq, token) {
-            Ok(complete) => complete,
-            Err(message) => return self.fail_request_of(seq, &message),
+        let Some(state) = self.seqs.get(&seq) else {
+            return;
+        };
+        let Some(req) = self.requests.get(&state.request) else {
+            return;
+        };
+        let generated = state.generated + 1;
+        let past_min = generated > req.stop.min_tokens;
+        let is_eos = !req.stop.ignore_eos && self.tokenizer.eos_token_ids().contains(&token);
+        let stop_token = past_min && (is_eos || req.stop.stop_token_ids.contains(&token));
+        let at_length = generated >= req.stop.max_tokens || req.prompt_len + generated >= self.limits.max_model_len;
+        let grammar_complete = match self.advance_grammar(seq, token, stop_token || at_length) {
+            Feed::Taken => false,
+            Feed::Complete => true,
+            Feed::AlreadyComplete => return self.finish_complete_grammar(seq),
+            Feed::Failed(message) => return self.fail_request_of(seq, &message),
         };
         let now = Instant::now();
         self.counters.generation_tokens_total += 1;
@@ -434,7 +447,7 @@ impl EngineCore {
         let Some(req) = self.requests.get_mut(&state.request) else {
             return;
         };
-        state.generated += 1;
+        state.generated = generated;
         req.completion_tokens += 1;
         let histograms = &mut self.counters.histograms;
         if let Some(previous) = state.last_token_at.replace(now) {
@@ -445,17 +458,9 @@ impl EngineCore {
             histograms.time_to_first_token.observe_duration(now.saturating_duration_since(req.arrival));
             self.counters.prompt_tokens_total += req.prompt_len as u64;
         }
-        let past_min = state.generated > req.stop.min_tokens;
-        let is_eos = !req.stop.ignore_eos && self.tokenizer.eos_token_ids().contains(&token);
-        let stop_token = past_min && (is_eos || req.stop.stop_token_ids.contains(&token));
-        let at_length =
-            state.generated >= req.stop.max_tokens || req.prompt_len + state.generated >= self.limits.max_model_len;
         if self.defer_output && !stop_token && !at_length && !grammar_complete && state.stop.is_empty() {
             // The sequence runs on whatever its text: the text and the delta wait for the next
-            // step's device time (a constrained one's next mask is on its way first).
-            if let Some(g) = state.grammar.as_ref().filter(|g| g.is_active()) {
-                g.request_mask(&mut self.mask_workers);
-            }
+            // step's device time (a constrained one's token is with the mask workers already).
             let logprobs = req.sampling.logprobs.map(|_| (sampled.logprob, sampled.top_logprobs));
             self.deferred.push(seq, token, past_min, logprobs);
             return;
@@ -496,9 +501,6 @@ impl EngineCore {
                     finish_reason: None,
                     stop_reason: None,
                 }));
-                if let Some(g) = state.grammar.as_ref().filter(|g| g.is_active()) {
-                    g.request_mask(&mut self.mask_workers);
-                }
             }
         }
     }

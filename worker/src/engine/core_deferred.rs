@@ -3,10 +3,11 @@
 //! step on the device first and does this work while the device runs it
 //! (`Model::forward_overlapped`), so on a GPU it costs no step time.
 //!
-//! Invariants: only a token that does not end its choice is deferred (no stop token, length
-//! or complete grammar reached, and no stop strings to match: a structured-output matcher has
-//! taken the token and asked for its next mask already), so whether a sequence runs on is
-//! known without its text; a sequence's deferred token is flushed before its next
+//! Invariants: only a token that does not end its choice as far as the engine knows is deferred
+//! (no stop token, length reached or grammar completed by a token fed at once, and no stop
+//! strings to match; a structured-output token is with the mask workers already, and a grammar
+//! it completes ends the choice at the next token), so whether a sequence runs on is known
+//! without its text; a sequence's deferred token is flushed before its next
 //! token is handled and before anything else is sent for its request (a finish, an abort, a
 //! failure), so every stream keeps its order; a token whose sequence or request is gone by
 //! then is dropped.

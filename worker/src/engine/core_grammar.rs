@@ -2,16 +2,20 @@
 //! with it and its first mask is requested at once (computed while the prompt is prefilled),
 //! unless it waits behind a reasoning gate: then its tokens are free and only their text is fed
 //! to the gate, and the matcher starts with the token after the one that opened it;
-//! each accepted token advances the matcher and, if the choice goes on, the next mask is
-//! requested (computed while the next forward pass runs); sampling waits for it. A complete
-//! grammar ends the choice with `stop`; a matcher error (a limit hit mid-generation) fails the
-//! request, since its output could no longer be guaranteed.
+//! each accepted token on which the choice goes on is handed to the mask workers, which feed it
+//! to the matcher and compute the next mask while the next forward pass runs (the engine thread
+//! does no matcher work); sampling waits for the mask. A token that ends the choice anyway is
+//! fed at once. A complete grammar ends the choice with `stop`: at once when the token was fed
+//! at once, else at the sequence's next token, which is dropped (a stopped matcher's mask allows
+//! only end-of-sequence, and the text and usage are those of the tokens before it). A matcher
+//! error (a limit hit mid-generation) fails the request, since its output could no longer be
+//! guaranteed.
 
 use std::time::Duration;
 
-use super::{EngineCore, SeqState};
+use super::{EngineCore, FinishReason, SeqState, drain_text};
 use crate::engine::EngineEvent;
-use crate::grammar::{Advance, CompiledGrammar, ReasoningGate, SeqGrammar, TokenMask};
+use crate::grammar::{CompiledGrammar, Feed, ReasoningGate, SeqGrammar, TokenMask};
 use crate::scheduler::SeqId;
 
 impl EngineCore {
@@ -25,20 +29,30 @@ impl EngineCore {
         grammar
     }
 
-    /// Feeds `token` to `seq`'s matcher: `Ok(true)` when the grammar is now complete, `Ok(false)`
-    /// when it goes on (or the sequence is unconstrained, or still behind its gate), `Err` with
-    /// the reason it failed.
-    pub(super) fn advance_grammar(&mut self, seq: SeqId, token: crate::TokenId) -> Result<bool, String> {
-        let Some(g) = self.seqs.get_mut(&seq).and_then(|s| s.grammar.as_mut()) else { return Ok(false) };
+    /// Hands `token` to `seq`'s matcher: queued with the mask workers when the choice goes on
+    /// (`ends`: it ends with this token anyway, so the token is fed now); a gated sequence's
+    /// token passes its gate instead, and the first mask is requested when the gate opens.
+    /// `Taken` for an unconstrained sequence.
+    pub(super) fn advance_grammar(&mut self, seq: SeqId, token: crate::TokenId, ends: bool) -> Feed {
+        let Some(g) = self.seqs.get_mut(&seq).and_then(|s| s.grammar.as_mut()) else { return Feed::Taken };
         if !g.is_active() {
-            g.pass_gate(&self.tokenizer.token_piece(token));
-            return Ok(false);
+            if g.pass_gate(&self.tokenizer.token_piece(token)) && !ends {
+                g.request_mask(&mut self.mask_workers);
+            }
+            return Feed::Taken;
         }
-        match g.advance(token) {
-            Advance::Continue => Ok(false),
-            Advance::Stopped => Ok(true),
-            Advance::Failed(e) => Err(format!("structured output: {e}")),
+        match g.feed(token, (!ends).then_some(&mut self.mask_workers)) {
+            Feed::Failed(e) => Feed::Failed(format!("structured output: {e}")),
+            other => other,
         }
+    }
+
+    /// Ends `seq`'s choice, whose last token completed the grammar (learnt at the token after
+    /// it, which is dropped): `stop`, with the text it still held back.
+    pub(super) fn finish_complete_grammar(&mut self, seq: SeqId) {
+        let Some(state) = self.seqs.get_mut(&seq) else { return };
+        let text = drain_text(state, &self.tokenizer);
+        self.finish_seq(seq, FinishReason::Stop, None, text, None);
     }
 
     /// The mask a device applies to `state`'s row while reducing it.

@@ -5,8 +5,14 @@
 //!    mask computation to the [`MaskWorkers`] and returns at once.
 //! 2. The engine runs the step's forward pass; a worker computes the mask meanwhile.
 //! 3. Sampling waits for the mask ([`SeqGrammar::with_mask`], or a [`TokenMask`] handle the model
-//!    reads when it applies the mask on its device), then [`SeqGrammar::advance`] feeds the
-//!    sampled token to the matcher and 1. follows for the next step.
+//!    reads when it applies the mask on its device).
+//! 4. A sampled token on which the choice goes on is handed to [`SeqGrammar::feed`] with the
+//!    workers: one feeds it to the matcher and computes the next mask, both while the next
+//!    forward pass runs, and 3. follows. Whether that token completed the grammar (or failed
+//!    it) is learnt at the next `feed`, which then takes nothing: the choice ended with the
+//!    token before ([`Feed::AlreadyComplete`]); a stopped matcher's mask allows only
+//!    end-of-sequence. A token on which the choice ends anyway (a stop token, the length limit)
+//!    is fed at once (`feed` without workers), which says whether it completed the grammar.
 //!
 //! A cell is locked by a worker for the whole computation and by the engine only between steps,
 //! so the two never contend except when the engine needs a mask that is late: then it waits for
@@ -58,21 +64,27 @@ pub fn first_allowed(words: &[u32], len: usize, suppress: &[TokenId]) -> Option<
     allowed().find(|t| !suppress.contains(t)).or_else(|| allowed().next())
 }
 
-/// What feeding a token to the matcher led to.
+/// What handing a sampled token to [`SeqGrammar::feed`] led to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Advance {
-    /// More tokens may follow.
-    Continue,
-    /// The grammar is complete and nothing can follow (or the token was end-of-sequence).
-    Stopped,
-    /// The token was not allowed, or the matcher hit one of its limits.
+pub enum Feed {
+    /// Taken, the grammar goes on (fed at once), or a worker feeds the token and computes the
+    /// next mask (queued; what it leads to is learnt at the next `feed`).
+    Taken,
+    /// Fed at once, the token completed the grammar.
+    Complete,
+    /// The token before completed the grammar: this one was not taken, the choice ended before it.
+    AlreadyComplete,
+    /// This token (fed at once) or the one before was not allowed, or the matcher hit one of its
+    /// limits with it or with the mask after it.
     Failed(String),
 }
 
 struct MaskState {
     matcher: Matcher,
     words: Vec<u32>,
-    /// A worker still has to compute the mask of the current state.
+    /// A sampled token the matcher takes before the pending mask is computed ([`SeqGrammar::feed`]).
+    fed: Option<TokenId>,
+    /// A worker still has to compute the mask of the current state (after `fed`).
     pending: bool,
     error: Option<String>,
     /// How long the last mask took to compute, not yet reported.
@@ -118,9 +130,19 @@ impl MaskCell {
         if !state.pending {
             return;
         }
+        state.pending = false;
+        if let Some(token) = state.fed.take()
+            && let Err(e) = self.consume(state, token)
+        {
+            state.words.fill(0);
+            state.error = Some(e);
+            return;
+        }
         let started = Instant::now();
         let deadline = Deadline::arm(state.matcher.cancellation_handle(), self.step_timeout);
-        let computed = state.matcher.compute_mask();
+        // A matcher the fed token stopped allows only end-of-sequence (the engine ends the
+        // choice before sampling matters).
+        let computed = state.matcher.compute_mask_or_eos();
         drop(deadline);
         match computed {
             Ok(vob) => {
@@ -142,7 +164,14 @@ impl MaskCell {
             }
         }
         state.compute_time = Some(started.elapsed());
-        state.pending = false;
+    }
+
+    /// Feeds `token` to the matcher under the step deadline: the error as the client reads it.
+    fn consume(&self, state: &mut MaskState, token: TokenId) -> Result<(), String> {
+        let deadline = Deadline::arm(state.matcher.cancellation_handle(), self.step_timeout);
+        let consumed = state.matcher.consume_token(token);
+        drop(deadline);
+        consumed.map(|_| ()).map_err(|e| self.describe(&state.matcher, e))
     }
 }
 
@@ -209,7 +238,7 @@ impl SeqGrammar {
         step_timeout: Duration,
         gate: Option<ReasoningGate>,
     ) -> SeqGrammar {
-        let state = MaskState { matcher, words, pending: false, error: None, compute_time: None };
+        let state = MaskState { matcher, words, fed: None, pending: false, error: None, compute_time: None };
         SeqGrammar { cell: Arc::new(MaskCell { state: Mutex::new(state), vocab, step_timeout }), gate }
     }
 
@@ -252,22 +281,30 @@ impl SeqGrammar {
         (result, time)
     }
 
-    /// Feeds an accepted token to the matcher.
-    pub fn advance(&self, token: TokenId) -> Advance {
+    /// Hands an accepted token to the matcher: with `workers`, they feed it and compute the next
+    /// mask while the engine goes on (the choice goes on with it); without, it is fed now (the
+    /// choice ends with it, and whether it completed the grammar decides how). Learns first what
+    /// the token before led to.
+    pub fn feed(&self, token: TokenId, workers: Option<&mut MaskWorkers>) -> Feed {
         let mut state = self.cell.settled();
         if let Some(e) = &state.error {
-            return Advance::Failed(e.clone());
+            return Feed::Failed(e.clone());
         }
         if state.matcher.is_stopped() {
-            return Advance::Stopped;
+            return Feed::AlreadyComplete;
         }
-        let deadline = Deadline::arm(state.matcher.cancellation_handle(), self.cell.step_timeout);
-        let consumed = state.matcher.consume_token(token);
-        drop(deadline);
-        if let Err(e) = consumed {
-            return Advance::Failed(self.cell.describe(&state.matcher, e));
-        }
-        if state.matcher.is_stopped() { Advance::Stopped } else { Advance::Continue }
+        let Some(workers) = workers else {
+            return match self.cell.consume(&mut state, token) {
+                Err(e) => Feed::Failed(e),
+                Ok(()) if state.matcher.is_stopped() => Feed::Complete,
+                Ok(()) => Feed::Taken,
+            };
+        };
+        state.fed = Some(token);
+        state.pending = true;
+        drop(state);
+        workers.submit(Arc::clone(&self.cell));
+        Feed::Taken
     }
 
     /// An independent copy at the same state and with the same mask (the other choices of an

@@ -9,7 +9,7 @@
 //!   bounded by llguidance's fuel and size limits and by a deadline (`deadline`: a watchdog that
 //!   cancels what the fuel does not bound); callers run it off the async runtime.
 //! - [`SeqGrammar`] (one per constrained sequence, `n > 1` choices each their own): the matcher
-//!   state, advanced by every accepted token, and the sequence's next-token mask, computed on the
+//!   state, advanced by every accepted token, and the sequence's next-token mask, both done on the
 //!   engine's [`MaskWorkers`] threads while the forward pass runs (`mask`).
 //! - [`ReasoningGate`]: a reasoning model's sequence samples freely until it ends its reasoning;
 //!   the matcher starts after that (`gate`).
@@ -21,7 +21,9 @@
 //! - End-of-sequence ids (the tokenizer's, generation_config's included) are allowed exactly when
 //!   the grammar accepts what was generated so far.
 //! - A sequence's mask always describes the state after every token it has accepted: the engine
-//!   waits for it before sampling, and only asks for the next one after advancing the matcher.
+//!   waits for it before sampling, and a token handed to the mask workers is fed to the matcher
+//!   before the next mask is computed (under the cell's lock: nobody sees the state between).
+//!   The engine thread itself feeds only a token that ends its choice.
 //!   Preemption keeps the state (the generated tokens are kept and only their KV is recomputed),
 //!   so a recomputed sequence resumes with the same matcher.
 
@@ -37,7 +39,7 @@ mod tests;
 
 pub use compiler::{CompiledGrammar, GrammarCompiler, GrammarLimits};
 pub use gate::{ReasoningGate, reasoning_ended};
-pub use mask::{Advance, MaskWorkers, SeqGrammar, TokenMask, apply_mask, first_allowed, mask_words};
+pub use mask::{Feed, MaskWorkers, SeqGrammar, TokenMask, apply_mask, first_allowed, mask_words};
 
 /// What a request constrains its output to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -1,6 +1,6 @@
 //! The grammar module against the real tokenizers in `models/` (SmolLM2's GGUF vocabulary and the
 //! Llama-3.1 tokenizer.json): trie bytes, compilation and its errors, masks, advancing, completion
-//! and end-of-sequence, limits, the cache and the mask threads. Outputs come from random walks
+//! and end-of-sequence, limits, the cache and the mask threads (tokens fed now and fed to them). Outputs come from random walks
 //! over the allowed tokens (a model that knows nothing), so only the constraint makes them valid.
 
 use std::sync::OnceLock;
@@ -46,15 +46,15 @@ fn walk(constraint: &Constraint, seed: u64, max_tokens: usize) -> (String, bool)
         assert!(!allowed.is_empty(), "a live grammar allows some token");
         let eos = tok.eos_token_ids()[0];
         let token = if allowed.contains(&eos) && rng.below(2) == 0 { eos } else { allowed[rng.below(allowed.len())] };
-        match seq.advance(token) {
-            Advance::Continue => ids.push(token),
-            Advance::Stopped => {
+        match seq.feed(token, None) {
+            Feed::Taken => ids.push(token),
+            Feed::Complete => {
                 if token != eos {
                     ids.push(token);
                 }
                 return (tok.decode(&ids, true).unwrap(), true);
             }
-            Advance::Failed(e) => panic!("an allowed token failed: {e}"),
+            Feed::Failed(e) => panic!("an allowed token failed: {e}"),
         }
     }
     (tok.decode(&ids, true).unwrap(), false)
@@ -114,18 +114,18 @@ fn end_of_sequence_is_allowed_exactly_when_the_grammar_accepts() {
     seq.request_mask(&mut workers);
     assert!(!seq.with_mask(|m| allows(m.unwrap(), eos)).0, "nothing generated yet");
     let a = smollm2().encode("a", false).unwrap()[0];
-    assert_eq!(seq.advance(a), Advance::Continue);
+    assert_eq!(seq.feed(a, None), Feed::Taken);
     seq.request_mask(&mut workers);
     let (allowed, time) = seq.with_mask(|m| allows(m.unwrap(), eos));
     assert!(allowed && time.is_some(), "`a` is a whole match");
     assert_eq!(seq.with_mask(|_| ()).1, None, "a compute time is reported once");
     let fork = seq.fork();
-    assert_eq!(seq.advance(eos), Advance::Stopped);
+    assert_eq!(seq.feed(eos, None), Feed::Complete);
     let b = smollm2().encode("b", false).unwrap()[0];
-    assert_eq!(fork.advance(b), Advance::Stopped, "after `ab` nothing can follow: complete");
+    assert_eq!(fork.feed(b, None), Feed::Complete, "after `ab` nothing can follow: complete");
     let x = smollm2().encode("x", false).unwrap()[0];
     let other = SeqGrammar::new(&compiled, None);
-    assert!(matches!(other.advance(x), Advance::Failed(_)), "a disallowed token is an error");
+    assert!(matches!(other.feed(x, None), Feed::Failed(_)), "a disallowed token is an error");
 }
 
 #[test]
@@ -185,20 +185,20 @@ fn endless_forced_bytes_are_cancelled_at_compile_time_and_mid_generation() {
     seq.request_mask(&mut workers);
     assert!(seq.with_mask(|m| allows(m.unwrap(), open)).0, "`(` is allowed at the start");
     let started = std::time::Instant::now();
-    let failed = match seq.advance(open) {
-        Advance::Failed(e) => e,
-        Advance::Continue => {
+    let failed = match seq.feed(open, None) {
+        Feed::Failed(e) => e,
+        Feed::Taken => {
             seq.request_mask(&mut workers);
             seq.with_mask(|m| m.err().map(str::to_owned)).0.expect("the mask after `(` is cut off")
         }
-        Advance::Stopped => panic!("the grammar cannot be complete after `(`"),
+        Feed::Complete => panic!("the grammar cannot be complete after `(`"),
     };
     assert!(failed.contains("took longer than 300 ms"), "{failed}");
     assert!(started.elapsed().as_secs() < 5, "cancelled near its deadline: {:?}", started.elapsed());
     // A sequence that takes the other branch is untouched by the cancelled one.
     let other = SeqGrammar::new(&compiled, None);
     let a = smollm2().encode("a", false).unwrap()[0];
-    assert!(!matches!(other.advance(a), Advance::Failed(_)), "the finite branch still works");
+    assert!(!matches!(other.feed(a, None), Feed::Failed(_)), "the finite branch still works");
 }
 
 #[test]
@@ -230,7 +230,7 @@ fn json_options_close_objects_and_fix_whitespace() {
     let masks_for = |c: &Constraint, prefix: &str| {
         let seq = SeqGrammar::new(&compiler().compile(c).unwrap(), None);
         for t in smollm2().encode(prefix, false).unwrap() {
-            assert_eq!(seq.advance(t), Advance::Continue);
+            assert_eq!(seq.feed(t, None), Feed::Taken);
         }
         seq.request_mask(&mut MaskWorkers::new(0));
         seq.with_mask(|m| m.unwrap().to_vec()).0
@@ -255,4 +255,38 @@ fn apply_mask_and_first_allowed_follow_the_bits() {
     assert_eq!(first_allowed(&[0; 3], 70, &[]), None);
     assert_eq!(mask_words(49_152), 1536);
     assert_eq!(mask_words(33), 2);
+}
+
+#[test]
+fn tokens_fed_to_the_workers_are_taken_there_and_what_they_led_to_is_learnt_at_the_next_feed() {
+    let c = Constraint::new(ConstraintKind::Regex("ab".into()), "guided_regex");
+    let compiled = compiler().compile(&c).unwrap();
+    let tok = smollm2();
+    let [a, b, x] = ["a", "b", "x"].map(|t| tok.encode(t, false).unwrap()[0]);
+    let eos = tok.eos_token_ids()[0];
+    let mut workers = MaskWorkers::new(2);
+    let seq = SeqGrammar::new(&compiled, None);
+    seq.request_mask(&mut workers);
+    assert_eq!(seq.feed(a, Some(&mut workers)), Feed::Taken);
+    let (after_a, _) = seq.with_mask(|m| {
+        let m = m.unwrap();
+        (allows(m, b), allows(m, a), allows(m, eos))
+    });
+    assert_eq!(after_a, (true, false, false), "the worker took `a` before computing the mask");
+    assert_eq!(seq.feed(b, Some(&mut workers)), Feed::Taken, "whether `b` completed it is not known yet");
+    let (only_eos, _) = seq.with_mask(|m| {
+        let m = m.unwrap();
+        (0..SMOL_VOCAB as TokenId).filter(|&t| allows(m, t)).collect::<Vec<_>>()
+    });
+    assert_eq!(only_eos, vec![eos], "a stopped matcher's mask allows only end-of-sequence");
+    assert_eq!(seq.feed(eos, Some(&mut workers)), Feed::AlreadyComplete);
+    assert_eq!(seq.feed(eos, None), Feed::AlreadyComplete, "also when fed at once");
+
+    let bad = SeqGrammar::new(&compiled, None);
+    assert_eq!(bad.feed(x, Some(&mut workers)), Feed::Taken);
+    assert!(matches!(bad.feed(a, Some(&mut workers)), Feed::Failed(_)), "the disallowed `x` fails the next feed");
+
+    let now = SeqGrammar::new(&compiled, None);
+    assert_eq!(now.feed(a, Some(&mut workers)), Feed::Taken);
+    assert_eq!(now.feed(b, None), Feed::Complete, "fed at once after a queued token: both taken, in order");
 }
