@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-model.sh
 ./scripts/python-env.sh
+./scripts/lmeval-env.sh
 ./scripts/browser-env.sh
 ./scripts/k8s-tools.sh
 cargo test --release --workspace --all-targets "$@"

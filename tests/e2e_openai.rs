@@ -33,8 +33,8 @@ async fn the_official_openai_python_client_works() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stop_strings_seeds_and_usage_follow_the_tokens_produced() {
-    let lumen = serve(&[]);
+async fn stop_strings_seeds_usage_and_cached_tokens_follow_the_tokens_produced() {
+    let lumen = serve(&["--enable-prompt-tokens-details"]);
     let http = reqwest::Client::new();
     lumen.wait_healthy(&http).await;
     let url = format!("{}/v1/completions", lumen.url("api"));
@@ -84,6 +84,44 @@ async fn stop_strings_seeds_and_usage_follow_the_tokens_produced() {
     assert_eq!(sampled(42).await, first);
     let others = [sampled(43).await, sampled(44).await];
     assert!(others.iter().any(|o| *o != first), "three seeds, one text: {first:?}");
+
+    // `usage.prompt_tokens_details.cached_tokens` (--enable-prompt-tokens-details): the prompt
+    // tokens read from the prefix cache, i.e. every whole 16-token block before the prompt's last
+    // token once the same prompt ran before, none under another `cache_salt`; streamed too.
+    let long_prompt = "A quiet river runs past the mill, under the old stone bridge and into the hills. ".repeat(5);
+    let cached = |extra: Value| {
+        let mut body = json!({"model": "smol", "prompt": long_prompt, "max_tokens": 2, "temperature": 0});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let usage = post(&http, url, body).await["usage"].clone();
+            (usage["prompt_tokens"].as_u64().unwrap(), usage["prompt_tokens_details"]["cached_tokens"].as_u64())
+        }
+    };
+    let (prompt_tokens, first) = cached(json!({})).await;
+    let whole_blocks = (prompt_tokens - 1) / 16 * 16;
+    assert!(whole_blocks >= 48, "a prompt of {prompt_tokens} tokens");
+    assert_eq!(first, Some(0), "nothing of this prompt was cached before");
+    assert_eq!(cached(json!({})).await, (prompt_tokens, Some(whole_blocks)));
+    assert_eq!(cached(json!({"cache_salt": "team-b"})).await.1, Some(0), "another salt shares no block");
+    assert_eq!(cached(json!({"cache_salt": "team-b"})).await.1, Some(whole_blocks));
+    let resp = http
+        .post(url.clone())
+        .json(&json!({"model": "smol", "prompt": long_prompt, "max_tokens": 2, "temperature": 0, "stream": true,
+                      "stream_options": {"include_usage": true}}))
+        .send()
+        .await
+        .unwrap();
+    let (events, done) = read_sse(resp).await;
+    assert!(done);
+    let usage = &events.last().unwrap()["usage"];
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], whole_blocks, "{usage}");
+    let chat_url = format!("{}/v1/chat/completions", lumen.url("api"));
+    let chat = json!({"model": "smol", "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 2});
+    post(&http, chat_url.clone(), chat.clone()).await;
+    let usage = post(&http, chat_url, chat).await["usage"].clone();
+    let chat_whole = (usage["prompt_tokens"].as_u64().unwrap() - 1) / 16 * 16;
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], chat_whole, "{usage}");
 }
 
 /// A template that opens a think block in the prompt, as DeepSeek-R1's does.

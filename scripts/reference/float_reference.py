@@ -8,6 +8,7 @@ checked too. Greedy-decodes a few prompts (prompt ids taken from the llama.cpp r
 writes worker/tests/data/smollm2_float_reference.json with each step's token and top-5 logprobs.
 
 Usage: python3 -m pip install gguf numpy && python3 scripts/reference/float_reference.py
+(`load_model` is also what scripts/reference/lm_eval_reference.py scores lm-eval's requests with.)
 """
 import json
 import os
@@ -30,7 +31,9 @@ def field(reader, key):
     return f.parts[f.data[0]][0]
 
 
-def main():
+def load_model():
+    """The dequantized model as `logits(tokens, all_rows=False)`: the next-token logits after the
+    last token (every position's with `all_rows`), in float64."""
     r = GGUFReader(MODEL)
     tensors = {t.name: t for t in r.tensors}
 
@@ -67,7 +70,7 @@ def main():
         out[..., 1::2] = a * s + b * c
         return out
 
-    def logits(tokens):
+    def logits(tokens, all_rows=False):
         x = embed[tokens]
         t = len(tokens)
         mask = np.triu(np.full((t, t), -np.inf), 1)
@@ -86,7 +89,15 @@ def main():
             xn = rms(x, b["ffn_norm"])
             gate = xn @ b["ffn_gate"].T
             x = x + ((gate / (1 + np.exp(-gate))) * (xn @ b["ffn_up"].T)) @ b["ffn_down"].T
+        if all_rows:
+            return rms(x, out_norm) @ embed.T
         return rms(x[-1], out_norm) @ embed.T
+
+    return logits
+
+
+def main():
+    logits = load_model()
 
     reference = json.load(open(PROMPTS))
     cases = []

@@ -129,6 +129,7 @@ pub async fn start(
         log_requests: args.log_requests,
         stream_send_timeout: Duration::from_secs(args.stream_send_timeout_s),
         migration_limit: args.migration_limit,
+        enable_prompt_tokens_details: args.enable_prompt_tokens_details,
         tools: ToolSettings {
             enable_auto_tool_choice: args.enable_auto_tool_choice,
             tool_call_parser: args.tool_call_parser,

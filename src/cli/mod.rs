@@ -79,6 +79,11 @@ pub struct HeadArgs {
     /// deployment whose `model:` section does not set `migration_limit`.
     #[arg(long, env = "LUMEN_MIGRATION_LIMIT", default_value_t = lumen_head::api::generate::migration::DEFAULT_MIGRATION_LIMIT)]
     pub migration_limit: u32,
+    /// Report `usage.prompt_tokens_details.cached_tokens` in chat and completions responses (the
+    /// prompt tokens read from the prefix cache), as vLLM's flag of the same name; the Responses
+    /// API always reports them.
+    #[arg(long, env = "LUMEN_ENABLE_PROMPT_TOKENS_DETAILS")]
+    pub enable_prompt_tokens_details: bool,
     /// Log each request's prompt (one info line per request) and keep the prompt text in the
     /// dashboard's request log; off: prompt text is never stored nor logged.
     #[arg(long, env = "LUMEN_LOG_REQUESTS")]

@@ -103,6 +103,9 @@ pub struct ApiConfig {
     /// (`--migration-limit`; 0: never, the failure reaches the client), for models without
     /// their own [`ModelApiOptions::migration_limit`].
     pub migration_limit: u32,
+    /// `usage.prompt_tokens_details.cached_tokens` in chat and completions responses
+    /// (`--enable-prompt-tokens-details`, off by default as in vLLM).
+    pub enable_prompt_tokens_details: bool,
 }
 
 impl Default for ApiConfig {
@@ -122,6 +125,7 @@ impl Default for ApiConfig {
             responses_store_max_entries: responses::store::DEFAULT_MAX_ENTRIES,
             responses_store_max_bytes: responses::store::DEFAULT_MAX_BYTES,
             migration_limit: migration::DEFAULT_MIGRATION_LIMIT,
+            enable_prompt_tokens_details: false,
         }
     }
 }

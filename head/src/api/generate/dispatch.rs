@@ -39,16 +39,25 @@ pub enum Step {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens whose KV the replicas read from their prefix caches (at most
+    /// `prompt_tokens`).
+    pub cached_tokens: u32,
+    /// Whether `usage` shows `prompt_tokens_details` (`--enable-prompt-tokens-details`).
+    pub details: bool,
 }
 
 impl Usage {
     /// OpenAI's `usage` object.
     pub fn to_json(self) -> serde_json::Value {
-        serde_json::json!({
+        let mut usage = serde_json::json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens.saturating_add(self.completion_tokens),
-        })
+        });
+        if self.details {
+            usage["prompt_tokens_details"] = serde_json::json!({"cached_tokens": self.cached_tokens});
+        }
+        usage
     }
 }
 
@@ -116,6 +125,12 @@ pub async fn start(
 }
 
 impl Running {
+    /// Whether the usage shows `prompt_tokens_details` (`--enable-prompt-tokens-details`).
+    pub fn with_prompt_details(mut self, details: bool) -> Running {
+        self.usage.details = details;
+        self
+    }
+
     /// The next step; `None` once every prompt finished (then [`Running::usage`] is final).
     pub async fn next(&mut self) -> Option<Result<Step, ApiError>> {
         let next = self.advance().await;
@@ -165,6 +180,9 @@ impl Running {
                     let usage = finished.usage.unwrap_or_default();
                     self.usage.prompt_tokens = self.usage.prompt_tokens.saturating_add(usage.prompt_tokens);
                     self.usage.completion_tokens = self.usage.completion_tokens.saturating_add(usage.completion_tokens);
+                    // A resumed request's prompt includes the tokens generated before it moved.
+                    let cached = usage.cached_tokens.min(usage.prompt_tokens);
+                    self.usage.cached_tokens = self.usage.cached_tokens.saturating_add(cached);
                     if let Some(done) = self.finished.get_mut(prompt) {
                         *done = true;
                     }
@@ -271,5 +289,20 @@ pub fn stop_reason_json(reason: &Option<pb::delta::StopReason>) -> serde_json::V
         Some(pb::delta::StopReason::StopTokenId(t)) => serde_json::Value::from(*t),
         Some(pb::delta::StopReason::StopString(s)) => serde_json::Value::from(s.clone()),
         None => serde_json::Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Usage;
+
+    #[test]
+    fn prompt_tokens_details_show_only_when_enabled() {
+        let usage = Usage { prompt_tokens: 40, completion_tokens: 3, cached_tokens: 32, details: false };
+        let plain = usage.to_json();
+        assert_eq!(plain, serde_json::json!({"prompt_tokens": 40, "completion_tokens": 3, "total_tokens": 43}));
+        let detailed = Usage { details: true, ..usage }.to_json();
+        assert_eq!(detailed["prompt_tokens_details"], serde_json::json!({"cached_tokens": 32}));
+        assert_eq!(detailed["total_tokens"], 43);
     }
 }

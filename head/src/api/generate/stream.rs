@@ -56,18 +56,21 @@ pub async fn launch(
     trace: Trace,
 ) -> Result<Launch, ApiError> {
     trace.launched(&model, &requests);
+    let details = state.config.enable_prompt_tokens_details;
     let migrations = state.migrations.for_model(state.model_options(&model).migration_limit);
     match ticket {
-        Ticket::Ready(permit) => {
-            Ok(Launch::Running(dispatch::start(&state.backend, &migrations, &model, requests, n, permit, trace).await?))
-        }
+        Ticket::Ready(permit) => Ok(Launch::Running(
+            dispatch::start(&state.backend, &migrations, &model, requests, n, permit, trace)
+                .await?
+                .with_prompt_details(details),
+        )),
         Ticket::Queued(queued) => {
             let backend = state.backend.clone();
             Ok(Launch::Queued(Box::pin(async move {
                 let started = match queued.admitted().await {
-                    Ok(permit) => {
-                        dispatch::start(&backend, &migrations, &model, requests, n, permit, trace.clone()).await
-                    }
+                    Ok(permit) => dispatch::start(&backend, &migrations, &model, requests, n, permit, trace.clone())
+                        .await
+                        .map(|r| r.with_prompt_details(details)),
                     Err(e) => Err(e),
                 };
                 if let Err(e) = &started {

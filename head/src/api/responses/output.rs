@@ -81,7 +81,7 @@ impl Status {
 pub fn usage_json(usage: Usage) -> Value {
     json!({
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage.prompt_tokens.saturating_add(usage.completion_tokens),
@@ -179,7 +179,7 @@ mod tests {
         let r = header.response(
             Status::of(Some(pb::FinishReason::Length)),
             vec![],
-            Some(Usage { prompt_tokens: 2, completion_tokens: 3 }),
+            Some(Usage { prompt_tokens: 2, completion_tokens: 3, ..Usage::default() }),
         );
         assert_eq!(r["status"], "incomplete");
         assert_eq!(r["incomplete_details"]["reason"], "max_output_tokens");
