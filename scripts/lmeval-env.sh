@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Creates .cache/lmeval (ignored by git): a Python virtual environment with lm-evaluation-harness
-# (`lm-eval[api]`: its local-completions model, no torch), transformers (to read SmolLM2's GGUF
-# vocabulary as a tokenizer, as lm-eval needs one) and gguf (the float64 reference reads the
-# weights with it). tests/e2e_lm_eval.rs runs scripts/reference/lm_eval_reference.py with it.
+# (`lm-eval[api]`: its local-completions model, no torch), transformers (lm-eval's tokenizer
+# wrapper, for SmolLM2's vocabulary) and gguf (the vocabulary and the float64 reference's
+# weights come from the GGUF file). tests/e2e_lm_eval.rs runs scripts/reference/lm_eval_reference.py with it.
 # Idempotent; ~1 GB. Needs python3 with venv + pip.
 set -euo pipefail
 
