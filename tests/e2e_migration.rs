@@ -3,7 +3,7 @@
 //! `--migration-limit 0` and the deployment's `model:` section sets `migration_limit: 2`: every
 //! move below shows that the config's value is the one in force.
 //! - Streamed chat and completion requests (greedy and seeded sampled with penalties, with
-//!   log-probabilities) run once undisturbed; run again, the worker serving most of them is
+//!   log-probabilities, one under a JSON schema) run once undisturbed; run again, the worker serving most of them is
 //!   killed with SIGKILL once every stream has tokens: none fails, and each answer equals its
 //!   undisturbed run token for token (text, token ids or pieces, finish reason, usage, one id).
 //! - A worker given SIGTERM while it streams a long request of two seeded choices drains; its
@@ -44,11 +44,13 @@ struct Spec {
     max_tokens: u32,
     /// Choices.
     n: u32,
+    /// Under a JSON schema (`response_format`) whose documents are long.
+    structured: bool,
 }
 
 impl Spec {
     fn new(chat: bool, stream: bool, seed: Option<u64>, logprobs: bool) -> Spec {
-        Spec { chat, stream, seed, logprobs, max_tokens: MAX_TOKENS, n: 1 }
+        Spec { chat, stream, seed, logprobs, max_tokens: MAX_TOKENS, n: 1, structured: false }
     }
 
     fn body(self, i: usize) -> (String, Value) {
@@ -68,6 +70,14 @@ impl Spec {
                 body["frequency_penalty"] = 0.3.into();
             }
             None => body["temperature"] = 0.0.into(),
+        }
+        if self.structured {
+            let schema = json!({"type": "object", "required": ["lights"], "additionalProperties": false,
+                "properties": {"lights": {"type": "array", "minItems": 40,
+                    "items": {"type": "object", "required": ["name", "year"], "additionalProperties": false,
+                        "properties": {"name": {"type": "string", "maxLength": 12}, "year": {"type": "integer"}}}}}});
+            body["response_format"] =
+                json!({"type": "json_schema", "json_schema": {"name": "lights", "schema": schema}});
         }
         let text = format!("Tell story number {i} about a lighthouse keeper.");
         if self.chat {
@@ -276,8 +286,9 @@ async fn a_killed_or_drained_worker_costs_no_request_and_changes_no_output() {
     let http = reqwest::Client::new();
     let api = head.url("api");
     let progress = Arc::new(AtomicUsize::new(0));
-    let specs: Vec<Spec> =
+    let mut specs: Vec<Spec> =
         (0..6).map(|i| Spec::new(i % 2 == 1, true, (i % 3 != 0).then_some(i as u64 + 7), i != 5)).collect();
+    specs.push(Spec { structured: true, ..Spec::new(true, true, None, true) });
     let drained = Spec { max_tokens: DRAINED_TOKENS, n: 2, ..Spec::new(true, true, Some(5), true) };
     let lone = Spec::new(false, false, Some(99), true);
     let mut all = specs.clone();

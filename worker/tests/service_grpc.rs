@@ -523,6 +523,60 @@ async fn a_resumed_request_continues_token_for_token_with_the_same_text_logprobs
     assert_eq!(param(&status), Some("resume"));
 }
 
+/// A structured output resumes from its matcher's state: seeded sampling under a JSON schema
+/// whose documents outlast `max_tokens` (only the masks keep the output valid, so a matcher that
+/// did not take the resumed tokens would sample other ones) continues token for token; resumed
+/// tokens the constraint refuses fail the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_structured_output_continues_from_the_matchers_state() {
+    let mut w = start_worker_with_replica().await;
+    let schema = r#"{"type": "object", "required": ["lights"], "additionalProperties": false,
+        "properties": {"lights": {"type": "array", "minItems": 40, "items": {"type": "object",
+        "required": ["name", "year"], "additionalProperties": false,
+        "properties": {"name": {"type": "string", "maxLength": 12}, "year": {"type": "integer"}}}}}}"#;
+    let mut first = request("structured-whole", chat_prompt("List lighthouses as JSON."), 48);
+    first.sampling = Some(pb::SamplingParams { temperature: 0.9, seed: Some(77), ..greedy() });
+    first.structured_output = Some(pb::StructuredOutput {
+        kind: Some(pb::structured_output::Kind::JsonSchema(schema.into())),
+        ..Default::default()
+    });
+    first.return_prompt_token_ids = true;
+    let whole = run(&mut w.client, first.clone()).await;
+    let ids = whole.ids();
+    assert_eq!(ids.len(), 48);
+    assert!(whole.text().starts_with("{\"lights\""), "{}", whole.text());
+    let resumed = |id: &str, output: Vec<u32>| pb::GenerateRequest {
+        request_id: id.into(),
+        prompt: Some(pb::generate_request::Prompt::Tokens(pb::TokenPrompt { token_ids: whole.prompt_ids.clone() })),
+        resume: Some(pb::Resume { output_token_ids: output, choices: Vec::new() }),
+        return_prompt_token_ids: false,
+        ..first.clone()
+    };
+    for cut in [2, 19] {
+        let rest = run(&mut w.client, resumed(&format!("structured-from-{cut}"), ids[..cut].to_vec())).await;
+        assert_eq!(rest.resumed_tokens as usize, cut);
+        assert_eq!(rest.ids(), ids[cut..], "resumed after {cut} tokens");
+    }
+    let prose = pb::TokenizeRequest {
+        replica_id: REPLICA.into(),
+        input: Some(pb::tokenize_request::Input::Text(pb::TextPrompt {
+            text: "Hello there".into(),
+            add_special_tokens: false,
+        })),
+        return_token_strs: false,
+    };
+    let prose = w.client.tokenize(prose).await.unwrap().into_inner().token_ids;
+    let mut stream = w.client.generate(resumed("structured-refused", prose)).await.unwrap().into_inner();
+    let failure = loop {
+        match tokio::time::timeout(Duration::from_secs(60), stream.message()).await.expect("an event in time") {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without the failure"),
+            Err(status) => break status,
+        }
+    };
+    assert!(failure.message().contains("does not match the constraint"), "{failure:?}");
+}
+
 fn resumed_choice(index: u32, ids: &[u32], finished: bool) -> pb::ResumedChoice {
     pb::ResumedChoice { index, output_token_ids: ids.to_vec(), finished }
 }

@@ -247,7 +247,15 @@ impl EngineCore {
                 last_token_at: None,
                 grammar,
             };
-            self.replay_output(&mut state, &req, &output);
+            if let Err(message) = self.replay_output(&mut state, &req, &output) {
+                for s in &live {
+                    self.seqs.remove(s);
+                    self.scheduler.remove(*s);
+                }
+                tracing::warn!(request_id = %req.id, %message, "resumed request refused");
+                let _ = tx.send(EngineEvent::Failed(message));
+                return;
+            }
             self.seqs.insert(seq_id, state);
             let mut seq = Sequence::new(seq_id, priority, [req.prompt_token_ids.as_slice(), &output].concat());
             seq.priority.0 = req.priority;

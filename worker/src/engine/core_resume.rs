@@ -9,7 +9,13 @@
 //! - the detokenizer and the stop-string matcher take each token's text as `accept` gave it to
 //!   them (through the matcher only past `min_tokens`), and nothing is sent: the client has it;
 //! - `generated` and the request's completion tokens count them, so `max_tokens`, `min_tokens`,
-//!   the context length and the usage cover the whole request.
+//!   the context length and the usage cover the whole request;
+//! - a structured output's matcher takes them (a reasoning gate their text first), so the next
+//!   mask is the one the original would have computed; the first mask is requested after them.
+//!   A token the matcher refuses (another grammar than the original's) fails the request. One
+//!   that completed the grammar (the original ended the choice at the token after it, which the
+//!   client never saw) leaves a stopped matcher: the choice ends at its first new token, as on
+//!   the original.
 //!
 //! Invariant: no resumed token of an unfinished choice ended the original (it would have finished
 //! there), so none ends the continuation; validation keeps them fewer than `max_tokens`. A
@@ -18,15 +24,33 @@
 use super::{EngineCore, SeqState};
 use crate::TokenId;
 use crate::engine::EngineRequest;
+use crate::grammar::Feed;
 
 impl EngineCore {
     /// Replays one choice's resumed `output` of `req` into its new sequence's `state` (see the
-    /// module docs); nothing for a new request.
-    pub(super) fn replay_output(&self, state: &mut SeqState, req: &EngineRequest, output: &[TokenId]) {
+    /// module docs); nothing for a new request. `Err`: the structured output's matcher refused
+    /// a token.
+    pub(super) fn replay_output(
+        &mut self,
+        state: &mut SeqState,
+        req: &EngineRequest,
+        output: &[TokenId],
+    ) -> Result<(), String> {
         state.sampler.resume(&req.sampling, output);
         for &token in output {
             state.generated += 1;
             state.push_text(&self.tokenizer, token, state.generated > req.stop.min_tokens);
+            if let Some(g) = state.grammar.as_mut() {
+                if !g.is_active() {
+                    g.pass_gate(&self.tokenizer.token_piece(token));
+                } else if let Feed::Failed(e) = g.feed(token, None) {
+                    return Err(format!("structured output: the resumed output does not match the constraint: {e}"));
+                }
+            }
         }
+        if let Some(g) = state.grammar.as_ref().filter(|g| g.is_active() && !output.is_empty()) {
+            g.request_mask(&mut self.mask_workers);
+        }
+        Ok(())
     }
 }

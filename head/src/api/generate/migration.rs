@@ -8,10 +8,11 @@
 //! Token ids only, freed with the stream.
 //!
 //! Contract:
-//! - A request can move when it has no structured output, its prompt's token ids came back, not
-//!   every choice finished, and fewer than `limit` moves were made (the deployment's
-//!   `migration_limit`, else `--migration-limit`; 0 turns migration off). Others behave exactly
-//!   as before.
+//! - A request can move when its prompt's token ids came back, not every choice finished, and
+//!   fewer than `limit` moves were made (the deployment's `migration_limit`, else
+//!   `--migration-limit`; 0 turns migration off). Others behave exactly as before. A structured
+//!   output moves with its constraint: the new replica's matcher takes the delivered tokens
+//!   before its first mask.
 //! - It moves when its stream fails as `Unavailable` (the connection broke, the worker ended the
 //!   stream early or was marked dead and stayed silent) or its choice ends with `abort` (the
 //!   replica was stopped or its drain timed out: the client's own cancel never shows here).
@@ -100,9 +101,9 @@ impl Migrations {
         Migrations { limit: limit.unwrap_or(self.limit), total: self.total.clone() }
     }
 
-    /// Whether `request` may ever move (see the module contract).
-    fn eligible(&self, request: &pb::GenerateRequest) -> bool {
-        self.limit > 0 && request.structured_output.is_none()
+    /// Whether requests may move at all (see the module contract).
+    fn enabled(&self) -> bool {
+        self.limit > 0
     }
 }
 
@@ -115,7 +116,7 @@ pub async fn generate(
     mut request: pb::GenerateRequest,
     trace: &Trace,
 ) -> Result<EventStream, BackendError> {
-    if !migrations.eligible(&request) {
+    if !migrations.enabled() {
         return backend.generate(model, request).await;
     }
     let wants_prompt_ids = request.return_prompt;

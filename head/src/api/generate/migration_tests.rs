@@ -268,13 +268,18 @@ async fn each_choice_continues_from_its_own_tokens_and_a_finished_one_is_not_con
 }
 
 #[tokio::test]
-async fn requests_with_a_constraint_never_move() {
-    let failing = || vec![started(&[1]), token(10, GO), broken()];
+async fn requests_with_a_constraint_move_with_it() {
+    let first = vec![started(&[1]), token(10, GO), broken()];
+    let second = vec![resumed(1), token(11, pb::FinishReason::Stop), finished(1, 2)];
     let mut constrained = chat_request(1);
-    constrained.structured_output = Some(pb::StructuredOutput::default());
-    let (_, calls, _) = run(3, constrained, vec![failing(), failing()]).await;
-    assert_eq!(calls.len(), 1);
-    assert!(!calls[0].0.return_prompt_token_ids, "sent exactly as before");
+    constrained.structured_output =
+        Some(pb::StructuredOutput { kind: Some(pb::structured_output::Kind::JsonObject(true)), ..Default::default() });
+    let (seen, calls, _) = run(3, constrained.clone(), vec![first, second]).await;
+    assert_eq!(calls.len(), 2);
+    assert_eq!(tokens(&seen), [10, 11]);
+    let continuation = &calls[1].0;
+    assert_eq!(continuation.structured_output, constrained.structured_output, "the replica's matcher takes [10] first");
+    assert_eq!(continuation.resume.as_ref().unwrap().output_token_ids, [10]);
 }
 
 #[tokio::test]
