@@ -22,7 +22,7 @@ mod load;
 mod procs;
 mod report;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -137,6 +137,8 @@ struct Cluster {
     workers: VecDeque<Proc>,
     workers_started: usize,
     replicas: usize,
+    /// Request migrations counted by the heads already gone, by reason.
+    migrations: BTreeMap<String, u64>,
 }
 
 impl Cluster {
@@ -234,7 +236,23 @@ impl Cluster {
     }
 
     /// SIGTERM to every process (the head first), each must exit 0.
+    /// Adds the running head's `lumen:request_migrations_total` to [`Cluster::migrations`]
+    /// (before it goes: its counters go with it).
+    async fn count_migrations(&mut self) {
+        let url = format!("{}/metrics", self.url(self.ports.0));
+        let Ok(text) = async { self.http.get(&url).send().await?.text().await }.await else {
+            tracing::warn!("the head's /metrics did not answer: its request migrations are not counted");
+            return;
+        };
+        for line in text.lines().filter(|l| l.starts_with("lumen:request_migrations_total{")) {
+            let reason = line.split("reason=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("unknown");
+            let count = line.rsplit(' ').next().and_then(|n| n.parse::<f64>().ok()).unwrap_or(0.0);
+            *self.migrations.entry(reason.to_string()).or_default() += count as u64;
+        }
+    }
+
     async fn stop(&mut self) -> anyhow::Result<()> {
+        self.count_migrations().await;
         if let Some(head) = self.head.take() {
             head.terminate("end of the run", TERM_TIMEOUT).await?;
         }
@@ -269,6 +287,7 @@ async fn inject(
             (name, replacement, signal)
         }
         FaultKind::HeadRestart => {
+            cluster.count_migrations().await;
             let victim = cluster.head.take().context("no head to kill")?;
             let (name, signal) = (victim.name.clone(), Instant::now());
             load.head.killing();
@@ -316,6 +335,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
         workers: VecDeque::new(),
         workers_started: 0,
         replicas: args.replicas(),
+        migrations: BTreeMap::new(),
     };
     let recovery = Duration::from_secs_f64(args.recovery_timeout_s);
     cluster.start_head().await?;
@@ -364,7 +384,10 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
     };
     let records = load.records();
     let processes = launcher.ledger.records();
-    Ok(SoakReport::build(settings, elapsed_s, &phases, faults, &records, processes, work_dir.display().to_string()))
+    let mut report =
+        SoakReport::build(settings, elapsed_s, &phases, faults, &records, processes, work_dir.display().to_string());
+    report.migrations = std::mem::take(&mut cluster.migrations);
+    Ok(report)
 }
 
 /// `lumen bench soak` from the command line: runs, prints the table, writes the JSON; fails when

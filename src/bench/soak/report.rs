@@ -136,6 +136,10 @@ pub struct SoakReport {
     /// Requests of rolling replacements that did not complete: in flight at a rolling SIGTERM, or
     /// ended in a rolling phase.
     pub rolling_not_completed: usize,
+    /// Requests moved to another replica mid-stream (request migration), by reason, summed over
+    /// the heads of the run (each head's `lumen:request_migrations_total` before it was killed
+    /// or stopped).
+    pub migrations: BTreeMap<String, u64>,
     pub processes: Vec<ProcRecord>,
     /// Descriptions of failed and lost requests (phase, kind, message), the first few.
     pub examples: Vec<String>,
@@ -229,6 +233,7 @@ impl SoakReport {
             phases: phase_reports,
             faults,
             rolling_not_completed,
+            migrations: BTreeMap::new(),
             processes,
             examples,
             ok: problems.is_empty(),
@@ -281,6 +286,12 @@ impl SoakReport {
             ));
         }
         t.push_str(&format!("rolling replacements: {} requests not completed\n", self.rolling_not_completed));
+        let reasons: Vec<String> = self.migrations.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        t.push_str(&format!(
+            "request migrations: {}{}\n",
+            self.migrations.values().sum::<u64>(),
+            if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) }
+        ));
         t.push_str(&format!(
             "\n{:<8}{:<8}{:>9}{:>24}  {}\n",
             "process", "role", "pid", "RSS MiB start/end/peak", "end"
