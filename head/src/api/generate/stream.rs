@@ -35,7 +35,7 @@ use tracing::{Instrument, Span};
 use crate::api::ApiState;
 use crate::api::edge::errors::ApiError;
 use crate::api::edge::trace::Trace;
-use crate::api::generate::admission::Ticket;
+use crate::api::generate::admission::{Entry, Ticket};
 use crate::api::generate::dispatch::{self, Running, Step, Usage};
 use crate::api::generate::sse;
 
@@ -45,28 +45,31 @@ pub enum Launch {
     Queued(BoxFuture<'static, Result<Running, ApiError>>),
 }
 
-/// Sends `requests` now if `ticket` is ready; otherwise prepares to send them once admitted.
+/// Sends `requests` now if `entry`'s ticket is ready; otherwise prepares to send them once
+/// admitted. The launch holds `entry`'s lease to the request's end.
 /// `trace` learns the request's id, model and prompt now, and what happens to it later.
 pub async fn launch(
     state: &ApiState,
     model: String,
     requests: Vec<pb::GenerateRequest>,
     n: u32,
-    ticket: Ticket,
+    entry: Entry,
     trace: Trace,
 ) -> Result<Launch, ApiError> {
     trace.launched(&model, &requests);
     let migrations = state.migrations.for_model(state.model_options(&model).migration_limit);
+    let Entry { ticket, lease } = entry;
     match ticket {
-        Ticket::Ready(permit) => {
-            Ok(Launch::Running(dispatch::start(&state.backend, &migrations, &model, requests, n, permit, trace).await?))
-        }
+        Ticket::Ready(permit) => Ok(Launch::Running(
+            dispatch::start(&state.backend, &migrations, &model, requests, n, (permit, lease), trace).await?,
+        )),
         Ticket::Queued(queued) => {
             let backend = state.backend.clone();
             Ok(Launch::Queued(Box::pin(async move {
                 let started = match queued.admitted().await {
                     Ok(permit) => {
-                        dispatch::start(&backend, &migrations, &model, requests, n, permit, trace.clone()).await
+                        let held = (permit, lease);
+                        dispatch::start(&backend, &migrations, &model, requests, n, held, trace.clone()).await
                     }
                     Err(e) => Err(e),
                 };
