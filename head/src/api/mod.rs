@@ -202,7 +202,7 @@ impl ApiState {
                 }
                 let cost = limits::cost(requests, card.max_model_len);
                 let lease = self.keys.limiter().admit(&key.tenant, key.limits, cost).map_err(|limited| {
-                    tracing::info!(tenant = %key.tenant, reason = limited.reason.label(), "refused by the key's limits");
+                    tracing::debug!(tenant = %key.tenant, reason = limited.reason.label(), "refused by the key's limits");
                     ApiError::Limited(Box::new(limited))
                 })?;
                 caller.set_headers(lease.headers());
