@@ -6,7 +6,8 @@
 //! applications and the persisted config stay as they were), and an accepted document is applied
 //! whole: it becomes the persisted config and its applications are exactly the ones listed. The
 //! head accepts a document exactly when `ServeConfig::from_value` does, the check `lumen deploy`
-//! runs before sending.
+//! runs before sending, and its `api_keys:` section (if any) reads as a keys document; an
+//! accepted section replaces the API keys and is not persisted, a refused one changes no key.
 //!
 //! The suite runs a bounded number of cases per target (64); a longer run:
 //! `PROPTEST_CASES=20000 cargo test --release -p lumen-head --test fuzz_serve_configs`.
@@ -141,18 +142,55 @@ fn application() -> impl Strategy<Value = Value> {
         })
 }
 
-/// A serve-config-shaped document.
-fn config_document() -> impl Strategy<Value = Value> {
-    mostly(prop::collection::vec(application(), 0..3).prop_map(|apps| json!({ "applications": apps })))
+/// An `api_keys:` section: keys valid, nearly valid or anything.
+fn keys_section() -> impl Strategy<Value = Value> {
+    let key = (
+        mostly(prop::sample::select(vec!["acme", "b-2", "a b", "", "default"]).prop_map(Value::from)),
+        prop::option::of(mostly(prop::sample::select(vec!["sk-1", "sk-2", "", " sk"]).prop_map(Value::from))),
+        prop::option::of(mostly(
+            prop::sample::select(vec!["ab".repeat(32), "00".into(), "zz".into()]).prop_map(Value::from),
+        )),
+        prop::option::of(mostly(Just(json!(["m"])))),
+        prop::option::of(count()),
+        prop::option::of(count()),
+        prop::option::of(mostly((-3i64..3).prop_map(Value::from))),
+    )
+        .prop_map(|(tenant, key, hashed, models, rpm, per_day, priority)| {
+            object(vec![
+                ("tenant", Some(tenant)),
+                ("key", key),
+                ("key_sha256", hashed),
+                ("models", models),
+                ("requests_per_minute", rpm),
+                ("tokens_per_day", per_day),
+                ("priority", priority),
+            ])
+        });
+    mostly(prop::collection::vec(key, 0..3).prop_map(Value::Array))
 }
 
-/// What the head serves and persists now: the applications' names and the stored document.
-async fn observed(stack: &Stack, state_dir: &Path) -> (BTreeSet<String>, Option<Value>) {
+/// A serve-config-shaped document, sometimes with Lumen's `api_keys:` section.
+fn config_document() -> impl Strategy<Value = Value> {
+    let document =
+        (prop::collection::vec(application(), 0..3), prop::option::of(keys_section())).prop_map(|(apps, keys)| {
+            let mut document = json!({ "applications": apps });
+            if let Some(keys) = keys {
+                document["api_keys"] = keys;
+            }
+            document
+        });
+    mostly(document)
+}
+
+/// What the head serves and persists now: the applications' names, the stored document and the
+/// API keys in force.
+async fn observed(stack: &Stack, state_dir: &Path) -> (BTreeSet<String>, Option<Value>, Value) {
     let status = stack.status().await;
     let names = status["applications"].as_object().map(|a| a.keys().cloned().collect()).unwrap_or_default();
     let stored =
         StateStore::open(state_dir).expect("state dir").load_serve_config().expect("readable").map(|s| s.config);
-    (names, stored)
+    let keys = stack.http.get(format!("{}/api/lumen/keys", stack.control)).send().await.expect("keys");
+    (names, stored, keys.json().await.expect("keys listing"))
 }
 
 /// How many documents the head accepted and refused in a run.
@@ -191,7 +229,16 @@ async fn check(
             serde_json::from_str(text).ok()
         }
     });
-    let valid = parsed.as_ref().is_some_and(|doc| ServeConfig::from_value(doc).is_ok());
+    // Lumen's `api_keys:` section is read apart, and never persisted.
+    let (parsed, keys_section) = match parsed {
+        Some(Value::Object(mut map)) => {
+            let keys = map.remove("api_keys");
+            (Some(Value::Object(map)), keys)
+        }
+        other => (other, None),
+    };
+    let keys_valid = keys_section.as_ref().is_none_or(|k| lumen_head::api::edge::keys::parse(k).is_ok());
+    let valid = keys_valid && parsed.as_ref().is_some_and(|doc| ServeConfig::from_value(doc).is_ok());
     let after = observed(stack, state_dir).await;
     if status.is_success() {
         prop_assert!(valid, "accepted a document the parser refuses: {parsed:?}");
@@ -203,7 +250,17 @@ async fn check(
             .map(|a| a["name"].as_str().unwrap_or("default").to_string())
             .collect();
         prop_assert_eq!(&after.0, &listed, "the applications are exactly the document's");
-        prop_assert_eq!(after.1.as_ref(), Some(&doc), "the document is persisted whole");
+        prop_assert_eq!(after.1.as_ref(), Some(&doc), "the document is persisted whole, without its keys");
+        let tenants = |listing: &Value| -> Vec<Value> {
+            listing["api_keys"].as_array().into_iter().flatten().map(|k| k["tenant"].clone()).collect()
+        };
+        match &keys_section {
+            Some(section) => {
+                let given: Vec<Value> = section.as_array().into_iter().flatten().map(|k| k["tenant"].clone()).collect();
+                prop_assert_eq!(tenants(&after.2), given, "the section's keys are in force");
+            }
+            None => prop_assert_eq!(&after.2, &before.2, "no section: the keys stay"),
+        }
         outcomes.accepted.fetch_add(1, Ordering::Relaxed);
     } else {
         prop_assert_eq!(status.as_u16(), 400, "{}", text);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use lumen_head::api::edge::keys::{self, KeyEntry};
 use lumen_head::api::generate::admission::AdmissionLimits;
 use lumen_head::api::tools::ToolSettings;
 use lumen_head::api::{ApiConfig, ApiState, router};
@@ -56,10 +57,35 @@ pub fn read_serve_config(path: &std::path::Path) -> anyhow::Result<ServeDocument
     ServeDocument::from_yaml(&text).with_context(|| format!("in {}", path.display()))
 }
 
+/// Reads `--config` for the head: the serve config, and its `api_keys:` section (if any) split
+/// off (hashed, and never persisted with the config).
+fn read_head_config(path: &std::path::Path) -> anyhow::Result<(ServeDocument, Option<Vec<KeyEntry>>)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the serve config {}", path.display()))?;
+    let mut value = lumen_head::config::parse_yaml(&text).with_context(|| format!("in {}", path.display()))?;
+    let keys = keys::take_section(&mut value).with_context(|| format!("in {}", path.display()))?;
+    let document = ServeDocument::from_value(value).with_context(|| format!("in {}", path.display()))?;
+    Ok((document, keys))
+}
+
+/// The named API keys the head starts with: `--api-keys-file`, or the `--config` file's section.
+fn named_keys(args: &HeadArgs, from_config: Option<Vec<KeyEntry>>) -> anyhow::Result<Vec<KeyEntry>> {
+    let Some(path) = &args.api_keys_file else { return Ok(from_config.unwrap_or_default()) };
+    if from_config.is_some() {
+        anyhow::bail!("API keys are given both by --api-keys-file and by the --config file's api_keys section");
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the API keys {}", path.display()))?;
+    let value = lumen_head::config::parse_yaml(&text).with_context(|| format!("in {}", path.display()))?;
+    keys::parse(&value).with_context(|| format!("in {}", path.display()))
+}
+
 /// Sets the deployments the head starts with: `--config` (applied and persisted), else the
 /// state directory's last applied config, else `fallback`.
-fn initialize(args: &HeadArgs, applications: &Applications, fallback: Vec<DeploymentPlan>) -> anyhow::Result<()> {
-    let document = args.config.as_deref().map(read_serve_config).transpose()?;
+fn initialize(
+    args: &HeadArgs,
+    document: Option<ServeDocument>,
+    applications: &Applications,
+    fallback: Vec<DeploymentPlan>,
+) -> anyhow::Result<()> {
     let started =
         applications.initialize(document, fallback).with_context(|| match (&args.config, &args.state_dir) {
             (Some(path), _) => format!("applying the serve config {}", path.display()),
@@ -140,9 +166,11 @@ pub async fn start(
     let registry = prometheus::Registry::new();
     registry.register(Box::new(ClusterMetrics::new(cluster.clone())?))?;
     let state = ApiState::new(Arc::new(cluster.clone()), config, registry.clone())?;
+    let (document, config_keys) = args.config.as_deref().map(read_head_config).transpose()?.unzip();
+    state.keys().replace(named_keys(args, config_keys.flatten())?).context("the named API keys")?;
     let store = args.state_dir.as_deref().map(StateStore::open).transpose()?;
     let applications = Applications::new(cluster.clone(), state.clone(), store);
-    initialize(args, &applications, fallback)?;
+    initialize(args, document, &applications, fallback)?;
 
     let api_listener = bind(SocketAddr::new(args.host, args.port), "API").await?;
     let dashboard_listener = bind(SocketAddr::new(args.host, args.dashboard_port), "dashboard").await?;

@@ -35,6 +35,12 @@ pub struct HeadArgs {
     /// none: no authentication.
     #[arg(long = "api-key", env = "LUMEN_API_KEY", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
+    /// A YAML file of named API keys (`api_keys:` list: tenant, key or key_sha256, models,
+    /// requests_per_minute, tokens_per_minute, max_concurrent_requests, tokens_per_day,
+    /// priority), each with its own limits; replaced live by PUT /api/lumen/keys. A --config
+    /// file may carry the same section instead.
+    #[arg(long, env = "LUMEN_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// Token required as `Authorization: Bearer TOKEN` by the control API's mutating routes
     /// (PUT/DELETE /api/serve/applications/, i.e. `lumen deploy`); reads (dashboard, status,
     /// metrics, probes) stay open. None: the control API is unguarded.

@@ -39,9 +39,11 @@ use axum::routing::{get, post};
 
 use self::chat::reasoning::ReasoningParserKind;
 use self::edge::errors::ApiError;
+use self::edge::keys::{Caller, Keys};
+use self::edge::limits::{self, Lease, Limiter, Reason, TenantMetrics};
 use self::edge::metrics::ApiMetrics;
 use self::edge::{auth, metrics, misc, trace};
-use self::generate::admission::{Admission, AdmissionLimits};
+use self::generate::admission::{Admission, AdmissionLimits, Entry};
 use self::generate::migration;
 use self::tools::{ToolParserKind, ToolSettings};
 use crate::backend::{Backend, ModelCard, Runner};
@@ -71,7 +73,9 @@ pub struct ModelApiOptions {
 /// The API's configuration.
 #[derive(Clone, Debug)]
 pub struct ApiConfig {
-    /// Accepted `Authorization: Bearer` keys for `/v1/*`; empty = no authentication.
+    /// `--api-key`: accepted `Authorization: Bearer` keys for `/v1/*`, without limits (tenant
+    /// `default`). Hashed into [`ApiState::keys`] and not kept; named keys are set there too.
+    /// No key of either kind: no authentication.
     pub api_keys: Vec<String>,
     /// Larger request bodies are refused with 413.
     pub max_body_bytes: usize,
@@ -138,6 +142,7 @@ pub struct ApiState {
     pub registry: prometheus::Registry,
     models: Arc<RwLock<HashMap<String, ModelApiOptions>>>,
     admission: Arc<Admission>,
+    keys: Arc<Keys>,
     metrics: ApiMetrics,
     migrations: migration::Migrations,
     requests: Arc<RequestLog>,
@@ -148,10 +153,13 @@ impl ApiState {
     /// Registers the API's metrics into `registry` (which `GET /metrics` then serves whole).
     pub fn new(
         backend: Arc<dyn Backend>,
-        config: ApiConfig,
+        mut config: ApiConfig,
         registry: prometheus::Registry,
     ) -> Result<Self, prometheus::Error> {
         let metrics = ApiMetrics::register(&registry)?;
+        let limiter = Limiter::new(TenantMetrics::register(&registry)?);
+        // The plaintext keys are hashed here and dropped.
+        let keys = Arc::new(Keys::with_flag_keys(&std::mem::take(&mut config.api_keys), limiter));
         let migrations = migration::Migrations::register(config.migration_limit, &registry)?;
         let requests = Arc::new(RequestLog::new(config.request_log_capacity, config.log_requests));
         config.structured_outputs.note_backend();
@@ -167,10 +175,46 @@ impl ApiState {
             config: Arc::new(config),
             registry,
             admission: Arc::new(Admission::default()),
+            keys,
             metrics,
             migrations,
             requests,
         })
+    }
+
+    /// The key table and the tenants' limits (replaced live through the control API).
+    pub fn keys(&self) -> &Arc<Keys> {
+        &self.keys
+    }
+
+    /// Lets a request of `caller` for `card` that sends `requests` in: the key must allow the
+    /// model (else OpenAI's 404) and its limits must admit the request's reservation
+    /// ([`limits::cost`]; else a 429), then the model's admission gate must have room. The
+    /// admission's `x-ratelimit-*` values go to the response.
+    pub(crate) fn enter(
+        &self,
+        caller: &Caller,
+        card: &ModelCard,
+        requests: &[lumen_proto::v1::GenerateRequest],
+    ) -> Result<Entry, ApiError> {
+        let lease = match caller.key() {
+            None => Lease::default(),
+            Some(key) => {
+                if !caller.may_use(&card.id) {
+                    self.keys.limiter().metrics().rejected(&key.tenant, Reason::Model);
+                    return Err(ApiError::ModelNotAllowed(card.id.clone()));
+                }
+                let cost = limits::cost(requests, card.max_model_len);
+                let lease = self.keys.limiter().admit(&key.tenant, key.limits, cost).map_err(|limited| {
+                    tracing::debug!(tenant = %key.tenant, reason = limited.reason.label(), "refused by the key's limits");
+                    ApiError::Limited(Box::new(limited))
+                })?;
+                caller.set_headers(lease.headers());
+                lease
+            }
+        };
+        let ticket = self.admission.enter(&card.id, self.admission_limits(&card.id))?;
+        Ok(Entry { ticket, lease })
     }
 
     /// The log of recent chat and completion requests.

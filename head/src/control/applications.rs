@@ -139,6 +139,11 @@ impl Applications {
         Self { inner: Arc::new(Inner { cluster, api, store, applied: Mutex::default() }) }
     }
 
+    /// The OpenAI API these applications configure (its models' options, its API keys).
+    pub fn api(&self) -> &ApiState {
+        &self.inner.api
+    }
+
     pub fn cluster(&self) -> &Cluster {
         &self.inner.cluster
     }

@@ -10,6 +10,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::applications::ApplyError;
+use crate::api::edge::keys::KeysError;
 
 /// An error of the control API, in its one HTTP shape: `{"error": message}`, with `"field"` when
 /// a config field is to blame.
@@ -37,6 +38,12 @@ impl From<ApplyError> for ControlError {
             ApplyError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
         Self { status, message: e.to_string(), field }
+    }
+}
+
+impl From<KeysError> for ControlError {
+    fn from(e: KeysError) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message: e.to_string(), field: Some(e.field) }
     }
 }
 

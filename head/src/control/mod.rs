@@ -1,6 +1,6 @@
 //! The control server on port 8265: Ray Serve's REST API for applications
-//! (`/api/serve/applications/`, [`serve_api`]), Lumen's cluster view (`/api/cluster`,
-//! [`cluster_api`]), the probes KubeRay uses, the metrics, and the dashboard's page; with
+//! (`/api/serve/applications/`, [`serve_api`]), Lumen's API keys (`/api/lumen/keys`,
+//! [`keys_api`]), Lumen's cluster view (`/api/cluster`, [`cluster_api`]), the probes KubeRay uses, the metrics, and the dashboard's page; with
 //! [`router_with_api`] also the dashboard's data ([`observe_api`]) and the OpenAI `/v1` routes.
 //!
 //! The serve config in force is owned by [`Applications`] (apply, persist, status); the handlers
@@ -10,7 +10,7 @@
 //! routes and wrong methods included.
 //!
 //! Access: with an admin token configured, the mutating routes (`PUT`/`DELETE`
-//! `/api/serve/applications/`) require `Authorization: Bearer <token>` (401 otherwise); every
+//! `/api/serve/applications/`, `PUT /api/lumen/keys`) require `Authorization: Bearer <token>` (401 otherwise); every
 //! read (dashboard, status, cluster view, request log, time series, metrics, probes) stays open,
 //! so the dashboard works read-only without the token. The `/v1` routes keep their API keys.
 
@@ -18,6 +18,7 @@ pub mod applications;
 pub mod cluster_api;
 pub mod dashboard;
 pub mod error;
+pub mod keys_api;
 pub mod observe_api;
 pub mod serve_api;
 pub mod status;
@@ -62,6 +63,7 @@ pub fn router(state: ControlState) -> Router {
     Router::new()
         .route("/api/serve/applications/", applications.clone())
         .route("/api/serve/applications", applications)
+        .route("/api/lumen/keys", get(keys_api::get_keys).put(keys_api::put_keys))
         .route("/api/cluster", get(cluster_api::cluster))
         .route("/api/gcs_healthz", get(|| async { "success" }))
         .route("/metrics", get(metrics))

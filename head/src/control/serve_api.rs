@@ -4,6 +4,11 @@
 //! field's path, e.g. `applications[1].deployments[0].autoscaling_config.max_replicas`) when a
 //! config is refused. A refused config changes nothing: it is checked whole before it is applied.
 //!
+//! A serve config may carry Lumen's `api_keys:` section ([`crate::api::edge::keys`]): checked with
+//! the rest of the document (a refusal changes neither), it replaces the named API keys once the
+//! applications are applied, and it is not persisted with them; a config without the section
+//! leaves the keys as they are.
+//!
 //! `PUT` and `DELETE` change what the cluster serves: with an admin token configured they answer
 //! 401 (`{"error": ...}`, `WWW-Authenticate: Bearer`) unless the request carries
 //! `Authorization: Bearer <token>`, compared in constant time ([`crate::secret`]). `GET` is open.
@@ -14,13 +19,17 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 
+use serde_json::Value;
+
 use super::applications::{ApplyError, ServeDocument};
 use super::error::ControlError;
 use super::{ControlState, ServeStatus};
+use crate::api::edge::keys;
+use crate::config;
 use crate::secret;
 
 /// Refuses a mutating request that does not carry the configured admin token.
-fn authorize(state: &ControlState, headers: &HeaderMap) -> Result<(), ControlError> {
+pub(super) fn authorize(state: &ControlState, headers: &HeaderMap) -> Result<(), ControlError> {
     let Some(token) = &state.admin_token else { return Ok(()) };
     match secret::bearer(headers) {
         Some(presented) if secret::constant_time_eq(token.as_bytes(), presented.as_bytes()) => Ok(()),
@@ -43,23 +52,43 @@ pub async fn put_applications(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ControlError> {
     authorize(&state, &headers)?;
-    let body = body.map_err(|rejection| {
-        ControlError::new(rejection.status(), format!("serve config: {}", rejection.body_text()))
-    })?;
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ControlError::new(StatusCode::BAD_REQUEST, "serve config: the body is not UTF-8 text"))?;
-    let document = if is_yaml(&headers) {
-        check_flow_depth(text)?;
-        ServeDocument::from_yaml(text)
-    } else {
-        ServeDocument::from_json(text)
+    let mut value = read_document("serve config", &headers, body)?;
+    // Lumen's `api_keys:` section: checked with the rest, applied after it, never persisted.
+    let named = keys::take_section(&mut value)?;
+    let keys = state.applications.api().keys().clone();
+    if let Some(named) = &named {
+        keys.check(named)?;
     }
-    .map_err(ApplyError::from)?;
+    let document = ServeDocument::from_value(value).map_err(ApplyError::from)?;
     let names: Vec<String> = document.config().applications.iter().map(|a| a.name.clone()).collect();
     let applications = state.applications.clone();
     run_blocking(move || applications.apply(document)).await?;
     tracing::info!(applications = ?names, "serve config applied");
+    if let Some(named) = named {
+        let tenants: Vec<String> = named.iter().map(|k| k.tenant.to_string()).collect();
+        keys.replace(named)?;
+        tracing::info!(?tenants, "API keys replaced");
+    }
     Ok(StatusCode::OK)
+}
+
+/// A YAML (when the content type says so) or JSON body as a JSON value; `what` names it in errors.
+pub(super) fn read_document(
+    what: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Value, ControlError> {
+    let body =
+        body.map_err(|rejection| ControlError::new(rejection.status(), format!("{what}: {}", rejection.body_text())))?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ControlError::new(StatusCode::BAD_REQUEST, format!("{what}: the body is not UTF-8 text")))?;
+    let value = if is_yaml(headers) {
+        check_flow_depth(text)?;
+        config::parse_yaml(text)
+    } else {
+        config::parse_json(text)
+    };
+    Ok(value.map_err(ApplyError::from)?)
 }
 
 /// `DELETE /api/serve/applications/`: removes every application.

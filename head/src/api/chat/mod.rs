@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::api::completions;
 use crate::api::edge::errors::ApiError;
+use crate::api::edge::keys::Caller;
 use crate::api::edge::metrics::labelled;
 use crate::api::edge::trace::Trace;
 use crate::api::generate::dispatch::{self, Collected, Meta, Step, Usage, finish_reason, stop_reason_json};
@@ -46,14 +47,20 @@ struct ChatFields {
 }
 
 /// The handler.
-pub async fn handle(State(state): State<ApiState>, trace: Trace, JsonObject(body): JsonObject) -> Response {
+pub async fn handle(
+    State(state): State<ApiState>,
+    caller: Caller,
+    trace: Trace,
+    JsonObject(body): JsonObject,
+) -> Response {
     let requested = body.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
     trace.requested_model(&requested);
-    labelled(&requested, run(state, body, trace).await)
+    labelled(&requested, run(state, caller, body, trace).await)
 }
 
-async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
+async fn run(state: ApiState, caller: Caller, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
     let mut common: CommonParams = typed(&body)?;
+    common.priority = caller.priority(common.priority);
     let fields: ChatFields = typed(&body)?;
     fields::check_chat(&body)?;
     let card = state.resolve_for(common.model.as_deref(), Runner::Generate, "Chat Completions API")?;
@@ -84,10 +91,10 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let span = tracing::info_span!("chat_completion", request_id = %id, model = %card.id);
     let mut request = generate_request(&id, prompt, &generation, &tools, structured_output);
     request.prompt_logprobs = prompt_k;
-    let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
-    let launch = stream::launch(&state, card.id.clone(), vec![request], generation.n, ticket, trace)
-        .instrument(span.clone())
-        .await?;
+    let requests = vec![request];
+    let entry = state.enter(&caller, &card, &requests)?;
+    let launch =
+        stream::launch(&state, card.id.clone(), requests, generation.n, entry, trace).instrument(span.clone()).await?;
     let meta = |object| Meta { id: id.clone(), object, created: crate::clock::unix_s(), model: card.id.clone() };
     let format = AnswerFormat { reasoning, tools: tools.reading(), parallel: tools.parallel };
     if generation.stream {

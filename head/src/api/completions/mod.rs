@@ -22,6 +22,7 @@ use serde_json::{Map, Value, json};
 use tracing::Instrument;
 
 use crate::api::edge::errors::ApiError;
+use crate::api::edge::keys::Caller;
 use crate::api::edge::metrics::labelled;
 use crate::api::edge::trace::Trace;
 use crate::api::generate::dispatch::{
@@ -53,14 +54,20 @@ struct CompletionFields {
 }
 
 /// The handler.
-pub async fn handle(State(state): State<ApiState>, trace: Trace, JsonObject(body): JsonObject) -> Response {
+pub async fn handle(
+    State(state): State<ApiState>,
+    caller: Caller,
+    trace: Trace,
+    JsonObject(body): JsonObject,
+) -> Response {
     let requested = body.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
     trace.requested_model(&requested);
-    labelled(&requested, run(state, body, trace).await)
+    labelled(&requested, run(state, caller, body, trace).await)
 }
 
-async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
-    let common: CommonParams = typed(&body)?;
+async fn run(state: ApiState, caller: Caller, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
+    let mut common: CommonParams = typed(&body)?;
+    common.priority = caller.priority(common.priority);
     let fields: CompletionFields = typed(&body)?;
     fields::check_completions(&body)?;
     let card = state.resolve_for(common.model.as_deref(), Runner::Generate, "Completions API")?;
@@ -74,7 +81,6 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let explicit_prompt_k = fields::prompt_logprobs(&body)?;
     // vLLM: `max_tokens: 0` only with `echo` (scoring); one token is generated and dropped.
     let prompt_only = echo && common.max_tokens == Some(0);
-    let mut common = common;
     if prompt_only {
         common.max_tokens = Some(1);
     }
@@ -131,8 +137,8 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
             cache_salt: generation.cache_salt.clone(),
         })
         .collect();
-    let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
-    let launch = stream::launch(&state, card.id.clone(), requests, n, ticket, trace).instrument(span.clone()).await?;
+    let entry = state.enter(&caller, &card, &requests)?;
+    let launch = stream::launch(&state, card.id.clone(), requests, n, entry, trace).instrument(span.clone()).await?;
     let meta = Meta { id, object: "text_completion", created: crate::clock::unix_s(), model: card.id.clone() };
     let choices_per_prompt = n as usize;
     if generation.stream {

@@ -1,48 +1,43 @@
-//! API keys: when any are configured, `/v1/*` requires `Authorization: Bearer <key>` (as vLLM's
-//! `--api-key`). Keys are compared in constant time, and every configured key is compared, so
-//! the answer's timing tells nothing about which bytes or which key matched.
+//! API keys: when any are configured (`--api-key`, or named keys: [`crate::api::edge::keys`]),
+//! `/v1/*` requires `Authorization: Bearer <key>` (as vLLM's `--api-key`). The key is looked up by
+//! its hash, comparing every configured key in constant time, so the answer's timing tells
+//! nothing about which bytes or which key matched.
+//!
+//! A request let in carries its [`Caller`] (its key's entry) to the handlers, which apply the
+//! key's models and limits when they admit it. On the way out its response gets the
+//! `x-ratelimit-*` headers its admission measured, and counts in
+//! `lumen_tenant_requests_total{tenant, outcome}`.
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::api::ApiState;
-use crate::api::edge::errors::ApiError;
+use crate::api::edge::errors::{ApiError, insert_rate_headers};
+use crate::api::edge::keys::Caller;
 use crate::secret;
 
 /// Middleware for the `/v1/*` routes.
-pub async fn require_key(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    let keys = &state.config.api_keys;
-    if keys.is_empty() {
+pub async fn require_key(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
+    let keys = state.keys();
+    if keys.is_open() {
         return next.run(request).await;
     }
-    match secret::bearer(request.headers()) {
-        Some(token) if key_matches(keys, token) => next.run(request).await,
-        _ => ApiError::Unauthorized.into_response(),
+    let Some(key) = secret::bearer(request.headers()).and_then(|token| keys.lookup(token)) else {
+        return ApiError::Unauthorized.into_response();
+    };
+    let caller = Caller::new(key.clone());
+    request.extensions_mut().insert(caller.clone());
+    let mut response = next.run(request).await;
+    if let Some(rate) = caller.headers() {
+        insert_rate_headers(response.headers_mut(), &rate);
     }
-}
-
-/// Whether `token` equals one of `keys` ([`secret::matches_any`]: constant time, every key compared).
-pub fn key_matches(keys: &[String], token: &str) -> bool {
-    secret::matches_any(keys, token)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn any_configured_key_is_accepted() {
-        let keys = vec!["alpha-key".to_string(), "beta-key".to_string()];
-        assert!(key_matches(&keys, "alpha-key"));
-        assert!(key_matches(&keys, "beta-key"));
-    }
-
-    #[test]
-    fn prefixes_extensions_and_empty_tokens_are_refused() {
-        let keys = vec!["secret".to_string()];
-        for token in ["", "secre", "secret2", "Secret", "secreT"] {
-            assert!(!key_matches(&keys, token), "{token:?}");
-        }
-    }
+    let outcome = match response.status().as_u16() {
+        429 => "rate_limited",
+        400..=499 => "invalid",
+        500.. => "error",
+        _ => "success",
+    };
+    keys.limiter().metrics().requests.with_label_values(&[&*key.tenant, outcome]).inc();
+    response
 }

@@ -8,6 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::api::edge::limits::{Limited, Reason};
 use crate::backend::BackendError;
 
 /// Seconds a client is told to wait after a 429.
@@ -50,6 +51,13 @@ pub enum ApiError {
     /// 413: the body exceeds the configured limit.
     #[error("the request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    /// 404: the caller's key may not use this model; OpenAI's answer, which does not say whether
+    /// the model exists.
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotAllowed(String),
+    /// 429: a limit of the caller's key ([`Limited`]); with OpenAI's `x-ratelimit-*` headers.
+    #[error("{}", .0.message)]
+    Limited(Box<Limited>),
     /// 429: the model's admission queue is full, or the backend is overloaded.
     #[error("{0}")]
     Overloaded(String),
@@ -75,11 +83,13 @@ impl ApiError {
             | ApiError::UnsupportedApi { .. } => StatusCode::BAD_REQUEST,
             ApiError::ResponseNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_) | ApiError::ModelNotAllowed(_) | ApiError::RouteNotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded(_) | ApiError::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -96,7 +106,15 @@ impl ApiError {
             | ApiError::NotCancellable
             | ApiError::UnsupportedApi { .. } => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
-            ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => "not_found_error",
+            ApiError::ModelNotFound(_) | ApiError::ModelNotAllowed(_) | ApiError::RouteNotFound { .. } => {
+                "not_found_error"
+            }
+            // OpenAI's types for its rate limits and quota.
+            ApiError::Limited(limited) => match limited.reason {
+                Reason::Tokens => "tokens",
+                Reason::Quota => "insufficient_quota",
+                Reason::Requests | Reason::Concurrency | Reason::Model => "requests",
+            },
             ApiError::Overloaded(_) => "rate_limit_error",
             ApiError::Unavailable(_) => "service_unavailable_error",
             ApiError::Internal(_) => "server_error",
@@ -106,7 +124,7 @@ impl ApiError {
     fn param_name(&self) -> Option<&str> {
         match self {
             ApiError::InvalidParam { param, .. } => Some(param),
-            ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::ModelNotFound(_) | ApiError::ModelNotAllowed(_) => Some("model"),
             ApiError::ResponseNotFound { param, .. } => param.as_deref(),
             _ => None,
         }
@@ -115,7 +133,9 @@ impl ApiError {
     fn code(&self) -> Option<&'static str> {
         match self {
             ApiError::Unauthorized => Some("invalid_api_key"),
-            ApiError::ModelNotFound(_) => Some("model_not_found"),
+            ApiError::ModelNotFound(_) | ApiError::ModelNotAllowed(_) => Some("model_not_found"),
+            ApiError::Limited(limited) if limited.reason == Reason::Quota => Some("insufficient_quota"),
+            ApiError::Limited(_) => Some("rate_limit_exceeded"),
             ApiError::Overloaded(_) => Some("queue_full"),
             _ => None,
         }
@@ -149,13 +169,26 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut response = (status, axum::Json(self.body())).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+        let headers = response.headers_mut();
+        if let ApiError::Limited(limited) = &self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(limited.retry_after_s));
+            insert_rate_headers(headers, &limited.headers);
+        } else if status == StatusCode::TOO_MANY_REQUESTS {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
         }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+/// Adds OpenAI's `x-ratelimit-*` headers (those not already there).
+pub fn insert_rate_headers(headers: &mut axum::http::HeaderMap, rate: &crate::api::edge::limits::RateHeaders) {
+    for (name, value) in rate.pairs() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.entry(name).or_insert(value);
+        }
     }
 }
 

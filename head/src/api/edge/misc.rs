@@ -10,18 +10,20 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::api::edge::errors::ApiError;
+use crate::api::edge::keys::Caller;
 use crate::api::edge::metrics::labelled;
 use crate::api::request::body::{JsonObject, typed};
 use crate::api::request::fields;
 use crate::api::request::params;
 use crate::api::{ApiState, chat};
 
-/// `GET /v1/models`.
-pub async fn models(State(state): State<ApiState>) -> Json<Value> {
+/// `GET /v1/models`: the models the caller's key may use.
+pub async fn models(State(state): State<ApiState>, caller: Caller) -> Json<Value> {
     let data: Vec<Value> = state
         .backend
         .models()
         .into_iter()
+        .filter(|m| caller.may_use(&m.id))
         .map(|m| {
             json!({
                 "id": m.id,

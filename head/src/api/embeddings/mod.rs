@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use self::request::EmbeddingRequest;
 use crate::api::edge::errors::ApiError;
+use crate::api::edge::keys::Caller;
 use crate::api::edge::metrics::labelled;
 use crate::api::edge::trace::Trace;
 use crate::api::generate::{dispatch, stream};
@@ -33,13 +34,18 @@ use crate::api::{ApiState, request_id};
 use crate::backend::Runner;
 
 /// The handler.
-pub async fn create(State(state): State<ApiState>, trace: Trace, JsonObject(body): JsonObject) -> Response {
+pub async fn create(
+    State(state): State<ApiState>,
+    caller: Caller,
+    trace: Trace,
+    JsonObject(body): JsonObject,
+) -> Response {
     let requested = body.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
     trace.requested_model(&requested);
-    labelled(&requested, run(state, body, trace).await)
+    labelled(&requested, run(state, caller, body, trace).await)
 }
 
-async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
+async fn run(state: ApiState, caller: Caller, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
     let req = EmbeddingRequest::parse(&body)?;
     let card = state.resolve_for(req.model.as_deref(), Runner::Pooling, "Embeddings API")?;
     let pooling = req.pooling(&card)?;
@@ -54,14 +60,14 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
             prompt: Some(prompt),
             n: 1,
             pooling: Some(pooling),
-            priority: 0,
+            priority: caller.priority(None).unwrap_or(0),
             cache_salt: None,
             ..Default::default()
         })
         .collect();
-    let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
+    let entry = state.enter(&caller, &card, &requests)?;
     let collected = async {
-        let launch = stream::launch(&state, card.id.clone(), requests, 1, ticket, trace).await?;
+        let launch = stream::launch(&state, card.id.clone(), requests, 1, entry, trace).await?;
         dispatch::collect(launch.running().await?).await
     }
     .instrument(span)

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::api::edge::errors::ApiError;
+use crate::api::edge::limits::Lease;
 
 /// How many requests of one model may run and wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +58,12 @@ pub struct Queued {
 pub enum Ticket {
     Ready(Permit),
     Queued(Queued),
+}
+
+/// A request let in: its key's [`Lease`] (limits) and its place at the model's gate.
+pub struct Entry {
+    pub ticket: Ticket,
+    pub lease: Lease,
 }
 
 impl Admission {

@@ -3,8 +3,9 @@
 //! OpenAI numbers them), and the end checked: every prompt must end with `finished`, so a stream
 //! that stops early is reported as an error, never passed off as a complete answer.
 //!
-//! A [`Running`] owns the admission permit and the backend streams; dropping it (client gone)
-//! drops them, which aborts the requests on their replicas. It notes every event, the end and any
+//! A [`Running`] owns the admission permit, the key's lease and the backend streams; dropping it
+//! (client gone) drops them, which aborts the requests on their replicas and settles the lease
+//! on the tokens counted so far. It notes every event, the end and any
 //! failure into the request's [`Trace`] (the request log's view of it).
 
 use std::pin::Pin;
@@ -14,6 +15,7 @@ use futures::{Stream, StreamExt};
 use lumen_proto::v1 as pb;
 
 use crate::api::edge::errors::ApiError;
+use crate::api::edge::limits::Lease;
 use crate::api::edge::trace::Trace;
 use crate::api::generate::admission::Permit;
 use crate::api::generate::migration::{self, Migrations};
@@ -95,6 +97,8 @@ pub struct Running {
     usage: Usage,
     trace: Trace,
     _permit: Permit,
+    /// The key's limits: counts the usage, settles when dropped.
+    lease: Lease,
 }
 
 /// Sends each request to `model` and returns their merged streams; fails if any is refused. Each
@@ -105,7 +109,7 @@ pub async fn start(
     model: &str,
     requests: Vec<pb::GenerateRequest>,
     n: u32,
-    permit: Permit,
+    (permit, lease): (Permit, Lease),
     trace: Trace,
 ) -> Result<Running, ApiError> {
     let prompts = requests.len();
@@ -121,6 +125,7 @@ pub async fn start(
         usage: Usage::default(),
         trace,
         _permit: permit,
+        lease,
     })
 }
 
@@ -158,6 +163,7 @@ impl Running {
                 Err(e) => return Some(Err(e.into())),
             };
             self.trace.observe(&event);
+            self.lease.observe(prompt, &event);
             match event {
                 pb::generate_event::Event::Started(started) => return Some(Ok(Step::Started { prompt, started })),
                 pb::generate_event::Event::PromptLogprobs(p) => {

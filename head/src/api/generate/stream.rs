@@ -35,7 +35,7 @@ use tracing::{Instrument, Span};
 use crate::api::ApiState;
 use crate::api::edge::errors::ApiError;
 use crate::api::edge::trace::Trace;
-use crate::api::generate::admission::Ticket;
+use crate::api::generate::admission::{Entry, Ticket};
 use crate::api::generate::dispatch::{self, Running, Step, Usage};
 use crate::api::generate::sse;
 
@@ -45,22 +45,24 @@ pub enum Launch {
     Queued(BoxFuture<'static, Result<Running, ApiError>>),
 }
 
-/// Sends `requests` now if `ticket` is ready; otherwise prepares to send them once admitted.
+/// Sends `requests` now if `entry`'s ticket is ready; otherwise prepares to send them once
+/// admitted. The launch holds `entry`'s lease to the request's end.
 /// `trace` learns the request's id, model and prompt now, and what happens to it later.
 pub async fn launch(
     state: &ApiState,
     model: String,
     requests: Vec<pb::GenerateRequest>,
     n: u32,
-    ticket: Ticket,
+    entry: Entry,
     trace: Trace,
 ) -> Result<Launch, ApiError> {
     trace.launched(&model, &requests);
     let details = state.config.enable_prompt_tokens_details;
     let migrations = state.migrations.for_model(state.model_options(&model).migration_limit);
+    let Entry { ticket, lease } = entry;
     match ticket {
         Ticket::Ready(permit) => Ok(Launch::Running(
-            dispatch::start(&state.backend, &migrations, &model, requests, n, permit, trace)
+            dispatch::start(&state.backend, &migrations, &model, requests, n, (permit, lease), trace)
                 .await?
                 .with_prompt_details(details),
         )),
@@ -68,9 +70,12 @@ pub async fn launch(
             let backend = state.backend.clone();
             Ok(Launch::Queued(Box::pin(async move {
                 let started = match queued.admitted().await {
-                    Ok(permit) => dispatch::start(&backend, &migrations, &model, requests, n, permit, trace.clone())
-                        .await
-                        .map(|r| r.with_prompt_details(details)),
+                    Ok(permit) => {
+                        let held = (permit, lease);
+                        dispatch::start(&backend, &migrations, &model, requests, n, held, trace.clone())
+                            .await
+                            .map(|r| r.with_prompt_details(details))
+                    }
                     Err(e) => Err(e),
                 };
                 if let Err(e) = &started {

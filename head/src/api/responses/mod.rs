@@ -29,6 +29,7 @@ use self::output::{Header, Status};
 use self::request::ResponsesRequest;
 use self::store::Stored;
 use crate::api::edge::errors::ApiError;
+use crate::api::edge::keys::Caller;
 use crate::api::edge::metrics::labelled;
 use crate::api::edge::trace::Trace;
 use crate::api::generate::{dispatch, stream};
@@ -40,13 +41,18 @@ use crate::api::{ApiState, chat};
 use crate::backend::Runner;
 
 /// `POST /v1/responses`.
-pub async fn create(State(state): State<ApiState>, trace: Trace, JsonObject(body): JsonObject) -> Response {
+pub async fn create(
+    State(state): State<ApiState>,
+    caller: Caller,
+    trace: Trace,
+    JsonObject(body): JsonObject,
+) -> Response {
     let requested = body.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
     trace.requested_model(&requested);
-    labelled(&requested, run(state, body, trace).await)
+    labelled(&requested, run(state, caller, body, trace).await)
 }
 
-async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
+async fn run(state: ApiState, caller: Caller, body: Map<String, Value>, trace: Trace) -> Result<Response, ApiError> {
     let request = ResponsesRequest::parse(&body)?;
     let card =
         state.resolve_for(request.chat.get("model").and_then(Value::as_str), Runner::Generate, "Responses API")?;
@@ -70,7 +76,8 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let tools = ToolRequest::from_body(&request.chat, state.tool_settings(&card.id))?;
     let kwargs = tools.template_kwargs(None);
     let prompt = chat::chat_prompt(&messages, true, kwargs.as_ref())?;
-    let common: CommonParams = typed(&request.chat)?;
+    let mut common: CommonParams = typed(&request.chat)?;
+    common.priority = caller.priority(common.priority);
     let generation = common.validate(RouteDefaults { max_tokens: 0, logprobs: None })?;
     generation.check_context("max_output_tokens", card.max_model_len, None)?;
     let mut structured_output =
@@ -83,9 +90,9 @@ async fn run(state: ApiState, body: Map<String, Value>, trace: Trace) -> Result<
     let id = format!("resp_{:032x}", rand::random::<u128>());
     let span = tracing::info_span!("response", request_id = %id, model = %card.id);
     let generate = chat::generate_request(&id, prompt, &generation, &tools, structured_output);
-    let ticket = state.admission.enter(&card.id, state.admission_limits(&card.id))?;
-    let launch =
-        stream::launch(&state, card.id.clone(), vec![generate], 1, ticket, trace).instrument(span.clone()).await?;
+    let requests = vec![generate];
+    let entry = state.enter(&caller, &card, &requests)?;
+    let launch = stream::launch(&state, card.id.clone(), requests, 1, entry, trace).instrument(span.clone()).await?;
     let header =
         Header { id: id.clone(), created_at: crate::clock::unix_s(), model: card.id.clone(), echo: request.echo };
     let format =

@@ -1,0 +1,41 @@
+//! Lumen's API keys on the control port: `GET /api/lumen/keys` lists the named keys (tenant,
+//! fingerprint, models, limits, priority; never key material), `PUT /api/lumen/keys` replaces
+//! them all at once, live (body: `{"api_keys": [...]}`, JSON, or YAML when the content type says
+//! so: the same section a serve config may carry, [`crate::api::edge::keys`]).
+//!
+//! `PUT` needs the admin token when one is configured, as the other mutating routes do
+//! ([`super::serve_api`]); a refused document answers 400 `{"error", "field"}` and changes
+//! nothing. Keys set here live in memory: a restarted head starts again from its flags and files.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
+use serde_json::{Value, json};
+
+use super::ControlState;
+use super::error::ControlError;
+use super::serve_api::{authorize, read_document};
+use crate::api::edge::keys;
+
+/// `GET /api/lumen/keys`.
+pub async fn get_keys(State(state): State<ControlState>) -> Json<Value> {
+    Json(json!({"api_keys": state.applications.api().keys().list()}))
+}
+
+/// `PUT /api/lumen/keys`: the new table, then the listing of what is now in force.
+pub async fn put_keys(
+    State(state): State<ControlState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ControlError> {
+    authorize(&state, &headers)?;
+    let document = read_document("API keys", &headers, body)?;
+    let named = keys::parse(&document)?;
+    let tenants: Vec<String> = named.iter().map(|k| k.tenant.to_string()).collect();
+    let table = state.applications.api().keys();
+    table.replace(named)?;
+    tracing::info!(?tenants, "API keys replaced");
+    Ok(Json(json!({"api_keys": table.list()})))
+}
