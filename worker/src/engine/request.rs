@@ -209,9 +209,6 @@ impl EngineLimits {
             return Ok(());
         }
         let refuse = |why: String| Err(WorkerError::invalid("resume", why));
-        if req.constraint.is_some() {
-            return refuse("a request with a structured output cannot be resumed".into());
-        }
         let indices: Vec<usize> = req.resumed.iter().map(|c| c.index).collect();
         if indices != (0..req.n).collect::<Vec<_>>() {
             return refuse(format!("choices {indices:?} resumed of a request for n = {}", req.n));
