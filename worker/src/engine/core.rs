@@ -146,6 +146,8 @@ pub struct CoreConfig {
     /// The step-time goal of steps that carry decodes, ms (`None`: prompt chunks fill the
     /// budget); see `step_cost`.
     pub itl_goal_ms: Option<f64>,
+    /// The prompt pressure at which the goal's limit binds (0: always); see `step_cost`.
+    pub itl_goal_min_pressure: f64,
     pub scheduling_policy: SchedulingPolicy,
 }
 
@@ -183,7 +185,7 @@ impl EngineCore {
             reduced: ReducedRows::default(),
             grammars,
             mask_workers: MaskWorkers::new(MaskWorkers::default_threads()),
-            step_cost: StepCostModel::new(cfg.itl_goal_ms),
+            step_cost: StepCostModel::new(cfg.itl_goal_ms, cfg.itl_goal_min_pressure),
             phases: StepPhases::default(),
             deferred: deferred::DeferredOutputs::default(),
             defer_output: std::env::var("LUMEN_DEFER_OUTPUT").map_or(true, |v| v != "0"),
@@ -335,8 +337,9 @@ impl EngineCore {
         }
         self.reduced = reduced;
         let tokens = schedule.seqs.iter().map(|s| s.len).sum();
+        let mixed = schedule.seqs.iter().any(|s| s.len > 1) && schedule.seqs.iter().any(|s| s.len == 1);
         let end = Instant::now();
-        self.step_cost.observe(tokens, end.duration_since(started).as_secs_f64() * 1e3);
+        self.step_cost.observe(tokens, mixed, end.duration_since(started).as_secs_f64() * 1e3);
         self.phases.record(&StepMarks { start: started, forward_start, forward_end, end }, tokens);
         self.counters.steps_total += 1;
         self.last_progress = Instant::now();

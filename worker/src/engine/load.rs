@@ -48,6 +48,11 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
         max_num_batched_tokens: opts.max_num_batched_tokens,
         enable_prefix_caching: opts.enable_prefix_caching,
         itl_goal_ms: itl_goal(opts),
+        // An experiment, measured on a GPU before it gets a flag (see `step_cost`).
+        itl_goal_min_pressure: std::env::var("LUMEN_ITL_GOAL_MIN_PRESSURE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0),
         scheduling_policy: opts.scheduling_policy,
     };
     let num_blocks = model.num_blocks();

@@ -13,6 +13,12 @@
 //!   spread in their sizes; until then (and with the goal off) prompt chunks fill the budget.
 //! - The limit never falls below [`MIN_PROMPT_TOKENS`], so prompts always progress, however
 //!   slow a decode step alone is; and it only applies to steps that carry decodes.
+//! - Burst-aware (an experiment, off by default): with a `min_pressure` above 0 the limit binds
+//!   only while prompt work is steady, i.e. while the share of recent steps that mixed prompt
+//!   tokens with decodes (an exponential average over ~[`PRESSURE_WINDOW`] steps) is at least
+//!   `min_pressure`. A burst of arrivals (a closed-loop benchmark's wave) then lands in a few
+//!   full steps few tokens wait on, while steady arrivals are still spread. Unlimited, a burst
+//!   keeps the share low, so the rule does not feed itself.
 
 /// How fast old steps are forgotten (per step observed).
 const DECAY: f64 = 0.98;
@@ -22,12 +28,18 @@ const MIN_STEPS: u64 = 16;
 const MIN_SPREAD_TOKENS: f64 = 32.0;
 /// The fewest prompt tokens a step with decodes may take.
 pub const MIN_PROMPT_TOKENS: usize = 256;
+/// Steps the prompt-pressure average spans (its weight per step is `1 / PRESSURE_WINDOW`).
+const PRESSURE_WINDOW: f64 = 64.0;
 
 /// The fitted step cost and the goal it serves.
 #[derive(Clone, Debug)]
 pub struct StepCostModel {
     /// Goal for a step that carries decodes, ms; `None`: no goal (chunks fill the budget).
     goal_ms: Option<f64>,
+    /// The least prompt pressure at which the limit binds (0: always).
+    min_pressure: f64,
+    /// Share of recent steps that mixed prompt tokens with decodes (exponential average).
+    pressure: f64,
     steps: u64,
     // Exponentially weighted sums over steps: weight, x, y, x^2, x*y (x tokens, y ms).
     w: f64,
@@ -38,16 +50,21 @@ pub struct StepCostModel {
 }
 
 impl StepCostModel {
-    pub fn new(goal_ms: Option<f64>) -> StepCostModel {
+    /// A model serving `goal_ms`; the limit binds only at a prompt pressure of `min_pressure`
+    /// or more (0: always; see the module docs).
+    pub fn new(goal_ms: Option<f64>, min_pressure: f64) -> StepCostModel {
         let goal_ms = goal_ms.filter(|g| g.is_finite() && *g > 0.0);
-        StepCostModel { goal_ms, steps: 0, w: 0.0, sx: 0.0, sy: 0.0, sxx: 0.0, sxy: 0.0 }
+        let min_pressure = if min_pressure.is_finite() { min_pressure.clamp(0.0, 1.0) } else { 0.0 };
+        StepCostModel { goal_ms, min_pressure, pressure: 0.0, steps: 0, w: 0.0, sx: 0.0, sy: 0.0, sxx: 0.0, sxy: 0.0 }
     }
 
-    /// Records a step of `tokens` tokens that took `ms` milliseconds (wall time of the step).
-    pub fn observe(&mut self, tokens: usize, ms: f64) {
+    /// Records a step of `tokens` tokens that took `ms` milliseconds (wall time of the step);
+    /// `mixed`: it carried prompt tokens beside decodes.
+    pub fn observe(&mut self, tokens: usize, mixed: bool, ms: f64) {
         if self.goal_ms.is_none() || !ms.is_finite() || ms < 0.0 {
             return;
         }
+        self.pressure += (f64::from(u8::from(mixed)) - self.pressure) / PRESSURE_WINDOW;
         let x = tokens as f64;
         self.w = self.w * DECAY + 1.0;
         self.sx = self.sx * DECAY + x;
@@ -79,7 +96,7 @@ impl StepCostModel {
     /// for no limit beyond the token budget.
     pub fn prompt_limit(&self, decodes: usize) -> Option<usize> {
         let goal = self.goal_ms?;
-        if decodes == 0 {
+        if decodes == 0 || self.pressure < self.min_pressure {
             return None;
         }
         let (a, b) = self.fit()?;
@@ -94,9 +111,9 @@ mod tests {
     use super::*;
 
     fn fed(goal: Option<f64>, steps: &[(usize, f64)]) -> StepCostModel {
-        let mut m = StepCostModel::new(goal);
+        let mut m = StepCostModel::new(goal, 0.0);
         for &(tokens, ms) in steps {
-            m.observe(tokens, ms);
+            m.observe(tokens, true, ms);
         }
         m
     }
@@ -139,5 +156,33 @@ mod tests {
         }
         let (_, b) = fed(Some(50.0), &steps).fit().unwrap();
         assert!((b - 0.04).abs() < 0.001, "b {b} follows the recent steps");
+    }
+
+    #[test]
+    fn a_burst_of_prompts_is_not_limited_when_the_limit_waits_for_steady_pressure() {
+        let cost = |t: usize| 10.0 + 0.025 * t as f64;
+        let mut m = StepCostModel::new(Some(50.0), 0.5);
+        // A wave: two full prompt steps among 62 decode-only ones, again and again.
+        for i in 0..640 {
+            let mixed = i % 64 < 2;
+            let tokens = if mixed { 8192 } else { [256, 300, 1024][i % 3] };
+            m.observe(tokens, mixed, cost(tokens));
+        }
+        assert!(m.fit().is_some());
+        assert_eq!(m.prompt_limit(256), None, "a burst goes through whole (pressure {:.2})", m.pressure);
+        // Steady arrivals: prompt tokens in most steps.
+        for i in 0..128 {
+            let mixed = i % 4 != 0;
+            let tokens = if mixed { 1600 } else { 256 };
+            m.observe(tokens, mixed, cost(tokens));
+        }
+        assert!(m.prompt_limit(256).is_some(), "steady prompt work is spread (pressure {:.2})", m.pressure);
+        // With no threshold the limit binds at any pressure, as before.
+        let mut always = StepCostModel::new(Some(50.0), 0.0);
+        for i in 0..64 {
+            let tokens = [256, 4096][i % 2];
+            always.observe(tokens, false, cost(tokens));
+        }
+        assert!(always.prompt_limit(256).is_some());
     }
 }
