@@ -155,6 +155,10 @@ const checks = {
     await healthy.first().locator(`${testid('replica-row')}[data-state="RUNNING"]`).first().waitFor({ timeout: 30_000 });
     const counts = await healthy.first().locator(testid('deployment-replicas')).textContent();
     if (!/^[1-9]\d* \/ [1-9]/.test(counts)) throw new Error(`replica counts read "${counts}"`);
+    if (o.model) {
+      const model = await healthy.first().locator(testid('deployment-model')).textContent();
+      if (model !== o.model) throw new Error(`the deployment's model reads "${model}", expected "${o.model}"`);
+    }
     if (o.expectAutoscaling) {
       const auto = await healthy.first().locator(testid('deployment-autoscaling')).textContent();
       if (auto !== o.expectAutoscaling) throw new Error(`autoscaling reads "${auto}", expected "${o.expectAutoscaling}"`);

@@ -1,7 +1,7 @@
 // Serve: Ray Serve's status document, GET /api/serve/applications/ — applications with status
 // and message, deployments with status, message, target vs running replicas, the autoscaling
-// config from the applied serve config (deployed_app_config), and each replica's state, worker and
-// message.
+// config and the model served (its served name, else its source) from the applied serve config
+// (deployed_app_config), and each replica's state, worker and message.
 
 import { Poller, getJson } from '../api.js';
 import { clock, field, h, notice, pill, replace } from '../util.js';
@@ -40,6 +40,12 @@ function application(app) {
   );
 }
 
+/** The model a deployment serves, as clients name it: its served name, else its source. */
+function modelName(config) {
+  const model = config?.model;
+  return model?.served_model_name || model?.source || model?.model || '';
+}
+
 /** The running count and the per-state summary of a deployment. */
 export function replicaCounts(d) {
   const states = d.replica_states || {};
@@ -68,7 +74,7 @@ function deployment(d, config) {
             'deployment-autoscaling',
           )
         : field('autoscaling', 'off (fixed replicas)'),
-      config?.model?.served_model_name ? field('model', config.model.served_model_name) : null,
+      modelName(config) ? field('model', modelName(config), 'deployment-model') : null,
     ),
     replicaTable(d.replicas || []),
   );
