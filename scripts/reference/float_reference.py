@@ -31,6 +31,12 @@ def field(reader, key):
     return f.parts[f.data[0]][0]
 
 
+def log_softmax(logits):
+    """Log-probabilities of logits along the last axis (any leading shape)."""
+    top = logits.max(axis=-1, keepdims=True)
+    return logits - (top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)))
+
+
 def load_model():
     """The dequantized model as `logits(tokens, all_rows=False)`: the next-token logits after the
     last token (every position's with `all_rows`), in float64."""
@@ -106,7 +112,7 @@ def main():
         steps = []
         for _ in range(STEPS):
             lg = logits(tokens)
-            lp = lg - (lg.max() + np.log(np.exp(lg - lg.max()).sum()))
+            lp = log_softmax(lg)
             top = np.argsort(-lp)[:5]
             steps.append({"token": int(top[0]), "logprob": round(float(lp[top[0]]), 6),
                           "top": [[int(i), round(float(lp[i]), 6)] for i in top]})

@@ -31,7 +31,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from float_reference import MODEL, load_model  # noqa: E402
+from float_reference import MODEL, load_model, log_softmax  # noqa: E402
 
 QUESTIONS = [
     ("The capital of France is", ["Paris", "London", "Berlin", "Madrid"], 0),
@@ -133,8 +133,7 @@ def main():
             ctx, cont = lm._encode_pair(context, continuation)
             tokens = list(ctx) + list(cont)
             lg = logits(tokens, all_rows=True)
-            lp = lg - (lg.max(axis=-1, keepdims=True)
-                       + np.log(np.exp(lg - lg.max(axis=-1, keepdims=True)).sum(axis=-1, keepdims=True)))
+            lp = log_softmax(lg)
             ref = float(sum(lp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
             theirs = float(theirs)
             diff = abs(ref - theirs)

@@ -336,8 +336,10 @@ impl EngineCore {
             }
         }
         self.reduced = reduced;
-        let tokens = schedule.seqs.iter().map(|s| s.len).sum();
-        let mixed = schedule.seqs.iter().any(|s| s.len > 1) && schedule.seqs.iter().any(|s| s.len == 1);
+        // Tokens of the step, and whether it mixed prompt chunks (len > 1) with decodes (len 1).
+        let (tokens, prompts, decodes) =
+            schedule.seqs.iter().fold((0, false, false), |(t, p, d), s| (t + s.len, p || s.len > 1, d || s.len == 1));
+        let mixed = prompts && decodes;
         let end = Instant::now();
         self.step_cost.observe(tokens, mixed, end.duration_since(started).as_secs_f64() * 1e3);
         self.phases.record(&StepMarks { start: started, forward_start, forward_end, end }, tokens);
@@ -443,7 +445,13 @@ impl EngineCore {
         let is_eos = !req.stop.ignore_eos && self.tokenizer.eos_token_ids().contains(&token);
         let stop_token = past_min && (is_eos || req.stop.stop_token_ids.contains(&token));
         let at_length = generated >= req.stop.max_tokens || req.prompt_len + generated >= self.limits.max_model_len;
-        let grammar_complete = match self.advance_grammar(seq, token, stop_token || at_length) {
+        // An unconstrained sequence (the common case) skips the grammar's lookup.
+        let grammar = if state.grammar.is_some() {
+            self.advance_grammar(seq, token, stop_token || at_length)
+        } else {
+            Feed::Taken
+        };
+        let grammar_complete = match grammar {
             Feed::Taken => false,
             Feed::Complete => true,
             Feed::AlreadyComplete => return self.finish_complete_grammar(seq),
