@@ -82,6 +82,7 @@ pub const OPTIONS: &[(&str, Kind)] = &[
     ("gpu_memory_utilization", Kind::Fraction),
     ("gpu_memory_limit", Kind::BytesOrNull),
     ("dtype", Kind::OneOf(&["auto", "bfloat16", "float32"])),
+    ("enforce_eager", Kind::Bool),
     ("runner", Kind::OneOf(&["auto", "generate", "pooling"])),
     ("convert", Kind::OneOf(&["auto", "none", "embed"])),
     ("pooler_config", Kind::PoolerConfig),

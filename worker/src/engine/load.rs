@@ -142,6 +142,7 @@ fn load_cuda(
             gpu_memory_utilization: opts.gpu_memory_utilization,
             gpu_memory_limit: opts.gpu_memory_limit.map(|b| b.as_u64() as usize),
             pooling: opts.pooling()?.is_some(),
+            enforce_eager: opts.enforce_eager,
         },
     )?;
     Ok(Box::new(model))

@@ -109,6 +109,11 @@ pub struct EngineOptions {
     #[arg(long, env = "LUMEN_DTYPE", default_value = "auto")]
     pub dtype: GpuDType,
 
+    /// Launch every GPU step's kernels one by one instead of replaying the CUDA graphs captured
+    /// at start-up for decode steps (vLLM's `--enforce-eager`).
+    #[arg(long, env = "LUMEN_ENFORCE_EAGER", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub enforce_eager: bool,
+
     /// The runner, as vLLM's `--runner`: auto (generation for a Llama causal LM), generate, or
     /// pooling (embeddings through `/v1/embeddings`; generation endpoints then answer 400).
     #[arg(long, env = "LUMEN_RUNNER", value_enum, default_value = "auto")]
@@ -201,6 +206,7 @@ impl Default for EngineOptions {
             gpu_memory_utilization: defaults::GPU_MEMORY_UTILIZATION,
             gpu_memory_limit: None,
             dtype: GpuDType::Auto,
+            enforce_eager: false,
             runner: Runner::Auto,
             convert: Convert::Auto,
             pooler_config: None,

@@ -43,7 +43,7 @@ const MAX_PARAMS: usize = 24;
 
 /// A kernel's parameters, each in an 8-byte slot (a 4-byte value in its first bytes: the slot's
 /// address is then a valid address of the value on a little-endian GPU host).
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Params {
     slots: [u64; MAX_PARAMS],
     len: usize,
@@ -84,6 +84,23 @@ impl Params {
         assert!(self.len < MAX_PARAMS, "a kernel takes at most {MAX_PARAMS} parameters");
         self.slots[self.len] = value.into_slot();
         self.len += 1;
+    }
+
+    /// Replaces parameter `index` (a value of the parameter's type, as [`Param`] stores it).
+    /// Panics past the parameters pushed, a programming error.
+    pub fn set(&mut self, index: usize, slot: u64) {
+        assert!(index < self.len, "parameter {index} of {}", self.len);
+        self.slots[index] = slot;
+    }
+
+    /// A pointer to each parameter, as a launch takes them; valid while `self` is neither moved
+    /// nor changed.
+    pub fn pointers(&mut self) -> [*mut c_void; MAX_PARAMS] {
+        let mut pointers = [std::ptr::null_mut(); MAX_PARAMS];
+        for (pointer, slot) in pointers.iter_mut().zip(self.slots.iter_mut()).take(self.len) {
+            *pointer = (slot as *mut u64).cast();
+        }
+        pointers
     }
 }
 
@@ -141,10 +158,7 @@ pub unsafe fn launch(
     dependent: bool,
 ) -> Result<()> {
     stream.context().bind_to_thread().map_err(|e| super::gpu_error("binding the context", e))?;
-    let mut pointers: [*mut c_void; MAX_PARAMS] = [std::ptr::null_mut(); MAX_PARAMS];
-    for (pointer, slot) in pointers.iter_mut().zip(params.slots.iter_mut()).take(params.len) {
-        *pointer = (slot as *mut u64).cast();
-    }
+    let mut pointers = params.pointers();
     // SAFETY: an all-zero attribute is a valid value of this plain C struct.
     let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;

@@ -14,7 +14,9 @@
 //!   tokens (causal, varlen, grouped-query, split over long contexts); `attention.cu` the same on
 //!   CUDA cores (f32, and bf16 with `LUMEN_CUDA_ATTENTION=simt`); `attention_common.cuh` the
 //!   merge of split contexts both use.
-//! - `gemv.cu`: linear layers for steps of one or two tokens (decode), at memory bandwidth.
+//! - `gemv.cu`: linear layers for steps of one or two tokens (decode), at memory bandwidth;
+//!   larger ones are cuBLAS (`blas.rs`).
+//! - `graph.rs`: CUDA graphs of decode steps (capture, the attention update, replay).
 //! - `sample.cu`: the sampler's edits and row reductions (argmax, top-k) over f32 logits, exact
 //!   to the CPU sampler (`sampling::reduce`).
 
@@ -22,7 +24,9 @@
 pub mod launch;
 
 pub mod attention;
+pub mod blas;
 pub mod gemv;
+pub mod graph;
 pub mod ops;
 pub mod pack;
 pub mod sample;
@@ -125,6 +129,10 @@ pub struct CudaKernels {
     dependent_launch: std::cell::Cell<bool>,
     /// Where outputs come from inside a model's layers, once the model set it (see `scratch`).
     scratch: Option<scratch::LayerScratch>,
+    /// While a graph is captured: the attention launches captured so far (see `graph`).
+    capture: std::cell::RefCell<Option<Vec<graph::CapturedLaunch>>>,
+    /// cuBLAS for the linear layers the GEMV does not take (see `blas`).
+    blas: blas::Blas,
 }
 
 impl CudaKernels {
@@ -189,7 +197,7 @@ impl CudaKernels {
             Err(_) => attention.decode_ctas_per_sm,
         };
         let split_ctas = per_sm * num_sms;
-        Ok(CudaKernels {
+        let kernels = CudaKernels {
             device: device.clone(),
             dtype,
             head_dim,
@@ -214,8 +222,11 @@ impl CudaKernels {
             dependent_mode,
             dependent_launch: std::cell::Cell::new(dependent_mode != launch::DependentLaunch::Off),
             scratch: None,
+            capture: std::cell::RefCell::new(None),
+            blas: blas::Blas::new(device, &stream)?,
             stream,
-        })
+        };
+        Ok(kernels)
     }
 
     pub fn device(&self) -> &Device {
@@ -257,7 +268,45 @@ impl CudaKernels {
         {
             return Ok(t);
         }
+        if self.capturing() {
+            return Err(WorkerError::Engine(format!(
+                "cuda graph: {shape:?} {dtype:?} does not fit the layer scratch (nothing is allocated while capturing)"
+            )));
+        }
         alloc_tensor(&self.device, shape, dtype)
+    }
+
+    /// Starts capturing the stream's work into a graph: until [`CudaKernels::end_capture`],
+    /// allocations outside the layer scratch fail and attention launches are recorded.
+    pub fn begin_capture(&self) -> Result<()> {
+        use cudarc::driver::sys::CUstreamCaptureMode;
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| gpu_error("starting a graph capture", e))?;
+        self.capture.replace(Some(Vec::new()));
+        Ok(())
+    }
+
+    /// Ends a capture: the graph, instantiated, and the attention launches it holds, in order.
+    /// Also ends a capture that failed midway (then with its error or an empty graph's).
+    pub fn end_capture(&self) -> Result<(cudarc::driver::CudaGraph, Vec<graph::CapturedLaunch>)> {
+        let launches = self.capture.take().unwrap_or_default();
+        let flags = cudarc::driver::sys::CUgraphInstantiate_flags(0);
+        let graph = self.stream.end_capture(flags).map_err(|e| gpu_error("ending a graph capture", e))?;
+        let graph = graph.ok_or_else(|| WorkerError::Engine("cuda graph: the capture is empty".into()))?;
+        Ok((graph, launches))
+    }
+
+    /// Whether a graph is being captured.
+    pub fn capturing(&self) -> bool {
+        self.capture.borrow().is_some()
+    }
+
+    /// Records an attention launch of the capture under way.
+    fn record_capture(&self, launch: graph::CapturedLaunch) {
+        if let Some(launches) = self.capture.borrow_mut().as_mut() {
+            launches.push(launch);
+        }
     }
 
     /// A step of `rows` token rows starts: whether its kernels launch as dependents.

@@ -87,6 +87,10 @@ __device__ void add_rms_norm(T* __restrict__ x, const T* __restrict__ delta, con
 // Cache layout (as in attention.cu): [num_blocks, kv_heads, block_size, head_dim]; the token in
 // slot s lives in block s / block_size at offset s % block_size. Needs half % N == 0 and 16-byte
 // aligned rows (the host checks).
+// The slot of a row that has none (the padding rows of a CUDA graph's batch): its key and value
+// are not written (must match `PAD_SLOT` in graph.rs).
+constexpr size_t PAD_SLOT = 0xffffffffu;
+
 template <typename T>
 __device__ void rotary_and_cache(T* __restrict__ qkv, int stride, const uint32_t* __restrict__ positions,
                                  const uint32_t* __restrict__ slots, const float* __restrict__ cos_table,
@@ -122,6 +126,7 @@ __device__ void rotary_and_cache(T* __restrict__ qkv, int stride, const uint32_t
             *reinterpret_cast<uint4*>(h + j + half) = P::pack(r1);
             continue;
         }
+        if (slot == PAD_SLOT) continue;  // a padding row of a graph replay: no cache slot
         const size_t g = head - q_heads;
         const size_t dst = (((slot / block_size) * kv_heads + g) * block_size + slot % block_size) * 2 * half;
         const T* v = row + (q_heads + kv_heads + g) * 2 * half;

@@ -172,11 +172,23 @@ impl CudaKernels {
         self.expect("src", src)?;
         let (_, width) = dims2("src", src)?;
         let out = self.alloc((n, width))?;
-        if n > 0 {
-            // SAFETY: every id indexes a row of src; out holds n rows.
-            launch!(self, &self.gather_rows, grid((n as u32, 1, 1), ROW_THREADS);
-                device_ptr(src)?, ids, device_ptr(&out)?, int("width", width)?)?;
-        }
+        self.gather_rows_into(src, ids, &out)?;
         Ok(out)
+    }
+
+    /// [`CudaKernels::gather_rows`] into `out` (`[n, width]`, contiguous, of the kernels' type).
+    pub fn gather_rows_into(&self, src: &Tensor, ids: u64, out: &Tensor) -> Result<()> {
+        self.expect("src", src)?;
+        self.expect("out", out)?;
+        let ((_, width), (n, out_width)) = (dims2("src", src)?, dims2("out", out)?);
+        if width != out_width {
+            return Err(mismatch("gather_rows", format!("rows of {width} into rows of {out_width}")));
+        }
+        if n > 0 {
+            // SAFETY: every id indexes a row of src; out holds n rows of the same width.
+            launch!(self, &self.gather_rows, grid((n as u32, 1, 1), ROW_THREADS);
+                device_ptr(src)?, ids, device_ptr(out)?, int("width", width)?)?;
+        }
+        Ok(())
     }
 }

@@ -86,6 +86,8 @@ pub struct MemoryPlan {
     /// Everything else in use on the device: the CUDA context, cuBLAS workspaces, the rotary
     /// tables, other processes.
     pub other: usize,
+    /// Set aside for CUDA graphs (captured once the KV cache is in place).
+    pub graphs: usize,
     pub kv_cache: usize,
 }
 
@@ -103,7 +105,12 @@ impl MemoryPlan {
         let budget = (total as f64 * utilization) as usize;
         let other = used.saturating_sub(weights);
         let kv_cache = budget.saturating_sub(used + activation_peak);
-        Ok(MemoryPlan { total, budget, weights, activation_peak, other, kv_cache })
+        Ok(MemoryPlan { total, budget, weights, activation_peak, other, graphs: 0, kv_cache })
+    }
+
+    /// The plan with `bytes` set aside for CUDA graphs, out of the KV cache.
+    pub fn with_graphs(self, bytes: usize) -> Self {
+        MemoryPlan { graphs: bytes, kv_cache: self.kv_cache.saturating_sub(bytes), ..self }
     }
 
     /// The total a plan starts from: the device's memory, or `limit` (`gpu_memory_limit`) when
@@ -116,12 +123,13 @@ impl MemoryPlan {
     pub fn describe(&self) -> String {
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         format!(
-            "device {:.2} GiB, budget {:.2} GiB: weights {:.2} GiB, activation peak {:.2} GiB, other {:.2} GiB, KV cache {:.2} GiB",
+            "device {:.2} GiB, budget {:.2} GiB: weights {:.2} GiB, activation peak {:.2} GiB, other {:.2} GiB, CUDA graphs {:.2} GiB, KV cache {:.2} GiB",
             gib(self.total),
             gib(self.budget),
             gib(self.weights),
             gib(self.activation_peak),
             gib(self.other),
+            gib(self.graphs),
             gib(self.kv_cache)
         )
     }
@@ -141,6 +149,9 @@ mod tests {
         let starved = MemoryPlan::new(100 * gib, 20 * gib, 0.2, 16 * gib, 2 * gib).unwrap();
         assert_eq!(starved.kv_cache, 0);
         assert!(MemoryPlan::new(100 * gib, 0, 1.5, 0, 0).is_err());
+        let with_graphs = plan.with_graphs(gib / 4);
+        assert_eq!((with_graphs.graphs, with_graphs.kv_cache), (gib / 4, 68 * gib - gib / 4));
+        assert_eq!(starved.with_graphs(gib).kv_cache, 0);
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! the rotary tables, a profiling forward at the largest batch the scheduler can form (the
 //! activation peak), the memory plan, the KV cache, a warm-up step; each phase's time is logged.
 
+mod graphs;
 pub mod memory;
 #[cfg(test)]
 mod tests;
@@ -38,8 +39,9 @@ use super::batch::ForwardBatch;
 use super::config::LlamaConfig;
 use crate::kernels::cpu::attention::CacheLayout;
 use crate::kernels::cuda::attention::AttentionPlan;
+use crate::kernels::cuda::graph::{PAD_SLOT, ladder_top};
 use crate::kernels::cuda::ops::RopeTables;
-use crate::kernels::cuda::pack::HostPack;
+use crate::kernels::cuda::pack::{DevicePack, HostPack};
 use crate::kernels::cuda::sample::{self as reduce_kernel, pack_masks, pack_plans};
 use crate::kernels::cuda::scratch::LayerScratch;
 use crate::kernels::cuda::{CudaKernels, gpu_error};
@@ -67,6 +69,8 @@ pub struct CudaModelOptions {
     /// Served for pooling: the profiling forward also reads every row's hidden state (mean
     /// pooling's worst case), so the activation peak covers it.
     pub pooling: bool,
+    /// Never replay CUDA graphs (vLLM's `enforce_eager`): every step launches its kernels.
+    pub enforce_eager: bool,
 }
 
 /// A Llama model with its KV cache, on one GPU.
@@ -86,6 +90,10 @@ pub struct CudaLlama {
     timing: StepTiming,
     prefill_timing: StepTiming,
     ops: OpTimer,
+    /// The decode graphs, once captured (see `graphs`).
+    graphs: Option<graphs::DecodeGraphs>,
+    /// Run every step eagerly even with graphs captured (tests compare the two).
+    eager: bool,
 }
 
 impl CudaLlama {
@@ -132,14 +140,18 @@ impl CudaLlama {
             timing: StepTiming::decode(),
             prefill_timing: StepTiming::prefill(),
             ops: OpTimer::from_env(),
+            graphs: None,
+            eager: false,
         };
+        let use_graphs = !opts.enforce_eager && graphs::graphs_allowed(model.kernels.merge_splits, model.ops.enabled());
 
         let phase = Instant::now();
         let activation_peak = model.measure_activation_peak(opts, &pool)?;
         let profile_s = phase.elapsed().as_secs_f32();
 
         let phase = Instant::now();
-        let num_blocks = model.plan_kv_cache(opts, activation_peak)?;
+        let graph_memory = if use_graphs { graphs::GRAPH_MEMORY } else { 0 };
+        let num_blocks = model.plan_kv_cache(opts, activation_peak, graph_memory)?;
         model.cache = CudaKvStorage::new(layout, model.config.num_hidden_layers, num_blocks, opts.dtype, &device)?;
         pool.keep_freed_memory()?;
         synchronize(&device)?;
@@ -148,6 +160,17 @@ impl CudaLlama {
         let phase = Instant::now();
         model.warm_up()?;
         let warmup_s = phase.elapsed().as_secs_f32();
+
+        let phase = Instant::now();
+        if use_graphs {
+            let rows = ladder_top(opts.max_num_seqs.clamp(1, SCRATCH_ROWS)).min(SCRATCH_ROWS);
+            if let Err(e) = model.capture_graphs(rows) {
+                // Eager steps give the same results: a device where capturing fails still serves.
+                tracing::warn!(error = %e, "capturing CUDA graphs failed: every step runs eagerly");
+                model.graphs = None;
+            }
+        }
+        let graphs_s = phase.elapsed().as_secs_f32();
 
         tracing::info!(
             device = %model.describe(),
@@ -160,6 +183,8 @@ impl CudaLlama {
             profile_s,
             kv_s,
             warmup_s,
+            graphs_s,
+            graph_sizes = model.graph_sizes().len(),
             total_s = started.elapsed().as_secs_f32(),
             "loaded model on the GPU"
         );
@@ -189,7 +214,7 @@ impl CudaLlama {
     /// KV cache blocks from what `gpu_memory_utilization` leaves after the weights, everything
     /// else in use and the activation peak; fails, naming the knobs, when one `max_model_len`
     /// sequence cannot fit.
-    fn plan_kv_cache(&self, opts: &CudaModelOptions, activation_peak: usize) -> Result<usize> {
+    fn plan_kv_cache(&self, opts: &CudaModelOptions, activation_peak: usize, graph_memory: usize) -> Result<usize> {
         let (free, total) = device_memory(self.kernels.stream())?;
         let weights = self.weights.size_bytes();
         let plan = MemoryPlan::new(
@@ -198,7 +223,8 @@ impl CudaLlama {
             opts.gpu_memory_utilization,
             weights,
             activation_peak,
-        )?;
+        )?
+        .with_graphs(graph_memory);
         let per_block = CudaKvStorage::bytes_per_block(&self.cache.layout, self.config.num_hidden_layers, opts.dtype);
         let num_blocks = plan.kv_cache / per_block;
         tracing::info!(plan = %plan.describe(), num_blocks, tokens = num_blocks * opts.block_size, "GPU memory plan");
@@ -250,58 +276,40 @@ impl CudaLlama {
         let k = &self.kernels;
         let (m, heads, kv_heads) = (batch.num_tokens(), c.num_attention_heads, c.num_key_value_heads);
         let eps = c.rms_norm_eps;
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let block_size = self.cache.layout.block_size;
 
+        // A decode step that a captured graph replays is padded to the graph's size: padding
+        // rows read token 0 at position 0 and write no cache slot (see kernels::cuda::graph).
+        let graph_rows = self.graph_rows(batch);
+        let pad = graph_rows.map_or(0, |rows| rows - m);
         self.pack.clear();
-        let ids = self.pack.push(batch.token_ids.iter().copied());
-        let positions = self.pack.push(batch.positions.iter().copied());
-        let slots = self.pack.push(batch.slot_mapping.iter().copied());
+        let ids = self.pack.push(batch.token_ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
+        let positions = self.pack.push(batch.positions.iter().copied().chain(std::iter::repeat_n(0, pad)));
+        let slots = self.pack.push(batch.slot_mapping.iter().copied().chain(std::iter::repeat_n(PAD_SLOT, pad)));
         let rows = self.pack.push(batch.logits_rows.iter().map(|&r| r as u32));
         let hidden_rows = self.pack.push(batch.hidden_rows.iter().map(|&r| r as u32));
         let attention = AttentionPlan::new(&mut self.pack, &batch.seqs, heads, kv_heads, k.attention_setup())?;
         let packed_plans = (!plans.is_empty()).then(|| pack_plans(&mut self.pack, plans));
         let meta = self.pack.upload(k.device())?;
 
-        let (w, stream, ops) = (&self.weights, k.stream(), &mut self.ops);
         k.begin_step(m);
-        let scratch = k.scratch();
-        // Ordinary allocation until the layers start (also after a step that failed mid-layer).
-        if let Some(s) = scratch {
+        // Ordinary allocation until the layers start (also after a step that failed mid-layer),
+        // and after a replay, whose layers used the scratch behind the host's back.
+        if let Some(s) = k.scratch() {
             s.end_layers();
         }
-        ops.mark(stream, "start")?;
-        let x = k.gather_rows(&w.embed, meta.ptr(ids), m)?;
-        ops.mark(stream, "embed")?;
-        let mut pending: Option<Tensor> = None;
-        for (li, layer) in w.layers.iter().enumerate() {
-            if let Some(s) = scratch {
-                s.begin_layer(li);
+        let (x, pending) = match graph_rows {
+            Some(rows) => self.replay(rows, &attention, &meta, meta.ptr(ids))?,
+            None => {
+                let k = &self.kernels;
+                self.ops.mark(k.stream(), "start")?;
+                let x = k.gather_rows(&self.weights.embed, meta.ptr(ids), m)?;
+                self.ops.mark(k.stream(), "embed")?;
+                let pending = self.layers(&x, meta.ptr(positions), meta.ptr(slots), &attention, &meta)?;
+                (x, pending)
             }
-            let xn = k.add_rms_norm(&x, pending.as_ref(), &layer.attn_norm, eps)?;
-            ops.mark(stream, "norm")?;
-            let qkv = k.linear(&xn, &layer.qkv)?;
-            ops.mark(stream, "qkv")?;
-            let (k_cache, v_cache) = (&self.cache.k[li], &self.cache.v[li]);
-            let (pos, slot) = (meta.ptr(positions), meta.ptr(slots));
-            k.rotary_and_cache(&qkv, heads, kv_heads, pos, slot, &self.rope, k_cache, v_cache, block_size)?;
-            ops.mark(stream, "rotary_cache")?;
-            let attn = k.paged_attention(&attention, &meta, &qkv, k_cache, v_cache, block_size, scale)?;
-            ops.mark(stream, "attention")?;
-            let o = k.linear(&attn, &layer.o)?;
-            ops.mark(stream, "o")?;
-            let xn = k.add_rms_norm(&x, Some(&o), &layer.ffn_norm, eps)?;
-            ops.mark(stream, "norm")?;
-            let gate_up = k.linear(&xn, &layer.gate_up)?;
-            ops.mark(stream, "gate_up")?;
-            let act = k.silu_mul(&gate_up)?;
-            ops.mark(stream, "silu")?;
-            pending = Some(k.linear(&act, &layer.down)?);
-            ops.mark(stream, "down")?;
-        }
-        if let Some(s) = scratch {
-            s.end_layers();
-        }
+        };
+        let (k, w, stream) = (&self.kernels, &self.weights, self.kernels.stream());
+        let ops = &mut self.ops;
         // The device has the layers to run: the host's work for the engine goes here.
         meanwhile.call();
         // The last residual add and the final norm only matter for the rows that are read.
@@ -334,7 +342,7 @@ impl CudaLlama {
             Some(p) => {
                 // Structured-output masks were computed on the host while the layers ran: they
                 // are waited for, and uploaded, only now.
-                let masks = match pack_masks(&mut self.mask_pack, plans, c.vocab_size) {
+                let masks = match pack_masks(&mut self.mask_pack, plans, self.config.vocab_size) {
                     Some(section) => Some((self.mask_pack.upload(k.device())?, section)),
                     None => None,
                 };
@@ -345,6 +353,54 @@ impl CudaLlama {
         };
         ops.mark(stream, "sample")?;
         Ok(Some((logits, reduced)))
+    }
+
+    /// The layers over the residual stream `x` (`[rows, hidden]`, updated in place but for the
+    /// last layer's `down` projection, which is returned; `None` without layers), with the
+    /// rows' positions and cache slots at the device addresses `positions` and `slots`.
+    fn layers(
+        &mut self,
+        x: &Tensor,
+        positions: u64,
+        slots: u64,
+        attention: &AttentionPlan,
+        meta: &DevicePack,
+    ) -> Result<Option<Tensor>> {
+        let c = &self.config;
+        let (k, w, ops) = (&self.kernels, &self.weights, &mut self.ops);
+        let (heads, kv_heads, eps) = (c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps);
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let block_size = self.cache.layout.block_size;
+        let (stream, scratch) = (k.stream(), k.scratch());
+        let mut pending: Option<Tensor> = None;
+        for (li, layer) in w.layers.iter().enumerate() {
+            if let Some(s) = scratch {
+                s.begin_layer(li);
+            }
+            let xn = k.add_rms_norm(x, pending.as_ref(), &layer.attn_norm, eps)?;
+            ops.mark(stream, "norm")?;
+            let qkv = k.linear(&xn, &layer.qkv)?;
+            ops.mark(stream, "qkv")?;
+            let (k_cache, v_cache) = (&self.cache.k[li], &self.cache.v[li]);
+            k.rotary_and_cache(&qkv, heads, kv_heads, positions, slots, &self.rope, k_cache, v_cache, block_size)?;
+            ops.mark(stream, "rotary_cache")?;
+            let attn = k.paged_attention(attention, meta, &qkv, k_cache, v_cache, block_size, scale)?;
+            ops.mark(stream, "attention")?;
+            let o = k.linear(&attn, &layer.o)?;
+            ops.mark(stream, "o")?;
+            let xn = k.add_rms_norm(x, Some(&o), &layer.ffn_norm, eps)?;
+            ops.mark(stream, "norm")?;
+            let gate_up = k.linear(&xn, &layer.gate_up)?;
+            ops.mark(stream, "gate_up")?;
+            let act = k.silu_mul(&gate_up)?;
+            ops.mark(stream, "silu")?;
+            pending = Some(k.linear(&act, &layer.down)?);
+            ops.mark(stream, "down")?;
+        }
+        if let Some(s) = scratch {
+            s.end_layers();
+        }
+        Ok(pending)
     }
 }
 
@@ -362,7 +418,8 @@ fn layer_scratch(c: &LlamaConfig, opts: &CudaModelOptions, device: &Device) -> R
         + c.num_attention_heads * d
         + (c.num_attention_heads + 2 * c.num_key_value_heads) * d
         + 3 * c.intermediate_size;
-    let rows = opts.max_num_seqs.clamp(1, SCRATCH_ROWS);
+    // Graphs pad a batch up to the next size of their ladder.
+    let rows = ladder_top(opts.max_num_seqs.clamp(1, SCRATCH_ROWS)).min(SCRATCH_ROWS);
     LayerScratch::new(device, opts.dtype, rows * per_row + 8 * 16, SCRATCH_F32)
 }
 

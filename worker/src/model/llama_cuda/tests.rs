@@ -65,8 +65,17 @@ fn run_prompts(
     opts: &EngineOptions,
     request: impl Fn(&EngineCore, usize, &str) -> EngineRequest,
 ) -> Vec<Vec<EngineEvent>> {
+    run_some_prompts(opts, &PROMPTS, request)
+}
+
+/// [`run_prompts`] for `prompts`.
+fn run_some_prompts(
+    opts: &EngineOptions,
+    prompts: &[&str],
+    request: impl Fn(&EngineCore, usize, &str) -> EngineRequest,
+) -> Vec<Vec<EngineEvent>> {
     let mut core = build_engine(opts).expect("building the engine");
-    let receivers: Vec<_> = PROMPTS
+    let receivers: Vec<_> = prompts
         .iter()
         .enumerate()
         .map(|(i, text)| {
@@ -217,6 +226,111 @@ fn the_gpu_path_pools_the_cpu_paths_embeddings() {
             assert!(f32_cos > 0.9999, "{pooling_type:?} prompt {i}: f32 GPU vector off the CPU one ({f32_cos})");
             assert!(chunked_cos > 0.9999, "{pooling_type:?} prompt {i}: chunked GPU vector off ({chunked_cos})");
             assert!(bf16_cos > 0.99, "{pooling_type:?} prompt {i}: bf16 GPU vector off ({bf16_cos})");
+        }
+    }
+}
+
+/// Greedy SmolLM2 decodes the same tokens whether its decode steps replay CUDA graphs (the
+/// default) or launch every kernel (`enforce_eager`): eight prompts (a ladder size) and five
+/// (padded to eight), in f32 and bf16.
+#[test]
+fn graph_replay_decodes_the_eager_steps_greedy_tokens() {
+    for dtype in [GpuDType::Float32, GpuDType::Bfloat16] {
+        let gpu = EngineOptions { device: "cuda".into(), dtype, ..options() };
+        let graphs = greedy(&gpu);
+        let eager = greedy(&EngineOptions { enforce_eager: true, ..gpu.clone() });
+        assert_eq!(graphs, eager, "{dtype:?}: graph replay against eager launches");
+        let five = |opts: &EngineOptions| decode_first(opts, 5);
+        assert_eq!(five(&gpu), five(&EngineOptions { enforce_eager: true, ..gpu.clone() }), "{dtype:?}, 5 streams");
+    }
+}
+
+/// Greedy continuations of the first `n` prompts, submitted at once.
+fn decode_first(opts: &EngineOptions, n: usize) -> Vec<Vec<TokenId>> {
+    let template = ChatTemplateOptions { add_generation_prompt: true, ..Default::default() };
+    let outputs = run_some_prompts(opts, &PROMPTS[..n], |core, i, text| {
+        let ids = core.tokenizer().encode_chat(&[ChatMessage::new("user", text)], &template).unwrap();
+        let stop = StopParams { max_tokens: NEW_TOKENS, ignore_eos: true, ..Default::default() };
+        EngineRequest::new(format!("p{i}"), ids, SamplingParams::greedy(), stop)
+    });
+    let tokens = |events: Vec<EngineEvent>| -> Vec<TokenId> {
+        let mut tokens = Vec::new();
+        for event in events {
+            match event {
+                EngineEvent::Delta(d) => tokens.extend(&d.token_ids),
+                EngineEvent::Failed(e) => panic!("request failed: {e}"),
+                _ => {}
+            }
+        }
+        tokens
+    };
+    outputs.into_iter().map(tokens).collect()
+}
+
+/// One decode step replayed from a graph against the same step launched eagerly, on a model
+/// with random weights: bit for bit where the batch is a size of the ladder (the same kernels
+/// with the same arguments), within rounding where it is padded (cuBLAS may pick other kernels
+/// for more rows); short contexts (no split) and long ones (attention split over the context,
+/// merged in the launch).
+#[test]
+fn a_replayed_decode_step_computes_the_eager_steps_logits() {
+    use super::weights::WeightOrigin;
+    use super::{CudaLlama, CudaModelOptions};
+    use crate::model::Model;
+    use crate::model::batch::ForwardBatch;
+    use crate::model::config::LlamaConfig;
+
+    let config = LlamaConfig::from_hf_json(
+        r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1000,
+            "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 3,
+            "num_attention_heads": 8, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": false}"#,
+    )
+    .unwrap();
+    let block_size = 16;
+    for dtype in [candle_core::DType::BF16, candle_core::DType::F32] {
+        let opts = CudaModelOptions {
+            ordinal: 0,
+            dtype,
+            block_size,
+            max_model_len: 2048,
+            max_num_seqs: 13,
+            max_num_batched_tokens: 4096,
+            gpu_memory_utilization: 0.2,
+            gpu_memory_limit: None,
+            pooling: false,
+            enforce_eager: false,
+        };
+        let mut model = CudaLlama::load(config.clone(), &WeightOrigin::Random { seed: 7 }, &opts).unwrap();
+        assert_eq!(model.graph_sizes(), &[1, 2, 4, 8, 16], "the ladder up to 13 sequences, padded");
+        for (count, len) in [(8, 40), (13, 40), (3, 900), (1, 1500), (2, 700)] {
+            let (mut prefill, mut decode) = (ForwardBatch::default(), ForwardBatch::default());
+            let mut next_block = 0u32;
+            for i in 0..count {
+                let blocks = (len + 1usize).div_ceil(block_size) as u32;
+                let table: Vec<u32> = (next_block..next_block + blocks).collect();
+                next_block += blocks;
+                let tokens: Vec<TokenId> = (0..len).map(|t| ((t * 7 + i * 13) % 1000) as TokenId).collect();
+                prefill.push_seq(&tokens, 0, &table, block_size, true);
+                decode.push_seq(&[(i * 31 % 1000) as TokenId], len, &table, block_size, true);
+            }
+            model.forward(&prefill).unwrap();
+            let padded = model.graph_rows(&decode).expect("a decode step replays a graph");
+            let replayed = model.forward(&decode).unwrap().to_vec();
+            model.set_eager(true);
+            assert_eq!(model.graph_rows(&decode), None);
+            let eager = model.forward(&decode).unwrap().to_vec();
+            model.set_eager(false);
+            assert_eq!(replayed.len(), count * 1000);
+            let scale = eager.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = replayed.iter().zip(&eager).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            println!("{dtype:?}, {count} sequences of {len} (graph of {padded}): worst difference {worst} of {scale}");
+            assert!(replayed.iter().all(|v| v.is_finite()));
+            if padded == count {
+                assert!(replayed == eager, "{dtype:?}, {count} x {len}: the replay must equal the eager step");
+            } else {
+                assert!(worst <= 0.02 * scale, "{dtype:?}, {count} x {len}: {worst} of {scale}");
+            }
         }
     }
 }

@@ -25,6 +25,11 @@ impl OpTimer {
         OpTimer { enabled: std::env::var("LUMEN_CUDA_OP_TIMING").is_ok_and(|v| v == "1"), marks: Vec::new() }
     }
 
+    /// Whether each operation is timed (`LUMEN_CUDA_OP_TIMING=1`).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Records that the operations queued since the previous mark were of kind `name`.
     pub fn mark(&mut self, stream: &Arc<CudaStream>, name: &'static str) -> Result<()> {
         if self.enabled {

@@ -5,12 +5,54 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig};
 
-use super::{AttentionKind, AttentionPlan, Tiles};
+use super::{AttentionKind, AttentionPlan, Part, Tiles};
+use crate::kernels::cuda::graph::{CapturedLaunch, last_captured_node};
+use crate::kernels::cuda::launch::{Params, launch};
 use crate::kernels::cuda::pack::DevicePack;
 use crate::kernels::cuda::{CudaKernels, KernelImage, device_ptr, gpu_error, grid, int, kernel_image};
 use crate::{Result, WorkerError};
 
 const THREADS: u32 = 128;
+
+/// Positions in the attention kernels' parameter list of the arguments that change from one
+/// decode step to the next (besides the grid): the tiles, the sequence descriptors, the block
+/// tables and the chunks each split takes.
+const ARG_TILES: usize = 8;
+const ARG_SEQS: usize = 9;
+const ARG_TABLES: usize = 10;
+const ARG_CHUNKS_PER_SPLIT: usize = 15;
+
+/// A launch's grid and the arguments that vary with the step, for updating a captured launch
+/// (see `graph.rs`).
+pub(crate) struct LaunchUpdate {
+    pub grid: (u32, u32, u32),
+    pub changes: [(usize, u64); 4],
+}
+
+impl Part {
+    /// The launch's grid: (tiles, head groups of every KV head, splits).
+    fn grid(&self, plan: &AttentionPlan) -> (u32, u32, u32) {
+        let groups = plan.heads / plan.kv_heads / self.heads_per_cta;
+        (self.num_tiles as u32, (plan.kv_heads * groups) as u32, self.splits as u32)
+    }
+}
+
+impl AttentionPlan {
+    /// For a plan of decode sequences only, with its descriptors at `meta`: what a captured
+    /// decode attention launch is updated with to run this plan; `None` for any other plan.
+    pub(crate) fn decode_update(&self, meta: &DevicePack) -> Option<LaunchUpdate> {
+        let [part] = &self.parts[..] else { return None };
+        (part.tiles_kind == Tiles::Decode).then(|| LaunchUpdate {
+            grid: part.grid(self),
+            changes: [
+                (ARG_TILES, meta.ptr(part.tiles)),
+                (ARG_SEQS, meta.ptr(self.seqs)),
+                (ARG_TABLES, meta.ptr(self.tables)),
+                (ARG_CHUNKS_PER_SPLIT, u64::from(part.chunks_per_split as u32)),
+            ],
+        })
+    }
+}
 
 const ATTENTION: KernelImage = kernel_image!("attention");
 const ATTENTION_MMA: KernelImage = kernel_image!("attention_mma");
@@ -146,18 +188,24 @@ impl CudaKernels {
         }
         let out = self.alloc((tokens, out_width))?;
         let a = &self.attention;
+        let ratio = plan.heads / plan.kv_heads;
         if plan.kind != a.kind {
             return Err(WorkerError::Engine(format!(
                 "cuda attention: a {:?} plan for {:?} kernels",
                 plan.kind, a.kind
             )));
         }
-        let ratio = plan.heads / plan.kv_heads;
+        let capturing = self.capturing();
         for part in &plan.parts {
-            let groups = ratio / part.heads_per_cta;
-            let grid_xy = (part.num_tiles as u32, (plan.kv_heads * groups) as u32);
-            let partial_rows = part.num_tiles * plan.kv_heads * groups * part.splits * part.shape.rows;
-            let (part_acc, part_ml) = if part.splits > 1 {
+            let grid_dim = part.grid(plan);
+            let (groups, splits) = (grid_dim.1 as usize, part.splits);
+            // A captured launch takes partials of the largest size a split can need (at most
+            // `split_ctas` CTAs split), so the scratch after them does not move with the split.
+            let partial_rows = match capturing {
+                true => self.split_ctas * part.shape.rows,
+                false => part.num_tiles * groups * splits * part.shape.rows,
+            };
+            let (part_acc, part_ml) = if splits > 1 || capturing {
                 let acc = self.alloc_of((partial_rows * self.head_dim,).into(), DType::F32)?;
                 let ml = self.alloc_of((partial_rows * 2,).into(), DType::F32)?;
                 (Some(acc), Some(ml))
@@ -169,32 +217,54 @@ impl CudaKernels {
             // The last split merges in the attention launch itself when there is a zeroed
             // counter for every (tile, head group); otherwise a second launch merges. Launches
             // run in stream order, so the parts share the counters.
-            let merge_in_place =
-                part.splits > 1 && self.merge_splits && (grid_xy.0 * grid_xy.1) as usize <= self.split_ctas;
-            let counters = if merge_in_place { device_ptr(&self.split_counters)? } else { 0 };
+            let merge_in_place = splits > 1 && self.merge_splits && part.num_tiles * groups <= self.split_ctas;
+            let counters = if merge_in_place || capturing { device_ptr(&self.split_counters)? } else { 0 };
             let kernel = a.kernel(part.tiles_kind)?;
             let (attention, combine) = (&kernel.attention, &kernel.combine);
-            let cfg = LaunchConfig {
-                grid_dim: (grid_xy.0, grid_xy.1, part.splits as u32),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: kernel.shared_bytes,
-            };
+            let cfg = LaunchConfig { grid_dim, block_dim: (THREADS, 1, 1), shared_mem_bytes: kernel.shared_bytes };
+            let mut params = Params::default();
+            for arg in [device_ptr(&out)?, acc_ptr, ml_ptr, device_ptr(q)?] {
+                params.push(arg);
+            }
+            params.push(int("q_stride", width)?);
+            params.push(int("out_stride", out_width)?);
+            for arg in [device_ptr(k_cache)?, device_ptr(v_cache)?, meta.ptr(part.tiles), meta.ptr(plan.seqs)] {
+                params.push(arg);
+            }
+            params.push(meta.ptr(plan.tables));
+            for arg in [plan.kv_heads, ratio, part.heads_per_cta, block_size, part.chunks_per_split] {
+                params.push(int("attention size", arg)?);
+            }
+            params.push(scale);
+            params.push(counters);
             // SAFETY: the descriptors in `meta` were built by `plan` for these sequences (the
             // caller checked block tables and contexts against the cache); q/out rows are as
             // checked above; partial buffers hold every (tile, group, split, row) slot; the
-            // kernel's dynamic shared memory limit was raised to `shared_bytes` at load.
-            launch!(self, attention, cfg;
-                device_ptr(&out)?, acc_ptr, ml_ptr, device_ptr(q)?, int("q_stride", width)?,
-                int("out_stride", out_width)?, device_ptr(k_cache)?, device_ptr(v_cache)?,
-                meta.ptr(part.tiles), meta.ptr(plan.seqs), meta.ptr(plan.tables), int("kv_heads", plan.kv_heads)?,
-                int("ratio", ratio)?, int("heads_per_cta", part.heads_per_cta)?, int("block_size", block_size)?,
-                int("chunks_per_split", part.chunks_per_split)?, scale, counters)?;
-            if part.splits > 1 && !merge_in_place {
+            // kernel's dynamic shared memory limit was raised to `shared_bytes` at load; the
+            // parameters are in the kernel's order (ARG_* below name some of them).
+            unsafe { launch(&self.stream, attention, cfg, &mut params.clone(), self.dependent_launch.get())? };
+            if capturing {
+                if part.tiles_kind != Tiles::Decode || (splits > 1 && !merge_in_place) {
+                    return Err(WorkerError::Engine(
+                        "cuda graph: only decode attention merged in place is captured".into(),
+                    ));
+                }
+                let node = last_captured_node(&self.stream)?;
+                let block = cfg.block_dim;
+                self.record_capture(CapturedLaunch::new(
+                    node,
+                    attention.cu_function(),
+                    block,
+                    cfg.shared_mem_bytes,
+                    params,
+                ));
+            }
+            if splits > 1 && !merge_in_place {
                 // SAFETY: as above; the partials were all written by the launch before.
-                launch!(self, combine, grid((grid_xy.0, grid_xy.1, 1), THREADS);
+                launch!(self, combine, grid((grid_dim.0, grid_dim.1, 1), THREADS);
                     device_ptr(&out)?, acc_ptr, ml_ptr, int("out_stride", out_width)?, meta.ptr(part.tiles),
                     meta.ptr(plan.seqs), int("ratio", ratio)?, int("heads_per_cta", part.heads_per_cta)?,
-                    int("splits", part.splits)?)?;
+                    int("splits", splits)?)?;
             }
         }
         Ok(out)
