@@ -12,6 +12,8 @@ mod serve;
 mod sse;
 #[path = "../src/bench/structured.rs"]
 mod structured;
+#[path = "../src/bench/tenants.rs"]
+mod tenants;
 #[path = "../src/bench/workload.rs"]
 mod workload;
 
@@ -296,4 +298,44 @@ async fn unreachable_server_fails_model_discovery_with_the_cause() {
     drop(listener);
     let err = serve::run(args(&base, &["--num-prompts", "1"])).await.unwrap_err();
     assert!(format!("{err:#}").contains("/v1/models"), "{err:#}");
+}
+
+#[tokio::test]
+async fn tenants_send_with_their_own_keys_in_proportion_to_their_rates() {
+    let (base, fake) = start(Script { usage: true, ..Default::default() }).await;
+    let flags = [
+        "--output-len",
+        "3",
+        "--num-prompts",
+        "22",
+        "--tenant",
+        "heavy:sk-heavy:200",
+        "--tenant",
+        "light:sk-li:ght:20",
+    ];
+    let report = serve::run(args(&base, &flags)).await.unwrap();
+    let auth = fake.auth.lock().unwrap().clone();
+    let with = |key: &str| auth.iter().filter(|a| a.as_deref() == Some(&format!("Bearer {key}"))).count();
+    assert_eq!(auth.len(), 23, "one warm-up, then the run");
+    assert_eq!(auth[0].as_deref(), Some("Bearer sk-heavy"), "the warm-up goes as the first tenant");
+    assert_eq!((with("sk-heavy"), with("sk-li:ght")), (21, 2));
+    assert_eq!(report.num_prompts, 22);
+    assert_eq!(report.request_rate, Some(220.0));
+    let tenants: Vec<(&str, usize, usize)> =
+        report.tenants.iter().map(|t| (t.tenant.as_str(), t.num_requests, t.total_output_tokens)).collect();
+    assert_eq!(tenants, [("heavy", 20, 60), ("light", 2, 6)]);
+    assert!((report.tenants[0].throughput_share - 60.0 / 66.0).abs() < 1e-9);
+    assert!(report.tenants.iter().all(|t| t.failed == 0 && t.ttft_ms.p99 > 0.0));
+    let json = serde_json::to_string(&report).unwrap();
+    assert!(json.contains("\"throughput_share\"") && !json.contains("sk-"), "{json}");
+    assert!(report.table().contains("per tenant"));
+}
+
+#[tokio::test]
+async fn a_run_without_tenants_keeps_its_json_shape() {
+    let (base, _fake) = start(Script { usage: true, ..Default::default() }).await;
+    let report = serve::run(args(&base, &["--output-len", "2", "--num-prompts", "2"])).await.unwrap();
+    assert!(serde_json::to_value(&report).unwrap().get("tenants").is_none());
+    let twice = ["--num-prompts", "4", "--tenant", "a:k1:1", "--tenant", "a:k2:1"];
+    assert!(serve::run(args(&base, &twice)).await.unwrap_err().to_string().contains("twice"));
 }

@@ -301,7 +301,7 @@ async fn embeddings_count_input_tokens(head: &Head) {
 async fn keys_replaced_live(head: &Head) {
     let url = format!("{}/api/lumen/keys", head.control);
     let document = json!({"api_keys": [
-        {"tenant": "fresh", "key": FRESH_KEY, "requests_per_minute": 100},
+        {"tenant": "fresh", "key": FRESH_KEY, "requests_per_minute": 100, "weight": 4},
         {"tenant": "budget", "key": BUDGET_KEY, "tokens_per_day": 60},
     ]});
     let unauthorized = head.http.put(&url).json(&document).send().await.unwrap();
@@ -313,6 +313,12 @@ async fn keys_replaced_live(head: &Head) {
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["field"], "api_keys[0].requests_per_minute", "{body}");
     assert_eq!(head.complete(FRESH_KEY, "x", 4).await.status(), 401, "a refused table changes nothing");
+    let heavy = json!({"api_keys": [{"tenant": "fresh", "key": FRESH_KEY, "weight": 0}]});
+    let refused = head.http.put(&url).bearer_auth(ADMIN).json(&heavy).send().await.unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["field"], "api_keys[0].weight", "{body}");
+    assert!(body["error"].as_str().unwrap().contains("from 1 to 10000"), "{body}");
 
     let applied = head.http.put(&url).bearer_auth(ADMIN).json(&document).send().await.unwrap();
     assert_eq!(applied.status(), 200);
@@ -332,6 +338,8 @@ async fn keys_replaced_live(head: &Head) {
     assert_eq!(tenants, ["default", "fresh", "budget"]);
     assert!(listing["api_keys"][1]["fingerprint"].as_str().unwrap().starts_with("sha256:"));
     assert_eq!(listing["api_keys"][1]["requests_per_minute"], 100);
+    let weights: Vec<&Value> = listing["api_keys"].as_array().unwrap().iter().map(|k| &k["weight"]).collect();
+    assert_eq!(weights, [1, 4, 1], "a key's weight, 1 when not given");
     for key in ALL_KEYS {
         assert!(!listed.contains(key), "{key} listed");
     }

@@ -6,4 +6,5 @@ pub mod serve;
 pub mod soak;
 mod sse;
 pub mod structured;
+pub mod tenants;
 mod workload;

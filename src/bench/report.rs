@@ -73,6 +73,9 @@ pub struct Report {
     /// Structured-output mask computation time per token, p50 and p99 (ms); `None` when no
     /// mask was computed.
     pub mask_ms: Option<(f64, f64)>,
+    /// Each tenant's figures (`--tenant`); absent without tenants.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<super::tenants::TenantReport>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -119,6 +122,7 @@ impl Report {
             request_rate: None,
             structured_fraction: 0.0,
             mask_ms: None,
+            tenants: Vec::new(),
         }
     }
 
@@ -150,6 +154,9 @@ impl Report {
             row(&mut t, "Requests under a JSON schema:", format!("{:.0}%", self.structured_fraction * 100.0));
             let mask = self.mask_ms.map_or_else(|| "-".to_string(), |(p50, p99)| format!("{p50:.3} / {p99:.3}"));
             row(&mut t, "Mask time per token p50 / p99 (ms):", mask);
+        }
+        if !self.tenants.is_empty() {
+            t.push_str(&super::tenants::table(&self.tenants));
         }
         t
     }

@@ -16,6 +16,8 @@
 //!   stream, or a stream cut off before `[DONE]`/`finish_reason`. Failures are counted and
 //!   described (status and body) in the report and left out of every latency figure; a run where
 //!   every request fails is an error. Untimed warm-up requests go first and must succeed.
+//! - `--tenant NAME:KEY:RATE` (repeatable) sends as several tenants, each with its own key and
+//!   Poisson rate, and reports each one's figures too (see `tenants.rs`).
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -30,6 +32,7 @@ use tokio::sync::Semaphore;
 use super::report::{Report, RequestRecord};
 use super::sse::{SseDecoder, StreamTally, clip};
 use super::structured;
+use super::tenants::{self, TenantSpec};
 use super::workload::{Arrivals, LoadArgs, token_prompts, word_prompts};
 
 /// How many failure descriptions the report keeps.
@@ -89,6 +92,11 @@ pub struct ServeArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Send as a tenant: NAME:KEY:RATE (its API key, its requests per second as a Poisson
+    /// process). Repeat for each tenant; --num-prompts is split in proportion to the rates,
+    /// --request-rate is not used, and the report adds each tenant's TTFT and throughput share.
+    #[arg(long = "tenant", value_name = "NAME:KEY:RATE", value_parser = tenants::parse_tenant)]
+    pub tenants: Vec<TenantSpec>,
 }
 
 fn parse_token_range(s: &str) -> Result<Range<u32>, String> {
@@ -186,13 +194,19 @@ impl Target {
             client,
             url: format!("{}{path}", args.base_url.trim_end_matches('/')),
             api: Api::of(&args.endpoint)?,
-            api_key: args.api_key.clone(),
+            // Tenants send their own keys; the model list and the warm-up go with this one.
+            api_key: args.api_key.clone().or_else(|| args.tenants.first().map(|t| t.key.clone())),
             timeout: Duration::from_secs_f64(args.timeout),
         })
     }
 
     fn authorize(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.api_key {
+        self.authorize_as(req, None)
+    }
+
+    /// Sends `key` (else --api-key, else nothing) as the bearer token.
+    fn authorize_as(&self, req: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::RequestBuilder {
+        match key.or(self.api_key.as_deref()) {
             Some(key) => req.bearer_auth(key),
             None => req,
         }
@@ -226,10 +240,16 @@ impl Target {
         structured::Buckets::from_prometheus(&page, structured::MASK_SERIES)
     }
 
-    /// Sends one request and times its stream.
-    async fn send(&self, body: &Value, prompt_tokens: usize) -> Result<RequestRecord, RequestFailure> {
+    /// Sends one request (with `key`, else --api-key) and times its stream.
+    async fn send(
+        &self,
+        body: &Value,
+        prompt_tokens: usize,
+        key: Option<&str>,
+    ) -> Result<RequestRecord, RequestFailure> {
         let sent = Instant::now();
-        let resp = self.authorize(self.client.post(&self.url)).json(body).timeout(self.timeout).send().await?;
+        let post = self.authorize_as(self.client.post(&self.url), key);
+        let resp = post.json(body).timeout(self.timeout).send().await?;
         let status = resp.status();
         if !status.is_success() {
             let text = resp.text().await.unwrap_or_else(|e| format!("(body unreadable: {})", error_chain(&e)));
@@ -307,6 +327,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
         bail!("--request-rate must be positive (or inf), got {}", args.request_rate);
     }
     structured::check_fraction(args.load.structured_fraction)?;
+    tenants::check(&args.tenants, args.load.num_prompts)?;
     let target = Arc::new(Target::new(&args)?);
     let model = match &args.model {
         Some(m) => m.clone(),
@@ -323,7 +344,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
         if i == 0 && fraction > 0.0 {
             constrain(&mut body);
         }
-        if let Err(e) = target.send(&body, args.load.input_len).await {
+        if let Err(e) = target.send(&body, args.load.input_len, None).await {
             bail!("warm-up request {i} to {} failed: {e}", target.url);
         }
     }
@@ -341,8 +362,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
     let masks_before = target.mask_histogram(&args.base_url).await;
 
     let limit = args.concurrency.unwrap_or(args.load.num_prompts);
-    let (outcomes, duration) =
-        dispatch(&target, bodies, args.load.input_len, limit, args.request_rate, args.load.seed).await?;
+    let plan = plan(&args, bodies);
+    let senders: Vec<Option<usize>> = plan.iter().map(|p| p.tenant).collect();
+    let (outcomes, duration) = dispatch(&target, plan, &args.tenants, args.load.input_len, limit).await?;
+    let by_tenant = tenant_reports(&args.tenants, &senders, &outcomes, duration);
     let (records, failures): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
     let records: Vec<RequestRecord> = records.into_iter().flatten().collect();
     let failures: Vec<String> = failures.into_iter().filter_map(Result::err).map(|e| e.to_string()).collect();
@@ -353,6 +376,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
     report.failures = failures.into_iter().take(FAILURES_KEPT).collect();
     report.request_rate = args.request_rate.is_finite().then_some(args.request_rate);
     report.structured_fraction = fraction;
+    report.tenants = by_tenant;
+    if !args.tenants.is_empty() {
+        report.request_rate = Some(args.tenants.iter().map(|t| t.rate).sum());
+    }
     if fraction > 0.0 {
         let masks = target.mask_histogram(&args.base_url).await.since(&masks_before);
         report.mask_ms = structured::mask_ms(&masks);
@@ -366,31 +393,74 @@ fn constrain(body: &mut Value) {
         json!({"type": "json_schema", "json_schema": {"name": "bench", "schema": structured::schema()}});
 }
 
-/// Sends every body on the arrival schedule, at most `limit` in flight; returns each request's
-/// outcome (in submission order) and the time from the first send to the last completion.
+/// One timed request: when it is sent (from the run's start), by which tenant, and its body.
+struct Planned {
+    at: Duration,
+    tenant: Option<usize>,
+    body: Value,
+}
+
+/// The run's schedule: Poisson arrivals at --request-rate, or each tenant's own (see `tenants.rs`).
+fn plan(args: &ServeArgs, bodies: Vec<Value>) -> Vec<Planned> {
+    if args.tenants.is_empty() {
+        let mut arrivals = Arrivals::new(args.request_rate, args.load.seed);
+        let mut at = Duration::ZERO;
+        return bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, body)| {
+                if i > 0 {
+                    at += arrivals.next_gap();
+                }
+                Planned { at, tenant: None, body }
+            })
+            .collect();
+    }
+    let counts = tenants::counts(&args.tenants, bodies.len());
+    let schedule = tenants::schedule(&args.tenants, &counts, args.load.seed);
+    schedule.into_iter().zip(bodies).map(|((at, tenant), body)| Planned { at, tenant: Some(tenant), body }).collect()
+}
+
+/// Each tenant's report from the outcomes, sent by `senders` (in the same order).
+fn tenant_reports(
+    specs: &[TenantSpec],
+    senders: &[Option<usize>],
+    outcomes: &[Result<RequestRecord, RequestFailure>],
+    duration: Duration,
+) -> Vec<tenants::TenantReport> {
+    let mut records = vec![Vec::new(); specs.len()];
+    let mut failed = vec![0; specs.len()];
+    for (sender, outcome) in senders.iter().zip(outcomes) {
+        let Some(t) = *sender else { continue };
+        match outcome {
+            Ok(record) => records[t].push(record.clone()),
+            Err(_) => failed[t] += 1,
+        }
+    }
+    tenants::reports(specs, &records, &failed, duration)
+}
+
+/// Sends every planned request at its time (an absolute schedule, so time spent spawning does
+/// not stretch the gaps), at most `limit` in flight; returns each request's outcome (in plan
+/// order) and the time from the first send to the last completion.
 async fn dispatch(
     target: &Arc<Target>,
-    bodies: Vec<Value>,
+    plan: Vec<Planned>,
+    specs: &[TenantSpec],
     prompt_tokens: usize,
     limit: usize,
-    rate: f64,
-    seed: u64,
 ) -> anyhow::Result<(Vec<Result<RequestRecord, RequestFailure>>, Duration)> {
     let slots = Arc::new(Semaphore::new(limit));
-    let mut arrivals = Arrivals::new(rate, seed);
     let started = Instant::now();
-    let mut next_arrival = tokio::time::Instant::now();
-    let mut tasks = Vec::with_capacity(bodies.len());
-    for (i, body) in bodies.into_iter().enumerate() {
-        if i > 0 {
-            // An absolute schedule, so time spent spawning does not stretch the gaps.
-            next_arrival += arrivals.next_gap();
-            tokio::time::sleep_until(next_arrival).await;
-        }
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(plan.len());
+    for Planned { at, tenant, body } in plan {
+        tokio::time::sleep_until(start + at).await;
         let (target, slots) = (Arc::clone(target), Arc::clone(&slots));
+        let key = tenant.map(|t| specs[t].key.clone());
         tasks.push(tokio::spawn(async move {
             let _slot = slots.acquire_owned().await.map_err(|e| RequestFailure::Transport(e.to_string()))?;
-            target.send(&body, prompt_tokens).await
+            target.send(&body, prompt_tokens, key.as_deref()).await
         }));
     }
     let mut outcomes = Vec::with_capacity(tasks.len());

@@ -152,6 +152,7 @@ pub async fn start(
         responses_store_max_entries: args.responses_store_max_entries,
         responses_store_max_bytes: args.responses_store_max_bytes.as_u64() as usize,
         admission: AdmissionLimits { max_in_flight: args.max_ongoing_requests, max_queued: args.max_queued_requests },
+        queue_policy: args.queue_policy,
         log_requests: args.log_requests,
         stream_send_timeout: Duration::from_secs(args.stream_send_timeout_s),
         migration_limit: args.migration_limit,

@@ -37,8 +37,8 @@ pub struct HeadArgs {
     pub api_keys: Vec<String>,
     /// A YAML file of named API keys (`api_keys:` list: tenant, key or key_sha256, models,
     /// requests_per_minute, tokens_per_minute, max_concurrent_requests, tokens_per_day,
-    /// priority), each with its own limits; replaced live by PUT /api/lumen/keys. A --config
-    /// file may carry the same section instead.
+    /// priority, weight), each with its own limits; replaced live by PUT /api/lumen/keys. A
+    /// --config file may carry the same section instead.
     #[arg(long, env = "LUMEN_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
     /// Token required as `Authorization: Bearer TOKEN` by the control API's mutating routes
@@ -62,6 +62,12 @@ pub struct HeadArgs {
     /// Requests per model waiting for a slot before the API answers 429.
     #[arg(long, env = "LUMEN_MAX_QUEUED_REQUESTS", default_value_t = 1024)]
     pub max_queued_requests: usize,
+    /// How requests waiting for a model's slot are released: `fair` takes turns across tenants
+    /// (the named API keys' tenants, in proportion to their keys' `weight`; requests without a
+    /// named key are one tenant), lower `priority` first within one; `fcfs` releases them in
+    /// arrival order, whoever sent them.
+    #[arg(long, env = "LUMEN_QUEUE_POLICY", value_enum, default_value_t = lumen_head::api::generate::fair_queue::QueuePolicy::Fair)]
+    pub queue_policy: lumen_head::api::generate::fair_queue::QueuePolicy,
     /// Largest accepted request body (413 beyond), e.g. `32MiB`.
     #[arg(long, env = "LUMEN_MAX_BODY_SIZE", default_value = "32MiB")]
     pub max_body_size: bytesize::ByteSize,

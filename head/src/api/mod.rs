@@ -44,6 +44,7 @@ use self::edge::limits::{self, Lease, Limiter, Reason, TenantMetrics};
 use self::edge::metrics::ApiMetrics;
 use self::edge::{auth, metrics, misc, trace};
 use self::generate::admission::{Admission, AdmissionLimits, Entry};
+use self::generate::fair_queue::{QueuePolicy, Waiter};
 use self::generate::migration;
 use self::tools::{ToolParserKind, ToolSettings};
 use crate::backend::{Backend, ModelCard, Runner};
@@ -81,6 +82,8 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Admission limits of models without their own.
     pub admission: AdmissionLimits,
+    /// How requests waiting for a model's slot are released (`--queue-policy`).
+    pub queue_policy: QueuePolicy,
     /// Tool calling of models that do not set their own (`--enable-auto-tool-choice`,
     /// `--tool-call-parser`).
     pub tools: ToolSettings,
@@ -118,6 +121,7 @@ impl Default for ApiConfig {
             api_keys: Vec::new(),
             max_body_bytes: 32 * 1024 * 1024,
             admission: AdmissionLimits::default(),
+            queue_policy: QueuePolicy::default(),
             tools: ToolSettings::default(),
             structured_outputs: StructuredOutputsConfig::default(),
             models: HashMap::new(),
@@ -168,13 +172,14 @@ impl ApiState {
             config.responses_store_max_entries,
             config.responses_store_max_bytes,
         ));
+        let admission = Arc::new(Admission::new(config.queue_policy));
         Ok(ApiState {
             responses,
             backend,
             models: Arc::new(RwLock::new(config.models.clone())),
             config: Arc::new(config),
             registry,
-            admission: Arc::new(Admission::default()),
+            admission,
             keys,
             metrics,
             migrations,
@@ -189,8 +194,9 @@ impl ApiState {
 
     /// Lets a request of `caller` for `card` that sends `requests` in: the key must allow the
     /// model (else OpenAI's 404) and its limits must admit the request's reservation
-    /// ([`limits::cost`]; else a 429), then the model's admission gate must have room. The
-    /// admission's `x-ratelimit-*` values go to the response.
+    /// ([`limits::cost`]; else a 429), then the model's admission gate must have room (where it
+    /// waits as its key's tenant, with its key's weight). The admission's `x-ratelimit-*` values
+    /// go to the response.
     pub(crate) fn enter(
         &self,
         caller: &Caller,
@@ -213,8 +219,19 @@ impl ApiState {
                 lease
             }
         };
-        let ticket = self.admission.enter(&card.id, self.admission_limits(&card.id))?;
+        // Requests without a key wait as one tenant, `""` (named tenants are never empty).
+        let waiter = Waiter {
+            tenant: caller.key().map_or_else(|| Arc::from(""), |k| k.tenant.clone()),
+            weight: caller.key().map_or(1, |k| k.weight),
+            priority: requests.first().map_or(0, |r| r.priority),
+        };
+        let ticket = self.admission.enter(&card.id, self.admission_limits(&card.id), &waiter)?;
         Ok(Entry { ticket, lease })
+    }
+
+    /// Requests of `model` waiting at its admission gate for a slot now.
+    pub fn waiting(&self, model: &str) -> usize {
+        self.admission.waiting(model)
     }
 
     /// The log of recent chat and completion requests.

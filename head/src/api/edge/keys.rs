@@ -2,7 +2,7 @@
 //! and who a request is ([`Caller`]).
 //!
 //! A key belongs to a tenant (a name, the only thing metrics, logs and status pages show) and
-//! carries the models it may use, its [`Limits`] and a priority class. `--api-key` keys belong to
+//! carries the models it may use, its [`Limits`], a priority class and a weight. `--api-key` keys belong to
 //! the tenant `default`, with every model and no limits.
 //!
 //! Contract: key material never leaves this module in the clear. A plaintext key is hashed
@@ -14,6 +14,9 @@
 //! Priority (vLLM's `priority`, lower runs first under `--scheduling-policy priority`): a key's
 //! `priority` is what its requests get when they send none, and the best (lowest) they may ask
 //! for: a lower value is raised to the key's.
+//!
+//! Weight: when requests wait at the head for a model's slot, tenants take turns in proportion to
+//! their keys' `weight` (default 1; [`crate::api::generate::fair_queue`]).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -32,6 +35,8 @@ use crate::secret;
 pub const DEFAULT_TENANT: &str = "default";
 /// The longest tenant name (it is a metric label).
 pub const MAX_TENANT_LEN: usize = 64;
+/// The largest `weight` of a key.
+pub const MAX_WEIGHT: u64 = 10_000;
 
 /// One key as a document writes it.
 #[derive(Deserialize)]
@@ -54,6 +59,8 @@ struct KeySpec {
     tokens_per_day: Option<u64>,
     #[serde(default)]
     priority: Option<i64>,
+    #[serde(default)]
+    weight: Option<u64>,
 }
 
 /// One key of the table: its hash and what it allows.
@@ -64,11 +71,15 @@ pub struct KeyEntry {
     pub models: Option<Vec<String>>,
     pub limits: Limits,
     pub priority: Option<i64>,
+    /// The tenant's share of a model's queue when requests wait at the head (1 to
+    /// [`MAX_WEIGHT`]).
+    pub weight: u32,
 }
 
 impl KeyEntry {
     fn new(tenant: &str, hash: [u8; 32]) -> Self {
-        KeyEntry { tenant: Arc::from(tenant), hash, models: None, limits: Limits::default(), priority: None }
+        let limits = Limits::default();
+        KeyEntry { tenant: Arc::from(tenant), hash, models: None, limits, priority: None, weight: 1 }
     }
 
     /// `sha256:` and the first 8 hex digits of the key's hash.
@@ -85,6 +96,7 @@ impl std::fmt::Debug for KeyEntry {
             .field("models", &self.models)
             .field("limits", &self.limits)
             .field("priority", &self.priority)
+            .field("weight", &self.weight)
             .finish()
     }
 }
@@ -98,6 +110,7 @@ pub struct KeyView {
     #[serde(flatten)]
     pub limits: Limits,
     pub priority: Option<i64>,
+    pub weight: u32,
     /// Set by `--api-key` (not replaceable through the API).
     pub from_flags: bool,
 }
@@ -216,7 +229,13 @@ fn check(spec: KeySpec, at: &dyn Fn(&str) -> String) -> Result<KeyEntry, KeysErr
     {
         return Err(refuse(at("priority"), "must fit in 32 bits"));
     }
-    Ok(KeyEntry { tenant: Arc::from(tenant), hash, models: spec.models, limits, priority: spec.priority })
+    let weight = match spec.weight {
+        None => 1,
+        Some(w @ 1..=MAX_WEIGHT) => w as u32,
+        Some(_) => return Err(refuse(at("weight"), format!("must be an integer from 1 to {MAX_WEIGHT}"))),
+    };
+    let (models, priority) = (spec.models, spec.priority);
+    Ok(KeyEntry { tenant: Arc::from(tenant), hash, models, limits, priority, weight })
 }
 
 /// The live key table (the `--api-key` keys and the replaceable named keys) and the tenants'
@@ -291,6 +310,7 @@ impl Keys {
             models: entry.models.clone(),
             limits: entry.limits,
             priority: entry.priority,
+            weight: entry.weight,
             from_flags,
         };
         self.fixed.iter().map(|e| view(e, true)).chain(named.iter().map(|e| view(e, false))).collect()

@@ -55,6 +55,9 @@ fn broken_documents_name_the_field_and_change_nothing() {
         (json!([{"tenant": "a", "key": "k", "tokens_per_day": -1}]), "api_keys[0].tokens_per_day"),
         (json!([{"tenant": "a", "key": "k", "models": []}]), "api_keys[0].models"),
         (json!([{"tenant": "a", "key": "k", "priority": 1u64 << 40}]), "api_keys[0].priority"),
+        (json!([{"tenant": "a", "key": "k", "weight": 0}]), "api_keys[0].weight"),
+        (json!([{"tenant": "a", "key": "k", "weight": 10_001}]), "api_keys[0].weight"),
+        (json!([{"tenant": "a", "key": "k", "weight": 1.5}]), "api_keys[0].weight"),
         (json!([{"tenant": "a", "key": "k", "rpm": 1}]), "api_keys[0].rpm"),
         (json!([{"tenant": "a", "key": "k"}, {"tenant": "a", "key": "j"}]), "api_keys[1].tenant"),
         (json!([{"tenant": "a", "key": "k"}, {"tenant": "b", "key": "k"}]), "api_keys[1].key"),
@@ -101,4 +104,14 @@ fn a_key_may_be_limited_to_models() {
     let a = Caller::new(table.lookup("k").unwrap());
     assert!(a.may_use("m1") && !a.may_use("m2"));
     assert!(Caller::new(table.lookup("j").unwrap()).may_use("m2"));
+}
+
+#[test]
+fn a_keys_weight_defaults_to_one_and_is_listed() {
+    let table = keys(&["flag-key"], json!([{"tenant": "a", "key": "k", "weight": 10}, {"tenant": "b", "key": "j"}]));
+    assert_eq!(table.lookup("k").unwrap().weight, 10);
+    assert_eq!(table.lookup("j").unwrap().weight, 1);
+    assert_eq!(table.lookup("flag-key").unwrap().weight, 1);
+    let weights: Vec<u32> = table.list().iter().map(|k| k.weight).collect();
+    assert_eq!(weights, vec![1, 10, 1]);
 }

@@ -1,18 +1,25 @@
 //! Admission control per model: at most `max_in_flight` requests run at once, at most
-//! `max_queued` more wait in FIFO order, and anything beyond is refused at once (429).
+//! `max_queued` more wait, and anything beyond is refused at once (429). Waiting requests are
+//! released in the order of a [`FairQueue`]: under [`QueuePolicy::Fair`] weighted fair across
+//! tenants and by priority within one; under [`QueuePolicy::Fcfs`] in arrival order.
 //!
 //! Entering is synchronous (the caller learns "run now", "wait" or "full" before it answers), so a
 //! streaming response can start its SSE body immediately and wait for its turn inside the stream.
 //! A [`Permit`] is held for the whole life of a request (until its event stream is dropped); a
 //! [`Queued`] ticket that is dropped (client gone) leaves the queue.
+//!
+//! Invariants (one lock per gate): `running` counts the permits alive plus the slots handed to
+//! queued tickets not yet turned into permits; a slot that frees goes straight to the next
+//! waiting request, so a request waits only while every slot is taken; a ticket dropped after
+//! its slot was handed over passes the slot on, so no slot and no place leaks.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 
+use super::fair_queue::{FairQueue, Place, QueuePolicy, Waiter};
 use crate::api::edge::errors::ApiError;
 use crate::api::edge::limits::Lease;
 
@@ -33,25 +40,66 @@ impl Default for AdmissionLimits {
 
 struct Gate {
     limits: AdmissionLimits,
-    slots: Arc<Semaphore>,
-    waiting: AtomicUsize,
+    slots: Mutex<Slots>,
 }
 
-/// The gates of all models.
+struct Slots {
+    running: usize,
+    /// Each waiting request's wake-up: sending on it hands the request a slot.
+    waiting: FairQueue<oneshot::Sender<()>>,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, Slots> {
+        // Every critical section leaves `Slots` consistent before anything that could panic.
+        self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Slots {
+    /// A slot freed: hand it to the next waiting request, else count it free.
+    fn release(&mut self) {
+        while let Some(wake) = self.waiting.pop() {
+            // A waiting ticket's receiver lives as long as its place (the ticket leaves the
+            // queue under this lock before dropping it), so this send succeeds; if it ever did
+            // not, the slot goes to the next one.
+            if wake.send(()).is_ok() {
+                return;
+            }
+        }
+        self.running = self.running.saturating_sub(1);
+    }
+}
+
+/// The gates of all models, and how they release waiting requests.
 #[derive(Default)]
 pub struct Admission {
     gates: Mutex<HashMap<String, Arc<Gate>>>,
+    policy: QueuePolicy,
 }
 
 /// The right to run one request; frees its slot when dropped.
-#[derive(Debug)]
 pub struct Permit {
-    _slot: OwnedSemaphorePermit,
+    gate: Arc<Gate>,
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.gate.lock().release();
+    }
 }
 
 /// A place in a model's queue; leaves the queue when dropped.
 pub struct Queued {
     gate: Arc<Gate>,
+    place: Place,
+    wake: Option<oneshot::Receiver<()>>,
 }
 
 /// The outcome of [`Admission::enter`] when the request is not refused.
@@ -67,28 +115,40 @@ pub struct Entry {
 }
 
 impl Admission {
-    /// Takes a slot for `model` if one is free, else a place in its queue, else refuses (429).
-    /// `limits` applies when the model's gate is first created or the limits changed.
-    pub fn enter(&self, model: &str, limits: AdmissionLimits) -> Result<Ticket, ApiError> {
+    /// Gates that release waiting requests by `policy`.
+    pub fn new(policy: QueuePolicy) -> Self {
+        Admission { gates: Mutex::default(), policy }
+    }
+
+    /// Takes a slot for `model` if one is free, else a place in its queue as `waiter`, else
+    /// refuses (429). `limits` applies when the model's gate is first created or the limits
+    /// changed.
+    pub fn enter(&self, model: &str, limits: AdmissionLimits, waiter: &Waiter) -> Result<Ticket, ApiError> {
         let gate = self.gate(model, limits);
-        if let Ok(slot) = gate.slots.clone().try_acquire_owned() {
-            return Ok(Ticket::Ready(Permit { _slot: slot }));
+        let mut slots = gate.lock();
+        if slots.running < limits.max_in_flight && slots.waiting.is_empty() {
+            slots.running += 1;
+            drop(slots);
+            return Ok(Ticket::Ready(Permit { gate }));
         }
-        let queued = gate.waiting.fetch_add(1, Ordering::SeqCst);
-        let ticket = Queued { gate: gate.clone() };
-        if queued >= gate.limits.max_queued {
-            drop(ticket);
+        if slots.waiting.len() >= limits.max_queued {
             return Err(ApiError::Overloaded(format!(
                 "the queue for model `{model}` is full ({} running, {} waiting); retry later",
-                gate.limits.max_in_flight, gate.limits.max_queued
+                limits.max_in_flight, limits.max_queued
             )));
         }
-        Ok(Ticket::Queued(ticket))
+        let (send, wake) = oneshot::channel();
+        let place = match self.policy {
+            QueuePolicy::Fair => slots.waiting.push(waiter, send),
+            QueuePolicy::Fcfs => slots.waiting.push(&Waiter { tenant: Arc::from(""), weight: 1, priority: 0 }, send),
+        };
+        drop(slots);
+        Ok(Ticket::Queued(Queued { gate, place, wake: Some(wake) }))
     }
 
     /// Requests of `model` waiting for a slot now.
     pub fn waiting(&self, model: &str) -> usize {
-        self.lock().get(model).map_or(0, |g| g.waiting.load(Ordering::SeqCst))
+        self.lock().get(model).map_or(0, |g| g.lock().waiting.len())
     }
 
     fn gate(&self, model: &str, limits: AdmissionLimits) -> Arc<Gate> {
@@ -97,35 +157,47 @@ impl Admission {
             Some(gate) if gate.limits == limits => gate.clone(),
             // New limits take a new gate; requests of the old one finish under the old limits.
             _ => {
-                let gate = Arc::new(Gate {
-                    limits,
-                    slots: Arc::new(Semaphore::new(limits.max_in_flight.min(Semaphore::MAX_PERMITS))),
-                    waiting: AtomicUsize::new(0),
-                });
+                let slots = Slots { running: 0, waiting: FairQueue::default() };
+                let gate = Arc::new(Gate { limits, slots: Mutex::new(slots) });
                 gates.insert(model.to_string(), gate.clone());
                 gate
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Gate>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Gate>>> {
         // A panic while holding this lock cannot leave the map inconsistent: keep serving.
         self.gates.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 impl Queued {
-    /// Waits for a slot, in arrival order.
-    pub async fn admitted(self) -> Result<Permit, ApiError> {
-        let slot = self.gate.slots.clone().acquire_owned().await;
-        drop(self);
-        slot.map(|slot| Permit { _slot: slot }).map_err(|_| ApiError::Unavailable("admission closed".into()))
+    /// Waits for a slot, in the queue's order.
+    pub async fn admitted(mut self) -> Result<Permit, ApiError> {
+        // Dropped while waiting here, the ticket's `Drop` still sees `wake` and leaves the queue.
+        let woken = match self.wake.as_mut() {
+            Some(wake) => wake.await.is_ok(),
+            None => false,
+        };
+        // Out of the queue either way: woken, the slot is this request's and its permit frees it.
+        self.wake = None;
+        if !woken {
+            return Err(ApiError::Unavailable("admission closed".into()));
+        }
+        Ok(Permit { gate: self.gate.clone() })
     }
 }
 
 impl Drop for Queued {
     fn drop(&mut self) {
-        self.gate.waiting.fetch_sub(1, Ordering::SeqCst);
+        if self.wake.is_none() {
+            return;
+        }
+        let mut slots = self.gate.lock();
+        if slots.waiting.remove(&self.place).is_none() {
+            // Released already: the slot handed over is this ticket's to pass on.
+            slots.release();
+        }
     }
 }
 
@@ -145,24 +217,58 @@ mod tests {
 
     const LIMITS: AdmissionLimits = AdmissionLimits { max_in_flight: 1, max_queued: 1 };
 
+    fn anyone() -> Waiter {
+        tenant("")
+    }
+
+    fn tenant(name: &str) -> Waiter {
+        Waiter { tenant: Arc::from(name), weight: 1, priority: 0 }
+    }
+
+    /// Queues `who` in order behind a held slot, frees slots one by one, and returns who ran in
+    /// which order.
+    async fn release_order(admission: &Admission, who: &[&str]) -> Vec<String> {
+        let limits = AdmissionLimits { max_in_flight: 1, max_queued: 100 };
+        let held = admission.enter("m", limits, &anyone()).unwrap();
+        let queued: Vec<(String, Ticket)> =
+            who.iter().map(|&t| (t.to_string(), admission.enter("m", limits, &tenant(t)).unwrap())).collect();
+        let (done, mut order) = tokio::sync::mpsc::unbounded_channel();
+        for (name, ticket) in queued {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let permit = ticket.admitted().await.unwrap();
+                done.send((name, permit)).unwrap();
+            });
+        }
+        drop(held);
+        let mut ran = Vec::new();
+        for _ in who {
+            // Each request holds the only slot until the next line drops its permit.
+            let (name, permit) = order.recv().await.unwrap();
+            ran.push(name);
+            drop(permit);
+        }
+        ran
+    }
+
     #[tokio::test]
     async fn refuses_beyond_running_plus_queued() {
         let admission = Admission::default();
-        let first = admission.enter("m", LIMITS).unwrap();
+        let first = admission.enter("m", LIMITS, &anyone()).unwrap();
         assert!(matches!(first, Ticket::Ready(_)));
-        let second = admission.enter("m", LIMITS).unwrap();
+        let second = admission.enter("m", LIMITS, &anyone()).unwrap();
         assert!(matches!(second, Ticket::Queued(_)));
-        assert!(matches!(admission.enter("m", LIMITS), Err(ApiError::Overloaded(_))));
+        assert!(matches!(admission.enter("m", LIMITS, &anyone()), Err(ApiError::Overloaded(_))));
         assert_eq!(admission.waiting("m"), 1);
         // Another model has its own gate.
-        assert!(matches!(admission.enter("other", LIMITS), Ok(Ticket::Ready(_))));
+        assert!(matches!(admission.enter("other", LIMITS, &anyone()), Ok(Ticket::Ready(_))));
     }
 
     #[tokio::test]
     async fn a_queued_request_runs_when_a_slot_frees() {
         let admission = Admission::default();
-        let first = admission.enter("m", LIMITS).unwrap().admitted().await.unwrap();
-        let second = admission.enter("m", LIMITS).unwrap();
+        let first = admission.enter("m", LIMITS, &anyone()).unwrap().admitted().await.unwrap();
+        let second = admission.enter("m", LIMITS, &anyone()).unwrap();
         let waiter = tokio::spawn(second.admitted());
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
@@ -174,19 +280,68 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_ticket_leaves_the_queue() {
         let admission = Admission::default();
-        let _running = admission.enter("m", LIMITS).unwrap();
-        let queued = admission.enter("m", LIMITS).unwrap();
+        let _running = admission.enter("m", LIMITS, &anyone()).unwrap();
+        let queued = admission.enter("m", LIMITS, &anyone()).unwrap();
         drop(queued);
         assert_eq!(admission.waiting("m"), 0);
-        assert!(matches!(admission.enter("m", LIMITS), Ok(Ticket::Queued(_))));
+        assert!(matches!(admission.enter("m", LIMITS, &anyone()), Ok(Ticket::Queued(_))));
     }
 
     #[tokio::test]
     async fn zero_queue_refuses_as_soon_as_slots_are_taken() {
         let admission = Admission::default();
         let limits = AdmissionLimits { max_in_flight: 2, max_queued: 0 };
-        let _a = admission.enter("m", limits).unwrap();
-        let _b = admission.enter("m", limits).unwrap();
-        assert!(admission.enter("m", limits).is_err());
+        let _a = admission.enter("m", limits, &anyone()).unwrap();
+        let _b = admission.enter("m", limits, &anyone()).unwrap();
+        assert!(admission.enter("m", limits, &anyone()).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_one_tenant_does_not_hold_back_another() {
+        let admission = Admission::new(QueuePolicy::Fair);
+        let who = ["heavy", "heavy", "heavy", "heavy", "heavy", "heavy", "light", "light"];
+        let order = release_order(&admission, &who).await;
+        assert_eq!(order, ["heavy", "light", "heavy", "light", "heavy", "heavy", "heavy", "heavy"]);
+        assert_eq!(admission.waiting("m"), 0);
+    }
+
+    #[tokio::test]
+    async fn fcfs_releases_in_arrival_order() {
+        let admission = Admission::new(QueuePolicy::Fcfs);
+        let who = ["heavy", "heavy", "heavy", "light"];
+        assert_eq!(release_order(&admission, &who).await, who);
+    }
+
+    #[tokio::test]
+    async fn a_ticket_dropped_after_its_slot_was_handed_over_passes_it_on() {
+        let admission = Admission::default();
+        let limits = AdmissionLimits { max_in_flight: 1, max_queued: 4 };
+        let running = admission.enter("m", limits, &anyone()).unwrap();
+        let first = admission.enter("m", limits, &tenant("a")).unwrap();
+        let second = admission.enter("m", limits, &tenant("b")).unwrap();
+        // The slot goes to `first`, whose client leaves before it ever runs.
+        drop(running);
+        assert_eq!(admission.waiting("m"), 1);
+        drop(first);
+        let permit = second.admitted().await.unwrap();
+        drop(permit);
+        // Every slot came back: the next two requests run at once and a third waits.
+        let again = admission.enter("m", limits, &anyone()).unwrap();
+        assert!(matches!(again, Ticket::Ready(_)));
+        assert!(matches!(admission.enter("m", limits, &anyone()).unwrap(), Ticket::Queued(_)));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_dropped_while_awaiting_leaves_no_trace() {
+        let admission = Admission::default();
+        let running = admission.enter("m", LIMITS, &anyone()).unwrap();
+        let queued = admission.enter("m", LIMITS, &tenant("a")).unwrap();
+        let waiter = tokio::spawn(queued.admitted());
+        tokio::task::yield_now().await;
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        assert_eq!(admission.waiting("m"), 0);
+        drop(running);
+        assert!(matches!(admission.enter("m", LIMITS, &anyone()).unwrap(), Ticket::Ready(_)));
     }
 }
