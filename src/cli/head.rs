@@ -157,6 +157,7 @@ pub async fn start(
         stream_send_timeout: Duration::from_secs(args.stream_send_timeout_s),
         migration_limit: args.migration_limit,
         enable_prompt_tokens_details: args.enable_prompt_tokens_details,
+        usage_retention_days: args.usage_retention_days,
         tools: ToolSettings {
             enable_auto_tool_choice: args.enable_auto_tool_choice,
             tool_call_parser: args.tool_call_parser,

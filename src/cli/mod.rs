@@ -96,6 +96,11 @@ pub struct HeadArgs {
     /// API always reports them.
     #[arg(long, env = "LUMEN_ENABLE_PROMPT_TOKENS_DETAILS")]
     pub enable_prompt_tokens_details: bool,
+    /// Days of per-tenant usage (requests by outcome, tokens, per model and UTC day) the head
+    /// keeps in memory for `GET /api/lumen/usage`; when a day begins the oldest goes.
+    #[arg(long, env = "LUMEN_USAGE_RETENTION_DAYS", default_value_t = lumen_head::api::edge::usage::DEFAULT_RETENTION_DAYS,
+          value_parser = clap::value_parser!(u32).range(1..=3660))]
+    pub usage_retention_days: u32,
     /// Log each request's prompt (one info line per request) and keep the prompt text in the
     /// dashboard's request log; off: prompt text is never stored nor logged.
     #[arg(long, env = "LUMEN_LOG_REQUESTS")]

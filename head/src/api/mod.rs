@@ -40,8 +40,9 @@ use axum::routing::{get, post};
 use self::chat::reasoning::ReasoningParserKind;
 use self::edge::errors::ApiError;
 use self::edge::keys::{Caller, Keys};
-use self::edge::limits::{self, Lease, Limiter, Reason, TenantMetrics};
+use self::edge::limits::{self, Lease, Limiter, Reason};
 use self::edge::metrics::ApiMetrics;
+use self::edge::usage::TenantMetrics;
 use self::edge::{auth, metrics, misc, trace};
 use self::generate::admission::{Admission, AdmissionLimits, Entry};
 use self::generate::fair_queue::{QueuePolicy, Waiter};
@@ -113,6 +114,8 @@ pub struct ApiConfig {
     /// `usage.prompt_tokens_details.cached_tokens` in chat and completions responses
     /// (`--enable-prompt-tokens-details`, off by default as in vLLM).
     pub enable_prompt_tokens_details: bool,
+    /// Days of per-tenant usage kept for `GET /api/lumen/usage` (`--usage-retention-days`).
+    pub usage_retention_days: u32,
 }
 
 impl Default for ApiConfig {
@@ -134,6 +137,7 @@ impl Default for ApiConfig {
             responses_store_max_bytes: responses::store::DEFAULT_MAX_BYTES,
             migration_limit: migration::DEFAULT_MIGRATION_LIMIT,
             enable_prompt_tokens_details: false,
+            usage_retention_days: edge::usage::DEFAULT_RETENTION_DAYS,
         }
     }
 }
@@ -161,7 +165,7 @@ impl ApiState {
         registry: prometheus::Registry,
     ) -> Result<Self, prometheus::Error> {
         let metrics = ApiMetrics::register(&registry)?;
-        let limiter = Limiter::new(TenantMetrics::register(&registry)?);
+        let limiter = Limiter::new(TenantMetrics::register(&registry, config.usage_retention_days)?);
         // The plaintext keys are hashed here and dropped.
         let keys = Arc::new(Keys::with_flag_keys(&std::mem::take(&mut config.api_keys), limiter));
         let migrations = migration::Migrations::register(config.migration_limit, &registry)?;
@@ -192,6 +196,11 @@ impl ApiState {
         &self.keys
     }
 
+    /// What each tenant used, per model and UTC day ([`edge::usage`]).
+    pub fn usage(&self) -> &Arc<edge::usage::UsageLedger> {
+        self.keys.limiter().metrics().ledger()
+    }
+
     /// Lets a request of `caller` for `card` that sends `requests` in: the key must allow the
     /// model (else OpenAI's 404) and its limits must admit the request's reservation
     /// ([`limits::cost`]; else a 429), then the model's admission gate must have room (where it
@@ -203,15 +212,17 @@ impl ApiState {
         card: &ModelCard,
         requests: &[lumen_proto::v1::GenerateRequest],
     ) -> Result<Entry, ApiError> {
+        caller.set_model(&card.id);
         let lease = match caller.key() {
             None => Lease::default(),
             Some(key) => {
                 if !caller.may_use(&card.id) {
-                    self.keys.limiter().metrics().rejected(&key.tenant, Reason::Model);
+                    self.keys.limiter().metrics().rejected(&key.tenant, &card.id, Reason::Model);
                     return Err(ApiError::ModelNotAllowed(card.id.clone()));
                 }
                 let cost = limits::cost(requests, card.max_model_len);
-                let lease = self.keys.limiter().admit(&key.tenant, key.limits, cost).map_err(|limited| {
+                let limiter = self.keys.limiter();
+                let lease = limiter.admit(&key.tenant, &card.id, key.limits, cost).map_err(|limited| {
                     tracing::debug!(tenant = %key.tenant, reason = limited.reason.label(), "refused by the key's limits");
                     ApiError::Limited(Box::new(limited))
                 })?;

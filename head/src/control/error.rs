@@ -1,5 +1,5 @@
 //! The control server's one error shape (port 8265): `{"error": message}`, plus `"field"` when a
-//! serve config field is at fault; 401s also carry `WWW-Authenticate: Bearer`. Every error of the
+//! serve config field (or a query parameter) is at fault; 401s also carry `WWW-Authenticate: Bearer`. Every error of the
 //! port answers this way, unknown routes (404) and wrong methods (405) included, so clients and
 //! `lumen deploy` can always show the message. (The `/v1` routes mounted here answer in OpenAI's
 //! shape, which carries a message too.)
@@ -18,7 +18,7 @@ use crate::api::edge::keys::KeysError;
 pub struct ControlError {
     pub status: StatusCode,
     pub message: String,
-    /// The path of the config field at fault.
+    /// The path of the config field (or the query parameter) at fault.
     pub field: Option<String>,
 }
 

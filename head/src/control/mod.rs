@@ -1,7 +1,9 @@
 //! The control server on port 8265: Ray Serve's REST API for applications
 //! (`/api/serve/applications/`, [`serve_api`]), Lumen's API keys (`/api/lumen/keys`,
-//! [`keys_api`]), Lumen's cluster view (`/api/cluster`, [`cluster_api`]), the probes KubeRay uses, the metrics, and the dashboard's page; with
-//! [`router_with_api`] also the dashboard's data ([`observe_api`]) and the OpenAI `/v1` routes.
+//! [`keys_api`]) and the tenants' usage (`/api/lumen/usage`, [`usage_api`]), Lumen's cluster
+//! view (`/api/cluster`, [`cluster_api`]), the probes KubeRay uses, the metrics, and the
+//! dashboard's page; with [`router_with_api`] also the dashboard's data ([`observe_api`]) and the
+//! OpenAI `/v1` routes.
 //!
 //! The serve config in force is owned by [`Applications`] (apply, persist, status); the handlers
 //! only translate HTTP to it.
@@ -10,9 +12,11 @@
 //! routes and wrong methods included.
 //!
 //! Access: with an admin token configured, the mutating routes (`PUT`/`DELETE`
-//! `/api/serve/applications/`, `PUT /api/lumen/keys`) require `Authorization: Bearer <token>` (401 otherwise); every
-//! read (dashboard, status, cluster view, request log, time series, metrics, probes) stays open,
-//! so the dashboard works read-only without the token. The `/v1` routes keep their API keys.
+//! `/api/serve/applications/`, `PUT /api/lumen/keys`) and the tenants' usage (`GET
+//! /api/lumen/usage`: what they are charged for) require `Authorization: Bearer <token>` (401
+//! otherwise); every other read (dashboard, status, cluster view, request log, time series,
+//! metrics, probes) stays open, so the dashboard works read-only without the token. The `/v1`
+//! routes keep their API keys.
 
 pub mod applications;
 pub mod cluster_api;
@@ -22,6 +26,7 @@ pub mod keys_api;
 pub mod observe_api;
 pub mod serve_api;
 pub mod status;
+pub mod usage_api;
 
 use std::sync::Arc;
 
@@ -42,7 +47,7 @@ pub struct ControlState {
     pub applications: Applications,
     /// The same registry the API's `/metrics` serves.
     pub registry: prometheus::Registry,
-    /// When set, `PUT`/`DELETE` of applications require it as a bearer token.
+    /// When set, the mutating routes and the usage require it as a bearer token.
     pub admin_token: Option<String>,
 }
 
@@ -64,6 +69,7 @@ pub fn router(state: ControlState) -> Router {
         .route("/api/serve/applications/", applications.clone())
         .route("/api/serve/applications", applications)
         .route("/api/lumen/keys", get(keys_api::get_keys).put(keys_api::put_keys))
+        .route("/api/lumen/usage", get(usage_api::get_usage))
         .route("/api/cluster", get(cluster_api::cluster))
         .route("/api/gcs_healthz", get(|| async { "success" }))
         .route("/metrics", get(metrics))

@@ -28,14 +28,15 @@ use crate::api::edge::keys;
 use crate::config;
 use crate::secret;
 
-/// Refuses a mutating request that does not carry the configured admin token.
+/// Refuses a request that does not carry the configured admin token (the mutating routes and the
+/// tenants' usage need it).
 pub(super) fn authorize(state: &ControlState, headers: &HeaderMap) -> Result<(), ControlError> {
     let Some(token) = &state.admin_token else { return Ok(()) };
     match secret::bearer(headers) {
         Some(presented) if secret::constant_time_eq(token.as_bytes(), presented.as_bytes()) => Ok(()),
         _ => Err(ControlError::new(
             StatusCode::UNAUTHORIZED,
-            "this route changes the cluster: send the admin token as `Authorization: Bearer <token>`",
+            "this route needs the admin token: send it as `Authorization: Bearer <token>`",
         )),
     }
 }

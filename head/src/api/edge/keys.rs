@@ -321,17 +321,24 @@ impl Keys {
     }
 }
 
-/// Who sent a request: its key's entry (none when the API is open), and the `x-ratelimit-*`
-/// values its admission measured, for the response.
+/// Who sent a request: its key's entry (none when the API is open), and what its handling noted
+/// for the way out: the `x-ratelimit-*` values its admission measured, for the response, and
+/// the model it was admitted for, for the tenant's usage.
 #[derive(Clone, Default)]
 pub struct Caller {
     key: Option<Arc<KeyEntry>>,
-    headers: Arc<Mutex<Option<RateHeaders>>>,
+    notes: Arc<Mutex<Notes>>,
+}
+
+#[derive(Default)]
+struct Notes {
+    headers: Option<RateHeaders>,
+    model: Option<Arc<str>>,
 }
 
 impl Caller {
     pub fn new(key: Arc<KeyEntry>) -> Self {
-        Caller { key: Some(key), headers: Arc::default() }
+        Caller { key: Some(key), notes: Arc::default() }
     }
 
     pub fn key(&self) -> Option<&Arc<KeyEntry>> {
@@ -356,13 +363,27 @@ impl Caller {
         }
     }
 
+    fn notes(&self) -> std::sync::MutexGuard<'_, Notes> {
+        self.notes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Notes the admission's `x-ratelimit-*` values for the response.
     pub fn set_headers(&self, headers: RateHeaders) {
-        *self.headers.lock().unwrap_or_else(|p| p.into_inner()) = Some(headers);
+        self.notes().headers = Some(headers);
     }
 
     pub fn headers(&self) -> Option<RateHeaders> {
-        self.headers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.notes().headers.clone()
+    }
+
+    /// Notes the (deployed) model the request is for.
+    pub fn set_model(&self, model: &str) {
+        self.notes().model = Some(Arc::from(model));
+    }
+
+    /// The model noted by [`Caller::set_model`], if the request got that far.
+    pub fn model(&self) -> Option<Arc<str>> {
+        self.notes().model.clone()
     }
 }
 

@@ -1,11 +1,11 @@
 use serde_json::json;
 
 use super::*;
-use crate::api::edge::limits::TenantMetrics;
+use crate::api::edge::usage::TenantMetrics;
 
 fn keys(flags: &[&str], document: Value) -> Keys {
     let flags: Vec<String> = flags.iter().map(|k| k.to_string()).collect();
-    let limiter = Limiter::new(TenantMetrics::register(&prometheus::Registry::new()).unwrap());
+    let limiter = Limiter::new(TenantMetrics::register(&prometheus::Registry::new(), 31).unwrap());
     let keys = Keys::with_flag_keys(&flags, limiter);
     keys.replace(parse(&document).unwrap()).unwrap();
     keys

@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 
 use lumen_proto::v1 as pb;
 use pb::generate_event::Event;
-use prometheus::{IntCounterVec, Opts, Registry};
 use serde::Serialize;
 
-const DAY_S: u64 = 86_400;
+use super::usage::{TenantMetrics, Tokens};
+
+use crate::clock::DAY_S;
 
 /// The limits of one key; `None` is unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -139,6 +140,8 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 5] = [Reason::Requests, Reason::Tokens, Reason::Concurrency, Reason::Quota, Reason::Model];
+
     pub fn label(self) -> &'static str {
         match self {
             Reason::Requests => "requests",
@@ -299,47 +302,6 @@ fn per_minute_message(tenant: &str, what: &str, b: &Bucket, requested: u64, wait
     )
 }
 
-/// The per-tenant counters on `/metrics`, labelled by tenant name (never by key).
-#[derive(Clone)]
-pub struct TenantMetrics {
-    pub requests: IntCounterVec,
-    prompt_tokens: IntCounterVec,
-    generation_tokens: IntCounterVec,
-    rejections: IntCounterVec,
-}
-
-impl TenantMetrics {
-    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let counter = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(counter.clone()))?;
-            Ok(counter)
-        };
-        Ok(TenantMetrics {
-            requests: vec(
-                "lumen_tenant_requests_total",
-                "Requests of each tenant by outcome (success, rate_limited, invalid, error).",
-                &["tenant", "outcome"],
-            )?,
-            prompt_tokens: vec("lumen_tenant_prompt_tokens_total", "Prompt tokens used by each tenant.", &["tenant"])?,
-            generation_tokens: vec(
-                "lumen_tenant_generation_tokens_total",
-                "Completion tokens generated for each tenant.",
-                &["tenant"],
-            )?,
-            rejections: vec(
-                "lumen_tenant_rejections_total",
-                "Requests refused by a key's limits, by reason (requests, tokens, concurrency, quota, model).",
-                &["tenant", "reason"],
-            )?,
-        })
-    }
-
-    pub fn rejected(&self, tenant: &str, reason: Reason) {
-        self.rejections.with_label_values(&[tenant, reason.label()]).inc();
-    }
-}
-
 /// Every tenant's meter.
 pub struct Limiter {
     meters: Mutex<HashMap<String, Arc<Mutex<Meter>>>>,
@@ -355,14 +317,15 @@ impl Limiter {
         &self.metrics
     }
 
-    /// Admits one request of `tenant` that reserves `cost` tokens, now.
-    pub fn admit(&self, tenant: &Arc<str>, limits: Limits, cost: u64) -> Result<Lease, Limited> {
-        self.admit_at(tenant, limits, cost, Instant::now(), crate::clock::unix_s())
+    /// Admits one request of `tenant` for `model` that reserves `cost` tokens, now.
+    pub fn admit(&self, tenant: &Arc<str>, model: &str, limits: Limits, cost: u64) -> Result<Lease, Limited> {
+        self.admit_at(tenant, model, limits, cost, Instant::now(), crate::clock::unix_s())
     }
 
     fn admit_at(
         &self,
         tenant: &Arc<str>,
+        model: &str,
         limits: Limits,
         cost: u64,
         now: Instant,
@@ -376,7 +339,7 @@ impl Limiter {
             m.reconfigure(limits, now);
         }
         if let Err(refused) = m.take(tenant, cost, unix_s) {
-            self.metrics.rejected(tenant, refused.reason);
+            self.metrics.rejected(tenant, model, refused.reason);
             return Err(refused);
         }
         let headers = m.headers();
@@ -384,6 +347,7 @@ impl Limiter {
         Ok(Lease(Some(Box::new(Held {
             meter,
             tenant: tenant.clone(),
+            model: Arc::from(model),
             reserved: cost,
             day,
             prompts: Vec::new(),
@@ -445,6 +409,7 @@ pub struct Lease(Option<Box<Held>>);
 struct Held {
     meter: Arc<Mutex<Meter>>,
     tenant: Arc<str>,
+    model: Arc<str>,
     reserved: u64,
     day: u64,
     /// Per prompt: what its stream counted so far.
@@ -458,6 +423,7 @@ struct Held {
 struct PromptUse {
     prompt: u64,
     completion: u64,
+    cached: u64,
     finished: bool,
 }
 
@@ -483,6 +449,7 @@ impl Lease {
                 *u = PromptUse {
                     prompt: u64::from(usage.prompt_tokens),
                     completion: u64::from(usage.completion_tokens),
+                    cached: u64::from(usage.cached_tokens.min(usage.prompt_tokens)),
                     finished: true,
                 };
             }
@@ -494,10 +461,13 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let Some(held) = self.0.take() else { return };
-        let (prompt, completion) = held.prompts.iter().fold((0, 0), |(p, c), u| (p + u.prompt, c + u.completion));
-        lock(&held.meter).settle(held.reserved, prompt + completion, held.day);
-        held.metrics.prompt_tokens.with_label_values(&[&*held.tenant]).inc_by(prompt);
-        held.metrics.generation_tokens.with_label_values(&[&*held.tenant]).inc_by(completion);
+        let used = held.prompts.iter().fold(Tokens::default(), |t, u| Tokens {
+            prompt: t.prompt + u.prompt,
+            completion: t.completion + u.completion,
+            cached: t.cached + u.cached,
+        });
+        lock(&held.meter).settle(held.reserved, used.prompt + used.completion, held.day);
+        held.metrics.used(&held.tenant, &held.model, used);
     }
 }
 

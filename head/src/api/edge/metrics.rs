@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
 use axum::middleware::Next;
 use axum::response::Response;
 use futures::StreamExt;
@@ -85,9 +84,7 @@ pub async fn track(State(state): State<ApiState>, request: Request, next: Next) 
         code: response.status().as_u16().to_string(),
         start,
     };
-    let streaming =
-        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    if !streaming {
+    if !super::trace::is_event_stream(&response) {
         return response;
     }
     // The record rides along with the body and is taken when the body is dropped.

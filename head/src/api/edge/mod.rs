@@ -1,5 +1,5 @@
 //! What surrounds every route of the API: API keys ([`auth`], the key table in [`keys`], their
-//! limits in [`limits`]), every failure and its one mapping
+//! limits in [`limits`], what each tenant used in [`usage`]), every failure and its one mapping
 //! to HTTP ([`errors`]), the request metrics middleware ([`metrics`]), the request log's
 //! middleware ([`trace`]), and the small routes (`/v1/models`, `/health`, `/version`,
 //! `/metrics`, `/tokenize`, `/detokenize`, the fallback: [`misc`]).
@@ -11,3 +11,4 @@ pub mod limits;
 pub mod metrics;
 pub mod misc;
 pub mod trace;
+pub mod usage;

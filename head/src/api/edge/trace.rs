@@ -33,6 +33,7 @@ use serde_json::Value;
 
 use crate::api::ApiState;
 use crate::api::edge::errors::ApiError;
+use crate::api::edge::usage::Outcome;
 use crate::api::generate::dispatch;
 use crate::backend::RouteSlot;
 use crate::observe::RequestLog;
@@ -168,6 +169,17 @@ impl Trace {
         self.data().usage = Some((prompt_tokens, completion_tokens));
     }
 
+    /// How a streamed answer ended, for its tenant's usage: `error` if it failed, `success` if
+    /// every backend stream finished, else `cancelled` (the client left first).
+    pub fn stream_outcome(&self) -> Outcome {
+        let data = self.data();
+        match (&data.error, data.usage) {
+            (Some(_), _) => Outcome::Error,
+            (None, Some(_)) => Outcome::Success,
+            (None, None) => Outcome::Cancelled,
+        }
+    }
+
     /// The request failed with `error` (the first failure is kept).
     pub fn failed(&self, error: &ApiError) {
         let mut data = self.data();
@@ -292,6 +304,11 @@ impl Drop for EndGuard {
     }
 }
 
+/// Whether `response` is a stream of server-sent events (its body is the answer as it goes).
+pub fn is_event_stream(response: &Response) -> bool {
+    response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
 /// Middleware: traces chat, completion and Responses requests into the API's request log.
 pub async fn record(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
     let route = match request.extensions().get::<MatchedPath>().map(MatchedPath::as_str) {
@@ -308,9 +325,7 @@ pub async fn record(State(state): State<ApiState>, mut request: Request, next: N
     let response = next.run(request).await;
     let status = response.status();
     guard.status = Some(status.as_u16());
-    let streaming =
-        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    if streaming {
+    if is_event_stream(&response) {
         trace.data().stream = true;
         let (parts, body) = response.into_parts();
         // The guard rides along with the body and records when the body ends or is dropped.
