@@ -106,27 +106,51 @@ export class Poller {
 }
 
 const KEY_STORAGE = 'lumen.apiKey';
+const ADMIN_STORAGE = 'lumen.adminToken';
 
-/** The API key the playground sends as a Bearer token ('' when none). */
-export function apiKey() {
+function stored(name) {
   try {
-    return localStorage.getItem(KEY_STORAGE) || '';
+    return localStorage.getItem(name) || '';
   } catch {
     return '';
   }
 }
 
-export function setApiKey(key) {
+function store(name, value) {
   try {
-    if (key) localStorage.setItem(KEY_STORAGE, key);
-    else localStorage.removeItem(KEY_STORAGE);
+    if (value) localStorage.setItem(name, value);
+    else localStorage.removeItem(name);
   } catch {
-    // storage disabled: the key lives for this page only
+    // storage disabled: the value lives for this page only
   }
+}
+
+const bearer = (token) => (token ? { Authorization: `Bearer ${token}` } : {});
+
+/** The API key the playground sends as a Bearer token ('' when none). */
+export function apiKey() {
+  return stored(KEY_STORAGE);
+}
+
+export function setApiKey(key) {
+  store(KEY_STORAGE, key);
 }
 
 /** Authorization header for /v1 calls. */
 export function authHeaders() {
-  const key = apiKey();
-  return key ? { Authorization: `Bearer ${key}` } : {};
+  return bearer(apiKey());
+}
+
+/** The head's admin token (--admin-token) the usage view sends ('' when none). */
+export function adminToken() {
+  return stored(ADMIN_STORAGE);
+}
+
+export function setAdminToken(token) {
+  store(ADMIN_STORAGE, token);
+}
+
+/** Authorization header for the control API's routes that need the admin token. */
+export function adminHeaders() {
+  return bearer(adminToken());
 }

@@ -1,5 +1,5 @@
 // The dashboard's entry point: hash routing between the views (#overview, #serve, #charts,
-// #requests, #playground) and the connection indicator. Each view module exports
+// #requests, #usage, #playground) and the connection indicator. Each view module exports
 // create(section) -> {show(), hide()}; a view polls the head only while it is shown.
 
 import { onConnection } from './api.js';
@@ -7,9 +7,10 @@ import * as overview from './views/overview.js';
 import * as serve from './views/serve.js';
 import * as charts from './views/charts.js';
 import * as requests from './views/requests.js';
+import * as usage from './views/usage.js';
 import * as playground from './views/playground.js';
 
-const modules = { overview, serve, charts, requests, playground };
+const modules = { overview, serve, charts, requests, usage, playground };
 const views = {};
 let current = null;
 

@@ -2,7 +2,8 @@
 //! `lumen worker` processes, the real SmolLM2 model deployed over them by a PUT of a serve config,
 //! then `node dashboard/tests/dashboard.spec.mjs`, which drives headless Debian Chromium through every
 //! view (workers listed, deployment healthy, charts moving under load, requests listed with their
-//! prompts, the playground streaming and stopping) and saves screenshots to
+//! prompts, the playground streaming and stopping, two tenants' usage after their requests, read
+//! with the head's admin token) and saves screenshots to
 //! `target/dashboard-screenshots/`. The dashboard's pure JavaScript logic is unit-tested under
 //! Node first (`dashboard/tests/modules.test.mjs`).
 //!
@@ -20,6 +21,8 @@ use serde_json::Value;
 use support::{Lumen, head_flags, model_path, worker_flags};
 
 const WORKERS: [&str; 2] = ["dash-w1", "dash-w2"];
+/// The head's `--admin-token`: the serve config's PUT and the usage view need it.
+const ADMIN_TOKEN: &str = "dashboard-admin-token";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -122,7 +125,7 @@ async fn dashboard_views_work_in_headless_chromium_against_a_real_cluster() {
     let (ok, out) = node(&["--test".into(), "dashboard/tests/modules.test.mjs".into()], Duration::from_secs(60)).await;
     assert!(ok, "the dashboard's module tests failed:\n{out}");
 
-    let mut args = vec!["head".to_string(), "--log-requests".into()];
+    let mut args = vec!["head".to_string(), "--log-requests".into(), "--admin-token".into(), ADMIN_TOKEN.into()];
     args.extend(head_flags());
     let head = Lumen::start(&args);
     let grpc = head.url("grpc");
@@ -133,6 +136,7 @@ async fn dashboard_views_work_in_headless_chromium_against_a_real_cluster() {
     let put = http
         .put(format!("{}/api/serve/applications/", head.url("dashboard")))
         .header("content-type", "application/yaml")
+        .bearer_auth(ADMIN_TOKEN)
         .body(serve_config())
         .send()
         .await
@@ -156,6 +160,8 @@ async fn dashboard_views_work_in_headless_chromium_against_a_real_cluster() {
         "yes".into(),
         "--expect-autoscaling".into(),
         "min 2 · max 2 · target ongoing 8".into(),
+        "--admin-token".into(),
+        ADMIN_TOKEN.into(),
         "--out".into(),
         screenshots.display().to_string(),
     ];

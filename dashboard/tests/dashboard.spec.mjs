@@ -5,15 +5,17 @@
 //
 //   node dashboard/tests/dashboard.spec.mjs --dashboard http://127.0.0.1:8265 --api http://127.0.0.1:8000 \
 //        --model smol --workers w1,w2 [--expect-prompts yes|no] [--expect-autoscaling TEXT] \
-//        [--out target/dashboard-screenshots] [--docs-images docs/images]
+//        [--admin-token TOKEN] [--out target/dashboard-screenshots] [--docs-images docs/images]
 //
 // (or LUMEN_DASHBOARD_URL, LUMEN_API_URL, LUMEN_MODEL, LUMEN_WORKERS, LUMEN_EXPECT_PROMPTS,
-// LUMEN_EXPECT_AUTOSCALING, LUMEN_SCREENSHOT_DIR, LUMEN_DOCS_IMAGES).
+// LUMEN_EXPECT_AUTOSCALING, LUMEN_ADMIN_TOKEN, LUMEN_SCREENSHOT_DIR, LUMEN_DOCS_IMAGES).
 // Checks, in order: the overview lists the workers; the serve view shows the deployment HEALTHY
 // with a RUNNING replica; the charts gain non-zero running and generation points while a burst of
 // streamed requests runs; the requests view lists those requests by id (with their prompts when
 // the head logs them); the playground shows reasoning and errors apart (canned answers), streams
-// a real reply incrementally and its stop button aborts one; every view fits a 420 px and a
+// a real reply incrementally and its stop button aborts one; with two tenants' keys put in place
+// (then removed), the usage view asks for the admin token and then shows each tenant's real
+// counts after its requests; every view fits a 420 px and a
 // 1400 px window without horizontal scrolling; nothing is loaded from another origin.
 // Screenshots of every view in both sizes go to --out.
 // Exit code 0 when every check passes, 1 otherwise.
@@ -24,7 +26,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const VIEWS = ['overview', 'serve', 'charts', 'requests', 'playground'];
+const VIEWS = ['overview', 'serve', 'charts', 'requests', 'usage', 'playground'];
 const SIZES = { wide: { width: 1400, height: 900 }, narrow: { width: 420, height: 900 } };
 
 function options() {
@@ -49,6 +51,8 @@ function options() {
     expectPrompts: arg('expect-prompts', 'LUMEN_EXPECT_PROMPTS', ''),
     // The autoscaling line the healthy deployment must show (not checked when empty).
     expectAutoscaling: arg('expect-autoscaling', 'LUMEN_EXPECT_AUTOSCALING', ''),
+    // The head's --admin-token (the usage check needs one).
+    adminToken: arg('admin-token', 'LUMEN_ADMIN_TOKEN', ''),
   };
   if (!o.dashboard || !o.api) {
     console.error('usage: dashboard.spec.mjs --dashboard URL --api URL [--model NAME] [--workers a,b] [--out DIR]');
@@ -69,11 +73,11 @@ function loadPlaywright() {
   }
 }
 
-/** Streams one chat completion from the API; resolves to {id, text, finish}. */
-async function streamChat(api, model, prompt, maxTokens) {
+/** Streams one chat completion from the API (with `key`, if any); resolves to {id, text, finish}. */
+async function streamChat(api, model, prompt, maxTokens, key = '') {
   const response = await fetch(`${api}/v1/chat/completions`, {
     method: 'POST',
-    headers: { 'Content-Type': 'application/json' },
+    headers: { 'Content-Type': 'application/json', ...(key ? { Authorization: `Bearer ${key}` } : {}) },
     body: JSON.stringify({ model, messages: [{ role: 'user', content: prompt }], max_tokens: maxTokens, ignore_eos: true, stream: true }),
   });
   const body = await response.text();
@@ -116,6 +120,26 @@ function startLoad(o, concurrency, maxTokens) {
       await Promise.all(lanes);
     },
   };
+}
+
+/** Replaces the head's named API keys (PUT /api/lumen/keys with the admin token). */
+async function putKeys(o, keys) {
+  const response = await fetch(`${o.dashboard}/api/lumen/keys`, {
+    method: 'PUT',
+    headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${o.adminToken}` },
+    body: JSON.stringify({ api_keys: keys }),
+  });
+  if (!response.ok) throw new Error(`PUT /api/lumen/keys answered ${response.status}: ${await response.text()}`);
+}
+
+/** One completion with `key` that generates exactly `maxTokens` tokens. */
+async function complete(o, key, maxTokens) {
+  const response = await fetch(`${o.api}/v1/completions`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${key}` },
+    body: JSON.stringify({ model: o.model, prompt: 'The sea is', max_tokens: maxTokens, ignore_eos: true }),
+  });
+  if (!response.ok) throw new Error(`completion answered ${response.status}: ${await response.text()}`);
 }
 
 const testid = (id) => `[data-testid="${id}"]`;
@@ -306,6 +330,50 @@ const checks = {
     const stopped = await second.getAttribute('data-state');
     if (stopped !== 'stopped') throw new Error(`after stop the reply is "${stopped}"`);
     if (!(await page.locator(testid('pg-send')).isEnabled())) throw new Error('send stays disabled after stop');
+  },
+
+  // Two tenants with their own keys (removed at the end, so the API is open again): tenant
+  // usage-a sends two completions of 5 tokens, usage-b one streamed chat of 3. The usage view
+  // first asks for the admin token, then shows those counts.
+  async usage(page, o) {
+    if (!o.adminToken) throw new Error('the usage check needs --admin-token');
+    const keys = [{ tenant: 'usage-a', key: 'sk-dashboard-usage-a' }, { tenant: 'usage-b', key: 'sk-dashboard-usage-b' }];
+    await putKeys(o, keys);
+    try {
+      await complete(o, keys[0].key, 5);
+      await complete(o, keys[0].key, 5);
+      const streamed = await streamChat(o.api, o.model, 'Say hello.', 3, keys[1].key);
+      if (streamed.finish !== 'length') throw new Error(`the streamed chat finished "${streamed.finish}"`);
+      await page.evaluate(() => localStorage.removeItem('lumen.adminToken'));
+      await show(page, o, 'usage');
+      await page.locator(testid('usage-auth')).waitFor({ timeout: 10_000 });
+      await page.locator(testid('usage-token')).fill(o.adminToken);
+      await page.locator(testid('usage-token')).press('Tab');
+      const wanted = { 'usage-a': { 'usage-success': 2, 'usage-completion-tokens': 10 }, 'usage-b': { 'usage-success': 1, 'usage-completion-tokens': 3 } };
+      // Each tenant's cells summed over its rows for the model (one row a day).
+      const shown = () => page.evaluate(([model, wanted]) => {
+        const out = {};
+        for (const [tenant, cells] of Object.entries(wanted)) {
+          const rows = [...document.querySelectorAll(`[data-testid="usage-row"][data-tenant="${tenant}"]`)].filter((r) => r.dataset.model === model);
+          out[tenant] = Object.fromEntries(Object.keys(cells).map((id) => [id, rows.reduce((n, r) => n + Number(r.querySelector(`[data-testid="${id}"]`).textContent.replace(/,/g, '')), 0)]));
+        }
+        return out;
+      }, [o.model, wanted]);
+      try {
+        for (let i = 0; ; i++) {
+          if (JSON.stringify(await shown()) === JSON.stringify(wanted)) break;
+          if (i >= 120) throw new Error(`the usage view shows ${JSON.stringify(await shown())}, expected ${JSON.stringify(wanted)}`);
+          await page.waitForTimeout(250);
+        }
+      } catch (e) {
+        throw new Error(`${e.message}; table: ${await page.locator(testid('view-usage')).innerText().catch(() => '?')}`);
+      }
+      const total = await page.locator(`${testid('usage-total-row')}[data-tenant="usage-a"] ${testid('usage-total-completion-tokens')}`).textContent();
+      if (total !== '10') throw new Error(`usage-a's total completion tokens read "${total}"`);
+      console.log(`  usage: ${JSON.stringify(await shown())}`);
+    } finally {
+      await putKeys(o, []);
+    }
   },
 };
 

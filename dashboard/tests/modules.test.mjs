@@ -13,6 +13,7 @@ import { fromCluster, picker } from '../views/charts.js';
 import { totals } from '../views/overview.js';
 import { migrationNote, outcome } from '../views/requests.js';
 import { replicaCounts } from '../views/serve.js';
+import { tenantTotals, usageQuery } from '../views/usage.js';
 
 function parseAll(chunks) {
   let state = initialState();
@@ -141,4 +142,29 @@ test('a request that moved to another replica says how often', () => {
 test('deployment replica counts come from replica_states', () => {
   assert.deepEqual(replicaCounts({ replica_states: { RUNNING: 2, STARTING: 1 }, replicas: [] }), { running: 2, summary: '2 RUNNING, 1 STARTING' });
   assert.deepEqual(replicaCounts({ replicas: [{ state: 'RUNNING' }] }), { running: 1, summary: 'no replicas' });
+});
+
+test('usage asks for the last N UTC days, month and year edges included', () => {
+  const now = new Date(Date.UTC(2026, 2, 1, 23, 30));
+  assert.equal(usageQuery(1, now), 'start=2026-03-01');
+  assert.equal(usageQuery(7, now), 'start=2026-02-23');
+  assert.equal(usageQuery(31, new Date(Date.UTC(2026, 0, 5))), 'start=2025-12-06');
+  assert.equal(usageQuery(0, now), 'start=2026-03-01', 'at least today');
+});
+
+test('usage totals sum each tenant over its days and models', () => {
+  const row = (tenant, model, date, success, error, cancelled, quota, prompt, completion, cached) => ({
+    tenant, model, date,
+    requests: { success, invalid: 0, rate_limited: quota, error, cancelled, total: success + error + cancelled + quota },
+    rejections: { requests: 0, tokens: 0, concurrency: 0, quota, model: 0 },
+    prompt_tokens: prompt, completion_tokens: completion, cached_tokens: cached,
+  });
+  const totals = tenantTotals([
+    row('b', 'm', '2026-03-01', 1, 0, 0, 0, 5, 2, 0),
+    row('a', 'm', '2026-03-01', 2, 1, 0, 1, 10, 4, 3),
+    row('a', 'n', '2026-03-02', 1, 0, 1, 0, 5, 2, 0),
+  ]);
+  assert.deepEqual(totals.map((t) => t.tenant), ['a', 'b']);
+  assert.deepEqual(totals[0], { tenant: 'a', requests: 6, success: 3, failed: 2, rejections: 1, prompt: 15, completion: 6, cached: 3 });
+  assert.deepEqual(tenantTotals([]), []);
 });

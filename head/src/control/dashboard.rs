@@ -50,6 +50,7 @@ pub static EMBEDDED: &[(&str, &[u8])] = embedded![
     "views/serve.js",
     "views/charts.js",
     "views/requests.js",
+    "views/usage.js",
     "views/playground.js",
 ];
 
