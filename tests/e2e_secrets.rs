@@ -1,5 +1,6 @@
 //! Access control and secret hygiene with a real `lumen serve` (SmolLM2): the admin token guards
-//! the control API's mutating routes while every read stays open, `lumen deploy` sends the token,
+//! the control API's mutating routes and the tenants' usage while every other read stays open,
+//! `lumen deploy` sends the token,
 //! the model's context is enforced end to end, and none of the configured secrets (API key, join
 //! token, admin token, HF token) ever appears in the process's logs or on `/metrics`.
 
@@ -112,8 +113,10 @@ async fn admin_token_guards_mutations_and_no_secret_reaches_logs_or_metrics() {
         let response = http.get(format!("{control}{path}")).send().await.expect("GET");
         assert_eq!(response.status(), 200, "GET {path} needs no admin token");
     }
-    // Mutations need it: missing or wrong token is a 401 with a JSON error, and changes nothing.
+    // Mutations and the tenants' usage need it: missing or wrong token is a 401 with a JSON error,
+    // and changes nothing.
     let applications = format!("{control}/api/serve/applications/");
+    let usage = format!("{control}/api/lumen/usage");
     let empty = json!({"applications": []});
     for request in [
         http.put(&applications).json(&empty),
@@ -121,12 +124,21 @@ async fn admin_token_guards_mutations_and_no_secret_reaches_logs_or_metrics() {
         http.put(&applications).header("authorization", ADMIN_TOKEN).json(&empty),
         http.delete(&applications),
         http.delete(&applications).bearer_auth(API_KEY),
+        http.get(&usage),
+        http.get(&usage).bearer_auth(API_KEY),
     ] {
         let (status, body) = status_and_json(request).await;
         assert_eq!(status, 401, "{body}");
         assert!(body["error"].as_str().is_some_and(|m| m.contains("admin token")), "{body}");
     }
     assert_eq!(status_and_json(chat(hello.clone())).await.0, 200, "refused mutations changed nothing");
+    // With the token the usage answers: `--api-key`'s requests count for the tenant `default`.
+    let (status, body) =
+        status_and_json(http.get(format!("{usage}?tenant=default&model=smol")).bearer_auth(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let rows = body["usage"].as_array().expect("usage rows");
+    let answered: u64 = rows.iter().map(|r| r["requests"]["success"].as_u64().unwrap_or(0)).sum();
+    assert!(answered >= 2, "the chats answered so far: {body}");
 
     // `lumen deploy` without the token is refused; with it (LUMEN_ADMIN_TOKEN) it applies.
     let config = dir.path().join("empty.yaml");
