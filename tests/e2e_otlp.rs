@@ -5,6 +5,9 @@
 //! and the worker's `queue` / `prefill` / `decode` spans under it, all in the client's trace,
 //! with vLLM's `gen_ai.*` attributes equal to what the response reported; no prompt text and no
 //! API key in any span. The spans arrive by the time the server exits on SIGTERM (it flushes).
+//! With `lumen head` and `lumen worker` as separate processes, each exports its own spans (its
+//! own service name) and a streamed request without `traceparent` is a root span at the head
+//! with the worker's span under it.
 
 mod support;
 
@@ -19,7 +22,8 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use serde_json::json;
-use support::{Lumen, serve_flags};
+use support::cluster::{Extra, start_cluster};
+use support::{Lumen, read_sse, serve_flags};
 
 /// The spans received so far, with their resource's `service.name`.
 type Received = Arc<Mutex<Vec<(String, Span)>>>;
@@ -33,8 +37,10 @@ async fn export(State(received): State<Received>, body: Bytes) -> Vec<u8> {
             .iter()
             .flat_map(|r| &r.attributes)
             .find(|kv| kv.key == "service.name")
-            .and_then(|kv| kv.value.as_ref()?.value.clone())
-            .map(|v| format!("{v:?}"))
+            .and_then(|kv| match kv.value.as_ref()?.value.clone()? {
+                Any::StringValue(name) => Some(name),
+                _ => None,
+            })
             .unwrap_or_default();
         for scope in resource.scope_spans {
             received.extend(scope.spans.into_iter().map(|s| (service.clone(), s)));
@@ -147,4 +153,50 @@ async fn a_chat_request_is_one_trace_from_the_client_through_the_head_to_the_wor
         in_trace.iter().filter(|s| s.parent_span_id == worker.span_id).map(|s| s.name.as_str()).collect();
     phases.sort_unstable();
     assert_eq!(phases, ["decode", "prefill", "queue"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_head_and_worker_processes_export_one_trace_of_a_streamed_request() {
+    let (endpoint, received) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let otlp = ["--otlp-traces-endpoint", endpoint.as_str()];
+    let (mut head, mut workers) =
+        start_cluster(dir.path(), &["w1"], Extra { head: &otlp, worker: &otlp, model: &[] }).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", head.url("api")))
+        .json(&json!({"model": "smol", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 6,
+                      "stream": true, "stream_options": {"include_usage": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (events, done) = read_sse(response).await;
+    assert!(done);
+    let usage =
+        events.iter().rev().find_map(|e| e.get("usage").filter(|u| !u.is_null())).expect("a usage chunk").clone();
+    let id = events[0]["id"].as_str().unwrap().to_string();
+
+    head.terminate();
+    assert_eq!(head.wait_exit(Duration::from_secs(60)), Some(0), "the head exits cleanly");
+    let worker = workers.get_mut("w1").unwrap();
+    worker.terminate();
+    assert_eq!(worker.wait_exit(Duration::from_secs(60)), Some(0), "the worker exits cleanly");
+
+    let spans = received.lock().unwrap().clone();
+    let find = |service: &str| {
+        spans
+            .iter()
+            .find(|(s, span)| s == service && span.name == "llm_request" && string(span, "gen_ai.request.id") == id)
+            .map(|(_, span)| span.clone())
+            .unwrap_or_else(|| panic!("a {service} span of {id} in {spans:#?}"))
+    };
+    let (head_span, worker_span) = (find("lumen-head"), find("lumen-worker"));
+    assert!(head_span.parent_span_id.is_empty(), "no traceparent: the head's span is a root");
+    assert_eq!(worker_span.trace_id, head_span.trace_id);
+    assert_eq!(worker_span.parent_span_id, head_span.span_id);
+    for span in [&head_span, &worker_span] {
+        assert_eq!(int(span, "gen_ai.usage.prompt_tokens"), usage["prompt_tokens"].as_i64().unwrap());
+        assert_eq!(int(span, "gen_ai.usage.completion_tokens"), usage["completion_tokens"].as_i64().unwrap());
+    }
+    assert_eq!(int(&head_span, "gen_ai.request.max_tokens"), 6);
 }

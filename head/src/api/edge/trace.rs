@@ -167,9 +167,14 @@ impl Trace {
         }
     }
 
-    /// The OpenTelemetry context to send on to the worker, when tracing is on.
-    pub fn otel_context(&self) -> Option<opentelemetry::Context> {
-        self.data().span.as_ref().map(|span| span.context().clone())
+    /// Runs `calls` (backend calls of this request) with the request's span current, when
+    /// tracing is on: the replica client sends it on to the worker as `traceparent`.
+    pub async fn in_span<F: std::future::Future>(&self, calls: F) -> F::Output {
+        let cx = self.data().span.as_ref().map(|span| span.context().clone());
+        match cx {
+            Some(cx) => opentelemetry::context::FutureExt::with_context(calls, cx).await,
+            None => calls.await,
+        }
     }
 
     /// Where the backend notes the replica it routed to.
@@ -208,6 +213,9 @@ impl Trace {
     pub fn migrated(&self, reason: &str) {
         let mut data = self.data();
         data.migrations = data.migrations.saturating_add(1);
+        if let Some(span) = &data.span {
+            span.event("migrated", vec![opentelemetry::KeyValue::new("lumen.migration_reason", reason.to_string())]);
+        }
         tracing::info!(request_id = %data.id, reason, migrations = data.migrations, "request migrated");
     }
 

@@ -116,13 +116,7 @@ pub async fn start(
     let calls = futures::future::try_join_all(
         requests.into_iter().map(|r| migration::generate(backend, migrations, model, r, &trace)),
     );
-    // The request's span (when tracing) is current while the calls run: the replica client
-    // sends it to the worker as `traceparent`.
-    let calls = backend::with_route_slot(trace.route_slot(), calls);
-    let streams = match trace.otel_context() {
-        Some(cx) => opentelemetry::context::FutureExt::with_context(calls, cx).await?,
-        None => calls.await?,
-    };
+    let streams = trace.in_span(backend::with_route_slot(trace.route_slot(), calls)).await?;
     trace.routed();
     let tagged = streams.into_iter().enumerate().map(|(p, s)| s.map(move |e| (p, e)).boxed());
     Ok(Running {
