@@ -51,6 +51,22 @@ static TRACER: OnceLock<BoxedTracer> = OnceLock::new();
 pub enum OtelError {
     #[error("--otlp-traces-endpoint `{endpoint}`: {reason}")]
     Exporter { endpoint: String, reason: String },
+    #[error(
+        "{variable}={protocol}: Lumen exports traces over OTLP/HTTP only (`http/protobuf`; an OTLP collector's HTTP port is 4318)"
+    )]
+    Protocol { variable: &'static str, protocol: String },
+}
+
+/// The OpenTelemetry variables that choose the OTLP protocol, most specific first.
+const PROTOCOL_VARIABLES: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"];
+
+/// Refuses a protocol other than OTLP/HTTP protobuf asked for by `variable` (vLLM reads the same
+/// variables and defaults to gRPC; a silent mismatch would lose every span).
+fn check_protocol(variable: &'static str, protocol: Option<&str>) -> Result<(), OtelError> {
+    match protocol.map(str::trim) {
+        None | Some("" | "http/protobuf") => Ok(()),
+        Some(other) => Err(OtelError::Protocol { variable, protocol: other.to_string() }),
+    }
 }
 
 /// The URL spans are posted to: `endpoint` as given, or with `/v1/traces` (OTLP/HTTP's path)
@@ -67,6 +83,9 @@ pub fn init(endpoint: Option<&str>, service: &'static str) -> Result<(), OtelErr
     let Some(endpoint) = endpoint.filter(|e| !e.is_empty()) else { return Ok(()) };
     if PROVIDER.get().is_some() {
         return Ok(());
+    }
+    if let Some(variable) = PROTOCOL_VARIABLES.into_iter().find(|v| std::env::var_os(v).is_some()) {
+        check_protocol(variable, std::env::var(variable).ok().as_deref())?;
     }
     let url = traces_url(endpoint);
     let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -148,7 +167,17 @@ pub fn inject(cx: &Context, metadata: &mut tonic::metadata::MetadataMap) {
 
 #[cfg(test)]
 mod tests {
-    use super::traces_url;
+    use super::{check_protocol, traces_url};
+
+    #[test]
+    fn only_otlp_over_http_protobuf_is_accepted() {
+        let variable = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
+        assert!(check_protocol(variable, None).is_ok());
+        assert!(check_protocol(variable, Some("http/protobuf")).is_ok());
+        let error = check_protocol(variable, Some("grpc")).unwrap_err().to_string();
+        assert!(error.contains("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=grpc"), "{error}");
+        assert!(check_protocol(variable, Some("http/json")).is_err());
+    }
 
     #[test]
     fn an_endpoint_without_a_path_gets_otlps_traces_path() {
