@@ -15,6 +15,8 @@
 //! Everything logged about one request — while it is set up and while its stream is polled —
 //! runs inside a `request` span with fields `request_id` and `replica`, so every such line
 //! carries them (in `--log-format json`, under `span`).
+//! With `--otlp-traces-endpoint`, each `Generate` also has an OpenTelemetry span continuing the
+//! head's `traceparent` metadata ([`super::otel`]), ended by the stream's last item or its drop.
 //!
 //! `CheckHealth` answers whether a replica's engine responds and makes progress (see
 //! [`super::health`]); an unhealthy engine is a normal reply with `healthy: false`, not an error.
