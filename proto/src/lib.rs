@@ -3,7 +3,8 @@
 //! Workers call [`v1::head_client::HeadClient`] to register and stream heartbeats; the head
 //! calls [`v1::worker_client::WorkerClient`] to place replicas and run requests. [`metrics`]
 //! turns the replica stats both sides exchange into vLLM's Prometheus series. [`tls`] loads the
-//! PEM certificates every TLS listener and client of Lumen uses.
+//! PEM certificates every TLS listener and client of Lumen uses. [`otel`] exports OpenTelemetry
+//! traces and carries their W3C context across both hops.
 
 /// Bumped whenever a message or service changes incompatibly; checked at registration.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -14,4 +15,5 @@ pub mod v1 {
 }
 
 pub mod metrics;
+pub mod otel;
 pub mod tls;

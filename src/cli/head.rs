@@ -213,11 +213,13 @@ pub async fn start(
 
 /// `lumen head`: serves until a signal, then drains.
 pub async fn run(args: HeadArgs) -> anyhow::Result<()> {
+    args.otlp.init("lumen-head")?;
     let shutdown = CancellationToken::new();
     super::shutdown::cancel_on_signal(shutdown.clone());
     let head = start(&args, Vec::new(), false, shutdown.clone()).await?;
     super::print_ready("head", &[("api", head.api), ("dashboard", head.dashboard), ("grpc", head.grpc)]);
     shutdown.cancelled().await;
     head.drain(Duration::from_secs(args.drain_timeout_s)).await;
+    super::flush_traces().await;
     Ok(())
 }

@@ -126,6 +126,33 @@ pub struct HeadArgs {
     pub cluster: ClusterSettings,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
+}
+
+/// OpenTelemetry tracing (vLLM's flag): `lumen head`, `lumen worker` and `lumen serve`.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct OtlpArgs {
+    /// Export OpenTelemetry traces (a span per request at the head and on the worker, vLLM's
+    /// `gen_ai.*` attributes) over OTLP/HTTP protobuf to this URL, e.g.
+    /// `http://collector:4318/v1/traces` (`/v1/traces` is added to a URL without a path).
+    /// None: no tracing.
+    #[arg(long, env = "LUMEN_OTLP_TRACES_ENDPOINT", value_name = "URL")]
+    pub otlp_traces_endpoint: Option<String>,
+}
+
+impl OtlpArgs {
+    /// Starts the exporter (if an endpoint is set) for this process, as `service`.
+    pub fn init(&self, service: &'static str) -> anyhow::Result<()> {
+        Ok(lumen_proto::otel::init(self.otlp_traces_endpoint.as_deref(), service)?)
+    }
+}
+
+/// Exports the last pending spans (once the servers stopped), off the async runtime.
+pub async fn flush_traces() {
+    if let Err(e) = tokio::task::spawn_blocking(lumen_proto::otel::shutdown).await {
+        tracing::warn!(error = %e, "flushing the OpenTelemetry spans panicked");
+    }
 }
 
 /// A worker process: which head to join and where the head reaches it.
@@ -165,6 +192,8 @@ pub struct WorkerArgs {
     pub stats_log: StatsLogArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
 }
 
 /// TLS of a process's own ports and of the `https://` peers it dials (`lumen head`, `lumen

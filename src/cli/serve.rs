@@ -97,6 +97,8 @@ fn deployment_progress(applications: &Applications) -> Progress {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Deployed unless `--config` or the state directory say otherwise.
     let plans = vec![plan_from_flags(&args)?];
+    // The head and the in-process worker share one exporter.
+    args.head.otlp.init("lumen")?;
     let shutdown = CancellationToken::new();
     super::shutdown::cancel_on_signal(shutdown.clone());
     // The worker stops only after the head has drained its HTTP requests (which it serves).
@@ -130,6 +132,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     worker_shutdown.cancel();
     worker.node.stop_all(Duration::from_secs(1)).await;
     super::shutdown::drain(worker.tasks, Duration::from_secs(5)).await;
+    super::flush_traces().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -75,6 +75,7 @@ pub async fn start(setup: WorkerSetup, shutdown: CancellationToken) -> anyhow::R
 
 /// `lumen worker`: joins the head and serves until a signal, then drains its replicas.
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    args.otlp.init("lumen-worker")?;
     // `signal` starts the drain; `shutdown` stops the servers and the registration after it.
     let signal = CancellationToken::new();
     super::shutdown::cancel_on_signal(signal.clone());
@@ -115,5 +116,6 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     worker.node.stop_all(drain).await;
     shutdown.cancel();
     super::shutdown::drain(worker.tasks, drain).await;
+    super::flush_traces().await;
     Ok(())
 }

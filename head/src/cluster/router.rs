@@ -239,6 +239,9 @@ impl Cluster {
         let guard = InFlight::new(pick.in_flight.clone());
         request.replica_id = pick.replica_id.clone();
         let mut client = self.client(&pick)?;
+        let mut request = tonic::Request::new(request);
+        // The request's span, when tracing is on (see `dispatch::start`), continues on the worker.
+        lumen_proto::otel::inject(&opentelemetry::Context::current(), request.metadata_mut());
         let mut events = client.generate(request).await.map_err(|s| status_to_error(&s))?.into_inner();
         let Some(first) = forward::next_event(&mut events, &mut pick.silence, &pick.worker_id).await? else {
             return Err(BackendError::Unavailable(format!(

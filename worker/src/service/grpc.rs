@@ -15,6 +15,8 @@
 //! Everything logged about one request — while it is set up and while its stream is polled —
 //! runs inside a `request` span with fields `request_id` and `replica`, so every such line
 //! carries them (in `--log-format json`, under `span`).
+//! With `--otlp-traces-endpoint`, each `Generate` also has an OpenTelemetry span continuing the
+//! head's `traceparent` metadata ([`super::otel`]), ended by the stream's last item or its drop.
 //!
 //! `CheckHealth` answers whether a replica's engine responds and makes progress (see
 //! [`super::health`]); an unhealthy engine is a normal reply with `healthy: false`, not an error.
@@ -36,6 +38,7 @@ use super::ServiceError;
 use super::convert::{self, EncodedPrompt, PromptRef, wire_u32};
 use super::health;
 use super::node::{InFlight, WorkerNode};
+use super::otel::WorkerSpan;
 use crate::engine::{EngineEvent, EngineRequest, RequestStream};
 use crate::grammar::{CompiledGrammar, Constraint, GrammarCompiler};
 use crate::tokenizer::Tokenizer;
@@ -136,7 +139,23 @@ enum Phase {
 struct Tracked {
     _in_flight: InFlight,
     span: Span,
+    /// The request's OpenTelemetry span until it ends (tracing on).
+    otel: Option<WorkerSpan>,
     ended: bool,
+}
+
+impl Tracked {
+    /// Ends the OpenTelemetry span on the stream's last item.
+    fn note(&mut self, item: &Result<pb::GenerateEvent, Status>) {
+        let Some(otel) = self.otel.take() else { return };
+        match item {
+            Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Finished(finished)) }) => {
+                otel.finished(finished);
+            }
+            Err(status) => otel.failed(status.message()),
+            Ok(_) => self.otel = Some(otel),
+        }
+    }
 }
 
 impl Drop for Tracked {
@@ -144,18 +163,28 @@ impl Drop for Tracked {
         if !self.ended {
             self.span.in_scope(|| tracing::info!("the caller cancelled the request before it finished; aborted"));
         }
+        if let Some(otel) = self.otel.take() {
+            otel.failed("the caller cancelled the request before it finished");
+        }
     }
 }
 
 /// The response stream of one request; dropping it drops (and so aborts) the engine request.
 /// `in_flight` is held until the stream ends or is dropped; each item is produced in `span`.
-fn event_stream(started: pb::GenerateEvent, request: RequestStream, in_flight: InFlight, span: Span) -> EventStream {
-    let state = (Phase::Start(started, request), Tracked { _in_flight: in_flight, span, ended: false });
+fn event_stream(
+    started: pb::GenerateEvent,
+    request: RequestStream,
+    in_flight: InFlight,
+    (span, otel): (Span, Option<WorkerSpan>),
+) -> EventStream {
+    let tracked = Tracked { _in_flight: in_flight, span, otel, ended: false };
+    let state = (Phase::Start(started, request), tracked);
     Box::pin(futures::stream::unfold(state, |(phase, mut tracked)| {
         let polled = tracked.span.clone();
         next_event(phase).instrument(polled).map(move |next| {
             let (item, phase) = next?;
             tracked.ended |= matches!(phase, Phase::Done);
+            tracked.note(&item);
             Some((item, (phase, tracked)))
         })
     }))
@@ -184,7 +213,13 @@ async fn next_event(phase: Phase) -> Option<(Result<pb::GenerateEvent, Status>, 
 }
 
 impl WorkerService {
-    async fn start_generate(&self, req: pb::GenerateRequest, span: Span) -> Result<EventStream, ServiceError> {
+    /// Starts `req`; `otel` (the request's span) moves into the response stream once it exists.
+    async fn start_generate(
+        &self,
+        req: pb::GenerateRequest,
+        span: Span,
+        otel: &mut Option<WorkerSpan>,
+    ) -> Result<EventStream, ServiceError> {
         let replica = self.node.replica(&req.replica_id)?;
         let in_flight = replica.track_request();
         let handle = replica.handle().clone();
@@ -205,7 +240,8 @@ impl WorkerService {
             let sent = if req.return_prompt_token_ids { ids.clone() } else { Vec::new() };
             let stream = handle.generate(EngineRequest::pooling(req.request_id.clone(), ids, pooling)).await?;
             tracing::debug!(prompt_tokens, "embedding request queued");
-            return Ok(event_stream(convert::started_event(prompt_tokens, 0, sent, None), stream, in_flight, span));
+            let started = convert::started_event(prompt_tokens, 0, sent, None);
+            return Ok(event_stream(started, stream, in_flight, (span, otel.take())));
         }
         let limits = handle.limits();
         let prompt_tokens = encoded.token_ids.len();
@@ -233,7 +269,7 @@ impl WorkerService {
         let only_ids = req.return_prompt_token_ids && !req.return_prompt;
         let ids = if only_ids { encoded.token_ids.clone() } else { Vec::new() };
         let started = convert::started_event(prompt_tokens, resumed_tokens, ids, req.return_prompt.then_some(encoded));
-        Ok(event_stream(started, stream, in_flight, span))
+        Ok(event_stream(started, stream, in_flight, (span, otel.take())))
     }
 }
 
@@ -265,11 +301,15 @@ impl pb::worker_server::Worker for WorkerService {
     type GenerateStream = EventStream;
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<EventStream>, Status> {
+        let mut otel = WorkerSpan::start(request.metadata(), request.get_ref());
         let req = request.into_inner();
         let span = tracing::info_span!("request", request_id = %req.request_id, replica = %req.replica_id);
-        let stream = self.start_generate(req, span.clone()).instrument(span.clone()).await;
+        let stream = self.start_generate(req, span.clone(), &mut otel).instrument(span.clone()).await;
         if let Err(e) = &stream {
             span.in_scope(|| tracing::debug!(error = %e, "request refused"));
+            if let Some(otel) = otel.take() {
+                otel.failed(&e.to_string());
+            }
         }
         Ok(Response::new(stream?))
     }

@@ -2,7 +2,7 @@
 //! process hosts ([`WorkerNode`]), the tonic `Worker` service over them ([`serve_worker`]), and
 //! the task that registers with the head and streams heartbeats ([`registration`]), the
 //! worker's own Prometheus `/metrics` ([`metrics_http`]) and the periodic engine log line
-//! ([`stats_log`]).
+//! ([`stats_log`]), and a request's OpenTelemetry span on this side ([`otel`]).
 //!
 //! Contracts:
 //! - Errors reach the head as gRPC statuses, mapped from [`ServiceError`] in exactly one place
@@ -22,6 +22,7 @@ pub mod grpc;
 pub mod health;
 pub mod metrics_http;
 pub mod node;
+pub mod otel;
 pub mod registration;
 pub mod resources;
 pub mod stats_log;

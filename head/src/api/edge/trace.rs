@@ -13,6 +13,10 @@
 //! carrying output, `duration_ms` to the end, `itl_ms` = (duration - ttft) / (completion tokens -
 //! 1). The worker's `Timings` are not used.
 //!
+//! With `--otlp-traces-endpoint`, the trace also owns the request's OpenTelemetry span
+//! ([`RequestSpan`]): the same notes become its events and attributes, and it ends when the
+//! record is pushed, so every route is traced in this one place.
+//!
 //! Outcome rules: a stream that failed after its 200 records the failure's status and message; a
 //! client gone mid-stream records its 200, finish reason `abort` and error "client disconnected";
 //! a client gone before any answer records status 499 (nginx's "client closed request").
@@ -33,6 +37,7 @@ use serde_json::Value;
 
 use crate::api::ApiState;
 use crate::api::edge::errors::ApiError;
+use crate::api::edge::otel::{RequestSpan, SpanEnd};
 use crate::api::edge::usage::Outcome;
 use crate::api::generate::dispatch;
 use crate::backend::RouteSlot;
@@ -61,6 +66,10 @@ struct TraceData {
     error: Option<(u16, String)>,
     /// Times the request moved to another replica ([`crate::api::generate::migration`]).
     migrations: u32,
+    /// When the request got its admission slot.
+    admitted: Option<Instant>,
+    /// The OpenTelemetry span, when tracing is on.
+    span: Option<RequestSpan>,
     recorded: bool,
 }
 
@@ -69,7 +78,7 @@ struct TraceData {
 pub struct Trace(Arc<Mutex<TraceData>>);
 
 impl Trace {
-    fn new(log: Option<Arc<RequestLog>>, route: Route) -> Self {
+    fn new(log: Option<Arc<RequestLog>>, route: Route, span: Option<RequestSpan>) -> Self {
         let prefix = match route {
             Route::Chat => "chatcmpl",
             Route::Completions => "cmpl",
@@ -92,13 +101,15 @@ impl Trace {
             finish: None,
             error: None,
             migrations: 0,
+            admitted: None,
+            span,
             recorded: false,
         })))
     }
 
     /// A trace that goes nowhere (a handler used without the [`record`] middleware).
     pub fn detached() -> Self {
-        Trace::new(None, Route::Chat)
+        Trace::new(None, Route::Chat, None)
     }
 
     fn data(&self) -> MutexGuard<'_, TraceData> {
@@ -120,11 +131,49 @@ impl Trace {
         if let Some(first) = requests.first() {
             data.id = first.request_id.clone();
         }
+        if let Some(span) = &data.span {
+            span.launched(&data.id, model, requests.first(), requests.len());
+        }
         if data.log.as_ref().is_some_and(|log| log.log_prompts()) {
             let prompt = truncate_prompt(&prompt_text(requests));
             // Inside the request's span, which names the request id and model.
             tracing::info!(prompt = ?prompt, "received request");
             data.prompt = Some(prompt);
+        }
+    }
+
+    /// The request waits for an admission slot.
+    pub fn queued(&self) {
+        if let Some(span) = &self.data().span {
+            span.event("queued", Vec::new());
+        }
+    }
+
+    /// The request got its admission slot (at once or after queueing).
+    pub fn admitted(&self) {
+        let mut data = self.data();
+        data.admitted = Some(Instant::now());
+        if let Some(span) = &data.span {
+            span.event("admitted", Vec::new());
+        }
+    }
+
+    /// Every backend stream of the request is open (the route slot names the replica).
+    pub fn routed(&self) {
+        let data = self.data();
+        let Some(span) = &data.span else { return };
+        if let Some(routed) = data.route_slot.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            span.routed(routed);
+        }
+    }
+
+    /// Runs `calls` (backend calls of this request) with the request's span current, when
+    /// tracing is on: the replica client sends it on to the worker as `traceparent`.
+    pub async fn in_span<F: std::future::Future>(&self, calls: F) -> F::Output {
+        let cx = self.data().span.as_ref().map(|span| span.context().clone());
+        match cx {
+            Some(cx) => opentelemetry::context::FutureExt::with_context(calls, cx).await,
+            None => calls.await,
         }
     }
 
@@ -143,6 +192,9 @@ impl Trace {
             pb::generate_event::Event::Delta(delta) => {
                 if data.first_output.is_none() && (!delta.token_ids.is_empty() || !delta.text.is_empty()) {
                     data.first_output = Some(Instant::now());
+                    if let Some(span) = &data.span {
+                        span.event("first_token", Vec::new());
+                    }
                 }
                 let tokens = u32::try_from(delta.token_ids.len()).unwrap_or(u32::MAX);
                 data.seen_tokens = data.seen_tokens.saturating_add(tokens);
@@ -161,6 +213,9 @@ impl Trace {
     pub fn migrated(&self, reason: &str) {
         let mut data = self.data();
         data.migrations = data.migrations.saturating_add(1);
+        if let Some(span) = &data.span {
+            span.event("migrated", vec![opentelemetry::KeyValue::new("lumen.migration_reason", reason.to_string())]);
+        }
         tracing::info!(request_id = %data.id, reason, migrations = data.migrations, "request migrated");
     }
 
@@ -196,7 +251,6 @@ impl Trace {
             return;
         }
         data.recorded = true;
-        let Some(log) = data.log.clone() else { return };
         let duration = data.start.elapsed();
         let (prompt_tokens, completion_tokens) = data.usage.unwrap_or((data.started_prompt_tokens, data.seen_tokens));
         let ttft = data.first_output.map(|t| t.saturating_duration_since(data.start));
@@ -221,7 +275,26 @@ impl Trace {
         if status == CLIENT_CLOSED {
             finish = Some(pb::FinishReason::Abort);
         }
-        let (deployment, replica_id) = match data.route_slot.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+        let routed = data.route_slot.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let finish_reason = finish.map(dispatch::finish_reason_str);
+        if let Some(span) = &data.span {
+            span.end(SpanEnd {
+                id: &data.id,
+                model: data.model.as_deref(),
+                status,
+                error: error.as_deref(),
+                prompt_tokens,
+                completion_tokens,
+                time_in_queue: data.admitted.map(|t| t.saturating_duration_since(data.start)),
+                ttft,
+                e2e: duration,
+                finish_reason,
+                routed: routed.clone(),
+                migrations: data.migrations,
+            });
+        }
+        let Some(log) = data.log.clone() else { return };
+        let (deployment, replica_id) = match routed {
             Some(routed) => (Some(routed.deployment), Some(routed.replica_id)),
             None => (None, None),
         };
@@ -239,7 +312,7 @@ impl Trace {
             ttft_ms: ttft.map(|t| t.as_secs_f64() * 1000.0),
             duration_ms: duration.as_secs_f64() * 1000.0,
             itl_ms,
-            finish_reason: finish.map(|f| dispatch::finish_reason_str(f).to_string()),
+            finish_reason: finish_reason.map(str::to_string),
             error,
             prompt: data.prompt.take(),
             migrations: data.migrations,
@@ -318,7 +391,8 @@ pub async fn record(State(state): State<ApiState>, mut request: Request, next: N
         Some("/v1/embeddings") => Route::Embeddings,
         _ => return next.run(request).await,
     };
-    let trace = Trace::new(Some(state.request_log()), route);
+    let span = RequestSpan::start(request.headers(), route);
+    let trace = Trace::new(Some(state.request_log()), route, span);
     request.extensions_mut().insert(trace.clone());
     // Dropped with this future if the client leaves before the handler answers.
     let mut guard = EndGuard { trace: trace.clone(), status: None, message: None };
@@ -388,7 +462,7 @@ mod tests {
 
     #[test]
     fn a_stream_without_its_end_is_recorded_as_a_client_disconnect() {
-        let trace = Trace::new(Some(Arc::new(RequestLog::new(4, false))), Route::Chat);
+        let trace = Trace::new(Some(Arc::new(RequestLog::new(4, false))), Route::Chat, None);
         trace.data().stream = true;
         let delta = pb::Delta { token_ids: vec![1], text: "a".into(), ..Default::default() };
         trace.observe(&pb::generate_event::Event::Delta(delta));
@@ -402,7 +476,7 @@ mod tests {
 
     #[test]
     fn a_failed_stream_records_the_failure_status() {
-        let trace = Trace::new(Some(Arc::new(RequestLog::new(4, false))), Route::Completions);
+        let trace = Trace::new(Some(Arc::new(RequestLog::new(4, false))), Route::Completions, None);
         trace.data().stream = true;
         trace.failed(&ApiError::Unavailable("replica gone".into()));
         let record = finished_record(&trace, Some(200), None);
@@ -414,7 +488,7 @@ mod tests {
     #[test]
     fn a_request_is_recorded_once() {
         let log = Arc::new(RequestLog::new(4, false));
-        let trace = Trace::new(Some(log.clone()), Route::Chat);
+        let trace = Trace::new(Some(log.clone()), Route::Chat, None);
         trace.completed(3, 4);
         trace.end(Some(200), None);
         trace.end(None, None);

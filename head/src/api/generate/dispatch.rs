@@ -116,7 +116,8 @@ pub async fn start(
     let calls = futures::future::try_join_all(
         requests.into_iter().map(|r| migration::generate(backend, migrations, model, r, &trace)),
     );
-    let streams = backend::with_route_slot(trace.route_slot(), calls).await?;
+    let streams = trace.in_span(backend::with_route_slot(trace.route_slot(), calls)).await?;
+    trace.routed();
     let tagged = streams.into_iter().enumerate().map(|(p, s)| s.map(move |e| (p, e)).boxed());
     Ok(Running {
         events: futures::stream::select_all(tagged).boxed(),

@@ -330,7 +330,7 @@ impl Resumable {
             let slot = RouteSlot::default();
             let request = self.continuation.next_request();
             let opened = self.backend.generate_avoiding(&self.model, request, &self.avoid);
-            match backend::with_route_slot(slot.clone(), opened).await {
+            match self.trace.in_span(backend::with_route_slot(slot.clone(), opened)).await {
                 Ok(mut stream) => {
                     if !resumes(&mut stream, delivered).await {
                         tracing::warn!(%request_id, "the replica did not take the delivered tokens (a worker without `resume`)");
@@ -340,6 +340,7 @@ impl Resumable {
                     self.replica = note_route(&slot, &self.trace);
                     self.migrations.total.with_label_values(&[reason.as_str()]).inc();
                     self.trace.migrated(reason.as_str());
+                    self.trace.routed();
                     return true;
                 }
                 Err(e) if matches!(e, BackendError::Unavailable(_)) => {

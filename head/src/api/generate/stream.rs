@@ -61,16 +61,21 @@ pub async fn launch(
     let migrations = state.migrations.for_model(state.model_options(&model).migration_limit);
     let Entry { ticket, lease } = entry;
     match ticket {
-        Ticket::Ready(permit) => Ok(Launch::Running(
-            dispatch::start(&state.backend, &migrations, &model, requests, n, (permit, lease), trace)
-                .await?
-                .with_prompt_details(details),
-        )),
+        Ticket::Ready(permit) => {
+            trace.admitted();
+            Ok(Launch::Running(
+                dispatch::start(&state.backend, &migrations, &model, requests, n, (permit, lease), trace)
+                    .await?
+                    .with_prompt_details(details),
+            ))
+        }
         Ticket::Queued(queued) => {
+            trace.queued();
             let backend = state.backend.clone();
             Ok(Launch::Queued(Box::pin(async move {
                 let started = match queued.admitted().await {
                     Ok(permit) => {
+                        trace.admitted();
                         let held = (permit, lease);
                         dispatch::start(&backend, &migrations, &model, requests, n, held, trace.clone())
                             .await
