@@ -1,6 +1,8 @@
 //! Linear layers on cuBLAS, written into memory the model chose (the layer scratch), not into a
 //! tensor candle allocates: a step then allocates nothing inside its layers, which a CUDA graph
 //! needs (see `graph.rs`) and which saves the stream-ordered allocation and free per product.
+//! Used by a model that captures graphs (`CudaKernels::use_own_gemm`); others keep candle's
+//! matmul until this path has been measured on a GPU.
 //!
 //! The call is the one candle's `matmul` makes for `x · Wᵀ` (`cublasGemmStridedBatchedEx`, one
 //! batch, f32 accumulation, the default tensor-op algorithm), on a handle of the kernels' own on
@@ -69,7 +71,9 @@ impl CudaKernels {
         };
         let int = |what: &str, v: usize| super::int(what, v);
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let handle = self.blas.handle.handle();
+        let blas =
+            self.blas.as_ref().ok_or_else(|| WorkerError::Engine("cuda gemm: no cuBLAS handle of ours".into()))?;
+        let handle = blas.handle.handle();
         // cuBLAS is column-major: Y (n x m, column-major) = op(W) (n x k) · X (k x m), with W
         // read transposed from its row-major [n, k] storage.
         // SAFETY: W holds n rows of k, x m rows of k, y m rows of n, all contiguous on this

@@ -11,7 +11,7 @@
 
 use candle_core::Tensor;
 
-use super::{CudaKernels, device_ptr, grid, int};
+use super::{CudaKernels, device_ptr, gpu_error, grid, int};
 use crate::{Result, WorkerError};
 
 /// Most token rows the GEMV kernel takes (`gemv_*_m1` .. `gemv_*_m8`).
@@ -91,7 +91,10 @@ impl CudaKernels {
         {
             return self.launch_gemv(operands);
         }
-        self.gemm(x, w)
+        match self.blas {
+            Some(_) => self.gemm(x, w),
+            None => w.t().and_then(|wt| x.matmul(&wt)).map_err(|e| gpu_error("matmul", e)),
+        }
     }
 
     /// `x · Wᵀ` by the GEMV kernel, whatever the row limit (the tests cover every row count);

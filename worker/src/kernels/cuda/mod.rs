@@ -131,8 +131,10 @@ pub struct CudaKernels {
     scratch: Option<scratch::LayerScratch>,
     /// While a graph is captured: the attention launches captured so far (see `graph`).
     capture: std::cell::RefCell<Option<Vec<graph::CapturedLaunch>>>,
-    /// cuBLAS for the linear layers the GEMV does not take (see `blas`).
-    blas: blas::Blas,
+    /// Our cuBLAS handle for the linear layers the GEMV does not take, writing into the layer
+    /// scratch (see `blas`), once [`CudaKernels::use_own_gemm`] asked for it (a model that
+    /// captures graphs); until then candle's matmul.
+    blas: Option<blas::Blas>,
 }
 
 impl CudaKernels {
@@ -223,7 +225,7 @@ impl CudaKernels {
             dependent_launch: std::cell::Cell::new(dependent_mode != launch::DependentLaunch::Off),
             scratch: None,
             capture: std::cell::RefCell::new(None),
-            blas: blas::Blas::new(device, &stream)?,
+            blas: None,
             stream,
         };
         Ok(kernels)
@@ -274,6 +276,15 @@ impl CudaKernels {
             )));
         }
         alloc_tensor(&self.device, shape, dtype)
+    }
+
+    /// Linear layers the GEMV does not take go through our own cuBLAS handle into the layer
+    /// scratch (what a graph capture needs) instead of candle's matmul.
+    pub fn use_own_gemm(&mut self) -> Result<()> {
+        if self.blas.is_none() {
+            self.blas = Some(blas::Blas::new(&self.device, &self.stream)?);
+        }
+        Ok(())
     }
 
     /// Starts capturing the stream's work into a graph: until [`CudaKernels::end_capture`],

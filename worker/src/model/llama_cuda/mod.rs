@@ -144,6 +144,9 @@ impl CudaLlama {
             eager: false,
         };
         let use_graphs = !opts.enforce_eager && graphs::graphs_allowed(model.kernels.merge_splits, model.ops.enabled());
+        if use_graphs {
+            model.kernels.use_own_gemm()?;
+        }
 
         let phase = Instant::now();
         let activation_peak = model.measure_activation_peak(opts, &pool)?;
