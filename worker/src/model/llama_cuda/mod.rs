@@ -21,6 +21,7 @@
 
 mod graphs;
 pub mod memory;
+mod readback;
 #[cfg(test)]
 mod tests;
 pub mod timing;
@@ -42,11 +43,11 @@ use crate::kernels::cuda::attention::AttentionPlan;
 use crate::kernels::cuda::graph::{PAD_SLOT, ladder_top};
 use crate::kernels::cuda::ops::RopeTables;
 use crate::kernels::cuda::pack::{DevicePack, HostPack};
-use crate::kernels::cuda::sample::{self as reduce_kernel, pack_masks, pack_plans};
+use crate::kernels::cuda::sample::{pack_masks, pack_plans};
 use crate::kernels::cuda::scratch::LayerScratch;
 use crate::kernels::cuda::{CudaKernels, gpu_error};
 use crate::kv_cache::cuda_storage::CudaKvStorage;
-use crate::sampling::reduce::{ReducedRows, Reduction, RowPlan, RowResult};
+use crate::sampling::reduce::{ReducedRows, Reduction, RowPlan};
 use crate::{Result, WorkerError};
 
 /// Options for building a GPU model.
@@ -558,43 +559,11 @@ impl CudaLlama {
             self.ops.discard();
             return Ok(());
         };
-        self.read_rows(&logits, reduced.as_ref(), plans, out)?;
+        readback::read_rows(self.kernels.device(), self.config.vocab_size, &logits, reduced.as_ref(), plans, out)?;
         let gpu_ms = gpu_start.elapsed_ms(&gpu_end).map_err(|e| gpu_error("event timing", e))? as f64;
         let timing = if decode_only { &mut self.timing } else { &mut self.prefill_timing };
         let wall_ms = started.elapsed().as_secs_f64() * 1e3;
         timing.record(batch.num_tokens(), [wall_ms, host_ms, overlap_ms, gpu_ms], &mut self.ops)?;
-        Ok(())
-    }
-}
-
-impl CudaLlama {
-    /// Copies the step's rows to the host: the reduction's output when there is one, and the
-    /// rows planned `Full` (all rows without plans), gathered on the device into one copy.
-    fn read_rows(
-        &self,
-        logits: &Tensor,
-        reduced: Option<&Tensor>,
-        plans: &[RowPlan],
-        out: &mut ReducedRows,
-    ) -> Result<()> {
-        let vocab = self.config.vocab_size;
-        let read =
-            |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| gpu_error("reading logits", e));
-        let Some(reduced) = reduced else {
-            out.logits = read(logits)?;
-            out.rows.extend((0..out.logits.len() / vocab).map(|r| RowResult::Full(r * vocab..(r + 1) * vocab)));
-            return Ok(());
-        };
-        let words = reduced.to_vec1::<u32>().map_err(|e| gpu_error("reading reduced rows", e))?;
-        reduce_kernel::unpack(&words, plans, vocab, out)?;
-        let full: Vec<u32> =
-            plans.iter().enumerate().filter(|(_, p)| p.reduction == Reduction::Full).map(|(i, _)| i as u32).collect();
-        if !full.is_empty() {
-            let ids = Tensor::from_slice(&full, full.len(), self.kernels.device())
-                .map_err(|e| gpu_error("uploading row ids", e))?;
-            let selected = logits.index_select(&ids, 0).map_err(|e| gpu_error("gathering rows", e))?;
-            out.logits = read(&selected)?;
-        }
         Ok(())
     }
 }
