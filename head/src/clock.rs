@@ -4,6 +4,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use chrono::{Days, NaiveDate};
+
 /// Time since the Unix epoch (zero if the clock is set before it).
 pub fn since_epoch() -> Duration {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
@@ -27,50 +29,28 @@ pub fn utc_day() -> u64 {
     unix_s() / DAY_S
 }
 
+/// 1970-01-01, day 0.
+fn epoch() -> NaiveDate {
+    NaiveDate::from_ymd_opt(1970, 1, 1).expect("1970-01-01 is a date")
+}
+
 /// A day (days since 1970-01-01) as its UTC date, `YYYY-MM-DD` (proleptic Gregorian).
 pub fn date_of_day(day: u64) -> String {
-    // Counted from 0000-03-01, so a leap day ends its 400-, 100- and 4-year cycles.
-    let z = day as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let of_era = z.rem_euclid(146_097);
-    let year_of_era = (of_era - of_era / 1460 + of_era / 36_524 - of_era / 146_096) / 365;
-    let day_of_year = of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_from_march = (5 * day_of_year + 2) / 153;
-    let d = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-    let m = if month_from_march < 10 { month_from_march + 3 } else { month_from_march - 9 };
-    let y = year_of_era + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    match epoch().checked_add_days(Days::new(day)) {
+        Some(date) => date.format("%Y-%m-%d").to_string(),
+        // Past chrono's last year (262,143): no date a count is ever kept for.
+        None => format!("day {day}"),
+    }
 }
 
 /// The day (days since 1970-01-01) of a UTC date written `YYYY-MM-DD`; `None` if it is not such a
 /// date or lies before 1970.
 pub fn day_of_date(date: &str) -> Option<u64> {
-    let bytes = date.as_bytes();
-    let digits = |range: std::ops::Range<usize>| -> Option<i64> {
-        let part = bytes.get(range)?;
-        part.iter().all(u8::is_ascii_digit).then(|| part.iter().fold(0, |n, b| n * 10 + i64::from(b - b'0')))
-    };
-    if bytes.len() != 10 || bytes[4] != b'-' || bytes[7] != b'-' {
-        return None;
-    }
-    let (y, m, d) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let days_in_month = match m {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if leap => 29,
-        2 => 28,
-        _ => return None,
-    };
-    if y < 1970 || d < 1 || d > days_in_month {
-        return None;
-    }
-    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
-    let era = y.div_euclid(400);
-    let year_of_era = y.rem_euclid(400);
-    let day_of_year = (153 * m + 2) / 5 + d - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    u64::try_from(era * 146_097 + day_of_era - 719_468).ok()
+    // Exactly four, two and two ASCII digits: chrono alone also takes "2026-1-01" or "+026".
+    let shape = date.len() == 10
+        && date.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    let parsed = NaiveDate::parse_from_str(date, "%Y-%m-%d").ok().filter(|_| shape)?;
+    u64::try_from(parsed.signed_duration_since(epoch()).num_days()).ok()
 }
 
 #[cfg(test)]
