@@ -13,10 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use api_support::*;
-use lumen_head::api::{ApiConfig, ApiState, router};
+use lumen_head::api::ApiConfig;
 use lumen_head::backend::{ModelCard, Runner};
-use lumen_head::cluster::{Cluster, ClusterSettings};
-use lumen_head::control::{Applications, ControlState};
 use lumen_proto::v1 as pb;
 use serde_json::{Value, json};
 
@@ -45,18 +43,9 @@ impl Write for Logs {
     }
 }
 
-struct Head {
-    api: Server,
-    control: String,
-    backend: Arc<FakeBackend>,
-    http: reqwest::Client,
-}
+type Head = KeyedHead;
 
 impl Head {
-    async fn post(&self, key: &str, path: &str, body: Value) -> reqwest::Response {
-        self.http.post(self.api.at(path)).bearer_auth(key).json(&body).send().await.expect("request")
-    }
-
     async fn complete(&self, key: &str, prompt: &str, max_tokens: u32) -> reqwest::Response {
         self.post(key, "/v1/completions", json!({"model": "m", "prompt": prompt, "max_tokens": max_tokens})).await
     }
@@ -94,8 +83,6 @@ async fn start(logs: Logs) -> Head {
         embedded_or_hello(request)
     });
     let config = ApiConfig { api_keys: vec![FLAG_KEY.into()], ..ApiConfig::default() };
-    let registry = prometheus::Registry::new();
-    let state = ApiState::new(backend.clone(), config, registry.clone()).expect("api");
     let document = json!({"api_keys": [
         {"tenant": "rpm", "key": RPM_KEY, "requests_per_minute": 3},
         {"tenant": "tpm", "key": TPM_KEY, "tokens_per_minute": 100},
@@ -104,19 +91,7 @@ async fn start(logs: Logs) -> Head {
         {"tenant": "scoped", "key": SCOPED_KEY, "models": ["m"], "priority": 5},
         {"tenant": "embed", "key": EMBED_KEY, "tokens_per_minute": 10},
     ]});
-    state.keys().replace(lumen_head::api::edge::keys::parse(&document).expect("keys")).expect("replace");
-    let applications = Applications::new(Cluster::new(ClusterSettings::default()), state.clone(), None);
-    let control_router =
-        lumen_head::control::router(ControlState { applications, registry, admin_token: Some(ADMIN.into()) });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let control = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, control_router).await.unwrap() });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = router(state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let http = reqwest::Client::new();
-    Head { api: Server { url, state, client: http.clone() }, control, backend, http }
+    serve_keyed(backend, config, document, ADMIN).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

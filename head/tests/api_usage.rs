@@ -8,16 +8,13 @@
 
 mod api_support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use api_support::*;
+use lumen_head::api::ApiConfig;
 use lumen_head::api::edge::usage::Outcome;
-use lumen_head::api::{ApiConfig, ApiState, router};
 use lumen_head::backend::BackendError;
 use lumen_head::clock::{date_of_day, utc_day};
-use lumen_head::cluster::{Cluster, ClusterSettings};
-use lumen_head::control::{Applications, ControlState};
 use lumen_proto::v1 as pb;
 use pb::generate_event::Event;
 use serde_json::{Value, json};
@@ -26,18 +23,9 @@ const ADMIN: &str = "usage-admin-token";
 const ALPHA_KEY: &str = "sk-alpha-usage-1111";
 const BETA_KEY: &str = "sk-beta-usage-2222";
 
-struct Head {
-    api: Server,
-    control: String,
-    backend: Arc<FakeBackend>,
-    http: reqwest::Client,
-}
+type Head = KeyedHead;
 
 impl Head {
-    async fn post(&self, key: &str, path: &str, body: Value) -> reqwest::Response {
-        self.http.post(self.api.at(path)).bearer_auth(key).json(&body).send().await.expect("request")
-    }
-
     async fn complete(&self, key: &str, model: &str, prompt: &str, max_tokens: i64) -> u16 {
         let body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens});
         self.post(key, "/v1/completions", body).await.status().as_u16()
@@ -81,25 +69,11 @@ async fn start() -> Head {
             _ => hello_world(request),
         }
     });
-    let registry = prometheus::Registry::new();
-    let state = ApiState::new(backend.clone(), ApiConfig::default(), registry.clone()).expect("api");
     let document = json!({"api_keys": [
         {"tenant": "alpha", "key": ALPHA_KEY},
         {"tenant": "beta", "key": BETA_KEY, "models": ["m"], "tokens_per_day": 1000},
     ]});
-    state.keys().replace(lumen_head::api::edge::keys::parse(&document).expect("keys")).expect("replace");
-    let applications = Applications::new(Cluster::new(ClusterSettings::default()), state.clone(), None);
-    let control_router =
-        lumen_head::control::router(ControlState { applications, registry, admin_token: Some(ADMIN.into()) });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let control = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, control_router).await.unwrap() });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = router(state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let http = reqwest::Client::new();
-    Head { api: Server { url, state, client: http.clone() }, control, backend, http }
+    serve_keyed(backend, ApiConfig::default(), document, ADMIN).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

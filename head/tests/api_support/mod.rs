@@ -242,6 +242,49 @@ pub async fn serve(backend: Arc<FakeBackend>, config: ApiConfig) -> Server {
     Server { url, state, client: reqwest::Client::new() }
 }
 
+/// An API server and its control server over one [`ApiState`] that holds named keys.
+pub struct KeyedHead {
+    pub api: Server,
+    /// The control server's URL (its admin token is the one given to [`serve_keyed`]).
+    pub control: String,
+    pub backend: Arc<FakeBackend>,
+    pub http: reqwest::Client,
+}
+
+impl KeyedHead {
+    /// POSTs `body` (JSON) to the API's `path` with `key` as the bearer token.
+    pub async fn post(&self, key: &str, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http.post(self.api.at(path)).bearer_auth(key).json(&body).send().await.expect("request")
+    }
+}
+
+/// Serves the API for `backend` with `config` and the named keys of `document` (an
+/// `api_keys` section), and the control API with the admin token `admin`, on ephemeral ports.
+pub async fn serve_keyed(
+    backend: Arc<FakeBackend>,
+    config: ApiConfig,
+    document: serde_json::Value,
+    admin: &str,
+) -> KeyedHead {
+    use lumen_head::cluster::{Cluster, ClusterSettings};
+    use lumen_head::control::{Applications, ControlState};
+    let registry = prometheus::Registry::new();
+    let state = ApiState::new(backend.clone(), config, registry.clone()).expect("api");
+    state.keys().replace(lumen_head::api::edge::keys::parse(&document).expect("keys")).expect("replace");
+    let applications = Applications::new(Cluster::new(ClusterSettings::default()), state.clone(), None);
+    let control_router =
+        lumen_head::control::router(ControlState { applications, registry, admin_token: Some(admin.into()) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let control = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, control_router).await.expect("serve") });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = router(state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    let http = reqwest::Client::new();
+    KeyedHead { api: Server { url, state, client: http.clone() }, control, backend, http }
+}
+
 /// Serves the default fake (one model, `m`) with the default configuration.
 pub async fn serve_default() -> (Arc<FakeBackend>, Server) {
     let backend = FakeBackend::new(&["m"]);
