@@ -222,11 +222,6 @@ impl DecodeGraph {
     pub fn upload(&self) -> Result<()> {
         self.graph.upload().map_err(|e| gpu_error("uploading a decode graph", e))
     }
-
-    /// Attention launches found while capturing (one per layer).
-    pub fn attention_launches(&self) -> usize {
-        self.attention.len()
-    }
 }
 
 #[cfg(test)]

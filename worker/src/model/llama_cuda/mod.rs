@@ -166,13 +166,10 @@ impl CudaLlama {
         let warmup_s = phase.elapsed().as_secs_f32();
 
         let phase = Instant::now();
-        if use_graphs {
-            let rows = ladder_top(opts.max_num_seqs.clamp(1, SCRATCH_ROWS)).min(SCRATCH_ROWS);
-            if let Err(e) = model.capture_graphs(rows) {
-                // Eager steps give the same results: a device where capturing fails still serves.
-                tracing::warn!(error = %e, "capturing CUDA graphs failed: every step runs eagerly");
-                model.graphs = None;
-            }
+        if use_graphs && let Err(e) = model.capture_graphs(scratch_rows(opts)) {
+            // Eager steps give the same results: a device where capturing fails still serves.
+            tracing::warn!(error = %e, "capturing CUDA graphs failed: every step runs eagerly");
+            model.graphs = None;
         }
         let graphs_s = phase.elapsed().as_secs_f32();
 
@@ -422,9 +419,14 @@ fn layer_scratch(c: &LlamaConfig, opts: &CudaModelOptions, device: &Device) -> R
         + c.num_attention_heads * d
         + (c.num_attention_heads + 2 * c.num_key_value_heads) * d
         + 3 * c.intermediate_size;
-    // Graphs pad a batch up to the next size of their ladder.
-    let rows = ladder_top(opts.max_num_seqs.clamp(1, SCRATCH_ROWS)).min(SCRATCH_ROWS);
+    let rows = scratch_rows(opts);
     LayerScratch::new(device, opts.dtype, rows * per_row + 8 * 16, SCRATCH_F32)
+}
+
+/// Token rows the layer scratch holds, and so the largest decode graph: the scheduler's most
+/// sequences, padded up to the next size of the graphs' ladder, at most `SCRATCH_ROWS`.
+fn scratch_rows(opts: &CudaModelOptions) -> usize {
+    ladder_top(opts.max_num_seqs.clamp(1, SCRATCH_ROWS)).min(SCRATCH_ROWS)
 }
 
 /// Waits for everything queued on the device.

@@ -242,7 +242,7 @@ impl CudaKernels {
             // checked above; partial buffers hold every (tile, group, split, row) slot; the
             // kernel's dynamic shared memory limit was raised to `shared_bytes` at load; the
             // parameters are in the kernel's order (ARG_* below name some of them).
-            unsafe { launch(&self.stream, attention, cfg, &mut params.clone(), self.dependent_launch.get())? };
+            unsafe { launch(&self.stream, attention, cfg, &mut params, self.dependent_launch.get())? };
             if capturing {
                 if part.tiles_kind != Tiles::Decode || (splits > 1 && !merge_in_place) {
                     return Err(WorkerError::Engine(
