@@ -4,13 +4,16 @@
 #
 #   scripts/bench-tenants.sh
 #
-# Env: MODEL (models/SmolLM2-135M-Instruct.Q4_1.gguf) THREADS (2) MAX_ONGOING (4: the head's
-# slots for the model; the rest queue there) HEAVY_RATE (4) LIGHT_RATE (0.4) NUM_PROMPTS (110)
+# Env: MODEL (models/SmolLM2-135M-Instruct.Q4_1.gguf) THREADS (2) MAX_NUM_SEQS (8: the engine's
+# sequence slots; the rest wait in its scheduler) MAX_ONGOING (empty: the head forwards every
+# request; a number caps the model's requests in flight at the head, where the rest then wait
+# in its queue) HEAVY_RATE (8) LIGHT_RATE (0.8) NUM_PROMPTS (330)
 # INPUT_LEN (32) OUTPUT_LEN (64) OUT (.cache/bench/tenants) LUMEN_BIN (target/release/lumen).
 # Three runs, each against a fresh server with the keys `heavy` and `light` (weight 1 each):
 # (1) idle: the light tenant alone (its share of NUM_PROMPTS, at LIGHT_RATE);
-# (2) fair: both tenants, `--queue-policy fair` (the default);
-# (3) fcfs: both tenants, `--queue-policy fcfs` (arrival order, tenants ignored).
+# (2) fair: both tenants, `--queue-policy fair` (the default: the head's queue, and the worker's
+#     scheduler through the tenant each request carries, share across tenants);
+# (3) fcfs: both tenants, `--queue-policy fcfs` (arrival order everywhere, tenants ignored).
 # Each run writes the JSON of `lumen bench serve` to OUT/{idle,fair,fcfs}.json and prints its table.
 set -euo pipefail
 
@@ -18,10 +21,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 MODEL="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 THREADS="${THREADS:-2}"
-MAX_ONGOING="${MAX_ONGOING:-4}"
-HEAVY_RATE="${HEAVY_RATE:-4}"
-LIGHT_RATE="${LIGHT_RATE:-0.4}"
-NUM_PROMPTS="${NUM_PROMPTS:-110}"
+MAX_NUM_SEQS="${MAX_NUM_SEQS:-8}"
+MAX_ONGOING="${MAX_ONGOING:-}"
+HEAVY_RATE="${HEAVY_RATE:-8}"
+LIGHT_RATE="${LIGHT_RATE:-0.8}"
+NUM_PROMPTS="${NUM_PROMPTS:-330}"
 INPUT_LEN="${INPUT_LEN:-32}"
 OUTPUT_LEN="${OUTPUT_LEN:-64}"
 OUT="${OUT:-.cache/bench/tenants}"
@@ -48,8 +52,8 @@ trap stop_server EXIT
 
 start_server() { # POLICY
   "$LUMEN_BIN" serve --model "$MODEL" --threads "$THREADS" --host 127.0.0.1 --port "$PORT" \
-    --dashboard-port 0 --grpc-port 0 --api-keys-file "$KEYS" --max-ongoing-requests "$MAX_ONGOING" \
-    --queue-policy "$1" > "$OUT/serve-$1.log" 2>&1 &
+    --dashboard-port 0 --grpc-port 0 --api-keys-file "$KEYS" --max-num-seqs "$MAX_NUM_SEQS" \
+    ${MAX_ONGOING:+--max-ongoing-requests "$MAX_ONGOING"} --queue-policy "$1" > "$OUT/serve-$1.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 1 600); do
     if curl -sf -H 'Authorization: Bearer sk-bench-heavy' "http://127.0.0.1:$PORT/v1/models" | grep -q '"id"'; then

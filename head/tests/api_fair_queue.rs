@@ -2,7 +2,7 @@
 //! it, one slot for the model): requests that wait for the slot are released in turns weighted
 //! by their keys' `weight` under `--queue-policy fair`, in arrival order under `fcfs`, and a
 //! client that leaves the queue frees its place (the queue takes another request) without ever
-//! reaching the backend.
+//! reaching the backend. Under `fair` the requests carry their tenant to the worker.
 
 mod api_support;
 
@@ -112,6 +112,16 @@ async fn release_order(policy: QueuePolicy) -> Vec<String> {
     assert_eq!(server.state.waiting("m"), 0);
     let order = sent(&backend);
     assert_eq!(order[0], "hang");
+    // Under the fair policy each request carries its key's tenant and weight to the worker,
+    // whose scheduler shares its slots the same way; under fcfs none does.
+    for ((_, request), prompt) in backend.requests().iter().zip(&order) {
+        let expected = match (policy, prompt.starts_with("light")) {
+            (QueuePolicy::Fcfs, _) => ("", 0),
+            (QueuePolicy::Fair, true) => ("light", 2),
+            (QueuePolicy::Fair, false) => ("heavy", 1),
+        };
+        assert_eq!((request.tenant.as_str(), request.tenant_weight), expected, "{prompt}");
+    }
     order[1..].to_vec()
 }
 

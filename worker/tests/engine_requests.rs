@@ -333,6 +333,64 @@ fn priority_requests_need_the_policy_and_preempt_worse_ones_without_changing_the
     assert_eq!(low, alone, "the preempted request is recomputed, its output unchanged");
 }
 
+/// Tenants share the engine's sequence slots: with two slots taken by one tenant's burst (two
+/// more of its requests queued), another tenant's request arriving later preempts the burst's
+/// newest running request and finishes before the two queued ones even start; every request's
+/// output is the one it has alone (the preempted one is recomputed).
+#[test]
+fn a_later_tenant_takes_a_slot_from_a_burst_without_changing_any_output() {
+    use lumen_worker::engine::EngineOptions;
+    let mut core = engine(&EngineOptions { max_num_seqs: 2, ..options() });
+    let prompt = chat(&core, "Write a haiku about the sea.");
+    let req = |id: &str, tenant: &str| {
+        let mut r = EngineRequest::new(
+            id,
+            prompt.clone(),
+            SamplingParams::greedy(),
+            StopParams { max_tokens: 12, ignore_eos: true, ..Default::default() },
+        );
+        r.tenant = Some(std::sync::Arc::from(tenant));
+        r
+    };
+    let alone = run(&mut core, vec![req("alone", "solo")]).remove(0).tokens[&0].clone();
+    let mut streams = Vec::new();
+    for id in ["heavy-0", "heavy-1", "heavy-2", "heavy-3"] {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        core.add_request(req(id, "heavy"), tx);
+        streams.push((id, rx, Vec::new()));
+    }
+    for _ in 0..3 {
+        core.step().expect("engine step");
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    core.add_request(req("light", "light"), tx);
+    streams.push(("light", rx, Vec::new()));
+    let (mut started, mut finished) = (Vec::new(), Vec::new());
+    while core.has_work() {
+        core.step().expect("engine step");
+        for (name, rx, tokens) in streams.iter_mut() {
+            while let Ok(event) = rx.try_recv() {
+                match event {
+                    EngineEvent::Delta(d) => {
+                        if tokens.is_empty() {
+                            started.push(*name);
+                        }
+                        tokens.extend(d.token_ids);
+                    }
+                    EngineEvent::Finished { .. } => finished.push(*name),
+                    other => panic!("{name}: unexpected {other:?}"),
+                }
+            }
+        }
+    }
+    let position = |list: &[&str], name| list.iter().position(|n| *n == name).expect(name);
+    assert!(position(&finished, "light") < position(&started, "heavy-2"), "started {started:?}, finished {finished:?}");
+    assert_eq!(core.stats().preemptions_total, 1);
+    for (name, _, tokens) in &streams {
+        assert_eq!(tokens, &alone, "{name}");
+    }
+}
+
 /// vLLM's `cache_salt`: a repeated prompt reuses the cached blocks of an earlier request only
 /// under the same salt (the usage's cached tokens say so); unsalted requests do not see salted
 /// blocks.

@@ -85,6 +85,7 @@ fn request(id: &str, prompt: pb::generate_request::Prompt, max_tokens: u32) -> p
         cache_salt: None,
         resume: None,
         return_prompt_token_ids: false,
+        ..Default::default()
     }
 }
 

@@ -205,12 +205,13 @@ impl ApiState {
     /// model (else OpenAI's 404) and its limits must admit the request's reservation
     /// ([`limits::cost`]; else a 429), then the model's admission gate must have room (where it
     /// waits as its key's tenant, with its key's weight). The admission's `x-ratelimit-*` values
-    /// go to the response.
+    /// go to the response. Under the fair policy a named key's requests carry its tenant and
+    /// weight to the worker, whose scheduler shares its slots across tenants the same way.
     pub(crate) fn enter(
         &self,
         caller: &Caller,
         card: &ModelCard,
-        requests: &[lumen_proto::v1::GenerateRequest],
+        requests: &mut [lumen_proto::v1::GenerateRequest],
     ) -> Result<Entry, ApiError> {
         caller.set_model(&card.id);
         let lease = match caller.key() {
@@ -237,6 +238,12 @@ impl ApiState {
             priority: requests.first().map_or(0, |r| r.priority),
         };
         let ticket = self.admission.enter(&card.id, self.admission_limits(&card.id), &waiter)?;
+        if let (QueuePolicy::Fair, Some(key)) = (self.admission.policy(), caller.key()) {
+            for request in requests.iter_mut() {
+                request.tenant = key.tenant.to_string();
+                request.tenant_weight = key.weight;
+            }
+        }
         Ok(Entry { ticket, lease })
     }
 

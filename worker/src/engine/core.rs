@@ -262,6 +262,8 @@ impl EngineCore {
             let mut seq = Sequence::new(seq_id, priority, [req.prompt_token_ids.as_slice(), &output].concat());
             seq.priority.0 = req.priority;
             seq.salt = req.cache_salt.as_deref().map(BlockHash::of_salt);
+            seq.tenant = req.tenant.clone();
+            seq.tenant_weight = req.tenant_weight;
             if live.is_empty() {
                 seq.prompt_logprobs = req.prompt_logprobs.is_some();
                 pooled = self.start_pooling(&req, &mut seq);

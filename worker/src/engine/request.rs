@@ -55,6 +55,10 @@ pub struct EngineRequest {
     /// vLLM's `cache_salt`: the request shares prefix-cache blocks only with requests of the
     /// same salt.
     pub cache_salt: Option<String>,
+    /// The request's tenant and its weight: the scheduler shares slots across tenants
+    /// (`scheduler/fairness.rs`); `None` for requests without one.
+    pub tenant: Option<std::sync::Arc<str>>,
+    pub tenant_weight: u32,
 }
 
 /// One choice of a resumed request: its output so far, and whether it ended there.
@@ -88,6 +92,8 @@ impl EngineRequest {
             resumed: Vec::new(),
             priority: 0,
             cache_salt: None,
+            tenant: None,
+            tenant_weight: 1,
         }
     }
 

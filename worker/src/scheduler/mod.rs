@@ -27,6 +27,7 @@
 //! first wanted position (mean pooling reads none; last-token pooling all but the last token,
 //! as any prompt), and like prompt rows, no hidden row is produced twice.
 
+mod fairness;
 mod sequence;
 
 use std::collections::{HashMap, VecDeque};
@@ -108,6 +109,12 @@ pub struct Scheduler {
     /// in the same order.
     running: Vec<SeqId>,
     num_preemptions: u64,
+    /// Sequences in `seqs` that carry a tenant: while any do, admission and preemption share
+    /// slots across tenants ([`fairness`]).
+    tenanted: usize,
+    /// Per tenant, the admission count when it last had a sequence admitted ([`fairness`]).
+    admitted_at: HashMap<Option<std::sync::Arc<str>>, u64>,
+    admissions: u64,
 }
 
 impl Scheduler {
@@ -119,6 +126,9 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             num_preemptions: 0,
+            tenanted: 0,
+            admitted_at: HashMap::new(),
+            admissions: 0,
         }
     }
 
@@ -135,6 +145,7 @@ impl Scheduler {
     pub fn add(&mut self, seq: Sequence) {
         let at = self.waiting.partition_point(|w| self.seqs[w].priority <= seq.priority);
         self.waiting.insert(at, seq.id);
+        self.tenanted += usize::from(seq.tenant.is_some());
         self.seqs.insert(seq.id, seq);
     }
 
@@ -182,7 +193,7 @@ impl Scheduler {
         let decodes = self.running.iter().filter(|id| self.seqs[id].num_uncomputed() == 1).count();
         let mut prompt_left = prompt_limit(decodes).unwrap_or(usize::MAX);
         let mut out = Schedule::default();
-        let made_room = self.preempt_for_priority(&mut out.preempted);
+        let made_room = self.preempt_to_admit(&mut out.preempted);
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut rows_left = MAX_PROMPT_ROWS_PER_STEP;
         let mut i = 0;
@@ -196,8 +207,8 @@ impl Scheduler {
                 continue;
             }
             if !self.reserve_running(id, n, &mut out.preempted) {
-                // `id` itself was the newest and got preempted: nothing after it remains.
-                break;
+                // `id` itself was preempted: the sequence after it (if any) is now at `i`.
+                continue;
             }
             out.seqs.push(self.scheduled(id, n, &mut out.hidden_rows));
             budget -= n;
@@ -250,7 +261,7 @@ impl Scheduler {
     }
 
     /// Makes room for `n` more tokens of running sequence `id`, preempting the newest running
-    /// sequences as needed. False if `id` itself had to be preempted.
+    /// sequences (among tenants: of the tenant furthest over its share) as needed. False if `id` itself had to be preempted.
     fn reserve_running(&mut self, id: SeqId, n: usize, preempted: &mut Vec<SeqId>) -> bool {
         loop {
             let s = &self.seqs[&id];
@@ -259,7 +270,7 @@ impl Scheduler {
                 self.seqs.get_mut(&id).expect("running sequence").blocks.extend(new);
                 return true;
             }
-            let victim = *self.running.last().expect("the sequence itself is running");
+            let victim = self.block_victim(id);
             self.preempt(victim);
             preempted.push(victim);
             if victim == id {
@@ -281,36 +292,62 @@ impl Scheduler {
         self.num_preemptions += 1;
     }
 
-    /// With the priority policy: while the first waiting sequence cannot be admitted (no
-    /// sequence slot, or fewer free blocks than its first chunk needs) and the last running one
-    /// is of a worse class, preempts that one. Returns how many it preempted.
-    fn preempt_for_priority(&mut self, preempted: &mut Vec<SeqId>) -> usize {
-        if self.cfg.policy != SchedulingPolicy::Priority {
-            return 0;
-        }
+    /// Preempts running sequences so the next waiting one can be admitted: with the priority
+    /// policy, while the first waiting sequence cannot be admitted (no sequence slot, or fewer
+    /// free blocks than its first chunk needs) and the last running one is of a worse class,
+    /// that one; then, among tenants ([`fairness`]), the newest sequence of a tenant over its
+    /// share while the next sequence to admit cannot be. Returns how many it preempted.
+    fn preempt_to_admit(&mut self, preempted: &mut Vec<SeqId>) -> usize {
         let mut count = 0;
-        while let (Some(&w), Some(&r)) = (self.waiting.front(), self.running.last()) {
-            let (waiting, running) = (&self.seqs[&w], &self.seqs[&r]);
-            if waiting.priority.0 >= running.priority.0 {
+        while self.cfg.policy == SchedulingPolicy::Priority {
+            let (Some(&w), Some(&r)) = (self.waiting.front(), self.running.last()) else {
                 break;
-            }
-            let chunk = waiting.num_uncomputed().min(self.cfg.max_num_batched_tokens);
-            let need = self.blocks_for(waiting.num_computed + chunk).saturating_sub(waiting.blocks.len());
-            if self.running.len() < self.cfg.max_num_seqs && self.pool.num_free() >= need {
+            };
+            if self.seqs[&w].priority.0 >= self.seqs[&r].priority.0 || self.admissible(w) {
                 break;
             }
             self.preempt(r);
             preempted.push(r);
             count += 1;
         }
+        while self.tenanted() {
+            let shares = self.shares();
+            let Some(at) = self.next_waiting(&shares) else {
+                break;
+            };
+            let id = self.waiting[at];
+            if self.admissible(id) {
+                break;
+            }
+            let Some(victim) = self.fairness_victim(id, &shares) else {
+                break;
+            };
+            self.preempt(victim);
+            preempted.push(victim);
+            count += 1;
+        }
         count
     }
 
+    /// Waiting sequence `id` has a sequence slot and the blocks its first chunk needs.
+    fn admissible(&self, id: SeqId) -> bool {
+        let waiting = &self.seqs[&id];
+        let chunk = waiting.num_uncomputed().min(self.cfg.max_num_batched_tokens);
+        let need = self.blocks_for(waiting.num_computed + chunk).saturating_sub(waiting.blocks.len());
+        self.running.len() < self.cfg.max_num_seqs && self.pool.num_free() >= need
+    }
+
     fn admit_waiting(&mut self, budget: &mut usize, rows_left: &mut usize, out: &mut Schedule) {
+        let mut shares = self.tenanted().then(|| self.shares());
         while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(&id) = self.waiting.front() else {
+            let at = match &shares {
+                Some(shares) => self.next_waiting(shares),
+                None => (!self.waiting.is_empty()).then_some(0),
+            };
+            let Some(at) = at else {
                 break;
             };
+            let id = self.waiting[at];
             let hits = self.take_cached_prefix(id);
             let n = self.seqs[&id].num_uncomputed().min(*budget);
             let rows_before = out.prompt_rows.len();
@@ -331,7 +368,11 @@ impl Scheduler {
                 s.num_computed = 0;
                 break;
             };
-            self.waiting.pop_front();
+            self.waiting.remove(at);
+            if let Some(shares) = &mut shares {
+                shares.add(&self.seqs[&id]);
+                self.note_admitted(id);
+            }
             let s = self.seqs.get_mut(&id).expect("waiting sequence");
             s.blocks.extend(new);
             if !s.admitted {
@@ -453,6 +494,9 @@ impl Scheduler {
         seq.blocks = p.blocks[..shared].to_vec();
         seq.block_hashes = p.block_hashes[..shared.min(p.block_hashes.len())].to_vec();
         seq.salt = p.salt;
+        seq.tenant = p.tenant.clone();
+        seq.tenant_weight = p.tenant_weight;
+        self.tenanted += usize::from(seq.tenant.is_some());
         seq.num_computed = shared * bs;
         seq.cached_prompt_tokens = p.cached_prompt_tokens;
         seq.admitted = true;
@@ -467,6 +511,7 @@ impl Scheduler {
     /// Removes a sequence (finished or aborted) and releases its blocks.
     pub fn remove(&mut self, id: SeqId) -> Option<Sequence> {
         let mut s = self.seqs.remove(&id)?;
+        self.tenanted -= usize::from(s.tenant.is_some());
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&w| w != id);
         self.pool.release(s.blocks.drain(..).rev());

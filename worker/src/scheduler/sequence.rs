@@ -1,6 +1,8 @@
 //! A sequence as the scheduler sees it: its tokens, how many of them are in the KV cache, and
 //! the blocks that hold them.
 
+use std::sync::Arc;
+
 use crate::TokenId;
 use crate::kv_cache::{BlockHash, BlockId};
 
@@ -42,6 +44,10 @@ pub struct Sequence {
     /// The parent hash of its first block: `BlockHash::of_salt` of the request's `cache_salt`,
     /// so only sequences with the same salt share cached blocks; `None` without a salt.
     pub salt: Option<BlockHash>,
+    /// The request's tenant under the head's fair policy (`None`: no named key, or none sent)
+    /// and its weight (0 counts as 1): the scheduler shares slots across tenants by weight.
+    pub tenant: Option<Arc<str>>,
+    pub tenant_weight: u32,
 }
 
 impl Sequence {
@@ -63,6 +69,8 @@ impl Sequence {
             pooling: false,
             hidden_pending: 0..0,
             salt: None,
+            tenant: None,
+            tenant_weight: 1,
         }
     }
 
@@ -77,6 +85,11 @@ impl Sequence {
     /// Tokens not yet in the cache (the whole prompt before prefill, 1 while decoding).
     pub fn num_uncomputed(&self) -> usize {
         self.tokens.len() - self.num_computed
+    }
+
+    /// Its tenant's weight, at least 1.
+    pub fn weight(&self) -> u64 {
+        u64::from(self.tenant_weight.max(1))
     }
 
     /// Generated tokens so far.

@@ -143,17 +143,23 @@ fn forked_children_share_full_prompt_blocks_and_recompute_the_tail() {
 /// every block must be free (or free and cached), never leaked.
 #[test]
 fn no_block_leaks_after_any_mix_of_finish_abort_fork_and_preemption() {
-    no_block_leaks_under(SchedulingPolicy::Fcfs);
+    no_block_leaks_under(SchedulingPolicy::Fcfs, false);
 }
 
 #[test]
 fn no_block_leaks_under_the_priority_policy_either() {
-    no_block_leaks_under(SchedulingPolicy::Priority);
+    no_block_leaks_under(SchedulingPolicy::Priority, false);
+}
+
+#[test]
+fn no_block_leaks_with_tenants_sharing_slots() {
+    no_block_leaks_under(SchedulingPolicy::Fcfs, true);
+    no_block_leaks_under(SchedulingPolicy::Priority, true);
 }
 
 /// Random adds (of random priority classes), finishes, aborts, forks and steps; the pool stays
 /// consistent and the running and waiting queues stay in priority order.
-fn no_block_leaks_under(policy: SchedulingPolicy) {
+fn no_block_leaks_under(policy: SchedulingPolicy, tenants: bool) {
     let mut rng = 0x2545F4914F6CDD1Du64;
     let mut next = move |n: u64| {
         rng ^= rng << 13;
@@ -178,7 +184,14 @@ fn no_block_leaks_under(policy: SchedulingPolicy) {
                 let len = 1 + next(30) as usize;
                 let base = next(3) as u32 * 100; // shared prefixes across some sequences
                 let class = if policy == SchedulingPolicy::Priority { next(3) as i64 - 1 } else { 0 };
-                s.add(of_class(ids, class, (0..len as u32).map(|t| base + t % 7).collect()));
+                let mut seq = of_class(ids, class, (0..len as u32).map(|t| base + t % 7).collect());
+                if tenants {
+                    // Three tenants of weights 1, 2, 3 and requests without one.
+                    let t = next(4) as u32;
+                    seq.tenant = (t > 0).then(|| std::sync::Arc::from(format!("t{t}").as_str()));
+                    seq.tenant_weight = t;
+                }
+                s.add(seq);
             }
             3 => {
                 let live: Vec<SeqId> = s.seqs.keys().copied().collect();
@@ -208,6 +221,8 @@ fn no_block_leaks_under(policy: SchedulingPolicy) {
         assert!(s.running.iter().map(key).is_sorted() && s.waiting.iter().map(key).is_sorted(), "queues in order");
         let in_use: usize = s.seqs.values().map(|q| q.blocks.len()).sum();
         assert!(s.pool.num_blocks() - s.pool.num_free() <= in_use);
+        let tenanted = s.seqs.values().filter(|q| q.tenant.is_some()).count();
+        assert_eq!(s.tenanted, tenanted, "the count of tenanted sequences is kept");
     }
     assert!(preemptions > 0, "the mix should exercise preemption");
     let live: Vec<SeqId> = s.seqs.keys().copied().collect();

@@ -258,6 +258,8 @@ impl WorkerService {
         engine_req.resumed = req.resume.map(convert::resumed).unwrap_or_default();
         engine_req.priority = req.priority;
         engine_req.cache_salt = req.cache_salt.filter(|s| !s.is_empty());
+        engine_req.tenant = (!req.tenant.is_empty()).then(|| std::sync::Arc::from(req.tenant.as_str()));
+        engine_req.tenant_weight = req.tenant_weight.max(1);
         if let Some(structured) = &req.structured_output {
             let constraint = convert::constraint(structured)?;
             engine_req.constraint = Some(compile_blocking(handle.grammars(), constraint).await?);

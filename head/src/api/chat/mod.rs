@@ -91,8 +91,8 @@ async fn run(state: ApiState, caller: Caller, body: Map<String, Value>, trace: T
     let span = tracing::info_span!("chat_completion", request_id = %id, model = %card.id);
     let mut request = generate_request(&id, prompt, &generation, &tools, structured_output);
     request.prompt_logprobs = prompt_k;
-    let requests = vec![request];
-    let entry = state.enter(&caller, &card, &requests)?;
+    let mut requests = vec![request];
+    let entry = state.enter(&caller, &card, &mut requests)?;
     let launch =
         stream::launch(&state, card.id.clone(), requests, generation.n, entry, trace).instrument(span.clone()).await?;
     let meta = |object| Meta { id: id.clone(), object, created: crate::clock::unix_s(), model: card.id.clone() };
@@ -163,6 +163,8 @@ pub(crate) fn generate_request(
         pooling: None,
         priority: generation.priority,
         cache_salt: generation.cache_salt.clone(),
+        tenant: String::new(), // set by `enter`
+        tenant_weight: 0,
     }
 }
 

@@ -116,7 +116,7 @@ async fn run(state: ApiState, caller: Caller, body: Map<String, Value>, trace: T
 
     let id = request_id("cmpl");
     let span = tracing::info_span!("completion", request_id = %id, model = %card.id, prompts = prompts.len());
-    let requests: Vec<pb::GenerateRequest> = prompts
+    let mut requests: Vec<pb::GenerateRequest> = prompts
         .into_iter()
         .enumerate()
         .map(|(p, prompt)| pb::GenerateRequest {
@@ -135,9 +135,11 @@ async fn run(state: ApiState, caller: Caller, body: Map<String, Value>, trace: T
             pooling: None,
             priority: generation.priority,
             cache_salt: generation.cache_salt.clone(),
+            tenant: String::new(), // set by `enter`
+            tenant_weight: 0,
         })
         .collect();
-    let entry = state.enter(&caller, &card, &requests)?;
+    let entry = state.enter(&caller, &card, &mut requests)?;
     let launch = stream::launch(&state, card.id.clone(), requests, n, entry, trace).instrument(span.clone()).await?;
     let meta = Meta { id, object: "text_completion", created: crate::clock::unix_s(), model: card.id.clone() };
     let choices_per_prompt = n as usize;

@@ -51,7 +51,7 @@ async fn run(state: ApiState, caller: Caller, body: Map<String, Value>, trace: T
     let pooling = req.pooling(&card)?;
     let id = request_id("embd");
     let span = tracing::info_span!("embedding", request_id = %id, model = %card.id, inputs = req.inputs.len());
-    let requests: Vec<pb::GenerateRequest> = req
+    let mut requests: Vec<pb::GenerateRequest> = req
         .inputs
         .into_iter()
         .enumerate()
@@ -65,7 +65,7 @@ async fn run(state: ApiState, caller: Caller, body: Map<String, Value>, trace: T
             ..Default::default()
         })
         .collect();
-    let entry = state.enter(&caller, &card, &requests)?;
+    let entry = state.enter(&caller, &card, &mut requests)?;
     let collected = async {
         let launch = stream::launch(&state, card.id.clone(), requests, 1, entry, trace).await?;
         dispatch::collect(launch.running().await?).await

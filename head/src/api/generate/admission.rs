@@ -120,6 +120,11 @@ impl Admission {
         Admission { gates: Mutex::default(), policy }
     }
 
+    /// How waiting requests are released.
+    pub fn policy(&self) -> QueuePolicy {
+        self.policy
+    }
+
     /// Takes a slot for `model` if one is free, else a place in its queue as `waiter`, else
     /// refuses (429). `limits` applies when the model's gate is first created or the limits
     /// changed.

@@ -90,8 +90,8 @@ async fn run(state: ApiState, caller: Caller, body: Map<String, Value>, trace: T
     let id = format!("resp_{:032x}", rand::random::<u128>());
     let span = tracing::info_span!("response", request_id = %id, model = %card.id);
     let generate = chat::generate_request(&id, prompt, &generation, &tools, structured_output);
-    let requests = vec![generate];
-    let entry = state.enter(&caller, &card, &requests)?;
+    let mut requests = vec![generate];
+    let entry = state.enter(&caller, &card, &mut requests)?;
     let launch = stream::launch(&state, card.id.clone(), requests, 1, entry, trace).instrument(span.clone()).await?;
     let header =
         Header { id: id.clone(), created_at: crate::clock::unix_s(), model: card.id.clone(), echo: request.echo };

@@ -1,0 +1,308 @@
+//! Sharing the engine's sequence slots and KV cache fairly across tenants.
+//!
+//! A sequence may carry a tenant (the head sends its API key's tenant name and weight under
+//! its fair queue policy; requests without a named key are one tenant, `None`). While any
+//! tenanted sequence is in the engine, two things change, both within one priority class (a
+//! better class still goes first, and the priority policy's preemption comes before this):
+//!
+//! - **Admission order**: the next waiting sequence to admit is the earliest one of the tenant
+//!   with the fewest running sequences per unit of weight, not simply the earliest one (ties:
+//!   the tenant admitted least recently, then arrival order, so tenants at equal shares take
+//!   turns); a tenant's burst queued in the engine therefore does not hold back another
+//!   tenant's request.
+//! - **Preemption for a share**: when that sequence cannot be admitted (every sequence slot is
+//!   taken, or too few blocks are free for its first chunk), the newest running sequence of
+//!   the tenant furthest over its share is preempted (recomputed later, as any preemption), but
+//!   only while the move narrows the gap: after it the newcomer's tenant must still have no more
+//!   running sequences per weight than the victim's. Two tenants therefore never preempt each
+//!   other back and forth, and a tenant at or under its weighted share is never preempted for
+//!   fairness.
+//!
+//! Without tenanted sequences (no named keys, or the head's `fcfs` queue policy) nothing here
+//! runs: the waiting queue's front is admitted and only the priority policy preempts.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::{Scheduler, SeqId, Sequence};
+
+/// A tenant as the scheduler counts it (`None`: requests without a named key).
+type TenantKey = Option<Arc<str>>;
+
+/// Running sequences per tenant, and each tenant's weight.
+pub(super) struct Shares {
+    running: HashMap<TenantKey, (usize, u64)>,
+}
+
+impl Shares {
+    /// Counts `s` as running.
+    pub(super) fn add(&mut self, s: &Sequence) {
+        self.running.entry(s.tenant.clone()).or_insert((0, s.weight())).0 += 1;
+    }
+
+    fn count(&self, tenant: &TenantKey) -> usize {
+        self.running.get(tenant).map_or(0, |&(n, _)| n)
+    }
+
+    /// `a` running of weight `wa` is below `b` running of weight `wb` (fewer per weight).
+    fn below(a: usize, wa: u64, b: usize, wb: u64) -> bool {
+        (a as u64) * wb < (b as u64) * wa
+    }
+}
+
+impl Scheduler {
+    /// True when fairness applies: some sequence in the engine carries a tenant.
+    pub(super) fn tenanted(&self) -> bool {
+        self.tenanted > 0
+    }
+
+    /// Running sequences per tenant now.
+    pub(super) fn shares(&self) -> Shares {
+        let mut shares = Shares { running: HashMap::new() };
+        for id in &self.running {
+            shares.add(&self.seqs[id]);
+        }
+        shares
+    }
+
+    /// The position in `waiting` of the next sequence to admit: the front without tenants;
+    /// else, among the waiting sequences of the front's priority class, the earliest of the
+    /// tenant with the fewest running sequences per weight.
+    pub(super) fn next_waiting(&self, shares: &Shares) -> Option<usize> {
+        let front = self.seqs.get(self.waiting.front()?)?;
+        if !self.tenanted() {
+            return Some(0);
+        }
+        let class = front.priority.0;
+        let turn = |tenant: &TenantKey| self.admitted_at.get(tenant).copied().unwrap_or(0);
+        let mut best: Option<(usize, usize, u64, u64)> = None;
+        let mut seen: HashSet<&TenantKey> = HashSet::new();
+        for (at, id) in self.waiting.iter().enumerate() {
+            let s = &self.seqs[id];
+            if s.priority.0 != class {
+                break;
+            }
+            if !seen.insert(&s.tenant) {
+                continue; // only a tenant's earliest waiting sequence competes
+            }
+            let (n, w, t) = (shares.count(&s.tenant), s.weight(), turn(&s.tenant));
+            let better = best.is_none_or(|(_, bn, bw, bt)| {
+                Shares::below(n, w, bn, bw) || (!Shares::below(bn, bw, n, w) && t < bt)
+            });
+            if better {
+                best = Some((at, n, w, t));
+            }
+        }
+        best.map(|(at, _, _, _)| at)
+    }
+
+    /// Records that `id` was admitted now (for the turns of tenants at equal shares).
+    pub(super) fn note_admitted(&mut self, id: SeqId) {
+        self.admissions += 1;
+        let tenant = self.seqs[&id].tenant.clone();
+        self.admitted_at.insert(tenant, self.admissions);
+        if self.admitted_at.len() > 4 * (self.seqs.len() + 16) {
+            // Forget tenants with nothing in the engine (their next turn is the earliest).
+            let live: HashSet<&TenantKey> = self.seqs.values().map(|s| &s.tenant).collect();
+            self.admitted_at.retain(|t, _| live.contains(t));
+        }
+    }
+
+    /// The running sequence to preempt so that waiting sequence `id` gets in: the newest one of
+    /// the same or a worse priority class from the tenant furthest over its share, if moving one
+    /// slot from that tenant to `id`'s still leaves `id`'s tenant at or under it per weight.
+    pub(super) fn fairness_victim(&self, id: SeqId, shares: &Shares) -> Option<SeqId> {
+        let newcomer = &self.seqs[&id];
+        let (n, w) = (shares.count(&newcomer.tenant), newcomer.weight());
+        let (tenant, &(vn, vw)) = shares
+            .running
+            .iter()
+            .filter(|(t, _)| **t != newcomer.tenant)
+            .max_by(|(_, (a, wa)), (_, (b, wb))| ((*a as u64) * wb).cmp(&((*b as u64) * wa)))?;
+        // After the move: (n + 1) / w <= (vn - 1) / vw.
+        if vn == 0 || ((n + 1) as u64) * vw > ((vn - 1) as u64) * w {
+            return None;
+        }
+        self.running.iter().rev().copied().find(|r| {
+            let s = &self.seqs[r];
+            s.tenant == *tenant && s.priority.0 >= newcomer.priority.0
+        })
+    }
+
+    /// The sequence to preempt when running sequence `id` needs a block and none is free: one
+    /// not yet scheduled this step (`id` or after it in `running`) of the worst priority class
+    /// among them; the newest such one, or among tenants the newest of the tenant furthest
+    /// over its share.
+    pub(super) fn block_victim(&self, id: SeqId) -> SeqId {
+        let from = self.running.iter().position(|&r| r == id).expect("the sequence itself is running");
+        let last = *self.running.last().expect("the sequence itself is running");
+        if !self.tenanted() {
+            return last;
+        }
+        let class = self.seqs[&last].priority.0;
+        let shares = self.shares();
+        let candidates = || self.running[from..].iter().rev().copied().filter(|r| self.seqs[r].priority.0 == class);
+        let ratio = |r: &SeqId| {
+            let s = &self.seqs[r];
+            (shares.count(&s.tenant) as u64, s.weight())
+        };
+        // The first (newest) of the highest count per weight.
+        candidates()
+            .reduce(|best, r| {
+                let ((a, wa), (b, wb)) = (ratio(&best), ratio(&r));
+                if b * wa > a * wb { r } else { best }
+            })
+            .unwrap_or(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::{Schedule, SchedulerConfig, SchedulingPolicy};
+
+    fn scheduler(num_blocks: usize, max_seqs: usize) -> Scheduler {
+        Scheduler::new(SchedulerConfig {
+            max_num_seqs: max_seqs,
+            max_num_batched_tokens: 64,
+            block_size: 4,
+            num_blocks,
+            enable_prefix_caching: false,
+            policy: SchedulingPolicy::Fcfs,
+        })
+    }
+
+    /// A 3-token prompt (distinct per id) of `tenant` with `weight`; `None`: no tenant.
+    fn seq(id: SeqId, tenant: Option<&str>, weight: u32) -> Sequence {
+        let mut s = Sequence::new(id, id, vec![id as u32 * 10, 1, 2]);
+        s.tenant = tenant.map(Arc::from);
+        s.tenant_weight = weight;
+        s
+    }
+
+    fn step(s: &mut Scheduler) -> Schedule {
+        let sched = s.schedule();
+        s.complete(&sched);
+        for item in sched.seqs.iter().filter(|i| i.samples) {
+            s.append_token(item.id, 7);
+        }
+        sched
+    }
+
+    /// Running sequences of each tenant, in the order given.
+    fn running_of(s: &Scheduler, tenants: &[Option<&str>]) -> Vec<usize> {
+        let of = |t: &Option<&str>| s.running.iter().filter(|r| s.seqs[r].tenant.as_deref() == *t).count();
+        tenants.iter().map(of).collect()
+    }
+
+    #[test]
+    fn a_newcomer_takes_slots_from_a_tenant_over_its_share_until_both_are_even() {
+        let mut s = scheduler(64, 4);
+        for id in 1..=6 {
+            s.add(seq(id, Some("heavy"), 1));
+        }
+        step(&mut s);
+        assert_eq!(running_of(&s, &[Some("heavy")]), vec![4]);
+        s.add(seq(7, Some("light"), 1));
+        s.add(seq(8, Some("light"), 1));
+        // The light tenant's first request preempts heavy's newest running sequence (4), ahead
+        // of heavy's two queued earlier.
+        let sched = step(&mut s);
+        assert_eq!(sched.preempted, vec![4]);
+        assert!(sched.seqs.iter().any(|q| q.id == 7 && q.start == 0), "{sched:?}");
+        assert_eq!(running_of(&s, &[Some("heavy"), Some("light")]), vec![3, 1]);
+        let sched = step(&mut s);
+        assert_eq!(sched.preempted, vec![3]);
+        assert_eq!(running_of(&s, &[Some("heavy"), Some("light")]), vec![2, 2]);
+        // Even now: nobody preempts anybody, and heavy's queue waits for a slot.
+        for _ in 0..5 {
+            assert!(step(&mut s).preempted.is_empty());
+        }
+        assert_eq!(running_of(&s, &[Some("heavy"), Some("light")]), vec![2, 2]);
+        // A finished light request hands its slot to heavy's earliest waiting sequence.
+        s.remove(7);
+        let sched = step(&mut s);
+        assert!(sched.seqs.iter().any(|q| q.id == 3 && q.start == 0), "{sched:?}");
+    }
+
+    #[test]
+    fn tenants_at_equal_shares_take_turns_for_a_freed_slot() {
+        let mut s = scheduler(64, 3);
+        for id in 1..=6 {
+            s.add(seq(id, Some("heavy"), 1));
+        }
+        step(&mut s);
+        s.add(seq(7, Some("light"), 1));
+        s.add(seq(8, Some("light"), 1));
+        step(&mut s); // light's first preempts heavy's newest (3): 2 and 1
+        assert_eq!(running_of(&s, &[Some("heavy"), Some("light")]), vec![2, 1]);
+        let admitted = |sched: &Schedule| sched.seqs.iter().filter(|q| q.start == 0).map(|q| q.id).collect::<Vec<_>>();
+        // A heavy request ends: 1 and 1, a tie. Light was admitted last, so heavy's turn.
+        s.remove(1);
+        assert_eq!(admitted(&step(&mut s)), vec![3]);
+        // Another ends: a tie again, and now light's turn, though heavy's queued earlier.
+        s.remove(2);
+        assert_eq!(admitted(&step(&mut s)), vec![8]);
+        assert_eq!(running_of(&s, &[Some("heavy"), Some("light")]), vec![1, 2]);
+    }
+
+    #[test]
+    fn shares_follow_the_weights() {
+        let mut s = scheduler(64, 4);
+        for id in 1..=6 {
+            s.add(seq(id, Some("big"), 3));
+        }
+        step(&mut s);
+        for id in 7..=9 {
+            s.add(seq(id, Some("small"), 1));
+        }
+        for _ in 0..6 {
+            step(&mut s);
+        }
+        assert_eq!(running_of(&s, &[Some("big"), Some("small")]), vec![3, 1]);
+        assert_eq!(s.num_preemptions(), 1);
+    }
+
+    #[test]
+    fn requests_without_a_key_are_one_tenant_among_the_named() {
+        let mut s = scheduler(64, 4);
+        for id in 1..=6 {
+            s.add(seq(id, None, 1));
+        }
+        step(&mut s);
+        s.add(seq(7, Some("team"), 1));
+        for _ in 0..4 {
+            step(&mut s);
+        }
+        assert_eq!(running_of(&s, &[None, Some("team")]), vec![3, 1]);
+    }
+
+    #[test]
+    fn without_tenants_the_burst_keeps_its_slots() {
+        let mut s = scheduler(64, 4);
+        for id in 1..=8 {
+            s.add(seq(id, None, 1));
+        }
+        for _ in 0..5 {
+            assert!(step(&mut s).preempted.is_empty());
+        }
+        assert_eq!(s.running, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn out_of_blocks_the_tenant_over_its_share_gives_one_up_not_the_newest() {
+        // Four 3-token prompts (one block each) fill 4 of 6 blocks; at their fifth token each
+        // needs a second block and only two are free.
+        let mut s = scheduler(6, 8);
+        for id in 1..=3 {
+            s.add(seq(id, Some("heavy"), 1));
+        }
+        s.add(seq(4, Some("light"), 1));
+        step(&mut s);
+        step(&mut s);
+        let sched = step(&mut s);
+        assert_eq!(sched.preempted, vec![3], "heavy's newest, though light's is newer");
+        assert!(sched.seqs.iter().any(|q| q.id == 4), "light keeps decoding: {sched:?}");
+        assert_eq!(running_of(&s, &[Some("heavy"), Some("light")]), vec![2, 1]);
+    }
+}
