@@ -306,7 +306,8 @@ async fn keys_replaced_live(head: &Head) {
     let still = head.complete(BUDGET_KEY, "x", 10).await;
     assert_limited(still, "insufficient_quota", "insufficient_quota").await;
 
-    let listed = head.http.get(&url).send().await.unwrap().text().await.unwrap();
+    assert_eq!(head.http.get(&url).send().await.unwrap().status(), 401, "the listing needs the admin token");
+    let listed = head.http.get(&url).bearer_auth(ADMIN).send().await.unwrap().text().await.unwrap();
     let listing: Value = serde_json::from_str(&listed).unwrap();
     let tenants: Vec<&str> =
         listing["api_keys"].as_array().unwrap().iter().map(|k| k["tenant"].as_str().unwrap()).collect();

@@ -3,8 +3,9 @@
 //! them all at once, live (body: `{"api_keys": [...]}`, JSON, or YAML when the content type says
 //! so: the same section a serve config may carry, [`crate::api::edge::keys`]).
 //!
-//! `PUT` needs the admin token when one is configured, as the other mutating routes do
-//! ([`super::serve_api`]); a refused document answers 400 `{"error", "field"}` and changes
+//! Both need the admin token when one is configured (`PUT` as the other mutating routes,
+//! [`super::serve_api`]; `GET` as the usage it goes with: tenants and their limits are what they
+//! are charged by); a refused document answers 400 `{"error", "field"}` and changes
 //! nothing. Keys set here live in memory: a restarted head starts again from its flags and files.
 
 use axum::Json;
@@ -20,8 +21,9 @@ use super::serve_api::{authorize, read_document};
 use crate::api::edge::keys;
 
 /// `GET /api/lumen/keys`.
-pub async fn get_keys(State(state): State<ControlState>) -> Json<Value> {
-    Json(json!({"api_keys": state.applications.api().keys().list()}))
+pub async fn get_keys(State(state): State<ControlState>, headers: HeaderMap) -> Result<Json<Value>, ControlError> {
+    authorize(&state, &headers)?;
+    Ok(Json(json!({"api_keys": state.applications.api().keys().list()})))
 }
 
 /// `PUT /api/lumen/keys`: the new table, then the listing of what is now in force.
