@@ -41,12 +41,18 @@ fn wait_running(control: &str, app: &str) -> Value {
     }
 }
 
-async fn completion(http: &reqwest::Client, api: &str) -> Value {
+async fn completion(http: &reqwest::Client, api: &str, key: Option<&str>) -> Value {
     let body = json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 3, "ignore_eos": true});
-    let r = http.post(format!("{api}/v1/completions")).json(&body).send().await.expect("completion");
+    let mut request = http.post(format!("{api}/v1/completions")).json(&body);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let r = request.send().await.expect("completion");
     assert_eq!(r.status(), 200);
     r.json().await.expect("completion JSON")
 }
+
+const TEAM_KEY: &str = "sk-e2e-control-team-key";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_status_and_a_restarted_head_restore_the_applications() {
@@ -79,7 +85,13 @@ async fn deploy_status_and_a_restarted_head_restore_the_applications() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("chat"), "{}", String::from_utf8_lossy(&out.stdout));
     let before = wait_running(&control, "chat");
     assert_eq!(before["applications"]["chat"]["deployments"]["llm"]["replica_states"]["RUNNING"], 1);
-    assert_eq!(completion(&http, &head.url("api")).await["usage"]["completion_tokens"], 3);
+    assert_eq!(completion(&http, &head.url("api"), None).await["usage"]["completion_tokens"], 3);
+    // Named API keys set through the control API are kept in the state directory as hashes.
+    let keys = json!({"api_keys": [{"tenant": "team", "key": TEAM_KEY, "requests_per_minute": 50, "weight": 3}]});
+    let put = http.put(format!("{control}/api/lumen/keys")).json(&keys).send().await.expect("PUT keys");
+    assert_eq!(put.status(), 200, "{}", put.text().await.unwrap());
+    let saved = std::fs::read_to_string(state_dir.join("api-keys.json")).expect("the keys are persisted");
+    assert!(saved.contains("key_sha256") && !saved.contains(TEAM_KEY), "{saved}");
     let summary = lumen(&["status", "--address", &control]);
     let summary = String::from_utf8_lossy(&summary.stdout);
     assert!(
@@ -87,8 +99,9 @@ async fn deploy_status_and_a_restarted_head_restore_the_applications() {
         "{summary}"
     );
 
-    // The head dies; a new one on the same state directory and gRPC port restores the config,
-    // the worker re-registers with the replica it still hosts, and the model serves again.
+    // The head dies; a new one on the same state directory and gRPC port restores the config
+    // and the API keys, the worker re-registers with the replica it still hosts, and the model
+    // serves again, to the key only.
     drop(head);
     let head = Lumen::start(&head_args(&state_dir, grpc_port));
     let control = head.url("dashboard");
@@ -97,5 +110,10 @@ async fn deploy_status_and_a_restarted_head_restore_the_applications() {
         after["applications"]["chat"]["last_deployed_time_s"],
         before["applications"]["chat"]["last_deployed_time_s"]
     );
-    assert_eq!(completion(&http, &head.url("api")).await["usage"]["completion_tokens"], 3);
+    let open = http.post(format!("{}/v1/completions", head.url("api"))).json(&json!({"model": "smol", "prompt": "x"}));
+    assert_eq!(open.send().await.expect("completion").status(), 401, "the restored keys are in force");
+    assert_eq!(completion(&http, &head.url("api"), Some(TEAM_KEY)).await["usage"]["completion_tokens"], 3);
+    let listed: Value = http.get(format!("{control}/api/lumen/keys")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["api_keys"][0]["tenant"], "team");
+    assert_eq!((&listed["api_keys"][0]["requests_per_minute"], &listed["api_keys"][0]["weight"]), (&json!(50), &json!(3)));
 }

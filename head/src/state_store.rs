@@ -2,7 +2,9 @@
 //! with the applications it was running (Ray keeps this in the GCS; Lumen in a directory, e.g. a
 //! Kubernetes persistent volume).
 //!
-//! Layout: `STATE_DIR/serve-config.json` holds one [`StoredServeConfig`]. Writes are atomic (a
+//! Layout: `STATE_DIR/serve-config.json` holds one [`StoredServeConfig`]; `STATE_DIR/api-keys.json`
+//! the named API keys last set (an `api_keys:` document with each key as its SHA-256, never the
+//! key itself). Writes are atomic (a
 //! temporary file in the same directory, flushed, then renamed over the old one), so a crash
 //! mid-write leaves the previous config, never half a file. A file that cannot be parsed is an
 //! error naming it: the head refuses to guess what it was meant to serve.
@@ -15,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 /// The name of the serve config file inside the state directory.
 pub const SERVE_CONFIG_FILE: &str = "serve-config.json";
+
+/// The name of the named API keys' file inside the state directory.
+pub const API_KEYS_FILE: &str = "api-keys.json";
 
 /// The last applied serve config, as it was given, and when each application was deployed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -64,25 +69,30 @@ impl StateStore {
         self.dir.join(SERVE_CONFIG_FILE)
     }
 
+    /// Where the named API keys live.
+    pub fn api_keys_path(&self) -> PathBuf {
+        self.dir.join(API_KEYS_FILE)
+    }
+
     /// The last saved serve config; `None` if none was ever saved.
     pub fn load_serve_config(&self) -> Result<Option<StoredServeConfig>, StateStoreError> {
-        let path = self.serve_config_path();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateStoreError::Read { path, source }),
-        };
-        serde_json::from_str(&text).map(Some).map_err(|e| StateStoreError::Corrupt { path, reason: e.to_string() })
+        load_json(self.serve_config_path())
     }
 
     /// Replaces the saved serve config atomically.
     pub fn save_serve_config(&self, stored: &StoredServeConfig) -> Result<(), StateStoreError> {
-        let path = self.serve_config_path();
-        let text = serde_json::to_vec_pretty(stored).map_err(|e| StateStoreError::Write {
-            path: path.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        })?;
-        write_atomically(&path, &text).map_err(|source| StateStoreError::Write { path, source })
+        save_json(self.serve_config_path(), stored)
+    }
+
+    /// The last saved named API keys (an `api_keys:` document of hashes); `None` if none were
+    /// ever saved.
+    pub fn load_api_keys(&self) -> Result<Option<serde_json::Value>, StateStoreError> {
+        load_json(self.api_keys_path())
+    }
+
+    /// Replaces the saved named API keys atomically.
+    pub fn save_api_keys(&self, document: &serde_json::Value) -> Result<(), StateStoreError> {
+        save_json(self.api_keys_path(), document)
     }
 
     /// Forgets the saved serve config (a missing file is fine).
@@ -93,6 +103,23 @@ impl StateStore {
             _ => Ok(()),
         }
     }
+}
+
+fn load_json<T: serde::de::DeserializeOwned>(path: PathBuf) -> Result<Option<T>, StateStoreError> {
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StateStoreError::Read { path, source }),
+    };
+    serde_json::from_str(&text).map(Some).map_err(|e| StateStoreError::Corrupt { path, reason: e.to_string() })
+}
+
+fn save_json(path: PathBuf, value: &impl Serialize) -> Result<(), StateStoreError> {
+    let text = serde_json::to_vec_pretty(value).map_err(|e| StateStoreError::Write {
+        path: path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    write_atomically(&path, &text).map_err(|source| StateStoreError::Write { path, source })
 }
 
 /// Writes `bytes` to a temporary sibling of `path`, flushes it to disk, and renames it over

@@ -13,7 +13,7 @@ use lumen_head::api::generate::admission::AdmissionLimits;
 use lumen_head::api::tools::ToolSettings;
 use lumen_head::api::{ApiConfig, ApiState, router};
 use lumen_head::cluster::{Cluster, ClusterMetrics, serve_head_tls};
-use lumen_head::control::{Applications, ControlState, ServeDocument, StartingPoint};
+use lumen_head::control::{Applications, ControlState, KeysOrigin, ServeDocument, StartingPoint};
 use lumen_head::observe::{History, history, run_sampler};
 pub use lumen_head::plan::DeploymentPlan;
 use lumen_head::state_store::StateStore;
@@ -67,15 +67,16 @@ fn read_head_config(path: &std::path::Path) -> anyhow::Result<(ServeDocument, Op
     Ok((document, keys))
 }
 
-/// The named API keys the head starts with: `--api-keys-file`, or the `--config` file's section.
-fn named_keys(args: &HeadArgs, from_config: Option<Vec<KeyEntry>>) -> anyhow::Result<Vec<KeyEntry>> {
-    let Some(path) = &args.api_keys_file else { return Ok(from_config.unwrap_or_default()) };
+/// The named API keys the head is given: `--api-keys-file`, or the `--config` file's section;
+/// `None` without either (the state directory's are restored then).
+fn named_keys(args: &HeadArgs, from_config: Option<Vec<KeyEntry>>) -> anyhow::Result<Option<Vec<KeyEntry>>> {
+    let Some(path) = &args.api_keys_file else { return Ok(from_config) };
     if from_config.is_some() {
         anyhow::bail!("API keys are given both by --api-keys-file and by the --config file's api_keys section");
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading the API keys {}", path.display()))?;
     let value = lumen_head::config::parse_yaml(&text).with_context(|| format!("in {}", path.display()))?;
-    keys::parse(&value).with_context(|| format!("in {}", path.display()))
+    keys::parse(&value).map(Some).with_context(|| format!("in {}", path.display()))
 }
 
 /// Sets the deployments the head starts with: `--config` (applied and persisted), else the
@@ -169,9 +170,13 @@ pub async fn start(
     registry.register(Box::new(ClusterMetrics::new(cluster.clone())?))?;
     let state = ApiState::new(Arc::new(cluster.clone()), config, registry.clone())?;
     let (document, config_keys) = args.config.as_deref().map(read_head_config).transpose()?.unzip();
-    state.keys().replace(named_keys(args, config_keys.flatten())?).context("the named API keys")?;
+    let given_keys = named_keys(args, config_keys.flatten())?;
     let store = args.state_dir.as_deref().map(StateStore::open).transpose()?;
     let applications = Applications::new(cluster.clone(), state.clone(), store);
+    let origin = applications.initialize_keys(given_keys).context("the named API keys")?;
+    if origin == KeysOrigin::Restored {
+        tracing::info!(tenants = state.keys().list().len(), "API keys restored from the state directory");
+    }
     initialize(args, document, &applications, fallback)?;
 
     let api_listener = bind(SocketAddr::new(args.host, args.port), "API").await?;

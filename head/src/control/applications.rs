@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::status::{self, AppliedApplication, ServeStatus};
 use crate::api::ApiState;
+use crate::api::edge::keys::{self, KeyEntry, KeysError};
 use crate::cluster::{Cluster, ClusterError, ClusterSnapshot, Deployment};
 use crate::config::{self, ConfigError, ServeConfig};
 use crate::plan::{DeploymentPlan, plans_from_config};
@@ -83,6 +84,20 @@ pub enum ApplyError {
     /// The state directory could not be read or written.
     #[error(transparent)]
     Store(#[from] StateStoreError),
+    /// The named API keys were refused (the message names the field).
+    #[error(transparent)]
+    Keys(#[from] KeysError),
+}
+
+/// Where the named API keys a head started with came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeysOrigin {
+    /// `--api-keys-file` or the `--config` file's section (now also persisted).
+    Given,
+    /// The state directory's last saved keys.
+    Restored,
+    /// Neither: no named keys.
+    None,
 }
 
 /// Where the deployments a head started with came from.
@@ -176,6 +191,45 @@ impl Applications {
                 Ok(StartingPoint::Fallback)
             }
         }
+    }
+
+    /// The named API keys a head starts with: `given` (the keys file or the `--config` file's
+    /// section) replaces them and is persisted, as the source of truth; without it the state
+    /// directory's last saved keys are restored.
+    pub fn initialize_keys(&self, given: Option<Vec<KeyEntry>>) -> Result<KeysOrigin, ApplyError> {
+        if let Some(named) = given {
+            self.replace_keys(named)?;
+            return Ok(KeysOrigin::Given);
+        }
+        let stored = match &self.inner.store {
+            Some(store) => store.load_api_keys()?,
+            None => None,
+        };
+        let Some(document) = stored else { return Ok(KeysOrigin::None) };
+        let path = || self.inner.store.as_ref().map(|s| s.api_keys_path()).unwrap_or_default();
+        let named = keys::parse(&document)
+            .map_err(|e| StateStoreError::Corrupt { path: path(), reason: e.to_string() })?;
+        self.inner.api.keys().replace(named)?;
+        Ok(KeysOrigin::Restored)
+    }
+
+    /// Replaces the named API keys, live, and persists them (as their hashes) in the state
+    /// directory. Refused, changing nothing, as [`crate::api::edge::keys::Keys::replace`]
+    /// refuses; a table the directory cannot take is not applied either.
+    pub fn replace_keys(&self, named: Vec<KeyEntry>) -> Result<(), ApplyError> {
+        let keys = self.inner.api.keys();
+        keys.check(&named)?;
+        let _applying = self.lock();
+        let before = keys.named_document();
+        keys.replace(named)?;
+        if let Some(store) = &self.inner.store
+            && let Err(e) = store.save_api_keys(&keys.named_document())
+        {
+            let previous = keys::parse(&before).expect("the table in force reads back");
+            keys.replace(previous)?;
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Applies `document` (declarative: applications absent from it are removed) and persists it.

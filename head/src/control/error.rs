@@ -36,6 +36,7 @@ impl From<ApplyError> for ControlError {
             }
             ApplyError::Refused(_) => (StatusCode::BAD_REQUEST, None),
             ApplyError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
+            ApplyError::Keys(refused) => (StatusCode::BAD_REQUEST, Some(refused.field.clone())),
         };
         Self { status, message: e.to_string(), field }
     }

@@ -6,7 +6,8 @@
 //! Both need the admin token when one is configured (`PUT` as the other mutating routes,
 //! [`super::serve_api`]; `GET` as the usage it goes with: tenants and their limits are what they
 //! are charged by); a refused document answers 400 `{"error", "field"}` and changes
-//! nothing. Keys set here live in memory: a restarted head starts again from its flags and files.
+//! nothing. With `--state-dir` the keys set here are persisted (as their hashes) and a head
+//! restarted without a keys file or section restores them.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -17,7 +18,7 @@ use serde_json::{Value, json};
 
 use super::ControlState;
 use super::error::ControlError;
-use super::serve_api::{authorize, read_document};
+use super::serve_api::{authorize, read_document, run_blocking};
 use crate::api::edge::keys;
 
 /// `GET /api/lumen/keys`.
@@ -36,8 +37,8 @@ pub async fn put_keys(
     let document = read_document("API keys", &headers, body)?;
     let named = keys::parse(&document)?;
     let tenants: Vec<String> = named.iter().map(|k| k.tenant.to_string()).collect();
-    let table = state.applications.api().keys();
-    table.replace(named)?;
+    let applications = state.applications.clone();
+    run_blocking(move || applications.replace_keys(named)).await?;
     tracing::info!(?tenants, "API keys replaced");
-    Ok(Json(json!({"api_keys": table.list()})))
+    Ok(Json(json!({"api_keys": state.applications.api().keys().list()})))
 }

@@ -36,7 +36,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-pub use applications::{Applications, ApplyError, ServeDocument, StartingPoint};
+pub use applications::{Applications, ApplyError, KeysOrigin, ServeDocument, StartingPoint};
 pub use status::ServeStatus;
 
 use crate::observe::History;

@@ -54,11 +54,11 @@ pub async fn put_applications(
 ) -> Result<StatusCode, ControlError> {
     authorize(&state, &headers)?;
     let mut value = read_document("serve config", &headers, body)?;
-    // Lumen's `api_keys:` section: checked with the rest, applied after it, never persisted.
+    // Lumen's `api_keys:` section: checked with the rest, applied after it, persisted on its own
+    // (`api-keys.json`, never with the serve config).
     let named = keys::take_section(&mut value)?;
-    let keys = state.applications.api().keys().clone();
     if let Some(named) = &named {
-        keys.check(named)?;
+        state.applications.api().keys().check(named)?;
     }
     let document = ServeDocument::from_value(value).map_err(ApplyError::from)?;
     let names: Vec<String> = document.config().applications.iter().map(|a| a.name.clone()).collect();
@@ -67,7 +67,8 @@ pub async fn put_applications(
     tracing::info!(applications = ?names, "serve config applied");
     if let Some(named) = named {
         let tenants: Vec<String> = named.iter().map(|k| k.tenant.to_string()).collect();
-        keys.replace(named)?;
+        let applications = state.applications.clone();
+        run_blocking(move || applications.replace_keys(named)).await?;
         tracing::info!(?tenants, "API keys replaced");
     }
     Ok(StatusCode::OK)
@@ -105,7 +106,7 @@ pub async fn delete_applications(
 }
 
 /// Applying writes (and syncs) the state file: off the async runtime.
-async fn run_blocking(apply: impl FnOnce() -> Result<(), ApplyError> + Send + 'static) -> Result<(), ControlError> {
+pub(super) async fn run_blocking(apply: impl FnOnce() -> Result<(), ApplyError> + Send + 'static) -> Result<(), ControlError> {
     match tokio::task::spawn_blocking(apply).await {
         Ok(applied) => applied.map_err(ControlError::from),
         Err(e) => Err(ControlError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("apply failed: {e}"))),

@@ -319,6 +319,26 @@ impl Keys {
     pub fn limiter(&self) -> &Limiter {
         &self.limiter
     }
+
+    /// The named keys (not `--api-key`'s) as an `api_keys:` document that [`parse`] reads back
+    /// to the same table, each key given as its SHA-256 (`key_sha256`): what the state
+    /// directory keeps.
+    pub fn named_document(&self) -> Value {
+        let entry = |e: &Arc<KeyEntry>| {
+            let mut spec = serde_json::json!({
+                "tenant": &*e.tenant,
+                "key_sha256": hex(&e.hash),
+                "models": e.models,
+                "priority": e.priority,
+                "weight": e.weight,
+            });
+            if let (Some(map), Ok(Value::Object(limits))) = (spec.as_object_mut(), serde_json::to_value(e.limits)) {
+                map.extend(limits);
+            }
+            spec
+        };
+        serde_json::json!({"api_keys": self.named().iter().map(entry).collect::<Vec<_>>()})
+    }
 }
 
 /// Who sent a request: its key's entry (none when the API is open), and what its handling noted

@@ -115,3 +115,24 @@ fn a_keys_weight_defaults_to_one_and_is_listed() {
     let weights: Vec<u32> = table.list().iter().map(|k| k.weight).collect();
     assert_eq!(weights, vec![1, 10, 1]);
 }
+
+#[test]
+fn the_named_keys_document_reads_back_to_the_same_table_without_any_key() {
+    let table = keys(
+        &["flag-key"],
+        json!({"api_keys": [
+            {"tenant": "alpha", "key": "sk-alpha-secret", "models": ["m"], "requests_per_minute": 5,
+             "tokens_per_minute": 900, "max_concurrent_requests": 2, "tokens_per_day": 10000, "priority": 3, "weight": 7},
+            {"tenant": "beta", "key": "sk-beta-secret"},
+        ]}),
+    );
+    let document = table.named_document();
+    let text = document.to_string();
+    assert!(!text.contains("sk-alpha-secret") && !text.contains("flag-key"), "{text}");
+    let again = keys(&["flag-key"], document);
+    let listing = |k: &Keys| serde_json::to_value(k.list()).unwrap();
+    assert_eq!(listing(&again), listing(&table));
+    assert_eq!(&*again.lookup("sk-alpha-secret").unwrap().tenant, "alpha");
+    assert_eq!(&*again.lookup("sk-beta-secret").unwrap().tenant, "beta");
+    assert_eq!(again.named_document(), table.named_document());
+}
