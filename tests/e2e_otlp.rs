@@ -1,13 +1,15 @@
 //! OpenTelemetry traces (`--otlp-traces-endpoint`) from a real `lumen serve` to an OTLP/HTTP
-//! receiver this test runs (an axum route decoding `ExportTraceServiceRequest`): a chat request
+//! receiver this test runs (an axum route decoding `ExportTraceServiceRequest`, with
+//! `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf`): a chat request
 //! sent with a client's `traceparent` yields the head's `llm_request` span as the client span's
 //! child, the worker's `llm_request` span as the head span's child (the context crossed gRPC),
 //! and the worker's `queue` / `prefill` / `decode` spans under it, all in the client's trace,
 //! with vLLM's `gen_ai.*` attributes equal to what the response reported; no prompt text and no
 //! API key in any span. The spans arrive by the time the server exits on SIGTERM (it flushes).
-//! With `lumen head` and `lumen worker` as separate processes, each exports its own spans (its
-//! own service name) and a streamed request without `traceparent` is a root span at the head
-//! with the worker's span under it.
+//! With `lumen head` and `lumen worker` as separate processes, exporting over OTLP/gRPC (the
+//! default protocol, as vLLM's) to a tonic `TraceService` this test runs, each exports its own
+//! spans (its own service name) and a streamed request without `traceparent` is a root span at
+//! the head with the worker's span under it.
 
 mod support;
 
@@ -17,6 +19,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;
@@ -30,6 +33,12 @@ type Received = Arc<Mutex<Vec<(String, Span)>>>;
 
 async fn export(State(received): State<Received>, body: Bytes) -> Vec<u8> {
     let request = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf body");
+    record(&received, request);
+    ExportTraceServiceResponse::default().encode_to_vec()
+}
+
+/// Keeps the spans of one export request.
+fn record(received: &Received, request: ExportTraceServiceRequest) {
     let mut received = received.lock().unwrap();
     for resource in request.resource_spans {
         let service = resource
@@ -46,7 +55,31 @@ async fn export(State(received): State<Received>, body: Bytes) -> Vec<u8> {
             received.extend(scope.spans.into_iter().map(|s| (service.clone(), s)));
         }
     }
-    ExportTraceServiceResponse::default().encode_to_vec()
+}
+
+/// An OTLP/gRPC collector's trace service.
+struct GrpcCollector(Received);
+
+#[tonic::async_trait]
+impl TraceService for GrpcCollector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        record(&self.0, request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// An OTLP/gRPC receiver on 127.0.0.1: its URL and what it received.
+async fn grpc_receiver() -> (String, Received) {
+    let received = Received::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let service = TraceServiceServer::new(GrpcCollector(received.clone()));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
+    (url, received)
 }
 
 /// An OTLP/HTTP receiver on 127.0.0.1: its base URL (no path) and what it received.
@@ -91,7 +124,9 @@ fn hex(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_request_is_one_trace_from_the_client_through_the_head_to_the_worker() {
     let (endpoint, received) = receiver().await;
-    let mut lumen = Lumen::start(&serve_flags(&["--otlp-traces-endpoint", &endpoint, "--api-key", "sekret-otlp"]));
+    let flags = serve_flags(&["--otlp-traces-endpoint", &endpoint, "--api-key", "sekret-otlp"]);
+    let http_protobuf = [("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")];
+    let mut lumen = Lumen::start_with(&flags, std::process::Stdio::inherit(), &http_protobuf);
     let http = reqwest::Client::new();
     lumen.wait_healthy(&http).await;
 
@@ -157,7 +192,7 @@ async fn a_chat_request_is_one_trace_from_the_client_through_the_head_to_the_wor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_head_and_worker_processes_export_one_trace_of_a_streamed_request() {
-    let (endpoint, received) = receiver().await;
+    let (endpoint, received) = grpc_receiver().await;
     let dir = tempfile::tempdir().unwrap();
     let otlp = ["--otlp-traces-endpoint", endpoint.as_str()];
     let (mut head, mut workers) =

@@ -16,4 +16,5 @@ pub mod v1 {
 
 pub mod metrics;
 pub mod otel;
+pub mod otel_grpc;
 pub mod tls;

@@ -1,4 +1,5 @@
-//! OpenTelemetry traces exported over OTLP/HTTP (protobuf), vLLM's `--otlp-traces-endpoint`, and
+//! OpenTelemetry traces exported over OTLP, gRPC ([`crate::otel_grpc`]; vLLM's default) or HTTP
+//! protobuf as `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` says, to vLLM's `--otlp-traces-endpoint`, and
 //! the W3C `traceparent` header that carries a trace from a client to the head and from the head
 //! to a worker (gRPC request metadata).
 //!
@@ -51,20 +52,28 @@ static TRACER: OnceLock<BoxedTracer> = OnceLock::new();
 pub enum OtelError {
     #[error("--otlp-traces-endpoint `{endpoint}`: {reason}")]
     Exporter { endpoint: String, reason: String },
-    #[error(
-        "{variable}={protocol}: Lumen exports traces over OTLP/HTTP only (`http/protobuf`; an OTLP collector's HTTP port is 4318)"
-    )]
+    #[error("{variable}={protocol}: Lumen exports traces over OTLP `grpc` (the default) or `http/protobuf`")]
     Protocol { variable: &'static str, protocol: String },
+}
+
+/// How spans travel to the collector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP/gRPC (a collector's port 4317): vLLM's default.
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318, path `/v1/traces`).
+    HttpProtobuf,
 }
 
 /// The OpenTelemetry variables that choose the OTLP protocol, most specific first.
 const PROTOCOL_VARIABLES: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"];
 
-/// Refuses a protocol other than OTLP/HTTP protobuf asked for by `variable` (vLLM reads the same
-/// variables and defaults to gRPC; a silent mismatch would lose every span).
-fn check_protocol(variable: &'static str, protocol: Option<&str>) -> Result<(), OtelError> {
+/// The protocol `variable` asks for (unset or empty: gRPC, as vLLM); `http/json` and anything
+/// else is refused (a silent mismatch would lose every span).
+fn check_protocol(variable: &'static str, protocol: Option<&str>) -> Result<Protocol, OtelError> {
     match protocol.map(str::trim) {
-        None | Some("" | "http/protobuf") => Ok(()),
+        None | Some("" | "grpc") => Ok(Protocol::Grpc),
+        Some("http/protobuf") => Ok(Protocol::HttpProtobuf),
         Some(other) => Err(OtelError::Protocol { variable, protocol: other.to_string() }),
     }
 }
@@ -84,21 +93,34 @@ pub fn init(endpoint: Option<&str>, service: &'static str) -> Result<(), OtelErr
     if PROVIDER.get().is_some() {
         return Ok(());
     }
-    if let Some(variable) = PROTOCOL_VARIABLES.into_iter().find(|v| std::env::var_os(v).is_some()) {
-        check_protocol(variable, std::env::var(variable).ok().as_deref())?;
-    }
-    let url = traces_url(endpoint);
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_endpoint(url.clone())
-        .build()
-        .map_err(|e| OtelError::Exporter { endpoint: endpoint.to_string(), reason: e.to_string() })?;
+    let variable = PROTOCOL_VARIABLES.into_iter().find(|v| std::env::var_os(v).is_some());
+    let protocol = match variable {
+        Some(variable) => check_protocol(variable, std::env::var(variable).ok().as_deref())?,
+        None => Protocol::Grpc,
+    };
+    let refused = |reason: String| OtelError::Exporter { endpoint: endpoint.to_string(), reason };
     let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
-    let provider = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
+    let (provider, url) = match protocol {
+        Protocol::Grpc => {
+            let exporter = crate::otel_grpc::GrpcSpanExporter::new(endpoint).map_err(refused)?;
+            let builder = SdkTracerProvider::builder().with_batch_exporter(exporter);
+            (builder.with_resource(resource).build(), endpoint.to_string())
+        }
+        Protocol::HttpProtobuf => {
+            let url = traces_url(endpoint);
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(url.clone())
+                .build()
+                .map_err(|e| refused(e.to_string()))?;
+            let builder = SdkTracerProvider::builder().with_batch_exporter(exporter);
+            (builder.with_resource(resource).build(), url)
+        }
+    };
     let tracer = BoxedTracer::new(Box::new(provider.tracer("lumen")));
     if PROVIDER.set(provider).is_ok() {
         let _ = TRACER.set(tracer);
-        tracing::info!(%url, "exporting OpenTelemetry traces over OTLP/HTTP");
+        tracing::info!(%url, ?protocol, "exporting OpenTelemetry traces over OTLP");
     }
     Ok(())
 }
@@ -167,16 +189,18 @@ pub fn inject(cx: &Context, metadata: &mut tonic::metadata::MetadataMap) {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_protocol, traces_url};
+    use super::{Protocol, check_protocol, traces_url};
 
     #[test]
-    fn only_otlp_over_http_protobuf_is_accepted() {
+    fn grpc_is_the_default_and_http_protobuf_the_other_protocol() {
         let variable = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
-        assert!(check_protocol(variable, None).is_ok());
-        assert!(check_protocol(variable, Some("http/protobuf")).is_ok());
-        let error = check_protocol(variable, Some("grpc")).unwrap_err().to_string();
-        assert!(error.contains("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=grpc"), "{error}");
-        assert!(check_protocol(variable, Some("http/json")).is_err());
+        assert_eq!(check_protocol(variable, None).unwrap(), Protocol::Grpc);
+        assert_eq!(check_protocol(variable, Some("")).unwrap(), Protocol::Grpc);
+        assert_eq!(check_protocol(variable, Some("grpc")).unwrap(), Protocol::Grpc);
+        assert_eq!(check_protocol(variable, Some("http/protobuf")).unwrap(), Protocol::HttpProtobuf);
+        let error = check_protocol(variable, Some("http/json")).unwrap_err().to_string();
+        assert!(error.contains("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/json"), "{error}");
+        assert!(check_protocol(variable, Some("thrift")).is_err());
     }
 
     #[test]

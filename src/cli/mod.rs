@@ -134,9 +134,9 @@ pub struct HeadArgs {
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct OtlpArgs {
     /// Export OpenTelemetry traces (a span per request at the head and on the worker, vLLM's
-    /// `gen_ai.*` attributes) over OTLP/HTTP protobuf to this URL, e.g.
-    /// `http://collector:4318/v1/traces` (`/v1/traces` is added to a URL without a path).
-    /// None: no tracing.
+    /// `gen_ai.*` attributes) over OTLP to this URL: gRPC by default (`http://collector:4317`),
+    /// HTTP protobuf with OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf
+    /// (`http://collector:4318`; `/v1/traces` is added to a URL without a path). None: no tracing.
     #[arg(long, env = "LUMEN_OTLP_TRACES_ENDPOINT", value_name = "URL")]
     pub otlp_traces_endpoint: Option<String>,
 }

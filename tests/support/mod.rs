@@ -112,9 +112,15 @@ impl Lumen {
 
     /// [`Lumen::start`], its log (stderr) going to `stderr`, e.g. a file a test reads.
     pub fn start_with_stderr(args: &[String], stderr: impl Into<Stdio>) -> Lumen {
+        Lumen::start_with(args, stderr, &[])
+    }
+
+    /// [`Lumen::start_with_stderr`] with the variables `env` set for the process.
+    pub fn start_with(args: &[String], stderr: impl Into<Stdio>, env: &[(&str, &str)]) -> Lumen {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lumen"))
             .args(args)
             .env("LUMEN_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
