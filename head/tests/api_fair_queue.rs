@@ -2,7 +2,9 @@
 //! it, one slot for the model): requests that wait for the slot are released in turns weighted
 //! by their keys' `weight` under `--queue-policy fair`, in arrival order under `fcfs`, and a
 //! client that leaves the queue frees its place (the queue takes another request) without ever
-//! reaching the backend. Under `fair` the requests carry their tenant to the worker.
+//! reaching the backend. Under `fair` the requests carry their tenant to the worker, and a queue
+//! one tenant filled gives another tenant's request the newest of its places (that request ends
+//! with the full queue's error).
 
 mod api_support;
 
@@ -163,4 +165,29 @@ async fn a_client_that_leaves_the_queue_frees_its_place() {
     assert_eq!(server.state.waiting("m"), 0);
     // The request that left never ran; `light` (weight 2) still goes first.
     assert_eq!(sent(&backend), ["hang", "light-next", "heavy-stays"]);
+}
+
+#[tokio::test]
+async fn a_full_queue_takes_a_place_from_the_tenant_that_filled_it() {
+    let (backend, server) = start(QueuePolicy::Fair, 2).await;
+    let held = hold(&server).await;
+    let heavy = [queue(&server, HEAVY, "heavy-0").await, queue(&server, HEAVY, "heavy-1").await];
+    until_waiting(&server.state, 2).await;
+    // Heavy filled the queue; light's request takes heavy's newest place instead of a 429.
+    let light = queue(&server, LIGHT, "light-0").await;
+    let [oldest, newest] = heavy;
+    let displaced = newest.await.unwrap();
+    // Its stream (already 200) ends with the error event a full queue gives, then [DONE].
+    assert!(displaced.contains("fewer requests waiting") && displaced.contains(r#""code":"queue_full""#), "{displaced}");
+    assert_eq!(server.state.waiting("m"), 2);
+    // Heavy at or over its share of the places: its next request is the one refused.
+    assert_eq!(send(&server, HEAVY, "heavy-2").await.status(), 429);
+    drop(held);
+    for body in [oldest, light] {
+        assert!(parse_sse(&body.await.unwrap()).done);
+    }
+    let order = sent(&backend);
+    assert_eq!(order.len(), 3, "{order:?}");
+    assert!(order.contains(&"heavy-0".to_string()) && order.contains(&"light-0".to_string()));
+    assert!(!order.contains(&"heavy-1".to_string()), "the displaced request never reached the backend");
 }

@@ -8,6 +8,11 @@
 //! A [`Permit`] is held for the whole life of a request (until its event stream is dropped); a
 //! [`Queued`] ticket that is dropped (client gone) leaves the queue.
 //!
+//! A full queue under the fair policy makes room for a tenant under its weighted share of the
+//! places by displacing the newest request of the tenant furthest over it
+//! ([`FairQueue::displace_for`]): that request ends with the 429 it would have had arriving
+//! now, so one tenant's burst cannot keep every other tenant out of the queue.
+//!
 //! Invariants (one lock per gate): `running` counts the permits alive plus the slots handed to
 //! queued tickets not yet turned into permits; a slot that frees goes straight to the next
 //! waiting request, so a request waits only while every slot is taken; a ticket dropped after
@@ -45,8 +50,17 @@ struct Gate {
 
 struct Slots {
     running: usize,
-    /// Each waiting request's wake-up: sending on it hands the request a slot.
-    waiting: FairQueue<oneshot::Sender<()>>,
+    /// Each waiting request's wake-up: [`Turn::Run`] hands the request a slot.
+    waiting: FairQueue<oneshot::Sender<Turn>>,
+}
+
+/// What a waiting request is woken with.
+#[derive(Debug)]
+enum Turn {
+    /// A slot is its own.
+    Run,
+    /// Its place went to another tenant's request: it is refused (429).
+    Displaced,
 }
 
 impl Gate {
@@ -63,7 +77,7 @@ impl Slots {
             // A waiting ticket's receiver lives as long as its place (the ticket leaves the
             // queue under this lock before dropping it), so this send succeeds; if it ever did
             // not, the slot goes to the next one.
-            if wake.send(()).is_ok() {
+            if wake.send(Turn::Run).is_ok() {
                 return;
             }
         }
@@ -99,7 +113,7 @@ impl Drop for Permit {
 pub struct Queued {
     gate: Arc<Gate>,
     place: Place,
-    wake: Option<oneshot::Receiver<()>>,
+    wake: Option<oneshot::Receiver<Turn>>,
 }
 
 /// The outcome of [`Admission::enter`] when the request is not refused.
@@ -136,11 +150,19 @@ impl Admission {
             drop(slots);
             return Ok(Ticket::Ready(Permit { gate }));
         }
-        if slots.waiting.len() >= limits.max_queued {
-            return Err(ApiError::Overloaded(format!(
+        let full = || {
+            ApiError::Overloaded(format!(
                 "the queue for model `{model}` is full ({} running, {} waiting); retry later",
                 limits.max_in_flight, limits.max_queued
-            )));
+            ))
+        };
+        if slots.waiting.len() >= limits.max_queued {
+            let displaced = match self.policy {
+                QueuePolicy::Fair => slots.waiting.displace_for(waiter),
+                QueuePolicy::Fcfs => None,
+            };
+            // Its ticket learns it was refused; its place is the newcomer's.
+            displaced.ok_or_else(full)?.send(Turn::Displaced).ok();
         }
         let (send, wake) = oneshot::channel();
         let place = match self.policy {
@@ -180,16 +202,20 @@ impl Queued {
     /// Waits for a slot, in the queue's order.
     pub async fn admitted(mut self) -> Result<Permit, ApiError> {
         // Dropped while waiting here, the ticket's `Drop` still sees `wake` and leaves the queue.
-        let woken = match self.wake.as_mut() {
-            Some(wake) => wake.await.is_ok(),
-            None => false,
+        let turn = match self.wake.as_mut() {
+            Some(wake) => wake.await.ok(),
+            None => None,
         };
         // Out of the queue either way: woken, the slot is this request's and its permit frees it.
         self.wake = None;
-        if !woken {
-            return Err(ApiError::Unavailable("admission closed".into()));
+        match turn {
+            Some(Turn::Run) => Ok(Permit { gate: self.gate.clone() }),
+            Some(Turn::Displaced) => Err(ApiError::Overloaded(
+                "the queue is full and this request's place went to a tenant with fewer requests waiting; retry later"
+                    .into(),
+            )),
+            None => Err(ApiError::Unavailable("admission closed".into())),
         }
-        Ok(Permit { gate: self.gate.clone() })
     }
 }
 
@@ -280,6 +306,37 @@ mod tests {
         drop(first);
         waiter.await.unwrap().unwrap();
         assert_eq!(admission.waiting("m"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_the_newest_request_of_the_tenant_over_its_share() {
+        let limits = AdmissionLimits { max_in_flight: 1, max_queued: 2 };
+        let admission = Admission::new(QueuePolicy::Fair);
+        let running = admission.enter("m", limits, &tenant("heavy")).unwrap();
+        let oldest = admission.enter("m", limits, &tenant("heavy")).unwrap();
+        let newest = admission.enter("m", limits, &tenant("heavy")).unwrap();
+        assert!(matches!(admission.enter("m", limits, &tenant("heavy")), Err(ApiError::Overloaded(_))));
+        let light = admission.enter("m", limits, &tenant("light")).expect("light takes heavy's newest place");
+        assert_eq!(admission.waiting("m"), 2);
+        let refused = newest.admitted().await.expect_err("displaced");
+        assert!(matches!(&refused, ApiError::Overloaded(m) if m.contains("fewer requests waiting")), "{refused:?}");
+        // A second light request would leave light with more than heavy: refused itself.
+        assert!(matches!(admission.enter("m", limits, &tenant("light")), Err(ApiError::Overloaded(_))));
+        drop(running);
+        let (oldest, light) = (tokio::spawn(oldest.admitted()), tokio::spawn(light.admitted()));
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), oldest).await.unwrap().unwrap().unwrap();
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_secs(5), light).await.unwrap().unwrap().unwrap();
+        assert_eq!(admission.waiting("m"), 0);
+    }
+
+    #[tokio::test]
+    async fn under_fcfs_a_full_queue_refuses_the_newcomer() {
+        let limits = AdmissionLimits { max_in_flight: 1, max_queued: 1 };
+        let admission = Admission::new(QueuePolicy::Fcfs);
+        let _running = admission.enter("m", limits, &tenant("heavy")).unwrap();
+        let _queued = admission.enter("m", limits, &tenant("heavy")).unwrap();
+        assert!(matches!(admission.enter("m", limits, &tenant("light")), Err(ApiError::Overloaded(_))));
     }
 
     #[tokio::test]

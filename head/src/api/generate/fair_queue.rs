@@ -15,6 +15,9 @@
 //! - no starvation: a tenant of weight `w` with a request waiting sees at most `w_i / w + 1`
 //!   releases of each other tenant `i` before its own; requests of one tenant leave in
 //!   (priority, arrival) order;
+//! - [`FairQueue::displace_for`] (a full queue) gives up only the last request of a tenant over
+//!   its weighted share of the places, and only while that narrows the gap, so tenants never
+//!   displace each other back and forth and a tenant at or under its share keeps its places;
 //! - [`FairQueue::remove`] takes a request out wherever it waits; a tenant with nothing waiting
 //!   keeps no state (a returning tenant starts at the last release's virtual time plus its cost,
 //!   never earlier than any tag it had, so forgetting it gains it nothing). [`FairQueue::len`] is exactly the requests waiting.
@@ -146,6 +149,34 @@ impl<T> FairQueue<T> {
         if queue.waiting.is_empty() {
             self.turns.remove(&queue.tag);
             self.tenants.remove(&place.tenant);
+        }
+        Some(item)
+    }
+
+    /// For `waiter` arriving at a full queue: takes out and returns the last request (worst
+    /// priority, newest) of the tenant with the most waiting requests per weight, if after the
+    /// swap `waiter`'s tenant would still have no more per weight than that one; else `None`
+    /// (the newcomer is the one refused).
+    pub fn displace_for(&mut self, waiter: &Waiter) -> Option<T> {
+        let mine = self.tenants.get(&waiter.tenant).map_or(0, |q| q.waiting.len()) as u128;
+        let weight = u128::from(waiter.weight.max(1));
+        let (tenant, queue) = self
+            .tenants
+            .iter()
+            .filter(|(t, _)| **t != waiter.tenant)
+            .max_by_key(|(_, q)| (q.waiting.len() as u128 * UNIT) / u128::from(q.weight.max(1)))?;
+        let (theirs, their_weight) = (queue.waiting.len() as u128, u128::from(queue.weight.max(1)));
+        // After the swap: (mine + 1) / weight <= (theirs - 1) / their_weight.
+        if (mine + 1) * their_weight > (theirs - 1) * weight {
+            return None;
+        }
+        let tenant = tenant.clone();
+        let queue = self.tenants.get_mut(&tenant)?;
+        let (_, item) = queue.waiting.pop_last()?;
+        self.len -= 1;
+        if queue.waiting.is_empty() {
+            self.turns.remove(&queue.tag);
+            self.tenants.remove(&tenant);
         }
         Some(item)
     }

@@ -104,3 +104,37 @@ fn leaving_and_coming_back_gains_no_place() {
     let order: Vec<String> = (0..3).filter_map(|_| queue.pop()).map(|(t, _)| t).collect();
     assert_eq!(order, vec!["c", "a", "b"]);
 }
+
+#[test]
+fn a_full_queue_gives_the_newest_place_of_the_tenant_over_its_share() {
+    let mut queue = FairQueue::default();
+    backlog(&mut queue, &who("heavy", 1), 4);
+    // Newcomers of another tenant take heavy's newest places until both hold as many...
+    assert_eq!(queue.displace_for(&who("light", 1)), Some(("heavy".to_string(), 3)));
+    queue.push(&who("light", 1), ("light".to_string(), 0));
+    assert_eq!(queue.displace_for(&who("light", 1)), Some(("heavy".to_string(), 2)));
+    queue.push(&who("light", 1), ("light".to_string(), 1));
+    // ...then a swap would only move the excess to the other side: refused, either way.
+    assert_eq!(queue.displace_for(&who("light", 1)), None);
+    assert_eq!(queue.displace_for(&who("heavy", 1)), None);
+    assert_eq!(queue.len(), 4);
+    // What is left leaves fairly, each tenant's oldest first.
+    let order: Vec<(String, usize)> = std::iter::from_fn(|| queue.pop()).collect();
+    let of = |t: &str| order.iter().filter(|(o, _)| o == t).map(|(_, i)| *i).collect::<Vec<_>>();
+    assert_eq!((of("heavy"), of("light")), (vec![0, 1], vec![0, 1]));
+    assert!(queue.is_empty() && queue.tenants() == 0);
+}
+
+#[test]
+fn displacement_follows_the_weights() {
+    let mut queue = FairQueue::default();
+    backlog(&mut queue, &who("big", 3), 6);
+    // `small` (weight 1) may take places while big keeps more than 3 per place of small's.
+    let mut taken = 0;
+    while queue.displace_for(&who("small", 1)).is_some() {
+        queue.push(&who("small", 1), ("small".to_string(), taken));
+        taken += 1;
+    }
+    assert_eq!(taken, 1, "big 6 / small 0 -> 5 / 1; 4 / 2 would put small over big per weight");
+    assert_eq!(queue.len(), 6);
+}
