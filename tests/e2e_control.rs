@@ -1,7 +1,8 @@
 //! The control API end to end with real processes: `lumen head --state-dir` and one
 //! `lumen worker` serving the real SmolLM2 model, `lumen deploy` and `lumen status` as an operator
-//! runs them, and a head killed and restarted on the same state directory and gRPC port that
-//! serves the model again without another deploy.
+//! runs them, and a head stopped and restarted on the same state directory and gRPC port that
+//! serves the model again without another deploy, with the API keys and the tenants' usage it
+//! had.
 
 mod support;
 
@@ -67,7 +68,7 @@ async fn deploy_status_and_a_restarted_head_restore_the_applications() {
         ),
     )
     .unwrap();
-    let head = Lumen::start(&head_args(&state_dir, 0));
+    let mut head = Lumen::start(&head_args(&state_dir, 0));
     let grpc_port = head.addr("grpc").port();
     let _worker = Lumen::start(&worker_flags(&head.url("grpc"), "w1"));
     let control = head.url("dashboard");
@@ -92,6 +93,7 @@ async fn deploy_status_and_a_restarted_head_restore_the_applications() {
     assert_eq!(put.status(), 200, "{}", put.text().await.unwrap());
     let saved = std::fs::read_to_string(state_dir.join("api-keys.json")).expect("the keys are persisted");
     assert!(saved.contains("key_sha256") && !saved.contains(TEAM_KEY), "{saved}");
+    completion(&http, &head.url("api"), Some(TEAM_KEY)).await;
     let summary = lumen(&["status", "--address", &control]);
     let summary = String::from_utf8_lossy(&summary.stdout);
     assert!(
@@ -99,10 +101,12 @@ async fn deploy_status_and_a_restarted_head_restore_the_applications() {
         "{summary}"
     );
 
-    // The head dies; a new one on the same state directory and gRPC port restores the config
-    // and the API keys, the worker re-registers with the replica it still hosts, and the model
-    // serves again, to the key only.
-    drop(head);
+    // The head stops; a new one on the same state directory and gRPC port restores the config,
+    // the API keys and the tenants' usage, the worker re-registers with the replica it still
+    // hosts, and the model serves again, to the key only.
+    // (Stopped by SIGTERM: its last act saves the tenants' usage.)
+    head.terminate();
+    assert_eq!(head.wait_exit(Duration::from_secs(60)), Some(0), "the head exits cleanly");
     let head = Lumen::start(&head_args(&state_dir, grpc_port));
     let control = head.url("dashboard");
     let after = wait_running(&control, "chat");
@@ -116,4 +120,10 @@ async fn deploy_status_and_a_restarted_head_restore_the_applications() {
     let listed: Value = http.get(format!("{control}/api/lumen/keys")).send().await.unwrap().json().await.unwrap();
     assert_eq!(listed["api_keys"][0]["tenant"], "team");
     assert_eq!((&listed["api_keys"][0]["requests_per_minute"], &listed["api_keys"][0]["weight"]), (&json!(50), &json!(3)));
+    // The tenant's usage from before the restart was saved and restored: two requests now.
+    let usage: Value = http.get(format!("{control}/api/lumen/usage?tenant=team")).send().await.unwrap().json().await.unwrap();
+    let rows = usage["usage"].as_array().expect("usage rows");
+    let success: u64 = rows.iter().map(|r| r["requests"]["success"].as_u64().unwrap()).sum();
+    let completion_tokens: u64 = rows.iter().map(|r| r["completion_tokens"].as_u64().unwrap()).sum();
+    assert_eq!((success, completion_tokens), (2, 6), "{usage}");
 }

@@ -4,7 +4,7 @@
 //!
 //! Layout: `STATE_DIR/serve-config.json` holds one [`StoredServeConfig`]; `STATE_DIR/api-keys.json`
 //! the named API keys last set (an `api_keys:` document with each key as its SHA-256, never the
-//! key itself). Writes are atomic (a
+//! key itself); `STATE_DIR/usage.json` the tenants' usage (`control/usage_store.rs`). Writes are atomic (a
 //! temporary file in the same directory, flushed, then renamed over the old one), so a crash
 //! mid-write leaves the previous config, never half a file. A file that cannot be parsed is an
 //! error naming it: the head refuses to guess what it was meant to serve.
@@ -20,6 +20,9 @@ pub const SERVE_CONFIG_FILE: &str = "serve-config.json";
 
 /// The name of the named API keys' file inside the state directory.
 pub const API_KEYS_FILE: &str = "api-keys.json";
+
+/// The name of the tenants' usage file inside the state directory.
+pub const USAGE_FILE: &str = "usage.json";
 
 /// The last applied serve config, as it was given, and when each application was deployed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -93,6 +96,21 @@ impl StateStore {
     /// Replaces the saved named API keys atomically.
     pub fn save_api_keys(&self, document: &serde_json::Value) -> Result<(), StateStoreError> {
         save_json(self.api_keys_path(), document)
+    }
+
+    /// Where the tenants' usage lives.
+    pub fn usage_path(&self) -> PathBuf {
+        self.dir.join(USAGE_FILE)
+    }
+
+    /// The last saved usage (`{"usage": [rows]}`); `None` if none was ever saved.
+    pub fn load_usage(&self) -> Result<Option<serde_json::Value>, StateStoreError> {
+        load_json(self.usage_path())
+    }
+
+    /// Replaces the saved usage atomically.
+    pub fn save_usage(&self, document: &serde_json::Value) -> Result<(), StateStoreError> {
+        save_json(self.usage_path(), document)
     }
 
     /// Forgets the saved serve config (a missing file is fine).

@@ -13,6 +13,7 @@ use lumen_head::api::generate::admission::AdmissionLimits;
 use lumen_head::api::tools::ToolSettings;
 use lumen_head::api::{ApiConfig, ApiState, router};
 use lumen_head::cluster::{Cluster, ClusterMetrics, serve_head_tls};
+use lumen_head::control::usage_store::UsageStore;
 use lumen_head::control::{Applications, ControlState, KeysOrigin, ServeDocument, StartingPoint};
 use lumen_head::observe::{History, history, run_sampler};
 pub use lumen_head::plan::DeploymentPlan;
@@ -39,6 +40,8 @@ pub struct RunningHead {
     /// The gRPC server and the controller: stopped once the HTTP servers are done (workers'
     /// heartbeat streams would otherwise hold a graceful stop open).
     pub cluster: Vec<JoinHandle<()>>,
+    /// The tenants' usage saved in `--state-dir`: saved a last time once the HTTP servers are done.
+    pub usage: Option<Arc<UsageStore>>,
 }
 
 impl RunningHead {
@@ -47,6 +50,9 @@ impl RunningHead {
         super::shutdown::drain(self.http, timeout).await;
         for task in self.cluster {
             task.abort();
+        }
+        if let Some(usage) = &self.usage {
+            usage.save_logged().await;
         }
     }
 }
@@ -172,6 +178,10 @@ pub async fn start(
     let (document, config_keys) = args.config.as_deref().map(read_head_config).transpose()?.unzip();
     let given_keys = named_keys(args, config_keys.flatten())?;
     let store = args.state_dir.as_deref().map(StateStore::open).transpose()?;
+    let usage = match &store {
+        Some(store) => Some(Arc::new(UsageStore::restore(state.usage().clone(), store.clone())?)),
+        None => None,
+    };
     let applications = Applications::new(cluster.clone(), state.clone(), store);
     let origin = applications.initialize_keys(given_keys).context("the named API keys")?;
     if origin == KeysOrigin::Restored {
@@ -197,6 +207,9 @@ pub async fn start(
     };
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(cluster.clone().run_controller(stop.cancelled_owned())));
+    if let Some(usage) = &usage {
+        tasks.push(tokio::spawn(usage.clone().run(shutdown.clone().cancelled_owned())));
+    }
     let history = Arc::new(History::new(history::DEFAULT_INTERVAL, history::DEFAULT_WINDOW));
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(run_sampler(
@@ -213,7 +226,7 @@ pub async fn start(
     http.push(spawn_http(api_listener, router(state), tls.clone(), shutdown.clone(), "API"));
     http.push(spawn_http(dashboard_listener, control, tls.clone(), shutdown.clone(), "dashboard"));
     tracing::info!(%api, %dashboard, %grpc, tls = tls.is_some(), "head listening");
-    Ok(RunningHead { api, dashboard, grpc, local_grpc_url, applications, http, cluster: tasks })
+    Ok(RunningHead { api, dashboard, grpc, local_grpc_url, applications, http, cluster: tasks, usage })
 }
 
 /// `lumen head`: serves until a signal, then drains.

@@ -50,9 +50,10 @@ pub struct HeadArgs {
     /// (persisted in --state-dir, replacing what was there).
     #[arg(long, env = "LUMEN_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Directory where the head keeps the last applied serve config (`serve-config.json`),
-    /// written on every deploy; started without --config, the head restores it. Without one
-    /// nothing is persisted.
+    /// Directory where the head keeps the last applied serve config (`serve-config.json`,
+    /// written on every deploy), the named API keys (`api-keys.json`, hashed) and the tenants'
+    /// usage (`usage.json`); started without --config (or without a keys file), the head
+    /// restores them. Without one nothing is persisted.
     #[arg(long, env = "LUMEN_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Requests per model processed at once before queuing (a deployment's
@@ -97,7 +98,7 @@ pub struct HeadArgs {
     #[arg(long, env = "LUMEN_ENABLE_PROMPT_TOKENS_DETAILS")]
     pub enable_prompt_tokens_details: bool,
     /// Days of per-tenant usage (requests by outcome, tokens, per model and UTC day) the head
-    /// keeps in memory for `GET /api/lumen/usage`; when a day begins the oldest goes.
+    /// keeps for `GET /api/lumen/usage` (saved in --state-dir); when a day begins the oldest goes.
     #[arg(long, env = "LUMEN_USAGE_RETENTION_DAYS", default_value_t = lumen_head::api::edge::usage::DEFAULT_RETENTION_DAYS,
           value_parser = clap::value_parser!(u32).range(1..=3660))]
     pub usage_retention_days: u32,

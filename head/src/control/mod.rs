@@ -27,6 +27,7 @@ pub mod observe_api;
 pub mod serve_api;
 pub mod status;
 pub mod usage_api;
+pub mod usage_store;
 
 use std::sync::Arc;
 

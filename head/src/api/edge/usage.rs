@@ -21,7 +21,9 @@
 //! the oldest goes. A day holds one entry per (tenant, model) used that day; tenants are the
 //! configured keys' and models the deployed ones (a request refused before its model is known
 //! counts under the model `""`), so what it holds is bounded by the configuration, never by what
-//! clients send. It lives in memory: a restarted head starts empty.
+//! clients send. It lives in memory; with `--state-dir` it is saved there (as the rows
+//! `GET /api/lumen/usage` answers, [`UsageLedger::to_document`]) and restored at start
+//! ([`crate::control::usage_store`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,7 +32,7 @@ use prometheus::{IntCounterVec, Opts, Registry};
 use serde_json::{Map, Value, json};
 
 use super::limits::Reason;
-use crate::clock::{date_of_day, utc_day};
+use crate::clock::{date_of_day, day_of_date, utc_day};
 
 /// Days of usage kept by default.
 pub const DEFAULT_RETENTION_DAYS: u32 = 31;
@@ -120,6 +122,28 @@ impl UsageRow {
             "total_tokens": c.tokens.prompt + c.tokens.completion,
         })
     }
+
+    /// Reads a row [`UsageRow::to_json`] wrote (`total` and `total_tokens` are recomputed, not
+    /// read).
+    pub fn from_json(row: &Value) -> Result<UsageRow, String> {
+        let text = |key: &str| row[key].as_str().map(str::to_string).ok_or_else(|| format!("`{key}`: a string"));
+        let number = |v: &Value, key: &str| v.as_u64().ok_or_else(|| format!("`{key}`: a count"));
+        let date = text("date")?;
+        let day = day_of_date(&date).ok_or_else(|| format!("`date`: {date:?} is not a YYYY-MM-DD date"))?;
+        let mut counts = Counts::default();
+        for (i, outcome) in Outcome::ALL.iter().enumerate() {
+            counts.requests[i] = number(&row["requests"][outcome.label()], outcome.label())?;
+        }
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            counts.rejections[i] = number(&row["rejections"][reason.label()], reason.label())?;
+        }
+        counts.tokens = Tokens {
+            prompt: number(&row["prompt_tokens"], "prompt_tokens")?,
+            completion: number(&row["completion_tokens"], "completion_tokens")?,
+            cached: number(&row["cached_tokens"], "cached_tokens")?,
+        };
+        Ok(UsageRow { day, tenant: text("tenant")?, model: text("model")?, counts })
+    }
 }
 
 /// Which rows to read: days from `first_day` to `last_day` (inclusive, either open), one tenant,
@@ -139,12 +163,14 @@ type Day = BTreeMap<(String, String), Counts>;
 pub struct UsageLedger {
     retention_days: u32,
     days: Mutex<BTreeMap<u64, Day>>,
+    /// Counts of changes, so a saver can tell whether anything changed since it last saved.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 impl UsageLedger {
     /// A ledger of the last `retention_days` days (at least one).
     pub fn new(retention_days: u32) -> Self {
-        UsageLedger { retention_days: retention_days.max(1), days: Mutex::default() }
+        UsageLedger { retention_days: retention_days.max(1), days: Mutex::default(), changes: Default::default() }
     }
 
     pub fn retention_days(&self) -> u32 {
@@ -161,6 +187,7 @@ impl UsageLedger {
             return;
         }
         add(days.entry(day).or_default().entry((tenant.to_string(), model.to_string())).or_default());
+        self.changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         while days.first_key_value().is_some_and(|(&first, _)| first < oldest_kept) {
             days.pop_first();
         }
@@ -187,6 +214,39 @@ impl UsageLedger {
                     })
             })
             .collect()
+    }
+
+    /// How many changes the ledger has seen (a saver compares it with the last one it saved).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every row kept, as `{"usage": [rows as GET /api/lumen/usage writes them]}`.
+    pub fn to_document(&self) -> Value {
+        let rows: Vec<Value> = self.rows(&UsageFilter::default()).iter().map(UsageRow::to_json).collect();
+        json!({ "usage": rows })
+    }
+
+    /// Adds the rows of a [`UsageLedger::to_document`] document (a restarted head's saved
+    /// usage) to the counts; days beyond the retention are dropped as usual. Checked whole
+    /// first: an unreadable row adds nothing. Returns the rows added.
+    pub fn restore(&self, document: &Value) -> Result<usize, String> {
+        let Some(rows) = document["usage"].as_array() else { return Err("no `usage` list".into()) };
+        let rows = rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| UsageRow::from_json(row).map_err(|e| format!("usage[{i}]: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        for row in &rows {
+            self.add(row.day, &row.tenant, &row.model, |c| {
+                c.requests.iter_mut().zip(row.counts.requests).for_each(|(a, b)| *a += b);
+                c.rejections.iter_mut().zip(row.counts.rejections).for_each(|(a, b)| *a += b);
+                c.tokens.prompt += row.counts.tokens.prompt;
+                c.tokens.completion += row.counts.tokens.completion;
+                c.tokens.cached += row.counts.tokens.cached;
+            });
+        }
+        Ok(rows.len())
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Day>> {
