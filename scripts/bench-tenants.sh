@@ -7,9 +7,9 @@
 # Env: MODEL (models/SmolLM2-135M-Instruct.Q4_1.gguf) THREADS (2) MAX_NUM_SEQS (8: the engine's
 # sequence slots; the rest wait in its scheduler) MAX_ONGOING (empty: the head forwards every
 # request; a number caps the model's requests in flight at the head, where the rest then wait
-# in its queue) HEAVY_RATE (8) LIGHT_RATE (0.8) NUM_PROMPTS (330)
+# in its queue) HEAVY_RATE (8) LIGHT_RATE (0.8) HEAVY_WEIGHT (1) LIGHT_WEIGHT (1) NUM_PROMPTS (330)
 # INPUT_LEN (32) OUTPUT_LEN (64) OUT (.cache/bench/tenants) LUMEN_BIN (target/release/lumen).
-# Three runs, each against a fresh server with the keys `heavy` and `light` (weight 1 each):
+# Three runs, each against a fresh server with the keys `heavy` and `light` (their weights):
 # (1) idle: the light tenant alone (its share of NUM_PROMPTS, at LIGHT_RATE);
 # (2) fair: both tenants, `--queue-policy fair` (the default: the head's queue, and the worker's
 #     scheduler through the tenant each request carries, share across tenants);
@@ -25,6 +25,8 @@ MAX_NUM_SEQS="${MAX_NUM_SEQS:-8}"
 MAX_ONGOING="${MAX_ONGOING:-}"
 HEAVY_RATE="${HEAVY_RATE:-8}"
 LIGHT_RATE="${LIGHT_RATE:-0.8}"
+HEAVY_WEIGHT="${HEAVY_WEIGHT:-1}"
+LIGHT_WEIGHT="${LIGHT_WEIGHT:-1}"
 NUM_PROMPTS="${NUM_PROMPTS:-330}"
 INPUT_LEN="${INPUT_LEN:-32}"
 OUTPUT_LEN="${OUTPUT_LEN:-64}"
@@ -35,8 +37,8 @@ mkdir -p "$OUT"
 KEYS="$OUT/keys.yaml"
 cat > "$KEYS" <<YAML
 api_keys:
-  - {tenant: heavy, key: sk-bench-heavy, weight: 1}
-  - {tenant: light, key: sk-bench-light, weight: 1}
+  - {tenant: heavy, key: sk-bench-heavy, weight: $HEAVY_WEIGHT}
+  - {tenant: light, key: sk-bench-light, weight: $LIGHT_WEIGHT}
 YAML
 
 PORT="${PORT:-18000}"

@@ -8,6 +8,8 @@ use serde::Serialize;
 /// What one request measured.
 #[derive(Clone, Debug, Default)]
 pub struct RequestRecord {
+    /// When it was sent, from the start of the run (`lumen bench serve`; zero elsewhere).
+    pub start: Duration,
     pub prompt_tokens: usize,
     pub output_tokens: usize,
     /// Arrival to first output token.
@@ -182,6 +184,7 @@ mod tests {
             ttft: Duration::from_millis(100),
             itl: vec![Duration::from_millis(10); 10],
             e2e: Duration::from_millis(200),
+            ..Default::default()
         };
         let rep = Report::new("x".into(), 1, 10, 11, Duration::from_secs(2), &[r.clone(), r]);
         assert_eq!(rep.output_tokens_per_s, 11.0);

@@ -460,7 +460,9 @@ async fn dispatch(
         let key = tenant.map(|t| specs[t].key.clone());
         tasks.push(tokio::spawn(async move {
             let _slot = slots.acquire_owned().await.map_err(|e| RequestFailure::Transport(e.to_string()))?;
-            target.send(&body, prompt_tokens, key.as_deref()).await
+            let sent = started.elapsed();
+            let record = target.send(&body, prompt_tokens, key.as_deref()).await;
+            record.map(|record| RequestRecord { start: sent, ..record })
         }));
     }
     let mut outcomes = Vec::with_capacity(tasks.len());

@@ -182,6 +182,7 @@ impl StreamTally {
             ttft: self.first.map_or(e2e, |t| t - self.sent),
             itl: self.itl,
             e2e,
+            ..Default::default()
         })
     }
 }

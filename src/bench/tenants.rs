@@ -9,7 +9,11 @@
 //! tenants share one clock; `--concurrency` still caps the requests in flight, whoever sends them;
 //! `--request-rate` is not used, and `--api-key` only for the model list and the warm-up (else
 //! the first tenant's key). A tenant's throughput share is its output tokens over every tenant's; its output tokens
-//! per second are over the whole run. Keys never appear in the report.
+//! per second are over the whole run. Its contended share is the same ratio over the contended
+//! window only: from the start until the first tenant's last request ends (while every tenant
+//! still had work), each request's tokens taken as spread evenly from its first token to its
+//! end; under a two-sided backlog that is what the server's scheduling gave each tenant, where
+//! the whole run's share only repeats the offered ratio. Keys never appear in the report.
 
 use std::time::Duration;
 
@@ -109,6 +113,26 @@ pub struct TenantReport {
     pub output_tokens_per_s: f64,
     /// Its output tokens over every tenant's.
     pub throughput_share: f64,
+    /// Its share of the output tokens produced in the contended window (see the module docs).
+    pub contended_share: f64,
+    /// The contended window's length, seconds (the same for every tenant).
+    pub contended_window_s: f64,
+}
+
+/// Output tokens of `record` produced before `until` (from the run's start), its tokens spread
+/// evenly from its first token to its end.
+fn tokens_before(record: &RequestRecord, until: Duration) -> f64 {
+    let n = record.output_tokens as f64;
+    let first = record.start + record.ttft;
+    let end = record.start + record.e2e;
+    if n == 0.0 || until <= first {
+        return 0.0;
+    }
+    if until >= end || n == 1.0 {
+        return n;
+    }
+    let span = (end - first).as_secs_f64().max(1e-9);
+    (1.0 + (n - 1.0) * (until - first).as_secs_f64() / span).min(n)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -124,10 +148,14 @@ pub fn reports(
 ) -> Vec<TenantReport> {
     let total: usize = records.iter().flatten().map(|r| r.output_tokens).sum();
     let secs = duration.as_secs_f64().max(1e-9);
+    let last_end = |rs: &Vec<RequestRecord>| rs.iter().map(|r| r.start + r.e2e).max();
+    let window = records.iter().filter_map(last_end).min().unwrap_or_default();
+    let in_window: Vec<f64> = records.iter().map(|rs| rs.iter().map(|r| tokens_before(r, window)).sum()).collect();
+    let window_total: f64 = in_window.iter().sum();
     tenants
         .iter()
-        .zip(records.iter().zip(failed))
-        .map(|(t, (records, &failed))| {
+        .zip(records.iter().zip(failed).zip(&in_window))
+        .map(|(t, ((records, &failed), &contended))| {
             let output: usize = records.iter().map(|r| r.output_tokens).sum();
             TenantReport {
                 tenant: t.name.clone(),
@@ -139,6 +167,8 @@ pub fn reports(
                 total_output_tokens: output,
                 output_tokens_per_s: output as f64 / secs,
                 throughput_share: if total > 0 { output as f64 / total as f64 } else { 0.0 },
+                contended_share: if window_total > 0.0 { contended / window_total } else { 0.0 },
+                contended_window_s: window.as_secs_f64(),
             }
         })
         .collect()
@@ -148,12 +178,12 @@ pub fn reports(
 pub fn table(reports: &[TenantReport]) -> String {
     let mut t = String::from("------------------------------ per tenant ------------------------------\n");
     t.push_str(&format!(
-        "{:<12}{:>7}{:>6}{:>5}{:>10}{:>10}{:>10}{:>11}{:>7}\n",
-        "tenant", "req/s", "done", "fail", "TTFT p50", "TTFT p99", "e2e p50", "out tok/s", "share"
+        "{:<12}{:>7}{:>6}{:>5}{:>10}{:>10}{:>10}{:>11}{:>7}{:>11}\n",
+        "tenant", "req/s", "done", "fail", "TTFT p50", "TTFT p99", "e2e p50", "out tok/s", "share", "contended"
     ));
     for r in reports {
         t.push_str(&format!(
-            "{:<12}{:>7.2}{:>6}{:>5}{:>10.0}{:>10.0}{:>10.0}{:>11.1}{:>6.1}%\n",
+            "{:<12}{:>7.2}{:>6}{:>5}{:>10.0}{:>10.0}{:>10.0}{:>11.1}{:>6.1}%{:>10.1}%\n",
             r.tenant,
             r.request_rate,
             r.num_requests,
@@ -162,10 +192,15 @@ pub fn table(reports: &[TenantReport]) -> String {
             r.ttft_ms.p99,
             r.e2e_ms.p50,
             r.output_tokens_per_s,
-            r.throughput_share * 100.0
+            r.throughput_share * 100.0,
+            r.contended_share * 100.0
         ));
     }
-    t.push_str("(latencies in ms; share: of all output tokens)\n");
+    let window = reports.first().map_or(0.0, |r| r.contended_window_s);
+    t.push_str(&format!(
+        "(latencies in ms; share: of all output tokens; contended: of those in the first {window:.1} s, \
+         while every tenant had work)\n"
+    ));
     t
 }
 
@@ -208,6 +243,30 @@ mod tests {
         assert!(plan.windows(2).all(|w| w[0].0 <= w[1].0));
         assert_eq!(plan.iter().filter(|(_, t)| *t == 1).count(), 2);
         assert_eq!(plan[..2].iter().map(|(at, _)| *at).collect::<Vec<_>>(), [Duration::ZERO; 2], "both start at once");
+    }
+
+    #[test]
+    fn the_contended_share_counts_only_tokens_made_while_every_tenant_had_work() {
+        let at = |start: u64, tokens: usize, e2e: u64| RequestRecord {
+            start: Duration::from_secs(start),
+            output_tokens: tokens,
+            ttft: Duration::ZERO,
+            e2e: Duration::from_secs(e2e),
+            ..Default::default()
+        };
+        let tenants = [tenant("a", 1.0), tenant("b", 1.0)];
+        // `b` ends at 10 s; `a` made 31 tokens by then (one request of 31 in 0-10 s), b 11; a's
+        // second request (10-20 s) is after the window.
+        let records = [vec![at(0, 31, 10), at(10, 31, 10)], vec![at(0, 11, 10)]];
+        let got = reports(&tenants, &records, &[0, 0], Duration::from_secs(20));
+        assert_eq!(got[0].contended_window_s, 10.0);
+        assert!((got[0].contended_share - 31.0 / 42.0).abs() < 1e-9, "{}", got[0].contended_share);
+        assert!((got[1].contended_share - 11.0 / 42.0).abs() < 1e-9);
+        // Over the whole run, a's share is 62 of 73.
+        assert!((got[0].throughput_share - 62.0 / 73.0).abs() < 1e-9);
+        // Halfway through a request, half its tokens after the first are counted.
+        assert_eq!(tokens_before(&at(0, 11, 10), Duration::from_secs(5)), 6.0);
+        assert!(table(&got).contains("contended"));
     }
 
     #[test]
