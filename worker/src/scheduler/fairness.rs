@@ -21,27 +21,26 @@
 //! Without tenanted sequences (no named keys, or the head's `fcfs` queue policy) nothing here
 //! runs: the waiting queue's front is admitted and only the priority policy preempts.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{Scheduler, SeqId, Sequence};
 
-/// A tenant as the scheduler counts it (`None`: requests without a named key).
-type TenantKey = Option<Arc<str>>;
-
-/// Running sequences per tenant, and each tenant's weight.
+/// Running sequences per tenant slot (`Sequence::tenant_slot`), and each tenant's weight.
 pub(super) struct Shares {
-    running: HashMap<TenantKey, (usize, u64)>,
+    running: Vec<(usize, u64)>,
 }
 
 impl Shares {
     /// Counts `s` as running.
     pub(super) fn add(&mut self, s: &Sequence) {
-        self.running.entry(s.tenant.clone()).or_insert((0, s.weight())).0 += 1;
+        if self.running.len() <= s.tenant_slot {
+            self.running.resize(s.tenant_slot + 1, (0, 1));
+        }
+        self.running[s.tenant_slot] = (self.running[s.tenant_slot].0 + 1, s.weight());
     }
 
-    fn count(&self, tenant: &TenantKey) -> usize {
-        self.running.get(tenant).map_or(0, |&(n, _)| n)
+    fn count(&self, slot: usize) -> usize {
+        self.running.get(slot).map_or(0, |&(n, _)| n)
     }
 
     /// `a` running of weight `wa` is below `b` running of weight `wb` (fewer per weight).
@@ -56,9 +55,22 @@ impl Scheduler {
         self.tenanted > 0
     }
 
+    /// The small number of `tenant` (0 for none), numbering it if new.
+    pub(super) fn tenant_slot(&mut self, tenant: Option<&Arc<str>>) -> usize {
+        let Some(tenant) = tenant else { return 0 };
+        let next = self.tenant_slots.len() + 1;
+        *self.tenant_slots.entry(tenant.clone()).or_insert(next)
+    }
+
+    /// Forgets every tenant's number and turn (no tenanted sequence is left).
+    pub(super) fn forget_tenants(&mut self) {
+        self.tenant_slots.clear();
+        self.admitted_at.clear();
+    }
+
     /// Running sequences per tenant now.
     pub(super) fn shares(&self) -> Shares {
-        let mut shares = Shares { running: HashMap::new() };
+        let mut shares = Shares { running: vec![(0, 1); self.tenant_slots.len() + 1] };
         for id in &self.running {
             shares.add(&self.seqs[id]);
         }
@@ -67,30 +79,36 @@ impl Scheduler {
 
     /// The position in `waiting` of the next sequence to admit: the front without tenants;
     /// else, among the waiting sequences of the front's priority class, the earliest of the
-    /// tenant with the fewest running sequences per weight.
+    /// tenant with the fewest running sequences per weight. One pass over the waiting queue
+    /// with no hashing (tenants are compared by their small numbers).
     pub(super) fn next_waiting(&self, shares: &Shares) -> Option<usize> {
         let front = self.seqs.get(self.waiting.front()?)?;
         if !self.tenanted() {
             return Some(0);
         }
         let class = front.priority.0;
-        let turn = |tenant: &TenantKey| self.admitted_at.get(tenant).copied().unwrap_or(0);
+        let turn = |slot: usize| self.admitted_at.get(slot).copied().unwrap_or(0);
         let mut best: Option<(usize, usize, u64, u64)> = None;
-        let mut seen: HashSet<&TenantKey> = HashSet::new();
+        let mut seen = vec![false; self.tenant_slots.len() + 1];
+        let mut unseen = seen.len();
         for (at, id) in self.waiting.iter().enumerate() {
             let s = &self.seqs[id];
             if s.priority.0 != class {
                 break;
             }
-            if !seen.insert(&s.tenant) {
+            if std::mem::replace(&mut seen[s.tenant_slot], true) {
                 continue; // only a tenant's earliest waiting sequence competes
             }
-            let (n, w, t) = (shares.count(&s.tenant), s.weight(), turn(&s.tenant));
+            unseen -= 1;
+            let (n, w, t) = (shares.count(s.tenant_slot), s.weight(), turn(s.tenant_slot));
             let better = best.is_none_or(|(_, bn, bw, bt)| {
                 Shares::below(n, w, bn, bw) || (!Shares::below(bn, bw, n, w) && t < bt)
             });
             if better {
                 best = Some((at, n, w, t));
+            }
+            if unseen == 0 {
+                break; // every tenant's earliest has competed
             }
         }
         best.map(|(at, _, _, _)| at)
@@ -99,13 +117,11 @@ impl Scheduler {
     /// Records that `id` was admitted now (for the turns of tenants at equal shares).
     pub(super) fn note_admitted(&mut self, id: SeqId) {
         self.admissions += 1;
-        let tenant = self.seqs[&id].tenant.clone();
-        self.admitted_at.insert(tenant, self.admissions);
-        if self.admitted_at.len() > 4 * (self.seqs.len() + 16) {
-            // Forget tenants with nothing in the engine (their next turn is the earliest).
-            let live: HashSet<&TenantKey> = self.seqs.values().map(|s| &s.tenant).collect();
-            self.admitted_at.retain(|t, _| live.contains(t));
+        let slot = self.seqs[&id].tenant_slot;
+        if self.admitted_at.len() <= slot {
+            self.admitted_at.resize(slot + 1, 0);
         }
+        self.admitted_at[slot] = self.admissions;
     }
 
     /// The running sequence to preempt so that waiting sequence `id` gets in: the newest one of
@@ -113,11 +129,12 @@ impl Scheduler {
     /// slot from that tenant to `id`'s still leaves `id`'s tenant at or under it per weight.
     pub(super) fn fairness_victim(&self, id: SeqId, shares: &Shares) -> Option<SeqId> {
         let newcomer = &self.seqs[&id];
-        let (n, w) = (shares.count(&newcomer.tenant), newcomer.weight());
+        let (n, w) = (shares.count(newcomer.tenant_slot), newcomer.weight());
         let (tenant, &(vn, vw)) = shares
             .running
             .iter()
-            .filter(|(t, _)| **t != newcomer.tenant)
+            .enumerate()
+            .filter(|(slot, _)| *slot != newcomer.tenant_slot)
             .max_by(|(_, (a, wa)), (_, (b, wb))| ((*a as u64) * wb).cmp(&((*b as u64) * wa)))?;
         // After the move: (n + 1) / w <= (vn - 1) / vw.
         if vn == 0 || ((n + 1) as u64) * vw > ((vn - 1) as u64) * w {
@@ -125,7 +142,7 @@ impl Scheduler {
         }
         self.running.iter().rev().copied().find(|r| {
             let s = &self.seqs[r];
-            s.tenant == *tenant && s.priority.0 >= newcomer.priority.0
+            s.tenant_slot == tenant && s.priority.0 >= newcomer.priority.0
         })
     }
 
@@ -144,7 +161,7 @@ impl Scheduler {
         let candidates = || self.running[from..].iter().rev().copied().filter(|r| self.seqs[r].priority.0 == class);
         let ratio = |r: &SeqId| {
             let s = &self.seqs[r];
-            (shares.count(&s.tenant) as u64, s.weight())
+            (shares.count(s.tenant_slot) as u64, s.weight())
         };
         // The first (newest) of the highest count per weight.
         candidates()

@@ -112,8 +112,10 @@ pub struct Scheduler {
     /// Sequences in `seqs` that carry a tenant: while any do, admission and preemption share
     /// slots across tenants ([`fairness`]).
     tenanted: usize,
-    /// Per tenant, the admission count when it last had a sequence admitted ([`fairness`]).
-    admitted_at: HashMap<Option<std::sync::Arc<str>>, u64>,
+    /// Tenants' small numbers (`Sequence::tenant_slot`, from 1), while tenanted sequences are in.
+    tenant_slots: HashMap<std::sync::Arc<str>, usize>,
+    /// Per tenant slot, the admission count when it last had a sequence admitted ([`fairness`]).
+    admitted_at: Vec<u64>,
     admissions: u64,
 }
 
@@ -127,7 +129,8 @@ impl Scheduler {
             running: Vec::new(),
             num_preemptions: 0,
             tenanted: 0,
-            admitted_at: HashMap::new(),
+            tenant_slots: HashMap::new(),
+            admitted_at: Vec::new(),
             admissions: 0,
         }
     }
@@ -142,7 +145,8 @@ impl Scheduler {
     }
 
     /// Queues a new sequence.
-    pub fn add(&mut self, seq: Sequence) {
+    pub fn add(&mut self, mut seq: Sequence) {
+        seq.tenant_slot = self.tenant_slot(seq.tenant.as_ref());
         let at = self.waiting.partition_point(|w| self.seqs[w].priority <= seq.priority);
         self.waiting.insert(at, seq.id);
         self.tenanted += usize::from(seq.tenant.is_some());
@@ -496,6 +500,7 @@ impl Scheduler {
         seq.salt = p.salt;
         seq.tenant = p.tenant.clone();
         seq.tenant_weight = p.tenant_weight;
+        seq.tenant_slot = p.tenant_slot;
         self.tenanted += usize::from(seq.tenant.is_some());
         seq.num_computed = shared * bs;
         seq.cached_prompt_tokens = p.cached_prompt_tokens;
@@ -512,6 +517,9 @@ impl Scheduler {
     pub fn remove(&mut self, id: SeqId) -> Option<Sequence> {
         let mut s = self.seqs.remove(&id)?;
         self.tenanted -= usize::from(s.tenant.is_some());
+        if self.tenanted == 0 {
+            self.forget_tenants();
+        }
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&w| w != id);
         self.pool.release(s.blocks.drain(..).rev());

@@ -48,6 +48,8 @@ pub struct Sequence {
     /// and its weight (0 counts as 1): the scheduler shares slots across tenants by weight.
     pub tenant: Option<Arc<str>>,
     pub tenant_weight: u32,
+    /// The scheduler's small number for `tenant` (0: none), set when it is added.
+    pub(super) tenant_slot: usize,
 }
 
 impl Sequence {
@@ -71,6 +73,7 @@ impl Sequence {
             salt: None,
             tenant: None,
             tenant_weight: 1,
+            tenant_slot: 0,
         }
     }
 

@@ -223,6 +223,12 @@ fn no_block_leaks_under(policy: SchedulingPolicy, tenants: bool) {
         assert!(s.pool.num_blocks() - s.pool.num_free() <= in_use);
         let tenanted = s.seqs.values().filter(|q| q.tenant.is_some()).count();
         assert_eq!(s.tenanted, tenanted, "the count of tenanted sequences is kept");
+        if tenanted == 0 {
+            assert!(s.tenant_slots.is_empty() && s.admitted_at.is_empty(), "no tenant is remembered");
+        }
+        for q in s.seqs.values() {
+            assert_eq!(q.tenant.as_ref().map(|t| s.tenant_slots[t]).unwrap_or(0), q.tenant_slot);
+        }
     }
     assert!(preemptions > 0, "the mix should exercise preemption");
     let live: Vec<SeqId> = s.seqs.keys().copied().collect();
