@@ -26,6 +26,9 @@ pub struct UsageStore {
     store: StateStore,
     /// The ledger's change count at the last save.
     saved: AtomicU64,
+    /// Held by a save: the periodic one (off the async threads, not stopped by an abort) and
+    /// the final one never write the file at once.
+    saving: std::sync::Mutex<()>,
 }
 
 impl UsageStore {
@@ -38,11 +41,12 @@ impl UsageStore {
             tracing::info!(rows, "tenants' usage restored from the state directory");
         }
         let saved = AtomicU64::new(ledger.changes());
-        Ok(UsageStore { ledger, store, saved })
+        Ok(UsageStore { ledger, store, saved, saving: std::sync::Mutex::new(()) })
     }
 
     /// Saves the usage if it changed since the last save. True when it wrote.
     pub fn save_if_changed(&self) -> Result<bool, StateStoreError> {
+        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let changes = self.ledger.changes();
         if changes == self.saved.load(Ordering::Relaxed) {
             return Ok(false);

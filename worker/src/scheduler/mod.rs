@@ -205,13 +205,18 @@ impl Scheduler {
             let id = self.running[i];
             let want = self.seqs[&id].num_uncomputed();
             let n = if want > 1 { want.min(budget).min(prompt_left) } else { want.min(budget) };
+            let rows_before = out.prompt_rows.len();
             let n = self.take_prompt_rows(id, n, &mut rows_left, &mut out.prompt_rows);
             if n == 0 {
                 i += 1;
                 continue;
             }
             if !self.reserve_running(id, n, &mut out.preempted) {
-                // `id` itself was preempted: the sequence after it (if any) is now at `i`.
+                // `id` itself was preempted: it runs nothing, so it gives back the prompt rows
+                // it took; the sequence after it (if any) is now at `i`.
+                for (_, rows) in out.prompt_rows.drain(rows_before..) {
+                    rows_left += rows.len();
+                }
                 continue;
             }
             out.seqs.push(self.scheduled(id, n, &mut out.hidden_rows));

@@ -265,6 +265,22 @@ fn prompt_rows_are_asked_once_per_position_and_capped_per_step() {
     assert_eq!(batch.logits_rows[1..], (0..99).collect::<Vec<_>>());
 }
 
+/// A sequence in chunked prefill with prompt rows that must preempt itself for lack of blocks
+/// takes none of the step's rows: the step lists rows only of sequences it runs.
+#[test]
+fn a_sequence_that_preempts_itself_leaves_no_prompt_rows_in_the_step() {
+    let mut s = Scheduler::new(cfg(3, 8, 8));
+    s.add(Sequence::new(1, 1, vec![1, 2, 3, 4]));
+    s.add(wanting_prompt_rows(2, (10..30).collect()));
+    step(&mut s, 5); // 1's prompt (one block) and 4 of 2's (one block)
+    // 1 decodes into a second block (the last free one); 2's next chunk needs two more.
+    let sched = s.schedule();
+    assert_eq!(sched.preempted, vec![2]);
+    assert!(sched.prompt_rows.iter().all(|(id, _)| sched.seqs.iter().any(|q| q.id == *id)), "{sched:?}");
+    let batch = s.build_batch(&sched);
+    assert_eq!(batch.logits_rows, vec![0], "only 1's sampling row");
+}
+
 #[test]
 fn prompt_rows_skip_the_prefix_cache_and_are_not_repeated_after_preemption() {
     let mut s = Scheduler::new(cfg(8, 100, 8));

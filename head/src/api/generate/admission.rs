@@ -226,8 +226,13 @@ impl Drop for Queued {
         }
         let mut slots = self.gate.lock();
         if slots.waiting.remove(&self.place).is_none() {
-            // Released already: the slot handed over is this ticket's to pass on.
-            slots.release();
+            // Out of the queue already, under this lock: handed a slot (this ticket's to pass
+            // on), or displaced (nothing to pass on). Both are sent under the lock, so the
+            // message is there.
+            let turn = self.wake.take().and_then(|mut wake| wake.try_recv().ok());
+            if matches!(turn, Some(Turn::Run)) {
+                slots.release();
+            }
         }
     }
 }
@@ -328,6 +333,29 @@ mod tests {
         drop(first);
         tokio::time::timeout(std::time::Duration::from_secs(5), light).await.unwrap().unwrap().unwrap();
         assert_eq!(admission.waiting("m"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_displaced_ticket_dropped_unread_frees_no_slot() {
+        let limits = AdmissionLimits { max_in_flight: 1, max_queued: 2 };
+        let admission = Admission::new(QueuePolicy::Fair);
+        let running = admission.enter("m", limits, &tenant("heavy")).unwrap();
+        let queued = admission.enter("m", limits, &tenant("heavy")).unwrap();
+        let displaced = admission.enter("m", limits, &tenant("heavy")).unwrap();
+        let light = admission.enter("m", limits, &tenant("light")).expect("takes heavy's newest place");
+        drop(displaced); // its client left before reading that it was displaced
+        let waiting = [tokio::spawn(queued.admitted()), tokio::spawn(light.admitted())];
+        tokio::task::yield_now().await;
+        assert!(waiting.iter().all(|w| !w.is_finished()), "the one slot is still the running request's");
+        drop(running);
+        // Heavy's older request first (its turn came first), then light's once that one is done.
+        let [heavy, light] = waiting;
+        let timeout = std::time::Duration::from_secs(5);
+        let permit = tokio::time::timeout(timeout, heavy).await.unwrap().unwrap().unwrap();
+        tokio::task::yield_now().await;
+        assert!(!light.is_finished(), "one slot, one request");
+        drop(permit);
+        tokio::time::timeout(timeout, light).await.unwrap().unwrap().unwrap();
     }
 
     #[tokio::test]
