@@ -119,9 +119,13 @@ async fn deploy_status_and_a_restarted_head_restore_the_applications() {
     assert_eq!(completion(&http, &head.url("api"), Some(TEAM_KEY)).await["usage"]["completion_tokens"], 3);
     let listed: Value = http.get(format!("{control}/api/lumen/keys")).send().await.unwrap().json().await.unwrap();
     assert_eq!(listed["api_keys"][0]["tenant"], "team");
-    assert_eq!((&listed["api_keys"][0]["requests_per_minute"], &listed["api_keys"][0]["weight"]), (&json!(50), &json!(3)));
+    assert_eq!(
+        (&listed["api_keys"][0]["requests_per_minute"], &listed["api_keys"][0]["weight"]),
+        (&json!(50), &json!(3))
+    );
     // The tenant's usage from before the restart was saved and restored: two requests now.
-    let usage: Value = http.get(format!("{control}/api/lumen/usage?tenant=team")).send().await.unwrap().json().await.unwrap();
+    let usage: Value =
+        http.get(format!("{control}/api/lumen/usage?tenant=team")).send().await.unwrap().json().await.unwrap();
     let rows = usage["usage"].as_array().expect("usage rows");
     let success: u64 = rows.iter().map(|r| r["requests"]["success"].as_u64().unwrap()).sum();
     let completion_tokens: u64 = rows.iter().map(|r| r["completion_tokens"].as_u64().unwrap()).sum();

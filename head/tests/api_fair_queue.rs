@@ -178,7 +178,10 @@ async fn a_full_queue_takes_a_place_from_the_tenant_that_filled_it() {
     let [oldest, newest] = heavy;
     let displaced = newest.await.unwrap();
     // Its stream (already 200) ends with the error event a full queue gives, then [DONE].
-    assert!(displaced.contains("fewer requests waiting") && displaced.contains(r#""code":"queue_full""#), "{displaced}");
+    assert!(
+        displaced.contains("fewer requests waiting") && displaced.contains(r#""code":"queue_full""#),
+        "{displaced}"
+    );
     assert_eq!(server.state.waiting("m"), 2);
     // Heavy at or over its share of the places: its next request is the one refused.
     assert_eq!(send(&server, HEAVY, "heavy-2").await.status(), 429);

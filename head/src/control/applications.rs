@@ -207,8 +207,8 @@ impl Applications {
         };
         let Some(document) = stored else { return Ok(KeysOrigin::None) };
         let path = || self.inner.store.as_ref().map(|s| s.api_keys_path()).unwrap_or_default();
-        let named = keys::parse(&document)
-            .map_err(|e| StateStoreError::Corrupt { path: path(), reason: e.to_string() })?;
+        let named =
+            keys::parse(&document).map_err(|e| StateStoreError::Corrupt { path: path(), reason: e.to_string() })?;
         self.inner.api.keys().replace(named)?;
         Ok(KeysOrigin::Restored)
     }

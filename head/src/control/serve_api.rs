@@ -106,7 +106,9 @@ pub async fn delete_applications(
 }
 
 /// Applying writes (and syncs) the state file: off the async runtime.
-pub(super) async fn run_blocking(apply: impl FnOnce() -> Result<(), ApplyError> + Send + 'static) -> Result<(), ControlError> {
+pub(super) async fn run_blocking(
+    apply: impl FnOnce() -> Result<(), ApplyError> + Send + 'static,
+) -> Result<(), ControlError> {
     match tokio::task::spawn_blocking(apply).await {
         Ok(applied) => applied.map_err(ControlError::from),
         Err(e) => Err(ControlError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("apply failed: {e}"))),

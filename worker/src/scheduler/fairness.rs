@@ -101,9 +101,8 @@ impl Scheduler {
             }
             unseen -= 1;
             let (n, w, t) = (shares.count(s.tenant_slot), s.weight(), turn(s.tenant_slot));
-            let better = best.is_none_or(|(_, bn, bw, bt)| {
-                Shares::below(n, w, bn, bw) || (!Shares::below(bn, bw, n, w) && t < bt)
-            });
+            let better = best
+                .is_none_or(|(_, bn, bw, bt)| Shares::below(n, w, bn, bw) || (!Shares::below(bn, bw, n, w) && t < bt));
             if better {
                 best = Some((at, n, w, t));
             }
