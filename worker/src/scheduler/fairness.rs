@@ -21,11 +21,13 @@
 //! Without tenanted sequences (no named keys, or the head's `fcfs` queue policy) nothing here
 //! runs: the waiting queue's front is admitted and only the priority policy preempts.
 
+use std::cmp::Ordering;
 use std::sync::Arc;
 
 use super::{Scheduler, SeqId, Sequence};
 
-/// Running sequences per tenant slot (`Sequence::tenant_slot`), and each tenant's weight.
+/// Running sequences per tenant slot (`Sequence::tenant_slot`, every slot of the scheduler),
+/// and each tenant's weight.
 pub(super) struct Shares {
     running: Vec<(usize, u64)>,
 }
@@ -33,20 +35,18 @@ pub(super) struct Shares {
 impl Shares {
     /// Counts `s` as running.
     pub(super) fn add(&mut self, s: &Sequence) {
-        if self.running.len() <= s.tenant_slot {
-            self.running.resize(s.tenant_slot + 1, (0, 1));
-        }
-        self.running[s.tenant_slot] = (self.running[s.tenant_slot].0 + 1, s.weight());
+        let slot = &mut self.running[s.tenant_slot];
+        *slot = (slot.0 + 1, s.weight());
     }
 
     fn count(&self, slot: usize) -> usize {
-        self.running.get(slot).map_or(0, |&(n, _)| n)
+        self.running[slot].0
     }
+}
 
-    /// `a` running of weight `wa` is below `b` running of weight `wb` (fewer per weight).
-    fn below(a: usize, wa: u64, b: usize, wb: u64) -> bool {
-        (a as u64) * wb < (b as u64) * wa
-    }
+/// Compares `a` running of weight `wa` with `b` of weight `wb` by running sequences per weight.
+fn per_weight((a, wa): (usize, u64), (b, wb): (usize, u64)) -> Ordering {
+    ((a as u64) * wb).cmp(&((b as u64) * wa))
 }
 
 impl Scheduler {
@@ -77,15 +77,15 @@ impl Scheduler {
         shares
     }
 
-    /// The position in `waiting` of the next sequence to admit: the front without tenants;
-    /// else, among the waiting sequences of the front's priority class, the earliest of the
-    /// tenant with the fewest running sequences per weight. One pass over the waiting queue
-    /// with no hashing (tenants are compared by their small numbers).
-    pub(super) fn next_waiting(&self, shares: &Shares) -> Option<usize> {
+    /// The position in `waiting` of the next sequence to admit: the front without tenants
+    /// (`shares` is `None` then); else, among the waiting sequences of the front's priority
+    /// class, the earliest of the tenant with the fewest running sequences per weight. One pass
+    /// over the waiting queue with no hashing (tenants are compared by their small numbers).
+    pub(super) fn next_waiting(&self, shares: Option<&Shares>) -> Option<usize> {
         let front = self.seqs.get(self.waiting.front()?)?;
-        if !self.tenanted() {
+        let Some(shares) = shares.filter(|_| self.tenanted()) else {
             return Some(0);
-        }
+        };
         let class = front.priority.0;
         let turn = |slot: usize| self.admitted_at.get(slot).copied().unwrap_or(0);
         let mut best: Option<(usize, usize, u64, u64)> = None;
@@ -101,8 +101,11 @@ impl Scheduler {
             }
             unseen -= 1;
             let (n, w, t) = (shares.count(s.tenant_slot), s.weight(), turn(s.tenant_slot));
-            let better = best
-                .is_none_or(|(_, bn, bw, bt)| Shares::below(n, w, bn, bw) || (!Shares::below(bn, bw, n, w) && t < bt));
+            let better = best.is_none_or(|(_, bn, bw, bt)| match per_weight((n, w), (bn, bw)) {
+                Ordering::Less => true,
+                Ordering::Equal => t < bt,
+                Ordering::Greater => false,
+            });
             if better {
                 best = Some((at, n, w, t));
             }
@@ -134,9 +137,9 @@ impl Scheduler {
             .iter()
             .enumerate()
             .filter(|(slot, _)| *slot != newcomer.tenant_slot)
-            .max_by(|(_, (a, wa)), (_, (b, wb))| ((*a as u64) * wb).cmp(&((*b as u64) * wa)))?;
-        // After the move: (n + 1) / w <= (vn - 1) / vw.
-        if vn == 0 || ((n + 1) as u64) * vw > ((vn - 1) as u64) * w {
+            .max_by(|(_, a), (_, b)| per_weight(**a, **b))?;
+        // After the move, the newcomer's tenant must not be above the victim's.
+        if vn == 0 || per_weight((n + 1, w), (vn - 1, vw)) == Ordering::Greater {
             return None;
         }
         self.running.iter().rev().copied().find(|r| {
@@ -158,16 +161,13 @@ impl Scheduler {
         let class = self.seqs[&last].priority.0;
         let shares = self.shares();
         let candidates = || self.running[from..].iter().rev().copied().filter(|r| self.seqs[r].priority.0 == class);
-        let ratio = |r: &SeqId| {
+        let load = |r: &SeqId| {
             let s = &self.seqs[r];
-            (shares.count(s.tenant_slot) as u64, s.weight())
+            (shares.count(s.tenant_slot), s.weight())
         };
         // The first (newest) of the highest count per weight.
         candidates()
-            .reduce(|best, r| {
-                let ((a, wa), (b, wb)) = (ratio(&best), ratio(&r));
-                if b * wa > a * wb { r } else { best }
-            })
+            .reduce(|best, r| if per_weight(load(&r), load(&best)) == Ordering::Greater { r } else { best })
             .unwrap_or(last)
     }
 }

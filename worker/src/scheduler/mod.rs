@@ -321,7 +321,7 @@ impl Scheduler {
         }
         while self.tenanted() {
             let shares = self.shares();
-            let Some(at) = self.next_waiting(&shares) else {
+            let Some(at) = self.next_waiting(Some(&shares)) else {
                 break;
             };
             let id = self.waiting[at];
@@ -349,11 +349,7 @@ impl Scheduler {
     fn admit_waiting(&mut self, budget: &mut usize, rows_left: &mut usize, out: &mut Schedule) {
         let mut shares = self.tenanted().then(|| self.shares());
         while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let at = match &shares {
-                Some(shares) => self.next_waiting(shares),
-                None => (!self.waiting.is_empty()).then_some(0),
-            };
-            let Some(at) = at else {
+            let Some(at) = self.next_waiting(shares.as_ref()) else {
                 break;
             };
             let id = self.waiting[at];
