@@ -201,14 +201,10 @@ impl Applications {
             self.replace_keys(named)?;
             return Ok(KeysOrigin::Given);
         }
-        let stored = match &self.inner.store {
-            Some(store) => store.load_api_keys()?,
-            None => None,
-        };
-        let Some(document) = stored else { return Ok(KeysOrigin::None) };
-        let path = || self.inner.store.as_ref().map(|s| s.api_keys_path()).unwrap_or_default();
-        let named =
-            keys::parse(&document).map_err(|e| StateStoreError::Corrupt { path: path(), reason: e.to_string() })?;
+        let Some(store) = &self.inner.store else { return Ok(KeysOrigin::None) };
+        let Some(document) = store.load_api_keys()? else { return Ok(KeysOrigin::None) };
+        let named = keys::parse(&document)
+            .map_err(|e| StateStoreError::Corrupt { path: store.api_keys_path(), reason: e.to_string() })?;
         self.inner.api.keys().replace(named)?;
         Ok(KeysOrigin::Restored)
     }
@@ -218,7 +214,6 @@ impl Applications {
     /// refuses; a table the directory cannot take is not applied either.
     pub fn replace_keys(&self, named: Vec<KeyEntry>) -> Result<(), ApplyError> {
         let keys = self.inner.api.keys();
-        keys.check(&named)?;
         let _applying = self.lock();
         let before = keys.named_document();
         keys.replace(named)?;

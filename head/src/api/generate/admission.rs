@@ -150,25 +150,28 @@ impl Admission {
             drop(slots);
             return Ok(Ticket::Ready(Permit { gate }));
         }
-        let full = || {
-            ApiError::Overloaded(format!(
-                "the queue for model `{model}` is full ({} running, {} waiting); retry later",
-                limits.max_in_flight, limits.max_queued
-            ))
+        // Under fcfs every request waits as one anonymous tenant: the queue is a plain FIFO and
+        // nobody's place is ever given to another.
+        let anonymous;
+        let waiter = match self.policy {
+            QueuePolicy::Fair => waiter,
+            QueuePolicy::Fcfs => {
+                anonymous = Waiter { tenant: Arc::from(""), weight: 1, priority: 0 };
+                &anonymous
+            }
         };
         if slots.waiting.len() >= limits.max_queued {
-            let displaced = match self.policy {
-                QueuePolicy::Fair => slots.waiting.displace_for(waiter),
-                QueuePolicy::Fcfs => None,
+            let full = || {
+                ApiError::Overloaded(format!(
+                    "the queue for model `{model}` is full ({} running, {} waiting); retry later",
+                    limits.max_in_flight, limits.max_queued
+                ))
             };
             // Its ticket learns it was refused; its place is the newcomer's.
-            displaced.ok_or_else(full)?.send(Turn::Displaced).ok();
+            slots.waiting.displace_for(waiter).ok_or_else(full)?.send(Turn::Displaced).ok();
         }
         let (send, wake) = oneshot::channel();
-        let place = match self.policy {
-            QueuePolicy::Fair => slots.waiting.push(waiter, send),
-            QueuePolicy::Fcfs => slots.waiting.push(&Waiter { tenant: Arc::from(""), weight: 1, priority: 0 }, send),
-        };
+        let place = slots.waiting.push(waiter, send);
         drop(slots);
         Ok(Ticket::Queued(Queued { gate, place, wake: Some(wake) }))
     }

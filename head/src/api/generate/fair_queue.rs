@@ -170,15 +170,8 @@ impl<T> FairQueue<T> {
         if (mine + 1) * their_weight > (theirs - 1) * weight {
             return None;
         }
-        let tenant = tenant.clone();
-        let queue = self.tenants.get_mut(&tenant)?;
-        let (_, item) = queue.waiting.pop_last()?;
-        self.len -= 1;
-        if queue.waiting.is_empty() {
-            self.turns.remove(&queue.tag);
-            self.tenants.remove(&tenant);
-        }
-        Some(item)
+        let last = Place { tenant: tenant.clone(), key: *queue.waiting.last_key_value()?.0 };
+        self.remove(&last)
     }
 
     /// Tenants with something waiting (for tests and status).
