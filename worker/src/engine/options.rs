@@ -110,9 +110,8 @@ pub struct EngineOptions {
     pub dtype: GpuDType,
 
     /// Launch every GPU step's kernels one by one instead of replaying the CUDA graphs captured
-    /// at start-up for decode steps (vLLM's `--enforce-eager`). On by default until the graphs
-    /// have been measured on a GPU (`--enforce-eager false` turns them on).
-    #[arg(long, env = "LUMEN_ENFORCE_EAGER", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    /// at start-up for decode steps (vLLM's `--enforce-eager`; graphs are on by default).
+    #[arg(long, env = "LUMEN_ENFORCE_EAGER", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub enforce_eager: bool,
 
     /// The runner, as vLLM's `--runner`: auto (generation for a Llama causal LM), generate, or
@@ -207,7 +206,7 @@ impl Default for EngineOptions {
             gpu_memory_utilization: defaults::GPU_MEMORY_UTILIZATION,
             gpu_memory_limit: None,
             dtype: GpuDType::Auto,
-            enforce_eager: true,
+            enforce_eager: false,
             runner: Runner::Auto,
             convert: Convert::Auto,
             pooler_config: None,

@@ -83,6 +83,13 @@ impl LayerScratch {
         let Some(half) = self.active.get() else { return Ok(None) };
         let (own, f32) = &self.halves[half];
         match dtype {
+            // An f32 model's own region holds its layer outputs; what does not fit there (the
+            // attention partials of a captured launch, sized for the largest split) takes the
+            // f32 region, as it does for a bf16 model.
+            DType::F32 if own.buffer.dtype() == DType::F32 => match own.take(shape)? {
+                Some(t) => Ok(Some(t)),
+                None => f32.take(shape),
+            },
             d if d == own.buffer.dtype() => own.take(shape),
             DType::F32 => f32.take(shape),
             _ => Ok(None),
