@@ -2,7 +2,9 @@
 //! real SmolLM2 model. Requests spread over the replicas; a worker killed with SIGKILL while
 //! requests stream costs none of them: those it was streaming move to the other replicas (their
 //! output is checked token for token in `e2e_migration.rs`), requests not yet started on it are
-//! retried elsewhere, and its replica is placed again on a worker that joins afterwards.
+//! retried elsewhere, and its replica is placed again on a worker that joins afterwards. The same
+//! scenario runs on simulated workers (`lumen worker --simulate`: the real worker service over an
+//! engine that computes nothing), which `lumen bench head` uses to stand for hundreds of workers.
 
 mod support;
 
@@ -60,8 +62,19 @@ fn classify(sse: &str) -> Outcome {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_share_the_load_and_survive_losing_one() {
+    three_workers_lose_one(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_simulated_workers_share_the_load_and_survive_losing_one() {
+    three_workers_lose_one(&["--simulate", "40"]).await;
+}
+
+/// The scenario, with `worker_flags` on every worker.
+async fn three_workers_lose_one(worker_flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let (head, mut workers) = start_cluster(dir.path(), &["w1", "w2", "w3"], Extra::default()).await;
+    let extra = Extra { worker: worker_flags, ..Extra::default() };
+    let (head, mut workers) = start_cluster(dir.path(), &["w1", "w2", "w3"], extra).await;
     let http = reqwest::Client::new();
     let grpc = head.url("grpc");
     let (http, head) = (&http, &head);
@@ -106,7 +119,13 @@ async fn three_workers_share_the_load_and_survive_losing_one() {
         .map(|i| tokio::spawn(stream_chat(http.clone(), api.clone(), format!("After the kill {i}"), 16)))
         .collect();
     let grpc_for_w4 = grpc.clone();
-    let w4 = tokio::task::spawn_blocking(move || start_worker(&grpc_for_w4, "w4", &[])).await.expect("w4 starts");
+    let flags: Vec<String> = worker_flags.iter().map(|f| f.to_string()).collect();
+    let w4 = tokio::task::spawn_blocking(move || {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        start_worker(&grpc_for_w4, "w4", &flags)
+    })
+    .await
+    .expect("w4 starts");
     workers.insert("w4", w4);
 
     for outcome in futures::future::join_all(before).await {

@@ -189,6 +189,15 @@ pub struct WorkerArgs {
     /// Serve no `/metrics` of its own (the head's `/metrics` still has every replica).
     #[arg(long, env = "LUMEN_WORKER_NO_METRICS")]
     pub no_metrics: bool,
+    /// Load no model: replicas run a simulated engine that gives every running request one
+    /// time-stamped token per STEP_MS milliseconds (for measuring the head: `lumen bench head`).
+    #[arg(long, value_name = "STEP_MS")]
+    pub simulate: Option<f64>,
+    /// With --simulate, how many workers this process stands for: ids `<worker-id>-<i>`, each
+    /// with its own gRPC port (--port and up, or any free ones with --port 0) and registration,
+    /// and no metrics port.
+    #[arg(long, default_value_t = 1)]
+    pub simulated_workers: usize,
     #[command(flatten)]
     pub stats_log: StatsLogArgs,
     #[command(flatten)]

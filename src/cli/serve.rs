@@ -113,6 +113,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         join_token: args.head.cluster.join_token.clone(),
         tls: None,
         trust: ClientTls::system(),
+        simulated: None,
     };
     let mut worker = super::worker::start(setup, worker_shutdown.clone()).await?;
     let stats_log = lumen_worker::service::spawn_stats_logger(

@@ -109,6 +109,11 @@ pub struct RequestStream {
 }
 
 impl RequestStream {
+    /// A stream reading `rx`, which aborts request `id` at `engine` when dropped unfinished.
+    pub(super) fn new(id: String, rx: mpsc::UnboundedReceiver<EngineEvent>, engine: ActorRef<EngineMessage>) -> Self {
+        RequestStream { id, rx, engine: Some(engine), done: false }
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -161,6 +166,17 @@ impl EngineHandle {
             .await
             .map_err(|e| WorkerError::Engine(format!("cannot start the engine actor: {e}")))?;
         Ok((EngineHandle { actor, tokenizer, limits, description, grammars }, join))
+    }
+
+    /// A handle on another actor answering [`EngineMessage`]s (the simulated engine).
+    pub(super) fn from_parts(
+        actor: ActorRef<EngineMessage>,
+        tokenizer: Tokenizer,
+        limits: EngineLimits,
+        description: Arc<str>,
+        grammars: Arc<GrammarCompiler>,
+    ) -> EngineHandle {
+        EngineHandle { actor, tokenizer, limits, description, grammars }
     }
 
     /// Queues a request and returns its output stream.

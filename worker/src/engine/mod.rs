@@ -6,6 +6,7 @@ pub mod core;
 pub mod phases;
 pub mod request;
 pub mod runner;
+pub mod simulated;
 pub mod stats;
 pub mod step_cost;
 

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use super::ServiceError;
 use super::convert::{replica_stats, wire_u32};
 use crate::WorkerError;
+use crate::engine::simulated::{SimTokenizers, SimulatedEngine};
 use crate::engine::{EngineHandle, EngineOptions, EngineStats, build_engine};
 
 /// How long `stop_replica` waits for the engine thread to exit after stopping it.
@@ -123,6 +124,8 @@ struct NodeInner {
     drain_started: Notify,
     /// True once the head acknowledged a heartbeat that said draining.
     drain_acked: watch::Sender<bool>,
+    /// Replicas run this simulated engine instead of loading their model (`lumen bench head`).
+    simulated: Option<(SimulatedEngine, SimTokenizers)>,
 }
 
 /// The replicas this worker hosts, its id and its resources.
@@ -134,14 +137,34 @@ pub struct WorkerNode {
 impl WorkerNode {
     /// An empty node; see `detect_resources` for `resources`.
     pub fn new(worker_id: impl Into<String>, resources: pb::Resources) -> WorkerNode {
+        WorkerNode::with_engines(worker_id.into(), resources, None)
+    }
+
+    /// An empty node whose replicas run `engine` (reading only their model's tokenizer, shared
+    /// through `tokenizers`) instead of loading their model: see `engine::simulated`.
+    pub fn simulated(
+        worker_id: impl Into<String>,
+        resources: pb::Resources,
+        engine: SimulatedEngine,
+        tokenizers: SimTokenizers,
+    ) -> WorkerNode {
+        WorkerNode::with_engines(worker_id.into(), resources, Some((engine, tokenizers)))
+    }
+
+    fn with_engines(
+        worker_id: String,
+        resources: pb::Resources,
+        simulated: Option<(SimulatedEngine, SimTokenizers)>,
+    ) -> WorkerNode {
         WorkerNode {
             inner: Arc::new(NodeInner {
-                worker_id: worker_id.into(),
+                worker_id,
                 resources,
                 slots: Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
                 drain_started: Notify::new(),
                 drain_acked: watch::Sender::new(false),
+                simulated,
             }),
         }
     }
@@ -282,10 +305,21 @@ impl WorkerNode {
         engine_options_json: String,
     ) -> Result<Replica, WorkerError> {
         let opts = options.clone();
-        let core = tokio::task::spawn_blocking(move || build_engine(&opts))
-            .await
-            .map_err(|e| WorkerError::Engine(format!("the model loader panicked: {e}")))??;
-        let (handle, actor) = EngineHandle::start(core, replica_id).await?;
+        let (handle, actor) = match &self.inner.simulated {
+            None => {
+                let core = tokio::task::spawn_blocking(move || build_engine(&opts))
+                    .await
+                    .map_err(|e| WorkerError::Engine(format!("the model loader panicked: {e}")))??;
+                EngineHandle::start(core, replica_id).await?
+            }
+            Some((engine, tokenizers)) => {
+                let tokenizers = tokenizers.clone();
+                let tokenizer = tokio::task::spawn_blocking(move || tokenizers.get(&opts))
+                    .await
+                    .map_err(|e| WorkerError::Engine(format!("the tokenizer loader panicked: {e}")))??;
+                engine.start(&options, tokenizer, replica_id).await?
+            }
+        };
         let limits = handle.limits();
         let info = pb::ReplicaInfo {
             replica_id: replica_id.to_string(),
