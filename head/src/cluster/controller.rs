@@ -82,6 +82,7 @@ impl Cluster {
 
     /// One reconcile pass: plans under the lock, then spawns the calls.
     fn reconcile_once(&self) {
+        let started = Instant::now();
         let actions = {
             let mut state = self.state();
             let now = Instant::now();
@@ -100,6 +101,7 @@ impl Cluster {
             actions.extend(health::due_probes(&mut state, now, deadline).into_iter().map(Action::Probe));
             actions
         };
+        self.inner.loops.reconciled(started);
         for action in actions {
             let cluster = self.clone();
             match action {
@@ -220,7 +222,7 @@ fn reconcile_deployment(state: &mut State, name: &str, now: Instant, deadline: D
         target,
         may_start: !backing_off,
         room_for_one: placement::choose_worker(state, &spec, now, deadline).is_some(),
-        stopping: state.replicas.values().filter(|r| r.deployment == name && r.phase == Phase::Stopping).count(),
+        stopping: state.replicas.of_deployment(name).filter(|r| r.phase == Phase::Stopping).count(),
     };
     let plan = rollout::plan(&views, situation);
 
@@ -238,13 +240,13 @@ fn reconcile_deployment(state: &mut State, name: &str, now: Instant, deadline: D
         let replica_id = format!("{}-{:08x}", spec.name, random_u64() as u32);
         let mut replica = ReplicaEntry::new(replica_id.clone(), spec.name.clone(), worker_id.clone(), Phase::Starting);
         replica.spec_version = Some(version);
-        state.replicas.insert(replica_id.clone(), replica);
+        state.replicas.insert(replica);
         actions.push(Action::Start { replica_id, worker_id, engine_options_json: spec.engine_options_json.clone() });
     }
 
     let running = state.routable_replicas(name, now, deadline).count();
     let live = state.live_replicas(name, now, deadline).count();
-    let draining = state.replicas.values().any(|r| r.deployment == name && r.phase == Phase::Stopping);
+    let draining = state.replicas.of_deployment(name).any(|r| r.phase == Phase::Stopping);
     let Some(entry) = state.deployment_mut(name) else { return };
     if let Some(message) = unplaced {
         entry.message = Some(message);

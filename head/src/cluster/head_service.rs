@@ -114,7 +114,9 @@ impl pb::head_server::Head for HeadService {
             let mut worker_id = None;
             while let Ok(Some(hb)) = inbound.message().await {
                 worker_id.get_or_insert_with(|| hb.worker_id.clone());
-                let applied = cluster.state().record_heartbeat(&hb, Instant::now());
+                let started = Instant::now();
+                let applied = cluster.state().record_heartbeat(&hb, started);
+                cluster.inner.loops.heartbeat_applied(started);
                 let reply = match applied {
                     Ok(act) => {
                         if act {

@@ -11,6 +11,8 @@
 //!   included, for every desired deployment and any removed one whose replicas still stop.
 //! - `lumen_cluster_workers{state}`: registered workers, `alive`, `draining` (alive, finishing
 //!   its requests after SIGTERM, taking no new ones) and `dead`, as in `/api/cluster`.
+//! - The head's loop timings, `lumen_head_reconcile_duration_seconds` and
+//!   `lumen_head_heartbeat_duration_seconds` (see `loop_time`).
 
 use std::collections::BTreeMap;
 
@@ -61,11 +63,13 @@ impl ClusterMetrics {
 
 impl Collector for ClusterMetrics {
     fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
+        self.descs.iter().chain(self.cluster.inner.loops.descs()).collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        families(&self.cluster.snapshot())
+        let mut all = families(&self.cluster.snapshot());
+        all.extend(self.cluster.inner.loops.collect());
+        all
     }
 }
 

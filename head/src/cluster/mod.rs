@@ -36,10 +36,12 @@ mod controller;
 mod forward;
 mod head_service;
 mod health;
+mod loop_time;
 mod metrics;
 mod placement;
 mod registry;
 mod replica_client;
+mod replica_table;
 mod rollout;
 mod router;
 mod snapshot;
@@ -147,6 +149,8 @@ struct Inner {
     /// The router's prefix -> replica hints (see [`affinity`]); locked after `state`, never
     /// held across an `.await`.
     affinity: Mutex<affinity::PrefixAffinity>,
+    /// What the controller's passes and the heartbeats cost (see [`loop_time`]).
+    loops: loop_time::LoopTimes,
 }
 
 impl Cluster {
@@ -158,6 +162,7 @@ impl Cluster {
                 changed: Notify::new(),
                 clients: ClientPool::default(),
                 affinity: Mutex::default(),
+                loops: loop_time::LoopTimes::default(),
             }),
         }
     }

@@ -14,6 +14,7 @@
 //! - Among the workers that fit: CPU workers first for CPU replicas, then the fewest replicas of
 //!   the same deployment (spread), then the fewest replicas overall.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::registry::{Deployment, State, WorkerEntry};
@@ -32,66 +33,70 @@ fn needs_gpus(spec: &Deployment) -> bool {
     spec.gpus_per_replica.is_finite() && spec.gpus_per_replica > 0.0
 }
 
-/// Devices of `worker` held by the replicas it hosts.
-fn devices_used(state: &State, worker: &WorkerEntry) -> u32 {
-    state
-        .replicas
-        .values()
-        .filter(|r| r.worker_id == worker.id)
-        .map(|r| devices_needed(state.deployment(&r.deployment).map(|d| &d.spec)))
-        .sum()
+/// What one worker hosts: its replicas, those of the deployment being placed, the devices they
+/// hold (on a CUDA worker) and the cores they reserve.
+#[derive(Clone, Copy, Debug, Default)]
+struct Hosted {
+    replicas: usize,
+    same: usize,
+    devices: u32,
+    cpus: f64,
 }
 
-fn free_devices(state: &State, worker: &WorkerEntry) -> u32 {
-    worker.resources.device_count.max(1).saturating_sub(devices_used(state, worker))
+/// Every worker's [`Hosted`] for placing a replica of `spec`, in one pass over the replicas:
+/// placement looks at every worker, and a pass per worker would make it O(workers x replicas).
+fn hosting<'a>(state: &'a State, spec: &Deployment) -> HashMap<&'a str, Hosted> {
+    let mut by_worker: HashMap<&str, Hosted> = HashMap::new();
+    for r in state.replicas.values() {
+        let deployment = state.deployment(&r.deployment).map(|d| &d.spec);
+        let hosted = by_worker.entry(r.worker_id.as_str()).or_default();
+        hosted.replicas += 1;
+        hosted.same += usize::from(r.deployment == spec.name);
+        hosted.devices += devices_needed(deployment);
+        hosted.cpus += deployment.map_or(0.0, |d| d.cpus_per_replica);
+    }
+    by_worker
 }
 
-/// CPU cores of `worker` reserved by the replicas it hosts.
-fn cpus_reserved(state: &State, worker: &WorkerEntry) -> f64 {
-    state
-        .replicas
-        .values()
-        .filter(|r| r.worker_id == worker.id)
-        .filter_map(|r| state.deployment(&r.deployment))
-        .map(|d| d.spec.cpus_per_replica)
-        .sum()
+fn hosted_by(hosting: &HashMap<&str, Hosted>, worker: &WorkerEntry) -> Hosted {
+    hosting.get(worker.id.as_str()).copied().unwrap_or_default()
 }
 
-fn cpus_free(state: &State, worker: &WorkerEntry) -> f64 {
-    (f64::from(worker.resources.cpu_cores) - cpus_reserved(state, worker)).max(0.0)
+fn free_devices(worker: &WorkerEntry, hosted: Hosted) -> u32 {
+    worker.resources.device_count.max(1).saturating_sub(hosted.devices)
 }
 
-/// Whether `worker` already hosts as many replicas of `spec` as `max_replicas_per_node` allows.
-fn at_node_cap(state: &State, worker: &WorkerEntry, spec: &Deployment) -> bool {
-    spec.max_replicas_per_node.is_some_and(|cap| {
-        let hosted = state.replicas.values().filter(|r| r.worker_id == worker.id && r.deployment == spec.name);
-        hosted.count() >= cap as usize
-    })
+fn cpus_free(worker: &WorkerEntry, hosted: Hosted) -> f64 {
+    (f64::from(worker.resources.cpu_cores) - hosted.cpus).max(0.0)
+}
+
+/// Whether the worker already hosts as many replicas of `spec` as `max_replicas_per_node` allows.
+fn at_node_cap(hosted: Hosted, spec: &Deployment) -> bool {
+    spec.max_replicas_per_node.is_some_and(|cap| hosted.same >= cap as usize)
 }
 
 /// Whether `worker` can take one more replica of `spec`.
-fn fits(state: &State, worker: &WorkerEntry, spec: &Deployment) -> bool {
-    if at_node_cap(state, worker, spec) {
+fn fits(worker: &WorkerEntry, hosted: Hosted, spec: &Deployment) -> bool {
+    if at_node_cap(hosted, spec) {
         return false;
     }
     if worker.is_cuda() {
-        free_devices(state, worker) >= devices_needed(Some(spec))
+        free_devices(worker, hosted) >= devices_needed(Some(spec))
     } else {
-        !needs_gpus(spec) && (spec.cpus_per_replica <= 0.0 || cpus_free(state, worker) >= spec.cpus_per_replica)
+        !needs_gpus(spec) && (spec.cpus_per_replica <= 0.0 || cpus_free(worker, hosted) >= spec.cpus_per_replica)
     }
 }
 
 /// The live worker to place one more replica of `spec` on, if any has room.
 pub(super) fn choose_worker(state: &State, spec: &Deployment, now: Instant, deadline: Duration) -> Option<String> {
+    let hosting = hosting(state, spec);
     state
         .workers
         .values()
-        .filter(|w| w.takes_work(now, deadline) && fits(state, w, spec))
-        .map(|w| {
-            let hosted = state.replicas.values().filter(|r| r.worker_id == w.id);
-            let same = hosted.clone().filter(|r| r.deployment == spec.name).count();
-            ((w.is_cuda(), same, hosted.count()), &w.id)
-        })
+        .filter(|w| w.takes_work(now, deadline))
+        .map(|w| (w, hosted_by(&hosting, w)))
+        .filter(|&(w, hosted)| fits(w, hosted, spec))
+        .map(|(w, hosted)| ((w.is_cuda(), hosted.same, hosted.replicas), &w.id))
         .min()
         .map(|(_, id)| id.clone())
 }
@@ -106,12 +111,13 @@ pub(super) fn no_room_message(
     target: usize,
 ) -> String {
     let live: Vec<&WorkerEntry> = state.workers.values().filter(|w| w.takes_work(now, deadline)).collect();
+    let hosting = hosting(state, spec);
     let prefix = format!("waiting for capacity: {placed} of {target} replicas placed");
     if live.is_empty() {
         return format!("{prefix}; no live worker is registered");
     }
     if let Some(cap) = spec.max_replicas_per_node
-        && live.iter().all(|w| at_node_cap(state, w, spec))
+        && live.iter().all(|w| at_node_cap(hosted_by(&hosting, w), spec))
     {
         return format!(
             "{prefix}; max_replicas_per_node is {cap} and each of the {} live workers has that many",
@@ -127,7 +133,7 @@ pub(super) fn no_room_message(
                 live.len()
             );
         }
-        let free: u32 = cuda.iter().map(|w| free_devices(state, w)).sum();
+        let free: u32 = cuda.iter().map(|w| free_devices(w, hosted_by(&hosting, w))).sum();
         return format!(
             "{prefix}; each replica needs {needed} free GPU device(s) on one worker and the {} live CUDA \
              workers have {free} free (a device hosts one replica)",
@@ -136,7 +142,8 @@ pub(super) fn no_room_message(
     }
     let cpu_workers = live.len() - cuda.len();
     if cpu_workers > 0 && spec.cpus_per_replica > 0.0 {
-        let most_free = live.iter().filter(|w| !w.is_cuda()).map(|w| cpus_free(state, w)).fold(0.0, f64::max);
+        let most_free =
+            live.iter().filter(|w| !w.is_cuda()).map(|w| cpus_free(w, hosted_by(&hosting, w))).fold(0.0, f64::max);
         return format!(
             "{prefix}; each replica reserves {} CPU cores and the most any of the {cpu_workers} live CPU \
              workers has free is {most_free}",

@@ -33,6 +33,7 @@ use crate::config::AutoscalingConfig;
 
 use super::ClusterError;
 use super::autoscaler::{Autoscaler, ScaleDirection};
+use super::replica_table::ReplicaTable;
 
 /// One desired deployment: a model, how many replicas serve it, and how they are run.
 #[derive(Clone, Debug, PartialEq)]
@@ -335,7 +336,7 @@ pub(super) struct UnknownWorker;
 pub(super) struct State {
     deployments: Vec<DeploymentEntry>,
     pub workers: BTreeMap<String, WorkerEntry>,
-    pub replicas: BTreeMap<String, ReplicaEntry>,
+    pub replicas: ReplicaTable,
     /// Whether `set_deployments` was called yet (see the module invariants).
     pub deployments_set: bool,
     /// Until then, a head restored from its state directory expects its workers to register
@@ -404,9 +405,8 @@ impl State {
         );
         let reported: BTreeMap<&str, &pb::ReplicaInfo> =
             req.replicas.iter().map(|r| (r.replica_id.as_str(), r)).collect();
-        self.replicas.retain(|id, r| {
-            r.worker_id != req.worker_id || r.phase == Phase::Starting || reported.contains_key(id.as_str())
-        });
+        self.replicas
+            .retain(|id, r| r.worker_id != req.worker_id || r.phase == Phase::Starting || reported.contains_key(id));
         for info in req.replicas.iter().filter(|r| !r.replica_id.is_empty()) {
             self.adopt_replica(&req.worker_id, info);
         }
@@ -421,10 +421,9 @@ impl State {
             _ => Phase::Running,
         };
         let deployment = self.owning_deployment(info);
-        let entry = self
-            .replicas
-            .entry(info.replica_id.clone())
-            .or_insert_with(|| ReplicaEntry::new(info.replica_id.clone(), deployment, worker_id.to_owned(), phase));
+        let entry = self.replicas.get_or_insert_with(&info.replica_id, || {
+            ReplicaEntry::new(info.replica_id.clone(), deployment, worker_id.to_owned(), phase)
+        });
         entry.worker_id = worker_id.to_owned();
         entry.phase = phase;
         entry.message = (!info.message.is_empty()).then(|| info.message.clone());
@@ -512,7 +511,7 @@ impl State {
 
     /// Whether a replica of `deployment` sits on a draining worker (its replacement is coming).
     pub fn has_draining_replica(&self, deployment: &str) -> bool {
-        self.replicas.values().any(|r| r.deployment == deployment && self.worker_is_draining(&r.worker_id))
+        self.replicas.of_deployment(deployment).any(|r| self.worker_is_draining(&r.worker_id))
     }
 
     /// Replicas of `deployment` that are starting or running on a live worker that is not
@@ -523,10 +522,8 @@ impl State {
         now: Instant,
         deadline: Duration,
     ) -> impl Iterator<Item = &'a ReplicaEntry> + 'a {
-        self.replicas.values().filter(move |r| {
-            r.deployment == deployment
-                && matches!(r.phase, Phase::Starting | Phase::Running)
-                && self.worker_takes_work(&r.worker_id, now, deadline)
+        self.replicas.of_deployment(deployment).filter(move |r| {
+            matches!(r.phase, Phase::Starting | Phase::Running) && self.worker_takes_work(&r.worker_id, now, deadline)
         })
     }
 
@@ -540,8 +537,8 @@ impl State {
         queued
             + self
                 .replicas
-                .values()
-                .filter(|r| r.deployment == deployment && r.phase != Phase::Failed)
+                .of_deployment(deployment)
+                .filter(|r| r.phase != Phase::Failed)
                 .filter(|r| self.worker_is_live(&r.worker_id, now, deadline))
                 .map(ReplicaEntry::load)
                 .sum::<u64>()

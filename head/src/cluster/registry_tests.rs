@@ -187,7 +187,7 @@ fn a_worker_that_registers_while_draining_takes_no_work() {
 fn load_counts_the_heads_requests_now_and_reported_load_only_beyond_them() {
     let mut state = State::default();
     register(&mut state, "w", "cpu", 0, vec![]);
-    state.replicas.insert("r".into(), ReplicaEntry::new("r".into(), "d".into(), "w".into(), Phase::Running));
+    state.replicas.insert(ReplicaEntry::new("r".into(), "d".into(), "w".into(), Phase::Running));
     let beat = |running, waiting| pb::WorkerHeartbeat {
         worker_id: "w".into(),
         replicas: vec![pb::ReplicaStats { replica_id: "r".into(), running, waiting, ..Default::default() }],
@@ -210,7 +210,7 @@ fn ongoing_requests_count_each_request_once_whether_running_queued_on_the_worker
     let mut state = State::default();
     state.set_deployments(vec![deployment("d", "m")]);
     register(&mut state, "w", "cpu", 0, vec![]);
-    state.replicas.insert("r".into(), ReplicaEntry::new("r".into(), "d".into(), "w".into(), Phase::Running));
+    state.replicas.insert(ReplicaEntry::new("r".into(), "d".into(), "w".into(), Phase::Running));
     let (now, deadline) = (Instant::now(), Duration::from_secs(5));
     // The head dispatched 5: the worker runs 2 and queues 3 in its engine; 4 more wait at the
     // head for a replica.

@@ -3,6 +3,7 @@
 //! Taken under the state lock in one go, so workers, deployments and replicas agree with each
 //! other. Status names follow Ray Serve's strings (`as_ray_str`) where Ray has one.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -163,6 +164,11 @@ impl ReplicaState {
 
 pub(super) fn build(state: &State, deadline: Duration) -> ClusterSnapshot {
     let now = Instant::now();
+    // Each worker's replicas, gathered in one pass (not one pass over the replicas per worker).
+    let mut hosted: HashMap<&str, Vec<String>> = HashMap::new();
+    for r in state.replicas.values() {
+        hosted.entry(r.worker_id.as_str()).or_default().push(r.id.clone());
+    }
     let workers = state
         .workers
         .values()
@@ -175,7 +181,7 @@ pub(super) fn build(state: &State, deadline: Duration) -> ClusterSnapshot {
             draining: w.is_live(now, deadline) && w.draining,
             registered_unix_ms: w.registered_unix_ms,
             since_last_heartbeat: now.saturating_duration_since(w.last_seen),
-            replica_ids: state.replicas.values().filter(|r| r.worker_id == w.id).map(|r| r.id.clone()).collect(),
+            replica_ids: hosted.remove(w.id.as_str()).unwrap_or_default(),
         })
         .collect();
     let deployments = state
