@@ -59,7 +59,9 @@ impl TlsIncoming {
 }
 
 /// Serves `app` on `listener` (HTTPS with `tls`) until `shutdown` resolves, then lets the
-/// requests in flight finish (axum's graceful shutdown), as plain `axum::serve` does.
+/// requests in flight finish (axum's graceful shutdown), as plain `axum::serve` does. Every
+/// connection gets TCP_NODELAY (as uvicorn gives vLLM's): without it a streamed chunk written
+/// while the previous one is unacknowledged waits for the client's delayed ACK, up to 40 ms.
 pub async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
@@ -68,7 +70,12 @@ pub async fn serve_http(
 ) -> io::Result<()> {
     match tls {
         Some(tls) => axum::serve(TlsIncoming::new(listener, tls), app).with_graceful_shutdown(shutdown).await,
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        None => {
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+        }
     }
 }
 
