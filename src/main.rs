@@ -5,6 +5,12 @@ mod cli;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: the head's per-request and per-chunk allocations happen on
+/// every runtime thread, where glibc's arenas cost it ~13% of its CPU (measured with
+/// `lumen bench head`; see docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Lumen serves large language models: a Ray Serve + vLLM shaped serving framework.
 #[derive(Parser)]
 #[command(name = "lumen", version, about)]
@@ -43,6 +49,9 @@ enum BenchCommand {
     /// Run a loopback cluster (head + workers) under load while killing and replacing workers
     /// and the head; count every request's end and each process's memory.
     Soak(Box<bench::soak::SoakArgs>),
+    /// Measure the head alone: a real `lumen head` with hundreds of simulated workers, at rising
+    /// request rates (requests/s, head-added latency, CPU, memory, heartbeat cost).
+    Head(Box<bench::head::HeadBenchArgs>),
 }
 
 fn init_logging(format: &str) {
@@ -78,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Serve(args)) => bench::serve::main(*args).await?,
         Command::Bench(BenchCommand::Soak(args)) => bench::soak::main(*args).await?,
+        Command::Bench(BenchCommand::Head(args)) => bench::head::main(*args).await?,
     }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! `lumen bench`: benchmark programs that print tables and write JSON.
 
+pub mod head;
 pub mod offline;
+mod procs;
 pub mod report;
 pub mod serve;
 pub mod soak;

@@ -19,7 +19,6 @@
 //!   recover. Child logs stay in the work directory.
 
 mod load;
-mod procs;
 mod report;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -31,8 +30,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+use super::procs::{self, Launcher, Ledger, Proc};
 use load::Load;
-use procs::{Launcher, Ledger, Proc};
 use report::{FaultKind, FaultReport, Settings, SoakReport, Tally};
 
 /// How long a SIGTERMed process may take to drain and exit.
@@ -313,7 +312,7 @@ async fn inject(
 pub async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
     args.check()?;
     let model = std::fs::canonicalize(&args.model).with_context(|| format!("the model {}", args.model.display()))?;
-    let work_dir = procs::work_dir(args.work_dir.as_deref())?;
+    let work_dir = procs::work_dir(args.work_dir.as_deref(), "soak")?;
     let config = work_dir.join("serve.yaml");
     std::fs::write(&config, serve_config(&model, args.replicas(), args.threads))?;
     let began = Instant::now();

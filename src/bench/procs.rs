@@ -1,6 +1,7 @@
-//! The soak's processes: `lumen head` and `lumen worker` children of this very binary, each with
-//! its stderr in a log file of the work directory, its listeners from the ready line, its memory
-//! sampled from `/proc/PID/status`, and how it ended.
+//! Benchmarks' processes (`lumen bench soak`, `lumen bench head`): `lumen head` and `lumen worker`
+//! children of this very binary, each with its stderr in a log file of the work directory, its
+//! listeners from the ready line, its memory sampled from `/proc/PID/status`, its CPU time read
+//! from `/proc/PID/stat`, and how it ended.
 //!
 //! Contract: a [`Proc`] is killed when dropped (`kill_on_drop`), so a soak that fails half way
 //! leaves no process behind. [`Ledger`] keeps one [`ProcRecord`] per process ever started (a
@@ -124,10 +125,22 @@ impl Ledger {
 }
 
 /// VmRSS of `pid` in KiB, `None` once it is gone.
-fn vm_rss_kib(pid: u32) -> Option<u64> {
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU time `pid` has used so far (user plus system, its threads included), `None` once it is
+/// gone. `/proc/PID/stat` counts in clock ticks of 1/100 s (`USER_HZ` on Linux).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after its closing parenthesis are
+    // state (3), ..., utime (14), stime (15).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
 /// A running `lumen` child.
@@ -186,6 +199,10 @@ impl Launcher {
 }
 
 impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// The port of listener `name` from the ready line.
     pub fn port(&self, name: &str) -> anyhow::Result<u16> {
         let addr =
@@ -234,11 +251,12 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// A work directory: `given`, else a fresh one under the system's temporary directory.
-pub fn work_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+/// A work directory: `given`, else a fresh one named after `bench` under the system's
+/// temporary directory.
+pub fn work_dir(given: Option<&Path>, bench: &str) -> anyhow::Result<PathBuf> {
     let dir = match given {
         Some(dir) => dir.to_path_buf(),
-        None => std::env::temp_dir().join(format!("lumen-soak-{}", std::process::id())),
+        None => std::env::temp_dir().join(format!("lumen-{bench}-{}", std::process::id())),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
