@@ -127,24 +127,26 @@ impl Scheduler {
     }
 
     /// The running sequence to preempt so that waiting sequence `id` gets in: the newest one of
-    /// the same or a worse priority class from the tenant furthest over its share, if moving one
-    /// slot from that tenant to `id`'s still leaves `id`'s tenant at or under it per weight.
+    /// the same or a worse priority class from the tenant furthest over its share that has one,
+    /// if moving one slot from that tenant to `id`'s still leaves `id`'s tenant at or under it
+    /// per weight. A tenant furthest over its share whose running sequences are all of a better
+    /// class is passed over for the next one.
     pub(super) fn fairness_victim(&self, id: SeqId, shares: &Shares) -> Option<SeqId> {
         let newcomer = &self.seqs[&id];
         let (n, w) = (shares.count(newcomer.tenant_slot), newcomer.weight());
-        let (tenant, &(vn, vw)) = shares
-            .running
-            .iter()
-            .enumerate()
-            .filter(|(slot, _)| *slot != newcomer.tenant_slot)
-            .max_by(|(_, a), (_, b)| per_weight(**a, **b))?;
-        // After the move, the newcomer's tenant must not be above the victim's.
-        if vn == 0 || per_weight((n + 1, w), (vn - 1, vw)) == Ordering::Greater {
-            return None;
-        }
-        self.running.iter().rev().copied().find(|r| {
-            let s = &self.seqs[r];
-            s.tenant_slot == tenant && s.priority.0 >= newcomer.priority.0
+        let mut tenants: Vec<(usize, (usize, u64))> =
+            shares.running.iter().copied().enumerate().filter(|&(slot, _)| slot != newcomer.tenant_slot).collect();
+        // Furthest over its share first; among equals the later slot, as a maximum search would.
+        tenants.sort_by(|(sa, a), (sb, b)| per_weight(*b, *a).then(sb.cmp(sa)));
+        tenants.into_iter().find_map(|(tenant, (vn, vw))| {
+            // After the move, the newcomer's tenant must not be above the victim's.
+            if vn == 0 || per_weight((n + 1, w), (vn - 1, vw)) == Ordering::Greater {
+                return None;
+            }
+            self.running.iter().rev().copied().find(|r| {
+                let s = &self.seqs[r];
+                s.tenant_slot == tenant && s.priority.0 >= newcomer.priority.0
+            })
         })
     }
 
@@ -239,6 +241,28 @@ mod tests {
         s.remove(7);
         let sched = step(&mut s);
         assert!(sched.seqs.iter().any(|q| q.id == 3 && q.start == 0), "{sched:?}");
+    }
+
+    #[test]
+    fn a_tenant_over_its_share_with_only_better_classes_running_is_passed_over() {
+        let mut s = scheduler(64, 5);
+        // vip runs three sequences of a better class (-1), bulk two of the default class.
+        for id in 1..=3 {
+            let mut q = seq(id, Some("vip"), 1);
+            q.priority.0 = -1;
+            s.add(q);
+        }
+        for id in 4..=5 {
+            s.add(seq(id, Some("bulk"), 1));
+        }
+        step(&mut s);
+        assert_eq!(running_of(&s, &[Some("vip"), Some("bulk")]), vec![3, 2]);
+        // A newcomer of the default class cannot take vip's slots (a better class), but bulk is
+        // over its share too: its newest sequence makes way.
+        s.add(seq(6, Some("new"), 1));
+        let sched = step(&mut s);
+        assert_eq!(sched.preempted, vec![5]);
+        assert_eq!(running_of(&s, &[Some("vip"), Some("bulk"), Some("new")]), vec![3, 1, 1]);
     }
 
     #[test]
