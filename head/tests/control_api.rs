@@ -277,3 +277,33 @@ async fn hostile_serve_configs_are_400_and_the_head_keeps_serving() {
     // Deep YAML nesting used to cost the parser seconds of CPU (quadratic in the depth).
     assert!(started.elapsed() < Duration::from_secs(2), "hostile configs took {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn a_serve_config_whose_applications_cannot_be_saved_changes_neither_them_nor_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(dir.path()).await;
+    let keys = |tenant: &str| json!([{"tenant": tenant, "key": format!("sk-{tenant}-0123456789")}]);
+    let mut first = config(&[app("chat", "chat-model", 1, json!({}), json!({}))]);
+    first["api_keys"] = keys("first");
+    assert_eq!(stack.put(&first).await.0, StatusCode::OK);
+
+    // The state directory can no longer take a serve config (its file is now a directory), but
+    // it can take keys: the next config is refused as a whole.
+    let saved = dir.path().join("serve-config.json");
+    std::fs::remove_file(&saved).unwrap();
+    std::fs::create_dir(&saved).unwrap();
+    let mut second = config(&[app("other", "other-model", 1, json!({}), json!({}))]);
+    second["api_keys"] = keys("second");
+    let (status, body) = stack.put(&second).await;
+    assert!(status.is_server_error(), "{status} {body}");
+
+    let status = stack.status().await;
+    assert!(status["applications"]["chat"].is_object() && status["applications"]["other"].is_null(), "{status}");
+    let listing: Value =
+        stack.http.get(format!("{}/api/lumen/keys", stack.control)).send().await.unwrap().json().await.unwrap();
+    let tenants: Vec<&str> =
+        listing["api_keys"].as_array().unwrap().iter().filter_map(|k| k["tenant"].as_str()).collect();
+    assert_eq!(tenants, ["first"], "{listing}");
+    let persisted = std::fs::read_to_string(dir.path().join("api-keys.json")).unwrap();
+    assert!(persisted.contains("\"first\"") && !persisted.contains("\"second\""), "{persisted}");
+}

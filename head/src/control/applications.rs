@@ -213,8 +213,13 @@ impl Applications {
     /// directory. Refused, changing nothing, as [`crate::api::edge::keys::Keys::replace`]
     /// refuses; a table the directory cannot take is not applied either.
     pub fn replace_keys(&self, named: Vec<KeyEntry>) -> Result<(), ApplyError> {
-        let keys = self.inner.api.keys();
         let _applying = self.lock();
+        self.replace_keys_locked(named)
+    }
+
+    /// [`Self::replace_keys`], the caller holding the lock.
+    fn replace_keys_locked(&self, named: Vec<KeyEntry>) -> Result<(), ApplyError> {
+        let keys = self.inner.api.keys();
         let before = keys.named_document();
         keys.replace(named)?;
         if let Some(store) = &self.inner.store
@@ -229,7 +234,30 @@ impl Applications {
 
     /// Applies `document` (declarative: applications absent from it are removed) and persists it.
     pub fn apply(&self, document: ServeDocument) -> Result<(), ApplyError> {
+        self.apply_locked(&mut self.lock(), document)
+    }
+
+    /// Applies `document` and, when a serve config carries an `api_keys:` section, replaces the
+    /// named API keys with `named`, as one change: the keys are replaced (and persisted) first
+    /// and put back when the document is then refused or cannot be persisted, so a refusal of
+    /// either changes neither.
+    pub fn apply_with_keys(&self, document: ServeDocument, named: Option<Vec<KeyEntry>>) -> Result<(), ApplyError> {
         let mut applied = self.lock();
+        let Some(named) = named else { return self.apply_locked(&mut applied, document) };
+        let before = self.inner.api.keys().named_document();
+        self.replace_keys_locked(named)?;
+        if let Err(refused) = self.apply_locked(&mut applied, document) {
+            let previous = keys::parse(&before).expect("the table in force reads back");
+            if let Err(e) = self.replace_keys_locked(previous) {
+                tracing::error!(error = %e, "the serve config was refused and the API keys it replaced could not be put back");
+            }
+            return Err(refused);
+        }
+        Ok(())
+    }
+
+    /// [`Self::apply`], the caller holding the lock.
+    fn apply_locked(&self, applied: &mut MutexGuard<'_, Applied>, document: ServeDocument) -> Result<(), ApplyError> {
         let now = crate::clock::since_epoch().as_secs_f64();
         // An application given exactly as before keeps its deploy time, as Ray's does.
         let applications_deployed_time_s = document
@@ -249,8 +277,8 @@ impl Applications {
         if let Some(store) = &self.inner.store {
             store.save_serve_config(&next.stored())?;
         }
-        if let Err(refused) = self.install(&mut applied, &next.document.plans) {
-            self.roll_back_store(&applied);
+        if let Err(refused) = self.install(applied, &next.document.plans) {
+            self.roll_back_store(applied);
             return Err(refused.into());
         }
         applied.current = Some(next);

@@ -5,9 +5,9 @@
 //! config is refused. A refused config changes nothing: it is checked whole before it is applied.
 //!
 //! A serve config may carry Lumen's `api_keys:` section ([`crate::api::edge::keys`]): checked with
-//! the rest of the document (a refusal changes neither), it replaces the named API keys once the
-//! applications are applied, and it is not persisted with them; a config without the section
-//! leaves the keys as they are.
+//! the rest of the document, it replaces the named API keys together with the applications (one
+//! change: a refusal or a failure to persist either changes neither), and it is not persisted
+//! with them; a config without the section leaves the keys as they are.
 //!
 //! `PUT` and `DELETE` change what the cluster serves: with an admin token configured they answer
 //! 401 (`{"error": ...}`, `WWW-Authenticate: Bearer`) unless the request carries
@@ -54,7 +54,7 @@ pub async fn put_applications(
 ) -> Result<StatusCode, ControlError> {
     authorize(&state, &headers)?;
     let mut value = read_document("serve config", &headers, body)?;
-    // Lumen's `api_keys:` section: checked with the rest, applied after it, persisted on its own
+    // Lumen's `api_keys:` section: checked with the rest, applied with it, persisted on its own
     // (`api-keys.json`, never with the serve config).
     let named = keys::take_section(&mut value)?;
     if let Some(named) = &named {
@@ -62,13 +62,11 @@ pub async fn put_applications(
     }
     let document = ServeDocument::from_value(value).map_err(ApplyError::from)?;
     let names: Vec<String> = document.config().applications.iter().map(|a| a.name.clone()).collect();
+    let tenants: Option<Vec<String>> = named.as_ref().map(|n| n.iter().map(|k| k.tenant.to_string()).collect());
     let applications = state.applications.clone();
-    run_blocking(move || applications.apply(document)).await?;
+    run_blocking(move || applications.apply_with_keys(document, named)).await?;
     tracing::info!(applications = ?names, "serve config applied");
-    if let Some(named) = named {
-        let tenants: Vec<String> = named.iter().map(|k| k.tenant.to_string()).collect();
-        let applications = state.applications.clone();
-        run_blocking(move || applications.replace_keys(named)).await?;
+    if let Some(tenants) = tenants {
         tracing::info!(?tenants, "API keys replaced");
     }
     Ok(StatusCode::OK)
