@@ -223,6 +223,13 @@ impl Pump {
                 frame = frames.next() => frame,
             };
             let Some(frame) = frame else { return };
+            // The outbox has room nearly always: only a full one arms the send timeout (a timer
+            // per streamed chunk was a measurable share of the head's CPU).
+            let frame = match self.tx.try_send(frame) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(frame)) => frame,
+            };
             match tokio::time::timeout(self.send_timeout, self.tx.send(frame)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return,
