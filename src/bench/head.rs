@@ -12,7 +12,8 @@
 //!   heartbeats and the control loop cost it.
 //! - Load: per mode (`--modes`: `stream`, `plain`), each rate of `--rates` (requests/s, open-loop
 //!   Poisson) for `--duration-s` ([`load`]); a mode stops raising its rate after the first step
-//!   that does not keep up (completed below 95% of offered, or any failure).
+//!   that does not keep up (a failure, or fewer completions per second, tail included, than 95%
+//!   of the requests it sent per second of the step).
 //! - Every step reports the sustained rate, tokens/s through the head, the head-added latency
 //!   (p50/p99/p99.9/max, from the workers' stamps), time to first token, the CPU cores the head,
 //!   the simulated workers and this process (the load generator) used, the head's RSS, and the
@@ -183,7 +184,7 @@ async fn run_cluster(
             let measured = window.close(client, &api).await?;
             let step = StepReport::new(mode, rate, result, &measured);
             eprintln!("  {}", step.line());
-            let kept_up = step.failed == 0 && step.achieved_rps >= KEEP_UP * rate;
+            let kept_up = step.kept_up();
             steps.push(step);
             if !kept_up {
                 break;

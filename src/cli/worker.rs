@@ -102,7 +102,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     for i in 0..count {
         let (worker_id, port) = match count {
             1 => (id.clone(), args.port),
-            _ => (format!("{id}-{i}"), if args.port == 0 { 0 } else { args.port + i as u16 }),
+            _ => (format!("{id}-{i}"), if args.port == 0 { 0 } else { simulated_port(args.port, i)? }),
         };
         let setup = WorkerSetup {
             bind: SocketAddr::new(args.host, port),
@@ -153,9 +153,10 @@ fn simulation(args: &WorkerArgs) -> anyhow::Result<Option<(SimulatedEngine, SimT
         }
         return Ok(None);
     };
-    if !(step_ms.is_finite() && step_ms > 0.0) {
+    let step = Duration::try_from_secs_f64(step_ms / 1e3).ok().filter(|s| !s.is_zero());
+    let Some(step) = step else {
         anyhow::bail!("--simulate takes a step time in milliseconds above 0, got {step_ms}");
-    }
+    };
     if args.simulated_workers == 0 || args.simulated_workers > MAX_SIMULATED_WORKERS {
         anyhow::bail!(
             "--simulated-workers must be between 1 and {MAX_SIMULATED_WORKERS}, got {}",
@@ -165,8 +166,18 @@ fn simulation(args: &WorkerArgs) -> anyhow::Result<Option<(SimulatedEngine, SimT
     if args.simulated_workers > 1 && args.advertise_address.is_some() {
         anyhow::bail!("--advertise-address names one worker; with --simulated-workers each advertises its own port");
     }
-    let engine = SimulatedEngine { step: Duration::from_secs_f64(step_ms / 1e3), ..SimulatedEngine::default() };
+    if args.port != 0 {
+        simulated_port(args.port, args.simulated_workers - 1)?;
+    }
+    let engine = SimulatedEngine { step, ..SimulatedEngine::default() };
     Ok(Some((engine, SimTokenizers::default())))
+}
+
+/// The gRPC port of simulated worker `i` when the first takes `first`.
+fn simulated_port(first: u16, i: usize) -> anyhow::Result<u16> {
+    u16::try_from(i).ok().and_then(|i| first.checked_add(i)).ok_or_else(|| {
+        anyhow::anyhow!("--port {first} leaves no port for simulated worker {i}: give --port 0 or a lower one")
+    })
 }
 
 /// Drains one node: tells the head, waits for its acknowledgement (bounded), lets every replica

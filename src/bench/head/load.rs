@@ -47,6 +47,8 @@ pub struct StepResult {
     pub first_failure: Option<String>,
     /// From the first send to the last completion.
     pub elapsed: Duration,
+    /// The step's sending window (`StepSpec::duration`).
+    pub duration: Duration,
     /// Stamped tokens received.
     pub tokens: usize,
     /// Head-added latency samples, microseconds.
@@ -123,6 +125,7 @@ pub async fn run(client: &reqwest::Client, spec: &StepSpec) -> StepResult {
     }
     result.sent = sent;
     result.elapsed = elapsed;
+    result.duration = spec.duration;
     result
 }
 

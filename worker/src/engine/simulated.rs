@@ -40,7 +40,7 @@ use crate::{Result, WorkerError};
 pub struct SimulatedEngine {
     /// Time of one decode step (every running choice gets a token per step).
     pub step: Duration,
-    /// Requests running at once; the rest wait.
+    /// Requests running at once when the replica's options do not say (they do: `max_num_seqs`).
     pub max_num_seqs: usize,
     /// KV blocks reported in total, and tokens per block.
     pub kv_blocks: usize,
@@ -75,9 +75,9 @@ struct SimRequest {
     id: String,
     tx: mpsc::UnboundedSender<EngineEvent>,
     prompt_len: usize,
-    n: usize,
+    /// Tokens each choice has (a continuation's output counts), and whether it is done.
+    choices: Vec<(usize, bool)>,
     max_tokens: usize,
-    generated: usize,
     arrival: Instant,
     scheduled: Option<Instant>,
     first_token: Option<Instant>,
@@ -123,21 +123,21 @@ impl SimCore {
         let histograms = &mut self.stats.histograms;
         let mut finished = Vec::new();
         for (i, req) in self.running.iter_mut().enumerate() {
-            req.generated += 1;
-            let last = req.generated >= req.max_tokens;
             let mut alive = true;
-            for index in 0..req.n {
+            for (index, (produced, done)) in req.choices.iter_mut().enumerate().filter(|(_, (_, done))| !*done) {
+                *produced += 1;
+                *done = *produced >= req.max_tokens;
                 let delta = ChoiceDelta {
                     index,
                     text: text.clone(),
-                    token_ids: vec![(req.generated % 1000) as u32],
+                    token_ids: vec![(*produced % 1000) as u32],
                     logprobs: Vec::new(),
-                    finish_reason: last.then_some(FinishReason::Length),
+                    finish_reason: done.then_some(FinishReason::Length),
                     stop_reason: None,
                 };
                 alive &= req.tx.send(EngineEvent::Delta(delta)).is_ok();
+                tokens += 1;
             }
-            tokens += req.n as u64;
             match req.last_token {
                 None => histograms.time_to_first_token.observe_duration(now.saturating_duration_since(req.arrival)),
                 Some(previous) => {
@@ -146,15 +146,17 @@ impl SimCore {
             }
             req.first_token.get_or_insert(now);
             req.last_token = Some(now);
-            if last || !alive {
-                finished.push(i);
+            if !alive {
+                finished.push((i, FinishReason::Abort));
+            } else if req.choices.iter().all(|&(_, done)| done) {
+                finished.push((i, FinishReason::Length));
             }
         }
         self.stats.generation_tokens_total += tokens;
         self.generation_rate.add(now, tokens);
-        for i in finished.into_iter().rev() {
+        for (i, reason) in finished.into_iter().rev() {
             let req = self.running.swap_remove(i);
-            self.finish(req, now, FinishReason::Length);
+            self.finish(req, now, reason);
         }
         self.stats.steps_total += 1;
         self.refresh(now);
@@ -169,12 +171,12 @@ impl SimCore {
         h.e2e_latency.observe_duration(total);
         h.queue_time.observe_duration(queue);
         h.prompt_tokens.observe(req.prompt_len as f64);
-        h.generation_tokens.observe((req.generated * req.n) as f64);
+        let completion_tokens: usize = req.choices.iter().map(|&(produced, _)| produced).sum();
+        h.generation_tokens.observe(completion_tokens as f64);
         match reason {
             FinishReason::Length => {
                 self.stats.requests_finished_length += 1;
-                let usage =
-                    Usage { prompt_tokens: req.prompt_len, completion_tokens: req.generated * req.n, cached_tokens: 0 };
+                let usage = Usage { prompt_tokens: req.prompt_len, completion_tokens, cached_tokens: 0 };
                 let first_token = req.first_token.map(|t| t.saturating_duration_since(req.arrival));
                 let timings = RequestTimings { queue, first_token, total };
                 let _ = req.tx.send(EngineEvent::Finished { usage, timings });
@@ -187,7 +189,11 @@ impl SimCore {
     /// Recomputes the load figures of the statistics.
     fn refresh(&mut self, now: Instant) {
         let block = self.spec.block_size.max(1);
-        let used: usize = self.running.iter().map(|r| (r.prompt_len + r.generated * r.n).div_ceil(block)).sum();
+        let used: usize = self
+            .running
+            .iter()
+            .map(|r| r.choices.iter().map(|&(produced, _)| (r.prompt_len + produced).div_ceil(block)).sum::<usize>())
+            .sum();
         self.stats.running = self.running.len();
         self.stats.waiting = self.waiting.len();
         self.stats.kv_blocks_used = used.min(self.stats.kv_blocks_total);
@@ -287,10 +293,10 @@ fn submit(me: &ActorRef<EngineMessage>, state: &SimState, req: EngineRequest) ->
         id: req.id.clone(),
         tx,
         prompt_len: req.prompt_token_ids.len(),
-        n: req.n,
+        // A continuation (a request moved off a failed replica) goes on from each choice's output
+        // so far; its finished choices stay finished.
+        choices: (0..req.n).map(|i| req.resumed.get(i).map_or((0, false), |c| (c.output.len(), c.finished))).collect(),
         max_tokens: req.stop.max_tokens.max(1),
-        // A continuation (a request moved off a failed replica) goes on from its output so far.
-        generated: req.resumed.iter().map(|c| c.output.len()).min().unwrap_or(0),
         arrival: req.arrival,
         scheduled: None,
         first_token: None,
@@ -303,6 +309,9 @@ fn submit(me: &ActorRef<EngineMessage>, state: &SimState, req: EngineRequest) ->
         }
         core.waiting.push_back(sim);
         core.stats.waiting = core.waiting.len();
+        // Fresh statistics with the new work, as the real engine publishes when it wakes: a
+        // snapshot left from an idle spell would read as a stall to a health check.
+        core.stats.taken_at = Some(Instant::now());
     }
     state.shared.work.notify_one();
     Ok(RequestStream::new(req.id, rx, me.clone()))
@@ -363,7 +372,7 @@ impl SimulatedEngine {
     ) -> Result<(EngineHandle, JoinHandle<()>)> {
         let mut spec = self.clone();
         spec.max_model_len = opts.max_model_len.unwrap_or(spec.max_model_len);
-        spec.max_num_seqs = opts.max_num_seqs.min(spec.max_num_seqs).max(1);
+        spec.max_num_seqs = opts.max_num_seqs.max(1);
         spec.block_size = opts.block_size.max(1);
         let limits = EngineLimits {
             vocab_size: tokenizer.vocab_size(),

@@ -94,3 +94,20 @@ async fn bad_requests_get_the_real_engines_errors_and_a_stop_ends_streams() {
     let (_, end) = drain(stream).await;
     assert!(matches!(end, EngineEvent::Failed(ref m) if m.contains("stopped")), "{end:?}");
 }
+
+#[tokio::test]
+async fn a_continuation_goes_on_from_each_choices_output_and_leaves_finished_ones_alone() {
+    let engine = start(8, 2).await;
+    let mut req = request("moved", 5);
+    req.n = 2;
+    req.resumed = vec![
+        crate::engine::request::ResumedChoice { index: 0, output: vec![11, 12, 13], finished: true },
+        crate::engine::request::ResumedChoice { index: 1, output: vec![21, 22], finished: false },
+    ];
+    let (deltas, end) = drain(engine.generate(req).await.expect("queued")).await;
+    assert!(deltas.iter().all(|d| d.index == 1), "the finished choice gets nothing more: {deltas:?}");
+    assert_eq!(deltas.len(), 3, "choice 1 goes from 2 tokens to max_tokens 5");
+    assert_eq!(deltas.iter().filter(|d| d.finish_reason == Some(FinishReason::Length)).count(), 1);
+    let EngineEvent::Finished { usage, .. } = end else { panic!("ended with {end:?}") };
+    assert_eq!(usage.completion_tokens, 3 + 5);
+}
