@@ -202,6 +202,10 @@ mod tests {
         let collector = ClusterMetrics::new(Cluster::new(Default::default())).expect("descriptors");
         registry.register(Box::new(collector)).expect("registers");
         let names: Vec<String> = registry.gather().iter().map(|f| f.name().to_string()).collect();
-        assert_eq!(names, vec![CLUSTER_WORKERS.to_string()], "an empty cluster has only its worker counts");
+        assert_eq!(
+            names,
+            [CLUSTER_WORKERS, "lumen_head_heartbeat_duration_seconds", "lumen_head_reconcile_duration_seconds"],
+            "an empty cluster has only its worker counts and the head's loop timings"
+        );
     }
 }
