@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use lumen_worker::engine::simulated::stamps;
 
+use crate::bench::sse::{SseDecoder, clip};
 use crate::bench::workload::{Arrivals, token_prompts};
 
 /// How long requests still in flight when a step ends may take to finish.
@@ -142,26 +143,22 @@ async fn one(client: &reqwest::Client, url: &str, body: Arc<str>, spec: &StepSpe
     let status = response.status();
     if !status.is_success() {
         let text = response.text().await.unwrap_or_default();
-        return Err(format!("HTTP {status}: {}", crate::bench::sse::clip(&text, 200)));
+        return Err(format!("HTTP {status}: {}", clip(&text, 200)));
     }
     let mut outcome = Outcome { added_us: Vec::new(), tokens: 0, ttft: Duration::ZERO, e2e: Duration::ZERO };
     if spec.stream {
         let mut bytes = response.bytes_stream();
-        let (mut pending, mut done) = (Vec::new(), false);
+        let (mut decoder, mut done) = (SseDecoder::default(), false);
         while let Some(piece) = bytes.next().await {
             let piece = piece.map_err(|e| format!("reading the stream: {e}"))?;
             let now = unix_us();
-            pending.extend_from_slice(&piece);
-            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=end).collect();
-                let line = String::from_utf8_lossy(&line);
-                let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
+            for data in decoder.push(&piece) {
                 if data == "[DONE]" {
                     done = true;
                 } else if data.contains("\"error\"") {
-                    return Err(format!("error in the stream: {}", crate::bench::sse::clip(data, 200)));
+                    return Err(format!("error in the stream: {}", clip(&data, 200)));
                 }
-                for stamp in stamps(data) {
+                for stamp in stamps(&data) {
                     if outcome.tokens == 0 {
                         outcome.ttft = sent.elapsed();
                     }

@@ -35,29 +35,32 @@ use crate::grammar::{GrammarCompiler, GrammarLimits};
 use crate::tokenizer::Tokenizer;
 use crate::{Result, WorkerError};
 
-/// How a simulated replica behaves.
+/// How a simulated replica behaves beyond what its engine options say (`max_num_seqs`,
+/// `block_size`, `max_model_len` and the scheduling policy come from them).
 #[derive(Clone, Debug)]
 pub struct SimulatedEngine {
     /// Time of one decode step (every running choice gets a token per step).
     pub step: Duration,
-    /// Requests running at once when the replica's options do not say (they do: `max_num_seqs`).
-    pub max_num_seqs: usize,
-    /// KV blocks reported in total, and tokens per block.
+    /// KV blocks reported in total.
     pub kv_blocks: usize,
-    pub block_size: usize,
+    /// The context length when the options give none.
     pub max_model_len: usize,
 }
 
 impl Default for SimulatedEngine {
     fn default() -> SimulatedEngine {
-        SimulatedEngine {
-            step: Duration::from_millis(5),
-            max_num_seqs: 256,
-            kv_blocks: 65_536,
-            block_size: 16,
-            max_model_len: 4096,
-        }
+        SimulatedEngine { step: Duration::from_millis(5), kv_blocks: 65_536, max_model_len: 4096 }
     }
+}
+
+/// One replica's settings: the engine's, resolved against its options.
+#[derive(Clone, Debug)]
+struct SimSpec {
+    step: Duration,
+    kv_blocks: usize,
+    block_size: usize,
+    max_num_seqs: usize,
+    max_model_len: usize,
 }
 
 /// `<t1733563000123456>`: `at` as microseconds since the Unix epoch.
@@ -86,7 +89,7 @@ struct SimRequest {
 
 /// What the actor and the stepping task share.
 struct SimCore {
-    spec: SimulatedEngine,
+    spec: SimSpec,
     running: Vec<SimRequest>,
     waiting: VecDeque<SimRequest>,
     stats: EngineStats,
@@ -223,7 +226,7 @@ struct SimState {
 }
 
 struct SimArgs {
-    spec: SimulatedEngine,
+    spec: SimSpec,
     limits: EngineLimits,
 }
 
@@ -370,10 +373,13 @@ impl SimulatedEngine {
         tokenizer: Tokenizer,
         name: &str,
     ) -> Result<(EngineHandle, JoinHandle<()>)> {
-        let mut spec = self.clone();
-        spec.max_model_len = opts.max_model_len.unwrap_or(spec.max_model_len);
-        spec.max_num_seqs = opts.max_num_seqs.max(1);
-        spec.block_size = opts.block_size.max(1);
+        let spec = SimSpec {
+            step: self.step,
+            kv_blocks: self.kv_blocks,
+            block_size: opts.block_size.max(1),
+            max_num_seqs: opts.max_num_seqs.max(1),
+            max_model_len: opts.max_model_len.unwrap_or(self.max_model_len),
+        };
         let limits = EngineLimits {
             vocab_size: tokenizer.vocab_size(),
             max_model_len: spec.max_model_len,
