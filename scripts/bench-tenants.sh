@@ -8,13 +8,15 @@
 # sequence slots; the rest wait in its scheduler) MAX_ONGOING (empty: the head forwards every
 # request; a number caps the model's requests in flight at the head, where the rest then wait
 # in its queue) HEAVY_RATE (8) LIGHT_RATE (0.8) HEAVY_WEIGHT (1) LIGHT_WEIGHT (1) NUM_PROMPTS (330)
-# INPUT_LEN (32) OUTPUT_LEN (64) OUT (.cache/bench/tenants) LUMEN_BIN (target/release/lumen).
+# INPUT_LEN (32) OUTPUT_LEN (64) OUT (.cache/bench/tenants) LUMEN_BIN (target/release/lumen)
+# POLICIES ("fair fcfs": the loaded runs to make).
 # Three runs, each against a fresh server with the keys `heavy` and `light` (their weights):
 # (1) idle: the light tenant alone (its share of NUM_PROMPTS, at LIGHT_RATE);
 # (2) fair: both tenants, `--queue-policy fair` (the default: the head's queue, and the worker's
 #     scheduler through the tenant each request carries, share across tenants);
 # (3) fcfs: both tenants, `--queue-policy fcfs` (arrival order everywhere, tenants ignored).
-# Each run writes the JSON of `lumen bench serve` to OUT/{idle,fair,fcfs}.json and prints its table.
+# Each run writes the JSON of `lumen bench serve` (with every request: --save-detailed) to
+# OUT/{idle,fair,fcfs}.json and prints its table.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,6 +34,7 @@ INPUT_LEN="${INPUT_LEN:-32}"
 OUTPUT_LEN="${OUTPUT_LEN:-64}"
 OUT="${OUT:-.cache/bench/tenants}"
 LUMEN_BIN="${LUMEN_BIN:-target/release/lumen}"
+POLICIES="${POLICIES:-fair fcfs}"
 mkdir -p "$OUT"
 
 KEYS="$OUT/keys.yaml"
@@ -73,14 +76,14 @@ bench() { # NAME NUM_PROMPTS TENANT...
   echo "=== $name ==="
   "$LUMEN_BIN" bench serve --base-url "http://127.0.0.1:$PORT" --input-len "$INPUT_LEN" \
     --output-len "$OUTPUT_LEN" --num-prompts "$n" --seed 1 --warmup 1 "$@" --engine-label "$name" \
-    --json "$OUT/$name.json"
+    --save-detailed --json "$OUT/$name.json"
 }
 
 LIGHT_ALONE=$(python3 -c "print(max(1, round($NUM_PROMPTS * $LIGHT_RATE / ($HEAVY_RATE + $LIGHT_RATE))))")
 start_server fair
 bench idle "$LIGHT_ALONE" --tenant "light:sk-bench-light:$LIGHT_RATE"
 stop_server
-for policy in fair fcfs; do
+for policy in $POLICIES; do
   start_server "$policy"
   bench "$policy" "$NUM_PROMPTS" --tenant "heavy:sk-bench-heavy:$HEAVY_RATE" --tenant "light:sk-bench-light:$LIGHT_RATE"
   stop_server

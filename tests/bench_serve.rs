@@ -339,3 +339,34 @@ async fn a_run_without_tenants_keeps_its_json_shape() {
     let twice = ["--num-prompts", "4", "--tenant", "a:k1:1", "--tenant", "a:k2:1"];
     assert!(serve::run(args(&base, &twice)).await.unwrap_err().to_string().contains("twice"));
 }
+
+#[tokio::test]
+async fn save_detailed_keeps_every_request_with_its_tenant_timings_or_error() {
+    let script = Script { gap: Duration::from_millis(5), usage: true, fail: vec![3], ..Default::default() };
+    let (base, _fake) = start(script).await;
+    let flags = ["--output-len", "4", "--num-prompts", "11", "--tenant", "heavy:k1:200", "--tenant", "light:k2:20"];
+    let plain = serve::run(args(&base, &flags)).await.unwrap();
+    assert!(serde_json::to_value(&plain).unwrap().get("requests").is_none(), "only with --save-detailed");
+
+    let (base, _fake) =
+        start(Script { gap: Duration::from_millis(5), usage: true, fail: vec![3], ..Default::default() }).await;
+    let detailed = [&flags[..], &["--save-detailed"]].concat();
+    let report = serve::run(args(&base, &detailed)).await.unwrap();
+    let requests = report.requests.as_ref().expect("--save-detailed keeps the requests");
+    assert_eq!(requests.len(), 11, "every planned request, the failed one too");
+    let failed: Vec<_> = requests.iter().filter(|r| r.error.is_some()).collect();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0].error.as_deref().unwrap().contains("HTTP 503"), "{:?}", failed[0]);
+    let by = |name: &str| requests.iter().filter(|r| r.tenant.as_deref() == Some(name)).count();
+    assert_eq!((by("heavy"), by("light")), (10, 1));
+    for r in requests.iter().filter(|r| r.error.is_none()) {
+        assert_eq!(r.output_tokens, 4);
+        assert_eq!(r.itl_ms.len(), 3, "a gap between each two of the four chunks: {r:?}");
+        assert!(r.itl_ms.iter().all(|&g| g >= 0.0) && r.ttft_ms > 0.0 && r.ttft_ms <= r.e2e_ms, "{r:?}");
+    }
+    // The planned order: send times never go back.
+    let starts: Vec<f64> = requests.iter().filter(|r| r.error.is_none()).map(|r| r.start_ms).collect();
+    assert!(starts.windows(2).all(|w| w[0] <= w[1] + 5.0), "{starts:?}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["requests"].as_array().unwrap().len(), 11);
+}

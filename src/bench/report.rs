@@ -78,6 +78,55 @@ pub struct Report {
     /// Each tenant's figures (`--tenant`); absent without tenants.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tenants: Vec<super::tenants::TenantReport>,
+    /// Every request on its own (`--save-detailed`), in the order they were planned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests: Option<Vec<RequestDetail>>,
+}
+
+/// One request of a run as `--save-detailed` keeps it (vLLM's per-request lists, one object per
+/// request): failed requests carry their error and no timings.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RequestDetail {
+    /// When it was sent, from the start of the run (ms).
+    pub start_ms: f64,
+    /// The tenant that sent it (`--tenant`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub output_tokens: usize,
+    pub ttft_ms: f64,
+    pub e2e_ms: f64,
+    /// Gaps between consecutive output tokens (ms).
+    pub itl_ms: Vec<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RequestDetail {
+    /// The detail of a completed request.
+    pub fn of(record: &RequestRecord, tenant: Option<String>) -> RequestDetail {
+        RequestDetail {
+            start_ms: ms(record.start),
+            tenant,
+            output_tokens: record.output_tokens,
+            ttft_ms: ms(record.ttft),
+            e2e_ms: ms(record.e2e),
+            itl_ms: record.itl.iter().map(|d| ms(*d)).collect(),
+            error: None,
+        }
+    }
+
+    /// The detail of a request that failed.
+    pub fn failed(error: String, tenant: Option<String>) -> RequestDetail {
+        RequestDetail {
+            start_ms: 0.0,
+            tenant,
+            output_tokens: 0,
+            ttft_ms: 0.0,
+            e2e_ms: 0.0,
+            itl_ms: Vec::new(),
+            error: Some(error),
+        }
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -125,6 +174,7 @@ impl Report {
             structured_fraction: 0.0,
             mask_ms: None,
             tenants: Vec::new(),
+            requests: None,
         }
     }
 

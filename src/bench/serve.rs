@@ -29,7 +29,7 @@ use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 
-use super::report::{Report, RequestRecord};
+use super::report::{Report, RequestDetail, RequestRecord};
 use super::sse::{SseDecoder, StreamTally, clip};
 use super::structured;
 use super::tenants::{self, TenantSpec};
@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// --request-rate is not used, and the report adds each tenant's TTFT and throughput share.
     #[arg(long = "tenant", value_name = "NAME:KEY:RATE", value_parser = tenants::parse_tenant)]
     pub tenants: Vec<TenantSpec>,
+    /// Also keep every request in the JSON report (`requests`: send time, tenant, TTFT, end to
+    /// end, each inter-token gap, or the error), as vLLM's `--save-detailed` does.
+    #[arg(long)]
+    pub save_detailed: bool,
 }
 
 fn parse_token_range(s: &str) -> Result<Range<u32>, String> {
@@ -366,6 +370,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
     let senders: Vec<Option<usize>> = plan.iter().map(|p| p.tenant).collect();
     let (outcomes, duration) = dispatch(&target, plan, &args.tenants, args.load.input_len, limit).await?;
     let by_tenant = tenant_reports(&args.tenants, &senders, &outcomes, duration);
+    let details = args.save_detailed.then(|| {
+        let name = |t: &Option<usize>| t.map(|t| args.tenants[t].name.clone());
+        senders
+            .iter()
+            .zip(&outcomes)
+            .map(|(t, outcome)| match outcome {
+                Ok(record) => RequestDetail::of(record, name(t)),
+                Err(e) => RequestDetail::failed(e.to_string(), name(t)),
+            })
+            .collect()
+    });
     let (records, failures): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
     let records: Vec<RequestRecord> = records.into_iter().flatten().collect();
     let failures: Vec<String> = failures.into_iter().filter_map(Result::err).map(|e| e.to_string()).collect();
@@ -377,6 +392,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
     report.request_rate = args.request_rate.is_finite().then_some(args.request_rate);
     report.structured_fraction = fraction;
     report.tenants = by_tenant;
+    report.requests = details;
     if !args.tenants.is_empty() {
         report.request_rate = Some(args.tenants.iter().map(|t| t.rate).sum());
     }
