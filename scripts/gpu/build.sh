@@ -5,6 +5,8 @@
 #   gpu-pack/worker-tests.xz                the worker's unit tests (the GPU tests among them)
 #   gpu-pack/linear-bench.xz                scripts/gpu/linear_bench.cu (our GEMV against cuBLAS
 #                                           at 1-64 token rows)
+#   gpu-pack/attention-bench.xz             scripts/gpu/attention_bench.cu (the decode attention
+#                                           kernel's variants against the memory's read rate)
 #   gpu-pack/llama3.1-tokenizer.tar.xz      for the Llama-3.1-8B-shaped benchmark
 #   gpu-smol1/smollm2.part1, gpu-smol/smollm2.part2
 #                                           SmolLM2-135M's GGUF for the greedy check, split in two
@@ -33,9 +35,11 @@ for line in sys.stdin:
 mkdir -p gpu-pack gpu-smol
 nice -n 15 nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o gpu-pack/linear-bench \
     scripts/gpu/linear_bench.cu -L"$CUDA_ROOT/lib64" -lcublas
+nice -n 15 nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o gpu-pack/attention-bench \
+    scripts/gpu/attention_bench.cu -L"$CUDA_ROOT/lib64"
 strip -o gpu-pack/lumen "$CARGO_TARGET_DIR/release/lumen"
 strip -o gpu-pack/worker-tests "$tests"
-xz -T2 -6 -f gpu-pack/lumen gpu-pack/worker-tests gpu-pack/linear-bench
+xz -T2 -6 -f gpu-pack/lumen gpu-pack/worker-tests gpu-pack/linear-bench gpu-pack/attention-bench
 tar -C models -cJf gpu-pack/llama3.1-tokenizer.tar.xz llama3.1-tokenizer
 # The binaries (~30 MiB) travel alone; the ~95 MiB GGUF in two parts of ~46 MiB, each call
 # under 64 MiB with the checkout.

@@ -7,7 +7,8 @@
 # own greedy tokens and log-probabilities (`hf-parity`); prints a table last.
 #
 #   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention]
-#                                     [attention] [serve] [hf-parity] [ptx] [a10g-plan] [structured]
+#                                     [attention] [decode-attention] [serve] [hf-parity] [ptx]
+#                                     [a10g-plan] [structured]
 #                                                                        (default: tests bench parity)
 #
 # carry: gpu-pack (binaries, tokenizer). The GGUF comes in two more calls carrying gpu-smol1
@@ -50,6 +51,8 @@ row() { table+=("$(printf '%-44s %s' "$1" "$2")"); }
 [ -f gpu-pack/worker-tests.xz ] && xz -dc gpu-pack/worker-tests.xz > "$work/worker-tests" && chmod +x "$work/worker-tests"
 [ -f gpu-pack/linear-bench.xz ] && xz -dc gpu-pack/linear-bench.xz > "$work/linear-bench" &&
     chmod +x "$work/linear-bench"
+[ -f gpu-pack/attention-bench.xz ] && xz -dc gpu-pack/attention-bench.xz > "$work/attention-bench" &&
+    chmod +x "$work/attention-bench"
 [ -f gpu-pack/llama3.1-tokenizer.tar.xz ] && tar -C "$work" -xJf gpu-pack/llama3.1-tokenizer.tar.xz
 for part in gpu-smol1/smollm2.part1 gpu-smol/smollm2.part2; do
     [ -f "$part" ] && cp "$part" "$work/"
@@ -89,6 +92,34 @@ if [[ " $steps " == *" tests "* ]]; then
     "$work/worker-tests" --test-threads=1 kernels::cuda model::llama_cuda::memory sampling:: \
         model::llama_cuda::tests::a_replayed_decode_step 2>&1 | tee "$out/kernel-tests.log"
     row "GPU kernel tests (vs CPU references)" "$(grep -E '^test result' "$out/kernel-tests.log" | tail -1)"
+fi
+
+if [[ " $steps " == *" decode-attention "* ]]; then
+    # The decode attention kernel's copy schemes (LUMEN_CUDA_DECODE_ATTENTION: block, the
+    # default; l2; warp): the kernel alone against the read rate at issue 22's shapes
+    # (attention-bench), the attention kernel tests and the graph replay test under each, and
+    # offline decode at 32 and 256 streams (512 in / 256 out) with per-operation GPU times.
+    "$work/attention-bench" --json "$out/attention-bench.json" 2>&1 | tee "$out/attention-bench.txt"
+    for v in l2 warp; do
+        LUMEN_CUDA_DECODE_ATTENTION=$v "$work/worker-tests" --test-threads=1 attention \
+            model::llama_cuda::tests::a_replayed_decode_step > "$out/decode-tests-$v.log" 2>&1
+        row "attention tests, $v" "$(grep -E '^test result' "$out/decode-tests-$v.log" | tail -1)"
+    done
+    dec() {  # name, env, concurrency
+        env $2 "$work/lumen" bench offline --model "$model" --load-format dummy --device cuda --max-model-len 4096 \
+            --input-len 512 --output-len 256 --num-prompts $((2 * $3)) --concurrency $3 --max-num-seqs 256 \
+            --max-num-batched-tokens 8192 --json "$out/$1.json" > "$out/$1.txt" 2> "$out/$1.ansi.log"
+        sed 's/\x1b\[[0-9;]*m//g' "$out/$1.ansi.log" > "$out/$1.log" && rm "$out/$1.ansi.log"
+        python3 -c "import json; print(round(json.load(open('$out/$1.json'))['output_tokens_per_s']))" 2>/dev/null || echo failed
+    }
+    for v in block l2 warp; do
+        e="LUMEN_CUDA_DECODE_ATTENTION=$v"
+        t32=$(dec "decode-$v-c32" "$e" 32)
+        t256=$(dec "decode-$v-c256" "$e" 256)
+        dec "decode-$v-c256-ops" "$e LUMEN_CUDA_OP_TIMING=1" 256 > /dev/null
+        attn=$(grep -h 'decode step timing' "$out/decode-$v-c256-ops.log" | tail -1 | grep -oE 'attention=[0-9.]+')
+        row "offline decode attention $v" "c=32 $t32 tok/s, c=256 $t256 tok/s (graphs); c=256 eager ${attn:-?} ms/step"
+    done
 fi
 
 if [[ " $steps " == *" ptx "* ]]; then

@@ -29,7 +29,7 @@
 
 namespace {
 constexpr int MMA_THREADS = 128;
-constexpr int STAGES = 3;  // K/V chunks in shared memory: two in flight while one is used
+constexpr int DEFAULT_STAGES = 3;  // K/V chunks in shared memory by default: two in flight while one is used
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
@@ -42,18 +42,28 @@ __host__ __device__ constexpr int row_stride() {
 
 // Dynamic shared memory of a CTA: the K/V stages of CHUNK positions, and the queries when they
 // are staged (MT > 1).
-template <int D, int MT, int ROWS, int CHUNK>
+template <int D, int MT, int ROWS, int CHUNK, int NSTAGES = DEFAULT_STAGES>
 __host__ __device__ constexpr int smem_bytes() {
-    return (STAGES * 2 * CHUNK + (MT == 1 ? 0 : ROWS)) * row_stride<D>() * 2;
+    return (NSTAGES * 2 * CHUNK + (MT == 1 ? 0 : ROWS)) * row_stride<D>() * 2;
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16 bytes global -> shared, asynchronously; `bytes` 0 writes zeros instead.
+// 16 bytes global -> shared, asynchronously; `bytes` 0 writes zeros instead. PREFETCH 128 or
+// 256 asks L2 to fetch that many bytes around the address (the rest of a cache row's block).
+template <int PREFETCH = 0>
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+    if constexpr (PREFETCH == 256) {
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+                     : "memory");
+    } else if constexpr (PREFETCH == 128) {
+        asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+                     : "memory");
+    } else {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+    }
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
@@ -91,7 +101,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 __device__ __forceinline__ float exp2_or_zero(float x) { return x == -INFINITY || x != x ? 0.f : exp2f(x); }
 }  // namespace
 
-template <int D, int WARPS_M, int MT, int CHUNK>
+template <int D, int WARPS_M, int MT, int CHUNK, int STAGES = DEFAULT_STAGES, int PREFETCH = 0, bool WARP_PIPE = false>
 __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __restrict__ part_acc,
                                     float* __restrict__ part_ml, const __nv_bfloat16* __restrict__ q, int q_stride,
                                     int out_stride, const __nv_bfloat16* __restrict__ k_cache,
@@ -110,7 +120,8 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
     constexpr int VECS = CHUNK * D / 8;    // 16-byte vectors of K (and of V) per chunk
     static_assert(VECS % MMA_THREADS == 0 && KEYS % 16 == 0 && D % 32 == 0, "tile shapes");
     static_assert(MT == 1 || WARPS_N == 1, "several row tiles per warp only where a warp owns whole rows");
-    static_assert(smem_bytes<D, MT, ROWS, CHUNK>() <= 227 * 1024, "a CTA's shared memory fits a Hopper SM");
+    static_assert(!WARP_PIPE || WARPS_M == 1, "a warp loads only its own positions where it owns whole chunks' slices");
+    static_assert(smem_bytes<D, MT, ROWS, CHUNK, STAGES>() <= 227 * 1024, "a CTA's shared memory fits a Hopper SM");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [STAGES][2][CHUNK][STRIDE]
     __nv_bfloat16* q_s = kv_s + STAGES * 2 * CHUNK * STRIDE;           // [ROWS][STRIDE], when MT > 1
@@ -129,13 +140,16 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
     const int chunk_begin = split * chunks_per_split;
     const int chunk_end = min(num_chunks, chunk_begin + chunks_per_split);
 
-    // Copies chunk c into stage c % STAGES (every thread VECS / 128 vectors of K and of V).
+    // Copies chunk c into stage c % STAGES (every thread VECS / 128 vectors of K and of V). With
+    // WARP_PIPE each warp copies only the KEYS positions it reads itself, so it waits for its own
+    // copies alone (no barrier of the whole CTA per chunk).
     auto load_chunk = [&](int c) {
         __nv_bfloat16* ks = kv_s + (size_t)(c % STAGES) * 2 * CHUNK * STRIDE;
         __nv_bfloat16* vs = ks + CHUNK * STRIDE;
 #pragma unroll
         for (int j = 0; j < VECS / MMA_THREADS; ++j) {
-            const int i = threadIdx.x + j * MMA_THREADS, p = i / (D / 8), col = (i % (D / 8)) * 8;
+            const int i = WARP_PIPE ? lane + j * 32 : threadIdx.x + j * MMA_THREADS;
+            const int p = (WARP_PIPE ? wn * KEYS : 0) + i / (D / 8), col = (i % (D / 8)) * 8;
             const int pos = c * CHUNK + p;
             size_t row = 0;
             int bytes = 0;
@@ -143,8 +157,8 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
                 row = ((size_t)table[pos / block_size] * kv_heads + kv_head) * block_size + pos % block_size;
                 bytes = 16;
             }
-            cp_async16(smem_addr(ks + p * STRIDE + col), k_cache + row * D + col, bytes);
-            cp_async16(smem_addr(vs + p * STRIDE + col), v_cache + row * D + col, bytes);
+            cp_async16<PREFETCH>(smem_addr(ks + p * STRIDE + col), k_cache + row * D + col, bytes);
+            cp_async16<PREFETCH>(smem_addr(vs + p * STRIDE + col), v_cache + row * D + col, bytes);
         }
     };
     // The pipeline's first chunks (a group is committed per chunk, empty or not, so that
@@ -217,7 +231,12 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
 
     for (int c = chunk_begin; c < chunk_end; ++c) {
         cp_async_wait<STAGES - 2>();
-        __syncthreads();  // chunk c landed for every thread; chunk c - 1's stage is free
+        // Chunk c landed for every thread (of the warp, with WARP_PIPE); chunk c - 1's stage is free.
+        if constexpr (WARP_PIPE) {
+            __syncwarp();
+        } else {
+            __syncthreads();
+        }
         if (c + STAGES - 1 < chunk_end) load_chunk(c + STAGES - 1);
         cp_async_commit();
 
@@ -417,19 +436,21 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
                                           counters);
 }
 
-// paged_attention_mma_<prefill|prefill_wide|decode>_bf16_d<D>[_combine]; a launch takes
+// paged_attention_mma_<prefill|prefill_wide|decode[_l2|_warp]>_bf16_d<D>[_combine]; a launch takes
 // smem_bytes<D, MT, ROWS, CHUNK>() of dynamic shared memory (attention.rs mirrors the chunk, the
-// stages, the staged queries and the row padding).
-#define LUMEN_ATTENTION_MMA(NAME, D, WARPS_M, MT, CHUNK)                                                                \
+// stages, the staged queries and the row padding). The decode variants (`DecodeKernel` in
+// attention/mod.rs) differ only in how K/V are copied: `_l2` asks L2 for 256 bytes around each
+// copy, `_warp` does too and each warp copies and waits for its own positions alone.
+#define LUMEN_ATTENTION_MMA(NAME, D, WARPS_M, MT, CHUNK, PREFETCH, WARP_PIPE)                                    \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                    \
         NAME(__nv_bfloat16* out, float* part_acc, float* part_ml, const __nv_bfloat16* q, int q_stride,          \
              int out_stride, const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, const int* tiles,       \
              const int* seqs, const int* tables, int kv_heads, int ratio, int heads_per_cta, int block_size,     \
              int chunks_per_split, float scale, unsigned int* counters) {                                       \
         await_previous_kernel();                                                                                 \
-        paged_attention_mma<D, WARPS_M, MT, CHUNK>(out, part_acc, part_ml, q, q_stride, out_stride, k_cache, v_cache,   \
-                                            tiles, seqs, tables, kv_heads, ratio, heads_per_cta, block_size,     \
-                                            chunks_per_split, scale, counters);                                  \
+        paged_attention_mma<D, WARPS_M, MT, CHUNK, DEFAULT_STAGES, PREFETCH, WARP_PIPE>(                         \
+            out, part_acc, part_ml, q, q_stride, out_stride, k_cache, v_cache, tiles, seqs, tables, kv_heads,    \
+            ratio, heads_per_cta, block_size, chunks_per_split, scale, counters);                                \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                    \
         NAME##_combine(__nv_bfloat16* out, const float* part_acc, const float* part_ml, int out_stride,          \
@@ -441,9 +462,13 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
 
 // Tall prefill tiles read chunks of 32 positions: S of two row tiles over 64 positions would not
 // fit the registers beside the output accumulators (it spilled at head size 128).
-LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_bf16_d64, 64, 4, 1, 64)
-LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_bf16_d128, 128, 4, 1, 64)
-LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_wide_bf16_d64, 64, 4, 2, 32)
-LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_wide_bf16_d128, 128, 4, 2, 32)
-LUMEN_ATTENTION_MMA(paged_attention_mma_decode_bf16_d64, 64, 1, 1, 64)
-LUMEN_ATTENTION_MMA(paged_attention_mma_decode_bf16_d128, 128, 1, 1, 64)
+LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_bf16_d64, 64, 4, 1, 64, 0, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_bf16_d128, 128, 4, 1, 64, 0, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_wide_bf16_d64, 64, 4, 2, 32, 0, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_wide_bf16_d128, 128, 4, 2, 32, 0, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_bf16_d64, 64, 1, 1, 64, 0, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_bf16_d128, 128, 1, 1, 64, 0, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_l2_bf16_d64, 64, 1, 1, 64, 256, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_l2_bf16_d128, 128, 1, 1, 64, 256, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_warp_bf16_d64, 64, 1, 1, 64, 256, true)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_warp_bf16_d128, 128, 1, 1, 64, 256, true)

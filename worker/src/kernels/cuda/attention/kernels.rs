@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig};
 
-use super::{AttentionKind, AttentionPlan, Part, Tiles};
+use super::{AttentionKind, AttentionPlan, DecodeKernel, Part, Tiles};
 use crate::kernels::cuda::graph::{CapturedLaunch, last_captured_node};
 use crate::kernels::cuda::launch::{Params, launch};
 use crate::kernels::cuda::pack::DevicePack;
@@ -101,7 +101,7 @@ impl AttentionKernels {
             AttentionKind::Simt => (load(ATTENTION)?, ["paged_attention_decode", "paged_attention", ""]),
             AttentionKind::TensorCore => (
                 load(ATTENTION_MMA)?,
-                ["paged_attention_mma_decode", "paged_attention_mma_prefill", "paged_attention_mma_prefill_wide"],
+                [DecodeKernel::from_env()?.prefix(), "paged_attention_mma_prefill", "paged_attention_mma_prefill_wide"],
             ),
         };
         let kernel = |prefix: &str, tiles: Tiles| -> Result<Kernel> {

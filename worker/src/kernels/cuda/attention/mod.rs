@@ -20,7 +20,7 @@ use super::pack::{HostPack, Section};
 use crate::model::batch::BatchSeq;
 use crate::{Result, WorkerError};
 
-/// Pipeline stages of the tensor-core kernels; must match `STAGES` in attention_mma.cu.
+/// Pipeline stages of the tensor-core kernels; must match `DEFAULT_STAGES` in attention_mma.cu.
 const MMA_STAGES: usize = 3;
 
 /// Which kernels compute attention.
@@ -68,6 +68,41 @@ impl PrefillTiles {
             Ok(other) => {
                 Err(WorkerError::invalid("LUMEN_CUDA_PREFILL_TILES", format!("{other:?} is not 64, 128 or auto")))
             }
+        }
+    }
+}
+
+/// Which tensor-core decode kernel runs (`LUMEN_CUDA_DECODE_ATTENTION`): the same tiles, chunks
+/// and shared memory, copying K/V differently (attention_mma.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// `block`: the CTA's threads copy each chunk together and meet at a barrier per chunk.
+    Block,
+    /// `l2`: as `block`, each copy asking L2 for the 256 bytes around it.
+    L2,
+    /// `warp`: each warp copies and waits for its own positions alone (no barrier per chunk),
+    /// with the L2 hint.
+    Warp,
+}
+
+impl DecodeKernel {
+    pub fn from_env() -> Result<DecodeKernel> {
+        match std::env::var("LUMEN_CUDA_DECODE_ATTENTION").as_deref() {
+            Err(_) | Ok("block") => Ok(DecodeKernel::Block),
+            Ok("l2") => Ok(DecodeKernel::L2),
+            Ok("warp") => Ok(DecodeKernel::Warp),
+            Ok(other) => {
+                Err(WorkerError::invalid("LUMEN_CUDA_DECODE_ATTENTION", format!("{other:?} is not block, l2 or warp")))
+            }
+        }
+    }
+
+    /// The kernel's name before `_bf16_d<D>`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            DecodeKernel::Block => "paged_attention_mma_decode",
+            DecodeKernel::L2 => "paged_attention_mma_decode_l2",
+            DecodeKernel::Warp => "paged_attention_mma_decode_warp",
         }
     }
 }
