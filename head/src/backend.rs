@@ -7,6 +7,14 @@ use std::pin::Pin;
 use futures::Stream;
 use lumen_proto::v1 as pb;
 
+/// Requests a model's admission gate, and the router for each replica, let run beyond
+/// `max_ongoing_requests` for a tenant under its weighted share while another tenant holds every
+/// slot (the fair queue policy's headroom, `api::generate::admission`): an eighth of the limit,
+/// none below 8.
+pub fn fair_headroom(max_ongoing_requests: usize) -> usize {
+    max_ongoing_requests / 8
+}
+
 /// A model the head can route to.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelCard {

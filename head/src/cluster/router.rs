@@ -6,8 +6,9 @@
 //!   requests it last reported beyond the head's own at that moment (`ReplicaEntry::load`). Of
 //!   two distinct random routable replicas, the less loaded wins,
 //!   unless a replica that served the prompt's prefix can take it ([`super::affinity`]).
-//! - A replica with `max_ongoing_requests` head-side requests in flight takes no more; when every
-//!   replica is full the request is refused as `Overloaded`.
+//! - A replica with `max_ongoing_requests` head-side requests in flight, plus the fair headroom
+//!   ([`fair_headroom`]: the admission gate's room for a tenant under its share), takes no more;
+//!   when every replica is full the request is refused as `Overloaded`.
 //! - A model with no running replica: unknown models are `ModelNotFound` at once. Otherwise the
 //!   request waits (up to `replica_wait_timeout_s`, polling the state) while a replica of the
 //!   deployment is starting or the deployment has not said why it has none (the controller is
@@ -43,7 +44,7 @@ use super::forward::{self, InFlight, SILENT_STREAM_GRACE, WorkerSilence, forward
 use super::registry::{DeploymentEntry, Phase, ReplicaEntry, State};
 use super::replica_client::status_to_error;
 use super::{Cluster, random_u64};
-use crate::backend::{Backend, BackendError, EventStream, ModelCard, Runner};
+use crate::backend::{Backend, BackendError, EventStream, ModelCard, Runner, fair_headroom};
 
 /// Timeout of the unary calls (`Tokenize`, `Detokenize`).
 const UNARY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -159,8 +160,10 @@ impl Cluster {
             }
             return Err(why_none_runs(&state, deployment, model, now, deadline));
         }
+        // The admission gate keeps the model within `cap` except for its fair headroom.
+        let room = cap.saturating_add(fair_headroom(cap as usize) as u32);
         let open: Vec<&ReplicaEntry> =
-            routable.into_iter().filter(|r| cap == 0 || r.in_flight.load(Ordering::Relaxed) < cap).collect();
+            routable.into_iter().filter(|r| cap == 0 || r.in_flight.load(Ordering::Relaxed) < room).collect();
         if open.is_empty() {
             let message = format!("every replica of `{model}` has {cap} requests in flight");
             return Err(Unroutable::Refused(BackendError::Overloaded(message)));

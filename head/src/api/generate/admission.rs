@@ -13,10 +13,20 @@
 //! ([`FairQueue::displace_for`]): that request ends with the 429 it would have had arriving
 //! now, so one tenant's burst cannot keep every other tenant out of the queue.
 //!
+//! **Fair headroom** (fair policy): slots free up only as requests end, so one tenant holding
+//! every slot would keep another's request waiting for the next end however few it sends. A
+//! request whose tenant holds fewer slots per weight than every other tenant holding any (and
+//! has none of its own waiting) therefore runs at once even when every slot is taken, up to
+//! [`fair_headroom`] beyond `max_in_flight`; the worker's scheduler, which shares its sequence
+//! slots the same way, then preempts the tenant over its share. Under fcfs, and for limits below
+//! 8, there is no headroom.
+//!
 //! Invariants (one lock per gate): `running` counts the permits alive plus the slots handed to
-//! queued tickets not yet turned into permits; a slot that frees goes straight to the next
-//! waiting request, so a request waits only while every slot is taken; a ticket dropped after
-//! its slot was handed over passes the slot on, so no slot and no place leaks.
+//! queued tickets not yet turned into permits, and `held` the same per tenant; `running` exceeds
+//! `max_in_flight` only through the headroom, never by more than it; a slot that frees goes
+//! straight to the next waiting request while `running` is below `max_in_flight`, so a request
+//! waits only while every slot is taken; a ticket dropped after its slot was handed over passes
+//! the slot on, so no slot and no place leaks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +37,7 @@ use tokio::sync::oneshot;
 use super::fair_queue::{FairQueue, Place, QueuePolicy, Waiter};
 use crate::api::edge::errors::ApiError;
 use crate::api::edge::limits::Lease;
+use crate::backend::fair_headroom;
 
 /// How many requests of one model may run and wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,8 +61,17 @@ struct Gate {
 
 struct Slots {
     running: usize,
+    /// Slots held per tenant (`""` for requests without one), with the tenant's weight.
+    held: HashMap<Arc<str>, (usize, u32)>,
     /// Each waiting request's wake-up: [`Turn::Run`] hands the request a slot.
-    waiting: FairQueue<oneshot::Sender<Turn>>,
+    waiting: FairQueue<Wake>,
+}
+
+/// A waiting request: its tenant (for `held`) and its wake-up.
+struct Wake {
+    tenant: Arc<str>,
+    weight: u32,
+    send: oneshot::Sender<Turn>,
 }
 
 /// What a waiting request is woken with.
@@ -71,17 +91,44 @@ impl Gate {
 }
 
 impl Slots {
-    /// A slot freed: hand it to the next waiting request, else count it free.
-    fn release(&mut self) {
-        while let Some(wake) = self.waiting.pop() {
+    /// Counts a slot taken by `tenant`.
+    fn take(&mut self, tenant: &Arc<str>, weight: u32) {
+        self.running += 1;
+        let held = self.held.entry(tenant.clone()).or_insert((0, weight));
+        *held = (held.0 + 1, weight);
+    }
+
+    /// `tenant`'s slot freed: while fewer than `max_in_flight` run, hand slots to the next
+    /// waiting requests.
+    fn release(&mut self, tenant: &str, max_in_flight: usize) {
+        self.running = self.running.saturating_sub(1);
+        if let Some(held) = self.held.get_mut(tenant) {
+            held.0 -= 1;
+            if held.0 == 0 {
+                self.held.remove(tenant);
+            }
+        }
+        while self.running < max_in_flight {
+            let Some(wake) = self.waiting.pop() else { return };
             // A waiting ticket's receiver lives as long as its place (the ticket leaves the
             // queue under this lock before dropping it), so this send succeeds; if it ever did
             // not, the slot goes to the next one.
-            if wake.send(Turn::Run).is_ok() {
-                return;
+            if wake.send.send(Turn::Run).is_ok() {
+                self.take(&wake.tenant, wake.weight);
             }
         }
-        self.running = self.running.saturating_sub(1);
+    }
+
+    /// Whether `waiter`'s tenant may take a slot of the headroom: some other tenant holds
+    /// slots, every one of them more per weight than this one, and none of this tenant's own
+    /// requests waits (it would pass them).
+    fn under_share(&self, waiter: &Waiter) -> bool {
+        let mine = self.held.get(&waiter.tenant).map_or(0, |h| h.0) as u64;
+        let weight = u64::from(waiter.weight.max(1));
+        let mut others = self.held.iter().filter(|(t, h)| **t != waiter.tenant && h.0 > 0).peekable();
+        others.peek().is_some()
+            && others.all(|(_, &(n, w))| mine * u64::from(w.max(1)) < n as u64 * weight)
+            && !self.waiting.has_waiting(&waiter.tenant)
     }
 }
 
@@ -95,6 +142,7 @@ pub struct Admission {
 /// The right to run one request; frees its slot when dropped.
 pub struct Permit {
     gate: Arc<Gate>,
+    tenant: Arc<str>,
 }
 
 impl std::fmt::Debug for Permit {
@@ -105,7 +153,7 @@ impl std::fmt::Debug for Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.gate.lock().release();
+        self.gate.lock().release(&self.tenant, self.gate.limits.max_in_flight);
     }
 }
 
@@ -113,6 +161,7 @@ impl Drop for Permit {
 pub struct Queued {
     gate: Arc<Gate>,
     place: Place,
+    tenant: Arc<str>,
     wake: Option<oneshot::Receiver<Turn>>,
 }
 
@@ -144,12 +193,6 @@ impl Admission {
     /// changed.
     pub fn enter(&self, model: &str, limits: AdmissionLimits, waiter: &Waiter) -> Result<Ticket, ApiError> {
         let gate = self.gate(model, limits);
-        let mut slots = gate.lock();
-        if slots.running < limits.max_in_flight && slots.waiting.is_empty() {
-            slots.running += 1;
-            drop(slots);
-            return Ok(Ticket::Ready(Permit { gate }));
-        }
         // Under fcfs every request waits as one anonymous tenant: the queue is a plain FIFO and
         // nobody's place is ever given to another.
         let anonymous;
@@ -160,6 +203,16 @@ impl Admission {
                 &anonymous
             }
         };
+        let mut slots = gate.lock();
+        let free = slots.running < limits.max_in_flight && slots.waiting.is_empty();
+        let headroom = self.policy == QueuePolicy::Fair
+            && slots.running < limits.max_in_flight + fair_headroom(limits.max_in_flight)
+            && slots.under_share(waiter);
+        if free || headroom {
+            slots.take(&waiter.tenant, waiter.weight);
+            drop(slots);
+            return Ok(Ticket::Ready(Permit { gate, tenant: waiter.tenant.clone() }));
+        }
         if slots.waiting.len() >= limits.max_queued {
             let full = || {
                 ApiError::Overloaded(format!(
@@ -168,12 +221,13 @@ impl Admission {
                 ))
             };
             // Its ticket learns it was refused; its place is the newcomer's.
-            slots.waiting.displace_for(waiter).ok_or_else(full)?.send(Turn::Displaced).ok();
+            slots.waiting.displace_for(waiter).ok_or_else(full)?.send.send(Turn::Displaced).ok();
         }
         let (send, wake) = oneshot::channel();
-        let place = slots.waiting.push(waiter, send);
+        let tenant = waiter.tenant.clone();
+        let place = slots.waiting.push(waiter, Wake { tenant: tenant.clone(), weight: waiter.weight, send });
         drop(slots);
-        Ok(Ticket::Queued(Queued { gate, place, wake: Some(wake) }))
+        Ok(Ticket::Queued(Queued { gate, place, tenant, wake: Some(wake) }))
     }
 
     /// Requests of `model` waiting for a slot now.
@@ -187,7 +241,7 @@ impl Admission {
             Some(gate) if gate.limits == limits => gate.clone(),
             // New limits take a new gate; requests of the old one finish under the old limits.
             _ => {
-                let slots = Slots { running: 0, waiting: FairQueue::default() };
+                let slots = Slots { running: 0, held: HashMap::new(), waiting: FairQueue::default() };
                 let gate = Arc::new(Gate { limits, slots: Mutex::new(slots) });
                 gates.insert(model.to_string(), gate.clone());
                 gate
@@ -212,7 +266,7 @@ impl Queued {
         // Out of the queue either way: woken, the slot is this request's and its permit frees it.
         self.wake = None;
         match turn {
-            Some(Turn::Run) => Ok(Permit { gate: self.gate.clone() }),
+            Some(Turn::Run) => Ok(Permit { gate: self.gate.clone(), tenant: self.tenant.clone() }),
             Some(Turn::Displaced) => Err(ApiError::Overloaded(
                 "the queue is full and this request's place went to a tenant with fewer requests waiting; retry later"
                     .into(),
@@ -234,7 +288,7 @@ impl Drop for Queued {
             // message is there.
             let turn = self.wake.take().and_then(|mut wake| wake.try_recv().ok());
             if matches!(turn, Some(Turn::Run)) {
-                slots.release();
+                slots.release(&self.tenant, self.gate.limits.max_in_flight);
             }
         }
     }
@@ -422,6 +476,62 @@ mod tests {
         let again = admission.enter("m", limits, &anyone()).unwrap();
         assert!(matches!(again, Ticket::Ready(_)));
         assert!(matches!(admission.enter("m", limits, &anyone()).unwrap(), Ticket::Queued(_)));
+    }
+
+    #[tokio::test]
+    async fn a_tenant_under_its_share_runs_in_the_headroom_while_another_holds_every_slot() {
+        let limits = AdmissionLimits { max_in_flight: 8, max_queued: 100 };
+        let admission = Admission::new(QueuePolicy::Fair);
+        let mut heavy: Vec<Ticket> = (0..8).map(|_| admission.enter("m", limits, &tenant("heavy")).unwrap()).collect();
+        assert!(heavy.iter().all(|t| matches!(t, Ticket::Ready(_))));
+        // Heavy alone gets no headroom: its ninth waits.
+        let ninth = admission.enter("m", limits, &tenant("heavy")).unwrap();
+        assert!(matches!(ninth, Ticket::Queued(_)));
+        // Light holds nothing, heavy everything: light runs at once, one beyond the limit (an
+        // eighth of 8), though heavy's ninth waits ahead of it.
+        let light = admission.enter("m", limits, &tenant("light")).unwrap();
+        assert!(matches!(light, Ticket::Ready(_)), "light runs in the headroom");
+        // The headroom is used up: light's next waits like anyone's.
+        let light2 = admission.enter("m", limits, &tenant("light")).unwrap();
+        assert!(matches!(light2, Ticket::Queued(_)));
+        assert_eq!(admission.waiting("m"), 2);
+        // Nine run for a limit of eight: a heavy request ending brings it back to eight and
+        // hands nothing over; the next one ending hands its slot to the queue (heavy's ninth,
+        // whose turn came first).
+        let waiters = [tokio::spawn(ninth.admitted()), tokio::spawn(light2.admitted())];
+        drop(heavy.pop());
+        tokio::task::yield_now().await;
+        assert_eq!(admission.waiting("m"), 2, "at the limit again: nobody is woken");
+        drop(heavy.pop());
+        let timeout = std::time::Duration::from_secs(5);
+        let [ninth, light2] = waiters;
+        let ninth = tokio::time::timeout(timeout, ninth).await.unwrap().unwrap().unwrap();
+        assert_eq!(admission.waiting("m"), 1);
+        drop(ninth);
+        tokio::time::timeout(timeout, light2).await.unwrap().unwrap().unwrap();
+        drop(light);
+    }
+
+    #[tokio::test]
+    async fn no_headroom_under_fcfs_nor_for_a_tenant_at_its_share() {
+        let limits = AdmissionLimits { max_in_flight: 8, max_queued: 100 };
+        let fcfs = Admission::new(QueuePolicy::Fcfs);
+        let _heavy: Vec<Ticket> = (0..8).map(|_| fcfs.enter("m", limits, &tenant("heavy")).unwrap()).collect();
+        assert!(matches!(fcfs.enter("m", limits, &tenant("light")).unwrap(), Ticket::Queued(_)));
+
+        // Four each of weight 1: light is not under heavy's share, so it waits.
+        let fair = Admission::new(QueuePolicy::Fair);
+        let _a: Vec<Ticket> = (0..4).map(|_| fair.enter("m", limits, &tenant("heavy")).unwrap()).collect();
+        let _b: Vec<Ticket> = (0..4).map(|_| fair.enter("m", limits, &tenant("light")).unwrap()).collect();
+        assert!(matches!(fair.enter("m", limits, &tenant("light")).unwrap(), Ticket::Queued(_)));
+        // A third tenant holding nothing is under both.
+        assert!(matches!(fair.enter("m", limits, &tenant("third")).unwrap(), Ticket::Ready(_)));
+        // Weight counts: heavy of weight 3 holding 4 is under light's 4 of weight 1.
+        let weighted = Waiter { tenant: Arc::from("heavy"), weight: 3, priority: 0 };
+        let fair = Admission::new(QueuePolicy::Fair);
+        let _l: Vec<Ticket> = (0..4).map(|_| fair.enter("m", limits, &tenant("light")).unwrap()).collect();
+        let _h: Vec<Ticket> = (0..4).map(|_| fair.enter("m", limits, &weighted).unwrap()).collect();
+        assert!(matches!(fair.enter("m", limits, &weighted).unwrap(), Ticket::Ready(_)), "4/3 < 4/1");
     }
 
     #[tokio::test]

@@ -178,6 +178,11 @@ impl<T> FairQueue<T> {
     pub fn tenants(&self) -> usize {
         self.tenants.len()
     }
+
+    /// Whether `tenant` has a request waiting.
+    pub fn has_waiting(&self, tenant: &str) -> bool {
+        self.tenants.contains_key(tenant)
+    }
 }
 
 #[cfg(test)]
