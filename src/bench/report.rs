@@ -84,7 +84,7 @@ pub struct Report {
 }
 
 /// One request of a run as `--save-detailed` keeps it (vLLM's per-request lists, one object per
-/// request): failed requests carry their error and no timings.
+/// request): a failed request carries its send time and error, and no timings.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct RequestDetail {
     /// When it was sent, from the start of the run (ms).
@@ -93,8 +93,10 @@ pub struct RequestDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
     pub output_tokens: usize,
-    pub ttft_ms: f64,
-    pub e2e_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub e2e_ms: Option<f64>,
     /// Gaps between consecutive output tokens (ms).
     pub itl_ms: Vec<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -108,21 +110,21 @@ impl RequestDetail {
             start_ms: ms(record.start),
             tenant,
             output_tokens: record.output_tokens,
-            ttft_ms: ms(record.ttft),
-            e2e_ms: ms(record.e2e),
+            ttft_ms: Some(ms(record.ttft)),
+            e2e_ms: Some(ms(record.e2e)),
             itl_ms: record.itl.iter().map(|d| ms(*d)).collect(),
             error: None,
         }
     }
 
-    /// The detail of a request that failed.
-    pub fn failed(error: String, tenant: Option<String>) -> RequestDetail {
+    /// The detail of a request sent at `start` that failed.
+    pub fn failed(start: Duration, error: String, tenant: Option<String>) -> RequestDetail {
         RequestDetail {
-            start_ms: 0.0,
+            start_ms: ms(start),
             tenant,
             output_tokens: 0,
-            ttft_ms: 0.0,
-            e2e_ms: 0.0,
+            ttft_ms: None,
+            e2e_ms: None,
             itl_ms: Vec::new(),
             error: Some(error),
         }

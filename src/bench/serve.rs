@@ -368,16 +368,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
     let limit = args.concurrency.unwrap_or(args.load.num_prompts);
     let plan = plan(&args, bodies);
     let senders: Vec<Option<usize>> = plan.iter().map(|p| p.tenant).collect();
-    let (outcomes, duration) = dispatch(&target, plan, &args.tenants, args.load.input_len, limit).await?;
+    let (sent, duration) = dispatch(&target, plan, &args.tenants, args.load.input_len, limit).await?;
+    let (sent, outcomes): (Vec<Duration>, Vec<_>) = sent.into_iter().unzip();
     let by_tenant = tenant_reports(&args.tenants, &senders, &outcomes, duration);
     let details = args.save_detailed.then(|| {
         let name = |t: &Option<usize>| t.map(|t| args.tenants[t].name.clone());
         senders
             .iter()
             .zip(&outcomes)
-            .map(|(t, outcome)| match outcome {
+            .zip(&sent)
+            .map(|((t, outcome), at)| match outcome {
                 Ok(record) => RequestDetail::of(record, name(t)),
-                Err(e) => RequestDetail::failed(e.to_string(), name(t)),
+                Err(e) => RequestDetail::failed(*at, e.to_string(), name(t)),
             })
             .collect()
     });
@@ -457,15 +459,15 @@ fn tenant_reports(
 }
 
 /// Sends every planned request at its time (an absolute schedule, so time spent spawning does
-/// not stretch the gaps), at most `limit` in flight; returns each request's outcome (in plan
-/// order) and the time from the first send to the last completion.
+/// not stretch the gaps), at most `limit` in flight; returns each request's send time and
+/// outcome (in plan order) and the time from the first send to the last completion.
 async fn dispatch(
     target: &Arc<Target>,
     plan: Vec<Planned>,
     specs: &[TenantSpec],
     prompt_tokens: usize,
     limit: usize,
-) -> anyhow::Result<(Vec<Result<RequestRecord, RequestFailure>>, Duration)> {
+) -> anyhow::Result<(Vec<(Duration, Result<RequestRecord, RequestFailure>)>, Duration)> {
     let slots = Arc::new(Semaphore::new(limit));
     let started = Instant::now();
     let start = tokio::time::Instant::now();
@@ -475,10 +477,13 @@ async fn dispatch(
         let (target, slots) = (Arc::clone(target), Arc::clone(&slots));
         let key = tenant.map(|t| specs[t].key.clone());
         tasks.push(tokio::spawn(async move {
-            let _slot = slots.acquire_owned().await.map_err(|e| RequestFailure::Transport(e.to_string()))?;
+            let slot = slots.acquire_owned().await.map_err(|e| RequestFailure::Transport(e.to_string()));
             let sent = started.elapsed();
-            let record = target.send(&body, prompt_tokens, key.as_deref()).await;
-            record.map(|record| RequestRecord { start: sent, ..record })
+            let record = match slot {
+                Ok(_slot) => target.send(&body, prompt_tokens, key.as_deref()).await,
+                Err(e) => Err(e),
+            };
+            (sent, record.map(|record| RequestRecord { start: sent, ..record }))
         }));
     }
     let mut outcomes = Vec::with_capacity(tasks.len());

@@ -6,9 +6,10 @@
 //!   requests it last reported beyond the head's own at that moment (`ReplicaEntry::load`). Of
 //!   two distinct random routable replicas, the less loaded wins,
 //!   unless a replica that served the prompt's prefix can take it ([`super::affinity`]).
-//! - A replica with `max_ongoing_requests` head-side requests in flight, plus the fair headroom
-//!   ([`fair_headroom`]: the admission gate's room for a tenant under its share), takes no more;
-//!   when every replica is full the request is refused as `Overloaded`.
+//! - A replica with `max_ongoing_requests` head-side requests in flight takes no more (a request
+//!   carrying a tenant, sent under the fair queue policy, also the fair headroom beyond it:
+//!   [`fair_headroom`], the admission gate's room for a tenant under its share); when every
+//!   replica is full the request is refused as `Overloaded`.
 //! - A model with no running replica: unknown models are `ModelNotFound` at once. Otherwise the
 //!   request waits (up to `replica_wait_timeout_s`, polling the state) while a replica of the
 //!   deployment is starting or the deployment has not said why it has none (the controller is
@@ -144,7 +145,7 @@ impl Drop for QueuedRequest {
 impl Cluster {
     /// Chooses a routable replica of `model` that is not in `exclude`, preferring the one that
     /// served the longest of `keys` (see [`affinity`]), and remembers the choice under `keys`.
-    fn pick(&self, model: &str, exclude: &[String], keys: &PrefixKeys) -> Result<Pick, Unroutable> {
+    fn pick(&self, model: &str, exclude: &[String], keys: &PrefixKeys, tenanted: bool) -> Result<Pick, Unroutable> {
         let state = self.state();
         let deployment = state
             .deployment_for_model(model)
@@ -160,12 +161,13 @@ impl Cluster {
             }
             return Err(why_none_runs(&state, deployment, model, now, deadline));
         }
-        // The admission gate keeps the model within `cap` except for its fair headroom.
-        let room = cap.saturating_add(fair_headroom(cap as usize) as u32);
+        // The admission gate keeps the model within `cap` except for its fair headroom, which
+        // only requests carrying a tenant (sent under the fair queue policy) may have used.
+        let room = if tenanted { cap.saturating_add(fair_headroom(cap as usize) as u32) } else { cap };
         let open: Vec<&ReplicaEntry> =
             routable.into_iter().filter(|r| cap == 0 || r.in_flight.load(Ordering::Relaxed) < room).collect();
         if open.is_empty() {
-            let message = format!("every replica of `{model}` has {cap} requests in flight");
+            let message = format!("every replica of `{model}` has {room} requests in flight");
             return Err(Unroutable::Refused(BackendError::Overloaded(message)));
         }
         let loads: Vec<u64> = open.iter().map(|r| r.load()).collect();
@@ -193,14 +195,20 @@ impl Cluster {
 
     /// [`Self::pick`], waiting while the deployment is bringing a replica up (on a retry, with
     /// `exclude` set, only while a replacement is coming: see [`replacement_coming`]).
-    async fn pick_or_wait(&self, model: &str, exclude: &[String], keys: &PrefixKeys) -> Result<Pick, BackendError> {
+    async fn pick_or_wait(
+        &self,
+        model: &str,
+        exclude: &[String],
+        keys: &PrefixKeys,
+        tenanted: bool,
+    ) -> Result<Pick, BackendError> {
         let timeout = Duration::from_secs(self.settings().replica_wait_timeout_s);
         let give_up = tokio::time::Instant::now() + timeout;
         let mut waiting = false;
         // Counted as the deployment's load while it waits (see `State::ongoing_requests`).
         let mut _queued = None;
         loop {
-            match self.pick(model, exclude, keys) {
+            match self.pick(model, exclude, keys, tenanted) {
                 Ok(pick) => {
                     if waiting {
                         tracing::debug!(model, replica = %pick.replica_id, "a replica became routable");
@@ -265,7 +273,7 @@ impl Cluster {
         let mut tried = Vec::new();
         let mut last_error = None;
         for _ in 0..2 {
-            let pick = match self.pick_or_wait(model, &tried, &PrefixKeys::new()).await {
+            let pick = match self.pick_or_wait(model, &tried, &PrefixKeys::new(), false).await {
                 Ok(pick) => pick,
                 Err(e) => return Err(last_error.unwrap_or(e)),
             };
@@ -323,10 +331,11 @@ impl Backend for Cluster {
         avoid: &[String],
     ) -> Result<EventStream, BackendError> {
         let keys = affinity::prefix_keys(&request);
+        let tenanted = !request.tenant.is_empty();
         let mut tried = avoid.to_vec();
         let mut last_error = None;
         for _ in 0..2 {
-            let pick = match self.pick_or_wait(model, &tried, &keys).await {
+            let pick = match self.pick_or_wait(model, &tried, &keys, tenanted).await {
                 Ok(pick) => pick,
                 Err(e) => return Err(last_error.unwrap_or(e)),
             };

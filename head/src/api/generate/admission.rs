@@ -15,11 +15,12 @@
 //!
 //! **Fair headroom** (fair policy): slots free up only as requests end, so one tenant holding
 //! every slot would keep another's request waiting for the next end however few it sends. A
-//! request whose tenant holds fewer slots per weight than every other tenant holding any (and
-//! has none of its own waiting) therefore runs at once even when every slot is taken, up to
-//! [`fair_headroom`] beyond `max_in_flight`; the worker's scheduler, which shares its sequence
-//! slots the same way, then preempts the tenant over its share. Under fcfs, and for limits below
-//! 8, there is no headroom.
+//! request whose tenant holds fewer slots per weight than every other tenant holding any
+//! therefore runs at once even when every slot is taken, up to [`fair_headroom`] beyond
+//! `max_in_flight` (its own earlier waiting requests first: whenever headroom frees, the next
+//! waiting request of a tenant under its share takes it, out of the queue's turn); the worker's
+//! scheduler, which shares its sequence slots the same way, then preempts the tenant over its
+//! share. Under fcfs, and for limits below 8, there is no headroom.
 //!
 //! Invariants (one lock per gate): `running` counts the permits alive plus the slots handed to
 //! queued tickets not yet turned into permits, and `held` the same per tenant; `running` exceeds
@@ -56,6 +57,8 @@ impl Default for AdmissionLimits {
 
 struct Gate {
     limits: AdmissionLimits,
+    /// Fair policy: tenants under their share may use the headroom.
+    fair: bool,
     slots: Mutex<Slots>,
 }
 
@@ -99,8 +102,9 @@ impl Slots {
     }
 
     /// `tenant`'s slot freed: while fewer than `max_in_flight` run, hand slots to the next
-    /// waiting requests.
-    fn release(&mut self, tenant: &str, max_in_flight: usize) {
+    /// waiting requests; then, under the fair policy, the headroom to waiting tenants under
+    /// their share.
+    fn release(&mut self, tenant: &str, max_in_flight: usize, fair: bool) {
         self.running = self.running.saturating_sub(1);
         if let Some(held) = self.held.get_mut(tenant) {
             held.0 -= 1;
@@ -117,18 +121,31 @@ impl Slots {
                 self.take(&wake.tenant, wake.weight);
             }
         }
+        if fair {
+            self.fill_headroom(max_in_flight);
+        }
     }
 
-    /// Whether `waiter`'s tenant may take a slot of the headroom: some other tenant holds
-    /// slots, every one of them more per weight than this one, and none of this tenant's own
-    /// requests waits (it would pass them).
-    fn under_share(&self, waiter: &Waiter) -> bool {
-        let mine = self.held.get(&waiter.tenant).map_or(0, |h| h.0) as u64;
-        let weight = u64::from(waiter.weight.max(1));
-        let mut others = self.held.iter().filter(|(t, h)| **t != waiter.tenant && h.0 > 0).peekable();
-        others.peek().is_some()
-            && others.all(|(_, &(n, w))| mine * u64::from(w.max(1)) < n as u64 * weight)
-            && !self.waiting.has_waiting(&waiter.tenant)
+    /// Hands the free slots of the headroom to the waiting requests of tenants under their
+    /// share, each tenant's next one first.
+    fn fill_headroom(&mut self, max_in_flight: usize) {
+        let room = max_in_flight + fair_headroom(max_in_flight);
+        while self.running < room {
+            let due = self.waiting.waiting_tenants().find(|(t, w)| self.under_share(t, *w)).map(|(t, _)| t.clone());
+            let Some(wake) = due.and_then(|t| self.waiting.pop_tenant(&t)) else { return };
+            if wake.send.send(Turn::Run).is_ok() {
+                self.take(&wake.tenant, wake.weight);
+            }
+        }
+    }
+
+    /// Whether `tenant` (of `weight`) may take a slot of the headroom: some other tenant holds
+    /// slots, every one of them more per weight than this one.
+    fn under_share(&self, tenant: &str, weight: u32) -> bool {
+        let mine = self.held.get(tenant).map_or(0, |h| h.0) as u64;
+        let weight = u64::from(weight.max(1));
+        let mut others = self.held.iter().filter(|(t, h)| &***t != tenant && h.0 > 0).peekable();
+        others.peek().is_some() && others.all(|(_, &(n, w))| mine * u64::from(w.max(1)) < n as u64 * weight)
     }
 }
 
@@ -153,7 +170,7 @@ impl std::fmt::Debug for Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.gate.lock().release(&self.tenant, self.gate.limits.max_in_flight);
+        self.gate.lock().release(&self.tenant, self.gate.limits.max_in_flight, self.gate.fair);
     }
 }
 
@@ -205,9 +222,11 @@ impl Admission {
         };
         let mut slots = gate.lock();
         let free = slots.running < limits.max_in_flight && slots.waiting.is_empty();
-        let headroom = self.policy == QueuePolicy::Fair
+        // The headroom, unless this tenant's own requests wait (they get it first, below).
+        let headroom = gate.fair
             && slots.running < limits.max_in_flight + fair_headroom(limits.max_in_flight)
-            && slots.under_share(waiter);
+            && !slots.waiting.has_waiting(&waiter.tenant)
+            && slots.under_share(&waiter.tenant, waiter.weight);
         if free || headroom {
             slots.take(&waiter.tenant, waiter.weight);
             drop(slots);
@@ -226,6 +245,10 @@ impl Admission {
         let (send, wake) = oneshot::channel();
         let tenant = waiter.tenant.clone();
         let place = slots.waiting.push(waiter, Wake { tenant: tenant.clone(), weight: waiter.weight, send });
+        if gate.fair {
+            // A tenant under its share whose earlier requests wait gets the headroom for them.
+            slots.fill_headroom(limits.max_in_flight);
+        }
         drop(slots);
         Ok(Ticket::Queued(Queued { gate, place, tenant, wake: Some(wake) }))
     }
@@ -242,7 +265,8 @@ impl Admission {
             // New limits take a new gate; requests of the old one finish under the old limits.
             _ => {
                 let slots = Slots { running: 0, held: HashMap::new(), waiting: FairQueue::default() };
-                let gate = Arc::new(Gate { limits, slots: Mutex::new(slots) });
+                let fair = self.policy == QueuePolicy::Fair;
+                let gate = Arc::new(Gate { limits, fair, slots: Mutex::new(slots) });
                 gates.insert(model.to_string(), gate.clone());
                 gate
             }
@@ -288,7 +312,7 @@ impl Drop for Queued {
             // message is there.
             let turn = self.wake.take().and_then(|mut wake| wake.try_recv().ok());
             if matches!(turn, Some(Turn::Run)) {
-                slots.release(&self.tenant, self.gate.limits.max_in_flight);
+                slots.release(&self.tenant, self.gate.limits.max_in_flight, self.gate.fair);
             }
         }
     }
@@ -495,21 +519,31 @@ mod tests {
         let light2 = admission.enter("m", limits, &tenant("light")).unwrap();
         assert!(matches!(light2, Ticket::Queued(_)));
         assert_eq!(admission.waiting("m"), 2);
-        // Nine run for a limit of eight: a heavy request ending brings it back to eight and
-        // hands nothing over; the next one ending hands its slot to the queue (heavy's ninth,
-        // whose turn came first).
-        let waiters = [tokio::spawn(ninth.admitted()), tokio::spawn(light2.admitted())];
+        // Nine run for a limit of eight. A heavy request ending brings it back to eight: the
+        // headroom is free again and light, still under heavy's share, waits, so light's
+        // queued request takes it out of the queue's turn; heavy's ninth still waits.
+        let timeout = std::time::Duration::from_secs(5);
+        let ninth = tokio::spawn(ninth.admitted());
+        drop(heavy.pop());
+        let light2 = tokio::time::timeout(timeout, light2.admitted()).await.unwrap().unwrap();
+        tokio::task::yield_now().await;
+        assert!(!ninth.is_finished(), "nine run again: heavy's ninth waits for a slot under the limit");
+        assert_eq!(admission.waiting("m"), 1);
+        // The next heavy request ending leaves eight running (six heavy, two light): at the
+        // limit, and light has nothing waiting, so nobody is woken. A light request ending
+        // then hands its slot to heavy's ninth.
         drop(heavy.pop());
         tokio::task::yield_now().await;
-        assert_eq!(admission.waiting("m"), 2, "at the limit again: nobody is woken");
-        drop(heavy.pop());
-        let timeout = std::time::Duration::from_secs(5);
-        let [ninth, light2] = waiters;
-        let ninth = tokio::time::timeout(timeout, ninth).await.unwrap().unwrap().unwrap();
-        assert_eq!(admission.waiting("m"), 1);
-        drop(ninth);
-        tokio::time::timeout(timeout, light2).await.unwrap().unwrap().unwrap();
+        assert!(!ninth.is_finished(), "eight run: the limit");
         drop(light);
+        let ninth = tokio::time::timeout(timeout, ninth).await.unwrap().unwrap().unwrap();
+        assert_eq!(admission.waiting("m"), 0);
+        drop((ninth, light2));
+        // Every slot came back: eight run at once again, the ninth waits.
+        drop(heavy);
+        let again: Vec<Ticket> = (0..8).map(|_| admission.enter("m", limits, &tenant("heavy")).unwrap()).collect();
+        assert!(again.iter().all(|t| matches!(t, Ticket::Ready(_))));
+        assert!(matches!(admission.enter("m", limits, &tenant("heavy")).unwrap(), Ticket::Queued(_)));
     }
 
     #[tokio::test]

@@ -183,6 +183,23 @@ impl<T> FairQueue<T> {
     pub fn has_waiting(&self, tenant: &str) -> bool {
         self.tenants.contains_key(tenant)
     }
+
+    /// The tenants with something waiting, with their weights.
+    pub fn waiting_tenants(&self) -> impl Iterator<Item = (&Arc<str>, u32)> {
+        self.tenants.iter().map(|(t, q)| (t, q.weight))
+    }
+
+    /// Takes `tenant`'s next item out of turn (its place in the turns is kept for the rest).
+    pub fn pop_tenant(&mut self, tenant: &str) -> Option<T> {
+        let queue = self.tenants.get_mut(tenant)?;
+        let (_, item) = queue.waiting.pop_first()?;
+        self.len -= 1;
+        if queue.waiting.is_empty() {
+            self.turns.remove(&queue.tag);
+            self.tenants.remove(tenant);
+        }
+        Some(item)
+    }
 }
 
 #[cfg(test)]
