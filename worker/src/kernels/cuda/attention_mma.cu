@@ -19,8 +19,10 @@
 // Prefill (WARPS_M = 4, MT = 1 or 2): each warp owns whole rows, so it finishes alone. Decode
 // (WARPS_M = 1, MT = 1: one 16-row tile whose rows are the group's heads of one token;
 // WARPS_N = 4): the four warps split each chunk and merge their states through shared memory at
-// the end. With gridDim.z > 1 the result goes out as split partials (attention_common.cuh),
-// merged by the last split.
+// the end; with WARP_PIPE (the engine's decode kernel) each warp copies only its own KEYS
+// positions of every chunk and waits for them with __syncwarp, not a barrier of the CTA, so the
+// warps drift apart freely; PREFETCH adds an L2 prefetch hint to the copies. With gridDim.z > 1
+// the result goes out as split partials (attention_common.cuh), merged by the last split.
 //
 // Invariants: blockDim.x == 128; D in {64, 128}; dynamic shared memory of
 // smem_bytes<D, MT, ROWS>(); the cache's K/V rows 16-byte aligned (D * 2 bytes); q rows 16-byte
@@ -440,7 +442,7 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
 // smem_bytes<D, MT, ROWS, CHUNK>() of dynamic shared memory (attention.rs mirrors the chunk, the
 // stages, the staged queries and the row padding). The decode variants (`DecodeKernel` in
 // attention/mod.rs) differ only in how K/V are copied: `_l2` asks L2 for 256 bytes around each
-// copy, `_warp` does too and each warp copies and waits for its own positions alone.
+// copy, `_warp` (the default) does too and each warp copies and waits for its own positions.
 #define LUMEN_ATTENTION_MMA(NAME, D, WARPS_M, MT, CHUNK, PREFETCH, WARP_PIPE)                                    \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                    \
         NAME(__nv_bfloat16* out, float* part_acc, float* part_ml, const __nv_bfloat16* q, int q_stride,          \

@@ -80,17 +80,18 @@ pub enum DecodeKernel {
     Block,
     /// `l2`: as `block`, each copy asking L2 for the 256 bytes around it.
     L2,
-    /// `warp`: each warp copies and waits for its own positions alone (no barrier per chunk),
-    /// with the L2 hint.
+    /// `warp`, the default: each warp copies and waits for its own positions alone (no barrier
+    /// per chunk), with the L2 hint. On an H100, 1% more output at 256 streams than `block`
+    /// (8,615 against 8,520 tok/s offline, three runs each), the same at 32.
     Warp,
 }
 
 impl DecodeKernel {
     pub fn from_env() -> Result<DecodeKernel> {
         match std::env::var("LUMEN_CUDA_DECODE_ATTENTION").as_deref() {
-            Err(_) | Ok("block") => Ok(DecodeKernel::Block),
+            Ok("block") => Ok(DecodeKernel::Block),
             Ok("l2") => Ok(DecodeKernel::L2),
-            Ok("warp") => Ok(DecodeKernel::Warp),
+            Err(_) | Ok("warp") => Ok(DecodeKernel::Warp),
             Ok(other) => {
                 Err(WorkerError::invalid("LUMEN_CUDA_DECODE_ATTENTION", format!("{other:?} is not block, l2 or warp")))
             }
