@@ -442,15 +442,16 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
 // smem_bytes<D, MT, ROWS, CHUNK>() of dynamic shared memory (attention.rs mirrors the chunk, the
 // stages, the staged queries and the row padding). The decode variants (`DecodeKernel` in
 // attention/mod.rs) differ only in how K/V are copied: `_l2` asks L2 for 256 bytes around each
-// copy, `_warp` (the default) does too and each warp copies and waits for its own positions.
-#define LUMEN_ATTENTION_MMA(NAME, D, WARPS_M, MT, CHUNK, PREFETCH, WARP_PIPE)                                    \
+// copy, `_warp` (the default) does too and each warp copies and waits for its own positions,
+// `_warp2` the same with two stages instead of three.
+#define LUMEN_ATTENTION_MMA(NAME, D, WARPS_M, MT, CHUNK, STAGES, PREFETCH, WARP_PIPE)                            \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                    \
         NAME(__nv_bfloat16* out, float* part_acc, float* part_ml, const __nv_bfloat16* q, int q_stride,          \
              int out_stride, const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, const int* tiles,       \
              const int* seqs, const int* tables, int kv_heads, int ratio, int heads_per_cta, int block_size,     \
              int chunks_per_split, float scale, unsigned int* counters) {                                       \
         await_previous_kernel();                                                                                 \
-        paged_attention_mma<D, WARPS_M, MT, CHUNK, DEFAULT_STAGES, PREFETCH, WARP_PIPE>(                         \
+        paged_attention_mma<D, WARPS_M, MT, CHUNK, STAGES, PREFETCH, WARP_PIPE>(                                 \
             out, part_acc, part_ml, q, q_stride, out_stride, k_cache, v_cache, tiles, seqs, tables, kv_heads,    \
             ratio, heads_per_cta, block_size, chunks_per_split, scale, counters);                                \
     }                                                                                                            \
@@ -464,13 +465,16 @@ __device__ void paged_attention_mma(__nv_bfloat16* __restrict__ out, float* __re
 
 // Tall prefill tiles read chunks of 32 positions: S of two row tiles over 64 positions would not
 // fit the registers beside the output accumulators (it spilled at head size 128).
-LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_bf16_d64, 64, 4, 1, 64, 0, false)
-LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_bf16_d128, 128, 4, 1, 64, 0, false)
-LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_wide_bf16_d64, 64, 4, 2, 32, 0, false)
-LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_wide_bf16_d128, 128, 4, 2, 32, 0, false)
-LUMEN_ATTENTION_MMA(paged_attention_mma_decode_bf16_d64, 64, 1, 1, 64, 0, false)
-LUMEN_ATTENTION_MMA(paged_attention_mma_decode_bf16_d128, 128, 1, 1, 64, 0, false)
-LUMEN_ATTENTION_MMA(paged_attention_mma_decode_l2_bf16_d64, 64, 1, 1, 64, 256, false)
-LUMEN_ATTENTION_MMA(paged_attention_mma_decode_l2_bf16_d128, 128, 1, 1, 64, 256, false)
-LUMEN_ATTENTION_MMA(paged_attention_mma_decode_warp_bf16_d64, 64, 1, 1, 64, 256, true)
-LUMEN_ATTENTION_MMA(paged_attention_mma_decode_warp_bf16_d128, 128, 1, 1, 64, 256, true)
+LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_bf16_d64, 64, 4, 1, 64, DEFAULT_STAGES, 0, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_bf16_d128, 128, 4, 1, 64, DEFAULT_STAGES, 0, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_wide_bf16_d64, 64, 4, 2, 32, DEFAULT_STAGES, 0, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_prefill_wide_bf16_d128, 128, 4, 2, 32, DEFAULT_STAGES, 0, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_bf16_d64, 64, 1, 1, 64, DEFAULT_STAGES, 0, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_bf16_d128, 128, 1, 1, 64, DEFAULT_STAGES, 0, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_l2_bf16_d64, 64, 1, 1, 64, DEFAULT_STAGES, 256, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_l2_bf16_d128, 128, 1, 1, 64, DEFAULT_STAGES, 256, false)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_warp_bf16_d64, 64, 1, 1, 64, DEFAULT_STAGES, 256, true)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_warp_bf16_d128, 128, 1, 1, 64, DEFAULT_STAGES, 256, true)
+// Two stages: smaller CTAs, three per Hopper multiprocessor (`warp2`).
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_warp2_bf16_d64, 64, 1, 1, 64, 2, 256, true)
+LUMEN_ATTENTION_MMA(paged_attention_mma_decode_warp2_bf16_d128, 128, 1, 1, 64, 2, 256, true)

@@ -97,15 +97,19 @@ impl AttentionKernels {
             );
             return Self::load(AttentionKind::Simt, load, suffix, head_dim, max_shared);
         }
+        let decode_kernel = DecodeKernel::from_env()?;
         let (module, names) = match kind {
             AttentionKind::Simt => (load(ATTENTION)?, ["paged_attention_decode", "paged_attention", ""]),
             AttentionKind::TensorCore => (
                 load(ATTENTION_MMA)?,
-                [DecodeKernel::from_env()?.prefix(), "paged_attention_mma_prefill", "paged_attention_mma_prefill_wide"],
+                [decode_kernel.prefix(), "paged_attention_mma_prefill", "paged_attention_mma_prefill_wide"],
             ),
         };
         let kernel = |prefix: &str, tiles: Tiles| -> Result<Kernel> {
-            let shared = kind.shared_bytes(tiles, head_dim) as u32;
+            let shared = match (kind, tiles) {
+                (AttentionKind::TensorCore, Tiles::Decode) => decode_kernel.shared_bytes(head_dim),
+                _ => kind.shared_bytes(tiles, head_dim),
+            } as u32;
             let name = format!("{prefix}_{suffix}");
             let attention = module.load_function(&name).map_err(|e| gpu_error(&format!("kernel {name}"), e))?;
             if shared > 0 {

@@ -84,6 +84,10 @@ pub enum DecodeKernel {
     /// per chunk), with the L2 hint. On an H100, 1% more output at 256 streams than `block`
     /// (8,615 against 8,520 tok/s offline, three runs each), the same at 32.
     Warp,
+    /// `warp2`: `warp` with two stages, so three CTAs fit a Hopper multiprocessor instead of
+    /// two (alone: 86% of the read rate at 256 streams against 80%, 62% against 69% at 64 x 600;
+    /// not yet run in the engine).
+    Warp2,
 }
 
 impl DecodeKernel {
@@ -92,10 +96,20 @@ impl DecodeKernel {
             Ok("block") => Ok(DecodeKernel::Block),
             Ok("l2") => Ok(DecodeKernel::L2),
             Err(_) | Ok("warp") => Ok(DecodeKernel::Warp),
-            Ok(other) => {
-                Err(WorkerError::invalid("LUMEN_CUDA_DECODE_ATTENTION", format!("{other:?} is not block, l2 or warp")))
-            }
+            Ok("warp2") => Ok(DecodeKernel::Warp2),
+            Ok(other) => Err(WorkerError::invalid(
+                "LUMEN_CUDA_DECODE_ATTENTION",
+                format!("{other:?} is not block, l2, warp or warp2"),
+            )),
         }
+    }
+
+    /// Dynamic shared memory of one CTA: its K/V stages of 64-position chunks, in rows padded
+    /// by 16 bytes (attention_mma.cu's `smem_bytes`).
+    pub fn shared_bytes(self, head_dim: usize) -> usize {
+        let stages = if self == DecodeKernel::Warp2 { 2 } else { MMA_STAGES };
+        let chunk = AttentionKind::TensorCore.shape(Tiles::Decode).chunk;
+        stages * 2 * chunk * (head_dim + 8) * 2
     }
 
     /// The kernel's name before `_bf16_d<D>`.
@@ -104,6 +118,7 @@ impl DecodeKernel {
             DecodeKernel::Block => "paged_attention_mma_decode",
             DecodeKernel::L2 => "paged_attention_mma_decode_l2",
             DecodeKernel::Warp => "paged_attention_mma_decode_warp",
+            DecodeKernel::Warp2 => "paged_attention_mma_decode_warp2",
         }
     }
 }
