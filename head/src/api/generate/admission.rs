@@ -15,10 +15,10 @@
 //!
 //! **Fair headroom** (fair policy): slots free up only as requests end, so one tenant holding
 //! every slot would keep another's request waiting for the next end however few it sends. A
-//! request whose tenant holds fewer slots per weight than every other tenant holding any
+//! request whose tenant (a named key's) holds fewer slots per weight than every other tenant holding any
 //! therefore runs at once even when every slot is taken, up to [`fair_headroom`] beyond
 //! `max_in_flight` (its own earlier waiting requests first: whenever headroom frees, the next
-//! waiting request of a tenant under its share takes it, out of the queue's turn); the worker's
+//! waiting request of the tenant furthest under its share takes it, out of the queue's turn); the worker's
 //! scheduler, which shares its sequence slots the same way, then preempts the tenant over its
 //! share. Under fcfs, and for limits below 8, there is no headroom.
 //!
@@ -131,7 +131,15 @@ impl Slots {
     fn fill_headroom(&mut self, max_in_flight: usize) {
         let room = max_in_flight + fair_headroom(max_in_flight);
         while self.running < room {
-            let due = self.waiting.waiting_tenants().find(|(t, w)| self.under_share(t, *w)).map(|(t, _)| t.clone());
+            // The tenant furthest under its share first.
+            let load =
+                |t: &str, w: u32| (self.held.get(t).map_or(0, |h| h.0) as u128 * (1 << 32)) / u128::from(w.max(1));
+            let due = self
+                .waiting
+                .waiting_tenants()
+                .filter(|(t, w)| self.under_share(t, *w))
+                .min_by_key(|(t, w)| load(t, *w))
+                .map(|(t, _)| t.clone());
             let Some(wake) = due.and_then(|t| self.waiting.pop_tenant(&t)) else { return };
             if wake.send.send(Turn::Run).is_ok() {
                 self.take(&wake.tenant, wake.weight);
@@ -139,9 +147,13 @@ impl Slots {
         }
     }
 
-    /// Whether `tenant` (of `weight`) may take a slot of the headroom: some other tenant holds
-    /// slots, every one of them more per weight than this one.
+    /// Whether `tenant` (of `weight`) may take a slot of the headroom: a named tenant (requests
+    /// without a key carry none to the router, which grants them no headroom), while some other
+    /// tenant holds slots, every one of them more per weight than this one.
     fn under_share(&self, tenant: &str, weight: u32) -> bool {
+        if tenant.is_empty() {
+            return false;
+        }
         let mine = self.held.get(tenant).map_or(0, |h| h.0) as u64;
         let weight = u64::from(weight.max(1));
         let mut others = self.held.iter().filter(|(t, h)| &***t != tenant && h.0 > 0).peekable();
@@ -566,6 +578,16 @@ mod tests {
         let _l: Vec<Ticket> = (0..4).map(|_| fair.enter("m", limits, &tenant("light")).unwrap()).collect();
         let _h: Vec<Ticket> = (0..4).map(|_| fair.enter("m", limits, &weighted).unwrap()).collect();
         assert!(matches!(fair.enter("m", limits, &weighted).unwrap(), Ticket::Ready(_)), "4/3 < 4/1");
+    }
+
+    #[tokio::test]
+    async fn requests_without_a_key_get_no_headroom() {
+        // They carry no tenant to the router, which would refuse them past the limit.
+        let limits = AdmissionLimits { max_in_flight: 8, max_queued: 100 };
+        let admission = Admission::new(QueuePolicy::Fair);
+        let _heavy: Vec<Ticket> = (0..8).map(|_| admission.enter("m", limits, &tenant("heavy")).unwrap()).collect();
+        assert!(matches!(admission.enter("m", limits, &anyone()).unwrap(), Ticket::Queued(_)));
+        assert!(matches!(admission.enter("m", limits, &tenant("light")).unwrap(), Ticket::Ready(_)));
     }
 
     #[tokio::test]

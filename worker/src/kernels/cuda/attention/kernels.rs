@@ -97,7 +97,11 @@ impl AttentionKernels {
             );
             return Self::load(AttentionKind::Simt, load, suffix, head_dim, max_shared);
         }
-        let decode_kernel = DecodeKernel::from_env()?;
+        // The tensor-core decode kernel's variant (the CUDA-core kernels have one).
+        let decode_kernel = match kind {
+            AttentionKind::TensorCore => DecodeKernel::from_env()?,
+            AttentionKind::Simt => DecodeKernel::Block,
+        };
         let (module, names) = match kind {
             AttentionKind::Simt => (load(ATTENTION)?, ["paged_attention_decode", "paged_attention", ""]),
             AttentionKind::TensorCore => (
