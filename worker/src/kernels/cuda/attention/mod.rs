@@ -104,12 +104,10 @@ impl DecodeKernel {
         }
     }
 
-    /// Dynamic shared memory of one CTA: its K/V stages of 64-position chunks, in rows padded
-    /// by 16 bytes (attention_mma.cu's `smem_bytes`).
+    /// Dynamic shared memory of one CTA: its K/V stages.
     pub fn shared_bytes(self, head_dim: usize) -> usize {
         let stages = if self == DecodeKernel::Warp2 { 2 } else { MMA_STAGES };
-        let chunk = AttentionKind::TensorCore.shape(Tiles::Decode).chunk;
-        stages * 2 * chunk * (head_dim + 8) * 2
+        mma_shared_bytes(stages, AttentionKind::TensorCore.shape(Tiles::Decode).chunk, 0, head_dim)
     }
 
     /// The kernel's name before `_bf16_d<D>`.
@@ -153,9 +151,15 @@ impl AttentionKind {
         let query_rows = if tiles == Tiles::PrefillTall { shape.rows } else { 0 };
         match self {
             AttentionKind::Simt => 0,
-            AttentionKind::TensorCore => (MMA_STAGES * 2 * shape.chunk + query_rows) * (head_dim + 8) * 2,
+            AttentionKind::TensorCore => mma_shared_bytes(MMA_STAGES, shape.chunk, query_rows, head_dim),
         }
     }
+}
+
+/// Dynamic shared memory of a tensor-core CTA (attention_mma.cu's `smem_bytes`): `stages` K/V
+/// chunks of `chunk` positions and `query_rows` staged queries, in bf16 rows padded by 16 bytes.
+fn mma_shared_bytes(stages: usize, chunk: usize, query_rows: usize, head_dim: usize) -> usize {
+    (stages * 2 * chunk + query_rows) * (head_dim + 8) * 2
 }
 
 /// What a plan needs to know of the kernels that will run it.
