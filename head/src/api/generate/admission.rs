@@ -57,8 +57,6 @@ impl Default for AdmissionLimits {
 
 struct Gate {
     limits: AdmissionLimits,
-    /// Fair policy: tenants under their share may use the headroom.
-    fair: bool,
     slots: Mutex<Slots>,
 }
 
@@ -66,6 +64,9 @@ struct Slots {
     running: usize,
     /// Slots held per tenant (`""` for requests without one), with the tenant's weight.
     held: HashMap<Arc<str>, (usize, u32)>,
+    /// The gate's `max_in_flight`, and what may run with the headroom (the same under fcfs).
+    max_in_flight: usize,
+    room: usize,
     /// Each waiting request's wake-up: [`Turn::Run`] hands the request a slot.
     waiting: FairQueue<Wake>,
 }
@@ -104,7 +105,7 @@ impl Slots {
     /// `tenant`'s slot freed: while fewer than `max_in_flight` run, hand slots to the next
     /// waiting requests; then, under the fair policy, the headroom to waiting tenants under
     /// their share.
-    fn release(&mut self, tenant: &str, max_in_flight: usize, fair: bool) {
+    fn release(&mut self, tenant: &str) {
         self.running = self.running.saturating_sub(1);
         if let Some(held) = self.held.get_mut(tenant) {
             held.0 -= 1;
@@ -112,7 +113,7 @@ impl Slots {
                 self.held.remove(tenant);
             }
         }
-        while self.running < max_in_flight {
+        while self.running < self.max_in_flight {
             let Some(wake) = self.waiting.pop() else { return };
             // A waiting ticket's receiver lives as long as its place (the ticket leaves the
             // queue under this lock before dropping it), so this send succeeds; if it ever did
@@ -121,24 +122,19 @@ impl Slots {
                 self.take(&wake.tenant, wake.weight);
             }
         }
-        if fair {
-            self.fill_headroom(max_in_flight);
-        }
+        self.fill_headroom();
     }
 
     /// Hands the free slots of the headroom to the waiting requests of tenants under their
     /// share, each tenant's next one first.
-    fn fill_headroom(&mut self, max_in_flight: usize) {
-        let room = max_in_flight + fair_headroom(max_in_flight);
-        while self.running < room {
+    fn fill_headroom(&mut self) {
+        while self.running < self.room {
             // The tenant furthest under its share first.
-            let load =
-                |t: &str, w: u32| (self.held.get(t).map_or(0, |h| h.0) as u128 * (1 << 32)) / u128::from(w.max(1));
             let due = self
                 .waiting
                 .waiting_tenants()
                 .filter(|(t, w)| self.under_share(t, *w))
-                .min_by_key(|(t, w)| load(t, *w))
+                .min_by(|(a, wa), (b, wb)| per_weight((self.holding(a), *wa), (self.holding(b), *wb)))
                 .map(|(t, _)| t.clone());
             let Some(wake) = due.and_then(|t| self.waiting.pop_tenant(&t)) else { return };
             if wake.send.send(Turn::Run).is_ok() {
@@ -154,11 +150,20 @@ impl Slots {
         if tenant.is_empty() {
             return false;
         }
-        let mine = self.held.get(tenant).map_or(0, |h| h.0) as u64;
-        let weight = u64::from(weight.max(1));
+        let mine = (self.holding(tenant), weight);
         let mut others = self.held.iter().filter(|(t, h)| &***t != tenant && h.0 > 0).peekable();
-        others.peek().is_some() && others.all(|(_, &(n, w))| mine * u64::from(w.max(1)) < n as u64 * weight)
+        others.peek().is_some() && others.all(|(_, &other)| per_weight(mine, other).is_lt())
     }
+
+    /// Slots `tenant` holds.
+    fn holding(&self, tenant: &str) -> usize {
+        self.held.get(tenant).map_or(0, |h| h.0)
+    }
+}
+
+/// Compares `a` slots held at weight `wa` with `b` at `wb`, per weight.
+fn per_weight((a, wa): (usize, u32), (b, wb): (usize, u32)) -> std::cmp::Ordering {
+    (a as u64 * u64::from(wb.max(1))).cmp(&(b as u64 * u64::from(wa.max(1))))
 }
 
 /// The gates of all models, and how they release waiting requests.
@@ -182,7 +187,7 @@ impl std::fmt::Debug for Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.gate.lock().release(&self.tenant, self.gate.limits.max_in_flight, self.gate.fair);
+        self.gate.lock().release(&self.tenant);
     }
 }
 
@@ -235,8 +240,7 @@ impl Admission {
         let mut slots = gate.lock();
         let free = slots.running < limits.max_in_flight && slots.waiting.is_empty();
         // The headroom, unless this tenant's own requests wait (they get it first, below).
-        let headroom = gate.fair
-            && slots.running < limits.max_in_flight + fair_headroom(limits.max_in_flight)
+        let headroom = slots.running < slots.room
             && !slots.waiting.has_waiting(&waiter.tenant)
             && slots.under_share(&waiter.tenant, waiter.weight);
         if free || headroom {
@@ -257,10 +261,8 @@ impl Admission {
         let (send, wake) = oneshot::channel();
         let tenant = waiter.tenant.clone();
         let place = slots.waiting.push(waiter, Wake { tenant: tenant.clone(), weight: waiter.weight, send });
-        if gate.fair {
-            // A tenant under its share whose earlier requests wait gets the headroom for them.
-            slots.fill_headroom(limits.max_in_flight);
-        }
+        // A tenant under its share whose earlier requests wait gets the headroom for them.
+        slots.fill_headroom();
         drop(slots);
         Ok(Ticket::Queued(Queued { gate, place, tenant, wake: Some(wake) }))
     }
@@ -276,9 +278,14 @@ impl Admission {
             Some(gate) if gate.limits == limits => gate.clone(),
             // New limits take a new gate; requests of the old one finish under the old limits.
             _ => {
-                let slots = Slots { running: 0, held: HashMap::new(), waiting: FairQueue::default() };
-                let fair = self.policy == QueuePolicy::Fair;
-                let gate = Arc::new(Gate { limits, fair, slots: Mutex::new(slots) });
+                let max_in_flight = limits.max_in_flight;
+                let room = match self.policy {
+                    QueuePolicy::Fair => max_in_flight + fair_headroom(max_in_flight),
+                    QueuePolicy::Fcfs => max_in_flight,
+                };
+                let slots =
+                    Slots { running: 0, held: HashMap::new(), max_in_flight, room, waiting: FairQueue::default() };
+                let gate = Arc::new(Gate { limits, slots: Mutex::new(slots) });
                 gates.insert(model.to_string(), gate.clone());
                 gate
             }
@@ -324,7 +331,7 @@ impl Drop for Queued {
             // message is there.
             let turn = self.wake.take().and_then(|mut wake| wake.try_recv().ok());
             if matches!(turn, Some(Turn::Run)) {
-                slots.release(&self.tenant, self.gate.limits.max_in_flight, self.gate.fair);
+                slots.release(&self.tenant);
             }
         }
     }
