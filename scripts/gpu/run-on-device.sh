@@ -8,7 +8,7 @@
 #
 #   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention]
 #                                     [attention] [decode-attention] [serve] [hf-parity] [ptx]
-#                                     [a10g-plan] [structured]
+#                                     [a10g-plan] [structured] [overlap]
 #                                                                        (default: tests bench parity)
 #
 # carry: gpu-pack (binaries, tokenizer). The GGUF comes in two more calls carrying gpu-smol1
@@ -53,6 +53,8 @@ row() { table+=("$(printf '%-44s %s' "$1" "$2")"); }
     chmod +x "$work/linear-bench"
 [ -f gpu-pack/attention-bench.xz ] && xz -dc gpu-pack/attention-bench.xz > "$work/attention-bench" &&
     chmod +x "$work/attention-bench"
+[ -f gpu-pack/overlap-bench.xz ] && xz -dc gpu-pack/overlap-bench.xz > "$work/overlap-bench" &&
+    chmod +x "$work/overlap-bench"
 [ -f gpu-pack/llama3.1-tokenizer.tar.xz ] && tar -C "$work" -xJf gpu-pack/llama3.1-tokenizer.tar.xz
 for part in gpu-smol1/smollm2.part1 gpu-smol/smollm2.part2; do
     [ -f "$part" ] && cp "$part" "$work/"
@@ -162,6 +164,13 @@ if [[ " $steps " == *" decode-attention "* ]]; then
         attn=$(grep -h 'decode step timing' "$out/decode-$v-c256-ops.log" | tail -1 | grep -oE 'attention=[0-9.]+')
         row "offline decode attention $v" "c=32 $t32 tok/s, c=256 $t256 tok/s (graphs); c=256 eager ${attn:-?} ms/step"
     done
+fi
+
+if [[ " $steps " == *" overlap "* ]]; then
+    # A mixed step's prompt rows and decode rows as one pass (the engine) or as two passes side
+    # by side (two streams, priorities, green contexts): issue 22's item 6, whether it pays.
+    "$work/overlap-bench" --json "$out/overlap.json" 2>&1 | tee "$out/overlap.txt"
+    while read -r line; do row "overlap" "$line"; done < <(grep -E '^P ' "$out/overlap.txt" | grep 'best')
 fi
 
 if [[ " $steps " == *" profile "* ]]; then
