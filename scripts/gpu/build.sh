@@ -7,6 +7,8 @@
 #                                           at 1-64 token rows)
 #   gpu-pack/attention-bench.xz             scripts/gpu/attention_bench.cu (the decode attention
 #                                           kernel's variants against the memory's read rate)
+#   gpu-pack/gemm-bench.xz                  scripts/gpu/gemm_bench.cu (cuBLAS's default algorithm
+#                                           against cuBLASLt's candidates at 64-4096 rows)
 #   gpu-pack/overlap-bench.xz               scripts/gpu/overlap_bench.cu (a mixed step's decode
 #                                           and prompt rows as one pass or side by side)
 #   gpu-pack/llama3.1-tokenizer.tar.xz      for the Llama-3.1-8B-shaped benchmark
@@ -39,11 +41,13 @@ nice -n 15 nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o gpu-pack
     scripts/gpu/linear_bench.cu -L"$CUDA_ROOT/lib64" -lcublas
 nice -n 15 nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o gpu-pack/attention-bench \
     scripts/gpu/attention_bench.cu -L"$CUDA_ROOT/lib64"
+nice -n 15 nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o gpu-pack/gemm-bench \
+    scripts/gpu/gemm_bench.cu -L"$CUDA_ROOT/lib64" -lcublas -lcublasLt
 nice -n 15 nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o gpu-pack/overlap-bench \
     scripts/gpu/overlap_bench.cu -L"$CUDA_ROOT/lib64" -L"$CUDA_ROOT/lib64/stubs" -lcublas -lcuda
 strip -o gpu-pack/lumen "$CARGO_TARGET_DIR/release/lumen"
 strip -o gpu-pack/worker-tests "$tests"
-xz -T2 -6 -f gpu-pack/lumen gpu-pack/worker-tests gpu-pack/linear-bench gpu-pack/attention-bench gpu-pack/overlap-bench
+xz -T2 -6 -f gpu-pack/lumen gpu-pack/worker-tests gpu-pack/linear-bench gpu-pack/attention-bench gpu-pack/overlap-bench gpu-pack/gemm-bench
 tar -C models -cJf gpu-pack/llama3.1-tokenizer.tar.xz llama3.1-tokenizer
 # The binaries (~30 MiB) travel alone; the ~95 MiB GGUF in two parts of ~46 MiB, each call
 # under 64 MiB with the checkout.

@@ -8,7 +8,7 @@
 #
 #   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention]
 #                                     [attention] [decode-attention] [serve] [hf-parity] [ptx]
-#                                     [a10g-plan] [structured] [overlap]
+#                                     [a10g-plan] [structured] [overlap] [gemm]
 #                                                                        (default: tests bench parity)
 #
 # carry: gpu-pack (binaries, tokenizer). The GGUF comes in two more calls carrying gpu-smol1
@@ -53,6 +53,7 @@ row() { table+=("$(printf '%-44s %s' "$1" "$2")"); }
     chmod +x "$work/linear-bench"
 [ -f gpu-pack/attention-bench.xz ] && xz -dc gpu-pack/attention-bench.xz > "$work/attention-bench" &&
     chmod +x "$work/attention-bench"
+[ -f gpu-pack/gemm-bench.xz ] && xz -dc gpu-pack/gemm-bench.xz > "$work/gemm-bench" && chmod +x "$work/gemm-bench"
 [ -f gpu-pack/overlap-bench.xz ] && xz -dc gpu-pack/overlap-bench.xz > "$work/overlap-bench" &&
     chmod +x "$work/overlap-bench"
 [ -f gpu-pack/llama3.1-tokenizer.tar.xz ] && tar -C "$work" -xJf gpu-pack/llama3.1-tokenizer.tar.xz
@@ -164,6 +165,14 @@ if [[ " $steps " == *" decode-attention "* ]]; then
         attn=$(grep -h 'decode step timing' "$out/decode-$v-c256-ops.log" | tail -1 | grep -oE 'attention=[0-9.]+')
         row "offline decode attention $v" "c=32 $t32 tok/s, c=256 $t256 tok/s (graphs); c=256 eager ${attn:-?} ms/step"
     done
+fi
+
+if [[ " $steps " == *" gemm "* ]]; then
+    # The linear layers at 64-4096 rows: cuBLAS's default algorithm (the engine's call) against
+    # every candidate cuBLASLt's heuristic offers, and the limit (weights / read rate, FLOPs /
+    # the best rate at 4096 rows).
+    "$work/gemm-bench" --json "$out/gemm.json" 2>&1 | tee "$out/gemm.txt"
+    while read -r line; do row "gemm: one step's linear layers" "$line"; done < <(sed -n '/^  rows/,$p' "$out/gemm.txt" | tail -n +2)
 fi
 
 if [[ " $steps " == *" overlap "* ]]; then
