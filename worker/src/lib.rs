@@ -16,6 +16,7 @@ pub mod scheduler;
 pub mod service;
 mod splitmix;
 pub mod tokenizer;
+pub mod tp;
 
 /// A token id in the model's vocabulary.
 pub type TokenId = u32;

@@ -83,6 +83,7 @@ pub const OPTIONS: &[(&str, Kind)] = &[
     ("gpu_memory_limit", Kind::BytesOrNull),
     ("dtype", Kind::OneOf(&["auto", "bfloat16", "float32"])),
     ("enforce_eager", Kind::Bool),
+    ("tensor_parallel_size", Kind::Count),
     ("runner", Kind::OneOf(&["auto", "generate", "pooling"])),
     ("convert", Kind::OneOf(&["auto", "none", "embed"])),
     ("pooler_config", Kind::PoolerConfig),
@@ -279,7 +280,7 @@ mod tests {
             "reasoning_parser": "deepseek_r1", "enable_auto_tool_choice": true, "tool_call_parser": "llama3_json",
             "structured_outputs_config": {"backend": "xgrammar", "reasoning_parser": "deepseek_r1"},
             "runner": "pooling", "convert": "embed", "pooler_config": {"pooling_type": "MEAN", "normalize": false},
-            "migration_limit": 0,
+            "migration_limit": 0, "tensor_parallel_size": 4,
         });
         check("m", section.as_object().unwrap()).unwrap();
         check("m", json!({"model": "a.gguf", "kv_cache_memory": 1048576}).as_object().unwrap()).unwrap();
@@ -290,6 +291,7 @@ mod tests {
         let cases = [
             (json!({"source": "m", "max_model_len": 0}), "m.max_model_len", "at least 1, got 0"),
             (json!({"source": "m", "max_num_seqs": -4}), "m.max_num_seqs", "at least 1, got -4"),
+            (json!({"source": "m", "tensor_parallel_size": 0}), "m.tensor_parallel_size", "at least 1, got 0"),
             (json!({"source": "m", "block_size": 1.5}), "m.block_size", "whole number, got 1.5"),
             (json!({"source": "m", "max_num_seqs": null}), "m.max_num_seqs", "got null"),
             (

@@ -14,6 +14,7 @@ use crate::model::llama_cpu::{CpuLlama, CpuModelOptions};
 use crate::model::location::{LoadFormat, ModelLocation, resolve_model};
 use crate::model::{DummySource, LlamaConfig, Model, SafetensorsSource, TensorDType, TensorSource};
 use crate::tokenizer::Tokenizer;
+use crate::tp::cpu::TensorParallelCpu;
 use crate::{Result, WorkerError};
 
 /// Loads the model named by `opts` and builds an engine around it (blocking: may read gigabytes
@@ -39,7 +40,16 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
         ));
     }
     let model: Box<dyn Model> = match device {
-        ComputeDevice::Cpu => Box::new(load_cpu(config, source.as_ref(), opts, max_model_len)?),
+        ComputeDevice::Cpu => load_cpu(config, source.as_ref(), opts, max_model_len)?,
+        ComputeDevice::Cuda(_) if opts.tensor_parallel_size != 1 => {
+            return Err(WorkerError::invalid(
+                "tensor_parallel_size",
+                format!(
+                    "{} GPUs per replica is not built yet: tensor parallelism runs on the CPU only (device: cpu) for now",
+                    opts.tensor_parallel_size
+                ),
+            ));
+        }
         ComputeDevice::Cuda(ordinal) => load_cuda(config, source.as_ref(), opts, max_model_len, ordinal)?,
     };
     let core_cfg = CoreConfig {
@@ -73,13 +83,14 @@ fn itl_goal(opts: &EngineOptions) -> Option<f64> {
     }
 }
 
-/// The CPU model, its KV cache sized by `--kv-cache-memory`.
+/// The CPU model, its KV cache sized by `--kv-cache-memory` (with `--tensor-parallel-size`
+/// N, N ranks, each holding its KV heads' share of every block).
 fn load_cpu(
     config: LlamaConfig,
     source: &dyn TensorSource,
     opts: &EngineOptions,
     max_model_len: usize,
-) -> Result<CpuLlama> {
+) -> Result<Box<dyn Model>> {
     let layout =
         CacheLayout { block_size: opts.block_size, kv_heads: config.num_key_value_heads, head_dim: config.head_dim };
     let per_block = CpuKvStorage::bytes_per_block(&layout, config.num_hidden_layers);
@@ -95,17 +106,17 @@ fn load_cpu(
             ),
         ));
     }
-    CpuLlama::load(
-        config,
-        source,
-        &CpuModelOptions {
-            threads: opts.threads(),
-            weight_format: opts.cpu_weight_format,
-            block_size: opts.block_size,
-            num_blocks,
-            max_model_len,
-        },
-    )
+    let cpu = CpuModelOptions {
+        threads: opts.threads(),
+        weight_format: opts.cpu_weight_format,
+        block_size: opts.block_size,
+        num_blocks,
+        max_model_len,
+    };
+    Ok(match opts.tensor_parallel_size {
+        1 => Box::new(CpuLlama::load(config, source, &cpu)?),
+        ranks => Box::new(TensorParallelCpu::load(config, source, &cpu, ranks)?),
+    })
 }
 
 /// The GPU model, its KV cache sized by `--gpu-memory-utilization` (dummy weights are drawn on

@@ -124,6 +124,12 @@ pub struct EngineOptions {
     #[arg(long, env = "LUMEN_CONVERT", value_enum, default_value = "auto")]
     pub convert: Convert,
 
+    /// Ranks one replica is spread over (vLLM's `--tensor-parallel-size`): Megatron-style shards
+    /// of every layer, meeting in an all-reduce twice a layer. On the CPU the ranks are threads
+    /// sharing `--threads`; on GPUs (one per rank) it is not built yet.
+    #[arg(long, env = "LUMEN_TENSOR_PARALLEL_SIZE", default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+
     /// The pooler, as vLLM's `--pooler-config` JSON: `{"pooling_type": "LAST" | "MEAN" | "CLS",
     /// "normalize": true | false}`; default LAST, normalized (vLLM's for a converted causal LM).
     #[arg(long, env = "LUMEN_POOLER_CONFIG", value_parser = PoolerConfig::parse_json)]
@@ -210,6 +216,7 @@ impl Default for EngineOptions {
             runner: Runner::Auto,
             convert: Convert::Auto,
             pooler_config: None,
+            tensor_parallel_size: 1,
         }
     }
 }

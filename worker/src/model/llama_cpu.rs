@@ -3,7 +3,12 @@
 //! Stateless apart from the cache: every step gets token ids, positions, slots and block tables
 //! ([`ForwardBatch`]), writes the new K/V into the cache and attends over it. Intermediate buffers
 //! are kept between steps and only grow.
+//!
+//! One rank of a tensor-parallel model ([`CpuLlama::load_rank`], `crate::tp`) runs the same pass
+//! over its shard: its embedding rows and the o and down projections' partial sums go through
+//! the group's all-reduce, and its vocabulary's logits through an all-gather.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::Model;
@@ -12,6 +17,7 @@ use super::config::LlamaConfig;
 use super::cpu_weights::{CpuWeightFormat, CpuWeights};
 use super::source::TensorSource;
 use crate::Result;
+use crate::WorkerError;
 use crate::kernels::cpu::attention::{CacheLayout, paged_attention, write_kv};
 use crate::kernels::cpu::isa::Isa;
 use crate::kernels::cpu::matmul::{Epilogue, Input, InputKind, Matrix, matmul};
@@ -19,6 +25,9 @@ use crate::kernels::cpu::ops::{RopeTable, rms_norm, silu_mul};
 use crate::kernels::cpu::pool::{SharedMut, ThreadPool, split_range};
 use crate::kernels::cpu::quant::{PARALLEL_ROWS, QuantizedRows};
 use crate::kv_cache::cpu_storage::CpuKvStorage;
+use crate::tp::comm::{Aborted, LocalGroup};
+use crate::tp::source::ShardedSource;
+use crate::tp::{ShardPlan, vocab_range};
 
 /// Options for building a CPU model.
 #[derive(Clone, Debug)]
@@ -41,6 +50,16 @@ pub struct CpuLlama {
     pool: ThreadPool,
     isa: Isa,
     buf: Buffers,
+    /// Set for one rank of a tensor-parallel model.
+    rank: Option<Rank>,
+}
+
+/// A tensor-parallel rank's place in its group.
+struct Rank {
+    plan: ShardPlan,
+    group: Arc<LocalGroup>,
+    /// The whole model's vocabulary (the rank's config has its own range's size).
+    vocab: usize,
 }
 
 #[derive(Default)]
@@ -59,6 +78,8 @@ struct Buffers {
     logits: Vec<f32>,
     /// The final-norm hidden states of the batch's `hidden_rows`.
     hidden: Vec<f32>,
+    /// A rank's partial sums of a row-parallel projection, and its vocabulary's logits.
+    partial: Vec<f32>,
 }
 
 impl CpuLlama {
@@ -87,7 +108,37 @@ impl CpuLlama {
             load_s = started.elapsed().as_secs_f32(),
             "loaded model on the CPU"
         );
-        Ok(CpuLlama { config, weights, rope, cache, pool: ThreadPool::new(opts.threads), isa, buf: Buffers::default() })
+        Ok(CpuLlama {
+            config,
+            weights,
+            rope,
+            cache,
+            pool: ThreadPool::new(opts.threads),
+            isa,
+            buf: Buffers::default(),
+            rank: None,
+        })
+    }
+
+    /// Rank `plan.rank` of a tensor-parallel model of `config`: only its shard of `src`'s
+    /// weights and its KV heads' cache (`opts.num_blocks` blocks, as every rank), meeting the
+    /// other ranks in `group`.
+    pub fn load_rank(
+        config: &LlamaConfig,
+        src: &dyn TensorSource,
+        opts: &CpuModelOptions,
+        plan: ShardPlan,
+        group: Arc<LocalGroup>,
+    ) -> Result<CpuLlama> {
+        let shard = ShardedSource::new(src, plan.clone());
+        let mut model = CpuLlama::load(plan.shard_config(config), &shard, opts)?;
+        model.rank = Some(Rank { plan, group, vocab: config.vocab_size });
+        Ok(model)
+    }
+
+    /// The logits of the last forward (every row's whole vocabulary, on every rank).
+    pub(crate) fn logits(&self) -> &[f32] {
+        &self.buf.logits
     }
 
     pub fn weights(&self) -> &CpuWeights {
@@ -95,9 +146,14 @@ impl CpuLlama {
     }
 
     /// Rejects a batch that would index outside the vocabulary, the rotary tables or the cache.
-    fn check(&self, batch: &ForwardBatch) -> Result<()> {
+    pub(crate) fn validate(&self, batch: &ForwardBatch) -> Result<()> {
         let (blocks, block_size) = (self.cache.num_blocks, self.cache.layout.block_size);
-        batch.validate(self.config.vocab_size, self.rope.max_positions(), blocks, block_size)
+        batch.validate(self.vocab(), self.rope.max_positions(), blocks, block_size)
+    }
+
+    /// The whole model's vocabulary size (a rank's config holds only its range).
+    fn vocab(&self) -> usize {
+        self.rank.as_ref().map_or(self.config.vocab_size, |r| r.vocab)
     }
 }
 
@@ -151,6 +207,35 @@ fn project(
     }
 }
 
+/// `x += input · Wᵀ` for a row-parallel projection: in place on one rank; on a rank of a
+/// tensor-parallel group, its partial sum (over its columns of `W`) all-reduced first.
+#[allow(clippy::too_many_arguments)]
+fn project_add(
+    pool: &ThreadPool,
+    isa: Isa,
+    w: &Matrix,
+    input: &[f32],
+    m: usize,
+    xq: &mut QuantizedRows,
+    partial: &mut Vec<f32>,
+    x: &mut [f32],
+    rank: Option<&Rank>,
+) -> std::result::Result<(), Aborted> {
+    let Some(rank) = rank else {
+        project(pool, isa, w, input, m, xq, x, Epilogue::Add);
+        return Ok(());
+    };
+    partial.resize(x.len(), 0.0);
+    project(pool, isa, w, input, m, xq, partial, Epilogue::Store);
+    rank.group.all_reduce_sum(rank.plan.rank, partial)?;
+    x.iter_mut().zip(partial.iter()).for_each(|(x, p)| *x += p);
+    Ok(())
+}
+
+fn rank_failed(_: Aborted) -> WorkerError {
+    WorkerError::Engine("another tensor-parallel rank failed during the step".into())
+}
+
 impl Model for CpuLlama {
     fn config(&self) -> &LlamaConfig {
         &self.config
@@ -173,9 +258,9 @@ impl Model for CpuLlama {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<&[f32]> {
-        self.check(batch)?;
+        self.validate(batch)?;
         let c = &self.config;
-        let (m, h, inter, vocab) = (batch.num_tokens(), c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (m, h, inter, vocab) = (batch.num_tokens(), c.hidden_size, c.intermediate_size, self.vocab());
         let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
         let (pool, isa, w, b) = (&self.pool, self.isa, &self.weights, &mut self.buf);
         for (v, len) in [
@@ -191,8 +276,19 @@ impl Model for CpuLlama {
         ] {
             v.resize(len, 0.0);
         }
+        let rank = self.rank.as_ref();
+        // A rank holds the embeddings of its vocabulary range: the others' rows come through
+        // the all-reduce (each row is written by exactly one rank, so the sum is exact).
+        let held = rank.map_or(0..vocab, |r| r.plan.vocab_range());
         for (row, &t) in batch.token_ids.iter().enumerate() {
-            w.embed.dequantize_row(t as usize, &mut b.x[row * h..(row + 1) * h]);
+            let out = &mut b.x[row * h..(row + 1) * h];
+            match (t as usize).checked_sub(held.start).filter(|&i| i < held.len()) {
+                Some(i) => w.embed.dequantize_row(i, out),
+                None => out.fill(0.0),
+            }
+        }
+        if let Some(r) = rank {
+            r.group.all_reduce_sum(r.plan.rank, &mut b.x).map_err(rank_failed)?;
         }
         let queries = attention_queries(&batch.seqs);
         let scale = 1.0 / (hd as f32).sqrt();
@@ -217,11 +313,13 @@ impl Model for CpuLlama {
             let heads = c.num_attention_heads;
             let (k_cache, v_cache) = (&self.cache.k[li], &self.cache.v[li]);
             paged_attention(pool, isa, &layout, heads, scale, &b.q, &queries, k_cache, v_cache, &mut b.attn);
-            project(pool, isa, &layer.o, &b.attn, m, &mut b.xq, &mut b.x, Epilogue::Add);
+            project_add(pool, isa, &layer.o, &b.attn, m, &mut b.xq, &mut b.partial, &mut b.x, rank)
+                .map_err(rank_failed)?;
             map_rows(pool, &b.x, h, &mut b.xn, h, |_, x, out| rms_norm(isa, x, &layer.ffn_norm, eps, out));
             project(pool, isa, &layer.gate_up, &b.xn, m, &mut b.xq, &mut b.gate_up, Epilogue::Store);
             map_rows(pool, &b.gate_up, 2 * inter, &mut b.mlp, inter, |_, gu, out| silu_mul(isa, gu, inter, out));
-            project(pool, isa, &layer.down, &b.mlp, m, &mut b.xq, &mut b.x, Epilogue::Add);
+            project_add(pool, isa, &layer.down, &b.mlp, m, &mut b.xq, &mut b.partial, &mut b.x, rank)
+                .map_err(rank_failed)?;
         }
         let final_norm = |rows: &[usize], out: &mut Vec<f32>| {
             out.resize(rows.len() * h, 0.0);
@@ -233,8 +331,19 @@ impl Model for CpuLlama {
         final_norm(&batch.logits_rows, &mut b.last);
         let r = batch.logits_rows.len();
         b.logits.resize(r * vocab, 0.0);
-        if r > 0 {
-            project(pool, isa, w.output(), &b.last, r, &mut b.xq, &mut b.logits, Epilogue::Store);
+        match rank {
+            None if r > 0 => project(pool, isa, w.output(), &b.last, r, &mut b.xq, &mut b.logits, Epilogue::Store),
+            None => {}
+            Some(rank) => {
+                // Every rank enters the gather, rows or not.
+                b.partial.resize(r * held.len(), 0.0);
+                if r > 0 {
+                    project(pool, isa, w.output(), &b.last, r, &mut b.xq, &mut b.partial, Epilogue::Store);
+                }
+                let (ranks, group) = (rank.plan.ranks, &rank.group);
+                let columns = |q| vocab_range(vocab, q, ranks);
+                group.all_gather_columns(rank.plan.rank, &b.partial, r, columns, &mut b.logits).map_err(rank_failed)?;
+            }
         }
         Ok(&b.logits)
     }

@@ -127,7 +127,7 @@ fn dequantize_ggml(name: &str, dtype: GgmlDType, bytes: &[u8], elems: usize) -> 
 }
 
 /// A set of named tensors in Hugging Face naming.
-pub trait TensorSource: Send {
+pub trait TensorSource: Send + Sync {
     /// The tensor named `name` (Hugging Face naming), or an error naming it and the source.
     fn tensor(&self, name: &str) -> Result<RawTensor>;
     /// Whether `name` is present.
