@@ -137,7 +137,8 @@ fi
 
 if [[ " $steps " == *" decode-attention "* ]]; then
     # The decode attention kernel's copy schemes (LUMEN_CUDA_DECODE_ATTENTION: block; l2;
-    # warp, the default; warp2, two stages; DECODE_VARIANTS picks the offline ones): the kernel alone against the read rate at issue 22's shapes
+    # warp, the default; warp2, two stages; auto, warp2 for large launches; DECODE_VARIANTS
+    # picks the offline ones): the kernel alone against the read rate at issue 22's shapes
     # (attention-bench), the attention kernel tests and the graph replay test under each, and
     # offline decode at 32 and 256 streams (512 in / 256 out) with per-operation GPU times.
     # DECODE_OFFLINE_ONLY=1 skips the kernel benchmark and tests.
@@ -145,7 +146,7 @@ if [[ " $steps " == *" decode-attention "* ]]; then
     "$work/attention-bench" --json "$out/attention-bench.json" 2>&1 | tee "$out/attention-bench.txt"
     row "attention-bench (variants agree)" "$([ "${PIPESTATUS[0]}" = 0 ] && echo yes || echo 'NO: see attention-bench.txt')"
     done
-    [ -z "${DECODE_OFFLINE_ONLY:-}" ] && for v in block l2 warp2; do
+    [ -z "${DECODE_OFFLINE_ONLY:-}" ] && for v in block l2 warp2 auto; do
         LUMEN_CUDA_DECODE_ATTENTION=$v "$work/worker-tests" --test-threads=1 attention \
             model::llama_cuda::tests::a_replayed_decode_step > "$out/decode-tests-$v.log" 2>&1
         row "attention tests, $v" "$(grep -E '^test result' "$out/decode-tests-$v.log" | tail -1)"
@@ -157,7 +158,7 @@ if [[ " $steps " == *" decode-attention "* ]]; then
         sed 's/\x1b\[[0-9;]*m//g' "$out/$1.ansi.log" > "$out/$1.log" && rm "$out/$1.ansi.log"
         python3 -c "import json; print(round(json.load(open('$out/$1.json'))['output_tokens_per_s']))" 2>/dev/null || echo failed
     }
-    for v in ${DECODE_VARIANTS:-block warp warp2}; do
+    for v in ${DECODE_VARIANTS:-warp warp2 auto}; do
         e="LUMEN_CUDA_DECODE_ATTENTION=$v"
         t32=$(dec "decode-$v-c32" "$e" 32)
         t256=$(dec "decode-$v-c256" "$e" 256)

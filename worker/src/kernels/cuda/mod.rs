@@ -183,8 +183,14 @@ impl CudaKernels {
         let num_sms = attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, "multiprocessor count")?;
         let max_shared =
             attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, "shared memory per block")?;
-        let attention =
-            attention::AttentionKernels::load(kind, &load, &format!("{suffix}_d{head_dim}"), head_dim, max_shared)?;
+        let attention = attention::AttentionKernels::load(
+            kind,
+            &load,
+            &format!("{suffix}_d{head_dim}"),
+            head_dim,
+            max_shared,
+            num_sms,
+        )?;
         let prefill_tiles = match attention::PrefillTiles::from_env()? {
             _ if !attention.has_tall_prefill() => attention::PrefillTiles::Short,
             tiles => tiles,

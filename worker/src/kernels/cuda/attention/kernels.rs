@@ -68,6 +68,9 @@ struct Kernel {
 pub(crate) struct AttentionKernels {
     pub kind: AttentionKind,
     decode: Kernel,
+    /// `LUMEN_CUDA_DECODE_ATTENTION=auto`: `warp2`, and the unsplit CTAs from which a decode
+    /// launch takes it instead of `decode`.
+    decode_wide: Option<(Kernel, usize)>,
     prefill: Kernel,
     /// Tensor cores, where the device's shared memory holds them.
     prefill_tall: Option<Kernel>,
@@ -87,6 +90,7 @@ impl AttentionKernels {
         suffix: &str,
         head_dim: usize,
         max_shared: usize,
+        num_sms: usize,
     ) -> Result<AttentionKernels> {
         let fits = |tiles: Tiles| kind.shared_bytes(tiles, head_dim) <= max_shared;
         if kind == AttentionKind::TensorCore && !(fits(Tiles::Decode) && fits(Tiles::Prefill)) {
@@ -95,7 +99,7 @@ impl AttentionKernels {
                 needed = kind.shared_bytes(Tiles::Decode, head_dim),
                 "the tensor-core attention kernels need more shared memory than this GPU gives a block: CUDA-core attention"
             );
-            return Self::load(AttentionKind::Simt, load, suffix, head_dim, max_shared);
+            return Self::load(AttentionKind::Simt, load, suffix, head_dim, max_shared, num_sms);
         }
         // The tensor-core decode kernel's variant (the CUDA-core kernels have one).
         let decode_kernel = match kind {
@@ -109,7 +113,7 @@ impl AttentionKernels {
                 [decode_kernel.prefix(), "paged_attention_mma_prefill", "paged_attention_mma_prefill_wide"],
             ),
         };
-        let kernel = |prefix: &str, tiles: Tiles| -> Result<Kernel> {
+        let kernel_of = |decode_kernel: DecodeKernel, prefix: &str, tiles: Tiles| -> Result<Kernel> {
             let shared = match (kind, tiles) {
                 (AttentionKind::TensorCore, Tiles::Decode) => decode_kernel.shared_bytes(head_dim),
                 _ => kind.shared_bytes(tiles, head_dim),
@@ -128,11 +132,25 @@ impl AttentionKernels {
                 .map_err(|e| gpu_error(&format!("kernel {name}_combine"), e))?;
             Ok(Kernel { attention, combine, shared_bytes: shared })
         };
+        let kernel = |prefix: &str, tiles: Tiles| kernel_of(decode_kernel, prefix, tiles);
+        let resident_of = |k: &Kernel| -> Result<usize> {
+            let n = k
+                .attention
+                .occupancy_max_active_blocks_per_multiprocessor(THREADS, k.shared_bytes as usize, None)
+                .map_err(|e| gpu_error("the attention kernel's occupancy", e))?;
+            Ok((n as usize).max(1))
+        };
         let decode = kernel(names[0], Tiles::Decode)?;
-        let resident = decode
-            .attention
-            .occupancy_max_active_blocks_per_multiprocessor(THREADS, decode.shared_bytes as usize, None)
-            .map_err(|e| gpu_error("the attention kernel's occupancy", e))?;
+        let resident = resident_of(&decode)?;
+        let decode_wide = match decode_kernel {
+            DecodeKernel::Auto => {
+                let wide = DecodeKernel::Warp2;
+                let k = kernel_of(wide, wide.prefix(), Tiles::Decode)?;
+                let from = 2 * resident_of(&k)? * num_sms;
+                Some((k, from))
+            }
+            _ => None,
+        };
         let prefill_tall = match kind {
             AttentionKind::TensorCore if fits(Tiles::PrefillTall) => Some(kernel(names[2], Tiles::PrefillTall)?),
             _ => None,
@@ -140,7 +158,8 @@ impl AttentionKernels {
         Ok(AttentionKernels {
             kind,
             decode,
-            decode_ctas_per_sm: (resident as usize).max(1),
+            decode_wide,
+            decode_ctas_per_sm: resident,
             prefill: kernel(names[1], Tiles::Prefill)?,
             prefill_tall,
         })
@@ -151,9 +170,13 @@ impl AttentionKernels {
         self.prefill_tall.is_some()
     }
 
-    fn kernel(&self, tiles: Tiles) -> Result<&Kernel> {
+    /// The kernel of a launch of `ctas` unsplit CTAs of `tiles`.
+    fn kernel(&self, tiles: Tiles, ctas: usize) -> Result<&Kernel> {
         match tiles {
-            Tiles::Decode => Ok(&self.decode),
+            Tiles::Decode => Ok(match &self.decode_wide {
+                Some((wide, from)) if ctas >= *from => wide,
+                _ => &self.decode,
+            }),
             Tiles::Prefill => Ok(&self.prefill),
             Tiles::PrefillTall => self
                 .prefill_tall
@@ -227,7 +250,7 @@ impl CudaKernels {
             // run in stream order, so the parts share the counters.
             let merge_in_place = splits > 1 && self.merge_splits && part.num_tiles * groups <= self.split_ctas;
             let counters = if merge_in_place || capturing { device_ptr(&self.split_counters)? } else { 0 };
-            let kernel = a.kernel(part.tiles_kind)?;
+            let kernel = a.kernel(part.tiles_kind, part.num_tiles * groups)?;
             let (attention, combine) = (&kernel.attention, &kernel.combine);
             let cfg = LaunchConfig { grid_dim, block_dim: (THREADS, 1, 1), shared_mem_bytes: kernel.shared_bytes };
             let mut params = Params::default();

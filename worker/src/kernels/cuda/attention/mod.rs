@@ -86,8 +86,15 @@ pub enum DecodeKernel {
     Warp,
     /// `warp2`: `warp` with two stages, so three CTAs fit a Hopper multiprocessor instead of
     /// two (alone: 86% of the read rate at 256 streams against 80%, 62% against 69% at 64 x 600;
-    /// not yet run in the engine).
+    /// in the engine on an H100, offline 8,449 against 8,326 tok/s at 256 streams, 3,583
+    /// against 3,629 at 32).
     Warp2,
+    /// `auto`: `warp2` for a launch of at least two full waves of it (unsplit CTAs >= 2 x its
+    /// resident CTAs x the multiprocessors: 792 on an H100, about 100 sequences of Llama-3.1-8B),
+    /// where its third CTA per multiprocessor pays; `warp` below, where `warp2`'s last wave
+    /// runs part-empty (the split policy follows `warp`). A captured decode graph keeps the
+    /// kernel it was captured with (chosen for the graph's size).
+    Auto,
 }
 
 impl DecodeKernel {
@@ -97,9 +104,10 @@ impl DecodeKernel {
             Ok("l2") => Ok(DecodeKernel::L2),
             Err(_) | Ok("warp") => Ok(DecodeKernel::Warp),
             Ok("warp2") => Ok(DecodeKernel::Warp2),
+            Ok("auto") => Ok(DecodeKernel::Auto),
             Ok(other) => Err(WorkerError::invalid(
                 "LUMEN_CUDA_DECODE_ATTENTION",
-                format!("{other:?} is not block, l2, warp or warp2"),
+                format!("{other:?} is not block, l2, warp, warp2 or auto"),
             )),
         }
     }
@@ -110,12 +118,12 @@ impl DecodeKernel {
         mma_shared_bytes(stages, AttentionKind::TensorCore.shape(Tiles::Decode).chunk, 0, head_dim)
     }
 
-    /// The kernel's name before `_bf16_d<D>`.
+    /// The kernel's name before `_bf16_d<D>` (`auto`'s first kernel: `warp`).
     pub fn prefix(self) -> &'static str {
         match self {
             DecodeKernel::Block => "paged_attention_mma_decode",
             DecodeKernel::L2 => "paged_attention_mma_decode_l2",
-            DecodeKernel::Warp => "paged_attention_mma_decode_warp",
+            DecodeKernel::Warp | DecodeKernel::Auto => "paged_attention_mma_decode_warp",
             DecodeKernel::Warp2 => "paged_attention_mma_decode_warp2",
         }
     }
