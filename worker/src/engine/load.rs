@@ -39,6 +39,9 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
             "block_size, max_num_seqs and max_num_batched_tokens must be positive",
         ));
     }
+    if opts.tensor_parallel_size == 0 {
+        return Err(WorkerError::invalid("tensor_parallel_size", "must be at least 1"));
+    }
     let model: Box<dyn Model> = match device {
         ComputeDevice::Cpu => load_cpu(config, source.as_ref(), opts, max_model_len)?,
         ComputeDevice::Cuda(_) if opts.tensor_parallel_size != 1 => {

@@ -11,7 +11,8 @@
 //! A rank that fails (its step returns an error or panics) aborts the group
 //! ([`LocalGroup::abort`], also done by [`AbortOnFailure`] when dropped during a panic): every
 //! rank waiting in a collective, and every later collective, then returns [`Aborted`] instead of
-//! waiting forever, so a failed rank fails the model's step, never hangs it.
+//! waiting forever, so a failed rank fails the model's step, never hangs it. Once every rank has
+//! left the step, [`LocalGroup::reset`] makes the group usable again.
 
 use std::ops::Range;
 use std::sync::{Condvar, Mutex};
@@ -57,6 +58,12 @@ impl Gate {
     fn aborted(&self) -> bool {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).2
     }
+
+    /// No thread waits: forgets arrivals and the abort (a new generation).
+    fn reset(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *st = (0, st.1 + 1, false);
+    }
 }
 
 /// The shared state of `ranks` threads' collectives.
@@ -86,6 +93,12 @@ impl LocalGroup {
 
     pub fn aborted(&self) -> bool {
         self.gate.aborted()
+    }
+
+    /// Clears an abort. Only when no rank is inside a collective (every rank's step has
+    /// returned): the group then starts afresh.
+    pub fn reset(&self) {
+        self.gate.reset();
     }
 
     fn slot(&self, rank: usize) -> std::sync::MutexGuard<'_, Vec<f32>> {
@@ -242,5 +255,21 @@ mod tests {
         assert_eq!(results, vec![Err(Aborted), Err(Aborted)]);
         let mut buf = vec![0.0; 2];
         assert_eq!(group.all_reduce_sum(0, &mut buf), Err(Aborted), "an aborted group stays aborted");
+        // Reset once every rank is out: the three ranks reduce together again.
+        group.reset();
+        let sums: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|rank| {
+                    let group = &group;
+                    s.spawn(move || {
+                        let mut buf = vec![rank as f32; 2];
+                        group.all_reduce_sum(rank, &mut buf).unwrap();
+                        buf
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(sums.iter().all(|b| b == &vec![3.0, 3.0]), "{sums:?}");
     }
 }

@@ -5,13 +5,16 @@
 //!
 //! Invariants: every rank gets the same batch each step (so all enter the same collectives);
 //! rank 0's logits and hidden states are the model's (every rank's are equal); a rank that fails
-//! aborts the group, so the step returns an error and never hangs. After a failed step the
-//! group stays aborted and every later step fails: the replica must be replaced.
+//! (an error or a panic) aborts the group, so the step returns an error and never hangs; once
+//! every rank has returned, the group is reset, so a failed step fails only itself, as on one
+//! rank (the engine fails that step's requests). A batch is validated once before the ranks
+//! start, so a bad batch enters no collective.
 
 use std::sync::Arc;
 
 use super::ShardPlan;
 use super::comm::{AbortOnFailure, LocalGroup};
+use crate::kernels::cpu::pool::split_range;
 use crate::model::llama_cpu::{CpuLlama, CpuModelOptions};
 use crate::model::{ForwardBatch, LlamaConfig, Model, TensorSource};
 use crate::{Result, WorkerError};
@@ -29,48 +32,51 @@ impl TensorParallelCpu {
     pub fn load(config: LlamaConfig, src: &dyn TensorSource, opts: &CpuModelOptions, ranks: usize) -> Result<Self> {
         let plans = ShardPlan::all(&config, ranks)?;
         let group = Arc::new(LocalGroup::new(ranks));
-        let per_rank = CpuModelOptions { threads: (opts.threads / ranks).max(1), ..opts.clone() };
+        // `opts.threads` shared out (a rank gets one at least).
+        let threads = |r: usize| split_range(opts.threads, r, ranks, 1).len().max(1);
         let ranks = plans
             .into_iter()
-            .map(|plan| CpuLlama::load_rank(&config, src, &per_rank, plan, group.clone()))
+            .map(|plan| {
+                let own = CpuModelOptions { threads: threads(plan.rank), ..opts.clone() };
+                CpuLlama::load_rank(&config, src, &own, plan, group.clone())
+            })
             .collect::<Result<Vec<_>>>()?;
-        tracing::info!(ranks = ranks.len(), threads_per_rank = per_rank.threads, "tensor-parallel model on the CPU");
+        tracing::info!(ranks = ranks.len(), threads = opts.threads, "tensor-parallel model on the CPU");
         Ok(TensorParallelCpu { config, ranks, group })
     }
 
-    /// Runs the step on every rank (rank 0 on this thread).
+    /// Runs the step on every rank, each on a thread of its own.
     fn run(&mut self, batch: &ForwardBatch) -> Result<()> {
-        if self.group.aborted() {
-            return Err(WorkerError::Engine(
-                "a tensor-parallel rank failed earlier: the model must be reloaded".into(),
-            ));
-        }
-        // A bad batch fails here, for every rank alike, and leaves the group usable.
+        // A bad batch fails here, for every rank alike, before any collective.
         self.ranks[0].validate(batch)?;
         let group = &self.group;
-        let (first, rest) = self.ranks.split_first_mut().expect("at least one rank");
         let results: Vec<Result<()>> = std::thread::scope(|s| {
-            let others: Vec<_> = rest
+            let handles: Vec<_> = self
+                .ranks
                 .iter_mut()
                 .map(|rank| {
                     s.spawn(move || {
                         let _abort = AbortOnFailure(group);
-                        rank.forward(batch).map(|_| ())
+                        let result = rank.forward(batch).map(|_| ());
+                        if result.is_err() {
+                            group.abort();
+                        }
+                        result
                     })
                 })
                 .collect();
-            let mine = {
-                let _abort = AbortOnFailure(group);
-                first.forward(batch).map(|_| ())
-            };
-            let mut all = vec![mine];
-            for h in others {
-                all.push(h.join().unwrap_or_else(|_| {
-                    Err(WorkerError::Engine("a tensor-parallel rank panicked during the step".into()))
-                }));
-            }
-            all
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(WorkerError::Engine("a tensor-parallel rank panicked during the step".into()))
+                    })
+                })
+                .collect()
         });
+        // Every rank has returned: the group can start afresh whatever happened.
+        let failed = self.group.aborted();
+        self.group.reset();
         // A rank's own error (not "another rank failed") is the one worth reporting.
         let mut first_err = None;
         for e in results.into_iter().filter_map(|r| r.err()) {
@@ -79,10 +85,8 @@ impl TensorParallelCpu {
             }
         }
         match first_err {
-            Some(e) => {
-                self.group.abort();
-                Err(e)
-            }
+            Some(e) => Err(e),
+            None if failed => Err(WorkerError::Engine("a tensor-parallel rank failed during the step".into())),
             None => Ok(()),
         }
     }

@@ -18,8 +18,10 @@
 //! all-gather of the vocabulary ranges (exact). Because the row-parallel sums are added in
 //! another order than one rank's dot products, TP N equals TP 1 to f32 rounding, not bit for bit.
 //!
-//! Invariants: `H % N == 0`, `KV % N == 0`, `I / N` a multiple of the quantization block
-//! (`QK`, 32) when `I % N == 0`; checked by [`ShardPlan::new`] with the flag named in the error.
+//! Invariants: `H % N == 0`, `KV % N == 0`, `I % N == 0` and `I / N` a multiple of the
+//! quantization block (`QK`, 32), checked by [`ShardPlan::new`] with the option named in the
+//! error; the column slices of o and down must also fall on the stored tensor's GGML blocks (256
+//! values for K-quants), checked as each rank loads them (`source`), again naming the option.
 //! Ranks run the same steps in the same order; a collective is entered by every rank or none
 //! (a batch is validated before the first one).
 

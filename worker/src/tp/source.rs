@@ -2,8 +2,9 @@
 //! slice of each tensor ([`ShardPlan`]), by the tensor's Hugging Face name.
 //!
 //! Row slices (q, k, v, gate, up, the embeddings, lm_head) are a sub-range of the tensor's bytes:
-//! from a memory-mapped file they are borrowed, not copied, so a rank touches only its rows'
-//! pages. Column slices (o, down) are copied out row by row (each row's slice is contiguous);
+//! where the source hands out memory-mapped bytes they are borrowed, not copied, so a rank
+//! touches only its rows' pages (a GGUF's q and k come un-permuted, already copied whole by the
+//! source, and are sliced from that copy). Column slices (o, down) are copied out row by row (each row's slice is contiguous);
 //! for GGML block types a slice must start and end on a block boundary (checked). Norms come
 //! whole. Names outside the Llama block pass through unchanged.
 
@@ -109,9 +110,12 @@ fn columns(t: RawTensor, want: Range<usize>) -> Result<RawTensor> {
         _ => 1,
     };
     if !want.start.is_multiple_of(unit) || !want.end.is_multiple_of(unit) {
-        return Err(WorkerError::tensor(
-            &t.name,
-            format!("columns {want:?} do not fall on its {:?} blocks of {unit}", t.dtype),
+        return Err(WorkerError::invalid(
+            "tensor_parallel_size",
+            format!(
+                "{}: a rank's columns {want:?} do not fall on its {:?} blocks of {unit} values; choose a size that splits them on whole blocks",
+                t.name, t.dtype
+            ),
         ));
     }
     let (row_bytes, from, to) = (t.dtype.row_bytes(c), t.dtype.row_bytes(want.start), t.dtype.row_bytes(want.end));
