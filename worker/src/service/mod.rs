@@ -18,6 +18,7 @@
 //!   `spawn_blocking`; the engine runs on its own thread.
 
 pub mod convert;
+pub mod devices;
 pub mod grpc;
 pub mod health;
 pub mod metrics_http;

@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 
 use super::ServiceError;
 use super::convert::{replica_stats, wire_u32};
+use super::devices::DevicePool;
 use crate::WorkerError;
 use crate::engine::simulated::{SimTokenizers, SimulatedEngine};
 use crate::engine::{EngineHandle, EngineOptions, EngineStats, build_engine};
@@ -126,6 +127,8 @@ struct NodeInner {
     drain_acked: watch::Sender<bool>,
     /// Replicas run this simulated engine instead of loading their model (`lumen bench head`).
     simulated: Option<(SimulatedEngine, SimTokenizers)>,
+    /// Which GPUs each replica runs on.
+    devices: DevicePool,
 }
 
 /// The replicas this worker hosts, its id and its resources.
@@ -159,6 +162,7 @@ impl WorkerNode {
         WorkerNode {
             inner: Arc::new(NodeInner {
                 worker_id,
+                devices: DevicePool::new(&resources),
                 resources,
                 slots: Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
@@ -291,6 +295,7 @@ impl WorkerNode {
                 }
                 Err(e) => {
                     slots.remove(&replica_id);
+                    self.inner.devices.release(&replica_id);
                     tracing::error!(replica_id, error = %e, "replica failed to load");
                 }
             }
@@ -304,7 +309,9 @@ impl WorkerNode {
         options: EngineOptions,
         engine_options_json: String,
     ) -> Result<Replica, WorkerError> {
-        let opts = options.clone();
+        // The engine loads on the GPUs assigned here (`options` stays as the head sent it).
+        let mut opts = options.clone();
+        self.inner.devices.assign(replica_id, &mut opts)?;
         let (handle, actor) = match &self.inner.simulated {
             None => {
                 let core = tokio::task::spawn_blocking(move || build_engine(&opts))
@@ -417,6 +424,7 @@ impl WorkerNode {
             && Arc::ptr_eq(r, &replica)
         {
             slots.remove(replica_id);
+            self.inner.devices.release(replica_id);
         }
         tracing::info!(replica_id, "replica stopped");
         Ok(())
@@ -475,5 +483,24 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_millis(50), node.drain_acknowledged()).await.is_err());
         node.note_drain_acknowledged();
         tokio::time::timeout(Duration::from_secs(1), node.drain_acknowledged()).await.expect("acknowledged");
+    }
+
+    /// Two simulated GPUs: plain `cuda` replicas get one each; a third waits for a stop; a
+    /// failed start gives its GPU back.
+    #[tokio::test]
+    async fn replicas_hold_their_gpus_until_stopped() {
+        let resources = pb::Resources { device_kind: "cuda".into(), device_count: 2, ..Default::default() };
+        let node = WorkerNode::simulated("w", resources, SimulatedEngine::default(), SimTokenizers::default());
+        let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let on_cuda = EngineOptions { model: model.into(), device: "cuda".into(), ..EngineOptions::default() };
+        node.start_replica("a", on_cuda.clone()).await.unwrap();
+        node.start_replica("b", on_cuda.clone()).await.unwrap();
+        let err = node.start_replica("c", on_cuda.clone()).await.unwrap_err().to_string();
+        assert!(err.contains("2 GPU(s)") && err.contains("a holds [0]") && err.contains("b holds [1]"), "{err}");
+        // A start that fails after its GPU was assigned (no such model) gives it back.
+        let missing = EngineOptions { model: "/nonexistent/model.gguf".into(), ..on_cuda.clone() };
+        node.stop_replica("a", Duration::from_millis(10)).await.unwrap();
+        assert!(node.start_replica("bad", missing).await.is_err());
+        node.start_replica("c", on_cuda.clone()).await.expect("GPU 0 is free again");
     }
 }
