@@ -123,8 +123,9 @@ pub struct DeploymentConfig {
     /// Ray's cap on replicas of this deployment on one node (worker), 1 to 100; none = no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_replicas_per_node: Option<u32>,
-    /// Ray's placement group bundles; checked, not used (and exclusive with
-    /// `max_replicas_per_node`, as in Ray).
+    /// Ray's placement group bundles: their `GPU`s are the replica's, on one worker (see
+    /// [`DeploymentConfig::gpus_per_replica`]); exclusive with `max_replicas_per_node`, as in
+    /// Ray, and only with a packing strategy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement_group_bundles: Option<Vec<Map<String, Value>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -361,8 +362,14 @@ impl DeploymentConfig {
         }
     }
 
-    /// GPUs each replica needs (`ray_actor_options.num_gpus` or `resources.gpus`), 0 for CPU.
+    /// GPUs each replica needs, 0 for CPU: with `placement_group_bundles` (Ray Serve LLM's way
+    /// to ask for a tensor-parallel replica's GPUs: one `{GPU: 1}` bundle per rank, packed on one
+    /// node) the bundles' `GPU` summed, all on one worker; else `ray_actor_options.num_gpus` or
+    /// `resources.gpus`.
     pub fn gpus_per_replica(&self) -> f64 {
+        if let Some(bundles) = &self.placement_group_bundles {
+            return bundles.iter().filter_map(|b| b.get("GPU").and_then(Value::as_f64)).sum();
+        }
         self.ray_actor_options
             .as_ref()
             .and_then(|o| o.num_gpus)
@@ -428,6 +435,28 @@ applications:
         let options: Value = serde_json::from_str(&d.engine_options_json()).unwrap();
         assert_eq!(options["model"], "deepseek-ai/DeepSeek-R1-Distill-Llama-8B");
         assert_eq!(options["max_model_len"], 8192);
+    }
+
+    #[test]
+    fn placement_group_bundles_ask_for_their_gpus_on_one_worker() {
+        let config = |extra: &str| {
+            ServeConfig::from_yaml(&format!(
+                "applications:\n  - name: a\n    deployments:\n      - name: llm\n{extra}        model: {{source: m.gguf}}\n"
+            ))
+        };
+        let c = config(
+            "        placement_group_bundles: [{GPU: 1, CPU: 4}, {GPU: 1}]\n        placement_group_strategy: STRICT_PACK\n        ray_actor_options: {num_gpus: 1}\n",
+        )
+        .unwrap();
+        assert_eq!(c.applications[0].deployments[0].gpus_per_replica(), 2.0, "the bundles, not num_gpus");
+        let err =
+            config("        placement_group_bundles: [{GPU: 1}, {GPU: 1}]\n        placement_group_strategy: SPREAD\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("placement_group_strategy") && err.contains("one worker"), "{err}");
+        let cpu_only =
+            config("        placement_group_bundles: [{CPU: 2}]\n        placement_group_strategy: SPREAD\n").unwrap();
+        assert_eq!(cpu_only.applications[0].deployments[0].gpus_per_replica(), 0.0);
     }
 
     #[test]

@@ -275,6 +275,14 @@ fn deployment(at: &str, d: &DeploymentConfig) -> Result<(), ConfigError> {
     }
     if let Some(strategy) = &d.placement_group_strategy {
         one_of(&field("placement_group_strategy"), strategy, &["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])?;
+        // A replica's GPUs serve one engine, so they must be on one worker.
+        let gpus: f64 = d.placement_group_bundles.iter().flatten().filter_map(|b| b.get("GPU")?.as_f64()).sum();
+        if gpus > 0.0 && strategy.ends_with("SPREAD") {
+            return Err(ConfigError::at(
+                field("placement_group_strategy"),
+                format!("bundles with {gpus} GPUs must be on one worker: use STRICT_PACK or PACK, got {strategy}"),
+            ));
+        }
     }
     for (b, bundle) in d.placement_group_bundles.iter().flatten().enumerate() {
         quantities(&field(&format!("placement_group_bundles[{b}]")), bundle)?;
