@@ -112,6 +112,11 @@ async fn wait_running(http: &reqwest::Client, head: &Lumen) {
             .count();
         let ready = alive && running == 2;
         if ready {
+            // Each says what it runs on: the CPU kernels here (a GPU replica names its cuda:N).
+            for r in workers.iter().flat_map(|w| w["replicas"].as_array().cloned().unwrap_or_default()) {
+                let description = r["description"].as_str().unwrap_or_default();
+                assert!(description.starts_with("cpu ("), "a running replica's description: {r}");
+            }
             return;
         }
         assert!(Instant::now() < deadline, "the workers and replicas never all ran: {view}");

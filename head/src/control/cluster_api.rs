@@ -47,6 +47,9 @@ pub struct ReplicaView {
     pub replica_id: String,
     pub deployment: String,
     pub model: Option<String>,
+    /// What the worker said the replica runs on (device, kernels, weight formats), e.g.
+    /// `cuda:1 (BF16 weights and KV cache, 132 SMs)`; none before it runs.
+    pub description: Option<String>,
     pub state: &'static str,
     pub message: Option<String>,
     /// Requests the head has in flight on it.
@@ -106,6 +109,7 @@ fn replica(r: &ReplicaSnapshot) -> ReplicaView {
         replica_id: r.replica_id.clone(),
         deployment: r.deployment.clone(),
         model: r.info.as_ref().map(|i| i.model_name.clone()).filter(|m| !m.is_empty()),
+        description: r.info.as_ref().map(|i| i.description.clone()).filter(|d| !d.is_empty()),
         state: r.state.as_ray_str(),
         message: r.message.clone(),
         in_flight: r.in_flight,
