@@ -8,7 +8,7 @@
 #
 #   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention]
 #                                     [attention] [decode-attention] [serve] [hf-parity] [ptx]
-#                                     [a10g-plan] [structured] [overlap] [gemm]
+#                                     [a10g-plan] [structured] [overlap] [gemm] [replicas]
 #                                                                        (default: tests bench parity)
 #
 # carry: gpu-pack (binaries, tokenizer). The GGUF comes in two more calls carrying gpu-smol1
@@ -121,7 +121,7 @@ if [[ " $steps " == *" parity "* ]]; then
     fi
 fi
 
-if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|decode-attention|a10g-plan|structured)" " ]]; then
+if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|decode-attention|a10g-plan|structured|replicas)" " ]]; then
     mkdir -p "$model"
     cp "$work"/llama3.1-tokenizer/tokenizer*.json "$model/"
     cat > "$model/config.json" <<'JSON'
@@ -166,6 +166,59 @@ if [[ " $steps " == *" decode-attention "* ]]; then
         attn=$(grep -h 'decode step timing' "$out/decode-$v-c256-ops.log" | tail -1 | grep -oE 'attention=[0-9.]+')
         row "offline decode attention $v" "c=32 $t32 tok/s, c=256 $t256 tok/s (graphs); c=256 eager ${attn:-?} ms/step"
     done
+fi
+
+if [[ " $steps " == *" replicas "* ]]; then
+    # One replica per GPU on a multi-GPU machine (issue 16's placement, issue 17's machine):
+    # `lumen serve --config` with a deployment of one replica per GPU (`num_gpus: 1`, `device:
+    # cuda`); the worker advertises its GPUs and gives each replica its own. Passes when every
+    # replica runs on a different cuda:N (from /api/cluster) and requests spread over them.
+    gpus=$(nvidia-smi --list-gpus | wc -l)
+    cat > "$work/replicas.yaml" <<YAML
+applications:
+  - name: llm
+    route_prefix: /
+    deployments:
+      - name: llm
+        num_replicas: $gpus
+        ray_actor_options: {num_gpus: 1}
+        model:
+          source: $model
+          served_model_name: llama-8b
+          load_format: dummy
+          device: cuda
+          max_model_len: 4096
+YAML
+    "$work/lumen" serve --config "$work/replicas.yaml" --port 8300 --dashboard-port 8301 --grpc-port 0 \
+        > "$out/replicas-serve.log" 2>&1 &
+    server=$!
+    python3 - "$gpus" > "$out/replicas.txt" <<'PY'
+import json, sys, time, urllib.request
+gpus = int(sys.argv[1])
+deadline = time.time() + 300
+while True:
+    try:
+        view = json.load(urllib.request.urlopen("http://127.0.0.1:8301/api/cluster", timeout=5))
+        reps = [r for w in view["workers"] for r in w["replicas"] if r["state"] == "RUNNING"]
+        if len(reps) == gpus:
+            break
+    except Exception:
+        pass
+    if time.time() > deadline:
+        print(f"FAILED: {gpus} replicas never ran"); sys.exit(1)
+    time.sleep(2)
+devices = sorted((r.get("description") or "?").split(" ")[0] for r in reps)
+body = json.dumps({"model": "llama-8b", "prompt": "Hello", "max_tokens": 8, "temperature": 0}).encode()
+for _ in range(4 * gpus):
+    req = urllib.request.Request("http://127.0.0.1:8300/v1/completions", body, {"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=60).read()
+view = json.load(urllib.request.urlopen("http://127.0.0.1:8301/api/cluster", timeout=5))
+ok = len(set(devices)) == gpus
+print(f"{'ok' if ok else 'FAILED'}: {gpus} replicas on {', '.join(devices)}; {4 * gpus} completions served")
+PY
+    row "one replica per GPU" "$(tail -1 "$out/replicas.txt")"
+    kill "$server" 2>/dev/null
+    wait "$server" 2>/dev/null
 fi
 
 if [[ " $steps " == *" gemm "* ]]; then
