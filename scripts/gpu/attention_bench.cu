@@ -34,16 +34,6 @@ constexpr int D = 128, HEADS = 32, KV_HEADS = 8, RATIO = HEADS / KV_HEADS, BLOCK
 constexpr int ROWS = 16, HEADS_PER_CTA = RATIO;  // the decode kernel's 16-row tile: one token's 4 heads
 }  // namespace bench
 
-__global__ void fill_random(bf16* p, size_t n, unsigned seed) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        unsigned h = (unsigned)i * 2654435761u ^ seed;
-        h ^= h >> 15;
-        h *= 2246822519u;
-        h ^= h >> 13;
-        p[i] = __float2bfloat16_rn((h & 0xffff) / 32768.f - 1.f);
-    }
-}
-
 #define ATTENTION_ARGS                                                                                          \
     bf16 *out, float *part_acc, float *part_ml, const bf16 *q, int q_stride, int out_stride, const bf16 *k_cache, \
         const bf16 *v_cache, const int *tiles, const int *seqs, const int *tables, int kv_heads, int ratio,       \

@@ -1,10 +1,13 @@
-// What the GPU benchmark programs share: error checks, event timing, and the physical limit they
-// compare against (the read rate of a plain streaming kernel over 4 GiB).
+// What the GPU benchmark programs share: error checks, event timing, random bf16 data, output
+// comparison, and the physical limit they compare against (the read rate of a plain streaming
+// kernel over 4 GiB).
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -66,4 +69,34 @@ static double read_rate(cudaStream_t s) {
     CHECK(cudaFree(src));
     CHECK(cudaFree(sink));
     return bytes / (ms * 1e-3);
+}
+
+// Deterministic pseudo-random bf16 values uniform in [-scale, scale), grid-stride.
+__global__ void fill_random(__nv_bfloat16* p, size_t n, unsigned seed, float scale = 1.f) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        unsigned h = (unsigned)i * 2654435761u ^ seed;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        p[i] = __float2bfloat16_rn(scale * ((h & 0xffff) / 32768.f - 1.f));
+    }
+}
+
+// `n` bf16 values from the device, as floats.
+static std::vector<float> download(const __nv_bfloat16* p, size_t n) {
+    std::vector<__nv_bfloat16> h(n);
+    CHECK(cudaMemcpy(h.data(), p, n * sizeof(__nv_bfloat16), cudaMemcpyDeviceToHost));
+    std::vector<float> f(n);
+    for (size_t i = 0; i < n; ++i) f[i] = __bfloat162float(h[i]);
+    return f;
+}
+
+// Largest |a - b| over the largest |b|.
+static double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+    double diff = 0, scale = 1e-30;
+    for (size_t i = 0; i < a.size(); ++i) {
+        diff = std::max(diff, (double)std::fabs(a[i] - b[i]));
+        scale = std::max(scale, (double)std::fabs(b[i]));
+    }
+    return diff / scale;
 }

@@ -26,16 +26,6 @@
 
 using bf16 = __nv_bfloat16;
 
-__global__ void fill_random(bf16* p, size_t n, unsigned seed, float scale) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        unsigned h = (unsigned)i * 2654435761u ^ seed;
-        h ^= h >> 15;
-        h *= 2246822519u;
-        h ^= h >> 13;
-        p[i] = __float2bfloat16_rn(scale * ((h & 0xffff) / 32768.f - 1.f));
-    }
-}
-
 #define LT(call)                                                                             \
     do {                                                                                     \
         cublasStatus_t st_ = (call);                                                         \
@@ -44,23 +34,6 @@ __global__ void fill_random(bf16* p, size_t n, unsigned seed, float scale) {
             exit(1);                                                                         \
         }                                                                                    \
     } while (0)
-
-static std::vector<float> download(const bf16* p, size_t n) {
-    std::vector<bf16> h(n);
-    CHECK(cudaMemcpy(h.data(), p, n * sizeof(bf16), cudaMemcpyDeviceToHost));
-    std::vector<float> f(n);
-    for (size_t i = 0; i < n; ++i) f[i] = __bfloat162float(h[i]);
-    return f;
-}
-
-static double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-    double diff = 0, scale = 1e-30;
-    for (size_t i = 0; i < a.size(); ++i) {
-        diff = std::max(diff, (double)std::fabs(a[i] - b[i]));
-        scale = std::max(scale, (double)std::fabs(b[i]));
-    }
-    return diff / scale;
-}
 
 int main(int argc, char** argv) {
     const char* json_path = argc > 2 && !strcmp(argv[1], "--json") ? argv[2] : nullptr;

@@ -29,16 +29,6 @@
 
 using bf16 = __nv_bfloat16;
 
-__global__ void fill_random(bf16* p, size_t n, unsigned seed, float scale) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        unsigned h = (unsigned)i * 2654435761u ^ seed;
-        h ^= h >> 15;
-        h *= 2246822519u;
-        h ^= h >> 13;
-        p[i] = __float2bfloat16_rn(scale * ((h & 0xffff) / 32768.f - 1.f));
-    }
-}
-
 template <int M>
 __global__ void __launch_bounds__(WARPS * 32) gemv_m(const bf16* w, const bf16* x, bf16* y, int n, int k) {
     gemv<bf16, M>(w, x, y, n, k);
@@ -75,24 +65,6 @@ static void launch_gemv(int m, const bf16* w, const bf16* x, bf16* y, int n, int
 template <typename F>
 static float time_us(cudaStream_t s, int launches, F body) {
     return median_ms(s, 15, body) * 1e3f / launches;
-}
-
-static std::vector<float> download(const bf16* p, size_t n) {
-    std::vector<bf16> h(n);
-    CHECK(cudaMemcpy(h.data(), p, n * sizeof(bf16), cudaMemcpyDeviceToHost));
-    std::vector<float> f(n);
-    for (size_t i = 0; i < n; ++i) f[i] = __bfloat162float(h[i]);
-    return f;
-}
-
-// Largest |a - b| over the largest |b|.
-static double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-    double diff = 0, scale = 1e-30;
-    for (size_t i = 0; i < a.size(); ++i) {
-        diff = std::max(diff, (double)std::fabs(a[i] - b[i]));
-        scale = std::max(scale, (double)std::fabs(b[i]));
-    }
-    return diff / scale;
 }
 
 int main(int argc, char** argv) {

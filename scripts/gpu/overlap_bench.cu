@@ -50,16 +50,6 @@ constexpr int MAX_ROWS = 4224;  // token rows of the largest pass
 constexpr int BLOCKS_PER_LAYER = 10240;  // 256 sequences x 640 positions
 }  // namespace shape
 
-__global__ void fill_random(bf16* p, size_t n, unsigned seed) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        unsigned h = (unsigned)i * 2654435761u ^ seed;
-        h ^= h >> 15;
-        h *= 2246822519u;
-        h ^= h >> 13;
-        p[i] = __float2bfloat16_rn(0.05f * ((h & 0xffff) / 32768.f - 1.f));
-    }
-}
-
 // The engine's default decode kernel (`LUMEN_CUDA_DECODE_ATTENTION=warp`).
 __global__ void __launch_bounds__(128)
     decode_warp(bf16* out, float* part_acc, float* part_ml, const bf16* q, int q_stride, int out_stride,
@@ -183,7 +173,7 @@ static Lane make_lane(cudaStream_t stream) {
     check_blas(cublasSetStream(lane.blas, stream), "cublasSetStream");
     CHECK(cudaMalloc(&lane.x, (size_t)MAX_ROWS * INTER * sizeof(bf16)));
     CHECK(cudaMalloc(&lane.y, (size_t)MAX_ROWS * 2 * INTER * sizeof(bf16)));
-    fill_random<<<264, 256, 0, stream>>>(lane.x, (size_t)MAX_ROWS * INTER, 11);
+    fill_random<<<264, 256, 0, stream>>>(lane.x, (size_t)MAX_ROWS * INTER, 11, 0.05f);
     return lane;
 }
 
@@ -246,11 +236,11 @@ int main(int argc, char** argv) {
     const size_t layer_kv = (size_t)BLOCKS_PER_LAYER * KV_HEADS * BLOCK * D;
     CHECK(cudaMalloc(&model.k_cache, LAYERS * layer_kv * sizeof(bf16)));
     CHECK(cudaMalloc(&model.v_cache, LAYERS * layer_kv * sizeof(bf16)));
-    fill_random<<<1024, 256, 0, s_plain[0]>>>(model.k_cache, LAYERS * layer_kv, 1);
-    fill_random<<<1024, 256, 0, s_plain[0]>>>(model.v_cache, LAYERS * layer_kv, 2);
+    fill_random<<<1024, 256, 0, s_plain[0]>>>(model.k_cache, LAYERS * layer_kv, 1, 0.05f);
+    fill_random<<<1024, 256, 0, s_plain[0]>>>(model.v_cache, LAYERS * layer_kv, 2, 0.05f);
     CHECK(cudaMalloc(&model.q, (size_t)256 * HEADS * D * sizeof(bf16)));
     CHECK(cudaMalloc(&model.attn_out, (size_t)256 * HEADS * D * sizeof(bf16)));
-    fill_random<<<264, 256, 0, s_plain[0]>>>(model.q, (size_t)256 * HEADS * D, 3);
+    fill_random<<<264, 256, 0, s_plain[0]>>>(model.q, (size_t)256 * HEADS * D, 3, 0.05f);
     size_t weight_bytes = 0;
     for (int l = 0; l < LAYERS; ++l) {
         Weights w;
@@ -259,7 +249,7 @@ int main(int argc, char** argv) {
         bf16** ptrs[4] = {&w.qkv, &w.o, &w.gate_up, &w.down};
         for (int i = 0; i < 4; ++i) {
             CHECK(cudaMalloc(ptrs[i], sizes[i] * sizeof(bf16)));
-            fill_random<<<1024, 256, 0, s_plain[0]>>>(*ptrs[i], sizes[i], 100 + 4 * l + i);
+            fill_random<<<1024, 256, 0, s_plain[0]>>>(*ptrs[i], sizes[i], 100 + 4 * l + i, 0.05f);
             weight_bytes += sizes[i] * sizeof(bf16);
         }
         model.layers.push_back(w);
