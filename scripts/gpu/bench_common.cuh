@@ -100,3 +100,35 @@ static double relative_error(const std::vector<float>& a, const std::vector<floa
     }
     return diff / scale;
 }
+
+// The buffers for timing `x · Wᵀ` with an n x k bf16 weight at up to `max_m` rows: enough copies
+// of the weight (values in +-0.05) that the L2 cache holds none of them from one launch to the
+// next, `x` (values in +-1), an output and a reference output.
+struct LinearBuffers {
+    __nv_bfloat16 *pool, *x, *y, *ref;
+    size_t elems, bytes;
+    int copies;
+
+    LinearBuffers(int n, int k, int max_m, cudaStream_t s) : elems((size_t)n * k), bytes(elems * sizeof(__nv_bfloat16)) {
+        copies = (int)std::max<size_t>(2, (size_t(512) << 20) / bytes + 1);
+        CHECK(cudaMalloc(&pool, bytes * copies));
+        CHECK(cudaMalloc(&x, (size_t)max_m * k * sizeof(__nv_bfloat16)));
+        CHECK(cudaMalloc(&y, (size_t)max_m * n * sizeof(__nv_bfloat16)));
+        CHECK(cudaMalloc(&ref, (size_t)max_m * n * sizeof(__nv_bfloat16)));
+        fill_random<<<264, 512, 0, s>>>(pool, elems * copies, 7, 0.05f);
+        fill_random<<<264, 512, 0, s>>>(x, (size_t)max_m * k, 11, 1.f);
+        CHECK(cudaStreamSynchronize(s));
+    }
+    ~LinearBuffers() {
+        cudaFree(pool);
+        cudaFree(x);
+        cudaFree(y);
+        cudaFree(ref);
+    }
+    LinearBuffers(const LinearBuffers&) = delete;
+    LinearBuffers& operator=(const LinearBuffers&) = delete;
+
+    // The weight copy launch `i` reads.
+    const __nv_bfloat16* weights(int i) const { return pool + (size_t)(i % copies) * elems; }
+};
+

@@ -71,17 +71,11 @@ int main(int argc, char** argv) {
     // Per m, the four layers' sum x 32 layers: one step's linear layers (without the logits).
     std::vector<double> step_default(ms.size()), step_best(ms.size()), step_limit(ms.size());
     for (const Shape& sh : shapes) {
-        const size_t elems = (size_t)sh.n * sh.k, bytes = elems * sizeof(bf16);
-        const int copies = std::max<size_t>(2, (size_t(512) << 20) / bytes + 1);
-        bf16 *pool, *x, *y, *ref;
-        CHECK(cudaMalloc(&pool, bytes * copies));
-        CHECK(cudaMalloc(&x, (size_t)MAX_M * sh.k * sizeof(bf16)));
-        CHECK(cudaMalloc(&y, (size_t)MAX_M * sh.n * sizeof(bf16)));
-        CHECK(cudaMalloc(&ref, (size_t)MAX_M * sh.n * sizeof(bf16)));
-        fill_random<<<264, 512, 0, s>>>(pool, elems * copies, 7, 0.05f);
-        fill_random<<<264, 512, 0, s>>>(x, (size_t)MAX_M * sh.k, 11, 1.f);
-        CHECK(cudaStreamSynchronize(s));
-        auto weights = [&](int i) { return pool + (size_t)(i % copies) * elems; };
+        LinearBuffers buf(sh.n, sh.k, MAX_M, s);
+        const size_t bytes = buf.bytes;
+        const int copies = buf.copies;
+        bf16 *x = buf.x, *y = buf.y, *ref = buf.ref;
+        auto weights = [&](int i) { return buf.weights(i); };
         for (size_t mi = 0; mi < ms.size(); ++mi) {
             const int m = ms[mi];
             const float alpha = 1.f, beta = 0.f;
@@ -166,10 +160,6 @@ int main(int argc, char** argv) {
                 first_row = false;
             }
         }
-        CHECK(cudaFree(pool));
-        CHECK(cudaFree(x));
-        CHECK(cudaFree(y));
-        CHECK(cudaFree(ref));
     }
     printf("\ncompute limit: %.0f TFLOP/s (the best rate at 4096 rows)\n", peak_flops / 1e12);
     printf("one step's linear layers (32 x qkv, o, gate_up, down):\n%6s %12s %12s %12s\n", "rows", "default ms",

@@ -101,18 +101,11 @@ int main(int argc, char** argv) {
     if (out) fprintf(out, "{\"read_gbps\": %.1f, \"rows\": [", read_bw / 1e9);
     bool first_row = true;
     for (const Shape& sh : shapes) {
-        const size_t elems = (size_t)sh.n * sh.k, bytes = elems * sizeof(bf16);
-        // Enough copies that the L2 cache holds none of them from one launch to the next.
-        const int copies = std::max<size_t>(2, (size_t(512) << 20) / bytes + 1);
-        bf16 *pool, *x, *y, *ref;
-        CHECK(cudaMalloc(&pool, bytes * copies));
-        CHECK(cudaMalloc(&x, (size_t)MAX_M * sh.k * sizeof(bf16)));
-        CHECK(cudaMalloc(&y, (size_t)MAX_M * sh.n * sizeof(bf16)));
-        CHECK(cudaMalloc(&ref, (size_t)MAX_M * sh.n * sizeof(bf16)));
-        fill_random<<<sms * 4, 512, 0, s>>>(pool, elems * copies, 7, 0.05f);
-        fill_random<<<sms * 4, 512, 0, s>>>(x, (size_t)MAX_M * sh.k, 11, 1.f);
-        CHECK(cudaStreamSynchronize(s));
-        auto weights = [&](int i) { return pool + (size_t)(i % copies) * elems; };
+        LinearBuffers buf(sh.n, sh.k, MAX_M, s);
+        const size_t bytes = buf.bytes;
+        const int copies = buf.copies;
+        bf16 *x = buf.x, *y = buf.y, *ref = buf.ref;
+        auto weights = [&](int i) { return buf.weights(i); };
         for (int m : ms) {
             const float alpha = 1.f, beta = 0.f;
             auto cublas = [&](const bf16* w, bf16* out_y) {
@@ -148,10 +141,6 @@ int main(int argc, char** argv) {
                 first_row = false;
             }
         }
-        CHECK(cudaFree(pool));
-        CHECK(cudaFree(x));
-        CHECK(cudaFree(y));
-        CHECK(cudaFree(ref));
     }
     if (out) {
         fprintf(out, "]}\n");
