@@ -166,6 +166,13 @@ const checks = {
       const status = await card.locator(testid('worker-status')).textContent();
       if (status !== 'ALIVE') throw new Error(`worker ${id} shows ${status}`);
     }
+    // A running replica says what it runs on (its cuda:N on a GPU worker; the CPU kernels here).
+    if (o.workers.length) {
+      const device = page.locator(`${testid('worker-replica')}[data-state="RUNNING"] ${testid('replica-device')}`).first();
+      await device.waitFor({ timeout: 20_000 });
+      const text = await device.textContent();
+      if (!/^(cpu|cuda:\d+) \(/.test(text)) throw new Error(`a replica's device reads "${text}"`);
+    }
     const alive = await page.locator(testid('stat-workers-alive')).locator('.stat-value').textContent();
     if (o.workers.length && Number(alive) !== o.workers.length) throw new Error(`workers alive: ${alive}, expected ${o.workers.length}`);
     const connection = await page.locator(testid('connection')).getAttribute('data-state');

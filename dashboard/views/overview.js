@@ -102,6 +102,7 @@ function replicaList(replicas) {
         pill(r.state),
         h('span', { class: 'mono', title: r.replica_id }, shortId(r.replica_id)),
         h('span', { class: 'muted' }, r.deployment),
+        r.description ? h('span', { class: 'muted mono', dataset: { testid: 'replica-device' }, title: r.description }, r.description) : null,
         h('span', { class: 'replica-load' }, `${r.running ?? 0} running · ${r.waiting ?? 0} waiting · KV ${pct(r.kv_cache_usage)} · ${num(r.generation_tokens_per_s)} tok/s`),
         r.message ? h('div', { class: 'message' }, r.message) : null,
       ),
