@@ -72,14 +72,11 @@ int main(int argc, char** argv) {
     std::vector<double> step_default(ms.size()), step_best(ms.size()), step_limit(ms.size());
     for (const Shape& sh : shapes) {
         LinearBuffers buf(sh.n, sh.k, MAX_M, s);
-        const size_t bytes = buf.bytes;
-        const int copies = buf.copies;
         bf16 *x = buf.x, *y = buf.y, *ref = buf.ref;
-        auto weights = [&](int i) { return buf.weights(i); };
         for (size_t mi = 0; mi < ms.size(); ++mi) {
             const int m = ms[mi];
             const float alpha = 1.f, beta = 0.f;
-            const int launches = copies * 2;
+            const int launches = buf.copies * 2;
             auto per_launch = [&](auto body) { return median_ms(s, 10, body) * 1e3 / launches; };
             auto gemm_default = [&](const bf16* w, bf16* out) {
                 LT(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, sh.n, m, sh.k, &alpha, w, CUDA_R_16BF, sh.k, x,
@@ -87,9 +84,9 @@ int main(int argc, char** argv) {
                                 CUBLAS_GEMM_DEFAULT));
             };
             const double default_us = per_launch([&] {
-                for (int i = 0; i < launches; ++i) gemm_default(weights(i), y);
+                for (int i = 0; i < launches; ++i) gemm_default(buf.weights(i), y);
             });
-            gemm_default(weights(0), ref);
+            gemm_default(buf.weights(0), ref);
             CHECK(cudaStreamSynchronize(s));
             const std::vector<float> want = download(ref, (size_t)m * sh.n);
 
@@ -119,7 +116,7 @@ int main(int argc, char** argv) {
                     return cublasLtMatmul(lt, op, &alpha, w, la, x, lb, &beta, out, lc, out, lc, &found[a].algo, lt_ws,
                                           ws_bytes, s);
                 };
-                if (run(weights(0), y) != CUBLAS_STATUS_SUCCESS) continue;
+                if (run(buf.weights(0), y) != CUBLAS_STATUS_SUCCESS) continue;
                 CHECK(cudaStreamSynchronize(s));
                 const double err = relative_error(download(y, (size_t)m * sh.n), want);
                 if (err > 0.02) {
@@ -129,7 +126,7 @@ int main(int argc, char** argv) {
                 }
                 worst_err = std::max(worst_err, err);
                 const double us = per_launch([&] {
-                    for (int i = 0; i < launches; ++i) run(weights(i), y);
+                    for (int i = 0; i < launches; ++i) run(buf.weights(i), y);
                 });
                 if (valid == 0) first_us = us;
                 best_us = std::min(best_us, us);
@@ -145,7 +142,7 @@ int main(int argc, char** argv) {
             const double flops = 2.0 * m * sh.n * sh.k;
             if (m == 4096) peak_flops = std::max(peak_flops, flops / (std::min(default_us, best_us) * 1e-6));
             const double limit_us =
-                std::max(bytes / read_bw, peak_flops > 0 ? flops / peak_flops : 0.0) * 1e6;
+                std::max(buf.bytes / read_bw, peak_flops > 0 ? flops / peak_flops : 0.0) * 1e6;
             const double best = std::min(default_us, best_us);
             printf("%-8s %5d %10.1f %10.1f %10.1f %5d %10.1f %7.0f%% %7.0f%% %9.1e\n", sh.name, m, default_us, first_us,
                    best_us, valid, limit_us, 100 * limit_us / default_us, 100 * limit_us / best, worst_err);

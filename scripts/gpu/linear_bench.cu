@@ -102,10 +102,7 @@ int main(int argc, char** argv) {
     bool first_row = true;
     for (const Shape& sh : shapes) {
         LinearBuffers buf(sh.n, sh.k, MAX_M, s);
-        const size_t bytes = buf.bytes;
-        const int copies = buf.copies;
         bf16 *x = buf.x, *y = buf.y, *ref = buf.ref;
-        auto weights = [&](int i) { return buf.weights(i); };
         for (int m : ms) {
             const float alpha = 1.f, beta = 0.f;
             auto cublas = [&](const bf16* w, bf16* out_y) {
@@ -113,23 +110,23 @@ int main(int argc, char** argv) {
                              CUDA_R_16BF, sh.k, &beta, out_y, CUDA_R_16BF, sh.n, CUBLAS_COMPUTE_32F,
                              CUBLAS_GEMM_DEFAULT);
             };
-            const int launches = copies * 4;
+            const int launches = buf.copies * 4;
             const float blas_us = time_us(s, launches, [&] {
-                for (int i = 0; i < launches; ++i) cublas(weights(i), y);
+                for (int i = 0; i < launches; ++i) cublas(buf.weights(i), y);
             });
             float gemv_us = NAN;
             double err = NAN;
             if (m <= 8) {
                 gemv_us = time_us(s, launches, [&] {
-                    for (int i = 0; i < launches; ++i) launch_gemv(m, weights(i), x, y, sh.n, sh.k, s);
+                    for (int i = 0; i < launches; ++i) launch_gemv(m, buf.weights(i), x, y, sh.n, sh.k, s);
                 });
-                cublas(weights(0), ref);
-                launch_gemv(m, weights(0), x, y, sh.n, sh.k, s);
+                cublas(buf.weights(0), ref);
+                launch_gemv(m, buf.weights(0), x, y, sh.n, sh.k, s);
                 CHECK(cudaStreamSynchronize(s));
                 err = relative_error(download(y, (size_t)m * sh.n), download(ref, (size_t)m * sh.n));
             }
             CHECK(cudaGetLastError());
-            auto share = [&](float us) { return 100.0 * bytes / (us * 1e-6) / read_bw; };
+            auto share = [&](float us) { return 100.0 * buf.bytes / (us * 1e-6) / read_bw; };
             const char* faster = std::isnan(gemv_us) ? "" : gemv_us < blas_us ? "gemv" : "cuBLAS";
             printf("%-20s %4d %10.2f %10.2f %7.1f%% %7.1f%% %9.2e %-7s\n", sh.name, m, blas_us, gemv_us, share(blas_us),
                    share(gemv_us), err, faster);

@@ -367,14 +367,16 @@ impl DeploymentConfig {
     /// node) the bundles' `GPU` summed, all on one worker; else `ray_actor_options.num_gpus` or
     /// `resources.gpus`.
     pub fn gpus_per_replica(&self) -> f64 {
-        if let Some(bundles) = &self.placement_group_bundles {
-            return bundles.iter().filter_map(|b| b.get("GPU").and_then(Value::as_f64)).sum();
-        }
-        self.ray_actor_options
-            .as_ref()
-            .and_then(|o| o.num_gpus)
+        self.bundle_gpus()
+            .or_else(|| self.ray_actor_options.as_ref().and_then(|o| o.num_gpus))
             .or_else(|| self.resources.as_ref().and_then(|r| r.gpus))
             .unwrap_or(0.0)
+    }
+
+    /// The `GPU`s of `placement_group_bundles` summed, when there are bundles.
+    pub fn bundle_gpus(&self) -> Option<f64> {
+        let bundles = self.placement_group_bundles.as_ref()?;
+        Some(bundles.iter().filter_map(|b| b.get("GPU").and_then(Value::as_f64)).sum())
     }
 
     /// CPU cores each replica reserves on a CPU worker (`ray_actor_options.num_cpus` or

@@ -276,7 +276,7 @@ fn deployment(at: &str, d: &DeploymentConfig) -> Result<(), ConfigError> {
     if let Some(strategy) = &d.placement_group_strategy {
         one_of(&field("placement_group_strategy"), strategy, &["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])?;
         // A replica's GPUs serve one engine, so they must be on one worker.
-        let gpus: f64 = d.placement_group_bundles.iter().flatten().filter_map(|b| b.get("GPU")?.as_f64()).sum();
+        let gpus = d.bundle_gpus().unwrap_or(0.0);
         if gpus > 0.0 && strategy.ends_with("SPREAD") {
             return Err(ConfigError::at(
                 field("placement_group_strategy"),

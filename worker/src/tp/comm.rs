@@ -30,8 +30,12 @@ struct Gate {
 }
 
 impl Gate {
+    fn state(&self) -> std::sync::MutexGuard<'_, (usize, u64, bool)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn wait(&self) -> Result<(), Aborted> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state();
         if st.2 {
             return Err(Aborted);
         }
@@ -50,25 +54,23 @@ impl Gate {
     }
 
     fn abort(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.2 = true;
+        self.state().2 = true;
         self.cv.notify_all();
     }
 
     fn aborted(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).2
+        self.state().2
     }
 
     /// No thread waits: forgets arrivals and the abort (a new generation).
     fn reset(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state();
         *st = (0, st.1 + 1, false);
     }
 }
 
 /// The shared state of `ranks` threads' collectives.
 pub struct LocalGroup {
-    ranks: usize,
     gate: Gate,
     slots: Vec<Mutex<Vec<f32>>>,
 }
@@ -76,14 +78,9 @@ pub struct LocalGroup {
 impl LocalGroup {
     pub fn new(ranks: usize) -> LocalGroup {
         LocalGroup {
-            ranks,
             gate: Gate { ranks, state: Mutex::new((0, 0, false)), cv: Condvar::new() },
             slots: (0..ranks).map(|_| Mutex::new(Vec::new())).collect(),
         }
-    }
-
-    pub fn ranks(&self) -> usize {
-        self.ranks
     }
 
     /// Fails every collective, now waiting or later (a rank failed).
@@ -113,12 +110,12 @@ impl LocalGroup {
 
     /// `buf` becomes the element-wise sum of every rank's `buf` (added in rank order).
     pub fn all_reduce_sum(&self, rank: usize, buf: &mut [f32]) -> Result<(), Aborted> {
-        if self.ranks == 1 {
+        if self.gate.ranks == 1 {
             return Ok(());
         }
         self.publish(rank, buf);
         self.gate.wait()?;
-        for r in 0..self.ranks {
+        for r in 0..self.gate.ranks {
             let slot = self.slot(r);
             if r == 0 {
                 buf.copy_from_slice(&slot);
@@ -148,13 +145,13 @@ impl LocalGroup {
                 out[row * width + cols.start..row * width + cols.end].copy_from_slice(from);
             }
         };
-        if self.ranks == 1 {
+        if self.gate.ranks == 1 {
             place(0, part, out);
             return Ok(());
         }
         self.publish(rank, part);
         self.gate.wait()?;
-        for r in 0..self.ranks {
+        for r in 0..self.gate.ranks {
             place(r, &self.slot(r), out);
         }
         self.gate.wait()

@@ -50,7 +50,9 @@ impl TensorParallelCpu {
         // A bad batch fails here, for every rank alike, before any collective.
         self.ranks[0].validate(batch)?;
         let group = &self.group;
-        let results: Vec<Result<()>> = std::thread::scope(|s| {
+        // Each rank's outcome, and whether its failure came first (the group was not aborted
+        // yet): that one is the cause, the others' are "another rank failed".
+        let outcomes: Vec<(Result<()>, bool)> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .ranks
                 .iter_mut()
@@ -58,35 +60,24 @@ impl TensorParallelCpu {
                     s.spawn(move || {
                         let _abort = AbortOnFailure(group);
                         let result = rank.forward(batch).map(|_| ());
+                        let first = result.is_err() && !group.aborted();
                         if result.is_err() {
                             group.abort();
                         }
-                        result
+                        (result, first)
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(WorkerError::Engine("a tensor-parallel rank panicked during the step".into()))
-                    })
-                })
-                .collect()
+            let panicked = || Err(WorkerError::Engine("a tensor-parallel rank panicked during the step".into()));
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| (panicked(), true))).collect()
         });
         // Every rank has returned: the group can start afresh whatever happened.
-        let failed = self.group.aborted();
         self.group.reset();
-        // A rank's own error (not "another rank failed") is the one worth reporting.
-        let mut first_err = None;
-        for e in results.into_iter().filter_map(|r| r.err()) {
-            if first_err.is_none() || !e.to_string().contains("another tensor-parallel rank") {
-                first_err = Some(e);
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None if failed => Err(WorkerError::Engine("a tensor-parallel rank failed during the step".into())),
+        let mut failures: Vec<(WorkerError, bool)> =
+            outcomes.into_iter().filter_map(|(r, first)| r.err().map(|e| (e, first))).collect();
+        failures.sort_by_key(|(_, first)| !first);
+        match failures.into_iter().next() {
+            Some((e, _)) => Err(e),
             None => Ok(()),
         }
     }
