@@ -142,15 +142,15 @@ if [[ " $steps " == *" decode-attention "* ]]; then
     # (attention-bench), the attention kernel tests and the graph replay test under each, and
     # offline decode at 32 and 256 streams (512 in / 256 out) with per-operation GPU times.
     # DECODE_OFFLINE_ONLY=1 skips the kernel benchmark and tests.
-    [ -z "${DECODE_OFFLINE_ONLY:-}" ] && for v in bench; do
-    "$work/attention-bench" --json "$out/attention-bench.json" 2>&1 | tee "$out/attention-bench.txt"
-    row "attention-bench (variants agree)" "$([ "${PIPESTATUS[0]}" = 0 ] && echo yes || echo 'NO: see attention-bench.txt')"
-    done
-    [ -z "${DECODE_OFFLINE_ONLY:-}" ] && for v in block l2 warp2 auto; do
-        LUMEN_CUDA_DECODE_ATTENTION=$v "$work/worker-tests" --test-threads=1 attention \
-            model::llama_cuda::tests::a_replayed_decode_step > "$out/decode-tests-$v.log" 2>&1
-        row "attention tests, $v" "$(grep -E '^test result' "$out/decode-tests-$v.log" | tail -1)"
-    done
+    if [ -z "${DECODE_OFFLINE_ONLY:-}" ]; then
+        "$work/attention-bench" --json "$out/attention-bench.json" 2>&1 | tee "$out/attention-bench.txt"
+        row "attention-bench (variants agree)" "$([ "${PIPESTATUS[0]}" = 0 ] && echo yes || echo 'NO: see attention-bench.txt')"
+        for v in block l2 warp2 auto; do
+            LUMEN_CUDA_DECODE_ATTENTION=$v "$work/worker-tests" --test-threads=1 attention \
+                model::llama_cuda::tests::a_replayed_decode_step > "$out/decode-tests-$v.log" 2>&1
+            row "attention tests, $v" "$(grep -E '^test result' "$out/decode-tests-$v.log" | tail -1)"
+        done
+    fi
     dec() {  # name, env, concurrency
         env $2 "$work/lumen" bench offline --model "$model" --load-format dummy --device cuda --max-model-len 4096 \
             --input-len 512 --output-len 256 --num-prompts $((2 * $3)) --concurrency $3 --max-num-seqs 256 \
