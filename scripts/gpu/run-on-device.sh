@@ -121,7 +121,7 @@ if [[ " $steps " == *" parity "* ]]; then
     fi
 fi
 
-if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|decode-attention|a10g-plan|structured|replicas)" " ]]; then
+if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|decode-attention|a10g-plan|structured|replicas|gemm)" " ]]; then
     mkdir -p "$model"
     cp "$work"/llama3.1-tokenizer/tokenizer*.json "$model/"
     cat > "$model/config.json" <<'JSON'
@@ -134,6 +134,15 @@ if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|decode-a
  "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "torch_dtype": "bfloat16"}
 JSON
 fi
+
+# Offline decode of the 8B shape (512 in / 256 out, 2 x concurrency prompts): tok/s printed.
+dec() {  # name, env, concurrency
+    env $2 "$work/lumen" bench offline --model "$model" --load-format dummy --device cuda --max-model-len 4096 \
+        --input-len 512 --output-len 256 --num-prompts $((2 * $3)) --concurrency $3 --max-num-seqs 256 \
+        --max-num-batched-tokens 8192 --json "$out/$1.json" > "$out/$1.txt" 2> "$out/$1.ansi.log"
+    sed 's/\x1b\[[0-9;]*m//g' "$out/$1.ansi.log" > "$out/$1.log" && rm "$out/$1.ansi.log"
+    python3 -c "import json; print(round(json.load(open('$out/$1.json'))['output_tokens_per_s']))" 2>/dev/null || echo failed
+}
 
 if [[ " $steps " == *" decode-attention "* ]]; then
     # The decode attention kernel's copy schemes (LUMEN_CUDA_DECODE_ATTENTION: block; l2;
@@ -151,13 +160,6 @@ if [[ " $steps " == *" decode-attention "* ]]; then
             row "attention tests, $v" "$(grep -E '^test result' "$out/decode-tests-$v.log" | tail -1)"
         done
     fi
-    dec() {  # name, env, concurrency
-        env $2 "$work/lumen" bench offline --model "$model" --load-format dummy --device cuda --max-model-len 4096 \
-            --input-len 512 --output-len 256 --num-prompts $((2 * $3)) --concurrency $3 --max-num-seqs 256 \
-            --max-num-batched-tokens 8192 --json "$out/$1.json" > "$out/$1.txt" 2> "$out/$1.ansi.log"
-        sed 's/\x1b\[[0-9;]*m//g' "$out/$1.ansi.log" > "$out/$1.log" && rm "$out/$1.ansi.log"
-        python3 -c "import json; print(round(json.load(open('$out/$1.json'))['output_tokens_per_s']))" 2>/dev/null || echo failed
-    }
     for v in ${DECODE_VARIANTS:-warp warp2 auto}; do
         e="LUMEN_CUDA_DECODE_ATTENTION=$v"
         t32=$(dec "decode-$v-c32" "$e" 32)
@@ -225,8 +227,19 @@ if [[ " $steps " == *" gemm "* ]]; then
     # The linear layers at 64-4096 rows: cuBLAS's default algorithm (the engine's call) against
     # every candidate cuBLASLt's heuristic offers, and the limit (weights / read rate, FLOPs /
     # the best rate at 4096 rows).
-    "$work/gemm-bench" --json "$out/gemm.json" 2>&1 | tee "$out/gemm.txt"
-    while read -r line; do row "gemm: one step's linear layers" "$line"; done < <(sed -n '/^  rows/,$p' "$out/gemm.txt" | tail -n +2)
+    # Then the engine through each library (LUMEN_CUDA_GEMM: cublas, the default; lt, cuBLASLt's
+    # heuristic; lt-tuned, the fastest candidate per shape): the GEMM tests, offline decode at
+    # 32, 128 and 256 streams. GEMM_LIBRARIES picks the libraries, GEMM_BENCH=0 skips the bench.
+    if [ "${GEMM_BENCH:-1}" != 0 ]; then
+        "$work/gemm-bench" --json "$out/gemm.json" 2>&1 | tee "$out/gemm.txt"
+        while read -r line; do row "gemm: one step's linear layers" "$line"; done < <(sed -n '/^  rows/,$p' "$out/gemm.txt" | tail -n +2)
+    fi
+    "$work/worker-tests" --test-threads=1 own_gemm linear > "$out/gemm-tests.log" 2>&1
+    row "gemm tests (cublas, lt, lt-tuned)" "$(grep -E '^test result' "$out/gemm-tests.log" | tail -1)"
+    for lib in ${GEMM_LIBRARIES:-cublas lt lt-tuned}; do
+        e="LUMEN_CUDA_GEMM=$lib"
+        row "offline decode, gemm $lib" "c=32 $(dec "gemm-$lib-c32" "$e" 32), c=128 $(dec "gemm-$lib-c128" "$e" 128), c=256 $(dec "gemm-$lib-c256" "$e" 256) tok/s"
+    done
 fi
 
 if [[ " $steps " == *" overlap "* ]]; then

@@ -64,6 +64,10 @@ impl CudaKernels {
         if m == 0 || n == 0 {
             return Ok(y);
         }
+        if let Some(lt) = &self.lt {
+            lt.gemm(x, w, &y, (m, n, k), self.capturing())?;
+            return Ok(y);
+        }
         let data_type = match self.dtype {
             DType::BF16 => blas::cudaDataType_t::CUDA_R_16BF,
             DType::F32 => blas::cudaDataType_t::CUDA_R_32F,

@@ -25,6 +25,7 @@ pub mod launch;
 
 pub mod attention;
 pub mod blas;
+pub mod blas_lt;
 pub mod gemv;
 pub mod graph;
 pub mod ops;
@@ -135,6 +136,9 @@ pub struct CudaKernels {
     /// scratch (see `blas`), once [`CudaKernels::use_own_gemm`] asked for it (a model that
     /// captures graphs); until then candle's matmul.
     blas: Option<blas::Blas>,
+    /// The same through cuBLASLt with an algorithm per shape, when `LUMEN_CUDA_GEMM` asks for it
+    /// (see `blas_lt`).
+    lt: Option<blas_lt::LtGemm>,
 }
 
 impl CudaKernels {
@@ -232,6 +236,7 @@ impl CudaKernels {
             scratch: None,
             capture: std::cell::RefCell::new(None),
             blas: None,
+            lt: None,
             stream,
         };
         Ok(kernels)
@@ -287,10 +292,26 @@ impl CudaKernels {
     /// Linear layers the GEMV does not take go through our own cuBLAS handle into the layer
     /// scratch (what a graph capture needs) instead of candle's matmul.
     pub fn use_own_gemm(&mut self) -> Result<()> {
+        self.use_own_gemm_with(blas_lt::GemmLibrary::from_env()?)
+    }
+
+    /// As [`CudaKernels::use_own_gemm`], through `library`.
+    pub fn use_own_gemm_with(&mut self, library: blas_lt::GemmLibrary) -> Result<()> {
         if self.blas.is_none() {
             self.blas = Some(blas::Blas::new(&self.device, &self.stream)?);
         }
+        if library != blas_lt::GemmLibrary::Cublas && self.lt.is_none() {
+            let tune = library == blas_lt::GemmLibrary::LtTuned;
+            self.lt = Some(blas_lt::LtGemm::new(&self.device, &self.stream, self.dtype, tune)?);
+        }
         Ok(())
+    }
+
+    /// Whether the linear layers tune their algorithm per shape when they first meet it
+    /// (`LUMEN_CUDA_GEMM=lt-tuned`): a model then runs a graph's layers eagerly once before
+    /// capturing them.
+    pub fn tunes_gemm(&self) -> bool {
+        self.lt.as_ref().is_some_and(blas_lt::LtGemm::tunes)
     }
 
     /// Starts capturing the stream's work into a graph: until [`CudaKernels::end_capture`],

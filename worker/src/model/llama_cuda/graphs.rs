@@ -94,6 +94,14 @@ impl CudaLlama {
         let meta = self.pack.upload(self.kernels.device())?;
         let (ids, positions, slots) = inputs.arrays(rows)?;
         let x = residual.narrow(0, 0, rows).map_err(|e| gpu_error("a residual view", e))?;
+        if self.kernels.tunes_gemm() {
+            // Once eagerly, so the linear layers tune every shape the graph will hold (timing
+            // cannot run inside a capture); it writes only slot 0's K/V, which no request holds.
+            self.kernels.begin_step(rows);
+            self.kernels
+                .gather_rows_into(&self.weights.embed, ids, &x)
+                .and_then(|()| self.layers(&x, positions, slots, &attention, &meta))?;
+        }
         self.kernels.begin_step(rows);
         self.kernels.begin_capture()?;
         let layers = self
