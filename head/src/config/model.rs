@@ -37,6 +37,8 @@ pub enum Kind {
     Bool,
     /// One of the listed names.
     OneOf(&'static [&'static str]),
+    /// One of the listed names, or null (the worker's default).
+    OneOfOrNull(&'static [&'static str]),
     /// A size in bytes, more than 0: a number, or a string such as `2GiB` / `512MiB`.
     Bytes,
     /// As `Bytes`, or null (the worker's default).
@@ -84,6 +86,7 @@ pub const OPTIONS: &[(&str, Kind)] = &[
     ("dtype", Kind::OneOf(&["auto", "bfloat16", "float32"])),
     ("enforce_eager", Kind::Bool),
     ("tensor_parallel_size", Kind::Count),
+    ("quantization", Kind::OneOfOrNull(&["fp8", "compressed-tensors"])),
     ("runner", Kind::OneOf(&["auto", "generate", "pooling"])),
     ("convert", Kind::OneOf(&["auto", "none", "embed"])),
     ("pooler_config", Kind::PoolerConfig),
@@ -222,6 +225,9 @@ pub fn check_value(kind: Kind, value: &Value) -> Result<(), String> {
         (Kind::Bool, _) => Err(format!("must be true or false, got {}", got())),
         (Kind::OneOf(names), Value::String(s)) if names.contains(&s.as_str()) => Ok(()),
         (Kind::OneOf(names), _) => Err(format!("must be one of {}, got {}", names.join(", "), got())),
+        (Kind::OneOfOrNull(_), Value::Null) => Ok(()),
+        (Kind::OneOfOrNull(names), Value::String(s)) if names.contains(&s.as_str()) => Ok(()),
+        (Kind::OneOfOrNull(names), _) => Err(format!("must be one of {} or null, got {}", names.join(", "), got())),
         (Kind::BytesOrNull, Value::Null) => Ok(()),
         (Kind::Bytes | Kind::BytesOrNull, _) => bytes(value),
         (Kind::Fraction, Value::Number(n)) => match n.as_f64() {

@@ -12,6 +12,8 @@ use crate::model::generation_config::GenerationConfig;
 use crate::model::gguf::GgufFile;
 use crate::model::llama_cpu::{CpuLlama, CpuModelOptions};
 use crate::model::location::{LoadFormat, ModelLocation, resolve_model};
+use crate::model::quant::Quantization;
+use crate::model::quant::source::DequantizedSource;
 use crate::model::{DummySource, LlamaConfig, Model, SafetensorsSource, TensorDType, TensorSource};
 use crate::tokenizer::Tokenizer;
 use crate::tp::cpu::TensorParallelCpu;
@@ -42,8 +44,14 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
     if opts.tensor_parallel_size == 0 {
         return Err(WorkerError::invalid("tensor_parallel_size", "must be at least 1"));
     }
+    let quantization = Quantization::resolve(config.quantization.as_ref(), opts.quantization.as_deref())?;
     let model: Box<dyn Model> = match device {
-        ComputeDevice::Cpu => load_cpu(config, source.as_ref(), opts, max_model_len)?,
+        ComputeDevice::Cpu => {
+            // The CPU computes in floats: FP8 weights as the values they mean.
+            let dequantized = DequantizedSource::wrap(source.as_ref(), &quantization);
+            let source = dequantized.as_ref().map_or(source.as_ref(), |d| d as &dyn TensorSource);
+            load_cpu(config, source, opts, max_model_len)?
+        }
         ComputeDevice::Cuda(_) if opts.tensor_parallel_size != 1 => {
             return Err(WorkerError::invalid(
                 "tensor_parallel_size",
@@ -53,7 +61,9 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
                 ),
             ));
         }
-        ComputeDevice::Cuda(ordinal) => load_cuda(config, source.as_ref(), opts, max_model_len, ordinal)?,
+        ComputeDevice::Cuda(ordinal) => {
+            load_cuda(config, source.as_ref(), opts, max_model_len, ordinal, &quantization)?
+        }
     };
     let core_cfg = CoreConfig {
         max_model_len,
@@ -131,10 +141,17 @@ fn load_cuda(
     opts: &EngineOptions,
     max_model_len: usize,
     ordinal: usize,
+    quantization: &Quantization,
 ) -> Result<Box<dyn Model>> {
     use super::options::GpuDType;
     use crate::model::llama_cuda::weights::WeightOrigin;
     use crate::model::llama_cuda::{CudaLlama, CudaModelOptions};
+    if quantization.is_fp8() {
+        return Err(WorkerError::invalid(
+            "quantization",
+            "FP8 weights on the GPU are not built yet (the CPU path reads FP8 checkpoints: --device cpu)",
+        ));
+    }
     let origin = match opts.load_format {
         LoadFormat::Dummy => WeightOrigin::Random { seed: opts.dummy_seed },
         _ => WeightOrigin::Source(source),
@@ -169,6 +186,7 @@ fn load_cuda(
     _opts: &EngineOptions,
     _max_model_len: usize,
     ordinal: usize,
+    _quantization: &Quantization,
 ) -> Result<Box<dyn Model>> {
     Err(WorkerError::invalid(
         "device",

@@ -130,6 +130,12 @@ pub struct EngineOptions {
     #[arg(long, env = "LUMEN_TENSOR_PARALLEL_SIZE", default_value_t = 1)]
     pub tensor_parallel_size: usize,
 
+    /// Weight quantization, as vLLM's `--quantization`: default the checkpoint's own
+    /// (`quantization_config`: FP8 `fp8` / `compressed-tensors` checkpoints); `fp8` on a float
+    /// checkpoint quantizes its linear layers to FP8 E4M3 as they load (per output channel).
+    #[arg(long, short = 'q', env = "LUMEN_QUANTIZATION")]
+    pub quantization: Option<String>,
+
     /// The pooler, as vLLM's `--pooler-config` JSON: `{"pooling_type": "LAST" | "MEAN" | "CLS",
     /// "normalize": true | false}`; default LAST, normalized (vLLM's for a converted causal LM).
     #[arg(long, env = "LUMEN_POOLER_CONFIG", value_parser = PoolerConfig::parse_json)]
@@ -217,6 +223,7 @@ impl Default for EngineOptions {
             convert: Convert::Auto,
             pooler_config: None,
             tensor_parallel_size: 1,
+            quantization: None,
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct LlamaConfig {
     /// Attention over only the last tokens, which Lumen does not implement (see
     /// [`LlamaConfig::check_max_model_len`]).
     pub sliding_window: Option<SlidingWindow>,
+    /// The checkpoint's weight quantization (`quantization_config`), if any (see `quant`).
+    pub quantization: Option<super::quant::Fp8Scheme>,
 }
 
 /// A window of `size` tokens each position attends to (Mistral's `sliding_window`). Lumen attends

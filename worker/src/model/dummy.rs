@@ -92,8 +92,11 @@ impl DummySource {
             TensorDType::F32 => Encoding::F32,
             TensorDType::F16 => Encoding::Half(half_table(|x| f16::from_f32(x).to_bits())),
             TensorDType::BF16 => Encoding::Half(half_table(|x| bf16::from_f32(x).to_bits())),
-            TensorDType::Ggml(t) => {
-                return Err(WorkerError::invalid("dtype", format!("dummy weights are F32, F16 or BF16, not {t:?}")));
+            other => {
+                return Err(WorkerError::invalid(
+                    "dtype",
+                    format!("dummy weights are F32, F16 or BF16, not {other:?}"),
+                ));
             }
         };
         Ok(DummySource { dtype, seed, shapes: llama_tensor_shapes(config).into_iter().collect(), encoding })
@@ -234,6 +237,7 @@ mod tests {
             eos_token_ids: vec![2],
             dtype: None,
             sliding_window: None,
+            quantization: None,
         }
     }
 

@@ -173,6 +173,7 @@ impl GgufFile {
                 .meta("llama.attention.sliding_window")
                 .and_then(value_as_u64)
                 .map(|size| SlidingWindow { size: size as usize, key: "llama.attention.sliding_window" }),
+            quantization: None,
         };
         config.check().map_err(|e| WorkerError::model_file(&self.path, e.to_string()))?;
         Ok(config)

@@ -27,8 +27,8 @@
 //!   it, checked when the engine is built ([`LlamaConfig::check_max_model_len`]).
 //! - refused, from neighbouring architectures that a Llama-labelled config may carry and that
 //!   change the math: `qk_norm` / `use_qk_norm` true, `attn_logit_softcapping`,
-//!   `final_logit_softcapping`, `num_local_experts` / `num_experts` (mixture of experts),
-//!   `quantization_config` (quantized weights).
+//!   `final_logit_softcapping`, `num_local_experts` / `num_experts` (mixture of experts).
+//! - `quantization_config`: read by `quant` (FP8 schemes), every other scheme refused there.
 //! - ignored, because they do not change inference: `pretraining_tp` (transformers splits no
 //!   matmul by it any more; it was the same sum in slices), `attention_dropout`,
 //!   `initializer_range`, `use_cache`, `pad_token_id`, and keys transformers' Llama does not read.
@@ -65,7 +65,6 @@ const REFUSED: &[(&str, Neutral, &str)] = &[
     ("final_logit_softcapping", Neutral::Null, "capping the output logits is not implemented"),
     ("num_local_experts", Neutral::Null, "mixture-of-experts layers are not implemented"),
     ("num_experts", Neutral::Null, "mixture-of-experts layers are not implemented"),
-    ("quantization_config", Neutral::Null, "quantized checkpoints are not supported (F32, F16 and BF16 weights are)"),
 ];
 
 /// The top-level object of a config.json, with typed getters whose errors name the key.
@@ -166,6 +165,7 @@ pub(crate) fn parse(text: &str) -> Result<LlamaConfig> {
         eos_token_ids: ids("eos_token_id")?.map(IdOrIds::into_vec).unwrap_or_default(),
         dtype: one_spelling(&keys, "torch_dtype", "dtype")?,
         sliding_window: sliding_window(&keys, mistral)?,
+        quantization: super::quant::from_hf_config(keys.get("quantization_config"))?,
     })
 }
 

@@ -13,6 +13,7 @@ pub mod llama_cpu;
 #[cfg(feature = "cuda")]
 pub mod llama_cuda;
 pub mod location;
+pub mod quant;
 pub mod rope;
 pub mod safetensors;
 pub mod source;

@@ -20,6 +20,8 @@ pub enum TensorDType {
     F32,
     F16,
     BF16,
+    /// FP8 E4M3 codes, one byte each (their scales are separate tensors: `model::quant`).
+    F8E4M3,
     /// A GGML block-quantized type (Q4_0, Q4_1, Q8_0, K-quants, ...), blocks along the last dim.
     Ggml(GgmlDType),
 }
@@ -30,6 +32,7 @@ impl TensorDType {
         match self {
             TensorDType::F32 => elems * 4,
             TensorDType::F16 | TensorDType::BF16 => elems * 2,
+            TensorDType::F8E4M3 => elems,
             TensorDType::Ggml(t) => elems / t.block_size() * t.type_size(),
         }
     }
@@ -103,7 +106,8 @@ impl RawTensor {
         Ok(())
     }
 
-    /// All elements converted to f32 (GGML types are dequantized).
+    /// All elements converted to f32 (GGML types are dequantized; FP8 codes are decoded without
+    /// their scale).
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         self.check_len()?;
         let b = self.bytes.as_slice();
@@ -111,6 +115,7 @@ impl RawTensor {
             TensorDType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             TensorDType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             TensorDType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            TensorDType::F8E4M3 => b.iter().map(|&c| crate::model::quant::fp8::e4m3_to_f32(c)).collect(),
             TensorDType::Ggml(t) => dequantize_ggml(&self.name, t, b, self.elem_count())?,
         })
     }

@@ -29,6 +29,7 @@ fn generated_config() -> LlamaConfig {
         eos_token_ids: vec![2],
         dtype: None,
         sliding_window: None,
+        quantization: None,
     }
 }
 

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod hf;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

@@ -167,6 +167,9 @@ impl Loader<'_> {
             TensorDType::F16 => Tensor::from_raw_buffer(t.bytes.as_slice(), DType::F16, &t.shape, self.device),
             TensorDType::BF16 => Tensor::from_raw_buffer(t.bytes.as_slice(), DType::BF16, &t.shape, self.device),
             TensorDType::Ggml(_) => Tensor::from_vec(t.to_f32()?, t.shape.as_slice(), self.device),
+            TensorDType::F8E4M3 => {
+                return Err(WorkerError::tensor(&t.name, "FP8 weights need the FP8 path (quantization)"));
+            }
         }
         .map_err(fail)?;
         on_device.to_dtype(self.dtype).map_err(fail)

@@ -1,0 +1,196 @@
+//! Quantized weights: which scheme a model's linear layers use, from the checkpoint's
+//! `quantization_config` and vLLM's `--quantization` option, and how a weight source presents
+//! them to a path that computes in floats.
+//!
+//! Read today (FP8 E4M3 weights, `fp8`):
+//! - `compressed-tensors` checkpoints (llm-compressor's "FP8", "FP8-dynamic", "FP8 weight-only"):
+//!   one config group targeting `Linear`, weights `num_bits: 8, type: float, symmetric`, strategy
+//!   `tensor` or `channel`; input activations absent (weight-only), dynamic (`token` or `tensor`)
+//!   or static (`tensor`, an `input_scale` per layer); `ignore`d layers stay in floats.
+//! - vLLM's own `fp8` checkpoints (`quant_method: fp8`, per-tensor `weight_scale`,
+//!   `activation_scheme` dynamic or static); `weight_block_size` (block-wise scales) is refused.
+//! - `--quantization fp8` on a float checkpoint: the linear layers are quantized as they load
+//!   (per output channel).
+//!
+//! Tensors: a quantized layer stores `<layer>.weight` as `F8_E4M3` `[out, in]` and
+//! `<layer>.weight_scale` (`[out, 1]`, `[out]`, `[1]` or a scalar, any float type); its value is
+//! `weight * scale` per row. Whether a layer is quantized is read from its stored dtype, so an
+//! ignore list needs no matching here. Activation scales are not read: a GPU computing in FP8
+//! quantizes each token's activations itself (dynamic, per token), the CPU computes in floats.
+//! Other methods (`awq`, `gptq`, `bitsandbytes`, ...) and `kv_cache_scheme` are refused by name.
+
+pub mod fp8;
+pub mod source;
+
+use serde_json::{Map, Value};
+
+use crate::{Result, WorkerError};
+
+/// The weight quantization a model loads with.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Quantization {
+    /// Float weights.
+    None,
+    /// FP8 E4M3 linear weights.
+    Fp8(Fp8Scheme),
+}
+
+/// An FP8 model's scheme.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fp8Scheme {
+    /// `fp8` or `compressed-tensors` (what `--quantization` must say, if anything).
+    pub method: &'static str,
+    /// Scales of the stored weights (online quantization: per channel).
+    pub weights: fp8::Granularity,
+    /// Whether the checkpoint holds FP8 weights (false: quantized as they load).
+    pub serialized: bool,
+    /// Whether activations are quantized too (W8A8; false: weight-only, W8A16).
+    pub activations: bool,
+}
+
+impl Quantization {
+    /// The scheme for a checkpoint that says `checkpoint` (from its config) under
+    /// `--quantization` `flag`: the checkpoint's when the flag is absent or agrees; `fp8` on a
+    /// float checkpoint quantizes it online; anything else is an error naming the option.
+    pub fn resolve(checkpoint: Option<&Fp8Scheme>, flag: Option<&str>) -> Result<Quantization> {
+        let bad = |why: String| Err(WorkerError::invalid("quantization", why));
+        match (checkpoint, flag) {
+            (None, None) => Ok(Quantization::None),
+            (Some(scheme), None) => Ok(Quantization::Fp8(scheme.clone())),
+            (Some(scheme), Some(flag)) if flag == scheme.method => Ok(Quantization::Fp8(scheme.clone())),
+            (Some(scheme), Some(flag)) => bad(format!(
+                "the checkpoint is quantized with {} but --quantization says {flag}: leave it out or say {}",
+                scheme.method, scheme.method
+            )),
+            (None, Some("fp8")) => Ok(Quantization::Fp8(Fp8Scheme {
+                method: "fp8",
+                weights: fp8::Granularity::Channel,
+                serialized: false,
+                activations: true,
+            })),
+            (None, Some(flag)) if KNOWN.contains(&flag) => bad(format!(
+                "{flag} needs a checkpoint quantized with it, and this one holds float weights (on those only fp8 quantizes as it loads)"
+            )),
+            (None, Some(flag)) => bad(format!("{flag:?} is not one of {}", KNOWN.join(", "))),
+        }
+    }
+
+    /// Whether the linear weights are FP8.
+    pub fn is_fp8(&self) -> bool {
+        matches!(self, Quantization::Fp8(_))
+    }
+}
+
+/// The `--quantization` values understood.
+const KNOWN: &[&str] = &["fp8", "compressed-tensors"];
+
+/// Methods vLLM knows that Lumen does not run yet.
+const NOT_YET: &[&str] = &[
+    "awq",
+    "awq_marlin",
+    "gptq",
+    "gptq_marlin",
+    "bitsandbytes",
+    "gguf",
+    "marlin",
+    "modelopt",
+    "modelopt_fp4",
+    "fbgemm_fp8",
+    "experts_int8",
+    "mxfp4",
+    "quark",
+    "torchao",
+];
+
+fn unsupported(value: &Value, reason: impl Into<String>) -> WorkerError {
+    WorkerError::UnsupportedConfig {
+        key: "quantization_config".into(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The scheme of a config.json's `quantization_config` (`None` for absent or null).
+pub fn from_hf_config(config: Option<&Value>) -> Result<Option<Fp8Scheme>> {
+    let Some(value) = config.filter(|v| !v.is_null()) else { return Ok(None) };
+    let obj = value.as_object().ok_or_else(|| unsupported(value, "must be an object"))?;
+    let method = obj.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    match method {
+        "fp8" => fp8_config(value, obj).map(Some),
+        "compressed-tensors" => compressed_tensors(value, obj).map(Some),
+        m if NOT_YET.contains(&m) => Err(unsupported(
+            value,
+            format!("{m} checkpoints are not supported yet (FP8 ones are: quant_method fp8 or compressed-tensors)"),
+        )),
+        m => Err(unsupported(value, format!("unknown quant_method {m:?} (supported: fp8, compressed-tensors)"))),
+    }
+}
+
+/// vLLM's `fp8` serialization: per-tensor weight scales.
+fn fp8_config(value: &Value, obj: &Map<String, Value>) -> Result<Fp8Scheme> {
+    if obj.get("weight_block_size").is_some_and(|v| !v.is_null()) {
+        return Err(unsupported(value, "block-wise FP8 scales (weight_block_size) are not supported yet"));
+    }
+    match obj.get("activation_scheme").and_then(Value::as_str).unwrap_or("dynamic") {
+        "dynamic" | "static" => {}
+        other => return Err(unsupported(value, format!("activation_scheme {other:?} is not dynamic or static"))),
+    }
+    Ok(Fp8Scheme { method: "fp8", weights: fp8::Granularity::Tensor, serialized: true, activations: true })
+}
+
+/// llm-compressor's `compressed-tensors` serialization of FP8 (`float-quantized` /
+/// `naive-quantized` formats).
+fn compressed_tensors(value: &Value, obj: &Map<String, Value>) -> Result<Fp8Scheme> {
+    let bad = |why: &str| Err(unsupported(value, why.to_string()));
+    if obj.get("kv_cache_scheme").is_some_and(|v| !v.is_null()) {
+        return bad("kv_cache_scheme (an FP8 KV cache with checkpoint scales) is not supported yet");
+    }
+    let format = obj.get("format").and_then(Value::as_str).unwrap_or("float-quantized");
+    if !matches!(format, "float-quantized" | "naive-quantized") {
+        return bad("only the float-quantized (FP8) compressed-tensors format is supported yet");
+    }
+    let groups = obj.get("config_groups").and_then(Value::as_object).filter(|g| !g.is_empty());
+    let Some(groups) = groups else { return bad("config_groups is missing") };
+    if groups.len() != 1 {
+        return bad("more than one config group (mixed schemes) is not supported");
+    }
+    let group = groups.values().next().and_then(Value::as_object);
+    let Some(group) = group else { return bad("a config group must be an object") };
+    let targets = group.get("targets").and_then(Value::as_array);
+    if !targets.is_some_and(|t| t.len() == 1 && t[0].as_str() == Some("Linear")) {
+        return bad("the config group must target [\"Linear\"]");
+    }
+    if group.get("output_activations").is_some_and(|v| !v.is_null()) {
+        return bad("output activation quantization is not supported");
+    }
+    let weights = group.get("weights").and_then(Value::as_object);
+    let Some(weights) = weights else { return bad("the config group has no weights scheme") };
+    let is_fp8 = |a: &Map<String, Value>| {
+        a.get("num_bits").and_then(Value::as_u64) == Some(8)
+            && a.get("type").and_then(Value::as_str) == Some("float")
+            && a.get("symmetric").and_then(Value::as_bool).unwrap_or(true)
+    };
+    if !is_fp8(weights) || weights.get("dynamic").and_then(Value::as_bool) == Some(true) {
+        return bad("weights must be static symmetric 8-bit floats (FP8 E4M3)");
+    }
+    let granularity = match weights.get("strategy").and_then(Value::as_str) {
+        Some("tensor") => fp8::Granularity::Tensor,
+        Some("channel") => fp8::Granularity::Channel,
+        _ => return bad("weight strategy must be tensor or channel (group and block scales are not supported yet)"),
+    };
+    let activations = match group.get("input_activations").filter(|v| !v.is_null()) {
+        None => false,
+        Some(a) => {
+            let a = a.as_object().filter(|a| is_fp8(a));
+            let strategy = a.and_then(|a| a.get("strategy")).and_then(Value::as_str);
+            if !matches!(strategy, Some("token" | "tensor")) {
+                return bad("input activations must be 8-bit floats per token or per tensor");
+            }
+            true
+        }
+    };
+    Ok(Fp8Scheme { method: "compressed-tensors", weights: granularity, serialized: true, activations })
+}
+
+#[cfg(test)]
+mod tests;

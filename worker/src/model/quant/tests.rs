@@ -1,0 +1,129 @@
+use serde_json::json;
+
+use super::fp8::Granularity;
+use super::{Fp8Scheme, Quantization, from_hf_config};
+
+/// llm-compressor's FP8-dynamic config (per-channel weights, per-token dynamic activations).
+fn fp8_dynamic() -> serde_json::Value {
+    json!({
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "kv_cache_scheme": null, "global_compression_ratio": 1.24,
+        "config_groups": {"group_0": {
+            "targets": ["Linear"], "output_activations": null,
+            "weights": {"num_bits": 8, "type": "float", "symmetric": true, "strategy": "channel", "dynamic": false,
+                        "group_size": null, "block_structure": null, "actorder": null, "observer": "minmax"},
+            "input_activations": {"num_bits": 8, "type": "float", "symmetric": true, "strategy": "token",
+                                  "dynamic": true, "observer": null}
+        }}
+    })
+}
+
+#[test]
+fn fp8_checkpoint_configs_are_read() {
+    let scheme = from_hf_config(Some(&fp8_dynamic())).unwrap().unwrap();
+    assert_eq!(
+        scheme,
+        Fp8Scheme { method: "compressed-tensors", weights: Granularity::Channel, serialized: true, activations: true }
+    );
+    // Per-tensor weights, static activations (llm-compressor's "FP8").
+    let mut fp8 = fp8_dynamic();
+    fp8["config_groups"]["group_0"]["weights"]["strategy"] = json!("tensor");
+    fp8["config_groups"]["group_0"]["input_activations"] =
+        json!({"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": false});
+    assert_eq!(from_hf_config(Some(&fp8)).unwrap().unwrap().weights, Granularity::Tensor);
+    // Weight-only.
+    let mut weight_only = fp8_dynamic();
+    weight_only["config_groups"]["group_0"]["input_activations"] = json!(null);
+    assert!(!from_hf_config(Some(&weight_only)).unwrap().unwrap().activations);
+    // vLLM's own.
+    let vllm = json!({"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]});
+    assert_eq!(
+        from_hf_config(Some(&vllm)).unwrap().unwrap(),
+        Fp8Scheme { method: "fp8", weights: Granularity::Tensor, serialized: true, activations: true }
+    );
+    assert_eq!(from_hf_config(None).unwrap(), None);
+    assert_eq!(from_hf_config(Some(&json!(null))).unwrap(), None);
+}
+
+#[test]
+fn schemes_lumen_cannot_run_are_refused_saying_why() {
+    let with = |path: &[&str], value: serde_json::Value| {
+        let mut config = fp8_dynamic();
+        let mut at = &mut config;
+        for key in &path[..path.len() - 1] {
+            at = &mut at[*key];
+        }
+        at[path[path.len() - 1]] = value;
+        config
+    };
+    let group = ["config_groups", "group_0"];
+    let cases = [
+        (json!({"quant_method": "gptq", "bits": 4}), "gptq checkpoints are not supported yet"),
+        (json!({"quant_method": "awq", "bits": 4}), "awq checkpoints are not supported yet"),
+        (json!({"quant_method": "hqq"}), "unknown quant_method \"hqq\""),
+        (json!({"quant_method": "fp8", "weight_block_size": [128, 128]}), "block-wise"),
+        (json!({"quant_method": "fp8", "activation_scheme": "none"}), "activation_scheme"),
+        (json!("fp8"), "must be an object"),
+        (with(&["kv_cache_scheme"], json!({"num_bits": 8, "type": "float"})), "kv_cache_scheme"),
+        (with(&["format"], json!("pack-quantized")), "float-quantized"),
+        (with(&[group[0], group[1], "weights", "num_bits"], json!(4)), "8-bit floats"),
+        (with(&[group[0], group[1], "weights", "type"], json!("int")), "8-bit floats"),
+        (with(&[group[0], group[1], "weights", "strategy"], json!("group")), "tensor or channel"),
+        (with(&[group[0], group[1], "input_activations", "strategy"], json!("group")), "per token or per tensor"),
+        (with(&[group[0], group[1], "targets"], json!(["Attention"])), "[\"Linear\"]"),
+        (with(&[group[0], group[1], "output_activations"], json!({"num_bits": 8})), "output activation"),
+        (with(&["config_groups", "group_1"], json!({"targets": ["Linear"]})), "more than one config group"),
+        (with(&["config_groups"], json!({})), "config_groups is missing"),
+    ];
+    for (config, want) in cases {
+        let err = from_hf_config(Some(&config)).expect_err(&config.to_string()).to_string();
+        assert!(err.contains("quantization_config") && err.contains(want), "{config}: {err}");
+    }
+}
+
+#[test]
+fn the_quantization_option_agrees_with_the_checkpoint_or_quantizes_floats() {
+    let checkpoint = from_hf_config(Some(&fp8_dynamic())).unwrap().unwrap();
+    assert_eq!(Quantization::resolve(None, None).unwrap(), Quantization::None);
+    assert_eq!(Quantization::resolve(Some(&checkpoint), None).unwrap(), Quantization::Fp8(checkpoint.clone()));
+    assert_eq!(
+        Quantization::resolve(Some(&checkpoint), Some("compressed-tensors")).unwrap(),
+        Quantization::Fp8(checkpoint.clone())
+    );
+    let online = Quantization::resolve(None, Some("fp8")).unwrap();
+    assert_eq!(
+        online,
+        Quantization::Fp8(Fp8Scheme {
+            method: "fp8",
+            weights: Granularity::Channel,
+            serialized: false,
+            activations: true
+        })
+    );
+    for (checkpoint, flag, want) in [
+        (Some(&checkpoint), "fp8", "quantized with compressed-tensors but --quantization says fp8"),
+        (None, "compressed-tensors", "holds float weights"),
+        (None, "awq", "\"awq\" is not one of fp8, compressed-tensors"),
+    ] {
+        let err = Quantization::resolve(checkpoint, Some(flag)).expect_err(flag).to_string();
+        assert!(err.contains("quantization") && err.contains(want), "{flag}: {err}");
+    }
+}
+
+#[test]
+fn only_the_layers_projections_are_linear_weights() {
+    use super::source::is_linear_weight;
+    for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.31.mlp.down_proj.weight"] {
+        assert!(is_linear_weight(name), "{name}");
+    }
+    for name in [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.self_attn.q_proj.weight_scale",
+        "model.layers.x.mlp.up_proj.weight",
+        "model.norm.weight",
+    ] {
+        assert!(!is_linear_weight(name), "{name}");
+    }
+}
