@@ -8,7 +8,7 @@
 #
 #   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention]
 #                                     [attention] [decode-attention] [serve] [hf-parity] [ptx]
-#                                     [a10g-plan] [structured] [overlap] [gemm] [replicas]
+#                                     [a10g-plan] [structured] [overlap] [gemm] [replicas] [fp8]
 #                                                                        (default: tests bench parity)
 #
 # carry: gpu-pack (binaries, tokenizer). The GGUF comes in two more calls carrying gpu-smol1
@@ -121,7 +121,7 @@ if [[ " $steps " == *" parity "* ]]; then
     fi
 fi
 
-if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|decode-attention|a10g-plan|structured|replicas|gemm)" " ]]; then
+if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|decode-attention|a10g-plan|structured|replicas|gemm|fp8)" " ]]; then
     mkdir -p "$model"
     cp "$work"/llama3.1-tokenizer/tokenizer*.json "$model/"
     cat > "$model/config.json" <<'JSON'
@@ -136,10 +136,10 @@ JSON
 fi
 
 # Offline decode of the 8B shape (512 in / 256 out, 2 x concurrency prompts): tok/s printed.
-dec() {  # name, env, concurrency
+dec() {  # name, env, concurrency, extra flags...
     env $2 "$work/lumen" bench offline --model "$model" --load-format dummy --device cuda --max-model-len 4096 \
         --input-len 512 --output-len 256 --num-prompts $((2 * $3)) --concurrency $3 --max-num-seqs 256 \
-        --max-num-batched-tokens 8192 --json "$out/$1.json" > "$out/$1.txt" 2> "$out/$1.ansi.log"
+        --max-num-batched-tokens 8192 "${@:4}" --json "$out/$1.json" > "$out/$1.txt" 2> "$out/$1.ansi.log"
     sed 's/\x1b\[[0-9;]*m//g' "$out/$1.ansi.log" > "$out/$1.log" && rm "$out/$1.ansi.log"
     python3 -c "import json; print(round(json.load(open('$out/$1.json'))['output_tokens_per_s']))" 2>/dev/null || echo failed
 }
@@ -240,6 +240,18 @@ if [[ " $steps " == *" gemm "* ]]; then
         e="LUMEN_CUDA_GEMM=$lib"
         row "offline decode, gemm $lib" "c=32 $(dec "gemm-$lib-c32" "$e" 32), c=128 $(dec "gemm-$lib-c128" "$e" 128), c=256 $(dec "gemm-$lib-c256" "$e" 256) tok/s"
     done
+fi
+
+if [[ " $steps " == *" fp8 "* ]]; then
+    # FP8 weights (issue 15): the FP8 kernel tests, then offline decode of the 8B shape with
+    # `--quantization fp8` (linear layers quantized per channel as the dummy weights load)
+    # against bf16 in the same run, at 1, 32, 128 and 256 streams; FP8_CONCURRENCY picks them.
+    "$work/worker-tests" --test-threads=1 fp8 > "$out/fp8-tests.log" 2>&1
+    row "fp8 kernel tests" "$(grep -E '^test result' "$out/fp8-tests.log" | tail -1)"
+    for c in ${FP8_CONCURRENCY:-1 32 128 256}; do
+        row "offline decode c=$c, bf16 / fp8 tok/s" "$(dec "fp8-bf16-c$c" "" "$c") / $(dec "fp8-c$c" "" "$c" --quantization fp8)"
+    done
+    grep -h "engine ready\|weights" "$out/fp8-c1.log" 2>/dev/null | head -3 > "$out/fp8-load.txt"
 fi
 
 if [[ " $steps " == *" overlap "* ]]; then

@@ -146,12 +146,6 @@ fn load_cuda(
     use super::options::GpuDType;
     use crate::model::llama_cuda::weights::WeightOrigin;
     use crate::model::llama_cuda::{CudaLlama, CudaModelOptions};
-    if quantization.is_fp8() {
-        return Err(WorkerError::invalid(
-            "quantization",
-            "FP8 weights on the GPU are not built yet (the CPU path reads FP8 checkpoints: --device cpu)",
-        ));
-    }
     let origin = match opts.load_format {
         LoadFormat::Dummy => WeightOrigin::Random { seed: opts.dummy_seed },
         _ => WeightOrigin::Source(source),
@@ -174,6 +168,7 @@ fn load_cuda(
             gpu_memory_limit: opts.gpu_memory_limit.map(|b| b.as_u64() as usize),
             pooling: opts.pooling()?.is_some(),
             enforce_eager: opts.enforce_eager,
+            quantization: quantization.clone(),
         },
     )?;
     Ok(Box::new(model))

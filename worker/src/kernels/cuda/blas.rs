@@ -68,6 +68,14 @@ impl CudaKernels {
             lt.gemm(x, w, &y, (m, n, k), self.capturing())?;
             return Ok(y);
         }
+        self.gemm_raw((m, n, k), device_ptr(x)?, device_ptr(w)?, device_ptr(&y)?, n)?;
+        Ok(y)
+    }
+
+    /// `y = x · Wᵀ` by cuBLAS on device addresses: `x` m rows of k, `W` n rows of k (the
+    /// kernels' element type, contiguous), `y` m rows of which the first n values are written,
+    /// rows `ldy` apart (`ldy >= n`: a column block of a wider output).
+    pub(crate) fn gemm_raw(&self, (m, n, k): (usize, usize, usize), x: u64, w: u64, y: u64, ldy: usize) -> Result<()> {
         let data_type = match self.dtype {
             DType::BF16 => blas::cudaDataType_t::CUDA_R_16BF,
             DType::F32 => blas::cudaDataType_t::CUDA_R_32F,
@@ -78,11 +86,11 @@ impl CudaKernels {
         let blas =
             self.blas.as_ref().ok_or_else(|| WorkerError::Engine("cuda gemm: no cuBLAS handle of ours".into()))?;
         let handle = blas.handle.handle();
-        // cuBLAS is column-major: Y (n x m, column-major) = op(W) (n x k) · X (k x m), with W
-        // read transposed from its row-major [n, k] storage.
-        // SAFETY: W holds n rows of k, x m rows of k, y m rows of n, all contiguous on this
-        // device; alpha and beta are f32, as the f32 compute type requires; the handle's stream
-        // is the kernels' stream.
+        // cuBLAS is column-major: Y (n x m, column-major, leading dimension ldy) = op(W) (n x k)
+        // · X (k x m), with W read transposed from its row-major [n, k] storage.
+        // SAFETY: the caller guarantees W holds n rows of k, x m rows of k and y m rows of ldy
+        // (n of them written), all on this device; alpha and beta are f32, as the f32 compute
+        // type requires; the handle's stream is the kernels' stream.
         let status = unsafe {
             blas::cublasGemmStridedBatchedEx(
                 *handle,
@@ -92,19 +100,19 @@ impl CudaKernels {
                 int("m", m)?,
                 int("k", k)?,
                 (&alpha as *const f32).cast(),
-                device_ptr(w)? as *const c_void,
+                w as *const c_void,
                 data_type,
                 int("k", k)?,
                 (n * k) as i64,
-                device_ptr(x)? as *const c_void,
+                x as *const c_void,
                 data_type,
                 int("k", k)?,
                 (m * k) as i64,
                 (&beta as *const f32).cast(),
-                device_ptr(&y)? as *mut c_void,
+                y as *mut c_void,
                 data_type,
-                int("n", n)?,
-                (m * n) as i64,
+                int("ldy", ldy)?,
+                (m * ldy) as i64,
                 1,
                 blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
@@ -113,6 +121,6 @@ impl CudaKernels {
         if status != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             return Err(WorkerError::Engine(format!("cuda gemm of {m} x {k} by {n} x {k}: {status:?}")));
         }
-        Ok(y)
+        Ok(())
     }
 }

@@ -71,7 +71,33 @@ struct Plan {
     x: lt::cublasLtMatrixLayout_t,
     y: lt::cublasLtMatrixLayout_t,
     algo: lt::cublasLtMatmulAlgo_t,
+    /// An FP8 product whose epilogue applies a scale per row of W and per row of x.
+    outer: bool,
 }
+
+/// What a plan multiplies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PlanKind {
+    /// The kernels' element type throughout.
+    Dense,
+    /// E4M3 codes by E4M3 codes into bf16; `outer`: both scale vectors in the epilogue.
+    Fp8 { outer: bool },
+}
+
+/// The device addresses of an FP8 product `y = (x · Wᵀ) * x_scales[row] * w_scales[col]`: `x`
+/// m rows of k codes, `W` n rows of k codes, `y` m rows of n bf16.
+#[derive(Clone, Copy)]
+pub struct Fp8Operands {
+    pub x: u64,
+    pub x_scales: u64,
+    pub w: u64,
+    pub w_scales: u64,
+    pub y: u64,
+}
+
+/// `CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F` (cuBLASLt 12.9+): a vector of f32 scales along a
+/// matrix's outer dimension.
+const SCALE_OUTER_VEC_32F: u32 = 3;
 
 impl Drop for Plan {
     fn drop(&mut self) {
@@ -92,6 +118,7 @@ pub struct LtGemm {
     data_type: lt::cudaDataType,
     tune: bool,
     plans: RefCell<HashMap<(usize, usize, usize), Plan>>,
+    fp8_plans: RefCell<HashMap<(usize, usize, usize), Plan>>,
     stream: std::sync::Arc<cudarc::driver::CudaStream>,
 }
 
@@ -102,6 +129,7 @@ unsafe impl Send for LtGemm {}
 impl Drop for LtGemm {
     fn drop(&mut self) {
         self.plans.borrow_mut().clear();
+        self.fp8_plans.borrow_mut().clear();
         // SAFETY: the handle was created by `LtGemm::new` and every plan using it is gone.
         unsafe {
             lt::cublasLtDestroy(self.handle);
@@ -126,7 +154,15 @@ impl LtGemm {
         // SAFETY: cublasLtCreate writes a new handle into `handle`.
         check("creating a handle", unsafe { lt::cublasLtCreate(&mut handle) })?;
         let workspace = alloc_tensor(device, (WORKSPACE_BYTES / 4).into(), DType::U32)?;
-        Ok(LtGemm { handle, workspace, data_type, tune, plans: RefCell::new(HashMap::new()), stream: stream.clone() })
+        Ok(LtGemm {
+            handle,
+            workspace,
+            data_type,
+            tune,
+            plans: RefCell::new(HashMap::new()),
+            fp8_plans: RefCell::new(HashMap::new()),
+            stream: stream.clone(),
+        })
     }
 
     /// Whether new shapes are tuned.
@@ -146,12 +182,57 @@ impl LtGemm {
     ) -> Result<()> {
         let (xp, wp, yp) = (device_ptr(x)?, device_ptr(w)?, device_ptr(y)?);
         if !self.plans.borrow().contains_key(&(m, n, k)) {
-            let plan = self.plan((m, n, k), (xp, wp, yp), self.tune && !capturing)?;
+            let plan = self.plan((m, n, k), PlanKind::Dense, (xp, wp, yp), self.tune && !capturing)?;
             self.plans.borrow_mut().insert((m, n, k), plan);
         }
         let plans = self.plans.borrow();
         let plan = &plans[&(m, n, k)];
         self.run(plan, (xp, wp, yp))
+    }
+
+    /// The FP8 product of `operands` for `(m, n, k)`; true when cuBLASLt applied the scales,
+    /// false when the caller must (no algorithm of this cuBLASLt takes scale vectors for the
+    /// shape on this GPU).
+    pub fn gemm_fp8(&self, ops: Fp8Operands, (m, n, k): (usize, usize, usize)) -> Result<bool> {
+        let key = (m, n, k);
+        let operands = (ops.x, ops.w, ops.y);
+        if !self.fp8_plans.borrow().contains_key(&key) {
+            let plan = match self.plan(key, PlanKind::Fp8 { outer: true }, operands, false) {
+                Ok(plan) => plan,
+                Err(_) => self.plan(key, PlanKind::Fp8 { outer: false }, operands, false)?,
+            };
+            self.fp8_plans.borrow_mut().insert(key, plan);
+        }
+        let first = self.fp8_plans.borrow().get(&key).map(|p| self.run_fp8(p, ops));
+        match first {
+            Some(Ok(outer)) => Ok(outer),
+            // An algorithm offered for scale vectors that then refuses to run: plain from now on.
+            Some(Err(_)) if self.fp8_plans.borrow()[&key].outer => {
+                let plan = self.plan(key, PlanKind::Fp8 { outer: false }, operands, false)?;
+                let outer = self.run_fp8(&plan, ops)?;
+                self.fp8_plans.borrow_mut().insert(key, plan);
+                Ok(outer)
+            }
+            Some(Err(e)) => Err(e),
+            None => Err(WorkerError::Engine("cuda: cuBLASLt fp8 plan missing".into())),
+        }
+    }
+
+    fn run_fp8(&self, plan: &Plan, ops: Fp8Operands) -> Result<bool> {
+        if plan.outer {
+            for (attr, ptr) in [
+                (lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, ops.w_scales),
+                (lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, ops.x_scales),
+            ] {
+                // SAFETY: the attribute is a device pointer, set from a u64 address of n (A) or
+                // m (B) f32 values.
+                check("setting a scale vector", unsafe {
+                    lt::cublasLtMatmulDescSetAttribute(plan.desc, attr, (&ptr as *const u64).cast(), 8)
+                })?;
+            }
+        }
+        self.run(plan, (ops.x, ops.w, ops.y))?;
+        Ok(plan.outer)
     }
 
     fn run(&self, plan: &Plan, (x, w, y): (u64, u64, u64)) -> Result<()> {
@@ -183,15 +264,26 @@ impl LtGemm {
         check("matmul", status)
     }
 
-    /// The descriptors of `(m, n, k)` and its algorithm: the heuristic's first, or with `tune`
-    /// the fastest of its candidates run on the operands given.
-    fn plan(&self, (m, n, k): (usize, usize, usize), operands: (u64, u64, u64), tune: bool) -> Result<Plan> {
+    /// The descriptors of `(m, n, k)` for `kind` and its algorithm: the heuristic's first, or
+    /// with `tune` the fastest of its candidates run on the operands given.
+    fn plan(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        kind: PlanKind,
+        operands: (u64, u64, u64),
+        tune: bool,
+    ) -> Result<Plan> {
         let mut plan = Plan {
             desc: std::ptr::null_mut(),
             w: std::ptr::null_mut(),
             x: std::ptr::null_mut(),
             y: std::ptr::null_mut(),
             algo: lt::cublasLtMatmulAlgo_t { data: [0; 8] },
+            outer: kind == PlanKind::Fp8 { outer: true },
+        };
+        let (in_type, out_type) = match kind {
+            PlanKind::Dense => (self.data_type, self.data_type),
+            PlanKind::Fp8 { .. } => (lt::cudaDataType::CUDA_R_8F_E4M3, lt::cudaDataType::CUDA_R_16BF),
         };
         let (t, nt) = (op::CUBLAS_OP_T, op::CUBLAS_OP_N);
         let size_of = std::mem::size_of::<op>();
@@ -226,9 +318,25 @@ impl LtGemm {
             )?;
             // Column-major: W row-major [n, k] is k x n read transposed; x is k x m; y is n x m.
             let (m, n, k) = (m as u64, n as u64, k as u64);
-            check("a layout", lt::cublasLtMatrixLayoutCreate(&mut plan.w, self.data_type, k, n, k as i64))?;
-            check("a layout", lt::cublasLtMatrixLayoutCreate(&mut plan.x, self.data_type, k, m, k as i64))?;
-            check("a layout", lt::cublasLtMatrixLayoutCreate(&mut plan.y, self.data_type, n, m, n as i64))?;
+            check("a layout", lt::cublasLtMatrixLayoutCreate(&mut plan.w, in_type, k, n, k as i64))?;
+            check("a layout", lt::cublasLtMatrixLayoutCreate(&mut plan.x, in_type, k, m, k as i64))?;
+            check("a layout", lt::cublasLtMatrixLayoutCreate(&mut plan.y, out_type, n, m, n as i64))?;
+            if plan.outer {
+                for attr in [
+                    lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                    lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+                ] {
+                    check(
+                        "setting a scale mode",
+                        lt::cublasLtMatmulDescSetAttribute(
+                            plan.desc,
+                            attr,
+                            (&SCALE_OUTER_VEC_32F as *const u32).cast(),
+                            std::mem::size_of::<u32>(),
+                        ),
+                    )?;
+                }
+            }
         }
         let candidates = self.candidates(&plan)?;
         let Some(first) = candidates.first() else {

@@ -17,6 +17,8 @@
 //! - `gemv.cu`: linear layers for steps of one or two tokens (decode), at memory bandwidth;
 //!   larger ones are cuBLAS (`blas.rs`).
 //! - `graph.rs`: CUDA graphs of decode steps (capture, the attention update, replay).
+//! - `fp8.cu`: FP8 E4M3 weights: row quantization, the decode GEMV, the helpers of larger
+//!   products (`fp8.rs`).
 //! - `sample.cu`: the sampler's edits and row reductions (argmax, top-k) over f32 logits, exact
 //!   to the CPU sampler (`sampling::reduce`).
 
@@ -26,6 +28,9 @@ pub mod launch;
 pub mod attention;
 pub mod blas;
 pub mod blas_lt;
+pub mod fp8;
+#[cfg(test)]
+mod fp8_tests;
 pub mod gemv;
 pub mod graph;
 pub mod ops;
@@ -70,6 +75,7 @@ pub(crate) use kernel_image;
 const OPS: KernelImage = kernel_image!("ops");
 const GEMV: KernelImage = kernel_image!("gemv");
 const SAMPLE: KernelImage = kernel_image!("sample");
+const FP8: KernelImage = kernel_image!("fp8");
 
 /// Whether the kernels load from their PTX alone (`LUMEN_CUDA_KERNEL_IMAGE=ptx`) rather than the
 /// fatbin (`fatbin`, the default).
@@ -139,6 +145,8 @@ pub struct CudaKernels {
     /// The same through cuBLASLt with an algorithm per shape, when `LUMEN_CUDA_GEMM` asks for it
     /// (see `blas_lt`).
     lt: Option<blas_lt::LtGemm>,
+    /// FP8 weights' products (see `fp8`).
+    fp8: fp8::Fp8Kernels,
 }
 
 impl CudaKernels {
@@ -185,6 +193,11 @@ impl CudaKernels {
         };
         use cudarc::driver::sys::CUdevice_attribute as A;
         let num_sms = attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, "multiprocessor count")?;
+        let compute_capability = (
+            attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, "compute capability")?,
+            attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, "compute capability")?,
+        );
+        let fp8 = fp8::Fp8Kernels::load(&load(FP8)?, compute_capability)?;
         let max_shared =
             attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, "shared memory per block")?;
         let attention = attention::AttentionKernels::load(
@@ -237,6 +250,7 @@ impl CudaKernels {
             capture: std::cell::RefCell::new(None),
             blas: None,
             lt: None,
+            fp8,
             stream,
         };
         Ok(kernels)

@@ -23,7 +23,7 @@ use crate::splitmix::SplitMix64;
 
 const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
 
-fn device() -> Device {
+pub(super) fn device() -> Device {
     Device::new_cuda_with_stream(0).expect("a CUDA device (these tests run on a GPU machine)")
 }
 
@@ -33,13 +33,13 @@ fn tolerance(dtype: DType) -> f64 {
 }
 
 /// Uniform values in [-scale, scale) from a SplitMix64 stream.
-fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+pub(super) fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     let mut mix = SplitMix64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03);
     (0..n).map(|_| (mix.unit() * 2.0 - 1.0) * scale).collect()
 }
 
 /// `values` as the kernel's element type would hold them.
-fn rounded(values: &[f32], dtype: DType) -> Vec<f32> {
+pub(super) fn rounded(values: &[f32], dtype: DType) -> Vec<f32> {
     match dtype {
         DType::BF16 => values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
         _ => values.to_vec(),
@@ -47,13 +47,13 @@ fn rounded(values: &[f32], dtype: DType) -> Vec<f32> {
 }
 
 /// A device tensor of `dtype` holding `values`.
-fn upload_f32(values: &[f32], shape: &[usize], dtype: DType, device: &Device) -> crate::Result<Tensor> {
+pub(super) fn upload_f32(values: &[f32], shape: &[usize], dtype: DType, device: &Device) -> crate::Result<Tensor> {
     Tensor::from_slice(values, shape, device)
         .and_then(|t| t.to_dtype(dtype))
         .map_err(|e| super::gpu_error("uploading a tensor", e))
 }
 
-fn download(t: &Tensor) -> Vec<f32> {
+pub(super) fn download(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
@@ -65,7 +65,7 @@ fn relative_error(got: &[f32], want: &[f32]) -> f64 {
     (diff / norm.max(1e-30)).sqrt()
 }
 
-fn assert_close(what: &str, dtype: DType, got: &[f32], want: &[f32]) {
+pub(super) fn assert_close(what: &str, dtype: DType, got: &[f32], want: &[f32]) {
     let err = relative_error(got, want);
     assert!(err < tolerance(dtype), "{what} ({dtype:?}): relative error {err:.2e}");
 }

@@ -47,6 +47,7 @@ use crate::kernels::cuda::sample::{pack_masks, pack_plans};
 use crate::kernels::cuda::scratch::LayerScratch;
 use crate::kernels::cuda::{CudaKernels, gpu_error};
 use crate::kv_cache::cuda_storage::CudaKvStorage;
+use crate::model::quant::Quantization;
 use crate::sampling::reduce::{ReducedRows, Reduction, RowPlan};
 use crate::{Result, WorkerError};
 
@@ -72,6 +73,8 @@ pub struct CudaModelOptions {
     pub pooling: bool,
     /// Never replay CUDA graphs (vLLM's `enforce_eager`): every step launches its kernels.
     pub enforce_eager: bool,
+    /// The projections' weights: floats, or FP8 (see `model::quant`, `kernels::cuda::fp8`).
+    pub quantization: Quantization,
 }
 
 /// A Llama model with its KV cache, on one GPU.
@@ -113,12 +116,15 @@ impl CudaLlama {
         }
         let mut kernels = CudaKernels::load(&device, opts.dtype, config.head_dim)?;
         kernels.set_scratch(layer_scratch(&config, opts, &device)?);
+        if opts.quantization.is_fp8() {
+            kernels.enable_fp8()?;
+        }
         let stream = kernels.stream().clone();
         let pool = MemoryPool::of(&stream)?;
         let init_s = phase.elapsed().as_secs_f32();
 
         let phase = Instant::now();
-        let weights = CudaWeights::load(&config, origin, opts.dtype, &device)?;
+        let weights = CudaWeights::load(&config, origin, opts.dtype, &kernels, &opts.quantization)?;
         let rope = RopeTables::new(&config.rope_table(opts.max_model_len), &device)?;
         synchronize(&device)?;
         let weights_s = phase.elapsed().as_secs_f32();
@@ -380,22 +386,22 @@ impl CudaLlama {
             }
             let xn = k.add_rms_norm(x, pending.as_ref(), &layer.attn_norm, eps)?;
             ops.mark(stream, "norm")?;
-            let qkv = k.linear(&xn, &layer.qkv)?;
+            let qkv = layer.qkv.apply(k, &xn)?;
             ops.mark(stream, "qkv")?;
             let (k_cache, v_cache) = (&self.cache.k[li], &self.cache.v[li]);
             k.rotary_and_cache(&qkv, heads, kv_heads, positions, slots, &self.rope, k_cache, v_cache, block_size)?;
             ops.mark(stream, "rotary_cache")?;
             let attn = k.paged_attention(attention, meta, &qkv, k_cache, v_cache, block_size, scale)?;
             ops.mark(stream, "attention")?;
-            let o = k.linear(&attn, &layer.o)?;
+            let o = layer.o.apply(k, &attn)?;
             ops.mark(stream, "o")?;
             let xn = k.add_rms_norm(x, Some(&o), &layer.ffn_norm, eps)?;
             ops.mark(stream, "norm")?;
-            let gate_up = k.linear(&xn, &layer.gate_up)?;
+            let gate_up = layer.gate_up.apply(k, &xn)?;
             ops.mark(stream, "gate_up")?;
             let act = k.silu_mul(&gate_up)?;
             ops.mark(stream, "silu")?;
-            pending = Some(k.linear(&act, &layer.down)?);
+            pending = Some(layer.down.apply(k, &act)?);
             ops.mark(stream, "down")?;
         }
         if let Some(s) = scratch {
@@ -419,8 +425,19 @@ fn layer_scratch(c: &LlamaConfig, opts: &CudaModelOptions, device: &Device) -> R
         + c.num_attention_heads * d
         + (c.num_attention_heads + 2 * c.num_key_value_heads) * d
         + 3 * c.intermediate_size;
+    // FP8 products of more rows than the GEMV takes quantize their input rows first: codes (in
+    // bf16 units, two per value) and one f32 scale per row, for each of the four products.
+    let (fp8_per_row, fp8_f32_per_row) = match opts.quantization {
+        Quantization::Fp8(_) => ((2 * h + c.num_attention_heads * d + c.intermediate_size).div_ceil(2) + 4 * 8, 4),
+        Quantization::None => (0, 0),
+    };
     let rows = scratch_rows(opts);
-    LayerScratch::new(device, opts.dtype, rows * per_row + 8 * 16, SCRATCH_F32)
+    LayerScratch::new(
+        device,
+        opts.dtype,
+        rows * (per_row + fp8_per_row) + 8 * 16,
+        SCRATCH_F32 + rows * fp8_f32_per_row + 4 * 4,
+    )
 }
 
 /// Token rows the layer scratch holds, and so the largest decode graph: the scheduler's most

@@ -171,6 +171,26 @@ fn the_gpu_path_decodes_the_cpu_paths_greedy_tokens() {
     assert!(whole * 2 >= PROMPTS.len(), "bf16 follows only {whole} of {} prompts for all tokens", PROMPTS.len());
 }
 
+/// `--quantization fp8` (the linear layers quantized per channel as they load): the GPU, with
+/// bf16 activations (and per-token FP8 activations in its tensor-core products), follows the
+/// CPU's FP8 model (the same rounding of the same weights, computed in f32) as bf16 follows f32;
+/// its decode graphs replay the eager steps' tokens.
+#[test]
+fn fp8_weights_on_the_gpu_decode_the_cpus_fp8_tokens_with_and_without_graphs() {
+    let fp8 = |o: EngineOptions| EngineOptions { quantization: Some("fp8".into()), ..o };
+    let (cpu, margins): (Vec<_>, Vec<_>) = greedy_with_margins(&fp8(options())).into_iter().unzip();
+    let gpu = greedy(&fp8(EngineOptions { device: "cuda".into(), ..options() }));
+    let eager = greedy(&fp8(EngineOptions { device: "cuda".into(), enforce_eager: true, ..options() }));
+    assert_eq!(gpu, eager, "fp8: graph replay against eager launches");
+    let agree = agreement(&gpu, &cpu);
+    println!("fp8 GPU tokens agreeing with the CPU's fp8 model (of {NEW_TOKENS}): {agree:?}; gaps {margins:.3?}");
+    for (i, (&n, &margin)) in agree.iter().zip(&margins).enumerate() {
+        assert!(n >= 1 || margin < CLEAR_MARGIN, "fp8 diverges at prompt {i}'s first token (gap {margin:.3})");
+    }
+    let whole = agree.iter().filter(|&&n| n == NEW_TOKENS).count();
+    assert!(whole * 2 >= PROMPTS.len(), "fp8 follows only {whole} of {} prompts for all tokens", PROMPTS.len());
+}
+
 /// Pooled vectors of the prompts, all submitted at once to an engine served for pooling.
 fn embed(opts: &EngineOptions) -> Vec<Vec<f32>> {
     let pooling = opts.pooling().unwrap().expect("a pooling runner");
@@ -300,6 +320,7 @@ fn a_replayed_decode_step_computes_the_eager_steps_logits() {
             gpu_memory_limit: None,
             pooling: false,
             enforce_eager: false,
+            quantization: crate::model::quant::Quantization::None,
         };
         let mut model = CudaLlama::load(config.clone(), &WeightOrigin::Random { seed: 7 }, &opts).unwrap();
         if model.graph_sizes().is_empty() {

@@ -5,12 +5,21 @@
 //! the MLP's gate and up projections, so each takes one cuBLAS call. Linear weights keep the
 //! Hugging Face layout `[out_features, in_features]`; the forward multiplies by their transpose
 //! (cuBLAS reads it transposed, nothing is copied).
+//!
+//! With FP8 quantization (`model::quant`) the four projections of each layer are
+//! [`CudaLinear::Fp8`]: a stored FP8 checkpoint's codes and per-row scales are uploaded as they
+//! are (a projection group with any float part is loaded as floats: an ignore list); with online
+//! quantization each projection is loaded (or drawn) in bf16 and quantized on the device per
+//! output row. Embeddings, norms and the output projection stay in the model's element type.
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::kernels::cuda::gpu_error;
+use crate::kernels::cuda::fp8::Fp8Weight;
+use crate::kernels::cuda::{CudaKernels, gpu_error};
 use crate::model::config::LlamaConfig;
 use crate::model::dummy::DUMMY_WEIGHT_RANGE;
+use crate::model::quant::Quantization;
+use crate::model::quant::source::row_scales;
 use crate::model::source::{RawTensor, TensorDType, TensorSource};
 use crate::{Result, WorkerError};
 
@@ -24,16 +33,46 @@ pub enum WeightOrigin<'a> {
     Random { seed: u64 },
 }
 
+/// A linear layer's weight `[out_features, in_features]`.
+pub enum CudaLinear {
+    /// In the model's element type.
+    Dense(Tensor),
+    /// FP8 E4M3 codes with a scale per output row.
+    Fp8(Fp8Weight),
+}
+
+impl CudaLinear {
+    /// `x · Wᵀ`.
+    pub fn apply(&self, kernels: &CudaKernels, x: &Tensor) -> Result<Tensor> {
+        match self {
+            CudaLinear::Dense(w) => kernels.linear(x, w),
+            CudaLinear::Fp8(w) => kernels.linear_fp8(x, w),
+        }
+    }
+
+    /// Bytes on the device.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            CudaLinear::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            CudaLinear::Fp8(w) => w.size_bytes(),
+        }
+    }
+
+    pub fn is_fp8(&self) -> bool {
+        matches!(self, CudaLinear::Fp8(_))
+    }
+}
+
 /// One transformer block's weights.
 pub struct CudaLayer {
     pub attn_norm: Tensor,
     /// `[q_dim + 2 * kv_dim, hidden]`.
-    pub qkv: Tensor,
-    pub o: Tensor,
+    pub qkv: CudaLinear,
+    pub o: CudaLinear,
     pub ffn_norm: Tensor,
     /// `[2 * intermediate, hidden]`: gate rows, then up rows.
-    pub gate_up: Tensor,
-    pub down: Tensor,
+    pub gate_up: CudaLinear,
+    pub down: CudaLinear,
 }
 
 /// All weights of a Llama model on one device.
@@ -46,30 +85,40 @@ pub struct CudaWeights {
 }
 
 impl CudaWeights {
-    /// Loads (or draws) every tensor onto `device` as `dtype`, checking names and shapes.
-    pub fn load(config: &LlamaConfig, origin: &WeightOrigin<'_>, dtype: DType, device: &Device) -> Result<CudaWeights> {
-        let loader = Loader { origin, dtype, device };
+    /// Loads (or draws) every tensor onto `device` as `dtype`, checking names and shapes; the
+    /// projections as `quantization` says (FP8 ones through `kernels`).
+    pub fn load(
+        config: &LlamaConfig,
+        origin: &WeightOrigin<'_>,
+        dtype: DType,
+        kernels: &CudaKernels,
+        quantization: &Quantization,
+    ) -> Result<CudaWeights> {
+        let device = kernels.device();
+        let loader = Loader { origin, dtype, device, kernels, quantization };
         let (h, inter, vocab) = (config.hidden_size, config.intermediate_size, config.vocab_size);
         let (qd, kvd) = (config.q_dim(), config.kv_dim());
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let qkv = cat(&[
-                loader.matrix(&format!("{p}.self_attn.q_proj.weight"), qd, h)?,
-                loader.matrix(&format!("{p}.self_attn.k_proj.weight"), kvd, h)?,
-                loader.matrix(&format!("{p}.self_attn.v_proj.weight"), kvd, h)?,
-            ])?;
-            let gate_up = cat(&[
-                loader.matrix(&format!("{p}.mlp.gate_proj.weight"), inter, h)?,
-                loader.matrix(&format!("{p}.mlp.up_proj.weight"), inter, h)?,
-            ])?;
+            let p = format!("model.layers.{i}.self_attn");
+            let m = format!("model.layers.{i}.mlp");
+            let qkv = loader.linear(
+                &[
+                    (format!("{p}.q_proj.weight"), qd),
+                    (format!("{p}.k_proj.weight"), kvd),
+                    (format!("{p}.v_proj.weight"), kvd),
+                ],
+                h,
+            )?;
+            let gate_up = loader
+                .linear(&[(format!("{m}.gate_proj.weight"), inter), (format!("{m}.up_proj.weight"), inter)], h)?;
             layers.push(CudaLayer {
-                attn_norm: loader.norm(&format!("{p}.input_layernorm.weight"), h)?,
+                attn_norm: loader.norm(&format!("model.layers.{i}.input_layernorm.weight"), h)?,
                 qkv,
-                o: loader.matrix(&format!("{p}.self_attn.o_proj.weight"), h, qd)?,
-                ffn_norm: loader.norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                o: loader.linear(&[(format!("{p}.o_proj.weight"), h)], qd)?,
+                ffn_norm: loader.norm(&format!("model.layers.{i}.post_attention_layernorm.weight"), h)?,
                 gate_up,
-                down: loader.matrix(&format!("{p}.mlp.down_proj.weight"), h, inter)?,
+                down: loader.linear(&[(format!("{m}.down_proj.weight"), h)], inter)?,
             });
         }
         let embed = loader.matrix("model.embed_tokens.weight", vocab, h)?;
@@ -107,7 +156,9 @@ impl CudaWeights {
             .layers
             .iter()
             .map(|l| {
-                [&l.attn_norm, &l.qkv, &l.o, &l.ffn_norm, &l.gate_up, &l.down].into_iter().map(bytes).sum::<usize>()
+                bytes(&l.attn_norm)
+                    + bytes(&l.ffn_norm)
+                    + [&l.qkv, &l.o, &l.gate_up, &l.down].into_iter().map(CudaLinear::size_bytes).sum::<usize>()
             })
             .sum();
         layers + bytes(&self.embed) + bytes(&self.final_norm) + self.lm_head.as_ref().map_or(0, bytes)
@@ -119,15 +170,82 @@ impl CudaWeights {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         self.size_bytes() - self.lm_head.as_ref().map_or(0, |_| bytes(&self.embed))
     }
+
+    /// Whether any projection is FP8.
+    pub fn has_fp8(&self) -> bool {
+        self.layers.iter().any(|l| [&l.qkv, &l.o, &l.gate_up, &l.down].into_iter().any(CudaLinear::is_fp8))
+    }
 }
 
 struct Loader<'a> {
     origin: &'a WeightOrigin<'a>,
     dtype: DType,
     device: &'a Device,
+    kernels: &'a CudaKernels,
+    quantization: &'a Quantization,
 }
 
 impl Loader<'_> {
+    /// The projections `parts` (name, rows), each `cols` wide, stacked row-wise into one linear
+    /// layer, FP8 or dense as the quantization and the stored tensors say.
+    fn linear(&self, parts: &[(String, usize)], cols: usize) -> Result<CudaLinear> {
+        let Quantization::Fp8(scheme) = self.quantization else {
+            let dense = parts.iter().map(|(n, r)| self.matrix(n, *r, cols)).collect::<Result<Vec<_>>>()?;
+            return cat(&dense).map(CudaLinear::Dense);
+        };
+        if let (true, WeightOrigin::Source(src)) = (scheme.serialized, self.origin) {
+            let stored = parts.iter().map(|(n, _)| src.tensor(n)).collect::<Result<Vec<_>>>()?;
+            if stored.iter().all(|t| t.dtype == TensorDType::F8E4M3) {
+                let weights = stored
+                    .iter()
+                    .zip(parts)
+                    .map(|(t, (name, rows))| self.upload_fp8(*src, t, name, *rows, cols))
+                    .collect::<Result<Vec<_>>>()?;
+                return Fp8Weight::stack(weights).map(CudaLinear::Fp8);
+            }
+            if stored.iter().any(|t| t.dtype == TensorDType::F8E4M3) {
+                // A group mixing FP8 and float parts: all of it as the floats it means.
+                let dequantized = crate::model::quant::source::DequantizedSource::wrap(*src, self.quantization);
+                let src: &dyn TensorSource = dequantized.as_ref().map_or(*src, |d| d as &dyn TensorSource);
+                let dense = parts
+                    .iter()
+                    .map(|(n, r)| {
+                        let t = src.tensor(n)?;
+                        t.expect_shape(&[*r, cols])?;
+                        self.upload(&t)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                return cat(&dense).map(CudaLinear::Dense);
+            }
+            // No part stored in FP8 (an ignored layer): floats.
+            let dense = parts.iter().map(|(n, r)| self.matrix(n, *r, cols)).collect::<Result<Vec<_>>>()?;
+            return cat(&dense).map(CudaLinear::Dense);
+        }
+        // Online: each part quantized on the device as it loads (its bf16 copy freed after).
+        let weights = parts
+            .iter()
+            .map(|(n, r)| self.matrix(n, *r, cols).and_then(|w| self.kernels.quantize_weight_fp8(&w)))
+            .collect::<Result<Vec<_>>>()?;
+        Fp8Weight::stack(weights).map(CudaLinear::Fp8)
+    }
+
+    /// A stored FP8 weight's codes and its per-row scales onto the device.
+    fn upload_fp8(
+        &self,
+        src: &dyn TensorSource,
+        t: &RawTensor,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Fp8Weight> {
+        t.expect_shape(&[rows, cols])?;
+        t.check_len()?;
+        let fail = |e| gpu_error(&format!("uploading {name}"), e);
+        let codes = Tensor::from_raw_buffer(t.bytes.as_slice(), DType::U8, &t.shape, self.device).map_err(fail)?;
+        let scales = Tensor::from_vec(row_scales(src, name, rows)?, rows, self.device).map_err(fail)?;
+        self.kernels.fp8_weight(codes, scales)
+    }
+
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
         match self.origin {
             WeightOrigin::Source(src) => {
@@ -168,7 +286,7 @@ impl Loader<'_> {
             TensorDType::BF16 => Tensor::from_raw_buffer(t.bytes.as_slice(), DType::BF16, &t.shape, self.device),
             TensorDType::Ggml(_) => Tensor::from_vec(t.to_f32()?, t.shape.as_slice(), self.device),
             TensorDType::F8E4M3 => {
-                return Err(WorkerError::tensor(&t.name, "FP8 weights need the FP8 path (quantization)"));
+                return Err(WorkerError::tensor(&t.name, "FP8 codes outside a quantized projection"));
             }
         }
         .map_err(fail)?;
