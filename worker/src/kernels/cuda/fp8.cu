@@ -34,18 +34,29 @@ __device__ __forceinline__ float2 fp8x2_to_float2(uint16_t pair) {
 }  // namespace
 
 // One block per row of x [rows, k]: its scale into scale[row], its codes into q [rows, k].
-extern "C" __global__ void __launch_bounds__(256)
-    quantize_rows_fp8_bf16(const bf16* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scale, int k) {
-    await_previous_kernel();
-    const bf16* xr = x + (size_t)blockIdx.x * k;
+template <typename T>
+__device__ void quantize_rows(const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scale, int k) {
+    const T* xr = x + (size_t)blockIdx.x * k;
     float m = 0.f;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) m = fmaxf(m, fabsf(__bfloat162float(xr[i])));
+    for (int i = threadIdx.x; i < k; i += blockDim.x) m = fmaxf(m, fabsf(to_float(xr[i])));
     m = block_max(m);
     const float s = (m > 0.f && isfinite(m)) ? __fdiv_rn(m, 448.f) : 1.f;
     if (threadIdx.x == 0) scale[blockIdx.x] = s;
     uint8_t* qr = q + (size_t)blockIdx.x * k;
     for (int i = threadIdx.x; i < k; i += blockDim.x)
-        qr[i] = __nv_cvt_float_to_fp8(__fdiv_rn(__bfloat162float(xr[i]), s), __NV_SATFINITE, __NV_E4M3);
+        qr[i] = __nv_cvt_float_to_fp8(__fdiv_rn(to_float(xr[i]), s), __NV_SATFINITE, __NV_E4M3);
+}
+
+// bf16 rows: activations, and weights drawn on the device; f32 rows: a checkpoint's float
+// weights quantized as they load (the host's reference quantizes the same f32 values).
+extern "C" __global__ void __launch_bounds__(256)
+    quantize_rows_fp8_bf16(const bf16* x, uint8_t* q, float* scale, int k) {
+    await_previous_kernel();
+    quantize_rows(x, q, scale, k);
+}
+extern "C" __global__ void __launch_bounds__(256) quantize_rows_fp8_f32(const float* x, uint8_t* q, float* scale, int k) {
+    await_previous_kernel();
+    quantize_rows(x, q, scale, k);
 }
 
 // y[m, n] = (x[m, k] · q[n, k]ᵀ) * scale[n] for M tokens: as gemv.cu's kernel, R output rows per

@@ -32,6 +32,9 @@ pub struct Fp8Weight {
     pub scales: Tensor,
     pub n: usize,
     pub k: usize,
+    /// Whether products may quantize their activations (W8A8); false for weight-only schemes
+    /// (W8A16), whose larger products take the dequantizing path.
+    pub activations: bool,
 }
 
 impl Fp8Weight {
@@ -50,7 +53,8 @@ impl Fp8Weight {
         let cat = |ts: Vec<&Tensor>| Tensor::cat(&ts, 0).map_err(|e| gpu_error("stacking fp8 weights", e));
         let codes = cat(parts.iter().map(|p| &p.codes).collect())?;
         let scales = cat(parts.iter().map(|p| &p.scales).collect())?;
-        Ok(Fp8Weight { codes, scales, n, k })
+        let activations = parts.iter().all(|p| p.activations);
+        Ok(Fp8Weight { codes, scales, n, k, activations })
     }
 }
 
@@ -66,6 +70,7 @@ enum LargeProduct {
 /// The FP8 kernels of one device.
 pub struct Fp8Kernels {
     quantize_rows: CudaFunction,
+    quantize_rows_f32: CudaFunction,
     /// `gemv[m - 1]` multiplies m token rows.
     gemv: Vec<CudaFunction>,
     scale_outer: CudaFunction,
@@ -98,6 +103,7 @@ impl Fp8Kernels {
         };
         Ok(Fp8Kernels {
             quantize_rows: func("quantize_rows_fp8_bf16")?,
+            quantize_rows_f32: func("quantize_rows_fp8_f32")?,
             gemv: (1..=super::gemv::GEMV_MAX_ROWS)
                 .map(|m| func(&format!("gemv_fp8_bf16_m{m}")))
                 .collect::<Result<_>>()?,
@@ -112,8 +118,8 @@ impl Fp8Kernels {
 
 impl CudaKernels {
     /// Readies FP8 products for a model holding FP8 weights: bf16 activations, and the buffer of
-    /// the dequantizing path when it is the one taken.
-    pub fn enable_fp8(&mut self) -> Result<()> {
+    /// the dequantizing path when it is taken (always for a weight-only scheme, `!activations`).
+    pub fn enable_fp8(&mut self, activations: bool) -> Result<()> {
         if self.dtype != DType::BF16 {
             return Err(WorkerError::invalid(
                 "quantization",
@@ -123,14 +129,12 @@ impl CudaKernels {
         // Both paths take our own cuBLAS handle (the dequantizing one directly, and it writes
         // into the layer scratch like every product of a model that captures graphs).
         self.use_own_gemm()?;
-        match self.fp8.large {
-            LargeProduct::Dequantize if self.fp8.dequant_buffer.is_none() => {
-                self.fp8.dequant_buffer = Some(super::alloc_tensor(&self.device, DEQUANT_ELEMS.into(), DType::BF16)?);
-            }
-            LargeProduct::TensorCores if self.fp8.lt.is_none() => {
-                self.fp8.lt = Some(super::blas_lt::LtGemm::new(&self.device, &self.stream, DType::BF16, false)?);
-            }
-            _ => {}
+        let dequantizes = self.fp8.large == LargeProduct::Dequantize || !activations;
+        if dequantizes && self.fp8.dequant_buffer.is_none() {
+            self.fp8.dequant_buffer = Some(super::alloc_tensor(&self.device, DEQUANT_ELEMS.into(), DType::BF16)?);
+        }
+        if self.fp8.large == LargeProduct::TensorCores && activations && self.fp8.lt.is_none() {
+            self.fp8.lt = Some(super::blas_lt::LtGemm::new(&self.device, &self.stream, DType::BF16, false)?);
         }
         Ok(())
     }
@@ -139,7 +143,7 @@ impl CudaKernels {
     #[cfg(test)]
     pub(crate) fn force_fp8_dequantize(&mut self) -> Result<()> {
         self.fp8.large = LargeProduct::Dequantize;
-        self.enable_fp8()
+        self.enable_fp8(true)
     }
 
     /// Whether products beyond the GEMV take FP8 tensor cores.
@@ -147,24 +151,33 @@ impl CudaKernels {
         self.fp8.large == LargeProduct::TensorCores
     }
 
-    /// Quantizes the rows of a bf16 weight `[n, k]` to FP8 (new tensors, not scratch).
+    /// Quantizes the rows of a bf16 or f32 weight `[n, k]` to FP8 (new tensors, not scratch),
+    /// for W8A8 products.
     pub fn quantize_weight_fp8(&self, w: &Tensor) -> Result<Fp8Weight> {
         let (n, k) = w.dims2().map_err(|e| WorkerError::Engine(format!("cuda fp8 weight: {e}")))?;
-        if w.dtype() != DType::BF16 || !w.is_contiguous() || k % 16 != 0 {
-            return Err(WorkerError::Engine(format!(
-                "cuda fp8: a weight must be contiguous bf16 with a width that is a multiple of 16, not {:?} {:?}",
-                w.dims(),
-                w.dtype()
-            )));
-        }
+        let func = match w.dtype() {
+            DType::BF16 if w.is_contiguous() && k % 16 == 0 => &self.fp8.quantize_rows,
+            DType::F32 if w.is_contiguous() && k % 16 == 0 => &self.fp8.quantize_rows_f32,
+            _ => {
+                return Err(WorkerError::Engine(format!(
+                    "cuda fp8: a weight must be contiguous bf16 or f32 with a width that is a multiple of 16, not {:?} {:?}",
+                    w.dims(),
+                    w.dtype()
+                )));
+            }
+        };
         let codes = super::alloc_tensor(&self.device, (n, k).into(), DType::U8)?;
         let scales = super::alloc_tensor(&self.device, n.into(), DType::F32)?;
-        self.quantize_rows_into(w, device_ptr(&codes)?, device_ptr(&scales)?, n, k)?;
-        Ok(Fp8Weight { codes, scales, n, k })
+        // SAFETY: w holds n contiguous rows of k values of the kernel's input type; codes has
+        // n * k bytes and scales n f32 values, on this device.
+        launch!(self, func, grid((n as u32, 1, 1), 256);
+            device_ptr(w)?, device_ptr(&codes)?, device_ptr(&scales)?, int("k", k)?)?;
+        Ok(Fp8Weight { codes, scales, n, k, activations: true })
     }
 
-    /// An FP8 weight from codes and per-row scales already on the device.
-    pub fn fp8_weight(&self, codes: Tensor, scales: Tensor) -> Result<Fp8Weight> {
+    /// An FP8 weight from codes and per-row scales already on the device; `activations`: W8A8
+    /// products allowed.
+    pub fn fp8_weight(&self, codes: Tensor, scales: Tensor, activations: bool) -> Result<Fp8Weight> {
         let (n, k) = codes.dims2().map_err(|e| WorkerError::Engine(format!("cuda fp8 weight: {e}")))?;
         if codes.dtype() != DType::U8 || scales.dtype() != DType::F32 || scales.dims() != [n] || k % 16 != 0 {
             return Err(WorkerError::Engine(format!(
@@ -175,7 +188,7 @@ impl CudaKernels {
                 scales.dtype()
             )));
         }
-        Ok(Fp8Weight { codes, scales, n, k })
+        Ok(Fp8Weight { codes, scales, n, k, activations })
     }
 
     fn quantize_rows_into(&self, x: &Tensor, codes: u64, scales: u64, rows: usize, k: usize) -> Result<()> {
@@ -204,8 +217,8 @@ impl CudaKernels {
             self.gemv_fp8_into(x, w, &y, m)?;
         } else {
             match self.fp8.large {
-                LargeProduct::TensorCores => self.gemm_fp8_into(x, w, &y, m)?,
-                LargeProduct::Dequantize => self.dequantized_gemm_into(x, w, &y, m)?,
+                LargeProduct::TensorCores if w.activations => self.gemm_fp8_into(x, w, &y, m)?,
+                _ => self.dequantized_gemm_into(x, w, &y, m)?,
             }
         }
         Ok(y)

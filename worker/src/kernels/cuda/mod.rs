@@ -403,6 +403,7 @@ pub fn alloc_tensor(device: &Device, shape: Shape, dtype: DType) -> Result<Tenso
             DType::F32 => CudaStorage::wrap_cuda_slice(cdev.alloc::<f32>(n).map_err(fail)?, cdev.clone()),
             DType::BF16 => CudaStorage::wrap_cuda_slice(cdev.alloc::<half::bf16>(n).map_err(fail)?, cdev.clone()),
             DType::U32 => CudaStorage::wrap_cuda_slice(cdev.alloc::<u32>(n).map_err(fail)?, cdev.clone()),
+            DType::U8 => CudaStorage::wrap_cuda_slice(cdev.alloc::<u8>(n).map_err(fail)?, cdev.clone()),
             other => return Err(WorkerError::Engine(format!("cuda: cannot allocate {other:?} tensors"))),
         }
     };
@@ -427,6 +428,7 @@ pub fn device_ptr(t: &Tensor) -> Result<u64> {
         DType::F32 => (cuda.as_cuda_slice::<f32>().map_err(fail)?.device_ptr(&stream).0, 4),
         DType::BF16 => (cuda.as_cuda_slice::<half::bf16>().map_err(fail)?.device_ptr(&stream).0, 2),
         DType::U32 => (cuda.as_cuda_slice::<u32>().map_err(fail)?.device_ptr(&stream).0, 4),
+        DType::U8 => (cuda.as_cuda_slice::<u8>().map_err(fail)?.device_ptr(&stream).0, 1),
         other => return Err(WorkerError::Engine(format!("cuda: {other:?} tensors are not kernel inputs"))),
     };
     Ok(base + (layout.start_offset() * elem) as u64)

@@ -57,7 +57,7 @@ pub(super) fn download(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
-fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+pub(super) fn relative_error(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "lengths differ");
     assert!(got.iter().all(|v| v.is_finite()), "non-finite output");
     let diff: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();

@@ -116,8 +116,8 @@ impl CudaLlama {
         }
         let mut kernels = CudaKernels::load(&device, opts.dtype, config.head_dim)?;
         kernels.set_scratch(layer_scratch(&config, opts, &device)?);
-        if opts.quantization.is_fp8() {
-            kernels.enable_fp8()?;
+        if let Quantization::Fp8(scheme) = &opts.quantization {
+            kernels.enable_fp8(scheme.activations)?;
         }
         let stream = kernels.stream().clone();
         let pool = MemoryPool::of(&stream)?;

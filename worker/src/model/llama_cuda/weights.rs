@@ -221,10 +221,11 @@ impl Loader<'_> {
             let dense = parts.iter().map(|(n, r)| self.matrix(n, *r, cols)).collect::<Result<Vec<_>>>()?;
             return cat(&dense).map(CudaLinear::Dense);
         }
-        // Online: each part quantized on the device as it loads (its bf16 copy freed after).
+        // Online: each part quantized on the device as it loads (its float copy freed after): a
+        // checkpoint's values as f32, as the host's reference quantizes them; drawn ones in bf16.
         let weights = parts
             .iter()
-            .map(|(n, r)| self.matrix(n, *r, cols).and_then(|w| self.kernels.quantize_weight_fp8(&w)))
+            .map(|(n, r)| self.matrix_as(n, *r, cols, DType::F32).and_then(|w| self.kernels.quantize_weight_fp8(&w)))
             .collect::<Result<Vec<_>>>()?;
         Fp8Weight::stack(weights).map(CudaLinear::Fp8)
     }
@@ -243,15 +244,22 @@ impl Loader<'_> {
         let fail = |e| gpu_error(&format!("uploading {name}"), e);
         let codes = Tensor::from_raw_buffer(t.bytes.as_slice(), DType::U8, &t.shape, self.device).map_err(fail)?;
         let scales = Tensor::from_vec(row_scales(src, name, rows)?, rows, self.device).map_err(fail)?;
-        self.kernels.fp8_weight(codes, scales)
+        let activations = matches!(self.quantization, Quantization::Fp8(s) if s.activations);
+        self.kernels.fp8_weight(codes, scales, activations)
     }
 
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
+        self.matrix_as(name, rows, cols, self.dtype)
+    }
+
+    /// As [`Loader::matrix`], a checkpoint's tensor converted to `dtype` (drawn ones stay in the
+    /// model's element type).
+    fn matrix_as(&self, name: &str, rows: usize, cols: usize, dtype: DType) -> Result<Tensor> {
         match self.origin {
             WeightOrigin::Source(src) => {
                 let t = src.tensor(name)?;
                 t.expect_shape(&[rows, cols])?;
-                self.upload(&t)
+                self.upload_as(&t, dtype)
             }
             WeightOrigin::Random { .. } => {
                 let r = DUMMY_WEIGHT_RANGE;
@@ -278,6 +286,10 @@ impl Loader<'_> {
     /// Copies a raw tensor to the device and converts it there (GGML blocks are dequantized on
     /// the host first).
     fn upload(&self, t: &RawTensor) -> Result<Tensor> {
+        self.upload_as(t, self.dtype)
+    }
+
+    fn upload_as(&self, t: &RawTensor, dtype: DType) -> Result<Tensor> {
         t.check_len()?;
         let fail = |e| gpu_error(&format!("uploading {}", t.name), e);
         let on_device = match t.dtype {
@@ -290,7 +302,7 @@ impl Loader<'_> {
             }
         }
         .map_err(fail)?;
-        on_device.to_dtype(self.dtype).map_err(fail)
+        on_device.to_dtype(dtype).map_err(fail)
     }
 }
 
