@@ -86,7 +86,7 @@ pub const OPTIONS: &[(&str, Kind)] = &[
     ("dtype", Kind::OneOf(&["auto", "bfloat16", "float32"])),
     ("enforce_eager", Kind::Bool),
     ("tensor_parallel_size", Kind::Count),
-    ("quantization", Kind::OneOfOrNull(&["fp8", "compressed-tensors"])),
+    ("quantization", Kind::OneOfOrNull(&["fp8", "compressed-tensors", "awq", "awq_marlin", "gptq", "gptq_marlin"])),
     ("runner", Kind::OneOf(&["auto", "generate", "pooling"])),
     ("convert", Kind::OneOf(&["auto", "none", "embed"])),
     ("pooler_config", Kind::PoolerConfig),

@@ -131,8 +131,8 @@ pub struct EngineOptions {
     pub tensor_parallel_size: usize,
 
     /// Weight quantization, as vLLM's `--quantization`: default the checkpoint's own
-    /// (`quantization_config`: FP8 `fp8` / `compressed-tensors` checkpoints); `fp8` on a float
-    /// checkpoint quantizes its linear layers to FP8 E4M3 as they load (per output channel).
+    /// (`quantization_config`: FP8 `fp8` / `compressed-tensors`, `awq`, `gptq`); `fp8` on a
+    /// float checkpoint quantizes its linear layers to FP8 E4M3 as they load (per output channel).
     #[arg(long, short = 'q', env = "LUMEN_QUANTIZATION")]
     pub quantization: Option<String>,
 

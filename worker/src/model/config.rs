@@ -35,7 +35,7 @@ pub struct LlamaConfig {
     /// [`LlamaConfig::check_max_model_len`]).
     pub sliding_window: Option<SlidingWindow>,
     /// The checkpoint's weight quantization (`quantization_config`), if any (see `quant`).
-    pub quantization: Option<super::quant::Fp8Scheme>,
+    pub quantization: Option<super::quant::Quantization>,
 }
 
 /// A window of `size` tokens each position attends to (Mistral's `sliding_window`). Lumen attends

@@ -8,8 +8,9 @@
 //!   safetensors at all, or an index naming a tensor its shard lacks fails at open time with a
 //!   [`WorkerError::ModelFile`] naming the file. Nothing in a user's file can make this panic.
 //! - [`TensorSource::tensor`] is zero-copy: it hands out [`TensorBytes::Mapped`] ranges of the
-//!   shared `Arc<Mmap>` (absolute byte ranges within the file). Only F32, F16, BF16 and F8_E4M3
-//!   (FP8 checkpoints' codes, see `model::quant`) tensors can be read; any other dtype is an error naming the tensor and its dtype, raised when that tensor
+//!   shared `Arc<Mmap>` (absolute byte ranges within the file). Only F32, F16, BF16, F8_E4M3
+//!   (FP8 checkpoints' codes) and I32 (packed AWQ / GPTQ weights; see `model::quant`) tensors can
+//!   be read; any other dtype is an error naming the tensor and its dtype, raised when that tensor
 //!   is asked for (a file may carry unused tensors of other types).
 //! - An absent `lm_head.weight` is not an error here: tied embeddings are the caller's business
 //!   (`LlamaConfig::tie_word_embeddings`).
@@ -184,11 +185,12 @@ impl TensorSource for SafetensorsSource {
             Dtype::F16 => TensorDType::F16,
             Dtype::BF16 => TensorDType::BF16,
             Dtype::F8_E4M3 => TensorDType::F8E4M3,
+            Dtype::I32 => TensorDType::I32,
             other => {
                 let file = self.files.get(entry.file).map(|f| f.path.display().to_string()).unwrap_or_default();
                 return Err(WorkerError::tensor(
                     name,
-                    format!("dtype {other:?} in {file} is not supported (supported: F32, F16, BF16, F8_E4M3)"),
+                    format!("dtype {other:?} in {file} is not supported (supported: F32, F16, BF16, F8_E4M3, I32)"),
                 ));
             }
         };

@@ -22,6 +22,8 @@ pub enum TensorDType {
     BF16,
     /// FP8 E4M3 codes, one byte each (their scales are separate tensors: `model::quant`).
     F8E4M3,
+    /// 32-bit integers (packed quantized weights, group indices: `model::quant::int`).
+    I32,
     /// A GGML block-quantized type (Q4_0, Q4_1, Q8_0, K-quants, ...), blocks along the last dim.
     Ggml(GgmlDType),
 }
@@ -33,6 +35,7 @@ impl TensorDType {
             TensorDType::F32 => elems * 4,
             TensorDType::F16 | TensorDType::BF16 => elems * 2,
             TensorDType::F8E4M3 => elems,
+            TensorDType::I32 => elems * 4,
             TensorDType::Ggml(t) => elems / t.block_size() * t.type_size(),
         }
     }
@@ -116,6 +119,9 @@ impl RawTensor {
             TensorDType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             TensorDType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             TensorDType::F8E4M3 => b.iter().map(|&c| crate::model::quant::fp8::e4m3_to_f32(c)).collect(),
+            TensorDType::I32 => {
+                b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect()
+            }
             TensorDType::Ggml(t) => dequantize_ggml(&self.name, t, b, self.elem_count())?,
         })
     }

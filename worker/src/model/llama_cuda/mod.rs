@@ -429,7 +429,7 @@ fn layer_scratch(c: &LlamaConfig, opts: &CudaModelOptions, device: &Device) -> R
     // bf16 units, two per value) and one f32 scale per row, for each of the four products.
     let (fp8_per_row, fp8_f32_per_row) = match opts.quantization {
         Quantization::Fp8(_) => ((2 * h + c.num_attention_heads * d + c.intermediate_size).div_ceil(2) + 4 * 8, 4),
-        Quantization::None => (0, 0),
+        Quantization::None | Quantization::Int(_) => (0, 0),
     };
     let rows = scratch_rows(opts);
     LayerScratch::new(

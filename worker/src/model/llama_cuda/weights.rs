@@ -19,7 +19,7 @@ use crate::kernels::cuda::{CudaKernels, gpu_error};
 use crate::model::config::LlamaConfig;
 use crate::model::dummy::DUMMY_WEIGHT_RANGE;
 use crate::model::quant::Quantization;
-use crate::model::quant::source::row_scales;
+use crate::model::quant::source::{DequantizedSource, row_scales};
 use crate::model::source::{RawTensor, TensorDType, TensorSource};
 use crate::{Result, WorkerError};
 
@@ -189,9 +189,29 @@ impl Loader<'_> {
     /// The projections `parts` (name, rows), each `cols` wide, stacked row-wise into one linear
     /// layer, FP8 or dense as the quantization and the stored tensors say.
     fn linear(&self, parts: &[(String, usize)], cols: usize) -> Result<CudaLinear> {
-        let Quantization::Fp8(scheme) = self.quantization else {
+        let dense_from = |src: &dyn TensorSource| -> Result<CudaLinear> {
+            let dense = parts
+                .iter()
+                .map(|(n, r)| {
+                    let t = src.tensor(n)?;
+                    t.expect_shape(&[*r, cols])?;
+                    self.upload(&t)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            cat(&dense).map(CudaLinear::Dense)
+        };
+        let dense = || -> Result<CudaLinear> {
             let dense = parts.iter().map(|(n, r)| self.matrix(n, *r, cols)).collect::<Result<Vec<_>>>()?;
-            return cat(&dense).map(CudaLinear::Dense);
+            cat(&dense).map(CudaLinear::Dense)
+        };
+        let scheme = match (self.quantization, self.origin) {
+            (Quantization::Fp8(scheme), _) => scheme,
+            // Packed integers (AWQ, GPTQ): no integer kernel yet, the floats they mean.
+            (Quantization::Int(_), WeightOrigin::Source(src)) => {
+                let dequantized = DequantizedSource::wrap(*src, self.quantization);
+                return dense_from(dequantized.as_ref().map_or(*src, |d| d as &dyn TensorSource));
+            }
+            _ => return dense(),
         };
         if let (true, WeightOrigin::Source(src)) = (scheme.serialized, self.origin) {
             let stored = parts.iter().map(|(n, _)| src.tensor(n)).collect::<Result<Vec<_>>>()?;
@@ -205,21 +225,11 @@ impl Loader<'_> {
             }
             if stored.iter().any(|t| t.dtype == TensorDType::F8E4M3) {
                 // A group mixing FP8 and float parts: all of it as the floats it means.
-                let dequantized = crate::model::quant::source::DequantizedSource::wrap(*src, self.quantization);
-                let src: &dyn TensorSource = dequantized.as_ref().map_or(*src, |d| d as &dyn TensorSource);
-                let dense = parts
-                    .iter()
-                    .map(|(n, r)| {
-                        let t = src.tensor(n)?;
-                        t.expect_shape(&[*r, cols])?;
-                        self.upload(&t)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                return cat(&dense).map(CudaLinear::Dense);
+                let dequantized = DequantizedSource::wrap(*src, self.quantization);
+                return dense_from(dequantized.as_ref().map_or(*src, |d| d as &dyn TensorSource));
             }
             // No part stored in FP8 (an ignored layer): floats.
-            let dense = parts.iter().map(|(n, r)| self.matrix(n, *r, cols)).collect::<Result<Vec<_>>>()?;
-            return cat(&dense).map(CudaLinear::Dense);
+            return dense();
         }
         // Online: each part quantized on the device as it loads (its float copy freed after): a
         // checkpoint's values as f32, as the host's reference quantizes them; drawn ones in bf16.
@@ -297,8 +307,11 @@ impl Loader<'_> {
             TensorDType::F16 => Tensor::from_raw_buffer(t.bytes.as_slice(), DType::F16, &t.shape, self.device),
             TensorDType::BF16 => Tensor::from_raw_buffer(t.bytes.as_slice(), DType::BF16, &t.shape, self.device),
             TensorDType::Ggml(_) => Tensor::from_vec(t.to_f32()?, t.shape.as_slice(), self.device),
-            TensorDType::F8E4M3 => {
-                return Err(WorkerError::tensor(&t.name, "FP8 codes outside a quantized projection"));
+            TensorDType::F8E4M3 | TensorDType::I32 => {
+                return Err(WorkerError::tensor(
+                    &t.name,
+                    format!("{:?} values outside a quantized projection", t.dtype),
+                ));
             }
         }
         .map_err(fail)?;

@@ -17,9 +17,15 @@
 //! `weight * scale` per row. Whether a layer is quantized is read from its stored dtype, so an
 //! ignore list needs no matching here. Activation scales are not read: a GPU computing in FP8
 //! quantizes each token's activations itself (dynamic, per token), the CPU computes in floats.
-//! Other methods (`awq`, `gptq`, `bitsandbytes`, ...) and `kv_cache_scheme` are refused by name.
+//! - AutoAWQ's `awq` (`version: gemm`, 4 bits, groups, zero points) and AutoGPTQ's `gptq` (4 or 8
+//!   bits, groups or whole rows, `desc_act` with `g_idx`, the v1 zero offset unless
+//!   `checkpoint_format: gptq_v2`): packed integers read by `int`, computed with as the floats they
+//!   mean (the CPU, and for now the GPU too: no integer kernel yet).
+//!
+//! Other methods (`bitsandbytes`, `marlin`, ...) and `kv_cache_scheme` are refused by name.
 
 pub mod fp8;
+pub mod int;
 pub mod source;
 
 use serde_json::{Map, Value};
@@ -33,6 +39,8 @@ pub enum Quantization {
     None,
     /// FP8 E4M3 linear weights.
     Fp8(Fp8Scheme),
+    /// Packed integer weights with group scales (AWQ, GPTQ).
+    Int(int::IntScheme),
 }
 
 /// An FP8 model's scheme.
@@ -52,15 +60,16 @@ impl Quantization {
     /// The scheme for a checkpoint that says `checkpoint` (from its config) under
     /// `--quantization` `flag`: the checkpoint's when the flag is absent or agrees; `fp8` on a
     /// float checkpoint quantizes it online; anything else is an error naming the option.
-    pub fn resolve(checkpoint: Option<&Fp8Scheme>, flag: Option<&str>) -> Result<Quantization> {
+    pub fn resolve(checkpoint: Option<&Quantization>, flag: Option<&str>) -> Result<Quantization> {
         let bad = |why: String| Err(WorkerError::invalid("quantization", why));
         match (checkpoint, flag) {
-            (None, None) => Ok(Quantization::None),
-            (Some(scheme), None) => Ok(Quantization::Fp8(scheme.clone())),
-            (Some(scheme), Some(flag)) if flag == scheme.method => Ok(Quantization::Fp8(scheme.clone())),
+            (None | Some(Quantization::None), None) => Ok(Quantization::None),
+            (Some(scheme), None) => Ok(scheme.clone()),
+            (Some(scheme), Some(flag)) if scheme.accepts(flag) => Ok(scheme.clone()),
             (Some(scheme), Some(flag)) => bad(format!(
                 "the checkpoint is quantized with {} but --quantization says {flag}: leave it out or say {}",
-                scheme.method, scheme.method
+                scheme.method(),
+                scheme.method()
             )),
             (None, Some("fp8")) => Ok(Quantization::Fp8(Fp8Scheme {
                 method: "fp8",
@@ -79,16 +88,29 @@ impl Quantization {
     pub fn is_fp8(&self) -> bool {
         matches!(self, Quantization::Fp8(_))
     }
+
+    /// The method's name (`--quantization`'s value for it).
+    pub fn method(&self) -> &'static str {
+        match self {
+            Quantization::None => "none",
+            Quantization::Fp8(s) => s.method,
+            Quantization::Int(s) => s.method,
+        }
+    }
+
+    /// Whether `--quantization flag` names this checkpoint's method (vLLM's kernel-specific
+    /// spellings, `awq_marlin` and `gptq_marlin`, included).
+    fn accepts(&self, flag: &str) -> bool {
+        flag == self.method() || flag.strip_suffix("_marlin") == Some(self.method()) && self.method() != "fp8"
+    }
 }
 
 /// The `--quantization` values understood.
-const KNOWN: &[&str] = &["fp8", "compressed-tensors"];
+const KNOWN: &[&str] = &["fp8", "compressed-tensors", "awq", "awq_marlin", "gptq", "gptq_marlin"];
 
 /// Methods vLLM knows that Lumen does not run yet.
 const NOT_YET: &[&str] = &[
-    "awq",
     "awq_marlin",
-    "gptq",
     "gptq_marlin",
     "bitsandbytes",
     "gguf",
@@ -111,18 +133,21 @@ fn unsupported(value: &Value, reason: impl Into<String>) -> WorkerError {
 }
 
 /// The scheme of a config.json's `quantization_config` (`None` for absent or null).
-pub fn from_hf_config(config: Option<&Value>) -> Result<Option<Fp8Scheme>> {
+pub fn from_hf_config(config: Option<&Value>) -> Result<Option<Quantization>> {
     let Some(value) = config.filter(|v| !v.is_null()) else { return Ok(None) };
     let obj = value.as_object().ok_or_else(|| unsupported(value, "must be an object"))?;
     let method = obj.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    let supported = "supported: fp8, compressed-tensors (FP8), awq, gptq";
     match method {
-        "fp8" => fp8_config(value, obj).map(Some),
-        "compressed-tensors" => compressed_tensors(value, obj).map(Some),
-        m if NOT_YET.contains(&m) => Err(unsupported(
-            value,
-            format!("{m} checkpoints are not supported yet (FP8 ones are: quant_method fp8 or compressed-tensors)"),
-        )),
-        m => Err(unsupported(value, format!("unknown quant_method {m:?} (supported: fp8, compressed-tensors)"))),
+        "fp8" => fp8_config(value, obj).map(|s| Some(Quantization::Fp8(s))),
+        "compressed-tensors" => compressed_tensors(value, obj).map(|s| Some(Quantization::Fp8(s))),
+        "awq" | "gptq" => int::IntScheme::from_config(method, obj)
+            .map(|s| Some(Quantization::Int(s)))
+            .map_err(|why| unsupported(value, why)),
+        m if NOT_YET.contains(&m) => {
+            Err(unsupported(value, format!("{m} checkpoints are not supported yet ({supported})")))
+        }
+        m => Err(unsupported(value, format!("unknown quant_method {m:?} ({supported})"))),
     }
 }
 

@@ -1,14 +1,17 @@
-//! A weight source that presents an FP8 model's linear weights as the f32 values they mean, for
-//! paths that compute in floats (the CPU model, and through it tensor parallelism on the CPU).
+//! A weight source that presents a quantized model's linear weights as the f32 values they mean,
+//! for paths that compute in floats (the CPU model, and through it tensor parallelism on the CPU;
+//! the GPU for packed integer weights, until it has an integer kernel).
 //!
+//! Packed integer layers (AWQ, GPTQ: `<layer>.qweight`, no `<layer>.weight`) come back as
+//! `<layer>.weight`, dequantized by `int`.
 //! A stored FP8 weight (`F8_E4M3`) comes back as `weight * weight_scale` per row; with online
 //! quantization (`--quantization fp8` on a float checkpoint) every linear weight comes back
 //! quantized and dequantized per output channel, exactly the values a GPU holding the FP8 codes
 //! and scales computes with, so the CPU is the GPU path's reference. Every other tensor passes
 //! through untouched.
 
+use super::Quantization;
 use super::fp8::{self, Granularity};
-use super::{Fp8Scheme, Quantization};
 use crate::model::source::{RawTensor, TensorBytes, TensorDType, TensorSource};
 use crate::{Result, WorkerError};
 
@@ -44,10 +47,10 @@ pub fn row_scales(src: &dyn TensorSource, weight: &str, rows: usize) -> Result<V
     }
 }
 
-/// `src` with FP8 linear weights presented as f32 values.
+/// `src` with quantized linear weights presented as f32 values.
 pub struct DequantizedSource<'a> {
     inner: &'a dyn TensorSource,
-    scheme: Fp8Scheme,
+    scheme: Quantization,
 }
 
 impl<'a> DequantizedSource<'a> {
@@ -55,13 +58,19 @@ impl<'a> DequantizedSource<'a> {
     pub fn wrap(src: &'a dyn TensorSource, quantization: &Quantization) -> Option<DequantizedSource<'a>> {
         match quantization {
             Quantization::None => None,
-            Quantization::Fp8(scheme) => Some(DequantizedSource { inner: src, scheme: scheme.clone() }),
+            scheme => Some(DequantizedSource { inner: src, scheme: scheme.clone() }),
         }
     }
 }
 
 impl TensorSource for DequantizedSource<'_> {
     fn tensor(&self, name: &str) -> Result<RawTensor> {
+        if let Quantization::Int(scheme) = &self.scheme
+            && is_linear_weight(name)
+            && !self.inner.contains(name)
+        {
+            return scheme.dequantize(self.inner, name);
+        }
         let t = self.inner.tensor(name)?;
         let values = match t.dtype {
             TensorDType::F8E4M3 => {
@@ -70,7 +79,7 @@ impl TensorSource for DequantizedSource<'_> {
                 t.check_len()?;
                 fp8::dequantize(codes, &row_scales(self.inner, name, rows)?)
             }
-            _ if !self.scheme.serialized && is_linear_weight(name) && t.shape.len() == 2 => {
+            _ if self.online_fp8() && is_linear_weight(name) && t.shape.len() == 2 => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
                 let (codes, scales) = fp8::quantize(&t.to_f32()?, rows, cols, Granularity::Channel);
                 fp8::dequantize(&codes, &scales)
@@ -83,10 +92,20 @@ impl TensorSource for DequantizedSource<'_> {
 
     fn contains(&self, name: &str) -> bool {
         self.inner.contains(name)
+            || (is_linear_weight(name)
+                && matches!(self.scheme, Quantization::Int(_))
+                && self.inner.contains(&format!("{}.qweight", name.trim_end_matches(".weight"))))
     }
 
     fn describe(&self) -> String {
-        let how = if self.scheme.serialized { "dequantized" } else { "quantized as loaded" };
-        format!("{} (FP8, {how})", self.inner.describe())
+        let how = if self.online_fp8() { "quantized as loaded" } else { "dequantized" };
+        format!("{} ({}, {how})", self.inner.describe(), self.scheme.method())
+    }
+}
+
+impl DequantizedSource<'_> {
+    /// Whether float weights are quantized to FP8 as they load (`--quantization fp8`).
+    fn online_fp8(&self) -> bool {
+        matches!(&self.scheme, Quantization::Fp8(s) if !s.serialized)
     }
 }

@@ -1,7 +1,16 @@
 use serde_json::json;
 
 use super::fp8::Granularity;
+use super::int::IntScheme;
 use super::{Fp8Scheme, Quantization, from_hf_config};
+
+/// The FP8 scheme of a config that must have one.
+fn fp8_of(config: &serde_json::Value) -> Fp8Scheme {
+    match from_hf_config(Some(config)).unwrap() {
+        Some(Quantization::Fp8(s)) => s,
+        other => panic!("{config}: {other:?}"),
+    }
+}
 
 /// llm-compressor's FP8-dynamic config (per-channel weights, per-token dynamic activations).
 fn fp8_dynamic() -> serde_json::Value {
@@ -20,7 +29,7 @@ fn fp8_dynamic() -> serde_json::Value {
 
 #[test]
 fn fp8_checkpoint_configs_are_read() {
-    let scheme = from_hf_config(Some(&fp8_dynamic())).unwrap().unwrap();
+    let scheme = fp8_of(&fp8_dynamic());
     assert_eq!(
         scheme,
         Fp8Scheme { method: "compressed-tensors", weights: Granularity::Channel, serialized: true, activations: true }
@@ -30,15 +39,15 @@ fn fp8_checkpoint_configs_are_read() {
     fp8["config_groups"]["group_0"]["weights"]["strategy"] = json!("tensor");
     fp8["config_groups"]["group_0"]["input_activations"] =
         json!({"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": false});
-    assert_eq!(from_hf_config(Some(&fp8)).unwrap().unwrap().weights, Granularity::Tensor);
+    assert_eq!(fp8_of(&fp8).weights, Granularity::Tensor);
     // Weight-only.
     let mut weight_only = fp8_dynamic();
     weight_only["config_groups"]["group_0"]["input_activations"] = json!(null);
-    assert!(!from_hf_config(Some(&weight_only)).unwrap().unwrap().activations);
+    assert!(!fp8_of(&weight_only).activations);
     // vLLM's own.
     let vllm = json!({"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]});
     assert_eq!(
-        from_hf_config(Some(&vllm)).unwrap().unwrap(),
+        fp8_of(&vllm),
         Fp8Scheme { method: "fp8", weights: Granularity::Tensor, serialized: true, activations: true }
     );
     assert_eq!(from_hf_config(None).unwrap(), None);
@@ -58,8 +67,13 @@ fn schemes_lumen_cannot_run_are_refused_saying_why() {
     };
     let group = ["config_groups", "group_0"];
     let cases = [
-        (json!({"quant_method": "gptq", "bits": 4}), "gptq checkpoints are not supported yet"),
-        (json!({"quant_method": "awq", "bits": 4}), "awq checkpoints are not supported yet"),
+        (json!({"quant_method": "gptq", "bits": 3}), "3-bit GPTQ"),
+        (json!({"quant_method": "gptq", "checkpoint_format": "marlin"}), "checkpoint_format"),
+        (json!({"quant_method": "awq", "bits": 8}), "8-bit AWQ"),
+        (json!({"quant_method": "awq", "version": "gemv"}), "AWQ version \"gemv\""),
+        (json!({"quant_method": "awq", "zero_point": false}), "without zero points"),
+        (json!({"quant_method": "awq", "group_size": 0}), "group_size 0"),
+        (json!({"quant_method": "bitsandbytes"}), "bitsandbytes checkpoints are not supported yet"),
         (json!({"quant_method": "hqq"}), "unknown quant_method \"hqq\""),
         (json!({"quant_method": "fp8", "weight_block_size": [128, 128]}), "block-wise"),
         (json!({"quant_method": "fp8", "activation_scheme": "none"}), "activation_scheme"),
@@ -85,10 +99,18 @@ fn schemes_lumen_cannot_run_are_refused_saying_why() {
 fn the_quantization_option_agrees_with_the_checkpoint_or_quantizes_floats() {
     let checkpoint = from_hf_config(Some(&fp8_dynamic())).unwrap().unwrap();
     assert_eq!(Quantization::resolve(None, None).unwrap(), Quantization::None);
-    assert_eq!(Quantization::resolve(Some(&checkpoint), None).unwrap(), Quantization::Fp8(checkpoint.clone()));
+    assert_eq!(Quantization::resolve(Some(&checkpoint), None).unwrap(), checkpoint);
+    assert_eq!(Quantization::resolve(Some(&checkpoint), Some("compressed-tensors")).unwrap(), checkpoint);
+    let awq = from_hf_config(Some(&json!({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "GEMM"})))
+        .unwrap()
+        .unwrap();
+    assert_eq!(awq, Quantization::Int(IntScheme { method: "awq", bits: 4, group_size: Some(128), v2: false }));
+    assert_eq!(Quantization::resolve(Some(&awq), Some("awq_marlin")).unwrap(), awq, "vLLM's kernel spelling");
+    let gptq =
+        json!({"quant_method": "gptq", "bits": 8, "group_size": -1, "desc_act": true, "checkpoint_format": "gptq_v2"});
     assert_eq!(
-        Quantization::resolve(Some(&checkpoint), Some("compressed-tensors")).unwrap(),
-        Quantization::Fp8(checkpoint.clone())
+        from_hf_config(Some(&gptq)).unwrap().unwrap(),
+        Quantization::Int(IntScheme { method: "gptq", bits: 8, group_size: None, v2: true })
     );
     let online = Quantization::resolve(None, Some("fp8")).unwrap();
     assert_eq!(
@@ -102,8 +124,10 @@ fn the_quantization_option_agrees_with_the_checkpoint_or_quantizes_floats() {
     );
     for (checkpoint, flag, want) in [
         (Some(&checkpoint), "fp8", "quantized with compressed-tensors but --quantization says fp8"),
+        (Some(&awq), "gptq", "quantized with awq but --quantization says gptq"),
         (None, "compressed-tensors", "holds float weights"),
-        (None, "awq", "\"awq\" is not one of fp8, compressed-tensors"),
+        (None, "awq", "holds float weights"),
+        (None, "hqq", "\"hqq\" is not one of fp8, compressed-tensors, awq"),
     ] {
         let err = Quantization::resolve(checkpoint, Some(flag)).expect_err(flag).to_string();
         assert!(err.contains("quantization") && err.contains(want), "{flag}: {err}");

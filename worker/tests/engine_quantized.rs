@@ -1,9 +1,10 @@
-//! FP8 checkpoints end to end on the CPU path: SmolLM2 written in the published layouts
-//! (compressed-tensors per channel, as llm-compressor's "FP8-dynamic" saves it; vLLM's `fp8` with
-//! one scale per tensor), read back against the format's own dequantization formula (written
-//! here, not Lumen's), and served: the FP8 checkpoint gives exactly the greedy tokens of a float
-//! checkpoint holding its dequantized values, and `--quantization fp8` on the float model gives
-//! those of the per-channel checkpoint (the same rounding, done as it loads).
+//! Quantized checkpoints end to end on the CPU path: SmolLM2 written in the published layouts
+//! (FP8: compressed-tensors per channel, as llm-compressor's "FP8-dynamic" saves it, and vLLM's
+//! `fp8` with one scale per tensor; AutoAWQ's GEMM layout; AutoGPTQ's with `desc_act`), read back
+//! against each format's own dequantization formula (written here, not Lumen's), and served: a
+//! quantized checkpoint gives exactly the greedy tokens of a float checkpoint holding its
+//! dequantized values, and `--quantization fp8` on the float model gives those of the
+//! per-channel checkpoint (the same rounding, done as it loads).
 
 mod common;
 
@@ -15,6 +16,7 @@ use lumen_worker::model::gguf::GgufFile;
 use lumen_worker::model::quant::fp8::{Granularity, quantize};
 use lumen_worker::model::quant::source::{DequantizedSource, is_linear_weight};
 use lumen_worker::model::quant::{Quantization, from_hf_config};
+use lumen_worker::model::source::RawTensor;
 use lumen_worker::model::{SafetensorsSource, TensorSource};
 use lumen_worker::sampling::{SamplingParams, StopParams};
 use lumen_worker::tokenizer::{ChatMessage, ChatTemplateOptions};
@@ -168,4 +170,160 @@ fn an_fp8_weight_without_its_scale_is_an_error_naming_the_scale() {
     let quantization = Quantization::resolve(scheme.as_ref(), None).unwrap();
     let err = DequantizedSource::wrap(&stored, &quantization).unwrap().tensor(name).unwrap_err().to_string();
     assert!(err.contains("q_proj.weight_scale"), "{err}");
+}
+
+/// AutoAWQ's packing order: nibble `i` of a word holds output column `ORDER[i]` of its eight.
+const AWQ_PACK_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+/// Input rows per group in the 4-bit checkpoints (SmolLM2's inputs are 576 and 1536 wide).
+const GROUP: usize = 64;
+
+fn i32_tensor(name: String, shape: Vec<usize>, words: &[u32]) -> Stored {
+    Stored { name, dtype: Dtype::I32, shape, bytes: words.iter().flat_map(|w| w.to_le_bytes()).collect() }
+}
+
+fn f16_tensor(name: String, shape: Vec<usize>, values: &[f32]) -> Stored {
+    let bytes = values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+    Stored { name, dtype: Dtype::F16, shape, bytes }
+}
+
+/// A 4-bit layer as AutoAWQ's GEMM layout stores it (asymmetric, zero points, f16 scales), and
+/// the `[out, in]` values it means by the formula `(q - zero) * scale`.
+fn awq_layer(name: &str, shape: &[usize], w: &[f32]) -> (Vec<Stored>, Vec<f32>) {
+    let (outs, ins) = (shape[0], shape[1]);
+    let layer = name.strip_suffix(".weight").unwrap();
+    let groups = ins / GROUP;
+    let (mut q, mut zeros, mut scales) = (vec![0u32; ins * outs], vec![0u32; groups * outs], vec![0f32; groups * outs]);
+    for g in 0..groups {
+        for o in 0..outs {
+            let rows = g * GROUP..(g + 1) * GROUP;
+            let (lo, hi) =
+                rows.clone().fold((0f32, 0f32), |(lo, hi), i| (lo.min(w[o * ins + i]), hi.max(w[o * ins + i])));
+            let scale = half::f16::from_f32(((hi - lo) / 15.0).max(1e-6)).to_f32();
+            let zero = (-lo / scale).round().clamp(0.0, 15.0) as u32;
+            scales[g * outs + o] = scale;
+            zeros[g * outs + o] = zero;
+            for i in rows {
+                q[i * outs + o] = ((w[o * ins + i] / scale).round() + zero as f32).clamp(0.0, 15.0) as u32;
+            }
+        }
+    }
+    let pack = |values: &[u32], rows: usize| -> Vec<u32> {
+        let words = outs / 8;
+        let mut packed = vec![0u32; rows * words];
+        for r in 0..rows {
+            for c in 0..words {
+                for (i, &col) in AWQ_PACK_ORDER.iter().enumerate() {
+                    packed[r * words + c] |= values[r * outs + 8 * c + col] << (4 * i);
+                }
+            }
+        }
+        packed
+    };
+    let meant = (0..outs * ins)
+        .map(|j| {
+            let (o, i) = (j / ins, j % ins);
+            let g = i / GROUP;
+            (q[i * outs + o] as f32 - zeros[g * outs + o] as f32) * scales[g * outs + o]
+        })
+        .collect();
+    let stored = vec![
+        i32_tensor(format!("{layer}.qweight"), vec![ins, outs / 8], &pack(&q, ins)),
+        i32_tensor(format!("{layer}.qzeros"), vec![groups, outs / 8], &pack(&zeros, groups)),
+        f16_tensor(format!("{layer}.scales"), vec![groups, outs], &scales),
+    ];
+    (stored, meant)
+}
+
+/// A 4-bit layer as AutoGPTQ stores it with `desc_act` (symmetric, rows assigned to groups out
+/// of order by `g_idx`, zeros stored minus one), and the values it means.
+fn gptq_layer(name: &str, shape: &[usize], w: &[f32]) -> (Vec<Stored>, Vec<f32>) {
+    let (outs, ins) = (shape[0], shape[1]);
+    let layer = name.strip_suffix(".weight").unwrap();
+    let groups = ins / GROUP;
+    let g_idx: Vec<u32> = (0..ins).map(|r| ((r * 5) % ins / GROUP) as u32).collect();
+    let mut scales = vec![0f32; groups * outs];
+    for o in 0..outs {
+        for i in 0..ins {
+            let s = &mut scales[g_idx[i] as usize * outs + o];
+            *s = s.max(w[o * ins + i].abs() / 7.0);
+        }
+    }
+    for s in &mut scales {
+        *s = half::f16::from_f32(s.max(1e-6)).to_f32();
+    }
+    let q = |i: usize, o: usize| {
+        let s = scales[g_idx[i] as usize * outs + o];
+        ((w[o * ins + i] / s).round() + 8.0).clamp(0.0, 15.0) as u32
+    };
+    let mut qweight = vec![0u32; ins / 8 * outs];
+    for i in 0..ins {
+        for o in 0..outs {
+            qweight[(i / 8) * outs + o] |= q(i, o) << (4 * (i % 8));
+        }
+    }
+    let qzeros = vec![0x7777_7777u32; groups * outs / 8]; // zero 8, stored as 7 in every nibble
+    let meant = (0..outs * ins)
+        .map(|j| {
+            let (o, i) = (j / ins, j % ins);
+            (q(i, o) as f32 - 8.0) * scales[g_idx[i] as usize * outs + o]
+        })
+        .collect();
+    let stored = vec![
+        i32_tensor(format!("{layer}.qweight"), vec![ins / 8, outs], &qweight),
+        i32_tensor(format!("{layer}.qzeros"), vec![groups, outs / 8], &qzeros),
+        f16_tensor(format!("{layer}.scales"), vec![groups, outs], &scales),
+        i32_tensor(format!("{layer}.g_idx"), vec![ins], &g_idx),
+    ];
+    (stored, meant)
+}
+
+#[test]
+fn awq_and_gptq_checkpoints_read_as_their_formula_and_serve_the_tokens_of_their_values() {
+    let gguf = GgufFile::open(&common::model_path()).unwrap();
+    let cfg = gguf.llama_config().unwrap();
+    let (awq, gptq, reference) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let awq_config =
+        json!({"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": true, "version": "gemm"});
+    write_checkpoint(&gguf, awq.path(), awq_config, |name, shape, values| {
+        if is_linear_weight(name) { awq_layer(name, shape, &values).0 } else { vec![f32_tensor(name, shape, &values)] }
+    });
+    write_checkpoint(&gguf, reference.path(), serde_json::Value::Null, |name, shape, values| {
+        let values = if is_linear_weight(name) { awq_layer(name, shape, &values).1 } else { values };
+        vec![f32_tensor(name, shape, &values)]
+    });
+    let gptq_config = json!({"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": true, "sym": true});
+    write_checkpoint(&gguf, gptq.path(), gptq_config.clone(), |name, shape, values| {
+        if is_linear_weight(name) { gptq_layer(name, shape, &values).0 } else { vec![f32_tensor(name, shape, &values)] }
+    });
+
+    // Read back: each layer's values are the formula's, for both layouts.
+    let linear: Vec<(String, Vec<usize>)> = lumen_worker::model::dummy::llama_tensor_shapes(&cfg)
+        .into_iter()
+        .filter(|(n, _)| is_linear_weight(n))
+        .collect();
+    let float = |name: &str| gguf.tensor(name).unwrap().to_f32().unwrap();
+    for (dir, layer) in
+        [(&awq, awq_layer as fn(&str, &[usize], &[f32]) -> (Vec<Stored>, Vec<f32>)), (&gptq, gptq_layer)]
+    {
+        let stored = SafetensorsSource::open(dir.path()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        let scheme = from_hf_config(config.get("quantization_config")).unwrap();
+        let quantization = Quantization::resolve(scheme.as_ref(), None).unwrap();
+        let dequantized = DequantizedSource::wrap(&stored, &quantization).unwrap();
+        for (name, shape) in linear.iter().step_by(5) {
+            let got: RawTensor = dequantized.tensor(name).unwrap();
+            assert_eq!(got.shape, *shape, "{name}");
+            assert!(dequantized.contains(name) && !stored.contains(name), "{name} is stored packed only");
+            assert_eq!(got.to_f32().unwrap(), layer(name, shape, &float(name)).1, "{name}");
+        }
+    }
+
+    let dir_options = |dir: &tempfile::TempDir| EngineOptions { model: dir.path().display().to_string(), ..options() };
+    let from_awq = greedy(dir_options(&awq));
+    assert_eq!(from_awq, greedy(dir_options(&reference)), "the AWQ checkpoint serves its values");
+    assert!(greedy(dir_options(&gptq)).iter().all(|t| t.len() == 16), "the GPTQ checkpoint serves");
+    let gptq_marlin = EngineOptions { quantization: Some("gptq_marlin".into()), ..dir_options(&gptq) };
+    assert!(lumen_worker::engine::build_engine(&gptq_marlin).is_ok(), "vLLM's gptq_marlin spelling is accepted");
 }
