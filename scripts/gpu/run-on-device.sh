@@ -246,7 +246,7 @@ if [[ " $steps " == *" fp8 "* ]]; then
     # FP8 weights (issue 15): the FP8 kernel tests, then offline decode of the 8B shape with
     # `--quantization fp8` (linear layers quantized per channel as the dummy weights load)
     # against bf16 in the same run, at 1, 32, 128 and 256 streams; FP8_CONCURRENCY picks them.
-    "$work/worker-tests" --test-threads=1 fp8 > "$out/fp8-tests.log" 2>&1
+    "$work/worker-tests" --test-threads=1 kernels::cuda::fp8 > "$out/fp8-tests.log" 2>&1
     row "fp8 kernel tests" "$(grep -E '^test result' "$out/fp8-tests.log" | tail -1)"
     for c in ${FP8_CONCURRENCY:-1 32 128 256}; do
         row "offline decode c=$c, bf16 / fp8 tok/s" "$(dec "fp8-bf16-c$c" "" "$c") / $(dec "fp8-c$c" "" "$c" --quantization fp8)"
