@@ -146,7 +146,7 @@ fn every_key_that_would_change_the_math_is_refused_by_name() {
         (json!({"final_logit_softcapping": 30.0}), "final_logit_softcapping"),
         (json!({"num_local_experts": 8}), "num_local_experts"),
         (json!({"num_experts": 8}), "num_experts"),
-        (json!({"quantization_config": {"quant_method": "gptq", "bits": 4}}), "quantization_config"),
+        (json!({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": true}}), "quantization_config"),
         (json!({"layer_types": ["full_attention", "sliding_attention"]}), "layer_types"),
         (json!({"rope_scaling": {"type": "su", "factor": 2}}), "rope_scaling.rope_type"),
         (json!({"rope_parameters": {"rope_type": "mrope", "mrope_section": [1, 1]}}), "rope_parameters.rope_type"),
