@@ -493,7 +493,14 @@ impl Model for CudaLlama {
             candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
             _ => 0,
         };
-        format!("cuda:{ordinal} ({:?} weights and KV cache, {} SMs)", self.kernels.dtype(), self.kernels.num_sms())
+        let dtype = self.kernels.dtype();
+        let weights = if self.weights.has_fp8() {
+            let products = if self.kernels.fp8_tensor_cores() { "FP8 tensor cores" } else { "dequantized" };
+            format!("FP8 projection weights ({products} beyond the GEMV), {dtype:?} activations and KV cache")
+        } else {
+            format!("{dtype:?} weights and KV cache")
+        };
+        format!("cuda:{ordinal} ({weights}, {} SMs)", self.kernels.num_sms())
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<&[f32]> {
