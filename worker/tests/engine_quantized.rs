@@ -138,7 +138,12 @@ fn fp8_checkpoints_read_as_their_formula_and_serve_the_tokens_of_their_values() 
     }
     drop(channel_src);
 
-    let dir_options = |dir: &tempfile::TempDir| EngineOptions { model: dir.path().display().to_string(), ..options() };
+    // f32 on the CPU, so the checkpoints' exact values are compared (`auto` requantizes them).
+    let dir_options = |dir: &tempfile::TempDir| EngineOptions {
+        model: dir.path().display().to_string(),
+        cpu_weight_format: CpuWeightFormat::F32,
+        ..options()
+    };
     let from_fp8 = greedy(dir_options(&channel));
     assert_eq!(from_fp8, greedy(dir_options(&reference)), "the FP8 checkpoint serves its values");
     assert!(from_fp8.iter().all(|t| t.len() == 16));
@@ -151,6 +156,10 @@ fn fp8_checkpoints_read_as_their_formula_and_serve_the_tokens_of_their_values() 
     assert_eq!(online, from_fp8, "--quantization fp8 quantizes per channel as the checkpoint was");
     // The per-tensor checkpoint serves too; its rounding differs, so only its length is known.
     assert!(greedy(dir_options(&tensor)).iter().all(|t| t.len() == 16));
+    // Under `auto` the CPU holds an FP8 checkpoint as Q8_0 blocks, not f32.
+    let auto = engine(&EngineOptions { cpu_weight_format: CpuWeightFormat::Auto, ..dir_options(&channel) });
+    let described = auto.model().describe();
+    assert!(described.contains("weights q8_0 (output q8_0)"), "{described}");
     // Naming another method than the checkpoint's is refused.
     let wrong = EngineOptions { quantization: Some("fp8".into()), ..dir_options(&channel) };
     let Err(err) = lumen_worker::engine::build_engine(&wrong) else { panic!("a mismatched --quantization loads") };
@@ -320,7 +329,11 @@ fn awq_and_gptq_checkpoints_read_as_their_formula_and_serve_the_tokens_of_their_
         }
     }
 
-    let dir_options = |dir: &tempfile::TempDir| EngineOptions { model: dir.path().display().to_string(), ..options() };
+    let dir_options = |dir: &tempfile::TempDir| EngineOptions {
+        model: dir.path().display().to_string(),
+        cpu_weight_format: CpuWeightFormat::F32,
+        ..options()
+    };
     let from_awq = greedy(dir_options(&awq));
     assert_eq!(from_awq, greedy(dir_options(&reference)), "the AWQ checkpoint serves its values");
     assert!(greedy(dir_options(&gptq)).iter().all(|t| t.len() == 16), "the GPTQ checkpoint serves");

@@ -8,6 +8,7 @@ use super::core::{CoreConfig, EngineCore};
 use super::options::{ComputeDevice, EngineOptions};
 use crate::kernels::cpu::attention::CacheLayout;
 use crate::kv_cache::cpu_storage::CpuKvStorage;
+use crate::model::cpu_weights::CpuWeightFormat;
 use crate::model::generation_config::GenerationConfig;
 use crate::model::gguf::GgufFile;
 use crate::model::llama_cpu::{CpuLlama, CpuModelOptions};
@@ -50,7 +51,13 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
             // The CPU computes in floats: FP8 weights as the values they mean.
             let dequantized = DequantizedSource::wrap(source.as_ref(), &quantization);
             let source = dequantized.as_ref().map_or(source.as_ref(), |d| d as &dyn TensorSource);
-            load_cpu(config, source, opts, max_model_len)?
+            // A quantized checkpoint's values are requantized to Q8_0 under `auto`, not widened
+            // to f32 (four times an FP8 model's bytes, eight times a 4-bit one's).
+            let format = match (opts.cpu_weight_format, &quantization) {
+                (CpuWeightFormat::Auto, Quantization::Fp8(_) | Quantization::Int(_)) => CpuWeightFormat::Q8_0,
+                (format, _) => format,
+            };
+            load_cpu(config, source, &EngineOptions { cpu_weight_format: format, ..opts.clone() }, max_model_len)?
         }
         ComputeDevice::Cuda(_) if opts.tensor_parallel_size != 1 => {
             return Err(WorkerError::invalid(

@@ -16,7 +16,8 @@ use crate::{Result, WorkerError};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CpuWeightFormat {
-    /// Q4_0 / Q4_1 / Q8_0 stay as they are; other GGML types become Q8_0; floats become f32.
+    /// Q4_0 / Q4_1 / Q8_0 stay as they are; other GGML types become Q8_0; floats become f32
+    /// (a quantized checkpoint's, FP8 / AWQ / GPTQ, become Q8_0: the engine asks for it).
     #[default]
     Auto,
     /// Everything dequantized to f32.
