@@ -222,6 +222,9 @@ pub fn open_model(
         }
         ModelLocation::HfDir(dir) => {
             let mut config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
+            if config.quantization.is_none() {
+                config.quantization = crate::model::quant::from_sidecar(dir)?;
+            }
             if let Some(generation) = GenerationConfig::from_dir(dir)? {
                 config.eos_token_ids = generation.merged_eos_ids(&config.eos_token_ids);
             }

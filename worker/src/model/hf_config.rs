@@ -28,7 +28,7 @@
 //! - refused, from neighbouring architectures that a Llama-labelled config may carry and that
 //!   change the math: `qk_norm` / `use_qk_norm` true, `attn_logit_softcapping`,
 //!   `final_logit_softcapping`, `num_local_experts` / `num_experts` (mixture of experts).
-//! - `quantization_config`: read by `quant` (FP8 schemes), every other scheme refused there.
+//! - `quantization_config`: read by `quant` (FP8, AWQ, GPTQ), every other scheme refused there.
 //! - ignored, because they do not change inference: `pretraining_tp` (transformers splits no
 //!   matmul by it any more; it was the same sum in slices), `attention_dropout`,
 //!   `initializer_range`, `use_cache`, `pad_token_id`, and keys transformers' Llama does not read.

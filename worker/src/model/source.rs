@@ -110,7 +110,7 @@ impl RawTensor {
     }
 
     /// All elements converted to f32 (GGML types are dequantized; FP8 codes are decoded without
-    /// their scale).
+    /// their scale; I32, packed integers, is an error).
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         self.check_len()?;
         let b = self.bytes.as_slice();

@@ -35,12 +35,27 @@ pub struct IntScheme {
     pub group_size: Option<usize>,
     /// GPTQ: the stored zero is the zero itself (`gptq_v2`), not `zero - 1`.
     pub v2: bool,
+    /// GPTQ: input rows are in activation order, so each layer must carry `g_idx`.
+    pub desc_act: bool,
 }
 
 impl IntScheme {
     /// The scheme of an `awq` or `gptq` `quantization_config`, or why it cannot run.
     pub fn from_config(method: &str, obj: &Map<String, Value>) -> std::result::Result<IntScheme, String> {
-        let bits = obj.get("bits").or_else(|| obj.get("w_bit")).and_then(Value::as_u64).unwrap_or(4) as u32;
+        let bits = obj.get("bits").or_else(|| obj.get("w_bit")).and_then(Value::as_u64).unwrap_or(4);
+        let bits = u32::try_from(bits).map_err(|_| format!("bits {bits} is not a bit width"))?;
+        // Settings that change what is stored, which this reader does not follow.
+        for (key, why) in [
+            ("lm_head", "a quantized lm_head is not supported"),
+            ("is_marlin_format", "the Marlin repacking of GPTQ weights is not supported"),
+        ] {
+            if obj.get(key).and_then(Value::as_bool) == Some(true) {
+                return Err(format!("{key}: {why}"));
+            }
+        }
+        if obj.get("dynamic").is_some_and(|d| d.as_object().is_some_and(|d| !d.is_empty())) {
+            return Err("dynamic: per-layer bits or group sizes are not supported".into());
+        }
         let group = obj.get("group_size").or_else(|| obj.get("q_group_size")).and_then(Value::as_i64).unwrap_or(128);
         let group_size = match group {
             -1 => None,
@@ -59,7 +74,7 @@ impl IntScheme {
                 if obj.get("zero_point").and_then(Value::as_bool) == Some(false) {
                     return Err("AWQ without zero points is not supported".into());
                 }
-                Ok(IntScheme { method: "awq", bits, group_size, v2: false })
+                Ok(IntScheme { method: "awq", bits, group_size, v2: false, desc_act: false })
             }
             _ => {
                 if !matches!(bits, 4 | 8) {
@@ -69,7 +84,8 @@ impl IntScheme {
                 if !matches!(format, "gptq" | "gptq_v2") {
                     return Err(format!("checkpoint_format {format:?} is not supported (gptq, gptq_v2 are)"));
                 }
-                Ok(IntScheme { method: "gptq", bits, group_size, v2: format == "gptq_v2" })
+                let desc_act = obj.get("desc_act").and_then(Value::as_bool).unwrap_or(false);
+                Ok(IntScheme { method: "gptq", bits, group_size, v2: format == "gptq_v2", desc_act })
             }
         }
     }
@@ -167,6 +183,12 @@ impl IntScheme {
                     .map(|g| usize::try_from(g).ok().filter(|&g| g < groups))
                     .collect::<Option<_>>()
                     .ok_or_else(|| WorkerError::tensor(&t.name, format!("a group index outside 0..{groups}")))?
+            }
+            None if self.desc_act => {
+                return Err(WorkerError::tensor(
+                    &qweight.name,
+                    "desc_act is set but the layer has no g_idx (its rows' groups are unknown)",
+                ));
             }
             None => (0..inputs).map(|r| r / group).collect(),
         };

@@ -151,6 +151,26 @@ pub fn from_hf_config(config: Option<&Value>) -> Result<Option<Quantization>> {
     }
 }
 
+/// The scheme of a checkpoint directory without `quantization_config` in its config.json that
+/// carries AutoGPTQ's `quantize_config.json` or AutoAWQ's `quant_config.json` (older exports;
+/// their method is the file's when they do not name one).
+pub fn from_sidecar(dir: &std::path::Path) -> Result<Option<Quantization>> {
+    for (file, method) in [("quantize_config.json", "gptq"), ("quant_config.json", "awq")] {
+        let path = dir.join(file);
+        if !path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| WorkerError::model_file(&path, e.to_string()))?;
+        let mut value: Value =
+            serde_json::from_str(&text).map_err(|e| WorkerError::model_file(&path, format!("not JSON: {e}")))?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.entry("quant_method").or_insert_with(|| Value::String(method.into()));
+        }
+        return from_hf_config(Some(&value));
+    }
+    Ok(None)
+}
+
 /// vLLM's `fp8` serialization: per-tensor weight scales.
 fn fp8_config(value: &Value, obj: &Map<String, Value>) -> Result<Fp8Scheme> {
     if obj.get("weight_block_size").is_some_and(|v| !v.is_null()) {

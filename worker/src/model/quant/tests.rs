@@ -74,6 +74,10 @@ fn schemes_lumen_cannot_run_are_refused_saying_why() {
         (json!({"quant_method": "awq", "zero_point": false}), "without zero points"),
         (json!({"quant_method": "awq", "group_size": 0}), "group_size 0"),
         (json!({"quant_method": "bitsandbytes"}), "bitsandbytes checkpoints are not supported yet"),
+        (json!({"quant_method": "gptq", "lm_head": true}), "lm_head: a quantized lm_head"),
+        (json!({"quant_method": "gptq", "is_marlin_format": true}), "is_marlin_format"),
+        (json!({"quant_method": "gptq", "dynamic": {"+:.*down.*": {"bits": 8}}}), "dynamic: per-layer"),
+        (json!({"quant_method": "gptq", "bits": 4294967300u64}), "bits 4294967300"),
         (json!({"quant_method": "hqq"}), "unknown quant_method \"hqq\""),
         (json!({"quant_method": "fp8", "weight_block_size": [128, 128]}), "block-wise"),
         (json!({"quant_method": "fp8", "activation_scheme": "none"}), "activation_scheme"),
@@ -104,13 +108,16 @@ fn the_quantization_option_agrees_with_the_checkpoint_or_quantizes_floats() {
     let awq = from_hf_config(Some(&json!({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "GEMM"})))
         .unwrap()
         .unwrap();
-    assert_eq!(awq, Quantization::Int(IntScheme { method: "awq", bits: 4, group_size: Some(128), v2: false }));
+    assert_eq!(
+        awq,
+        Quantization::Int(IntScheme { method: "awq", bits: 4, group_size: Some(128), v2: false, desc_act: false })
+    );
     assert_eq!(Quantization::resolve(Some(&awq), Some("awq_marlin")).unwrap(), awq, "vLLM's kernel spelling");
     let gptq =
         json!({"quant_method": "gptq", "bits": 8, "group_size": -1, "desc_act": true, "checkpoint_format": "gptq_v2"});
     assert_eq!(
         from_hf_config(Some(&gptq)).unwrap().unwrap(),
-        Quantization::Int(IntScheme { method: "gptq", bits: 8, group_size: None, v2: true })
+        Quantization::Int(IntScheme { method: "gptq", bits: 8, group_size: None, v2: true, desc_act: true })
     );
     let online = Quantization::resolve(None, Some("fp8")).unwrap();
     assert_eq!(
@@ -150,4 +157,32 @@ fn only_the_layers_projections_are_linear_weights() {
     ] {
         assert!(!is_linear_weight(name), "{name}");
     }
+}
+
+#[test]
+fn older_checkpoints_name_their_scheme_in_a_file_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(super::from_sidecar(dir.path()).unwrap(), None);
+    let gptq = json!({"bits": 4, "group_size": 128, "desc_act": false, "sym": true, "true_sequential": true});
+    std::fs::write(dir.path().join("quantize_config.json"), gptq.to_string()).unwrap();
+    assert_eq!(
+        super::from_sidecar(dir.path()).unwrap(),
+        Some(Quantization::Int(IntScheme {
+            method: "gptq",
+            bits: 4,
+            group_size: Some(128),
+            v2: false,
+            desc_act: false
+        }))
+    );
+    let awq_dir = tempfile::tempdir().unwrap();
+    let awq = json!({"zero_point": true, "q_group_size": 64, "w_bit": 4, "version": "GEMM"});
+    std::fs::write(awq_dir.path().join("quant_config.json"), awq.to_string()).unwrap();
+    match super::from_sidecar(awq_dir.path()).unwrap() {
+        Some(Quantization::Int(s)) => assert_eq!((s.method, s.group_size), ("awq", Some(64))),
+        other => panic!("{other:?}"),
+    }
+    std::fs::write(awq_dir.path().join("quant_config.json"), "{not json").unwrap();
+    let err = super::from_sidecar(awq_dir.path()).unwrap_err().to_string();
+    assert!(err.contains("quant_config.json") && err.contains("not JSON"), "{err}");
 }
