@@ -340,3 +340,40 @@ fn awq_and_gptq_checkpoints_read_as_their_formula_and_serve_the_tokens_of_their_
     let gptq_marlin = EngineOptions { quantization: Some("gptq_marlin".into()), ..dir_options(&gptq) };
     assert!(lumen_worker::engine::build_engine(&gptq_marlin).is_ok(), "vLLM's gptq_marlin spelling is accepted");
 }
+
+#[test]
+fn a_gptq_layer_in_activation_order_without_its_group_indices_is_an_error_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let layer = "model.layers.0.mlp.down_proj";
+    // 16 input rows (two words of 8), 8 outputs, groups of 8: every value 9, zero 8 (stored 7).
+    let qweight = vec![0x9999_9999u32; 2 * 8];
+    let qzeros = vec![0x7777_7777u32; 2];
+    let scales: Vec<f32> = (0..16).map(|i| 0.5 + i as f32).collect();
+    let stored = [
+        i32_tensor(format!("{layer}.qweight"), vec![2, 8], &qweight),
+        i32_tensor(format!("{layer}.qzeros"), vec![2, 1], &qzeros),
+        f16_tensor(format!("{layer}.scales"), vec![2, 8], &scales),
+    ];
+    let views: std::collections::HashMap<String, safetensors::tensor::TensorView<'_>> = stored
+        .iter()
+        .map(|t| (t.name.clone(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(&views, None, &dir.path().join("model.safetensors")).unwrap();
+    let src = SafetensorsSource::open(dir.path()).unwrap();
+    let read = |desc_act: bool| {
+        let config = json!({"quant_method": "gptq", "bits": 4, "group_size": 8, "desc_act": desc_act});
+        let quantization = Quantization::resolve(from_hf_config(Some(&config)).unwrap().as_ref(), None).unwrap();
+        DequantizedSource::wrap(&src, &quantization).unwrap().tensor(&format!("{layer}.weight"))
+    };
+    let err = read(true).unwrap_err().to_string();
+    assert!(err.contains("g_idx") && err.contains("desc_act"), "{err}");
+    // In order, row r is in group r / 8: value (9 - 8) * scale of (group, output).
+    let t = read(false).unwrap();
+    assert_eq!(t.shape, vec![8, 16]);
+    let values = t.to_f32().unwrap();
+    for o in 0..8 {
+        for i in 0..16 {
+            assert_eq!(values[o * 16 + i], scales[(i / 8) * 8 + o], "output {o}, input {i}");
+        }
+    }
+}
