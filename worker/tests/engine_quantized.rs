@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::hf::{Stored, f32_tensor, write_checkpoint};
+use common::hf::{Stored, f32_tensor, write_checkpoint, write_tensors};
 use common::{engine, options, run};
 use lumen_worker::engine::{EngineOptions, EngineRequest};
 use lumen_worker::model::cpu_weights::CpuWeightFormat;
@@ -64,6 +64,12 @@ fn formula_values(src: &dyn TensorSource, name: &str) -> Vec<f32> {
     let cols = weight.shape[1];
     let codes = weight.bytes.as_slice();
     (0..codes.len()).map(|i| e4m3(codes[i]) * scales[if scales.len() == 1 { 0 } else { i / cols }]).collect()
+}
+
+/// The checkpoint in `dir`, held in f32 on the CPU so its exact values are compared (`auto`
+/// requantizes a quantized checkpoint to Q8_0).
+fn exact_options(dir: &tempfile::TempDir) -> EngineOptions {
+    EngineOptions { model: dir.path().display().to_string(), cpu_weight_format: CpuWeightFormat::F32, ..options() }
 }
 
 /// Greedy tokens of three chat prompts, 16 tokens each.
@@ -138,14 +144,8 @@ fn fp8_checkpoints_read_as_their_formula_and_serve_the_tokens_of_their_values() 
     }
     drop(channel_src);
 
-    // f32 on the CPU, so the checkpoints' exact values are compared (`auto` requantizes them).
-    let dir_options = |dir: &tempfile::TempDir| EngineOptions {
-        model: dir.path().display().to_string(),
-        cpu_weight_format: CpuWeightFormat::F32,
-        ..options()
-    };
-    let from_fp8 = greedy(dir_options(&channel));
-    assert_eq!(from_fp8, greedy(dir_options(&reference)), "the FP8 checkpoint serves its values");
+    let from_fp8 = greedy(exact_options(&channel));
+    assert_eq!(from_fp8, greedy(exact_options(&reference)), "the FP8 checkpoint serves its values");
     assert!(from_fp8.iter().all(|t| t.len() == 16));
     // The same rounding, done as the float model loads.
     let online = greedy(EngineOptions {
@@ -155,13 +155,13 @@ fn fp8_checkpoints_read_as_their_formula_and_serve_the_tokens_of_their_values() 
     });
     assert_eq!(online, from_fp8, "--quantization fp8 quantizes per channel as the checkpoint was");
     // The per-tensor checkpoint serves too; its rounding differs, so only its length is known.
-    assert!(greedy(dir_options(&tensor)).iter().all(|t| t.len() == 16));
+    assert!(greedy(exact_options(&tensor)).iter().all(|t| t.len() == 16));
     // Under `auto` the CPU holds an FP8 checkpoint as Q8_0 blocks, not f32.
-    let auto = engine(&EngineOptions { cpu_weight_format: CpuWeightFormat::Auto, ..dir_options(&channel) });
+    let auto = engine(&EngineOptions { cpu_weight_format: CpuWeightFormat::Auto, ..exact_options(&channel) });
     let described = auto.model().describe();
     assert!(described.contains("weights q8_0 (output q8_0)"), "{described}");
     // Naming another method than the checkpoint's is refused.
-    let wrong = EngineOptions { quantization: Some("fp8".into()), ..dir_options(&channel) };
+    let wrong = EngineOptions { quantization: Some("fp8".into()), ..exact_options(&channel) };
     let Err(err) = lumen_worker::engine::build_engine(&wrong) else { panic!("a mismatched --quantization loads") };
     let err = err.to_string();
     assert!(err.contains("compressed-tensors") && err.contains("--quantization"), "{err}");
@@ -172,8 +172,8 @@ fn an_fp8_weight_without_its_scale_is_an_error_naming_the_scale() {
     let dir = tempfile::tempdir().unwrap();
     let name = "model.layers.0.self_attn.q_proj.weight";
     let codes = vec![0x38u8; 8];
-    let views = [(name, safetensors::tensor::TensorView::new(Dtype::F8_E4M3, vec![2, 4], &codes).unwrap())];
-    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    let weight = Stored { name: name.into(), dtype: Dtype::F8_E4M3, shape: vec![2, 4], bytes: codes };
+    write_tensors(&dir.path().join("model.safetensors"), &[weight]);
     let stored = SafetensorsSource::open(dir.path()).unwrap();
     let scheme = from_hf_config(Some(&compressed_tensors_config())).unwrap();
     let quantization = Quantization::resolve(scheme.as_ref(), None).unwrap();
@@ -329,15 +329,10 @@ fn awq_and_gptq_checkpoints_read_as_their_formula_and_serve_the_tokens_of_their_
         }
     }
 
-    let dir_options = |dir: &tempfile::TempDir| EngineOptions {
-        model: dir.path().display().to_string(),
-        cpu_weight_format: CpuWeightFormat::F32,
-        ..options()
-    };
-    let from_awq = greedy(dir_options(&awq));
-    assert_eq!(from_awq, greedy(dir_options(&reference)), "the AWQ checkpoint serves its values");
-    assert!(greedy(dir_options(&gptq)).iter().all(|t| t.len() == 16), "the GPTQ checkpoint serves");
-    let gptq_marlin = EngineOptions { quantization: Some("gptq_marlin".into()), ..dir_options(&gptq) };
+    let from_awq = greedy(exact_options(&awq));
+    assert_eq!(from_awq, greedy(exact_options(&reference)), "the AWQ checkpoint serves its values");
+    assert!(greedy(exact_options(&gptq)).iter().all(|t| t.len() == 16), "the GPTQ checkpoint serves");
+    let gptq_marlin = EngineOptions { quantization: Some("gptq_marlin".into()), ..exact_options(&gptq) };
     assert!(lumen_worker::engine::build_engine(&gptq_marlin).is_ok(), "vLLM's gptq_marlin spelling is accepted");
 }
 
@@ -354,11 +349,7 @@ fn a_gptq_layer_in_activation_order_without_its_group_indices_is_an_error_naming
         i32_tensor(format!("{layer}.qzeros"), vec![2, 1], &qzeros),
         f16_tensor(format!("{layer}.scales"), vec![2, 8], &scales),
     ];
-    let views: std::collections::HashMap<String, safetensors::tensor::TensorView<'_>> = stored
-        .iter()
-        .map(|t| (t.name.clone(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(&views, None, &dir.path().join("model.safetensors")).unwrap();
+    write_tensors(&dir.path().join("model.safetensors"), &stored);
     let src = SafetensorsSource::open(dir.path()).unwrap();
     let read = |desc_act: bool| {
         let config = json!({"quant_method": "gptq", "bits": 4, "group_size": 8, "desc_act": desc_act});

@@ -57,7 +57,7 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
                 (CpuWeightFormat::Auto, Quantization::Fp8(_) | Quantization::Int(_)) => CpuWeightFormat::Q8_0,
                 (format, _) => format,
             };
-            load_cpu(config, source, &EngineOptions { cpu_weight_format: format, ..opts.clone() }, max_model_len)?
+            load_cpu(config, source, opts, format, max_model_len)?
         }
         ComputeDevice::Cuda(_) if opts.tensor_parallel_size != 1 => {
             return Err(WorkerError::invalid(
@@ -109,6 +109,7 @@ fn load_cpu(
     config: LlamaConfig,
     source: &dyn TensorSource,
     opts: &EngineOptions,
+    weight_format: CpuWeightFormat,
     max_model_len: usize,
 ) -> Result<Box<dyn Model>> {
     let layout =
@@ -128,7 +129,7 @@ fn load_cpu(
     }
     let cpu = CpuModelOptions {
         threads: opts.threads(),
-        weight_format: opts.cpu_weight_format,
+        weight_format,
         block_size: opts.block_size,
         num_blocks,
         max_model_len,

@@ -30,6 +30,15 @@ pub fn f32_tensor(name: &str, shape: &[usize], values: &[f32]) -> Stored {
     }
 }
 
+/// Writes `tensors` as one safetensors file.
+pub fn write_tensors(path: &Path, tensors: &[Stored]) {
+    let views: HashMap<String, TensorView<'_>> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(&views, None, path).unwrap();
+}
+
 /// Writes the GGUF's model into `dir` in two shards; `store` turns each tensor (name, shape,
 /// f32 values) into what is written; `quantization_config` goes into config.json when not null.
 pub fn write_checkpoint(
@@ -64,11 +73,7 @@ pub fn write_checkpoint(
     let mut weight_map = serde_json::Map::new();
     for (file, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
         let stored: Vec<Stored> = part.iter().flat_map(|(n, s)| tensors(n, s)).collect();
-        let views: HashMap<String, TensorView<'_>> = stored
-            .iter()
-            .map(|t| (t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap()))
-            .collect();
-        safetensors::serialize_to_file(&views, None, &dir.join(file)).unwrap();
+        write_tensors(&dir.join(file), &stored);
         for t in &stored {
             weight_map.insert(t.name.clone(), json!(file));
         }

@@ -298,24 +298,15 @@ impl LtGemm {
                     lt::cudaDataType::CUDA_R_32F,
                 ),
             )?;
-            check(
-                "setting transa",
-                lt::cublasLtMatmulDescSetAttribute(
-                    plan.desc,
-                    lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                    (&t as *const op).cast(),
-                    size_of,
-                ),
-            )?;
-            check(
-                "setting transb",
-                lt::cublasLtMatmulDescSetAttribute(
-                    plan.desc,
-                    lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
-                    (&nt as *const op).cast(),
-                    size_of,
-                ),
-            )?;
+            for (attr, value) in [
+                (lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &t),
+                (lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &nt),
+            ] {
+                check(
+                    "setting an operation",
+                    lt::cublasLtMatmulDescSetAttribute(plan.desc, attr, (value as *const op).cast(), size_of),
+                )?;
+            }
             // Column-major: W row-major [n, k] is k x n read transposed; x is k x m; y is n x m.
             let (m, n, k) = (m as u64, n as u64, k as u64);
             check("a layout", lt::cublasLtMatrixLayoutCreate(&mut plan.w, in_type, k, n, k as i64))?;

@@ -155,23 +155,16 @@ impl CudaKernels {
     /// for W8A8 products.
     pub fn quantize_weight_fp8(&self, w: &Tensor) -> Result<Fp8Weight> {
         let (n, k) = w.dims2().map_err(|e| WorkerError::Engine(format!("cuda fp8 weight: {e}")))?;
-        let func = match w.dtype() {
-            DType::BF16 if w.is_contiguous() && k % 16 == 0 => &self.fp8.quantize_rows,
-            DType::F32 if w.is_contiguous() && k % 16 == 0 => &self.fp8.quantize_rows_f32,
-            _ => {
-                return Err(WorkerError::Engine(format!(
-                    "cuda fp8: a weight must be contiguous bf16 or f32 with a width that is a multiple of 16, not {:?} {:?}",
-                    w.dims(),
-                    w.dtype()
-                )));
-            }
-        };
+        if !matches!(w.dtype(), DType::BF16 | DType::F32) || !w.is_contiguous() || k % 16 != 0 {
+            return Err(WorkerError::Engine(format!(
+                "cuda fp8: a weight must be contiguous bf16 or f32 with a width that is a multiple of 16, not {:?} {:?}",
+                w.dims(),
+                w.dtype()
+            )));
+        }
         let codes = super::alloc_tensor(&self.device, (n, k).into(), DType::U8)?;
         let scales = super::alloc_tensor(&self.device, n.into(), DType::F32)?;
-        // SAFETY: w holds n contiguous rows of k values of the kernel's input type; codes has
-        // n * k bytes and scales n f32 values, on this device.
-        launch!(self, func, grid((n as u32, 1, 1), 256);
-            device_ptr(w)?, device_ptr(&codes)?, device_ptr(&scales)?, int("k", k)?)?;
+        self.quantize_rows_into(w, device_ptr(&codes)?, device_ptr(&scales)?, n, k)?;
         Ok(Fp8Weight { codes, scales, n, k, activations: true })
     }
 
@@ -191,10 +184,13 @@ impl CudaKernels {
         Ok(Fp8Weight { codes, scales, n, k, activations })
     }
 
+    /// Quantizes `rows` rows of k values of `x` (bf16, or f32) into `codes` and `scales`.
     fn quantize_rows_into(&self, x: &Tensor, codes: u64, scales: u64, rows: usize, k: usize) -> Result<()> {
-        // SAFETY: x holds `rows` contiguous bf16 rows of k; codes has rows * k bytes and scales
-        // rows f32 values, on this device.
-        launch!(self, &self.fp8.quantize_rows, grid((rows as u32, 1, 1), 256); device_ptr(x)?, codes, scales, int("k", k)?)
+        let func = if x.dtype() == DType::F32 { &self.fp8.quantize_rows_f32 } else { &self.fp8.quantize_rows };
+        // SAFETY: x holds `rows` contiguous rows of k values of the kernel's input type (bf16 or
+        // f32, checked by the callers); codes has rows * k bytes and scales rows f32 values, on
+        // this device.
+        launch!(self, func, grid((rows as u32, 1, 1), 256); device_ptr(x)?, codes, scales, int("k", k)?)
     }
 
     /// `x · Wᵀ` for bf16 `x` `[m, k]` and an FP8 `W`: `[m, n]` bf16.

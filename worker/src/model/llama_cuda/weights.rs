@@ -200,6 +200,11 @@ impl Loader<'_> {
                 .collect::<Result<Vec<_>>>()?;
             cat(&dense).map(CudaLinear::Dense)
         };
+        // The floats a quantized source's parts mean.
+        let dequantized = |src: &dyn TensorSource| -> Result<CudaLinear> {
+            let wrapped = DequantizedSource::wrap(src, self.quantization);
+            dense_from(wrapped.as_ref().map_or(src, |d| d as &dyn TensorSource))
+        };
         let dense = || -> Result<CudaLinear> {
             let dense = parts.iter().map(|(n, r)| self.matrix(n, *r, cols)).collect::<Result<Vec<_>>>()?;
             cat(&dense).map(CudaLinear::Dense)
@@ -207,10 +212,7 @@ impl Loader<'_> {
         let scheme = match (self.quantization, self.origin) {
             (Quantization::Fp8(scheme), _) => scheme,
             // Packed integers (AWQ, GPTQ): no integer kernel yet, the floats they mean.
-            (Quantization::Int(_), WeightOrigin::Source(src)) => {
-                let dequantized = DequantizedSource::wrap(*src, self.quantization);
-                return dense_from(dequantized.as_ref().map_or(*src, |d| d as &dyn TensorSource));
-            }
+            (Quantization::Int(_), WeightOrigin::Source(src)) => return dequantized(*src),
             _ => return dense(),
         };
         if let (true, WeightOrigin::Source(src)) = (scheme.serialized, self.origin) {
@@ -225,8 +227,7 @@ impl Loader<'_> {
             }
             if stored.iter().any(|t| t.dtype == TensorDType::F8E4M3) {
                 // A group mixing FP8 and float parts: all of it as the floats it means.
-                let dequantized = DequantizedSource::wrap(*src, self.quantization);
-                return dense_from(dequantized.as_ref().map_or(*src, |d| d as &dyn TensorSource));
+                return dequantized(*src);
             }
             // No part stored in FP8 (an ignored layer): floats.
             return dense();

@@ -84,11 +84,6 @@ impl Quantization {
         }
     }
 
-    /// Whether the linear weights are FP8.
-    pub fn is_fp8(&self) -> bool {
-        matches!(self, Quantization::Fp8(_))
-    }
-
     /// The method's name (`--quantization`'s value for it).
     pub fn method(&self) -> &'static str {
         match self {
