@@ -29,7 +29,7 @@
 #include <string>
 #include <vector>
 
-#include "../../worker/src/kernels/cuda/gemv.cu"
+#include "../../worker/src/kernels/cuda/gemv.cuh"
 #include "bench_common.cuh"
 
 using bf16 = __nv_bfloat16;
@@ -61,13 +61,16 @@ __global__ void small_op(const bf16* __restrict__ x, bf16* __restrict__ y, int n
 
 // The engine's GEMV at one token with R rows per warp and U loads in flight, optionally behind
 // the PDL prologue (an early trigger for the next kernel, then the wait for this one's input).
+using gemv_core::UNROLL;
+using gemv_core::WARPS;
+
 template <int R, int U, int S, bool PDL>
 __global__ void __launch_bounds__(WARPS * 32) gemv_var(const bf16* w, const bf16* x, bf16* y, int n, int k) {
     if (PDL) {
         grid_launch_dependents();
         grid_wait();
     }
-    gemv<bf16, 1, R, U, S>(w, x, y, n, k);
+    gemv_core::gemv<gemv_core::Dense<bf16>, bf16, 1, R, U, S>(w, nullptr, x, y, n, k);
 }
 
 struct Variant {

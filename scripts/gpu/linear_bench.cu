@@ -1,15 +1,18 @@
 // Linear layers of a few tokens on the GPU: the engine's GEMV against cuBLAS and the memory's
-// read rate, for Llama-3.1-8B's projections (bf16) at 1 to 64 token rows.
+// read rate, for Llama-3.1-8B's projections (bf16, and FP8 E4M3 weights) at 1 to 64 token rows.
 //
 // A decode step of m tokens reads every weight once whatever m is, so the physical limit of each
 // product is its weight bytes over the read rate of a plain streaming kernel (measured in the
 // same run). For each shape and m this prints the time of
 //   cuBLAS   cublasGemmEx, bf16 in and out, f32 compute (what candle's matmul calls)
-//   gemv     the engine's CUDA-core GEMV (worker/src/kernels/cuda/gemv.cu, m <= 8), in the
-//            variant the engine picks (gemv.rs)
-// and which is faster: the engine gives a linear layer to the GEMV up to the row count where
-// cuBLAS starts to win (gemv.rs, GEMV_DEFAULT_ROWS). Weights rotate over copies larger than
-// the L2 cache, so every launch reads from memory.
+//   gemv     the engine's CUDA-core GEMV on bf16 weights (worker/src/kernels/cuda/gemv.cu,
+//            m <= 8), in the variant the engine picks (gemv.rs)
+//   fp8      the engine's GEMV on FP8 weights with a scale per row (fp8.cu, the same core and
+//            variants), its share of the read rate counted on its own bytes (codes + scales)
+// and which of cuBLAS / gemv is faster: the engine gives a linear layer to the GEMV up to the
+// row count where cuBLAS starts to win (gemv.rs, GEMV_DEFAULT_ROWS). Both GEMVs are checked
+// against cuBLAS (the FP8 one against cuBLAS on its codes dequantized to bf16). Weights rotate
+// over copies larger than the L2 cache, so every launch reads from memory.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o linear-bench \
 //        scripts/gpu/linear_bench.cu -lcublas
@@ -24,40 +27,48 @@
 #include <string>
 #include <vector>
 
+#include "../../worker/src/kernels/cuda/fp8.cu"
 #include "../../worker/src/kernels/cuda/gemv.cu"
 #include "bench_common.cuh"
 
 using bf16 = __nv_bfloat16;
 
-template <int M>
-__global__ void __launch_bounds__(WARPS * 32) gemv_m(const bf16* w, const bf16* x, bf16* y, int n, int k) {
-    gemv<bf16, M>(w, x, y, n, k);
-}
-__global__ void __launch_bounds__(WARPS * 32) gemv_wide(const bf16* w, const bf16* x, bf16* y, int n, int k) {
-    gemv<bf16, 1, 2>(w, x, y, n, k);
-}
-__global__ void __launch_bounds__(WARPS * 32) gemv_split(const bf16* w, const bf16* x, bf16* y, int n, int k) {
-    gemv<bf16, 1, 2, UNROLL, 2>(w, x, y, n, k);
+// One weight format's GEMV kernels (the engine's own), by the shape gemv.rs's Variant picks.
+struct GemvSet {
+    const void* rows[8];
+    const void* wide;
+    const void* split;
+};
+#define GEMV_SET(SUFFIX)                                                                                  \
+    GemvSet {                                                                                             \
+        {(const void*)gemv_##SUFFIX##_m1, (const void*)gemv_##SUFFIX##_m2, (const void*)gemv_##SUFFIX##_m3, \
+         (const void*)gemv_##SUFFIX##_m4, (const void*)gemv_##SUFFIX##_m5, (const void*)gemv_##SUFFIX##_m6, \
+         (const void*)gemv_##SUFFIX##_m7, (const void*)gemv_##SUFFIX##_m8},                                \
+            (const void*)gemv_##SUFFIX##_m1_wide, (const void*)gemv_##SUFFIX##_m1_split                     \
+    }
+
+// The engine's GEMV for m rows and n outputs (the choice gemv.rs makes); `scale` only for FP8.
+static void launch_gemv(const GemvSet& set, int m, const void* w, const float* scale, const bf16* x, bf16* y, int n,
+                        int k, cudaStream_t s) {
+    const void* f;
+    int per_warp;
+    if (m == 1 && n >= 16384) f = set.wide, per_warp = 2;
+    else if (m == 1 && n <= 4096) f = set.split, per_warp = 1;
+    else f = set.rows[m - 1], per_warp = m == 1 ? 1 : m <= 3 ? 2 : 4;
+    const dim3 grid((n + gemv_core::WARPS * per_warp - 1) / (gemv_core::WARPS * per_warp));
+    void* args[] = {&w, &scale, &x, &y, &n, &k};
+    CHECK(cudaLaunchKernel(f, grid, dim3(gemv_core::WARPS * 32), args, 0, s));
 }
 
-// The engine's GEMV for m rows and n outputs (the choice gemv.rs makes).
-static void launch_gemv(int m, const bf16* w, const bf16* x, bf16* y, int n, int k, cudaStream_t s) {
-    const dim3 block(WARPS * 32);
-    auto blocks = [&](int per_warp) { return dim3((n + WARPS * per_warp - 1) / (WARPS * per_warp)); };
-    switch (m) {
-        case 1:
-            if (n >= 16384) gemv_wide<<<blocks(2), block, 0, s>>>(w, x, y, n, k);
-            else if (n <= 4096) gemv_split<<<blocks(1), block, 0, s>>>(w, x, y, n, k);
-            else gemv_m<1><<<blocks(1), block, 0, s>>>(w, x, y, n, k);
-            break;
-        case 2: gemv_m<2><<<blocks(2), block, 0, s>>>(w, x, y, n, k); break;
-        case 3: gemv_m<3><<<blocks(2), block, 0, s>>>(w, x, y, n, k); break;
-        case 4: gemv_m<4><<<blocks(4), block, 0, s>>>(w, x, y, n, k); break;
-        case 5: gemv_m<5><<<blocks(4), block, 0, s>>>(w, x, y, n, k); break;
-        case 6: gemv_m<6><<<blocks(4), block, 0, s>>>(w, x, y, n, k); break;
-        case 7: gemv_m<7><<<blocks(4), block, 0, s>>>(w, x, y, n, k); break;
-        case 8: gemv_m<8><<<blocks(4), block, 0, s>>>(w, x, y, n, k); break;
-        default: fprintf(stderr, "no gemv for m=%d\n", m); exit(1);
+// Random finite E4M3 codes (no NaN: 0x7f / 0xff become 0x7e / 0xfe).
+__global__ void fill_fp8(uint8_t* p, size_t n, unsigned seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        unsigned h = (unsigned)i * 2654435761u ^ seed;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        uint8_t c = (uint8_t)h;
+        p[i] = (c & 0x7f) == 0x7f ? c - 1 : c;
     }
 }
 
@@ -95,14 +106,28 @@ int main(int argc, char** argv) {
     constexpr int MAX_M = 64;
 
     printf("read rate (4 GiB streaming read): %.0f GB/s\n\n", read_bw / 1e9);
-    printf("%-20s %4s %10s %10s %8s %8s %9s %-7s\n", "shape", "m", "cuBLAS us", "gemv us", "cuBLAS%", "gemv%",
-           "gemv err", "faster");
+    printf("%-20s %4s %10s %10s %10s %8s %8s %8s %9s %9s %-7s\n", "shape", "m", "cuBLAS us", "gemv us", "fp8 us",
+           "cuBLAS%", "gemv%", "fp8%", "gemv err", "fp8 err", "faster");
+    const GemvSet bf16_set = GEMV_SET(bf16), fp8_set = GEMV_SET(fp8_bf16);
     FILE* out = json ? fopen(json, "w") : nullptr;
     if (out) fprintf(out, "{\"read_gbps\": %.1f, \"rows\": [", read_bw / 1e9);
     bool first_row = true;
     for (const Shape& sh : shapes) {
         LinearBuffers buf(sh.n, sh.k, MAX_M, s);
         bf16 *x = buf.x, *y = buf.y, *ref = buf.ref;
+        // FP8 copies of the same count (half the bytes: still past the L2 cache), one scale per
+        // row, and copy 0 dequantized to bf16 for the reference.
+        uint8_t* codes;
+        float* scales;
+        bf16* dequantized;
+        CHECK(cudaMalloc(&codes, buf.elems * buf.copies));
+        CHECK(cudaMalloc(&scales, sh.n * sizeof(float)));
+        CHECK(cudaMalloc(&dequantized, buf.elems * sizeof(bf16)));
+        fill_fp8<<<264, 512, 0, s>>>(codes, buf.elems * buf.copies, 5);
+        const std::vector<float> ones(sh.n, 1.f / 448.f);
+        CHECK(cudaMemcpy(scales, ones.data(), sh.n * sizeof(float), cudaMemcpyHostToDevice));
+        dequantize_rows_fp8_bf16<<<sh.n, 256, 0, s>>>(codes, scales, dequantized, sh.k);
+        const double fp8_bytes = (double)buf.elems + sh.n * sizeof(float);
         for (int m : ms) {
             const float alpha = 1.f, beta = 0.f;
             auto cublas = [&](const bf16* w, bf16* out_y) {
@@ -114,30 +139,46 @@ int main(int argc, char** argv) {
             const float blas_us = time_us(s, launches, [&] {
                 for (int i = 0; i < launches; ++i) cublas(buf.weights(i), y);
             });
-            float gemv_us = NAN;
-            double err = NAN;
+            float gemv_us = NAN, fp8_us = NAN;
+            double err = NAN, fp8_err = NAN;
             if (m <= 8) {
                 gemv_us = time_us(s, launches, [&] {
-                    for (int i = 0; i < launches; ++i) launch_gemv(m, buf.weights(i), x, y, sh.n, sh.k, s);
+                    for (int i = 0; i < launches; ++i)
+                        launch_gemv(bf16_set, m, buf.weights(i), nullptr, x, y, sh.n, sh.k, s);
                 });
                 cublas(buf.weights(0), ref);
-                launch_gemv(m, buf.weights(0), x, y, sh.n, sh.k, s);
+                launch_gemv(bf16_set, m, buf.weights(0), nullptr, x, y, sh.n, sh.k, s);
                 CHECK(cudaStreamSynchronize(s));
                 err = relative_error(download(y, (size_t)m * sh.n), download(ref, (size_t)m * sh.n));
+                fp8_us = time_us(s, launches, [&] {
+                    for (int i = 0; i < launches; ++i)
+                        launch_gemv(fp8_set, m, codes + (size_t)(i % buf.copies) * buf.elems, scales, x, y, sh.n,
+                                    sh.k, s);
+                });
+                cublas(dequantized, ref);
+                launch_gemv(fp8_set, m, codes, scales, x, y, sh.n, sh.k, s);
+                CHECK(cudaStreamSynchronize(s));
+                fp8_err = relative_error(download(y, (size_t)m * sh.n), download(ref, (size_t)m * sh.n));
             }
             CHECK(cudaGetLastError());
-            auto share = [&](float us) { return 100.0 * buf.bytes / (us * 1e-6) / read_bw; };
+            auto share = [&](double bytes, float us) { return 100.0 * bytes / (us * 1e-6) / read_bw; };
             const char* faster = std::isnan(gemv_us) ? "" : gemv_us < blas_us ? "gemv" : "cuBLAS";
-            printf("%-20s %4d %10.2f %10.2f %7.1f%% %7.1f%% %9.2e %-7s\n", sh.name, m, blas_us, gemv_us, share(blas_us),
-                   share(gemv_us), err, faster);
+            printf("%-20s %4d %10.2f %10.2f %10.2f %7.1f%% %7.1f%% %7.1f%% %9.2e %9.2e %-7s\n", sh.name, m, blas_us,
+                   gemv_us, fp8_us, share(buf.bytes, blas_us), share(buf.bytes, gemv_us), share(fp8_bytes, fp8_us),
+                   err, fp8_err, faster);
             if (out) {
-                fprintf(out, "%s{\"shape\": \"%s\", \"m\": %d, \"cublas_us\": %.3f", first_row ? "" : ", ", sh.name,
-                        m, blas_us);
-                if (!std::isnan(gemv_us)) fprintf(out, ", \"gemv_us\": %.3f, \"gemv_err\": %.3e", gemv_us, err);
+                fprintf(out, "%s{\"shape\": \"%s\", \"m\": %d, \"cublas_us\": %.3f", first_row ? "" : ", ",
+                        sh.name, m, blas_us);
+                if (!std::isnan(gemv_us))
+                    fprintf(out, ", \"gemv_us\": %.3f, \"gemv_err\": %.3e, \"fp8_us\": %.3f, \"fp8_err\": %.3e",
+                            gemv_us, err, fp8_us, fp8_err);
                 fprintf(out, "}");
                 first_row = false;
             }
         }
+        cudaFree(codes);
+        cudaFree(scales);
+        cudaFree(dequantized);
     }
     if (out) {
         fprintf(out, "]}\n");

@@ -107,7 +107,8 @@ fi
 if [[ " $steps " == *" linear "* ]]; then
     # Linear layers alone: our GEMV against cuBLAS and the read rate, 1-64 rows.
     "$work/linear-bench" --json "$out/linear.json" 2>&1 | tee "$out/linear.txt"
-    row "linear layers: GEMV faster than cuBLAS at" "$(awk '$NF == "gemv" {print $1 " m=" $(NF-6)}' "$out/linear.txt" | tr '\n' ' ')"
+    row "linear layers: GEMV faster than cuBLAS at" "$(awk '$NF == "gemv" {print $1 " m=" $(NF-9)}' "$out/linear.txt" | tr '\n' ' ')"
+    row "linear layers, m=1: bf16 / fp8 GEMV % of read rate" "$(awk '$(NF-9) == 1 && NF == 12 {print $1 " " $(NF-4) "/" $(NF-3)}' "$out/linear.txt" | tr '\n' ' ')"
 fi
 
 if [[ " $steps " == *" parity "* ]]; then
@@ -252,6 +253,16 @@ if [[ " $steps " == *" fp8 "* ]]; then
         row "offline decode c=$c, bf16 / fp8 tok/s" "$(dec "fp8-bf16-c$c" "" "$c") / $(dec "fp8-c$c" "" "$c" --quantization fp8)"
     done
     grep -h "engine ready\|weights" "$out/fp8-c1.log" 2>/dev/null | head -3 > "$out/fp8-load.txt"
+    # Where an FP8 step's time goes (eager, an event after every operation), against bf16, and
+    # whether cuBLASLt put both scale vectors in its epilogue (FP8_OPS_CONCURRENCY, default 256).
+    for c in ${FP8_OPS_CONCURRENCY:-256}; do
+        for q in bf16 fp8; do
+            flags=(); [ "$q" = fp8 ] && flags=(--quantization fp8)
+            dec "fp8-ops-$q-c$c" "LUMEN_CUDA_OP_TIMING=1" "$c" "${flags[@]}" > /dev/null
+            row "c=$c eager $q ms/step" "$(grep -h 'decode step timing' "$out/fp8-ops-$q-c$c.log" | tail -1 | sed "s/.*single-token batches)//" | cut -c1-400)"
+        done
+        row "c=$c cuBLASLt fp8 epilogue scales" "$(grep -ho 'scales_in_epilogue=[a-z]*' "$out/fp8-ops-fp8-c$c.log" | sort | uniq -c | tr '\n' ' ')"
+    done
 fi
 
 if [[ " $steps " == *" overlap "* ]]; then

@@ -201,6 +201,7 @@ impl LtGemm {
                 Ok(plan) => plan,
                 Err(_) => self.plan(key, PlanKind::Fp8 { outer: false }, operands, false)?,
             };
+            tracing::info!(m, n, k, scales_in_epilogue = plan.outer, "cuBLASLt fp8 plan");
             self.fp8_plans.borrow_mut().insert(key, plan);
         }
         let first = self.fp8_plans.borrow().get(&key).map(|p| self.run_fp8(p, ops));

@@ -8,13 +8,11 @@
 // with one f32 scale per row; k must be a multiple of 16 for the GEMV (16-byte loads).
 #include <cuda_fp8.h>
 
-#include "common.cuh"
+#include "gemv.cuh"
 
 using bf16 = __nv_bfloat16;
 
 namespace {
-constexpr int WARPS = 8;
-
 __device__ __forceinline__ float block_max(float v) {
     __shared__ float partial[32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -59,72 +57,24 @@ extern "C" __global__ void __launch_bounds__(256) quantize_rows_fp8_f32(const fl
     quantize_rows(x, q, scale, k);
 }
 
-// y[m, n] = (x[m, k] · q[n, k]ᵀ) * scale[n] for M tokens: as gemv.cu's kernel, R output rows per
-// warp, each lane streaming 16 codes per load and the matching 16 activations (two loads).
-template <int M, int R>
-__device__ void gemv_fp8(const uint8_t* __restrict__ w, const float* __restrict__ wscale, const bf16* __restrict__ x,
-                         bf16* __restrict__ y, int n, int k) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int row0 = (blockIdx.x * WARPS + warp) * R;
-    if (row0 >= n) return;
-    const uint4* wrow[R];
+// The decode GEMV on FP8 weights: y[m, n] = (x[m, k] · q[n, k]ᵀ) * scale[n] for 1 to 8 tokens,
+// through the decode GEMV core (gemv.cuh): each 16-byte load holds 16 codes, matched by two
+// 16-byte loads of bf16 activations. `gemv_fp8_bf16_m1` .. `_m8`, `_m1_wide`, `_m1_split`.
+struct E4M3 {
+    using Code = uint8_t;
+    static constexpr int N = 16;
+    static constexpr bool SCALED = true;
+    __device__ __forceinline__ static void unpack(const uint4& raw, float (&out)[N]) {
+        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&raw);
 #pragma unroll
-    for (int r = 0; r < R; ++r) wrow[r] = reinterpret_cast<const uint4*>(w + (size_t)min(row0 + r, n - 1) * k);
-    const int vecs = k / 16;
-    float acc[R][M];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
-    for (int v = lane; v < vecs; v += 32) {
-        uint4 wv[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) wv[r] = __ldg(wrow[r] + v);
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-            const uint4* xrow = reinterpret_cast<const uint4*>(x + (size_t)m * k) + 2 * v;
-            uint4 xv[2] = {__ldg(xrow), __ldg(xrow + 1)};
-            const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(xv);
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const uint16_t* wp = reinterpret_cast<const uint16_t*>(&wv[r]);
-#pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    const float2 wf = fp8x2_to_float2(wp[i]);
-                    const float2 xf = __bfloat1622float2(xp[i]);
-                    acc[r][m] += wf.x * xf.x + wf.y * xf.y;
-                }
-            }
+        for (int i = 0; i < N / 2; ++i) {
+            const float2 f = fp8x2_to_float2(pairs[i]);
+            out[2 * i] = f.x;
+            out[2 * i + 1] = f.y;
         }
     }
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
-    if (lane != 0) return;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        if (row0 + r >= n) continue;
-        const float s = wscale[row0 + r];
-#pragma unroll
-        for (int m = 0; m < M; ++m) y[(size_t)m * n + row0 + r] = __float2bfloat16_rn(acc[r][m] * s);
-    }
-}
-
-#define LUMEN_GEMV_FP8(M, R)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                        \
-        gemv_fp8_bf16_m##M(const uint8_t* w, const float* wscale, const bf16* x, bf16* y, int n, int k) {           \
-        await_previous_kernel();                                                                                    \
-        gemv_fp8<M, R>(w, wscale, x, y, n, k);                                                                      \
-    }
-LUMEN_GEMV_FP8(1, 1)
-LUMEN_GEMV_FP8(2, 2)
-LUMEN_GEMV_FP8(3, 2)
-LUMEN_GEMV_FP8(4, 4)
-LUMEN_GEMV_FP8(5, 4)
-LUMEN_GEMV_FP8(6, 4)
-LUMEN_GEMV_FP8(7, 2)
-LUMEN_GEMV_FP8(8, 2)
+};
+LUMEN_GEMV(E4M3, bf16, fp8_bf16)
 
 // y[i, j] *= row_scale[i] * col_scale[j] for y [m, n] (an FP8 GEMM's unscaled product).
 extern "C" __global__ void __launch_bounds__(256)

@@ -2,8 +2,9 @@
 //! row, activations in bf16 (`fp8.cu`).
 //!
 //! By token rows, as the bf16 path:
-//! - up to the GEMV's rows (decode): `gemv_fp8_bf16_m*`, which streams the codes (half the
-//!   bytes of bf16) and applies the row scale at the end;
+//! - up to the GEMV's rows (decode): `gemv_fp8_bf16_*`, the decode GEMV core of the bf16 path
+//!   (gemv.cuh, the same kernel shapes chosen by the same `Variant`) streaming the codes (half
+//!   the bytes of bf16), with the row scale applied at the end;
 //! - more rows on a GPU with FP8 tensor cores (sm_89+): each token row is quantized on the fly
 //!   (dynamic, per token: `quantize_rows_fp8_bf16`) and cuBLASLt multiplies codes by codes with
 //!   both scale vectors in its epilogue (`blas_lt::LtGemm::gemm_fp8`); where cuBLASLt has no such
@@ -20,6 +21,7 @@
 use candle_core::{DType, Tensor};
 use cudarc::driver::CudaFunction;
 
+use super::gemv::Variant;
 use super::{CudaKernels, device_ptr, gpu_error, grid, int};
 use crate::{Result, WorkerError};
 
@@ -71,8 +73,11 @@ enum LargeProduct {
 pub struct Fp8Kernels {
     quantize_rows: CudaFunction,
     quantize_rows_f32: CudaFunction,
-    /// `gemv[m - 1]` multiplies m token rows.
+    /// `gemv[m - 1]` multiplies m token rows; `gemv_wide` / `gemv_split` one row into many or
+    /// few outputs (gemv.rs's `Variant`).
     gemv: Vec<CudaFunction>,
+    gemv_wide: CudaFunction,
+    gemv_split: CudaFunction,
     scale_outer: CudaFunction,
     dequantize_rows: CudaFunction,
     large: LargeProduct,
@@ -107,6 +112,8 @@ impl Fp8Kernels {
             gemv: (1..=super::gemv::GEMV_MAX_ROWS)
                 .map(|m| func(&format!("gemv_fp8_bf16_m{m}")))
                 .collect::<Result<_>>()?,
+            gemv_wide: func("gemv_fp8_bf16_m1_wide")?,
+            gemv_split: func("gemv_fp8_bf16_m1_split")?,
             scale_outer: func("scale_outer_bf16")?,
             dequantize_rows: func("dequantize_rows_fp8_bf16")?,
             large,
@@ -222,15 +229,16 @@ impl CudaKernels {
 
     /// The GEMV for 1..=8 rows, whatever `gemv_rows` says (tests call it directly).
     pub(crate) fn gemv_fp8_into(&self, x: &Tensor, w: &Fp8Weight, y: &Tensor, m: usize) -> Result<()> {
-        let func = self.fp8.gemv.get(m.wrapping_sub(1)).ok_or_else(|| {
-            WorkerError::Engine(format!("cuda fp8 gemv: {m} rows (1 to {})", super::gemv::GEMV_MAX_ROWS))
-        })?;
-        let rows_per_warp = match m {
-            1 => 1,
-            2 | 3 | 7 | 8 => 2,
-            _ => 4,
+        if !(1..=super::gemv::GEMV_MAX_ROWS).contains(&m) {
+            return Err(WorkerError::Engine(format!("cuda fp8 gemv: {m} rows (1 to {})", super::gemv::GEMV_MAX_ROWS)));
+        }
+        let variant = Variant::of(m, w.n);
+        let func = match variant {
+            Variant::Wide => &self.fp8.gemv_wide,
+            Variant::Split => &self.fp8.gemv_split,
+            Variant::Rows(m) => &self.fp8.gemv[m - 1],
         };
-        let blocks = w.n.div_ceil(8 * rows_per_warp) as u32;
+        let blocks = w.n.div_ceil(variant.features_per_block()) as u32;
         // SAFETY: codes hold n rows of k bytes (k a multiple of 16, rows 16-byte aligned as the
         // allocation is), scales n f32, x m bf16 rows of k (16-byte aligned, checked), y m rows
         // of n.

@@ -52,15 +52,18 @@ fn quantizing_rows_on_the_gpu_gives_the_hosts_codes_and_scales() {
 fn the_fp8_gemv_matches_the_product_of_its_codes_for_every_row_count() {
     let dev = device();
     let k = CudaKernels::load(&dev, DType::BF16, 64).unwrap();
-    for m in 1..=8 {
-        // 1000 rows: not a multiple of any rows-per-block; k = 1040 leaves a partial last sweep.
-        let (n, kk) = (1000, 1040);
-        let (w, meant) = weight(&k, 100 + m as u64, n, kk);
-        let x = rounded(&random(200 + m as u64, m * kk, 1.0), DType::BF16);
+    // 1000 rows: not a multiple of any rows-per-block; k = 1040 leaves a partial last sweep. One
+    // row also at 6144 and 16400 outputs: each of gemv.rs's one-row shapes (split, one feature
+    // per warp, wide) is taken once.
+    let shapes = (1..=8).map(|m| (m, 1000)).chain([(1, 6144), (1, 16400)]);
+    for (i, (m, n)) in shapes.enumerate() {
+        let kk = 1040;
+        let (w, meant) = weight(&k, 100 + i as u64, n, kk);
+        let x = rounded(&random(200 + i as u64, m * kk, 1.0), DType::BF16);
         let x_dev = upload_f32(&x, &[m, kk], DType::BF16, &dev).unwrap();
         let y = k.alloc((m, n)).unwrap();
         k.gemv_fp8_into(&x_dev, &w, &y, m).unwrap();
-        assert_close(&format!("fp8 gemv m={m}"), DType::BF16, &download(&y), &product(&x, &meant, m, n, kk));
+        assert_close(&format!("fp8 gemv m={m} n={n}"), DType::BF16, &download(&y), &product(&x, &meant, m, n, kk));
     }
 }
 

@@ -18,7 +18,7 @@ use crate::{Result, WorkerError};
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Most token rows a linear layer gives the GEMV by default; cuBLAS takes larger steps.
 pub const GEMV_DEFAULT_ROWS: usize = 2;
-/// Warps per block; must match `WARPS` in gemv.cu.
+/// Warps per block; must match `gemv_core::WARPS` in gemv.cuh.
 const WARPS: usize = 8;
 /// From this many output features on, one token row takes `gemv_*_m1_wide` (two features per
 /// warp; see gemv.cu).
@@ -29,7 +29,7 @@ pub const GEMV_SPLIT_MAX_N: usize = 4096;
 
 /// The kernel shape for `m` token rows and `n` outputs.
 #[derive(Clone, Copy, PartialEq, Debug)]
-enum Variant {
+pub(super) enum Variant {
     /// `gemv_*_m{m}`: `Shape<M>::R` features per warp.
     Rows(usize),
     Wide,
@@ -37,7 +37,7 @@ enum Variant {
 }
 
 impl Variant {
-    fn of(m: usize, n: usize) -> Variant {
+    pub(super) fn of(m: usize, n: usize) -> Variant {
         match m {
             1 if n >= GEMV_WIDE_N => Variant::Wide,
             1 if n <= GEMV_SPLIT_MAX_N => Variant::Split,
@@ -46,7 +46,7 @@ impl Variant {
     }
 
     /// Output features per block of WARPS warps.
-    fn features_per_block(self) -> usize {
+    pub(super) fn features_per_block(self) -> usize {
         let per_warp = match self {
             Variant::Wide => 2,
             Variant::Split => 1, // two features per two warps
@@ -141,8 +141,9 @@ impl CudaKernels {
         let blocks = n.div_ceil(variant.features_per_block()) as u32;
         // SAFETY: W holds n rows of k, x m rows of k, y m rows of n, all 16-byte aligned with k a
         // whole number of 16-byte vectors (checked by gemv_operands).
+        // The dense kernels take no scale vector (a null pointer they never read).
         launch!(self, func, grid((blocks, 1, 1), (WARPS * 32) as u32);
-            w, x, device_ptr(&y)?, int("n", n)?, int("k", k)?)?;
+            w, 0u64, x, device_ptr(&y)?, int("n", n)?, int("k", k)?)?;
         Ok(y)
     }
 }
