@@ -14,6 +14,7 @@ pub mod model;
 pub mod sampling;
 pub mod scheduler;
 pub mod service;
+pub mod spec;
 mod splitmix;
 pub mod tokenizer;
 pub mod tp;

@@ -25,6 +25,7 @@ use crate::model::Model;
 use crate::sampling::reduce::{Reduced, ReducedRows, RowPlan, RowResult};
 use crate::sampling::{Sampled, SamplingParams, SequenceSampler, StopParams};
 use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SchedulingPolicy, SeqId, Sequence};
+use crate::spec::SpecSettings;
 use crate::tokenizer::{IncrementalDetokenizer, StopOutcome, StopStringMatcher, Tokenizer};
 
 #[path = "core_deferred.rs"]
@@ -42,6 +43,8 @@ mod prompt;
 mod reduce;
 #[path = "core_resume.rs"]
 mod resume;
+#[path = "core_spec.rs"]
+mod spec;
 
 struct RequestState {
     tx: UnboundedSender<EngineEvent>,
@@ -134,6 +137,11 @@ pub struct EngineCore {
     /// False with `LUMEN_DEFER_OUTPUT=0` (every token's output is sent in its own step; a
     /// diagnostic, to measure what deferring buys).
     defer_output: bool,
+    /// Speculative decoding's settings (`None`: off) and the proposer's reused buffers
+    /// (`core_spec.rs`).
+    spec: Option<SpecSettings>,
+    spec_running: Vec<SeqId>,
+    spec_tokens: Vec<TokenId>,
 }
 
 /// Scheduling knobs of an engine.
@@ -149,6 +157,8 @@ pub struct CoreConfig {
     /// The prompt pressure at which the goal's limit binds (0: always); see `step_cost`.
     pub itl_goal_min_pressure: f64,
     pub scheduling_policy: SchedulingPolicy,
+    /// Speculative decoding (`None`: off).
+    pub speculative: Option<SpecSettings>,
 }
 
 impl EngineCore {
@@ -189,6 +199,9 @@ impl EngineCore {
             phases: StepPhases::default(),
             deferred: deferred::DeferredOutputs::default(),
             defer_output: std::env::var("LUMEN_DEFER_OUTPUT").map_or(true, |v| v != "0"),
+            spec: cfg.speculative,
+            spec_running: Vec::new(),
+            spec_tokens: Vec::new(),
         }
     }
 
@@ -298,6 +311,7 @@ impl EngineCore {
     pub fn step(&mut self) -> Result<bool> {
         self.drop_disconnected();
         let started = Instant::now();
+        self.propose_drafts();
         let cost = &self.step_cost;
         let schedule = self.scheduler.schedule_limited(|decodes| cost.prompt_limit(decodes));
         self.counters.preemptions_total += schedule.preempted.len() as u64;
@@ -327,10 +341,18 @@ impl EngineCore {
         self.scheduler.complete(&schedule);
         self.count_prompt_tokens(&schedule, now);
         let mut reduced = std::mem::take(&mut self.reduced);
-        let samplers = schedule.seqs.iter().filter(|s| s.samples).map(|s| s.id);
-        self.take_prompt_rows(&schedule, &reduced, samplers.clone().count());
+        self.take_prompt_rows(&schedule, &reduced, Self::sampling_rows(&schedule));
         self.take_hidden_rows(&schedule);
-        for (seq, row) in samplers.zip(reduced.rows.iter()) {
+        let mut rows = 0;
+        for item in schedule.seqs.iter().filter(|s| s.samples) {
+            let (seq, first) = (item.id, rows);
+            rows += 1 + item.draft;
+            if item.draft > 0 {
+                let Some(seq_rows) = reduced.rows.get(first..rows) else { break };
+                self.verify_draft(seq, item.draft, seq_rows, &mut reduced.logits);
+                continue;
+            }
+            let Some(row) = reduced.rows.get(first) else { break };
             match row {
                 RowResult::Full(range) => self.sample_seq(seq, &mut reduced.logits[range.clone()]),
                 RowResult::Token(token) => self.sample_reduced(seq, Reduced::Token(*token)),
@@ -338,9 +360,12 @@ impl EngineCore {
             }
         }
         self.reduced = reduced;
-        // Tokens of the step, and whether it mixed prompt chunks (len > 1) with decodes (len 1).
-        let (tokens, prompts, decodes) =
-            schedule.seqs.iter().fold((0, false, false), |(t, p, d), s| (t + s.len, p || s.len > 1, d || s.len == 1));
+        // Tokens of the step, and whether it mixed prompt chunks with decodes (one token each,
+        // and a draft's).
+        let (tokens, prompts, decodes) = schedule.seqs.iter().fold((0, false, false), |(t, p, d), s| {
+            let decode = s.len == 1 + s.draft;
+            (t + s.len, p || !decode, d || decode)
+        });
         let mixed = prompts && decodes;
         let end = Instant::now();
         self.step_cost.observe(tokens, mixed, end.duration_since(started).as_secs_f64() * 1e3);
@@ -486,6 +511,30 @@ impl EngineCore {
             self.deferred.push(seq, token, past_min, logprobs);
             return;
         }
+        if self.deferred.holds(seq) {
+            // An earlier token of this step (a draft's) waits: it goes first.
+            self.flush_deferred();
+        }
+        self.accept_now(seq, sampled, stop_token, at_length, grammar_complete, past_min)
+    }
+
+    /// The rest of `accept` for a token whose text and delta go out now.
+    fn accept_now(
+        &mut self,
+        seq: SeqId,
+        sampled: Sampled,
+        stop_token: bool,
+        at_length: bool,
+        grammar_complete: bool,
+        past_min: bool,
+    ) {
+        let token = sampled.token;
+        let Some(state) = self.seqs.get_mut(&seq) else {
+            return;
+        };
+        let Some(req) = self.requests.get_mut(&state.request) else {
+            return;
+        };
         let asked = req.sampling.logprobs.map(|_| (sampled.logprob, sampled.top_logprobs.as_slice()));
         let logprobs = token_logprobs(&self.tokenizer, token, asked);
         let mut finish = None;

@@ -41,6 +41,12 @@ impl DeferredOutputs {
         self.pending.is_empty()
     }
 
+    /// Whether a token of `seq` waits (possible within one step only when a speculative draft
+    /// gave the sequence several tokens).
+    pub fn holds(&self, seq: SeqId) -> bool {
+        self.pending.iter().any(|p| p.seq == seq)
+    }
+
     pub fn push(&mut self, seq: SeqId, token: TokenId, past_min: bool, logprobs: Option<(f32, Vec<(TokenId, f32)>)>) {
         self.pending.push(Pending { seq, token, past_min, logprobs });
     }

@@ -31,7 +31,10 @@ impl EngineCore {
                 },
                 None => RowPlan::full(),
             };
+            // A draft's rows are verified on the host from full rows (`core_spec.rs`).
+            let plan = if item.draft > 0 { RowPlan::full() } else { plan };
             self.plans.push(plan);
+            self.plan_draft_rows(item.draft);
         }
     }
 

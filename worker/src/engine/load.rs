@@ -26,6 +26,7 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
     let started = Instant::now();
     let device = opts.compute_device()?;
     let pooling = opts.pooling()?;
+    let speculative = speculative(opts, pooling.is_some())?;
     let location = resolve_model(&opts.model, opts.load_format)?;
     let (config, mut tokenizer, source) = open_model(&location, opts)?;
     if let Some(template) = &opts.chat_template {
@@ -84,10 +85,25 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0),
         scheduling_policy: opts.scheduling_policy,
+        speculative,
     };
     let num_blocks = model.num_blocks();
     tracing::info!(model = %opts.model, max_model_len, num_blocks, ?pooling, seconds = started.elapsed().as_secs_f32(), "engine ready");
     Ok(EngineCore::new(model, tokenizer, &core_cfg))
+}
+
+/// The checked `speculative_config` (a pooling model never samples, so it takes none).
+fn speculative(opts: &EngineOptions, pooling: bool) -> Result<Option<crate::spec::SpecSettings>> {
+    let Some(config) = &opts.speculative_config else { return Ok(None) };
+    if pooling {
+        return Err(WorkerError::invalid(
+            "speculative_config",
+            "a pooling model (`--runner pooling`) generates nothing to speculate on",
+        ));
+    }
+    let settings = config.settings()?;
+    tracing::info!(?settings, "speculative decoding on");
+    Ok(Some(settings))
 }
 
 /// The step-time goal the engine schedules for: `--itl-goal-ms` (0: none), by default one on a

@@ -9,6 +9,7 @@ use super::pooling::{Convert, PoolerConfig, PoolingParams, Runner};
 use crate::WorkerError;
 use crate::model::cpu_weights::CpuWeightFormat;
 use crate::model::location::LoadFormat;
+use crate::spec::SpeculativeConfig;
 
 /// The model that `lumen serve` serves when none is named: SmolLM2-135M-Instruct, fetched by
 /// `scripts/fetch-model.sh`.
@@ -140,6 +141,12 @@ pub struct EngineOptions {
     /// "normalize": true | false}`; default LAST, normalized (vLLM's for a converted causal LM).
     #[arg(long, env = "LUMEN_POOLER_CONFIG", value_parser = PoolerConfig::parse_json)]
     pub pooler_config: Option<PoolerConfig>,
+
+    /// Speculative decoding, as vLLM's `--speculative-config` JSON: `{"method": "ngram",
+    /// "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}` (prompt
+    /// lookup: no extra model), optionally `"disable_by_batch_size": N`; default off.
+    #[arg(long, env = "LUMEN_SPECULATIVE_CONFIG", value_parser = SpeculativeConfig::parse_json)]
+    pub speculative_config: Option<SpeculativeConfig>,
 }
 
 /// Where a model runs.
@@ -224,6 +231,7 @@ impl Default for EngineOptions {
             pooler_config: None,
             tensor_parallel_size: 1,
             quantization: None,
+            speculative_config: None,
         }
     }
 }

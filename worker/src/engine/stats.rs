@@ -36,6 +36,36 @@ pub struct EngineStats {
     pub taken_at: Option<Instant>,
     /// Per-request latencies and sizes.
     pub histograms: EngineHistograms,
+    /// Speculative decoding's counters (vLLM's `spec_decode_*`).
+    pub spec_decode: SpecDecodeStats,
+}
+
+/// What speculative decoding proposed and what was accepted, as vLLM counts it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpecDecodeStats {
+    /// Drafts verified (one per sequence and step that carried proposed tokens).
+    pub drafts: u64,
+    /// Proposed tokens verified.
+    pub draft_tokens: u64,
+    /// Proposed tokens accepted.
+    pub accepted_tokens: u64,
+    /// Accepted tokens by their position in the draft (index 0: the first proposed token).
+    pub accepted_per_position: Vec<u64>,
+}
+
+impl SpecDecodeStats {
+    /// Counts one verified draft of `proposed` tokens of which the first `accepted` held.
+    pub fn record(&mut self, proposed: usize, accepted: usize) {
+        self.drafts += 1;
+        self.draft_tokens += proposed as u64;
+        self.accepted_tokens += accepted as u64;
+        if self.accepted_per_position.len() < proposed {
+            self.accepted_per_position.resize(proposed, 0);
+        }
+        for count in &mut self.accepted_per_position[..accepted] {
+            *count += 1;
+        }
+    }
 }
 
 impl EngineStats {

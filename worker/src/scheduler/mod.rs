@@ -27,6 +27,7 @@
 //! first wanted position (mean pooling reads none; last-token pooling all but the last token,
 //! as any prompt), and like prompt rows, no hidden row is produced twice.
 
+mod draft;
 mod fairness;
 mod sequence;
 
@@ -73,6 +74,9 @@ pub struct ScheduledSeq {
     pub len: usize,
     /// The step reaches the end of the sequence's tokens, so a new token is sampled from it.
     pub samples: bool,
+    /// Draft tokens at the end of this share (speculative decoding): the batch has a logits row
+    /// for each and for the token before them.
+    pub draft: usize,
 }
 
 /// What one step runs.
@@ -194,7 +198,7 @@ impl Scheduler {
     /// `prompt_limit(decodes)` tokens when the step carries `decodes` decode tokens (`None`: no
     /// limit beyond the budget). Decode tokens are never limited.
     pub fn schedule_limited(&mut self, prompt_limit: impl Fn(usize) -> Option<usize>) -> Schedule {
-        let decodes = self.running.iter().filter(|id| self.seqs[id].num_uncomputed() == 1).count();
+        let decodes = self.running.iter().filter(|id| self.seqs[id].is_decoding()).count();
         let mut prompt_left = prompt_limit(decodes).unwrap_or(usize::MAX);
         let mut out = Schedule::default();
         let made_room = self.preempt_to_admit(&mut out.preempted);
@@ -203,8 +207,11 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
-            let want = self.seqs[&id].num_uncomputed();
-            let n = if want > 1 { want.min(budget).min(prompt_left) } else { want.min(budget) };
+            if self.seqs[&id].num_uncomputed() > budget {
+                self.trim_draft(id, budget); // a draft runs whole or not at all
+            }
+            let (want, decoding) = (self.seqs[&id].num_uncomputed(), self.seqs[&id].is_decoding());
+            let n = if decoding { want.min(budget) } else { want.min(budget).min(prompt_left) };
             let rows_before = out.prompt_rows.len();
             let n = self.take_prompt_rows(id, n, &mut rows_left, &mut out.prompt_rows);
             if n == 0 {
@@ -221,7 +228,7 @@ impl Scheduler {
             }
             out.seqs.push(self.scheduled(id, n, &mut out.hidden_rows));
             budget -= n;
-            if want > 1 {
+            if !decoding {
                 prompt_left -= n;
             }
             i += 1;
@@ -242,7 +249,8 @@ impl Scheduler {
         if !wanted.is_empty() {
             hidden_rows.push((id, wanted));
         }
-        ScheduledSeq { id, start, len: n, samples: !s.pooling && end == s.tokens.len() }
+        let samples = !s.pooling && end == s.tokens.len();
+        ScheduledSeq { id, start, len: n, samples, draft: if samples { s.draft } else { 0 } }
     }
 
     /// Shortens a chunk of `n` tokens of `id` so its prompt rows fit in `rows_left`, and records
@@ -294,6 +302,9 @@ impl Scheduler {
         self.pool.release(s.blocks.drain(..).rev());
         s.block_hashes.clear();
         s.num_computed = 0;
+        let verified = s.tokens.len() - s.draft;
+        s.tokens.truncate(verified);
+        s.draft = 0;
         // Ahead of every waiting sequence of its order (under FCFS: the front).
         let key = s.priority;
         let at = self.waiting.partition_point(|w| self.seqs[w].priority < key);
@@ -441,6 +452,12 @@ impl Scheduler {
                 self.cfg.block_size,
                 item.samples,
             );
+            if item.draft > 0 {
+                // The rows before the last, one per draft token: the sequence's rows stay
+                // together, in position order.
+                let last = batch.logits_rows.pop().expect("a sampling sequence's row");
+                batch.logits_rows.extend(last - item.draft..=last);
+            }
         }
         for (id, positions) in &schedule.prompt_rows {
             let (row, start) = first_row[id];
@@ -470,7 +487,8 @@ impl Scheduler {
             if !self.cfg.enable_prefix_caching {
                 continue;
             }
-            while s.block_hashes.len() < s.num_computed / bs {
+            // A draft's positions are computed but not verified: not findable until they are.
+            while s.block_hashes.len() < (s.num_computed - s.draft) / bs {
                 let b = s.block_hashes.len();
                 let parent = b.checked_sub(1).map(|p| s.block_hashes[p]).or(s.salt);
                 let hash = BlockHash::of(parent, &s.tokens[b * bs..(b + 1) * bs]);

@@ -21,6 +21,10 @@ pub struct Sequence {
     pub prompt_len: usize,
     /// Leading tokens whose K/V are in the cache.
     pub num_computed: usize,
+    /// Trailing tokens of `tokens` that are proposed, not verified (speculative decoding,
+    /// `Scheduler::set_draft`); 0 otherwise. They are computed with the sequence's next token
+    /// and never hashed into the prefix cache.
+    pub draft: usize,
     /// Cache blocks holding positions `i * block_size ..`, in order.
     pub blocks: Vec<BlockId>,
     /// Hashes of the leading full, computed blocks (registered in the prefix cache).
@@ -62,6 +66,7 @@ impl Sequence {
             tokens: prompt,
             prompt_len,
             num_computed: 0,
+            draft: 0,
             blocks: Vec::new(),
             block_hashes: Vec::new(),
             cached_prompt_tokens: 0,
@@ -85,9 +90,15 @@ impl Sequence {
         }
     }
 
-    /// Tokens not yet in the cache (the whole prompt before prefill, 1 while decoding).
+    /// Tokens not yet in the cache (the whole prompt before prefill, 1 while decoding, plus
+    /// the draft's tokens).
     pub fn num_uncomputed(&self) -> usize {
         self.tokens.len() - self.num_computed
+    }
+
+    /// Decoding: only the last sampled token (and a draft after it) is left to compute.
+    pub fn is_decoding(&self) -> bool {
+        self.num_uncomputed() == 1 + self.draft
     }
 
     /// Its tenant's weight, at least 1.

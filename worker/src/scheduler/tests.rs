@@ -28,16 +28,16 @@ fn long_prompts_are_chunked_and_decodes_go_first() {
     let mut s = Scheduler::new(cfg(64, 8, 8));
     s.add(Sequence::new(1, 1, vec![1; 5]));
     let first = step(&mut s, 9);
-    assert_eq!(first.seqs, vec![ScheduledSeq { id: 1, start: 0, len: 5, samples: true }]);
+    assert_eq!(first.seqs, vec![ScheduledSeq { id: 1, start: 0, len: 5, samples: true, draft: 0 }]);
     s.add(Sequence::new(2, 2, (0..20).collect()));
     // Sequence 1 decodes one token; sequence 2 gets the remaining 7 of the budget.
     let second = step(&mut s, 9);
-    assert_eq!(second.seqs[0], ScheduledSeq { id: 1, start: 5, len: 1, samples: true });
-    assert_eq!(second.seqs[1], ScheduledSeq { id: 2, start: 0, len: 7, samples: false });
+    assert_eq!(second.seqs[0], ScheduledSeq { id: 1, start: 5, len: 1, samples: true, draft: 0 });
+    assert_eq!(second.seqs[1], ScheduledSeq { id: 2, start: 0, len: 7, samples: false, draft: 0 });
     let third = step(&mut s, 9);
-    assert_eq!(third.seqs[1], ScheduledSeq { id: 2, start: 7, len: 7, samples: false });
+    assert_eq!(third.seqs[1], ScheduledSeq { id: 2, start: 7, len: 7, samples: false, draft: 0 });
     let fourth = step(&mut s, 9);
-    assert_eq!(fourth.seqs[1], ScheduledSeq { id: 2, start: 14, len: 6, samples: true });
+    assert_eq!(fourth.seqs[1], ScheduledSeq { id: 2, start: 14, len: 6, samples: true, draft: 0 });
     assert_eq!(s.get(2).unwrap().tokens.len(), 21);
 }
 
@@ -108,7 +108,7 @@ fn preempts_newest_sequence_when_blocks_run_out() {
     // Once sequence 1 finishes, sequence 2 recomputes the rest of its 9 tokens, prompt and output.
     s.remove(1);
     let sched = step(&mut s, 3);
-    assert_eq!(sched.seqs, vec![ScheduledSeq { id: 2, start: 4, len: 5, samples: true }]);
+    assert_eq!(sched.seqs, vec![ScheduledSeq { id: 2, start: 4, len: 5, samples: true, draft: 0 }]);
     assert_eq!(s.get(2).unwrap().tokens.len(), 10);
 }
 
@@ -252,7 +252,10 @@ fn prompt_rows_are_asked_once_per_position_and_capped_per_step() {
     s.add(wanting_prompt_rows(1, (0..n as u32).collect()));
     let first = step(&mut s, 1);
     // The chunk stops where the step's rows run out.
-    assert_eq!(first.seqs, vec![ScheduledSeq { id: 1, start: 0, len: MAX_PROMPT_ROWS_PER_STEP, samples: false }]);
+    assert_eq!(
+        first.seqs,
+        vec![ScheduledSeq { id: 1, start: 0, len: MAX_PROMPT_ROWS_PER_STEP, samples: false, draft: 0 }]
+    );
     assert_eq!(first.prompt_rows, vec![(1, 0..MAX_PROMPT_ROWS_PER_STEP)]);
     let batch = s.build_batch(&first);
     assert_eq!(batch.logits_rows, (0..MAX_PROMPT_ROWS_PER_STEP).collect::<Vec<_>>());
@@ -368,15 +371,15 @@ fn a_prompt_limit_caps_chunks_only_in_steps_that_carry_decodes() {
     s.add(Sequence::new(1, 1, vec![1; 40]));
     let limit = |decodes: usize| (decodes > 0).then_some(6);
     let first = s.schedule_limited(limit);
-    assert_eq!(first.seqs, vec![ScheduledSeq { id: 1, start: 0, len: 40, samples: true }]);
+    assert_eq!(first.seqs, vec![ScheduledSeq { id: 1, start: 0, len: 40, samples: true, draft: 0 }]);
     s.complete(&first);
     s.append_token(1, 9);
     // Two prompts arrive while sequence 1 decodes: its token goes first, the prompts share 6.
     s.add(Sequence::new(2, 2, vec![2; 20]));
     s.add(Sequence::new(3, 3, vec![3; 20]));
     let second = s.schedule_limited(limit);
-    assert_eq!(second.seqs[0], ScheduledSeq { id: 1, start: 40, len: 1, samples: true });
-    assert_eq!(second.seqs[1], ScheduledSeq { id: 2, start: 0, len: 6, samples: false });
+    assert_eq!(second.seqs[0], ScheduledSeq { id: 1, start: 40, len: 1, samples: true, draft: 0 });
+    assert_eq!(second.seqs[1], ScheduledSeq { id: 2, start: 0, len: 6, samples: false, draft: 0 });
     assert_eq!(second.seqs.len(), 2, "the limit is spent: sequence 3 waits");
     s.complete(&second);
     s.append_token(1, 9);

@@ -1,0 +1,96 @@
+//! The engine's side of speculative decoding (`crate::spec`): before a step, a draft for each
+//! decoding sequence that may take one; after it, the draft verified against the target's rows.
+//!
+//! Verification samples each of a drafted sequence's rows in order with the sequence's own
+//! sampler (as an undrafted step would sample its one row), accepting the draft token while the
+//! sample equals it; the first sample that differs, or the sample after the last draft token,
+//! is the step's final token. Accepted tokens go through `accept` one by one (text, stop checks,
+//! limits, deltas), so a choice that ends on a draft token ends there and its later rows are
+//! not used. See `spec` for why this is exact.
+//!
+//! Which sequences draft: decoding, generating sequences past their first token (an `n > 1`
+//! request forks at its first token from one row), without a structured-output grammar (its
+//! matcher would have to advance through the draft before the masks of the later rows exist);
+//! with room for more than one token before `max_tokens` and `max_model_len`; and none at all
+//! in a step with more running sequences than `disable_by_batch_size`.
+
+use super::EngineCore;
+use crate::sampling::reduce::{RowPlan, RowResult};
+use crate::scheduler::{Schedule, SeqId};
+
+impl EngineCore {
+    /// Proposes a draft for every sequence that may take one this step.
+    pub(super) fn propose_drafts(&mut self) {
+        let Some(settings) = self.spec else { return };
+        if settings.disable_by_batch_size.is_some_and(|limit| self.scheduler.num_running() > limit) {
+            return;
+        }
+        let mut running = std::mem::take(&mut self.spec_running);
+        running.clear();
+        running.extend_from_slice(self.scheduler.running());
+        for &id in &running {
+            let Some(state) = self.seqs.get(&id) else { continue };
+            let Some(req) = self.requests.get(&state.request) else { continue };
+            if state.grammar.is_some() || !req.forked || req.pooled.is_some() {
+                continue;
+            }
+            let Some(seq) = self.scheduler.get(id) else { continue };
+            if seq.num_uncomputed() != 1 || seq.draft > 0 {
+                continue;
+            }
+            // The step yields up to draft + 1 tokens; the choice's limits bound them.
+            let room = req
+                .stop
+                .max_tokens
+                .saturating_sub(state.generated + 1)
+                .min(self.limits.max_model_len.saturating_sub(seq.tokens.len() + 1));
+            self.spec_tokens.clear();
+            crate::spec::ngram::propose(&settings, &seq.tokens, settings.num_tokens.min(room), &mut self.spec_tokens);
+            if !self.spec_tokens.is_empty() {
+                self.scheduler.set_draft(id, &self.spec_tokens);
+            }
+        }
+        self.spec_running = running;
+    }
+
+    /// The row plans of a drafted sequence beyond its first: full rows (verification samples
+    /// them on the host).
+    pub(super) fn plan_draft_rows(&mut self, draft: usize) {
+        self.plans.extend(std::iter::repeat_with(RowPlan::full).take(draft));
+    }
+
+    /// Logits rows the step's sampling sequences take, drafts included.
+    pub(super) fn sampling_rows(schedule: &Schedule) -> usize {
+        schedule.seqs.iter().filter(|s| s.samples).map(|s| 1 + s.draft).sum()
+    }
+
+    /// Verifies `seq`'s draft of `draft` tokens against its `rows` (one per draft token and one
+    /// after, in position order) and accepts what holds.
+    pub(super) fn verify_draft(&mut self, seq: SeqId, draft: usize, rows: &[RowResult], logits: &mut [f32]) {
+        let proposed: Vec<_> = match self.scheduler.get(seq) {
+            Some(s) => s.tokens[s.tokens.len() - draft..].to_vec(),
+            None => return,
+        };
+        let Some(req_id) = self.seqs.get(&seq).map(|s| s.request.clone()) else { return };
+        let mut accepted = 0;
+        for (i, row) in rows.iter().enumerate() {
+            let RowResult::Full(range) = row else { break }; // planned full: never otherwise
+            let Some(mut state) = self.seqs.remove(&seq) else { break };
+            let sampled = self.sample_with(&mut state, &req_id, &mut logits[range.clone()]);
+            self.seqs.insert(seq, state);
+            if i < draft && sampled.token == proposed[i] {
+                accepted += 1;
+                self.accept(seq, sampled);
+                if self.seqs.contains_key(&seq) {
+                    continue;
+                }
+                break; // the choice ended on an accepted token
+            }
+            self.scheduler.resolve_draft(seq, accepted);
+            self.scheduler.append_token(seq, sampled.token);
+            self.accept(seq, sampled);
+            break;
+        }
+        self.counters.spec_decode.record(draft, accepted);
+    }
+}

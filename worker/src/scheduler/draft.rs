@@ -1,0 +1,58 @@
+//! A sequence's draft: tokens proposed by speculative decoding (`crate::spec`), held at the end
+//! of its tokens until the step that computes them is verified.
+//!
+//! Invariants: only a decoding sequence (nothing left to compute but its last sampled token)
+//! takes a draft; a draft is computed whole in one step with the token before it or not at all
+//! (the scheduler trims it to the step's budget, and preemption drops it); its positions are
+//! never registered in the prefix cache (`complete` hashes verified tokens only); resolving it
+//! keeps the accepted prefix (their K/V, computed in context, stay valid), drops the rest, and
+//! gives back the blocks only the dropped positions needed, so a rejected draft leaks nothing.
+
+use super::{Scheduler, SeqId};
+use crate::TokenId;
+
+impl Scheduler {
+    /// The running sequences, in scheduling order.
+    pub fn running(&self) -> &[SeqId] {
+        &self.running
+    }
+
+    /// Appends `tokens` to decoding sequence `id` as its draft (replacing none: a sequence with
+    /// a draft, or not decoding, is left as it is). Returns whether the draft was taken.
+    pub fn set_draft(&mut self, id: SeqId, tokens: &[TokenId]) -> bool {
+        let Some(s) = self.seqs.get_mut(&id) else { return false };
+        if tokens.is_empty() || s.draft > 0 || s.num_uncomputed() != 1 {
+            return false;
+        }
+        s.tokens.extend_from_slice(tokens);
+        s.draft = tokens.len();
+        true
+    }
+
+    /// Shortens `id`'s draft so at most `max_tokens` tokens are left to compute (the token
+    /// before the draft always stays).
+    pub(super) fn trim_draft(&mut self, id: SeqId, max_tokens: usize) {
+        let Some(s) = self.seqs.get_mut(&id) else { return };
+        let drop = s.num_uncomputed().saturating_sub(max_tokens.max(1)).min(s.draft);
+        s.tokens.truncate(s.tokens.len() - drop);
+        s.draft -= drop;
+    }
+
+    /// Ends `id`'s draft after its step ran: its first `accepted` tokens become ordinary
+    /// computed tokens, the rest are removed with the blocks only they needed. The caller then
+    /// appends the step's sampled token ([`Scheduler::append_token`]).
+    pub fn resolve_draft(&mut self, id: SeqId, accepted: usize) {
+        let bs = self.cfg.block_size;
+        let Some(s) = self.seqs.get_mut(&id) else { return };
+        let rejected = s.draft - accepted.min(s.draft);
+        s.tokens.truncate(s.tokens.len() - rejected);
+        s.num_computed = s.num_computed.min(s.tokens.len());
+        s.draft = 0;
+        // Room for the token the caller appends next; blocks past it held only dropped positions.
+        let keep = (s.tokens.len() + 1).div_ceil(bs).max(s.num_computed.div_ceil(bs));
+        if s.blocks.len() > keep {
+            let spare: Vec<_> = s.blocks.drain(keep..).collect();
+            self.pool.release(spare.into_iter().rev());
+        }
+    }
+}
