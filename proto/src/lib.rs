@@ -4,7 +4,8 @@
 //! calls [`v1::worker_client::WorkerClient`] to place replicas and run requests. [`metrics`]
 //! turns the replica stats both sides exchange into vLLM's Prometheus series. [`tls`] loads the
 //! PEM certificates every TLS listener and client of Lumen uses. [`otel`] exports OpenTelemetry
-//! traces and carries their W3C context across both hops.
+//! traces and carries their W3C context across both hops. [`speculative`] is vLLM's
+//! `speculative_config`, which the head checks and the worker runs.
 
 /// Bumped whenever a message or service changes incompatibly; checked at registration.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -17,4 +18,5 @@ pub mod v1 {
 pub mod metrics;
 pub mod otel;
 pub mod otel_grpc;
+pub mod speculative;
 pub mod tls;

@@ -13,6 +13,7 @@
 //! context length, whether the KV cache holds `max_model_len`) is still the worker's to refuse.
 //! `lumen`'s tests check that [`OPTIONS`] lists exactly the worker's engine options.
 
+use lumen_proto::speculative::SpeculativeConfig;
 use serde_json::{Map, Value};
 
 use super::ConfigError;
@@ -59,6 +60,8 @@ pub enum Kind {
     StructuredOutputsConfig,
     /// vLLM's `pooler_config` object: `pooling_type` (LAST, MEAN or CLS) and `normalize`, or null.
     PoolerConfig,
+    /// vLLM's `speculative_config` object (`lumen_proto::speculative`), or null.
+    SpeculativeConfig,
 }
 
 /// Every key a `model:` section may hold, and what it holds. `source` and `model` are two
@@ -90,6 +93,7 @@ pub const OPTIONS: &[(&str, Kind)] = &[
     ("runner", Kind::OneOf(&["auto", "generate", "pooling"])),
     ("convert", Kind::OneOf(&["auto", "none", "embed"])),
     ("pooler_config", Kind::PoolerConfig),
+    ("speculative_config", Kind::SpeculativeConfig),
     ("reasoning_parser", Kind::ReasoningParser),
     ("enable_auto_tool_choice", Kind::Bool),
     ("tool_call_parser", Kind::ToolCallParser),
@@ -172,6 +176,12 @@ fn runner(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> {
     if !pooling && section.get("pooler_config").is_some_and(|v| !v.is_null()) {
         return Err(ConfigError::at(format!("{at}.pooler_config"), "needs runner: pooling"));
     }
+    if pooling && section.get("speculative_config").is_some_and(|v| !v.is_null()) {
+        return Err(ConfigError::at(
+            format!("{at}.speculative_config"),
+            "a pooling model (runner: pooling) generates nothing to speculate on",
+        ));
+    }
     Ok(())
 }
 
@@ -252,6 +262,14 @@ pub fn check_value(kind: Kind, value: &Value) -> Result<(), String> {
         (Kind::ToolCallParser, _) => Err(format!("must be the name of a tool call parser, got {}", got())),
         (Kind::StructuredOutputsConfig, _) => StructuredOutputsConfig::check(value),
         (Kind::PoolerConfig, _) => pooler_config(value),
+        (Kind::SpeculativeConfig, Value::Null) => Ok(()),
+        (Kind::SpeculativeConfig, Value::Object(_)) => serde_json::from_value::<SpeculativeConfig>(value.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|config| config.settings().map(|_| ())),
+        (Kind::SpeculativeConfig, _) => Err(format!(
+            "must be an object such as {{\"method\": \"ngram\", \"num_speculative_tokens\": 4}}, got {}",
+            got()
+        )),
     }
 }
 
@@ -299,6 +317,10 @@ mod tests {
             "migration_limit": 0, "tensor_parallel_size": 1,
         });
         check("m", section.as_object().unwrap()).unwrap();
+        let speculative = json!({"model": "a.gguf", "speculative_config":
+            {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}});
+        check("m", speculative.as_object().unwrap()).unwrap();
+        check("m", json!({"model": "a.gguf", "speculative_config": null}).as_object().unwrap()).unwrap();
         check("m", json!({"model": "a.gguf", "kv_cache_memory": 1048576}).as_object().unwrap()).unwrap();
         check("m", json!({"model": "a.gguf", "tensor_parallel_size": 3, "device": "cpu"}).as_object().unwrap())
             .unwrap();
@@ -366,6 +388,27 @@ mod tests {
                 json!({"source": "m", "runner": "pooling", "pooler_config": {"softmax": true}}),
                 "m.pooler_config",
                 "unknown field `softmax`",
+            ),
+            (
+                json!({"source": "m", "speculative_config": {"method": "ngram", "num_speculative_tokens": 99}}),
+                "m.speculative_config",
+                "num_speculative_tokens must be 1 to 16",
+            ),
+            (
+                json!({"source": "m", "speculative_config": {"method": "eagle", "num_speculative_tokens": 3}}),
+                "m.speculative_config",
+                "not built yet",
+            ),
+            (
+                json!({"source": "m", "speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "k": 1}}),
+                "m.speculative_config",
+                "unknown field `k`",
+            ),
+            (json!({"source": "m", "speculative_config": "ngram"}), "m.speculative_config", "must be an object"),
+            (
+                json!({"source": "m", "runner": "pooling", "speculative_config": {"method": "ngram", "num_speculative_tokens": 3}}),
+                "m.speculative_config",
+                "pooling model",
             ),
             (json!({"source": ""}), "m.source", "must not be empty"),
             (json!({"max_model_len": 5}), "m.source", "is required"),

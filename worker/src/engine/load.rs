@@ -101,7 +101,7 @@ fn speculative(opts: &EngineOptions, pooling: bool) -> Result<Option<crate::spec
             "a pooling model (`--runner pooling`) generates nothing to speculate on",
         ));
     }
-    let settings = config.settings()?;
+    let settings = crate::spec::settings(config)?;
     tracing::info!(?settings, "speculative decoding on");
     Ok(Some(settings))
 }

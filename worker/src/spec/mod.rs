@@ -1,9 +1,10 @@
 //! Speculative decoding (issue 18): proposing tokens cheaply and letting the target model verify
 //! several of them in one forward pass.
 //!
-//! What this module owns: the `speculative_config` (vLLM's JSON: `method`,
-//! `num_speculative_tokens`, `prompt_lookup_min` / `prompt_lookup_max`, `disable_by_batch_size`),
-//! checked and bounded before anything runs, and the proposers (`ngram`: prompt lookup). The
+//! What this module owns: the proposers (`ngram`: prompt lookup) for vLLM's
+//! `speculative_config` (`lumen_proto::speculative`, where the config and its checks live, as
+//! the head checks it too: `method`, `num_speculative_tokens`, `prompt_lookup_min` /
+//! `prompt_lookup_max`, `disable_by_batch_size`). The
 //! scheduler holds a sequence's proposed tokens as its *draft* (`Scheduler::set_draft`): they are
 //! computed in the sequence's next step like decode tokens, a logits row each, and never enter
 //! the prefix cache until verified. The engine verifies them (`engine/core_spec.rs`).
@@ -27,105 +28,13 @@
 
 pub mod ngram;
 
-use serde::{Deserialize, Serialize};
+pub use lumen_proto::speculative::{MAX_LOOKUP, MAX_SPECULATIVE_TOKENS, SpecSettings, SpeculativeConfig};
 
 use crate::WorkerError;
 
-/// The most tokens proposed for one sequence in one step.
-pub const MAX_SPECULATIVE_TOKENS: usize = 16;
-/// The longest n-gram the prompt-lookup proposer matches.
-pub const MAX_LOOKUP: usize = 32;
-
-/// vLLM's `speculative_config`, as given (the flag's JSON or the serve config's object).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct SpeculativeConfig {
-    /// The proposer: `ngram` (prompt lookup; vLLM also spells it `[ngram]`).
-    #[serde(default)]
-    pub method: Option<String>,
-    /// vLLM's older spelling of the method (`"model": "[ngram]"`), or a draft model's path.
-    #[serde(default)]
-    pub model: Option<String>,
-    /// Tokens proposed per step.
-    #[serde(default)]
-    pub num_speculative_tokens: Option<usize>,
-    /// The shortest n-gram the lookup matches (default: `prompt_lookup_max`, or 5 with neither).
-    #[serde(default)]
-    pub prompt_lookup_min: Option<usize>,
-    /// The longest n-gram the lookup matches (default: `prompt_lookup_min`, or 5 with neither).
-    #[serde(default)]
-    pub prompt_lookup_max: Option<usize>,
-    /// Speculation is off for a step when more sequences than this are running.
-    #[serde(default)]
-    pub disable_by_batch_size: Option<usize>,
-}
-
-/// The checked settings the engine runs with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SpecSettings {
-    /// Tokens proposed per sequence and step (1 to [`MAX_SPECULATIVE_TOKENS`]).
-    pub num_tokens: usize,
-    /// The n-gram lengths tried, longest first (1 <= min <= max <= [`MAX_LOOKUP`]).
-    pub lookup_min: usize,
-    pub lookup_max: usize,
-    /// No speculation in a step with more running sequences than this (`None`: always).
-    pub disable_by_batch_size: Option<usize>,
-}
-
-impl SpeculativeConfig {
-    /// Parses the flag's JSON (`{"method": "ngram", "num_speculative_tokens": 4, ...}`).
-    pub fn parse_json(s: &str) -> Result<SpeculativeConfig, String> {
-        serde_json::from_str(s).map_err(|e| {
-            format!(
-                "{e} (a JSON object with `method` (ngram), `num_speculative_tokens`, `prompt_lookup_min`, \
-                 `prompt_lookup_max` and/or `disable_by_batch_size`)"
-            )
-        })
-    }
-
-    /// The settings this config asks for, or an error naming what is wrong (vLLM's defaults and
-    /// checks, plus our bounds).
-    pub fn settings(&self) -> Result<SpecSettings, WorkerError> {
-        let bad = |message: String| Err(WorkerError::invalid("speculative_config", message));
-        let method = match (self.method.as_deref(), self.model.as_deref()) {
-            (Some(m), _) => m,
-            (None, Some("[ngram]")) => "ngram",
-            (None, Some(model)) => {
-                return bad(format!(
-                    "a draft model (`model`: {model:?}) is not built yet; `method`: \"ngram\" is (prompt lookup)"
-                ));
-            }
-            (None, None) => return bad("`method` is required: \"ngram\" (prompt lookup)".into()),
-        };
-        match method {
-            "ngram" | "[ngram]" => {}
-            "draft_model" | "eagle" | "eagle3" | "medusa" | "mlp_speculator" | "deepseek_mtp" | "mtp" => {
-                return bad(format!("method {method:?} is not built yet; \"ngram\" (prompt lookup) is"));
-            }
-            other => return bad(format!("unknown method {other:?}; the one built is \"ngram\" (prompt lookup)")),
-        }
-        let Some(num_tokens) = self.num_speculative_tokens else {
-            return bad("`num_speculative_tokens` is required (tokens proposed per step)".into());
-        };
-        if !(1..=MAX_SPECULATIVE_TOKENS).contains(&num_tokens) {
-            return bad(format!("num_speculative_tokens must be 1 to {MAX_SPECULATIVE_TOKENS}, got {num_tokens}"));
-        }
-        let (lookup_min, lookup_max) = match (self.prompt_lookup_min, self.prompt_lookup_max) {
-            (None, None) => (5, 5),
-            (Some(min), None) => (min, min),
-            (None, Some(max)) => (max, max),
-            (Some(min), Some(max)) => (min, max),
-        };
-        if lookup_min < 1 || lookup_max > MAX_LOOKUP || lookup_min > lookup_max {
-            return bad(format!(
-                "prompt_lookup_min ({lookup_min}) and prompt_lookup_max ({lookup_max}) must satisfy 1 <= min <= max <= {MAX_LOOKUP}"
-            ));
-        }
-        if self.disable_by_batch_size == Some(0) {
-            return bad("disable_by_batch_size must be at least 1 (leave it out to speculate at any batch size)".into());
-        }
-        Ok(SpecSettings { num_tokens, lookup_min, lookup_max, disable_by_batch_size: self.disable_by_batch_size })
-    }
+/// The settings of `config`, or the error the engine reports for it.
+pub fn settings(config: &SpeculativeConfig) -> Result<SpecSettings, WorkerError> {
+    config.settings().map_err(|message| WorkerError::invalid("speculative_config", message))
 }
 
 #[cfg(test)]
