@@ -4,6 +4,8 @@
 
 // The root crate is a binary, so its bench modules are compiled into this test directly.
 #![allow(dead_code)]
+#[path = "../src/bench/datasets.rs"]
+mod datasets;
 #[path = "../src/bench/report.rs"]
 mod report;
 #[path = "../src/bench/serve.rs"]

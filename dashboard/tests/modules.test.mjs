@@ -10,7 +10,7 @@ import { niceTicks, segments, summarize, timeStep } from '../chart.js';
 import { feed, initialState } from '../sse.js';
 import { bytes, ms, num, pct, tone } from '../util.js';
 import { fromCluster, picker } from '../views/charts.js';
-import { totals } from '../views/overview.js';
+import { replicaLoad, totals } from '../views/overview.js';
 import { migrationNote, outcome } from '../views/requests.js';
 import { replicaCounts } from '../views/serve.js';
 import { tenantTotals, usageQuery } from '../views/usage.js';
@@ -110,6 +110,14 @@ test('overview totals sum the live workers only', () => {
   assert.equal(t.kvUsed / t.kvTotal, 0.2);
   assert.equal(t.running_replicas, 2);
   assert.equal(t.replicas, 3);
+});
+
+test('a replica shows speculative acceptance only once it verified a draft', () => {
+  const r = { running: 2, waiting: 1, kv_cache_usage: 0.25, generation_tokens_per_s: 12.5 };
+  assert.equal(replicaLoad(r), '2 running · 1 waiting · KV 25% · 12.5 tok/s');
+  assert.equal(replicaLoad({ ...r, spec_decode: null }), replicaLoad(r));
+  const spec = { drafts: 4, draft_tokens: 12, accepted_tokens: 9, acceptance_rate: 0.75, mean_accepted_tokens: 2.25 };
+  assert.equal(replicaLoad({ ...r, spec_decode: spec }), '2 running · 1 waiting · KV 25% · 12.5 tok/s · spec accept 75% · 2.25 tok/draft');
 });
 
 test('the fallback sampler builds timeseries-shaped samples from the cluster view', () => {

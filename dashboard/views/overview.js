@@ -1,5 +1,6 @@
 // Overview: the cluster's health and one card per worker, from GET /api/cluster (workers, their
-// resources, last heartbeat, replicas with their live load from the workers' heartbeats).
+// resources, last heartbeat, replicas with their live load from the workers' heartbeats, and
+// speculative decoding's acceptance for a replica that has verified drafts).
 
 import { Poller, getJson } from '../api.js';
 import { ago, bytes, field, h, notice, num, pct, pill, replace, shortId } from '../util.js';
@@ -45,6 +46,14 @@ export function totals(workers) {
     }
   }
   return t;
+}
+
+/** A replica's live load in one line; speculative decoding's acceptance once it verified a draft. */
+export function replicaLoad(r) {
+  const load = `${r.running ?? 0} running · ${r.waiting ?? 0} waiting · KV ${pct(r.kv_cache_usage)} · ${num(r.generation_tokens_per_s)} tok/s`;
+  const s = r.spec_decode;
+  if (!s || !s.drafts) return load;
+  return `${load} · spec accept ${pct(s.acceptance_rate)} · ${num(s.mean_accepted_tokens, 2)} tok/draft`;
 }
 
 function stat(label, value, testid, tone = '') {
@@ -103,7 +112,7 @@ function replicaList(replicas) {
         h('span', { class: 'mono', title: r.replica_id }, shortId(r.replica_id)),
         h('span', { class: 'muted' }, r.deployment),
         r.description ? h('span', { class: 'muted mono', dataset: { testid: 'replica-device' }, title: r.description }, r.description) : null,
-        h('span', { class: 'replica-load' }, `${r.running ?? 0} running · ${r.waiting ?? 0} waiting · KV ${pct(r.kv_cache_usage)} · ${num(r.generation_tokens_per_s)} tok/s`),
+        h('span', { class: 'replica-load' }, replicaLoad(r)),
         r.message ? h('div', { class: 'message' }, r.message) : null,
       ),
     ),

@@ -6,6 +6,10 @@
 //! - Names are vLLM's (see [`names`]); every series carries the caller's labels in the caller's
 //!   order (the head: `model_name, deployment, replica, worker`; a worker: `model_name, replica`),
 //!   and `vllm:request_success_total` adds `finished_reason` (`stop`, `length`, `abort`).
+//! - Speculative decoding's `vllm:spec_decode_*` counters appear only for a replica that has
+//!   verified a draft (vLLM registers them only when speculation is configured);
+//!   `vllm:spec_decode_num_accepted_tokens_per_pos_total` adds `position` (`0` is the first
+//!   proposed token).
 //! - Gauges are the replica's load when its stats were taken; counters and histograms count
 //!   since the replica started (a replica that is replaced starts again from zero under its new
 //!   `replica` label, which Prometheus treats as a new series).
@@ -35,6 +39,10 @@ pub mod names {
     pub const NUM_PREEMPTIONS: &str = "vllm:num_preemptions_total";
     pub const PREFIX_CACHE_QUERIES: &str = "vllm:prefix_cache_queries_total";
     pub const PREFIX_CACHE_HITS: &str = "vllm:prefix_cache_hits_total";
+    pub const SPEC_DECODE_NUM_DRAFTS: &str = "vllm:spec_decode_num_drafts_total";
+    pub const SPEC_DECODE_NUM_DRAFT_TOKENS: &str = "vllm:spec_decode_num_draft_tokens_total";
+    pub const SPEC_DECODE_NUM_ACCEPTED_TOKENS: &str = "vllm:spec_decode_num_accepted_tokens_total";
+    pub const SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS: &str = "vllm:spec_decode_num_accepted_tokens_per_pos_total";
     pub const TIME_TO_FIRST_TOKEN: &str = "vllm:time_to_first_token_seconds";
     pub const TIME_PER_OUTPUT_TOKEN: &str = "vllm:time_per_output_token_seconds";
     pub const E2E_REQUEST_LATENCY: &str = "vllm:e2e_request_latency_seconds";
@@ -47,6 +55,8 @@ pub mod names {
 
 /// The label `vllm:request_success_total` adds to the caller's.
 pub const FINISHED_REASON: &str = "finished_reason";
+/// The label `vllm:spec_decode_num_accepted_tokens_per_pos_total` adds to the caller's.
+pub const POSITION: &str = "position";
 
 /// The labels of replica series on the head.
 pub const HEAD_LABELS: [&str; 4] = ["model_name", "deployment", "replica", "worker"];
@@ -73,6 +83,14 @@ const COUNTERS: [(&str, &str); 6] = [
     (names::NUM_PREEMPTIONS, "Cumulative number of preemptions from the engine."),
     (names::PREFIX_CACHE_QUERIES, "Prefix cache queries, in terms of number of queried tokens."),
     (names::PREFIX_CACHE_HITS, "Prefix cache hits, in terms of number of cached tokens."),
+];
+
+/// vLLM's speculative decoding counters (exported for a replica with drafts > 0).
+const SPEC_DECODE_COUNTERS: [(&str, &str); 4] = [
+    (names::SPEC_DECODE_NUM_DRAFTS, "Number of spec decoding drafts."),
+    (names::SPEC_DECODE_NUM_DRAFT_TOKENS, "Number of draft tokens."),
+    (names::SPEC_DECODE_NUM_ACCEPTED_TOKENS, "Number of accepted tokens."),
+    (names::SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS, "Accepted tokens per draft position."),
 ];
 
 /// The histograms a worker may report, with their help text.
@@ -117,15 +135,29 @@ impl Families {
             ("abort", stats.requests_finished_abort),
         ];
         for (reason, value) in finished {
-            let mut with_reason = labels.to_vec();
-            with_reason.push((FINISHED_REASON, reason));
-            self.counter(success, &with_reason, value);
+            self.counter(success, &with_label(labels, FINISHED_REASON, reason), value);
         }
         self.counter(preemptions, labels, stats.preemptions_total);
         self.counter(queries, labels, stats.prefix_cache_queries);
         self.counter(hits, labels, stats.prefix_cache_hits);
+        self.spec_decode(stats, labels);
         for h in &stats.histograms {
             self.histogram(h, labels);
+        }
+    }
+
+    /// Speculative decoding's counters, only for a replica that has verified a draft.
+    fn spec_decode(&mut self, stats: &pb::ReplicaStats, labels: &[(&str, &str)]) {
+        if stats.spec_decode_drafts == 0 {
+            return;
+        }
+        let [drafts, draft_tokens, accepted, per_position] = SPEC_DECODE_COUNTERS;
+        self.counter(drafts, labels, stats.spec_decode_drafts);
+        self.counter(draft_tokens, labels, stats.spec_decode_draft_tokens);
+        self.counter(accepted, labels, stats.spec_decode_accepted_tokens);
+        for (position, &value) in stats.spec_decode_accepted_per_position.iter().enumerate() {
+            let position = position.to_string();
+            self.counter(per_position, &with_label(labels, POSITION, &position), value);
         }
     }
 
@@ -190,6 +222,13 @@ impl Families {
     }
 }
 
+/// `labels` with `(name, value)` added last.
+fn with_label<'a>(labels: &[(&'a str, &'a str)], name: &'a str, value: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut all = labels.to_vec();
+    all.push((name, value));
+    all
+}
+
 fn metric(labels: &[(&str, &str)]) -> Metric {
     let pairs = labels
         .iter()
@@ -208,15 +247,18 @@ fn metric(labels: &[(&str, &str)]) -> Metric {
 /// Descriptors of every replica series with the variable labels `labels`, for a
 /// [`prometheus::core::Collector`] that exports them.
 pub fn replica_descs(labels: &[&str]) -> Result<Vec<Desc>, prometheus::Error> {
-    let names: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
-    let mut with_reason = names.clone();
-    with_reason.push(FINISHED_REASON.to_string());
     GAUGES
         .iter()
         .chain(&COUNTERS)
+        .chain(&SPEC_DECODE_COUNTERS)
         .chain(&HISTOGRAMS)
         .map(|(name, help)| {
-            let labels = if *name == names::REQUEST_SUCCESS { with_reason.clone() } else { names.clone() };
+            let extra = match *name {
+                names::REQUEST_SUCCESS => Some(FINISHED_REASON),
+                names::SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS => Some(POSITION),
+                _ => None,
+            };
+            let labels = labels.iter().chain(&extra).map(|l| l.to_string()).collect();
             Desc::new(name.to_string(), help.to_string(), labels, HashMap::new())
         })
         .collect()
@@ -309,6 +351,51 @@ mod tests {
     #[test]
     fn descriptors_cover_every_series_and_validate() {
         let descs = replica_descs(&HEAD_LABELS).expect("valid names and labels");
-        assert_eq!(descs.len(), GAUGES.len() + COUNTERS.len() + HISTOGRAMS.len());
+        assert_eq!(descs.len(), GAUGES.len() + COUNTERS.len() + SPEC_DECODE_COUNTERS.len() + HISTOGRAMS.len());
+        let per_position = descs
+            .iter()
+            .find(|d| d.fq_name == names::SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS)
+            .expect("per-position descriptor");
+        assert_eq!(per_position.variable_labels.last().map(String::as_str), Some(POSITION));
+    }
+
+    #[test]
+    fn spec_decode_counters_appear_with_a_position_label_once_a_draft_was_verified() {
+        let mut s = stats();
+        s.spec_decode_drafts = 5;
+        s.spec_decode_draft_tokens = 15;
+        s.spec_decode_accepted_tokens = 9;
+        s.spec_decode_accepted_per_position = vec![5, 3, 1];
+        let mut families = Families::new();
+        families.add_replica(&s, &[("model_name", "smol"), ("replica", "llm-0001")]);
+        let text = encode_text(&families.into_vec()).expect("encodes");
+        let labels = r#"model_name="smol",replica="llm-0001""#;
+        for line in [
+            format!("vllm:spec_decode_num_drafts_total{{{labels}}} 5"),
+            format!("vllm:spec_decode_num_draft_tokens_total{{{labels}}} 15"),
+            format!("vllm:spec_decode_num_accepted_tokens_total{{{labels}}} 9"),
+            format!("vllm:spec_decode_num_accepted_tokens_per_pos_total{{{labels},position=\"0\"}} 5"),
+            format!("vllm:spec_decode_num_accepted_tokens_per_pos_total{{{labels},position=\"1\"}} 3"),
+            format!("vllm:spec_decode_num_accepted_tokens_per_pos_total{{{labels},position=\"2\"}} 1"),
+            "# TYPE vllm:spec_decode_num_drafts_total counter".to_string(),
+            "# TYPE vllm:spec_decode_num_accepted_tokens_per_pos_total counter".to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+        }
+        let positions = text.lines().filter(|l| l.starts_with("vllm:spec_decode_num_accepted_tokens_per_pos_total{"));
+        assert_eq!(positions.count(), 3, "one series per draft position:\n{text}");
+    }
+
+    #[test]
+    fn no_spec_decode_series_without_a_draft() {
+        let mut s = stats();
+        s.spec_decode_accepted_per_position = vec![0, 0];
+        let mut families = Families::new();
+        families.add_replica(&s, &[("replica", "a")]);
+        let families = families.into_vec();
+        assert!(families.iter().any(|f| f.name() == names::NUM_PREEMPTIONS), "the other counters are there");
+        for (name, _) in SPEC_DECODE_COUNTERS {
+            assert!(families.iter().all(|f| f.name() != name), "{name} must not appear with drafts == 0");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! `lumen bench`: benchmark programs that print tables and write JSON.
 
+pub mod datasets;
 pub mod head;
 pub mod offline;
 mod procs;

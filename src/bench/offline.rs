@@ -8,8 +8,10 @@ use anyhow::Context;
 use lumen_worker::engine::{EngineEvent, EngineHandle, EngineOptions, EngineRequest, build_engine};
 use lumen_worker::grammar::{CompiledGrammar, Constraint, ConstraintKind};
 use lumen_worker::sampling::{SamplingParams, StopParams};
+use lumen_worker::tokenizer::{ChatMessage, ChatTemplateOptions};
 use tokio::sync::Semaphore;
 
+use super::datasets::{Dataset, text_prompts};
 use super::report::{Report, RequestRecord};
 use super::structured;
 use super::workload::{LoadArgs, token_prompts};
@@ -33,11 +35,23 @@ pub async fn run(args: OfflineArgs) -> anyhow::Result<Report> {
     structured::check_fraction(args.load.structured_fraction)?;
     let opts = args.engine.clone();
     let core = tokio::task::spawn_blocking(move || build_engine(&opts)).await??;
-    let (engine, _join) = EngineHandle::start(core, "bench").await?;
     let load = &args.load;
-    // Token ids from 100 up: the low ids are where special tokens live.
-    let vocab = u32::try_from(engine.limits().vocab_size).unwrap_or(u32::MAX).max(101);
-    let prompts = token_prompts(load.num_prompts, load.input_len, 100..vocab, load.seed);
+    let prompts = match load.dataset_name {
+        Dataset::Random => {
+            // Token ids from 100 up: the low ids are where special tokens live.
+            let vocab = u32::try_from(core.limits().vocab_size).unwrap_or(u32::MAX).max(101);
+            token_prompts(load.num_prompts, load.input_len, 100..vocab, load.seed)
+        }
+        dataset => text_prompts(dataset, load.num_prompts, load.seed)
+            .iter()
+            .map(|text| {
+                let messages = [ChatMessage::new("user", text)];
+                let options = ChatTemplateOptions { add_generation_prompt: true, ..Default::default() };
+                core.tokenizer().encode_chat(&messages, &options).context("applying the chat template")
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let (engine, _join) = EngineHandle::start(core, "bench").await?;
     // Warm up the kernels and threads with one short request.
     let warm = request("warmup".into(), prompts.first().cloned().unwrap_or_else(|| vec![1]), 4);
     drive(&engine, warm).await?;
@@ -64,7 +78,8 @@ pub async fn run(args: OfflineArgs) -> anyhow::Result<Report> {
         records.push(t.await??);
     }
     let duration = started.elapsed();
-    let masks = engine.stats().await?.histograms.structured_output_mask;
+    let stats = engine.stats().await?;
+    let (masks, spec) = (stats.histograms.structured_output_mask, stats.spec_decode);
     engine.stop();
     let name = format!("lumen {}", engine.description());
     let mut report = Report::new(name, args.concurrency, load.input_len, load.output_len, duration, &records);
@@ -75,6 +90,7 @@ pub async fn run(args: OfflineArgs) -> anyhow::Result<Report> {
         count: masks.count(),
     };
     report.mask_ms = structured::mask_ms(&buckets);
+    report.spec_decode = (spec.drafts > 0).then_some((spec.drafts, spec.draft_tokens, spec.accepted_tokens));
     Ok(report)
 }
 

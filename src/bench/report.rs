@@ -75,6 +75,10 @@ pub struct Report {
     /// Structured-output mask computation time per token, p50 and p99 (ms); `None` when no
     /// mask was computed.
     pub mask_ms: Option<(f64, f64)>,
+    /// Speculative decoding (offline, when drafts were verified): (drafts, proposed tokens,
+    /// accepted tokens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spec_decode: Option<(u64, u64, u64)>,
     /// Each tenant's figures (`--tenant`); absent without tenants.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tenants: Vec<super::tenants::TenantReport>,
@@ -175,6 +179,7 @@ impl Report {
             request_rate: None,
             structured_fraction: 0.0,
             mask_ms: None,
+            spec_decode: None,
             tenants: Vec::new(),
             requests: None,
         }
@@ -208,6 +213,11 @@ impl Report {
             row(&mut t, "Requests under a JSON schema:", format!("{:.0}%", self.structured_fraction * 100.0));
             let mask = self.mask_ms.map_or_else(|| "-".to_string(), |(p50, p99)| format!("{p50:.3} / {p99:.3}"));
             row(&mut t, "Mask time per token p50 / p99 (ms):", mask);
+        }
+        if let Some((drafts, proposed, accepted)) = self.spec_decode {
+            let rate = if proposed == 0 { 0.0 } else { 100.0 * accepted as f64 / proposed as f64 };
+            let per_draft = if drafts == 0 { 0.0 } else { accepted as f64 / drafts as f64 };
+            row(&mut t, "Speculative acceptance:", format!("{rate:.1}% ({per_draft:.2} tokens per draft)"));
         }
         if !self.tenants.is_empty() {
             t.push_str(&super::tenants::table(&self.tenants));

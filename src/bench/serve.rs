@@ -29,6 +29,7 @@ use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 
+use super::datasets::{Dataset, text_prompts};
 use super::report::{Report, RequestDetail, RequestRecord};
 use super::sse::{SseDecoder, StreamTally, clip};
 use super::structured;
@@ -315,6 +316,9 @@ fn prompts(api: Api, args: &ServeArgs, n: usize, seed: u64) -> Vec<Prompt> {
             .into_iter()
             .map(Prompt::Tokens)
             .collect(),
+        Api::Chat if args.load.dataset_name != Dataset::Random => {
+            text_prompts(args.load.dataset_name, n, seed).into_iter().map(Prompt::Text).collect()
+        }
         Api::Chat => word_prompts(n, args.load.input_len, seed).into_iter().map(Prompt::Text).collect(),
     }
 }
@@ -323,6 +327,9 @@ fn prompts(api: Api, args: &ServeArgs, n: usize, seed: u64) -> Vec<Prompt> {
 pub async fn run(args: ServeArgs) -> anyhow::Result<Report> {
     if args.load.num_prompts == 0 || args.load.output_len == 0 {
         bail!("--num-prompts and --output-len must be at least 1");
+    }
+    if args.load.dataset_name != Dataset::Random && Api::of(&args.endpoint)? != Api::Chat {
+        bail!("--dataset-name {:?} is chat messages: use --endpoint /v1/chat/completions", args.load.dataset_name);
     }
     if args.concurrency == Some(0) {
         bail!("--concurrency must be at least 1");

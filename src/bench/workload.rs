@@ -27,6 +27,12 @@ pub struct LoadArgs {
     /// Seed of the random prompts (and, for `serve`, of the arrival times).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The prompts (vLLM's `--dataset-name`): random (token ids of `--input-len`), edit (a text
+    /// to repeat with one word replaced: the answer copies the prompt), or chat (open questions);
+    /// edit and chat go through the chat template (offline) or the chat API (serve), and their
+    /// length is the dataset's.
+    #[arg(long, value_enum, default_value = "random")]
+    pub dataset_name: super::datasets::Dataset,
     /// Fraction of the requests (0 to 1, spread evenly) decoded under the benchmark's JSON schema
     /// (structured outputs); the report then adds the mask time per token.
     #[arg(long, default_value_t = 0.0)]

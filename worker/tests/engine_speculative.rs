@@ -36,7 +36,7 @@ fn greedy_requests(prompts: &[Vec<TokenId>], stop: &StopParams) -> Vec<EngineReq
     prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| EngineRequest::new(&format!("r{i}"), p.clone(), SamplingParams::greedy(), stop.clone()))
+        .map(|(i, p)| EngineRequest::new(format!("r{i}"), p.clone(), SamplingParams::greedy(), stop.clone()))
         .collect()
 }
 
@@ -200,7 +200,7 @@ fn sampled_tokens_follow_the_same_distribution_with_speculation() {
             |seed| SamplingParams { temperature: 1.0, top_k: Some(3), seed: Some(seed), ..Default::default() };
         let stop = StopParams { max_tokens: LEN, ignore_eos: true, ..Default::default() };
         let requests: Vec<_> = (0..DRAWS)
-            .map(|s| EngineRequest::new(&format!("d{s}"), prompt.clone(), sampling(s), stop.clone()))
+            .map(|s| EngineRequest::new(format!("d{s}"), prompt.clone(), sampling(s), stop.clone()))
             .collect();
         let outcomes = run(&mut core, requests);
         let mut per_position = vec![HashMap::<TokenId, u32>::new(); LEN];

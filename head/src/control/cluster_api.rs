@@ -1,9 +1,10 @@
 //! `GET /api/cluster` (Lumen's own): every worker with its resources, the replicas placed on it
-//! and their live load (requests running and waiting, KV cache use, throughput), for the
-//! dashboard and for operators.
+//! and their live load (requests running and waiting, KV cache use, throughput, speculative
+//! decoding's acceptance once it verified a draft), for the dashboard and for operators.
 
 use axum::Json;
 use axum::extract::State;
+use lumen_proto::v1 as pb;
 use serde::Serialize;
 
 use super::ControlState;
@@ -63,6 +64,19 @@ pub struct ReplicaView {
     pub kv_cache_usage: f64,
     pub prompt_tokens_per_s: f64,
     pub generation_tokens_per_s: f64,
+    /// Speculative decoding since the replica started; `null` until it verified a draft.
+    pub spec_decode: Option<SpecDecodeView>,
+}
+
+#[derive(Debug, PartialEq, Serialize)]
+pub struct SpecDecodeView {
+    pub drafts: u64,
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
+    /// `accepted_tokens / draft_tokens`.
+    pub acceptance_rate: f64,
+    /// `accepted_tokens / drafts` (the bonus token not included).
+    pub mean_accepted_tokens: f64,
 }
 
 /// `GET /api/cluster`.
@@ -120,5 +134,38 @@ fn replica(r: &ReplicaSnapshot) -> ReplicaView {
         kv_cache_usage,
         prompt_tokens_per_s: stats.prompt_tokens_per_s,
         generation_tokens_per_s: stats.generation_tokens_per_s,
+        spec_decode: spec_decode(&stats),
+    }
+}
+
+fn spec_decode(stats: &pb::ReplicaStats) -> Option<SpecDecodeView> {
+    let (drafts, draft_tokens, accepted_tokens) =
+        (stats.spec_decode_drafts, stats.spec_decode_draft_tokens, stats.spec_decode_accepted_tokens);
+    (drafts > 0).then(|| SpecDecodeView {
+        drafts,
+        draft_tokens,
+        accepted_tokens,
+        acceptance_rate: if draft_tokens == 0 { 0.0 } else { accepted_tokens as f64 / draft_tokens as f64 },
+        mean_accepted_tokens: accepted_tokens as f64 / drafts as f64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_decode_shows_acceptance_only_once_a_draft_was_verified() {
+        let stats = pb::ReplicaStats {
+            spec_decode_drafts: 4,
+            spec_decode_draft_tokens: 12,
+            spec_decode_accepted_tokens: 9,
+            ..Default::default()
+        };
+        let view = spec_decode(&stats).expect("drafts > 0");
+        assert_eq!((view.drafts, view.draft_tokens, view.accepted_tokens), (4, 12, 9));
+        assert_eq!(view.acceptance_rate, 0.75);
+        assert_eq!(view.mean_accepted_tokens, 2.25);
+        assert_eq!(spec_decode(&pb::ReplicaStats::default()), None);
     }
 }

@@ -421,6 +421,10 @@ pub fn replica_stats(replica_id: &str, model_name: &str, s: &EngineStats, state:
         stalled_for_ms: u64::try_from(s.stalled_at(Instant::now()).as_millis()).unwrap_or(u64::MAX),
         state: state as i32,
         histograms: histograms(&s.histograms),
+        spec_decode_drafts: s.spec_decode.drafts,
+        spec_decode_draft_tokens: s.spec_decode.draft_tokens,
+        spec_decode_accepted_tokens: s.spec_decode.accepted_tokens,
+        spec_decode_accepted_per_position: s.spec_decode.accepted_per_position.clone(),
     }
 }
 
