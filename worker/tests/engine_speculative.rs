@@ -214,7 +214,11 @@ fn sampled_tokens_follow_the_same_distribution_with_speculation() {
     let (plain, _) = draw(&options());
     let (spec, stats) = draw(&speculative(options(), 4));
     let accepted = stats.spec_decode.accepted_tokens;
-    assert!(accepted > DRAWS, "drafts must be accepted often for the test to mean something: {:?}", stats.spec_decode);
+    assert!(
+        accepted > DRAWS / 4,
+        "drafts must be accepted often for the test to mean something: {:?}",
+        stats.spec_decode
+    );
     let mut varied = 0;
     for (i, (a, b)) in plain.iter().zip(&spec).enumerate() {
         let (stat, df) = chi_square(a, b);

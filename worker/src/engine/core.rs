@@ -26,6 +26,7 @@ use crate::sampling::reduce::{Reduced, ReducedRows, RowPlan, RowResult};
 use crate::sampling::{Sampled, SamplingParams, SequenceSampler, StopParams};
 use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SchedulingPolicy, SeqId, Sequence};
 use crate::spec::SpecSettings;
+use crate::spec::adaptive::{Acceptance, Controller};
 use crate::tokenizer::{IncrementalDetokenizer, StopOutcome, StopStringMatcher, Tokenizer};
 
 #[path = "core_deferred.rs"]
@@ -76,6 +77,8 @@ struct SeqState {
     last_token_at: Option<Instant>,
     /// The structured-output matcher and next-token mask (`core_grammar.rs`).
     grammar: Option<SeqGrammar>,
+    /// How well its speculative drafts fare (`spec::adaptive`).
+    acceptance: Acceptance,
 }
 
 impl SeqState {
@@ -140,6 +143,7 @@ pub struct EngineCore {
     /// Speculative decoding's settings (`None`: off) and the proposer's reused buffers
     /// (`core_spec.rs`).
     spec: Option<SpecSettings>,
+    spec_control: Controller,
     spec_running: Vec<SeqId>,
     spec_tokens: Vec<TokenId>,
 }
@@ -200,6 +204,7 @@ impl EngineCore {
             deferred: deferred::DeferredOutputs::default(),
             defer_output: std::env::var("LUMEN_DEFER_OUTPUT").map_or(true, |v| v != "0"),
             spec: cfg.speculative,
+            spec_control: Controller::new(cfg.speculative.map_or(0, |s| s.num_tokens)),
             spec_running: Vec::new(),
             spec_tokens: Vec::new(),
         }
@@ -261,6 +266,7 @@ impl EngineCore {
                 generated: 0,
                 last_token_at: None,
                 grammar,
+                acceptance: Acceptance::default(),
             };
             if let Err(message) = self.replay_output(&mut state, &req, &output) {
                 for s in &live {
@@ -368,7 +374,11 @@ impl EngineCore {
         });
         let mixed = prompts && decodes;
         let end = Instant::now();
-        self.step_cost.observe(tokens, mixed, end.duration_since(started).as_secs_f64() * 1e3);
+        let ms = end.duration_since(started).as_secs_f64() * 1e3;
+        self.step_cost.observe(tokens, mixed, ms);
+        if self.spec.is_some() && !prompts {
+            self.spec_control.observe_step(tokens, ms);
+        }
         self.phases.record(&StepMarks { start: started, forward_start, forward_end, end }, tokens);
         self.counters.steps_total += 1;
         self.last_progress = Instant::now();
@@ -421,6 +431,7 @@ impl EngineCore {
                     generated: 0,
                     last_token_at: None,
                     grammar: parent.grammar.as_ref().map(SeqGrammar::fork),
+                    acceptance: Acceptance::default(),
                 };
                 pristine.copy_from_slice(row);
                 let sampled = self.sample_with(&mut state, &req_id, &mut pristine);

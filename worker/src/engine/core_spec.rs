@@ -11,8 +11,9 @@
 //! Which sequences draft: decoding, generating sequences past their first token (an `n > 1`
 //! request forks at its first token from one row), without a structured-output grammar (its
 //! matcher would have to advance through the draft before the masks of the later rows exist);
-//! with room for more than one token before `max_tokens` and `max_model_len`; and none at all
-//! in a step with more running sequences than `disable_by_batch_size`.
+//! with room for more than one token before `max_tokens` and `max_model_len`; as many tokens as
+//! pay for the sequence's acceptance at this replica's row cost (`spec::adaptive`); and none at
+//! all in a step with more running sequences than `disable_by_batch_size`.
 
 use super::EngineCore;
 use crate::sampling::reduce::{RowPlan, RowResult};
@@ -28,8 +29,9 @@ impl EngineCore {
         let mut running = std::mem::take(&mut self.spec_running);
         running.clear();
         running.extend_from_slice(self.scheduler.running());
+        let rows = running.len();
         for &id in &running {
-            let Some(state) = self.seqs.get(&id) else { continue };
+            let Some(state) = self.seqs.get_mut(&id) else { continue };
             let Some(req) = self.requests.get(&state.request) else { continue };
             if state.grammar.is_some() || !req.forked || req.pooled.is_some() {
                 continue;
@@ -44,8 +46,13 @@ impl EngineCore {
                 .max_tokens
                 .saturating_sub(state.generated + 1)
                 .min(self.limits.max_model_len.saturating_sub(seq.tokens.len() + 1));
+            if room == 0 {
+                continue;
+            }
+            // As many as pay on this replica for this sequence's acceptance (`spec::adaptive`).
+            let wanted = self.spec_control.tokens(&mut state.acceptance, rows);
             self.spec_tokens.clear();
-            crate::spec::ngram::propose(&settings, &seq.tokens, settings.num_tokens.min(room), &mut self.spec_tokens);
+            crate::spec::ngram::propose(&settings, &seq.tokens, wanted.min(room), &mut self.spec_tokens);
             if !self.spec_tokens.is_empty() {
                 self.scheduler.set_draft(id, &self.spec_tokens);
             }
@@ -92,5 +99,8 @@ impl EngineCore {
             break;
         }
         self.counters.spec_decode.record(draft, accepted);
+        if let Some(state) = self.seqs.get_mut(&seq) {
+            state.acceptance.record(draft, accepted);
+        }
     }
 }

@@ -31,6 +31,50 @@ pub const MIN_PROMPT_TOKENS: usize = 256;
 /// Steps the prompt-pressure average spans (its weight per step is `1 / PRESSURE_WINDOW`).
 const PRESSURE_WINDOW: f64 = 64.0;
 
+/// A line `y = a + b * x` fitted by least squares over observations with exponential
+/// forgetting (each observation's weight decays by [`DECAY`] per later one).
+#[derive(Clone, Debug, Default)]
+pub struct LineFit {
+    count: u64,
+    // Exponentially weighted sums: weight, x, y, x^2, x*y.
+    w: f64,
+    sx: f64,
+    sy: f64,
+    sxx: f64,
+    sxy: f64,
+}
+
+impl LineFit {
+    /// Adds the observation `(x, y)`.
+    pub fn observe(&mut self, x: f64, y: f64) {
+        self.w = self.w * DECAY + 1.0;
+        self.sx = self.sx * DECAY + x;
+        self.sy = self.sy * DECAY + y;
+        self.sxx = self.sxx * DECAY + x * x;
+        self.sxy = self.sxy * DECAY + x * y;
+        self.count += 1;
+    }
+
+    /// The fitted `(a, b)` with `a >= 0` and `b > 0`; `None` before `min_count` observations,
+    /// or while their x spread less than `min_spread` (weighted standard deviation).
+    pub fn fit(&self, min_count: u64, min_spread: f64) -> Option<(f64, f64)> {
+        if self.count < min_count || self.w <= 0.0 {
+            return None;
+        }
+        let mean_x = self.sx / self.w;
+        let var_x = self.sxx / self.w - mean_x * mean_x;
+        if var_x < min_spread * min_spread {
+            return None;
+        }
+        let b = (self.sxy / self.w - mean_x * self.sy / self.w) / var_x;
+        if !b.is_finite() || b <= 0.0 {
+            return None;
+        }
+        let a = (self.sy / self.w - b * mean_x).max(0.0);
+        Some((a, b))
+    }
+}
+
 /// The fitted step cost and the goal it serves.
 #[derive(Clone, Debug)]
 pub struct StepCostModel {
@@ -40,13 +84,8 @@ pub struct StepCostModel {
     min_pressure: f64,
     /// Share of recent steps that mixed prompt tokens with decodes (exponential average).
     pressure: f64,
-    steps: u64,
-    // Exponentially weighted sums over steps: weight, x, y, x^2, x*y (x tokens, y ms).
-    w: f64,
-    sx: f64,
-    sy: f64,
-    sxx: f64,
-    sxy: f64,
+    /// Step ms against step tokens.
+    line: LineFit,
 }
 
 impl StepCostModel {
@@ -55,7 +94,7 @@ impl StepCostModel {
     pub fn new(goal_ms: Option<f64>, min_pressure: f64) -> StepCostModel {
         let goal_ms = goal_ms.filter(|g| g.is_finite() && *g > 0.0);
         let min_pressure = if min_pressure.is_finite() { min_pressure.clamp(0.0, 1.0) } else { 0.0 };
-        StepCostModel { goal_ms, min_pressure, pressure: 0.0, steps: 0, w: 0.0, sx: 0.0, sy: 0.0, sxx: 0.0, sxy: 0.0 }
+        StepCostModel { goal_ms, min_pressure, pressure: 0.0, line: LineFit::default() }
     }
 
     /// Records a step of `tokens` tokens that took `ms` milliseconds (wall time of the step);
@@ -65,31 +104,12 @@ impl StepCostModel {
             return;
         }
         self.pressure += (f64::from(u8::from(mixed)) - self.pressure) / PRESSURE_WINDOW;
-        let x = tokens as f64;
-        self.w = self.w * DECAY + 1.0;
-        self.sx = self.sx * DECAY + x;
-        self.sy = self.sy * DECAY + ms;
-        self.sxx = self.sxx * DECAY + x * x;
-        self.sxy = self.sxy * DECAY + x * ms;
-        self.steps += 1;
+        self.line.observe(tokens as f64, ms);
     }
 
     /// The fitted `(a, b)`: fixed ms per step and ms per token; `None` until trustworthy.
     pub fn fit(&self) -> Option<(f64, f64)> {
-        if self.steps < MIN_STEPS || self.w <= 0.0 {
-            return None;
-        }
-        let mean_x = self.sx / self.w;
-        let var_x = self.sxx / self.w - mean_x * mean_x;
-        if var_x < MIN_SPREAD_TOKENS * MIN_SPREAD_TOKENS {
-            return None;
-        }
-        let b = (self.sxy / self.w - mean_x * self.sy / self.w) / var_x;
-        if !b.is_finite() || b <= 0.0 {
-            return None;
-        }
-        let a = (self.sy / self.w - b * mean_x).max(0.0);
-        Some((a, b))
+        self.line.fit(MIN_STEPS, MIN_SPREAD_TOKENS)
     }
 
     /// The most prompt tokens a step carrying `decodes` decode tokens should take, or `None`

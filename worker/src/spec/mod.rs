@@ -26,6 +26,7 @@
 //! [`MAX_SPECULATIVE_TOKENS`] tokens a step and n-grams of at most [`MAX_LOOKUP`] tokens, so a
 //! config cannot make a step or a lookup unbounded.
 
+pub mod adaptive;
 pub mod ngram;
 
 pub use lumen_proto::speculative::{MAX_LOOKUP, MAX_SPECULATIVE_TOKENS, SpecSettings, SpeculativeConfig};

@@ -1,0 +1,176 @@
+//! Adaptive speculation: how many tokens to propose for one sequence in one step, from what its
+//! drafts earned so far and what a row of the step costs on this replica.
+//!
+//! A draft's k-th token is accepted with probability about `alpha^k` (alpha: the sequence's
+//! acceptance rate per proposed token, an exponential average with a hopeful prior, so a new
+//! sequence tries), and costs one more row of the forward pass. With a step of `rows` decode rows
+//! costing `a + b * rows` ms (a line fitted over recent decode-only steps, `LineFit`), the row is
+//! worth its time while `alpha^k >= b * rows / (a + b * rows)`: the token it may add against the
+//! tokens the same milliseconds make without speculation. On a GPU at small batches rows are
+//! nearly free and every sequence proposes the configured number; on a CPU, or a GPU at large
+//! batches, only well-accepted sequences do, and as few tokens as pay.
+//!
+//! Invariants: never more than the configured number of tokens; before the cost fit is
+//! trustworthy every sequence proposes the configured number; a sequence whose rate earns it
+//! nothing still proposes one token every [`PROBE_EVERY`] steps, so its rate can recover.
+
+use crate::engine::step_cost::LineFit;
+
+/// A sequence that earns no draft still proposes one token this often (steps).
+pub const PROBE_EVERY: u32 = 16;
+/// How much of a sequence's acceptance history one verified draft keeps.
+const ACCEPTANCE_DECAY: f64 = 0.8;
+/// The prior (accepted, tried) of a new sequence: a rate of 0.8 until drafts say otherwise.
+const PRIOR: (f64, f64) = (4.0, 5.0);
+/// Decode-only steps observed before the cost fit is used, and the spread of their row counts
+/// it needs.
+const MIN_STEPS: u64 = 16;
+const MIN_SPREAD_ROWS: f64 = 0.5;
+
+/// One sequence's acceptance so far.
+#[derive(Clone, Debug)]
+pub struct Acceptance {
+    accepted: f64,
+    tried: f64,
+    /// Steps since it last proposed (while it earns no draft).
+    idle: u32,
+}
+
+impl Default for Acceptance {
+    fn default() -> Self {
+        Acceptance { accepted: PRIOR.0, tried: PRIOR.1, idle: 0 }
+    }
+}
+
+impl Acceptance {
+    /// The estimated chance that a proposed token is accepted, given the ones before it were.
+    pub fn rate(&self) -> f64 {
+        self.accepted / self.tried
+    }
+
+    /// Records a verified draft of `proposed` tokens whose first `accepted` held: each accepted
+    /// token was one success, the first rejected one (if any) one failure.
+    pub fn record(&mut self, proposed: usize, accepted: usize) {
+        let rejected = usize::from(accepted < proposed);
+        self.accepted = self.accepted * ACCEPTANCE_DECAY + accepted as f64;
+        self.tried = self.tried * ACCEPTANCE_DECAY + (accepted + rejected) as f64;
+    }
+}
+
+/// The replica's speculation controller: the configured most and the decode steps' cost.
+#[derive(Clone, Debug)]
+pub struct Controller {
+    max: usize,
+    cost: LineFit,
+}
+
+impl Controller {
+    /// A controller proposing at most `max` tokens per sequence and step.
+    pub fn new(max: usize) -> Controller {
+        Controller { max, cost: LineFit::default() }
+    }
+
+    /// Records a step without prompt tokens: `rows` rows (decode tokens and drafts) in `ms`.
+    pub fn observe_step(&mut self, rows: usize, ms: f64) {
+        if ms.is_finite() && ms >= 0.0 {
+            self.cost.observe(rows as f64, ms);
+        }
+    }
+
+    /// The share of a step of `rows` decode rows that its rows cost (0 while unknown): the
+    /// acceptance chance a further row must beat.
+    pub fn row_share(&self, rows: usize) -> f64 {
+        match self.cost.fit(MIN_STEPS, MIN_SPREAD_ROWS) {
+            Some((a, b)) => {
+                let rows = b * rows.max(1) as f64;
+                rows / (a + rows)
+            }
+            None => 0.0,
+        }
+    }
+
+    /// Tokens to propose for a sequence of `acceptance` in a step of `rows` decode rows.
+    pub fn tokens(&self, acceptance: &mut Acceptance, rows: usize) -> usize {
+        let (alpha, share) = (acceptance.rate().clamp(0.0, 0.999), self.row_share(rows));
+        let (mut k, mut chance) = (0, alpha);
+        while k < self.max && chance >= share && chance > 0.0 {
+            k += 1;
+            chance *= alpha;
+        }
+        if k > 0 {
+            acceptance.idle = 0;
+            return k;
+        }
+        acceptance.idle += 1;
+        if acceptance.idle >= PROBE_EVERY {
+            acceptance.idle = 0;
+            return 1;
+        }
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A controller whose decode steps cost `a + b * rows` ms.
+    fn costing(max: usize, a: f64, b: f64) -> Controller {
+        let mut c = Controller::new(max);
+        for i in 0..64 {
+            let rows = 1 + i % 5;
+            c.observe_step(rows, a + b * rows as f64);
+        }
+        c
+    }
+
+    fn with_rate(rate: f64) -> Acceptance {
+        Acceptance { accepted: rate * 100.0, tried: 100.0, idle: 0 }
+    }
+
+    #[test]
+    fn before_the_cost_is_known_every_sequence_proposes_the_most() {
+        let c = Controller::new(4);
+        assert_eq!(c.tokens(&mut Acceptance::default(), 1), 4);
+        assert_eq!(c.tokens(&mut with_rate(0.2), 64), 4);
+    }
+
+    #[test]
+    fn where_rows_cost_time_only_well_accepted_sequences_propose_and_only_what_pays() {
+        // A small model on a CPU: 2 ms a step, 4.5 ms a row (a row is 69% of a one-row step).
+        let cpu = costing(4, 2.0, 4.5);
+        assert!((cpu.row_share(1) - 4.5 / 6.5).abs() < 1e-6);
+        assert_eq!(cpu.tokens(&mut with_rate(0.95), 1), 4, "0.95^4 = 0.81 still beats 0.69");
+        assert_eq!(cpu.tokens(&mut with_rate(0.8), 1), 1, "0.8 beats 0.69, 0.64 does not");
+        let mut poor = with_rate(0.5);
+        let proposed: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| cpu.tokens(&mut poor, 1)).collect();
+        assert_eq!(proposed.iter().filter(|&&k| k == 1).count(), 2, "a probe every {PROBE_EVERY} steps: {proposed:?}");
+        assert!(proposed.iter().all(|&k| k <= 1));
+    }
+
+    #[test]
+    fn on_a_gpu_rows_are_nearly_free_at_small_batches_and_not_at_large_ones() {
+        // An 8B model's decode on one GPU, roughly: 6 ms a step, 0.02 ms a row.
+        let gpu = costing(4, 6.0, 0.02);
+        assert_eq!(gpu.tokens(&mut with_rate(0.3), 1), 4, "one stream: even a poor rate pays");
+        // 256 rows: rows are 46% of the step.
+        assert_eq!(gpu.tokens(&mut with_rate(0.6), 256), 1);
+        assert_eq!(gpu.tokens(&mut with_rate(0.9), 256), 4);
+    }
+
+    #[test]
+    fn acceptance_follows_recent_drafts() {
+        let mut a = Acceptance::default();
+        assert!((a.rate() - 0.8).abs() < 1e-9, "the prior");
+        for _ in 0..20 {
+            a.record(4, 0);
+        }
+        assert!(a.rate() < 0.05, "{}", a.rate());
+        for _ in 0..20 {
+            a.record(4, 4);
+        }
+        assert!(a.rate() > 0.95, "{}", a.rate());
+        a.record(4, 2); // two successes, one failure
+        assert!(a.rate() < 0.95);
+    }
+}
