@@ -5,6 +5,7 @@
 //! - the head's `/metrics` on both ports, and the worker's own `/metrics`, carry vLLM's series
 //!   whose counters and histogram counts equal what was served, with the expected labels, beside
 //!   the cluster series (workers, replicas by state) and the router's request counter;
+//! - speculative decoding's counters (the deployment runs the ngram proposer);
 //! - the worker's stderr (`--log-format json`) has the periodic engine line, with the replica
 //!   id, while it is busy, and stays quiet once idle; request lines carry the request id.
 
@@ -29,7 +30,8 @@ fn serve_config() -> String {
     format!(
         "applications:\n  - name: chat\n    deployments:\n      - name: llm\n        num_replicas: 1\n        \
          model:\n          source: {}\n          served_model_name: smol\n          threads: 2\n          \
-         max_model_len: 1024\n          kv_cache_memory: 64MiB\n",
+         max_model_len: 1024\n          kv_cache_memory: 64MiB\n          speculative_config: {{method: ngram, \
+         num_speculative_tokens: 3, prompt_lookup_min: 1, prompt_lookup_max: 3}}\n",
         model_path()
     )
 }
@@ -298,6 +300,28 @@ fn assert_vllm_series(samples: &[Sample], served: &[Served], labels: &[(&str, &s
     let queries = one(samples, "vllm:prefix_cache_queries_total", labels);
     assert!(one(samples, "vllm:prefix_cache_hits_total", labels) <= queries);
     assert_eq!(one(samples, "vllm:num_preemptions_total", labels), 0.0);
+    // Speculative decoding (the deployment's `speculative_config`): the chat template repeats
+    // tokens, so prompt lookup proposes from the first decode step on.
+    let drafts = one(samples, "vllm:spec_decode_num_drafts_total", labels);
+    let proposed = one(samples, "vllm:spec_decode_num_draft_tokens_total", labels);
+    let accepted = one(samples, "vllm:spec_decode_num_accepted_tokens_total", labels);
+    assert!(drafts >= 1.0 && proposed >= drafts && proposed <= 3.0 * drafts, "{drafts} drafts of {proposed}");
+    assert!(accepted <= proposed && accepted <= (generated as f64) - n);
+    let per_position: Vec<f64> = (0..3)
+        .map(|p| {
+            let mut with = labels.to_vec();
+            let position = p.to_string();
+            with.push(("position", position.as_str()));
+            select(samples, "vllm:spec_decode_num_accepted_tokens_per_pos_total", &with)
+                .first()
+                .map_or(0.0, |s| s.value)
+        })
+        .collect();
+    assert_eq!(per_position.iter().sum::<f64>(), accepted, "{per_position:?}");
+    assert!(
+        per_position.windows(2).all(|w| w[0] >= w[1]),
+        "a later position is accepted only after the earlier: {per_position:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
