@@ -19,6 +19,7 @@ OUTPUT_LEN="${OUTPUT_LEN:-256}"
 SPEC="${SPEC:-{\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 4\}}"
 LUMEN_BIN="${LUMEN_BIN:-target/release/lumen}"
 OUT="${OUT:-.cache/bench/spec}"
+EXTRA="${EXTRA:-}"
 mkdir -p "$OUT"
 rows=()
 for ds in $DATASETS; do

@@ -8,7 +8,7 @@
 #
 #   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention]
 #                                     [attention] [decode-attention] [serve] [hf-parity] [ptx]
-#                                     [a10g-plan] [structured] [overlap] [gemm] [replicas] [fp8]
+#                                     [a10g-plan] [structured] [overlap] [gemm] [replicas] [fp8] [spec]
 #                                                                        (default: tests bench parity)
 #
 # carry: gpu-pack (binaries, tokenizer). The GGUF comes in two more calls carrying gpu-smol1
@@ -122,7 +122,7 @@ if [[ " $steps " == *" parity "* ]]; then
     fi
 fi
 
-if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|decode-attention|a10g-plan|structured|replicas|gemm|fp8)" " ]]; then
+if [[ " $steps " =~ " "(bench|profile|profile-attention|serve|attention|decode-attention|a10g-plan|structured|replicas|gemm|fp8|spec)" " ]]; then
     mkdir -p "$model"
     cp "$work"/llama3.1-tokenizer/tokenizer*.json "$model/"
     cat > "$model/config.json" <<'JSON'
@@ -262,6 +262,23 @@ if [[ " $steps " == *" fp8 "* ]]; then
             row "c=$c eager $q ms/step" "$(grep -h 'decode step timing' "$out/fp8-ops-$q-c$c.log" | tail -1 | sed "s/.*single-token batches)//" | cut -c1-400)"
         done
         row "c=$c cuBLASLt fp8 epilogue scales" "$(grep -ho 'scales_in_epilogue=[a-z]*' "$out/fp8-ops-fp8-c$c.log" | sort | uniq -c | tr '\n' ' ')"
+    done
+fi
+
+if [[ " $steps " == *" spec "* ]]; then
+    # Speculative decoding (issue 18): the ngram proposer against plain decoding in one run
+    # (scripts/bench-speculative.sh: the edit and chat datasets, SPEC_CONCURRENCY streams) on the
+    # 8B shape with dummy weights (`8b`; the acceptance is whatever random weights give, so read
+    # it beside the speed) and on SmolLM2 (`smol`: real text; needs the parity carries).
+    for m in ${SPEC_MODELS:-8b smol}; do
+        case $m in
+            8b) mdl=$model; extra="--device cuda --load-format dummy --max-model-len 4096" ;;
+            smol) [ -f "$work/smollm2.gguf" ] || continue; mdl=$work/smollm2.gguf; extra="--device cuda" ;;
+            *) continue ;;
+        esac
+        MODEL=$mdl LUMEN_BIN=$work/lumen EXTRA="$extra" CONCURRENCY="${SPEC_CONCURRENCY:-1 8 32}" OUT="$out/spec-$m" \
+            bash scripts/bench-speculative.sh > "$out/spec-$m.txt" 2>&1
+        while read -r line; do row "spec $m (plain / ngram tok/s)" "$line"; done < <(grep -E '^\| (edit|chat)' "$out/spec-$m.txt")
     done
 fi
 

@@ -354,8 +354,8 @@ impl EngineCore {
             let (seq, first) = (item.id, rows);
             rows += 1 + item.draft;
             if item.draft > 0 {
-                let Some(seq_rows) = reduced.rows.get(first..rows) else { break };
-                self.verify_draft(seq, item.draft, seq_rows, &mut reduced.logits);
+                let Some(seq_rows) = reduced.rows.get(first..rows).map(<[RowResult]>::to_vec) else { break };
+                self.verify_draft(seq, item.draft, &seq_rows, &mut reduced);
                 continue;
             }
             let Some(row) = reduced.rows.get(first) else { break };

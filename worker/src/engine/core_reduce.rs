@@ -3,8 +3,11 @@
 //! sampling a sequence from its reduced row. Rows planned `Full` take the host path
 //! (`EngineCore::sample_seq`), so results are the same either way. A constrained sequence's
 //! reduced row carries its structured-output mask (the device applies it; no row is copied).
+//! A speculative draft's rows repeat its first row's plan when no row depends on the tokens
+//! before it (no penalty history, nothing suppressed), and are planned full otherwise.
 
 use super::{EngineCore, SeqState};
+use crate::sampling::Sampled;
 use crate::sampling::reduce::{Reduced, Reduction, RowPlan};
 use crate::scheduler::{Schedule, SeqId};
 
@@ -31,10 +34,13 @@ impl EngineCore {
                 },
                 None => RowPlan::full(),
             };
-            // A draft's rows are verified on the host from full rows (`core_spec.rs`).
-            let plan = if item.draft > 0 { RowPlan::full() } else { plan };
+            // A draft's rows (`core_spec.rs`) share the first row's plan when nothing in it
+            // depends on the tokens before them; otherwise they come back full.
+            let shared = item.draft > 0 && plan.reduction != Reduction::Full && self.draft_rows_share_plans(item.id);
+            let plan = if item.draft > 0 && !shared { RowPlan::full() } else { plan };
+            let draft_plan = if shared { plan.clone() } else { RowPlan::full() };
             self.plans.push(plan);
-            self.plan_draft_rows(item.draft);
+            self.plans.extend(std::iter::repeat_n(draft_plan, item.draft));
         }
     }
 
@@ -43,11 +49,20 @@ impl EngineCore {
         let Some(mut state) = self.seqs.remove(&seq) else {
             return;
         };
-        let Some(req) = self.requests.get(&state.request) else {
+        let Some(sampled) = self.sample_reduced_with(&mut state, reduced) else {
             self.seqs.insert(seq, state);
             return;
         };
-        let suppress = self.suppressed(&state, &state.request);
+        self.seqs.insert(seq, state);
+        self.scheduler.append_token(seq, sampled.token);
+        self.accept(seq, sampled);
+    }
+
+    /// Samples the token `state`'s reduced row gives and records it in its sampler (the reduced
+    /// counterpart of `sample_with`); `None` when its request is gone.
+    pub(super) fn sample_reduced_with(&mut self, state: &mut SeqState, reduced: Reduced<'_>) -> Option<Sampled> {
+        let req = self.requests.get(&state.request)?;
+        let suppress = self.suppressed(state, &state.request);
         let (params, sampler) = (&req.sampling, &mut state.sampler);
         let (sampled, mask_time) = match state.grammar.as_ref().filter(|g| g.is_active()) {
             Some(g) => g.with_mask(|mask| sampler.sample_reduced(reduced, params, &suppress, mask.ok())),
@@ -55,9 +70,15 @@ impl EngineCore {
         };
         self.record_mask_time(mask_time);
         state.sampler.record(sampled.token);
-        self.seqs.insert(seq, state);
-        self.scheduler.append_token(seq, sampled.token);
-        self.accept(seq, sampled);
+        Some(sampled)
+    }
+
+    /// Whether `seq`'s draft rows can take the plan of the row before them: its sampler keeps
+    /// no history and nothing is suppressed now (so nothing is for the rows after either).
+    fn draft_rows_share_plans(&self, seq: SeqId) -> bool {
+        self.seqs
+            .get(&seq)
+            .is_some_and(|state| !state.sampler.keeps_history() && self.suppressed(state, &state.request).is_empty())
     }
 
     /// The step's suppressed ids of a sequence: EOS and the stop tokens while `min_tokens` is

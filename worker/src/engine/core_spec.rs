@@ -16,7 +16,7 @@
 //! all in a step with more running sequences than `disable_by_batch_size`.
 
 use super::EngineCore;
-use crate::sampling::reduce::{RowPlan, RowResult};
+use crate::sampling::reduce::{Reduced, ReducedRows, RowResult};
 use crate::scheduler::{Schedule, SeqId};
 
 impl EngineCore {
@@ -60,20 +60,15 @@ impl EngineCore {
         self.spec_running = running;
     }
 
-    /// The row plans of a drafted sequence beyond its first: full rows (verification samples
-    /// them on the host).
-    pub(super) fn plan_draft_rows(&mut self, draft: usize) {
-        self.plans.extend(std::iter::repeat_with(RowPlan::full).take(draft));
-    }
-
     /// Logits rows the step's sampling sequences take, drafts included.
     pub(super) fn sampling_rows(schedule: &Schedule) -> usize {
         schedule.seqs.iter().filter(|s| s.samples).map(|s| 1 + s.draft).sum()
     }
 
-    /// Verifies `seq`'s draft of `draft` tokens against its `rows` (one per draft token and one
-    /// after, in position order) and accepts what holds.
-    pub(super) fn verify_draft(&mut self, seq: SeqId, draft: usize, rows: &[RowResult], logits: &mut [f32]) {
+    /// Verifies `seq`'s draft of `draft` tokens against its `rows` of `reduced` (one per draft
+    /// token and one after, in position order; full, or reduced on the device as planned) and
+    /// accepts what holds.
+    pub(super) fn verify_draft(&mut self, seq: SeqId, draft: usize, rows: &[RowResult], reduced: &mut ReducedRows) {
         let proposed: Vec<_> = match self.scheduler.get(seq) {
             Some(s) => s.tokens[s.tokens.len() - draft..].to_vec(),
             None => return,
@@ -81,10 +76,18 @@ impl EngineCore {
         let Some(req_id) = self.seqs.get(&seq).map(|s| s.request.clone()) else { return };
         let mut accepted = 0;
         for (i, row) in rows.iter().enumerate() {
-            let RowResult::Full(range) = row else { break }; // planned full: never otherwise
             let Some(mut state) = self.seqs.remove(&seq) else { break };
-            let sampled = self.sample_with(&mut state, &req_id, &mut logits[range.clone()]);
+            let sampled = match row {
+                RowResult::Full(range) => {
+                    Some(self.sample_with(&mut state, &req_id, &mut reduced.logits[range.clone()]))
+                }
+                RowResult::Token(token) => self.sample_reduced_with(&mut state, Reduced::Token(*token)),
+                RowResult::TopK(range) => {
+                    self.sample_reduced_with(&mut state, Reduced::TopK(&reduced.candidates[range.clone()]))
+                }
+            };
             self.seqs.insert(seq, state);
+            let Some(sampled) = sampled else { break };
             if i < draft && sampled.token == proposed[i] {
                 accepted += 1;
                 self.accept(seq, sampled);

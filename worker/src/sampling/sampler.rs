@@ -254,6 +254,12 @@ impl SequenceSampler {
         pick(&self.kept, u).map(|id| id as usize)
     }
 
+    /// Whether its rows depend on the tokens before them (a penalty keeps a history): a draft's
+    /// rows then each need their own plan, made after the tokens before them.
+    pub fn keeps_history(&self) -> bool {
+        self.history.is_some()
+    }
+
     /// How a device can reduce this sequence's next row exactly (see `reduce`): the argmax for
     /// greedy rows, the `top_k` best for top-k sampling up to [`DEVICE_TOP_K_MAX`], after this
     /// step's penalties, bias and `suppress` as per-token edits; `Full` for anything else

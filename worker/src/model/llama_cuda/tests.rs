@@ -267,6 +267,20 @@ fn graph_replay_decodes_the_eager_steps_greedy_tokens() {
     }
 }
 
+/// Speculative decoding on the GPU (the ngram proposer; drafts verified in multi-row steps,
+/// which run eagerly, their rows reduced on the device where the plan allows) gives the greedy
+/// tokens of plain decoding, in f32. In bf16 the product of one row (our GEMV) and of several
+/// (cuBLAS) round differently, so near-ties may break differently, as in vLLM.
+#[test]
+fn speculative_decoding_on_the_gpu_keeps_the_greedy_tokens() {
+    let gpu = EngineOptions { device: "cuda".into(), dtype: GpuDType::Float32, ..options() };
+    let json = r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}"#;
+    let config = crate::spec::SpeculativeConfig::parse_json(json).unwrap();
+    let spec = EngineOptions { speculative_config: Some(config), ..gpu.clone() };
+    assert_eq!(decode_first(&spec, 5), decode_first(&gpu, 5), "5 streams, with and without drafts");
+    assert_eq!(decode_first(&spec, 1), decode_first(&gpu, 1), "one stream");
+}
+
 /// Greedy continuations of the first `n` prompts, submitted at once.
 fn decode_first(opts: &EngineOptions, n: usize) -> Vec<Vec<TokenId>> {
     let template = ChatTemplateOptions { add_generation_prompt: true, ..Default::default() };
