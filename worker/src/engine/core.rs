@@ -524,7 +524,7 @@ impl EngineCore {
         }
         if self.deferred.holds(seq) {
             // An earlier token of this step (a draft's) waits: it goes first.
-            self.flush_deferred();
+            self.deferred.flush_seq(seq, &mut self.seqs, &self.requests, &self.tokenizer);
         }
         self.accept_now(seq, sampled, stop_token, at_length, grammar_complete, past_min)
     }

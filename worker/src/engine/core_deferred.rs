@@ -51,6 +51,21 @@ impl DeferredOutputs {
         self.pending.push(Pending { seq, token, past_min, logprobs });
     }
 
+    /// Sends `seq`'s deferred tokens now, leaving the others' waiting (a later token of `seq`
+    /// in the same step, a draft's, is about to go out).
+    pub fn flush_seq(
+        &mut self,
+        seq: SeqId,
+        seqs: &mut HashMap<SeqId, SeqState>,
+        requests: &HashMap<String, RequestState>,
+        tokenizer: &Tokenizer,
+    ) {
+        let (mut mine, rest): (Vec<Pending>, Vec<Pending>) =
+            std::mem::take(&mut self.pending).into_iter().partition(|p| p.seq == seq);
+        self.pending = rest;
+        Self::send(&mut mine, seqs, requests, tokenizer);
+    }
+
     /// Detokenizes every deferred token and sends its delta.
     pub fn flush(
         &mut self,
@@ -58,7 +73,19 @@ impl DeferredOutputs {
         requests: &HashMap<String, RequestState>,
         tokenizer: &Tokenizer,
     ) {
-        for p in self.pending.drain(..) {
+        let mut pending = std::mem::take(&mut self.pending);
+        Self::send(&mut pending, seqs, requests, tokenizer);
+        self.pending = pending; // empty, its capacity kept
+    }
+
+    /// Sends and removes every token of `pending`, in order.
+    fn send(
+        pending: &mut Vec<Pending>,
+        seqs: &mut HashMap<SeqId, SeqState>,
+        requests: &HashMap<String, RequestState>,
+        tokenizer: &Tokenizer,
+    ) {
+        for p in pending.drain(..) {
             let Some(state) = seqs.get_mut(&p.seq) else { continue };
             let Some(req) = requests.get(&state.request) else { continue };
             let text = state.push_text(tokenizer, p.token, p.past_min).emit;

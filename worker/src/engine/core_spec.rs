@@ -101,6 +101,12 @@ impl EngineCore {
             self.accept(seq, sampled);
             break;
         }
+        if self.scheduler.get(seq).is_some_and(|s| s.draft > 0) {
+            // Verification stopped before the step's last token (its request went away): the
+            // sequence keeps what was accepted and samples again from there.
+            self.scheduler.resolve_draft(seq, accepted);
+            self.scheduler.abandon_draft(seq);
+        }
         self.counters.spec_decode.record(draft, accepted);
         if let Some(state) = self.seqs.get_mut(&seq) {
             state.acceptance.record(draft, accepted);

@@ -106,6 +106,12 @@ fn speculative(opts: &EngineOptions, pooling: bool) -> Result<Option<crate::spec
     Ok(Some(settings))
 }
 
+/// The most speculative tokens a sequence carries in a step (0: speculation off or refused).
+#[cfg(feature = "cuda")]
+fn speculative_tokens(opts: &EngineOptions) -> usize {
+    opts.speculative_config.as_ref().and_then(|c| c.settings().ok()).map_or(0, |s| s.num_tokens)
+}
+
 /// The step-time goal the engine schedules for: `--itl-goal-ms` (0: none), by default one on a
 /// GPU (where a full budget of prompt tokens holds every stream for a long step) and none on
 /// the CPU.
@@ -193,6 +199,7 @@ fn load_cuda(
             pooling: opts.pooling()?.is_some(),
             enforce_eager: opts.enforce_eager,
             quantization: quantization.clone(),
+            draft_tokens: speculative_tokens(opts),
         },
     )?;
     Ok(Box::new(model))

@@ -2,8 +2,10 @@
 //! of its tokens until the step that computes them is verified.
 //!
 //! Invariants: only a decoding sequence (nothing left to compute but its last sampled token)
-//! takes a draft; a draft is computed whole in one step with the token before it or not at all
-//! (the scheduler trims it to the step's budget, and preemption drops it); its positions are
+//! takes a draft; what is left of a draft is computed whole in one step with the token before it
+//! (the scheduler first trims it to the step's budget less one token for each decoding sequence
+//! after it, and to the blocks the sequence holds or the pool has free: a draft never preempts
+//! anything nor takes another sequence's decode token; preemption drops it); its positions are
 //! never registered in the prefix cache (`complete` hashes verified tokens only); resolving it
 //! keeps the accepted prefix (their K/V, computed in context, stay valid), drops the rest, and
 //! gives back the blocks only the dropped positions needed, so a rejected draft leaks nothing.
@@ -29,6 +31,14 @@ impl Scheduler {
         true
     }
 
+    /// Shortens `id`'s draft to at most `max_tokens` tokens to compute in all and to the
+    /// blocks it holds plus the free ones, so it neither takes budget nor preempts.
+    pub(super) fn fit_draft(&mut self, id: SeqId, max_tokens: usize) {
+        let Some(s) = self.seqs.get(&id) else { return };
+        let room = (s.blocks.len() + self.pool.num_free()) * self.cfg.block_size;
+        self.trim_draft(id, max_tokens.min(room.saturating_sub(s.num_computed)));
+    }
+
     /// Shortens `id`'s draft so at most `max_tokens` tokens are left to compute (the token
     /// before the draft always stays).
     pub(super) fn trim_draft(&mut self, id: SeqId, max_tokens: usize) {
@@ -36,6 +46,15 @@ impl Scheduler {
         let drop = s.num_uncomputed().saturating_sub(max_tokens.max(1)).min(s.draft);
         s.tokens.truncate(s.tokens.len() - drop);
         s.draft -= drop;
+    }
+
+    /// Drops `id`'s draft unverified and makes its last verified token uncomputed again, so
+    /// its next step samples from it (a verification that could not finish).
+    pub fn abandon_draft(&mut self, id: SeqId) {
+        self.resolve_draft(id, 0);
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.num_computed = s.num_computed.min(s.tokens.len().saturating_sub(1));
+        }
     }
 
     /// Ends `id`'s draft after its step ran: its first `accepted` tokens become ordinary
@@ -56,3 +75,7 @@ impl Scheduler {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "draft_tests.rs"]
+mod tests;

@@ -205,12 +205,15 @@ impl Scheduler {
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut rows_left = MAX_PROMPT_ROWS_PER_STEP;
         let mut i = 0;
+        // Decoding sequences not yet scheduled: a draft never takes their token's budget.
+        let mut decodes_left = decodes;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
-            if self.seqs[&id].num_uncomputed() > budget {
-                self.trim_draft(id, budget); // a draft runs whole or not at all
+            if self.seqs[&id].draft > 0 {
+                self.fit_draft(id, budget.saturating_sub(decodes_left.saturating_sub(1)));
             }
             let (want, decoding) = (self.seqs[&id].num_uncomputed(), self.seqs[&id].is_decoding());
+            decodes_left -= usize::from(decoding && decodes_left > 0);
             let n = if decoding { want.min(budget) } else { want.min(budget).min(prompt_left) };
             let rows_before = out.prompt_rows.len();
             let n = self.take_prompt_rows(id, n, &mut rows_left, &mut out.prompt_rows);

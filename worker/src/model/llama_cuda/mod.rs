@@ -75,6 +75,9 @@ pub struct CudaModelOptions {
     pub enforce_eager: bool,
     /// The projections' weights: floats, or FP8 (see `model::quant`, `kernels::cuda::fp8`).
     pub quantization: Quantization,
+    /// Speculative tokens a sequence may carry in a step (`num_speculative_tokens`, 0: off):
+    /// each adds a logits row, so the profiling forward asks for that many more per sequence.
+    pub draft_tokens: usize,
 }
 
 /// A Llama model with its KV cache, on one GPU.
@@ -452,8 +455,8 @@ fn synchronize(device: &Device) -> Result<()> {
 }
 
 /// The largest step the scheduler can form: `max_num_batched_tokens` tokens over up to
-/// `max_num_seqs` fresh sequences, each wanting logits, each within `max_model_len` (and, for a
-/// pooling model, every row's hidden state).
+/// `max_num_seqs` fresh sequences, each wanting logits (as many rows as a drafted sequence
+/// does), each within `max_model_len` (and, for a pooling model, every row's hidden state).
 fn profiling_batch(opts: &CudaModelOptions) -> ForwardBatch {
     let tokens = opts.max_num_batched_tokens.max(1);
     let seqs = opts.max_num_seqs.clamp(1, tokens).max(tokens.div_ceil(opts.max_model_len.max(1)));
@@ -468,6 +471,10 @@ fn profiling_batch(opts: &CudaModelOptions) -> ForwardBatch {
         next_block += blocks;
         let ids: Vec<u32> = (0..len as u32).map(|t| t % 7 + 1).collect();
         batch.push_seq(&ids, 0, &table, opts.block_size, true);
+        // A drafted sequence's rows: the one before its draft and one per draft token.
+        let rows = len.min(1 + opts.draft_tokens);
+        let last = batch.logits_rows.pop().expect("the sequence's row");
+        batch.logits_rows.extend(last + 1 - rows..=last);
     }
     if opts.pooling {
         batch.hidden_rows = (0..batch.num_tokens()).collect();
