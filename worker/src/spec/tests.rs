@@ -41,3 +41,42 @@ fn proposals_are_bounded_by_max_and_copied_from_the_sequence() {
         assert!(out.iter().all(|t| tokens.contains(t)));
     }
 }
+
+/// The definition, by brute force: for n from `lookup_max` down to `lookup_min`, the latest
+/// earlier occurrence of the last n tokens, and what follows it.
+fn by_definition(settings: &SpecSettings, tokens: &[TokenId], max: usize) -> Vec<TokenId> {
+    let len = tokens.len();
+    if max == 0 || len < 2 {
+        return Vec::new();
+    }
+    for n in (settings.lookup_min..=settings.lookup_max.min(len - 1)).rev() {
+        let suffix = &tokens[len - n..];
+        if let Some(i) = (0..len - n).rev().find(|&i| &tokens[i..i + n] == suffix) {
+            let follow = &tokens[i + n..];
+            return follow[..follow.len().min(max)].to_vec();
+        }
+    }
+    Vec::new()
+}
+
+#[test]
+fn the_one_pass_search_proposes_what_the_definition_says() {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = |bound: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound
+    };
+    for case in 0..3000 {
+        let len = 1 + next(60) as usize;
+        let vocab = 2 + next(5);
+        let tokens: Vec<TokenId> = (0..len).map(|_| next(vocab) as TokenId).collect();
+        let min = 1 + next(4) as usize;
+        let settings = ngram(min, min + next(4) as usize);
+        let max = next(6) as usize;
+        let mut out = Vec::new();
+        propose(&settings, &tokens, max, &mut out);
+        assert_eq!(out, by_definition(&settings, &tokens, max), "case {case}: {tokens:?} {settings:?} max {max}");
+    }
+}
