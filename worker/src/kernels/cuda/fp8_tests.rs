@@ -55,9 +55,10 @@ fn the_fp8_gemv_matches_the_product_of_its_codes_for_every_row_count() {
     // 1000 rows: not a multiple of any rows-per-block; k = 1040 leaves a partial last sweep. One
     // row also at 6144 and 16400 outputs: each of gemv.rs's one-row shapes (split, one feature
     // per warp, wide) is taken once.
-    let shapes = (1..=8).map(|m| (m, 1000)).chain([(1, 6144), (1, 16400)]);
-    for (i, (m, n)) in shapes.enumerate() {
-        let kk = 1040;
+    let shapes = (1..=8).map(|m| (m, 1000, 1040)).chain([(1, 6144, 1040), (1, 16400, 1040)]);
+    // And Llama-3.1-8B's gate_up and down at one and two rows.
+    let shapes = shapes.chain([(1, 28672, 4096), (2, 28672, 4096), (1, 4096, 14336)]);
+    for (i, (m, n, kk)) in shapes.enumerate() {
         let (w, meant) = weight(&k, 100 + i as u64, n, kk);
         let x = rounded(&random(200 + i as u64, m * kk, 1.0), DType::BF16);
         let x_dev = upload_f32(&x, &[m, kk], DType::BF16, &dev).unwrap();
