@@ -354,8 +354,10 @@ impl EngineCore {
             let (seq, first) = (item.id, rows);
             rows += 1 + item.draft;
             if item.draft > 0 {
-                let Some(seq_rows) = reduced.rows.get(first..rows).map(<[RowResult]>::to_vec) else { break };
-                self.verify_draft(seq, item.draft, &seq_rows, &mut reduced);
+                if reduced.rows.len() < rows {
+                    break;
+                }
+                self.verify_draft(seq, item.draft, first, &mut reduced);
                 continue;
             }
             let Some(row) = reduced.rows.get(first) else { break };
@@ -522,7 +524,7 @@ impl EngineCore {
             self.deferred.push(seq, token, past_min, logprobs);
             return;
         }
-        if self.deferred.holds(seq) {
+        if self.spec.is_some() && self.deferred.holds(seq) {
             // An earlier token of this step (a draft's) waits: it goes first.
             self.deferred.flush_seq(seq, &mut self.seqs, &self.requests, &self.tokenizer);
         }

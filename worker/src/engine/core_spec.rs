@@ -65,30 +65,33 @@ impl EngineCore {
         schedule.seqs.iter().filter(|s| s.samples).map(|s| 1 + s.draft).sum()
     }
 
-    /// Verifies `seq`'s draft of `draft` tokens against its `rows` of `reduced` (one per draft
-    /// token and one after, in position order; full, or reduced on the device as planned) and
-    /// accepts what holds.
-    pub(super) fn verify_draft(&mut self, seq: SeqId, draft: usize, rows: &[RowResult], reduced: &mut ReducedRows) {
-        let proposed: Vec<_> = match self.scheduler.get(seq) {
-            Some(s) => s.tokens[s.tokens.len() - draft..].to_vec(),
-            None => return,
+    /// Verifies `seq`'s draft of `draft` tokens against its rows of `reduced`, from `first` (one
+    /// per draft token and one after, in position order; full, or reduced on the device as
+    /// planned) and accepts what holds.
+    pub(super) fn verify_draft(&mut self, seq: SeqId, draft: usize, first: usize, reduced: &mut ReducedRows) {
+        let (Some(s), Some(req_id)) = (self.scheduler.get(seq), self.seqs.get(&seq).map(|s| s.request.clone())) else {
+            return;
         };
-        let Some(req_id) = self.seqs.get(&seq).map(|s| s.request.clone()) else { return };
+        // The proposer's buffer (free until the next step's proposals) holds the draft while
+        // accepting tokens changes the sequence.
+        let mut proposed = std::mem::take(&mut self.spec_tokens);
+        proposed.clear();
+        proposed.extend_from_slice(&s.tokens[s.tokens.len() - draft..]);
         let mut accepted = 0;
-        for (i, row) in rows.iter().enumerate() {
+        for i in 0..=draft {
             let Some(mut state) = self.seqs.remove(&seq) else { break };
-            let sampled = match row {
+            let sampled = match reduced.rows[first + i].clone() {
                 RowResult::Full(range) => {
                     Some(self.sample_with(&mut state, &req_id, &mut reduced.logits[range.clone()]))
                 }
-                RowResult::Token(token) => self.sample_reduced_with(&mut state, Reduced::Token(*token)),
+                RowResult::Token(token) => self.sample_reduced_with(&mut state, Reduced::Token(token)),
                 RowResult::TopK(range) => {
                     self.sample_reduced_with(&mut state, Reduced::TopK(&reduced.candidates[range.clone()]))
                 }
             };
             self.seqs.insert(seq, state);
             let Some(sampled) = sampled else { break };
-            if i < draft && sampled.token == proposed[i] {
+            if proposed.get(i) == Some(&sampled.token) {
                 accepted += 1;
                 self.accept(seq, sampled);
                 if self.seqs.contains_key(&seq) {
@@ -104,9 +107,9 @@ impl EngineCore {
         if self.scheduler.get(seq).is_some_and(|s| s.draft > 0) {
             // Verification stopped before the step's last token (its request went away): the
             // sequence keeps what was accepted and samples again from there.
-            self.scheduler.resolve_draft(seq, accepted);
-            self.scheduler.abandon_draft(seq);
+            self.scheduler.abandon_draft(seq, accepted);
         }
+        self.spec_tokens = proposed;
         self.counters.spec_decode.record(draft, accepted);
         if let Some(state) = self.seqs.get_mut(&seq) {
             state.acceptance.record(draft, accepted);

@@ -48,10 +48,11 @@ impl Scheduler {
         s.draft -= drop;
     }
 
-    /// Drops `id`'s draft unverified and makes its last verified token uncomputed again, so
-    /// its next step samples from it (a verification that could not finish).
-    pub fn abandon_draft(&mut self, id: SeqId) {
-        self.resolve_draft(id, 0);
+    /// Ends `id`'s draft keeping its first `accepted` tokens, and makes its last kept token
+    /// uncomputed again, so its next step samples from it (a verification that could not
+    /// finish).
+    pub fn abandon_draft(&mut self, id: SeqId, accepted: usize) {
+        self.resolve_draft(id, accepted);
         if let Some(s) = self.seqs.get_mut(&id) {
             s.num_computed = s.num_computed.min(s.tokens.len().saturating_sub(1));
         }

@@ -95,7 +95,7 @@ fn preemption_drops_a_draft_and_abandoning_one_recomputes_the_last_token() {
     assert!(s.set_draft(1, &[8, 9]));
     let sched = s.schedule();
     s.complete(&sched);
-    s.abandon_draft(1);
+    s.abandon_draft(1, 0);
     let seq = s.get(1).unwrap();
     assert_eq!((seq.tokens.len(), seq.num_computed, seq.draft), (7, 6, 0));
     assert!(seq.is_decoding(), "its next step samples from its last token again");
