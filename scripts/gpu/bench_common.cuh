@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -79,6 +80,18 @@ __global__ void fill_random(__nv_bfloat16* p, size_t n, unsigned seed, float sca
         h *= 2246822519u;
         h ^= h >> 13;
         p[i] = __float2bfloat16_rn(scale * ((h & 0xffff) / 32768.f - 1.f));
+    }
+}
+
+// Random finite E4M3 codes (no NaN: 0x7f / 0xff become 0x7e / 0xfe).
+__global__ void fill_fp8(uint8_t* p, size_t n, unsigned seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        unsigned h = (unsigned)i * 2654435761u ^ seed;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        uint8_t c = (uint8_t)h;
+        p[i] = (c & 0x7f) == 0x7f ? c - 1 : c;
     }
 }
 

@@ -60,18 +60,6 @@ static void launch_gemv(const GemvSet& set, int m, const void* w, const float* s
     CHECK(cudaLaunchKernel(f, grid, dim3(gemv_core::WARPS * 32), args, 0, s));
 }
 
-// Random finite E4M3 codes (no NaN: 0x7f / 0xff become 0x7e / 0xfe).
-__global__ void fill_fp8(uint8_t* p, size_t n, unsigned seed) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        unsigned h = (unsigned)i * 2654435761u ^ seed;
-        h ^= h >> 15;
-        h *= 2246822519u;
-        h ^= h >> 13;
-        uint8_t c = (uint8_t)h;
-        p[i] = (c & 0x7f) == 0x7f ? c - 1 : c;
-    }
-}
-
 // Median time of one of the `launches` launches `body` makes, in µs.
 template <typename F>
 static float time_us(cudaStream_t s, int launches, F body) {
