@@ -91,6 +91,9 @@ static Candidates time_candidates(cublasLtHandle_t lt, cublasLtMatmulDesc_t op, 
     return c;
 }
 
+// JSON has no NaN or infinity: a product no algorithm ran is written as -1.
+static double json_num(double v) { return std::isfinite(v) ? v : -1; }
+
 int main(int argc, char** argv) {
     const char* json_path = argc > 2 && !strcmp(argv[1], "--json") ? argv[2] : nullptr;
     cudaStream_t s;
@@ -188,7 +191,8 @@ int main(int argc, char** argv) {
                 fprintf(json,
                         "%s{\"format\": \"bf16\", \"layer\": \"%s\", \"m\": %d, \"default_us\": %.2f, "
                         "\"lt_first_us\": %.2f, \"lt_best_us\": %.2f, \"algos\": %d, \"limit_us\": %.2f}",
-                        first_row ? "" : ", ", sh.name, m, default_us, c.first_us, c.best_us, c.valid, limit_us);
+                        first_row ? "" : ", ", sh.name, m, default_us, json_num(c.first_us), json_num(c.best_us), c.valid,
+                        limit_us);
                 first_row = false;
             }
         }
@@ -199,9 +203,10 @@ int main(int argc, char** argv) {
     // per token after the product), bf16 out: what the tensor cores give at each row count,
     // against the product's limit in FP8 (half the weight bytes; FLOPs at the best FP8 rate at
     // 4096 rows). Checked against cublasGemmEx on the same codes in bf16.
-    printf("\nFP8 E4M3 weights and activations, per-tensor scales in the epilogue, bf16 out (cuBLASLt):\n");
-    printf("%-8s %5s %10s %10s %5s %10s %8s %9s\n", "layer", "m", "lt #0 us", "lt best us", "algos", "limit us",
-           "best%", "max err");
+    printf("\nFP8 E4M3 weights and activations, bf16 out (cuBLASLt): per-tensor scales in the epilogue; "
+           "vec: per-row weight scales as alpha's device vector\n");
+    printf("%-8s %5s %10s %10s %5s %10s %8s %9s %10s %5s\n", "layer", "m", "lt #0 us", "lt best us", "algos",
+           "limit us", "best%", "max err", "vec best", "algos");
     for (const Shape& sh : shapes) {
         const size_t elems = (size_t)sh.n * sh.k;
         const int copies = (int)std::max<size_t>(2, (size_t(512) << 20) / elems + 1);
@@ -215,12 +220,16 @@ int main(int argc, char** argv) {
         CHECK(cudaMalloc(&y, (size_t)MAX_M * sh.n * sizeof(bf16)));
         CHECK(cudaMalloc(&ref, (size_t)MAX_M * sh.n * sizeof(bf16)));
         CHECK(cudaMalloc(&scales, 2 * sizeof(float)));
+        float* row_scales;  // the weight's scale for every output row (all equal here)
+        CHECK(cudaMalloc(&row_scales, sh.n * sizeof(float)));
         fill_fp8<<<264, 512, 0, s>>>(pool, elems * copies, 5);
         fill_fp8<<<264, 512, 0, s>>>(xq, (size_t)MAX_M * sh.k, 9);
         fp8_to_bf16<<<264, 512, 0, s>>>(pool, w_ref, elems);
         fp8_to_bf16<<<264, 512, 0, s>>>(xq, x_ref, (size_t)MAX_M * sh.k);
         const float host_scales[2] = {1.f / 448.f, 1.f / 448.f};
         CHECK(cudaMemcpy(scales, host_scales, sizeof host_scales, cudaMemcpyHostToDevice));
+        const std::vector<float> host_row_scales(sh.n, host_scales[0]);
+        CHECK(cudaMemcpy(row_scales, host_row_scales.data(), sh.n * sizeof(float), cudaMemcpyHostToDevice));
         for (size_t mi = 0; mi < ms.size(); ++mi) {
             const int m = ms[mi];
             const float ref_alpha = host_scales[0] * host_scales[1], alpha = 1.f, beta = 0.f;
@@ -229,46 +238,65 @@ int main(int argc, char** argv) {
                             CUBLAS_GEMM_DEFAULT));
             CHECK(cudaStreamSynchronize(s));
             const std::vector<float> want = download(ref, (size_t)m * sh.n);
-            cublasLtMatmulDesc_t op;
-            LT(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-            const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-            LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-            LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-            const float* a_scale = scales;
-            const float* b_scale = scales + 1;
-            LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof a_scale));
-            LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof b_scale));
-            cublasLtMatrixLayout_t la, lb, lc;
-            LT(cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, sh.k, sh.n, sh.k));
-            LT(cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, sh.k, m, sh.k));
-            LT(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, sh.n, m, sh.n));
-            const int launches = copies * 2;
-            char what[64];
-            snprintf(what, sizeof what, "fp8 %s m=%d", sh.name, m);
-            const Candidates c = time_candidates(
-                lt, op, la, lb, lc, ws_bytes, s, launches, y, (size_t)m * sh.n, want, what,
-                [&](const cublasLtMatmulAlgo_t* algo, int i) {
-                    return cublasLtMatmul(lt, op, &alpha, pool + (size_t)(i % copies) * elems, la, xq, lb, &beta, y,
-                                          lc, y, lc, algo, lt_ws, ws_bytes, s);
-                });
-            cublasLtMatrixLayoutDestroy(la);
-            cublasLtMatrixLayoutDestroy(lb);
-            cublasLtMatrixLayoutDestroy(lc);
-            cublasLtMatmulDescDestroy(op);
+            // Two ways to give cuBLASLt the scales: both as scalars (per-tensor weight and
+            // activation scales), or the weight's per-output-row scales as a device vector of
+            // alpha (ALPHA_DEVICE_VECTOR_BETA_ZERO) and the activation's as a scalar: per-channel
+            // weights with per-tensor activations, fused, if the library offers it for FP8.
+            Candidates found[2];
+            for (int variant = 0; variant < 2; ++variant) {
+                cublasLtMatmulDesc_t op;
+                LT(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+                const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+                LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+                LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+                const float* b_scale = scales + 1;
+                LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale,
+                                                  sizeof b_scale));
+                if (variant == 0) {
+                    const float* a_scale = scales;
+                    LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale,
+                                                      sizeof a_scale));
+                } else {
+                    const cublasLtPointerMode_t mode = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO;
+                    LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof mode));
+                }
+                cublasLtMatrixLayout_t la, lb, lc;
+                LT(cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, sh.k, sh.n, sh.k));
+                LT(cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, sh.k, m, sh.k));
+                LT(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, sh.n, m, sh.n));
+                const int launches = copies * 2;
+                char what[64];
+                snprintf(what, sizeof what, "fp8 %s %s m=%d", variant ? "alpha-vector" : "scalar", sh.name, m);
+                // Host alpha for scalars; the device vector of per-row scales otherwise (beta zero).
+                const void* alpha_arg = variant ? (const void*)row_scales : (const void*)&alpha;
+                found[variant] = time_candidates(
+                    lt, op, la, lb, lc, ws_bytes, s, launches, y, (size_t)m * sh.n, want, what,
+                    [&](const cublasLtMatmulAlgo_t* algo, int i) {
+                        return cublasLtMatmul(lt, op, alpha_arg, pool + (size_t)(i % copies) * elems, la, xq, lb,
+                                              &beta, y, lc, y, lc, algo, lt_ws, ws_bytes, s);
+                    });
+                cublasLtMatrixLayoutDestroy(la);
+                cublasLtMatrixLayoutDestroy(lb);
+                cublasLtMatrixLayoutDestroy(lc);
+                cublasLtMatmulDescDestroy(op);
+            }
+            const Candidates& c = found[0];
+            const Candidates& v = found[1];
 
             const double flops = 2.0 * m * sh.n * sh.k;
             if (m == 4096 && c.valid) fp8_peak_flops = std::max(fp8_peak_flops, flops / (c.best_us * 1e-6));
             const double limit_us =
                 std::max(elems / read_bw, fp8_peak_flops > 0 ? flops / fp8_peak_flops : 0.0) * 1e6;
-            printf("%-8s %5d %10.1f %10.1f %5d %10.1f %7.0f%% %9.1e\n", sh.name, m, c.first_us, c.best_us, c.valid,
-                   limit_us, c.valid ? 100 * limit_us / c.best_us : 0.0, c.worst_err);
+            printf("%-8s %5d %10.1f %10.1f %5d %10.1f %7.0f%% %9.1e %10.1f %5d\n", sh.name, m, c.first_us, c.best_us,
+                   c.valid, limit_us, c.valid ? 100 * limit_us / c.best_us : 0.0, c.worst_err, v.best_us, v.valid);
             step_fp8[mi] += 32 * (c.valid ? c.best_us : NAN);
             step_fp8_limit[mi] += 32 * limit_us;
             if (json) {
                 fprintf(json,
                         ", {\"format\": \"fp8\", \"layer\": \"%s\", \"m\": %d, \"lt_first_us\": %.2f, "
-                        "\"lt_best_us\": %.2f, \"algos\": %d, \"limit_us\": %.2f}",
-                        sh.name, m, c.first_us, c.best_us, c.valid, limit_us);
+                        "\"lt_best_us\": %.2f, \"algos\": %d, \"limit_us\": %.2f, \"alpha_vector_best_us\": %.2f, "
+                        "\"alpha_vector_algos\": %d}",
+                        sh.name, m, json_num(c.first_us), json_num(c.best_us), c.valid, limit_us, json_num(v.best_us), v.valid);
             }
         }
         cudaFree(pool);
@@ -278,6 +306,7 @@ int main(int argc, char** argv) {
         cudaFree(y);
         cudaFree(ref);
         cudaFree(scales);
+        cudaFree(row_scales);
     }
 
     printf("\ncompute limit: bf16 %.0f TFLOP/s, fp8 %.0f TFLOP/s (the best rates at 4096 rows)\n", peak_flops / 1e12,
