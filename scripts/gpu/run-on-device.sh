@@ -9,6 +9,7 @@
 #   bash scripts/gpu/run-on-device.sh [tests] [linear] [bench] [parity] [profile] [profile-attention]
 #                                     [attention] [decode-attention] [serve] [hf-parity] [ptx]
 #                                     [a10g-plan] [structured] [overlap] [gemm] [replicas] [fp8] [spec]
+#                                     [tp]
 #                                                                        (default: tests bench parity)
 #
 # carry: gpu-pack (binaries, tokenizer). The GGUF comes in two more calls carrying gpu-smol1
@@ -280,6 +281,18 @@ if [[ " $steps " == *" spec "* ]]; then
             bash scripts/bench-speculative.sh > "$out/spec-$m.txt" 2>&1
         while read -r line; do row "spec $m (plain / ngram tok/s)" "$line"; done < <(grep -E '^\| (edit|chat)' "$out/spec-$m.txt")
     done
+fi
+
+if [[ " $steps " == *" tp "* ]]; then
+    # Tensor parallelism on GPUs (issues 16 and 17): NCCL's collectives as the ranks call them
+    # (tp/nccl_tests.rs: sums and gathers over every GPU of the machine, in bf16 and f32, an
+    # all-reduce captured into a graph and replayed, an aborted communicator refused). The
+    # library: LUMEN_NCCL_LIBRARY when set, else the one PyTorch ships on the machine.
+    nccl=${LUMEN_NCCL_LIBRARY:-$(python3 -c 'import glob, os, nvidia.nccl as n; print(glob.glob(os.path.join(list(n.__path__)[0], "lib", "libnccl.so*"))[0])' 2>/dev/null)}
+    [ -n "$nccl" ] || nccl=$(find / -xdev -name 'libnccl.so*' 2>/dev/null | head -1)
+    gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+    LUMEN_NCCL_LIBRARY=$nccl "$work/worker-tests" --test-threads=1 tp::nccl > "$out/tp-tests.log" 2>&1
+    row "NCCL collectives, $gpus GPU(s)" "$(grep -E '^test result' "$out/tp-tests.log" | tail -1) (${nccl:-no libnccl found})"
 fi
 
 if [[ " $steps " == *" overlap "* ]]; then

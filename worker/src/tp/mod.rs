@@ -27,6 +27,8 @@
 
 pub mod comm;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod source;
 
 use std::ops::Range;
