@@ -291,7 +291,7 @@ if [[ " $steps " == *" tp "* ]]; then
     nccl=${LUMEN_NCCL_LIBRARY:-$(python3 -c 'import glob, os, nvidia.nccl as n; print(glob.glob(os.path.join(list(n.__path__)[0], "lib", "libnccl.so*"))[0])' 2>/dev/null)}
     [ -n "$nccl" ] || nccl=$(find / -xdev -name 'libnccl.so*' 2>/dev/null | head -1)
     gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
-    LUMEN_NCCL_LIBRARY=$nccl "$work/worker-tests" --test-threads=1 tp::nccl > "$out/tp-tests.log" 2>&1
+    LUMEN_NCCL_LIBRARY=$nccl "$work/worker-tests" --test-threads=1 tp::nccl tp::gpu_comm > "$out/tp-tests.log" 2>&1
     row "NCCL collectives, $gpus GPU(s)" "$(grep -E '^test result' "$out/tp-tests.log" | tail -1) (${nccl:-no libnccl found})"
 fi
 

@@ -83,6 +83,11 @@ impl LocalGroup {
         }
     }
 
+    /// How many ranks meet in the group.
+    pub fn ranks(&self) -> usize {
+        self.gate.ranks
+    }
+
     /// Fails every collective, now waiting or later (a rank failed).
     pub fn abort(&self) {
         self.gate.abort();

@@ -66,6 +66,12 @@ impl Param for usize {
     }
 }
 
+impl Param for u32 {
+    fn into_slot(self) -> u64 {
+        u64::from(self)
+    }
+}
+
 impl Param for i32 {
     fn into_slot(self) -> u64 {
         u64::from(self as u32)

@@ -164,12 +164,20 @@ __device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, int widt
     }
 }
 
-// `out[r] = src[ids[r]]` for rows of `width` values. One block per output row.
+// `out[r] = src[ids[r] - first]` for rows of `width` values, where `src` holds the `src_rows`
+// rows of ids `first..first + src_rows`; a row whose id is outside them is zeros (a tensor-parallel
+// rank's share of the embeddings: the ranks' rows summed give every row once). One block per
+// output row.
 template <typename T>
 __device__ void gather_rows(const T* __restrict__ src, const uint32_t* __restrict__ ids, T* __restrict__ out,
-                            int width) {
-    const T* s = src + (size_t)ids[blockIdx.x] * width;
+                            int width, uint32_t first, uint32_t src_rows) {
+    const uint32_t id = ids[blockIdx.x] - first;  // wraps below `first`: outside too
     T* o = out + (size_t)blockIdx.x * width;
+    if (id >= src_rows) {
+        for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = T(0.f);
+        return;
+    }
+    const T* s = src + (size_t)id * width;
     for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = s[i];
 }
 
@@ -190,9 +198,10 @@ __device__ void gather_rows(const T* __restrict__ src, const uint32_t* __restric
         await_previous_kernel();                                                                                  \
         silu_mul<T>(gu, out, width);                                                                             \
     }                                                                                                             \
-    extern "C" __global__ void gather_rows_##SUFFIX(const T* src, const uint32_t* ids, T* out, int width) {     \
+    extern "C" __global__ void gather_rows_##SUFFIX(const T* src, const uint32_t* ids, T* out, int width,       \
+                                                    uint32_t first, uint32_t src_rows) {                         \
         await_previous_kernel();                                                                                  \
-        gather_rows<T>(src, ids, out, width);                                                                    \
+        gather_rows<T>(src, ids, out, width, first, src_rows);                                                   \
     }
 
 LUMEN_OPS(float, f32)

@@ -178,16 +178,26 @@ impl CudaKernels {
 
     /// [`CudaKernels::gather_rows`] into `out` (`[n, width]`, contiguous, of the kernels' type).
     pub fn gather_rows_into(&self, src: &Tensor, ids: u64, out: &Tensor) -> Result<()> {
+        self.gather_rows_from(src, 0, ids, out)
+    }
+
+    /// Rows of the ids at `ids` where `src` holds only the rows of ids `first..first + rows`
+    /// (a tensor-parallel rank's vocabulary range): ids outside give rows of zeros, so the
+    /// ranks' outputs summed are the whole table's rows.
+    pub fn gather_rows_from(&self, src: &Tensor, first: usize, ids: u64, out: &Tensor) -> Result<()> {
         self.expect("src", src)?;
         self.expect("out", out)?;
-        let ((_, width), (n, out_width)) = (dims2("src", src)?, dims2("out", out)?);
+        let ((src_rows, width), (n, out_width)) = (dims2("src", src)?, dims2("out", out)?);
         if width != out_width {
             return Err(mismatch("gather_rows", format!("rows of {width} into rows of {out_width}")));
         }
         if n > 0 {
-            // SAFETY: every id indexes a row of src; out holds n rows of the same width.
+            let first = u32::try_from(first).map_err(|_| mismatch("gather_rows", format!("first id {first}")))?;
+            let src_rows = u32::try_from(src_rows).map_err(|_| mismatch("gather_rows", format!("{src_rows} rows")))?;
+            // SAFETY: the kernel reads a row of src only for ids in first..first + src_rows (the
+            // others are zeros); out holds n rows of the same width.
             launch!(self, &self.gather_rows, grid((n as u32, 1, 1), ROW_THREADS);
-                device_ptr(src)?, ids, device_ptr(out)?, int("width", width)?)?;
+                device_ptr(src)?, ids, device_ptr(out)?, int("width", width)?, first, src_rows)?;
         }
         Ok(())
     }

@@ -187,6 +187,27 @@ fn silu_mul_and_gather_rows_match_the_cpu() {
         let got = download(&k.gather_rows(&table_dev, meta.ptr(section), ids.len()).unwrap());
         let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * h..(i as usize + 1) * h].to_vec()).collect();
         assert_eq!(got, want);
+
+        // Three tensor-parallel ranks' vocabulary ranges (17 + 17 + 16 ids): each gives its
+        // rows and zeros for the others' ids, so the sum is the whole table's rows.
+        let mut sum = vec![0f32; ids.len() * h];
+        for range in [0..17, 17..34, 34..50] {
+            let shard = &table[range.start * h..range.end * h];
+            let shard_dev = upload_f32(shard, &[range.len(), h], dtype, &dev).unwrap();
+            let out = k.alloc((ids.len(), h)).unwrap();
+            k.gather_rows_from(&shard_dev, range.start, meta.ptr(section), &out).unwrap();
+            let got = download(&out);
+            for (r, &id) in ids.iter().enumerate() {
+                let row = &got[r * h..(r + 1) * h];
+                if range.contains(&(id as usize)) {
+                    assert_eq!(row, &table[id as usize * h..(id as usize + 1) * h], "id {id} in {range:?}");
+                } else {
+                    assert!(row.iter().all(|&v| v == 0.0), "id {id} outside {range:?} gave a nonzero row");
+                }
+                sum[r * h..(r + 1) * h].iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+        }
+        assert_eq!(sum, want, "the ranks' rows summed");
     }
 }
 
