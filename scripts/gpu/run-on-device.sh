@@ -286,7 +286,9 @@ fi
 if [[ " $steps " == *" tp "* ]]; then
     # Tensor parallelism on GPUs (issues 16 and 17): NCCL's collectives as the ranks call them
     # (tp/nccl_tests.rs: sums and gathers over every GPU of the machine, in bf16 and f32, an
-    # all-reduce captured into a graph and replayed, an aborted communicator refused). The
+    # all-reduce captured into a graph and replayed, an aborted communicator refused) and the
+    # ranks' collectives on model tensors (tp/gpu_comm_tests.rs: over NCCL, and staged through
+    # the host for ranks sharing one GPU, an abort releasing a waiting rank). The
     # library: LUMEN_NCCL_LIBRARY when set, else the one PyTorch ships on the machine.
     nccl=${LUMEN_NCCL_LIBRARY:-$(python3 -c 'import glob, os, nvidia.nccl as n; print(glob.glob(os.path.join(list(n.__path__)[0], "lib", "libnccl.so*"))[0])' 2>/dev/null)}
     [ -n "$nccl" ] || nccl=$(find / -xdev -name 'libnccl.so*' 2>/dev/null | head -1)
