@@ -135,16 +135,6 @@ pub fn check(at: &str, section: &Map<String, Value>) -> Result<(), ConfigError> 
         ));
     }
     runner(at, section)?;
-    let ranks = section.get("tensor_parallel_size").and_then(Value::as_u64).unwrap_or(1);
-    let on_gpu = section.get("device").and_then(Value::as_str).is_some_and(|d| d.starts_with("cuda"));
-    if ranks > 1 && on_gpu {
-        return Err(ConfigError::at(
-            format!("{at}.tensor_parallel_size"),
-            format!(
-                "{ranks} GPUs per replica is not built yet: tensor parallelism runs on the CPU only (device: cpu) for now"
-            ),
-        ));
-    }
     match (section.get("source"), section.get("model")) {
         (None, None) => Err(ConfigError::at(
             format!("{at}.source"),
@@ -332,11 +322,6 @@ mod tests {
             (json!({"source": "m", "max_model_len": 0}), "m.max_model_len", "at least 1, got 0"),
             (json!({"source": "m", "max_num_seqs": -4}), "m.max_num_seqs", "at least 1, got -4"),
             (json!({"source": "m", "tensor_parallel_size": 0}), "m.tensor_parallel_size", "at least 1, got 0"),
-            (
-                json!({"source": "m", "tensor_parallel_size": 2, "device": "cuda:0"}),
-                "m.tensor_parallel_size",
-                "CPU only",
-            ),
             (json!({"source": "m", "block_size": 1.5}), "m.block_size", "whole number, got 1.5"),
             (json!({"source": "m", "max_num_seqs": null}), "m.max_num_seqs", "got null"),
             (

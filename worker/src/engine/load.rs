@@ -60,15 +60,6 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
             };
             load_cpu(config, source, opts, format, max_model_len)?
         }
-        ComputeDevice::Cuda(_) if opts.tensor_parallel_size != 1 => {
-            return Err(WorkerError::invalid(
-                "tensor_parallel_size",
-                format!(
-                    "{} GPUs per replica is not built yet: tensor parallelism runs on the CPU only (device: cpu) for now",
-                    opts.tensor_parallel_size
-                ),
-            ));
-        }
         ComputeDevice::Cuda(ordinal) => {
             load_cuda(config, source.as_ref(), opts, max_model_len, ordinal, &quantization)?
         }
@@ -176,6 +167,7 @@ fn load_cuda(
     use super::options::GpuDType;
     use crate::model::llama_cuda::weights::WeightOrigin;
     use crate::model::llama_cuda::{CudaLlama, CudaModelOptions};
+    use crate::tp::cuda::TensorParallelCuda;
     let origin = match opts.load_format {
         LoadFormat::Dummy => WeightOrigin::Random { seed: opts.dummy_seed },
         _ => WeightOrigin::Source(source),
@@ -184,25 +176,38 @@ fn load_cuda(
         GpuDType::Auto | GpuDType::Bfloat16 => candle_core::DType::BF16,
         GpuDType::Float32 => candle_core::DType::F32,
     };
-    let model = CudaLlama::load(
-        config,
-        &origin,
-        &CudaModelOptions {
-            ordinal,
-            dtype,
-            block_size: opts.block_size,
-            max_model_len,
-            max_num_seqs: opts.max_num_seqs,
-            max_num_batched_tokens: opts.max_num_batched_tokens,
-            gpu_memory_utilization: opts.gpu_memory_utilization,
-            gpu_memory_limit: opts.gpu_memory_limit.map(|b| b.as_u64() as usize),
-            pooling: opts.pooling()?.is_some(),
-            enforce_eager: opts.enforce_eager,
-            quantization: quantization.clone(),
-            draft_tokens: speculative_tokens(opts),
-        },
-    )?;
-    Ok(Box::new(model))
+    let cuda = CudaModelOptions {
+        ordinal,
+        dtype,
+        block_size: opts.block_size,
+        max_model_len,
+        max_num_seqs: opts.max_num_seqs,
+        max_num_batched_tokens: opts.max_num_batched_tokens,
+        gpu_memory_utilization: opts.gpu_memory_utilization,
+        gpu_memory_limit: opts.gpu_memory_limit.map(|b| b.as_u64() as usize),
+        pooling: opts.pooling()?.is_some(),
+        enforce_eager: opts.enforce_eager,
+        quantization: quantization.clone(),
+        draft_tokens: speculative_tokens(opts),
+    };
+    let ranks = opts.tensor_parallel_size;
+    if ranks == 1 {
+        return Ok(Box::new(CudaLlama::load(config, &origin, &cuda)?));
+    }
+    // Ranks on GPUs ordinal.. (one each), or all on one GPU when LUMEN_TP_SHARE_GPU=1 (slow:
+    // the collectives go through the host; how a one-GPU machine tests a split model).
+    let shared = std::env::var("LUMEN_TP_SHARE_GPU").is_ok_and(|v| v == "1");
+    let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0).max(0) as usize;
+    if !shared && ordinal + ranks > gpus {
+        return Err(WorkerError::invalid(
+            "tensor_parallel_size",
+            format!(
+                "{ranks} ranks from cuda:{ordinal} need GPUs {ordinal}..{} but this machine has {gpus}",
+                ordinal + ranks - 1
+            ),
+        ));
+    }
+    Ok(Box::new(TensorParallelCuda::load(config, &origin, &cuda, ranks, shared)?))
 }
 
 #[cfg(not(feature = "cuda"))]

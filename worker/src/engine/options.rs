@@ -127,7 +127,8 @@ pub struct EngineOptions {
 
     /// Ranks one replica is spread over (vLLM's `--tensor-parallel-size`): Megatron-style shards
     /// of every layer, meeting in an all-reduce twice a layer. On the CPU the ranks are threads
-    /// sharing `--threads`; on GPUs (one per rank) it is not built yet.
+    /// sharing `--threads`; on GPUs, one GPU per rank (`cuda:N` and the next N-1), meeting over
+    /// NCCL (`LUMEN_NCCL_LIBRARY` names libnccl when it is not on the loader's path).
     #[arg(long, env = "LUMEN_TENSOR_PARALLEL_SIZE", default_value_t = 1)]
     pub tensor_parallel_size: usize,
 

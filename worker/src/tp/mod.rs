@@ -28,6 +28,8 @@
 pub mod comm;
 pub mod cpu;
 #[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cuda")]
 pub mod gpu_comm;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -61,7 +61,7 @@ fn options(threads: usize) -> CpuModelOptions {
 /// Two sequences' prompts, then `steps` decode steps: every step's logits, and the tokens fed
 /// (greedy picks, or `forced`'s tokens when given, so a second model sees the same inputs
 /// even where a near tie would make it pick otherwise).
-fn run_greedy(
+pub(super) fn run_greedy(
     model: &mut dyn Model,
     prompts: [&[u32]; 2],
     steps: usize,
@@ -93,7 +93,14 @@ fn run_greedy(
 /// TP N's logits equal TP 1's to `tolerance` times the largest logit; its greedy picks equal
 /// TP 1's wherever TP 1's top two differ by more than twice that, and at `min_agreement` of all
 /// steps at least (the rest being near ties).
-fn assert_close(one: &[Vec<f32>], many: &[Vec<f32>], vocab: usize, tolerance: f32, min_agreement: f64, what: &str) {
+pub(super) fn assert_close(
+    one: &[Vec<f32>],
+    many: &[Vec<f32>],
+    vocab: usize,
+    tolerance: f32,
+    min_agreement: f64,
+    what: &str,
+) {
     let scale = one.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
     let argmax = |r: &[f32]| r.iter().enumerate().max_by(|p, q| p.1.total_cmp(q.1)).unwrap().0;
     let (mut agreeing, mut tokens) = (0, 0);

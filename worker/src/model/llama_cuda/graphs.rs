@@ -98,16 +98,11 @@ impl CudaLlama {
             // Once eagerly, so the linear layers tune every shape the graph will hold (timing
             // cannot run inside a capture); it writes only slot 0's K/V, which no request holds.
             self.kernels.begin_step(rows);
-            self.kernels
-                .gather_rows_into(&self.weights.embed, ids, &x)
-                .and_then(|()| self.layers(&x, positions, slots, &attention, &meta))?;
+            self.embed_into(ids, &x).and_then(|()| self.layers(&x, positions, slots, &attention, &meta))?;
         }
         self.kernels.begin_step(rows);
         self.kernels.begin_capture()?;
-        let layers = self
-            .kernels
-            .gather_rows_into(&self.weights.embed, ids, &x)
-            .and_then(|()| self.layers(&x, positions, slots, &attention, &meta));
+        let layers = self.embed_into(ids, &x).and_then(|()| self.layers(&x, positions, slots, &attention, &meta));
         let captured = self.kernels.end_capture();
         let pending = layers?.ok_or_else(|| WorkerError::Engine("cuda graph: a model without layers".into()))?;
         let (graph, launches) = captured?;

@@ -21,18 +21,22 @@
 
 mod graphs;
 pub mod memory;
+mod rank;
 mod readback;
+mod step;
 #[cfg(test)]
 mod tests;
 pub mod timing;
 pub mod weights;
 
+pub use self::rank::RankPart;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use cudarc::driver::sys::CUevent_flags;
 
 use self::memory::{MemoryPlan, MemoryPool, device_memory};
+use self::step::Meanwhile;
 use self::timing::{OpTimer, StepTiming};
 use self::weights::{CudaWeights, WeightOrigin};
 use super::Model;
@@ -49,6 +53,7 @@ use crate::kernels::cuda::{CudaKernels, gpu_error};
 use crate::kv_cache::cuda_storage::CudaKvStorage;
 use crate::model::quant::Quantization;
 use crate::sampling::reduce::{ReducedRows, Reduction, RowPlan};
+use crate::tp::source::ShardedSource;
 use crate::{Result, WorkerError};
 
 /// Options for building a GPU model.
@@ -101,11 +106,42 @@ pub struct CudaLlama {
     graphs: Option<graphs::DecodeGraphs>,
     /// Run every step eagerly even with graphs captured (tests compare the two).
     eager: bool,
+    /// This model's part in a tensor-parallel one (`None`: the whole model).
+    rank: Option<RankPart>,
 }
 
 impl CudaLlama {
     /// Loads the weights onto the GPU, sizes and allocates the KV cache, and warms up.
     pub fn load(config: LlamaConfig, origin: &WeightOrigin<'_>, opts: &CudaModelOptions) -> Result<CudaLlama> {
+        Self::load_part(config, origin, opts, None)
+    }
+
+    /// [`CudaLlama::load`] for one rank of a tensor-parallel model (`config` is the whole
+    /// model's): its shard of the weights, its KV heads' cache with as many blocks as every
+    /// other rank's. Every rank loads at once, each on a thread of its own (the start-up's
+    /// forwards meet in collectives).
+    pub fn load_rank(
+        config: LlamaConfig,
+        origin: &WeightOrigin<'_>,
+        opts: &CudaModelOptions,
+        part: RankPart,
+    ) -> Result<CudaLlama> {
+        let shard = part.plan.shard_config(&config);
+        match origin {
+            WeightOrigin::Source(src) => {
+                let sharded = ShardedSource::new(*src, part.plan.clone());
+                Self::load_part(shard, &WeightOrigin::Source(&sharded), opts, Some(part))
+            }
+            WeightOrigin::Random { .. } => Self::load_part(shard, origin, opts, Some(part)),
+        }
+    }
+
+    fn load_part(
+        config: LlamaConfig,
+        origin: &WeightOrigin<'_>,
+        opts: &CudaModelOptions,
+        rank: Option<RankPart>,
+    ) -> Result<CudaLlama> {
         let started = Instant::now();
         let phase = Instant::now();
         let device = Device::new_cuda_with_stream(opts.ordinal)
@@ -152,8 +188,12 @@ impl CudaLlama {
             ops: OpTimer::from_env(),
             graphs: None,
             eager: false,
+            rank,
         };
-        let use_graphs = !opts.enforce_eager && graphs::graphs_allowed(model.kernels.merge_splits, model.ops.enabled());
+        // Staged collectives (ranks sharing a GPU) wait on the host: no graph can hold them.
+        let use_graphs = !opts.enforce_eager
+            && graphs::graphs_allowed(model.kernels.merge_splits, model.ops.enabled())
+            && model.rank.as_ref().is_none_or(|r| r.comm.capturable());
         if use_graphs {
             model.kernels.use_own_gemm()?;
         }
@@ -164,7 +204,10 @@ impl CudaLlama {
 
         let phase = Instant::now();
         let graph_memory = if use_graphs { graphs::GRAPH_MEMORY } else { 0 };
-        let num_blocks = model.plan_kv_cache(opts, activation_peak, graph_memory)?;
+        let mut num_blocks = model.plan_kv_cache(opts, activation_peak, graph_memory)?;
+        if let Some(rank) = &model.rank {
+            num_blocks = rank.agree_blocks(num_blocks)?;
+        }
         model.cache = CudaKvStorage::new(layout, model.config.num_hidden_layers, num_blocks, opts.dtype, &device)?;
         pool.keep_freed_memory()?;
         synchronize(&device)?;
@@ -310,15 +353,16 @@ impl CudaLlama {
         let (x, pending) = match graph_rows {
             Some(rows) => self.replay(rows, &attention, &meta, meta.ptr(ids))?,
             None => {
-                let k = &self.kernels;
-                self.ops.mark(k.stream(), "start")?;
-                let x = k.gather_rows(&self.weights.embed, meta.ptr(ids), m)?;
-                self.ops.mark(k.stream(), "embed")?;
+                self.ops.mark(self.kernels.stream(), "start")?;
+                let x = self.kernels.alloc((m, self.config.hidden_size))?;
+                self.embed_into(meta.ptr(ids), &x)?;
+                self.ops.mark(self.kernels.stream(), "embed")?;
                 let pending = self.layers(&x, meta.ptr(positions), meta.ptr(slots), &attention, &meta)?;
                 (x, pending)
             }
         };
         let (k, w, stream) = (&self.kernels, &self.weights, self.kernels.stream());
+        let vocab = self.vocab_size();
         let ops = &mut self.ops;
         // The device has the layers to run: the host's work for the engine goes here.
         meanwhile.call();
@@ -346,13 +390,17 @@ impl CudaLlama {
         }
         let normed = final_norm(meta.ptr(rows), batch.logits_rows.len())?;
         let logits = k.linear(&normed, w.output())?;
+        let logits = match &self.rank {
+            Some(rank) => rank.gather_logits(k, &logits)?,
+            None => logits,
+        };
         let logits = logits.to_dtype(DType::F32).map_err(|e| gpu_error("logits to f32", e))?;
         ops.mark(stream, "logits")?;
         let reduced = match packed_plans {
             Some(p) => {
                 // Structured-output masks were computed on the host while the layers ran: they
                 // are waited for, and uploaded, only now.
-                let masks = match pack_masks(&mut self.mask_pack, plans, self.config.vocab_size) {
+                let masks = match pack_masks(&mut self.mask_pack, plans, vocab) {
                     Some(section) => Some((self.mask_pack.upload(k.device())?, section)),
                     None => None,
                 };
@@ -377,7 +425,7 @@ impl CudaLlama {
         meta: &DevicePack,
     ) -> Result<Option<Tensor>> {
         let c = &self.config;
-        let (k, w, ops) = (&self.kernels, &self.weights, &mut self.ops);
+        let (k, w, ops, rank) = (&self.kernels, &self.weights, &mut self.ops, self.rank.as_ref());
         let (heads, kv_heads, eps) = (c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let block_size = self.cache.layout.block_size;
@@ -397,6 +445,9 @@ impl CudaLlama {
             let attn = k.paged_attention(attention, meta, &qkv, k_cache, v_cache, block_size, scale)?;
             ops.mark(stream, "attention")?;
             let o = layer.o.apply(k, &attn)?;
+            if let Some(rank) = rank {
+                rank.reduce(&o)?;
+            }
             ops.mark(stream, "o")?;
             let xn = k.add_rms_norm(x, Some(&o), &layer.ffn_norm, eps)?;
             ops.mark(stream, "norm")?;
@@ -404,7 +455,11 @@ impl CudaLlama {
             ops.mark(stream, "gate_up")?;
             let act = k.silu_mul(&gate_up)?;
             ops.mark(stream, "silu")?;
-            pending = Some(layer.down.apply(k, &act)?);
+            let down = layer.down.apply(k, &act)?;
+            if let Some(rank) = rank {
+                rank.reduce(&down)?;
+            }
+            pending = Some(down);
             ops.mark(stream, "down")?;
         }
         if let Some(s) = scratch {
@@ -482,121 +537,40 @@ fn profiling_batch(opts: &CudaModelOptions) -> ForwardBatch {
     batch
 }
 
-impl Model for CudaLlama {
-    fn config(&self) -> &LlamaConfig {
-        &self.config
-    }
-
-    fn num_blocks(&self) -> usize {
-        self.cache.num_blocks
-    }
-
-    fn block_size(&self) -> usize {
-        self.cache.layout.block_size
-    }
-
-    fn describe(&self) -> String {
-        let ordinal = match self.kernels.device().location() {
-            candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
-            _ => 0,
-        };
-        let dtype = self.kernels.dtype();
-        let weights = if self.weights.has_fp8() {
-            let products = if self.kernels.fp8_tensor_cores() { "FP8 tensor cores" } else { "dequantized" };
-            format!("FP8 projection weights ({products} beyond the GEMV), {dtype:?} activations and KV cache")
-        } else {
-            format!("{dtype:?} weights and KV cache")
-        };
-        format!("cuda:{ordinal} ({weights}, {} SMs)", self.kernels.num_sms())
-    }
-
-    fn forward(&mut self, batch: &ForwardBatch) -> Result<&[f32]> {
-        let mut full = std::mem::take(&mut self.full);
-        let result = self.forward_reduced(batch, &[], &mut full);
-        self.full = full;
-        result.map(|()| self.full.logits.as_slice())
-    }
-
-    fn reduces_on_device(&self) -> bool {
-        true
-    }
-
-    fn hidden_states(&self) -> &[f32] {
-        &self.hidden
-    }
-
-    fn forward_reduced(&mut self, batch: &ForwardBatch, plans: &[RowPlan], out: &mut ReducedRows) -> Result<()> {
-        self.forward_overlapped(batch, plans, out, &mut || {})
-    }
-
-    fn forward_overlapped(
-        &mut self,
-        batch: &ForwardBatch,
-        plans: &[RowPlan],
-        out: &mut ReducedRows,
-        meanwhile: &mut dyn FnMut(),
-    ) -> Result<()> {
-        let mut meanwhile = Meanwhile { work: Some(meanwhile), ms: 0.0 };
-        let result = self.step(batch, plans, out, &mut meanwhile);
-        meanwhile.call();
-        result
-    }
-}
-
-/// The engine's host work for the time the device runs a step: called once, as soon as the
-/// step's layers are queued (or at the end of a step that queues none).
-struct Meanwhile<'a> {
-    work: Option<&'a mut dyn FnMut()>,
-    /// How long the work took, ms (0 before it ran).
-    ms: f64,
-}
-
-impl Meanwhile<'_> {
-    fn call(&mut self) {
-        if let Some(work) = self.work.take() {
-            let started = Instant::now();
-            work();
-            self.ms = started.elapsed().as_secs_f64() * 1e3;
-        }
-    }
-}
-
 impl CudaLlama {
-    /// One step: queue, wait, read back, time.
-    fn step(
-        &mut self,
-        batch: &ForwardBatch,
-        plans: &[RowPlan],
-        out: &mut ReducedRows,
-        meanwhile: &mut Meanwhile<'_>,
-    ) -> Result<()> {
-        let (blocks, block_size) = (self.cache.num_blocks, self.cache.layout.block_size);
-        batch.validate(self.config.vocab_size, self.rope.max_positions(), blocks, block_size)?;
-        out.clear();
-        if batch.num_tokens() == 0 {
-            return Ok(());
+    /// `x` (`[rows, hidden]`) becomes the embeddings of the ids at `ids` (a rank's share summed
+    /// with the other ranks').
+    fn embed_into(&self, ids: u64, x: &Tensor) -> Result<()> {
+        match &self.rank {
+            Some(rank) => rank.embed_into(&self.kernels, &self.weights.embed, ids, x),
+            None => self.kernels.gather_rows_into(&self.weights.embed, ids, x),
         }
-        let rows = batch.logits_rows.len();
-        let reduce = plans.len() == rows && plans.iter().any(|p| p.reduction != Reduction::Full);
-        let plans = if reduce { plans } else { &[] };
-        let decode_only = batch.seqs.iter().all(|s| s.query_len == 1);
-        let started = Instant::now();
-        let stream = self.kernels.stream().clone();
-        let event = || stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| gpu_error("event", e));
-        let gpu_start = event()?;
-        let result = self.run(batch, plans, meanwhile)?;
-        let gpu_end = event()?;
-        let (overlap_ms, host_ms) = (meanwhile.ms, started.elapsed().as_secs_f64() * 1e3 - meanwhile.ms);
-        let Some((logits, reduced)) = result else {
-            // Nothing was read back, so the step may still run: not timed (no wait for it).
-            self.ops.discard();
-            return Ok(());
-        };
-        readback::read_rows(self.kernels.device(), self.config.vocab_size, &logits, reduced.as_ref(), plans, out)?;
-        let gpu_ms = gpu_start.elapsed_ms(&gpu_end).map_err(|e| gpu_error("event timing", e))? as f64;
-        let timing = if decode_only { &mut self.timing } else { &mut self.prefill_timing };
-        let wall_ms = started.elapsed().as_secs_f64() * 1e3;
-        timing.record(batch.num_tokens(), [wall_ms, host_ms, overlap_ms, gpu_ms], &mut self.ops)?;
-        Ok(())
+    }
+
+    /// The whole model's vocabulary (a rank's weights hold a range of it).
+    fn vocab_size(&self) -> usize {
+        self.rank.as_ref().map_or(self.config.vocab_size, |r| r.full.vocab_size)
+    }
+
+    /// The whole model's config.
+    fn full_config(&self) -> &LlamaConfig {
+        self.rank.as_ref().map_or(&self.config, |r| &r.full)
+    }
+
+    /// Whether this model reads its steps' outputs back (a tensor-parallel model's rank 0).
+    fn reads_outputs(&self) -> bool {
+        self.rank.as_ref().is_none_or(RankPart::reads_outputs)
+    }
+
+    /// The last `forward`'s logits (every row in full).
+    pub fn logits(&self) -> &[f32] {
+        &self.full.logits
+    }
+
+    /// This rank failed: the other ranks stop waiting for it.
+    pub fn abort_rank(&mut self) {
+        if let Some(rank) = &mut self.rank {
+            rank.abort();
+        }
     }
 }
