@@ -7,17 +7,20 @@
 //! own, all on the same batch, so all enter the same collectives.
 //!
 //! Invariants: as `tp::cpu` — every rank gets every step; a batch is validated once, before any
-//! rank starts; a rank that fails aborts the group (its collectives and the start-up
-//! agreement), so the step or the load returns the first rank's error instead of hanging. A
-//! staged group is reset once every rank has returned; an NCCL communicator, once aborted, is
-//! gone, so a step that failed on a rank fails every later step too and the replica is
-//! replaced (its requests end with an error event, as for any failed engine).
+//! rank starts (a bad batch fails the step and nothing else); a rank that fails or panics
+//! aborts every rank's end of the collectives and the start-up agreement (an NCCL abort
+//! releases only its own communicator's kernels, so all are aborted), so the step or the load
+//! returns the first rank's error instead of hanging. A staged group is reset once every rank
+//! has returned; NCCL communicators, once aborted, are gone, so after a rank failed in a step
+//! every later step fails too and the replica is replaced (its requests end with an error
+//! event, as for any failed engine). Ranks are threads started per step (a persistent thread
+//! per rank would save their start: not yet measured).
 
 use std::sync::Arc;
 
 use super::ShardPlan;
 use super::comm::LocalGroup;
-use super::gpu_comm::RankComm;
+use super::gpu_comm::{CommHandle, RankComm};
 use crate::model::llama_cuda::weights::WeightOrigin;
 use crate::model::llama_cuda::{CudaLlama, CudaModelOptions, RankPart};
 use crate::model::{ForwardBatch, LlamaConfig, Model};
@@ -27,7 +30,38 @@ use crate::{Result, WorkerError};
 /// `ranks` [`CudaLlama`] shards of one model.
 pub struct TensorParallelCuda {
     ranks: Vec<CudaLlama>,
+    /// The ranks' start-up agreements, and every rank's end of the collectives: aborted
+    /// together when a rank fails.
+    stop: Stop,
+}
+
+/// What releases every rank when one fails.
+struct Stop {
     agree: Arc<LocalGroup>,
+    comms: Vec<CommHandle>,
+}
+
+impl Stop {
+    fn abort(&self) {
+        self.agree.abort();
+        self.comms.iter().for_each(CommHandle::abort);
+    }
+
+    /// Once every rank has left: staged groups meet again (NCCL's stay aborted).
+    fn reset(&self) {
+        self.agree.reset();
+        self.comms.iter().for_each(CommHandle::reset);
+    }
+
+    /// Runs `work` for one rank; its failure or panic aborts every rank.
+    fn guard<T>(&self, what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+            .unwrap_or_else(|_| Err(WorkerError::Engine(format!("a tensor-parallel rank panicked {what}"))));
+        if outcome.is_err() {
+            self.abort();
+        }
+        outcome
+    }
 }
 
 /// The first error of the ranks', preferring a rank's own failure over "another rank failed".
@@ -38,8 +72,9 @@ fn first_error(outcomes: Vec<Result<()>>) -> Result<()> {
 }
 
 impl TensorParallelCuda {
-    /// Loads rank i on GPU `opts.ordinal + i` (or every rank on `opts.ordinal` when `shared`),
-    /// all at once, each on a thread of its own.
+    /// Loads rank i on GPU `opts.ordinal + i` (or every rank on `opts.ordinal` when `shared`,
+    /// each with its share of `gpu_memory_utilization`), all at once, each on a thread of its
+    /// own.
     pub fn load(
         config: LlamaConfig,
         origin: &WeightOrigin<'_>,
@@ -63,6 +98,8 @@ impl TensorParallelCuda {
         let devices: Vec<usize> = (0..ranks).map(|i| opts.ordinal + if shared { 0 } else { i }).collect();
         let comms = RankComm::group(&devices)?;
         let agree = Arc::new(LocalGroup::new(ranks));
+        let stop = Stop { agree: agree.clone(), comms: comms.iter().map(RankComm::handle).collect() };
+        let utilization = if shared { opts.gpu_memory_utilization / ranks as f64 } else { opts.gpu_memory_utilization };
         let parts = plans.into_iter().zip(comms).map(|(plan, comm)| RankPart {
             comm,
             plan,
@@ -70,87 +107,55 @@ impl TensorParallelCuda {
             agree: agree.clone(),
         });
         let loaded: Vec<Result<CudaLlama>> = std::thread::scope(|s| {
+            let stop = &stop;
             let handles: Vec<_> = parts
                 .zip(&devices)
                 .map(|(part, &ordinal)| {
-                    let (config, agree) = (config.clone(), agree.clone());
-                    let opts = CudaModelOptions { ordinal, ..opts.clone() };
-                    s.spawn(move || {
-                        let loaded = CudaLlama::load_rank(config, origin, &opts, part);
-                        if loaded.is_err() {
-                            // The others may wait for this rank in a forward or the agreement.
-                            agree.abort();
-                        }
-                        loaded
-                    })
+                    let config = config.clone();
+                    let opts = CudaModelOptions { ordinal, gpu_memory_utilization: utilization, ..opts.clone() };
+                    s.spawn(move || stop.guard("while loading", || CudaLlama::load_rank(config, origin, &opts, part)))
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        agree.abort();
-                        Err(WorkerError::Engine("a tensor-parallel rank panicked while loading".into()))
-                    })
-                })
-                .collect()
+            handles.into_iter().map(|h| h.join().expect("guarded")).collect()
         });
-        let mut ranks = Vec::with_capacity(loaded.len());
+        let mut models = Vec::with_capacity(loaded.len());
         let mut failures = Vec::new();
         for result in loaded {
             match result {
-                Ok(model) => ranks.push(model),
+                Ok(model) => models.push(model),
                 Err(e) => failures.push(Err(e)),
             }
         }
         if !failures.is_empty() {
-            for rank in &mut ranks {
-                rank.abort_rank();
-            }
             return Err(first_error(failures).expect_err("a rank failed"));
         }
-        agree.reset();
-        tracing::info!(ranks = ranks.len(), shared, "tensor-parallel model on GPUs");
-        Ok(TensorParallelCuda { ranks, agree })
+        tracing::info!(ranks, shared, "tensor-parallel model on GPUs");
+        Ok(TensorParallelCuda { ranks: models, stop })
     }
 
     /// Runs `first` on rank 0 here and `rest` on every other rank, each on a thread of its own.
     fn run(
         &mut self,
+        batch: &ForwardBatch,
         first: impl FnOnce(&mut CudaLlama) -> Result<()>,
         rest: impl Fn(&mut CudaLlama) -> Result<()> + Sync,
     ) -> Result<()> {
-        // Every rank validates the batch first thing in its step, alike, so a bad batch fails
-        // every rank before any collective.
-        let (head, tail) = self.ranks.split_first_mut().expect("at least one rank");
+        let TensorParallelCuda { ranks, stop } = self;
+        let (head, tail) = ranks.split_first_mut().expect("at least one rank");
+        // A bad batch fails here, for every rank alike, before any collective (and without
+        // aborting the group: the next step is fine).
+        head.validate(batch)?;
         let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
-            let rest = &rest;
-            let handles: Vec<_> = tail
-                .iter_mut()
-                .map(|rank| {
-                    s.spawn(move || {
-                        let result = rest(rank);
-                        if result.is_err() {
-                            rank.abort_rank();
-                        }
-                        result
-                    })
-                })
-                .collect();
-            let mine = first(head);
-            if mine.is_err() {
-                head.abort_rank();
-            }
-            let mut all = vec![mine];
-            all.extend(handles.into_iter().map(|h| {
-                h.join().unwrap_or_else(|_| Err(WorkerError::Engine("a tensor-parallel rank panicked".into())))
-            }));
+            let (rest, stop) = (&rest, &*stop);
+            let handles: Vec<_> =
+                tail.iter_mut().map(|rank| s.spawn(move || stop.guard("during a step", || rest(rank)))).collect();
+            let mut all = vec![stop.guard("during a step", || first(head))];
+            all.extend(handles.into_iter().map(|h| h.join().expect("guarded")));
             all
         });
         let result = first_error(outcomes);
         if result.is_err() {
-            // Staged groups can meet again once every rank has left; NCCL's stay aborted.
-            self.agree.reset();
+            stop.reset();
         }
         result
     }
@@ -174,7 +179,7 @@ impl Model for TensorParallelCuda {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<&[f32]> {
-        self.run(|m| m.forward(batch).map(|_| ()), |m| m.forward(batch).map(|_| ()))?;
+        self.run(batch, |m| m.forward(batch).map(|_| ()), |m| m.forward(batch).map(|_| ()))?;
         Ok(self.ranks[0].logits())
     }
 
@@ -198,6 +203,7 @@ impl Model for TensorParallelCuda {
         meanwhile: &mut dyn FnMut(),
     ) -> Result<()> {
         self.run(
+            batch,
             |m| m.forward_overlapped(batch, plans, out, meanwhile),
             |m| m.forward_reduced(batch, &[], &mut ReducedRows::default()),
         )

@@ -10,7 +10,7 @@
 //! Invariants: as `tp::nccl` and `tp::comm` (every rank calls the same collectives in the same
 //! order with tensors of the same size, or one aborts the group); tensors are contiguous bf16 or
 //! f32. A staged collective blocks its thread until every rank has reached it; a failed rank
-//! aborts the group ([`RankComm::abort`]) so the others return an error instead of waiting.
+//! aborts every rank's end ([`CommHandle`]) so the others return an error instead of waiting.
 
 use std::sync::Arc;
 
@@ -163,13 +163,37 @@ impl RankComm {
         }
     }
 
-    /// Fails this rank's and every other rank's collectives from now on (this rank failed):
-    /// NCCL's communicator is aborted (its queued collectives return), a staged group's waiters
-    /// wake with an error.
-    pub fn abort(&mut self) {
+    /// A handle that aborts this rank's end from any thread.
+    pub fn handle(&self) -> CommHandle {
         match self {
-            RankComm::Nccl(c) => c.abort(),
-            RankComm::Staged { group, .. } => group.abort(),
+            RankComm::Nccl(c) => CommHandle::Nccl(c.abort_handle()),
+            RankComm::Staged { group, .. } => CommHandle::Staged(group.clone()),
+        }
+    }
+}
+
+/// Aborts one rank's end of the group from any thread, so ranks waiting in a collective for a
+/// rank that failed return an error instead of waiting forever. Every rank's end must be
+/// aborted: an NCCL communicator's abort releases only its own rank's kernels.
+#[derive(Clone)]
+pub enum CommHandle {
+    Nccl(nccl::AbortHandle),
+    Staged(Arc<LocalGroup>),
+}
+
+impl CommHandle {
+    pub fn abort(&self) {
+        match self {
+            CommHandle::Nccl(h) => h.abort(),
+            CommHandle::Staged(group) => group.abort(),
+        }
+    }
+
+    /// After every rank has left the failed step: a staged group can meet again; an aborted
+    /// NCCL communicator cannot (every later collective on it fails).
+    pub fn reset(&self) {
+        if let CommHandle::Staged(group) = self {
+            group.reset();
         }
     }
 }

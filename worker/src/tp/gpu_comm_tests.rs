@@ -78,7 +78,7 @@ fn ranks_on_their_own_gpus_sum_and_gather_over_nccl() {
 fn a_rank_that_aborts_releases_the_others() {
     let mut comms = RankComm::group(&[0, 0]).unwrap();
     let waiting = comms.pop().unwrap();
-    let mut failing = comms.pop().unwrap();
+    let failing = comms.pop().unwrap().handle();
     let outcome = std::thread::scope(|s| {
         let waiter = s.spawn(move || {
             let device = Device::new_cuda_with_stream(0).unwrap();

@@ -16,12 +16,14 @@
 //!   calls in [`group`] (NCCL's group calls), or the first call waits forever for the others;
 //! - buffers are device pointers on the communicator's device, `count` elements of the given
 //!   type, live until the stream has run the collective;
-//! - a communicator that may hang (a rank failed) is aborted ([`Comm::abort`]), which makes its
-//!   queued collectives return; an aborted communicator is never used again and is not
-//!   destroyed a second time.
+//! - a communicator that may hang (a rank failed) is aborted ([`Comm::abort`], or from another
+//!   thread through an [`AbortHandle`]), which makes its queued collectives return; a failed
+//!   rank aborts every rank's communicator, since aborting its own does not release the others'
+//!   waiting kernels; an aborted communicator is never used again and is not destroyed.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::{Result, WorkerError};
 
@@ -162,7 +164,40 @@ pub struct Comm {
     raw: RawComm,
     rank: usize,
     ranks: usize,
-    aborted: bool,
+    /// Set once the communicator is aborted (by its rank or through an [`AbortHandle`]).
+    aborted: Arc<AtomicBool>,
+}
+
+/// Aborts a communicator from any thread (NCCL allows `ncclCommAbort` while another thread
+/// waits on the communicator's collectives): how a failed rank releases the others, whose
+/// kernels would otherwise wait for it forever. Used only while the communicator lives.
+#[derive(Clone)]
+pub struct AbortHandle {
+    raw: usize,
+    rank: usize,
+    aborted: Arc<AtomicBool>,
+}
+
+// SAFETY: the handle carries the communicator's address; `abort` is the only call made with it,
+// once (the flag), and NCCL allows it from any thread.
+unsafe impl Send for AbortHandle {}
+unsafe impl Sync for AbortHandle {}
+
+impl AbortHandle {
+    /// Stops the communicator's collectives; later calls and the owner's drop do nothing more.
+    pub fn abort(&self) {
+        if self.aborted.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Ok(api) = api() {
+            // SAFETY: the communicator lives (the handle is used only while it does) and is
+            // aborted once (the flag above).
+            let status = unsafe { (api.comm_abort)(self.raw as RawComm) };
+            if status != 0 {
+                tracing::warn!(rank = self.rank, status, "ncclCommAbort failed");
+            }
+        }
+    }
 }
 
 // SAFETY: an NCCL communicator may be used from any thread, one call at a time; `Comm`'s
@@ -184,7 +219,11 @@ impl Comm {
             (api.comm_init_all)(raw.as_mut_ptr(), devices.len() as c_int, devices.as_ptr())
         })?;
         let ranks = devices.len();
-        Ok(raw.into_iter().enumerate().map(|(rank, raw)| Comm { raw, rank, ranks, aborted: false }).collect())
+        Ok(raw
+            .into_iter()
+            .enumerate()
+            .map(|(rank, raw)| Comm { raw, rank, ranks, aborted: Arc::new(AtomicBool::new(false)) })
+            .collect())
     }
 
     pub fn rank(&self) -> usize {
@@ -250,21 +289,16 @@ impl Comm {
     /// Stops every collective of this communicator, queued or running, so streams waiting on a
     /// rank that will never come return; the communicator cannot be used afterwards.
     pub fn abort(&mut self) {
-        if self.aborted {
-            return;
-        }
-        self.aborted = true;
-        if let Ok(api) = api() {
-            // SAFETY: `raw` is a live communicator (not destroyed or aborted before).
-            let status = unsafe { (api.comm_abort)(self.raw) };
-            if status != 0 {
-                tracing::warn!(rank = self.rank, status, "ncclCommAbort failed");
-            }
-        }
+        self.abort_handle().abort();
+    }
+
+    /// A handle that aborts this communicator from another thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle { raw: self.raw as usize, rank: self.rank, aborted: self.aborted.clone() }
     }
 
     fn usable(&self) -> Result<&'static Api> {
-        if self.aborted {
+        if self.aborted.load(Ordering::Acquire) {
             return Err(WorkerError::Engine(format!("nccl: rank {}'s communicator was aborted", self.rank)));
         }
         api()
@@ -273,7 +307,7 @@ impl Comm {
 
 impl Drop for Comm {
     fn drop(&mut self) {
-        if self.aborted {
+        if self.aborted.load(Ordering::Acquire) {
             return;
         }
         if let Ok(api) = api() {

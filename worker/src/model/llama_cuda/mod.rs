@@ -223,6 +223,13 @@ impl CudaLlama {
             tracing::warn!(error = %e, "capturing CUDA graphs failed: every step runs eagerly");
             model.graphs = None;
         }
+        // A split model's ranks replay graphs together or not at all (a replayed step's
+        // collectives carry the padded rows, an eager one's the batch's).
+        if let Some(rank) = &model.rank
+            && !rank.all(model.graphs.is_some())?
+        {
+            model.graphs = None;
+        }
         let graphs_s = phase.elapsed().as_secs_f32();
 
         tracing::info!(
@@ -565,12 +572,5 @@ impl CudaLlama {
     /// The last `forward`'s logits (every row in full).
     pub fn logits(&self) -> &[f32] {
         &self.full.logits
-    }
-
-    /// This rank failed: the other ranks stop waiting for it.
-    pub fn abort_rank(&mut self) {
-        if let Some(rank) = &mut self.rank {
-            rank.abort();
-        }
     }
 }

@@ -84,10 +84,14 @@ impl RankPart {
         Ok(all.into_iter().fold(blocks, |m, b| m.min(b as usize)))
     }
 
-    /// This rank failed: the others' collectives and agreements return errors instead of
-    /// waiting for it.
-    pub fn abort(&mut self) {
-        self.agree.abort();
-        self.comm.abort();
+    /// Whether `ok` holds on every rank (e.g. every rank captured its graphs), so the ranks take
+    /// the same path after.
+    pub fn all(&self, ok: bool) -> Result<bool> {
+        let ranks = self.agree.ranks();
+        let mut all = vec![0f32; ranks];
+        self.agree
+            .all_gather_columns(self.plan.rank, &[f32::from(u8::from(ok))], 1, |r| r..r + 1, &mut all)
+            .map_err(|_| aborted())?;
+        Ok(all.iter().all(|&v| v == 1.0))
     }
 }

@@ -92,6 +92,12 @@ impl Meanwhile<'_> {
 }
 
 impl CudaLlama {
+    /// Whether `batch` fits this model: its tokens, positions, blocks.
+    pub fn validate(&self, batch: &ForwardBatch) -> Result<()> {
+        let (blocks, block_size) = (self.cache.num_blocks, self.cache.layout.block_size);
+        batch.validate(self.vocab_size(), self.rope.max_positions(), blocks, block_size)
+    }
+
     /// One step: queue, wait, read back, time.
     fn step(
         &mut self,
@@ -100,8 +106,7 @@ impl CudaLlama {
         out: &mut ReducedRows,
         meanwhile: &mut Meanwhile<'_>,
     ) -> Result<()> {
-        let (blocks, block_size) = (self.cache.num_blocks, self.cache.layout.block_size);
-        batch.validate(self.vocab_size(), self.rope.max_positions(), blocks, block_size)?;
+        self.validate(batch)?;
         out.clear();
         if batch.num_tokens() == 0 {
             return Ok(());
