@@ -295,14 +295,16 @@ if [[ " $steps " == *" tp "* ]]; then
     gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
     LUMEN_NCCL_LIBRARY=$nccl "$work/worker-tests" --test-threads=1 tp::nccl tp::gpu_comm > "$out/tp-tests.log" 2>&1
     row "NCCL collectives, $gpus GPU(s)" "$(grep -E '^test result' "$out/tp-tests.log" | tail -1) (${nccl:-no libnccl found})"
-    # The split model (tp/cuda_tests.rs, SmolLM2's GGUF from the parity carries): three ranks
-    # sharing GPU 0 against the whole model, one NCCL rank with graphs bit for bit, a bad batch.
+    # The split model (tp/cuda_tests.rs): on a generated model, three ranks sharing GPU 0
+    # against the whole model, one NCCL rank with graphs bit for bit, a bad batch; and on
+    # SmolLM2's GGUF (from the parity carries) three ranks against the whole model.
+    LUMEN_NCCL_LIBRARY=$nccl "$work/worker-tests" --test-threads=1 tp::cuda::tests::generated \
+        > "$out/tp-model-tests.log" 2>&1
+    row "tensor-parallel model vs one GPU (generated)" "$(grep -E '^test result' "$out/tp-model-tests.log" | tail -1)"
     if [ -f "$work/smollm2.gguf" ]; then
-        LUMEN_NCCL_LIBRARY=$nccl LUMEN_GPU_TEST_MODEL="$work/smollm2.gguf" "$work/worker-tests" --test-threads=1 \
-            tp::cuda > "$out/tp-model-tests.log" 2>&1
-        row "tensor-parallel model vs one GPU (SmolLM2)" "$(grep -E '^test result' "$out/tp-model-tests.log" | tail -1)"
-    else
-        row "tensor-parallel model vs one GPU" "skipped: SmolLM2 GGUF not assembled (carry gpu-smol1, then gpu-smol)"
+        LUMEN_GPU_TEST_MODEL="$work/smollm2.gguf" "$work/worker-tests" --test-threads=1 tp::cuda::tests::smollm2 \
+            > "$out/tp-smollm2-tests.log" 2>&1
+        row "tensor-parallel model vs one GPU (SmolLM2)" "$(grep -E '^test result' "$out/tp-smollm2-tests.log" | tail -1)"
     fi
 fi
 

@@ -1,6 +1,6 @@
-//! GPU ranks against one GPU model on SmolLM2-135M's GGUF (needs a GPU and the model:
-//! `models/`, or `LUMEN_GPU_TEST_MODEL`; the one-rank NCCL case needs libnccl, see the `tp`
-//! step of `scripts/gpu/run-on-device.sh`).
+//! GPU ranks against one GPU model, on a generated model (`generated_*`: needs only a GPU) and
+//! on SmolLM2-135M's GGUF (`smollm2_*`: `models/`, or `LUMEN_GPU_TEST_MODEL`); the one-rank
+//! NCCL case needs libnccl (see the `tp` step of `scripts/gpu/run-on-device.sh`).
 
 use std::path::PathBuf;
 
@@ -11,7 +11,8 @@ use crate::model::gguf::GgufFile;
 use crate::model::llama_cuda::weights::WeightOrigin;
 use crate::model::llama_cuda::{CudaLlama, CudaModelOptions};
 use crate::model::quant::Quantization;
-use crate::tp::tests::{assert_close, run_greedy};
+use crate::model::{DummySource, LlamaConfig, TensorDType};
+use crate::tp::tests::{Louder, assert_close, generated_config, run_greedy};
 
 fn gguf() -> GgufFile {
     let path = std::env::var("LUMEN_GPU_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|_| {
@@ -38,49 +39,84 @@ fn options(enforce_eager: bool) -> CudaModelOptions {
 }
 
 const PROMPTS: [&[u32]; 2] = [&[1, 504, 3303, 314, 260, 1470], &[1, 2683, 359, 346, 47, 2135, 30, 1004]];
+/// Ids within the generated model's vocabulary, spread over the three ranks' ranges.
+const GENERATED_PROMPTS: [&[u32]; 2] = [&[1, 300, 150, 7, 260, 99], &[1, 383, 128, 255, 47, 200, 30, 4]];
+
+/// The CPU tests' generated model with a head size the GPU kernels take (64): 6 heads over 3
+/// KV heads, so 3 ranks of 2 heads over one KV head; 768 intermediate rows (256 a rank); a
+/// vocabulary of 384 (128 a rank).
+fn generated() -> (LlamaConfig, Louder) {
+    let c = LlamaConfig {
+        vocab_size: 384,
+        hidden_size: 384,
+        intermediate_size: 768,
+        num_attention_heads: 6,
+        num_key_value_heads: 3,
+        head_dim: 64,
+        max_position_embeddings: 1024,
+        ..generated_config()
+    };
+    let source = Louder(DummySource::new(&c, TensorDType::F32, 11).unwrap());
+    (c, source)
+}
 
 /// Three ranks sharing GPU 0 (collectives staged through the host) give one GPU model's logits
 /// to f32 rounding (the o and down sums added in another order, as on the CPU ranks), and its
 /// greedy picks.
+fn three_ranks_match_the_whole_model(
+    c: &LlamaConfig,
+    source: &WeightOrigin<'_>,
+    prompts: [&[u32]; 2],
+    tolerance: f32,
+    what: &str,
+) {
+    let (want, fed) = {
+        let mut one = CudaLlama::load(c.clone(), source, &options(true)).unwrap();
+        run_greedy(&mut one, prompts, 16, None)
+    };
+    let mut tp = TensorParallelCuda::load(c.clone(), source, &options(true), 3, true).unwrap();
+    let (got, _) = run_greedy(&mut tp, prompts, 16, Some(&fed));
+    assert_close(&want, &got, c.vocab_size, tolerance, 0.95, what);
+}
+
 #[test]
-fn three_ranks_on_one_gpu_match_the_whole_model() {
+fn generated_three_ranks_on_one_gpu_match_the_whole_model() {
+    let (c, source) = generated();
+    let source = WeightOrigin::Source(&source);
+    three_ranks_match_the_whole_model(&c, &source, GENERATED_PROMPTS, 1e-4, "generated TP 3 on one GPU, f32");
+}
+
+#[test]
+fn smollm2_three_ranks_on_one_gpu_match_the_whole_model() {
     let gguf = gguf();
     let c = gguf.llama_config().unwrap();
     let source = WeightOrigin::Source(&gguf);
-    let (want, fed) = {
-        let mut one = CudaLlama::load(c.clone(), &source, &options(true)).unwrap();
-        run_greedy(&mut one, PROMPTS, 16, None)
-    };
-    let mut tp = TensorParallelCuda::load(c.clone(), &source, &options(true), 3, true).unwrap();
-    let (got, _) = run_greedy(&mut tp, PROMPTS, 16, Some(&fed));
-    assert_close(&want, &got, c.vocab_size, 5e-4, 0.95, "SmolLM2 TP 3 on one GPU, f32");
+    three_ranks_match_the_whole_model(&c, &source, PROMPTS, 5e-4, "SmolLM2 TP 3 on one GPU, f32");
 }
 
 /// One rank over NCCL, with decode graphs (the all-reduces captured): the same logits as the
 /// plain model, bit for bit (a one-rank sum is the value itself).
 #[test]
-fn one_nccl_rank_with_graphs_gives_the_plain_models_logits() {
-    let gguf = gguf();
-    let c = gguf.llama_config().unwrap();
-    let source = WeightOrigin::Source(&gguf);
+fn generated_one_nccl_rank_with_graphs_gives_the_plain_models_logits() {
+    let (c, source) = generated();
+    let source = WeightOrigin::Source(&source);
     let (want, fed) = {
         let mut one = CudaLlama::load(c.clone(), &source, &options(false)).unwrap();
         assert!(!one.graph_sizes().is_empty(), "the plain model captured graphs");
-        run_greedy(&mut one, PROMPTS, 16, None)
+        run_greedy(&mut one, GENERATED_PROMPTS, 16, None)
     };
     let mut tp = TensorParallelCuda::load(c.clone(), &source, &options(false), 1, false).unwrap();
-    let (got, _) = run_greedy(&mut tp, PROMPTS, 16, Some(&fed));
+    let (got, _) = run_greedy(&mut tp, GENERATED_PROMPTS, 16, Some(&fed));
     assert_eq!(got, want, "one NCCL rank against the plain model");
 }
 
 /// A batch a rank refuses (a token outside the vocabulary) fails the step on every rank before
 /// any collective, and the ranks serve the next step.
 #[test]
-fn a_bad_batch_fails_the_step_and_the_ranks_go_on() {
+fn generated_a_bad_batch_fails_the_step_and_the_ranks_go_on() {
     use crate::model::{ForwardBatch, Model};
-    let gguf = gguf();
-    let c = gguf.llama_config().unwrap();
-    let mut tp = TensorParallelCuda::load(c.clone(), &WeightOrigin::Source(&gguf), &options(true), 3, true).unwrap();
+    let (c, source) = generated();
+    let mut tp = TensorParallelCuda::load(c.clone(), &WeightOrigin::Source(&source), &options(true), 3, true).unwrap();
     let mut bad = ForwardBatch::default();
     bad.push_seq(&[c.vocab_size as u32], 0, &[0], 16, true);
     let err = tp.forward(&bad).unwrap_err().to_string();
