@@ -459,6 +459,15 @@ applications:
         let cpu_only =
             config("        placement_group_bundles: [{CPU: 2}]\n        placement_group_strategy: SPREAD\n").unwrap();
         assert_eq!(cpu_only.applications[0].deployments[0].gpus_per_replica(), 0.0);
+        // A split replica asks for a GPU per rank.
+        let tp = |bundles: &str| {
+            ServeConfig::from_yaml(&format!(
+                "applications:\n  - name: a\n    deployments:\n      - name: llm\n        placement_group_bundles: {bundles}\n        model: {{source: m, device: cuda, tensor_parallel_size: 2}}\n"
+            ))
+        };
+        tp("[{GPU: 1}, {GPU: 1}]").unwrap();
+        let err = tp("[{GPU: 1}]").unwrap_err().to_string();
+        assert!(err.contains("tensor_parallel_size") && err.contains("2 GPUs per replica"), "{err}");
     }
 
     #[test]

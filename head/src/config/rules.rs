@@ -138,6 +138,7 @@ pub fn check(config: &ServeConfig) -> Result<(), ConfigError> {
             unique(&mut seen.deployment_ids, &format!("{}-{}", app.name, d.name), &at, format!("{at}.name"), noun)?;
             deployment(&at, d)?;
             model::check(&format!("{at}.model"), &d.model)?;
+            tensor_parallel_gpus(&at, d)?;
             let field = match (d.served_model_name(), d.model.contains_key("source")) {
                 (Some(_), _) => "served_model_name",
                 (None, true) => "source",
@@ -146,6 +147,23 @@ pub fn check(config: &ServeConfig) -> Result<(), ConfigError> {
             let noun = "served model name: each model name routes to one deployment";
             unique(&mut seen.served_names, d.model_name(), &at, format!("{at}.model.{field}"), noun)?;
         }
+    }
+    Ok(())
+}
+
+/// A GPU replica split over `tensor_parallel_size` ranks needs a GPU per rank: a deployment
+/// that asks for fewer (its bundles' or `num_gpus`) would be placed where its engine cannot
+/// start. (Asking for none leaves the worker to find the GPUs.)
+fn tensor_parallel_gpus(at: &str, d: &DeploymentConfig) -> Result<(), ConfigError> {
+    let ranks = d.model.get("tensor_parallel_size").and_then(Value::as_u64).unwrap_or(1);
+    let gpus = d.gpus_per_replica();
+    if ranks > 1 && gpus > 0.0 && gpus < ranks as f64 {
+        return Err(ConfigError::at(
+            format!("{at}.model.tensor_parallel_size"),
+            format!(
+                "{ranks} ranks need {ranks} GPUs per replica, but the deployment asks for {gpus} (placement_group_bundles' GPU, or ray_actor_options.num_gpus)"
+            ),
+        ));
     }
     Ok(())
 }
