@@ -120,8 +120,10 @@ fn an_all_reduce_captured_in_a_graph_replays() {
             .zip(&ranks)
             .map(|(c, rank)| {
                 let s = &rank.stream;
-                s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+                // The address first: taking it waits on the buffer's last write, which a capture
+                // must not depend on (work queued before the capture began).
                 let f = ptr(&rank.f32s, s);
+                s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
                 // SAFETY: as in the test above; captured, not run, until the graph is launched.
                 unsafe { c.all_reduce_sum(f, f, COUNT, ElementType::F32, raw(s)).unwrap() };
                 s.end_capture(CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph")
