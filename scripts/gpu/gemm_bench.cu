@@ -65,12 +65,18 @@ static Candidates time_candidates(cublasLtHandle_t lt, cublasLtMatmulDesc_t op, 
                                             sizeof ws_bytes));
     cublasLtMatmulHeuristicResult_t found[32];
     int n_found = 0;
-    if (cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, 32, found, &n_found) != CUBLAS_STATUS_SUCCESS)
+    const cublasStatus_t asked = cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, 32, found, &n_found);
+    if (asked != CUBLAS_STATUS_SUCCESS || n_found == 0) {
+        printf("  (%s: the heuristic answered status %d with %d algorithms)\n", what, (int)asked, n_found);
         n_found = 0;
+    }
     Candidates c;
     for (int a = 0; a < n_found; ++a) {
         if (found[a].state != CUBLAS_STATUS_SUCCESS) continue;
-        if (run(&found[a].algo, 0) != CUBLAS_STATUS_SUCCESS) continue;
+        if (const cublasStatus_t ran = run(&found[a].algo, 0); ran != CUBLAS_STATUS_SUCCESS) {
+            printf("  (algorithm %d of %s failed to run: status %d)\n", a, what, (int)ran);
+            continue;
+        }
         CHECK(cudaStreamSynchronize(s));
         const double err = relative_error(download(y, y_elems), want);
         if (err > 0.02) {
