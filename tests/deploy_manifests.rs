@@ -9,7 +9,8 @@
 //! set; the head started with the manifest's args and the ConfigMap's serve config answers the
 //! probe paths (never 404) and lists the config's applications; the workers' `HEAD_ADDRESS` is
 //! the head Service's gRPC port; the join token comes from one Secret key on both sides; GPU
-//! workers request one GPU on the Karpenter pool; KEDA and the monitors select what exists;
+//! workers request one GPU on the Karpenter pool (a split 70B replica's worker, as many as its
+//! ranks, on nodes that have them); KEDA and the monitors select what exists;
 //! Open WebUI points at the API Service's port 8000; and the cpu-demo serve config really
 //! serves a chat (`lumen serve --config`), exporting the metrics the autoscaler queries.
 
@@ -21,7 +22,7 @@ use std::process::Command;
 use serde_json::Value;
 use support::{Lumen, head_flags, model_path};
 
-const OVERLAYS: &[&str] = &["cpu-demo", "gpu-a10g"];
+const OVERLAYS: &[&str] = &["cpu-demo", "gpu-a10g", "gpu-70b-tp8"];
 /// Custom resources the manifests use, which no Kubernetes schema covers.
 const CRD_KINDS: &[&str] = &["ServiceMonitor", "PodMonitor", "ScaledObject", "NodePool", "EC2NodeClass"];
 /// The Kubernetes release the objects are validated against (EKS' oldest in standard support).
@@ -68,16 +69,20 @@ struct Rendered {
     objects: Vec<Value>,
 }
 
-/// Renders an overlay from a copy of `deploy/kubernetes`, where an overlay's `secrets.env`
-/// (kept out of git) is made from its `secrets.env.example`, as the docs tell users to.
+/// Renders an overlay from a copy of `deploy/kubernetes`, where each overlay's `secrets.env`
+/// (kept out of git) is made from its `secrets.env.example`, as the docs tell users to (an
+/// overlay built on another reads that one's).
 fn render(overlay: &str) -> Rendered {
     let dir = tempfile::tempdir().expect("tempdir");
     let tree = dir.path().join("kubernetes");
     copy_tree(&root().join("deploy/kubernetes"), &tree);
-    let overlay_dir = tree.join("overlays").join(overlay);
-    if overlay_dir.join("secrets.env.example").exists() && !overlay_dir.join("secrets.env").exists() {
-        std::fs::copy(overlay_dir.join("secrets.env.example"), overlay_dir.join("secrets.env")).expect("secrets.env");
+    for entry in std::fs::read_dir(tree.join("overlays")).expect("overlays") {
+        let each = entry.expect("overlay").path();
+        if each.join("secrets.env.example").exists() && !each.join("secrets.env").exists() {
+            std::fs::copy(each.join("secrets.env.example"), each.join("secrets.env")).expect("secrets.env");
+        }
     }
+    let overlay_dir = tree.join("overlays").join(overlay);
     let yaml_text = run(Command::new(tool("kubectl")).arg("kustomize").arg(&overlay_dir));
     let yaml = dir.path().join(format!("{overlay}.yaml"));
     std::fs::write(&yaml, &yaml_text).expect("write rendering");
@@ -461,6 +466,53 @@ fn gpu_workers_request_one_gpu_on_the_karpenter_pool_and_scale_with_keda() {
         .collect();
     assert!(queries.iter().any(|q| q.contains("vllm:num_requests_waiting")), "{queries:?}");
     assert!(queries.iter().any(|q| q.contains("vllm:kv_cache_usage_perc")), "{queries:?}");
+}
+
+/// The 70B overlay splits one replica over a node's eight GPUs: the worker asks Kubernetes for
+/// as many GPUs as the serve config's replica asks the head for (its bundles), which is the
+/// model's `tensor_parallel_size`, on a pool of nodes that have that many; KEDA stops at the
+/// serve config's replicas; the model divides over the ranks.
+#[test]
+fn the_70b_overlay_splits_a_replica_over_a_nodes_eight_gpus() {
+    let tp = render("gpu-70b-tp8");
+    let config = lumen_head::config::ServeConfig::from_yaml(&tp.serve_config()).expect("serve config");
+    let deployment = &config.applications[0].deployments[0];
+    let ranks = deployment.model.get("tensor_parallel_size").and_then(Value::as_u64).expect("tensor_parallel_size");
+    assert_eq!(ranks, 8);
+    assert_eq!(deployment.gpus_per_replica(), ranks as f64, "one bundle GPU per rank");
+    assert_eq!(deployment.model.get("device").and_then(Value::as_str), Some("cuda"));
+    let worker = tp.container("lumen-worker", "worker");
+    for side in ["requests", "limits"] {
+        assert_eq!(
+            int(&worker["resources"][side]["nvidia.com/gpu"]),
+            ranks,
+            "a worker holds a replica's GPUs ({side})"
+        );
+    }
+    let a10g = render("gpu-a10g");
+    assert_eq!(worker["image"], a10g.container("lumen-worker", "worker")["image"], "the CUDA image");
+    let pool = tp.find("NodePool", "lumen-g5-gpu");
+    let requirements = pool["spec"]["template"]["spec"]["requirements"].as_array().expect("requirements");
+    let sizes =
+        requirements.iter().find(|r| r["key"] == "karpenter.k8s.aws/instance-size").expect("instance sizes")["values"]
+            .as_array()
+            .expect("values");
+    // g5.48xlarge is the g5 with eight A10Gs; the pool takes no smaller node.
+    assert_eq!(sizes, &vec![Value::from("48xlarge")]);
+    assert!(requirements.iter().any(|r| r["key"] == "karpenter.k8s.aws/instance-family" && r["values"][0] == "g5"));
+    let max_replicas = deployment.autoscaling_config.as_ref().expect("autoscaling").max_replicas;
+    let scaled = tp.find("ScaledObject", "lumen-worker");
+    assert_eq!(int(&scaled["spec"]["maxReplicaCount"]), u64::from(max_replicas), "a worker per replica at most");
+    assert!(
+        int(&pool["spec"]["limits"]["nvidia.com/gpu"]) >= u64::from(max_replicas) * ranks,
+        "the pool can hold every replica's GPUs"
+    );
+    // The model's shape divides: DeepSeek-R1-Distill-Llama-70B has 64 query heads, 8 KV heads,
+    // an intermediate size of 28672 and 128256 tokens (its config.json).
+    for (what, size) in [("heads", 64u64), ("KV heads", 8), ("intermediate", 28672), ("vocabulary", 128256)] {
+        assert_eq!(size % ranks, 0, "{what} {size} divides over {ranks} ranks");
+    }
+    assert_eq!((28672 / ranks) % 32, 0, "each rank's MLP rows are whole blocks");
 }
 
 #[test]
