@@ -1,4 +1,5 @@
 use crate::TokenId;
+use crate::splitmix::SplitMix64;
 
 use super::ngram::propose;
 use super::*;
@@ -61,13 +62,8 @@ fn by_definition(settings: &SpecSettings, tokens: &[TokenId], max: usize) -> Vec
 
 #[test]
 fn the_one_pass_search_proposes_what_the_definition_says() {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = |bound: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % bound
-    };
+    let mut mix = SplitMix64(0x9E37_79B9_7F4A_7C15);
+    let mut next = |bound: u64| mix.below(bound as usize) as u64;
     for case in 0..3000 {
         let len = 1 + next(60) as usize;
         let vocab = 2 + next(5);

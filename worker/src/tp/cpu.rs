@@ -12,8 +12,8 @@
 
 use std::sync::Arc;
 
-use super::ShardPlan;
 use super::comm::{AbortOnFailure, LocalGroup};
+use super::{ShardPlan, first_failure};
 use crate::kernels::cpu::pool::split_range;
 use crate::model::llama_cpu::{CpuLlama, CpuModelOptions};
 use crate::model::{ForwardBatch, LlamaConfig, Model, TensorSource};
@@ -73,13 +73,7 @@ impl TensorParallelCpu {
         });
         // Every rank has returned: the group can start afresh whatever happened.
         self.group.reset();
-        let mut failures: Vec<(WorkerError, bool)> =
-            outcomes.into_iter().filter_map(|(r, first)| r.err().map(|e| (e, first))).collect();
-        failures.sort_by_key(|(_, first)| !first);
-        match failures.into_iter().next() {
-            Some((e, _)) => Err(e),
-            None => Ok(()),
-        }
+        first_failure(outcomes).map(|_| ())
     }
 }
 

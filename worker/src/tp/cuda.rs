@@ -18,9 +18,9 @@
 
 use std::sync::Arc;
 
-use super::ShardPlan;
 use super::comm::LocalGroup;
 use super::gpu_comm::{CommHandle, RankComm};
+use super::{ShardPlan, first_failure};
 use crate::model::llama_cuda::weights::WeightOrigin;
 use crate::model::llama_cuda::{CudaLlama, CudaModelOptions, RankPart};
 use crate::model::{ForwardBatch, LlamaConfig, Model};
@@ -53,22 +53,17 @@ impl Stop {
         self.comms.iter().for_each(CommHandle::reset);
     }
 
-    /// Runs `work` for one rank; its failure or panic aborts every rank.
-    fn guard<T>(&self, what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Runs `work` for one rank; its failure or panic aborts every rank. Also says whether this
+    /// rank failed first (before any abort), for [`first_failure`].
+    fn guard<T>(&self, what: &str, work: impl FnOnce() -> Result<T>) -> (Result<T>, bool) {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
             .unwrap_or_else(|_| Err(WorkerError::Engine(format!("a tensor-parallel rank panicked {what}"))));
+        let first = outcome.is_err() && !self.agree.aborted();
         if outcome.is_err() {
             self.abort();
         }
-        outcome
+        (outcome, first)
     }
-}
-
-/// The first error of the ranks', preferring a rank's own failure over "another rank failed".
-fn first_error(outcomes: Vec<Result<()>>) -> Result<()> {
-    let mut errors: Vec<WorkerError> = outcomes.into_iter().filter_map(|r| r.err()).collect();
-    errors.sort_by_key(|e| e.to_string().contains("another rank failed"));
-    errors.into_iter().next().map_or(Ok(()), Err)
 }
 
 impl TensorParallelCuda {
@@ -106,7 +101,7 @@ impl TensorParallelCuda {
             full: config.clone(),
             agree: agree.clone(),
         });
-        let loaded: Vec<Result<CudaLlama>> = std::thread::scope(|s| {
+        let loaded: Vec<(Result<CudaLlama>, bool)> = std::thread::scope(|s| {
             let stop = &stop;
             let handles: Vec<_> = parts
                 .zip(&devices)
@@ -118,17 +113,7 @@ impl TensorParallelCuda {
                 .collect();
             handles.into_iter().map(|h| h.join().expect("guarded")).collect()
         });
-        let mut models = Vec::with_capacity(loaded.len());
-        let mut failures = Vec::new();
-        for result in loaded {
-            match result {
-                Ok(model) => models.push(model),
-                Err(e) => failures.push(Err(e)),
-            }
-        }
-        if !failures.is_empty() {
-            return Err(first_error(failures).expect_err("a rank failed"));
-        }
+        let models = first_failure(loaded)?;
         tracing::info!(ranks, shared, "tensor-parallel model on GPUs");
         Ok(TensorParallelCuda { ranks: models, stop })
     }
@@ -145,7 +130,7 @@ impl TensorParallelCuda {
         // A bad batch fails here, for every rank alike, before any collective (and without
         // aborting the group: the next step is fine).
         head.validate(batch)?;
-        let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
+        let outcomes: Vec<(Result<()>, bool)> = std::thread::scope(|s| {
             let (rest, stop) = (&rest, &*stop);
             let handles: Vec<_> =
                 tail.iter_mut().map(|rank| s.spawn(move || stop.guard("during a step", || rest(rank)))).collect();
@@ -153,7 +138,7 @@ impl TensorParallelCuda {
             all.extend(handles.into_iter().map(|h| h.join().expect("guarded")));
             all
         });
-        let result = first_error(outcomes);
+        let result = first_failure(outcomes).map(|_| ());
         if result.is_err() {
             stop.reset();
         }

@@ -126,6 +126,25 @@ impl ShardPlan {
     }
 }
 
+/// Every rank's value, or the error to report when some rank failed: that of a rank that failed
+/// first (`true`: before the group was aborted), else the first in rank order (the others'
+/// errors only say that another rank failed).
+pub(crate) fn first_failure<T>(outcomes: impl IntoIterator<Item = (Result<T>, bool)>) -> Result<Vec<T>> {
+    let mut values = Vec::new();
+    let mut failure: Option<(WorkerError, bool)> = None;
+    for (outcome, first) in outcomes {
+        match outcome {
+            Ok(v) => values.push(v),
+            Err(e) if failure.as_ref().is_none_or(|(_, f)| first && !f) => failure = Some((e, first)),
+            Err(_) => {}
+        }
+    }
+    match failure {
+        Some((e, _)) => Err(e),
+        None => Ok(values),
+    }
+}
+
 /// Rank `rank`'s share of a vocabulary of `vocab` ids: contiguous, as even as possible (the
 /// first `vocab % ranks` ranks hold one id more).
 pub fn vocab_range(vocab: usize, rank: usize, ranks: usize) -> Range<usize> {

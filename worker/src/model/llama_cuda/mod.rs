@@ -398,7 +398,14 @@ impl CudaLlama {
         let normed = final_norm(meta.ptr(rows), batch.logits_rows.len())?;
         let logits = k.linear(&normed, w.output())?;
         let logits = match &self.rank {
-            Some(rank) => rank.gather_logits(k, &logits)?,
+            Some(rank) => {
+                let all = rank.gather_logits(k, &logits)?;
+                if !rank.reads_outputs() {
+                    // Only rank 0 reads the logits back: the others' part ends with the gather.
+                    return Ok(Some((all, None)));
+                }
+                all
+            }
             None => logits,
         };
         let logits = logits.to_dtype(DType::F32).map_err(|e| gpu_error("logits to f32", e))?;
@@ -556,7 +563,7 @@ impl CudaLlama {
 
     /// The whole model's vocabulary (a rank's weights hold a range of it).
     fn vocab_size(&self) -> usize {
-        self.rank.as_ref().map_or(self.config.vocab_size, |r| r.full.vocab_size)
+        self.full_config().vocab_size
     }
 
     /// The whole model's config.

@@ -40,10 +40,6 @@ fn aborted() -> WorkerError {
 }
 
 impl RankPart {
-    pub fn rank(&self) -> usize {
-        self.plan.rank
-    }
-
     /// Whether this rank reads the step's outputs back (rank 0 does).
     pub fn reads_outputs(&self) -> bool {
         self.plan.rank == 0
@@ -75,23 +71,20 @@ impl RankPart {
     /// The smallest of every rank's `blocks` (each rank's KV plan), so every rank holds each
     /// block the scheduler may hand out.
     pub fn agree_blocks(&self, blocks: usize) -> Result<usize> {
-        let ranks = self.agree.ranks();
-        let mut all = vec![0f32; ranks];
         // Block counts stay far below 2^24, where f32 holds every integer.
-        self.agree
-            .all_gather_columns(self.plan.rank, &[blocks as f32], 1, |r| r..r + 1, &mut all)
-            .map_err(|_| aborted())?;
-        Ok(all.into_iter().fold(blocks, |m, b| m.min(b as usize)))
+        Ok(self.everyone(blocks as f32)?.into_iter().fold(blocks, |m, b| m.min(b as usize)))
     }
 
     /// Whether `ok` holds on every rank (e.g. every rank captured its graphs), so the ranks take
     /// the same path after.
     pub fn all(&self, ok: bool) -> Result<bool> {
-        let ranks = self.agree.ranks();
-        let mut all = vec![0f32; ranks];
-        self.agree
-            .all_gather_columns(self.plan.rank, &[f32::from(u8::from(ok))], 1, |r| r..r + 1, &mut all)
-            .map_err(|_| aborted())?;
-        Ok(all.iter().all(|&v| v == 1.0))
+        Ok(self.everyone(f32::from(u8::from(ok)))?.iter().all(|&v| v == 1.0))
+    }
+
+    /// Every rank's `mine`, in rank order (a start-up agreement on the host).
+    fn everyone(&self, mine: f32) -> Result<Vec<f32>> {
+        let mut all = vec![0f32; self.agree.ranks()];
+        self.agree.all_gather_columns(self.plan.rank, &[mine], 1, |r| r..r + 1, &mut all).map_err(|_| aborted())?;
+        Ok(all)
     }
 }

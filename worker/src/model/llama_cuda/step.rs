@@ -128,7 +128,7 @@ impl CudaLlama {
             return Ok(());
         };
         if !self.reads_outputs() {
-            // A tensor-parallel rank other than the first: its part ends with the collectives.
+            // A tensor-parallel rank other than the first: its part ends with the logits' gather.
             self.kernels.stream().synchronize().map_err(|e| gpu_error("synchronizing", e))?;
             self.ops.discard();
             return Ok(());
