@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Speculative decoding (ngram, prompt lookup) against plain decoding on the same engine, in one
+# Speculative decoding (ngram, prompt lookup, by default; or a draft model: SPEC='{"model":
+# "draft.gguf", "num_speculative_tokens": 4}') against plain decoding on the same engine, in one
 # run: `lumen bench offline` on the `edit` dataset (the answer repeats the prompt) and the `chat`
 # dataset (it does not), at rising concurrency; prints a table of output tok/s and the
 # acceptance.
@@ -24,15 +25,15 @@ mkdir -p "$OUT"
 rows=()
 for ds in $DATASETS; do
   for c in $CONCURRENCY; do
-    for mode in plain ngram; do
+    for mode in plain spec; do
       flags=()
-      [ "$mode" = ngram ] && flags=(--speculative-config "$SPEC")
+      [ "$mode" = spec ] && flags=(--speculative-config "$SPEC")
       # shellcheck disable=SC2086
       "$LUMEN_BIN" bench offline --model "$MODEL" --threads "$THREADS" --dataset-name "$ds" --output-len "$OUTPUT_LEN" \
         --num-prompts $((c < 2 ? 4 : 2 * c)) --concurrency "$c" "${flags[@]}" $EXTRA --json "$OUT/$ds-c$c-$mode.json" \
         > "$OUT/$ds-c$c-$mode.txt" 2> "$OUT/$ds-c$c-$mode.log"
     done
-    rows+=("$(python3 - "$OUT/$ds-c$c-plain.json" "$OUT/$ds-c$c-ngram.json" "$ds" "$c" <<'PY'
+    rows+=("$(python3 - "$OUT/$ds-c$c-plain.json" "$OUT/$ds-c$c-spec.json" "$ds" "$c" <<'PY'
 import json, sys
 plain, spec = (json.load(open(p)) for p in sys.argv[1:3])
 drafts, proposed, accepted = spec.get("spec_decode") or (0, 0, 0)
@@ -44,6 +45,7 @@ PY
 )")
   done
 done
-echo "| dataset | streams | plain tok/s | ngram tok/s | ngram / plain | accepted | tokens per draft |"
+echo "speculative_config: $SPEC"
+echo "| dataset | streams | plain tok/s | speculative tok/s | speculative / plain | accepted | tokens per draft |"
 echo "|---|---:|---:|---:|---:|---:|---:|"
 printf '%s\n' "${rows[@]}"

@@ -5,7 +5,7 @@
 //! - the head's `/metrics` on both ports, and the worker's own `/metrics`, carry vLLM's series
 //!   whose counters and histogram counts equal what was served, with the expected labels, beside
 //!   the cluster series (workers, replicas by state) and the router's request counter;
-//! - speculative decoding's counters (the deployment runs the ngram proposer);
+//! - speculative decoding's counters (the deployment's model drafts for itself: `draft_model`);
 //! - the worker's stderr (`--log-format json`) has the periodic engine line, with the replica
 //!   id, while it is busy, and stays quiet once idle; request lines carry the request id.
 
@@ -30,8 +30,9 @@ fn serve_config() -> String {
     format!(
         "applications:\n  - name: chat\n    deployments:\n      - name: llm\n        num_replicas: 1\n        \
          model:\n          source: {}\n          served_model_name: smol\n          threads: 2\n          \
-         max_model_len: 1024\n          kv_cache_memory: 64MiB\n          speculative_config: {{method: ngram, \
-         num_speculative_tokens: 3, prompt_lookup_min: 1, prompt_lookup_max: 3}}\n",
+         max_model_len: 1024\n          kv_cache_memory: 64MiB\n          speculative_config: {{model: {}, \
+         num_speculative_tokens: 3}}\n",
+        model_path(),
         model_path()
     )
 }
@@ -300,8 +301,8 @@ fn assert_vllm_series(samples: &[Sample], served: &[Served], labels: &[(&str, &s
     let queries = one(samples, "vllm:prefix_cache_queries_total", labels);
     assert!(one(samples, "vllm:prefix_cache_hits_total", labels) <= queries);
     assert_eq!(one(samples, "vllm:num_preemptions_total", labels), 0.0);
-    // Speculative decoding (the deployment's `speculative_config`): the chat template repeats
-    // tokens, so prompt lookup proposes from the first decode step on.
+    // Speculative decoding (the deployment's `speculative_config`): the model drafts for
+    // itself, so the draft model proposes from the first decode step on.
     let drafts = one(samples, "vllm:spec_decode_num_drafts_total", labels);
     let proposed = one(samples, "vllm:spec_decode_num_draft_tokens_total", labels);
     let accepted = one(samples, "vllm:spec_decode_num_accepted_tokens_total", labels);

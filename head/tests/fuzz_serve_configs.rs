@@ -67,8 +67,9 @@ fn model_section() -> impl Strategy<Value = Value> {
         prop::option::of(mostly(prop::sample::select(vec!["64MiB", "0", "lots"]).prop_map(Value::from))),
         prop::option::of(mostly(Just(json!("deepseek_r1")))),
         prop::option::of(json_value()),
+        prop::option::of(mostly(speculative_config())),
     )
-        .prop_map(|(source, served, max_len, device, kv, parser, stray)| {
+        .prop_map(|(source, served, max_len, device, kv, parser, stray, speculative)| {
             object(vec![
                 ("source", source),
                 ("served_model_name", served),
@@ -77,6 +78,32 @@ fn model_section() -> impl Strategy<Value = Value> {
                 ("kv_cache_memory", kv),
                 ("reasoning_parser", parser),
                 ("max_model_length", stray),
+                ("speculative_config", speculative),
+            ])
+        })
+}
+
+/// vLLM's `speculative_config`: prompt lookup, a draft model, or nearly either.
+fn speculative_config() -> impl Strategy<Value = Value> {
+    let word = |words: Vec<&'static str>| mostly(prop::sample::select(words).prop_map(Value::from));
+    (
+        prop::option::of(word(vec!["ngram", "[ngram]", "draft_model", "eagle", "magic"])),
+        prop::option::of(word(vec!["[ngram]", "draft.gguf", "org/draft", ""])),
+        prop::option::of(mostly(prop_oneof![(-1i64..20).prop_map(Value::from), Just(json!(1u64 << 40))].boxed())),
+        prop::option::of(count()),
+        prop::option::of(count()),
+        prop::option::of(count()),
+        prop::option::of(word(vec!["fp8", "awq"])),
+    )
+        .prop_map(|(method, model, k, lookup_min, lookup_max, draft_tp, quantization)| {
+            object(vec![
+                ("method", method),
+                ("model", model),
+                ("num_speculative_tokens", k),
+                ("prompt_lookup_min", lookup_min),
+                ("prompt_lookup_max", lookup_max),
+                ("draft_tensor_parallel_size", draft_tp),
+                ("quantization", quantization),
             ])
         })
 }

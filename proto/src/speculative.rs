@@ -4,9 +4,11 @@
 //! [`SpeculativeConfig::settings`] returns (its proposers are in the worker's `spec` module).
 //!
 //! Invariants: [`SpeculativeConfig::settings`] accepts only what the worker runs (the `ngram`
-//! method; draft models and EAGLE-style heads are refused by name until they are built), with
-//! vLLM's defaults, and bounds every number ([`MAX_SPECULATIVE_TOKENS`], [`MAX_LOOKUP`]), so a
-//! config cannot make a step or a lookup unbounded.
+//! and `draft_model` methods; EAGLE-style heads and MTP are refused by name until they are
+//! built), with vLLM's defaults and its inference of the method from `model`, and bounds every
+//! number ([`MAX_SPECULATIVE_TOKENS`], [`MAX_LOOKUP`]), so a config cannot make a step or a
+//! lookup unbounded. Whether a draft model's files exist and fit the target (same vocabulary,
+//! long enough context) is the worker's check: only it can read them.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,12 +21,23 @@ pub const MAX_LOOKUP: usize = 32;
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SpeculativeConfig {
-    /// The proposer: `ngram` (prompt lookup; vLLM also spells it `[ngram]`).
+    /// The proposer: `ngram` (prompt lookup; vLLM also spells it `[ngram]`) or `draft_model`
+    /// (a small model sharing the target's tokenizer). Without it, `model` decides: `[ngram]`
+    /// is prompt lookup, anything else a draft model (vLLM's inference).
     #[serde(default)]
     pub method: Option<String>,
-    /// vLLM's older spelling of the method (`"model": "[ngram]"`), or a draft model's path.
+    /// The draft model (a GGUF file, a Hugging Face directory or a hub id), or vLLM's older
+    /// spelling of the method (`"model": "[ngram]"`).
     #[serde(default)]
     pub model: Option<String>,
+    /// The draft model's tensor-parallel size: only 1 (the draft runs whole, beside the
+    /// target's first rank).
+    #[serde(default)]
+    pub draft_tensor_parallel_size: Option<usize>,
+    /// The draft model's weight quantization, as `--quantization` takes it (default: what its
+    /// checkpoint says).
+    #[serde(default)]
+    pub quantization: Option<String>,
     /// Tokens proposed per step.
     #[serde(default)]
     pub num_speculative_tokens: Option<usize>,
@@ -39,12 +52,24 @@ pub struct SpeculativeConfig {
     pub disable_by_batch_size: Option<usize>,
 }
 
+/// Which proposer drafts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SpecMethod {
+    /// Prompt lookup (`ngram`): no model runs.
+    #[default]
+    Ngram,
+    /// A draft model ([`SpeculativeConfig::model`]) proposes its greedy continuation.
+    DraftModel,
+}
+
 /// The checked settings the engine runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpecSettings {
+    pub method: SpecMethod,
     /// Tokens proposed per sequence and step (1 to [`MAX_SPECULATIVE_TOKENS`]).
     pub num_tokens: usize,
-    /// The n-gram lengths tried, longest first (1 <= min <= max <= [`MAX_LOOKUP`]).
+    /// The n-gram lengths tried, longest first (1 <= min <= max <= [`MAX_LOOKUP`]; `ngram`
+    /// only).
     pub lookup_min: usize,
     pub lookup_max: usize,
     /// No speculation in a step with more running sequences than this (`None`: always).
@@ -56,8 +81,9 @@ impl SpeculativeConfig {
     pub fn parse_json(s: &str) -> Result<SpeculativeConfig, String> {
         serde_json::from_str(s).map_err(|e| {
             format!(
-                "{e} (a JSON object with `method` (ngram), `num_speculative_tokens`, `prompt_lookup_min`, \
-                 `prompt_lookup_max` and/or `disable_by_batch_size`)"
+                "{e} (a JSON object with `method` (ngram or draft_model), `model`, `num_speculative_tokens`, \
+                 `prompt_lookup_min`, `prompt_lookup_max`, `draft_tensor_parallel_size`, `quantization` and/or \
+                 `disable_by_batch_size`)"
             )
         })
     }
@@ -66,22 +92,54 @@ impl SpeculativeConfig {
     /// checks, plus our bounds).
     pub fn settings(&self) -> Result<SpecSettings, String> {
         let bad = |message: String| Err(message);
+        let model = self.model.as_deref().filter(|m| *m != "[ngram]");
         let method = match (self.method.as_deref(), self.model.as_deref()) {
             (Some(m), _) => m,
             (None, Some("[ngram]")) => "ngram",
-            (None, Some(model)) => {
+            (None, Some(_)) => "draft_model",
+            (None, None) => {
+                return bad("`method` is required: \"ngram\" (prompt lookup) or \"draft_model\" (with `model`)".into());
+            }
+        };
+        let method = match method {
+            "ngram" | "[ngram]" => {
+                if let Some(model) = model {
+                    return bad(format!(
+                        "method \"ngram\" runs no model; drop `model` ({model:?}) or use \"draft_model\""
+                    ));
+                }
+                SpecMethod::Ngram
+            }
+            "draft_model" => {
+                if model.is_none_or(|m| m.trim().is_empty()) {
+                    return bad(
+                        "method \"draft_model\" needs `model`: the draft's GGUF file, directory or hub id".into()
+                    );
+                }
+                if self.prompt_lookup_min.is_some() || self.prompt_lookup_max.is_some() {
+                    return bad(
+                        "prompt_lookup_min / prompt_lookup_max are for method \"ngram\", not a draft model".into()
+                    );
+                }
+                SpecMethod::DraftModel
+            }
+            "eagle" | "eagle3" | "medusa" | "mlp_speculator" | "deepseek_mtp" | "mtp" | "suffix" => {
+                return bad(format!("method {method:?} is not built yet; \"ngram\" and \"draft_model\" are"));
+            }
+            other => {
+                return bad(format!("unknown method {other:?}; the ones built are \"ngram\" and \"draft_model\""));
+            }
+        };
+        if method == SpecMethod::Ngram && self.quantization.is_some() {
+            return bad("`quantization` is the draft model's; method \"ngram\" runs no model".into());
+        }
+        match self.draft_tensor_parallel_size {
+            None | Some(1) => {}
+            Some(n) => {
                 return bad(format!(
-                    "a draft model (`model`: {model:?}) is not built yet; `method`: \"ngram\" is (prompt lookup)"
+                    "draft_tensor_parallel_size must be 1 (the draft runs whole beside the target), got {n}"
                 ));
             }
-            (None, None) => return bad("`method` is required: \"ngram\" (prompt lookup)".into()),
-        };
-        match method {
-            "ngram" | "[ngram]" => {}
-            "draft_model" | "eagle" | "eagle3" | "medusa" | "mlp_speculator" | "deepseek_mtp" | "mtp" => {
-                return bad(format!("method {method:?} is not built yet; \"ngram\" (prompt lookup) is"));
-            }
-            other => return bad(format!("unknown method {other:?}; the one built is \"ngram\" (prompt lookup)")),
         }
         let Some(num_tokens) = self.num_speculative_tokens else {
             return bad("`num_speculative_tokens` is required (tokens proposed per step)".into());
@@ -103,7 +161,22 @@ impl SpeculativeConfig {
         if self.disable_by_batch_size == Some(0) {
             return bad("disable_by_batch_size must be at least 1 (leave it out to speculate at any batch size)".into());
         }
-        Ok(SpecSettings { num_tokens, lookup_min, lookup_max, disable_by_batch_size: self.disable_by_batch_size })
+        Ok(SpecSettings {
+            method,
+            num_tokens,
+            lookup_min,
+            lookup_max,
+            disable_by_batch_size: self.disable_by_batch_size,
+        })
+    }
+
+    /// The draft model to load, when the method is `draft_model` (call after
+    /// [`SpeculativeConfig::settings`] accepted the config).
+    pub fn draft_model(&self) -> Option<&str> {
+        match self.settings() {
+            Ok(SpecSettings { method: SpecMethod::DraftModel, .. }) => self.model.as_deref(),
+            _ => None,
+        }
     }
 }
 
@@ -118,12 +191,49 @@ mod tests {
     #[test]
     fn configs_take_vllms_spellings_and_defaults() {
         let s = settings(r#"{"method": "ngram", "num_speculative_tokens": 4}"#).unwrap();
-        assert_eq!(s, SpecSettings { num_tokens: 4, lookup_min: 5, lookup_max: 5, disable_by_batch_size: None });
+        assert_eq!(
+            s,
+            SpecSettings {
+                method: SpecMethod::Ngram,
+                num_tokens: 4,
+                lookup_min: 5,
+                lookup_max: 5,
+                disable_by_batch_size: None
+            }
+        );
         let s = settings(r#"{"model": "[ngram]", "num_speculative_tokens": 3, "prompt_lookup_max": 4}"#).unwrap();
         assert_eq!((s.num_tokens, s.lookup_min, s.lookup_max), (3, 4, 4));
         let s = settings(r#"{"method": "[ngram]", "num_speculative_tokens": 2, "prompt_lookup_min": 2, "prompt_lookup_max": 6, "disable_by_batch_size": 8}"#)
             .unwrap();
-        assert_eq!(s, SpecSettings { num_tokens: 2, lookup_min: 2, lookup_max: 6, disable_by_batch_size: Some(8) });
+        assert_eq!(
+            s,
+            SpecSettings {
+                method: SpecMethod::Ngram,
+                num_tokens: 2,
+                lookup_min: 2,
+                lookup_max: 6,
+                disable_by_batch_size: Some(8)
+            }
+        );
+    }
+
+    #[test]
+    fn a_draft_model_is_named_by_method_or_inferred_from_model() {
+        let explicit =
+            r#"{"method": "draft_model", "model": "meta-llama/Llama-3.2-1B-Instruct", "num_speculative_tokens": 5}"#;
+        let config = SpeculativeConfig::parse_json(explicit).unwrap();
+        let s = config.settings().unwrap();
+        assert_eq!((s.method, s.num_tokens), (SpecMethod::DraftModel, 5));
+        assert_eq!(config.draft_model(), Some("meta-llama/Llama-3.2-1B-Instruct"));
+        // vLLM infers the method from a model that is not `[ngram]`.
+        let inferred = SpeculativeConfig::parse_json(
+            r#"{"model": "/models/draft.gguf", "num_speculative_tokens": 3, "draft_tensor_parallel_size": 1, "quantization": "fp8"}"#,
+        )
+        .unwrap();
+        assert_eq!(inferred.settings().unwrap().method, SpecMethod::DraftModel);
+        assert_eq!(inferred.draft_model(), Some("/models/draft.gguf"));
+        let ngram = SpeculativeConfig::parse_json(r#"{"model": "[ngram]", "num_speculative_tokens": 3}"#).unwrap();
+        assert_eq!(ngram.draft_model(), None);
     }
 
     #[test]
@@ -141,7 +251,13 @@ mod tests {
             (r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 100000}"#, "<= 32"),
             (r#"{"method": "ngram", "num_speculative_tokens": 4, "disable_by_batch_size": 0}"#, "at least 1"),
             (r#"{"method": "eagle", "num_speculative_tokens": 4}"#, "not built yet"),
-            (r#"{"model": "meta-llama/Llama-3.2-1B", "num_speculative_tokens": 4}"#, "draft model"),
+            (r#"{"method": "draft_model", "num_speculative_tokens": 4}"#, "needs `model`"),
+            (r#"{"method": "draft_model", "model": " ", "num_speculative_tokens": 4}"#, "needs `model`"),
+            (r#"{"model": "d.gguf", "num_speculative_tokens": 4, "prompt_lookup_max": 3}"#, "for method \"ngram\""),
+            (r#"{"method": "ngram", "model": "d.gguf", "num_speculative_tokens": 4}"#, "runs no model"),
+            (r#"{"method": "ngram", "num_speculative_tokens": 4, "quantization": "fp8"}"#, "runs no model"),
+            (r#"{"model": "d.gguf", "num_speculative_tokens": 4, "draft_tensor_parallel_size": 2}"#, "must be 1"),
+            (r#"{"model": "d.gguf", "num_speculative_tokens": 40}"#, "1 to 16"),
             (r#"{"method": "magic", "num_speculative_tokens": 4}"#, "unknown method"),
             (r#"{"method": "ngram", "num_speculative_tokens": -1}"#, "invalid value"),
             (r#"{"method": "ngram", "num_speculative_tokens": 4, "temperature": 1}"#, "unknown field"),

@@ -257,7 +257,7 @@ pub fn check_value(kind: Kind, value: &Value) -> Result<(), String> {
             .map_err(|e| e.to_string())
             .and_then(|config| config.settings().map(|_| ())),
         (Kind::SpeculativeConfig, _) => Err(format!(
-            "must be an object such as {{\"method\": \"ngram\", \"num_speculative_tokens\": 4}}, got {}",
+            "must be an object such as {{\"method\": \"ngram\", \"num_speculative_tokens\": 4}} or {{\"model\": \"<draft>\", \"num_speculative_tokens\": 4}}, got {}",
             got()
         )),
     }
@@ -311,6 +311,9 @@ mod tests {
             {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}});
         check("m", speculative.as_object().unwrap()).unwrap();
         check("m", json!({"model": "a.gguf", "speculative_config": null}).as_object().unwrap()).unwrap();
+        let draft = json!({"model": "org/llama-8b", "speculative_config":
+            {"method": "draft_model", "model": "org/llama-1b", "num_speculative_tokens": 5, "draft_tensor_parallel_size": 1}});
+        check("m", draft.as_object().unwrap()).unwrap();
         check("m", json!({"model": "a.gguf", "kv_cache_memory": 1048576}).as_object().unwrap()).unwrap();
         check("m", json!({"model": "a.gguf", "tensor_parallel_size": 3, "device": "cpu"}).as_object().unwrap())
             .unwrap();
@@ -383,6 +386,11 @@ mod tests {
                 json!({"source": "m", "speculative_config": {"method": "eagle", "num_speculative_tokens": 3}}),
                 "m.speculative_config",
                 "not built yet",
+            ),
+            (
+                json!({"source": "m", "speculative_config": {"method": "draft_model", "num_speculative_tokens": 3}}),
+                "m.speculative_config",
+                "needs `model`",
             ),
             (
                 json!({"source": "m", "speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "k": 1}}),

@@ -146,6 +146,10 @@ pub struct EngineCore {
     spec_control: Controller,
     spec_running: Vec<SeqId>,
     spec_tokens: Vec<TokenId>,
+    /// The draft model (`draft_model`), its asks and its proposals.
+    draft: Option<crate::spec::draft_model::DraftModel>,
+    spec_asks: Vec<(SeqId, usize)>,
+    spec_drafts: Vec<Vec<TokenId>>,
 }
 
 /// Scheduling knobs of an engine.
@@ -207,6 +211,9 @@ impl EngineCore {
             spec_control: Controller::new(cfg.speculative.map_or(0, |s| s.num_tokens)),
             spec_running: Vec::new(),
             spec_tokens: Vec::new(),
+            draft: None,
+            spec_asks: Vec::new(),
+            spec_drafts: Vec::new(),
         }
     }
 
@@ -317,7 +324,8 @@ impl EngineCore {
     pub fn step(&mut self) -> Result<bool> {
         self.drop_disconnected();
         let started = Instant::now();
-        self.propose_drafts();
+        self.propose_drafts()?;
+        let drafted = Instant::now();
         let cost = &self.step_cost;
         let schedule = self.scheduler.schedule_limited(|decodes| cost.prompt_limit(decodes));
         self.counters.preemptions_total += schedule.preempted.len() as u64;
@@ -381,7 +389,7 @@ impl EngineCore {
         if self.spec.is_some() && !prompts {
             self.spec_control.observe_step(tokens, ms);
         }
-        self.phases.record(&StepMarks { start: started, forward_start, forward_end, end }, tokens);
+        self.phases.record(&StepMarks { start: started, drafted, forward_start, forward_end, end }, tokens);
         self.counters.steps_total += 1;
         self.last_progress = Instant::now();
         Ok(true)

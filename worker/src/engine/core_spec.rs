@@ -1,5 +1,6 @@
 //! The engine's side of speculative decoding (`crate::spec`): before a step, a draft for each
-//! decoding sequence that may take one; after it, the draft verified against the target's rows.
+//! decoding sequence that may take one (prompt lookup, or the draft model's batched forwards);
+//! after it, the draft verified against the target's rows.
 //!
 //! Verification samples each of a drafted sequence's rows in order with the sequence's own
 //! sampler (as an undrafted step would sample its one row), accepting the draft token while the
@@ -16,20 +17,38 @@
 //! all in a step with more running sequences than `disable_by_batch_size`.
 
 use super::EngineCore;
+use crate::Result;
 use crate::sampling::reduce::{Reduced, ReducedRows, RowResult};
 use crate::scheduler::{Schedule, SeqId};
+use crate::spec::draft_model::{DraftAsk, DraftModel};
 
 impl EngineCore {
-    /// Proposes a draft for every sequence that may take one this step.
-    pub(super) fn propose_drafts(&mut self) {
-        let Some(settings) = self.spec else { return };
+    /// Speculates with `draft` (`draft_model`): its proposals go through the same verification.
+    pub fn with_draft_model(mut self, draft: DraftModel) -> EngineCore {
+        self.draft = Some(draft);
+        self
+    }
+
+    /// The draft model, when one proposes (`draft_model`).
+    pub fn draft_model(&self) -> Option<&DraftModel> {
+        self.draft.as_ref()
+    }
+
+    /// Proposes a draft for every sequence that may take one this step (a draft model's
+    /// forwards run here).
+    pub(super) fn propose_drafts(&mut self) -> Result<()> {
+        let Some(settings) = self.spec else { return Ok(()) };
         if settings.disable_by_batch_size.is_some_and(|limit| self.scheduler.num_running() > limit) {
-            return;
+            if let Some(draft) = &mut self.draft {
+                draft.retain_running(self.scheduler.running());
+            }
+            return Ok(());
         }
         let mut running = std::mem::take(&mut self.spec_running);
         running.clear();
         running.extend_from_slice(self.scheduler.running());
         let rows = running.len();
+        self.spec_asks.clear();
         for &id in &running {
             let Some(state) = self.seqs.get_mut(&id) else { continue };
             let Some(req) = self.requests.get(&state.request) else { continue };
@@ -46,18 +65,41 @@ impl EngineCore {
                 .max_tokens
                 .saturating_sub(state.generated + 1)
                 .min(self.limits.max_model_len.saturating_sub(seq.tokens.len() + 1));
-            if room == 0 {
-                continue;
-            }
             // As many as pay on this replica for this sequence's acceptance (`spec::adaptive`).
-            let wanted = self.spec_control.tokens(&mut state.acceptance, rows);
-            self.spec_tokens.clear();
-            crate::spec::ngram::propose(&settings, &seq.tokens, wanted.min(room), &mut self.spec_tokens);
-            if !self.spec_tokens.is_empty() {
-                self.scheduler.set_draft(id, &self.spec_tokens);
+            let wanted = if room == 0 { 0 } else { self.spec_control.tokens(&mut state.acceptance, rows) };
+            if wanted.min(room) > 0 {
+                self.spec_asks.push((id, wanted.min(room)));
+            }
+        }
+        match &mut self.draft {
+            None => {
+                for &(id, max) in &self.spec_asks {
+                    let Some(seq) = self.scheduler.get(id) else { continue };
+                    self.spec_tokens.clear();
+                    crate::spec::ngram::propose(&settings, &seq.tokens, max, &mut self.spec_tokens);
+                    if !self.spec_tokens.is_empty() {
+                        self.scheduler.set_draft(id, &self.spec_tokens);
+                    }
+                }
+            }
+            Some(draft) => {
+                let scheduler = &self.scheduler;
+                let asks: Vec<DraftAsk<'_>> = self
+                    .spec_asks
+                    .iter()
+                    .filter_map(|&(id, max)| scheduler.get(id).map(|s| DraftAsk { id, tokens: &s.tokens, max }))
+                    .collect();
+                draft.propose(&running, &asks, &mut self.spec_drafts)?;
+                let ids: Vec<SeqId> = asks.iter().map(|a| a.id).collect();
+                for (id, tokens) in ids.into_iter().zip(&self.spec_drafts) {
+                    if !tokens.is_empty() {
+                        self.scheduler.set_draft(id, tokens);
+                    }
+                }
             }
         }
         self.spec_running = running;
+        Ok(())
     }
 
     /// Logits rows the step's sampling sequences take, drafts included.

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::core::{CoreConfig, EngineCore};
+use super::load_draft::{DraftParts, open_draft};
 use super::options::{ComputeDevice, EngineOptions};
 use crate::kernels::cpu::attention::CacheLayout;
 use crate::kv_cache::cpu_storage::CpuKvStorage;
@@ -16,6 +17,7 @@ use crate::model::location::{LoadFormat, ModelLocation, resolve_model};
 use crate::model::quant::Quantization;
 use crate::model::quant::source::DequantizedSource;
 use crate::model::{DummySource, LlamaConfig, Model, SafetensorsSource, TensorDType, TensorSource};
+use crate::spec::draft_model::DraftModel;
 use crate::tokenizer::Tokenizer;
 use crate::tp::cpu::TensorParallelCpu;
 use crate::{Result, WorkerError};
@@ -47,21 +49,23 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
         return Err(WorkerError::invalid("tensor_parallel_size", "must be at least 1"));
     }
     let quantization = Quantization::resolve(config.quantization.as_ref(), opts.quantization.as_deref())?;
-    let model: Box<dyn Model> = match device {
+    let draft = open_draft(opts, &config, &tokenizer, max_model_len)?;
+    let draft_name = draft.as_ref().map(|d| d.name.clone());
+    let (model, draft): Loaded = match device {
         ComputeDevice::Cpu => {
-            // The CPU computes in floats: FP8 weights as the values they mean.
-            let dequantized = DequantizedSource::wrap(source.as_ref(), &quantization);
-            let source = dequantized.as_ref().map_or(source.as_ref(), |d| d as &dyn TensorSource);
-            // A quantized checkpoint's values are requantized to Q8_0 under `auto`, not widened
-            // to f32 (four times an FP8 model's bytes, eight times a 4-bit one's).
-            let format = match (opts.cpu_weight_format, &quantization) {
-                (CpuWeightFormat::Auto, Quantization::Fp8(_) | Quantization::Int(_)) => CpuWeightFormat::Q8_0,
-                (format, _) => format,
+            let draft_per_block = draft.as_ref().map_or(0, |d| cpu_bytes_per_block(&d.config, opts.block_size));
+            let model = load_cpu(config, source.as_ref(), opts, &quantization, max_model_len, draft_per_block)?;
+            let draft = match draft {
+                Some(d) => {
+                    let cpu = CpuModelOptions { num_blocks: model.num_blocks(), ..cpu_options(opts, max_model_len) };
+                    Some(Box::new(load_cpu_weights(d.config, d.source.as_ref(), &cpu, &d.quantization)?) as _)
+                }
+                None => None,
             };
-            load_cpu(config, source, opts, format, max_model_len)?
+            (model, draft)
         }
         ComputeDevice::Cuda(ordinal) => {
-            load_cuda(config, source.as_ref(), opts, max_model_len, ordinal, &quantization)?
+            load_cuda(config, source.as_ref(), opts, max_model_len, ordinal, &quantization, draft)?
         }
     };
     let core_cfg = CoreConfig {
@@ -80,8 +84,18 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
     };
     let num_blocks = model.num_blocks();
     tracing::info!(model = %opts.model, max_model_len, num_blocks, ?pooling, seconds = started.elapsed().as_secs_f32(), "engine ready");
-    Ok(EngineCore::new(model, tokenizer, &core_cfg))
+    let core = EngineCore::new(model, tokenizer, &core_cfg);
+    Ok(match draft {
+        Some(draft) => {
+            tracing::info!(draft = ?draft_name, device = %draft.describe(), blocks = draft.num_blocks(), "draft model ready");
+            core.with_draft_model(DraftModel::new(draft, opts.max_num_batched_tokens))
+        }
+        None => core,
+    })
 }
+
+/// A loaded target model and its draft model, if any.
+type Loaded = (Box<dyn Model>, Option<Box<dyn Model>>);
 
 /// The checked `speculative_config` (a pooling model never samples, so it takes none).
 fn speculative(opts: &EngineOptions, pooling: bool) -> Result<Option<crate::spec::SpecSettings>> {
@@ -116,40 +130,79 @@ fn itl_goal(opts: &EngineOptions) -> Option<f64> {
     }
 }
 
+/// Bytes a KV block of `config`'s model takes on the CPU.
+fn cpu_bytes_per_block(config: &LlamaConfig, block_size: usize) -> usize {
+    let layout = CacheLayout { block_size, kv_heads: config.num_key_value_heads, head_dim: config.head_dim };
+    CpuKvStorage::bytes_per_block(&layout, config.num_hidden_layers)
+}
+
+/// The CPU model options `opts` ask for (the KV cache's size left to the caller).
+fn cpu_options(opts: &EngineOptions, max_model_len: usize) -> CpuModelOptions {
+    CpuModelOptions {
+        threads: opts.threads(),
+        weight_format: opts.cpu_weight_format,
+        block_size: opts.block_size,
+        num_blocks: 0,
+        max_model_len,
+    }
+}
+
+/// A whole model on the CPU, which computes in floats: FP8 weights as the values they mean,
+/// and a quantized checkpoint's values requantized to Q8_0 under `auto`, not widened to f32
+/// (four times an FP8 model's bytes, eight times a 4-bit one's).
+fn load_cpu_weights(
+    config: LlamaConfig,
+    source: &dyn TensorSource,
+    cpu: &CpuModelOptions,
+    quantization: &Quantization,
+) -> Result<CpuLlama> {
+    let dequantized = DequantizedSource::wrap(source, quantization);
+    let source = dequantized.as_ref().map_or(source, |d| d as &dyn TensorSource);
+    CpuLlama::load(config, source, &cpu_format(cpu, quantization))
+}
+
+/// `cpu` with the weight format it keeps for `quantization`'s weights.
+fn cpu_format(cpu: &CpuModelOptions, quantization: &Quantization) -> CpuModelOptions {
+    let weight_format = match (cpu.weight_format, quantization) {
+        (CpuWeightFormat::Auto, Quantization::Fp8(_) | Quantization::Int(_)) => CpuWeightFormat::Q8_0,
+        (format, _) => format,
+    };
+    CpuModelOptions { weight_format, ..cpu.clone() }
+}
+
 /// The CPU model, its KV cache sized by `--kv-cache-memory` (with `--tensor-parallel-size`
-/// N, N ranks, each holding its KV heads' share of every block).
+/// N, N ranks, each holding its KV heads' share of every block; with a draft model taking
+/// `draft_per_block` bytes a block, both caches get as many blocks).
 fn load_cpu(
     config: LlamaConfig,
     source: &dyn TensorSource,
     opts: &EngineOptions,
-    weight_format: CpuWeightFormat,
+    quantization: &Quantization,
     max_model_len: usize,
+    draft_per_block: usize,
 ) -> Result<Box<dyn Model>> {
-    let layout =
-        CacheLayout { block_size: opts.block_size, kv_heads: config.num_key_value_heads, head_dim: config.head_dim };
-    let per_block = CpuKvStorage::bytes_per_block(&layout, config.num_hidden_layers);
+    let per_block = cpu_bytes_per_block(&config, opts.block_size) + draft_per_block;
     let num_blocks = (opts.kv_cache_memory.as_u64() as usize) / per_block;
     if num_blocks * opts.block_size < max_model_len {
         return Err(WorkerError::invalid(
             "kv_cache_memory",
             format!(
-                "a KV cache of {} holds {} tokens, fewer than max_model_len {max_model_len}: raise --kv-cache-memory (each token takes {} bytes) or lower --max-model-len",
+                "a KV cache of {} holds {} tokens, fewer than max_model_len {max_model_len}: raise --kv-cache-memory (each token takes {} bytes{}) or lower --max-model-len",
                 opts.kv_cache_memory,
                 num_blocks * opts.block_size,
-                per_block / opts.block_size
+                per_block / opts.block_size,
+                if draft_per_block > 0 { ", the draft model's included" } else { "" }
             ),
         ));
     }
-    let cpu = CpuModelOptions {
-        threads: opts.threads(),
-        weight_format,
-        block_size: opts.block_size,
-        num_blocks,
-        max_model_len,
-    };
+    let cpu = CpuModelOptions { num_blocks, ..cpu_options(opts, max_model_len) };
     Ok(match opts.tensor_parallel_size {
-        1 => Box::new(CpuLlama::load(config, source, &cpu)?),
-        ranks => Box::new(TensorParallelCpu::load(config, source, &cpu, ranks)?),
+        1 => Box::new(load_cpu_weights(config, source, &cpu, quantization)?),
+        ranks => {
+            let dequantized = DequantizedSource::wrap(source, quantization);
+            let source = dequantized.as_ref().map_or(source, |d| d as &dyn TensorSource);
+            Box::new(TensorParallelCpu::load(config, source, &cpu_format(&cpu, quantization), ranks)?)
+        }
     })
 }
 
@@ -163,18 +216,35 @@ fn load_cuda(
     max_model_len: usize,
     ordinal: usize,
     quantization: &Quantization,
-) -> Result<Box<dyn Model>> {
+    draft: Option<DraftParts>,
+) -> Result<Loaded> {
     use super::options::GpuDType;
+    use crate::kv_cache::cuda_storage::CudaKvStorage;
     use crate::model::llama_cuda::weights::WeightOrigin;
-    use crate::model::llama_cuda::{CudaLlama, CudaModelOptions};
+    use crate::model::llama_cuda::{CudaLlama, CudaModelOptions, KvSizing};
     use crate::tp::cuda::TensorParallelCuda;
-    let origin = match opts.load_format {
+    let origin = |source| match opts.load_format {
         LoadFormat::Dummy => WeightOrigin::Random { seed: opts.dummy_seed },
         _ => WeightOrigin::Source(source),
     };
     let dtype = match opts.dtype {
         GpuDType::Auto | GpuDType::Bfloat16 => candle_core::DType::BF16,
         GpuDType::Float32 => candle_core::DType::F32,
+    };
+    // The draft's weights and cache blocks, for the target to keep room for.
+    let kv = match &draft {
+        Some(d) => {
+            let c = &d.config;
+            let layout =
+                CacheLayout { block_size: opts.block_size, kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
+            let params: usize =
+                crate::model::dummy::llama_tensor_shapes(c).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+            KvSizing::BudgetWithDraft {
+                weight_bytes: params * dtype.size_in_bytes(),
+                bytes_per_block: CudaKvStorage::bytes_per_block(&layout, c.num_hidden_layers, dtype),
+            }
+        }
+        None => KvSizing::Budget,
     };
     let cuda = CudaModelOptions {
         ordinal,
@@ -189,10 +259,33 @@ fn load_cuda(
         enforce_eager: opts.enforce_eager,
         quantization: quantization.clone(),
         draft_tokens: speculative_tokens(opts),
+        kv,
     };
     let ranks = opts.tensor_parallel_size;
     if ranks == 1 {
-        return Ok(Box::new(CudaLlama::load(config, &origin, &cuda)?));
+        let model = CudaLlama::load(config, &origin(source), &cuda)?;
+        let draft = match draft {
+            Some(d) => {
+                let draft_opts = CudaModelOptions {
+                    quantization: d.quantization.clone(),
+                    draft_tokens: 0,
+                    kv: KvSizing::Blocks(model.num_blocks()),
+                    ..cuda
+                };
+                Some(Box::new(CudaLlama::load(d.config, &origin(d.source.as_ref()), &draft_opts)?) as Box<dyn Model>)
+            }
+            None => None,
+        };
+        return Ok((Box::new(model), draft));
+    }
+    if let Some(d) = draft {
+        return Err(WorkerError::invalid(
+            "speculative_config",
+            format!(
+                "a draft model ({:?}) beside a target split over GPUs (tensor_parallel_size {ranks}) is not built yet",
+                d.name
+            ),
+        ));
     }
     // Ranks on GPUs ordinal.. (one each), or all on one GPU when LUMEN_TP_SHARE_GPU=1 (slow:
     // the collectives go through the host; how a one-GPU machine tests a split model).
@@ -207,7 +300,7 @@ fn load_cuda(
             ),
         ));
     }
-    Ok(Box::new(TensorParallelCuda::load(config, &origin, &cuda, ranks, shared)?))
+    Ok((Box::new(TensorParallelCuda::load(config, &origin(source), &cuda, ranks, shared)?), None))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -218,7 +311,8 @@ fn load_cuda(
     _max_model_len: usize,
     ordinal: usize,
     _quantization: &Quantization,
-) -> Result<Box<dyn Model>> {
+    _draft: Option<DraftParts>,
+) -> Result<Loaded> {
     Err(WorkerError::invalid(
         "device",
         format!("cuda:{ordinal} needs a lumen built with `--features cuda`; this build runs on the CPU only"),

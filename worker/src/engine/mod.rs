@@ -18,6 +18,7 @@ pub use request::{
 };
 pub use stats::EngineStats;
 pub mod load;
+mod load_draft;
 pub mod options;
 pub mod pooling;
 

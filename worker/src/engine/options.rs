@@ -145,7 +145,9 @@ pub struct EngineOptions {
 
     /// Speculative decoding, as vLLM's `--speculative-config` JSON: `{"method": "ngram",
     /// "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}` (prompt
-    /// lookup: no extra model), optionally `"disable_by_batch_size": N`; default off.
+    /// lookup: no extra model) or `{"model": "<draft: GGUF, directory or hub id>",
+    /// "num_speculative_tokens": 4}` (a draft model sharing the tokenizer), optionally
+    /// `"disable_by_batch_size": N`; default off.
     #[arg(long, env = "LUMEN_SPECULATIVE_CONFIG", value_parser = SpeculativeConfig::parse_json)]
     pub speculative_config: Option<SpeculativeConfig>,
 }

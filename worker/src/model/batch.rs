@@ -55,6 +55,16 @@ impl ForwardBatch {
         self.token_ids.len()
     }
 
+    /// Empties the batch, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.token_ids.clear();
+        self.positions.clear();
+        self.slot_mapping.clear();
+        self.seqs.clear();
+        self.logits_rows.clear();
+        self.hidden_rows.clear();
+    }
+
     /// Rejects a batch that would index outside the vocabulary, the rotary tables (positions
     /// below `max_positions`) or a cache of `num_blocks` blocks of `block_size` tokens.
     pub fn validate(

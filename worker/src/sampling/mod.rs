@@ -10,7 +10,7 @@
 
 mod params;
 pub mod reduce;
-mod row;
+pub(crate) mod row;
 mod sampler;
 mod truncate;
 

@@ -5,7 +5,13 @@ use super::ngram::propose;
 use super::*;
 
 fn ngram(min: usize, max: usize) -> SpecSettings {
-    SpecSettings { num_tokens: 4, lookup_min: min, lookup_max: max, disable_by_batch_size: None }
+    SpecSettings {
+        method: SpecMethod::Ngram,
+        num_tokens: 4,
+        lookup_min: min,
+        lookup_max: max,
+        disable_by_batch_size: None,
+    }
 }
 
 #[test]

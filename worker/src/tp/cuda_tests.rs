@@ -35,6 +35,7 @@ fn options(enforce_eager: bool) -> CudaModelOptions {
         enforce_eager,
         quantization: Quantization::None,
         draft_tokens: 0,
+        kv: Default::default(),
     }
 }
 

@@ -152,4 +152,4 @@ pub fn vocab_range(vocab: usize, rank: usize, ranks: usize) -> Range<usize> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

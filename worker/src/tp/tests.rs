@@ -12,7 +12,7 @@ use crate::model::gguf::GgufFile;
 use crate::model::llama_cpu::{CpuLlama, CpuModelOptions};
 use crate::model::{DummySource, ForwardBatch, LlamaConfig, Model, RawTensor, TensorBytes, TensorDType, TensorSource};
 
-pub(super) fn generated_config() -> LlamaConfig {
+pub(crate) fn generated_config() -> LlamaConfig {
     LlamaConfig {
         vocab_size: 101,
         hidden_size: 64,
@@ -35,7 +35,7 @@ pub(super) fn generated_config() -> LlamaConfig {
 
 /// The dummy weights scaled up 100x (to +-0.1), so logits are far from flat and greedy tokens
 /// are decided by clear margins.
-pub(super) struct Louder(pub(super) DummySource);
+pub(crate) struct Louder(pub(crate) DummySource);
 
 impl TensorSource for Louder {
     fn tensor(&self, name: &str) -> Result<RawTensor> {

@@ -47,7 +47,20 @@ pub fn write_checkpoint(
     quantization_config: serde_json::Value,
     store: impl Fn(&str, &[usize], Vec<f32>) -> Vec<Stored>,
 ) {
-    let cfg = gguf.llama_config().unwrap();
+    write_checkpoint_layers(gguf, dir, None, quantization_config, store)
+}
+
+/// [`write_checkpoint`] keeping only the first `layers` layers when given (a smaller model with
+/// the same embeddings, head and tokenizer: a draft for speculative decoding).
+pub fn write_checkpoint_layers(
+    gguf: &GgufFile,
+    dir: &Path,
+    layers: Option<usize>,
+    quantization_config: serde_json::Value,
+    store: impl Fn(&str, &[usize], Vec<f32>) -> Vec<Stored>,
+) {
+    let mut cfg = gguf.llama_config().unwrap();
+    cfg.num_hidden_layers = layers.unwrap_or(cfg.num_hidden_layers).min(cfg.num_hidden_layers);
     let mut config = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,

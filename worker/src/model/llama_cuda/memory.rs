@@ -88,6 +88,9 @@ pub struct MemoryPlan {
     pub other: usize,
     /// Set aside for CUDA graphs (captured once the KV cache is in place).
     pub graphs: usize,
+    /// Set aside for a draft model's weights, activations and graphs (its KV cache is in
+    /// `kv_cache`, shared by block).
+    pub draft: usize,
     pub kv_cache: usize,
 }
 
@@ -105,12 +108,17 @@ impl MemoryPlan {
         let budget = (total as f64 * utilization) as usize;
         let other = used.saturating_sub(weights);
         let kv_cache = budget.saturating_sub(used + activation_peak);
-        Ok(MemoryPlan { total, budget, weights, activation_peak, other, graphs: 0, kv_cache })
+        Ok(MemoryPlan { total, budget, weights, activation_peak, other, graphs: 0, draft: 0, kv_cache })
     }
 
     /// The plan with `bytes` set aside for CUDA graphs, out of the KV cache.
     pub fn with_graphs(self, bytes: usize) -> Self {
         MemoryPlan { graphs: bytes, kv_cache: self.kv_cache.saturating_sub(bytes), ..self }
+    }
+
+    /// The plan with `bytes` set aside for a draft model, out of the KV cache.
+    pub fn with_draft(self, bytes: usize) -> Self {
+        MemoryPlan { draft: bytes, kv_cache: self.kv_cache.saturating_sub(bytes), ..self }
     }
 
     /// The total a plan starts from: the device's memory, or `limit` (`gpu_memory_limit`) when
@@ -123,13 +131,14 @@ impl MemoryPlan {
     pub fn describe(&self) -> String {
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         format!(
-            "device {:.2} GiB, budget {:.2} GiB: weights {:.2} GiB, activation peak {:.2} GiB, other {:.2} GiB, CUDA graphs {:.2} GiB, KV cache {:.2} GiB",
+            "device {:.2} GiB, budget {:.2} GiB: weights {:.2} GiB, activation peak {:.2} GiB, other {:.2} GiB, CUDA graphs {:.2} GiB, draft model {:.2} GiB, KV cache {:.2} GiB",
             gib(self.total),
             gib(self.budget),
             gib(self.weights),
             gib(self.activation_peak),
             gib(self.other),
             gib(self.graphs),
+            gib(self.draft),
             gib(self.kv_cache)
         )
     }

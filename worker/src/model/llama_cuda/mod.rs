@@ -83,6 +83,24 @@ pub struct CudaModelOptions {
     /// Speculative tokens a sequence may carry in a step (`num_speculative_tokens`, 0: off):
     /// each adds a logits row, so the profiling forward asks for that many more per sequence.
     pub draft_tokens: usize,
+    /// How the KV cache is sized.
+    pub kv: KvSizing,
+}
+
+/// How a model's KV cache is sized.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvSizing {
+    /// What `gpu_memory_utilization` leaves (see `memory`).
+    #[default]
+    Budget,
+    /// The same, keeping room for a draft model loaded next on this GPU: its weights
+    /// (`weight_bytes`), an activation peak as large as this model's (a smaller model's forward
+    /// over the same rows and vocabulary takes no more), its CUDA graphs, and `bytes_per_block`
+    /// for each of as many cache blocks as this model gets.
+    BudgetWithDraft { weight_bytes: usize, bytes_per_block: usize },
+    /// Exactly this many blocks: a draft model's, as many as its target's, in the room the
+    /// target kept.
+    Blocks(usize),
 }
 
 /// A Llama model with its KV cache, on one GPU.
@@ -204,7 +222,10 @@ impl CudaLlama {
 
         let phase = Instant::now();
         let graph_memory = if use_graphs { graphs::GRAPH_MEMORY } else { 0 };
-        let mut num_blocks = model.plan_kv_cache(opts, activation_peak, graph_memory)?;
+        let mut num_blocks = match opts.kv {
+            KvSizing::Blocks(n) => n,
+            _ => model.plan_kv_cache(opts, activation_peak, graph_memory)?,
+        };
         if let Some(rank) = &model.rank {
             num_blocks = rank.agree_blocks(num_blocks)?;
         }
@@ -285,7 +306,15 @@ impl CudaLlama {
             activation_peak,
         )?
         .with_graphs(graph_memory);
-        let per_block = CudaKvStorage::bytes_per_block(&self.cache.layout, self.config.num_hidden_layers, opts.dtype);
+        let mut per_block =
+            CudaKvStorage::bytes_per_block(&self.cache.layout, self.config.num_hidden_layers, opts.dtype);
+        let plan = match opts.kv {
+            KvSizing::BudgetWithDraft { weight_bytes, bytes_per_block } => {
+                per_block += bytes_per_block;
+                plan.with_draft(weight_bytes + activation_peak + graph_memory)
+            }
+            _ => plan,
+        };
         let num_blocks = plan.kv_cache / per_block;
         tracing::info!(plan = %plan.describe(), num_blocks, tokens = num_blocks * opts.block_size, "GPU memory plan");
         if num_blocks * opts.block_size < opts.max_model_len {

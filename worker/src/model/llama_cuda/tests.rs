@@ -338,6 +338,7 @@ fn a_replayed_decode_step_computes_the_eager_steps_logits() {
             enforce_eager: false,
             quantization: crate::model::quant::Quantization::None,
             draft_tokens: 0,
+            kv: Default::default(),
         };
         let mut model = CudaLlama::load(config.clone(), &WeightOrigin::Random { seed: 7 }, &opts).unwrap();
         if model.graph_sizes().is_empty() {
