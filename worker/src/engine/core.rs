@@ -387,7 +387,8 @@ impl EngineCore {
         let ms = end.duration_since(started).as_secs_f64() * 1e3;
         self.step_cost.observe(tokens, mixed, ms);
         if self.spec.is_some() && !prompts {
-            self.spec_control.observe_step(tokens, ms);
+            // The proposals' time is the controller's other term.
+            self.spec_control.observe_step(tokens, end.duration_since(drafted).as_secs_f64() * 1e3);
         }
         self.phases.record(&StepMarks { start: started, drafted, forward_start, forward_end, end }, tokens);
         self.counters.steps_total += 1;

@@ -38,6 +38,8 @@ impl EngineCore {
     /// forwards run here).
     pub(super) fn propose_drafts(&mut self) -> Result<()> {
         let Some(settings) = self.spec else { return Ok(()) };
+        let started = std::time::Instant::now();
+        self.spec_control.begin_step();
         if settings.disable_by_batch_size.is_some_and(|limit| self.scheduler.num_running() > limit) {
             if let Some(draft) = &mut self.draft {
                 draft.retain_running(self.scheduler.running());
@@ -71,14 +73,15 @@ impl EngineCore {
                 self.spec_asks.push((id, wanted.min(room)));
             }
         }
+        let mut proposed = 0;
         match &mut self.draft {
             None => {
                 for &(id, max) in &self.spec_asks {
                     let Some(seq) = self.scheduler.get(id) else { continue };
                     self.spec_tokens.clear();
                     crate::spec::ngram::propose(&settings, &seq.tokens, max, &mut self.spec_tokens);
-                    if !self.spec_tokens.is_empty() {
-                        self.scheduler.set_draft(id, &self.spec_tokens);
+                    if !self.spec_tokens.is_empty() && self.scheduler.set_draft(id, &self.spec_tokens) {
+                        proposed += self.spec_tokens.len();
                     }
                 }
             }
@@ -92,12 +95,13 @@ impl EngineCore {
                 draft.propose(&running, &asks, &mut self.spec_drafts)?;
                 let ids: Vec<SeqId> = asks.iter().map(|a| a.id).collect();
                 for (id, tokens) in ids.into_iter().zip(&self.spec_drafts) {
-                    if !tokens.is_empty() {
-                        self.scheduler.set_draft(id, tokens);
+                    if !tokens.is_empty() && self.scheduler.set_draft(id, tokens) {
+                        proposed += tokens.len();
                     }
                 }
             }
         }
+        self.spec_control.observe_proposals(proposed, started.elapsed().as_secs_f64() * 1e3);
         self.spec_running = running;
         Ok(())
     }
