@@ -270,16 +270,24 @@ if [[ " $steps " == *" spec "* ]]; then
     # Speculative decoding (issue 18): the ngram proposer against plain decoding in one run
     # (scripts/bench-speculative.sh: the edit and chat datasets, SPEC_CONCURRENCY streams) on the
     # 8B shape with dummy weights (`8b`; the acceptance is whatever random weights give, so read
-    # it beside the speed) and on SmolLM2 (`smol`: real text; needs the parity carries).
-    for m in ${SPEC_MODELS:-8b smol}; do
+    # it beside the speed) and on SmolLM2 (`smol`: real text; needs the parity carries), and
+    # SmolLM2 drafting for itself (`smol-draft`, the draft model's path on the GPU: every draft
+    # should hold; a draft as large as its target cannot be faster, so read the acceptance and
+    # the controller turning it down).
+    for m in ${SPEC_MODELS:-8b smol smol-draft}; do
+        spec=""
         case $m in
             8b) mdl=$model; extra="--device cuda --load-format dummy --max-model-len 4096" ;;
             smol) [ -f "$work/smollm2.gguf" ] || continue; mdl=$work/smollm2.gguf; extra="--device cuda" ;;
+            smol-draft)
+                [ -f "$work/smollm2.gguf" ] || continue
+                mdl=$work/smollm2.gguf; extra="--device cuda"
+                spec="{\"model\": \"$mdl\", \"num_speculative_tokens\": 4}" ;;
             *) continue ;;
         esac
-        MODEL=$mdl LUMEN_BIN=$work/lumen EXTRA="$extra" CONCURRENCY="${SPEC_CONCURRENCY:-1 8 32}" OUT="$out/spec-$m" \
-            bash scripts/bench-speculative.sh > "$out/spec-$m.txt" 2>&1
-        while read -r line; do row "spec $m (plain / ngram tok/s)" "$line"; done < <(grep -E '^\| (edit|chat)' "$out/spec-$m.txt")
+        SPEC=${spec:-${SPEC:-}} MODEL=$mdl LUMEN_BIN=$work/lumen EXTRA="$extra" CONCURRENCY="${SPEC_CONCURRENCY:-1 8 32}" \
+            OUT="$out/spec-$m" bash scripts/bench-speculative.sh > "$out/spec-$m.txt" 2>&1
+        while read -r line; do row "spec $m (plain / speculative tok/s)" "$line"; done < <(grep -E '^\| (edit|chat)' "$out/spec-$m.txt")
     done
 fi
 

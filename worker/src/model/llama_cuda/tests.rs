@@ -281,6 +281,34 @@ fn speculative_decoding_on_the_gpu_keeps_the_greedy_tokens() {
     assert_eq!(decode_first(&spec, 1), decode_first(&gpu, 1), "one stream");
 }
 
+/// A draft model on the GPU (SmolLM2 drafting for itself, `draft_model`): its own KV cache of as
+/// many blocks as the target's, both out of one `gpu_memory_utilization` budget, the target's
+/// greedy tokens unchanged (f32), and the draft's proposals accepted (it computes what the
+/// target computes).
+#[test]
+fn a_draft_model_on_the_gpu_keeps_the_greedy_tokens_and_shares_the_memory_budget() {
+    let gpu = EngineOptions { device: "cuda".into(), dtype: GpuDType::Float32, ..options() };
+    let json = serde_json::json!({"model": model_path(), "num_speculative_tokens": 4}).to_string();
+    let config = crate::spec::SpeculativeConfig::parse_json(&json).unwrap();
+    let spec = EngineOptions { speculative_config: Some(config), ..gpu.clone() };
+    assert_eq!(decode_first(&spec, 5), decode_first(&gpu, 5), "5 streams, with and without a draft model");
+    assert_eq!(decode_first(&spec, 1), decode_first(&gpu, 1), "one stream");
+    let plain_blocks = build_engine(&gpu).unwrap().model().num_blocks();
+    let mut core = build_engine(&spec).unwrap();
+    let (target, draft) = (core.model().num_blocks(), core.draft_model().unwrap().model().num_blocks());
+    assert_eq!(target, draft, "the caches hold as many blocks");
+    assert!(target <= plain_blocks / 2, "two caches of the same model share one budget: {target} of {plain_blocks}");
+    let ids = core.tokenizer().encode("Count from one to twenty: one, two, three,", true).unwrap();
+    let stop = StopParams { max_tokens: 48, ignore_eos: true, ..Default::default() };
+    let (tx, _rx) = unbounded_channel();
+    core.add_request(EngineRequest::new("d", ids, SamplingParams::greedy(), stop), tx);
+    while core.has_work() {
+        core.step().expect("engine step");
+    }
+    let spec = core.stats().spec_decode;
+    assert!(spec.draft_tokens > 0 && spec.accepted_tokens * 10 >= spec.draft_tokens * 9, "{spec:?}");
+}
+
 /// Greedy continuations of the first `n` prompts, submitted at once.
 fn decode_first(opts: &EngineOptions, n: usize) -> Vec<Vec<TokenId>> {
     let template = ChatTemplateOptions { add_generation_prompt: true, ..Default::default() };
