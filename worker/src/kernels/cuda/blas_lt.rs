@@ -330,7 +330,7 @@ impl LtGemm {
                 }
             }
         }
-        let candidates = self.candidates(&plan)?;
+        let candidates = self.candidates(&plan, operand_alignment(operands))?;
         let Some(first) = candidates.first() else {
             return Err(WorkerError::Engine(format!("cuda: cuBLASLt offers no algorithm for {m} x {k} by {n} x {k}")));
         };
@@ -359,10 +359,12 @@ impl LtGemm {
         Ok(plan)
     }
 
-    /// The heuristic's candidates for the plan's shape that fit the workspace, best first.
-    fn candidates(&self, plan: &Plan) -> Result<Vec<lt::cublasLtMatmulAlgo_t>> {
+    /// The heuristic's candidates for the plan's shape that fit the workspace and operands
+    /// aligned to `align` bytes, best first.
+    fn candidates(&self, plan: &Plan, align: u32) -> Result<Vec<lt::cublasLtMatmulAlgo_t>> {
         let mut pref = std::ptr::null_mut();
         let bytes = WORKSPACE_BYTES as u64;
+        use lt::cublasLtMatmulPreferenceAttributes_t as attr;
         let mut found = vec![
             lt::cublasLtMatmulHeuristicResult_t {
                 algo: lt::cublasLtMatmulAlgo_t { data: [0; 8] },
@@ -374,8 +376,9 @@ impl LtGemm {
             CANDIDATES
         ];
         let mut count = 0;
-        // SAFETY: the preference is created, set from a u64 (the attribute's type), used and
-        // destroyed here; `found` has room for CANDIDATES results.
+        // SAFETY: the preference is created, set from a u64 (the workspace limit's type) and u32s
+        // (the alignments' type), used and destroyed here; `found` has room for CANDIDATES
+        // results.
         unsafe {
             check("creating a preference", lt::cublasLtMatmulPreferenceCreate(&mut pref))?;
             let asked = check(
@@ -388,6 +391,24 @@ impl LtGemm {
                 ),
             )
             .and_then(|()| {
+                // The heuristic assumes 256-byte-aligned operands unless told otherwise; ours
+                // (layer scratch, row slices) may be aligned to 16 bytes only.
+                for which in [
+                    attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                    attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                    attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                    attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                ] {
+                    check(
+                        "setting an operand alignment",
+                        lt::cublasLtMatmulPreferenceSetAttribute(
+                            pref,
+                            which,
+                            (&align as *const u32).cast(),
+                            std::mem::size_of::<u32>(),
+                        ),
+                    )?;
+                }
                 check(
                     "the algorithm heuristic",
                     lt::cublasLtMatmulAlgoGetHeuristic(
@@ -431,5 +452,25 @@ impl LtGemm {
         end.synchronize().map_err(|e| gpu_error("waiting for an event", e))?;
         let ms = start.elapsed_ms(&end).map_err(|e| gpu_error("timing an event", e))?;
         Ok(ms / TIMED_RUNS as f32)
+    }
+}
+
+/// The alignment every operand address has, in bytes, at most 16 (what the layer scratch
+/// guarantees: a plan is kept per shape and met again with other buffers of the same kind).
+fn operand_alignment((x, w, y): (u64, u64, u64)) -> u32 {
+    let bits = (x | w | y | 16).trailing_zeros();
+    1 << bits.min(4)
+}
+
+#[cfg(test)]
+mod alignment_tests {
+    use super::operand_alignment;
+
+    #[test]
+    fn the_alignment_is_the_least_aligned_operands_up_to_16_bytes() {
+        assert_eq!(operand_alignment((0x1000, 0x2000, 0x3000)), 16);
+        assert_eq!(operand_alignment((0x1000, 0x2008, 0x3000)), 8);
+        assert_eq!(operand_alignment((0x1002, 0x2000, 0x3010)), 2);
+        assert_eq!(operand_alignment((0x1010, 0x2100, 0x3040)), 16);
     }
 }
