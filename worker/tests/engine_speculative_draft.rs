@@ -11,7 +11,7 @@ use std::path::Path;
 use common::hf::{f32_tensor, write_checkpoint_layers};
 use common::{Outcome, PROMPTS, chat, engine, model_path, options, preempting_options, run};
 use lumen_worker::TokenId;
-use lumen_worker::engine::{EngineCore, EngineOptions, EngineRequest, build_engine};
+use lumen_worker::engine::{EngineCore, EngineOptions, EngineRequest, FinishReason, build_engine};
 use lumen_worker::model::gguf::GgufFile;
 use lumen_worker::sampling::{SamplingParams, StopParams};
 use lumen_worker::spec::SpeculativeConfig;
@@ -34,7 +34,16 @@ fn requests(core: &EngineCore, max_tokens: usize) -> Vec<EngineRequest> {
     let mut out = Vec::new();
     for (i, p) in PROMPTS.iter().enumerate() {
         let prompt: Vec<TokenId> = chat(core, p);
-        let stop = StopParams { max_tokens, ..Default::default() };
+        // Every third request ends at a stop string (a draft token may carry it, or straddle it).
+        let stop = match i % 3 {
+            2 => StopParams {
+                max_tokens,
+                stop: vec![". ".into(), "\n\n".into()],
+                include_stop_str_in_output: true,
+                ..Default::default()
+            },
+            _ => StopParams { max_tokens, ..Default::default() },
+        };
         let sampling = match i % 4 {
             0 | 1 => SamplingParams::greedy(),
             2 => SamplingParams { temperature: 0.8, top_p: 0.9, seed: Some(i as u64), ..Default::default() },
@@ -109,6 +118,11 @@ fn a_smaller_draft_changes_no_output_with_or_without_preemption() {
         let mut core = engine(&drafted(opts, dir.path(), 3));
         let got = run_drafted(&mut core, reqs);
         same(what, &expected, &got);
+        let by_string = (2..got.len()).step_by(3).filter(|&i| {
+            let text = &got[i].text[&0];
+            got[i].finish[&0] == FinishReason::Stop && (text.ends_with(". ") || text.ends_with("\n\n"))
+        });
+        assert!(by_string.count() > 0, "{what}: a stop string ended some choice");
         let stats = core.stats();
         let spec = &stats.spec_decode;
         assert!(
