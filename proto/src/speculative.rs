@@ -30,8 +30,8 @@ pub struct SpeculativeConfig {
     /// spelling of the method (`"model": "[ngram]"`).
     #[serde(default)]
     pub model: Option<String>,
-    /// The draft model's tensor-parallel size: only 1 (the draft runs whole, beside the
-    /// target's first rank).
+    /// The draft model's tensor-parallel size: only 1 (the draft runs whole, on the target's
+    /// device; a target split over GPUs takes no draft yet, one split over CPU ranks does).
     #[serde(default)]
     pub draft_tensor_parallel_size: Option<usize>,
     /// The draft model's weight quantization, as `--quantization` takes it (default: what its

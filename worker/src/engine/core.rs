@@ -24,7 +24,7 @@ use crate::kv_cache::BlockHash;
 use crate::model::Model;
 use crate::sampling::reduce::{Reduced, ReducedRows, RowPlan, RowResult};
 use crate::sampling::{Sampled, SamplingParams, SequenceSampler, StopParams};
-use crate::scheduler::{Schedule, Scheduler, SchedulerConfig, SchedulingPolicy, SeqId, Sequence};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulingPolicy, SeqId, Sequence};
 use crate::spec::SpecSettings;
 use crate::spec::adaptive::{Acceptance, Controller};
 use crate::tokenizer::{IncrementalDetokenizer, StopOutcome, StopStringMatcher, Tokenizer};
@@ -394,27 +394,6 @@ impl EngineCore {
         self.counters.steps_total += 1;
         self.last_progress = Instant::now();
         Ok(true)
-    }
-
-    /// Prompt tokens computed this step (prefill and recompute), for the prompt throughput.
-    fn count_prompt_tokens(&mut self, schedule: &Schedule, now: Instant) {
-        let mut prompt = 0u64;
-        for item in &schedule.seqs {
-            if let Some(s) = self.scheduler.get(item.id) {
-                let end = item.start + item.len;
-                prompt += end.min(s.prompt_len).saturating_sub(item.start) as u64;
-            }
-        }
-        self.prompt_rate.add(now, prompt);
-    }
-
-    /// Aborts requests whose receivers are gone (clients that disconnected).
-    fn drop_disconnected(&mut self) {
-        let gone: Vec<String> =
-            self.requests.iter().filter(|(_, r)| r.tx.is_closed()).map(|(id, _)| id.clone()).collect();
-        for id in gone {
-            self.abort(&id);
-        }
     }
 
     /// Samples the next token of `seq` from its logits row (forking siblings first for `n > 1`).

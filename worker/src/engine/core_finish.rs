@@ -121,3 +121,14 @@ pub(super) fn drain_text(state: &mut SeqState, tokenizer: &Tokenizer) -> String 
     text.push_str(&state.stop.finish());
     text
 }
+
+impl EngineCore {
+    /// Aborts requests whose receivers are gone (clients that disconnected).
+    pub(super) fn drop_disconnected(&mut self) {
+        let gone: Vec<String> =
+            self.requests.iter().filter(|(_, r)| r.tx.is_closed()).map(|(id, _)| id.clone()).collect();
+        for id in gone {
+            self.abort(&id);
+        }
+    }
+}

@@ -8,6 +8,8 @@
 //! first delta (the last prompt rows run in the step that samples the first token, and are read
 //! before it).
 
+use std::time::Instant;
+
 use super::EngineCore;
 use crate::TokenId;
 use tokio::sync::mpsc::UnboundedSender;
@@ -98,5 +100,19 @@ impl EngineCore {
                 let _ = req.tx.send(EngineEvent::PromptLogprobs(event));
             }
         }
+    }
+}
+
+impl EngineCore {
+    /// Prompt tokens computed this step (prefill and recompute), for the prompt throughput.
+    pub(super) fn count_prompt_tokens(&mut self, schedule: &Schedule, now: Instant) {
+        let mut prompt = 0u64;
+        for item in &schedule.seqs {
+            if let Some(s) = self.scheduler.get(item.id) {
+                let end = item.start + item.len;
+                prompt += end.min(s.prompt_len).saturating_sub(item.start) as u64;
+            }
+        }
+        self.prompt_rate.add(now, prompt);
     }
 }

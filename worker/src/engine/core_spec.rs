@@ -73,7 +73,7 @@ impl EngineCore {
                 self.spec_asks.push((id, wanted.min(room)));
             }
         }
-        let mut proposed = 0;
+        let mut proposed = 0; // by prompt lookup
         match &mut self.draft {
             None => {
                 for &(id, max) in &self.spec_asks {
@@ -92,16 +92,28 @@ impl EngineCore {
                     .iter()
                     .filter_map(|&(id, max)| scheduler.get(id).map(|s| DraftAsk { id, tokens: &s.tokens, max }))
                     .collect();
-                draft.propose(&running, &asks, &mut self.spec_drafts)?;
+                if let Err(e) = draft.propose(&running, &asks, &mut self.spec_drafts) {
+                    // The target can still serve: speculation ends for this replica.
+                    tracing::error!(error = %e, "the draft model failed: speculative decoding is off from now on");
+                    self.draft = None;
+                    self.spec = None;
+                    self.spec_running = running;
+                    return Ok(());
+                }
                 let ids: Vec<SeqId> = asks.iter().map(|a| a.id).collect();
                 for (id, tokens) in ids.into_iter().zip(&self.spec_drafts) {
-                    if !tokens.is_empty() && self.scheduler.set_draft(id, tokens) {
-                        proposed += tokens.len();
+                    if !tokens.is_empty() {
+                        self.scheduler.set_draft(id, tokens);
                     }
                 }
+                // What one more draft token costs: a single-token round of the draft.
+                let (ms, tokens) = draft.last_rounds();
+                self.spec_control.observe_proposals(tokens, ms);
             }
         }
-        self.spec_control.observe_proposals(proposed, started.elapsed().as_secs_f64() * 1e3);
+        if self.draft.is_none() {
+            self.spec_control.observe_proposals(proposed, started.elapsed().as_secs_f64() * 1e3);
+        }
         self.spec_running = running;
         Ok(())
     }

@@ -94,6 +94,11 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
     })
 }
 
+/// Device memory a draft model takes besides its weights, cache and activations (its layer
+/// scratch, rotary tables, cuBLAS workspace and stream), kept free for it by the target.
+#[cfg(feature = "cuda")]
+const DRAFT_FIXED_BYTES: usize = 512 << 20;
+
 /// A loaded target model and its draft model, if any.
 type Loaded = (Box<dyn Model>, Option<Box<dyn Model>>);
 
@@ -237,10 +242,15 @@ fn load_cuda(
             let c = &d.config;
             let layout =
                 CacheLayout { block_size: opts.block_size, kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
-            let params: usize =
+            let mut params: usize =
                 crate::model::dummy::llama_tensor_shapes(c).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+            if c.tie_word_embeddings {
+                params += c.vocab_size * c.hidden_size; // a checkpoint may still carry lm_head
+            }
             KvSizing::BudgetWithDraft {
-                weight_bytes: params * dtype.size_in_bytes(),
+                // And the draft's own fixed buffers: layer scratch, rotary tables, a cuBLAS
+                // workspace, its stream.
+                weight_bytes: params * dtype.size_in_bytes() + DRAFT_FIXED_BYTES,
                 bytes_per_block: CudaKvStorage::bytes_per_block(&layout, c.num_hidden_layers, dtype),
             }
         }

@@ -4,8 +4,9 @@
 //! A draft's k-th token is accepted with probability about `alpha^k` (alpha: the sequence's
 //! acceptance rate per proposed token, an exponential average with a hopeful prior, so a new
 //! sequence tries), and costs one more row of the forward pass plus what proposing it costs
-//! (`e` ms: nothing for prompt lookup, a share of a forward for a draft model; an exponential
-//! average of the proposals' time per proposed token). With a step of `rows` decode rows costing
+//! (`e` ms, an exponential average per proposed token: prompt lookup's search, nearly nothing;
+//! a draft model's single-token rounds, its catch-up forward being the cost of keeping a draft
+//! at all, whose bursts (a new long prompt) would otherwise turn drafting off). With a step of `rows` decode rows costing
 //! `a + b * rows` ms (a line fitted over recent decode-only steps, proposals not included,
 //! `LineFit`), the token is worth its time while `alpha^k >= (b + e) * rows / (a + b * rows)`:
 //! the token it may add against the tokens the same milliseconds make without speculation. On a

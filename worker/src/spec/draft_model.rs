@@ -24,7 +24,13 @@
 //! - a proposal computes at most `max_batched_tokens` catch-up tokens in all: a sequence whose
 //!   catch-up does not fit gets a chunk of it and no draft this step (a long prompt catches up
 //!   over several steps, never in one unbounded forward);
-//! - a sequence the pool cannot hold gets a shorter draft or none, never another's blocks.
+//! - a sequence the pool cannot hold takes the blocks of sequences not asked for this step (their
+//!   states dropped: they catch up again when next asked), then gets a shorter draft or none,
+//!   never the blocks of another sequence asked this step. The draft's cache has as many blocks
+//!   as the target's but shares no prefix (prefix caching, `n > 1` forks), so with shared
+//!   prompts it holds fewer sequences than the target's;
+//! - a proposal commits nothing to a state that a failed forward would leave wrong: the engine
+//!   drops the draft model (and every state) when one fails.
 
 use std::collections::HashMap;
 
@@ -91,6 +97,10 @@ pub struct DraftModel {
     rows: ReducedRows,
     work: Vec<Work>,
     running: Vec<SeqId>,
+    asked: Vec<SeqId>,
+    /// The last proposal's single-token rounds (after the first forward): time and tokens.
+    rounds_ms: f64,
+    rounds_tokens: usize,
 }
 
 impl DraftModel {
@@ -108,7 +118,17 @@ impl DraftModel {
             rows: ReducedRows::default(),
             work: Vec::new(),
             running: Vec::new(),
+            asked: Vec::new(),
+            rounds_ms: 0.0,
+            rounds_tokens: 0,
         }
+    }
+
+    /// The last proposal's single-token rounds: milliseconds and tokens proposed in them (what
+    /// one more draft token costs; the first forward also catches the cache up, whose cost is
+    /// keeping a draft at all, not proposing more).
+    pub fn last_rounds(&self) -> (f64, usize) {
+        (self.rounds_ms, self.rounds_tokens)
     }
 
     pub fn model(&self) -> &dyn Model {
@@ -148,6 +168,10 @@ impl DraftModel {
         out.iter_mut().for_each(Vec::clear);
         self.work.clear();
         self.batch.clear();
+        (self.rounds_ms, self.rounds_tokens) = (0.0, 0);
+        self.asked.clear();
+        self.asked.extend(asks.iter().map(|a| a.id));
+        self.asked.sort_unstable();
         let mut budget = self.max_batched_tokens;
         for (i, ask) in asks.iter().enumerate() {
             if budget == 0 {
@@ -160,7 +184,12 @@ impl DraftModel {
         // Round 0 feeds what each cache lacks; round r >= 1 feeds draft token r.
         let mut round = 0;
         while !self.batch.seqs.is_empty() {
+            let started = std::time::Instant::now();
             self.run_batch(out, round)?;
+            if round > 0 {
+                self.rounds_ms += started.elapsed().as_secs_f64() * 1e3;
+                self.rounds_tokens += self.batch.seqs.len();
+            }
             round += 1;
             self.batch.clear();
             let bs = self.block_size;
@@ -191,7 +220,15 @@ impl DraftModel {
         state.fed.clear();
         let (chunk, mut want) = if missing <= *budget { (missing, ask.max) } else { (*budget, 0) };
         // The cache needs the chunk's positions, then one per draft token after the first (the
-        // last one proposed is never fed); a draft is cut to the positions the pool can give.
+        // last one proposed is never fed); a draft is cut to the positions the pool can give,
+        // after taking the blocks of sequences not asked for this step (the draft's cache shares
+        // no prefix, so it can run short where the target's does not).
+        let wanted = (valid + chunk + want.saturating_sub(1)).div_ceil(bs);
+        let held = state.blocks.len();
+        if wanted > held + self.pool.num_free() {
+            self.evict_unasked(wanted - held);
+        }
+        let state = self.seqs.get_mut(&ask.id).expect("the asking sequence's state is kept");
         let capacity = (state.blocks.len() + self.pool.num_free()) * bs;
         let room = capacity.checked_sub(valid + chunk)?;
         want = want.min(room + 1);
@@ -210,6 +247,19 @@ impl DraftModel {
         }
         state.verified = ask.tokens.len();
         Some(Work { ask: index, want, pos: ask.tokens.len() })
+    }
+
+    /// Drops the states of sequences not asked for this step until `blocks` blocks are free (or
+    /// none is left to drop).
+    fn evict_unasked(&mut self, blocks: usize) {
+        let (asked, pool) = (&self.asked, &mut self.pool);
+        self.seqs.retain(|id, s| {
+            if pool.num_free() >= blocks || asked.binary_search(id).is_ok() || s.blocks.is_empty() {
+                return true;
+            }
+            pool.release(s.blocks.drain(..).rev());
+            false
+        });
     }
 
     /// Runs the planned batch (every logits row reduced to its argmax) and appends each drafting

@@ -139,3 +139,25 @@ fn a_pool_too_small_for_the_draft_shortens_it_and_never_takes_anothers_blocks() 
     assert_eq!(out[0], continuation(&mut reference, &b, 23));
     assert_eq!(proposer.num_seqs(), 1);
 }
+
+#[test]
+fn a_sequence_short_of_blocks_takes_those_of_sequences_not_asked_this_step() {
+    // 8 blocks of 4: 32 positions. Sequence 1 (20 tokens + 3 fed) holds 6 blocks.
+    let mut proposer = draft(8, 512);
+    let mut reference = model(64);
+    let a: Vec<TokenId> = (0..20).map(|i| (i * 5 % 101) as TokenId).collect();
+    let b: Vec<TokenId> = (0..14).map(|i| (i * 13 % 101) as TokenId).collect();
+    let mut out = Vec::new();
+    proposer.propose(&[1], &[DraftAsk { id: 1, tokens: &a, max: 4 }], &mut out).unwrap();
+    assert_eq!(proposer.blocks_used(), 6);
+    // Both run; only 2 is asked and needs 14 + 3 positions (5 blocks): 1's state gives way.
+    proposer.propose(&[1, 2], &[DraftAsk { id: 2, tokens: &b, max: 4 }], &mut out).unwrap();
+    assert_eq!(out[0], continuation(&mut reference, &b, 4));
+    assert_eq!((proposer.num_seqs(), proposer.blocks_used()), (1, 5));
+    // Asked again, 1 catches up from scratch and drafts what it would have.
+    proposer.propose(&[1, 2], &[DraftAsk { id: 1, tokens: &a, max: 2 }], &mut out).unwrap();
+    assert_eq!(out[0], continuation(&mut reference, &a, 2));
+    let (ms, tokens) = proposer.last_rounds();
+    assert_eq!(tokens, 1, "one single-token round after the first forward");
+    assert!(ms >= 0.0);
+}
