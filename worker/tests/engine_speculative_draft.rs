@@ -108,6 +108,35 @@ fn smollm2_drafting_for_itself_changes_no_output_and_is_accepted() {
 }
 
 #[test]
+fn the_draft_prefills_in_step_with_the_target_and_needs_no_second_prefill() {
+    // A draft cheap enough to pay on this CPU (two of SmolLM2's layers), 64-token prompt chunks.
+    let dir = tempfile::tempdir().unwrap();
+    cut_draft(dir.path(), 2);
+    let q8 = EngineOptions { max_num_batched_tokens: 64, cpu_weight_format: "q8_0".parse().unwrap(), ..options() };
+    let opts = drafted(q8, dir.path(), 3);
+    let mut core = engine(&opts);
+    // The controller first learns what steps and drafts cost (it prefills no draft before).
+    let warm_up = chat(&core, PROMPTS[0]);
+    let stop = |n| StopParams { max_tokens: n, ignore_eos: true, ..Default::default() };
+    run_drafted(&mut core, vec![EngineRequest::new("warm-up", warm_up, SamplingParams::greedy(), stop(48))]);
+    // Then each chunk of a long prompt goes through the draft in the step the target computes
+    // it, so the first decode step's draft catches up on one token, not the prompt.
+    let text = PROMPTS.join(" ");
+    let prompt = chat(&core, &format!("Summarise: {text}"));
+    assert!(prompt.len() > 200, "a prompt of several chunks: {}", prompt.len());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    core.add_request(EngineRequest::new("long", prompt.clone(), SamplingParams::greedy(), stop(8)), tx);
+    let mut steps = 0;
+    while rx.try_recv().is_err() {
+        core.step().unwrap();
+        steps += 1;
+        let held = core.draft_model().unwrap().blocks_used() * 16;
+        assert!(held >= (64 * steps).min(prompt.len()), "step {steps}: the draft holds {held} positions");
+    }
+    assert!(steps >= prompt.len().div_ceil(64), "{steps} steps for {} tokens", prompt.len());
+}
+
+#[test]
 fn a_smaller_draft_changes_no_output_with_or_without_preemption() {
     let dir = tempfile::tempdir().unwrap();
     cut_draft(dir.path(), 10);

@@ -341,6 +341,7 @@ impl EngineCore {
                 req.scheduled_at = Some(now);
             }
         }
+        self.draft_prefill(&schedule);
         let batch = self.scheduler.build_batch(&schedule);
         self.plan_rows(&schedule);
         self.plan_prompt_rows(&schedule);

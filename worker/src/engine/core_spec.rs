@@ -118,6 +118,45 @@ impl EngineCore {
         Ok(())
     }
 
+    /// A draft model computes the prompt chunks this step prefills, in step with the target, so
+    /// a sequence's first draft does not wait on a second prefill of its prompt (none before the
+    /// controller knows that drafting can pay, and none for sequences that never draft).
+    pub(super) fn draft_prefill(&mut self, schedule: &Schedule) {
+        let Some(draft) = &mut self.draft else { return };
+        let running = self.scheduler.running();
+        if !self.spec_control.drafts_can_pay(running.len()) {
+            return;
+        }
+        let (scheduler, seqs, requests) = (&self.scheduler, &self.seqs, &self.requests);
+        let asks: Vec<DraftAsk<'_>> = schedule
+            .seqs
+            .iter()
+            .filter(|item| item.len > 1 + item.draft)
+            .filter(|item| {
+                seqs.get(&item.id).is_some_and(|state| {
+                    state.grammar.is_none()
+                        && requests.get(&state.request).is_some_and(|req| req.forked && req.pooled.is_none())
+                })
+            })
+            .filter_map(|item| {
+                let seq = scheduler.get(item.id)?;
+                Some(DraftAsk {
+                    id: item.id,
+                    tokens: &seq.tokens[..(item.start + item.len).min(seq.tokens.len())],
+                    max: 0,
+                })
+            })
+            .collect();
+        if asks.is_empty() {
+            return;
+        }
+        if let Err(e) = draft.propose(running, &asks, &mut self.spec_drafts) {
+            tracing::error!(error = %e, "the draft model failed: speculative decoding is off from now on");
+            self.draft = None;
+            self.spec = None;
+        }
+    }
+
     /// Logits rows the step's sampling sequences take, drafts included.
     pub(super) fn sampling_rows(schedule: &Schedule) -> usize {
         schedule.seqs.iter().filter(|s| s.samples).map(|s| 1 + s.draft).sum()

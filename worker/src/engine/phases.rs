@@ -1,6 +1,7 @@
 //! Where the engine thread's time goes, step by step, logged every 512 steps: the gap before a
 //! step (intake of new commands and publishing stats, counted only while the engine stays busy),
-//! speculative proposals (a draft model's forwards), scheduling (the schedule, the packed batch and the row plans), the model's forward call
+//! speculative proposals (a draft model's forwards), scheduling (with a draft model's prefill of
+//! the step's prompt chunks) (the schedule, the packed batch and the row plans), the model's forward call
 //! (queueing the step on the device, the device's work and reading its rows back) and the
 //! bookkeeping after it (sampling, detokenizing, stop checks, output events). Whatever is
 //! outside `forward` is time the device waits for the host unless it overlaps a step.

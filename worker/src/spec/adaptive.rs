@@ -133,6 +133,12 @@ impl Controller {
         }
     }
 
+    /// Whether a draft token can pay in a step of `rows` decode rows at all (the costs are known
+    /// and a fully accepted token would win more than it costs).
+    pub fn drafts_can_pay(&self, rows: usize) -> bool {
+        self.known.is_some() && self.row_share(rows) < 1.0
+    }
+
     /// Tokens to propose for a sequence of `acceptance` in a step of `rows` decode rows.
     pub fn tokens(&self, acceptance: &mut Acceptance, rows: usize) -> usize {
         if self.known.is_none() && self.steps.is_multiple_of(2) {
@@ -202,7 +208,7 @@ mod tests {
         let mut cpu = costing(4, 2.0, 4.5);
         cpu.observe_proposals(4, 26.0);
         assert!((cpu.proposal_cost() - 6.5).abs() < 1e-9);
-        assert!(cpu.row_share(1) > 1.0);
+        assert!(cpu.row_share(1) > 1.0 && !cpu.drafts_can_pay(1));
         let mut perfect = with_rate(1.0);
         let proposed: Vec<usize> = (0..4 * PROBE_EVERY).map(|_| cpu.tokens(&mut perfect, 1)).collect();
         assert_eq!(proposed.iter().sum::<usize>(), 0, "not even a probe: {proposed:?}");
@@ -210,7 +216,8 @@ mod tests {
         // token at one stream: a quarter of the step, so tokens accepted 80% of the time pay.
         let mut gpu = costing(4, 6.0, 0.02);
         gpu.observe_proposals(4, 6.0);
-        assert!((gpu.row_share(1) - 1.52 / 6.02).abs() < 1e-6);
+        assert!((gpu.row_share(1) - 1.52 / 6.02).abs() < 1e-6 && gpu.drafts_can_pay(1));
+        assert!(!Controller::new(4).drafts_can_pay(1), "not before the costs are known");
         assert_eq!(gpu.tokens(&mut with_rate(0.8), 1), 4, "0.8^4 = 0.41 beats 0.25");
         assert_eq!(gpu.tokens(&mut with_rate(0.4), 1), 1, "0.4 beats 0.25, 0.16 does not");
     }
