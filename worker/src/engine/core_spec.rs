@@ -52,12 +52,11 @@ impl EngineCore {
         let rows = running.len();
         self.spec_asks.clear();
         for &id in &running {
-            let Some(state) = self.seqs.get_mut(&id) else { continue };
-            let Some(req) = self.requests.get(&state.request) else { continue };
-            if state.grammar.is_some() || !req.forked || req.pooled.is_some() {
+            if !self.may_draft(id) {
                 continue;
             }
-            let Some(seq) = self.scheduler.get(id) else { continue };
+            let (Some(state), Some(seq)) = (self.seqs.get_mut(&id), self.scheduler.get(id)) else { continue };
+            let Some(req) = self.requests.get(&state.request) else { continue };
             if seq.num_uncomputed() != 1 || seq.draft > 0 {
                 continue;
             }
@@ -86,60 +85,71 @@ impl EngineCore {
                 }
             }
             Some(draft) => {
+                // Every ask is a running sequence's, so each has its tokens: `spec_drafts[i]`
+                // is `spec_asks[i]`'s draft.
                 let scheduler = &self.scheduler;
                 let asks: Vec<DraftAsk<'_>> = self
                     .spec_asks
                     .iter()
-                    .filter_map(|&(id, max)| scheduler.get(id).map(|s| DraftAsk { id, tokens: &s.tokens, max }))
+                    .map(|&(id, max)| DraftAsk {
+                        id,
+                        tokens: &scheduler.get(id).expect("a running sequence").tokens,
+                        max,
+                    })
                     .collect();
-                if let Err(e) = draft.propose(&running, &asks, &mut self.spec_drafts) {
-                    // The target can still serve: speculation ends for this replica.
-                    tracing::error!(error = %e, "the draft model failed: speculative decoding is off from now on");
-                    self.draft = None;
-                    self.spec = None;
-                    self.spec_running = running;
+                let proposed = draft.propose(&running, &asks, &mut self.spec_drafts);
+                // What one more draft token costs: a single-token round of the draft.
+                let (ms, tokens) = draft.last_rounds();
+                self.spec_running = running;
+                if let Err(e) = proposed {
+                    self.end_speculation(&e);
                     return Ok(());
                 }
-                let ids: Vec<SeqId> = asks.iter().map(|a| a.id).collect();
-                for (id, tokens) in ids.into_iter().zip(&self.spec_drafts) {
+                for (&(id, _), tokens) in self.spec_asks.iter().zip(&self.spec_drafts) {
                     if !tokens.is_empty() {
                         self.scheduler.set_draft(id, tokens);
                     }
                 }
-                // What one more draft token costs: a single-token round of the draft.
-                let (ms, tokens) = draft.last_rounds();
                 self.spec_control.observe_proposals(tokens, ms);
+                return Ok(());
             }
         }
-        if self.draft.is_none() {
-            self.spec_control.observe_proposals(proposed, started.elapsed().as_secs_f64() * 1e3);
-        }
+        self.spec_control.observe_proposals(proposed, started.elapsed().as_secs_f64() * 1e3);
         self.spec_running = running;
         Ok(())
+    }
+
+    /// Whether sequence `id` may ever take a draft: not under a grammar (its matcher would have
+    /// to advance through the draft before later rows' masks exist), not pooling, and past an
+    /// `n > 1` request's first token (the choices fork from one row).
+    fn may_draft(&self, id: SeqId) -> bool {
+        self.seqs.get(&id).is_some_and(|state| {
+            state.grammar.is_none()
+                && self.requests.get(&state.request).is_some_and(|req| req.forked && req.pooled.is_none())
+        })
+    }
+
+    /// Ends speculation for this replica after the draft model failed (the target still
+    /// serves): every draft state goes with the draft model.
+    fn end_speculation(&mut self, error: &crate::WorkerError) {
+        tracing::error!(%error, "the draft model failed: speculative decoding is off from now on");
+        self.draft = None;
+        self.spec = None;
     }
 
     /// A draft model computes the prompt chunks this step prefills, in step with the target, so
     /// a sequence's first draft does not wait on a second prefill of its prompt (none before the
     /// controller knows that drafting can pay, and none for sequences that never draft).
     pub(super) fn draft_prefill(&mut self, schedule: &Schedule) {
-        let Some(draft) = &mut self.draft else { return };
-        let running = self.scheduler.running();
-        if !self.spec_control.drafts_can_pay(running.len()) {
+        if self.draft.is_none() || !self.spec_control.drafts_can_pay(self.scheduler.num_running()) {
             return;
         }
-        let (scheduler, seqs, requests) = (&self.scheduler, &self.seqs, &self.requests);
         let asks: Vec<DraftAsk<'_>> = schedule
             .seqs
             .iter()
-            .filter(|item| item.len > 1 + item.draft)
-            .filter(|item| {
-                seqs.get(&item.id).is_some_and(|state| {
-                    state.grammar.is_none()
-                        && requests.get(&state.request).is_some_and(|req| req.forked && req.pooled.is_none())
-                })
-            })
+            .filter(|item| item.len > 1 + item.draft && self.may_draft(item.id))
             .filter_map(|item| {
-                let seq = scheduler.get(item.id)?;
+                let seq = self.scheduler.get(item.id)?;
                 Some(DraftAsk {
                     id: item.id,
                     tokens: &seq.tokens[..(item.start + item.len).min(seq.tokens.len())],
@@ -147,13 +157,9 @@ impl EngineCore {
                 })
             })
             .collect();
-        if asks.is_empty() {
-            return;
-        }
-        if let Err(e) = draft.propose(running, &asks, &mut self.spec_drafts) {
-            tracing::error!(error = %e, "the draft model failed: speculative decoding is off from now on");
-            self.draft = None;
-            self.spec = None;
+        let Some(draft) = self.draft.as_mut().filter(|_| !asks.is_empty()) else { return };
+        if let Err(e) = draft.propose(self.scheduler.running(), &asks, &mut self.spec_drafts) {
+            self.end_speculation(&e);
         }
     }
 

@@ -57,8 +57,8 @@ pub fn build_engine(opts: &EngineOptions) -> Result<EngineCore> {
             let model = load_cpu(config, source.as_ref(), opts, &quantization, max_model_len, draft_per_block)?;
             let draft = match draft {
                 Some(d) => {
-                    let cpu = CpuModelOptions { num_blocks: model.num_blocks(), ..cpu_options(opts, max_model_len) };
-                    Some(Box::new(load_cpu_weights(d.config, d.source.as_ref(), &cpu, &d.quantization)?) as _)
+                    let cpu = cpu_options(opts, max_model_len, model.num_blocks());
+                    Some(load_cpu_model(d.config, d.source.as_ref(), &cpu, &d.quantization, 1)?)
                 }
                 None => None,
             };
@@ -141,38 +141,38 @@ fn cpu_bytes_per_block(config: &LlamaConfig, block_size: usize) -> usize {
     CpuKvStorage::bytes_per_block(&layout, config.num_hidden_layers)
 }
 
-/// The CPU model options `opts` ask for (the KV cache's size left to the caller).
-fn cpu_options(opts: &EngineOptions, max_model_len: usize) -> CpuModelOptions {
+/// The CPU model options `opts` ask for, with a KV cache of `num_blocks` blocks.
+fn cpu_options(opts: &EngineOptions, max_model_len: usize, num_blocks: usize) -> CpuModelOptions {
     CpuModelOptions {
         threads: opts.threads(),
         weight_format: opts.cpu_weight_format,
         block_size: opts.block_size,
-        num_blocks: 0,
+        num_blocks,
         max_model_len,
     }
 }
 
-/// A whole model on the CPU, which computes in floats: FP8 weights as the values they mean,
-/// and a quantized checkpoint's values requantized to Q8_0 under `auto`, not widened to f32
-/// (four times an FP8 model's bytes, eight times a 4-bit one's).
-fn load_cpu_weights(
+/// A model on the CPU, whole or split over `ranks` ranks. The CPU computes in floats: FP8
+/// weights as the values they mean, and a quantized checkpoint's values requantized to Q8_0
+/// under `auto`, not widened to f32 (four times an FP8 model's bytes, eight times a 4-bit one's).
+fn load_cpu_model(
     config: LlamaConfig,
     source: &dyn TensorSource,
     cpu: &CpuModelOptions,
     quantization: &Quantization,
-) -> Result<CpuLlama> {
+    ranks: usize,
+) -> Result<Box<dyn Model>> {
     let dequantized = DequantizedSource::wrap(source, quantization);
     let source = dequantized.as_ref().map_or(source, |d| d as &dyn TensorSource);
-    CpuLlama::load(config, source, &cpu_format(cpu, quantization))
-}
-
-/// `cpu` with the weight format it keeps for `quantization`'s weights.
-fn cpu_format(cpu: &CpuModelOptions, quantization: &Quantization) -> CpuModelOptions {
     let weight_format = match (cpu.weight_format, quantization) {
         (CpuWeightFormat::Auto, Quantization::Fp8(_) | Quantization::Int(_)) => CpuWeightFormat::Q8_0,
         (format, _) => format,
     };
-    CpuModelOptions { weight_format, ..cpu.clone() }
+    let cpu = CpuModelOptions { weight_format, ..cpu.clone() };
+    Ok(match ranks {
+        1 => Box::new(CpuLlama::load(config, source, &cpu)?),
+        ranks => Box::new(TensorParallelCpu::load(config, source, &cpu, ranks)?),
+    })
 }
 
 /// The CPU model, its KV cache sized by `--kv-cache-memory` (with `--tensor-parallel-size`
@@ -200,15 +200,8 @@ fn load_cpu(
             ),
         ));
     }
-    let cpu = CpuModelOptions { num_blocks, ..cpu_options(opts, max_model_len) };
-    Ok(match opts.tensor_parallel_size {
-        1 => Box::new(load_cpu_weights(config, source, &cpu, quantization)?),
-        ranks => {
-            let dequantized = DequantizedSource::wrap(source, quantization);
-            let source = dequantized.as_ref().map_or(source, |d| d as &dyn TensorSource);
-            Box::new(TensorParallelCpu::load(config, source, &cpu_format(&cpu, quantization), ranks)?)
-        }
-    })
+    let cpu = cpu_options(opts, max_model_len, num_blocks);
+    load_cpu_model(config, source, &cpu, quantization, opts.tensor_parallel_size)
 }
 
 /// The GPU model, its KV cache sized by `--gpu-memory-utilization` (dummy weights are drawn on

@@ -24,6 +24,11 @@ fn model(num_blocks: usize) -> CpuLlama {
     CpuLlama::load(config, &source, &opts).unwrap()
 }
 
+/// `len` token ids stepping by `step` through the generated model's vocabulary of 101.
+fn spread(len: usize, step: usize) -> Vec<TokenId> {
+    (0..len).map(|i| (i * step % 101) as TokenId).collect()
+}
+
 /// The greedy continuation of `tokens` by `reference`, each token from a forward over the whole
 /// sequence in a fresh cache.
 fn continuation(reference: &mut CpuLlama, tokens: &[TokenId], k: usize) -> Vec<TokenId> {
@@ -98,7 +103,7 @@ fn proposals_are_the_greedy_continuation_across_accepted_and_rejected_drafts() {
 fn a_long_sequence_catches_up_in_chunks_of_the_budget() {
     let mut proposer = draft(64, 8);
     let mut reference = model(64);
-    let tokens: Vec<TokenId> = (0..30).map(|i| (i * 7 % 101) as TokenId).collect();
+    let tokens = spread(30, 7);
     let mut out = Vec::new();
     let ask = [DraftAsk { id: 5, tokens: &tokens, max: 3 }];
     // 30 tokens at 8 a proposal: three chunks without a draft, then the last 6 and the draft.
@@ -110,7 +115,7 @@ fn a_long_sequence_catches_up_in_chunks_of_the_budget() {
     assert_eq!(out[0], continuation(&mut reference, &tokens, 3));
     // A second sequence shares the budget: the first (already caught up) drafts, the second
     // gets the rest of the budget as a chunk.
-    let other: Vec<TokenId> = (0..20).map(|i| (i * 3 % 101) as TokenId).collect();
+    let other = spread(20, 3);
     let asks = [DraftAsk { id: 5, tokens: &tokens, max: 2 }, DraftAsk { id: 6, tokens: &other, max: 2 }];
     proposer.propose(&[5, 6], &asks, &mut out).unwrap();
     assert_eq!(out[0], continuation(&mut reference, &tokens, 2));
@@ -122,8 +127,8 @@ fn a_pool_too_small_for_the_draft_shortens_it_and_never_takes_anothers_blocks() 
     // 8 blocks of 4: 32 positions.
     let mut proposer = draft(8, 512);
     let mut reference = model(64);
-    let a: Vec<TokenId> = (0..20).map(|i| (i * 5 % 101) as TokenId).collect();
-    let b: Vec<TokenId> = (0..10).map(|i| (i * 11 % 101) as TokenId).collect();
+    let a = spread(20, 5);
+    let b = spread(10, 11);
     let mut out = Vec::new();
     // a: 20 positions + 5 fed draft tokens = 25 (7 blocks); b's 10 tokens do not fit in the one
     // block left, so b gets no draft.
@@ -145,8 +150,8 @@ fn a_sequence_short_of_blocks_takes_those_of_sequences_not_asked_this_step() {
     // 8 blocks of 4: 32 positions. Sequence 1 (20 tokens + 3 fed) holds 6 blocks.
     let mut proposer = draft(8, 512);
     let mut reference = model(64);
-    let a: Vec<TokenId> = (0..20).map(|i| (i * 5 % 101) as TokenId).collect();
-    let b: Vec<TokenId> = (0..14).map(|i| (i * 13 % 101) as TokenId).collect();
+    let a = spread(20, 5);
+    let b = spread(14, 13);
     let mut out = Vec::new();
     proposer.propose(&[1], &[DraftAsk { id: 1, tokens: &a, max: 4 }], &mut out).unwrap();
     assert_eq!(proposer.blocks_used(), 6);
